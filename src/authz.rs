@@ -1,0 +1,587 @@
+//! Who may do what: scopes, purposes, the policy, and the permits that prove
+//! a check was made.
+//!
+//! Default deny. A policy rule grants scopes (`tokenize:<field_type>`,
+//! `detokenize:<field_type>`, `*` for every field type) and purposes to the
+//! identities its pattern matches; a caller matched by several rules gets
+//! the union. Vault operations take a [`Permit`], which only this module can
+//! make, so an unchecked request cannot reach the vault.
+
+use std::{collections::BTreeSet, fmt, str::FromStr};
+
+use crate::{
+    identity::ClientId,
+    token::{FieldType, Token},
+};
+
+/// An operation a scope grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Action {
+    /// Store values and get tokens.
+    Tokenize,
+    /// Read values back from tokens.
+    Detokenize,
+}
+
+impl Action {
+    fn name(self) -> &'static str {
+        match self {
+            Action::Tokenize => "tokenize",
+            Action::Detokenize => "detokenize",
+        }
+    }
+}
+
+/// Which field types a scope covers.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum FieldSelector {
+    /// `*`: every field type.
+    Any,
+    /// One field type.
+    One(FieldType),
+}
+
+/// A grant of one action on some field types: `tokenize:email`, `detokenize:*`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Scope {
+    action: Action,
+    fields: FieldSelector,
+}
+
+impl Scope {
+    /// The scope that `action` on `field_type` needs.
+    pub fn needed(action: Action, field_type: &FieldType) -> Self {
+        Self {
+            action,
+            fields: FieldSelector::One(field_type.clone()),
+        }
+    }
+
+    /// The action granted.
+    pub fn action(&self) -> Action {
+        self.action
+    }
+
+    /// The field types covered.
+    pub fn fields(&self) -> &FieldSelector {
+        &self.fields
+    }
+
+    fn covers(&self, action: Action, field_type: &FieldType) -> bool {
+        self.action == action
+            && match &self.fields {
+                FieldSelector::Any => true,
+                FieldSelector::One(ft) => ft == field_type,
+            }
+    }
+}
+
+/// Why a string is not a scope.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid scope {0:?}: expected tokenize:<field_type> or detokenize:<field_type> (or :*)")]
+pub struct ScopeError(String);
+
+impl FromStr for Scope {
+    type Err = ScopeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let err = || ScopeError(s.to_owned());
+        let (action, fields) = s.split_once(':').ok_or_else(err)?;
+        let action = match action {
+            "tokenize" => Action::Tokenize,
+            "detokenize" => Action::Detokenize,
+            _ => return Err(err()),
+        };
+        let fields = match fields {
+            "*" => FieldSelector::Any,
+            name => FieldSelector::One(name.parse().map_err(|_| err())?),
+        };
+        Ok(Self { action, fields })
+    }
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.fields {
+            FieldSelector::Any => write!(f, "{}:*", self.action.name()),
+            FieldSelector::One(ft) => write!(f, "{}:{ft}", self.action.name()),
+        }
+    }
+}
+
+/// Why a caller wants plaintext back, e.g. `order_fulfilment`.
+///
+/// 1 to 64 characters of `a-z`, `0-9`, `_`, `-` and `.`, starting with a letter.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Purpose(String);
+
+/// Why a string is not a purpose. Carries no part of the input.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PurposeError {
+    /// No purpose was given.
+    #[error("purpose is required")]
+    Empty,
+    /// Not of the allowed shape.
+    #[error(
+        "purpose must be 1 to 64 lower-case letters, digits, '_', '-' or '.', starting with a letter"
+    )]
+    Malformed,
+}
+
+impl Purpose {
+    /// The purpose as text.
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl FromStr for Purpose {
+    type Err = PurposeError;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        if s.is_empty() {
+            return Err(PurposeError::Empty);
+        }
+        let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-.".contains(c);
+        if s.len() > 64
+            || !s.starts_with(|c: char| c.is_ascii_lowercase())
+            || !s.chars().all(ok_char)
+        {
+            return Err(PurposeError::Malformed);
+        }
+        Ok(Self(s.to_owned()))
+    }
+}
+
+impl fmt::Display for Purpose {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// An identity pattern: exact text, or `*` wildcards matching any run of
+/// characters (`spiffe://shop.example/ns/payments/*`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IdentityPattern(String);
+
+impl IdentityPattern {
+    /// Parses a pattern; empty ones are refused.
+    ///
+    /// # Errors
+    /// If `pattern` is empty.
+    pub fn new(pattern: &str) -> Result<Self, PolicyError> {
+        if pattern.is_empty() {
+            return Err(PolicyError::EmptyIdentity);
+        }
+        Ok(Self(pattern.to_owned()))
+    }
+
+    /// Whether `id` matches.
+    pub fn matches(&self, id: &str) -> bool {
+        glob_match(self.0.as_bytes(), id.as_bytes())
+    }
+}
+
+/// `*` matches any run of bytes; everything else matches itself. Iterative
+/// with one backtrack point, so it is linear-ish and cannot blow the stack.
+fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
+    let (mut p, mut t) = (0, 0);
+    let mut star: Option<(usize, usize)> = None;
+    while t < text.len() {
+        if p < pattern.len() && pattern[p] == b'*' {
+            star = Some((p, t));
+            p += 1;
+        } else if p < pattern.len() && pattern[p] == text[t] {
+            p += 1;
+            t += 1;
+        } else if let Some((sp, st)) = star {
+            p = sp + 1;
+            t = st + 1;
+            star = Some((sp, st + 1));
+        } else {
+            return false;
+        }
+    }
+    pattern[p..].iter().all(|&c| c == b'*')
+}
+
+/// Purposes a rule allows: a list, or `*` for any.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PurposeSet {
+    /// Any purpose.
+    Any,
+    /// Only these.
+    Only(BTreeSet<Purpose>),
+}
+
+/// One policy entry: who, which scopes, which purposes.
+#[derive(Debug, Clone)]
+pub struct Rule {
+    identity: IdentityPattern,
+    scopes: Vec<Scope>,
+    purposes: PurposeSet,
+}
+
+impl Rule {
+    /// Builds a rule from its parsed parts.
+    pub fn new(identity: IdentityPattern, scopes: Vec<Scope>, purposes: PurposeSet) -> Self {
+        Self {
+            identity,
+            scopes,
+            purposes,
+        }
+    }
+
+    /// The scopes granted.
+    pub fn scopes(&self) -> &[Scope] {
+        &self.scopes
+    }
+}
+
+/// A policy configuration error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum PolicyError {
+    /// A rule has an empty identity pattern.
+    #[error("policy rule has an empty identity pattern")]
+    EmptyIdentity,
+}
+
+/// The whole access policy. Default deny.
+#[derive(Debug, Clone, Default)]
+pub struct Policy {
+    rules: Vec<Rule>,
+}
+
+impl Policy {
+    /// A policy of these rules.
+    pub fn new(rules: Vec<Rule>) -> Self {
+        Self { rules }
+    }
+
+    /// What `client` may do: the union of every rule that matches it.
+    pub fn grants<'a>(&'a self, client: &'a ClientId) -> Grants<'a> {
+        let rules = self
+            .rules
+            .iter()
+            .filter(|r| r.identity.matches(client.as_str()))
+            .collect();
+        Grants { client, rules }
+    }
+}
+
+/// The rules that apply to one caller, for the duration of one request.
+pub struct Grants<'a> {
+    client: &'a ClientId,
+    rules: Vec<&'a Rule>,
+}
+
+impl Grants<'_> {
+    /// Whether any scope grants `action` on any field type: a caller with
+    /// none is refused the whole request rather than item by item.
+    ///
+    /// # Errors
+    /// A [`Denial`] naming the action.
+    pub fn require_action(&self, action: Action) -> Result<(), Denial> {
+        if self
+            .rules
+            .iter()
+            .flat_map(|r| &r.scopes)
+            .any(|s| s.action == action)
+        {
+            return Ok(());
+        }
+        Err(self.deny(DenialReason::NoScopeFor(action)))
+    }
+
+    /// Checks that the caller may state `purpose`.
+    ///
+    /// # Errors
+    /// A [`Denial`] naming the purpose.
+    pub fn allow_purpose(&self, purpose: Purpose) -> Result<PurposeGrant, Denial> {
+        let allowed = self.rules.iter().any(|r| match &r.purposes {
+            PurposeSet::Any => true,
+            PurposeSet::Only(set) => set.contains(&purpose),
+        });
+        if allowed {
+            Ok(PurposeGrant(purpose))
+        } else {
+            Err(self.deny(DenialReason::Purpose(purpose)))
+        }
+    }
+
+    /// Permits tokenizing `item` if a scope covers its field type.
+    ///
+    /// # Errors
+    /// A [`Denial`] naming the missing scope.
+    pub fn permit_tokenize<T: Guarded>(&self, item: T) -> Result<Permit<T>, Denial> {
+        self.check(Action::Tokenize, item.field_type())?;
+        Ok(Permit { item })
+    }
+
+    /// Permits detokenizing `token` for the granted purpose if a scope
+    /// covers the token's field type.
+    ///
+    /// # Errors
+    /// A [`Denial`] naming the missing scope.
+    pub fn permit_detokenize(
+        &self,
+        _purpose: &PurposeGrant,
+        token: Token,
+    ) -> Result<Permit<Token>, Denial> {
+        self.check(Action::Detokenize, token.field_type())?;
+        Ok(Permit { item: token })
+    }
+
+    fn check(&self, action: Action, field_type: &FieldType) -> Result<(), Denial> {
+        let covered = self
+            .rules
+            .iter()
+            .flat_map(|r| &r.scopes)
+            .any(|s| s.covers(action, field_type));
+        if covered {
+            Ok(())
+        } else {
+            Err(self.deny(DenialReason::MissingScope(Scope::needed(
+                action, field_type,
+            ))))
+        }
+    }
+
+    fn deny(&self, reason: DenialReason) -> Denial {
+        Denial {
+            client: self.client.clone(),
+            reason,
+        }
+    }
+}
+
+/// Something whose field type decides which scope it needs.
+pub trait Guarded {
+    /// The field type the scope must cover.
+    fn field_type(&self) -> &FieldType;
+}
+
+/// Proof that the policy allowed an operation on `T`. Only this module
+/// creates permits; vault operations require them.
+#[derive(Debug)]
+pub struct Permit<T> {
+    item: T,
+}
+
+impl<T> Permit<T> {
+    /// The permitted item.
+    pub fn item(&self) -> &T {
+        &self.item
+    }
+
+    /// Consumes the permit for its item.
+    pub fn into_item(self) -> T {
+        self.item
+    }
+}
+
+/// Proof that the caller may state this purpose.
+#[derive(Debug, Clone)]
+pub struct PurposeGrant(Purpose);
+
+impl PurposeGrant {
+    /// The purpose.
+    pub fn purpose(&self) -> &Purpose {
+        &self.0
+    }
+}
+
+/// A refusal. Its message names the identity and what was missing, never a
+/// value or a token.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Denial {
+    client: ClientId,
+    reason: DenialReason,
+}
+
+/// What a [`Denial`] refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum DenialReason {
+    /// No scope for this action on this field type.
+    MissingScope(Scope),
+    /// No scope for this action at all.
+    NoScopeFor(Action),
+    /// The purpose is not one the caller may state.
+    Purpose(Purpose),
+}
+
+impl Denial {
+    /// Who was refused.
+    pub fn client(&self) -> &ClientId {
+        &self.client
+    }
+
+    /// What was refused.
+    pub fn reason(&self) -> &DenialReason {
+        &self.reason
+    }
+}
+
+impl fmt::Display for Denial {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.reason {
+            DenialReason::MissingScope(scope) => {
+                write!(f, "identity {} lacks scope {scope}", self.client)
+            }
+            DenialReason::NoScopeFor(action) => {
+                write!(
+                    f,
+                    "identity {} has no {}:* scope of any field type",
+                    self.client,
+                    action.name()
+                )
+            }
+            DenialReason::Purpose(purpose) => {
+                write!(
+                    f,
+                    "identity {} may not state purpose {purpose}",
+                    self.client
+                )
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn rule(identity: &str, scopes: &[&str], purposes: &[&str]) -> Rule {
+        let purposes = if purposes == ["*"] {
+            PurposeSet::Any
+        } else {
+            PurposeSet::Only(purposes.iter().map(|p| p.parse().unwrap()).collect())
+        };
+        Rule::new(
+            IdentityPattern::new(identity).unwrap(),
+            scopes.iter().map(|s| s.parse().unwrap()).collect(),
+            purposes,
+        )
+    }
+
+    fn spiffe(s: &str) -> ClientId {
+        ClientId::Spiffe(s.into())
+    }
+
+    struct Item(FieldType);
+    impl Guarded for Item {
+        fn field_type(&self) -> &FieldType {
+            &self.0
+        }
+    }
+
+    fn item(ft: &str) -> Item {
+        Item(ft.parse().unwrap())
+    }
+
+    #[test]
+    fn scopes_parse_and_print() {
+        for s in ["tokenize:email", "detokenize:*", "detokenize:card_number"] {
+            assert_eq!(s.parse::<Scope>().unwrap().to_string(), s);
+        }
+        for s in [
+            "tokenize",
+            "read:email",
+            "tokenize:",
+            "tokenize:Email",
+            ":email",
+        ] {
+            assert!(s.parse::<Scope>().is_err(), "{s}");
+        }
+    }
+
+    #[test]
+    fn purposes_parse() {
+        assert!("order_fulfilment".parse::<Purpose>().is_ok());
+        assert_eq!("".parse::<Purpose>(), Err(PurposeError::Empty));
+        assert_eq!("Support".parse::<Purpose>(), Err(PurposeError::Malformed));
+        assert_eq!(
+            "x".repeat(65).parse::<Purpose>(),
+            Err(PurposeError::Malformed)
+        );
+    }
+
+    #[test]
+    fn globs_match() {
+        let cases = [
+            ("spiffe://a/*", "spiffe://a/x/y", true),
+            ("spiffe://a/*", "spiffe://b/x", false),
+            ("*.svc", "api.svc", true),
+            ("*.svc", "api.svc.evil", false),
+            ("a*b*c", "aXbYc", true),
+            ("a*b*c", "aXbY", false),
+            ("exact", "exact", true),
+            ("exact", "exactly", false),
+            ("*", "", true),
+        ];
+        for (pattern, text, want) in cases {
+            assert_eq!(
+                IdentityPattern::new(pattern).unwrap().matches(text),
+                want,
+                "{pattern} {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn default_deny() {
+        let policy = Policy::default();
+        let client = spiffe("spiffe://a/x");
+        let grants = policy.grants(&client);
+        assert!(grants.permit_tokenize(item("email")).is_err());
+        assert!(grants.require_action(Action::Tokenize).is_err());
+    }
+
+    #[test]
+    fn scopes_are_per_action_and_field_type() {
+        let policy = Policy::new(vec![rule(
+            "spiffe://a/*",
+            &["tokenize:*", "detokenize:email"],
+            &["support"],
+        )]);
+        let client = spiffe("spiffe://a/x");
+        let grants = policy.grants(&client);
+        assert!(grants.permit_tokenize(item("phone")).is_ok());
+        let purpose = grants.allow_purpose("support".parse().unwrap()).unwrap();
+        let email = Token::generate(&"email".parse().unwrap()).unwrap();
+        let phone = Token::generate(&"phone".parse().unwrap()).unwrap();
+        assert!(grants.permit_detokenize(&purpose, email).is_ok());
+        let denial = grants.permit_detokenize(&purpose, phone).unwrap_err();
+        assert_eq!(
+            denial.to_string(),
+            "identity spiffe://a/x lacks scope detokenize:phone"
+        );
+    }
+
+    #[test]
+    fn purposes_are_checked_and_rules_union() {
+        let policy = Policy::new(vec![
+            rule("spiffe://a/x", &["detokenize:email"], &["support"]),
+            rule("spiffe://a/*", &["tokenize:email"], &["billing"]),
+        ]);
+        let client = spiffe("spiffe://a/x");
+        let grants = policy.grants(&client);
+        assert!(grants.allow_purpose("support".parse().unwrap()).is_ok());
+        assert!(grants.allow_purpose("billing".parse().unwrap()).is_ok());
+        let denial = grants
+            .allow_purpose("marketing".parse().unwrap())
+            .unwrap_err();
+        assert_eq!(
+            denial.to_string(),
+            "identity spiffe://a/x may not state purpose marketing"
+        );
+        let other = spiffe("spiffe://a/y");
+        let other_grants = policy.grants(&other);
+        assert!(other_grants.require_action(Action::Detokenize).is_err());
+        assert!(
+            other_grants
+                .allow_purpose("support".parse().unwrap())
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,336 @@
+//! The command line: `serve`, `config check`, `client` and `health`.
+
+use std::{
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::ExitCode,
+};
+
+use clap::{Args, Parser, Subcommand};
+use figment::providers::Serialized;
+use tracing_subscriber::EnvFilter;
+
+use crate::{
+    client::{self, ClientTls},
+    config::{Config, LogFormat},
+    dev,
+    proto::v1::{
+        DetokenizeRequest, TokenizeItem, TokenizeRequest, detokenize_result, tokenize_result,
+    },
+    server,
+};
+
+/// A privacy data vault: tokenize personal data over mTLS gRPC.
+#[derive(Debug, Parser)]
+#[command(name = "tokenvault", version, about)]
+pub struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the vault.
+    Serve(ServeArgs),
+    /// Configuration tools.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+    /// Call a running vault.
+    Client(ClientArgs),
+    /// Ask a vault's plaintext health port whether it serves (for exec probes).
+    Health(HealthArgs),
+}
+
+#[derive(Debug, Args)]
+struct ServeArgs {
+    /// TOML config file. Without it: defaults and TOKENVAULT_* variables.
+    #[arg(long, short)]
+    config: Option<PathBuf>,
+    /// Development mode: create (once) and use a CA, certificates, a master
+    /// key and a config in --dev-dir, and print grpcurl commands.
+    #[arg(long, conflicts_with = "config")]
+    dev: bool,
+    /// The directory --dev uses.
+    #[arg(long, default_value = "tokenvault-dev")]
+    dev_dir: PathBuf,
+    /// Override server.listen (use port 0 for any free port).
+    #[arg(long)]
+    listen: Option<SocketAddr>,
+    /// Override server.health_listen.
+    #[arg(long)]
+    health_listen: Option<SocketAddr>,
+    /// Override log.format.
+    #[arg(long, value_enum)]
+    log_format: Option<LogFormat>,
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a config (with TOKENVAULT_* variables applied) and print the
+    /// effective result.
+    Check {
+        /// The TOML file; without it, defaults and the environment.
+        file: Option<PathBuf>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct ClientArgs {
+    /// The vault's mTLS address.
+    #[arg(long, default_value = "localhost:50051")]
+    addr: String,
+    /// Use the certificates of a `serve --dev` directory.
+    #[arg(long)]
+    dev_dir: Option<PathBuf>,
+    /// Which dev identity to use with --dev-dir: `support` or `checkout`.
+    #[arg(long = "as", default_value = "support")]
+    identity: String,
+    /// CA bundle that signed the server certificate.
+    #[arg(long, required_unless_present = "dev_dir")]
+    ca: Option<PathBuf>,
+    /// Client certificate (PEM).
+    #[arg(long, required_unless_present = "dev_dir")]
+    cert: Option<PathBuf>,
+    /// Client private key (PEM).
+    #[arg(long, required_unless_present = "dev_dir")]
+    key: Option<PathBuf>,
+    /// Name the server certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+    #[command(subcommand)]
+    call: ClientCall,
+}
+
+#[derive(Debug, Subcommand)]
+enum ClientCall {
+    /// Tokenize values of one field type; prints one token per value.
+    Tokenize {
+        /// The field type, e.g. `email`.
+        field_type: String,
+        /// The values.
+        #[arg(required = true)]
+        values: Vec<String>,
+        /// The data subject the values belong to.
+        #[arg(long)]
+        subject: Option<String>,
+    },
+    /// Detokenize tokens; prints one value per token.
+    Detokenize {
+        /// Why the values are needed.
+        #[arg(long)]
+        purpose: String,
+        /// The tokens.
+        #[arg(required = true)]
+        tokens: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct HealthArgs {
+    /// The plaintext health address.
+    #[arg(long, default_value = "127.0.0.1:50052")]
+    addr: SocketAddr,
+    /// The service to ask about; empty for the whole server.
+    #[arg(long, default_value = "")]
+    service: String,
+}
+
+/// Parses the command line and runs the command.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = match cli.command {
+        Command::Serve(args) => runtime.block_on(serve(args)),
+        Command::Config(ConfigCommand::Check { file }) => config_check(file.as_deref()),
+        Command::Client(args) => runtime.block_on(client(args)),
+        Command::Health(args) => runtime.block_on(health(args)),
+    };
+    match result {
+        Ok(code) => code,
+        Err(message) => {
+            eprintln!("error: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
+    let file = if args.dev {
+        Some(dev::prepare(&args.dev_dir).map_err(|e| e.to_string())?)
+    } else {
+        args.config.clone()
+    };
+    let mut figment = Config::figment(file.as_deref()).map_err(|e| e.to_string())?;
+    if let Some(addr) = args.listen {
+        figment = figment.merge(Serialized::default("server.listen", addr.to_string()));
+    }
+    if let Some(addr) = args.health_listen {
+        figment = figment.merge(Serialized::default(
+            "server.health_listen",
+            addr.to_string(),
+        ));
+    }
+    if let Some(format) = args.log_format {
+        figment = figment.merge(Serialized::default("log.format", format));
+    }
+    let config = Config::from_figment(&figment).map_err(|e| e.to_string())?;
+    init_logging(config.log_format, &config.log_level)?;
+
+    let dev_dir = args.dev.then(|| args.dev_dir.display().to_string());
+    let on_ready = move |grpc: SocketAddr, health: SocketAddr| {
+        if let Some(dir) = &dev_dir {
+            println!("{}", dev::banner(dir, grpc, health));
+        }
+    };
+    let shutdown = shutdown_signal()?;
+    server::run(config, shutdown, on_ready)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn config_check(file: Option<&Path>) -> Result<ExitCode, String> {
+    let config = Config::load(file).map_err(|e| e.to_string())?;
+    print!("{}", config.to_toml().map_err(|e| e.to_string())?);
+    eprintln!("config is valid");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Logs go to stderr; stdout is kept for command output (the dev banner).
+fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
+    let filter =
+        EnvFilter::try_new(level).map_err(|e| format!("invalid log.level {level:?}: {e}"))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let result = match format {
+        LogFormat::Json => builder.json().flatten_event(true).try_init(),
+        LogFormat::Pretty => builder.try_init(),
+    };
+    result.map_err(|e| format!("cannot initialise logging: {e}"))
+}
+
+/// Resolves on SIGTERM or SIGINT. The handlers are installed before this
+/// returns, so a signal that arrives while the server is still starting is
+/// not lost to the default action (exit without draining).
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term =
+        signal(SignalKind::terminate()).map_err(|e| format!("cannot handle SIGTERM: {e}"))?;
+    let mut int =
+        signal(SignalKind::interrupt()).map_err(|e| format!("cannot handle SIGINT: {e}"))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {}
+            _ = int.recv() => {}
+        }
+    })
+}
+
+async fn client(args: ClientArgs) -> Result<ExitCode, String> {
+    let tls = match (&args.dev_dir, &args.ca, &args.cert, &args.key) {
+        (_, Some(ca), Some(cert), Some(key)) => ClientTls {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+            server_name: args.server_name.clone(),
+        },
+        (Some(dir), ..) => ClientTls::dev(dir, &args.identity),
+        _ => return Err("give --dev-dir, or all of --ca, --cert and --key".into()),
+    };
+    let mut client = client::connect(&args.addr, &tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut failed = false;
+    match args.call {
+        ClientCall::Tokenize {
+            field_type,
+            values,
+            subject,
+        } => {
+            let items = values
+                .into_iter()
+                .map(|value| TokenizeItem {
+                    field_type: field_type.clone(),
+                    value,
+                    subject_id: subject.clone().unwrap_or_default(),
+                })
+                .collect();
+            let response = client
+                .tokenize(TokenizeRequest { items })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            for result in response.into_inner().results {
+                match result.result {
+                    Some(tokenize_result::Result::Token(token)) => println!("{token}"),
+                    Some(tokenize_result::Result::Error(e)) => {
+                        failed = true;
+                        println!("error {:?}: {}", e.code(), e.message);
+                    }
+                    None => {
+                        failed = true;
+                        println!("error: empty result");
+                    }
+                }
+            }
+        }
+        ClientCall::Detokenize { purpose, tokens } => {
+            let response = client
+                .detokenize(DetokenizeRequest { tokens, purpose })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+            for result in response.into_inner().results {
+                match result.result {
+                    Some(detokenize_result::Result::Value(v)) => println!("{}", v.value),
+                    Some(detokenize_result::Result::Error(e)) => {
+                        failed = true;
+                        println!("error {:?}: {}", e.code(), e.message);
+                    }
+                    None => {
+                        failed = true;
+                        println!("error: empty result");
+                    }
+                }
+            }
+        }
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+async fn health(args: HealthArgs) -> Result<ExitCode, String> {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let channel = tonic::transport::Endpoint::from_shared(format!("http://{}", args.addr))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(std::time::Duration::from_secs(5))
+        .connect()
+        .await
+        .map_err(|e| format!("cannot connect to {}: {e}", args.addr))?;
+    let response = HealthClient::new(channel)
+        .check(HealthCheckRequest {
+            service: args.service,
+        })
+        .await
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
+    let status = response.into_inner().status();
+    println!("{}", status.as_str_name());
+    Ok(if status == ServingStatus::Serving {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}

@@ -1,0 +1,649 @@
+//! Configuration: figment layers parsed into a validated [`Config`].
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file, then
+//! `TOKENVAULT_` environment variables (nested keys joined with `__`, e.g.
+//! `TOKENVAULT_SERVER__LISTEN`). Unknown keys are errors, so a typo never
+//! silently falls back to a default. Relative paths in the file are relative
+//! to the file's directory.
+
+use std::{
+    collections::BTreeMap,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use figment::{
+    Figment,
+    providers::{Env, Format, Serialized, Toml},
+    value::magic::RelativePathBuf,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    authz::{IdentityPattern, Policy, PurposeSet, Rule, Scope},
+    store::Durability,
+    token::FieldType,
+};
+
+/// The configuration exactly as figment produced it, before validation.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawConfig {
+    /// Directory of the RocksDB database.
+    pub data_dir: RelativePathBuf,
+    /// `sync` (default) or `buffered`; see [`Durability`].
+    pub durability: Durability,
+    /// Listeners and timeouts.
+    pub server: RawServer,
+    /// Certificate files.
+    pub tls: RawTls,
+    /// Key files.
+    pub keys: RawKeys,
+    /// Request limits.
+    pub limits: RawLimits,
+    /// Storage tuning.
+    pub storage: RawStorage,
+    /// Logging.
+    pub log: RawLog,
+    /// Field types the vault accepts, by name.
+    pub field_types: BTreeMap<String, RawFieldType>,
+    /// Access rules; default deny.
+    pub policy: Vec<RawRule>,
+}
+
+/// `[server]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawServer {
+    /// Address of the mTLS gRPC port.
+    pub listen: String,
+    /// Address of the plaintext health port (for Kubernetes gRPC probes).
+    pub health_listen: String,
+    /// How long a graceful shutdown waits for in-flight requests.
+    pub shutdown_grace_seconds: u64,
+    /// How long a client may take to finish the TLS handshake.
+    pub handshake_timeout_ms: u64,
+}
+
+/// `[tls]`: PEM files. All three are required.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTls {
+    /// The server certificate chain.
+    pub cert: Option<RelativePathBuf>,
+    /// The server private key.
+    pub key: Option<RelativePathBuf>,
+    /// The CA bundle client certificates must chain to.
+    pub client_ca: Option<RelativePathBuf>,
+}
+
+/// `[keys]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawKeys {
+    /// File holding the 256-bit master key (mode 0600 or stricter).
+    pub master_key_file: Option<RelativePathBuf>,
+}
+
+/// `[limits]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLimits {
+    /// Most items (values or tokens) in one request.
+    pub max_items_per_request: usize,
+    /// Largest value, in bytes, unless a field type sets a smaller one.
+    pub max_value_bytes: usize,
+    /// Largest gRPC message the server decodes, in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// `[storage]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawStorage {
+    /// RocksDB block cache size in MiB.
+    pub block_cache_mib: usize,
+}
+
+/// `[log]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawLog {
+    /// `pretty` or `json`.
+    pub format: LogFormat,
+    /// A tracing filter, e.g. `info` or `tokenvault=debug,info`.
+    pub level: String,
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Pretty,
+    /// One JSON object per line.
+    Json,
+}
+
+/// `[field_types.<name>]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFieldType {
+    /// Largest value of this type, in bytes (at most `limits.max_value_bytes`).
+    pub max_value_bytes: Option<usize>,
+}
+
+/// One `[[policy]]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRule {
+    /// Identity pattern: exact, or with `*` wildcards.
+    pub identity: String,
+    /// Scopes such as `tokenize:email` or `detokenize:*`.
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    /// Purposes the identity may state when detokenizing; `["*"]` for any.
+    #[serde(default)]
+    pub purposes: Vec<String>,
+}
+
+/// The field types every vault knows, with their default size limits.
+const BUILTIN_FIELD_TYPES: [(&str, usize); 8] = [
+    ("email", 320),
+    ("phone", 64),
+    ("name", 512),
+    ("address", 1024),
+    ("card_number", 64),
+    ("date", 64),
+    ("national_id", 128),
+    ("text", 4096),
+];
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            data_dir: PathBuf::from("/var/lib/tokenvault").into(),
+            durability: Durability::Sync,
+            server: RawServer {
+                listen: "0.0.0.0:50051".into(),
+                health_listen: "0.0.0.0:50052".into(),
+                shutdown_grace_seconds: 30,
+                handshake_timeout_ms: 10_000,
+            },
+            tls: RawTls::default(),
+            keys: RawKeys::default(),
+            limits: RawLimits {
+                max_items_per_request: 1000,
+                max_value_bytes: 4096,
+                max_message_bytes: 4 << 20,
+            },
+            storage: RawStorage {
+                block_cache_mib: 64,
+            },
+            log: RawLog {
+                format: LogFormat::Pretty,
+                level: "info".into(),
+            },
+            field_types: BUILTIN_FIELD_TYPES
+                .iter()
+                .map(|(name, max)| {
+                    let settings = RawFieldType {
+                        max_value_bytes: Some(*max),
+                    };
+                    ((*name).to_owned(), settings)
+                })
+                .collect(),
+            policy: Vec::new(),
+        }
+    }
+}
+
+/// The validated configuration. Holding one means every field is usable.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Directory of the RocksDB database.
+    pub data_dir: PathBuf,
+    /// Write durability.
+    pub durability: Durability,
+    /// The mTLS gRPC address.
+    pub listen: SocketAddr,
+    /// The plaintext health address.
+    pub health_listen: SocketAddr,
+    /// Graceful shutdown deadline.
+    pub shutdown_grace: Duration,
+    /// TLS handshake deadline.
+    pub handshake_timeout: Duration,
+    /// Certificate files.
+    pub tls: TlsFiles,
+    /// Master key file.
+    pub master_key_file: PathBuf,
+    /// Request limits.
+    pub limits: Limits,
+    /// Block cache size in bytes.
+    pub block_cache_bytes: usize,
+    /// Log format.
+    pub log_format: LogFormat,
+    /// Log filter.
+    pub log_level: String,
+    /// Known field types and their settings.
+    pub field_types: BTreeMap<FieldType, FieldTypeSettings>,
+    /// The access policy.
+    pub policy: Policy,
+    /// What the configuration was parsed from, for `config check`.
+    pub raw: RawConfig,
+}
+
+/// Paths of the TLS material.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    /// Server certificate chain (PEM).
+    pub cert: PathBuf,
+    /// Server private key (PEM).
+    pub key: PathBuf,
+    /// Client CA bundle (PEM).
+    pub client_ca: PathBuf,
+}
+
+/// Request limits.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most items per request.
+    pub max_items_per_request: usize,
+    /// Largest value in bytes.
+    pub max_value_bytes: usize,
+    /// Largest decoded gRPC message in bytes.
+    pub max_message_bytes: usize,
+}
+
+/// Settings of one field type.
+#[derive(Debug, Clone, Copy)]
+pub struct FieldTypeSettings {
+    /// Largest value of this type, in bytes.
+    pub max_value_bytes: usize,
+}
+
+/// A configuration error; the message says which key and what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file or environment could not be parsed (syntax, unknown key, type).
+    #[error("{0}")]
+    Parse(#[from] Box<figment::Error>),
+    /// A named config file does not exist.
+    #[error("config file {0} does not exist")]
+    MissingFile(PathBuf),
+    /// A value parsed but is not acceptable.
+    #[error("invalid config: {key}: {message}")]
+    Invalid {
+        /// The config key, e.g. `server.listen`.
+        key: String,
+        /// What is wrong and what is expected.
+        message: String,
+    },
+}
+
+fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError::Invalid {
+        key: key.into(),
+        message: message.into(),
+    }
+}
+
+impl Config {
+    /// The standard layers: defaults, then `file` if given, then the
+    /// `TOKENVAULT_` environment.
+    ///
+    /// # Errors
+    /// If `file` is given but does not exist.
+    pub fn figment(file: Option<&Path>) -> Result<Figment, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(RawConfig::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::MissingFile(file.to_owned()));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        Ok(figment.merge(Env::prefixed("TOKENVAULT_").split("__")))
+    }
+
+    /// Loads and validates the standard layers.
+    ///
+    /// # Errors
+    /// See [`ConfigError`].
+    pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
+        Self::from_figment(&Self::figment(file)?)
+    }
+
+    /// Extracts and validates a configuration from any figment (tests build
+    /// one from strings instead of touching the process environment).
+    ///
+    /// # Errors
+    /// See [`ConfigError`].
+    pub fn from_figment(figment: &Figment) -> Result<Self, ConfigError> {
+        let raw: RawConfig = figment.extract().map_err(Box::new)?;
+        Self::validate(raw)
+    }
+
+    fn validate(raw: RawConfig) -> Result<Self, ConfigError> {
+        let addr = |key: &str, value: &str| {
+            value
+                .parse::<SocketAddr>()
+                .map_err(|_| invalid(key, format!("{value:?} is not an IP:port socket address")))
+        };
+        let listen = addr("server.listen", &raw.server.listen)?;
+        let health_listen = addr("server.health_listen", &raw.server.health_listen)?;
+        let required = |key: &str, value: &Option<RelativePathBuf>| {
+            value
+                .as_ref()
+                .map(RelativePathBuf::relative)
+                .ok_or_else(|| invalid(key, "is required"))
+        };
+        let tls = TlsFiles {
+            cert: required("tls.cert", &raw.tls.cert)?,
+            key: required("tls.key", &raw.tls.key)?,
+            client_ca: required("tls.client_ca", &raw.tls.client_ca)?,
+        };
+        let master_key_file = required("keys.master_key_file", &raw.keys.master_key_file)?;
+
+        let limits = Limits {
+            max_items_per_request: raw.limits.max_items_per_request,
+            max_value_bytes: raw.limits.max_value_bytes,
+            max_message_bytes: raw.limits.max_message_bytes,
+        };
+        if limits.max_items_per_request == 0 {
+            return Err(invalid(
+                "limits.max_items_per_request",
+                "must be at least 1",
+            ));
+        }
+        if limits.max_value_bytes == 0 {
+            return Err(invalid("limits.max_value_bytes", "must be at least 1"));
+        }
+        if limits.max_message_bytes < 1024 {
+            return Err(invalid("limits.max_message_bytes", "must be at least 1024"));
+        }
+
+        let mut field_types = BTreeMap::new();
+        for (name, settings) in &raw.field_types {
+            let key = format!("field_types.{name}");
+            let field_type: FieldType = name.parse().map_err(|e| invalid(&key, format!("{e}")))?;
+            let max = settings.max_value_bytes.unwrap_or(limits.max_value_bytes);
+            if max == 0 || max > limits.max_value_bytes {
+                return Err(invalid(
+                    format!("{key}.max_value_bytes"),
+                    format!(
+                        "must be between 1 and limits.max_value_bytes ({})",
+                        limits.max_value_bytes
+                    ),
+                ));
+            }
+            field_types.insert(
+                field_type,
+                FieldTypeSettings {
+                    max_value_bytes: max,
+                },
+            );
+        }
+
+        let policy = parse_policy(&raw.policy, &field_types)?;
+        if raw.server.shutdown_grace_seconds == 0 {
+            return Err(invalid(
+                "server.shutdown_grace_seconds",
+                "must be at least 1",
+            ));
+        }
+        Ok(Self {
+            data_dir: raw.data_dir.relative(),
+            durability: raw.durability,
+            listen,
+            health_listen,
+            shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_seconds),
+            handshake_timeout: Duration::from_millis(raw.server.handshake_timeout_ms.max(1)),
+            tls,
+            master_key_file,
+            limits,
+            block_cache_bytes: raw.storage.block_cache_mib << 20,
+            log_format: raw.log.format,
+            log_level: raw.log.level.clone(),
+            field_types,
+            policy,
+            raw,
+        })
+    }
+
+    /// The effective configuration as TOML, for `tokenvault config check`.
+    /// It holds paths, never key material, so nothing needs redacting yet;
+    /// keep it that way when adding inline secrets.
+    ///
+    /// # Errors
+    /// If serialization fails.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        self.raw.to_toml()
+    }
+}
+
+impl RawConfig {
+    /// This configuration as TOML, with every path shown resolved (figment
+    /// serializes its relative paths as an internal table otherwise).
+    ///
+    /// # Errors
+    /// If serialization fails.
+    pub fn to_toml(&self) -> Result<String, toml::ser::Error> {
+        let mut value = toml::Value::try_from(self)?;
+        resolve_relative_paths(&mut value);
+        toml::to_string_pretty(&value)
+    }
+}
+
+/// Replaces figment's `RelativePathBuf` tables by the path they resolve to.
+fn resolve_relative_paths(value: &mut toml::Value) {
+    const PATH: &str = "___figment_relative_path";
+    const BASE: &str = "___figment_relative_metadata_path";
+    match value {
+        toml::Value::Table(table) => {
+            if let Some(toml::Value::String(path)) = table.get(PATH) {
+                let path = Path::new(path);
+                let resolved = match table.get(BASE) {
+                    Some(toml::Value::String(base)) if path.is_relative() => Path::new(base)
+                        .parent()
+                        .map_or_else(|| path.to_owned(), |dir| dir.join(path)),
+                    _ => path.to_owned(),
+                };
+                *value = toml::Value::String(resolved.display().to_string());
+                return;
+            }
+            for (_, item) in table.iter_mut() {
+                resolve_relative_paths(item);
+            }
+        }
+        toml::Value::Array(items) => items.iter_mut().for_each(resolve_relative_paths),
+        _ => {}
+    }
+}
+
+fn parse_policy(
+    rules: &[RawRule],
+    field_types: &BTreeMap<FieldType, FieldTypeSettings>,
+) -> Result<Policy, ConfigError> {
+    let mut parsed = Vec::with_capacity(rules.len());
+    for (i, rule) in rules.iter().enumerate() {
+        let key = format!("policy[{i}]");
+        let identity = IdentityPattern::new(&rule.identity)
+            .map_err(|e| invalid(format!("{key}.identity"), e.to_string()))?;
+        let mut scopes = Vec::new();
+        for scope in &rule.scopes {
+            let scope: Scope = scope.parse().map_err(|e: crate::authz::ScopeError| {
+                invalid(format!("{key}.scopes"), e.to_string())
+            })?;
+            if let crate::authz::FieldSelector::One(ft) = scope.fields()
+                && !field_types.contains_key(ft)
+            {
+                return Err(invalid(
+                    format!("{key}.scopes"),
+                    format!("scope {scope} names field type {ft}, which is not configured"),
+                ));
+            }
+            scopes.push(scope);
+        }
+        let purposes = if rule.purposes.iter().any(|p| p == "*") {
+            PurposeSet::Any
+        } else {
+            let mut set = std::collections::BTreeSet::new();
+            for purpose in &rule.purposes {
+                set.insert(purpose.parse().map_err(|e: crate::authz::PurposeError| {
+                    invalid(format!("{key}.purposes"), format!("{purpose:?}: {e}"))
+                })?);
+            }
+            PurposeSet::Only(set)
+        };
+        parsed.push(Rule::new(identity, scopes, purposes));
+    }
+    Ok(Policy::new(parsed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+        data_dir = "/tmp/tv"
+        [tls]
+        cert = "/etc/tv/server.pem"
+        key = "/etc/tv/server.key"
+        client_ca = "/etc/tv/ca.pem"
+        [keys]
+        master_key_file = "/etc/tv/master.key"
+    "#;
+
+    fn parse(extra: &str) -> Result<Config, ConfigError> {
+        let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::string(MINIMAL))
+            .merge(Toml::string(extra));
+        Config::from_figment(&figment)
+    }
+
+    #[test]
+    fn minimal_config_gets_defaults() {
+        let config = parse("").unwrap();
+        assert_eq!(config.listen, "0.0.0.0:50051".parse().unwrap());
+        assert_eq!(config.durability, Durability::Sync);
+        assert_eq!(config.limits.max_items_per_request, 1000);
+        assert!(config.field_types.contains_key(&"email".parse().unwrap()));
+    }
+
+    #[test]
+    fn unknown_keys_are_errors() {
+        let err = parse("[server]\nlisten_addr = \"x\"").unwrap_err();
+        assert!(err.to_string().contains("listen_addr"), "{err}");
+    }
+
+    #[test]
+    fn missing_tls_is_named() {
+        let figment = Figment::from(Serialized::defaults(RawConfig::default()));
+        let err = Config::from_figment(&figment).unwrap_err();
+        assert_eq!(err.to_string(), "invalid config: tls.cert: is required");
+    }
+
+    #[test]
+    fn bad_addresses_and_limits_are_named() {
+        let err = parse("[server]\nlisten = \"localhost\"").unwrap_err();
+        assert!(err.to_string().contains("server.listen"), "{err}");
+        let err = parse("[limits]\nmax_items_per_request = 0").unwrap_err();
+        assert!(
+            err.to_string().contains("limits.max_items_per_request"),
+            "{err}"
+        );
+        let err = parse("[field_types.email]\nmax_value_bytes = 99999").unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("field_types.email.max_value_bytes"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn policies_are_parsed_strictly() {
+        let ok = parse(
+            r#"[[policy]]
+            identity = "spiffe://shop/*"
+            scopes = ["tokenize:*", "detokenize:email"]
+            purposes = ["support"]"#,
+        );
+        assert!(ok.is_ok());
+        let typo =
+            parse("[[policy]]\nidentity = \"x\"\nscopes = [\"detokenise:email\"]").unwrap_err();
+        assert!(typo.to_string().contains("policy[0].scopes"), "{typo}");
+        let unknown =
+            parse("[[policy]]\nidentity = \"x\"\nscopes = [\"detokenize:iban\"]").unwrap_err();
+        assert!(unknown.to_string().contains("not configured"), "{unknown}");
+        let purpose =
+            parse("[[policy]]\nidentity = \"x\"\npurposes = [\"Bad Purpose\"]").unwrap_err();
+        assert!(
+            purpose.to_string().contains("policy[0].purposes"),
+            "{purpose}"
+        );
+    }
+
+    #[test]
+    fn later_layers_override_earlier_ones() {
+        // The same merge order as `Config::figment`, with a string standing in
+        // for the environment layer (tests never mutate the process
+        // environment).
+        let config =
+            parse("durability = \"buffered\"\n[server]\nlisten = \"127.0.0.1:7000\"").unwrap();
+        assert_eq!(config.listen, "127.0.0.1:7000".parse().unwrap());
+        assert_eq!(config.durability, Durability::Buffered);
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tv.toml");
+        std::fs::write(
+            &file,
+            "data_dir = \"data\"\n[tls]\ncert = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"ca.pem\"\n[keys]\nmaster_key_file = \"m.key\"",
+        )
+        .unwrap();
+        let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::file_exact(&file));
+        let config = Config::from_figment(&figment).unwrap();
+        assert_eq!(config.data_dir, dir.path().join("data"));
+        assert_eq!(config.tls.cert, dir.path().join("s.pem"));
+        assert_eq!(config.master_key_file, dir.path().join("m.key"));
+    }
+
+    #[test]
+    fn printed_config_shows_resolved_paths_and_parses_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tv.toml");
+        std::fs::write(&file, format!("{MINIMAL}\n[storage]\nblock_cache_mib = 8")).unwrap();
+        std::fs::write(
+            &file,
+            std::fs::read_to_string(&file)
+                .unwrap()
+                .replace("/tmp/tv", "data"),
+        )
+        .unwrap();
+        let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::file_exact(&file));
+        let printed = Config::from_figment(&figment).unwrap().to_toml().unwrap();
+        assert!(!printed.contains("___figment"), "{printed}");
+        let data_dir = dir.path().join("data");
+        assert!(
+            printed.contains(&format!("data_dir = \"{}\"", data_dir.display())),
+            "{printed}"
+        );
+        let again =
+            Figment::from(Serialized::defaults(RawConfig::default())).merge(Toml::string(&printed));
+        assert_eq!(
+            Config::from_figment(&again).unwrap().block_cache_bytes,
+            8 << 20
+        );
+    }
+
+    #[test]
+    fn missing_file_is_an_error() {
+        let err = Config::load(Some(Path::new("/nonexistent/tv.toml"))).unwrap_err();
+        assert!(matches!(err, ConfigError::MissingFile(_)));
+    }
+}

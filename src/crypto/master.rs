@@ -1,0 +1,245 @@
+//! The master key (KEK): loaded from a file, used only to wrap other keys.
+
+use std::{
+    fs,
+    io::{self, Write},
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+use zeroize::Zeroizing;
+
+use super::{DataKey, Error, HashKey, KEY_LEN, Sealed};
+
+/// The key-encryption key. It never encrypts a value directly.
+pub struct MasterKey {
+    key: DataKey,
+}
+
+/// Why the master key file cannot be used. Each message says what to fix and
+/// none contains key bytes.
+#[derive(Debug, thiserror::Error)]
+pub enum MasterKeyError {
+    /// The file does not exist or cannot be read.
+    #[error("cannot read master key file {path}: {source}")]
+    Read {
+        /// The configured path.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// Group or others may read or write the file.
+    #[error(
+        "master key file {path} is accessible by group or others (mode {mode:04o}); run `chmod 600 {path}`"
+    )]
+    TooOpen {
+        /// The configured path.
+        path: PathBuf,
+        /// The file's permission bits.
+        mode: u32,
+    },
+    /// The content is neither 32 raw bytes nor 64 hex digits.
+    #[error(
+        "master key file {path} must hold 32 random bytes, raw or as 64 hex digits (it holds {len} bytes); generate one with `head -c 32 /dev/urandom | xxd -p -c 64`"
+    )]
+    WrongLength {
+        /// The configured path.
+        path: PathBuf,
+        /// How many bytes the file holds.
+        len: usize,
+    },
+    /// Writing a new key file failed.
+    #[error("cannot create master key file {path}: {source}")]
+    Create {
+        /// The path being written.
+        path: PathBuf,
+        /// The I/O error.
+        source: io::Error,
+    },
+    /// The random source failed while generating a key.
+    #[error(transparent)]
+    Crypto(#[from] Error),
+}
+
+impl MasterKey {
+    /// Reads the key from `path`, refusing a file that group or others can
+    /// access or that does not hold exactly 256 bits.
+    ///
+    /// # Errors
+    /// See [`MasterKeyError`].
+    pub fn load(path: &Path) -> Result<Self, MasterKeyError> {
+        let read_err = |source| MasterKeyError::Read {
+            path: path.to_owned(),
+            source,
+        };
+        let mode = fs::metadata(path).map_err(read_err)?.permissions().mode() & 0o777;
+        if mode & 0o077 != 0 {
+            return Err(MasterKeyError::TooOpen {
+                path: path.to_owned(),
+                mode,
+            });
+        }
+        let raw = Zeroizing::new(fs::read(path).map_err(read_err)?);
+        let bytes = decode_key(&raw).ok_or_else(|| MasterKeyError::WrongLength {
+            path: path.to_owned(),
+            len: raw.len(),
+        })?;
+        Ok(Self {
+            key: DataKey::from_bytes(bytes),
+        })
+    }
+
+    /// Writes a new random key as hex to `path` with mode 0600, failing if the
+    /// file already exists (a master key is never silently replaced).
+    ///
+    /// # Errors
+    /// See [`MasterKeyError`].
+    pub fn create_file(path: &Path) -> Result<(), MasterKeyError> {
+        let mut bytes = Zeroizing::new([0u8; KEY_LEN]);
+        getrandom::fill(bytes.as_mut()).map_err(Error::from)?;
+        let hex = Zeroizing::new(data_encoding::HEXLOWER.encode(bytes.as_ref()) + "\n");
+        let create_err = |source| MasterKeyError::Create {
+            path: path.to_owned(),
+            source,
+        };
+        let mut file = fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(create_err)?;
+        file.write_all(hex.as_bytes()).map_err(create_err)?;
+        file.sync_all().map_err(create_err)
+    }
+
+    /// Wraps a data key. `label` names the key (e.g. `dek/1`) and is bound as
+    /// associated data, so a wrapped key moved to another name won't unwrap.
+    ///
+    /// # Errors
+    /// Fails if the random source fails.
+    pub fn wrap_data_key(&self, key: &DataKey, label: &[u8]) -> Result<Sealed, Error> {
+        self.key.wrap(key, label)
+    }
+
+    /// Unwraps a data key stored under `label`.
+    ///
+    /// # Errors
+    /// [`Error::Authentication`] with the wrong master key or label.
+    pub fn unwrap_data_key(&self, sealed: &Sealed, label: &[u8]) -> Result<DataKey, Error> {
+        self.key.unwrap_key(sealed, label)
+    }
+
+    /// Wraps a keyed-hash key, like [`MasterKey::wrap_data_key`].
+    ///
+    /// # Errors
+    /// Fails if the random source fails.
+    pub fn wrap_hash_key(&self, key: &HashKey, label: &[u8]) -> Result<Sealed, Error> {
+        self.key.wrap(&key.as_data_key(), label)
+    }
+
+    /// Unwraps a keyed-hash key.
+    ///
+    /// # Errors
+    /// [`Error::Authentication`] with the wrong master key or label.
+    pub fn unwrap_hash_key(&self, sealed: &Sealed, label: &[u8]) -> Result<HashKey, Error> {
+        self.key
+            .unwrap_key(sealed, label)
+            .map(HashKey::from_data_key)
+    }
+}
+
+impl std::fmt::Debug for MasterKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("MasterKey(<redacted>)")
+    }
+}
+
+/// 32 raw bytes, or 64 hex digits with optional surrounding whitespace.
+fn decode_key(raw: &[u8]) -> Option<Zeroizing<[u8; KEY_LEN]>> {
+    let mut out = Zeroizing::new([0u8; KEY_LEN]);
+    if raw.len() == KEY_LEN {
+        out.copy_from_slice(raw);
+        return Some(out);
+    }
+    let text = raw.trim_ascii();
+    if text.len() != KEY_LEN * 2 {
+        return None;
+    }
+    let decoded = Zeroizing::new(data_encoding::HEXLOWER_PERMISSIVE.decode(text).ok()?);
+    out.copy_from_slice(&decoded);
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(path: &Path, content: &[u8], mode: u32) {
+        fs::write(path, content).unwrap();
+        fs::set_permissions(path, fs::Permissions::from_mode(mode)).unwrap();
+    }
+
+    #[test]
+    fn created_key_loads_and_is_private() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.key");
+        MasterKey::create_file(&path).unwrap();
+        assert_eq!(
+            fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        MasterKey::load(&path).unwrap();
+        // Never overwritten.
+        assert!(MasterKey::create_file(&path).is_err());
+    }
+
+    #[test]
+    fn raw_and_hex_keys_are_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let raw = dir.path().join("raw");
+        write(&raw, &[7u8; 32], 0o600);
+        MasterKey::load(&raw).unwrap();
+        let hex = dir.path().join("hex");
+        write(&hex, format!("{}\n", "ab".repeat(32)).as_bytes(), 0o400);
+        MasterKey::load(&hex).unwrap();
+    }
+
+    #[test]
+    fn open_permissions_are_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        write(&path, &[7u8; 32], 0o644);
+        let err = MasterKey::load(&path).unwrap_err();
+        assert!(matches!(err, MasterKeyError::TooOpen { mode: 0o644, .. }));
+        assert!(err.to_string().contains("chmod 600"));
+    }
+
+    #[test]
+    fn wrong_length_is_refused_without_echoing_the_content() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        write(&path, b"deadbeefdeadbeef", 0o600);
+        let err = MasterKey::load(&path).unwrap_err();
+        assert!(matches!(err, MasterKeyError::WrongLength { len: 16, .. }));
+        assert!(!err.to_string().contains("deadbeef"));
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = MasterKey::load(Path::new("/nonexistent/master.key")).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/master.key"));
+    }
+
+    #[test]
+    fn a_key_wrapped_under_one_master_does_not_unwrap_under_another() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, b) = (dir.path().join("a"), dir.path().join("b"));
+        MasterKey::create_file(&a).unwrap();
+        MasterKey::create_file(&b).unwrap();
+        let (a, b) = (MasterKey::load(&a).unwrap(), MasterKey::load(&b).unwrap());
+        let dek = DataKey::generate().unwrap();
+        let wrapped = a.wrap_data_key(&dek, b"dek/1").unwrap();
+        assert!(a.unwrap_data_key(&wrapped, b"dek/1").is_ok());
+        assert!(b.unwrap_data_key(&wrapped, b"dek/1").is_err());
+    }
+}

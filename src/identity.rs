@@ -1,0 +1,222 @@
+//! Who is calling: the client identity read from an mTLS certificate.
+//!
+//! The identity is the SPIFFE ID (URI SAN) if the certificate has one, else
+//! its first DNS SAN, else its subject common name. It is parsed once per
+//! connection, after the TLS handshake has verified the chain, and handed to
+//! every request on that connection as a [`Peer`].
+
+use std::{fmt, net::SocketAddr, sync::Arc};
+
+use x509_parser::{certificate::X509Certificate, extensions::GeneralName, prelude::FromDer};
+
+/// The longest identity accepted, in bytes.
+const MAX_ID_LEN: usize = 2048;
+
+/// A caller's identity, as the policy matches it.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub enum ClientId {
+    /// A SPIFFE ID from the certificate's URI SAN, e.g. `spiffe://shop.example/checkout`.
+    Spiffe(String),
+    /// The certificate's first DNS SAN.
+    Dns(String),
+    /// The certificate subject's common name.
+    CommonName(String),
+}
+
+impl ClientId {
+    /// The identity as the policy's `identity` patterns match it: the SPIFFE
+    /// ID, DNS name or common name itself.
+    pub fn as_str(&self) -> &str {
+        match self {
+            ClientId::Spiffe(s) | ClientId::Dns(s) | ClientId::CommonName(s) => s,
+        }
+    }
+
+    /// Reads the identity from a DER certificate whose chain has already been
+    /// verified.
+    ///
+    /// # Errors
+    /// See [`IdentityError`].
+    pub fn from_certificate(der: &[u8]) -> Result<Self, IdentityError> {
+        let (_, cert) = X509Certificate::from_der(der).map_err(|_| IdentityError::Unparsable)?;
+        let mut uris = Vec::new();
+        let mut first_dns = None;
+        if let Ok(Some(san)) = cert.subject_alternative_name() {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::URI(uri) => uris.push(*uri),
+                    GeneralName::DNSName(dns) if first_dns.is_none() => first_dns = Some(*dns),
+                    _ => {}
+                }
+            }
+        } else if cert.subject_alternative_name().is_err() {
+            return Err(IdentityError::Unparsable);
+        }
+        // An X.509-SVID carries exactly one URI SAN; more is ambiguous.
+        if uris.len() > 1 {
+            return Err(IdentityError::SeveralUris(uris.len()));
+        }
+        if let Some(uri) = uris.first() {
+            if uri.starts_with("spiffe://") {
+                return checked(uri).map(ClientId::Spiffe);
+            }
+            return Err(IdentityError::NotSpiffe);
+        }
+        if let Some(dns) = first_dns {
+            return checked(dns).map(ClientId::Dns);
+        }
+        let cn = cert
+            .subject()
+            .iter_common_name()
+            .next()
+            .and_then(|cn| cn.as_str().ok());
+        match cn {
+            Some(cn) => checked(cn).map(ClientId::CommonName),
+            None => Err(IdentityError::Missing),
+        }
+    }
+}
+
+fn checked(id: &str) -> Result<String, IdentityError> {
+    if id.is_empty() || id.len() > MAX_ID_LEN || id.chars().any(char::is_control) {
+        return Err(IdentityError::Malformed);
+    }
+    Ok(id.to_owned())
+}
+
+impl fmt::Display for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl fmt::Debug for ClientId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let kind = match self {
+            ClientId::Spiffe(_) => "Spiffe",
+            ClientId::Dns(_) => "Dns",
+            ClientId::CommonName(_) => "CommonName",
+        };
+        write!(f, "ClientId::{kind}({})", self.as_str())
+    }
+}
+
+/// Why a verified certificate yields no usable identity.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum IdentityError {
+    /// The certificate could not be parsed.
+    #[error("client certificate cannot be parsed")]
+    Unparsable,
+    /// More than one URI SAN (the SPIFFE X.509-SVID rules allow exactly one).
+    #[error("client certificate has {0} URI SANs; a SPIFFE identity needs exactly one")]
+    SeveralUris(usize),
+    /// A URI SAN that is not a SPIFFE ID.
+    #[error("client certificate's URI SAN is not a spiffe:// ID")]
+    NotSpiffe,
+    /// No URI SAN, DNS SAN or common name.
+    #[error("client certificate has no SPIFFE ID, DNS name or common name")]
+    Missing,
+    /// The identity is empty, too long or has control characters.
+    #[error("client certificate identity is empty, too long or has control characters")]
+    Malformed,
+    /// The connection carried no client certificate (cannot happen with the
+    /// server's verifier, which requires one; kept so the API layer can say so).
+    #[error("no client certificate was presented")]
+    NoCertificate,
+}
+
+/// What the API layer knows about the connection a request came on.
+#[derive(Debug, Clone)]
+pub struct Peer {
+    /// The caller's identity, or why its certificate gave none.
+    pub identity: Arc<Result<ClientId, IdentityError>>,
+    /// The remote socket address.
+    pub remote_addr: Option<SocketAddr>,
+}
+
+#[cfg(test)]
+mod tests {
+    use rcgen::{CertificateParams, DnType, KeyPair, SanType};
+
+    use super::*;
+
+    fn cert_with(sans: Vec<SanType>, cn: Option<&str>) -> Vec<u8> {
+        let mut params = CertificateParams::default();
+        params.subject_alt_names = sans;
+        params.distinguished_name = rcgen::DistinguishedName::new();
+        if let Some(cn) = cn {
+            params.distinguished_name.push(DnType::CommonName, cn);
+        }
+        let key = KeyPair::generate().unwrap();
+        params.self_signed(&key).unwrap().der().to_vec()
+    }
+
+    fn uri(s: &str) -> SanType {
+        SanType::URI(s.try_into().unwrap())
+    }
+
+    fn dns(s: &str) -> SanType {
+        SanType::DnsName(s.try_into().unwrap())
+    }
+
+    #[test]
+    fn spiffe_uri_wins_over_dns_and_cn() {
+        let der = cert_with(
+            vec![dns("a.example"), uri("spiffe://shop/checkout")],
+            Some("cn"),
+        );
+        assert_eq!(
+            ClientId::from_certificate(&der),
+            Ok(ClientId::Spiffe("spiffe://shop/checkout".into()))
+        );
+    }
+
+    #[test]
+    fn first_dns_then_cn() {
+        let der = cert_with(vec![dns("a.example"), dns("b.example")], Some("cn"));
+        assert_eq!(
+            ClientId::from_certificate(&der),
+            Ok(ClientId::Dns("a.example".into()))
+        );
+        let der = cert_with(vec![], Some("billing"));
+        assert_eq!(
+            ClientId::from_certificate(&der),
+            Ok(ClientId::CommonName("billing".into()))
+        );
+    }
+
+    #[test]
+    fn two_uri_sans_are_refused() {
+        let der = cert_with(vec![uri("spiffe://a/x"), uri("spiffe://a/y")], None);
+        assert_eq!(
+            ClientId::from_certificate(&der),
+            Err(IdentityError::SeveralUris(2))
+        );
+    }
+
+    #[test]
+    fn non_spiffe_uri_is_refused() {
+        let der = cert_with(vec![uri("https://a/x")], Some("cn"));
+        assert_eq!(
+            ClientId::from_certificate(&der),
+            Err(IdentityError::NotSpiffe)
+        );
+    }
+
+    #[test]
+    fn no_name_at_all_is_refused() {
+        let der = cert_with(vec![], None);
+        assert_eq!(
+            ClientId::from_certificate(&der),
+            Err(IdentityError::Missing)
+        );
+    }
+
+    #[test]
+    fn garbage_is_refused() {
+        assert_eq!(
+            ClientId::from_certificate(b"\x30\x03abc"),
+            Err(IdentityError::Unparsable)
+        );
+    }
+}

@@ -1,0 +1,45 @@
+//! tokenvault: a privacy data vault.
+//!
+//! Internal services send sensitive values (e-mail addresses, card numbers,
+//! ...) over mutual-TLS gRPC and get opaque tokens back; the values are
+//! encrypted with AES-256-GCM-SIV under envelope keys and stored in an
+//! embedded RocksDB. Reading a value back needs a scope for its field type
+//! and an allowed purpose, both granted to the caller's certificate identity.
+//!
+//! # Module map
+//!
+//! Layers call downwards only: `api` → `authz` → `vault` → `crypto` + `store`.
+//!
+//! - [`server`]: wiring and lifecycle: TLS termination, listeners, health, drain.
+//! - [`api`]: gRPC handlers; the only place errors become `tonic::Status`.
+//! - [`authz`]: scopes, purposes, the policy, and [`authz::Permit`]s.
+//! - [`identity`]: the caller's [`identity::ClientId`] from its certificate.
+//! - [`vault`]: tokenize and detokenize over any [`store::Store`].
+//! - [`crypto`]: AES-256-GCM-SIV envelope encryption and secret types.
+//! - [`store`]: the storage trait and its RocksDB engine.
+//! - [`token`]: the [`token::Token`] and [`token::FieldType`] types.
+//! - [`config`]: figment layers into a validated [`config::Config`].
+//! - [`client`], [`dev`], [`pki`], [`cli`]: the command-line tool's parts.
+//!
+//! # Invariants
+//!
+//! - The vault core never sees tonic or prost types.
+//! - Plaintext never reaches the store, and lives only in
+//!   [`crypto::SecretValue`], which zeroizes and never prints.
+//! - No vault operation runs without a [`authz::Permit`].
+//! - Nothing above `store` names RocksDB, except the `server` wiring.
+
+pub mod api;
+pub mod authz;
+pub mod cli;
+pub mod client;
+pub mod config;
+pub mod crypto;
+pub mod dev;
+pub mod identity;
+pub mod pki;
+pub mod proto;
+pub mod server;
+pub mod store;
+pub mod token;
+pub mod vault;

@@ -1,0 +1,287 @@
+//! Wiring: opens the vault and serves it on the mTLS gRPC port, with health
+//! on a separate plaintext port, until a shutdown signal drains it.
+//!
+//! This is the composition root: the one module above `store` that names
+//! the RocksDB engine.
+
+mod tls;
+
+use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
+
+use tokio::{
+    net::TcpListener,
+    sync::{mpsc, watch},
+};
+use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
+use tonic::transport::Server;
+use tonic_health::{ServingStatus, server::HealthReporter};
+
+pub use tls::{TlsConn, TlsError, server_config};
+
+use crate::{
+    api::{ApiSettings, TokenVaultService},
+    config::Config,
+    crypto::{MasterKey, MasterKeyError},
+    proto,
+    store::{self, RocksStore, StoreOptions},
+    vault::{self, Vault},
+};
+
+/// The gRPC service name the health service reports on.
+const SERVICE_NAME: &str = "tokenvault.v1.TokenVault";
+
+/// Why the server could not start or stopped with an error. Each message is
+/// one line saying what to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    /// The master key file is unusable.
+    #[error(transparent)]
+    MasterKey(#[from] MasterKeyError),
+    /// TLS material is unusable.
+    #[error(transparent)]
+    Tls(#[from] TlsError),
+    /// The database could not be opened.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+    /// The vault could not be opened (e.g. wrong master key).
+    #[error(transparent)]
+    Vault(#[from] vault::Error),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr} ({setting}): {source}")]
+    Bind {
+        /// The setting that names the address.
+        setting: &'static str,
+        /// The address.
+        addr: SocketAddr,
+        /// The OS error.
+        source: io::Error,
+    },
+    /// Reflection descriptors are broken (a build problem).
+    #[error("server reflection setup failed: {0}")]
+    Reflection(String),
+    /// The gRPC server failed.
+    #[error("gRPC server failed: {0}")]
+    Transport(#[from] tonic::transport::Error),
+}
+
+/// Runs the vault until `shutdown` resolves (calling `on_ready` with the
+/// bound gRPC and health addresses once it serves), then drains in-flight requests
+/// (up to `server.shutdown_grace_seconds`) and closes the database.
+///
+/// # Errors
+/// See [`ServeError`].
+pub async fn run(
+    config: Config,
+    shutdown: impl Future<Output = ()> + Send,
+    on_ready: impl FnOnce(SocketAddr, SocketAddr) + Send,
+) -> Result<(), ServeError> {
+    // Check everything that can be wrong with the configuration before
+    // touching the database or binding ports.
+    let master = MasterKey::load(&config.master_key_file)?;
+    let tls_config = server_config(&config.tls)?;
+
+    let (health, health_service) = tonic_health::server::health_reporter();
+    health
+        .set_service_status("", ServingStatus::NotServing)
+        .await;
+    health
+        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+        .await;
+
+    // The plaintext health port comes up first so Kubernetes probes see
+    // NOT_SERVING (not a refused connection) while RocksDB recovers.
+    let health_listener = bind("server.health_listen", config.health_listen).await?;
+    let health_addr = local_addr(
+        &health_listener,
+        "server.health_listen",
+        config.health_listen,
+    )?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let health_task = {
+        let mut stop = stop_rx.clone();
+        let service = health_service.clone();
+        // Reflection here describes the health service only, so grpcurl can
+        // probe this port without proto files; the API stays on the mTLS port.
+        let (reflection_v1, reflection_v1alpha) =
+            reflection(&[tonic_health::pb::FILE_DESCRIPTOR_SET])?;
+        tokio::spawn(
+            Server::builder()
+                .add_service(service)
+                .add_service(reflection_v1)
+                .add_service(reflection_v1alpha)
+                .serve_with_incoming_shutdown(
+                    TcpListenerStream::new(health_listener),
+                    async move {
+                        let _ = stop.changed().await;
+                    },
+                ),
+        )
+    };
+
+    let store = {
+        let path = config.data_dir.clone();
+        let options = StoreOptions {
+            durability: config.durability,
+            block_cache_bytes: config.block_cache_bytes,
+        };
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&path).map_err(|e| {
+                store::Error::Backend(format!("cannot create data_dir {}: {e}", path.display()))
+            })?;
+            RocksStore::open(&path, &options)
+        })
+        .await
+        .map_err(|e| store::Error::Backend(e.to_string()))??
+    };
+    let vault = Arc::new(Vault::open(store, &master).await?);
+    drop(master);
+
+    let settings = ApiSettings {
+        limits: config.limits,
+        field_types: config.field_types.clone(),
+        policy: config.policy.clone(),
+    };
+    let service = proto::v1::token_vault_server::TokenVaultServer::new(TokenVaultService::new(
+        Arc::clone(&vault),
+        settings,
+    ))
+    .max_decoding_message_size(config.limits.max_message_bytes);
+
+    let (reflection_v1, reflection_v1alpha) = reflection(&[
+        proto::FILE_DESCRIPTOR_SET,
+        tonic_health::pb::FILE_DESCRIPTOR_SET,
+    ])?;
+
+    let listener = bind("server.listen", config.listen).await?;
+    let grpc_addr = local_addr(&listener, "server.listen", config.listen)?;
+    let (conn_tx, conn_rx) = mpsc::channel(128);
+    let accept_task = tokio::spawn(tls::accept_loop(
+        listener,
+        tls_config,
+        config.handshake_timeout,
+        conn_tx,
+        stop_rx.clone(),
+    ));
+
+    set_status(&health, ServingStatus::Serving).await;
+    tracing::info!(
+        grpc.addr = %grpc_addr,
+        health.addr = %health_addr,
+        data_dir = %config.data_dir.display(),
+        durability = ?config.durability,
+        "serving"
+    );
+    on_ready(grpc_addr, health_addr);
+
+    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+    // Boxed rather than pinned on the stack so it can be dropped (and with
+    // it the services' handles on the vault) before the store closes.
+    let mut grpc = Box::pin(
+        Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .add_service(service)
+            .add_service(health_service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+                let _ = drain_rx.await;
+            }),
+    );
+
+    let served = tokio::select! {
+        result = &mut grpc => Some(result),
+        () = shutdown => None,
+    };
+    let result = match served {
+        Some(result) => result.map_err(ServeError::from),
+        None => {
+            tracing::info!("shutdown requested: draining in-flight requests");
+            set_status(&health, ServingStatus::NotServing).await;
+            let _ = stop_tx.send(true);
+            let _ = drain_tx.send(());
+            match tokio::time::timeout(config.shutdown_grace, &mut grpc).await {
+                Ok(result) => result.map_err(ServeError::from),
+                Err(_) => {
+                    tracing::warn!(grace = ?config.shutdown_grace, "drain deadline passed; closing remaining connections");
+                    Ok(())
+                }
+            }
+        }
+    };
+    let _ = stop_tx.send(true);
+    accept_task.abort();
+    let _ = health_task.await;
+    drop(grpc);
+    // Every request holding the vault has finished or been dropped; closing
+    // the store now waits for the committer's last write.
+    match Arc::try_unwrap(vault) {
+        Ok(vault) => vault.into_store().close(),
+        Err(_) => {
+            tracing::warn!("requests still hold the vault; the database closes when they finish")
+        }
+    }
+    tracing::info!("stopped");
+    result
+}
+
+/// Server reflection, both versions: grpcurl 1.8 and Python's reflection
+/// client speak only v1alpha, newer tools v1.
+fn reflection(
+    descriptor_sets: &[&'static [u8]],
+) -> Result<
+    (
+        tonic_reflection::server::v1::ServerReflectionServer<
+            impl tonic_reflection::server::v1::ServerReflection,
+        >,
+        tonic_reflection::server::v1alpha::ServerReflectionServer<
+            impl tonic_reflection::server::v1alpha::ServerReflection,
+        >,
+    ),
+    ServeError,
+> {
+    // Each version's builder adds its own descriptor; adding the other's
+    // makes both list both, so a client of either version sees the truth.
+    use tonic_reflection::pb::{
+        v1::FILE_DESCRIPTOR_SET as V1, v1alpha::FILE_DESCRIPTOR_SET as V1ALPHA,
+    };
+    let builder = |other: &'static [u8]| {
+        descriptor_sets
+            .iter()
+            .chain(std::iter::once(&other))
+            .fold(tonic_reflection::server::Builder::configure(), |b, set| {
+                b.register_encoded_file_descriptor_set(set)
+            })
+    };
+    let err = |e: tonic_reflection::server::Error| ServeError::Reflection(e.to_string());
+    Ok((
+        builder(V1ALPHA).build_v1().map_err(err)?,
+        builder(V1).build_v1alpha().map_err(err)?,
+    ))
+}
+
+async fn set_status(health: &HealthReporter, status: ServingStatus) {
+    health.set_service_status("", status).await;
+    health.set_service_status(SERVICE_NAME, status).await;
+}
+
+async fn bind(setting: &'static str, addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| ServeError::Bind {
+            setting,
+            addr,
+            source,
+        })
+}
+
+fn local_addr(
+    listener: &TcpListener,
+    setting: &'static str,
+    addr: SocketAddr,
+) -> Result<SocketAddr, ServeError> {
+    listener.local_addr().map_err(|source| ServeError::Bind {
+        setting,
+        addr,
+        source,
+    })
+}

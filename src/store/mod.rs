@@ -1,0 +1,169 @@
+//! Storage: ordered key-value tables with atomic, durable batches.
+//!
+//! [`Store`] is the only view the layers above have of storage; the RocksDB
+//! engine ([`RocksStore`]) lives behind it and nothing above this module names
+//! RocksDB. The store sees only bytes it is handed: records arrive already
+//! encrypted, keys already wrapped.
+
+mod rocks;
+
+use std::future::Future;
+
+pub use rocks::{RocksStore, StoreOptions};
+
+/// The tables (RocksDB column families) the vault uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Table {
+    /// Encrypted records, keyed by token.
+    Records,
+    /// Data keys and hash keys, wrapped by the master key, keyed by label.
+    Keys,
+    /// Small bookkeeping values (format version, creation time).
+    Meta,
+}
+
+impl Table {
+    /// Every table, in the order they are created.
+    pub const ALL: [Table; 3] = [Table::Records, Table::Keys, Table::Meta];
+
+    /// The column family name on disk. Never change a released name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Table::Records => "records",
+            Table::Keys => "keys",
+            Table::Meta => "meta",
+        }
+    }
+}
+
+/// How an acknowledged write is made durable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Durability {
+    /// The write-ahead log is fsync'd before a write is acknowledged: an
+    /// acknowledged write survives power loss. The default.
+    Sync,
+    /// The write-ahead log is written but not fsync'd: an acknowledged write
+    /// survives a process crash but may be lost with the machine.
+    Buffered,
+}
+
+/// One change in a [`Batch`].
+#[derive(Debug)]
+pub enum Op {
+    /// Set `key` to `value` in `table`.
+    Put {
+        /// The table.
+        table: Table,
+        /// The key.
+        key: Vec<u8>,
+        /// The value (already encrypted where it needs to be).
+        value: Vec<u8>,
+    },
+    /// Remove `key` from `table`.
+    Delete {
+        /// The table.
+        table: Table,
+        /// The key.
+        key: Vec<u8>,
+    },
+}
+
+/// Changes that are applied all together or not at all.
+#[derive(Debug, Default)]
+pub struct Batch {
+    ops: Vec<Op>,
+}
+
+impl Batch {
+    /// An empty batch.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Adds a put.
+    pub fn put(&mut self, table: Table, key: impl Into<Vec<u8>>, value: Vec<u8>) {
+        self.ops.push(Op::Put {
+            table,
+            key: key.into(),
+            value,
+        });
+    }
+
+    /// Adds a delete.
+    pub fn delete(&mut self, table: Table, key: impl Into<Vec<u8>>) {
+        self.ops.push(Op::Delete {
+            table,
+            key: key.into(),
+        });
+    }
+
+    /// How many changes the batch holds.
+    pub fn len(&self) -> usize {
+        self.ops.len()
+    }
+
+    /// Whether the batch is empty.
+    pub fn is_empty(&self) -> bool {
+        self.ops.is_empty()
+    }
+
+    /// The changes, in order.
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+}
+
+/// A storage failure. Messages name files and operations, never stored bytes.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Another process (or another open in this one) holds the data directory.
+    #[error(
+        "data directory {path} is in use by another tokenvault process (RocksDB lock held); stop it or choose another data_dir"
+    )]
+    Locked {
+        /// The data directory.
+        path: String,
+    },
+    /// The storage device is full.
+    #[error("storage is full: {0}")]
+    NoSpace(String),
+    /// The engine reported corruption.
+    #[error("storage corruption: {0}")]
+    Corruption(String),
+    /// Any other engine or I/O failure.
+    #[error("storage error: {0}")]
+    Backend(String),
+    /// The store is shutting down and accepts no more writes.
+    #[error("storage is closed")]
+    Closed,
+}
+
+/// Key-value pairs in key order, as a scan returns them.
+pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
+
+/// Ordered tables with atomic, durable batches.
+///
+/// Every method is async and never blocks the caller's runtime thread: an
+/// engine does its blocking work elsewhere.
+pub trait Store: Send + Sync + 'static {
+    /// Reads several keys of one table; one result per key, in order.
+    fn get_many(
+        &self,
+        table: Table,
+        keys: Vec<Vec<u8>>,
+    ) -> impl Future<Output = Result<Vec<Option<Vec<u8>>>, Error>> + Send;
+
+    /// Every key and value in `table` whose key starts with `prefix`, in key
+    /// order. For small tables only (keys, meta).
+    fn scan_prefix(
+        &self,
+        table: Table,
+        prefix: Vec<u8>,
+    ) -> impl Future<Output = Result<KeyValues, Error>> + Send;
+
+    /// Applies `batch` atomically, durable as configured when it returns Ok.
+    /// Concurrent commits may share one physical write (group commit).
+    fn commit(&self, batch: Batch) -> impl Future<Output = Result<(), Error>> + Send;
+}

@@ -1,0 +1,151 @@
+//! The data keys and hash keys, unwrapped in memory, and their wrapped form
+//! in the store.
+
+use std::collections::BTreeMap;
+
+use crate::{
+    crypto::{DataKey, HashKey, MasterKey, NONCE_LEN, Sealed},
+    store::{Batch, Store, Table},
+};
+
+use super::{Error, now_ms};
+
+const DEK_PREFIX: &str = "dek/";
+const SUBJECT_KEY_PREFIX: &str = "subject-hash/";
+const WRAPPED_FORMAT_V1: u8 = 1;
+
+/// Every key the vault uses, unwrapped once at open.
+pub struct Keyring {
+    data_keys: BTreeMap<u32, DataKey>,
+    subject_key: HashKey,
+}
+
+impl Keyring {
+    /// Loads and unwraps the keys, creating the first generation in an empty
+    /// vault.
+    ///
+    /// # Errors
+    /// [`Error::WrongMasterKey`] if a key does not unwrap; storage errors.
+    pub async fn open<S: Store>(store: &S, master: &MasterKey) -> Result<Self, Error> {
+        let deks = store.scan_prefix(Table::Keys, DEK_PREFIX.into()).await?;
+        if deks.is_empty() {
+            return Self::create(store, master).await;
+        }
+        let mut data_keys = BTreeMap::new();
+        for (label, wrapped) in deks {
+            let version = parse_version(&label, DEK_PREFIX)?;
+            let sealed = decode_wrapped(&label, &wrapped)?;
+            let key = master
+                .unwrap_data_key(&sealed, &label)
+                .map_err(|_| wrong_master(&label))?;
+            data_keys.insert(version, key);
+        }
+        let subject_keys = store
+            .scan_prefix(Table::Keys, SUBJECT_KEY_PREFIX.into())
+            .await?;
+        let (label, wrapped) = subject_keys
+            .into_iter()
+            .next_back()
+            .ok_or_else(|| Error::CorruptKey("the subject hash key is missing".into()))?;
+        let sealed = decode_wrapped(&label, &wrapped)?;
+        let subject_key = master
+            .unwrap_hash_key(&sealed, &label)
+            .map_err(|_| wrong_master(&label))?;
+        Ok(Self {
+            data_keys,
+            subject_key,
+        })
+    }
+
+    async fn create<S: Store>(store: &S, master: &MasterKey) -> Result<Self, Error> {
+        let dek = DataKey::generate()?;
+        let subject_key = HashKey::generate()?;
+        let dek_label = label(DEK_PREFIX, 1);
+        let subject_label = label(SUBJECT_KEY_PREFIX, 1);
+        let mut batch = Batch::new();
+        batch.put(
+            Table::Keys,
+            dek_label.clone(),
+            encode_wrapped(&master.wrap_data_key(&dek, &dek_label)?),
+        );
+        batch.put(
+            Table::Keys,
+            subject_label.clone(),
+            encode_wrapped(&master.wrap_hash_key(&subject_key, &subject_label)?),
+        );
+        store.commit(batch).await?;
+        tracing::info!("created the first data key generation");
+        Ok(Self {
+            data_keys: BTreeMap::from([(1, dek)]),
+            subject_key,
+        })
+    }
+
+    /// The key new values are encrypted with, and its version.
+    pub fn active(&self) -> (u32, &DataKey) {
+        // `open` and `create` never leave the map empty.
+        let (version, key) = self
+            .data_keys
+            .last_key_value()
+            .unwrap_or_else(|| unreachable!("the keyring always holds a data key"));
+        (*version, key)
+    }
+
+    /// The data key of `version`, if the vault has it.
+    pub fn data_key(&self, version: u32) -> Option<&DataKey> {
+        self.data_keys.get(&version)
+    }
+
+    /// The key that hashes subject ids.
+    pub fn subject_key(&self) -> &HashKey {
+        &self.subject_key
+    }
+}
+
+fn label(prefix: &str, version: u32) -> Vec<u8> {
+    format!("{prefix}{version:010}").into_bytes()
+}
+
+fn parse_version(label: &[u8], prefix: &str) -> Result<u32, Error> {
+    std::str::from_utf8(label)
+        .ok()
+        .and_then(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            Error::CorruptKey(format!(
+                "unexpected key label {}",
+                String::from_utf8_lossy(label)
+            ))
+        })
+}
+
+fn wrong_master(label: &[u8]) -> Error {
+    Error::WrongMasterKey(String::from_utf8_lossy(label).into_owned())
+}
+
+fn encode_wrapped(sealed: &Sealed) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 8 + NONCE_LEN + sealed.ciphertext.len());
+    out.push(WRAPPED_FORMAT_V1);
+    out.extend_from_slice(&now_ms().to_be_bytes());
+    out.extend_from_slice(&sealed.nonce);
+    out.extend_from_slice(&sealed.ciphertext);
+    out
+}
+
+fn decode_wrapped(label: &[u8], bytes: &[u8]) -> Result<Sealed, Error> {
+    let corrupt = || {
+        Error::CorruptKey(format!(
+            "wrapped key {} is malformed",
+            String::from_utf8_lossy(label)
+        ))
+    };
+    if bytes.len() < 1 + 8 + NONCE_LEN + 16 || bytes[0] != WRAPPED_FORMAT_V1 {
+        return Err(corrupt());
+    }
+    let mut nonce = [0u8; NONCE_LEN];
+    nonce.copy_from_slice(&bytes[9..9 + NONCE_LEN]);
+    Ok(Sealed {
+        nonce,
+        ciphertext: bytes[9 + NONCE_LEN..].to_vec(),
+    })
+}

@@ -1,0 +1,307 @@
+//! Test harness: a real `tokenvault` server process on port 0, over real
+//! mTLS, with certificates made by the test and its log captured.
+
+#![allow(dead_code, clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+use std::{
+    io::{BufRead, BufReader},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{Arc, Mutex, mpsc},
+    time::Duration,
+};
+
+use time::OffsetDateTime;
+use tokenvault::{
+    client::{self, ClientTls, TokenVaultClient},
+    pki::{Ca, ClientSpec, Issued},
+};
+use tonic::transport::Channel;
+
+/// How long a server may take to start (a debug build opening RocksDB).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+pub const TRUST_DOMAIN: &str = "test.tokenvault.local";
+
+/// The policy every test server runs with.
+pub const POLICY: &str = r#"
+[[policy]]
+identity = "spiffe://test.tokenvault.local/support"
+scopes = ["tokenize:*", "detokenize:*"]
+purposes = ["customer_support", "order_fulfilment"]
+
+[[policy]]
+identity = "spiffe://test.tokenvault.local/checkout"
+scopes = ["tokenize:*"]
+
+[[policy]]
+identity = "spiffe://test.tokenvault.local/email-reader"
+scopes = ["tokenize:email", "tokenize:phone", "detokenize:email"]
+purposes = ["customer_support"]
+
+[[policy]]
+identity = "*.billing.internal"
+scopes = ["tokenize:*"]
+"#;
+
+pub fn spiffe(name: &str) -> String {
+    format!("spiffe://{TRUST_DOMAIN}/{name}")
+}
+
+/// A test CA and the client certificates tests use, written to a directory.
+pub struct Pki {
+    pub ca: Ca,
+    pub dir: PathBuf,
+}
+
+impl Pki {
+    pub fn new(dir: &Path) -> Self {
+        let ca = Ca::new("tokenvault test CA").unwrap();
+        std::fs::create_dir_all(dir.join("clients")).unwrap();
+        std::fs::write(dir.join("ca.pem"), ca.cert_pem()).unwrap();
+        let server = ca
+            .issue_server(&["localhost"], &["127.0.0.1".parse().unwrap()])
+            .unwrap();
+        write_issued(&dir.join("server"), &server);
+        let pki = Self {
+            ca,
+            dir: dir.to_owned(),
+        };
+        for name in ["support", "checkout", "email-reader", "stranger"] {
+            pki.client(name, &ClientSpec::spiffe(&spiffe(name)));
+        }
+        pki
+    }
+
+    /// Issues a client certificate `name` as `spec` says, signed by this CA.
+    pub fn client(&self, name: &str, spec: &ClientSpec) -> ClientTls {
+        let issued = self.ca.issue_client(spec).unwrap();
+        self.save_client(name, &issued)
+    }
+
+    /// Writes an issued certificate as client `name`.
+    pub fn save_client(&self, name: &str, issued: &Issued) -> ClientTls {
+        write_issued(&self.dir.join("clients").join(name), issued);
+        self.tls(name)
+    }
+
+    pub fn tls(&self, name: &str) -> ClientTls {
+        ClientTls {
+            ca: self.dir.join("ca.pem"),
+            cert: self.dir.join("clients").join(format!("{name}.pem")),
+            key: self.dir.join("clients").join(format!("{name}.key")),
+            server_name: "localhost".into(),
+        }
+    }
+
+    pub fn expired(&self, name: &str) -> ClientTls {
+        let mut spec = ClientSpec::spiffe(&spiffe("support"));
+        let now = OffsetDateTime::now_utc();
+        spec.not_before = now - time::Duration::days(30);
+        spec.not_after = now - time::Duration::days(1);
+        self.client(name, &spec)
+    }
+}
+
+fn write_issued(stem: &Path, issued: &Issued) {
+    std::fs::write(stem.with_extension("pem"), &issued.cert_pem).unwrap();
+    std::fs::write(stem.with_extension("key"), &issued.key_pem).unwrap();
+}
+
+/// A running `tokenvault serve` child process.
+pub struct TestVault {
+    pub root: tempfile::TempDir,
+    pub pki: Pki,
+    pub grpc_addr: SocketAddr,
+    pub health_addr: SocketAddr,
+    child: Option<Child>,
+    logs: Arc<Mutex<Vec<String>>>,
+    extra_config: String,
+}
+
+impl TestVault {
+    /// Starts a vault with the standard policy.
+    pub fn start() -> Self {
+        Self::start_with("")
+    }
+
+    /// Starts a vault with extra TOML appended to the generated config
+    /// (before the policy, so top-level keys and tables both work).
+    pub fn start_with(extra_config: &str) -> Self {
+        let root = tempfile::tempdir().unwrap();
+        let pki = Pki::new(&root.path().join("tls"));
+        let master = root.path().join("master.key");
+        tokenvault::crypto::MasterKey::create_file(&master).unwrap();
+        let mut vault = Self {
+            root,
+            pki,
+            grpc_addr: "0.0.0.0:0".parse().unwrap(),
+            health_addr: "0.0.0.0:0".parse().unwrap(),
+            child: None,
+            logs: Arc::new(Mutex::new(Vec::new())),
+            extra_config: extra_config.to_owned(),
+        };
+        vault.write_config();
+        vault.spawn().expect("the test vault did not start");
+        vault
+    }
+
+    pub fn config_path(&self) -> PathBuf {
+        self.root.path().join("tokenvault.toml")
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root.path().join("data")
+    }
+
+    fn write_config(&self) {
+        let config = format!(
+            r#"data_dir = "data"
+{extra}
+[server]
+listen = "127.0.0.1:0"
+health_listen = "127.0.0.1:0"
+shutdown_grace_seconds = 10
+
+[tls]
+cert = "tls/server.pem"
+key = "tls/server.key"
+client_ca = "tls/ca.pem"
+
+[keys]
+master_key_file = "master.key"
+
+[log]
+format = "json"
+level = "info"
+{POLICY}"#,
+            extra = self.extra_config
+        );
+        std::fs::write(self.config_path(), config).unwrap();
+    }
+
+    /// Starts the server process and waits for its "serving" log line.
+    /// Returns the log lines so far if it exits first.
+    pub fn spawn(&mut self) -> Result<(), String> {
+        let mut child = tokenvault_command()
+            .args(["serve", "--config"])
+            .arg(self.config_path())
+            .stderr(Stdio::piped())
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stderr = child.stderr.take().unwrap();
+        let (ready_tx, ready_rx) = mpsc::channel();
+        let logs = Arc::clone(&self.logs);
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Some(event) = log_event(&line)
+                    && event["message"] == "serving"
+                {
+                    let addr = |key: &str| event[key].as_str().unwrap_or_default().to_owned();
+                    let _ = ready_tx.send((addr("grpc.addr"), addr("health.addr")));
+                }
+                logs.lock().unwrap().push(line);
+            }
+        });
+        self.child = Some(child);
+        match ready_rx.recv_timeout(START_TIMEOUT) {
+            Ok((grpc, health)) => {
+                self.grpc_addr = grpc.parse().unwrap();
+                self.health_addr = health.parse().unwrap();
+                Ok(())
+            }
+            Err(_) => {
+                let status = self.child.as_mut().unwrap().wait().ok();
+                self.child = None;
+                Err(format!("server exited ({status:?}); log:\n{}", self.logs()))
+            }
+        }
+    }
+
+    /// SIGTERM, and wait for a clean exit.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let status = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+            assert!(status.success());
+            let exit = child.wait().unwrap();
+            assert!(
+                exit.success(),
+                "server exited with {exit}; log:\n{}",
+                self.logs()
+            );
+        }
+    }
+
+    /// SIGKILL, no drain.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn().expect("restart failed");
+    }
+
+    pub async fn client(&self, name: &str) -> TokenVaultClient<Channel> {
+        self.client_with(&self.pki.tls(name)).await
+    }
+
+    pub async fn client_with(&self, tls: &ClientTls) -> TokenVaultClient<Channel> {
+        client::connect(&self.grpc_addr.to_string(), tls)
+            .await
+            .unwrap()
+    }
+
+    pub async fn channel_with(&self, tls: &ClientTls) -> Result<Channel, client::ClientError> {
+        client::channel(&self.grpc_addr.to_string(), tls).await
+    }
+
+    /// Everything the server logged so far.
+    pub fn logs(&self) -> String {
+        self.logs.lock().unwrap().join("\n")
+    }
+
+    /// Asserts that none of `secrets` appears anywhere in the server's log.
+    pub fn assert_log_free_of<S: AsRef<str>>(&self, secrets: &[S]) {
+        let logs = self.logs();
+        assert!(!logs.is_empty(), "no log captured");
+        for secret in secrets {
+            assert!(
+                !logs.contains(secret.as_ref()),
+                "the server log contains a secret ({} bytes)",
+                secret.as_ref().len()
+            );
+        }
+    }
+}
+
+impl Drop for TestVault {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// The `tokenvault` binary, with a clean environment so no `TOKENVAULT_*`
+/// variable of the developer's shell changes the test.
+pub fn tokenvault_command() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
+    command.env_clear();
+    if let Ok(path) = std::env::var("PATH") {
+        command.env("PATH", path);
+    }
+    command
+}
+
+/// Parses one JSON log line.
+pub fn log_event(line: &str) -> Option<serde_json::Value> {
+    serde_json::from_str(line).ok()
+}

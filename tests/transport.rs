@@ -1,0 +1,271 @@
+//! The edges of the server: the TLS handshake, identities, health, reflection
+//! and refusing to start with a broken setup.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::{os::unix::fs::PermissionsExt, time::Duration};
+
+use common::{Pki, TestVault, spiffe, tokenvault_command};
+use tokenvault::{
+    client::ClientTls,
+    pki::ClientSpec,
+    proto::v1::{TokenizeItem, TokenizeRequest},
+};
+use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
+
+fn request() -> TokenizeRequest {
+    TokenizeRequest {
+        items: vec![TokenizeItem {
+            field_type: "email".into(),
+            value: "tls@example.com".into(),
+            subject_id: String::new(),
+        }],
+    }
+}
+
+/// Connects with `tls` and makes one call; Err if either fails.
+async fn call_with(vault: &TestVault, tls: &ClientTls) -> Result<(), String> {
+    let channel = vault.channel_with(tls).await.map_err(|e| e.to_string())?;
+    tokenvault::client::TokenVaultClient::new(channel)
+        .tokenize(request())
+        .await
+        .map(|_| ())
+        .map_err(|s| format!("{:?}: {}", s.code(), s.message()))
+}
+
+#[tokio::test]
+async fn the_handshake_requires_a_valid_client_certificate_from_our_ca() {
+    let vault = TestVault::start();
+    // Sanity: the good certificate works, so the failures below are about
+    // the certificates and nothing else.
+    call_with(&vault, &vault.pki.tls("checkout")).await.unwrap();
+
+    // No client certificate at all.
+    let ca = std::fs::read(vault.pki.dir.join("ca.pem")).unwrap();
+    let no_cert = Endpoint::from_shared(format!("https://{}", vault.grpc_addr))
+        .unwrap()
+        .tls_config(
+            ClientTlsConfig::new()
+                .ca_certificate(Certificate::from_pem(ca))
+                .domain_name("localhost"),
+        )
+        .unwrap()
+        .connect()
+        .await;
+    let refused = match no_cert {
+        Err(_) => true,
+        Ok(channel) => tokenvault::client::TokenVaultClient::new(channel)
+            .tokenize(request())
+            .await
+            .is_err(),
+    };
+    assert!(refused, "a client without a certificate was served");
+
+    // A certificate from another CA with a policy-known identity.
+    let other_dir = vault.root.path().join("other-ca");
+    let other = Pki::new(&other_dir);
+    let foreign = other.tls("support");
+    let foreign = ClientTls {
+        ca: vault.pki.dir.join("ca.pem"),
+        ..foreign
+    };
+    assert!(
+        call_with(&vault, &foreign).await.is_err(),
+        "a foreign CA's certificate was served"
+    );
+
+    // An expired certificate from our CA.
+    let expired = vault.pki.expired("expired");
+    assert!(
+        call_with(&vault, &expired).await.is_err(),
+        "an expired certificate was served"
+    );
+
+    let logs = vault.logs();
+    assert!(
+        logs.contains("TLS handshake failed"),
+        "handshake failures are logged"
+    );
+}
+
+#[tokio::test]
+async fn certificates_without_one_clear_identity_are_unauthenticated() {
+    let vault = TestVault::start();
+    let two_uris = vault.pki.client(
+        "two-uris",
+        &ClientSpec {
+            uris: vec![spiffe("support"), spiffe("checkout")],
+            ..ClientSpec::spiffe("unused")
+        },
+    );
+    let err = call_with(&vault, &two_uris).await.unwrap_err();
+    assert!(err.starts_with("Unauthenticated"), "{err}");
+    assert!(err.contains("URI SANs"), "{err}");
+}
+
+#[tokio::test]
+async fn health_serves_on_both_ports_and_reflection_lists_the_api() {
+    let vault = TestVault::start();
+    // Plaintext probe port, through the CLI's exec-probe command.
+    let out = tokenvault_command()
+        .args(["health", "--addr", &vault.health_addr.to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
+    let out = tokenvault_command()
+        .args([
+            "health",
+            "--addr",
+            &vault.health_addr.to_string(),
+            "--service",
+            "tokenvault.v1.TokenVault",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "SERVING");
+
+    // Health over mTLS, and reflection v1.
+    let channel = vault
+        .channel_with(&vault.pki.tls("checkout"))
+        .await
+        .unwrap();
+    let mut health = tonic_health::pb::health_client::HealthClient::new(channel.clone());
+    let status = health
+        .check(tonic_health::pb::HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .status();
+    assert_eq!(
+        status,
+        tonic_health::pb::health_check_response::ServingStatus::Serving
+    );
+
+    use tonic_reflection::pb::v1::{
+        ServerReflectionRequest, server_reflection_client::ServerReflectionClient,
+        server_reflection_request::MessageRequest, server_reflection_response::MessageResponse,
+    };
+    let mut reflection = ServerReflectionClient::new(channel);
+    let request = ServerReflectionRequest {
+        host: String::new(),
+        message_request: Some(MessageRequest::ListServices(String::new())),
+    };
+    let mut stream = reflection
+        .server_reflection_info(tokio_stream::iter(vec![request]))
+        .await
+        .unwrap()
+        .into_inner();
+    let response = stream.message().await.unwrap().unwrap();
+    let Some(MessageResponse::ListServicesResponse(list)) = response.message_response else {
+        panic!("unexpected reflection answer");
+    };
+    let names: Vec<_> = list.service.into_iter().map(|s| s.name).collect();
+    for expected in [
+        "tokenvault.v1.TokenVault",
+        "grpc.health.v1.Health",
+        "grpc.reflection.v1.ServerReflection",
+        "grpc.reflection.v1alpha.ServerReflection",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from {names:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn sigterm_drains_and_exits_cleanly() {
+    let mut vault = TestVault::start();
+    let mut client = vault.client("checkout").await;
+    client.tokenize(request()).await.unwrap();
+    vault.stop();
+    let logs = vault.logs();
+    assert!(logs.contains("draining"), "{logs}");
+    assert!(logs.contains("\"stopped\""), "{logs}");
+}
+
+/// Runs `serve` on `vault`'s config and returns its stderr; it must fail
+/// within the deadline.
+fn serve_must_fail(config: &std::path::Path) -> String {
+    let child = tokenvault_command()
+        .args(["serve", "--config"])
+        .arg(config)
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || tx.send(child.wait_with_output()));
+    let output = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("serve did not exit")
+        .unwrap();
+    assert!(!output.status.success());
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[tokio::test]
+async fn broken_setups_refuse_to_start_with_one_clear_line() {
+    let vault = TestVault::start();
+
+    // The data directory is locked by the running vault.
+    let err = serve_must_fail(&vault.config_path());
+    assert!(
+        err.contains("in use by another tokenvault process"),
+        "{err}"
+    );
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // A master key file others can read.
+    let key = vault.root.path().join("master.key");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let err = serve_must_fail(&vault.config_path());
+    assert!(err.contains("chmod 600"), "{err}");
+    std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+    // A config with a typo.
+    let bad = vault.root.path().join("bad.toml");
+    std::fs::write(&bad, "[server]\nlisen = \"127.0.0.1:1\"\n").unwrap();
+    let err = serve_must_fail(&bad);
+    assert!(err.contains("lisen"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+
+    // `config check` agrees.
+    let out = tokenvault_command()
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let out = tokenvault_command()
+        .args(["config", "check"])
+        .arg(vault.config_path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("[[policy]]"));
+}
+
+#[tokio::test]
+async fn a_different_master_key_is_refused() {
+    let mut vault = TestVault::start();
+    vault.stop();
+    let key = vault.root.path().join("master.key");
+    std::fs::remove_file(&key).unwrap();
+    tokenvault::crypto::MasterKey::create_file(&key).unwrap();
+    let err = serve_must_fail(&vault.config_path());
+    assert!(err.contains("master key does not match"), "{err}");
+}
