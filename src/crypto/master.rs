@@ -3,7 +3,7 @@
 use std::{
     fs,
     io::{self, Write},
-    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
 };
 
@@ -65,6 +65,11 @@ impl MasterKey {
     /// Reads the key from `path`, refusing a file that group or others can
     /// access or that does not hold exactly 256 bits.
     ///
+    /// One exception: read access for the file's group is accepted when that
+    /// group is the vault process's own effective group. Kubernetes makes
+    /// every mounted Secret file group-readable (0440) for the pod's
+    /// `fsGroup`, which exists for exactly this process; a warning says so.
+    ///
     /// # Errors
     /// See [`MasterKeyError`].
     pub fn load(path: &Path) -> Result<Self, MasterKeyError> {
@@ -72,12 +77,17 @@ impl MasterKey {
             path: path.to_owned(),
             source,
         };
-        let mode = fs::metadata(path).map_err(read_err)?.permissions().mode() & 0o777;
-        if mode & 0o077 != 0 {
+        let meta = fs::metadata(path).map_err(read_err)?;
+        let mode = meta.permissions().mode() & 0o777;
+        let own_group = meta.gid() == rustix::process::getegid().as_raw();
+        if !permissions_acceptable(mode, own_group) {
             return Err(MasterKeyError::TooOpen {
                 path: path.to_owned(),
                 mode,
             });
+        }
+        if mode & 0o040 != 0 {
+            tracing::warn!(path = %path.display(), mode = format!("{mode:04o}"), "master key file is readable by the vault's own group (Kubernetes fsGroup); nobody else may read it");
         }
         let raw = Zeroizing::new(fs::read(path).map_err(read_err)?);
         let bytes = decode_key(&raw).ok_or_else(|| MasterKeyError::WrongLength {
@@ -154,6 +164,14 @@ impl std::fmt::Debug for MasterKey {
     }
 }
 
+/// Others: nothing. Group: nothing, or read only when it is the process's own
+/// group. Owner: anything.
+fn permissions_acceptable(mode: u32, own_group: bool) -> bool {
+    let others = mode & 0o007;
+    let group = mode & 0o070;
+    others == 0 && (group == 0 || (group == 0o040 && own_group))
+}
+
 /// 32 raw bytes, or 64 hex digits with optional surrounding whitespace.
 fn decode_key(raw: &[u8]) -> Option<Zeroizing<[u8; KEY_LEN]>> {
     let mut out = Zeroizing::new([0u8; KEY_LEN]);
@@ -212,6 +230,27 @@ mod tests {
         let err = MasterKey::load(&path).unwrap_err();
         assert!(matches!(err, MasterKeyError::TooOpen { mode: 0o644, .. }));
         assert!(err.to_string().contains("chmod 600"));
+    }
+
+    #[test]
+    fn only_the_owner_and_at_most_our_own_group_may_read() {
+        for (mode, own_group, ok) in [
+            (0o600, false, true),
+            (0o400, false, true),
+            (0o440, true, true),
+            (0o440, false, false),
+            (0o640, true, true),
+            (0o660, true, false),
+            (0o604, true, false),
+            (0o644, true, false),
+            (0o444, true, false),
+        ] {
+            assert_eq!(
+                permissions_acceptable(mode, own_group),
+                ok,
+                "{mode:o} own_group={own_group}"
+            );
+        }
     }
 
     #[test]

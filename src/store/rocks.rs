@@ -30,6 +30,9 @@ const MAX_GROUP_BATCHES: usize = 256;
 /// How many batches may wait for the committer before callers wait to enqueue.
 const COMMIT_QUEUE_DEPTH: usize = 4096;
 
+/// Memory all memtables may use together.
+const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;
+
 /// Tuning for [`RocksStore::open`].
 #[derive(Debug, Clone)]
 pub struct StoreOptions {
@@ -87,6 +90,9 @@ impl RocksStore {
         db_opts.set_max_background_jobs(2);
         db_opts.set_bytes_per_sync(1 << 20);
         db_opts.set_keep_log_file_num(5);
+        // Bound all memtables together, so memory is the block cache plus
+        // this plus a little, whatever the write load (see deploy/README.md).
+        db_opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
 
         let cfs = Table::ALL.map(|table| {
             let mut cf_opts = Options::default();
@@ -94,6 +100,11 @@ impl RocksStore {
             table_opts.set_block_cache(&cache);
             table_opts.set_cache_index_and_filter_blocks(true);
             table_opts.set_pin_l0_filter_and_index_blocks_in_cache(true);
+            cf_opts.set_write_buffer_size(if table == Table::Records {
+                MEMTABLE_BUDGET_BYTES / 2
+            } else {
+                4 << 20
+            });
             if table == Table::Records {
                 // Records are read by exact key: a bloom filter saves a
                 // block read for every miss.
