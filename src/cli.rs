@@ -39,6 +39,8 @@ enum Command {
     Client(ClientArgs),
     /// Ask a vault's plaintext health port whether it serves (for exec probes).
     Health(HealthArgs),
+    /// Measure throughput and latency over real mTLS gRPC (see BENCHMARKS.md).
+    Bench(crate::bench::BenchArgs),
 }
 
 #[derive(Debug, Args)]
@@ -153,6 +155,9 @@ pub fn main() -> ExitCode {
         Command::Config(ConfigCommand::Check { file }) => config_check(file.as_deref()),
         Command::Client(args) => runtime.block_on(client(args)),
         Command::Health(args) => runtime.block_on(health(args)),
+        Command::Bench(args) => runtime
+            .block_on(crate::bench::run(args))
+            .map(|_| ExitCode::SUCCESS),
     };
     match result {
         Ok(code) => code,

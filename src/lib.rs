@@ -20,6 +20,7 @@
 //! - [`token`]: the [`token::Token`] and [`token::FieldType`] types.
 //! - [`config`]: figment layers into a validated [`config::Config`].
 //! - [`client`], [`dev`], [`pki`], [`cli`]: the command-line tool's parts.
+//! - [`bench`]: `tokenvault bench`, load over real mTLS next to its ceilings.
 //!
 //! # Invariants
 //!
@@ -31,6 +32,7 @@
 
 pub mod api;
 pub mod authz;
+pub mod bench;
 pub mod cli;
 pub mod client;
 pub mod config;

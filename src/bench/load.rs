@@ -1,0 +1,322 @@
+//! The load generator: many requests in flight over a few mTLS connections,
+//! with latencies in an HDR histogram.
+
+use std::{
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use hdrhistogram::Histogram;
+use tonic::transport::Channel;
+use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+
+use super::server::BENCH_PURPOSE;
+use crate::proto::v1::{
+    DetokenizeRequest, TokenizeItem, TokenizeRequest, detokenize_result,
+    token_vault_client::TokenVaultClient, tokenize_result,
+};
+
+/// What a scenario sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    /// The health `Check` RPC on the mTLS port: the gRPC + TLS ceiling.
+    Noop,
+    /// Tokenize, one item per request.
+    Tokenize,
+    /// Tokenize, `batch` items per request.
+    TokenizeBatch,
+    /// Detokenize, one token per request.
+    Detokenize,
+    /// Detokenize, `batch` tokens per request.
+    DetokenizeBatch,
+    /// 80% single detokenize, 20% single tokenize.
+    Mixed,
+}
+
+impl Scenario {
+    /// Every scenario, in report order.
+    pub const ALL: [Scenario; 6] = [
+        Scenario::Noop,
+        Scenario::Tokenize,
+        Scenario::TokenizeBatch,
+        Scenario::Detokenize,
+        Scenario::DetokenizeBatch,
+        Scenario::Mixed,
+    ];
+
+    /// The name used on the command line and in reports.
+    pub fn name(self) -> &'static str {
+        match self {
+            Scenario::Noop => "noop",
+            Scenario::Tokenize => "tokenize",
+            Scenario::TokenizeBatch => "tokenize-batch",
+            Scenario::Detokenize => "detokenize",
+            Scenario::DetokenizeBatch => "detokenize-batch",
+            Scenario::Mixed => "mixed",
+        }
+    }
+
+    /// Parses a name.
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|s| s.name() == name)
+    }
+
+    /// Whether it reads tokens and so needs a pool of them.
+    pub fn reads(self) -> bool {
+        matches!(
+            self,
+            Scenario::Detokenize | Scenario::DetokenizeBatch | Scenario::Mixed
+        )
+    }
+}
+
+/// How to drive one scenario.
+#[derive(Debug, Clone)]
+pub struct LoadSpec {
+    /// What to send.
+    pub scenario: Scenario,
+    /// Items per request in the batch scenarios.
+    pub batch: usize,
+    /// Requests in flight at once.
+    pub in_flight: usize,
+    /// How long to run.
+    pub duration: Duration,
+    /// Stop after this many requests even if time remains.
+    pub max_requests: u64,
+    /// Requests per second across all tasks (open loop); `None` for as fast
+    /// as responses come back (closed loop).
+    pub rate: Option<f64>,
+}
+
+/// What one scenario measured.
+pub struct LoadResult {
+    /// Requests answered OK.
+    pub requests: u64,
+    /// Items in those requests.
+    pub items: u64,
+    /// Failed requests or items.
+    pub errors: u64,
+    /// Wall time.
+    pub elapsed: Duration,
+    /// Latency in microseconds.
+    pub latency_us: Histogram<u64>,
+}
+
+/// Runs `spec` over `channels`, reading tokens from `pool`.
+pub async fn run(channels: &[Channel], spec: &LoadSpec, pool: Arc<Vec<String>>) -> LoadResult {
+    let issued = Arc::new(AtomicU64::new(0));
+    let started = Instant::now();
+    let deadline = started + spec.duration;
+    let tasks: Vec<_> = (0..spec.in_flight)
+        .map(|task| {
+            let channel = channels[task % channels.len()].clone();
+            let spec = spec.clone();
+            let pool = Arc::clone(&pool);
+            let issued = Arc::clone(&issued);
+            tokio::spawn(async move { worker(task, channel, spec, pool, issued, deadline).await })
+        })
+        .collect();
+    let mut total = LoadResult {
+        requests: 0,
+        items: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency_us: new_histogram(),
+    };
+    for task in tasks {
+        if let Ok(part) = task.await {
+            total.requests += part.requests;
+            total.items += part.items;
+            total.errors += part.errors;
+            let _ = total.latency_us.add(&part.latency_us);
+        }
+    }
+    total.elapsed = started.elapsed();
+    total
+}
+
+fn new_histogram() -> Histogram<u64> {
+    // 1 µs to 60 s at three significant digits; these bounds are valid, so
+    // construction cannot fail.
+    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
+}
+
+async fn worker(
+    task: usize,
+    channel: Channel,
+    spec: LoadSpec,
+    pool: Arc<Vec<String>>,
+    issued: Arc<AtomicU64>,
+    deadline: Instant,
+) -> LoadResult {
+    let mut vault = TokenVaultClient::new(channel.clone());
+    let mut health = HealthClient::new(channel);
+    let mut result = LoadResult {
+        requests: 0,
+        items: 0,
+        errors: 0,
+        elapsed: Duration::ZERO,
+        latency_us: new_histogram(),
+    };
+    // Open loop: each task sends on its own schedule, and latency counts
+    // from the scheduled time, so a stall is not hidden (coordinated omission).
+    let mut ticker = spec.rate.map(|rate| {
+        let period = Duration::from_secs_f64(spec.in_flight as f64 / rate.max(1.0));
+        let mut interval = tokio::time::interval(period);
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
+        interval
+    });
+    let mut i: usize = 0;
+    loop {
+        let scheduled = match ticker.as_mut() {
+            Some(t) => t.tick().await.into_std(),
+            None => Instant::now(),
+        };
+        if scheduled >= deadline || issued.fetch_add(1, Ordering::Relaxed) >= spec.max_requests {
+            break;
+        }
+        let pick = |k: usize| {
+            &pool[(task.wrapping_mul(7919) + i * spec.batch.max(1) + k) % pool.len().max(1)]
+        };
+        let outcome = match spec.scenario {
+            Scenario::Noop => health
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .map(|_| (1, 0))
+                .map_err(drop),
+            Scenario::Tokenize => tokenize(&mut vault, task, i, 1).await,
+            Scenario::TokenizeBatch => tokenize(&mut vault, task, i, spec.batch).await,
+            Scenario::Detokenize => detokenize(&mut vault, vec![pick(0).clone()]).await,
+            Scenario::DetokenizeBatch => {
+                detokenize(
+                    &mut vault,
+                    (0..spec.batch).map(|k| pick(k).clone()).collect(),
+                )
+                .await
+            }
+            Scenario::Mixed if i.is_multiple_of(5) => tokenize(&mut vault, task, i, 1).await,
+            Scenario::Mixed => detokenize(&mut vault, vec![pick(0).clone()]).await,
+        };
+        let micros = u64::try_from(scheduled.elapsed().as_micros()).unwrap_or(u64::MAX);
+        match outcome {
+            Ok((items, item_errors)) => {
+                result.requests += 1;
+                result.items += items;
+                result.errors += item_errors;
+                let _ = result.latency_us.record(micros.clamp(1, 60_000_000));
+            }
+            Err(()) => result.errors += 1,
+        }
+        i += 1;
+    }
+    result
+}
+
+/// Ok((items, failed items)) or Err for a failed call.
+type Outcome = Result<(u64, u64), ()>;
+
+async fn tokenize(
+    client: &mut TokenVaultClient<Channel>,
+    task: usize,
+    i: usize,
+    n: usize,
+) -> Outcome {
+    let items = (0..n)
+        .map(|k| TokenizeItem {
+            field_type: "email".into(),
+            value: format!("bench.{task}.{i}.{k}@example.com"),
+            subject_id: String::new(),
+        })
+        .collect();
+    let response = client
+        .tokenize(TokenizeRequest { items })
+        .await
+        .map_err(drop)?;
+    let results = response.into_inner().results;
+    let failed = results
+        .iter()
+        .filter(|r| !matches!(r.result, Some(tokenize_result::Result::Token(_))))
+        .count();
+    Ok((results.len() as u64, failed as u64))
+}
+
+async fn detokenize(client: &mut TokenVaultClient<Channel>, tokens: Vec<String>) -> Outcome {
+    let response = client
+        .detokenize(DetokenizeRequest {
+            tokens,
+            purpose: BENCH_PURPOSE.into(),
+        })
+        .await
+        .map_err(drop)?;
+    let results = response.into_inner().results;
+    let failed = results
+        .iter()
+        .filter(|r| !matches!(r.result, Some(detokenize_result::Result::Value(_))))
+        .count();
+    Ok((results.len() as u64, failed as u64))
+}
+
+/// Tokenizes `count` values in batches of up to 1,000 with `in_flight`
+/// requests at once, returning the tokens. Used to fill the read pool and
+/// to preload a large vault.
+///
+/// # Errors
+/// A description of the first failed request.
+pub async fn fill(
+    channels: &[Channel],
+    count: usize,
+    in_flight: usize,
+    keep: bool,
+    progress: impl Fn(usize) + Send + Sync + 'static,
+) -> Result<Vec<String>, String> {
+    let next = Arc::new(AtomicU64::new(0));
+    let done = Arc::new(AtomicU64::new(0));
+    let progress = Arc::new(progress);
+    let tasks: Vec<_> = (0..in_flight)
+        .map(|task| {
+            let mut client = TokenVaultClient::new(channels[task % channels.len()].clone());
+            let next = Arc::clone(&next);
+            let done = Arc::clone(&done);
+            let progress = Arc::clone(&progress);
+            tokio::spawn(async move {
+                let mut tokens = Vec::new();
+                loop {
+                    let start = next.fetch_add(1000, Ordering::Relaxed) as usize;
+                    if start >= count {
+                        return Ok::<_, String>(tokens);
+                    }
+                    let items = (start..count.min(start + 1000))
+                        .map(|n| TokenizeItem {
+                            field_type: "email".into(),
+                            value: format!("preload.{n}@example.com"),
+                            subject_id: String::new(),
+                        })
+                        .collect();
+                    let response = client
+                        .tokenize(TokenizeRequest { items })
+                        .await
+                        .map_err(|s| format!("preload failed: {:?} {}", s.code(), s.message()))?;
+                    for result in response.into_inner().results {
+                        match result.result {
+                            Some(tokenize_result::Result::Token(t)) if keep => tokens.push(t),
+                            Some(tokenize_result::Result::Token(_)) => {}
+                            _ => return Err("preload item failed".into()),
+                        }
+                    }
+                    let total = done.fetch_add(1000, Ordering::Relaxed) as usize + 1000;
+                    progress(total.min(count));
+                }
+            })
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for task in tasks {
+        tokens.extend(task.await.map_err(|e| e.to_string())??);
+    }
+    Ok(tokens)
+}

@@ -1,0 +1,566 @@
+//! `tokenvault bench`: throughput and latency over real mTLS gRPC, next to
+//! the ceilings measured in the same run (a no-op RPC on the same port, and
+//! the vault's own store and crypto path without gRPC).
+//!
+//! Loopback only; every run is bounded in time and request count.
+
+mod load;
+mod report;
+mod server;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant},
+};
+
+use clap::Args;
+use tonic::transport::Channel;
+
+pub use load::Scenario;
+use load::{LoadResult, LoadSpec};
+use report::{Machine, Target};
+pub use report::{Report, Row};
+use server::{BenchServer, ProcStats, proc_stats, reset_peak_rss};
+
+use crate::{
+    authz::{IdentityPattern, Policy, PurposeSet, Rule},
+    client::{self, ClientTls},
+    crypto::{MasterKey, SecretValue},
+    identity::ClientId,
+    store::{Durability, RocksStore, StoreOptions},
+    vault::{NewValue, Vault},
+};
+
+/// `tokenvault bench` options.
+#[derive(Debug, Clone, Args)]
+pub struct BenchArgs {
+    /// Scenarios to run, comma separated: noop, tokenize, tokenize-batch,
+    /// detokenize, detokenize-batch, mixed, or all.
+    #[arg(long, default_value = "all")]
+    pub scenarios: String,
+    /// Durability modes to run the self-started vault with: sync, buffered.
+    #[arg(long, default_value = "sync,buffered")]
+    pub durability: String,
+    /// Seconds per scenario.
+    #[arg(long, default_value_t = 5.0)]
+    pub seconds: f64,
+    /// Requests per scenario at most.
+    #[arg(long, default_value_t = 10_000_000)]
+    pub max_requests: u64,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 64)]
+    pub in_flight: usize,
+    /// mTLS connections the requests share.
+    #[arg(long, default_value_t = 4)]
+    pub connections: usize,
+    /// Items per request in the batch scenarios.
+    #[arg(long, default_value_t = 100)]
+    pub batch: usize,
+    /// Tokens created before the read scenarios, which read them at random.
+    #[arg(long, default_value_t = 10_000)]
+    pub pool: usize,
+    /// After the first pass, store this many more tokens and run the
+    /// scenarios again (e.g. 1000000, or 10000000 for the 10M target).
+    #[arg(long, default_value_t = 0)]
+    pub preload: usize,
+    /// Skip the in-process ceiling.
+    #[arg(long)]
+    pub no_in_process: bool,
+    /// Benchmark a running server instead of starting one.
+    #[arg(long, requires_all = ["ca", "cert", "key"])]
+    pub target: Option<String>,
+    /// With --target: CA of the server certificate.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
+    /// With --target: client certificate (needs tokenize:email, detokenize:email
+    /// and the purpose `benchmark`).
+    #[arg(long)]
+    pub cert: Option<PathBuf>,
+    /// With --target: client key.
+    #[arg(long)]
+    pub key: Option<PathBuf>,
+    /// Write the report as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the report as Markdown here.
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+}
+
+/// Runs the benchmark and prints the Markdown table.
+///
+/// # Errors
+/// A description of what failed.
+pub async fn run(args: BenchArgs) -> Result<Report, String> {
+    let scenarios = parse_scenarios(&args.scenarios)?;
+    let mut report = Report {
+        command: std::env::args().collect::<Vec<_>>().join(" "),
+        machine: machine(),
+        rows: Vec::new(),
+        disk_bytes_per_token: None,
+        targets: Vec::new(),
+    };
+    if let Some(target) = &args.target {
+        let tls = ClientTls {
+            ca: args.ca.clone().unwrap_or_default(),
+            cert: args.cert.clone().unwrap_or_default(),
+            key: args.key.clone().unwrap_or_default(),
+            server_name: "localhost".into(),
+        };
+        let channels = connect(target, &tls, args.connections).await?;
+        measure(&args, &scenarios, &channels, None, "target", &mut report).await?;
+    } else {
+        for durability in parse_durabilities(&args.durability)? {
+            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+            let tls = server::prepare(dir.path())?;
+            let server = BenchServer::start(dir.path(), &tls, durability)?;
+            let channels = connect(&server.addr.to_string(), &server.tls, args.connections).await?;
+            let name = durability_name(durability);
+            let result = measure(
+                &args,
+                &scenarios,
+                &channels,
+                Some(&server),
+                name,
+                &mut report,
+            )
+            .await;
+            server.stop();
+            result?;
+        }
+    }
+    if !args.no_in_process {
+        in_process_ceiling(&args, &mut report).await?;
+    }
+    report.targets = targets(&report, args.preload as u64);
+    let markdown = report.markdown();
+    println!("{markdown}");
+    if let Some(path) = &args.markdown {
+        std::fs::write(path, &markdown)
+            .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(report)
+}
+
+fn parse_scenarios(list: &str) -> Result<Vec<Scenario>, String> {
+    if list == "all" {
+        return Ok(Scenario::ALL.to_vec());
+    }
+    list.split(',')
+        .map(|name| {
+            Scenario::from_name(name.trim()).ok_or_else(|| format!("unknown scenario {name:?}"))
+        })
+        .collect()
+}
+
+fn parse_durabilities(list: &str) -> Result<Vec<Durability>, String> {
+    list.split(',')
+        .map(|d| match d.trim() {
+            "sync" => Ok(Durability::Sync),
+            "buffered" => Ok(Durability::Buffered),
+            other => Err(format!("unknown durability {other:?}")),
+        })
+        .collect()
+}
+
+fn durability_name(d: Durability) -> &'static str {
+    match d {
+        Durability::Sync => "sync",
+        Durability::Buffered => "buffered",
+    }
+}
+
+async fn connect(addr: &str, tls: &ClientTls, connections: usize) -> Result<Vec<Channel>, String> {
+    let mut channels = Vec::new();
+    for _ in 0..connections.max(1) {
+        channels.push(
+            client::channel(addr, tls)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    Ok(channels)
+}
+
+/// Runs every scenario (and the paced detokenize) once, then again after a
+/// preload if one was asked for.
+async fn measure(
+    args: &BenchArgs,
+    scenarios: &[Scenario],
+    channels: &[Channel],
+    server: Option<&BenchServer>,
+    durability: &str,
+    report: &mut Report,
+) -> Result<(), String> {
+    let pid = server.map(BenchServer::pid);
+    let needs_pool = scenarios.iter().any(|s| s.reads());
+    let pool = if needs_pool {
+        progress(&format!(
+            "{durability}: creating {} tokens to read",
+            args.pool
+        ));
+        Arc::new(load::fill(channels, args.pool, 8, true, |_| {}).await?)
+    } else {
+        Arc::new(Vec::new())
+    };
+    let mut stored = pool.len() as u64;
+    for pass in 0..2 {
+        if pass == 1 {
+            if args.preload == 0 {
+                break;
+            }
+            let total = args.preload;
+            let started = Instant::now();
+            load::fill(channels, total, 16, false, move |done| {
+                if done % 100_000 < 1000 {
+                    progress(&format!(
+                        "preload: {done}/{total} tokens, {:.0}/s",
+                        done as f64 / started.elapsed().as_secs_f64()
+                    ));
+                }
+            })
+            .await?;
+            stored += total as u64;
+            if let Some(server) = server {
+                report.disk_bytes_per_token =
+                    Some(server::dir_size(&server.data_dir) as f64 / stored as f64);
+            }
+        }
+        let mut detokenize_max = None;
+        for &scenario in scenarios {
+            let spec = LoadSpec {
+                scenario,
+                batch: if matches!(
+                    scenario,
+                    Scenario::TokenizeBatch | Scenario::DetokenizeBatch
+                ) {
+                    args.batch
+                } else {
+                    1
+                },
+                in_flight: args.in_flight,
+                duration: Duration::from_secs_f64(args.seconds),
+                max_requests: args.max_requests,
+                rate: None,
+            };
+            let row = run_one(
+                scenario.name(),
+                &spec,
+                channels,
+                &pool,
+                pid,
+                durability,
+                stored,
+            )
+            .await;
+            if scenario == Scenario::Detokenize {
+                detokenize_max = Some(row.requests_per_s);
+            }
+            if matches!(
+                scenario,
+                Scenario::Tokenize | Scenario::TokenizeBatch | Scenario::Mixed
+            ) {
+                // Mixed tokenizes one request in five.
+                stored += if scenario == Scenario::Mixed {
+                    row.items / 5
+                } else {
+                    row.items
+                };
+            }
+            report.rows.push(row);
+        }
+        if let Some(max) = detokenize_max {
+            // Latency at half the maximum throughput: the operating point a
+            // capacity plan should leave room for.
+            let spec = LoadSpec {
+                scenario: Scenario::Detokenize,
+                batch: 1,
+                in_flight: args.in_flight,
+                duration: Duration::from_secs_f64(args.seconds),
+                max_requests: args.max_requests,
+                rate: Some(max / 2.0),
+            };
+            let row = run_one(
+                "detokenize@50%",
+                &spec,
+                channels,
+                &pool,
+                pid,
+                durability,
+                stored,
+            )
+            .await;
+            report.rows.push(row);
+        }
+    }
+    Ok(())
+}
+
+async fn run_one(
+    name: &str,
+    spec: &LoadSpec,
+    channels: &[Channel],
+    pool: &Arc<Vec<String>>,
+    pid: Option<u32>,
+    durability: &str,
+    stored: u64,
+) -> Row {
+    progress(&format!(
+        "{durability}: {name} for {:.1}s with {} in flight",
+        spec.duration.as_secs_f64(),
+        spec.in_flight
+    ));
+    if let Some(pid) = pid {
+        reset_peak_rss(pid);
+    }
+    let before = pid.map(proc_stats);
+    let result = load::run(channels, spec, Arc::clone(pool)).await;
+    let after = pid.map(proc_stats);
+    row(name, durability, stored, spec, &result, before.zip(after))
+}
+
+fn row(
+    name: &str,
+    durability: &str,
+    stored: u64,
+    spec: &LoadSpec,
+    result: &LoadResult,
+    stats: Option<(ProcStats, ProcStats)>,
+) -> Row {
+    let secs = result.elapsed.as_secs_f64().max(1e-9);
+    let quantile = |q: f64| result.latency_us.value_at_quantile(q) as f64 / 1000.0;
+    Row {
+        scenario: name.to_owned(),
+        durability: durability.to_owned(),
+        stored_tokens: stored,
+        in_flight: spec.in_flight,
+        batch: spec.batch,
+        requests: result.requests,
+        items: result.items,
+        errors: result.errors,
+        requests_per_s: result.requests as f64 / secs,
+        items_per_s: result.items as f64 / secs,
+        p50_ms: quantile(0.5),
+        p99_ms: quantile(0.99),
+        p999_ms: quantile(0.999),
+        server_cpu_s_per_1k_items: stats
+            .filter(|_| result.items > 0)
+            .map(|(b, a)| (a.cpu_seconds - b.cpu_seconds) / result.items as f64 * 1000.0),
+        server_peak_rss_mib: stats.map(|(_, a)| a.peak_rss_bytes as f64 / (1 << 20) as f64),
+    }
+}
+
+/// The vault's tokenize path (crypto, record encoding, group commit, fsync)
+/// without gRPC or TLS, in this process.
+async fn in_process_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let key_path = dir.path().join("master.key");
+    MasterKey::create_file(&key_path).map_err(|e| e.to_string())?;
+    let master = MasterKey::load(&key_path).map_err(|e| e.to_string())?;
+    let store = RocksStore::open(&dir.path().join("data"), &StoreOptions::default())
+        .map_err(|e| e.to_string())?;
+    let vault = Arc::new(
+        Vault::open(store, &master)
+            .await
+            .map_err(|e| e.to_string())?,
+    );
+    let policy = Arc::new(Policy::new(vec![Rule::new(
+        IdentityPattern::new("*").map_err(|e| e.to_string())?,
+        vec![
+            "tokenize:*"
+                .parse()
+                .map_err(|e: crate::authz::ScopeError| e.to_string())?,
+        ],
+        PurposeSet::Any,
+    )]));
+    let client = Arc::new(ClientId::Spiffe(server::BENCH_CLIENT.into()));
+    for (name, batch) in [
+        ("in-process tokenize", 1),
+        ("in-process tokenize-batch", args.batch),
+    ] {
+        progress(&format!("sync: {name} for {:.1}s", args.seconds));
+        let items = Arc::new(AtomicU64::new(0));
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs_f64(args.seconds);
+        let tasks: Vec<_> = (0..args.in_flight)
+            .map(|task| {
+                let (vault, policy, client, items) = (
+                    Arc::clone(&vault),
+                    Arc::clone(&policy),
+                    Arc::clone(&client),
+                    Arc::clone(&items),
+                );
+                tokio::spawn(async move {
+                    let mut latency = Vec::new();
+                    let mut i = 0usize;
+                    while Instant::now() < deadline {
+                        let grants = policy.grants(&client);
+                        let permits: Result<Vec<_>, _> = (0..batch)
+                            .map(|k| {
+                                grants.permit_tokenize(NewValue {
+                                    field_type: "email"
+                                        .parse()
+                                        .unwrap_or_else(|_| unreachable!("valid name")),
+                                    value: SecretValue::new(format!(
+                                        "ceiling.{task}.{i}.{k}@example.com"
+                                    )),
+                                    subject: None,
+                                })
+                            })
+                            .collect();
+                        let Ok(permits) = permits else { break };
+                        let t0 = Instant::now();
+                        if vault.tokenize(permits).await.is_err() {
+                            break;
+                        }
+                        latency.push(t0.elapsed());
+                        items.fetch_add(batch as u64, Ordering::Relaxed);
+                        i += 1;
+                    }
+                    latency
+                })
+            })
+            .collect();
+        let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+            .map_err(|e| e.to_string())?;
+        let mut requests = 0;
+        for task in tasks {
+            for l in task.await.map_err(|e| e.to_string())? {
+                requests += 1;
+                let _ = hist.record(
+                    u64::try_from(l.as_micros())
+                        .unwrap_or(u64::MAX)
+                        .clamp(1, 60_000_000),
+                );
+            }
+        }
+        let result = LoadResult {
+            requests,
+            items: items.load(Ordering::Relaxed),
+            errors: 0,
+            elapsed: started.elapsed(),
+            latency_us: hist,
+        };
+        let spec = LoadSpec {
+            scenario: Scenario::TokenizeBatch,
+            batch,
+            in_flight: args.in_flight,
+            duration: Duration::from_secs_f64(args.seconds),
+            max_requests: u64::MAX,
+            rate: None,
+        };
+        report.rows.push(row(name, "sync", 0, &spec, &result, None));
+    }
+    Ok(())
+}
+
+/// The targets, each from rows of this run.
+fn targets(report: &Report, preload: u64) -> Vec<Target> {
+    let mut out = Vec::new();
+    let mut ratio = |name: &str, num: Option<f64>, den: Option<f64>, goal: f64| {
+        if let (Some(n), Some(d)) = (num, den)
+            && d > 0.0
+        {
+            let measured = n / d;
+            out.push(Target {
+                name: name.into(),
+                measured,
+                goal: format!("≥ {goal}"),
+                met: measured >= goal,
+            });
+        }
+    };
+    let rps = |s: &str, d: &str| report.row(s, d, 0).map(|r| r.requests_per_s);
+    ratio(
+        "tokenize (sync, 1 item) / noop, req/s",
+        rps("tokenize", "sync"),
+        rps("noop", "sync"),
+        0.6,
+    );
+    ratio(
+        "tokenize-batch items/s / in-process tokenize-batch items/s",
+        report
+            .row("tokenize-batch", "sync", 0)
+            .map(|r| r.items_per_s),
+        report
+            .row("in-process tokenize-batch", "sync", 0)
+            .map(|r| r.items_per_s),
+        0.5,
+    );
+    if preload > 0 {
+        for scenario in ["tokenize", "detokenize"] {
+            let full = report
+                .row(scenario, "sync", preload)
+                .map(|r| r.requests_per_s);
+            ratio(
+                &format!("{scenario} at {preload} tokens / nearly empty, req/s"),
+                full,
+                rps(scenario, "sync"),
+                0.8,
+            );
+        }
+        let rss = report
+            .rows
+            .iter()
+            .filter(|r| r.stored_tokens >= preload)
+            .filter_map(|r| r.server_peak_rss_mib)
+            .fold(0.0, f64::max);
+        out.push(Target {
+            name: format!("server peak RSS at {preload} tokens, MiB"),
+            measured: rss,
+            goal: "< 1024".into(),
+            met: rss < 1024.0,
+        });
+    }
+    if let Some(row) = report.row("detokenize@50%", "sync", 0) {
+        out.push(Target {
+            name: "detokenize p99 at half its max throughput, ms".into(),
+            measured: row.p99_ms,
+            goal: "< 5".into(),
+            met: row.p99_ms < 5.0,
+        });
+    }
+    out
+}
+
+fn machine() -> Machine {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_else(|| "unknown".into());
+    let commit = std::process::Command::new("git")
+        .args(["describe", "--always", "--dirty"])
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(
+            || "unknown".into(),
+            |o| String::from_utf8_lossy(&o.stdout).trim().to_owned(),
+        );
+    let date = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default();
+    Machine {
+        cpu,
+        cores: std::thread::available_parallelism().map_or(1, usize::from),
+        commit,
+        date,
+    }
+}
+
+/// One progress line on stderr.
+fn progress(message: &str) {
+    eprintln!("bench: {message}");
+}

@@ -1,0 +1,141 @@
+//! The benchmark report: rows, ratios against the ceilings, JSON and Markdown.
+
+use serde::Serialize;
+
+/// One measured scenario.
+#[derive(Debug, Clone, Serialize)]
+pub struct Row {
+    /// Scenario name (`tokenize`, `detokenize@50%`, `in-process tokenize-batch`...).
+    pub scenario: String,
+    /// `sync`, `buffered`, or `target` for an external server.
+    pub durability: String,
+    /// Tokens stored in the vault when the scenario ran.
+    pub stored_tokens: u64,
+    /// Requests in flight.
+    pub in_flight: usize,
+    /// Items per request.
+    pub batch: usize,
+    /// Requests answered.
+    pub requests: u64,
+    /// Items in those requests.
+    pub items: u64,
+    /// Failed requests plus failed items.
+    pub errors: u64,
+    /// Requests per second.
+    pub requests_per_s: f64,
+    /// Items per second.
+    pub items_per_s: f64,
+    /// Median latency, ms.
+    pub p50_ms: f64,
+    /// 99th percentile latency, ms.
+    pub p99_ms: f64,
+    /// 99.9th percentile latency, ms.
+    pub p999_ms: f64,
+    /// Server CPU seconds per 1,000 items (`null` when not measurable).
+    pub server_cpu_s_per_1k_items: Option<f64>,
+    /// Server peak resident memory during the scenario, MiB.
+    pub server_peak_rss_mib: Option<f64>,
+}
+
+/// The machine and build a report came from.
+#[derive(Debug, Clone, Serialize)]
+pub struct Machine {
+    /// CPU model name.
+    pub cpu: String,
+    /// Cores available to the process.
+    pub cores: usize,
+    /// `git describe` of the working tree, if known.
+    pub commit: String,
+    /// When the run started (UTC).
+    pub date: String,
+}
+
+/// A whole run.
+#[derive(Debug, Clone, Serialize)]
+pub struct Report {
+    /// The command line that produced it.
+    pub command: String,
+    /// Where it ran.
+    pub machine: Machine,
+    /// The measurements.
+    pub rows: Vec<Row>,
+    /// Bytes on disk per stored token, after the preload.
+    pub disk_bytes_per_token: Option<f64>,
+    /// The targets, computed from rows of this same run.
+    pub targets: Vec<Target>,
+}
+
+/// A target ratio and whether this run met it.
+#[derive(Debug, Clone, Serialize)]
+pub struct Target {
+    /// What is compared.
+    pub name: String,
+    /// The measured value.
+    pub measured: f64,
+    /// The goal.
+    pub goal: String,
+    /// Whether the measured value meets the goal.
+    pub met: bool,
+}
+
+impl Report {
+    /// The rows and targets as a Markdown document.
+    pub fn markdown(&self) -> String {
+        let m = &self.machine;
+        let mut out = format!(
+            "Command: `{}`\n\nMachine: {} ({} cores), commit {}, {}\n\n",
+            self.command, m.cpu, m.cores, m.commit, m.date
+        );
+        out.push_str("| scenario | durability | stored tokens | in flight | batch | req/s | items/s | p50 ms | p99 ms | p99.9 ms | server CPU s / 1k items | server peak RSS MiB | errors |\n");
+        out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        for r in &self.rows {
+            let opt = |v: Option<f64>, digits: usize| {
+                v.map_or("–".to_owned(), |v| format!("{v:.digits$}"))
+            };
+            out.push_str(&format!(
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} |\n",
+                r.scenario,
+                r.durability,
+                r.stored_tokens,
+                r.in_flight,
+                r.batch,
+                r.requests_per_s,
+                r.items_per_s,
+                r.p50_ms,
+                r.p99_ms,
+                r.p999_ms,
+                opt(r.server_cpu_s_per_1k_items, 3),
+                opt(r.server_peak_rss_mib, 0),
+                r.errors
+            ));
+        }
+        if let Some(bytes) = self.disk_bytes_per_token {
+            out.push_str(&format!("\nBytes on disk per stored token: {bytes:.0}\n"));
+        }
+        if !self.targets.is_empty() {
+            out.push_str("\n| target | measured | goal | met |\n|---|---:|---|---|\n");
+            for t in &self.targets {
+                out.push_str(&format!(
+                    "| {} | {:.2} | {} | {} |\n",
+                    t.name,
+                    t.measured,
+                    t.goal,
+                    if t.met { "yes" } else { "**no**" }
+                ));
+            }
+        }
+        out
+    }
+
+    /// Finds a row.
+    pub fn row(&self, scenario: &str, durability: &str, stored_at_least: u64) -> Option<&Row> {
+        self.rows
+            .iter()
+            .filter(|r| {
+                r.scenario == scenario
+                    && r.durability == durability
+                    && r.stored_tokens >= stored_at_least
+            })
+            .min_by_key(|r| r.stored_tokens)
+    }
+}

@@ -1,0 +1,219 @@
+//! The vault under test: a `tokenvault serve` child process in a temporary
+//! directory, so its CPU time and memory are measured apart from the load
+//! generator's.
+
+use std::{
+    io::{BufRead, BufReader, Write},
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::mpsc,
+    time::Duration,
+};
+
+use crate::{
+    client::ClientTls,
+    crypto::MasterKey,
+    pki::{Ca, ClientSpec},
+    store::Durability,
+};
+
+/// The identity the load generator presents.
+pub const BENCH_CLIENT: &str = "spiffe://bench.tokenvault.local/load";
+
+/// The purpose the load generator states.
+pub const BENCH_PURPOSE: &str = "benchmark";
+
+/// A running server child.
+pub struct BenchServer {
+    child: Child,
+    /// Its mTLS address.
+    pub addr: SocketAddr,
+    /// The client files to reach it.
+    pub tls: ClientTls,
+    /// Where RocksDB keeps its files.
+    pub data_dir: PathBuf,
+}
+
+/// Creates certificates, a master key and writes a config into `dir`.
+///
+/// # Errors
+/// A description of what failed.
+pub fn prepare(dir: &Path) -> Result<ClientTls, String> {
+    let err = |e: &dyn std::fmt::Display| e.to_string();
+    let ca = Ca::new("tokenvault bench CA").map_err(|e| err(&e))?;
+    let server = ca
+        .issue_server(&["localhost"], &["127.0.0.1".parse().map_err(|e| err(&e))?])
+        .map_err(|e| err(&e))?;
+    let client = ca
+        .issue_client(&ClientSpec::spiffe(BENCH_CLIENT))
+        .map_err(|e| err(&e))?;
+    let write =
+        |name: &str, content: &str| std::fs::write(dir.join(name), content).map_err(|e| err(&e));
+    write("ca.pem", &ca.cert_pem())?;
+    write("server.pem", &server.cert_pem)?;
+    write("server.key", &server.key_pem)?;
+    write("client.pem", &client.cert_pem)?;
+    write("client.key", &client.key_pem)?;
+    let master = dir.join("master.key");
+    if !master.exists() {
+        MasterKey::create_file(&master).map_err(|e| err(&e))?;
+    }
+    Ok(ClientTls {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("client.pem"),
+        key: dir.join("client.key"),
+        server_name: "localhost".into(),
+    })
+}
+
+impl BenchServer {
+    /// Starts `tokenvault serve` on `dir` with `durability`, and waits until
+    /// it serves.
+    ///
+    /// # Errors
+    /// If it cannot start or does not report serving within a minute.
+    pub fn start(dir: &Path, tls: &ClientTls, durability: Durability) -> Result<Self, String> {
+        let durability = match durability {
+            Durability::Sync => "sync",
+            Durability::Buffered => "buffered",
+        };
+        let config = format!(
+            r#"data_dir = "data"
+durability = "{durability}"
+[server]
+listen = "127.0.0.1:0"
+health_listen = "127.0.0.1:0"
+[tls]
+cert = "server.pem"
+key = "server.key"
+client_ca = "ca.pem"
+[keys]
+master_key_file = "master.key"
+[storage]
+block_cache_mib = 256
+[log]
+format = "json"
+level = "info"
+[[policy]]
+identity = "{BENCH_CLIENT}"
+scopes = ["tokenize:*", "detokenize:*"]
+purposes = ["{BENCH_PURPOSE}"]
+"#
+        );
+        let config_path = dir.join("tokenvault.toml");
+        std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let mut child = Command::new(exe)
+            .args(["serve", "--config"])
+            .arg(&config_path)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("cannot start the server: {e}"))?;
+        let stderr = child.stderr.take().ok_or("no stderr")?;
+        let log_path = dir.join("server.log");
+        let (ready_tx, ready_rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            // The server's request log goes to a file, as it would to a log
+            // collector: formatting it is part of the measured cost.
+            let mut log = std::fs::File::create(log_path).ok();
+            for line in BufReader::new(stderr).lines() {
+                let Ok(line) = line else { break };
+                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
+                    && event["message"] == "serving"
+                {
+                    let _ =
+                        ready_tx.send(event["grpc.addr"].as_str().unwrap_or_default().to_owned());
+                }
+                if let Some(file) = log.as_mut() {
+                    let _ = writeln!(file, "{line}");
+                }
+            }
+        });
+        let addr = ready_rx
+            .recv_timeout(Duration::from_secs(60))
+            .map_err(|_| "the server did not start within a minute".to_owned())?;
+        Ok(Self {
+            child,
+            addr: addr
+                .parse()
+                .map_err(|e| format!("bad address {addr}: {e}"))?,
+            tls: tls.clone(),
+            data_dir: dir.join("data"),
+        })
+    }
+
+    /// The child's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM and wait.
+    pub fn stop(mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// CPU time and memory of a process, from `/proc`.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ProcStats {
+    /// User plus system CPU seconds so far.
+    pub cpu_seconds: f64,
+    /// Peak resident set size since the last [`reset_peak_rss`], bytes.
+    pub peak_rss_bytes: u64,
+}
+
+/// Reads the stats of `pid`; zeros if they cannot be read.
+pub fn proc_stats(pid: u32) -> ProcStats {
+    let ticks = rustix::param::clock_ticks_per_second() as f64;
+    let cpu_seconds = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|stat| {
+            // Fields after the parenthesised command name; utime and stime
+            // are the 14th and 15th fields of the whole line.
+            let rest = stat.rsplit_once(')')?.1;
+            let fields: Vec<&str> = rest.split_whitespace().collect();
+            let utime: f64 = fields.get(11)?.parse().ok()?;
+            let stime: f64 = fields.get(12)?.parse().ok()?;
+            Some((utime + stime) / ticks)
+        })
+        .unwrap_or(0.0);
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse::<u64>().ok())
+            .unwrap_or(0)
+            * 1024
+    };
+    ProcStats {
+        cpu_seconds,
+        peak_rss_bytes: kib("VmHWM:"),
+    }
+}
+
+/// Resets the kernel's peak-RSS mark of `pid` (writes 5 to `clear_refs`), so
+/// each scenario reports its own peak. Best effort.
+pub fn reset_peak_rss(pid: u32) {
+    let _ = std::fs::write(format!("/proc/{pid}/clear_refs"), "5");
+}
+
+/// Total size of the files under `dir`, bytes.
+pub fn dir_size(dir: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => dir_size(&e.path()),
+            Ok(m) => m.len(),
+            Err(_) => 0,
+        })
+        .sum()
+}

@@ -1,0 +1,80 @@
+//! A short smoke run of `tokenvault bench`, so the tool cannot rot. The real
+//! runs (release build, seconds per scenario) are in BENCHMARKS.md.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+#[test]
+fn a_tiny_bench_run_measures_every_scenario_without_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let markdown = dir.path().join("bench.md");
+    let out = common::tokenvault_command()
+        .args([
+            "bench",
+            "--seconds",
+            "0.3",
+            "--pool",
+            "200",
+            "--preload",
+            "500",
+            "--in-flight",
+            "8",
+            "--connections",
+            "2",
+            "--batch",
+            "10",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .arg("--markdown")
+        .arg(&markdown)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    let scenarios = [
+        "noop",
+        "tokenize",
+        "tokenize-batch",
+        "detokenize",
+        "detokenize-batch",
+        "mixed",
+        "detokenize@50%",
+    ];
+    for durability in ["sync", "buffered"] {
+        for scenario in scenarios {
+            let matching: Vec<_> = rows
+                .iter()
+                .filter(|r| r["scenario"] == scenario && r["durability"] == durability)
+                .collect();
+            // Once nearly empty, once after the preload.
+            assert_eq!(matching.len(), 2, "{scenario} {durability}");
+            for row in matching {
+                assert!(row["requests"].as_u64().unwrap() > 0, "{row}");
+                assert_eq!(row["errors"].as_u64().unwrap(), 0, "{row}");
+                assert!(row["p99_ms"].as_f64().unwrap() > 0.0, "{row}");
+                assert!(row["server_peak_rss_mib"].as_f64().unwrap() > 1.0, "{row}");
+            }
+        }
+    }
+    for scenario in ["in-process tokenize", "in-process tokenize-batch"] {
+        assert!(
+            rows.iter()
+                .any(|r| r["scenario"] == scenario && r["items"].as_u64().unwrap() > 0),
+            "{scenario}"
+        );
+    }
+    assert!(report["disk_bytes_per_token"].as_f64().unwrap() > 16.0);
+    assert!(report["targets"].as_array().unwrap().len() >= 5);
+    assert!(report["machine"]["cores"].as_u64().unwrap() >= 1);
+    let table = std::fs::read_to_string(&markdown).unwrap();
+    assert!(table.contains("| tokenize-batch | sync |"), "{table}");
+}
