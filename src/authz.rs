@@ -9,27 +9,48 @@
 
 use std::{collections::BTreeSet, fmt, str::FromStr};
 
-use crate::{
-    identity::ClientId,
-    token::{FieldType, Token},
-};
+use crate::{identity::ClientId, token::FieldType};
 
 /// An operation a scope grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Action {
     /// Store values and get tokens.
     Tokenize,
-    /// Read values back from tokens.
+    /// Read values back from tokens, in plaintext (or masked, on request).
     Detokenize,
+    /// Read only the masked form of values.
+    RevealMasked,
+    /// Find the token of a value of a deterministic field type.
+    Lookup,
 }
 
 impl Action {
-    fn name(self) -> &'static str {
+    /// Every action, in scope-name order.
+    pub const ALL: [Action; 4] = [
+        Action::Tokenize,
+        Action::Detokenize,
+        Action::RevealMasked,
+        Action::Lookup,
+    ];
+
+    /// The name scopes use.
+    pub fn name(self) -> &'static str {
         match self {
             Action::Tokenize => "tokenize",
             Action::Detokenize => "detokenize",
+            Action::RevealMasked => "reveal_masked",
+            Action::Lookup => "lookup",
         }
     }
+}
+
+/// The form a value is revealed in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RevealForm {
+    /// The value itself.
+    Plain,
+    /// The value with most of it hidden, by the field type's mask rule.
+    Masked,
 }
 
 /// Which field types a scope covers.
@@ -78,7 +99,9 @@ impl Scope {
 
 /// Why a string is not a scope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("invalid scope {0:?}: expected tokenize:<field_type> or detokenize:<field_type> (or :*)")]
+#[error(
+    "invalid scope {0:?}: expected tokenize:, detokenize:, reveal_masked: or lookup: followed by a field type or *"
+)]
 pub struct ScopeError(String);
 
 impl FromStr for Scope {
@@ -87,11 +110,10 @@ impl FromStr for Scope {
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || ScopeError(s.to_owned());
         let (action, fields) = s.split_once(':').ok_or_else(err)?;
-        let action = match action {
-            "tokenize" => Action::Tokenize,
-            "detokenize" => Action::Detokenize,
-            _ => return Err(err()),
-        };
+        let action = Action::ALL
+            .into_iter()
+            .find(|a| a.name() == action)
+            .ok_or_else(err)?;
         let fields = match fields {
             "*" => FieldSelector::Any,
             name => FieldSelector::One(name.parse().map_err(|_| err())?),
@@ -282,14 +304,23 @@ impl Grants<'_> {
     /// # Errors
     /// A [`Denial`] naming the action.
     pub fn require_action(&self, action: Action) -> Result<(), Denial> {
-        if self
+        self.require_any(&[action])
+    }
+
+    /// Whether any scope grants one of `actions`.
+    ///
+    /// # Errors
+    /// A [`Denial`] naming the first action.
+    pub fn require_any(&self, actions: &[Action]) -> Result<(), Denial> {
+        let granted = self
             .rules
             .iter()
             .flat_map(|r| &r.scopes)
-            .any(|s| s.action == action)
-        {
+            .any(|s| actions.contains(&s.action));
+        if granted {
             return Ok(());
         }
+        let action = actions.first().copied().unwrap_or(Action::Detokenize);
         Err(self.deny(DenialReason::NoScopeFor(action)))
     }
 
@@ -313,32 +344,61 @@ impl Grants<'_> {
     ///
     /// # Errors
     /// A [`Denial`] naming the missing scope.
-    pub fn permit_tokenize<T: Guarded>(&self, item: T) -> Result<Permit<T>, Denial> {
+    pub fn permit_tokenize<T: Tokenizable>(&self, item: T) -> Result<Permit<T>, Denial> {
         self.check(Action::Tokenize, item.field_type())?;
         Ok(Permit { item })
     }
 
-    /// Permits detokenizing `token` for the granted purpose if a scope
-    /// covers the token's field type.
+    /// Permits looking up the token of `item` if a scope covers its field type.
     ///
     /// # Errors
     /// A [`Denial`] naming the missing scope.
-    pub fn permit_detokenize(
+    pub fn permit_lookup<T: Lookupable>(&self, item: T) -> Result<Permit<T>, Denial> {
+        self.check(Action::Lookup, item.field_type())?;
+        Ok(Permit { item })
+    }
+
+    /// Permits revealing a value of `field_type` for the granted purpose, and
+    /// decides its form: plaintext needs `detokenize:<field_type>` (and that
+    /// the caller did not ask for the masked form); `reveal_masked` alone only
+    /// ever yields the masked form, whatever the caller asked for.
+    ///
+    /// # Errors
+    /// A [`Denial`] naming the missing scope.
+    pub fn permit_reveal(
         &self,
         _purpose: &PurposeGrant,
-        token: Token,
-    ) -> Result<Permit<Token>, Denial> {
-        self.check(Action::Detokenize, token.field_type())?;
-        Ok(Permit { item: token })
+        field_type: &FieldType,
+        want_masked: bool,
+    ) -> Result<Permit<RevealForm>, Denial> {
+        if self.covered(Action::Detokenize, field_type) {
+            let form = if want_masked {
+                RevealForm::Masked
+            } else {
+                RevealForm::Plain
+            };
+            return Ok(Permit { item: form });
+        }
+        if self.covered(Action::RevealMasked, field_type) {
+            return Ok(Permit {
+                item: RevealForm::Masked,
+            });
+        }
+        Err(self.deny(DenialReason::MissingScope(Scope::needed(
+            Action::Detokenize,
+            field_type,
+        ))))
+    }
+
+    fn covered(&self, action: Action, field_type: &FieldType) -> bool {
+        self.rules
+            .iter()
+            .flat_map(|r| &r.scopes)
+            .any(|s| s.covers(action, field_type))
     }
 
     fn check(&self, action: Action, field_type: &FieldType) -> Result<(), Denial> {
-        let covered = self
-            .rules
-            .iter()
-            .flat_map(|r| &r.scopes)
-            .any(|s| s.covers(action, field_type));
-        if covered {
+        if self.covered(action, field_type) {
             Ok(())
         } else {
             Err(self.deny(DenialReason::MissingScope(Scope::needed(
@@ -360,6 +420,12 @@ pub trait Guarded {
     /// The field type the scope must cover.
     fn field_type(&self) -> &FieldType;
 }
+
+/// An item that `tokenize:` scopes permit (a value to store).
+pub trait Tokenizable: Guarded {}
+
+/// An item that `lookup:` scopes permit (a value to find the token of).
+pub trait Lookupable: Guarded {}
 
 /// Proof that the policy allowed an operation on `T`. Only this module
 /// creates permits; vault operations require them.
@@ -431,7 +497,7 @@ impl fmt::Display for Denial {
             DenialReason::NoScopeFor(action) => {
                 write!(
                     f,
-                    "identity {} has no {}:* scope of any field type",
+                    "identity {} has no {} scope for any field type",
                     self.client,
                     action.name()
                 )
@@ -474,6 +540,8 @@ mod tests {
             &self.0
         }
     }
+    impl Tokenizable for Item {}
+    impl Lookupable for Item {}
 
     fn item(ft: &str) -> Item {
         Item(ft.parse().unwrap())
@@ -481,7 +549,13 @@ mod tests {
 
     #[test]
     fn scopes_parse_and_print() {
-        for s in ["tokenize:email", "detokenize:*", "detokenize:card_number"] {
+        for s in [
+            "tokenize:email",
+            "detokenize:*",
+            "detokenize:card_number",
+            "reveal_masked:card_number",
+            "lookup:email",
+        ] {
             assert_eq!(s.parse::<Scope>().unwrap().to_string(), s);
         }
         for s in [
@@ -548,14 +622,62 @@ mod tests {
         let grants = policy.grants(&client);
         assert!(grants.permit_tokenize(item("phone")).is_ok());
         let purpose = grants.allow_purpose("support".parse().unwrap()).unwrap();
-        let email = Token::generate(&"email".parse().unwrap()).unwrap();
-        let phone = Token::generate(&"phone".parse().unwrap()).unwrap();
-        assert!(grants.permit_detokenize(&purpose, email).is_ok());
-        let denial = grants.permit_detokenize(&purpose, phone).unwrap_err();
+        let (email, phone) = ("email".parse().unwrap(), "phone".parse().unwrap());
+        assert_eq!(
+            grants
+                .permit_reveal(&purpose, &email, false)
+                .unwrap()
+                .into_item(),
+            RevealForm::Plain
+        );
+        assert_eq!(
+            grants
+                .permit_reveal(&purpose, &email, true)
+                .unwrap()
+                .into_item(),
+            RevealForm::Masked
+        );
+        let denial = grants.permit_reveal(&purpose, &phone, false).unwrap_err();
         assert_eq!(
             denial.to_string(),
             "identity spiffe://a/x lacks scope detokenize:phone"
         );
+        assert!(grants.permit_lookup(item("email")).is_err());
+    }
+
+    #[test]
+    fn masked_scope_never_yields_plaintext() {
+        let policy = Policy::new(vec![rule(
+            "spiffe://a/x",
+            &["reveal_masked:card_number", "lookup:email"],
+            &["*"],
+        )]);
+        let client = spiffe("spiffe://a/x");
+        let grants = policy.grants(&client);
+        assert!(
+            grants
+                .require_any(&[Action::Detokenize, Action::RevealMasked])
+                .is_ok()
+        );
+        assert!(grants.require_action(Action::Detokenize).is_err());
+        let purpose = grants.allow_purpose("anything".parse().unwrap()).unwrap();
+        let card = "card_number".parse().unwrap();
+        for want_masked in [false, true] {
+            assert_eq!(
+                grants
+                    .permit_reveal(&purpose, &card, want_masked)
+                    .unwrap()
+                    .into_item(),
+                RevealForm::Masked
+            );
+        }
+        assert!(
+            grants
+                .permit_reveal(&purpose, &"email".parse().unwrap(), true)
+                .is_err()
+        );
+        assert!(grants.permit_lookup(item("email")).is_ok());
+        assert!(grants.permit_tokenize(item("email")).is_err());
     }
 
     #[test]

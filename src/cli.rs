@@ -124,6 +124,9 @@ enum ClientCall {
         /// The tokens.
         #[arg(required = true)]
         tokens: Vec<String>,
+        /// Ask for masked values even where plaintext is allowed.
+        #[arg(long)]
+        masked: bool,
     },
 }
 
@@ -288,9 +291,17 @@ async fn client(args: ClientArgs) -> Result<ExitCode, String> {
                 }
             }
         }
-        ClientCall::Detokenize { purpose, tokens } => {
+        ClientCall::Detokenize {
+            purpose,
+            tokens,
+            masked,
+        } => {
             let response = client
-                .detokenize(DetokenizeRequest { tokens, purpose })
+                .detokenize(DetokenizeRequest {
+                    tokens,
+                    purpose,
+                    masked,
+                })
                 .await
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
             for result in response.into_inner().results {

@@ -22,8 +22,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::{
     authz::{IdentityPattern, Policy, PurposeSet, Rule, Scope},
+    fields::FieldRegistry,
     store::Durability,
-    token::FieldType,
 };
 
 /// The configuration exactly as figment produced it, before validation.
@@ -126,12 +126,35 @@ pub enum LogFormat {
     Json,
 }
 
-/// `[field_types.<name>]`.
+/// `[field_types.<name>]`. Every key is optional; see `examples/tokenvault.toml`.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawFieldType {
+    /// One of the built-in kinds; defaults to the field type's name if that
+    /// is a kind, else `text`.
+    pub kind: Option<String>,
     /// Largest value of this type, in bytes (at most `limits.max_value_bytes`).
     pub max_value_bytes: Option<usize>,
+    /// `opaque` (default), `format_preserving` (card numbers) or `email`.
+    pub token_format: Option<String>,
+    /// Equal values get equal tokens (a keyed blind index finds them).
+    pub deterministic: Option<bool>,
+    /// Default retention of values, in days.
+    pub retention_days: Option<u32>,
+    /// Mask rule for `reveal_masked`: `full`, `email`, `last:N`, `first:N`.
+    pub mask: Option<String>,
+    /// For `national_id`: the regular expression an identifier must match.
+    pub pattern: Option<String>,
+    /// For `phone`: the ISO 3166 region of numbers without a country code.
+    pub default_region: Option<String>,
+    /// For format-preserving tokens: keep this many leading digits (0–6, default 6).
+    pub keep_first_digits: Option<usize>,
+    /// For format-preserving tokens: start with this reserved prefix instead.
+    pub token_prefix: Option<String>,
+    /// For format-preserving tokens: `invalid` (default) or `valid` Luhn.
+    pub luhn: Option<crate::fields::Luhn>,
+    /// For `email` tokens: the domain they end in.
+    pub token_domain: Option<String>,
 }
 
 /// One `[[policy]]` entry.
@@ -148,7 +171,8 @@ pub struct RawRule {
     pub purposes: Vec<String>,
 }
 
-/// The field types every vault knows, with their default size limits.
+/// The field types every vault knows (named after their kinds), with their
+/// default size limits.
 const BUILTIN_FIELD_TYPES: [(&str, usize); 8] = [
     ("email", 320),
     ("phone", 64),
@@ -190,6 +214,7 @@ impl Default for RawConfig {
                 .map(|(name, max)| {
                     let settings = RawFieldType {
                         max_value_bytes: Some(*max),
+                        ..RawFieldType::default()
                     };
                     ((*name).to_owned(), settings)
                 })
@@ -227,7 +252,7 @@ pub struct Config {
     /// Log filter.
     pub log_level: String,
     /// Known field types and their settings.
-    pub field_types: BTreeMap<FieldType, FieldTypeSettings>,
+    pub field_types: FieldRegistry,
     /// The access policy.
     pub policy: Policy,
     /// What the configuration was parsed from, for `config check`.
@@ -254,13 +279,6 @@ pub struct Limits {
     pub max_value_bytes: usize,
     /// Largest decoded gRPC message in bytes.
     pub max_message_bytes: usize,
-}
-
-/// Settings of one field type.
-#[derive(Debug, Clone, Copy)]
-pub struct FieldTypeSettings {
-    /// Largest value of this type, in bytes.
-    pub max_value_bytes: usize,
 }
 
 /// A configuration error; the message says which key and what to fix.
@@ -363,27 +381,8 @@ impl Config {
             return Err(invalid("limits.max_message_bytes", "must be at least 1024"));
         }
 
-        let mut field_types = BTreeMap::new();
-        for (name, settings) in &raw.field_types {
-            let key = format!("field_types.{name}");
-            let field_type: FieldType = name.parse().map_err(|e| invalid(&key, format!("{e}")))?;
-            let max = settings.max_value_bytes.unwrap_or(limits.max_value_bytes);
-            if max == 0 || max > limits.max_value_bytes {
-                return Err(invalid(
-                    format!("{key}.max_value_bytes"),
-                    format!(
-                        "must be between 1 and limits.max_value_bytes ({})",
-                        limits.max_value_bytes
-                    ),
-                ));
-            }
-            field_types.insert(
-                field_type,
-                FieldTypeSettings {
-                    max_value_bytes: max,
-                },
-            );
-        }
+        let field_types = FieldRegistry::from_raw(&raw.field_types, limits.max_value_bytes)
+            .map_err(|(key, message)| invalid(key, message))?;
 
         let policy = parse_policy(&raw.policy, &field_types)?;
         if raw.server.shutdown_grace_seconds == 0 {
@@ -461,10 +460,7 @@ fn resolve_relative_paths(value: &mut toml::Value) {
     }
 }
 
-fn parse_policy(
-    rules: &[RawRule],
-    field_types: &BTreeMap<FieldType, FieldTypeSettings>,
-) -> Result<Policy, ConfigError> {
+fn parse_policy(rules: &[RawRule], field_types: &FieldRegistry) -> Result<Policy, ConfigError> {
     let mut parsed = Vec::with_capacity(rules.len());
     for (i, rule) in rules.iter().enumerate() {
         let key = format!("policy[{i}]");
@@ -476,7 +472,7 @@ fn parse_policy(
                 invalid(format!("{key}.scopes"), e.to_string())
             })?;
             if let crate::authz::FieldSelector::One(ft) = scope.fields()
-                && !field_types.contains_key(ft)
+                && !field_types.contains(ft)
             {
                 return Err(invalid(
                     format!("{key}.scopes"),
@@ -528,7 +524,7 @@ mod tests {
         assert_eq!(config.listen, "0.0.0.0:50051".parse().unwrap());
         assert_eq!(config.durability, Durability::Sync);
         assert_eq!(config.limits.max_items_per_request, 1000);
-        assert!(config.field_types.contains_key(&"email".parse().unwrap()));
+        assert!(config.field_types.contains(&"email".parse().unwrap()));
     }
 
     #[test]

@@ -17,6 +17,7 @@
 //! - [`vault`]: tokenize and detokenize over any [`store::Store`].
 //! - [`crypto`]: AES-256-GCM-SIV envelope encryption and secret types.
 //! - [`store`]: the storage trait and its RocksDB engine.
+//! - [`fields`]: field types: validation, normalisation, token formats, masks.
 //! - [`token`]: the [`token::Token`] and [`token::FieldType`] types.
 //! - [`config`]: figment layers into a validated [`config::Config`].
 //! - [`client`], [`dev`], [`pki`], [`cli`]: the command-line tool's parts.
@@ -38,6 +39,7 @@ pub mod client;
 pub mod config;
 pub mod crypto;
 pub mod dev;
+pub mod fields;
 pub mod identity;
 pub mod pki;
 pub mod proto;

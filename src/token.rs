@@ -84,14 +84,19 @@ impl fmt::Debug for FieldType {
     }
 }
 
-/// An opaque token: `tok_<field type>_<26 base32 characters>`.
+/// A token, in one of three shapes:
 ///
-/// The random part is 128 bits from the operating system's CSPRNG and is never
-/// derived from the value. The field type is part of the token so that the
-/// caller's scope can be checked before the vault is read.
+/// - opaque: `tok_<field type>_<26 base32 characters>`, the default;
+/// - format-preserving: 12 to 19 digits, for card numbers;
+/// - e-mail-shaped: `<26 lower-case base32 characters>@<token domain>`.
+///
+/// The random part of every shape comes from the operating system's CSPRNG
+/// and is never derived from the value. Opaque tokens name their field type,
+/// so a caller can see what a token is without asking the vault.
 #[derive(Clone, PartialEq, Eq, Hash)]
 pub struct Token {
-    field_type: FieldType,
+    /// The field type, for opaque tokens.
+    field_type: Option<FieldType>,
     /// The canonical text form, kept because it is the storage key and what
     /// callers hold.
     text: String,
@@ -103,29 +108,64 @@ pub enum TokenError {
     /// The token is empty.
     #[error("token is empty")]
     Empty,
-    /// The token does not have the `tok_<field type>_<random>` shape.
-    #[error("token is malformed: expected tok_<field_type>_<26 base32 characters>")]
+    /// The token has none of the token shapes.
+    #[error(
+        "token is malformed: expected tok_<field_type>_<26 base32 characters>, 12 to 19 digits, or <26 base32 characters>@<domain>"
+    )]
     Malformed,
 }
 
+/// Lower-case RFC 4648 base32 for the local part of e-mail-shaped tokens
+/// (e-mail local parts are conventionally lower case).
+static EMAIL_LOCAL: LazyLock<Encoding> = LazyLock::new(|| {
+    let mut spec = data_encoding::Specification::new();
+    spec.symbols.push_str("abcdefghijklmnopqrstuvwxyz234567");
+    spec.check_trailing_bits = true;
+    spec.encoding()
+        .unwrap_or_else(|_| unreachable!("a valid base32 alphabet"))
+});
+
+fn random_part() -> Result<[u8; TOKEN_RANDOM_BYTES], getrandom::Error> {
+    let mut random = [0u8; TOKEN_RANDOM_BYTES];
+    getrandom::fill(&mut random)?;
+    Ok(random)
+}
+
 impl Token {
-    /// A new random token for `field_type`.
+    /// A new random opaque token for `field_type`.
     ///
     /// # Errors
     /// Fails only if the operating system's random source fails.
     pub fn generate(field_type: &FieldType) -> Result<Self, getrandom::Error> {
-        let mut random = [0u8; TOKEN_RANDOM_BYTES];
-        getrandom::fill(&mut random)?;
-        let text = format!("tok_{}_{}", field_type, RANDOM_PART.encode(&random));
+        let text = format!("tok_{}_{}", field_type, RANDOM_PART.encode(&random_part()?));
         Ok(Self {
-            field_type: field_type.clone(),
+            field_type: Some(field_type.clone()),
             text,
         })
     }
 
-    /// The field type named in the token.
-    pub fn field_type(&self) -> &FieldType {
-        &self.field_type
+    /// A new random e-mail-shaped token in `domain`.
+    ///
+    /// # Errors
+    /// Fails only if the operating system's random source fails.
+    pub fn email_shaped(domain: &str) -> Result<Self, getrandom::Error> {
+        Ok(Self {
+            field_type: None,
+            text: format!("{}@{domain}", EMAIL_LOCAL.encode(&random_part()?)),
+        })
+    }
+
+    /// A format-preserving token made by `fields::fpt`: ASCII digits.
+    pub(crate) fn format_preserving(digits: String) -> Self {
+        Self {
+            field_type: None,
+            text: digits,
+        }
+    }
+
+    /// The field type named in the token (opaque tokens only).
+    pub fn field_type(&self) -> Option<&FieldType> {
+        self.field_type.as_ref()
     }
 
     /// The token as text, as callers hold it.
@@ -146,25 +186,47 @@ impl FromStr for Token {
         if s.is_empty() {
             return Err(TokenError::Empty);
         }
-        let rest = s.strip_prefix("tok_").ok_or(TokenError::Malformed)?;
-        let (field, random) = rest.rsplit_once('_').ok_or(TokenError::Malformed)?;
-        let field_type: FieldType = field.parse().map_err(|_| TokenError::Malformed)?;
-        if random.len() != TOKEN_RANDOM_CHARS {
-            return Err(TokenError::Malformed);
+        if let Some(rest) = s.strip_prefix("tok_") {
+            let (field, random) = rest.rsplit_once('_').ok_or(TokenError::Malformed)?;
+            let field_type: FieldType = field.parse().map_err(|_| TokenError::Malformed)?;
+            check_random(&RANDOM_PART, random)?;
+            return Ok(Self {
+                field_type: Some(field_type),
+                text: s.to_owned(),
+            });
         }
-        // Decoding checks the alphabet and that the unused trailing bits are
-        // zero, so every token has exactly one accepted spelling.
-        let decoded = RANDOM_PART
-            .decode(random.as_bytes())
-            .map_err(|_| TokenError::Malformed)?;
-        if decoded.len() != TOKEN_RANDOM_BYTES {
-            return Err(TokenError::Malformed);
+        if (12..=19).contains(&s.len()) && s.bytes().all(|b| b.is_ascii_digit()) {
+            return Ok(Self::format_preserving(s.to_owned()));
         }
-        Ok(Self {
-            field_type,
-            text: s.to_owned(),
-        })
+        if let Some((local, domain)) = s.split_once('@') {
+            check_random(&EMAIL_LOCAL, local)?;
+            if !crate::fields::kinds::is_hostname(domain)
+                || domain.bytes().any(|b| b.is_ascii_uppercase())
+            {
+                return Err(TokenError::Malformed);
+            }
+            return Ok(Self {
+                field_type: None,
+                text: s.to_owned(),
+            });
+        }
+        Err(TokenError::Malformed)
     }
+}
+
+/// Decoding checks the alphabet and that the unused trailing bits are zero,
+/// so every token has exactly one accepted spelling.
+fn check_random(encoding: &Encoding, random: &str) -> Result<(), TokenError> {
+    if random.len() != TOKEN_RANDOM_CHARS {
+        return Err(TokenError::Malformed);
+    }
+    let decoded = encoding
+        .decode(random.as_bytes())
+        .map_err(|_| TokenError::Malformed)?;
+    if decoded.len() != TOKEN_RANDOM_BYTES {
+        return Err(TokenError::Malformed);
+    }
+    Ok(())
 }
 
 impl fmt::Display for Token {
@@ -175,10 +237,14 @@ impl fmt::Display for Token {
 
 /// Tokens are not secret on their own, but a token next to its value in a log
 /// is exactly the pair the vault exists to keep apart, so `Debug` shows only
-/// the field type.
+/// the shape.
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Token(tok_{}_…)", self.field_type)
+        match &self.field_type {
+            Some(ft) => write!(f, "Token(tok_{ft}_…)"),
+            None if self.text.contains('@') => f.write_str("Token(…@…)"),
+            None => write!(f, "Token(<{} digits>)", self.text.len()),
+        }
     }
 }
 
@@ -195,7 +261,7 @@ mod tests {
         let token = Token::generate(&email()).unwrap();
         let parsed: Token = token.as_str().parse().unwrap();
         assert_eq!(parsed, token);
-        assert_eq!(parsed.field_type(), &email());
+        assert_eq!(parsed.field_type(), Some(&email()));
         assert!(token.as_str().starts_with("tok_email_"));
         assert_eq!(
             token.as_str().len(),
@@ -208,7 +274,7 @@ mod tests {
         let ft: FieldType = "card_number".parse().unwrap();
         let token = Token::generate(&ft).unwrap();
         let parsed: Token = token.as_str().parse().unwrap();
-        assert_eq!(parsed.field_type(), &ft);
+        assert_eq!(parsed.field_type(), Some(&ft));
     }
 
     #[test]
@@ -226,10 +292,26 @@ mod tests {
             // Non-canonical: the last character leaves trailing bits set.
             "tok_email_AAAAAAAAAAAAAAAAAAAAAAAAAB".into(),
             "tok_email_AAAAAAAAAAAAAAAAAAAAAAAA1A".into(),
+            "41111111111".into(),
+            "41111111111111111111".into(),
+            "4111-1111-1111-1111".into(),
+            "aaaaaaaaaaaaaaaaaaaaaaaaaa@".into(),
+            "AAAAAAAAAAAAAAAAAAAAAAAAAA@tokens.example".into(),
+            "aaaaaaaaaaaaaaaaaaaaaaaaa@tokens.example".into(),
+            "aaaaaaaaaaaaaaaaaaaaaaaaaa@Tokens.example".into(),
         ];
         for case in cases {
             assert!(case.parse::<Token>().is_err(), "accepted {case:?}");
         }
+    }
+
+    #[test]
+    fn other_shapes_parse() {
+        let digits: Token = "4111110000001111".parse().unwrap();
+        assert_eq!(digits.field_type(), None);
+        let email = Token::email_shaped("tokens.example").unwrap();
+        assert_eq!(email.as_str().parse::<Token>().unwrap(), email);
+        assert!(!format!("{email:?}").contains("tokens.example"));
     }
 
     #[test]

@@ -7,7 +7,7 @@
 
 mod status;
 
-use std::{collections::BTreeMap, sync::Arc, time::Instant};
+use std::{sync::Arc, time::Instant};
 
 use tonic::{Code, Request, Response, Status};
 
@@ -15,14 +15,14 @@ pub use status::Error;
 use status::{item_error, vault_item_error};
 
 use crate::{
-    authz::{Action, Denial, DenialReason, Permit, Policy},
-    config::{FieldTypeSettings, Limits},
+    authz::{Action, Denial, DenialReason, Policy, RevealForm},
+    config::Limits,
     crypto::SecretValue,
     identity::{ClientId, IdentityError, Peer},
     proto::v1::{self as pb, token_vault_server::TokenVault},
     store::Store,
     token::{FieldType, Token},
-    vault::{NewValue, SubjectId, Vault},
+    vault::{LookupValue, NewValue, SubjectId, Vault},
 };
 
 /// What the API layer enforces besides the policy.
@@ -30,8 +30,6 @@ use crate::{
 pub struct ApiSettings {
     /// Request limits.
     pub limits: Limits,
-    /// Known field types.
-    pub field_types: BTreeMap<FieldType, FieldTypeSettings>,
     /// The access policy.
     pub policy: Policy,
 }
@@ -129,93 +127,84 @@ fn check_count(count: usize, limits: &Limits, what: &str) -> Result<(), Error> {
 }
 
 impl<S: Store> TokenVaultService<S> {
+    /// The configured field type named by `name`, or the item error.
+    fn field_type(&self, name: &str) -> Result<FieldType, pb::ItemError> {
+        let field_type: FieldType = name
+            .parse()
+            .map_err(|e| item_error(Code::InvalidArgument, format!("{e}")))?;
+        if !self.vault.fields().contains(&field_type) {
+            return Err(item_error(
+                Code::InvalidArgument,
+                format!("field type {field_type} is not configured"),
+            ));
+        }
+        Ok(field_type)
+    }
+
     async fn tokenize_inner(
         &self,
         client: &ClientId,
         request: pb::TokenizeRequest,
     ) -> Result<pb::TokenizeResponse, Error> {
         let grants = self.settings.policy.grants(client);
-        grants.require_action(Action::Tokenize).map_err(|d| {
-            log_denial(&d);
-            Error::Denied(d)
-        })?;
+        grants.require_action(Action::Tokenize).map_err(denied)?;
         check_count(request.items.len(), &self.settings.limits, "items")?;
 
-        let mut results: Vec<Option<pb::tokenize_result::Result>> =
-            Vec::with_capacity(request.items.len());
-        let mut permitted: Vec<Permit<NewValue>> = Vec::new();
-        let mut positions = Vec::new();
-        for (index, item) in request.items.into_iter().enumerate() {
-            match self.parse_item(item).and_then(|value| {
-                grants.permit_tokenize(value).map_err(|d| {
-                    log_denial(&d);
-                    item_error(Code::PermissionDenied, d.to_string())
-                })
-            }) {
+        let mut results: Vec<Option<pb::ItemError>> = Vec::with_capacity(request.items.len());
+        let mut permitted = Vec::new();
+        for mut item in request.items {
+            // Move the value out of the prost message at once, so the only
+            // copy is the zeroizing one.
+            let value = SecretValue::new(std::mem::take(&mut item.value));
+            let parsed = self.field_type(&item.field_type).and_then(|field_type| {
+                let subject = match item.subject_id.as_str() {
+                    "" => None,
+                    id => Some(
+                        id.parse::<SubjectId>()
+                            .map_err(|e| item_error(Code::InvalidArgument, e.to_string()))?,
+                    ),
+                };
+                let new = NewValue {
+                    field_type,
+                    value,
+                    subject,
+                };
+                grants.permit_tokenize(new).map_err(|d| denied_item(&d))
+            });
+            match parsed {
                 Ok(permit) => {
                     permitted.push(permit);
-                    positions.push(index);
                     results.push(None);
                 }
-                Err(e) => results.push(Some(pb::tokenize_result::Result::Error(e))),
+                Err(e) => results.push(Some(e)),
             }
         }
-        if !permitted.is_empty() {
-            let tokens = self.vault.tokenize(permitted).await?;
-            for (index, token) in positions.into_iter().zip(tokens) {
-                results[index] = Some(pb::tokenize_result::Result::Token(token.to_string()));
-            }
-        }
-        Ok(pb::TokenizeResponse {
-            results: results
-                .into_iter()
-                .map(|result| pb::TokenizeResult { result })
-                .collect(),
-        })
-    }
-
-    /// Validates one item; the error never contains the value.
-    fn parse_item(&self, mut item: pb::TokenizeItem) -> Result<NewValue, pb::ItemError> {
-        // Move the value out of the prost message at once, so the only copy
-        // is the zeroizing one.
-        let value = SecretValue::new(std::mem::take(&mut item.value));
-        let field_type: FieldType = item
-            .field_type
-            .parse()
-            .map_err(|e| item_error(Code::InvalidArgument, format!("{e}")))?;
-        let settings = self.settings.field_types.get(&field_type).ok_or_else(|| {
-            item_error(
-                Code::InvalidArgument,
-                format!("field type {field_type} is not configured"),
-            )
-        })?;
-        if value.is_empty() {
-            return Err(item_error(Code::InvalidArgument, "value is empty"));
-        }
-        if value.len() > settings.max_value_bytes {
-            return Err(item_error(
-                Code::InvalidArgument,
-                format!(
-                    "value is {} bytes; field type {field_type} allows at most {} (max_value_bytes)",
-                    value.len(),
-                    settings.max_value_bytes
-                ),
-            ));
-        }
-        let subject = if item.subject_id.is_empty() {
-            None
+        let mut stored = if permitted.is_empty() {
+            Vec::new()
         } else {
-            Some(
-                item.subject_id
-                    .parse::<SubjectId>()
-                    .map_err(|e| item_error(Code::InvalidArgument, e.to_string()))?,
-            )
-        };
-        Ok(NewValue {
-            field_type,
-            value,
-            subject,
-        })
+            self.vault.tokenize(permitted).await?
+        }
+        .into_iter();
+        let results = results
+            .into_iter()
+            .map(|early| {
+                let result = match early {
+                    Some(e) => pb::tokenize_result::Result::Error(e),
+                    None => match stored.next() {
+                        Some(Ok(token)) => pb::tokenize_result::Result::Token(token.to_string()),
+                        Some(Err(e)) => pb::tokenize_result::Result::Error(vault_item_error(&e)),
+                        None => pb::tokenize_result::Result::Error(item_error(
+                            Code::Internal,
+                            "internal error",
+                        )),
+                    },
+                };
+                pb::TokenizeResult {
+                    result: Some(result),
+                }
+            })
+            .collect();
+        Ok(pb::TokenizeResponse { results })
     }
 
     async fn detokenize_inner(
@@ -228,56 +217,151 @@ impl<S: Store> TokenVaultService<S> {
             .purpose
             .parse()
             .map_err(|e| Error::InvalidArgument(format!("{e}")))?;
-        let deny = |d: Denial| {
-            log_denial(&d);
-            Error::Denied(d)
-        };
-        grants.require_action(Action::Detokenize).map_err(deny)?;
-        let purpose = grants.allow_purpose(purpose).map_err(deny)?;
+        grants
+            .require_any(&[Action::Detokenize, Action::RevealMasked])
+            .map_err(denied)?;
+        let purpose = grants.allow_purpose(purpose).map_err(denied)?;
         check_count(request.tokens.len(), &self.settings.limits, "tokens")?;
 
-        let mut results: Vec<Option<pb::detokenize_result::Result>> =
-            Vec::with_capacity(request.tokens.len());
-        let mut permitted: Vec<Permit<Token>> = Vec::new();
-        let mut positions = Vec::new();
-        for (index, text) in request.tokens.iter().enumerate() {
-            let permit = text
-                .parse::<Token>()
-                .map_err(|e| item_error(Code::InvalidArgument, e.to_string()))
-                .and_then(|token| {
-                    grants.permit_detokenize(&purpose, token).map_err(|d| {
-                        log_denial(&d);
-                        item_error(Code::PermissionDenied, d.to_string())
-                    })
-                });
-            match permit {
-                Ok(permit) => {
-                    permitted.push(permit);
-                    positions.push(index);
+        let mut results: Vec<Option<pb::ItemError>> = Vec::with_capacity(request.tokens.len());
+        let mut tokens = Vec::new();
+        for text in &request.tokens {
+            match text.parse::<Token>() {
+                Ok(token) => {
+                    tokens.push(token);
                     results.push(None);
                 }
-                Err(e) => results.push(Some(pb::detokenize_result::Result::Error(e))),
+                Err(e) => results.push(Some(item_error(Code::InvalidArgument, e.to_string()))),
             }
         }
-        if !permitted.is_empty() {
-            let revealed = self.vault.detokenize(permitted).await?;
-            for (index, outcome) in positions.into_iter().zip(revealed) {
-                results[index] = Some(match outcome {
-                    Ok(r) => pb::detokenize_result::Result::Value(pb::RevealedValue {
-                        field_type: r.field_type.to_string(),
-                        value: r.value.into_response_string(),
-                    }),
-                    Err(e) => pb::detokenize_result::Result::Error(vault_item_error(e)),
-                });
-            }
+        let authorize = |field_type: &FieldType| {
+            grants
+                .permit_reveal(&purpose, field_type, request.masked)
+                .inspect_err(log_denial)
+        };
+        let mut revealed = if tokens.is_empty() {
+            Vec::new()
+        } else {
+            self.vault.detokenize(&tokens, authorize).await?
         }
-        Ok(pb::DetokenizeResponse {
-            results: results
-                .into_iter()
-                .map(|result| pb::DetokenizeResult { result })
-                .collect(),
-        })
+        .into_iter();
+        let results = results
+            .into_iter()
+            .map(|early| {
+                let result = match early {
+                    Some(e) => pb::detokenize_result::Result::Error(e),
+                    None => match revealed.next() {
+                        Some(Ok(r)) => pb::detokenize_result::Result::Value(pb::RevealedValue {
+                            field_type: r.field_type.to_string(),
+                            form: match r.form {
+                                RevealForm::Plain => pb::RevealForm::Plain,
+                                RevealForm::Masked => pb::RevealForm::Masked,
+                            } as i32,
+                            value: r.value.into_response_string(),
+                        }),
+                        Some(Err(e)) => pb::detokenize_result::Result::Error(vault_item_error(&e)),
+                        None => pb::detokenize_result::Result::Error(item_error(
+                            Code::Internal,
+                            "internal error",
+                        )),
+                    },
+                };
+                pb::DetokenizeResult {
+                    result: Some(result),
+                }
+            })
+            .collect();
+        Ok(pb::DetokenizeResponse { results })
     }
+
+    async fn lookup_inner(
+        &self,
+        client: &ClientId,
+        request: pb::LookupTokensRequest,
+    ) -> Result<pb::LookupTokensResponse, Error> {
+        let grants = self.settings.policy.grants(client);
+        grants.require_action(Action::Lookup).map_err(denied)?;
+        check_count(request.items.len(), &self.settings.limits, "items")?;
+        let mut results: Vec<Option<pb::ItemError>> = Vec::with_capacity(request.items.len());
+        let mut permitted = Vec::new();
+        for mut item in request.items {
+            let value = SecretValue::new(std::mem::take(&mut item.value));
+            let parsed = self.field_type(&item.field_type).and_then(|field_type| {
+                grants
+                    .permit_lookup(LookupValue { field_type, value })
+                    .map_err(|d| denied_item(&d))
+            });
+            match parsed {
+                Ok(permit) => {
+                    permitted.push(permit);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(e)),
+            }
+        }
+        let mut found = if permitted.is_empty() {
+            Vec::new()
+        } else {
+            self.vault.lookup(permitted).await?
+        }
+        .into_iter();
+        let results = results
+            .into_iter()
+            .map(|early| {
+                let result = match early {
+                    Some(e) => pb::lookup_result::Result::Error(e),
+                    None => match found.next() {
+                        Some(Ok(token)) => pb::lookup_result::Result::Token(token.to_string()),
+                        Some(Err(e)) => pb::lookup_result::Result::Error(vault_item_error(&e)),
+                        None => pb::lookup_result::Result::Error(item_error(
+                            Code::Internal,
+                            "internal error",
+                        )),
+                    },
+                };
+                pb::LookupResult {
+                    result: Some(result),
+                }
+            })
+            .collect();
+        Ok(pb::LookupTokensResponse { results })
+    }
+}
+
+/// A request-level denial, logged once.
+fn denied(denial: Denial) -> Error {
+    log_denial(&denial);
+    Error::Denied(denial)
+}
+
+/// An item-level denial, logged once.
+fn denied_item(denial: &Denial) -> pb::ItemError {
+    log_denial(denial);
+    item_error(Code::PermissionDenied, denial.to_string())
+}
+
+/// Runs one handler with its request log line.
+async fn logged<T, R, F>(
+    method: &'static str,
+    items: usize,
+    request: Request<T>,
+    handler: F,
+) -> Result<Response<R>, Status>
+where
+    F: AsyncFnOnce(ClientId, T) -> Result<R, Error>,
+{
+    let mut log = CallLog::start(method, items);
+    let result = match caller(&request) {
+        Ok(client) => {
+            log.client = Some(client.to_string());
+            handler(client, request.into_inner()).await
+        }
+        Err(e) => Err(e),
+    }
+    .map(Response::new)
+    .map_err(Status::from);
+    log.finish(&result);
+    result
 }
 
 #[tonic::async_trait]
@@ -286,35 +370,32 @@ impl<S: Store> TokenVault for TokenVaultService<S> {
         &self,
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
-        let mut log = CallLog::start("Tokenize", request.get_ref().items.len());
-        let result = match caller(&request) {
-            Ok(client) => {
-                log.client = Some(client.to_string());
-                self.tokenize_inner(&client, request.into_inner()).await
-            }
-            Err(e) => Err(e),
-        }
-        .map(Response::new)
-        .map_err(Status::from);
-        log.finish(&result);
-        result
+        let items = request.get_ref().items.len();
+        logged("Tokenize", items, request, async |client, r| {
+            self.tokenize_inner(&client, r).await
+        })
+        .await
     }
 
     async fn detokenize(
         &self,
         request: Request<pb::DetokenizeRequest>,
     ) -> Result<Response<pb::DetokenizeResponse>, Status> {
-        let mut log = CallLog::start("Detokenize", request.get_ref().tokens.len());
-        let result = match caller(&request) {
-            Ok(client) => {
-                log.client = Some(client.to_string());
-                self.detokenize_inner(&client, request.into_inner()).await
-            }
-            Err(e) => Err(e),
-        }
-        .map(Response::new)
-        .map_err(Status::from);
-        log.finish(&result);
-        result
+        let items = request.get_ref().tokens.len();
+        logged("Detokenize", items, request, async |client, r| {
+            self.detokenize_inner(&client, r).await
+        })
+        .await
+    }
+
+    async fn lookup_tokens(
+        &self,
+        request: Request<pb::LookupTokensRequest>,
+    ) -> Result<Response<pb::LookupTokensResponse>, Status> {
+        let items = request.get_ref().items.len();
+        logged("LookupTokens", items, request, async |client, r| {
+            self.lookup_inner(&client, r).await
+        })
+        .await
     }
 }

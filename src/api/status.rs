@@ -61,10 +61,15 @@ pub fn item_error(code: Code, message: impl Into<String>) -> pb::ItemError {
 }
 
 /// The item-level error for a vault item failure.
-pub fn vault_item_error(err: vault::ItemError) -> pb::ItemError {
+pub fn vault_item_error(err: &vault::ItemError) -> pb::ItemError {
+    use vault::ItemError as E;
     let code = match err {
-        vault::ItemError::NotFound => Code::NotFound,
-        vault::ItemError::DataLoss => Code::DataLoss,
+        E::NotFound => Code::NotFound,
+        E::DataLoss => Code::DataLoss,
+        E::Invalid(_) | E::UnknownFieldType(_) | E::Unformattable(..) => Code::InvalidArgument,
+        E::Denied(_) => Code::PermissionDenied,
+        E::NotDeterministic(_) => Code::FailedPrecondition,
+        E::TokenSpaceExhausted(_) => Code::ResourceExhausted,
     };
     item_error(code, err.to_string())
 }

@@ -250,6 +250,7 @@ async fn detokenize(client: &mut TokenVaultClient<Channel>, tokens: Vec<String>)
         .detokenize(DetokenizeRequest {
             tokens,
             purpose: BENCH_PURPOSE.into(),
+            masked: false,
         })
         .await
         .map_err(drop)?;

@@ -367,8 +367,14 @@ async fn in_process_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(),
     let master = MasterKey::load(&key_path).map_err(|e| e.to_string())?;
     let store = RocksStore::open(&dir.path().join("data"), &StoreOptions::default())
         .map_err(|e| e.to_string())?;
+    let defaults = crate::config::RawConfig::default();
+    let fields = crate::fields::FieldRegistry::from_raw(
+        &defaults.field_types,
+        defaults.limits.max_value_bytes,
+    )
+    .map_err(|(key, message)| format!("{key}: {message}"))?;
     let vault = Arc::new(
-        Vault::open(store, &master)
+        Vault::open(store, &master, fields)
             .await
             .map_err(|e| e.to_string())?,
     );

@@ -133,12 +133,11 @@ pub async fn run(
         .await
         .map_err(|e| store::Error::Backend(e.to_string()))??
     };
-    let vault = Arc::new(Vault::open(store, &master).await?);
+    let vault = Arc::new(Vault::open(store, &master, config.field_types.clone()).await?);
     drop(master);
 
     let settings = ApiSettings {
         limits: config.limits,
-        field_types: config.field_types.clone(),
         policy: config.policy.clone(),
     };
     let service = proto::v1::token_vault_server::TokenVaultServer::new(TokenVaultService::new(

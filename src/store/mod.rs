@@ -20,11 +20,14 @@ pub enum Table {
     Keys,
     /// Small bookkeeping values (format version, creation time).
     Meta,
+    /// Blind index of deterministic field types: keyed hash of the value →
+    /// token.
+    Index,
 }
 
 impl Table {
     /// Every table, in the order they are created.
-    pub const ALL: [Table; 3] = [Table::Records, Table::Keys, Table::Meta];
+    pub const ALL: [Table; 4] = [Table::Records, Table::Keys, Table::Meta, Table::Index];
 
     /// The column family name on disk. Never change a released name.
     pub fn name(self) -> &'static str {
@@ -32,6 +35,7 @@ impl Table {
             Table::Records => "records",
             Table::Keys => "keys",
             Table::Meta => "meta",
+            Table::Index => "blind_index",
         }
     }
 }
@@ -69,10 +73,61 @@ pub enum Op {
     },
 }
 
-/// Changes that are applied all together or not at all.
+/// Changes that go to storage in one write.
+///
+/// A batch is made of units. Every unit is applied whole or not at all, and
+/// a unit may carry guards: keys that must not exist yet. A unit whose guard
+/// key exists (in the store, or written by an earlier unit of the same
+/// physical write) is skipped and reported as a [`Conflict`]; the other
+/// units still apply. This is how a deterministic token is created exactly
+/// once under concurrency, and how format-preserving tokens stay unique.
 #[derive(Debug, Default)]
 pub struct Batch {
+    units: Vec<Unit>,
+}
+
+/// A part of a [`Batch`] that is applied whole or not at all.
+#[derive(Debug, Default)]
+pub struct Unit {
     ops: Vec<Op>,
+    guards: Vec<(Table, Vec<u8>)>,
+}
+
+impl Unit {
+    /// Adds a put.
+    pub fn put(&mut self, table: Table, key: impl Into<Vec<u8>>, value: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::Put {
+            table,
+            key: key.into(),
+            value,
+        });
+        self
+    }
+
+    /// Adds a delete.
+    pub fn delete(&mut self, table: Table, key: impl Into<Vec<u8>>) -> &mut Self {
+        self.ops.push(Op::Delete {
+            table,
+            key: key.into(),
+        });
+        self
+    }
+
+    /// Applies the unit only if `key` does not exist in `table`.
+    pub fn guard_absent(&mut self, table: Table, key: impl Into<Vec<u8>>) -> &mut Self {
+        self.guards.push((table, key.into()));
+        self
+    }
+
+    /// The changes, in order.
+    pub fn ops(&self) -> &[Op] {
+        &self.ops
+    }
+
+    /// The keys that must be absent.
+    pub fn guards(&self) -> &[(Table, Vec<u8>)] {
+        &self.guards
+    }
 }
 
 impl Batch {
@@ -81,38 +136,58 @@ impl Batch {
         Self::default()
     }
 
-    /// Adds a put.
-    pub fn put(&mut self, table: Table, key: impl Into<Vec<u8>>, value: Vec<u8>) {
-        self.ops.push(Op::Put {
-            table,
-            key: key.into(),
-            value,
-        });
+    /// Starts a new unit and returns it.
+    pub fn unit(&mut self) -> &mut Unit {
+        self.units.push(Unit::default());
+        let last = self.units.len() - 1;
+        &mut self.units[last]
     }
 
-    /// Adds a delete.
+    /// Adds a put to the current unit (starting one if there is none).
+    pub fn put(&mut self, table: Table, key: impl Into<Vec<u8>>, value: Vec<u8>) {
+        self.current().put(table, key, value);
+    }
+
+    /// Adds a delete to the current unit (starting one if there is none).
     pub fn delete(&mut self, table: Table, key: impl Into<Vec<u8>>) {
-        self.ops.push(Op::Delete {
-            table,
-            key: key.into(),
-        });
+        self.current().delete(table, key);
+    }
+
+    fn current(&mut self) -> &mut Unit {
+        if self.units.is_empty() {
+            self.units.push(Unit::default());
+        }
+        let last = self.units.len() - 1;
+        &mut self.units[last]
     }
 
     /// How many changes the batch holds.
     pub fn len(&self) -> usize {
-        self.ops.len()
+        self.units.iter().map(|u| u.ops.len()).sum()
     }
 
     /// Whether the batch is empty.
     pub fn is_empty(&self) -> bool {
-        self.ops.is_empty()
+        self.len() == 0
     }
 
-    /// The changes, in order.
-    pub fn ops(&self) -> &[Op] {
-        &self.ops
+    /// The units, in order.
+    pub fn units(&self) -> &[Unit] {
+        &self.units
     }
 }
+
+/// A unit that was skipped because a guard key exists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Conflict {
+    /// Which guard of the unit found its key.
+    pub guard: usize,
+    /// The value stored under that key now.
+    pub existing: Vec<u8>,
+}
+
+/// What became of each unit of a committed batch, in order.
+pub type UnitOutcomes = Vec<Result<(), Conflict>>;
 
 /// A storage failure. Messages name files and operations, never stored bytes.
 #[derive(Debug, thiserror::Error)]
@@ -163,7 +238,8 @@ pub trait Store: Send + Sync + 'static {
         prefix: Vec<u8>,
     ) -> impl Future<Output = Result<KeyValues, Error>> + Send;
 
-    /// Applies `batch` atomically, durable as configured when it returns Ok.
-    /// Concurrent commits may share one physical write (group commit).
-    fn commit(&self, batch: Batch) -> impl Future<Output = Result<(), Error>> + Send;
+    /// Applies `batch` in one write, durable as configured when it returns
+    /// Ok, with one outcome per unit. Concurrent commits may share one
+    /// physical write (group commit).
+    fn commit(&self, batch: Batch) -> impl Future<Output = Result<UnitOutcomes, Error>> + Send;
 }

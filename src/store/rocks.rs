@@ -21,7 +21,9 @@ use rocksdb::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use super::{Batch, Durability, Error, KeyValues, Op, Store, Table};
+use std::collections::HashMap;
+
+use super::{Batch, Conflict, Durability, Error, KeyValues, Op, Store, Table, UnitOutcomes};
 
 /// How many queued batches one physical write may carry at most. Bounds the
 /// latency a batch can add to the others in its group.
@@ -73,7 +75,7 @@ pub struct CommitStats {
 /// One caller's batch waiting for the committer.
 struct Commit {
     batch: Batch,
-    done: oneshot::Sender<Result<(), Error>>,
+    done: oneshot::Sender<Result<UnitOutcomes, Error>>,
 }
 
 impl RocksStore {
@@ -226,7 +228,7 @@ impl Store for RocksStore {
         .await
     }
 
-    async fn commit(&self, batch: Batch) -> Result<(), Error> {
+    async fn commit(&self, batch: Batch) -> Result<UnitOutcomes, Error> {
         let commits = self.commits.as_ref().ok_or(Error::Closed)?;
         let (done, result) = oneshot::channel();
         commits
@@ -264,29 +266,81 @@ fn run_committer(db: &DB, mut queue: mpsc::Receiver<Commit>, sync: bool, stats: 
         stats
             .batches
             .fetch_add(group.len() as u64, Ordering::Relaxed);
-        for commit in group {
-            let outcome = match &result {
-                Ok(()) => Ok(()),
-                Err(e) => Err(e.duplicate()),
-            };
-            // The caller may have gone away (cancelled request); its batch is
-            // committed all the same, as a cancelled request would be.
-            let _ = commit.done.send(outcome);
+        match result {
+            Ok(outcomes) => {
+                for (commit, outcome) in group.into_iter().zip(outcomes) {
+                    // The caller may have gone away (cancelled request); its
+                    // batch is committed all the same, as a cancelled request
+                    // would be.
+                    let _ = commit.done.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for commit in group {
+                    let _ = commit.done.send(Err(e.duplicate()));
+                }
+            }
         }
     }
 }
 
-fn write_group(db: &DB, group: &[Commit], opts: &WriteOptions) -> Result<(), Error> {
+/// Builds one `WriteBatch` from every unit of every queued batch whose guards
+/// pass, and writes it.
+fn write_group(db: &DB, group: &[Commit], opts: &WriteOptions) -> Result<Vec<UnitOutcomes>, Error> {
     let mut wb = WriteBatch::default();
+    // Guarded keys written by earlier units of this group: the committer is
+    // the only writer, so the store plus this map is the whole truth.
+    let mut claimed: HashMap<(Table, Vec<u8>), Vec<u8>> = HashMap::new();
+    let mut outcomes = Vec::with_capacity(group.len());
     for commit in group {
-        for op in commit.batch.ops() {
-            match op {
-                Op::Put { table, key, value } => wb.put_cf(cf(db, *table)?, key, value),
-                Op::Delete { table, key } => wb.delete_cf(cf(db, *table)?, key),
+        let mut batch_outcomes = Vec::with_capacity(commit.batch.units().len());
+        for unit in commit.batch.units() {
+            if let Some(conflict) = find_conflict(db, unit.guards(), &claimed)? {
+                batch_outcomes.push(Err(conflict));
+                continue;
             }
+            for op in unit.ops() {
+                match op {
+                    Op::Put { table, key, value } => {
+                        if unit.guards().iter().any(|(t, k)| t == table && k == key) {
+                            claimed.insert((*table, key.clone()), value.clone());
+                        }
+                        wb.put_cf(cf(db, *table)?, key, value);
+                    }
+                    Op::Delete { table, key } => wb.delete_cf(cf(db, *table)?, key),
+                }
+            }
+            for (table, key) in unit.guards() {
+                claimed.entry((*table, key.clone())).or_default();
+            }
+            batch_outcomes.push(Ok(()));
+        }
+        outcomes.push(batch_outcomes);
+    }
+    db.write_opt(wb, opts).map_err(classify)?;
+    Ok(outcomes)
+}
+
+fn find_conflict(
+    db: &DB,
+    guards: &[(Table, Vec<u8>)],
+    claimed: &HashMap<(Table, Vec<u8>), Vec<u8>>,
+) -> Result<Option<Conflict>, Error> {
+    for (index, (table, key)) in guards.iter().enumerate() {
+        if let Some(existing) = claimed.get(&(*table, key.clone())) {
+            return Ok(Some(Conflict {
+                guard: index,
+                existing: existing.clone(),
+            }));
+        }
+        if let Some(existing) = db.get_cf(cf(db, *table)?, key).map_err(classify)? {
+            return Ok(Some(Conflict {
+                guard: index,
+                existing,
+            }));
         }
     }
-    db.write_opt(wb, opts).map_err(classify)
+    Ok(None)
 }
 
 fn cf(db: &DB, table: Table) -> Result<&rocksdb::ColumnFamily, Error> {
@@ -425,9 +479,60 @@ mod tests {
         let keys = (0..200u32).map(|i| i.to_be_bytes().to_vec()).collect();
         let got = store.get_many(Table::Records, keys).await.unwrap();
         assert!(got.iter().all(Option::is_some));
-        let stats = store.commit_stats();
-        assert_eq!(stats.batches.load(Ordering::Relaxed), 200);
-        assert!(stats.writes.load(Ordering::Relaxed) <= 200);
+        assert_eq!(store.commit_stats().batches.load(Ordering::Relaxed), 200);
+    }
+
+    #[tokio::test]
+    async fn guarded_units_apply_once_and_report_the_winner() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path());
+        let mut batch = Batch::new();
+        // Two units claim the same key in one batch: the first wins.
+        batch
+            .unit()
+            .guard_absent(Table::Index, b"k".to_vec())
+            .put(Table::Index, b"k".to_vec(), b"first".to_vec())
+            .put(Table::Records, b"r1".to_vec(), vec![1]);
+        batch
+            .unit()
+            .guard_absent(Table::Index, b"k".to_vec())
+            .put(Table::Index, b"k".to_vec(), b"second".to_vec())
+            .put(Table::Records, b"r2".to_vec(), vec![2]);
+        batch.unit().put(Table::Records, b"r3".to_vec(), vec![3]);
+        let outcomes = store.commit(batch).await.unwrap();
+        assert_eq!(outcomes[0], Ok(()));
+        assert_eq!(
+            outcomes[1],
+            Err(Conflict {
+                guard: 0,
+                existing: b"first".to_vec()
+            })
+        );
+        assert_eq!(outcomes[2], Ok(()));
+        // The losing unit left nothing behind, not even its other puts.
+        let got = store
+            .get_many(
+                Table::Records,
+                vec![b"r1".to_vec(), b"r2".to_vec(), b"r3".to_vec()],
+            )
+            .await
+            .unwrap();
+        assert_eq!(got, vec![Some(vec![1]), None, Some(vec![3])]);
+        // A later batch sees the stored key.
+        let mut later = Batch::new();
+        later.unit().guard_absent(Table::Index, b"k".to_vec()).put(
+            Table::Index,
+            b"k".to_vec(),
+            b"third".to_vec(),
+        );
+        let outcomes = store.commit(later).await.unwrap();
+        assert_eq!(
+            outcomes,
+            vec![Err(Conflict {
+                guard: 0,
+                existing: b"first".to_vec()
+            })]
+        );
     }
 
     #[test]

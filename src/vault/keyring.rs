@@ -12,25 +12,27 @@ use super::{Error, now_ms};
 
 const DEK_PREFIX: &str = "dek/";
 const SUBJECT_KEY_PREFIX: &str = "subject-hash/";
+const INDEX_KEY_PREFIX: &str = "index-hash/";
 const WRAPPED_FORMAT_V1: u8 = 1;
 
 /// Every key the vault uses, unwrapped once at open.
 pub struct Keyring {
     data_keys: BTreeMap<u32, DataKey>,
+    /// Hashes subject ids for the records that name a subject.
     subject_key: HashKey,
+    /// Hashes values of deterministic field types for the blind index.
+    index_key: HashKey,
 }
 
 impl Keyring {
-    /// Loads and unwraps the keys, creating the first generation in an empty
-    /// vault.
+    /// Loads and unwraps the keys, creating any that the store lacks (all of
+    /// them in an empty vault; the newer kinds in a vault made by an older
+    /// version).
     ///
     /// # Errors
     /// [`Error::WrongMasterKey`] if a key does not unwrap; storage errors.
     pub async fn open<S: Store>(store: &S, master: &MasterKey) -> Result<Self, Error> {
         let deks = store.scan_prefix(Table::Keys, DEK_PREFIX.into()).await?;
-        if deks.is_empty() {
-            return Self::create(store, master).await;
-        }
         let mut data_keys = BTreeMap::new();
         for (label, wrapped) in deks {
             let version = parse_version(&label, DEK_PREFIX)?;
@@ -40,50 +42,31 @@ impl Keyring {
                 .map_err(|_| wrong_master(&label))?;
             data_keys.insert(version, key);
         }
-        let subject_keys = store
-            .scan_prefix(Table::Keys, SUBJECT_KEY_PREFIX.into())
-            .await?;
-        let (label, wrapped) = subject_keys
-            .into_iter()
-            .next_back()
-            .ok_or_else(|| Error::CorruptKey("the subject hash key is missing".into()))?;
-        let sealed = decode_wrapped(&label, &wrapped)?;
-        let subject_key = master
-            .unwrap_hash_key(&sealed, &label)
-            .map_err(|_| wrong_master(&label))?;
+        if data_keys.is_empty() {
+            let dek = DataKey::generate()?;
+            let dek_label = label(DEK_PREFIX, 1);
+            let mut batch = Batch::new();
+            batch.put(
+                Table::Keys,
+                dek_label.clone(),
+                encode_wrapped(&master.wrap_data_key(&dek, &dek_label)?),
+            );
+            store.commit(batch).await?;
+            tracing::info!("created the first data key");
+            data_keys.insert(1, dek);
+        }
+        let subject_key = hash_key(store, master, SUBJECT_KEY_PREFIX).await?;
+        let index_key = hash_key(store, master, INDEX_KEY_PREFIX).await?;
         Ok(Self {
             data_keys,
             subject_key,
-        })
-    }
-
-    async fn create<S: Store>(store: &S, master: &MasterKey) -> Result<Self, Error> {
-        let dek = DataKey::generate()?;
-        let subject_key = HashKey::generate()?;
-        let dek_label = label(DEK_PREFIX, 1);
-        let subject_label = label(SUBJECT_KEY_PREFIX, 1);
-        let mut batch = Batch::new();
-        batch.put(
-            Table::Keys,
-            dek_label.clone(),
-            encode_wrapped(&master.wrap_data_key(&dek, &dek_label)?),
-        );
-        batch.put(
-            Table::Keys,
-            subject_label.clone(),
-            encode_wrapped(&master.wrap_hash_key(&subject_key, &subject_label)?),
-        );
-        store.commit(batch).await?;
-        tracing::info!("created the first data key generation");
-        Ok(Self {
-            data_keys: BTreeMap::from([(1, dek)]),
-            subject_key,
+            index_key,
         })
     }
 
     /// The key new values are encrypted with, and its version.
     pub fn active(&self) -> (u32, &DataKey) {
-        // `open` and `create` never leave the map empty.
+        // `open` never leaves the map empty.
         let (version, key) = self
             .data_keys
             .last_key_value()
@@ -100,6 +83,32 @@ impl Keyring {
     pub fn subject_key(&self) -> &HashKey {
         &self.subject_key
     }
+
+    /// The key that hashes values for the blind index.
+    pub fn index_key(&self) -> &HashKey {
+        &self.index_key
+    }
+}
+
+/// The newest hash key under `prefix`, created if there is none.
+async fn hash_key<S: Store>(store: &S, master: &MasterKey, prefix: &str) -> Result<HashKey, Error> {
+    if let Some((label, wrapped)) = store.scan_prefix(Table::Keys, prefix.into()).await?.pop() {
+        let sealed = decode_wrapped(&label, &wrapped)?;
+        return master
+            .unwrap_hash_key(&sealed, &label)
+            .map_err(|_| wrong_master(&label));
+    }
+    let key = HashKey::generate()?;
+    let key_label = label(prefix, 1);
+    let mut batch = Batch::new();
+    batch.put(
+        Table::Keys,
+        key_label.clone(),
+        encode_wrapped(&master.wrap_hash_key(&key, &key_label)?),
+    );
+    store.commit(batch).await?;
+    tracing::info!(key = prefix.trim_end_matches('/'), "created a hash key");
+    Ok(key)
 }
 
 fn label(prefix: &str, version: u32) -> Vec<u8> {

@@ -1,11 +1,14 @@
-//! The vault: tokenize and detokenize, over any [`Store`].
+//! The vault: tokenize, look up and reveal, over any [`Store`].
 //!
 //! This is the domain core. It never sees tonic or prost types, takes only
 //! [`Permit`]s (so every operation has passed `authz`), hands the store only
-//! ciphertext, and returns plaintext only inside [`SecretValue`].
+//! ciphertext and keyed hashes, and returns plaintext only inside
+//! [`SecretValue`].
 
 mod keyring;
 mod record;
+mod reveal;
+mod tokenize;
 
 use std::{
     fmt,
@@ -14,22 +17,24 @@ use std::{
 
 pub use keyring::Keyring;
 pub use record::{DecodeError, Record};
+pub use reveal::Revealed;
 
 use crate::{
-    authz::{Guarded, Permit},
+    authz::{Denial, Guarded, Lookupable, Tokenizable},
     crypto::{self, MasterKey, SecretValue},
-    store::{self, Batch, Store, Table},
-    token::{FieldType, Token},
+    fields::{FieldRegistry, FieldSpec, ValidationError},
+    store::{self, Store},
+    token::FieldType,
 };
 
 /// Longest subject id accepted, in bytes.
 pub const MAX_SUBJECT_ID_BYTES: usize = 256;
 
-/// A value to tokenize, already validated against its field type's limits.
+/// A value to tokenize, of a configured field type.
 pub struct NewValue {
     /// The field type.
     pub field_type: FieldType,
-    /// The plaintext.
+    /// The plaintext, as the caller sent it (normalised by the vault).
     pub value: SecretValue,
     /// The data subject it belongs to, if any.
     pub subject: Option<SubjectId>,
@@ -41,11 +46,23 @@ impl Guarded for NewValue {
     }
 }
 
-impl Guarded for Token {
+impl Tokenizable for NewValue {}
+
+/// A value whose existing token is wanted (deterministic field types only).
+pub struct LookupValue {
+    /// The field type.
+    pub field_type: FieldType,
+    /// The plaintext, as the caller sent it.
+    pub value: SecretValue,
+}
+
+impl Guarded for LookupValue {
     fn field_type(&self) -> &FieldType {
-        Token::field_type(self)
+        &self.field_type
     }
 }
+
+impl Lookupable for LookupValue {}
 
 /// The id of a data subject (e.g. a customer id). Stored only as a keyed
 /// hash; `Debug` does not print it.
@@ -73,25 +90,36 @@ impl fmt::Debug for SubjectId {
     }
 }
 
-/// A value read back from the vault.
-#[derive(Debug)]
-pub struct Revealed {
-    /// Its field type.
-    pub field_type: FieldType,
-    /// The plaintext.
-    pub value: SecretValue,
-}
-
-/// Why one token of a batch was not revealed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+/// Why one item of a batch failed. Messages never contain a value or token.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ItemError {
-    /// No record under this token.
+    /// No record under this token (or no token for this value).
     #[error("token not found")]
     NotFound,
     /// The record exists but cannot be decoded or decrypted: corruption or
     /// tampering.
     #[error("the stored record for this token is corrupted and cannot be decrypted")]
     DataLoss,
+    /// The value broke its field type's rules.
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    /// The policy does not let the caller see this item.
+    #[error("{0}")]
+    Denied(Denial),
+    /// The field type is not configured (any more).
+    #[error("field type {0} is not configured")]
+    UnknownFieldType(FieldType),
+    /// Lookup on a field type that is not deterministic.
+    #[error("field type {0} is not deterministic, so its values have no single token to look up")]
+    NotDeterministic(FieldType),
+    /// No free format-preserving token was found after several tries.
+    #[error(
+        "no free format-preserving token was found for field type {0}; the token space is nearly full"
+    )]
+    TokenSpaceExhausted(FieldType),
+    /// The value cannot get a token in this field type's format.
+    #[error("field type {0}: {1}")]
+    Unformattable(FieldType, crate::fields::TokenError),
 }
 
 /// A failure of a whole vault operation. Messages carry no value or key.
@@ -118,18 +146,23 @@ pub enum Error {
 pub struct Vault<S> {
     store: S,
     keyring: Keyring,
+    fields: FieldRegistry,
 }
 
 impl<S: Store> Vault<S> {
-    /// Opens the vault: unwraps its keys with `master`, creating the first
-    /// key generation in an empty store.
+    /// Opens the vault: unwraps its keys with `master`, creating any key the
+    /// store lacks (all of them in an empty store).
     ///
     /// # Errors
     /// [`Error::WrongMasterKey`] if `master` is not this vault's key;
     /// storage failures.
-    pub async fn open(store: S, master: &MasterKey) -> Result<Self, Error> {
+    pub async fn open(store: S, master: &MasterKey, fields: FieldRegistry) -> Result<Self, Error> {
         let keyring = Keyring::open(&store, master).await?;
-        Ok(Self { store, keyring })
+        Ok(Self {
+            store,
+            keyring,
+            fields,
+        })
     }
 
     /// The underlying store.
@@ -142,84 +175,27 @@ impl<S: Store> Vault<S> {
         self.store
     }
 
-    /// Encrypts every value and stores them all in one atomic, durable write.
-    /// Returns one token per item, in order.
-    ///
-    /// # Errors
-    /// If the write fails, no item is stored.
-    pub async fn tokenize(&self, items: Vec<Permit<NewValue>>) -> Result<Vec<Token>, Error> {
-        let (key_version, key) = self.keyring.active();
-        let created_ms = now_ms();
-        let mut batch = Batch::new();
-        let mut tokens = Vec::with_capacity(items.len());
-        for permit in items {
-            let item = permit.into_item();
-            let token = Token::generate(&item.field_type).map_err(crypto::Error::from)?;
-            let subject_hash = item
-                .subject
-                .as_ref()
-                .map(|s| self.keyring.subject_key().hash(b"subject", s.0.as_bytes()));
-            let aad = Record::aad(&token, key_version, subject_hash.as_ref());
-            let sealed = key.seal(item.value.expose().as_bytes(), &aad)?;
-            let record = Record {
-                field_type: item.field_type,
-                key_version,
-                nonce: sealed.nonce,
-                created_ms,
-                subject_hash,
-                ciphertext: sealed.ciphertext,
-            };
-            batch.put(Table::Records, token.storage_key(), record.encode());
-            tokens.push(token);
-        }
-        self.store.commit(batch).await?;
-        Ok(tokens)
+    /// The configured field types.
+    pub fn fields(&self) -> &FieldRegistry {
+        &self.fields
     }
 
-    /// Reads and decrypts the value behind each token; one result per token,
-    /// in order. A missing or corrupted record fails only its own item.
-    ///
-    /// # Errors
-    /// Storage failures fail the whole call.
-    pub async fn detokenize(
-        &self,
-        tokens: Vec<Permit<Token>>,
-    ) -> Result<Vec<Result<Revealed, ItemError>>, Error> {
-        let keys = tokens
-            .iter()
-            .map(|t| t.item().storage_key().to_vec())
-            .collect();
-        let stored = self.store.get_many(Table::Records, keys).await?;
-        Ok(tokens
-            .iter()
-            .zip(stored)
-            .map(|(token, bytes)| self.reveal(token.item(), bytes))
-            .collect())
+    fn spec(&self, field_type: &FieldType) -> Result<&FieldSpec, ItemError> {
+        self.fields
+            .get(field_type)
+            .ok_or_else(|| ItemError::UnknownFieldType(field_type.clone()))
     }
 
-    fn reveal(&self, token: &Token, bytes: Option<Vec<u8>>) -> Result<Revealed, ItemError> {
-        let bytes = bytes.ok_or(ItemError::NotFound)?;
-        let record = Record::decode(&bytes).map_err(|e| {
-            tracing::error!(field_type = %token.field_type(), error = %e, "stored record cannot be decoded");
-            ItemError::DataLoss
-        })?;
-        let key = self.keyring.data_key(record.key_version).ok_or_else(|| {
-            tracing::error!(field_type = %token.field_type(), key_version = record.key_version, "stored record names an unknown key version");
-            ItemError::DataLoss
-        })?;
-        let aad = Record::aad(token, record.key_version, record.subject_hash.as_ref());
-        let plaintext = key.open(&record.nonce, &record.ciphertext, &aad).map_err(|_| {
-            tracing::error!(field_type = %token.field_type(), "stored record failed authentication (corrupted or moved)");
-            ItemError::DataLoss
-        })?;
-        let value = SecretValue::from_decrypted(plaintext).ok_or_else(|| {
-            tracing::error!(field_type = %token.field_type(), "decrypted value is not UTF-8");
-            ItemError::DataLoss
-        })?;
-        Ok(Revealed {
-            field_type: record.field_type,
-            value,
-        })
+    /// The blind-index key of a normalised value: a keyed hash, so the index
+    /// reveals nothing without the index key.
+    fn blind_index(&self, field_type: &FieldType, normalized: &SecretValue) -> [u8; 32] {
+        let mut data = Vec::with_capacity(field_type.as_str().len() + 1 + normalized.len());
+        data.extend_from_slice(field_type.as_str().as_bytes());
+        data.push(0);
+        data.extend_from_slice(normalized.expose().as_bytes());
+        let hash = self.keyring.index_key().hash(b"blind-index/v1", &data);
+        zeroize::Zeroize::zeroize(&mut data);
+        hash
     }
 }
 
@@ -229,3 +205,6 @@ pub(crate) fn now_ms() -> u64 {
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
+
+#[cfg(test)]
+mod tests;

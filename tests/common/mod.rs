@@ -8,7 +8,7 @@ use std::{
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::{Arc, Mutex, mpsc},
+    sync::{Arc, Condvar, Mutex, mpsc},
     time::Duration,
 };
 
@@ -28,8 +28,13 @@ pub const TRUST_DOMAIN: &str = "test.tokenvault.local";
 pub const POLICY: &str = r#"
 [[policy]]
 identity = "spiffe://test.tokenvault.local/support"
-scopes = ["tokenize:*", "detokenize:*"]
+scopes = ["tokenize:*", "detokenize:*", "lookup:*"]
 purposes = ["customer_support", "order_fulfilment"]
+
+[[policy]]
+identity = "spiffe://test.tokenvault.local/masked-reader"
+scopes = ["reveal_masked:*"]
+purposes = ["customer_support"]
 
 [[policy]]
 identity = "spiffe://test.tokenvault.local/checkout"
@@ -68,7 +73,13 @@ impl Pki {
             ca,
             dir: dir.to_owned(),
         };
-        for name in ["support", "checkout", "email-reader", "stranger"] {
+        for name in [
+            "support",
+            "checkout",
+            "email-reader",
+            "stranger",
+            "masked-reader",
+        ] {
             pki.client(name, &ClientSpec::spiffe(&spiffe(name)));
         }
         pki
@@ -116,7 +127,10 @@ pub struct TestVault {
     pub grpc_addr: SocketAddr,
     pub health_addr: SocketAddr,
     child: Option<Child>,
-    logs: Arc<Mutex<Vec<String>>>,
+    /// The log lines so far, and a signal for each new one.
+    logs: Arc<(Mutex<Vec<String>>, Condvar)>,
+    /// The thread reading the server's stderr; it ends when the server exits.
+    reader: Option<std::thread::JoinHandle<()>>,
     extra_config: String,
 }
 
@@ -139,7 +153,8 @@ impl TestVault {
             grpc_addr: "0.0.0.0:0".parse().unwrap(),
             health_addr: "0.0.0.0:0".parse().unwrap(),
             child: None,
-            logs: Arc::new(Mutex::new(Vec::new())),
+            logs: Arc::new((Mutex::new(Vec::new()), Condvar::new())),
+            reader: None,
             extra_config: extra_config.to_owned(),
         };
         vault.write_config();
@@ -194,7 +209,7 @@ level = "info"
         let stderr = child.stderr.take().unwrap();
         let (ready_tx, ready_rx) = mpsc::channel();
         let logs = Arc::clone(&self.logs);
-        std::thread::spawn(move || {
+        self.reader = Some(std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
                 if let Some(event) = log_event(&line)
@@ -203,9 +218,10 @@ level = "info"
                     let addr = |key: &str| event[key].as_str().unwrap_or_default().to_owned();
                     let _ = ready_tx.send((addr("grpc.addr"), addr("health.addr")));
                 }
-                logs.lock().unwrap().push(line);
+                logs.0.lock().unwrap().push(line);
+                logs.1.notify_all();
             }
-        });
+        }));
         self.child = Some(child);
         match ready_rx.recv_timeout(START_TIMEOUT) {
             Ok((grpc, health)) => {
@@ -230,6 +246,7 @@ level = "info"
                 .unwrap();
             assert!(status.success());
             let exit = child.wait().unwrap();
+            self.join_reader();
             assert!(
                 exit.success(),
                 "server exited with {exit}; log:\n{}",
@@ -238,11 +255,20 @@ level = "info"
         }
     }
 
+    /// Waits for the stderr reader to see end of file: after the server
+    /// exits, the captured log is then complete.
+    fn join_reader(&mut self) {
+        if let Some(reader) = self.reader.take() {
+            reader.join().unwrap();
+        }
+    }
+
     /// SIGKILL, no drain.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {
             child.kill().unwrap();
             child.wait().unwrap();
+            self.join_reader();
         }
     }
 
@@ -267,11 +293,25 @@ level = "info"
 
     /// Everything the server logged so far.
     pub fn logs(&self) -> String {
-        self.logs.lock().unwrap().join("\n")
+        self.logs.0.lock().unwrap().join("\n")
     }
 
-    /// Asserts that none of `secrets` appears anywhere in the server's log.
-    pub fn assert_log_free_of<S: AsRef<str>>(&self, secrets: &[S]) {
+    /// Waits (up to 30 s) until a log line contains `needle`.
+    pub fn wait_for_log(&self, needle: &str) -> bool {
+        let (lines, signal) = &*self.logs;
+        let guard = lines.lock().unwrap();
+        let (guard, _) = signal
+            .wait_timeout_while(guard, Duration::from_secs(30), |lines| {
+                !lines.iter().any(|l| l.contains(needle))
+            })
+            .unwrap();
+        guard.iter().any(|l| l.contains(needle))
+    }
+
+    /// Stops the server (so its log is complete) and asserts that none of
+    /// `secrets` appears anywhere in it.
+    pub fn assert_log_free_of<S: AsRef<str>>(&mut self, secrets: &[S]) {
+        self.stop();
         let logs = self.logs();
         assert!(!logs.is_empty(), "no log captured");
         for secret in secrets {

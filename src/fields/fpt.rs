@@ -1,0 +1,162 @@
+//! Format-preserving tokens for card numbers: the same length, digits only,
+//! the last four kept, the head kept or replaced by a reserved prefix, and a
+//! Luhn check that passes or deliberately fails as configured. The middle
+//! digits are random, never derived from the value.
+
+use super::kinds::luhn_sum;
+
+/// What the first digits of a token are.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Head {
+    /// Keep the first N digits of the card (0 to 6; 6 keeps the BIN).
+    KeepFirst(usize),
+    /// Start with this reserved prefix instead (e.g. a range no issuer uses).
+    Prefix(String),
+}
+
+/// Whether tokens pass the Luhn check.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Luhn {
+    /// Tokens pass, for systems that validate card numbers on input.
+    Valid,
+    /// Tokens fail, so a token can never be mistaken for (or charged as) a card.
+    Invalid,
+}
+
+/// Why no token can be made for this card with this configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "card number too short for a format-preserving token with this head (need at least 2 random digits)"
+)]
+pub struct TooShort;
+
+/// A token for the card `digits` (already normalised: ASCII digits only).
+///
+/// # Errors
+/// [`TooShort`] if the head and the last four leave fewer than two digits to
+/// randomise; `getrandom` failures as `Err(None)`.
+pub fn generate(digits: &str, head: &Head, luhn: Luhn) -> Result<String, Option<TooShort>> {
+    let len = digits.len();
+    let head: String = match head {
+        Head::KeepFirst(n) => digits.get(..*n).ok_or(Some(TooShort))?.to_owned(),
+        Head::Prefix(p) => p.clone(),
+    };
+    if head.len() + 4 + 2 > len {
+        return Err(Some(TooShort));
+    }
+    let tail = &digits[len - 4..];
+    loop {
+        let middle_len = len - head.len() - 4;
+        let mut middle = random_digits(middle_len).map_err(|_| None)?;
+        // Fix the last middle digit so the whole passes or fails Luhn as
+        // asked. For any position, the digit → Luhn contribution map is a
+        // bijection on 0..=9, so exactly one digit makes the sum divisible
+        // by ten.
+        let candidate = |d: u8, middle: &[u8]| {
+            let mut all: Vec<u8> = head.bytes().map(|b| b - b'0').collect();
+            all.extend_from_slice(&middle[..middle.len() - 1]);
+            all.push(d);
+            all.extend(tail.bytes().map(|b| b - b'0'));
+            luhn_sum(all.into_iter()).is_multiple_of(10)
+        };
+        let wanted: Vec<u8> = (0..10u8)
+            .filter(|d| candidate(*d, &middle) == (luhn == Luhn::Valid))
+            .collect();
+        let pick = random_digits(1).map_err(|_| None)?[0] as usize % wanted.len();
+        let last = middle.len() - 1;
+        middle[last] = wanted[pick];
+        let token: String = head
+            .chars()
+            .chain(middle.iter().map(|d| char::from(b'0' + d)))
+            .chain(tail.chars())
+            .collect();
+        if token != digits {
+            return Ok(token);
+        }
+    }
+}
+
+/// Uniform random decimal digits from the OS CSPRNG (rejection sampling).
+fn random_digits(n: usize) -> Result<Vec<u8>, getrandom::Error> {
+    let mut out = Vec::with_capacity(n);
+    let mut buf = [0u8; 32];
+    while out.len() < n {
+        getrandom::fill(&mut buf)?;
+        out.extend(
+            buf.iter()
+                .filter(|b| **b < 250)
+                .map(|b| b % 10)
+                .take(n - out.len()),
+        );
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::*;
+    use crate::fields::kinds::luhn_valid;
+
+    fn card(len: usize, seed: &str) -> String {
+        // A Luhn-valid card of `len` digits built from `seed`.
+        let mut body: String = seed.chars().cycle().take(len - 1).collect();
+        for check in 0..10 {
+            let candidate = format!("{body}{check}");
+            if luhn_valid(&candidate) {
+                body = candidate;
+                break;
+            }
+        }
+        body
+    }
+
+    proptest! {
+        #[test]
+        fn tokens_keep_shape_tail_and_head(len in 12usize..=19, seed in "[0-9]{18}", keep in 0usize..=6, valid in any::<bool>()) {
+            let digits = card(len, &seed);
+            let luhn = if valid { Luhn::Valid } else { Luhn::Invalid };
+            let token = generate(&digits, &Head::KeepFirst(keep), luhn).unwrap();
+            prop_assert_eq!(token.len(), digits.len());
+            prop_assert!(token.chars().all(|c| c.is_ascii_digit()));
+            prop_assert_eq!(&token[token.len() - 4..], &digits[digits.len() - 4..]);
+            prop_assert_eq!(&token[..keep], &digits[..keep]);
+            prop_assert_eq!(luhn_valid(&token), valid);
+            prop_assert_ne!(&token, &digits);
+        }
+
+        #[test]
+        fn reserved_prefixes_are_used(seed in "[0-9]{18}", valid in any::<bool>()) {
+            let digits = card(16, &seed);
+            let luhn = if valid { Luhn::Valid } else { Luhn::Invalid };
+            let token = generate(&digits, &Head::Prefix("999".into()), luhn).unwrap();
+            prop_assert!(token.starts_with("999"));
+            prop_assert_eq!(luhn_valid(&token), valid);
+        }
+    }
+
+    #[test]
+    fn tokens_are_random() {
+        let digits = card(16, "4111111111111111");
+        let a = generate(&digits, &Head::KeepFirst(6), Luhn::Invalid).unwrap();
+        let b = generate(&digits, &Head::KeepFirst(6), Luhn::Invalid).unwrap();
+        let c = generate(&digits, &Head::KeepFirst(6), Luhn::Invalid).unwrap();
+        assert!(a != b || b != c, "three identical tokens");
+    }
+
+    #[test]
+    fn too_short_is_refused() {
+        // Six kept and four kept leave one digit of eleven: not enough.
+        assert_eq!(
+            generate("41111111111", &Head::KeepFirst(6), Luhn::Valid),
+            Err(Some(TooShort))
+        );
+        assert_eq!(
+            generate("41111111111", &Head::Prefix("999999".into()), Luhn::Valid),
+            Err(Some(TooShort))
+        );
+        assert!(generate("411111111111", &Head::KeepFirst(6), Luhn::Valid).is_ok());
+    }
+}

@@ -1,0 +1,282 @@
+//! The vault core against a real RocksDB in a temporary directory.
+
+use std::sync::Arc;
+
+use super::*;
+use crate::{
+    authz::{IdentityPattern, Policy, PurposeSet, RevealForm, Rule},
+    config::RawFieldType,
+    identity::ClientId,
+    store::{RocksStore, StoreOptions},
+    token::Token,
+};
+
+struct Fixture {
+    _dir: tempfile::TempDir,
+    vault: Vault<RocksStore>,
+    policy: Policy,
+    client: ClientId,
+}
+
+const FIELDS: &str = r#"
+[email]
+[phone]
+default_region = "GB"
+[card_number]
+[card_fpt]
+kind = "card_number"
+token_format = "format_preserving"
+keep_first_digits = 6
+luhn = "invalid"
+[customer_email]
+kind = "email"
+deterministic = true
+[masked_name]
+kind = "name"
+mask = "first:1"
+"#;
+
+async fn fixture() -> Fixture {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    MasterKey::create_file(&key).unwrap();
+    let master = MasterKey::load(&key).unwrap();
+    let store = RocksStore::open(&dir.path().join("data"), &StoreOptions::default()).unwrap();
+    let raw: std::collections::BTreeMap<String, RawFieldType> = toml::from_str(FIELDS).unwrap();
+    let fields = FieldRegistry::from_raw(&raw, 4096).unwrap();
+    let vault = Vault::open(store, &master, fields).await.unwrap();
+    let policy = Policy::new(vec![Rule::new(
+        IdentityPattern::new("*").unwrap(),
+        vec![
+            "tokenize:*".parse().unwrap(),
+            "detokenize:*".parse().unwrap(),
+            "lookup:*".parse().unwrap(),
+        ],
+        PurposeSet::Any,
+    )]);
+    Fixture {
+        _dir: dir,
+        vault,
+        policy,
+        client: ClientId::Spiffe("spiffe://test/x".into()),
+    }
+}
+
+impl Fixture {
+    async fn tokenize(&self, items: &[(&str, &str)]) -> Vec<Result<Token, ItemError>> {
+        let grants = self.policy.grants(&self.client);
+        let permits = items
+            .iter()
+            .map(|(ft, v)| {
+                grants
+                    .permit_tokenize(NewValue {
+                        field_type: ft.parse().unwrap(),
+                        value: SecretValue::new((*v).to_owned()),
+                        subject: None,
+                    })
+                    .unwrap()
+            })
+            .collect();
+        self.vault.tokenize(permits).await.unwrap()
+    }
+
+    async fn reveal(&self, tokens: &[Token], masked: bool) -> Vec<Result<Revealed, ItemError>> {
+        let grants = self.policy.grants(&self.client);
+        let purpose = grants.allow_purpose("test".parse().unwrap()).unwrap();
+        self.vault
+            .detokenize(tokens, |ft| grants.permit_reveal(&purpose, ft, masked))
+            .await
+            .unwrap()
+    }
+
+    async fn lookup(&self, field_type: &str, value: &str) -> Result<Token, ItemError> {
+        let grants = self.policy.grants(&self.client);
+        let permit = grants
+            .permit_lookup(LookupValue {
+                field_type: field_type.parse().unwrap(),
+                value: SecretValue::new(value.to_owned()),
+            })
+            .unwrap();
+        self.vault.lookup(vec![permit]).await.unwrap().remove(0)
+    }
+}
+
+#[tokio::test]
+async fn values_are_stored_normalised() {
+    let f = fixture().await;
+    let tokens: Vec<Token> = f
+        .tokenize(&[
+            ("email", " Ada@Example.COM "),
+            ("phone", "020 7946 0958"),
+            ("card_number", "4111-1111-1111-1111"),
+        ])
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let values: Vec<String> = f
+        .reveal(&tokens, false)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().value.expose().to_owned())
+        .collect();
+    assert_eq!(
+        values,
+        ["Ada@example.com", "+442079460958", "4111111111111111"]
+    );
+}
+
+#[tokio::test]
+async fn invalid_values_fail_alone_and_name_their_rule() {
+    let f = fixture().await;
+    let results = f
+        .tokenize(&[("email", "not-an-address"), ("email", "ok@example.com")])
+        .await;
+    let err = results[0].as_ref().unwrap_err();
+    assert!(matches!(err, ItemError::Invalid(_)));
+    assert!(!err.to_string().contains("not-an-address"));
+    assert!(results[1].is_ok());
+}
+
+#[tokio::test]
+async fn deterministic_values_share_one_token_and_can_be_looked_up() {
+    let f = fixture().await;
+    assert_eq!(
+        f.lookup("customer_email", "ada@example.com").await,
+        Err(ItemError::NotFound)
+    );
+    let first = f
+        .tokenize(&[
+            ("customer_email", "ada@example.com"),
+            ("customer_email", " ada@EXAMPLE.com"),
+        ])
+        .await;
+    // Both spellings normalise to one value, inside one request.
+    assert_eq!(first[0], first[1]);
+    let again = f.tokenize(&[("customer_email", "ada@example.com")]).await;
+    assert_eq!(again[0], first[0]);
+    assert_eq!(
+        f.lookup("customer_email", " ada@EXAMPLE.com")
+            .await
+            .as_ref(),
+        Ok(first[0].as_ref().unwrap())
+    );
+    // The local part of an address may be case-sensitive, so it is kept.
+    assert_eq!(
+        f.lookup("customer_email", "ADA@example.com").await,
+        Err(ItemError::NotFound)
+    );
+    // Other values, and non-deterministic types, get their own tokens.
+    let other = f
+        .tokenize(&[
+            ("customer_email", "bob@example.com"),
+            ("email", "ada@example.com"),
+            ("email", "ada@example.com"),
+        ])
+        .await;
+    assert_ne!(other[0], first[0]);
+    assert_ne!(other[1], other[2]);
+    assert_eq!(
+        f.lookup("email", "ada@example.com").await,
+        Err(ItemError::NotDeterministic("email".parse().unwrap()))
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_tokenizes_of_one_new_value_get_one_token() {
+    let f = Arc::new(fixture().await);
+    let tasks: Vec<_> = (0..64)
+        .map(|_| {
+            let f = Arc::clone(&f);
+            tokio::spawn(async move {
+                f.tokenize(&[("customer_email", "race@example.com")])
+                    .await
+                    .remove(0)
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut tokens = std::collections::HashSet::new();
+    for task in tasks {
+        tokens.insert(task.await.unwrap());
+    }
+    assert_eq!(tokens.len(), 1);
+}
+
+#[tokio::test]
+async fn format_preserving_tokens_reveal_their_card() {
+    let f = fixture().await;
+    let token = f
+        .tokenize(&[("card_fpt", "4111 1111 1111 1111")])
+        .await
+        .remove(0)
+        .unwrap();
+    assert_eq!(token.as_str().len(), 16);
+    assert!(token.as_str().starts_with("411111") && token.as_str().ends_with("1111"));
+    assert!(!crate::fields::kinds::luhn_valid(token.as_str()));
+    let revealed = f
+        .reveal(std::slice::from_ref(&token), false)
+        .await
+        .remove(0)
+        .unwrap();
+    assert_eq!(revealed.value.expose(), "4111111111111111");
+    assert_eq!(revealed.field_type.as_str(), "card_fpt");
+}
+
+#[tokio::test]
+async fn masked_reveals_hide_the_value() {
+    let f = fixture().await;
+    let tokens: Vec<Token> = f
+        .tokenize(&[
+            ("card_number", "4111 1111 1111 1111"),
+            ("email", "ada@example.com"),
+            ("masked_name", "Ada Lovelace"),
+        ])
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let masked: Vec<(String, RevealForm)> = f
+        .reveal(&tokens, true)
+        .await
+        .into_iter()
+        .map(|r| r.map(|r| (r.value.expose().to_owned(), r.form)).unwrap())
+        .collect();
+    assert_eq!(
+        masked,
+        [
+            ("************1111".to_owned(), RevealForm::Masked),
+            ("a***@example.com".to_owned(), RevealForm::Masked),
+            ("A***********".to_owned(), RevealForm::Masked),
+        ]
+    );
+}
+
+#[tokio::test]
+async fn a_vault_reopened_with_another_master_key_refuses_to_open() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("a.key"), dir.path().join("b.key"));
+    MasterKey::create_file(&a).unwrap();
+    MasterKey::create_file(&b).unwrap();
+    let data = dir.path().join("data");
+    {
+        let store = RocksStore::open(&data, &StoreOptions::default()).unwrap();
+        Vault::open(
+            store,
+            &MasterKey::load(&a).unwrap(),
+            FieldRegistry::default(),
+        )
+        .await
+        .unwrap();
+    }
+    let store = RocksStore::open(&data, &StoreOptions::default()).unwrap();
+    let err = Vault::open(
+        store,
+        &MasterKey::load(&b).unwrap(),
+        FieldRegistry::default(),
+    )
+    .await
+    .err()
+    .unwrap();
+    assert!(matches!(err, Error::WrongMasterKey(_)), "{err}");
+}

@@ -1,0 +1,254 @@
+//! Tokenize and look up.
+
+use std::collections::HashMap;
+
+use super::{ItemError, LookupValue, NewValue, Record, Vault, now_ms};
+use crate::{
+    authz::Permit,
+    crypto::{self, SecretValue},
+    fields::FieldSpec,
+    store::{Batch, Store, Table},
+    token::Token,
+};
+
+/// How often a format-preserving token is drawn again after a collision.
+const MAX_ATTEMPTS: usize = 8;
+
+/// One item on its way into the store.
+struct Pending<'a> {
+    /// Position in the request.
+    index: usize,
+    spec: &'a FieldSpec,
+    value: SecretValue,
+    subject_hash: Option<[u8; 32]>,
+    /// The blind-index key, for deterministic field types.
+    blind: Option<[u8; 32]>,
+}
+
+type ItemResult = Result<Token, ItemError>;
+
+impl<S: Store> Vault<S> {
+    /// Validates, normalises and encrypts every value, and stores them in one
+    /// write. One result per item, in order.
+    ///
+    /// Deterministic field types return the existing token of a value that
+    /// is already stored; concurrent requests for one new value get one
+    /// token between them (the blind-index entry is created under a guard).
+    ///
+    /// # Errors
+    /// If the write fails, no item is stored.
+    pub async fn tokenize(
+        &self,
+        items: Vec<Permit<NewValue>>,
+    ) -> Result<Vec<ItemResult>, super::Error> {
+        let mut results: Vec<Option<ItemResult>> = (0..items.len()).map(|_| None).collect();
+        let mut pending = Vec::new();
+        // Repeats of one deterministic value inside this request share the
+        // first occurrence's token.
+        let mut first_of: HashMap<[u8; 32], usize> = HashMap::new();
+        let mut repeats: Vec<(usize, usize)> = Vec::new();
+        for (index, permit) in items.into_iter().enumerate() {
+            let item = permit.into_item();
+            let prepared = self.spec(&item.field_type).and_then(|spec| {
+                let value = spec.normalize(&item.value)?;
+                let blind = spec
+                    .deterministic
+                    .then(|| self.blind_index(&spec.name, &value));
+                let subject_hash = item
+                    .subject
+                    .as_ref()
+                    .map(|s| self.keyring.subject_key().hash(b"subject", s.0.as_bytes()));
+                Ok(Pending {
+                    index,
+                    spec,
+                    value,
+                    subject_hash,
+                    blind,
+                })
+            });
+            match prepared {
+                Ok(p) => {
+                    if let Some(blind) = p.blind {
+                        if let Some(&first) = first_of.get(&blind) {
+                            repeats.push((index, first));
+                            continue;
+                        }
+                        first_of.insert(blind, index);
+                    }
+                    pending.push(p);
+                }
+                Err(e) => results[index] = Some(Err(e)),
+            }
+        }
+
+        // Deterministic values that already have a token.
+        let lookups: Vec<(usize, [u8; 32])> = pending
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.blind.map(|b| (i, b)))
+            .collect();
+        if !lookups.is_empty() {
+            let found = self
+                .store
+                .get_many(
+                    Table::Index,
+                    lookups.iter().map(|(_, b)| b.to_vec()).collect(),
+                )
+                .await?;
+            let mut known = vec![false; pending.len()];
+            for ((i, _), existing) in lookups.iter().zip(found) {
+                if let Some(token) = existing {
+                    results[pending[*i].index] = Some(parse_stored_token(&token));
+                    known[*i] = true;
+                }
+            }
+            let mut keep = known.iter().map(|k| !k);
+            pending.retain(|_| keep.next().unwrap_or(true));
+        }
+
+        for _ in 0..MAX_ATTEMPTS {
+            if pending.is_empty() {
+                break;
+            }
+            pending = self.store_new(pending, &mut results).await?;
+        }
+        for p in pending {
+            results[p.index] = Some(Err(ItemError::TokenSpaceExhausted(p.spec.name.clone())));
+        }
+        for (index, first) in repeats {
+            results[index] = results[first].clone();
+        }
+        Ok(results
+            .into_iter()
+            .map(|r| r.unwrap_or(Err(ItemError::DataLoss)))
+            .collect())
+    }
+
+    /// One write of new records; returns the items to try again (format-
+    /// preserving tokens that collided with an existing one).
+    async fn store_new<'a>(
+        &self,
+        pending: Vec<Pending<'a>>,
+        results: &mut [Option<ItemResult>],
+    ) -> Result<Vec<Pending<'a>>, super::Error> {
+        let (key_version, key) = self.keyring.active();
+        let created_ms = now_ms();
+        let mut batch = Batch::new();
+        let mut tokens = Vec::with_capacity(pending.len());
+        let mut in_batch = Vec::with_capacity(pending.len());
+        for p in pending {
+            let token = match p.spec.new_token(&p.value) {
+                Ok(token) => token,
+                Err(crate::fields::TokenError::Random) => {
+                    return Err(crypto::Error::Random(getrandom::Error::UNEXPECTED).into());
+                }
+                Err(e) => {
+                    results[p.index] = Some(Err(ItemError::Unformattable(p.spec.name.clone(), e)));
+                    continue;
+                }
+            };
+            let aad = Record::aad(&token, key_version, p.subject_hash.as_ref());
+            let sealed = key.seal(p.value.expose().as_bytes(), &aad)?;
+            let record = Record {
+                field_type: p.spec.name.clone(),
+                key_version,
+                nonce: sealed.nonce,
+                created_ms,
+                subject_hash: p.subject_hash,
+                ciphertext: sealed.ciphertext,
+            };
+            let unit = batch.unit();
+            // Guard 0: the blind index (deterministic); then the record key
+            // for formats whose token space is small enough to collide.
+            if let Some(blind) = p.blind {
+                unit.guard_absent(Table::Index, blind.to_vec());
+                unit.put(
+                    Table::Index,
+                    blind.to_vec(),
+                    token.as_str().as_bytes().to_vec(),
+                );
+            }
+            if p.spec.tokens_may_collide() {
+                unit.guard_absent(Table::Records, token.storage_key().to_vec());
+            }
+            unit.put(
+                Table::Records,
+                token.storage_key().to_vec(),
+                record.encode(),
+            );
+            tokens.push(token);
+            in_batch.push(p);
+        }
+        if in_batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        let outcomes = self.store.commit(batch).await?;
+        let mut retry = Vec::new();
+        for ((p, token), outcome) in in_batch.into_iter().zip(tokens).zip(outcomes) {
+            match outcome {
+                Ok(()) => results[p.index] = Some(Ok(token)),
+                // Another request stored this value first: its token wins.
+                Err(conflict) if p.blind.is_some() && conflict.guard == 0 => {
+                    results[p.index] = Some(parse_stored_token(&conflict.existing));
+                }
+                // The random token is taken: draw another.
+                Err(_) => retry.push(p),
+            }
+        }
+        Ok(retry)
+    }
+
+    /// The existing token of each value, for deterministic field types.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn lookup(
+        &self,
+        items: Vec<Permit<LookupValue>>,
+    ) -> Result<Vec<ItemResult>, super::Error> {
+        let mut results: Vec<ItemResult> = Vec::with_capacity(items.len());
+        let mut wanted = Vec::new();
+        for (index, permit) in items.into_iter().enumerate() {
+            let item = permit.into_item();
+            let blind = self.spec(&item.field_type).and_then(|spec| {
+                if !spec.deterministic {
+                    return Err(ItemError::NotDeterministic(spec.name.clone()));
+                }
+                let value = spec.normalize(&item.value)?;
+                Ok(self.blind_index(&spec.name, &value))
+            });
+            match blind {
+                Ok(blind) => {
+                    wanted.push((index, blind));
+                    results.push(Err(ItemError::NotFound));
+                }
+                Err(e) => results.push(Err(e)),
+            }
+        }
+        if !wanted.is_empty() {
+            let found = self
+                .store
+                .get_many(
+                    Table::Index,
+                    wanted.iter().map(|(_, b)| b.to_vec()).collect(),
+                )
+                .await?;
+            for ((index, _), token) in wanted.into_iter().zip(found) {
+                if let Some(token) = token {
+                    results[index] = parse_stored_token(&token);
+                }
+            }
+        }
+        Ok(results)
+    }
+}
+
+fn parse_stored_token(bytes: &[u8]) -> ItemResult {
+    std::str::from_utf8(bytes)
+        .ok()
+        .and_then(|t| t.parse().ok())
+        .ok_or_else(|| {
+            tracing::error!("blind index entry holds no valid token");
+            ItemError::DataLoss
+        })
+}
