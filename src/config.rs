@@ -46,6 +46,8 @@ pub struct RawConfig {
     pub storage: RawStorage,
     /// Logging.
     pub log: RawLog,
+    /// The audit trail.
+    pub audit: RawAudit,
     /// Field types the vault accepts, by name.
     pub field_types: BTreeMap<String, RawFieldType>,
     /// Access rules; default deny.
@@ -114,6 +116,14 @@ pub struct RawLog {
     pub format: LogFormat,
     /// A tracing filter, e.g. `info` or `tokenvault=debug,info`.
     pub level: String,
+}
+
+/// `[audit]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawAudit {
+    /// How often the chain head is signed, if it moved.
+    pub checkpoint_interval_seconds: u64,
 }
 
 /// Log output format.
@@ -209,6 +219,9 @@ impl Default for RawConfig {
                 format: LogFormat::Pretty,
                 level: "info".into(),
             },
+            audit: RawAudit {
+                checkpoint_interval_seconds: 10,
+            },
             field_types: BUILTIN_FIELD_TYPES
                 .iter()
                 .map(|(name, max)| {
@@ -251,6 +264,8 @@ pub struct Config {
     pub log_format: LogFormat,
     /// Log filter.
     pub log_level: String,
+    /// How often the audit chain head is signed.
+    pub audit_checkpoint_interval: Duration,
     /// Known field types and their settings.
     pub field_types: FieldRegistry,
     /// The access policy.
@@ -385,6 +400,12 @@ impl Config {
             .map_err(|(key, message)| invalid(key, message))?;
 
         let policy = parse_policy(&raw.policy, &field_types)?;
+        if raw.audit.checkpoint_interval_seconds == 0 {
+            return Err(invalid(
+                "audit.checkpoint_interval_seconds",
+                "must be at least 1",
+            ));
+        }
         if raw.server.shutdown_grace_seconds == 0 {
             return Err(invalid(
                 "server.shutdown_grace_seconds",
@@ -404,6 +425,7 @@ impl Config {
             block_cache_bytes: raw.storage.block_cache_mib << 20,
             log_format: raw.log.format,
             log_level: raw.log.level.clone(),
+            audit_checkpoint_interval: Duration::from_secs(raw.audit.checkpoint_interval_seconds),
             field_types,
             policy,
             raw,

@@ -13,6 +13,7 @@
 //! - [`server`]: wiring and lifecycle: TLS termination, listeners, health, drain.
 //! - [`api`]: gRPC handlers; the only place errors become `tonic::Status`.
 //! - [`authz`]: scopes, purposes, the policy, and [`authz::Permit`]s.
+//! - [`audit`]: audit events, signed checkpoints, offline verification.
 //! - [`identity`]: the caller's [`identity::ClientId`] from its certificate.
 //! - [`vault`]: tokenize and detokenize over any [`store::Store`].
 //! - [`crypto`]: AES-256-GCM-SIV envelope encryption and secret types.
@@ -32,6 +33,7 @@
 //! - Nothing above `store` names RocksDB, except the `server` wiring.
 
 pub mod api;
+pub mod audit;
 pub mod authz;
 pub mod bench;
 pub mod cli;

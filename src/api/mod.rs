@@ -7,7 +7,10 @@
 
 mod status;
 
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::{Arc, Mutex},
+    time::Instant,
+};
 
 use tonic::{Code, Request, Response, Status};
 
@@ -15,7 +18,8 @@ pub use status::Error;
 use status::{item_error, vault_item_error};
 
 use crate::{
-    authz::{Action, Denial, DenialReason, Policy, RevealForm},
+    audit::AuditContext,
+    authz::{Action, Denial, DenialReason, Policy, Purpose, RevealForm},
     config::Limits,
     crypto::SecretValue,
     identity::{ClientId, IdentityError, Peer},
@@ -82,27 +86,20 @@ fn log_denial(denial: &Denial) {
 /// One request's log line, written when it finishes.
 struct CallLog {
     method: &'static str,
+    request_id: String,
     client: Option<String>,
     items: usize,
     started: Instant,
 }
 
 impl CallLog {
-    fn start(method: &'static str, items: usize) -> Self {
-        Self {
-            method,
-            client: None,
-            items,
-            started: Instant::now(),
-        }
-    }
-
     fn finish<T>(self, result: &Result<T, Status>) {
         let code = match result {
             Ok(_) => Code::Ok,
             Err(status) => status.code(),
         };
         tracing::info!(
+            request.id = %self.request_id,
             client.id = self.client.as_deref().unwrap_or("-"),
             method = self.method,
             items = self.items,
@@ -111,6 +108,47 @@ impl CallLog {
             "request"
         );
     }
+}
+
+/// One authenticated call, as the handlers see it.
+struct Call {
+    client: ClientId,
+    request_id: String,
+    method: &'static str,
+    /// The purpose stated, once parsed, for the audit event.
+    purpose: Mutex<Option<String>>,
+}
+
+impl Call {
+    fn set_purpose(&self, purpose: &str) {
+        *self
+            .purpose
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(purpose.to_owned());
+    }
+
+    fn audit(&self, items: usize, failed_items: usize) -> AuditContext {
+        AuditContext {
+            request_id: self.request_id.clone(),
+            identity: self.client.to_string(),
+            method: self.method,
+            purpose: self
+                .purpose
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .clone(),
+            items: u32::try_from(items).unwrap_or(u32::MAX),
+            failed_items: u32::try_from(failed_items).unwrap_or(u32::MAX),
+        }
+    }
+}
+
+/// 64 random bits as hex: enough to tell requests apart in logs and audit.
+fn new_request_id() -> String {
+    let mut bytes = [0u8; 8];
+    // A failed random source only makes the id less unique.
+    let _ = getrandom::fill(&mut bytes);
+    data_encoding::HEXLOWER.encode(&bytes)
 }
 
 fn check_count(count: usize, limits: &Limits, what: &str) -> Result<(), Error> {
@@ -143,10 +181,10 @@ impl<S: Store> TokenVaultService<S> {
 
     async fn tokenize_inner(
         &self,
-        client: &ClientId,
+        call: &Call,
         request: pb::TokenizeRequest,
     ) -> Result<pb::TokenizeResponse, Error> {
-        let grants = self.settings.policy.grants(client);
+        let grants = self.settings.policy.grants(&call.client);
         grants.require_action(Action::Tokenize).map_err(denied)?;
         check_count(request.items.len(), &self.settings.limits, "items")?;
 
@@ -179,12 +217,14 @@ impl<S: Store> TokenVaultService<S> {
                 Err(e) => results.push(Some(e)),
             }
         }
-        let mut stored = if permitted.is_empty() {
-            Vec::new()
-        } else {
-            self.vault.tokenize(permitted).await?
-        }
-        .into_iter();
+        let failed = results.iter().filter(|r| r.is_some()).count();
+        // Called even when every item was refused here: the vault records
+        // the call's audit event either way.
+        let mut stored = self
+            .vault
+            .tokenize(permitted, &call.audit(results.len(), failed))
+            .await?
+            .into_iter();
         let results = results
             .into_iter()
             .map(|early| {
@@ -209,14 +249,16 @@ impl<S: Store> TokenVaultService<S> {
 
     async fn detokenize_inner(
         &self,
-        client: &ClientId,
+        call: &Call,
         request: pb::DetokenizeRequest,
     ) -> Result<pb::DetokenizeResponse, Error> {
-        let grants = self.settings.policy.grants(client);
-        let purpose = request
+        let grants = self.settings.policy.grants(&call.client);
+        let purpose: Purpose = request
             .purpose
             .parse()
             .map_err(|e| Error::InvalidArgument(format!("{e}")))?;
+        // Only a well-formed purpose reaches the audit log.
+        call.set_purpose(purpose.as_str());
         grants
             .require_any(&[Action::Detokenize, Action::RevealMasked])
             .map_err(denied)?;
@@ -239,12 +281,13 @@ impl<S: Store> TokenVaultService<S> {
                 .permit_reveal(&purpose, field_type, request.masked)
                 .inspect_err(log_denial)
         };
-        let mut revealed = if tokens.is_empty() {
-            Vec::new()
-        } else {
-            self.vault.detokenize(&tokens, authorize).await?
-        }
-        .into_iter();
+        let failed = results.iter().filter(|r| r.is_some()).count();
+        let audit = call.audit(results.len(), failed);
+        let mut revealed = self
+            .vault
+            .detokenize(&tokens, authorize, &audit)
+            .await?
+            .into_iter();
         let results = results
             .into_iter()
             .map(|early| {
@@ -276,10 +319,10 @@ impl<S: Store> TokenVaultService<S> {
 
     async fn lookup_inner(
         &self,
-        client: &ClientId,
+        call: &Call,
         request: pb::LookupTokensRequest,
     ) -> Result<pb::LookupTokensResponse, Error> {
-        let grants = self.settings.policy.grants(client);
+        let grants = self.settings.policy.grants(&call.client);
         grants.require_action(Action::Lookup).map_err(denied)?;
         check_count(request.items.len(), &self.settings.limits, "items")?;
         let mut results: Vec<Option<pb::ItemError>> = Vec::with_capacity(request.items.len());
@@ -299,12 +342,12 @@ impl<S: Store> TokenVaultService<S> {
                 Err(e) => results.push(Some(e)),
             }
         }
-        let mut found = if permitted.is_empty() {
-            Vec::new()
-        } else {
-            self.vault.lookup(permitted).await?
-        }
-        .into_iter();
+        let failed = results.iter().filter(|r| r.is_some()).count();
+        let mut found = self
+            .vault
+            .lookup(permitted, &call.audit(results.len(), failed))
+            .await?
+            .into_iter();
         let results = results
             .into_iter()
             .map(|early| {
@@ -340,28 +383,64 @@ fn denied_item(denial: &Denial) -> pb::ItemError {
     item_error(Code::PermissionDenied, denial.to_string())
 }
 
-/// Runs one handler with its request log line.
-async fn logged<T, R, F>(
-    method: &'static str,
-    items: usize,
-    request: Request<T>,
-    handler: F,
-) -> Result<Response<R>, Status>
-where
-    F: AsyncFnOnce(ClientId, T) -> Result<R, Error>,
-{
-    let mut log = CallLog::start(method, items);
-    let result = match caller(&request) {
-        Ok(client) => {
-            log.client = Some(client.to_string());
-            handler(client, request.into_inner()).await
-        }
-        Err(e) => Err(e),
+impl<S: Store> TokenVaultService<S> {
+    /// Runs one handler: identity, request id, the audit event of a refused
+    /// call (an allowed one is audited by the vault, with its data), and the
+    /// request's log line.
+    async fn handle<T, R>(
+        &self,
+        method: &'static str,
+        items: usize,
+        request: Request<T>,
+        handler: impl AsyncFnOnce(&Call, T) -> Result<R, Error>,
+    ) -> Result<Response<R>, Status> {
+        let request_id = new_request_id();
+        let mut log = CallLog {
+            method,
+            request_id: request_id.clone(),
+            client: None,
+            items,
+            started: Instant::now(),
+        };
+        let (result, call) = match caller(&request) {
+            Ok(client) => {
+                log.client = Some(client.to_string());
+                let call = Call {
+                    client,
+                    request_id: request_id.clone(),
+                    method,
+                    purpose: Mutex::new(None),
+                };
+                (handler(&call, request.into_inner()).await, Some(call))
+            }
+            Err(e) => (Err(e), None),
+        };
+        let result = match result {
+            Err(e) if e.is_refusal() => {
+                let context = match &call {
+                    Some(call) => call.audit(items, items),
+                    None => AuditContext {
+                        request_id,
+                        identity: "-".into(),
+                        method,
+                        purpose: None,
+                        items: u32::try_from(items).unwrap_or(u32::MAX),
+                        failed_items: u32::try_from(items).unwrap_or(u32::MAX),
+                    },
+                };
+                // Fail closed: a refusal that cannot be audited is answered
+                // as unavailable.
+                match self.vault.record(&context.event(e.code_name())).await {
+                    Ok(()) => Err(e),
+                    Err(audit) => Err(Error::Vault(audit)),
+                }
+            }
+            other => other,
+        };
+        let result = result.map(Response::new).map_err(Status::from);
+        log.finish(&result);
+        result
     }
-    .map(Response::new)
-    .map_err(Status::from);
-    log.finish(&result);
-    result
 }
 
 #[tonic::async_trait]
@@ -371,8 +450,8 @@ impl<S: Store> TokenVault for TokenVaultService<S> {
         request: Request<pb::TokenizeRequest>,
     ) -> Result<Response<pb::TokenizeResponse>, Status> {
         let items = request.get_ref().items.len();
-        logged("Tokenize", items, request, async |client, r| {
-            self.tokenize_inner(&client, r).await
+        self.handle("Tokenize", items, request, async |call, r| {
+            self.tokenize_inner(call, r).await
         })
         .await
     }
@@ -382,8 +461,8 @@ impl<S: Store> TokenVault for TokenVaultService<S> {
         request: Request<pb::DetokenizeRequest>,
     ) -> Result<Response<pb::DetokenizeResponse>, Status> {
         let items = request.get_ref().tokens.len();
-        logged("Detokenize", items, request, async |client, r| {
-            self.detokenize_inner(&client, r).await
+        self.handle("Detokenize", items, request, async |call, r| {
+            self.detokenize_inner(call, r).await
         })
         .await
     }
@@ -393,8 +472,8 @@ impl<S: Store> TokenVault for TokenVaultService<S> {
         request: Request<pb::LookupTokensRequest>,
     ) -> Result<Response<pb::LookupTokensResponse>, Status> {
         let items = request.get_ref().items.len();
-        logged("LookupTokens", items, request, async |client, r| {
-            self.lookup_inner(&client, r).await
+        self.handle("LookupTokens", items, request, async |call, r| {
+            self.lookup_inner(call, r).await
         })
         .await
     }

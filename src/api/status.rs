@@ -25,6 +25,27 @@ pub enum Error {
     Vault(#[from] vault::Error),
 }
 
+impl Error {
+    /// Whether the request was refused before the vault acted on it (the
+    /// API layer then records the refusal in the audit log itself).
+    pub fn is_refusal(&self) -> bool {
+        matches!(
+            self,
+            Error::Unauthenticated(_) | Error::Denied(_) | Error::InvalidArgument(_)
+        )
+    }
+
+    /// The gRPC code name this error answers with, for the audit log.
+    pub fn code_name(&self) -> &'static str {
+        match self {
+            Error::Unauthenticated(_) => "UNAUTHENTICATED",
+            Error::Denied(_) => "PERMISSION_DENIED",
+            Error::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Error::Vault(_) => "UNAVAILABLE",
+        }
+    }
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match err {
@@ -44,6 +65,22 @@ fn vault_status(err: vault::Error) -> Status {
         }
         vault::Error::Storage(store::Error::Closed) => {
             Status::unavailable("the vault is shutting down; retry on another instance")
+        }
+        vault::Error::AuditUnavailable(store::Error::NoSpace(detail)) => {
+            tracing::error!(error = %detail, "audit log cannot be written: storage is full");
+            Status::resource_exhausted(
+                "storage is full: the audit log cannot be written, so nothing was revealed or changed",
+            )
+        }
+        vault::Error::AuditUnavailable(detail) => {
+            tracing::error!(error = %detail, "audit log cannot be written; request refused");
+            Status::unavailable(
+                "the audit log cannot be written, so nothing was revealed or changed; retry later",
+            )
+        }
+        vault::Error::Storage(detail @ store::Error::Backend(_)) => {
+            tracing::error!(error = %detail, "storage write failed");
+            Status::unavailable("storage is unavailable; nothing was changed; retry later")
         }
         other => {
             tracing::error!(error = %other, "internal error");
@@ -115,11 +152,16 @@ mod tests {
 
     #[test]
     fn internal_errors_carry_no_detail() {
-        let status = Status::from(Error::Vault(vault::Error::Storage(store::Error::Backend(
-            "IO error: /data/000123.sst".into(),
-        ))));
+        let status = Status::from(Error::Vault(vault::Error::Storage(
+            store::Error::Corruption("block checksum mismatch in /data/000123.sst".into()),
+        )));
         assert_eq!(status.code(), Code::Internal);
         assert_eq!(status.message(), "internal error");
+        let status = Status::from(Error::Vault(vault::Error::AuditUnavailable(
+            store::Error::Backend("IO error: /data/000123.log".into()),
+        )));
+        assert_eq!(status.code(), Code::Unavailable);
+        assert!(!status.message().contains("/data"));
     }
 
     #[test]

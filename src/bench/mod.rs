@@ -424,7 +424,15 @@ async fn in_process_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(),
                             .collect();
                         let Ok(permits) = permits else { break };
                         let t0 = Instant::now();
-                        if vault.tokenize(permits).await.is_err() {
+                        let audit = crate::audit::AuditContext {
+                            request_id: format!("{task}.{i}"),
+                            identity: client.to_string(),
+                            method: "Tokenize",
+                            purpose: None,
+                            items: u32::try_from(batch).unwrap_or(u32::MAX),
+                            failed_items: 0,
+                        };
+                        if vault.tokenize(permits, &audit).await.is_err() {
                             break;
                         }
                         latency.push(t0.elapsed());

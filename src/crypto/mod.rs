@@ -8,6 +8,7 @@
 
 mod master;
 mod secret;
+mod sign;
 
 use aes_gcm_siv::{
     Aes256GcmSiv, KeyInit, Nonce,
@@ -19,6 +20,7 @@ use zeroize::Zeroizing;
 
 pub use master::{MasterKey, MasterKeyError};
 pub use secret::SecretValue;
+pub use sign::{AuditSigningKey, verify_signature};
 
 /// Length of every symmetric key here: 256 bits.
 pub const KEY_LEN: usize = 32;
@@ -168,6 +170,11 @@ impl HashKey {
         mac.update(domain);
         mac.update(data);
         mac.finalize().into_bytes().into()
+    }
+
+    /// The hash as lower-case hex, as audit events and exports show it.
+    pub fn hash_hex(&self, domain: &[u8], data: &[u8]) -> String {
+        data_encoding::HEXLOWER.encode(&self.hash(domain, data))
     }
 
     fn as_data_key(&self) -> DataKey {

@@ -162,6 +162,26 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
+    // Signs the audit chain's head now and then; stops with the server.
+    let checkpointer = {
+        let vault = Arc::clone(&vault);
+        let interval = config.audit_checkpoint_interval;
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                if let Err(e) = vault.checkpoint_audit().await {
+                    tracing::error!(error = %e, "cannot sign an audit checkpoint");
+                }
+            }
+        })
+    };
+
     set_status(&health, ServingStatus::Serving).await;
     tracing::info!(
         grpc.addr = %grpc_addr,
@@ -210,7 +230,14 @@ pub async fn run(
     let _ = stop_tx.send(true);
     accept_task.abort();
     let _ = health_task.await;
+    let _ = checkpointer.await;
     drop(grpc);
+    // The last events of this run get their signature before the store closes.
+    match vault.checkpoint_audit().await {
+        Ok(Some(seq)) => tracing::info!(audit.seq = seq, "signed the final audit checkpoint"),
+        Ok(None) => {}
+        Err(e) => tracing::error!(error = %e, "cannot sign the final audit checkpoint"),
+    }
     // Every request holding the vault has finished or been dropped; closing
     // the store now waits for the committer's last write.
     match Arc::try_unwrap(vault) {

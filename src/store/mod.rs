@@ -5,11 +5,12 @@
 //! RocksDB. The store sees only bytes it is handed: records arrive already
 //! encrypted, keys already wrapped.
 
+pub mod chain;
 mod rocks;
 
 use std::future::Future;
 
-pub use rocks::{RocksStore, StoreOptions};
+pub use rocks::{ReadOnlyStore, RocksStore, StoreOptions};
 
 /// The tables (RocksDB column families) the vault uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -23,11 +24,22 @@ pub enum Table {
     /// Blind index of deterministic field types: keyed hash of the value →
     /// token.
     Index,
+    /// The audit trail: a hash chain (see [`chain`]) of events.
+    Audit,
+    /// Signed checkpoints of the audit chain, by sequence number.
+    AuditCheckpoints,
 }
 
 impl Table {
     /// Every table, in the order they are created.
-    pub const ALL: [Table; 4] = [Table::Records, Table::Keys, Table::Meta, Table::Index];
+    pub const ALL: [Table; 6] = [
+        Table::Records,
+        Table::Keys,
+        Table::Meta,
+        Table::Index,
+        Table::Audit,
+        Table::AuditCheckpoints,
+    ];
 
     /// The column family name on disk. Never change a released name.
     pub fn name(self) -> &'static str {
@@ -36,6 +48,8 @@ impl Table {
             Table::Keys => "keys",
             Table::Meta => "meta",
             Table::Index => "blind_index",
+            Table::Audit => "audit",
+            Table::AuditCheckpoints => "audit_checkpoints",
         }
     }
 }
@@ -70,6 +84,12 @@ pub enum Op {
         table: Table,
         /// The key.
         key: Vec<u8>,
+    },
+    /// Append `payload` to the audit chain; the committer assigns its
+    /// sequence number and link.
+    AppendAudit {
+        /// The encoded event.
+        payload: Vec<u8>,
     },
 }
 
@@ -110,6 +130,12 @@ impl Unit {
             table,
             key: key.into(),
         });
+        self
+    }
+
+    /// Appends an event to the audit chain, in the same write as the rest.
+    pub fn append_audit(&mut self, payload: Vec<u8>) -> &mut Self {
+        self.ops.push(Op::AppendAudit { payload });
         self
     }
 
@@ -242,4 +268,7 @@ pub trait Store: Send + Sync + 'static {
     /// Ok, with one outcome per unit. Concurrent commits may share one
     /// physical write (group commit).
     fn commit(&self, batch: Batch) -> impl Future<Output = Result<UnitOutcomes, Error>> + Send;
+
+    /// The newest entry of the audit chain, as of the last commit.
+    fn audit_head(&self) -> chain::Head;
 }

@@ -21,9 +21,12 @@ use rocksdb::{
 };
 use tokio::sync::{mpsc, oneshot};
 
-use std::collections::HashMap;
+use std::{collections::HashMap, sync::Mutex};
 
-use super::{Batch, Conflict, Durability, Error, KeyValues, Op, Store, Table, UnitOutcomes};
+use super::{
+    Batch, Conflict, Durability, Error, KeyValues, Op, Store, Table, UnitOutcomes,
+    chain::{self, Head},
+};
 
 /// How many queued batches one physical write may carry at most. Bounds the
 /// latency a batch can add to the others in its group.
@@ -60,6 +63,8 @@ pub struct RocksStore {
     commits: Option<mpsc::Sender<Commit>>,
     committer: Option<thread::JoinHandle<()>>,
     stats: Arc<CommitStats>,
+    /// The audit chain's head; the committer updates it after each write.
+    head: Arc<Mutex<Head>>,
     path: PathBuf,
 }
 
@@ -120,15 +125,17 @@ impl RocksStore {
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)
             .map_err(|e| classify_open_error(e, path))?;
         let db = Arc::new(db);
+        let head = Arc::new(Mutex::new(read_head(&db)?));
         let stats = Arc::new(CommitStats::default());
         let (tx, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
         let committer = {
             let db = Arc::clone(&db);
             let stats = Arc::clone(&stats);
+            let head = Arc::clone(&head);
             let sync = options.durability == Durability::Sync;
             thread::Builder::new()
                 .name("tokenvault-commit".into())
-                .spawn(move || run_committer(&db, rx, sync, &stats))
+                .spawn(move || run_committer(&db, rx, sync, &stats, &head))
                 .map_err(|e| Error::Backend(format!("cannot start the commit thread: {e}")))?
         };
         Ok(Self {
@@ -136,8 +143,21 @@ impl RocksStore {
             commits: Some(tx),
             committer: Some(committer),
             stats,
+            head,
             path: path.to_owned(),
         })
+    }
+
+    /// Opens the database read-only, for offline tools (`audit verify`,
+    /// `audit export`). Works while a server holds the directory.
+    ///
+    /// # Errors
+    /// Engine failures, e.g. no database in `path`.
+    pub fn open_read_only(path: &Path) -> Result<ReadOnlyStore, Error> {
+        let names = Table::ALL.map(Table::name);
+        let db =
+            DB::open_cf_for_read_only(&Options::default(), path, names, false).map_err(classify)?;
+        Ok(ReadOnlyStore { db })
     }
 
     /// Counters of the group committer.
@@ -188,6 +208,20 @@ impl RocksStore {
     }
 }
 
+impl RocksStore {
+    /// Deletes one key synchronously, bypassing the committer. For tools and
+    /// tests that edit a stopped vault's data directory.
+    ///
+    /// # Errors
+    /// Engine failures.
+    pub fn delete_blocking(&self, table: Table, key: &[u8]) -> Result<(), Error> {
+        let cf = cf(&self.db, table)?;
+        let mut opts = WriteOptions::default();
+        opts.set_sync(true);
+        self.db.delete_cf_opt(cf, key, &opts).map_err(classify)
+    }
+}
+
 impl Drop for RocksStore {
     fn drop(&mut self) {
         self.shutdown();
@@ -228,6 +262,13 @@ impl Store for RocksStore {
         .await
     }
 
+    fn audit_head(&self) -> Head {
+        *self
+            .head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
     async fn commit(&self, batch: Batch) -> Result<UnitOutcomes, Error> {
         let commits = self.commits.as_ref().ok_or(Error::Closed)?;
         let (done, result) = oneshot::channel();
@@ -250,7 +291,16 @@ async fn blocking<T: Send + 'static>(
 }
 
 /// The committer thread: one physical write per group of queued batches.
-fn run_committer(db: &DB, mut queue: mpsc::Receiver<Commit>, sync: bool, stats: &CommitStats) {
+fn run_committer(
+    db: &DB,
+    mut queue: mpsc::Receiver<Commit>,
+    sync: bool,
+    stats: &CommitStats,
+    shared_head: &Mutex<Head>,
+) {
+    let mut head = *shared_head
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut write_opts = WriteOptions::default();
     write_opts.set_sync(sync);
     while let Some(first) = queue.blocking_recv() {
@@ -261,7 +311,17 @@ fn run_committer(db: &DB, mut queue: mpsc::Receiver<Commit>, sync: bool, stats: 
                 Err(_) => break,
             }
         }
-        let result = write_group(db, &group, &write_opts);
+        let result = write_group(db, &group, &write_opts, &mut head);
+        if result.is_ok() {
+            *shared_head
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = head;
+        } else {
+            // Nothing was written: the chain continues from the stored head.
+            head = *shared_head
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+        }
         stats.writes.fetch_add(1, Ordering::Relaxed);
         stats
             .batches
@@ -286,7 +346,12 @@ fn run_committer(db: &DB, mut queue: mpsc::Receiver<Commit>, sync: bool, stats: 
 
 /// Builds one `WriteBatch` from every unit of every queued batch whose guards
 /// pass, and writes it.
-fn write_group(db: &DB, group: &[Commit], opts: &WriteOptions) -> Result<Vec<UnitOutcomes>, Error> {
+fn write_group(
+    db: &DB,
+    group: &[Commit],
+    opts: &WriteOptions,
+    head: &mut Head,
+) -> Result<Vec<UnitOutcomes>, Error> {
     let mut wb = WriteBatch::default();
     // Guarded keys written by earlier units of this group: the committer is
     // the only writer, so the store plus this map is the whole truth.
@@ -308,6 +373,15 @@ fn write_group(db: &DB, group: &[Commit], opts: &WriteOptions) -> Result<Vec<Uni
                         wb.put_cf(cf(db, *table)?, key, value);
                     }
                     Op::Delete { table, key } => wb.delete_cf(cf(db, *table)?, key),
+                    Op::AppendAudit { payload } => {
+                        let seq = head.seq + 1;
+                        let value = chain::encode(seq, &head.hash, payload);
+                        *head = Head {
+                            seq,
+                            hash: chain::hash(seq, &value),
+                        };
+                        wb.put_cf(cf(db, Table::Audit)?, chain::key(seq), value);
+                    }
                 }
             }
             for (table, key) in unit.guards() {
@@ -341,6 +415,61 @@ fn find_conflict(
         }
     }
     Ok(None)
+}
+
+/// The newest audit entry on disk, or the empty chain.
+fn read_head(db: &DB) -> Result<Head, Error> {
+    let mut iter = db.iterator_cf(cf(db, Table::Audit)?, IteratorMode::End);
+    match iter.next() {
+        None => Ok(Head::default()),
+        Some(item) => {
+            let (key, value) = item.map_err(classify)?;
+            let seq = chain::seq_of(&key)
+                .ok_or_else(|| Error::Corruption("audit key is not a sequence number".into()))?;
+            Ok(Head {
+                seq,
+                hash: chain::hash(seq, &value),
+            })
+        }
+    }
+}
+
+/// A read-only view of a vault's database for offline tools.
+pub struct ReadOnlyStore {
+    db: DB,
+}
+
+impl ReadOnlyStore {
+    /// Calls `f` with each key and value of `table` from `from` on, in key
+    /// order, until it returns false.
+    ///
+    /// # Errors
+    /// Engine failures.
+    pub fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        mut f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), Error> {
+        for item in self.db.iterator_cf(
+            cf(&self.db, table)?,
+            IteratorMode::From(from, Direction::Forward),
+        ) {
+            let (key, value) = item.map_err(classify)?;
+            if !f(&key, &value) {
+                break;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one key.
+    ///
+    /// # Errors
+    /// Engine failures.
+    pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        self.db.get_cf(cf(&self.db, table)?, key).map_err(classify)
+    }
 }
 
 fn cf(db: &DB, table: Table) -> Result<&rocksdb::ColumnFamily, Error> {

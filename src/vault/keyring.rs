@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 
 use crate::{
-    crypto::{DataKey, HashKey, MasterKey, NONCE_LEN, Sealed},
+    crypto::{AuditSigningKey, DataKey, HashKey, MasterKey, NONCE_LEN, Sealed},
     store::{Batch, Store, Table},
 };
 
@@ -13,6 +13,11 @@ use super::{Error, now_ms};
 const DEK_PREFIX: &str = "dek/";
 const SUBJECT_KEY_PREFIX: &str = "subject-hash/";
 const INDEX_KEY_PREFIX: &str = "index-hash/";
+const AUDIT_HASH_PREFIX: &str = "audit-hash/";
+const AUDIT_SIGNING_PREFIX: &str = "audit-signing/";
+/// The audit public key, stored in the clear so offline verification needs
+/// no secret.
+pub const AUDIT_PUBLIC_KEY_LABEL: &[u8] = b"audit-public-key";
 const WRAPPED_FORMAT_V1: u8 = 1;
 
 /// Every key the vault uses, unwrapped once at open.
@@ -22,6 +27,10 @@ pub struct Keyring {
     subject_key: HashKey,
     /// Hashes values of deterministic field types for the blind index.
     index_key: HashKey,
+    /// Hashes tokens and subject ids in audit events.
+    audit_key: HashKey,
+    /// Signs audit checkpoints.
+    audit_signer: AuditSigningKey,
 }
 
 impl Keyring {
@@ -57,10 +66,24 @@ impl Keyring {
         }
         let subject_key = hash_key(store, master, SUBJECT_KEY_PREFIX).await?;
         let index_key = hash_key(store, master, INDEX_KEY_PREFIX).await?;
+        let audit_key = hash_key(store, master, AUDIT_HASH_PREFIX).await?;
+        let audit_signer =
+            AuditSigningKey::from_seed(&hash_key(store, master, AUDIT_SIGNING_PREFIX).await?);
+        let public = audit_signer.public_key().to_vec();
+        let stored = store
+            .get_many(Table::Keys, vec![AUDIT_PUBLIC_KEY_LABEL.to_vec()])
+            .await?;
+        if stored.first().and_then(Option::as_ref) != Some(&public) {
+            let mut batch = Batch::new();
+            batch.put(Table::Keys, AUDIT_PUBLIC_KEY_LABEL.to_vec(), public);
+            store.commit(batch).await?;
+        }
         Ok(Self {
             data_keys,
             subject_key,
             index_key,
+            audit_key,
+            audit_signer,
         })
     }
 
@@ -87,6 +110,16 @@ impl Keyring {
     /// The key that hashes values for the blind index.
     pub fn index_key(&self) -> &HashKey {
         &self.index_key
+    }
+
+    /// The key that hashes tokens and subjects in audit events.
+    pub fn audit_key(&self) -> &HashKey {
+        &self.audit_key
+    }
+
+    /// The key that signs audit checkpoints.
+    pub fn audit_signer(&self) -> &AuditSigningKey {
+        &self.audit_signer
     }
 }
 

@@ -5,6 +5,7 @@
 //! ciphertext and keyed hashes, and returns plaintext only inside
 //! [`SecretValue`].
 
+mod audit;
 mod keyring;
 mod record;
 mod reveal;
@@ -15,7 +16,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-pub use keyring::Keyring;
+pub use keyring::{AUDIT_PUBLIC_KEY_LABEL, Keyring};
 pub use record::{DecodeError, Record};
 pub use reveal::Revealed;
 
@@ -140,6 +141,9 @@ pub enum Error {
     /// The keys table is damaged.
     #[error("the key table is corrupted: {0}")]
     CorruptKey(String),
+    /// The audit event could not be written, so the request was refused.
+    #[error("the audit log cannot be written: {0}")]
+    AuditUnavailable(store::Error),
 }
 
 /// The vault over a store `S`.
@@ -147,6 +151,8 @@ pub struct Vault<S> {
     store: S,
     keyring: Keyring,
     fields: FieldRegistry,
+    /// The audit sequence number last signed by this process.
+    last_checkpoint: std::sync::Mutex<u64>,
 }
 
 impl<S: Store> Vault<S> {
@@ -162,6 +168,7 @@ impl<S: Store> Vault<S> {
             store,
             keyring,
             fields,
+            last_checkpoint: std::sync::Mutex::new(0),
         })
     }
 

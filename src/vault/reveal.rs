@@ -2,6 +2,7 @@
 
 use super::{ItemError, Record, Vault};
 use crate::{
+    audit::AuditContext,
     authz::{Denial, Permit, RevealForm},
     crypto::SecretValue,
     store::{Store, Table},
@@ -28,22 +29,37 @@ impl<S: Store> Vault<S> {
     ///
     /// # Errors
     /// Storage failures fail the whole call.
+    ///
+    /// The audit event (which tokens, which field types, how many failed) is
+    /// written durably before this returns: if it cannot be, the call fails
+    /// with [`super::Error::AuditUnavailable`] and every revealed value is
+    /// dropped (and zeroized) unseen.
     pub async fn detokenize(
         &self,
         tokens: &[Token],
         authorize: impl Fn(&FieldType) -> Result<Permit<RevealForm>, Denial>,
+        audit: &AuditContext,
     ) -> Result<Vec<Result<Revealed, ItemError>>, super::Error> {
         let keys = tokens.iter().map(|t| t.storage_key().to_vec()).collect();
         let stored = self.store.get_many(Table::Records, keys).await?;
-        Ok(tokens
+        let mut event = audit.event("OK");
+        let results: Vec<_> = tokens
             .iter()
             .zip(stored)
             .map(|(token, bytes)| {
                 let record = decode(bytes.ok_or(ItemError::NotFound)?)?;
+                event.field_types.push(record.field_type.to_string());
                 let form = authorize(&record.field_type).map_err(ItemError::Denied)?;
                 self.reveal(token, record, form)
             })
-            .collect())
+            .collect();
+        event.field_types.sort();
+        event.field_types.dedup();
+        event.tokens = tokens.iter().map(|t| self.audit_token(t)).collect();
+        event.failed_items +=
+            u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
+        self.record(&event).await?;
+        Ok(results)
     }
 
     fn reveal(

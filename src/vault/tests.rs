@@ -4,12 +4,24 @@ use std::sync::Arc;
 
 use super::*;
 use crate::{
+    audit::AuditContext,
     authz::{IdentityPattern, Policy, PurposeSet, RevealForm, Rule},
     config::RawFieldType,
     identity::ClientId,
     store::{RocksStore, StoreOptions},
     token::Token,
 };
+
+fn ctx(method: &'static str, items: usize) -> AuditContext {
+    AuditContext {
+        request_id: "test".into(),
+        identity: "spiffe://test/x".into(),
+        method,
+        purpose: None,
+        items: items as u32,
+        failed_items: 0,
+    }
+}
 
 struct Fixture {
     _dir: tempfile::TempDir,
@@ -77,14 +89,21 @@ impl Fixture {
                     .unwrap()
             })
             .collect();
-        self.vault.tokenize(permits).await.unwrap()
+        self.vault
+            .tokenize(permits, &ctx("Tokenize", items.len()))
+            .await
+            .unwrap()
     }
 
     async fn reveal(&self, tokens: &[Token], masked: bool) -> Vec<Result<Revealed, ItemError>> {
         let grants = self.policy.grants(&self.client);
         let purpose = grants.allow_purpose("test".parse().unwrap()).unwrap();
         self.vault
-            .detokenize(tokens, |ft| grants.permit_reveal(&purpose, ft, masked))
+            .detokenize(
+                tokens,
+                |ft| grants.permit_reveal(&purpose, ft, masked),
+                &ctx("Detokenize", tokens.len()),
+            )
             .await
             .unwrap()
     }
@@ -97,7 +116,11 @@ impl Fixture {
                 value: SecretValue::new(value.to_owned()),
             })
             .unwrap();
-        self.vault.lookup(vec![permit]).await.unwrap().remove(0)
+        self.vault
+            .lookup(vec![permit], &ctx("LookupTokens", 1))
+            .await
+            .unwrap()
+            .remove(0)
     }
 }
 
@@ -279,4 +302,138 @@ async fn a_vault_reopened_with_another_master_key_refuses_to_open() {
     .err()
     .unwrap();
     assert!(matches!(err, Error::WrongMasterKey(_)), "{err}");
+}
+
+/// A real RocksDB whose commits can be made to fail, to prove that the
+/// vault fails closed when the audit log cannot be written.
+struct FailingStore {
+    inner: RocksStore,
+    fail: std::sync::atomic::AtomicBool,
+}
+
+impl Store for FailingStore {
+    async fn get_many(
+        &self,
+        table: store::Table,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<Option<Vec<u8>>>, store::Error> {
+        self.inner.get_many(table, keys).await
+    }
+
+    async fn scan_prefix(
+        &self,
+        table: store::Table,
+        prefix: Vec<u8>,
+    ) -> Result<store::KeyValues, store::Error> {
+        self.inner.scan_prefix(table, prefix).await
+    }
+
+    async fn commit(&self, batch: store::Batch) -> Result<store::UnitOutcomes, store::Error> {
+        if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
+            return Err(store::Error::Backend("injected write failure".into()));
+        }
+        self.inner.commit(batch).await
+    }
+
+    fn audit_head(&self) -> store::chain::Head {
+        self.inner.audit_head()
+    }
+}
+
+#[tokio::test]
+async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    MasterKey::create_file(&key).unwrap();
+    let store = FailingStore {
+        inner: RocksStore::open(&dir.path().join("data"), &StoreOptions::default()).unwrap(),
+        fail: std::sync::atomic::AtomicBool::new(false),
+    };
+    let raw: std::collections::BTreeMap<String, RawFieldType> = toml::from_str(FIELDS).unwrap();
+    let vault = Vault::open(
+        store,
+        &MasterKey::load(&key).unwrap(),
+        FieldRegistry::from_raw(&raw, 4096).unwrap(),
+    )
+    .await
+    .unwrap();
+    let policy = Policy::new(vec![Rule::new(
+        IdentityPattern::new("*").unwrap(),
+        vec![
+            "tokenize:*".parse().unwrap(),
+            "detokenize:*".parse().unwrap(),
+        ],
+        PurposeSet::Any,
+    )]);
+    let client = ClientId::Spiffe("spiffe://test/x".into());
+    let grants = policy.grants(&client);
+    let new_value = |v: &str| {
+        grants
+            .permit_tokenize(NewValue {
+                field_type: "email".parse().unwrap(),
+                value: SecretValue::new(v.into()),
+                subject: None,
+            })
+            .unwrap()
+    };
+    let token = vault
+        .tokenize(vec![new_value("kept@example.com")], &ctx("Tokenize", 1))
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let head = vault.store().audit_head();
+    assert_eq!(head.seq, 1, "the tokenize event went in with the data");
+
+    vault
+        .store()
+        .fail
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let purpose = grants.allow_purpose("test".parse().unwrap()).unwrap();
+    let revealed = vault
+        .detokenize(
+            std::slice::from_ref(&token),
+            |ft| grants.permit_reveal(&purpose, ft, false),
+            &ctx("Detokenize", 1),
+        )
+        .await;
+    assert!(
+        matches!(revealed, Err(Error::AuditUnavailable(_))),
+        "{revealed:?}"
+    );
+    let stored = vault
+        .tokenize(vec![new_value("lost@example.com")], &ctx("Tokenize", 1))
+        .await;
+    assert!(
+        matches!(stored, Err(Error::AuditUnavailable(_))),
+        "{stored:?}"
+    );
+    assert_eq!(vault.store().audit_head(), head, "no event was chained");
+
+    // Writes resume when storage does, and nothing of the failed tokenize
+    // was stored: the only record is the first one.
+    vault
+        .store()
+        .fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let revealed = vault
+        .detokenize(
+            std::slice::from_ref(&token),
+            |ft| grants.permit_reveal(&purpose, ft, false),
+            &ctx("Detokenize", 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        revealed[0].as_ref().unwrap().value.expose(),
+        "kept@example.com"
+    );
+    let records = vault
+        .store()
+        .inner
+        .scan_prefix(store::Table::Records, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1);
+    assert_eq!(vault.store().audit_head().seq, 2);
 }

@@ -4,6 +4,7 @@ use std::collections::HashMap;
 
 use super::{ItemError, LookupValue, NewValue, Record, Vault, now_ms};
 use crate::{
+    audit::AuditContext,
     authz::Permit,
     crypto::{self, SecretValue},
     fields::FieldSpec,
@@ -40,7 +41,9 @@ impl<S: Store> Vault<S> {
     pub async fn tokenize(
         &self,
         items: Vec<Permit<NewValue>>,
+        audit: &AuditContext,
     ) -> Result<Vec<ItemResult>, super::Error> {
+        let mut event = audit.event("OK");
         let mut results: Vec<Option<ItemResult>> = (0..items.len()).map(|_| None).collect();
         let mut pending = Vec::new();
         // Repeats of one deterministic value inside this request share the
@@ -49,6 +52,10 @@ impl<S: Store> Vault<S> {
         let mut repeats: Vec<(usize, usize)> = Vec::new();
         for (index, permit) in items.into_iter().enumerate() {
             let item = permit.into_item();
+            event.field_types.push(item.field_type.to_string());
+            if let Some(subject) = &item.subject {
+                event.subjects.push(self.audit_subject(subject));
+            }
             let prepared = self.spec(&item.field_type).and_then(|spec| {
                 let value = spec.normalize(&item.value)?;
                 let blind = spec
@@ -77,9 +84,19 @@ impl<S: Store> Vault<S> {
                     }
                     pending.push(p);
                 }
-                Err(e) => results[index] = Some(Err(e)),
+                Err(e) => {
+                    event.failed_items += 1;
+                    results[index] = Some(Err(e));
+                }
             }
         }
+        event.field_types.sort();
+        event.field_types.dedup();
+        event.subjects.sort();
+        event.subjects.dedup();
+        // The event goes into the first write, with the data it describes;
+        // if nothing is written, on its own.
+        let mut audit_payload = Some(event.encode());
 
         // Deterministic values that already have a token.
         let lookups: Vec<(usize, [u8; 32])> = pending
@@ -110,7 +127,12 @@ impl<S: Store> Vault<S> {
             if pending.is_empty() {
                 break;
             }
-            pending = self.store_new(pending, &mut results).await?;
+            pending = self
+                .store_new(pending, &mut results, audit_payload.take())
+                .await?;
+        }
+        if audit_payload.is_some() {
+            self.record(&event).await?;
         }
         for p in pending {
             results[p.index] = Some(Err(ItemError::TokenSpaceExhausted(p.spec.name.clone())));
@@ -130,6 +152,7 @@ impl<S: Store> Vault<S> {
         &self,
         pending: Vec<Pending<'a>>,
         results: &mut [Option<ItemResult>],
+        audit_payload: Option<Vec<u8>>,
     ) -> Result<Vec<Pending<'a>>, super::Error> {
         let (key_version, key) = self.keyring.active();
         let created_ms = now_ms();
@@ -179,10 +202,20 @@ impl<S: Store> Vault<S> {
             tokens.push(token);
             in_batch.push(p);
         }
-        if in_batch.is_empty() {
+        let audited = audit_payload.is_some();
+        if let Some(payload) = audit_payload {
+            batch.unit().append_audit(payload);
+        }
+        if in_batch.is_empty() && !audited {
             return Ok(Vec::new());
         }
-        let outcomes = self.store.commit(batch).await?;
+        let outcomes = self.store.commit(batch).await.map_err(|e| {
+            if audited {
+                super::Error::AuditUnavailable(e)
+            } else {
+                super::Error::Storage(e)
+            }
+        })?;
         let mut retry = Vec::new();
         for ((p, token), outcome) in in_batch.into_iter().zip(tokens).zip(outcomes) {
             match outcome {
@@ -205,11 +238,14 @@ impl<S: Store> Vault<S> {
     pub async fn lookup(
         &self,
         items: Vec<Permit<LookupValue>>,
+        audit: &AuditContext,
     ) -> Result<Vec<ItemResult>, super::Error> {
+        let mut event = audit.event("OK");
         let mut results: Vec<ItemResult> = Vec::with_capacity(items.len());
         let mut wanted = Vec::new();
         for (index, permit) in items.into_iter().enumerate() {
             let item = permit.into_item();
+            event.field_types.push(item.field_type.to_string());
             let blind = self.spec(&item.field_type).and_then(|spec| {
                 if !spec.deterministic {
                     return Err(ItemError::NotDeterministic(spec.name.clone()));
@@ -239,6 +275,16 @@ impl<S: Store> Vault<S> {
                 }
             }
         }
+        event.field_types.sort();
+        event.field_types.dedup();
+        event.failed_items +=
+            u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
+        event.tokens = results
+            .iter()
+            .flatten()
+            .map(|t| self.audit_token(t))
+            .collect();
+        self.record(&event).await?;
         Ok(results)
     }
 }

@@ -1,0 +1,290 @@
+//! The audit trail end to end: every call leaves one event, the events hold
+//! no value, `audit verify` accepts the untouched log and names the first bad
+//! sequence number of each kind of tampering.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::path::Path;
+
+use common::{TestVault, tokenvault_command};
+use tokenvault::{
+    proto::v1::{DetokenizeRequest, TokenizeItem, TokenizeRequest, tokenize_result},
+    store::{RocksStore, StoreOptions, Table, chain},
+};
+
+fn item(field_type: &str, value: &str) -> TokenizeItem {
+    TokenizeItem {
+        field_type: field_type.into(),
+        value: value.into(),
+        subject_id: String::new(),
+    }
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap() {
+        let entry = entry.unwrap();
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+fn audit(args: &[&str], data_dir: &Path) -> (bool, String) {
+    let out = tokenvault_command()
+        .arg("audit")
+        .args(args)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+    )
+}
+
+/// Builds a vault with six audited calls, stopped (so its final checkpoint
+/// is signed), and returns it with the auditor's copy of the public key.
+async fn audited_vault() -> (TestVault, String) {
+    let mut vault = TestVault::start();
+    let mut support = vault.client("support").await;
+    let mut checkout = vault.client("checkout").await;
+    let mut stranger = vault.client("stranger").await;
+    // 1: tokenize (allowed)
+    let response = support
+        .tokenize(TokenizeRequest {
+            items: vec![
+                item("email", "audit.me@example.com"),
+                item("phone", "+44 20 7946 0958"),
+            ],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let tokens: Vec<String> = response
+        .results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(tokenize_result::Result::Token(t)) => t,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+    let detokenize = |purpose: &str| DetokenizeRequest {
+        tokens: tokens.clone(),
+        purpose: purpose.into(),
+        masked: false,
+    };
+    // 2: detokenize (allowed)
+    support
+        .detokenize(detokenize("customer_support"))
+        .await
+        .unwrap();
+    // 3: detokenize by a tokenize-only client (denied)
+    checkout
+        .detokenize(detokenize("customer_support"))
+        .await
+        .unwrap_err();
+    // 4: an identity the policy does not know (denied)
+    stranger
+        .tokenize(TokenizeRequest {
+            items: vec![item("email", "x@example.com")],
+        })
+        .await
+        .unwrap_err();
+    // 5: a purpose support may not state (denied)
+    support
+        .detokenize(detokenize("marketing"))
+        .await
+        .unwrap_err();
+    // 6: tokenize again
+    support
+        .tokenize(TokenizeRequest {
+            items: vec![item("name", "Ada Lovelace")],
+        })
+        .await
+        .unwrap();
+    vault.stop();
+    let (ok, key) = audit(&["public-key"], &vault.data_dir());
+    assert!(ok);
+    (vault, key.trim().to_owned())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_call_is_audited_without_values_and_the_log_verifies() {
+    let (mut vault, key) = audited_vault().await;
+    let data = vault.data_dir();
+    let (ok, out) = audit(&["verify", "--public-key", &key], &data);
+    assert!(ok, "{out}");
+    assert!(
+        out.starts_with("ok: events 1..6 (6 events), 1 signed checkpoints verified"),
+        "{out}"
+    );
+
+    let (ok, export) = audit(&["export"], &data);
+    assert!(ok);
+    let events: Vec<serde_json::Value> = export
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(events.len(), 6);
+    let summary: Vec<(String, String, String)> = events
+        .iter()
+        .map(|e| {
+            (
+                e["method"].as_str().unwrap().into(),
+                e["outcome"].as_str().unwrap().into(),
+                e["identity"].as_str().unwrap().into(),
+            )
+        })
+        .collect();
+    let support = common::spiffe("support");
+    assert_eq!(
+        summary,
+        vec![
+            ("Tokenize".into(), "OK".into(), support.clone()),
+            ("Detokenize".into(), "OK".into(), support.clone()),
+            (
+                "Detokenize".into(),
+                "PERMISSION_DENIED".into(),
+                common::spiffe("checkout")
+            ),
+            (
+                "Tokenize".into(),
+                "PERMISSION_DENIED".into(),
+                common::spiffe("stranger")
+            ),
+            (
+                "Detokenize".into(),
+                "PERMISSION_DENIED".into(),
+                support.clone()
+            ),
+            ("Tokenize".into(), "OK".into(), support),
+        ]
+    );
+    assert_eq!(events[1]["purpose"], "customer_support");
+    assert_eq!(
+        events[1]["field_types"],
+        serde_json::json!(["email", "phone"])
+    );
+    assert_eq!(events[1]["tokens"].as_array().unwrap().len(), 2);
+    assert_eq!(events[4]["purpose"], "marketing");
+    for (seq, event) in events.iter().enumerate() {
+        assert_eq!(event["seq"], seq as u64 + 1);
+    }
+    // Request ids tie each event to its log line.
+    let request_id = events[1]["request_id"].as_str().unwrap();
+    assert!(vault.logs().contains(request_id));
+    // Filters.
+    let (_, only_checkout) = audit(
+        &["export", "--identity", &common::spiffe("checkout")],
+        &data,
+    );
+    assert_eq!(only_checkout.lines().count(), 1);
+    let (_, future) = audit(&["export", "--since", "2999-01-01T00:00:00Z"], &data);
+    assert_eq!(future.lines().count(), 0);
+    // No value and no token in the audit log (tokens appear only as HMACs).
+    for secret in [
+        "audit.me@example.com",
+        "+442079460958",
+        "Ada Lovelace",
+        "tok_",
+    ] {
+        assert!(!export.contains(secret), "export contains {secret}");
+    }
+    vault.assert_log_free_of(&["audit.me@example.com", "+442079460958", "Ada Lovelace"]);
+}
+
+/// Applies `tamper` to a copy of the data directory and returns what
+/// `audit verify` says of it.
+fn verify_after(
+    vault: &TestVault,
+    key: &str,
+    name: &str,
+    tamper: impl FnOnce(&RocksStore),
+) -> String {
+    let copy = vault.root.path().join(name);
+    copy_dir(&vault.data_dir(), &copy);
+    {
+        let store = RocksStore::open(&copy, &StoreOptions::default()).unwrap();
+        tamper(&store);
+        store.close();
+    }
+    let (ok, out) = audit(&["verify", "--public-key", key], &copy);
+    assert!(!ok, "{name}: tampering not detected: {out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tampering_is_detected_at_the_first_bad_sequence_number() {
+    let (vault, key) = audited_vault().await;
+    let get = |store: &RocksStore, seq: u64| {
+        store
+            .get_blocking(Table::Audit, &chain::key(seq))
+            .unwrap()
+            .unwrap()
+    };
+
+    let out = verify_after(&vault, &key, "changed", |store| {
+        let mut value = get(store, 3);
+        let last = value.len() - 2;
+        value[last] ^= 0x20;
+        store
+            .put_blocking(Table::Audit, &chain::key(3), &value)
+            .unwrap();
+    });
+    assert!(
+        out.contains("broken at sequence 3: event was changed"),
+        "{out}"
+    );
+
+    let out = verify_after(&vault, &key, "deleted", |store| {
+        store.delete_blocking(Table::Audit, &chain::key(3)).unwrap();
+    });
+    assert!(
+        out.contains("broken at sequence 3: event 3 is missing"),
+        "{out}"
+    );
+
+    let out = verify_after(&vault, &key, "reordered", |store| {
+        let (two, three) = (get(store, 2), get(store, 3));
+        store
+            .put_blocking(Table::Audit, &chain::key(2), &three)
+            .unwrap();
+        store
+            .put_blocking(Table::Audit, &chain::key(3), &two)
+            .unwrap();
+    });
+    assert!(out.contains("broken at sequence 2"), "{out}");
+
+    let out = verify_after(&vault, &key, "truncated", |store| {
+        store.delete_blocking(Table::Audit, &chain::key(6)).unwrap();
+        store.delete_blocking(Table::Audit, &chain::key(5)).unwrap();
+    });
+    assert!(
+        out.contains("broken at sequence 5") && out.contains("truncated"),
+        "{out}"
+    );
+
+    // A rewrite that recomputes the entry's own digest still breaks the
+    // next link and the signed checkpoint.
+    let out = verify_after(&vault, &key, "rewritten", |store| {
+        let prev = chain::decode(&get(store, 4)).unwrap().prev;
+        let forged = chain::encode(4, &prev, br#"{"forged":true}"#);
+        store
+            .put_blocking(Table::Audit, &chain::key(4), &forged)
+            .unwrap();
+    });
+    assert!(out.contains("broken at sequence 4"), "{out}");
+
+    // Another key's signature does not pass.
+    let (ok, out) = audit(
+        &["verify", "--public-key", &"ab".repeat(32)],
+        &vault.data_dir(),
+    );
+    assert!(!ok && out.contains("signature"), "{out}");
+}
