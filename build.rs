@@ -7,7 +7,10 @@ use std::{env, error::Error, fs, path::PathBuf};
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn Error>> {
-    let protos = ["proto/tokenvault/v1/tokenvault.proto"];
+    let protos = [
+        "proto/tokenvault/v1/tokenvault.proto",
+        "proto/tokenvault/v1/subjects.proto",
+    ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");
     }

@@ -22,15 +22,37 @@ pub enum Action {
     RevealMasked,
     /// Find the token of a value of a deterministic field type.
     Lookup,
+    /// Replace the value behind a token (rectification).
+    Update,
+    /// Delete single tokens.
+    Delete,
+    /// Export all values of a data subject (`subject:export`).
+    SubjectExport,
+    /// Erase a data subject (`subject:erase`).
+    SubjectErase,
+    /// Read consent decisions (`consent:read`).
+    ConsentRead,
+    /// Record consent decisions (`consent:write`).
+    ConsentWrite,
 }
 
 impl Action {
-    /// Every action, in scope-name order.
-    pub const ALL: [Action; 4] = [
+    /// Actions granted per field type (`<action>:<field type>` or `:*`).
+    pub const PER_FIELD: [Action; 6] = [
         Action::Tokenize,
         Action::Detokenize,
         Action::RevealMasked,
         Action::Lookup,
+        Action::Update,
+        Action::Delete,
+    ];
+
+    /// Actions granted whole: the scope is the action's name itself.
+    pub const GLOBAL: [Action; 4] = [
+        Action::SubjectExport,
+        Action::SubjectErase,
+        Action::ConsentRead,
+        Action::ConsentWrite,
     ];
 
     /// The name scopes use.
@@ -40,7 +62,17 @@ impl Action {
             Action::Detokenize => "detokenize",
             Action::RevealMasked => "reveal_masked",
             Action::Lookup => "lookup",
+            Action::Update => "update",
+            Action::Delete => "delete",
+            Action::SubjectExport => "subject:export",
+            Action::SubjectErase => "subject:erase",
+            Action::ConsentRead => "consent:read",
+            Action::ConsentWrite => "consent:write",
         }
+    }
+
+    fn is_global(self) -> bool {
+        Self::GLOBAL.contains(&self)
     }
 }
 
@@ -100,7 +132,7 @@ impl Scope {
 /// Why a string is not a scope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid scope {0:?}: expected tokenize:, detokenize:, reveal_masked: or lookup: followed by a field type or *"
+    "invalid scope {0:?}: expected tokenize:, detokenize:, reveal_masked:, lookup:, update: or delete: followed by a field type or *, or one of subject:export, subject:erase, consent:read, consent:write"
 )]
 pub struct ScopeError(String);
 
@@ -109,8 +141,14 @@ impl FromStr for Scope {
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let err = || ScopeError(s.to_owned());
+        if let Some(action) = Action::GLOBAL.into_iter().find(|a| a.name() == s) {
+            return Ok(Self {
+                action,
+                fields: FieldSelector::Any,
+            });
+        }
         let (action, fields) = s.split_once(':').ok_or_else(err)?;
-        let action = Action::ALL
+        let action = Action::PER_FIELD
             .into_iter()
             .find(|a| a.name() == action)
             .ok_or_else(err)?;
@@ -125,6 +163,7 @@ impl FromStr for Scope {
 impl fmt::Display for Scope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.fields {
+            _ if self.action.is_global() => f.write_str(self.action.name()),
             FieldSelector::Any => write!(f, "{}:*", self.action.name()),
             FieldSelector::One(ft) => write!(f, "{}:{ft}", self.action.name()),
         }
@@ -390,6 +429,39 @@ impl Grants<'_> {
         ))))
     }
 
+    /// Permits a whole-vault action (`subject:export`, `consent:write`...) on
+    /// `item`.
+    ///
+    /// # Errors
+    /// A [`Denial`] naming the scope.
+    pub fn permit_global<T>(&self, action: Action, item: T) -> Result<Permit<T>, Denial> {
+        let granted = self
+            .rules
+            .iter()
+            .flat_map(|r| &r.scopes)
+            .any(|s| s.action == action);
+        if granted {
+            Ok(Permit { item })
+        } else {
+            Err(self.deny(DenialReason::NoScopeFor(action)))
+        }
+    }
+
+    /// Permits `action` on a value of `field_type` (read from its record).
+    ///
+    /// # Errors
+    /// A [`Denial`] naming the missing scope.
+    pub fn permit_field(
+        &self,
+        action: Action,
+        field_type: &FieldType,
+    ) -> Result<Permit<FieldType>, Denial> {
+        self.check(action, field_type)?;
+        Ok(Permit {
+            item: field_type.clone(),
+        })
+    }
+
     fn covered(&self, action: Action, field_type: &FieldType) -> bool {
         self.rules
             .iter()
@@ -495,12 +567,7 @@ impl fmt::Display for Denial {
                 write!(f, "identity {} lacks scope {scope}", self.client)
             }
             DenialReason::NoScopeFor(action) => {
-                write!(
-                    f,
-                    "identity {} has no {} scope for any field type",
-                    self.client,
-                    action.name()
-                )
+                write!(f, "identity {} has no {} scope", self.client, action.name())
             }
             DenialReason::Purpose(purpose) => {
                 write!(
@@ -555,6 +622,12 @@ mod tests {
             "detokenize:card_number",
             "reveal_masked:card_number",
             "lookup:email",
+            "update:*",
+            "delete:email",
+            "subject:export",
+            "subject:erase",
+            "consent:read",
+            "consent:write",
         ] {
             assert_eq!(s.parse::<Scope>().unwrap().to_string(), s);
         }
@@ -564,6 +637,8 @@ mod tests {
             "tokenize:",
             "tokenize:Email",
             ":email",
+            "subject:*",
+            "consent:email",
         ] {
             assert!(s.parse::<Scope>().is_err(), "{s}");
         }

@@ -418,6 +418,7 @@ async fn client(args: ClientArgs) -> Result<ExitCode, String> {
                     field_type: field_type.clone(),
                     value,
                     subject_id: subject.clone().unwrap_or_default(),
+                    ttl_seconds: 0,
                 })
                 .collect();
             let response = client

@@ -48,6 +48,8 @@ pub struct RawConfig {
     pub log: RawLog,
     /// The audit trail.
     pub audit: RawAudit,
+    /// Data subjects: erasure ledger and retention.
+    pub subjects: RawSubjects,
     /// Field types the vault accepts, by name.
     pub field_types: BTreeMap<String, RawFieldType>,
     /// Access rules; default deny.
@@ -126,6 +128,18 @@ pub struct RawAudit {
     pub checkpoint_interval_seconds: u64,
 }
 
+/// `[subjects]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSubjects {
+    /// The erasure ledger file; default: next to the data directory
+    /// (`<data_dir>.erasures`), so restoring the data directory does not roll
+    /// it back.
+    pub erasure_ledger: Option<RelativePathBuf>,
+    /// How often expired values are purged.
+    pub retention_sweep_interval_seconds: u64,
+}
+
 /// Log output format.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "lowercase")]
@@ -165,6 +179,10 @@ pub struct RawFieldType {
     pub luhn: Option<crate::fields::Luhn>,
     /// For `email` tokens: the domain they end in.
     pub token_domain: Option<String>,
+    /// Purposes for which detokenizing a subject's value of this type needs
+    /// the subject's recorded consent (e.g. `marketing`). Purposes not listed
+    /// (e.g. `fraud_prevention`, `legal_obligation`) need none.
+    pub consent_purposes: Option<Vec<String>>,
 }
 
 /// One `[[policy]]` entry.
@@ -222,6 +240,10 @@ impl Default for RawConfig {
             audit: RawAudit {
                 checkpoint_interval_seconds: 10,
             },
+            subjects: RawSubjects {
+                erasure_ledger: None,
+                retention_sweep_interval_seconds: 300,
+            },
             field_types: BUILTIN_FIELD_TYPES
                 .iter()
                 .map(|(name, max)| {
@@ -266,6 +288,10 @@ pub struct Config {
     pub log_level: String,
     /// How often the audit chain head is signed.
     pub audit_checkpoint_interval: Duration,
+    /// The erasure ledger file.
+    pub erasure_ledger: PathBuf,
+    /// How often expired values are purged.
+    pub retention_sweep_interval: Duration,
     /// Known field types and their settings.
     pub field_types: FieldRegistry,
     /// The access policy.
@@ -426,6 +452,18 @@ impl Config {
             log_format: raw.log.format,
             log_level: raw.log.level.clone(),
             audit_checkpoint_interval: Duration::from_secs(raw.audit.checkpoint_interval_seconds),
+            erasure_ledger: raw.subjects.erasure_ledger.as_ref().map_or_else(
+                || {
+                    let data_dir = raw.data_dir.relative();
+                    let mut name = data_dir.file_name().unwrap_or_default().to_os_string();
+                    name.push(".erasures");
+                    data_dir.with_file_name(name)
+                },
+                RelativePathBuf::relative,
+            ),
+            retention_sweep_interval: Duration::from_secs(
+                raw.subjects.retention_sweep_interval_seconds.max(1),
+            ),
             field_types,
             policy,
             raw,

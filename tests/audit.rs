@@ -19,6 +19,7 @@ fn item(field_type: &str, value: &str) -> TokenizeItem {
         field_type: field_type.into(),
         value: value.into(),
         subject_id: String::new(),
+        ttl_seconds: 0,
     }
 }
 
@@ -98,7 +99,7 @@ async fn audited_vault() -> (TestVault, String) {
         .unwrap_err();
     // 5: a purpose support may not state (denied)
     support
-        .detokenize(detokenize("marketing"))
+        .detokenize(detokenize("advertising"))
         .await
         .unwrap_err();
     // 6: tokenize again
@@ -172,7 +173,7 @@ async fn every_call_is_audited_without_values_and_the_log_verifies() {
         serde_json::json!(["email", "phone"])
     );
     assert_eq!(events[1]["tokens"].as_array().unwrap().len(), 2);
-    assert_eq!(events[4]["purpose"], "marketing");
+    assert_eq!(events[4]["purpose"], "advertising");
     for (seq, event) in events.iter().enumerate() {
         assert_eq!(event["seq"], seq as u64 + 1);
     }

@@ -39,6 +39,7 @@ fn item(field_type: &str, value: &str) -> TokenizeItem {
         field_type: field_type.into(),
         value: value.into(),
         subject_id: String::new(),
+        ttl_seconds: 0,
     }
 }
 
@@ -79,14 +80,17 @@ async fn sixty_four_concurrent_tokenizes_of_one_new_value_get_one_token() {
                 LookupItem {
                     field_type: "customer_email".into(),
                     value: " race@EXAMPLE.com".into(),
+                    subject_id: String::new(),
                 },
                 LookupItem {
                     field_type: "customer_email".into(),
                     value: "never@example.com".into(),
+                    subject_id: String::new(),
                 },
                 LookupItem {
                     field_type: "email".into(),
                     value: "race@example.com".into(),
+                    subject_id: String::new(),
                 },
             ],
         })
@@ -118,6 +122,7 @@ async fn sixty_four_concurrent_tokenizes_of_one_new_value_get_one_token() {
             items: vec![LookupItem {
                 field_type: "customer_email".into(),
                 value: "race@example.com".into(),
+                subject_id: String::new(),
             }],
         })
         .await

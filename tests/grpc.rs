@@ -25,6 +25,7 @@ fn item(field_type: &str, value: &str) -> TokenizeItem {
         field_type: field_type.into(),
         value: value.into(),
         subject_id: String::new(),
+        ttl_seconds: 0,
     }
 }
 
@@ -208,12 +209,12 @@ async fn scopes_and_purposes_are_enforced() {
     );
 
     // A purpose the caller may not state.
-    let status = detokenize(&mut support, &tokens, "marketing")
+    let status = detokenize(&mut support, &tokens, "advertising")
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
     assert!(
-        status.message().contains("purpose marketing"),
+        status.message().contains("purpose advertising"),
         "{}",
         status.message()
     );

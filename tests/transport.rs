@@ -21,6 +21,7 @@ fn request() -> TokenizeRequest {
             field_type: "email".into(),
             value: "tls@example.com".into(),
             subject_id: String::new(),
+            ttl_seconds: 0,
         }],
     }
 }

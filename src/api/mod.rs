@@ -6,6 +6,7 @@
 //! method, item count, status code and latency: never a value or a token.
 
 mod status;
+mod subjects;
 
 use std::{
     sync::{Arc, Mutex},
@@ -44,6 +45,15 @@ pub struct TokenVaultService<S> {
     settings: Arc<ApiSettings>,
 }
 
+impl<S> Clone for TokenVaultService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            vault: Arc::clone(&self.vault),
+            settings: Arc::clone(&self.settings),
+        }
+    }
+}
+
 impl<S> TokenVaultService<S> {
     /// A service over `vault`.
     pub fn new(vault: Arc<Vault<S>>, settings: ApiSettings) -> Self {
@@ -67,7 +77,7 @@ fn caller<T>(request: &Request<T>) -> Result<ClientId, Error> {
 }
 
 /// Logs a denial once, with structured fields and no value.
-fn log_denial(denial: &Denial) {
+pub(crate) fn log_denial(denial: &Denial) {
     let (scope, purpose) = match denial.reason() {
         DenialReason::MissingScope(scope) => (Some(scope.to_string()), None),
         DenialReason::NoScopeFor(action) => {
@@ -195,17 +205,12 @@ impl<S: Store> TokenVaultService<S> {
             // copy is the zeroizing one.
             let value = SecretValue::new(std::mem::take(&mut item.value));
             let parsed = self.field_type(&item.field_type).and_then(|field_type| {
-                let subject = match item.subject_id.as_str() {
-                    "" => None,
-                    id => Some(
-                        id.parse::<SubjectId>()
-                            .map_err(|e| item_error(Code::InvalidArgument, e.to_string()))?,
-                    ),
-                };
+                let subject = parse_subject(&item.subject_id)?;
                 let new = NewValue {
                     field_type,
                     value,
                     subject,
+                    ttl_seconds: (item.ttl_seconds > 0).then_some(item.ttl_seconds),
                 };
                 grants.permit_tokenize(new).map_err(|d| denied_item(&d))
             });
@@ -285,7 +290,7 @@ impl<S: Store> TokenVaultService<S> {
         let audit = call.audit(results.len(), failed);
         let mut revealed = self
             .vault
-            .detokenize(&tokens, authorize, &audit)
+            .detokenize(&tokens, purpose.purpose(), authorize, &audit)
             .await?
             .into_iter();
         let results = results
@@ -330,8 +335,13 @@ impl<S: Store> TokenVaultService<S> {
         for mut item in request.items {
             let value = SecretValue::new(std::mem::take(&mut item.value));
             let parsed = self.field_type(&item.field_type).and_then(|field_type| {
+                let subject = parse_subject(&item.subject_id)?;
                 grants
-                    .permit_lookup(LookupValue { field_type, value })
+                    .permit_lookup(LookupValue {
+                        field_type,
+                        value,
+                        subject,
+                    })
                     .map_err(|d| denied_item(&d))
             });
             match parsed {
@@ -369,6 +379,16 @@ impl<S: Store> TokenVaultService<S> {
             .collect();
         Ok(pb::LookupTokensResponse { results })
     }
+}
+
+/// An optional subject id: empty means none.
+fn parse_subject(id: &str) -> Result<Option<SubjectId>, pb::ItemError> {
+    if id.is_empty() {
+        return Ok(None);
+    }
+    id.parse()
+        .map(Some)
+        .map_err(|e: crate::vault::SubjectIdError| item_error(Code::InvalidArgument, e.to_string()))
 }
 
 /// A request-level denial, logged once.

@@ -23,6 +23,9 @@ pub enum Error {
     /// The vault failed.
     #[error(transparent)]
     Vault(#[from] vault::Error),
+    /// A single-item call failed with this item error (already audited).
+    #[error("{}", .0.message)]
+    Item(pb::ItemError),
 }
 
 impl Error {
@@ -42,6 +45,7 @@ impl Error {
             Error::Denied(_) => "PERMISSION_DENIED",
             Error::InvalidArgument(_) => "INVALID_ARGUMENT",
             Error::Vault(_) => "UNAVAILABLE",
+            Error::Item(_) => "ITEM_ERROR",
         }
     }
 }
@@ -53,6 +57,7 @@ impl From<Error> for Status {
             Error::Denied(d) => Status::permission_denied(d.to_string()),
             Error::InvalidArgument(m) => Status::invalid_argument(m),
             Error::Vault(e) => vault_status(e),
+            Error::Item(e) => Status::new(Code::from_i32(e.code), e.message),
         }
     }
 }
@@ -107,6 +112,8 @@ pub fn vault_item_error(err: &vault::ItemError) -> pb::ItemError {
         E::Denied(_) => Code::PermissionDenied,
         E::NotDeterministic(_) => Code::FailedPrecondition,
         E::TokenSpaceExhausted(_) => Code::ResourceExhausted,
+        E::ConsentMissing(_) => Code::FailedPrecondition,
+        E::ValueTaken(_) => Code::AlreadyExists,
     };
     item_error(code, err.to_string())
 }

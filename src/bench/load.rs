@@ -231,6 +231,7 @@ async fn tokenize(
             field_type: "email".into(),
             value: format!("bench.{task}.{i}.{k}@example.com"),
             subject_id: String::new(),
+            ttl_seconds: 0,
         })
         .collect();
     let response = client
@@ -296,6 +297,7 @@ pub async fn fill(
                             field_type: "email".into(),
                             value: format!("preload.{n}@example.com"),
                             subject_id: String::new(),
+                            ttl_seconds: 0,
                         })
                         .collect();
                     let response = client

@@ -419,6 +419,7 @@ async fn in_process_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(),
                                         "ceiling.{task}.{i}.{k}@example.com"
                                     )),
                                     subject: None,
+                                    ttl_seconds: None,
                                 })
                             })
                             .collect();

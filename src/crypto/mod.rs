@@ -125,6 +125,23 @@ impl DataKey {
             .map_err(|_| Error::Authentication)
     }
 
+    /// Wraps another key under this one, bound to `label`: how subject keys
+    /// are wrapped by the subject KEK.
+    ///
+    /// # Errors
+    /// If the random source fails.
+    pub fn wrap_key(&self, key: &DataKey, label: &[u8]) -> Result<Sealed, Error> {
+        self.wrap(key, label)
+    }
+
+    /// The inverse of [`DataKey::wrap_key`].
+    ///
+    /// # Errors
+    /// [`Error::Authentication`] with the wrong key or label.
+    pub fn unwrap_wrapped(&self, sealed: &Sealed, label: &[u8]) -> Result<DataKey, Error> {
+        self.unwrap_key(sealed, label)
+    }
+
     /// Seals `key` under this key: how data keys are wrapped by the master key.
     fn wrap(&self, key: &DataKey, aad: &[u8]) -> Result<Sealed, Error> {
         self.seal(key.bytes.as_ref(), aad)
@@ -175,6 +192,12 @@ impl HashKey {
     /// The hash as lower-case hex, as audit events and exports show it.
     pub fn hash_hex(&self, domain: &[u8], data: &[u8]) -> String {
         data_encoding::HEXLOWER.encode(&self.hash(domain, data))
+    }
+
+    /// Uses these 256 bits as an AES-256-GCM-SIV key (for keys stored with
+    /// the hash keys' machinery).
+    pub(crate) fn into_data_key(self) -> DataKey {
+        DataKey::from_bytes(self.bytes)
     }
 
     fn as_data_key(&self) -> DataKey {

@@ -90,6 +90,8 @@ pub struct FieldSpec {
     pub retention: Option<Duration>,
     /// How the value is masked for callers with only `reveal_masked`.
     pub mask: MaskRule,
+    /// Purposes that need the subject's consent to reveal a value.
+    pub consent_purposes: std::collections::BTreeSet<String>,
 }
 
 /// A value that broke its field type's rules. Names the rule, never the value.
@@ -401,7 +403,15 @@ fn spec_from_raw(
         Some(days) => Some(Duration::from_secs(u64::from(days) * 86_400)),
         None => None,
     };
+    let mut consent_purposes = std::collections::BTreeSet::new();
+    for purpose in raw.consent_purposes.iter().flatten() {
+        let parsed: crate::authz::Purpose = purpose
+            .parse()
+            .map_err(|e| (key("consent_purposes"), format!("{purpose:?}: {e}")))?;
+        consent_purposes.insert(parsed.as_str().to_owned());
+    }
     Ok(FieldSpec {
+        consent_purposes,
         name: field_type,
         kind,
         max_value_bytes,

@@ -133,18 +133,22 @@ pub async fn run(
         .await
         .map_err(|e| store::Error::Backend(e.to_string()))??
     };
-    let vault = Arc::new(Vault::open(store, &master, config.field_types.clone()).await?);
+    let (vault, _) = Vault::open(store, &master, config.field_types.clone())
+        .await?
+        .with_ledger(&config.erasure_ledger)
+        .await?;
+    let vault = Arc::new(vault);
     drop(master);
 
     let settings = ApiSettings {
         limits: config.limits,
         policy: config.policy.clone(),
     };
-    let service = proto::v1::token_vault_server::TokenVaultServer::new(TokenVaultService::new(
-        Arc::clone(&vault),
-        settings,
-    ))
-    .max_decoding_message_size(config.limits.max_message_bytes);
+    let api = TokenVaultService::new(Arc::clone(&vault), settings);
+    let subjects = proto::v1::subjects_server::SubjectsServer::new(api.clone())
+        .max_decoding_message_size(config.limits.max_message_bytes);
+    let service = proto::v1::token_vault_server::TokenVaultServer::new(api)
+        .max_decoding_message_size(config.limits.max_message_bytes);
 
     let (reflection_v1, reflection_v1alpha) = reflection(&[
         proto::FILE_DESCRIPTOR_SET,
@@ -182,6 +186,28 @@ pub async fn run(
         })
     };
 
+    // Purges expired values now and then (they are NOT_FOUND already).
+    let sweeper = {
+        let vault = Arc::clone(&vault);
+        let interval = config.retention_sweep_interval;
+        let mut stop = stop_rx.clone();
+        tokio::spawn(async move {
+            let mut ticker = tokio::time::interval(interval);
+            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = ticker.tick() => {}
+                    _ = stop.changed() => return,
+                }
+                match vault.sweep_expired().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(purged = n, "purged expired values"),
+                    Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+                }
+            }
+        })
+    };
+
     set_status(&health, ServingStatus::Serving).await;
     tracing::info!(
         grpc.addr = %grpc_addr,
@@ -199,6 +225,7 @@ pub async fn run(
         Server::builder()
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(service)
+            .add_service(subjects)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)
@@ -231,6 +258,7 @@ pub async fn run(
     accept_task.abort();
     let _ = health_task.await;
     let _ = checkpointer.await;
+    let _ = sweeper.await;
     drop(grpc);
     // The last events of this run get their signature before the store closes.
     match vault.checkpoint_audit().await {

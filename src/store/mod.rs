@@ -28,17 +28,24 @@ pub enum Table {
     Audit,
     /// Signed checkpoints of the audit chain, by sequence number.
     AuditCheckpoints,
+    /// Subject hash + token → the token's blind-index key (or nothing): what
+    /// export and erasure find a subject's values by.
+    SubjectIndex,
+    /// Subject hash + purpose → consent decision.
+    Consent,
 }
 
 impl Table {
     /// Every table, in the order they are created.
-    pub const ALL: [Table; 6] = [
+    pub const ALL: [Table; 8] = [
         Table::Records,
         Table::Keys,
         Table::Meta,
         Table::Index,
         Table::Audit,
         Table::AuditCheckpoints,
+        Table::SubjectIndex,
+        Table::Consent,
     ];
 
     /// The column family name on disk. Never change a released name.
@@ -50,6 +57,8 @@ impl Table {
             Table::Index => "blind_index",
             Table::Audit => "audit",
             Table::AuditCheckpoints => "audit_checkpoints",
+            Table::SubjectIndex => "subject_index",
+            Table::Consent => "consent",
         }
     }
 }
@@ -271,4 +280,18 @@ pub trait Store: Send + Sync + 'static {
 
     /// The newest entry of the audit chain, as of the last commit.
     fn audit_head(&self) -> chain::Head;
+
+    /// Up to `limit` keys and values of `table` from `from` (inclusive) on,
+    /// in key order: a page of a scan over a large table.
+    fn scan_from(
+        &self,
+        table: Table,
+        from: Vec<u8>,
+        limit: usize,
+    ) -> impl Future<Output = Result<KeyValues, Error>> + Send;
+
+    /// Makes deleted keys leave the data files: flushes memtables (so the
+    /// write-ahead log holding the old values is retired) and compacts the
+    /// ranges holding `keys`.
+    fn purge(&self, keys: Vec<(Table, Vec<u8>)>) -> impl Future<Output = Result<(), Error>> + Send;
 }

@@ -262,6 +262,51 @@ impl Store for RocksStore {
         .await
     }
 
+    async fn scan_from(
+        &self,
+        table: Table,
+        from: Vec<u8>,
+        limit: usize,
+    ) -> Result<KeyValues, Error> {
+        let db = Arc::clone(&self.db);
+        blocking(move || {
+            let cf = cf(&db, table)?;
+            let mut out = Vec::new();
+            for item in db.iterator_cf(cf, IteratorMode::From(&from, Direction::Forward)) {
+                if out.len() >= limit {
+                    break;
+                }
+                let (key, value) = item.map_err(classify)?;
+                out.push((key.into_vec(), value.into_vec()));
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn purge(&self, keys: Vec<(Table, Vec<u8>)>) -> Result<(), Error> {
+        let db = Arc::clone(&self.db);
+        blocking(move || {
+            let mut flush = rocksdb::FlushOptions::default();
+            flush.set_wait(true);
+            for table in Table::ALL {
+                db.flush_cf_opt(cf(&db, table)?, &flush).map_err(classify)?;
+            }
+            let mut opts = rocksdb::CompactOptions::default();
+            // Rewrite the bottom level too, so no older copy survives there.
+            opts.set_bottommost_level_compaction(
+                rocksdb::BottommostLevelCompaction::ForceOptimized,
+            );
+            for (table, key) in keys {
+                let mut end = key.clone();
+                end.push(0);
+                db.compact_range_cf_opt(cf(&db, table)?, Some(&key), Some(&end), &opts);
+            }
+            Ok(())
+        })
+        .await
+    }
+
     fn audit_head(&self) -> Head {
         *self
             .head

@@ -14,6 +14,9 @@ const DEK_PREFIX: &str = "dek/";
 const SUBJECT_KEY_PREFIX: &str = "subject-hash/";
 const INDEX_KEY_PREFIX: &str = "index-hash/";
 const AUDIT_HASH_PREFIX: &str = "audit-hash/";
+const SUBJECT_KEK_PREFIX: &str = "subject-kek/";
+/// Where each subject's own data key is stored, wrapped by the subject KEK.
+pub const SUBJECT_KEY_PREFIX_BYTES: &[u8] = b"subject-key/";
 const AUDIT_SIGNING_PREFIX: &str = "audit-signing/";
 /// The audit public key, stored in the clear so offline verification needs
 /// no secret.
@@ -31,6 +34,9 @@ pub struct Keyring {
     audit_key: HashKey,
     /// Signs audit checkpoints.
     audit_signer: AuditSigningKey,
+    /// Wraps each subject's own data key (itself wrapped by the master key),
+    /// so the master key need not stay in memory to create subject keys.
+    subject_kek: DataKey,
 }
 
 impl Keyring {
@@ -69,6 +75,9 @@ impl Keyring {
         let audit_key = hash_key(store, master, AUDIT_HASH_PREFIX).await?;
         let audit_signer =
             AuditSigningKey::from_seed(&hash_key(store, master, AUDIT_SIGNING_PREFIX).await?);
+        let subject_kek = hash_key(store, master, SUBJECT_KEK_PREFIX)
+            .await?
+            .into_data_key();
         let public = audit_signer.public_key().to_vec();
         let stored = store
             .get_many(Table::Keys, vec![AUDIT_PUBLIC_KEY_LABEL.to_vec()])
@@ -84,6 +93,7 @@ impl Keyring {
             index_key,
             audit_key,
             audit_signer,
+            subject_kek,
         })
     }
 
@@ -120,6 +130,32 @@ impl Keyring {
     /// The key that signs audit checkpoints.
     pub fn audit_signer(&self) -> &AuditSigningKey {
         &self.audit_signer
+    }
+
+    /// A new subject data key, and its wrapped form for `label`.
+    ///
+    /// # Errors
+    /// If the random source fails.
+    pub fn new_subject_key(&self, label: &[u8]) -> Result<(DataKey, Vec<u8>), Error> {
+        let key = DataKey::generate()?;
+        let wrapped = encode_wrapped(&self.subject_kek.wrap_key(&key, label)?);
+        Ok((key, wrapped))
+    }
+
+    /// Unwraps a stored subject data key.
+    ///
+    /// # Errors
+    /// If it is malformed or does not unwrap.
+    pub fn open_subject_key(&self, label: &[u8], wrapped: &[u8]) -> Result<DataKey, Error> {
+        let sealed = decode_wrapped(label, wrapped)?;
+        self.subject_kek
+            .unwrap_wrapped(&sealed, label)
+            .map_err(|_| {
+                Error::CorruptKey(format!(
+                    "subject key {} does not unwrap",
+                    String::from_utf8_lossy(label)
+                ))
+            })
     }
 }
 

@@ -7,8 +7,10 @@
 
 mod audit;
 mod keyring;
+mod ledger;
 mod record;
 mod reveal;
+mod subjects;
 mod tokenize;
 
 use std::{
@@ -17,8 +19,10 @@ use std::{
 };
 
 pub use keyring::{AUDIT_PUBLIC_KEY_LABEL, Keyring};
+pub use ledger::{Erasure, ErasureLedger, LedgerError};
 pub use record::{DecodeError, Record};
 pub use reveal::Revealed;
+pub use subjects::{ConsentState, ErasureReceipt, SubjectField};
 
 use crate::{
     authz::{Denial, Guarded, Lookupable, Tokenizable},
@@ -39,6 +43,8 @@ pub struct NewValue {
     pub value: SecretValue,
     /// The data subject it belongs to, if any.
     pub subject: Option<SubjectId>,
+    /// Seconds until it expires; `None` for the field type's retention.
+    pub ttl_seconds: Option<u64>,
 }
 
 impl Guarded for NewValue {
@@ -55,6 +61,9 @@ pub struct LookupValue {
     pub field_type: FieldType,
     /// The plaintext, as the caller sent it.
     pub value: SecretValue,
+    /// The subject it was tokenized for, if any (deterministic tokens are
+    /// per subject).
+    pub subject: Option<SubjectId>,
 }
 
 impl Guarded for LookupValue {
@@ -121,6 +130,12 @@ pub enum ItemError {
     /// The value cannot get a token in this field type's format.
     #[error("field type {0}: {1}")]
     Unformattable(FieldType, crate::fields::TokenError),
+    /// The purpose needs the subject's consent, which is not recorded.
+    #[error("the data subject has not consented to purpose {0}; nothing was revealed")]
+    ConsentMissing(String),
+    /// An update would give a deterministic value a second token.
+    #[error("another token of field type {0} already holds this value")]
+    ValueTaken(FieldType),
 }
 
 /// A failure of a whole vault operation. Messages carry no value or key.
@@ -144,6 +159,9 @@ pub enum Error {
     /// The audit event could not be written, so the request was refused.
     #[error("the audit log cannot be written: {0}")]
     AuditUnavailable(store::Error),
+    /// The erasure ledger cannot be read or written.
+    #[error(transparent)]
+    Ledger(#[from] LedgerError),
 }
 
 /// The vault over a store `S`.
@@ -153,7 +171,14 @@ pub struct Vault<S> {
     fields: FieldRegistry,
     /// The audit sequence number last signed by this process.
     last_checkpoint: std::sync::Mutex<u64>,
+    /// Where erasures are recorded outside the data directory.
+    ledger: Option<ErasureLedger>,
+    /// The time, in ms since the epoch; replaceable so tests can move it.
+    clock: Clock,
 }
+
+/// A source of the current time in milliseconds since the Unix epoch.
+pub type Clock = std::sync::Arc<dyn Fn() -> u64 + Send + Sync>;
 
 impl<S: Store> Vault<S> {
     /// Opens the vault: unwraps its keys with `master`, creating any key the
@@ -169,7 +194,44 @@ impl<S: Store> Vault<S> {
             keyring,
             fields,
             last_checkpoint: std::sync::Mutex::new(0),
+            ledger: None,
+            clock: std::sync::Arc::new(now_ms),
         })
+    }
+
+    /// Uses `clock` for expiry decisions (tests move time without waiting).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// Opens the erasure ledger at `path` and re-applies every erasure it
+    /// records, so a restored older data directory cannot bring an erased
+    /// subject back. Returns how many tokens were erased again.
+    ///
+    /// # Errors
+    /// Ledger or storage failures.
+    pub async fn with_ledger(mut self, path: &std::path::Path) -> Result<(Self, u64), Error> {
+        let (ledger, erasures) = ErasureLedger::open(path)?;
+        self.ledger = Some(ledger);
+        let mut reapplied = 0;
+        for erasure in erasures {
+            reapplied += self
+                .erase_before(erasure.subject_hash, erasure.erased_ms, None)
+                .await?;
+        }
+        if reapplied > 0 {
+            tracing::warn!(
+                tokens = reapplied,
+                "re-applied the erasure ledger: erased data had come back (restored backup?)"
+            );
+        }
+        Ok((self, reapplied))
+    }
+
+    fn now(&self) -> u64 {
+        (self.clock)()
     }
 
     /// The underlying store.
@@ -187,6 +249,12 @@ impl<S: Store> Vault<S> {
         &self.fields
     }
 
+    fn subject_hash(&self, subject: &SubjectId) -> [u8; 32] {
+        self.keyring
+            .subject_key()
+            .hash(b"subject", subject.0.as_bytes())
+    }
+
     fn spec(&self, field_type: &FieldType) -> Result<&FieldSpec, ItemError> {
         self.fields
             .get(field_type)
@@ -194,11 +262,24 @@ impl<S: Store> Vault<S> {
     }
 
     /// The blind-index key of a normalised value: a keyed hash, so the index
-    /// reveals nothing without the index key.
-    fn blind_index(&self, field_type: &FieldType, normalized: &SecretValue) -> [u8; 32] {
-        let mut data = Vec::with_capacity(field_type.as_str().len() + 1 + normalized.len());
+    /// reveals nothing without the index key. A subject's values are indexed
+    /// per subject, so erasing one subject never takes away another's token.
+    fn blind_index(
+        &self,
+        field_type: &FieldType,
+        subject: Option<&[u8; 32]>,
+        normalized: &SecretValue,
+    ) -> [u8; 32] {
+        let mut data = Vec::with_capacity(field_type.as_str().len() + 34 + normalized.len());
         data.extend_from_slice(field_type.as_str().as_bytes());
         data.push(0);
+        match subject {
+            Some(hash) => {
+                data.push(1);
+                data.extend_from_slice(hash);
+            }
+            None => data.push(0),
+        }
         data.extend_from_slice(normalized.expose().as_bytes());
         let hash = self.keyring.index_key().hash(b"blind-index/v1", &data);
         zeroize::Zeroize::zeroize(&mut data);

@@ -5,23 +5,32 @@ use crate::{
     token::{FieldType, Token},
 };
 
-/// Current record format. Bump it and keep a decoder for the old one when
-/// the layout changes.
+/// Record formats. v1 (the first release) had no expiry; v2 adds it. New
+/// records are v2; v1 records still decode.
 const FORMAT_V1: u8 = 1;
+const FORMAT_V2: u8 = 2;
+
+/// The `key_version` of a record encrypted under its subject's own key.
+pub const SUBJECT_KEY: u32 = 0;
 
 /// A stored record: everything needed to decrypt a value, except keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// The field type the value was tokenized as.
     pub field_type: FieldType,
-    /// Version of the data key that encrypted it.
+    /// Version of the data key that encrypted it, or [`SUBJECT_KEY`].
     pub key_version: u32,
     /// The AES-GCM-SIV nonce.
     pub nonce: [u8; NONCE_LEN],
     /// Creation time, milliseconds since the Unix epoch.
     pub created_ms: u64,
+    /// Expiry time, milliseconds since the Unix epoch; `None` for never.
+    pub expires_ms: Option<u64>,
     /// Keyed hash of the data subject's id, if the value has one.
     pub subject_hash: Option<[u8; 32]>,
+    /// The value's blind-index key, for deterministic field types (so that
+    /// deleting the record can delete its index entry).
+    pub blind: Option<[u8; 32]>,
     /// Ciphertext and tag.
     pub ciphertext: Vec<u8>,
 }
@@ -51,24 +60,32 @@ impl Record {
         aad
     }
 
+    /// Whether the record has expired at `now_ms`.
+    pub fn expired(&self, now_ms: u64) -> bool {
+        self.expires_ms.is_some_and(|t| t <= now_ms)
+    }
+
     /// Serializes the record.
     pub fn encode(&self) -> Vec<u8> {
         let ft = self.field_type.as_str().as_bytes();
         let mut out =
             Vec::with_capacity(1 + 1 + ft.len() + 4 + NONCE_LEN + 8 + 33 + self.ciphertext.len());
-        out.push(FORMAT_V1);
+        out.push(FORMAT_V2);
         // Field type names are at most 32 bytes (see `FieldType`).
         out.push(u8::try_from(ft.len()).unwrap_or(u8::MAX));
         out.extend_from_slice(ft);
         out.extend_from_slice(&self.key_version.to_be_bytes());
         out.extend_from_slice(&self.nonce);
         out.extend_from_slice(&self.created_ms.to_be_bytes());
-        match &self.subject_hash {
-            Some(hash) => {
-                out.push(1);
-                out.extend_from_slice(hash);
+        out.extend_from_slice(&self.expires_ms.unwrap_or(0).to_be_bytes());
+        for optional in [&self.subject_hash, &self.blind] {
+            match optional {
+                Some(hash) => {
+                    out.push(1);
+                    out.extend_from_slice(hash);
+                }
+                None => out.push(0),
             }
-            None => out.push(0),
         }
         out.extend_from_slice(&self.ciphertext);
         out
@@ -80,7 +97,8 @@ impl Record {
     /// [`DecodeError`] naming the part that is wrong.
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader(bytes);
-        if r.take(1)?[0] != FORMAT_V1 {
+        let format = r.take(1)?[0];
+        if format != FORMAT_V1 && format != FORMAT_V2 {
             return Err(DecodeError("unknown format version"));
         }
         let ft_len = r.take(1)?[0] as usize;
@@ -89,10 +107,16 @@ impl Record {
         let key_version = u32::from_be_bytes(r.array()?);
         let nonce = r.array()?;
         let created_ms = u64::from_be_bytes(r.array()?);
-        let subject_hash = match r.take(1)?[0] {
-            0 => None,
-            1 => Some(r.array()?),
-            _ => return Err(DecodeError("subject flag")),
+        let expires_ms = if format == FORMAT_V2 {
+            Some(u64::from_be_bytes(r.array()?)).filter(|&t| t != 0)
+        } else {
+            None
+        };
+        let subject_hash = r.optional_hash("subject flag")?;
+        let blind = if format == FORMAT_V2 {
+            r.optional_hash("blind index flag")?
+        } else {
+            None
         };
         if r.0.len() < 16 {
             return Err(DecodeError("ciphertext shorter than its tag"));
@@ -102,7 +126,9 @@ impl Record {
             key_version,
             nonce,
             created_ms,
+            expires_ms,
             subject_hash,
+            blind,
             ciphertext: r.0.to_vec(),
         })
     }
@@ -118,6 +144,14 @@ impl<'a> Reader<'a> {
         let (head, tail) = self.0.split_at(n);
         self.0 = tail;
         Ok(head)
+    }
+
+    fn optional_hash(&mut self, what: &'static str) -> Result<Option<[u8; 32]>, DecodeError> {
+        match self.take(1)?[0] {
+            0 => Ok(None),
+            1 => Ok(Some(self.array()?)),
+            _ => Err(DecodeError(what)),
+        }
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
@@ -138,7 +172,9 @@ mod tests {
             key_version: 7,
             nonce: [9; NONCE_LEN],
             created_ms: 1_700_000_000_000,
+            expires_ms: Some(1_800_000_000_000),
             subject_hash: subject,
+            blind: subject.map(|_| [5; 32]),
             ciphertext: vec![1; 40],
         }
     }
@@ -161,9 +197,27 @@ mod tests {
     }
 
     #[test]
+    fn version_one_records_still_decode() {
+        // A v1 record: no expiry field.
+        let mut v1 = vec![1, 5];
+        v1.extend_from_slice(b"email");
+        v1.extend_from_slice(&3u32.to_be_bytes());
+        v1.extend_from_slice(&[7; NONCE_LEN]);
+        v1.extend_from_slice(&42u64.to_be_bytes());
+        v1.push(0);
+        v1.extend_from_slice(&[9; 20]);
+        let record = Record::decode(&v1).unwrap();
+        assert_eq!(
+            (record.key_version, record.created_ms, record.expires_ms),
+            (3, 42, None)
+        );
+        assert_eq!(record.ciphertext, vec![9; 20]);
+    }
+
+    #[test]
     fn unknown_versions_and_flags_are_errors() {
         let mut bytes = sample(None).encode();
-        bytes[0] = 2;
+        bytes[0] = 3;
         assert_eq!(
             Record::decode(&bytes),
             Err(DecodeError("unknown format version"))

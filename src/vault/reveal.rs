@@ -1,9 +1,12 @@
-//! Detokenize: read, authorise by the record's field type, decrypt, mask.
+//! Detokenize: read, authorise by the record's field type, check consent,
+//! decrypt, mask.
 
-use super::{ItemError, Record, Vault};
+use std::collections::HashMap;
+
+use super::{ItemError, Record, Vault, record::SUBJECT_KEY};
 use crate::{
     audit::AuditContext,
-    authz::{Denial, Permit, RevealForm},
+    authz::{Denial, Permit, Purpose, RevealForm},
     crypto::SecretValue,
     store::{Store, Table},
     token::{FieldType, Token},
@@ -24,33 +27,107 @@ impl<S: Store> Vault<S> {
     /// Reads and reveals the value behind each token; one result per token,
     /// in order. `authorize` is asked, with the field type stored in each
     /// record, whether and in which form the caller may see it; nothing is
-    /// decrypted without its permit. A missing, refused or corrupted record
-    /// fails only its own item.
+    /// decrypted without its permit. A subject's value of a field type whose
+    /// `consent_purposes` include `purpose` is revealed only if the subject
+    /// consented. A missing, expired, refused or corrupted record fails only
+    /// its own item.
+    ///
+    /// The audit event (which tokens, which field types, how many failed,
+    /// the consent decision) is written durably before this returns: if it
+    /// cannot be, the call fails with [`super::Error::AuditUnavailable`] and
+    /// every revealed value is dropped (and zeroized) unseen.
     ///
     /// # Errors
-    /// Storage failures fail the whole call.
-    ///
-    /// The audit event (which tokens, which field types, how many failed) is
-    /// written durably before this returns: if it cannot be, the call fails
-    /// with [`super::Error::AuditUnavailable`] and every revealed value is
-    /// dropped (and zeroized) unseen.
+    /// Storage and audit failures fail the whole call.
     pub async fn detokenize(
         &self,
         tokens: &[Token],
+        purpose: &Purpose,
         authorize: impl Fn(&FieldType) -> Result<Permit<RevealForm>, Denial>,
         audit: &AuditContext,
     ) -> Result<Vec<Result<Revealed, ItemError>>, super::Error> {
         let keys = tokens.iter().map(|t| t.storage_key().to_vec()).collect();
         let stored = self.store.get_many(Table::Records, keys).await?;
+        let now = self.now();
+        let records: Vec<Result<Record, ItemError>> = stored
+            .into_iter()
+            .map(|bytes| {
+                let record = Record::decode(&bytes.ok_or(ItemError::NotFound)?).map_err(|e| {
+                    tracing::error!(error = %e, "stored record cannot be decoded");
+                    ItemError::DataLoss
+                })?;
+                if record.expired(now) {
+                    return Err(ItemError::NotFound);
+                }
+                Ok(record)
+            })
+            .collect();
+
+        // Subject keys and consent decisions, each in one read.
+        let mut subjects: Vec<[u8; 32]> = records
+            .iter()
+            .flatten()
+            .filter(|r| r.key_version == SUBJECT_KEY)
+            .filter_map(|r| r.subject_hash)
+            .collect();
+        subjects.sort_unstable();
+        subjects.dedup();
+        let subject_keys = self.subject_keys(&subjects, false).await?;
+        let needs_consent = |r: &Record| {
+            r.subject_hash.is_some()
+                && self
+                    .fields
+                    .get(&r.field_type)
+                    .is_some_and(|spec| spec.consent_purposes.contains(purpose.as_str()))
+        };
+        let mut wanted: Vec<([u8; 32], String)> = records
+            .iter()
+            .flatten()
+            .filter(|r| needs_consent(r))
+            .filter_map(|r| r.subject_hash.map(|h| (h, purpose.as_str().to_owned())))
+            .collect();
+        wanted.sort();
+        wanted.dedup();
+        let consent: HashMap<[u8; 32], bool> = wanted
+            .iter()
+            .map(|(h, _)| *h)
+            .zip(self.consents(&wanted).await?.into_iter().map(|c| c.granted))
+            .collect();
+
         let mut event = audit.event("OK");
+        let mut consent_missing = false;
         let results: Vec<_> = tokens
             .iter()
-            .zip(stored)
-            .map(|(token, bytes)| {
-                let record = decode(bytes.ok_or(ItemError::NotFound)?)?;
+            .zip(records)
+            .map(|(token, record)| {
+                let record = record?;
                 event.field_types.push(record.field_type.to_string());
                 let form = authorize(&record.field_type).map_err(ItemError::Denied)?;
-                self.reveal(token, record, form)
+                let consented = record
+                    .subject_hash
+                    .is_some_and(|h| consent.get(&h) == Some(&true));
+                if needs_consent(&record) && !consented {
+                    consent_missing = true;
+                    return Err(ItemError::ConsentMissing(purpose.as_str().to_owned()));
+                }
+                let subject_key = record.subject_hash.and_then(|h| subject_keys.get(&h));
+                let value = self.decrypt(token, &record, subject_key)?;
+                let form = form.into_item();
+                let value = match form {
+                    RevealForm::Plain => value,
+                    RevealForm::Masked => {
+                        SecretValue::new(match self.fields.get(&record.field_type) {
+                            Some(spec) => spec.masked(&value),
+                            // A field type removed from the config: hide everything.
+                            None => "********".into(),
+                        })
+                    }
+                };
+                Ok(Revealed {
+                    field_type: record.field_type,
+                    value,
+                    form,
+                })
             })
             .collect();
         event.field_types.sort();
@@ -58,50 +135,14 @@ impl<S: Store> Vault<S> {
         event.tokens = tokens.iter().map(|t| self.audit_token(t)).collect();
         event.failed_items +=
             u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
+        if !wanted.is_empty() {
+            event.consent = Some(if consent_missing {
+                "missing".into()
+            } else {
+                "granted".into()
+            });
+        }
         self.record(&event).await?;
         Ok(results)
     }
-
-    fn reveal(
-        &self,
-        token: &Token,
-        record: Record,
-        form: Permit<RevealForm>,
-    ) -> Result<Revealed, ItemError> {
-        let field_type = &record.field_type;
-        let key = self.keyring.data_key(record.key_version).ok_or_else(|| {
-            tracing::error!(field_type = %field_type, key_version = record.key_version, "stored record names an unknown key version");
-            ItemError::DataLoss
-        })?;
-        let aad = Record::aad(token, record.key_version, record.subject_hash.as_ref());
-        let plaintext = key.open(&record.nonce, &record.ciphertext, &aad).map_err(|_| {
-            tracing::error!(field_type = %field_type, "stored record failed authentication (corrupted or moved)");
-            ItemError::DataLoss
-        })?;
-        let value = SecretValue::from_decrypted(plaintext).ok_or_else(|| {
-            tracing::error!(field_type = %field_type, "decrypted value is not UTF-8");
-            ItemError::DataLoss
-        })?;
-        let form = form.into_item();
-        let value = match form {
-            RevealForm::Plain => value,
-            RevealForm::Masked => SecretValue::new(match self.fields.get(field_type) {
-                Some(spec) => spec.masked(&value),
-                // A field type removed from the config: hide everything.
-                None => "********".into(),
-            }),
-        };
-        Ok(Revealed {
-            field_type: record.field_type,
-            value,
-            form,
-        })
-    }
-}
-
-fn decode(bytes: Vec<u8>) -> Result<Record, ItemError> {
-    Record::decode(&bytes).map_err(|e| {
-        tracing::error!(error = %e, "stored record cannot be decoded");
-        ItemError::DataLoss
-    })
 }

@@ -85,6 +85,7 @@ impl Fixture {
                         field_type: ft.parse().unwrap(),
                         value: SecretValue::new((*v).to_owned()),
                         subject: None,
+                        ttl_seconds: None,
                     })
                     .unwrap()
             })
@@ -101,6 +102,7 @@ impl Fixture {
         self.vault
             .detokenize(
                 tokens,
+                purpose.purpose(),
                 |ft| grants.permit_reveal(&purpose, ft, masked),
                 &ctx("Detokenize", tokens.len()),
             )
@@ -114,6 +116,7 @@ impl Fixture {
             .permit_lookup(LookupValue {
                 field_type: field_type.parse().unwrap(),
                 value: SecretValue::new(value.to_owned()),
+                subject: None,
             })
             .unwrap();
         self.vault
@@ -338,6 +341,19 @@ impl Store for FailingStore {
     fn audit_head(&self) -> store::chain::Head {
         self.inner.audit_head()
     }
+
+    async fn scan_from(
+        &self,
+        table: store::Table,
+        from: Vec<u8>,
+        limit: usize,
+    ) -> Result<store::KeyValues, store::Error> {
+        self.inner.scan_from(table, from, limit).await
+    }
+
+    async fn purge(&self, keys: Vec<(store::Table, Vec<u8>)>) -> Result<(), store::Error> {
+        self.inner.purge(keys).await
+    }
 }
 
 #[tokio::test]
@@ -373,6 +389,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
                 field_type: "email".parse().unwrap(),
                 value: SecretValue::new(v.into()),
                 subject: None,
+                ttl_seconds: None,
             })
             .unwrap()
     };
@@ -393,6 +410,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
     let revealed = vault
         .detokenize(
             std::slice::from_ref(&token),
+            purpose.purpose(),
             |ft| grants.permit_reveal(&purpose, ft, false),
             &ctx("Detokenize", 1),
         )
@@ -419,6 +437,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
     let revealed = vault
         .detokenize(
             std::slice::from_ref(&token),
+            purpose.purpose(),
             |ft| grants.permit_reveal(&purpose, ft, false),
             &ctx("Detokenize", 1),
         )
@@ -436,4 +455,162 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
         .unwrap();
     assert_eq!(records.len(), 1);
     assert_eq!(vault.store().audit_head().seq, 2);
+}
+
+/// A fixture whose clock the test moves.
+async fn fixture_with_clock() -> (Fixture, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    let time = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
+    let mut f = fixture().await;
+    let clock = std::sync::Arc::clone(&time);
+    let vault = std::mem::replace(&mut f.vault, placeholder_vault().await);
+    f.vault = vault.with_clock(std::sync::Arc::new(move || {
+        clock.load(std::sync::atomic::Ordering::SeqCst)
+    }));
+    (f, time)
+}
+
+async fn placeholder_vault() -> Vault<RocksStore> {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    MasterKey::create_file(&key).unwrap();
+    let store = RocksStore::open(&dir.path().join("data"), &StoreOptions::default()).unwrap();
+    Vault::open(
+        store,
+        &MasterKey::load(&key).unwrap(),
+        FieldRegistry::default(),
+    )
+    .await
+    .unwrap()
+}
+
+impl Fixture {
+    async fn tokenize_for(&self, subject: &str, items: &[(&str, &str, Option<u64>)]) -> Vec<Token> {
+        let grants = self.policy.grants(&self.client);
+        let permits = items
+            .iter()
+            .map(|(ft, v, ttl)| {
+                grants
+                    .permit_tokenize(NewValue {
+                        field_type: ft.parse().unwrap(),
+                        value: SecretValue::new((*v).to_owned()),
+                        subject: Some(subject.parse().unwrap()),
+                        ttl_seconds: *ttl,
+                    })
+                    .unwrap()
+            })
+            .collect();
+        self.vault
+            .tokenize(permits, &ctx("Tokenize", items.len()))
+            .await
+            .unwrap()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn expired_values_are_not_found_at_once_and_swept_later() {
+    let (f, time) = fixture_with_clock().await;
+    let tokens = f
+        .tokenize_for(
+            "cust-1",
+            &[
+                ("email", "short@example.com", Some(60)),
+                ("email", "long@example.com", None),
+            ],
+        )
+        .await;
+    assert!(f.reveal(&tokens, false).await.iter().all(Result::is_ok));
+    time.fetch_add(61_000, std::sync::atomic::Ordering::SeqCst);
+    let after = f.reveal(&tokens, false).await;
+    assert!(matches!(after[0], Err(ItemError::NotFound)));
+    assert_eq!(
+        after[1].as_ref().unwrap().value.expose(),
+        "long@example.com"
+    );
+    assert_eq!(f.vault.sweep_expired().await.unwrap(), 1);
+    assert_eq!(f.vault.sweep_expired().await.unwrap(), 0);
+    let records = f
+        .vault
+        .store()
+        .scan_prefix(store::Table::Records, Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(records.len(), 1);
+}
+
+#[tokio::test]
+async fn erasing_a_subject_leaves_others_and_is_idempotent() {
+    let f = fixture().await;
+    let ada = f
+        .tokenize_for(
+            "cust-ada",
+            &[
+                ("email", "ada@example.com", None),
+                ("customer_email", "ada@example.com", None),
+            ],
+        )
+        .await;
+    let bob = f
+        .tokenize_for(
+            "cust-bob",
+            &[
+                ("email", "bob@example.com", None),
+                ("customer_email", "ada@example.com", None),
+            ],
+        )
+        .await;
+    // Deterministic tokens are per subject.
+    assert_ne!(ada[1], bob[1]);
+    let grants = f.policy.grants(&f.client);
+    let erase = |id: &str| {
+        grants.permit_global(
+            crate::authz::Action::SubjectErase,
+            id.parse::<SubjectId>().unwrap(),
+        )
+    };
+    // The fixture policy lacks subject:erase: permits are refused.
+    assert!(erase("cust-ada").is_err());
+    let policy = Policy::new(vec![Rule::new(
+        IdentityPattern::new("*").unwrap(),
+        vec!["subject:erase".parse().unwrap()],
+        PurposeSet::Any,
+    )]);
+    let grants = policy.grants(&f.client);
+    let permit = || {
+        grants
+            .permit_global(
+                crate::authz::Action::SubjectErase,
+                "cust-ada".parse::<SubjectId>().unwrap(),
+            )
+            .unwrap()
+    };
+    let receipt = f
+        .vault
+        .erase_subject(permit(), &ctx("EraseSubject", 1))
+        .await
+        .unwrap();
+    assert_eq!(receipt.tokens_erased, 2);
+    assert!(
+        f.reveal(&ada, false)
+            .await
+            .iter()
+            .all(|r| matches!(r, Err(ItemError::NotFound)))
+    );
+    assert!(f.reveal(&bob, false).await.iter().all(Result::is_ok));
+    let again = f
+        .vault
+        .erase_subject(permit(), &ctx("EraseSubject", 1))
+        .await
+        .unwrap();
+    assert_eq!(
+        (again.tokens_erased, again.subject_hash),
+        (0, receipt.subject_hash)
+    );
+    // A new tokenize of the erased value makes a new token.
+    let fresh = f
+        .tokenize_for("cust-ada", &[("customer_email", "ada@example.com", None)])
+        .await;
+    assert_ne!(fresh[0], ada[1]);
 }

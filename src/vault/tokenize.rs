@@ -2,11 +2,14 @@
 
 use std::collections::HashMap;
 
-use super::{ItemError, LookupValue, NewValue, Record, Vault, now_ms};
+use super::{
+    ItemError, LookupValue, NewValue, Record, Vault, record::SUBJECT_KEY,
+    subjects::subject_index_key,
+};
 use crate::{
     audit::AuditContext,
     authz::Permit,
-    crypto::{self, SecretValue},
+    crypto::{self, DataKey, SecretValue},
     fields::FieldSpec,
     store::{Batch, Store, Table},
     token::Token,
@@ -24,6 +27,8 @@ struct Pending<'a> {
     subject_hash: Option<[u8; 32]>,
     /// The blind-index key, for deterministic field types.
     blind: Option<[u8; 32]>,
+    /// When the value expires.
+    expires_ms: Option<u64>,
 }
 
 type ItemResult = Result<Token, ItemError>;
@@ -56,21 +61,27 @@ impl<S: Store> Vault<S> {
             if let Some(subject) = &item.subject {
                 event.subjects.push(self.audit_subject(subject));
             }
+            let now = self.now();
             let prepared = self.spec(&item.field_type).and_then(|spec| {
                 let value = spec.normalize(&item.value)?;
+                let subject_hash = item.subject.as_ref().map(|s| self.subject_hash(s));
                 let blind = spec
                     .deterministic
-                    .then(|| self.blind_index(&spec.name, &value));
-                let subject_hash = item
-                    .subject
-                    .as_ref()
-                    .map(|s| self.keyring.subject_key().hash(b"subject", s.0.as_bytes()));
+                    .then(|| self.blind_index(&spec.name, subject_hash.as_ref(), &value));
+                let ttl_ms = item
+                    .ttl_seconds
+                    .map(|s| s.saturating_mul(1000))
+                    .or_else(|| {
+                        spec.retention
+                            .map(|r| u64::try_from(r.as_millis()).unwrap_or(u64::MAX))
+                    });
                 Ok(Pending {
                     index,
                     spec,
                     value,
                     subject_hash,
                     blind,
+                    expires_ms: ttl_ms.map(|ttl| now.saturating_add(ttl)),
                 })
             });
             match prepared {
@@ -123,12 +134,18 @@ impl<S: Store> Vault<S> {
             pending.retain(|_| keep.next().unwrap_or(true));
         }
 
+        // Each subject's values are encrypted under the subject's own key.
+        let mut subjects: Vec<[u8; 32]> = pending.iter().filter_map(|p| p.subject_hash).collect();
+        subjects.sort_unstable();
+        subjects.dedup();
+        let subject_keys = self.subject_keys(&subjects, true).await?;
+
         for _ in 0..MAX_ATTEMPTS {
             if pending.is_empty() {
                 break;
             }
             pending = self
-                .store_new(pending, &mut results, audit_payload.take())
+                .store_new(pending, &mut results, audit_payload.take(), &subject_keys)
                 .await?;
         }
         if audit_payload.is_some() {
@@ -153,9 +170,10 @@ impl<S: Store> Vault<S> {
         pending: Vec<Pending<'a>>,
         results: &mut [Option<ItemResult>],
         audit_payload: Option<Vec<u8>>,
+        subject_keys: &HashMap<[u8; 32], DataKey>,
     ) -> Result<Vec<Pending<'a>>, super::Error> {
-        let (key_version, key) = self.keyring.active();
-        let created_ms = now_ms();
+        let (vault_key_version, vault_key) = self.keyring.active();
+        let created_ms = self.now();
         let mut batch = Batch::new();
         let mut tokens = Vec::with_capacity(pending.len());
         let mut in_batch = Vec::with_capacity(pending.len());
@@ -170,6 +188,10 @@ impl<S: Store> Vault<S> {
                     continue;
                 }
             };
+            let (key_version, key) = match p.subject_hash.and_then(|h| subject_keys.get(&h)) {
+                Some(key) => (SUBJECT_KEY, key),
+                None => (vault_key_version, vault_key),
+            };
             let aad = Record::aad(&token, key_version, p.subject_hash.as_ref());
             let sealed = key.seal(p.value.expose().as_bytes(), &aad)?;
             let record = Record {
@@ -177,10 +199,19 @@ impl<S: Store> Vault<S> {
                 key_version,
                 nonce: sealed.nonce,
                 created_ms,
+                expires_ms: p.expires_ms,
                 subject_hash: p.subject_hash,
+                blind: p.blind,
                 ciphertext: sealed.ciphertext,
             };
             let unit = batch.unit();
+            if let Some(subject) = p.subject_hash {
+                unit.put(
+                    Table::SubjectIndex,
+                    subject_index_key(&subject, &token),
+                    Vec::new(),
+                );
+            }
             // Guard 0: the blind index (deterministic); then the record key
             // for formats whose token space is small enough to collide.
             if let Some(blind) = p.blind {
@@ -251,7 +282,8 @@ impl<S: Store> Vault<S> {
                     return Err(ItemError::NotDeterministic(spec.name.clone()));
                 }
                 let value = spec.normalize(&item.value)?;
-                Ok(self.blind_index(&spec.name, &value))
+                let subject = item.subject.as_ref().map(|s| self.subject_hash(s));
+                Ok(self.blind_index(&spec.name, subject.as_ref(), &value))
             });
             match blind {
                 Ok(blind) => {

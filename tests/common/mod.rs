@@ -29,7 +29,12 @@ pub const POLICY: &str = r#"
 [[policy]]
 identity = "spiffe://test.tokenvault.local/support"
 scopes = ["tokenize:*", "detokenize:*", "lookup:*"]
-purposes = ["customer_support", "order_fulfilment"]
+purposes = ["customer_support", "order_fulfilment", "marketing"]
+
+[[policy]]
+identity = "spiffe://test.tokenvault.local/privacy"
+scopes = ["subject:export", "subject:erase", "consent:read", "consent:write", "update:*", "delete:*"]
+purposes = ["subject_access_request"]
 
 [[policy]]
 identity = "spiffe://test.tokenvault.local/masked-reader"
@@ -79,6 +84,7 @@ impl Pki {
             "email-reader",
             "stranger",
             "masked-reader",
+            "privacy",
         ] {
             pki.client(name, &ClientSpec::spiffe(&spiffe(name)));
         }

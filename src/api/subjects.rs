@@ -1,0 +1,273 @@
+//! The `tokenvault.v1.Subjects` service: data subjects' rights and consent.
+
+use std::pin::Pin;
+
+use tokio_stream::Stream;
+use tonic::{Code, Request, Response, Status};
+
+use super::{
+    Call, Error, TokenVaultService, check_count, denied, status::item_error,
+    status::vault_item_error,
+};
+use crate::{
+    authz::{Action, Purpose},
+    crypto::SecretValue,
+    proto::v1::{self as pb, subjects_server::Subjects},
+    store::Store,
+    token::Token,
+    vault::{ItemError, SubjectId},
+};
+
+fn subject(id: &str) -> Result<SubjectId, Error> {
+    id.parse()
+        .map_err(|e: crate::vault::SubjectIdError| Error::InvalidArgument(e.to_string()))
+}
+
+fn purpose(text: &str) -> Result<Purpose, Error> {
+    text.parse()
+        .map_err(|e: crate::authz::PurposeError| Error::InvalidArgument(e.to_string()))
+}
+
+fn token(text: &str) -> Result<Token, Error> {
+    text.parse()
+        .map_err(|e: crate::token::TokenError| Error::InvalidArgument(e.to_string()))
+}
+
+/// The stream of an export.
+pub type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::SubjectField, Status>> + Send>>;
+
+impl<S: Store> TokenVaultService<S> {
+    async fn export_inner(
+        &self,
+        call: &Call,
+        request: pb::ExportSubjectRequest,
+    ) -> Result<ExportStream, Error> {
+        let grants = self.settings.policy.grants(&call.client);
+        let stated = purpose(&request.purpose)?;
+        call.set_purpose(stated.as_str());
+        grants.allow_purpose(stated).map_err(denied)?;
+        let permit = grants
+            .permit_global(Action::SubjectExport, subject(&request.subject_id)?)
+            .map_err(denied)?;
+        let fields = self.vault.export_subject(permit, &call.audit(1, 0)).await?;
+        let items: Vec<Result<pb::SubjectField, Status>> = fields
+            .into_iter()
+            .map(|f| {
+                Ok(pb::SubjectField {
+                    token: f.token.to_string(),
+                    field_type: f.field_type.to_string(),
+                    value: f.value.into_response_string(),
+                    created_ms: f.created_ms,
+                    expires_ms: f.expires_ms.unwrap_or(0),
+                })
+            })
+            .collect();
+        Ok(Box::pin(tokio_stream::iter(items)))
+    }
+
+    async fn erase_inner(
+        &self,
+        call: &Call,
+        request: pb::EraseSubjectRequest,
+    ) -> Result<pb::ErasureReceipt, Error> {
+        let grants = self.settings.policy.grants(&call.client);
+        let permit = grants
+            .permit_global(Action::SubjectErase, subject(&request.subject_id)?)
+            .map_err(denied)?;
+        let receipt = self.vault.erase_subject(permit, &call.audit(1, 0)).await?;
+        tracing::info!(subject.hash = %receipt.subject_hash, tokens = receipt.tokens_erased, "erased a data subject");
+        Ok(pb::ErasureReceipt {
+            subject_hash: receipt.subject_hash,
+            tokens_erased: receipt.tokens_erased,
+            erased_ms: receipt.erased_ms,
+        })
+    }
+
+    async fn update_inner(
+        &self,
+        call: &Call,
+        mut request: pb::UpdateValueRequest,
+    ) -> Result<pb::UpdateValueResponse, Error> {
+        let value = SecretValue::new(std::mem::take(&mut request.value));
+        let grants = self.settings.policy.grants(&call.client);
+        grants.require_action(Action::Update).map_err(denied)?;
+        let token = token(&request.token)?;
+        let authorize = |ft: &crate::token::FieldType| {
+            grants
+                .permit_field(Action::Update, ft)
+                .inspect_err(super::log_denial)
+        };
+        match self
+            .vault
+            .update_value(&token, value, authorize, &call.audit(1, 0))
+            .await?
+        {
+            Ok(field_type) => Ok(pb::UpdateValueResponse {
+                field_type: field_type.to_string(),
+            }),
+            Err(e) => Err(item_status(&e)),
+        }
+    }
+
+    async fn delete_inner(
+        &self,
+        call: &Call,
+        request: pb::DeleteTokensRequest,
+    ) -> Result<pb::DeleteTokensResponse, Error> {
+        let grants = self.settings.policy.grants(&call.client);
+        grants.require_action(Action::Delete).map_err(denied)?;
+        check_count(request.tokens.len(), &self.settings.limits, "tokens")?;
+        let mut results: Vec<Option<pb::ItemError>> = Vec::with_capacity(request.tokens.len());
+        let mut tokens = Vec::new();
+        for text in &request.tokens {
+            match text.parse::<Token>() {
+                Ok(t) => {
+                    tokens.push(t);
+                    results.push(None);
+                }
+                Err(e) => results.push(Some(item_error(Code::InvalidArgument, e.to_string()))),
+            }
+        }
+        let failed = results.iter().filter(|r| r.is_some()).count();
+        let authorize = |ft: &crate::token::FieldType| {
+            grants
+                .permit_field(Action::Delete, ft)
+                .inspect_err(super::log_denial)
+        };
+        let mut deleted = self
+            .vault
+            .delete_tokens(&tokens, authorize, &call.audit(results.len(), failed))
+            .await?
+            .into_iter();
+        let results = results
+            .into_iter()
+            .map(|early| match early {
+                Some(e) => e,
+                None => match deleted.next() {
+                    Some(Ok(())) => item_error(Code::Ok, "deleted"),
+                    Some(Err(e)) => vault_item_error(&e),
+                    None => item_error(Code::Internal, "internal error"),
+                },
+            })
+            .collect();
+        Ok(pb::DeleteTokensResponse { results })
+    }
+
+    async fn set_consent_inner(
+        &self,
+        call: &Call,
+        request: pb::SetConsentRequest,
+    ) -> Result<pb::ConsentState, Error> {
+        let grants = self.settings.policy.grants(&call.client);
+        let stated = purpose(&request.purpose)?;
+        let permit = grants
+            .permit_global(
+                Action::ConsentWrite,
+                (
+                    subject(&request.subject_id)?,
+                    stated.clone(),
+                    request.granted,
+                ),
+            )
+            .map_err(denied)?;
+        let state = self.vault.set_consent(permit, &call.audit(1, 0)).await?;
+        Ok(pb::ConsentState {
+            purpose: stated.to_string(),
+            granted: state.granted,
+            updated_ms: state.updated_ms,
+        })
+    }
+
+    async fn get_consent_inner(
+        &self,
+        call: &Call,
+        request: pb::GetConsentRequest,
+    ) -> Result<pb::ConsentState, Error> {
+        let grants = self.settings.policy.grants(&call.client);
+        let stated = purpose(&request.purpose)?;
+        let permit = grants
+            .permit_global(
+                Action::ConsentRead,
+                (subject(&request.subject_id)?, stated.clone()),
+            )
+            .map_err(denied)?;
+        let state = self.vault.get_consent(permit, &call.audit(1, 0)).await?;
+        Ok(pb::ConsentState {
+            purpose: stated.to_string(),
+            granted: state.granted,
+            updated_ms: state.updated_ms,
+        })
+    }
+}
+
+/// A single-item call's item error, as the call's status. The vault has
+/// already audited the call.
+fn item_status(e: &ItemError) -> Error {
+    Error::Item(vault_item_error(e))
+}
+
+#[tonic::async_trait]
+impl<S: Store> Subjects for TokenVaultService<S> {
+    type ExportSubjectStream = ExportStream;
+
+    async fn export_subject(
+        &self,
+        request: Request<pb::ExportSubjectRequest>,
+    ) -> Result<Response<ExportStream>, Status> {
+        self.handle("ExportSubject", 1, request, async |call, r| {
+            self.export_inner(call, r).await
+        })
+        .await
+    }
+
+    async fn erase_subject(
+        &self,
+        request: Request<pb::EraseSubjectRequest>,
+    ) -> Result<Response<pb::ErasureReceipt>, Status> {
+        self.handle("EraseSubject", 1, request, async |call, r| {
+            self.erase_inner(call, r).await
+        })
+        .await
+    }
+
+    async fn update_value(
+        &self,
+        request: Request<pb::UpdateValueRequest>,
+    ) -> Result<Response<pb::UpdateValueResponse>, Status> {
+        self.handle("UpdateValue", 1, request, async |call, r| {
+            self.update_inner(call, r).await
+        })
+        .await
+    }
+
+    async fn delete_tokens(
+        &self,
+        request: Request<pb::DeleteTokensRequest>,
+    ) -> Result<Response<pb::DeleteTokensResponse>, Status> {
+        let items = request.get_ref().tokens.len();
+        self.handle("DeleteTokens", items, request, async |call, r| {
+            self.delete_inner(call, r).await
+        })
+        .await
+    }
+
+    async fn set_consent(
+        &self,
+        request: Request<pb::SetConsentRequest>,
+    ) -> Result<Response<pb::ConsentState>, Status> {
+        self.handle("SetConsent", 1, request, async |call, r| {
+            self.set_consent_inner(call, r).await
+        })
+        .await
+    }
+
+    async fn get_consent(
+        &self,
+        request: Request<pb::GetConsentRequest>,
+    ) -> Result<Response<pb::ConsentState>, Status> {
+        self.handle("GetConsent", 1, request, async |call, r| {
+            self.get_consent_inner(call, r).await
+        })
+        .await
+    }
+}

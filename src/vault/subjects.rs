@@ -1,0 +1,636 @@
+//! Data subjects: per-subject keys (crypto-shredding), export, erasure and
+//! its ledger, rectification, deletion, consent and retention.
+
+use std::collections::HashMap;
+
+use super::{
+    Erasure, Error, ItemError, Record, SubjectId, Vault, keyring::SUBJECT_KEY_PREFIX_BYTES,
+    record::SUBJECT_KEY,
+};
+use crate::{
+    audit::AuditContext,
+    authz::{Denial, Permit, Purpose},
+    crypto::{DataKey, SecretValue},
+    store::{Batch, Store, Table},
+    token::{FieldType, Token},
+};
+
+/// One value of a subject, for export.
+#[derive(Debug)]
+pub struct SubjectField {
+    /// The token.
+    pub token: Token,
+    /// Its field type.
+    pub field_type: FieldType,
+    /// The value.
+    pub value: SecretValue,
+    /// Creation time, ms since the epoch.
+    pub created_ms: u64,
+    /// Expiry, ms since the epoch.
+    pub expires_ms: Option<u64>,
+}
+
+/// What an erasure did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ErasureReceipt {
+    /// The subject's keyed hash, hex, as the ledger holds it.
+    pub subject_hash: String,
+    /// Tokens erased by this call.
+    pub tokens_erased: u64,
+    /// When, ms since the epoch.
+    pub erased_ms: u64,
+}
+
+/// A subject's consent to one purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsentState {
+    /// Whether consent is granted.
+    pub granted: bool,
+    /// When it was last set (0: never).
+    pub updated_ms: u64,
+}
+
+/// The subject-index key of one of a subject's tokens.
+pub(super) fn subject_index_key(subject: &[u8; 32], token: &Token) -> Vec<u8> {
+    let mut key = Vec::with_capacity(32 + token.storage_key().len());
+    key.extend_from_slice(subject);
+    key.extend_from_slice(token.storage_key());
+    key
+}
+
+fn subject_key_label(subject: &[u8; 32]) -> Vec<u8> {
+    let mut label = SUBJECT_KEY_PREFIX_BYTES.to_vec();
+    label.extend_from_slice(data_encoding::HEXLOWER.encode(subject).as_bytes());
+    label
+}
+
+fn consent_key(subject: &[u8; 32], purpose: &str) -> Vec<u8> {
+    let mut key = subject.to_vec();
+    key.extend_from_slice(purpose.as_bytes());
+    key
+}
+
+/// Created time of a wrapped key (see `keyring::encode_wrapped`).
+fn wrapped_created_ms(wrapped: &[u8]) -> u64 {
+    wrapped
+        .get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+impl<S: Store> Vault<S> {
+    /// The data keys of `subjects`; with `create`, missing ones are made
+    /// (under a guard, so concurrent first writes agree on one key).
+    pub(super) async fn subject_keys(
+        &self,
+        subjects: &[[u8; 32]],
+        create: bool,
+    ) -> Result<HashMap<[u8; 32], DataKey>, Error> {
+        let mut keys = HashMap::new();
+        if subjects.is_empty() {
+            return Ok(keys);
+        }
+        let labels: Vec<Vec<u8>> = subjects.iter().map(subject_key_label).collect();
+        let stored = self.store.get_many(Table::Keys, labels.clone()).await?;
+        let mut missing = Vec::new();
+        for ((subject, label), wrapped) in subjects.iter().zip(&labels).zip(stored) {
+            match wrapped {
+                Some(wrapped) => {
+                    keys.insert(*subject, self.keyring.open_subject_key(label, &wrapped)?);
+                }
+                None if create => missing.push((*subject, label.clone())),
+                None => {}
+            }
+        }
+        if missing.is_empty() {
+            return Ok(keys);
+        }
+        let mut batch = Batch::new();
+        let mut created = Vec::new();
+        for (subject, label) in &missing {
+            let (key, wrapped) = self.keyring.new_subject_key(label)?;
+            batch.unit().guard_absent(Table::Keys, label.clone()).put(
+                Table::Keys,
+                label.clone(),
+                wrapped,
+            );
+            created.push((*subject, label, key));
+        }
+        let outcomes = self.store.commit(batch).await?;
+        for ((subject, label, key), outcome) in created.into_iter().zip(outcomes) {
+            let key = match outcome {
+                Ok(()) => key,
+                // Another request created it first: use theirs.
+                Err(conflict) => self.keyring.open_subject_key(label, &conflict.existing)?,
+            };
+            keys.insert(subject, key);
+        }
+        Ok(keys)
+    }
+
+    /// Every live value of a subject (right of access and portability).
+    ///
+    /// # Errors
+    /// Storage failures; [`Error::AuditUnavailable`] if the event cannot be
+    /// written (nothing is returned then).
+    pub async fn export_subject(
+        &self,
+        subject: Permit<SubjectId>,
+        audit: &AuditContext,
+    ) -> Result<Vec<SubjectField>, Error> {
+        let subject_id = subject.into_item();
+        let hash = self.subject_hash(&subject_id);
+        let mut event = audit.event("OK");
+        event.subjects.push(self.audit_subject(&subject_id));
+        let tokens = self.subject_tokens(&hash).await?;
+        let keys = self.subject_keys(&[hash], false).await?;
+        let records = self
+            .store
+            .get_many(
+                Table::Records,
+                tokens.iter().map(|t| t.storage_key().to_vec()).collect(),
+            )
+            .await?;
+        let now = self.now();
+        let mut fields = Vec::new();
+        for (token, bytes) in tokens.into_iter().zip(records) {
+            let Some(record) = bytes.and_then(|b| Record::decode(&b).ok()) else {
+                continue;
+            };
+            if record.expired(now) {
+                continue;
+            }
+            let Ok(value) = self.decrypt(&token, &record, keys.get(&hash)) else {
+                continue;
+            };
+            event.field_types.push(record.field_type.to_string());
+            event.tokens.push(self.audit_token(&token));
+            fields.push(SubjectField {
+                token,
+                field_type: record.field_type,
+                value,
+                created_ms: record.created_ms,
+                expires_ms: record.expires_ms,
+            });
+        }
+        event.field_types.sort();
+        event.field_types.dedup();
+        event.items = u32::try_from(fields.len()).unwrap_or(u32::MAX);
+        self.record(&event).await?;
+        Ok(fields)
+    }
+
+    /// Erases a subject: its key, records, index and consent entries in one
+    /// write (with the audit event), after recording the erasure in the
+    /// ledger; then purges the bytes from the data files. Idempotent.
+    ///
+    /// # Errors
+    /// Ledger, storage or audit failures.
+    pub async fn erase_subject(
+        &self,
+        subject: Permit<SubjectId>,
+        audit: &AuditContext,
+    ) -> Result<ErasureReceipt, Error> {
+        let subject_id = subject.into_item();
+        let hash = self.subject_hash(&subject_id);
+        let erased_ms = self.now();
+        if let Some(ledger) = &self.ledger {
+            ledger.append(Erasure {
+                subject_hash: hash,
+                erased_ms,
+            })?;
+        }
+        let mut event = audit.event("OK");
+        event.subjects.push(self.audit_subject(&subject_id));
+        let erased = self.erase_before(hash, u64::MAX, Some(event)).await?;
+        Ok(ErasureReceipt {
+            subject_hash: data_encoding::HEXLOWER.encode(&hash),
+            tokens_erased: erased,
+            erased_ms,
+        })
+    }
+
+    /// Deletes a subject's key and values created at or before `before_ms`
+    /// (all of them for an erasure now; for a ledger entry, only what existed
+    /// when it was written), then purges them from the data files.
+    pub(super) async fn erase_before(
+        &self,
+        hash: [u8; 32],
+        before_ms: u64,
+        event: Option<crate::audit::AuditEvent>,
+    ) -> Result<u64, Error> {
+        let tokens = self.subject_tokens(&hash).await?;
+        let records = self
+            .store
+            .get_many(
+                Table::Records,
+                tokens.iter().map(|t| t.storage_key().to_vec()).collect(),
+            )
+            .await?;
+        let label = subject_key_label(&hash);
+        let wrapped = self
+            .store
+            .get_many(Table::Keys, vec![label.clone()])
+            .await?
+            .pop()
+            .flatten();
+        let consents = self
+            .store
+            .scan_prefix(Table::Consent, hash.to_vec())
+            .await?;
+        let mut batch = Batch::new();
+        let unit = batch.unit();
+        let mut purge = Vec::new();
+        let mut erased = 0;
+        for (token, bytes) in tokens.iter().zip(records) {
+            let record = bytes.as_deref().and_then(|b| Record::decode(b).ok());
+            if record.as_ref().is_some_and(|r| r.created_ms > before_ms) {
+                continue;
+            }
+            if let Some(blind) = record.as_ref().and_then(|r| r.blind) {
+                unit.delete(Table::Index, blind.to_vec());
+                purge.push((Table::Index, blind.to_vec()));
+            }
+            if record.is_some() {
+                erased += 1;
+            }
+            unit.delete(Table::Records, token.storage_key().to_vec());
+            unit.delete(Table::SubjectIndex, subject_index_key(&hash, token));
+            purge.push((Table::Records, token.storage_key().to_vec()));
+            purge.push((Table::SubjectIndex, subject_index_key(&hash, token)));
+        }
+        if wrapped
+            .as_deref()
+            .is_some_and(|w| wrapped_created_ms(w) <= before_ms)
+        {
+            unit.delete(Table::Keys, label.clone());
+            purge.push((Table::Keys, label));
+        }
+        for (key, _) in consents {
+            unit.delete(Table::Consent, key.clone());
+            purge.push((Table::Consent, key));
+        }
+        let audited = event.is_some();
+        if let Some(mut event) = event {
+            event.items = u32::try_from(erased).unwrap_or(u32::MAX);
+            unit.append_audit(event.encode());
+        }
+        if purge.is_empty() && !audited {
+            return Ok(0);
+        }
+        self.store.commit(batch).await.map_err(|e| {
+            if audited {
+                Error::AuditUnavailable(e)
+            } else {
+                Error::Storage(e)
+            }
+        })?;
+        if !purge.is_empty() {
+            self.store.purge(purge).await?;
+        }
+        Ok(erased)
+    }
+
+    async fn subject_tokens(&self, hash: &[u8; 32]) -> Result<Vec<Token>, Error> {
+        let entries = self
+            .store
+            .scan_prefix(Table::SubjectIndex, hash.to_vec())
+            .await?;
+        Ok(entries
+            .into_iter()
+            .filter_map(|(key, _)| std::str::from_utf8(&key[32..]).ok()?.parse().ok())
+            .collect())
+    }
+
+    /// Decrypts a record with the vault key it names, or its subject's key.
+    pub(super) fn decrypt(
+        &self,
+        token: &Token,
+        record: &Record,
+        subject_key: Option<&DataKey>,
+    ) -> Result<SecretValue, ItemError> {
+        let key = if record.key_version == SUBJECT_KEY {
+            // The subject's key is gone: the subject was erased.
+            subject_key.ok_or(ItemError::NotFound)?
+        } else {
+            self.keyring.data_key(record.key_version).ok_or_else(|| {
+                tracing::error!(field_type = %record.field_type, key_version = record.key_version, "stored record names an unknown key version");
+                ItemError::DataLoss
+            })?
+        };
+        let aad = Record::aad(token, record.key_version, record.subject_hash.as_ref());
+        let plaintext = key.open(&record.nonce, &record.ciphertext, &aad).map_err(|_| {
+            tracing::error!(field_type = %record.field_type, "stored record failed authentication (corrupted or moved)");
+            ItemError::DataLoss
+        })?;
+        SecretValue::from_decrypted(plaintext).ok_or_else(|| {
+            tracing::error!(field_type = %record.field_type, "decrypted value is not UTF-8");
+            ItemError::DataLoss
+        })
+    }
+
+    /// Records a subject's consent decision for a purpose.
+    ///
+    /// # Errors
+    /// Storage or audit failures.
+    pub async fn set_consent(
+        &self,
+        permit: Permit<(SubjectId, Purpose, bool)>,
+        audit: &AuditContext,
+    ) -> Result<ConsentState, Error> {
+        let (subject, purpose, granted) = permit.into_item();
+        let hash = self.subject_hash(&subject);
+        let state = ConsentState {
+            granted,
+            updated_ms: self.now(),
+        };
+        let mut value = vec![u8::from(granted)];
+        value.extend_from_slice(&state.updated_ms.to_be_bytes());
+        let mut event = audit.event("OK");
+        event.subjects.push(self.audit_subject(&subject));
+        event.consent = Some(if granted {
+            "granted".into()
+        } else {
+            "withdrawn".into()
+        });
+        let mut batch = Batch::new();
+        batch
+            .unit()
+            .put(Table::Consent, consent_key(&hash, purpose.as_str()), value)
+            .append_audit(event.encode());
+        self.store
+            .commit(batch)
+            .await
+            .map_err(Error::AuditUnavailable)?;
+        Ok(state)
+    }
+
+    /// Reads a subject's consent decision for a purpose.
+    ///
+    /// # Errors
+    /// Storage or audit failures.
+    pub async fn get_consent(
+        &self,
+        permit: Permit<(SubjectId, Purpose)>,
+        audit: &AuditContext,
+    ) -> Result<ConsentState, Error> {
+        let (subject, purpose) = permit.into_item();
+        let hash = self.subject_hash(&subject);
+        let state = self
+            .consents(&[(hash, purpose.as_str().to_owned())])
+            .await?
+            .pop()
+            .unwrap_or(ConsentState {
+                granted: false,
+                updated_ms: 0,
+            });
+        let mut event = audit.event("OK");
+        event.subjects.push(self.audit_subject(&subject));
+        self.record(&event).await?;
+        Ok(state)
+    }
+
+    pub(super) async fn consents(
+        &self,
+        wanted: &[([u8; 32], String)],
+    ) -> Result<Vec<ConsentState>, Error> {
+        let keys = wanted.iter().map(|(h, p)| consent_key(h, p)).collect();
+        Ok(self
+            .store
+            .get_many(Table::Consent, keys)
+            .await?
+            .into_iter()
+            .map(|v| match v.as_deref() {
+                Some([flag, rest @ ..]) if rest.len() == 8 => ConsentState {
+                    granted: *flag == 1,
+                    updated_ms: rest.try_into().map_or(0, u64::from_be_bytes),
+                },
+                _ => ConsentState {
+                    granted: false,
+                    updated_ms: 0,
+                },
+            })
+            .collect())
+    }
+
+    /// Replaces the value behind `token` (rectification). `authorize` is asked
+    /// with the token's stored field type.
+    ///
+    /// # Errors
+    /// Item errors inside; storage or audit failures outside.
+    pub async fn update_value(
+        &self,
+        token: &Token,
+        value: SecretValue,
+        authorize: impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
+        audit: &AuditContext,
+    ) -> Result<Result<FieldType, ItemError>, Error> {
+        let mut event = audit.event("OK");
+        event.tokens.push(self.audit_token(token));
+        let outcome = self.prepare_update(token, value, &authorize).await?;
+        let (record_bytes, old_blind, new_blind, record) = match outcome {
+            Ok(parts) => parts,
+            Err(e) => {
+                event.failed_items = 1;
+                self.record(&event).await?;
+                return Ok(Err(e));
+            }
+        };
+        event.field_types.push(record.field_type.to_string());
+        let mut batch = Batch::new();
+        let unit = batch.unit();
+        if old_blind != new_blind {
+            if let Some(new) = new_blind {
+                unit.guard_absent(Table::Index, new.to_vec()).put(
+                    Table::Index,
+                    new.to_vec(),
+                    token.as_str().as_bytes().to_vec(),
+                );
+            }
+            if let Some(old) = old_blind {
+                unit.delete(Table::Index, old.to_vec());
+            }
+        }
+        unit.put(Table::Records, token.storage_key().to_vec(), record_bytes)
+            .append_audit(event.encode());
+        let outcomes = self
+            .store
+            .commit(batch)
+            .await
+            .map_err(Error::AuditUnavailable)?;
+        if outcomes.first().is_some_and(Result::is_err) {
+            let mut event = event;
+            event.failed_items = 1;
+            self.record(&event).await?;
+            return Ok(Err(ItemError::ValueTaken(record.field_type)));
+        }
+        Ok(Ok(record.field_type))
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn prepare_update(
+        &self,
+        token: &Token,
+        value: SecretValue,
+        authorize: &impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
+    ) -> Result<Result<(Vec<u8>, Option<[u8; 32]>, Option<[u8; 32]>, Record), ItemError>, Error>
+    {
+        let Some(bytes) = self
+            .store
+            .get_many(Table::Records, vec![token.storage_key().to_vec()])
+            .await?
+            .pop()
+            .flatten()
+        else {
+            return Ok(Err(ItemError::NotFound));
+        };
+        let Ok(old) = Record::decode(&bytes) else {
+            return Ok(Err(ItemError::DataLoss));
+        };
+        if old.expired(self.now()) {
+            return Ok(Err(ItemError::NotFound));
+        }
+        if let Err(denial) = authorize(&old.field_type) {
+            return Ok(Err(ItemError::Denied(denial)));
+        }
+        let spec = match self.spec(&old.field_type) {
+            Ok(spec) => spec,
+            Err(e) => return Ok(Err(e)),
+        };
+        let normalized = match spec.normalize(&value) {
+            Ok(v) => v,
+            Err(e) => return Ok(Err(e.into())),
+        };
+        let subject_keys = match old.subject_hash {
+            Some(hash) if old.key_version == SUBJECT_KEY => {
+                self.subject_keys(&[hash], false).await?
+            }
+            _ => HashMap::new(),
+        };
+        let (key_version, key) = match old.subject_hash.and_then(|h| subject_keys.get(&h)) {
+            Some(key) => (SUBJECT_KEY, key),
+            None if old.key_version == SUBJECT_KEY => return Ok(Err(ItemError::NotFound)),
+            None => self.keyring.active(),
+        };
+        let new_blind = spec
+            .deterministic
+            .then(|| self.blind_index(&spec.name, old.subject_hash.as_ref(), &normalized));
+        let aad = Record::aad(token, key_version, old.subject_hash.as_ref());
+        let sealed = key.seal(normalized.expose().as_bytes(), &aad)?;
+        let record = Record {
+            key_version,
+            nonce: sealed.nonce,
+            blind: new_blind,
+            ciphertext: sealed.ciphertext,
+            ..old.clone()
+        };
+        Ok(Ok((record.encode(), old.blind, new_blind, record)))
+    }
+
+    /// Deletes single tokens, with their index entries. One result per token.
+    ///
+    /// # Errors
+    /// Storage or audit failures.
+    pub async fn delete_tokens(
+        &self,
+        tokens: &[Token],
+        authorize: impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
+        audit: &AuditContext,
+    ) -> Result<Vec<Result<(), ItemError>>, Error> {
+        let records = self
+            .store
+            .get_many(
+                Table::Records,
+                tokens.iter().map(|t| t.storage_key().to_vec()).collect(),
+            )
+            .await?;
+        let mut event = audit.event("OK");
+        let mut batch = Batch::new();
+        let unit = batch.unit();
+        let mut purge = Vec::new();
+        let mut results = Vec::with_capacity(tokens.len());
+        for (token, bytes) in tokens.iter().zip(records) {
+            event.tokens.push(self.audit_token(token));
+            let result = (|| {
+                let record = Record::decode(&bytes.ok_or(ItemError::NotFound)?)
+                    .map_err(|_| ItemError::DataLoss)?;
+                authorize(&record.field_type).map_err(ItemError::Denied)?;
+                event.field_types.push(record.field_type.to_string());
+                unit.delete(Table::Records, token.storage_key().to_vec());
+                purge.push((Table::Records, token.storage_key().to_vec()));
+                if let Some(blind) = record.blind {
+                    unit.delete(Table::Index, blind.to_vec());
+                }
+                if let Some(subject) = record.subject_hash {
+                    unit.delete(Table::SubjectIndex, subject_index_key(&subject, token));
+                }
+                Ok(())
+            })();
+            results.push(result);
+        }
+        event.field_types.sort();
+        event.field_types.dedup();
+        event.failed_items +=
+            u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
+        unit.append_audit(event.encode());
+        self.store
+            .commit(batch)
+            .await
+            .map_err(Error::AuditUnavailable)?;
+        if !purge.is_empty() {
+            self.store.purge(purge).await?;
+        }
+        Ok(results)
+    }
+
+    /// Deletes expired records (with their index entries), a page at a time.
+    /// Returns how many were deleted.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn sweep_expired(&self) -> Result<u64, Error> {
+        const PAGE: usize = 1000;
+        let now = self.now();
+        let mut from = Vec::new();
+        let mut swept = 0;
+        loop {
+            let page = self
+                .store
+                .scan_from(Table::Records, from.clone(), PAGE)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            let mut next = last.clone();
+            next.push(0);
+            let mut batch = Batch::new();
+            let unit = batch.unit();
+            let mut any = false;
+            for (key, value) in &page {
+                let Ok(record) = Record::decode(value) else {
+                    continue;
+                };
+                if !record.expired(now) {
+                    continue;
+                }
+                any = true;
+                swept += 1;
+                unit.delete(Table::Records, key.clone());
+                if let Some(blind) = record.blind {
+                    unit.delete(Table::Index, blind.to_vec());
+                }
+                if let Some(subject) = record.subject_hash {
+                    let mut index_key = subject.to_vec();
+                    index_key.extend_from_slice(key);
+                    unit.delete(Table::SubjectIndex, index_key);
+                }
+            }
+            if any {
+                self.store.commit(batch).await?;
+            }
+            if page.len() < PAGE {
+                break;
+            }
+            from = next;
+        }
+        Ok(swept)
+    }
+}

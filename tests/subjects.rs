@@ -1,0 +1,390 @@
+//! Data subjects over real mTLS gRPC: export, rectification, deletion,
+//! erasure by crypto-shredding (bytes gone from the files, and still gone
+//! after restoring an older copy), consent.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use std::path::Path;
+
+use common::TestVault;
+use tokenvault::{
+    proto::v1::{
+        Code, DeleteTokensRequest, DetokenizeRequest, EraseSubjectRequest, ExportSubjectRequest,
+        GetConsentRequest, SetConsentRequest, TokenizeItem, TokenizeRequest, UpdateValueRequest,
+        detokenize_result, subjects_client::SubjectsClient, tokenize_result,
+    },
+    store::{RocksStore, Store, StoreOptions, Table},
+};
+use tonic::transport::Channel;
+
+fn item(field_type: &str, value: &str, subject: &str) -> TokenizeItem {
+    TokenizeItem {
+        field_type: field_type.into(),
+        value: value.into(),
+        subject_id: subject.into(),
+        ttl_seconds: 0,
+    }
+}
+
+async fn tokenize(vault: &TestVault, items: Vec<TokenizeItem>) -> Vec<String> {
+    let mut client = vault.client("support").await;
+    client
+        .tokenize(TokenizeRequest { items })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(tokenize_result::Result::Token(t)) => t,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+/// Each token's value, or its item error code.
+async fn reveal(vault: &TestVault, tokens: &[String], purpose: &str) -> Vec<Result<String, Code>> {
+    let mut client = vault.client("support").await;
+    client
+        .detokenize(DetokenizeRequest {
+            tokens: tokens.to_vec(),
+            purpose: purpose.into(),
+            masked: false,
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(detokenize_result::Result::Value(v)) => Ok(v.value),
+            Some(detokenize_result::Result::Error(e)) => Err(e.code()),
+            None => panic!("empty"),
+        })
+        .collect()
+}
+
+async fn privacy(vault: &TestVault) -> SubjectsClient<Channel> {
+    SubjectsClient::new(vault.channel_with(&vault.pki.tls("privacy")).await.unwrap())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn export_update_and_delete() {
+    let mut vault = TestVault::start();
+    let ada = tokenize(
+        &vault,
+        vec![
+            item("email", "ada@example.com", "cust-ada"),
+            item("name", "Ada Lovelace", "cust-ada"),
+        ],
+    )
+    .await;
+    let bob = tokenize(&vault, vec![item("email", "bob@example.com", "cust-bob")]).await;
+    let mut privacy = privacy(&vault).await;
+
+    let mut stream = privacy
+        .export_subject(ExportSubjectRequest {
+            subject_id: "cust-ada".into(),
+            purpose: "subject_access_request".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut exported = Vec::new();
+    while let Some(field) = stream.message().await.unwrap() {
+        assert!(field.created_ms > 0);
+        exported.push((field.token, field.field_type, field.value));
+    }
+    exported.sort();
+    let mut expected = vec![
+        (
+            ada[0].clone(),
+            "email".to_owned(),
+            "ada@example.com".to_owned(),
+        ),
+        (ada[1].clone(), "name".to_owned(), "Ada Lovelace".to_owned()),
+    ];
+    expected.sort();
+    assert_eq!(exported, expected);
+
+    // Export needs its scope and an allowed purpose.
+    let mut support =
+        SubjectsClient::new(vault.channel_with(&vault.pki.tls("support")).await.unwrap());
+    let status = support
+        .export_subject(ExportSubjectRequest {
+            subject_id: "cust-ada".into(),
+            purpose: "customer_support".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+
+    // Rectification keeps the token and validates the new value.
+    privacy
+        .update_value(UpdateValueRequest {
+            token: ada[0].clone(),
+            value: " Ada@Example.org".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        reveal(&vault, &ada[..1], "customer_support").await,
+        vec![Ok("Ada@example.org".to_owned())]
+    );
+    let status = privacy
+        .update_value(UpdateValueRequest {
+            token: ada[0].clone(),
+            value: "not an address".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(!status.message().contains("not an address"));
+
+    // Deletion of single tokens.
+    let response = privacy
+        .delete_tokens(DeleteTokensRequest {
+            tokens: vec![bob[0].clone(), bob[0].clone()],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let codes: Vec<Code> = response.results.iter().map(|r| r.code()).collect();
+    assert_eq!(codes[0], Code::Ok);
+    assert_eq!(
+        reveal(&vault, &bob, "customer_support").await,
+        vec![Err(Code::NotFound)]
+    );
+
+    vault.assert_log_free_of(&[
+        "ada@example.com",
+        "Ada Lovelace",
+        "Ada@example.org",
+        "bob@example.com",
+        "not an address",
+    ]);
+}
+
+fn files_contain(dir: &Path, needle: &[u8]) -> bool {
+    std::fs::read_dir(dir).unwrap().flatten().any(|entry| {
+        let path = entry.path();
+        if path.is_dir() {
+            return files_contain(&path, needle);
+        }
+        std::fs::read(&path).is_ok_and(|bytes| bytes.windows(needle.len()).any(|w| w == needle))
+    })
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasure_shreds_the_subject_for_good() {
+    let mut vault = TestVault::start();
+    let ada = tokenize(
+        &vault,
+        vec![
+            item("email", "ada@example.com", "cust-ada"),
+            item("phone", "+44 20 7946 0958", "cust-ada"),
+        ],
+    )
+    .await;
+    let bob = tokenize(&vault, vec![item("email", "bob@example.com", "cust-bob")]).await;
+    vault.stop();
+
+    // What erasure must remove: ada's ciphertexts and both subjects' wrapped
+    // keys (we learn which is ada's from the receipt).
+    let (ciphertexts, subject_keys) = {
+        let store = RocksStore::open(&vault.data_dir(), &StoreOptions::default()).unwrap();
+        let ciphertexts: Vec<Vec<u8>> = ada
+            .iter()
+            .map(|t| {
+                let record = store
+                    .get_blocking(Table::Records, t.as_bytes())
+                    .unwrap()
+                    .unwrap();
+                record[record.len() - 24..].to_vec()
+            })
+            .collect();
+        let keys = store
+            .scan_prefix(Table::Keys, b"subject-key/".to_vec())
+            .await
+            .unwrap();
+        store.close();
+        (ciphertexts, keys)
+    };
+    assert_eq!(subject_keys.len(), 2);
+    for chunk in &ciphertexts {
+        assert!(
+            files_contain(&vault.data_dir(), chunk),
+            "the check must be able to see ciphertexts"
+        );
+    }
+    let backup = vault.root.path().join("backup");
+    copy_dir(&vault.data_dir(), &backup);
+
+    vault.spawn().unwrap();
+    let mut privacy = privacy(&vault).await;
+    let receipt = privacy
+        .erase_subject(EraseSubjectRequest {
+            subject_id: "cust-ada".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(receipt.tokens_erased, 2);
+    assert_eq!(receipt.subject_hash.len(), 64);
+    let again = privacy
+        .erase_subject(EraseSubjectRequest {
+            subject_id: "cust-ada".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (again.tokens_erased, &again.subject_hash),
+        (0, &receipt.subject_hash)
+    );
+    assert_eq!(
+        reveal(&vault, &ada, "customer_support").await,
+        vec![Err(Code::NotFound), Err(Code::NotFound)]
+    );
+    assert_eq!(
+        reveal(&vault, &bob, "customer_support").await,
+        vec![Ok("bob@example.com".to_owned())]
+    );
+    vault.stop();
+
+    // The bytes left the data files.
+    let ada_key = subject_keys
+        .iter()
+        .find(|(label, _)| label.ends_with(receipt.subject_hash.as_bytes()))
+        .map(|(_, wrapped)| wrapped[wrapped.len() - 24..].to_vec())
+        .expect("ada's key label");
+    for chunk in ciphertexts.iter().chain(std::iter::once(&ada_key)) {
+        assert!(
+            !files_contain(&vault.data_dir(), chunk),
+            "erased bytes remain in the data files"
+        );
+    }
+
+    // Restoring the older copy does not bring ada back: the ledger (outside
+    // the data directory) is re-applied when the vault opens.
+    std::fs::remove_dir_all(vault.data_dir()).unwrap();
+    copy_dir(&backup, &vault.data_dir());
+    vault.spawn().unwrap();
+    assert!(vault.wait_for_log("re-applied the erasure ledger"));
+    assert_eq!(
+        reveal(&vault, &ada, "customer_support").await,
+        vec![Err(Code::NotFound), Err(Code::NotFound)]
+    );
+    assert_eq!(
+        reveal(&vault, &bob, "customer_support").await,
+        vec![Ok("bob@example.com".to_owned())]
+    );
+    vault.assert_log_free_of(&[
+        "ada@example.com",
+        "+442079460958",
+        "bob@example.com",
+        "cust-ada",
+        "cust-bob",
+    ]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purposes_that_need_consent_are_gated_by_it() {
+    let mut vault =
+        TestVault::start_with("[field_types.email]\nconsent_purposes = [\"marketing\"]\n");
+    let tokens = tokenize(
+        &vault,
+        vec![
+            item("email", "ada@example.com", "cust-ada"),
+            item("email", "anon@example.com", ""),
+        ],
+    )
+    .await;
+    // No consent recorded: marketing is refused for the subject's value; a
+    // value without a subject, and purposes that need no consent, are fine.
+    assert_eq!(
+        reveal(&vault, &tokens, "marketing").await,
+        vec![
+            Err(Code::FailedPrecondition),
+            Ok("anon@example.com".to_owned())
+        ]
+    );
+    assert_eq!(
+        reveal(&vault, &tokens[..1], "customer_support").await,
+        vec![Ok("ada@example.com".to_owned())]
+    );
+
+    let mut privacy = privacy(&vault).await;
+    let set = |granted| SetConsentRequest {
+        subject_id: "cust-ada".into(),
+        purpose: "marketing".into(),
+        granted,
+    };
+    let state = privacy.set_consent(set(true)).await.unwrap().into_inner();
+    assert!(state.granted && state.updated_ms > 0);
+    assert_eq!(
+        reveal(&vault, &tokens[..1], "marketing").await,
+        vec![Ok("ada@example.com".to_owned())]
+    );
+    privacy.set_consent(set(false)).await.unwrap();
+    assert_eq!(
+        reveal(&vault, &tokens[..1], "marketing").await,
+        vec![Err(Code::FailedPrecondition)]
+    );
+    let state = privacy
+        .get_consent(GetConsentRequest {
+            subject_id: "cust-ada".into(),
+            purpose: "marketing".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(!state.granted);
+
+    // The message says what is missing, never the value.
+    let mut support = vault.client("support").await;
+    let response = support
+        .detokenize(DetokenizeRequest {
+            tokens: tokens[..1].to_vec(),
+            purpose: "marketing".into(),
+            masked: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match &response.results[0].result {
+        Some(detokenize_result::Result::Error(e)) => {
+            assert!(
+                e.message.contains("not consented to purpose marketing"),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Consent writes need their scope.
+    let mut checkout = SubjectsClient::new(
+        vault
+            .channel_with(&vault.pki.tls("checkout"))
+            .await
+            .unwrap(),
+    );
+    assert_eq!(
+        checkout.set_consent(set(true)).await.unwrap_err().code(),
+        tonic::Code::PermissionDenied
+    );
+    vault.assert_log_free_of(&["ada@example.com", "anon@example.com"]);
+}
