@@ -41,6 +41,17 @@ if [ "${1:-}" = "--test" ] && ! command -v kubectl >/dev/null 2>&1; then
     fi
 fi
 
+if [ "${1:-}" = "--test" ] && ! command -v strace >/dev/null 2>&1; then
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "installing strace (the durability test counts fsyncs with it)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace procps >/dev/null
+    else
+        echo "strace is missing; run: sudo apt-get install -y strace" >&2
+        exit 1
+    fi
+fi
+
 if [ "${1:-}" = "--test" ] && ! command -v kubernetes-validate >/dev/null 2>&1; then
     echo "installing kubernetes-validate (PyPI) for the manifest tests"
     python3 -m pip install --quiet --disable-pip-version-check 'kubernetes-validate>=1.29'
