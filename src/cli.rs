@@ -244,6 +244,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     }
     let config = Config::from_figment(&figment).map_err(|e| e.to_string())?;
     init_logging(config.log_format, &config.log_level)?;
+    crate::hardening::harden(config.lock_memory).map_err(|e| e.to_string())?;
 
     let dev_dir = args.dev.then(|| args.dev_dir.display().to_string());
     let on_ready = move |grpc: SocketAddr, health: SocketAddr| {

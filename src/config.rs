@@ -50,6 +50,8 @@ pub struct RawConfig {
     pub audit: RawAudit,
     /// Data subjects: erasure ledger and retention.
     pub subjects: RawSubjects,
+    /// Process hardening.
+    pub security: RawSecurity,
     /// Field types the vault accepts, by name.
     pub field_types: BTreeMap<String, RawFieldType>,
     /// Access rules; default deny.
@@ -80,6 +82,14 @@ pub struct RawTls {
     pub key: Option<RelativePathBuf>,
     /// The CA bundle client certificates must chain to.
     pub client_ca: Option<RelativePathBuf>,
+    /// SPIFFE trust domains accepted in client identities (e.g.
+    /// `["shop.example"]`); empty accepts any the CA signed.
+    #[serde(default)]
+    pub trust_domains: Vec<String>,
+    /// PEM certificate revocation lists; a client certificate they revoke
+    /// fails the handshake.
+    #[serde(default)]
+    pub crl_files: Vec<RelativePathBuf>,
 }
 
 /// `[keys]`.
@@ -126,6 +136,15 @@ pub struct RawLog {
 pub struct RawAudit {
     /// How often the chain head is signed, if it moved.
     pub checkpoint_interval_seconds: u64,
+}
+
+/// `[security]`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawSecurity {
+    /// Lock all memory (mlockall) so plaintext is never swapped to disk.
+    /// Needs CAP_IPC_LOCK or a large enough RLIMIT_MEMLOCK.
+    pub lock_memory: bool,
 }
 
 /// `[subjects]`.
@@ -244,6 +263,7 @@ impl Default for RawConfig {
                 erasure_ledger: None,
                 retention_sweep_interval_seconds: 300,
             },
+            security: RawSecurity::default(),
             field_types: BUILTIN_FIELD_TYPES
                 .iter()
                 .map(|(name, max)| {
@@ -292,6 +312,10 @@ pub struct Config {
     pub erasure_ledger: PathBuf,
     /// How often expired values are purged.
     pub retention_sweep_interval: Duration,
+    /// Lock memory at start.
+    pub lock_memory: bool,
+    /// SPIFFE trust domains whose identities are accepted; empty for any.
+    pub trust_domains: Vec<String>,
     /// Known field types and their settings.
     pub field_types: FieldRegistry,
     /// The access policy.
@@ -309,6 +333,8 @@ pub struct TlsFiles {
     pub key: PathBuf,
     /// Client CA bundle (PEM).
     pub client_ca: PathBuf,
+    /// Certificate revocation lists (PEM).
+    pub crls: Vec<PathBuf>,
 }
 
 /// Request limits.
@@ -401,6 +427,12 @@ impl Config {
             cert: required("tls.cert", &raw.tls.cert)?,
             key: required("tls.key", &raw.tls.key)?,
             client_ca: required("tls.client_ca", &raw.tls.client_ca)?,
+            crls: raw
+                .tls
+                .crl_files
+                .iter()
+                .map(RelativePathBuf::relative)
+                .collect(),
         };
         let master_key_file = required("keys.master_key_file", &raw.keys.master_key_file)?;
 
@@ -426,6 +458,14 @@ impl Config {
             .map_err(|(key, message)| invalid(key, message))?;
 
         let policy = parse_policy(&raw.policy, &field_types)?;
+        for domain in &raw.tls.trust_domains {
+            if !crate::fields::kinds::is_hostname(domain) {
+                return Err(invalid(
+                    "tls.trust_domains",
+                    format!("{domain:?} is not a trust domain name"),
+                ));
+            }
+        }
         if raw.audit.checkpoint_interval_seconds == 0 {
             return Err(invalid(
                 "audit.checkpoint_interval_seconds",
@@ -464,6 +504,8 @@ impl Config {
             retention_sweep_interval: Duration::from_secs(
                 raw.subjects.retention_sweep_interval_seconds.max(1),
             ),
+            lock_memory: raw.security.lock_memory,
+            trust_domains: raw.tls.trust_domains.clone(),
             field_types,
             policy,
             raw,

@@ -32,6 +32,29 @@ impl ClientId {
         }
     }
 
+    /// The SPIFFE trust domain, for SPIFFE IDs.
+    pub fn trust_domain(&self) -> Option<&str> {
+        match self {
+            ClientId::Spiffe(id) => id
+                .strip_prefix("spiffe://")
+                .map(|rest| rest.split('/').next().unwrap_or(rest)),
+            _ => None,
+        }
+    }
+
+    /// Refuses SPIFFE IDs outside `accepted` trust domains (empty: any).
+    ///
+    /// # Errors
+    /// [`IdentityError::UntrustedDomain`].
+    pub fn check_trust_domain(self, accepted: &[String]) -> Result<Self, IdentityError> {
+        match self.trust_domain() {
+            Some(domain) if !accepted.is_empty() && !accepted.iter().any(|a| a == domain) => {
+                Err(IdentityError::UntrustedDomain(domain.to_owned()))
+            }
+            _ => Ok(self),
+        }
+    }
+
     /// Reads the identity from a DER certificate whose chain has already been
     /// verified.
     ///
@@ -123,6 +146,9 @@ pub enum IdentityError {
     /// server's verifier, which requires one; kept so the API layer can say so).
     #[error("no client certificate was presented")]
     NoCertificate,
+    /// A SPIFFE ID from a trust domain the configuration does not accept.
+    #[error("client SPIFFE ID is from trust domain {0}, which tls.trust_domains does not accept")]
+    UntrustedDomain(String),
 }
 
 /// What the API layer knows about the connection a request came on.
@@ -209,6 +235,27 @@ mod tests {
         assert_eq!(
             ClientId::from_certificate(&der),
             Err(IdentityError::Missing)
+        );
+    }
+
+    #[test]
+    fn trust_domains_are_checked() {
+        let id = ClientId::Spiffe("spiffe://shop.example/ns/a".into());
+        assert_eq!(id.trust_domain(), Some("shop.example"));
+        assert!(id.clone().check_trust_domain(&[]).is_ok());
+        assert!(
+            id.clone()
+                .check_trust_domain(&["shop.example".into()])
+                .is_ok()
+        );
+        assert_eq!(
+            id.check_trust_domain(&["other.example".into()]),
+            Err(IdentityError::UntrustedDomain("shop.example".into()))
+        );
+        assert!(
+            ClientId::Dns("a.example".into())
+                .check_trust_domain(&["x".into()])
+                .is_ok()
         );
     }
 

@@ -22,6 +22,7 @@
 //! - [`token`]: the [`token::Token`] and [`token::FieldType`] types.
 //! - [`config`]: figment layers into a validated [`config::Config`].
 //! - [`client`], [`dev`], [`pki`], [`cli`]: the command-line tool's parts.
+//! - [`hardening`]: no core dumps, optional locked memory.
 //! - [`bench`]: `tokenvault bench`, load over real mTLS next to its ceilings.
 //!
 //! # Invariants
@@ -42,6 +43,7 @@ pub mod config;
 pub mod crypto;
 pub mod dev;
 pub mod fields;
+pub mod hardening;
 pub mod identity;
 pub mod pki;
 pub mod proto;

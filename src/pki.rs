@@ -36,8 +36,12 @@ pub struct ClientSpec {
     pub not_before: OffsetDateTime,
     /// End of validity.
     pub not_after: OffsetDateTime,
-    /// Whether to include the clientAuth extended key usage.
+    /// Whether the extended key usage is clientAuth (true) or serverAuth
+    /// only (false: a certificate that must not be accepted as a client's).
     pub client_auth_eku: bool,
+    /// The serial number; random if `None`. Set it to revoke the
+    /// certificate later with [`Ca::crl`].
+    pub serial: Option<u64>,
 }
 
 impl ClientSpec {
@@ -51,6 +55,7 @@ impl ClientSpec {
             not_before: now - Duration::hours(1),
             not_after: now + Duration::days(365),
             client_auth_eku: true,
+            serial: None,
         }
     }
 }
@@ -98,6 +103,28 @@ impl Ca {
     /// The CA private key, PEM.
     pub fn key_pem(&self) -> &str {
         &self.key_pem
+    }
+
+    /// A self-signed client certificate as `spec` describes (signed by no CA).
+    ///
+    /// # Errors
+    /// If a name is invalid or signing fails.
+    pub fn self_signed_client(spec: &ClientSpec) -> Result<Issued, rcgen::Error> {
+        let mut params = CertificateParams::default();
+        for uri in &spec.uris {
+            params
+                .subject_alt_names
+                .push(SanType::URI(uri.as_str().try_into()?));
+        }
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.not_before = spec.not_before;
+        params.not_after = spec.not_after;
+        let key = KeyPair::generate()?;
+        let cert = params.self_signed(&key)?;
+        Ok(Issued {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 
     /// A server certificate for `dns_names` and `ips`, valid for a year.
@@ -151,13 +178,41 @@ impl Ca {
                 .subject_alt_names
                 .push(SanType::DnsName(dns.as_str().try_into()?));
         }
-        if spec.client_auth_eku {
-            params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-        }
+        params.extended_key_usages = vec![if spec.client_auth_eku {
+            ExtendedKeyUsagePurpose::ClientAuth
+        } else {
+            ExtendedKeyUsagePurpose::ServerAuth
+        }];
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;
+        params.serial_number = spec.serial.map(rcgen::SerialNumber::from);
         self.sign(&params)
+    }
+
+    /// A certificate revocation list, valid for a week, revoking `serials`.
+    ///
+    /// # Errors
+    /// If signing fails.
+    pub fn crl(&self, serials: &[u64]) -> Result<String, rcgen::Error> {
+        let now = OffsetDateTime::now_utc();
+        let params = rcgen::CertificateRevocationListParams {
+            this_update: now - Duration::hours(1),
+            next_update: now + Duration::days(7),
+            crl_number: rcgen::SerialNumber::from(1u64),
+            issuing_distribution_point: None,
+            revoked_certs: serials
+                .iter()
+                .map(|serial| rcgen::RevokedCertParams {
+                    serial_number: rcgen::SerialNumber::from(*serial),
+                    revocation_time: now - Duration::minutes(5),
+                    reason_code: Some(rcgen::RevocationReason::KeyCompromise),
+                    invalidity_date: None,
+                })
+                .collect(),
+            key_identifier_method: rcgen::KeyIdMethod::Sha256,
+        };
+        params.signed_by(&self.issuer)?.pem()
     }
 
     fn sign(&self, params: &CertificateParams) -> Result<Issued, rcgen::Error> {

@@ -273,3 +273,90 @@ async fn a_different_master_key_is_refused() {
     let err = serve_must_fail(&vault.config_path());
     assert!(err.contains("master key does not match"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_bad_client_certificates_are_refused() {
+    let vault = TestVault::start_with_tls("trust_domains = [\"test.tokenvault.local\"]");
+    call_with(&vault, &vault.pki.tls("checkout")).await.unwrap();
+    let now = time::OffsetDateTime::now_utc();
+
+    // Not yet valid.
+    let mut future = ClientSpec::spiffe(&spiffe("checkout"));
+    future.not_before = now + time::Duration::days(1);
+    future.not_after = now + time::Duration::days(30);
+    let tls = vault.pki.client("future", &future);
+    assert!(
+        call_with(&vault, &tls).await.is_err(),
+        "a not-yet-valid certificate was served"
+    );
+
+    // Self-signed, with a policy-known identity.
+    let issued =
+        tokenvault::pki::Ca::self_signed_client(&ClientSpec::spiffe(&spiffe("checkout"))).unwrap();
+    let tls = vault.pki.save_client("self-signed", &issued);
+    assert!(
+        call_with(&vault, &tls).await.is_err(),
+        "a self-signed certificate was served"
+    );
+
+    // From our CA, but for servers only (no clientAuth extended key usage).
+    let mut server_only = ClientSpec::spiffe(&spiffe("checkout"));
+    server_only.client_auth_eku = false;
+    let tls = vault.pki.client("server-only", &server_only);
+    assert!(
+        call_with(&vault, &tls).await.is_err(),
+        "a certificate without clientAuth was served"
+    );
+
+    // From our CA, but a trust domain the config does not accept.
+    let tls = vault.pki.client(
+        "foreign-domain",
+        &ClientSpec::spiffe("spiffe://evil.example/checkout"),
+    );
+    let err = call_with(&vault, &tls).await.unwrap_err();
+    assert!(
+        err.starts_with("Unauthenticated") && err.contains("trust domain evil.example"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_server_cannot_dump_core() {
+    let vault = TestVault::start();
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", vault.pid())).unwrap();
+    let core = limits
+        .lines()
+        .find(|l| l.starts_with("Max core file size"))
+        .unwrap();
+    let fields: Vec<&str> = core.split_whitespace().collect();
+    assert_eq!(&fields[4..6], ["0", "0"], "{core}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_certificate_revoked_by_the_configured_crl_is_refused() {
+    // The vault directory is prepared first so the CRL can be signed by its CA.
+    let mut vault = TestVault::start();
+    let mut revoked = ClientSpec::spiffe(&spiffe("checkout"));
+    revoked.serial = Some(0x5eed_0001);
+    let revoked_tls = vault.pki.client("revoked", &revoked);
+    let mut kept = ClientSpec::spiffe(&spiffe("checkout"));
+    kept.serial = Some(0x5eed_0002);
+    let kept_tls = vault.pki.client("kept", &kept);
+    call_with(&vault, &revoked_tls).await.unwrap();
+
+    let crl = vault.root.path().join("tls").join("revoked.crl");
+    std::fs::write(&crl, vault.pki.ca.crl(&[0x5eed_0001]).unwrap()).unwrap();
+    vault.stop();
+    let config = std::fs::read_to_string(vault.config_path()).unwrap();
+    let config = config.replace(
+        "client_ca = \"tls/ca.pem\"",
+        "client_ca = \"tls/ca.pem\"\ncrl_files = [\"tls/revoked.crl\"]",
+    );
+    std::fs::write(vault.config_path(), config).unwrap();
+    vault.spawn().unwrap();
+    assert!(
+        call_with(&vault, &revoked_tls).await.is_err(),
+        "a revoked certificate was served"
+    );
+    call_with(&vault, &kept_tls).await.unwrap();
+}

@@ -161,6 +161,7 @@ pub async fn run(
     let accept_task = tokio::spawn(tls::accept_loop(
         listener,
         tls_config,
+        Arc::new(config.trust_domains.clone()),
         config.handshake_timeout,
         conn_tx,
         stop_rx.clone(),

@@ -16,7 +16,9 @@ use std::{
 };
 
 use rustls::{RootCertStore, ServerConfig, server::WebPkiClientVerifier};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+use rustls_pki_types::{
+    CertificateDer, CertificateRevocationListDer, PrivateKeyDer, pem::PemObject,
+};
 use tokio::{
     io::{AsyncRead, AsyncWrite, ReadBuf},
     net::{TcpListener, TcpStream},
@@ -67,9 +69,26 @@ pub fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, TlsError> {
             reason: e.to_string(),
         })?;
     }
+    let mut crls = Vec::new();
+    for path in &files.crls {
+        let pem_err = |reason: String| TlsError::Pem {
+            what: "tls.crl_files",
+            path: path.clone(),
+            reason,
+        };
+        let found = CertificateRevocationListDer::pem_file_iter(path)
+            .map_err(|e| pem_err(e.to_string()))?
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| pem_err(e.to_string()))?;
+        if found.is_empty() {
+            return Err(pem_err("no X509 CRL block found".into()));
+        }
+        crls.extend(found);
+    }
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier =
         WebPkiClientVerifier::builder_with_provider(Arc::new(roots), Arc::clone(&provider))
+            .with_crls(crls)
             .build()
             .map_err(|e| TlsError::Rustls(e.to_string()))?;
     let mut config = ServerConfig::builder_with_provider(provider)
@@ -158,6 +177,7 @@ impl AsyncWrite for TlsConn {
 pub async fn accept_loop(
     listener: TcpListener,
     config: Arc<ServerConfig>,
+    trust_domains: Arc<Vec<String>>,
     handshake_timeout: Duration,
     out: mpsc::Sender<io::Result<TlsConn>>,
     mut stop: watch::Receiver<bool>,
@@ -177,13 +197,14 @@ pub async fn accept_loop(
         };
         let acceptor = acceptor.clone();
         let out = out.clone();
+        let trust_domains = Arc::clone(&trust_domains);
         tokio::spawn(async move {
             if let Err(e) = tcp.set_nodelay(true) {
                 tracing::debug!(error = %e, "cannot set TCP_NODELAY");
             }
             match tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await {
                 Ok(Ok(stream)) => {
-                    let peer = peer_of(&stream, remote);
+                    let peer = peer_of(&stream, remote, &trust_domains);
                     if let Err(e) = peer.identity.as_ref() {
                         tracing::warn!(remote.addr = %remote, error = %e, "client certificate has no usable identity");
                     }
@@ -199,7 +220,7 @@ pub async fn accept_loop(
     }
 }
 
-fn peer_of(stream: &TlsStream<TcpStream>, remote: SocketAddr) -> Peer {
+fn peer_of(stream: &TlsStream<TcpStream>, remote: SocketAddr, trust_domains: &[String]) -> Peer {
     let identity = stream
         .get_ref()
         .1
@@ -207,7 +228,8 @@ fn peer_of(stream: &TlsStream<TcpStream>, remote: SocketAddr) -> Peer {
         .and_then(|chain| chain.first())
         .map_or(Err(IdentityError::NoCertificate), |leaf| {
             ClientId::from_certificate(leaf)
-        });
+        })
+        .and_then(|id| id.check_trust_domain(trust_domains));
     Peer {
         identity: Arc::new(identity),
         remote_addr: Some(remote),

@@ -138,6 +138,7 @@ pub struct TestVault {
     /// The thread reading the server's stderr; it ends when the server exits.
     reader: Option<std::thread::JoinHandle<()>>,
     extra_config: String,
+    extra_tls: String,
 }
 
 impl TestVault {
@@ -146,14 +147,36 @@ impl TestVault {
         Self::start_with("")
     }
 
+    /// Starts a vault with extra keys in its `[tls]` table.
+    pub fn start_with_tls(extra_tls: &str) -> Self {
+        let mut vault = Self::prepare("");
+        vault.extra_tls = extra_tls.to_owned();
+        vault.write_config();
+        vault.spawn().expect("the test vault did not start");
+        vault
+    }
+
+    /// The server process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("the vault is running").id()
+    }
+
     /// Starts a vault with extra TOML appended to the generated config
     /// (before the policy, so top-level keys and tables both work).
     pub fn start_with(extra_config: &str) -> Self {
+        let mut vault = Self::prepare(extra_config);
+        vault.write_config();
+        vault.spawn().expect("the test vault did not start");
+        vault
+    }
+
+    /// A vault directory with certificates and a master key, not started.
+    fn prepare(extra_config: &str) -> Self {
         let root = tempfile::tempdir().unwrap();
         let pki = Pki::new(&root.path().join("tls"));
         let master = root.path().join("master.key");
         tokenvault::crypto::MasterKey::create_file(&master).unwrap();
-        let mut vault = Self {
+        Self {
             root,
             pki,
             grpc_addr: "0.0.0.0:0".parse().unwrap(),
@@ -162,10 +185,8 @@ impl TestVault {
             logs: Arc::new((Mutex::new(Vec::new()), Condvar::new())),
             reader: None,
             extra_config: extra_config.to_owned(),
-        };
-        vault.write_config();
-        vault.spawn().expect("the test vault did not start");
-        vault
+            extra_tls: String::new(),
+        }
     }
 
     pub fn config_path(&self) -> PathBuf {
@@ -189,6 +210,7 @@ shutdown_grace_seconds = 10
 cert = "tls/server.pem"
 key = "tls/server.key"
 client_ca = "tls/ca.pem"
+{extra_tls}
 
 [keys]
 master_key_file = "master.key"
@@ -197,7 +219,8 @@ master_key_file = "master.key"
 format = "json"
 level = "info"
 {POLICY}"#,
-            extra = self.extra_config
+            extra = self.extra_config,
+            extra_tls = self.extra_tls
         );
         std::fs::write(self.config_path(), config).unwrap();
     }
