@@ -112,6 +112,9 @@ struct ServeArgs {
     /// Override server.health_listen.
     #[arg(long)]
     health_listen: Option<SocketAddr>,
+    /// Override server.metrics_listen.
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
     /// Override log.format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
@@ -236,6 +239,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     if let Some(addr) = args.health_listen {
         figment = figment.merge(Serialized::default(
             "server.health_listen",
+            addr.to_string(),
+        ));
+    }
+    if let Some(addr) = args.metrics_listen {
+        figment = figment.merge(Serialized::default(
+            "server.metrics_listen",
             addr.to_string(),
         ));
     }

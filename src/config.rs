@@ -66,6 +66,8 @@ pub struct RawServer {
     pub listen: String,
     /// Address of the plaintext health port (for Kubernetes gRPC probes).
     pub health_listen: String,
+    /// Address of the plaintext Prometheus metrics port (`GET /metrics`).
+    pub metrics_listen: String,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_grace_seconds: u64,
     /// How long a client may take to finish the TLS handshake.
@@ -110,6 +112,12 @@ pub struct RawLimits {
     pub max_value_bytes: usize,
     /// Largest gRPC message the server decodes, in bytes.
     pub max_message_bytes: usize,
+    /// Requests one client identity may have in flight (0: unlimited).
+    pub per_identity_concurrency: usize,
+    /// Requests per second one client identity may make (0: unlimited).
+    pub per_identity_rate: f64,
+    /// Requests one identity may make at once above its rate (default: the rate).
+    pub per_identity_burst: Option<f64>,
 }
 
 /// `[storage]`.
@@ -239,6 +247,7 @@ impl Default for RawConfig {
             server: RawServer {
                 listen: "0.0.0.0:50051".into(),
                 health_listen: "0.0.0.0:50052".into(),
+                metrics_listen: "0.0.0.0:9090".into(),
                 shutdown_grace_seconds: 30,
                 handshake_timeout_ms: 10_000,
             },
@@ -248,6 +257,9 @@ impl Default for RawConfig {
                 max_items_per_request: 1000,
                 max_value_bytes: 4096,
                 max_message_bytes: 4 << 20,
+                per_identity_concurrency: 256,
+                per_identity_rate: 0.0,
+                per_identity_burst: None,
             },
             storage: RawStorage {
                 block_cache_mib: 64,
@@ -290,6 +302,10 @@ pub struct Config {
     pub listen: SocketAddr,
     /// The plaintext health address.
     pub health_listen: SocketAddr,
+    /// The plaintext metrics address.
+    pub metrics_listen: SocketAddr,
+    /// Per-identity limits.
+    pub identity_limits: crate::api::IdentityLimits,
     /// Graceful shutdown deadline.
     pub shutdown_grace: Duration,
     /// TLS handshake deadline.
@@ -417,6 +433,21 @@ impl Config {
         };
         let listen = addr("server.listen", &raw.server.listen)?;
         let health_listen = addr("server.health_listen", &raw.server.health_listen)?;
+        let metrics_listen = addr("server.metrics_listen", &raw.server.metrics_listen)?;
+        if raw.limits.per_identity_rate < 0.0 || !raw.limits.per_identity_rate.is_finite() {
+            return Err(invalid(
+                "limits.per_identity_rate",
+                "must be 0 (unlimited) or a positive number",
+            ));
+        }
+        let identity_limits = crate::api::IdentityLimits {
+            concurrency: raw.limits.per_identity_concurrency,
+            rate: raw.limits.per_identity_rate,
+            burst: raw
+                .limits
+                .per_identity_burst
+                .unwrap_or(raw.limits.per_identity_rate),
+        };
         let required = |key: &str, value: &Option<RelativePathBuf>| {
             value
                 .as_ref()
@@ -483,6 +514,8 @@ impl Config {
             durability: raw.durability,
             listen,
             health_listen,
+            metrics_listen,
+            identity_limits,
             shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_seconds),
             handshake_timeout: Duration::from_millis(raw.server.handshake_timeout_ms.max(1)),
             tls,

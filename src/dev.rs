@@ -124,6 +124,7 @@ durability = "sync"
 [server]
 listen = "127.0.0.1:50051"
 health_listen = "127.0.0.1:50052"
+metrics_listen = "127.0.0.1:9090"
 
 [tls]
 cert = "tls/server.pem"

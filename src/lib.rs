@@ -22,6 +22,7 @@
 //! - [`token`]: the [`token::Token`] and [`token::FieldType`] types.
 //! - [`config`]: figment layers into a validated [`config::Config`].
 //! - [`client`], [`dev`], [`pki`], [`cli`]: the command-line tool's parts.
+//! - [`metrics`]: Prometheus counters and histograms, served on the metrics port.
 //! - [`hardening`]: no core dumps, optional locked memory.
 //! - [`bench`]: `tokenvault bench`, load over real mTLS next to its ceilings.
 //!
@@ -45,6 +46,7 @@ pub mod dev;
 pub mod fields;
 pub mod hardening;
 pub mod identity;
+pub mod metrics;
 pub mod pki;
 pub mod proto;
 pub mod server;

@@ -51,6 +51,8 @@ fn the_dev_banner_commands_work_with_real_grpcurl() {
             "127.0.0.1:0",
             "--health-listen",
             "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ])
         .current_dir(root.path())
         .stdout(Stdio::piped())

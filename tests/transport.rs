@@ -360,3 +360,103 @@ async fn a_certificate_revoked_by_the_configured_crl_is_refused() {
     );
     call_with(&vault, &kept_tls).await.unwrap();
 }
+
+async fn scrape(addr: std::net::SocketAddr) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    stream
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    stream.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
+    let (_, body) = response.split_once("\r\n\r\n").unwrap();
+    body.to_owned()
+}
+
+fn metric(text: &str, name_and_labels: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name_and_labels} in\n{text}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_scraped_and_parse() {
+    let vault = TestVault::start();
+    let mut client = vault.client("checkout").await;
+    for _ in 0..3 {
+        client.tokenize(request()).await.unwrap();
+    }
+    let mut stranger = vault.client("stranger").await;
+    stranger.tokenize(request()).await.unwrap_err();
+    let text = scrape(vault.metrics_addr).await;
+    // Every sample line parses as `name{labels} number`.
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let value = line.rsplit(' ').next().unwrap();
+        assert!(value.parse::<f64>().is_ok(), "unparsable sample: {line}");
+    }
+    assert_eq!(
+        metric(
+            &text,
+            "grpc_server_handled_total{grpc_method=\"Tokenize\",grpc_code=\"OK\"}"
+        ),
+        3.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "grpc_server_handled_total{grpc_method=\"Tokenize\",grpc_code=\"PERMISSION_DENIED\"}"
+        ),
+        1.0
+    );
+    assert_eq!(
+        metric(
+            &text,
+            "grpc_server_handling_seconds_count{grpc_method=\"Tokenize\"}"
+        ),
+        4.0
+    );
+    assert_eq!(
+        metric(&text, "tokenvault_denials_total{reason=\"policy\"}"),
+        1.0
+    );
+    assert_eq!(metric(&text, "tokenvault_audit_chain_head"), 4.0);
+    assert!(metric(&text, "tokenvault_tokens_stored") >= 0.0);
+    assert!(
+        !text.contains("tls@example.com") && !text.contains("spiffe://"),
+        "metrics carry no value or identity"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_rate_limit_refuses_the_noisy_identity_and_not_the_other() {
+    let vault = TestVault::start_with("[limits]\nper_identity_rate = 1\nper_identity_burst = 5\n");
+    let mut noisy = vault.client("checkout").await;
+    let mut refused = None;
+    for _ in 0..20 {
+        if let Err(status) = noisy.tokenize(request()).await {
+            refused = Some(status);
+            break;
+        }
+    }
+    let status = refused.expect("the noisy identity was never limited");
+    assert_eq!(status.code(), tonic::Code::ResourceExhausted);
+    assert!(
+        status.message().contains("limits.per_identity_rate"),
+        "{}",
+        status.message()
+    );
+    let retry: u64 = status
+        .metadata()
+        .get("retry-after-ms")
+        .unwrap()
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(retry > 0 && retry <= 1000);
+    // Another identity is unaffected.
+    let mut quiet = vault.client("support").await;
+    quiet.tokenize(request()).await.unwrap();
+}

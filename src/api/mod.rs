@@ -5,8 +5,11 @@
 //! request is logged once, when it finishes, with the caller's identity,
 //! method, item count, status code and latency: never a value or a token.
 
+mod limits;
 mod status;
 mod subjects;
+
+pub use limits::{IdentityLimits, Limited};
 
 use std::{
     sync::{Arc, Mutex},
@@ -24,6 +27,7 @@ use crate::{
     config::Limits,
     crypto::SecretValue,
     identity::{ClientId, IdentityError, Peer},
+    metrics::Metrics,
     proto::v1::{self as pb, token_vault_server::TokenVault},
     store::Store,
     token::{FieldType, Token},
@@ -35,14 +39,18 @@ use crate::{
 pub struct ApiSettings {
     /// Request limits.
     pub limits: Limits,
+    /// Per-identity limits.
+    pub identity_limits: IdentityLimits,
     /// The access policy.
     pub policy: Policy,
 }
 
-/// The `tokenvault.v1.TokenVault` service.
+/// The `tokenvault.v1.TokenVault` and `tokenvault.v1.Subjects` services.
 pub struct TokenVaultService<S> {
     vault: Arc<Vault<S>>,
     settings: Arc<ApiSettings>,
+    limiter: Arc<limits::Limiter>,
+    metrics: Arc<Metrics>,
 }
 
 impl<S> Clone for TokenVaultService<S> {
@@ -50,16 +58,20 @@ impl<S> Clone for TokenVaultService<S> {
         Self {
             vault: Arc::clone(&self.vault),
             settings: Arc::clone(&self.settings),
+            limiter: Arc::clone(&self.limiter),
+            metrics: Arc::clone(&self.metrics),
         }
     }
 }
 
 impl<S> TokenVaultService<S> {
-    /// A service over `vault`.
-    pub fn new(vault: Arc<Vault<S>>, settings: ApiSettings) -> Self {
+    /// A service over `vault`, counting into `metrics`.
+    pub fn new(vault: Arc<Vault<S>>, settings: ApiSettings, metrics: Arc<Metrics>) -> Self {
         Self {
             vault,
+            limiter: Arc::new(limits::Limiter::new(settings.identity_limits)),
             settings: Arc::new(settings),
+            metrics,
         }
     }
 }
@@ -423,16 +435,28 @@ impl<S: Store> TokenVaultService<S> {
             started: Instant::now(),
         };
         let (result, call) = match caller(&request) {
-            Ok(client) => {
-                log.client = Some(client.to_string());
-                let call = Call {
-                    client,
-                    request_id: request_id.clone(),
-                    method,
-                    purpose: Mutex::new(None),
-                };
-                (handler(&call, request.into_inner()).await, Some(call))
-            }
+            Ok(client) => match self.limiter.admit(client.as_str()) {
+                Err(limited) => {
+                    log.client = Some(client.to_string());
+                    let call = Call {
+                        client,
+                        request_id: request_id.clone(),
+                        method,
+                        purpose: Mutex::new(None),
+                    };
+                    (Err(Error::Limited(limited)), Some(call))
+                }
+                Ok(_in_flight) => {
+                    log.client = Some(client.to_string());
+                    let call = Call {
+                        client,
+                        request_id: request_id.clone(),
+                        method,
+                        purpose: Mutex::new(None),
+                    };
+                    (handler(&call, request.into_inner()).await, Some(call))
+                }
+            },
             Err(e) => (Err(e), None),
         };
         let result = match result {
@@ -457,7 +481,24 @@ impl<S: Store> TokenVaultService<S> {
             }
             other => other,
         };
+        if let Err(e) = &result {
+            match e {
+                Error::Denied(_) => self.metrics.denial("policy"),
+                Error::Unauthenticated(_) => self.metrics.denial("identity"),
+                Error::Limited(_) => self.metrics.denial("rate_limit"),
+                _ => {}
+            }
+        }
         let result = result.map(Response::new).map_err(Status::from);
+        let code = match &result {
+            Ok(_) => Code::Ok,
+            Err(status) => status.code(),
+        };
+        self.metrics.request(
+            method,
+            crate::metrics::code_name(code),
+            log.started.elapsed(),
+        );
         log.finish(&result);
         result
     }

@@ -26,6 +26,9 @@ pub enum Error {
     /// A single-item call failed with this item error (already audited).
     #[error("{}", .0.message)]
     Item(pb::ItemError),
+    /// A per-identity limit refused the request.
+    #[error("{}", .0.message)]
+    Limited(super::Limited),
 }
 
 impl Error {
@@ -34,7 +37,10 @@ impl Error {
     pub fn is_refusal(&self) -> bool {
         matches!(
             self,
-            Error::Unauthenticated(_) | Error::Denied(_) | Error::InvalidArgument(_)
+            Error::Unauthenticated(_)
+                | Error::Denied(_)
+                | Error::InvalidArgument(_)
+                | Error::Limited(_)
         )
     }
 
@@ -46,6 +52,7 @@ impl Error {
             Error::InvalidArgument(_) => "INVALID_ARGUMENT",
             Error::Vault(_) => "UNAVAILABLE",
             Error::Item(_) => "ITEM_ERROR",
+            Error::Limited(_) => "RESOURCE_EXHAUSTED",
         }
     }
 }
@@ -58,6 +65,13 @@ impl From<Error> for Status {
             Error::InvalidArgument(m) => Status::invalid_argument(m),
             Error::Vault(e) => vault_status(e),
             Error::Item(e) => Status::new(Code::from_i32(e.code), e.message),
+            Error::Limited(limited) => {
+                let mut status = Status::resource_exhausted(limited.message);
+                if let Ok(value) = limited.retry_after_ms.to_string().parse() {
+                    status.metadata_mut().insert("retry-after-ms", value);
+                }
+                status
+            }
         }
     }
 }

@@ -84,6 +84,7 @@ durability = "{durability}"
 [server]
 listen = "127.0.0.1:0"
 health_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
 [tls]
 cert = "server.pem"
 key = "server.key"

@@ -4,6 +4,7 @@
 //! This is the composition root: the one module above `store` that names
 //! the RocksDB engine.
 
+mod metrics_http;
 mod tls;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
@@ -22,8 +23,9 @@ use crate::{
     api::{ApiSettings, TokenVaultService},
     config::Config,
     crypto::{MasterKey, MasterKeyError},
+    metrics::{Gauges, Metrics},
     proto,
-    store::{self, RocksStore, StoreOptions},
+    store::{self, RocksStore, Store, StoreOptions},
     vault::{self, Vault},
 };
 
@@ -142,9 +144,34 @@ pub async fn run(
 
     let settings = ApiSettings {
         limits: config.limits,
+        identity_limits: config.identity_limits,
         policy: config.policy.clone(),
     };
-    let api = TokenVaultService::new(Arc::clone(&vault), settings);
+    let metrics = Arc::new(Metrics::default());
+    let api = TokenVaultService::new(Arc::clone(&vault), settings, Arc::clone(&metrics));
+    let metrics_listener = bind("server.metrics_listen", config.metrics_listen).await?;
+    let metrics_addr = local_addr(
+        &metrics_listener,
+        "server.metrics_listen",
+        config.metrics_listen,
+    )?;
+    let metrics_task = {
+        let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
+        let render = Arc::new(move || {
+            let (tokens_stored, pending_compaction_bytes, wal_bytes) = vault.store().stats();
+            metrics.render(&Gauges {
+                tokens_stored,
+                audit_head: vault.store().audit_head().seq,
+                pending_compaction_bytes,
+                wal_bytes,
+            })
+        });
+        tokio::spawn(metrics_http::serve(
+            metrics_listener,
+            render,
+            stop_rx.clone(),
+        ))
+    };
     let subjects = proto::v1::subjects_server::SubjectsServer::new(api.clone())
         .max_decoding_message_size(config.limits.max_message_bytes);
     let service = proto::v1::token_vault_server::TokenVaultServer::new(api)
@@ -190,6 +217,7 @@ pub async fn run(
     // Purges expired values now and then (they are NOT_FOUND already).
     let sweeper = {
         let vault = Arc::clone(&vault);
+        let metrics = Arc::clone(&metrics);
         let interval = config.retention_sweep_interval;
         let mut stop = stop_rx.clone();
         tokio::spawn(async move {
@@ -202,7 +230,10 @@ pub async fn run(
                 }
                 match vault.sweep_expired().await {
                     Ok(0) => {}
-                    Ok(n) => tracing::info!(purged = n, "purged expired values"),
+                    Ok(n) => {
+                        metrics.purged(n);
+                        tracing::info!(purged = n, "purged expired values");
+                    }
                     Err(e) => tracing::error!(error = %e, "retention sweep failed"),
                 }
             }
@@ -213,6 +244,7 @@ pub async fn run(
     tracing::info!(
         grpc.addr = %grpc_addr,
         health.addr = %health_addr,
+        metrics.addr = %metrics_addr,
         data_dir = %config.data_dir.display(),
         durability = ?config.durability,
         "serving"
@@ -260,6 +292,7 @@ pub async fn run(
     let _ = health_task.await;
     let _ = checkpointer.await;
     let _ = sweeper.await;
+    let _ = metrics_task.await;
     drop(grpc);
     // The last events of this run get their signature before the store closes.
     match vault.checkpoint_audit().await {

@@ -160,6 +160,33 @@ impl RocksStore {
         Ok(ReadOnlyStore { db })
     }
 
+    /// Numbers for the metrics endpoint: estimated records, bytes pending
+    /// compaction (all tables), and the size of the write-ahead log files.
+    pub fn stats(&self) -> (u64, u64, u64) {
+        let int = |table: Table, name: &str| {
+            cf(&self.db, table)
+                .ok()
+                .and_then(|cf| self.db.property_int_value_cf(cf, name).ok().flatten())
+                .unwrap_or(0)
+        };
+        let records = int(Table::Records, "rocksdb.estimate-num-keys");
+        let pending: u64 = Table::ALL
+            .iter()
+            .map(|t| int(*t, "rocksdb.estimate-pending-compaction-bytes"))
+            .sum();
+        let wal = std::fs::read_dir(&self.path)
+            .map(|entries| {
+                entries
+                    .flatten()
+                    .filter(|e| e.path().extension().is_some_and(|x| x == "log"))
+                    .filter_map(|e| e.metadata().ok())
+                    .map(|m| m.len())
+                    .sum()
+            })
+            .unwrap_or(0);
+        (records, pending, wal)
+    }
+
     /// Counters of the group committer.
     pub fn commit_stats(&self) -> &CommitStats {
         &self.stats

@@ -132,6 +132,7 @@ pub struct TestVault {
     pub pki: Pki,
     pub grpc_addr: SocketAddr,
     pub health_addr: SocketAddr,
+    pub metrics_addr: SocketAddr,
     child: Option<Child>,
     /// The log lines so far, and a signal for each new one.
     logs: Arc<(Mutex<Vec<String>>, Condvar)>,
@@ -181,6 +182,7 @@ impl TestVault {
             pki,
             grpc_addr: "0.0.0.0:0".parse().unwrap(),
             health_addr: "0.0.0.0:0".parse().unwrap(),
+            metrics_addr: "0.0.0.0:0".parse().unwrap(),
             child: None,
             logs: Arc::new((Mutex::new(Vec::new()), Condvar::new())),
             reader: None,
@@ -204,6 +206,7 @@ impl TestVault {
 [server]
 listen = "127.0.0.1:0"
 health_listen = "127.0.0.1:0"
+metrics_listen = "127.0.0.1:0"
 shutdown_grace_seconds = 10
 
 [tls]
@@ -245,7 +248,11 @@ level = "info"
                     && event["message"] == "serving"
                 {
                     let addr = |key: &str| event[key].as_str().unwrap_or_default().to_owned();
-                    let _ = ready_tx.send((addr("grpc.addr"), addr("health.addr")));
+                    let _ = ready_tx.send((
+                        addr("grpc.addr"),
+                        addr("health.addr"),
+                        addr("metrics.addr"),
+                    ));
                 }
                 logs.0.lock().unwrap().push(line);
                 logs.1.notify_all();
@@ -253,9 +260,10 @@ level = "info"
         }));
         self.child = Some(child);
         match ready_rx.recv_timeout(START_TIMEOUT) {
-            Ok((grpc, health)) => {
+            Ok((grpc, health, metrics)) => {
                 self.grpc_addr = grpc.parse().unwrap();
                 self.health_addr = health.parse().unwrap();
+                self.metrics_addr = metrics.parse().unwrap();
                 Ok(())
             }
             Err(_) => {

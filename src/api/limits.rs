@@ -1,0 +1,143 @@
+//! Per-identity limits: requests in flight and request rate, so one noisy
+//! service cannot starve the others.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+    time::Instant,
+};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+/// Configured limits; zero means unlimited.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct IdentityLimits {
+    /// Requests one identity may have in flight.
+    pub concurrency: usize,
+    /// Requests per second one identity may make, sustained.
+    pub rate: f64,
+    /// Requests one identity may make at once above the rate.
+    pub burst: f64,
+}
+
+/// Why a request was refused by a limit: the message names the limit, and
+/// `retry_after_ms` says when a retry can succeed.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Limited {
+    /// What was exceeded.
+    pub message: String,
+    /// A hint for the client's back-off.
+    pub retry_after_ms: u64,
+}
+
+struct Bucket {
+    tokens: f64,
+    last: Instant,
+}
+
+/// The state of every identity's limits.
+pub struct Limiter {
+    limits: IdentityLimits,
+    in_flight: Mutex<HashMap<String, Arc<Semaphore>>>,
+    buckets: Mutex<HashMap<String, Bucket>>,
+}
+
+impl Limiter {
+    /// A limiter enforcing `limits`.
+    pub fn new(limits: IdentityLimits) -> Self {
+        Self {
+            limits,
+            in_flight: Mutex::new(HashMap::new()),
+            buckets: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Admits one request of `identity`, or says which limit it hit. The
+    /// returned permit holds its place among the identity's requests in
+    /// flight until dropped.
+    ///
+    /// # Errors
+    /// [`Limited`] naming the limit.
+    pub fn admit(&self, identity: &str) -> Result<Option<OwnedSemaphorePermit>, Limited> {
+        if self.limits.rate > 0.0 {
+            let mut buckets = self
+                .buckets
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            let burst = self.limits.burst.max(1.0);
+            let now = Instant::now();
+            let bucket = buckets.entry(identity.to_owned()).or_insert(Bucket {
+                tokens: burst,
+                last: now,
+            });
+            bucket.tokens = (bucket.tokens
+                + now.duration_since(bucket.last).as_secs_f64() * self.limits.rate)
+                .min(burst);
+            bucket.last = now;
+            if bucket.tokens < 1.0 {
+                let wait = (1.0 - bucket.tokens) / self.limits.rate;
+                return Err(Limited {
+                    message: format!(
+                        "identity {identity} exceeded its request rate ({} per second, limits.per_identity_rate); retry later",
+                        self.limits.rate
+                    ),
+                    retry_after_ms: (wait * 1000.0).ceil() as u64,
+                });
+            }
+            bucket.tokens -= 1.0;
+        }
+        if self.limits.concurrency == 0 {
+            return Ok(None);
+        }
+        let semaphore = Arc::clone(
+            self.in_flight
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(identity.to_owned())
+                .or_insert_with(|| Arc::new(Semaphore::new(self.limits.concurrency))),
+        );
+        semaphore.try_acquire_owned().map(Some).map_err(|_| Limited {
+            message: format!(
+                "identity {identity} has {} requests in flight (limits.per_identity_concurrency); retry when one finishes",
+                self.limits.concurrency
+            ),
+            retry_after_ms: 10,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_rate_limit_refuses_only_the_noisy_identity() {
+        let limiter = Limiter::new(IdentityLimits {
+            concurrency: 0,
+            rate: 1.0,
+            burst: 3.0,
+        });
+        for _ in 0..3 {
+            assert!(limiter.admit("noisy").is_ok());
+        }
+        let refused = limiter.admit("noisy").unwrap_err();
+        assert!(refused.message.contains("limits.per_identity_rate"));
+        assert!(refused.retry_after_ms > 0 && refused.retry_after_ms <= 1000);
+        assert!(limiter.admit("quiet").is_ok());
+    }
+
+    #[test]
+    fn concurrency_is_per_identity_and_released_on_drop() {
+        let limiter = Limiter::new(IdentityLimits {
+            concurrency: 2,
+            rate: 0.0,
+            burst: 0.0,
+        });
+        let a = limiter.admit("x").unwrap();
+        let _b = limiter.admit("x").unwrap();
+        assert!(limiter.admit("x").is_err());
+        assert!(limiter.admit("y").is_ok());
+        drop(a);
+        assert!(limiter.admit("x").is_ok());
+    }
+}

@@ -1,0 +1,249 @@
+//! Prometheus metrics: counters and histograms kept in atomics, rendered as
+//! the text exposition format on the plaintext metrics port.
+
+use std::{
+    collections::BTreeMap,
+    fmt::Write,
+    sync::{
+        Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+/// Request latency of one method.
+#[derive(Default)]
+struct Histogram {
+    buckets: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_micros: AtomicU64,
+}
+
+/// Every metric the server exports. Labels carry method names, status codes
+/// and denial reasons: never an identity, value or token.
+#[derive(Default)]
+pub struct Metrics {
+    handled: Mutex<BTreeMap<(&'static str, &'static str), u64>>,
+    latency: Mutex<BTreeMap<&'static str, std::sync::Arc<Histogram>>>,
+    denials: Mutex<BTreeMap<&'static str, u64>>,
+    purged: AtomicU64,
+}
+
+/// Gauges read when the metrics are scraped.
+#[derive(Debug, Default, Clone)]
+pub struct Gauges {
+    /// Estimated records stored.
+    pub tokens_stored: u64,
+    /// The audit chain's newest sequence number.
+    pub audit_head: u64,
+    /// RocksDB bytes pending compaction.
+    pub pending_compaction_bytes: u64,
+    /// Size of the write-ahead log files.
+    pub wal_bytes: u64,
+}
+
+impl Metrics {
+    /// Counts one finished request.
+    pub fn request(&self, method: &'static str, code: &'static str, latency: Duration) {
+        *self
+            .handled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry((method, code))
+            .or_default() += 1;
+        let histogram = std::sync::Arc::clone(
+            self.latency
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .entry(method)
+                .or_default(),
+        );
+        let seconds = latency.as_secs_f64();
+        for (bucket, bound) in histogram.buckets.iter().zip(BUCKETS) {
+            if seconds <= bound {
+                bucket.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        histogram.count.fetch_add(1, Ordering::Relaxed);
+        histogram.sum_micros.fetch_add(
+            u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Counts one denial by reason (`scope`, `purpose`, `rate_limit`...).
+    pub fn denial(&self, reason: &'static str) {
+        *self
+            .denials
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(reason)
+            .or_default() += 1;
+    }
+
+    /// Counts expired values purged.
+    pub fn purged(&self, n: u64) {
+        self.purged.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// The text exposition format.
+    pub fn render(&self, gauges: &Gauges) -> String {
+        let mut out = String::new();
+        out.push_str("# HELP grpc_server_handled_total RPCs completed, by method and status code.\n# TYPE grpc_server_handled_total counter\n");
+        for ((method, code), n) in self
+            .handled
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            let _ = writeln!(
+                out,
+                "grpc_server_handled_total{{grpc_method=\"{method}\",grpc_code=\"{code}\"}} {n}"
+            );
+        }
+        out.push_str("# HELP grpc_server_handling_seconds Time to handle an RPC.\n# TYPE grpc_server_handling_seconds histogram\n");
+        for (method, h) in self
+            .latency
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            for (bucket, bound) in h.buckets.iter().zip(BUCKETS) {
+                let _ = writeln!(
+                    out,
+                    "grpc_server_handling_seconds_bucket{{grpc_method=\"{method}\",le=\"{bound}\"}} {}",
+                    bucket.load(Ordering::Relaxed)
+                );
+            }
+            let count = h.count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "grpc_server_handling_seconds_bucket{{grpc_method=\"{method}\",le=\"+Inf\"}} {count}"
+            );
+            let _ = writeln!(
+                out,
+                "grpc_server_handling_seconds_sum{{grpc_method=\"{method}\"}} {}",
+                h.sum_micros.load(Ordering::Relaxed) as f64 / 1e6
+            );
+            let _ = writeln!(
+                out,
+                "grpc_server_handling_seconds_count{{grpc_method=\"{method}\"}} {count}"
+            );
+        }
+        out.push_str("# HELP tokenvault_denials_total Requests or items refused by the policy or a limit, by reason.\n# TYPE tokenvault_denials_total counter\n");
+        for (reason, n) in self
+            .denials
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+        {
+            let _ = writeln!(out, "tokenvault_denials_total{{reason=\"{reason}\"}} {n}");
+        }
+        let gauge = |out: &mut String, name: &str, help: &str, kind: &str, value: u64| {
+            let _ = writeln!(
+                out,
+                "# HELP {name} {help}\n# TYPE {name} {kind}\n{name} {value}"
+            );
+        };
+        gauge(
+            &mut out,
+            "tokenvault_expired_purged_total",
+            "Expired values purged by the retention sweep.",
+            "counter",
+            self.purged.load(Ordering::Relaxed),
+        );
+        gauge(
+            &mut out,
+            "tokenvault_tokens_stored",
+            "Records stored (RocksDB estimate).",
+            "gauge",
+            gauges.tokens_stored,
+        );
+        gauge(
+            &mut out,
+            "tokenvault_audit_chain_head",
+            "Sequence number of the newest audit event.",
+            "gauge",
+            gauges.audit_head,
+        );
+        gauge(
+            &mut out,
+            "rocksdb_pending_compaction_bytes",
+            "Bytes RocksDB estimates it must compact.",
+            "gauge",
+            gauges.pending_compaction_bytes,
+        );
+        gauge(
+            &mut out,
+            "rocksdb_wal_bytes",
+            "Size of the write-ahead log files.",
+            "gauge",
+            gauges.wal_bytes,
+        );
+        out
+    }
+}
+
+/// The gRPC code name, as `grpc_code` labels use it.
+pub fn code_name(code: tonic::Code) -> &'static str {
+    use tonic::Code as C;
+    match code {
+        C::Ok => "OK",
+        C::Cancelled => "CANCELLED",
+        C::Unknown => "UNKNOWN",
+        C::InvalidArgument => "INVALID_ARGUMENT",
+        C::DeadlineExceeded => "DEADLINE_EXCEEDED",
+        C::NotFound => "NOT_FOUND",
+        C::AlreadyExists => "ALREADY_EXISTS",
+        C::PermissionDenied => "PERMISSION_DENIED",
+        C::ResourceExhausted => "RESOURCE_EXHAUSTED",
+        C::FailedPrecondition => "FAILED_PRECONDITION",
+        C::Aborted => "ABORTED",
+        C::OutOfRange => "OUT_OF_RANGE",
+        C::Unimplemented => "UNIMPLEMENTED",
+        C::Internal => "INTERNAL",
+        C::Unavailable => "UNAVAILABLE",
+        C::DataLoss => "DATA_LOSS",
+        C::Unauthenticated => "UNAUTHENTICATED",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_counters_histograms_and_gauges() {
+        let m = Metrics::default();
+        m.request("Tokenize", "OK", Duration::from_micros(700));
+        m.request("Tokenize", "OK", Duration::from_millis(30));
+        m.denial("scope");
+        let text = m.render(&Gauges {
+            tokens_stored: 7,
+            ..Gauges::default()
+        });
+        assert!(
+            text.contains("grpc_server_handled_total{grpc_method=\"Tokenize\",grpc_code=\"OK\"} 2"),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "grpc_server_handling_seconds_bucket{grpc_method=\"Tokenize\",le=\"0.001\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(
+            text.contains(
+                "grpc_server_handling_seconds_bucket{grpc_method=\"Tokenize\",le=\"0.05\"} 2"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("tokenvault_denials_total{reason=\"scope\"} 1"));
+        assert!(text.contains("tokenvault_tokens_stored 7"));
+    }
+}
