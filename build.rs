@@ -10,6 +10,7 @@ fn main() -> Result<(), Box<dyn Error>> {
     let protos = [
         "proto/tokenvault/v1/tokenvault.proto",
         "proto/tokenvault/v1/subjects.proto",
+        "proto/tokenvault/v1/admin.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

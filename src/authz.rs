@@ -34,6 +34,8 @@ pub enum Action {
     ConsentRead,
     /// Record consent decisions (`consent:write`).
     ConsentWrite,
+    /// Take online backups (`admin:backup`).
+    AdminBackup,
 }
 
 impl Action {
@@ -48,11 +50,12 @@ impl Action {
     ];
 
     /// Actions granted whole: the scope is the action's name itself.
-    pub const GLOBAL: [Action; 4] = [
+    pub const GLOBAL: [Action; 5] = [
         Action::SubjectExport,
         Action::SubjectErase,
         Action::ConsentRead,
         Action::ConsentWrite,
+        Action::AdminBackup,
     ];
 
     /// The name scopes use.
@@ -68,6 +71,7 @@ impl Action {
             Action::SubjectErase => "subject:erase",
             Action::ConsentRead => "consent:read",
             Action::ConsentWrite => "consent:write",
+            Action::AdminBackup => "admin:backup",
         }
     }
 

@@ -5,6 +5,7 @@
 //! request is logged once, when it finishes, with the caller's identity,
 //! method, item count, status code and latency: never a value or a token.
 
+mod admin;
 mod limits;
 mod status;
 mod subjects;

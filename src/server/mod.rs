@@ -172,6 +172,7 @@ pub async fn run(
             stop_rx.clone(),
         ))
     };
+    let admin = proto::v1::admin_server::AdminServer::new(api.clone());
     let subjects = proto::v1::subjects_server::SubjectsServer::new(api.clone())
         .max_decoding_message_size(config.limits.max_message_bytes);
     let service = proto::v1::token_vault_server::TokenVaultServer::new(api)
@@ -259,6 +260,7 @@ pub async fn run(
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .add_service(service)
             .add_service(subjects)
+            .add_service(admin)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

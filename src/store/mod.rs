@@ -290,6 +290,13 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<KeyValues, Error>> + Send;
 
+    /// Writes a consistent point-in-time copy of the whole store to `path`
+    /// (which must not exist), while writes continue.
+    fn checkpoint(
+        &self,
+        path: std::path::PathBuf,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+
     /// Makes deleted keys leave the data files: flushes memtables (so the
     /// write-ahead log holding the old values is retired) and compacts the
     /// ranges holding `keys`.

@@ -334,6 +334,16 @@ impl Store for RocksStore {
         .await
     }
 
+    async fn checkpoint(&self, path: PathBuf) -> Result<(), Error> {
+        let db = Arc::clone(&self.db);
+        blocking(move || {
+            rocksdb::checkpoint::Checkpoint::new(&db)
+                .and_then(|c| c.create_checkpoint(&path))
+                .map_err(classify)
+        })
+        .await
+    }
+
     fn audit_head(&self) -> Head {
         *self
             .head

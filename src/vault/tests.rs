@@ -351,6 +351,10 @@ impl Store for FailingStore {
         self.inner.scan_from(table, from, limit).await
     }
 
+    async fn checkpoint(&self, path: std::path::PathBuf) -> Result<(), store::Error> {
+        self.inner.checkpoint(path).await
+    }
+
     async fn purge(&self, keys: Vec<(store::Table, Vec<u8>)>) -> Result<(), store::Error> {
         self.inner.purge(keys).await
     }

@@ -1,0 +1,52 @@
+//! The `tokenvault.v1.Admin` service: online backups.
+
+use tonic::{Request, Response, Status};
+
+use super::{Call, Error, TokenVaultService, denied};
+use crate::{
+    authz::Action,
+    proto::v1::{self as pb, admin_server::Admin},
+    store::Store,
+};
+
+impl<S: Store> TokenVaultService<S> {
+    async fn backup_inner(
+        &self,
+        call: &Call,
+        request: pb::CreateBackupRequest,
+    ) -> Result<pb::BackupInfo, Error> {
+        let grants = self.settings.policy.grants(&call.client);
+        let path = std::path::PathBuf::from(&request.path);
+        if !path.is_absolute() {
+            return Err(Error::InvalidArgument("path must be absolute".into()));
+        }
+        if path.exists() {
+            return Err(Error::InvalidArgument(
+                "path exists already; a backup goes to a new directory".into(),
+            ));
+        }
+        let permit = grants
+            .permit_global(Action::AdminBackup, path)
+            .map_err(denied)?;
+        let (path, audit_seq, bytes) = self.vault.backup(permit, &call.audit(1, 0)).await?;
+        tracing::info!(path = %path.display(), audit.seq = audit_seq, bytes, "backup written");
+        Ok(pb::BackupInfo {
+            path: path.display().to_string(),
+            audit_seq,
+            bytes,
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl<S: Store> Admin for TokenVaultService<S> {
+    async fn create_backup(
+        &self,
+        request: Request<pb::CreateBackupRequest>,
+    ) -> Result<Response<pb::BackupInfo>, Status> {
+        self.handle("CreateBackup", 1, request, async |call, r| {
+            self.backup_inner(call, r).await
+        })
+        .await
+    }
+}
