@@ -334,6 +334,37 @@ impl Policy {
     }
 }
 
+/// The policy in force, replaceable while the server runs (reload on SIGHUP
+/// or when the config file changes). Requests take the current policy once
+/// and keep it to the end.
+#[derive(Debug, Default)]
+pub struct SharedPolicy(std::sync::RwLock<std::sync::Arc<Policy>>);
+
+impl SharedPolicy {
+    /// A shared policy starting as `policy`.
+    pub fn new(policy: Policy) -> Self {
+        Self(std::sync::RwLock::new(std::sync::Arc::new(policy)))
+    }
+
+    /// The policy in force now.
+    pub fn current(&self) -> std::sync::Arc<Policy> {
+        std::sync::Arc::clone(
+            &self
+                .0
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Puts `policy` in force for requests that start from now on.
+    pub fn replace(&self, policy: Policy) {
+        *self
+            .0
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(policy);
+    }
+}
+
 /// The rules that apply to one caller, for the duration of one request.
 pub struct Grants<'a> {
     client: &'a ClientId,

@@ -306,7 +306,8 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     if let Some(format) = args.log_format {
         figment = figment.merge(Serialized::default("log.format", format));
     }
-    let config = Config::from_figment(&figment).map_err(|e| e.to_string())?;
+    let mut config = Config::from_figment(&figment).map_err(|e| e.to_string())?;
+    config.source_file = file.clone();
     init_logging(config.log_format, &config.log_level)?;
     crate::hardening::harden(config.lock_memory).map_err(|e| e.to_string())?;
 

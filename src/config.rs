@@ -72,6 +72,9 @@ pub struct RawServer {
     pub shutdown_grace_seconds: u64,
     /// How long a client may take to finish the TLS handshake.
     pub handshake_timeout_ms: u64,
+    /// How often certificate, CA, CRL and config files are checked for
+    /// changes (they are also reloaded on SIGHUP).
+    pub reload_poll_seconds: u64,
 }
 
 /// `[tls]`: PEM files. All three are required.
@@ -250,6 +253,7 @@ impl Default for RawConfig {
                 metrics_listen: "0.0.0.0:9090".into(),
                 shutdown_grace_seconds: 30,
                 handshake_timeout_ms: 10_000,
+                reload_poll_seconds: 10,
             },
             tls: RawTls::default(),
             keys: RawKeys::default(),
@@ -338,6 +342,10 @@ pub struct Config {
     pub policy: Policy,
     /// What the configuration was parsed from, for `config check`.
     pub raw: RawConfig,
+    /// The file it was loaded from, if any: reloaded on SIGHUP or change.
+    pub source_file: Option<PathBuf>,
+    /// How often watched files are checked for changes.
+    pub reload_poll: Duration,
 }
 
 /// Paths of the TLS material.
@@ -412,7 +420,9 @@ impl Config {
     /// # Errors
     /// See [`ConfigError`].
     pub fn load(file: Option<&Path>) -> Result<Self, ConfigError> {
-        Self::from_figment(&Self::figment(file)?)
+        let mut config = Self::from_figment(&Self::figment(file)?)?;
+        config.source_file = file.map(Path::to_owned);
+        Ok(config)
     }
 
     /// Extracts and validates a configuration from any figment (tests build
@@ -541,7 +551,9 @@ impl Config {
             trust_domains: raw.tls.trust_domains.clone(),
             field_types,
             policy,
+            reload_poll: Duration::from_secs(raw.server.reload_poll_seconds.max(1)),
             raw,
+            source_file: None,
         })
     }
 

@@ -460,3 +460,75 @@ async fn the_rate_limit_refuses_the_noisy_identity_and_not_the_other() {
     let mut quiet = vault.client("support").await;
     quiet.tokenize(request()).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn certificates_and_policy_reload_on_sighup_and_a_broken_one_is_refused() {
+    let vault = TestVault::start();
+    // Sends SIGHUP and waits for the reload's outcome line.
+    let hup_and_wait = |outcome: &str| {
+        let seen = vault.count_log(outcome);
+        assert!(
+            std::process::Command::new("kill")
+                .args(["-HUP", &vault.pid().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(
+            vault.wait_for_more_logs(outcome, seen),
+            "no {outcome:?} after SIGHUP"
+        );
+    };
+    // A new server certificate from a new CA, swapped in the Kubernetes way:
+    // write new files, then repoint a symlink... here, the configured paths.
+    let new_ca = tokenvault::pki::Ca::new("rotated CA").unwrap();
+    let issued = new_ca
+        .issue_server(&["localhost"], &["127.0.0.1".parse().unwrap()])
+        .unwrap();
+    let tls_dir = vault.root.path().join("tls");
+    std::fs::write(tls_dir.join("rotated-ca.pem"), new_ca.cert_pem()).unwrap();
+    let trusting_new = ClientTls {
+        ca: tls_dir.join("rotated-ca.pem"),
+        ..vault.pki.tls("checkout")
+    };
+    assert!(
+        call_with(&vault, &trusting_new).await.is_err(),
+        "the new certificate is not in use yet"
+    );
+
+    std::fs::write(tls_dir.join("server.pem.new"), &issued.cert_pem).unwrap();
+    std::fs::write(tls_dir.join("server.key.new"), &issued.key_pem).unwrap();
+    std::fs::rename(tls_dir.join("server.key.new"), tls_dir.join("server.key")).unwrap();
+    std::fs::rename(tls_dir.join("server.pem.new"), tls_dir.join("server.pem")).unwrap();
+    hup_and_wait("reloaded the TLS certificate");
+    call_with(&vault, &trusting_new).await.unwrap();
+
+    // A broken certificate is refused and the last good one stays.
+    std::fs::write(
+        tls_dir.join("server.pem"),
+        "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    hup_and_wait("refused the new certificate");
+    call_with(&vault, &trusting_new).await.unwrap();
+
+    // The policy reloads with the config file: grant the stranger tokenize.
+    std::fs::write(tls_dir.join("server.pem"), &issued.cert_pem).unwrap();
+    let stranger = ClientTls {
+        ca: tls_dir.join("rotated-ca.pem"),
+        ..vault.pki.tls("stranger")
+    };
+    let err = call_with(&vault, &stranger).await.unwrap_err();
+    assert!(err.starts_with("PermissionDenied"), "{err}");
+    let config = std::fs::read_to_string(vault.config_path()).unwrap();
+    std::fs::write(
+        vault.config_path(),
+        format!(
+            "{config}\n[[policy]]\nidentity = \"{}\"\nscopes = [\"tokenize:email\"]\n",
+            spiffe("stranger")
+        ),
+    )
+    .unwrap();
+    hup_and_wait("reloaded the TLS certificate");
+    call_with(&vault, &stranger).await.unwrap();
+}

@@ -15,7 +15,8 @@ impl<S: Store> TokenVaultService<S> {
         call: &Call,
         request: pb::CreateBackupRequest,
     ) -> Result<pb::BackupInfo, Error> {
-        let grants = self.settings.policy.grants(&call.client);
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
         let path = std::path::PathBuf::from(&request.path);
         if !path.is_absolute() {
             return Err(Error::InvalidArgument("path must be absolute".into()));

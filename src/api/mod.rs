@@ -24,7 +24,7 @@ use status::{item_error, vault_item_error};
 
 use crate::{
     audit::AuditContext,
-    authz::{Action, Denial, DenialReason, Policy, Purpose, RevealForm},
+    authz::{Action, Denial, DenialReason, Purpose, RevealForm, SharedPolicy},
     config::Limits,
     crypto::SecretValue,
     identity::{ClientId, IdentityError, Peer},
@@ -42,8 +42,8 @@ pub struct ApiSettings {
     pub limits: Limits,
     /// Per-identity limits.
     pub identity_limits: IdentityLimits,
-    /// The access policy.
-    pub policy: Policy,
+    /// The access policy, replaceable at run time.
+    pub policy: Arc<SharedPolicy>,
 }
 
 /// The `tokenvault.v1.TokenVault` and `tokenvault.v1.Subjects` services.
@@ -207,7 +207,8 @@ impl<S: Store> TokenVaultService<S> {
         call: &Call,
         request: pb::TokenizeRequest,
     ) -> Result<pb::TokenizeResponse, Error> {
-        let grants = self.settings.policy.grants(&call.client);
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
         grants.require_action(Action::Tokenize).map_err(denied)?;
         check_count(request.items.len(), &self.settings.limits, "items")?;
 
@@ -270,7 +271,8 @@ impl<S: Store> TokenVaultService<S> {
         call: &Call,
         request: pb::DetokenizeRequest,
     ) -> Result<pb::DetokenizeResponse, Error> {
-        let grants = self.settings.policy.grants(&call.client);
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
         let purpose: Purpose = request
             .purpose
             .parse()
@@ -340,7 +342,8 @@ impl<S: Store> TokenVaultService<S> {
         call: &Call,
         request: pb::LookupTokensRequest,
     ) -> Result<pb::LookupTokensResponse, Error> {
-        let grants = self.settings.policy.grants(&call.client);
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
         grants.require_action(Action::Lookup).map_err(denied)?;
         check_count(request.items.len(), &self.settings.limits, "items")?;
         let mut results: Vec<Option<pb::ItemError>> = Vec::with_capacity(request.items.len());

@@ -42,7 +42,8 @@ impl<S: Store> TokenVaultService<S> {
         call: &Call,
         request: pb::ExportSubjectRequest,
     ) -> Result<ExportStream, Error> {
-        let grants = self.settings.policy.grants(&call.client);
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
         let stated = purpose(&request.purpose)?;
         call.set_purpose(stated.as_str());
         grants.allow_purpose(stated).map_err(denied)?;
@@ -70,7 +71,8 @@ impl<S: Store> TokenVaultService<S> {
         call: &Call,
         request: pb::EraseSubjectRequest,
     ) -> Result<pb::ErasureReceipt, Error> {
-        let grants = self.settings.policy.grants(&call.client);
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
         let permit = grants
             .permit_global(Action::SubjectErase, subject(&request.subject_id)?)
             .map_err(denied)?;
@@ -89,7 +91,8 @@ impl<S: Store> TokenVaultService<S> {
         mut request: pb::UpdateValueRequest,
     ) -> Result<pb::UpdateValueResponse, Error> {
         let value = SecretValue::new(std::mem::take(&mut request.value));
-        let grants = self.settings.policy.grants(&call.client);
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
         grants.require_action(Action::Update).map_err(denied)?;
         let token = token(&request.token)?;
         let authorize = |ft: &crate::token::FieldType| {
@@ -114,7 +117,8 @@ impl<S: Store> TokenVaultService<S> {
         call: &Call,
         request: pb::DeleteTokensRequest,
     ) -> Result<pb::DeleteTokensResponse, Error> {
-        let grants = self.settings.policy.grants(&call.client);
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
         grants.require_action(Action::Delete).map_err(denied)?;
         check_count(request.tokens.len(), &self.settings.limits, "tokens")?;
         let mut results: Vec<Option<pb::ItemError>> = Vec::with_capacity(request.tokens.len());
@@ -158,7 +162,8 @@ impl<S: Store> TokenVaultService<S> {
         call: &Call,
         request: pb::SetConsentRequest,
     ) -> Result<pb::ConsentState, Error> {
-        let grants = self.settings.policy.grants(&call.client);
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
         let stated = purpose(&request.purpose)?;
         let permit = grants
             .permit_global(
@@ -183,7 +188,8 @@ impl<S: Store> TokenVaultService<S> {
         call: &Call,
         request: pb::GetConsentRequest,
     ) -> Result<pb::ConsentState, Error> {
-        let grants = self.settings.policy.grants(&call.client);
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
         let stated = purpose(&request.purpose)?;
         let permit = grants
             .permit_global(

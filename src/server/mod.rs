@@ -5,6 +5,7 @@
 //! the RocksDB engine.
 
 mod metrics_http;
+mod reload;
 mod tls;
 
 use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
@@ -21,6 +22,7 @@ pub use tls::{TlsConn, TlsError, server_config};
 
 use crate::{
     api::{ApiSettings, TokenVaultService},
+    authz::SharedPolicy,
     config::Config,
     crypto::{MasterKey, MasterKeyError},
     metrics::{Gauges, Metrics},
@@ -142,10 +144,11 @@ pub async fn run(
     let vault = Arc::new(vault);
     drop(master);
 
+    let policy = Arc::new(SharedPolicy::new(config.policy.clone()));
     let settings = ApiSettings {
         limits: config.limits,
         identity_limits: config.identity_limits,
-        policy: config.policy.clone(),
+        policy: Arc::clone(&policy),
     };
     let metrics = Arc::new(Metrics::default());
     let api = TokenVaultService::new(Arc::clone(&vault), settings, Arc::clone(&metrics));
@@ -186,9 +189,17 @@ pub async fn run(
     let listener = bind("server.listen", config.listen).await?;
     let grpc_addr = local_addr(&listener, "server.listen", config.listen)?;
     let (conn_tx, conn_rx) = mpsc::channel(128);
+    let shared_tls = Arc::new(reload::SharedTls::new(tls_config));
+    let reloader = tokio::spawn(reload::watch_and_reload(
+        config.clone(),
+        Arc::clone(&shared_tls),
+        Arc::clone(&policy),
+        config.reload_poll,
+        stop_rx.clone(),
+    ));
     let accept_task = tokio::spawn(tls::accept_loop(
         listener,
-        tls_config,
+        shared_tls,
         Arc::new(config.trust_domains.clone()),
         config.handshake_timeout,
         conn_tx,
@@ -295,6 +306,7 @@ pub async fn run(
     let _ = checkpointer.await;
     let _ = sweeper.await;
     let _ = metrics_task.await;
+    let _ = reloader.await;
     drop(grpc);
     // The last events of this run get their signature before the store closes.
     match vault.checkpoint_audit().await {

@@ -176,13 +176,12 @@ impl AsyncWrite for TlsConn {
 /// until `stop` changes or `out` is closed.
 pub async fn accept_loop(
     listener: TcpListener,
-    config: Arc<ServerConfig>,
+    config: Arc<super::reload::SharedTls>,
     trust_domains: Arc<Vec<String>>,
     handshake_timeout: Duration,
     out: mpsc::Sender<io::Result<TlsConn>>,
     mut stop: watch::Receiver<bool>,
 ) {
-    let acceptor = TlsAcceptor::from(config);
     loop {
         let (tcp, remote) = tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -195,7 +194,8 @@ pub async fn accept_loop(
             },
             _ = stop.changed() => return,
         };
-        let acceptor = acceptor.clone();
+        // Each handshake takes the configuration in force when it starts.
+        let acceptor = TlsAcceptor::from(config.current());
         let out = out.clone();
         let trust_domains = Arc::clone(&trust_domains);
         tokio::spawn(async move {

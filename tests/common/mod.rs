@@ -333,6 +333,28 @@ level = "info"
         self.logs.0.lock().unwrap().join("\n")
     }
 
+    /// How many log lines so far contain `needle`.
+    pub fn count_log(&self, needle: &str) -> usize {
+        self.logs
+            .0
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|l| l.contains(needle))
+            .count()
+    }
+
+    /// Waits (up to 30 s) until more than `seen` log lines contain `needle`.
+    pub fn wait_for_more_logs(&self, needle: &str, seen: usize) -> bool {
+        let (lines, signal) = &*self.logs;
+        let guard = lines.lock().unwrap();
+        let count = |lines: &Vec<String>| lines.iter().filter(|l| l.contains(needle)).count();
+        let (guard, _) = signal
+            .wait_timeout_while(guard, Duration::from_secs(30), |lines| count(lines) <= seen)
+            .unwrap();
+        count(&guard) > seen
+    }
+
     /// Waits (up to 30 s) until a log line contains `needle`.
     pub fn wait_for_log(&self, needle: &str) -> bool {
         let (lines, signal) = &*self.logs;
