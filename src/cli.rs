@@ -308,7 +308,7 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     }
     let mut config = Config::from_figment(&figment).map_err(|e| e.to_string())?;
     config.source_file = file.clone();
-    init_logging(config.log_format, &config.log_level)?;
+    let _log_guard = init_logging(config.log_format, &config.log_level)?;
     crate::hardening::harden(config.lock_memory).map_err(|e| e.to_string())?;
 
     let dev_dir = args.dev.then(|| args.dev_dir.display().to_string());
@@ -526,17 +526,29 @@ fn config_check(file: Option<&Path>) -> Result<ExitCode, String> {
 }
 
 /// Logs go to stderr; stdout is kept for command output (the dev banner).
-fn init_logging(format: LogFormat, level: &str) -> Result<(), String> {
+///
+/// Lines go through a background writer thread, so a request never waits
+/// for a `write(2)`; the writer blocks rather than drops lines when it falls
+/// behind. Keep the returned guard alive: dropping it flushes the last lines.
+fn init_logging(
+    format: LogFormat,
+    level: &str,
+) -> Result<tracing_appender::non_blocking::WorkerGuard, String> {
     let filter =
         EnvFilter::try_new(level).map_err(|e| format!("invalid log.level {level:?}: {e}"))?;
+    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
+        .lossy(false)
+        .thread_name("tokenvault-log")
+        .finish(std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(writer);
     let result = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.try_init(),
     };
-    result.map_err(|e| format!("cannot initialise logging: {e}"))
+    result.map_err(|e| format!("cannot initialise logging: {e}"))?;
+    Ok(guard)
 }
 
 /// Resolves on SIGTERM or SIGINT. The handlers are installed before this

@@ -89,13 +89,20 @@ impl Limiter {
         if self.limits.concurrency == 0 {
             return Ok(None);
         }
-        let semaphore = Arc::clone(
-            self.in_flight
+        let semaphore = {
+            let mut in_flight = self
+                .in_flight
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .entry(identity.to_owned())
-                .or_insert_with(|| Arc::new(Semaphore::new(self.limits.concurrency))),
-        );
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            match in_flight.get(identity) {
+                Some(semaphore) => Arc::clone(semaphore),
+                None => Arc::clone(
+                    in_flight
+                        .entry(identity.to_owned())
+                        .or_insert_with(|| Arc::new(Semaphore::new(self.limits.concurrency))),
+                ),
+            }
+        };
         semaphore.try_acquire_owned().map(Some).map_err(|_| Limited {
             message: format!(
                 "identity {identity} has {} requests in flight (limits.per_identity_concurrency); retry when one finishes",

@@ -64,8 +64,8 @@ pub struct BenchArgs {
     #[arg(long, default_value_t = 10_000)]
     pub pool: usize,
     /// After the first pass, store this many more tokens and run the
-    /// scenarios again (e.g. 1000000, or 10000000 for the 10M target).
-    #[arg(long, default_value_t = 0)]
+    /// scenarios again (10000000 for the 10M target; 0 to skip).
+    #[arg(long, default_value_t = 1_000_000)]
     pub preload: usize,
     /// Skip the in-process ceiling.
     #[arg(long)]

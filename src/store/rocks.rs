@@ -261,6 +261,9 @@ impl Store for RocksStore {
         table: Table,
         keys: Vec<Vec<u8>>,
     ) -> Result<Vec<Option<Vec<u8>>>, Error> {
+        if keys.is_empty() {
+            return Ok(Vec::new());
+        }
         let db = Arc::clone(&self.db);
         blocking(move || {
             let cf = cf(&db, table)?;
