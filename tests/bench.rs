@@ -55,8 +55,12 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
                 .iter()
                 .filter(|r| r["scenario"] == scenario && r["durability"] == durability)
                 .collect();
-            // Once nearly empty, once after the preload.
+            // Once before and once after the preload.
             assert_eq!(matching.len(), 2, "{scenario} {durability}");
+            assert_eq!(
+                matching.iter().filter(|r| r["preloaded"] == true).count(),
+                1
+            );
             for row in matching {
                 assert!(row["requests"].as_u64().unwrap() > 0, "{row}");
                 assert_eq!(row["errors"].as_u64().unwrap(), 0, "{row}");

@@ -11,6 +11,8 @@ pub struct Row {
     pub durability: String,
     /// Tokens stored in the vault when the scenario ran.
     pub stored_tokens: u64,
+    /// Whether this row is from the pass after the preload.
+    pub preloaded: bool,
     /// Requests in flight.
     pub in_flight: usize,
     /// Items per request.
@@ -127,15 +129,11 @@ impl Report {
         out
     }
 
-    /// Finds a row.
-    pub fn row(&self, scenario: &str, durability: &str, stored_at_least: u64) -> Option<&Row> {
-        self.rows
-            .iter()
-            .filter(|r| {
-                r.scenario == scenario
-                    && r.durability == durability
-                    && r.stored_tokens >= stored_at_least
-            })
-            .min_by_key(|r| r.stored_tokens)
+    /// Finds the row of `scenario` and `durability` from the first pass
+    /// (`preloaded` false) or the one after the preload.
+    pub fn row(&self, scenario: &str, durability: &str, preloaded: bool) -> Option<&Row> {
+        self.rows.iter().find(|r| {
+            r.scenario == scenario && r.durability == durability && r.preloaded == preloaded
+        })
     }
 }
