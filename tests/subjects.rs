@@ -177,17 +177,6 @@ fn files_contain(dir: &Path, needle: &[u8]) -> bool {
     })
 }
 
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for entry in std::fs::read_dir(from).unwrap().flatten() {
-        if entry.file_type().unwrap().is_dir() {
-            copy_dir(&entry.path(), &to.join(entry.file_name()));
-        } else {
-            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn erasure_shreds_the_subject_for_good() {
     let mut vault = TestVault::start();
@@ -231,7 +220,7 @@ async fn erasure_shreds_the_subject_for_good() {
         );
     }
     let backup = vault.root.path().join("backup");
-    copy_dir(&vault.data_dir(), &backup);
+    common::copy_dir(&vault.data_dir(), &backup);
 
     vault.spawn().unwrap();
     let mut privacy = privacy(&vault).await;
@@ -281,7 +270,7 @@ async fn erasure_shreds_the_subject_for_good() {
     // Restoring the older copy does not bring ada back: the ledger (outside
     // the data directory) is re-applied when the vault opens.
     std::fs::remove_dir_all(vault.data_dir()).unwrap();
-    copy_dir(&backup, &vault.data_dir());
+    common::copy_dir(&backup, &vault.data_dir());
     vault.spawn().unwrap();
     assert!(vault.wait_for_log("re-applied the erasure ledger"));
     assert_eq!(

@@ -7,6 +7,7 @@
 
 mod admin;
 mod limits;
+mod split;
 mod status;
 mod subjects;
 
@@ -19,8 +20,9 @@ use std::{
 
 use tonic::{Code, Request, Response, Status};
 
+use split::Split;
 pub use status::Error;
-use status::{item_error, vault_item_error};
+use status::item_error;
 
 use crate::{
     audit::AuditContext,
@@ -212,57 +214,33 @@ impl<S: Store> TokenVaultService<S> {
         grants.require_action(Action::Tokenize).map_err(denied)?;
         check_count(request.items.len(), &self.settings.limits, "items")?;
 
-        let mut results: Vec<Option<pb::ItemError>> = Vec::with_capacity(request.items.len());
-        let mut permitted = Vec::new();
+        let mut split = Split::with_capacity(request.items.len());
         for mut item in request.items {
             // Move the value out of the prost message at once, so the only
             // copy is the zeroizing one.
             let value = SecretValue::new(std::mem::take(&mut item.value));
-            let parsed = self.field_type(&item.field_type).and_then(|field_type| {
-                let subject = parse_subject(&item.subject_id)?;
+            split.push(self.field_type(&item.field_type).and_then(|field_type| {
                 let new = NewValue {
                     field_type,
                     value,
-                    subject,
+                    subject: parse_subject(&item.subject_id)?,
                     ttl_seconds: (item.ttl_seconds > 0).then_some(item.ttl_seconds),
                 };
                 grants.permit_tokenize(new).map_err(|d| denied_item(&d))
-            });
-            match parsed {
-                Ok(permit) => {
-                    permitted.push(permit);
-                    results.push(None);
-                }
-                Err(e) => results.push(Some(e)),
-            }
+            }));
         }
-        let failed = results.iter().filter(|r| r.is_some()).count();
+        let (items, refused) = split.counts();
         // Called even when every item was refused here: the vault records
         // the call's audit event either way.
-        let mut stored = self
+        let stored = self
             .vault
-            .tokenize(permitted, &call.audit(results.len(), failed))
-            .await?
-            .into_iter();
-        let results = results
-            .into_iter()
-            .map(|early| {
-                let result = match early {
-                    Some(e) => pb::tokenize_result::Result::Error(e),
-                    None => match stored.next() {
-                        Some(Ok(token)) => pb::tokenize_result::Result::Token(token.to_string()),
-                        Some(Err(e)) => pb::tokenize_result::Result::Error(vault_item_error(&e)),
-                        None => pb::tokenize_result::Result::Error(item_error(
-                            Code::Internal,
-                            "internal error",
-                        )),
-                    },
-                };
-                pb::TokenizeResult {
-                    result: Some(result),
-                }
-            })
-            .collect();
+            .tokenize(split.take_passed(), &call.audit(items, refused))
+            .await?;
+        let results = split.merge(
+            stored,
+            |token| tokenize_result(pb::tokenize_result::Result::Token(token.to_string())),
+            |e| tokenize_result(pb::tokenize_result::Result::Error(e)),
+        );
         Ok(pb::TokenizeResponse { results })
     }
 
@@ -285,55 +263,44 @@ impl<S: Store> TokenVaultService<S> {
         let purpose = grants.allow_purpose(purpose).map_err(denied)?;
         check_count(request.tokens.len(), &self.settings.limits, "tokens")?;
 
-        let mut results: Vec<Option<pb::ItemError>> = Vec::with_capacity(request.tokens.len());
-        let mut tokens = Vec::new();
+        let mut split = Split::with_capacity(request.tokens.len());
         for text in &request.tokens {
-            match text.parse::<Token>() {
-                Ok(token) => {
-                    tokens.push(token);
-                    results.push(None);
-                }
-                Err(e) => results.push(Some(item_error(Code::InvalidArgument, e.to_string()))),
-            }
+            split.push(
+                text.parse::<Token>()
+                    .map_err(|e| item_error(Code::InvalidArgument, e.to_string())),
+            );
         }
         let authorize = |field_type: &FieldType| {
             grants
                 .permit_reveal(&purpose, field_type, request.masked)
                 .inspect_err(log_denial)
         };
-        let failed = results.iter().filter(|r| r.is_some()).count();
-        let audit = call.audit(results.len(), failed);
-        let mut revealed = self
+        let (items, refused) = split.counts();
+        let tokens = split.take_passed();
+        let revealed = self
             .vault
-            .detokenize(&tokens, purpose.purpose(), authorize, &audit)
-            .await?
-            .into_iter();
-        let results = results
-            .into_iter()
-            .map(|early| {
-                let result = match early {
-                    Some(e) => pb::detokenize_result::Result::Error(e),
-                    None => match revealed.next() {
-                        Some(Ok(r)) => pb::detokenize_result::Result::Value(pb::RevealedValue {
-                            field_type: r.field_type.to_string(),
-                            form: match r.form {
-                                RevealForm::Plain => pb::RevealForm::Plain,
-                                RevealForm::Masked => pb::RevealForm::Masked,
-                            } as i32,
-                            value: r.value.into_response_string(),
-                        }),
-                        Some(Err(e)) => pb::detokenize_result::Result::Error(vault_item_error(&e)),
-                        None => pb::detokenize_result::Result::Error(item_error(
-                            Code::Internal,
-                            "internal error",
-                        )),
-                    },
+            .detokenize(
+                &tokens,
+                purpose.purpose(),
+                authorize,
+                &call.audit(items, refused),
+            )
+            .await?;
+        let results = split.merge(
+            revealed,
+            |r| {
+                let form = match r.form {
+                    RevealForm::Plain => pb::RevealForm::Plain,
+                    RevealForm::Masked => pb::RevealForm::Masked,
                 };
-                pb::DetokenizeResult {
-                    result: Some(result),
-                }
-            })
-            .collect();
+                detokenize_result(pb::detokenize_result::Result::Value(pb::RevealedValue {
+                    field_type: r.field_type.to_string(),
+                    form: form as i32,
+                    value: r.value.into_response_string(),
+                }))
+            },
+            |e| detokenize_result(pb::detokenize_result::Result::Error(e)),
+        );
         Ok(pb::DetokenizeResponse { results })
     }
 
@@ -346,54 +313,47 @@ impl<S: Store> TokenVaultService<S> {
         let grants = policy.grants(&call.client);
         grants.require_action(Action::Lookup).map_err(denied)?;
         check_count(request.items.len(), &self.settings.limits, "items")?;
-        let mut results: Vec<Option<pb::ItemError>> = Vec::with_capacity(request.items.len());
-        let mut permitted = Vec::new();
+        let mut split = Split::with_capacity(request.items.len());
         for mut item in request.items {
             let value = SecretValue::new(std::mem::take(&mut item.value));
-            let parsed = self.field_type(&item.field_type).and_then(|field_type| {
-                let subject = parse_subject(&item.subject_id)?;
-                grants
-                    .permit_lookup(LookupValue {
-                        field_type,
-                        value,
-                        subject,
-                    })
-                    .map_err(|d| denied_item(&d))
-            });
-            match parsed {
-                Ok(permit) => {
-                    permitted.push(permit);
-                    results.push(None);
-                }
-                Err(e) => results.push(Some(e)),
-            }
-        }
-        let failed = results.iter().filter(|r| r.is_some()).count();
-        let mut found = self
-            .vault
-            .lookup(permitted, &call.audit(results.len(), failed))
-            .await?
-            .into_iter();
-        let results = results
-            .into_iter()
-            .map(|early| {
-                let result = match early {
-                    Some(e) => pb::lookup_result::Result::Error(e),
-                    None => match found.next() {
-                        Some(Ok(token)) => pb::lookup_result::Result::Token(token.to_string()),
-                        Some(Err(e)) => pb::lookup_result::Result::Error(vault_item_error(&e)),
-                        None => pb::lookup_result::Result::Error(item_error(
-                            Code::Internal,
-                            "internal error",
-                        )),
-                    },
+            split.push(self.field_type(&item.field_type).and_then(|field_type| {
+                let lookup = LookupValue {
+                    field_type,
+                    value,
+                    subject: parse_subject(&item.subject_id)?,
                 };
-                pb::LookupResult {
-                    result: Some(result),
-                }
-            })
-            .collect();
+                grants.permit_lookup(lookup).map_err(|d| denied_item(&d))
+            }));
+        }
+        let (items, refused) = split.counts();
+        let found = self
+            .vault
+            .lookup(split.take_passed(), &call.audit(items, refused))
+            .await?;
+        let results = split.merge(
+            found,
+            |token| lookup_result(pb::lookup_result::Result::Token(token.to_string())),
+            |e| lookup_result(pb::lookup_result::Result::Error(e)),
+        );
         Ok(pb::LookupTokensResponse { results })
+    }
+}
+
+fn tokenize_result(result: pb::tokenize_result::Result) -> pb::TokenizeResult {
+    pb::TokenizeResult {
+        result: Some(result),
+    }
+}
+
+fn detokenize_result(result: pb::detokenize_result::Result) -> pb::DetokenizeResult {
+    pb::DetokenizeResult {
+        result: Some(result),
+    }
+}
+
+fn lookup_result(result: pb::lookup_result::Result) -> pb::LookupResult {
+    pb::LookupResult {
+        result: Some(result),
     }
 }
 

@@ -6,7 +6,7 @@ use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
 use super::{
-    Call, Error, TokenVaultService, check_count, denied, status::item_error,
+    Call, Error, TokenVaultService, check_count, denied, split::Split, status::item_error,
     status::vault_item_error,
 };
 use crate::{
@@ -121,39 +121,25 @@ impl<S: Store> TokenVaultService<S> {
         let grants = policy.grants(&call.client);
         grants.require_action(Action::Delete).map_err(denied)?;
         check_count(request.tokens.len(), &self.settings.limits, "tokens")?;
-        let mut results: Vec<Option<pb::ItemError>> = Vec::with_capacity(request.tokens.len());
-        let mut tokens = Vec::new();
+        let mut split = Split::with_capacity(request.tokens.len());
         for text in &request.tokens {
-            match text.parse::<Token>() {
-                Ok(t) => {
-                    tokens.push(t);
-                    results.push(None);
-                }
-                Err(e) => results.push(Some(item_error(Code::InvalidArgument, e.to_string()))),
-            }
+            split.push(
+                text.parse::<Token>()
+                    .map_err(|e| item_error(Code::InvalidArgument, e.to_string())),
+            );
         }
-        let failed = results.iter().filter(|r| r.is_some()).count();
         let authorize = |ft: &crate::token::FieldType| {
             grants
                 .permit_field(Action::Delete, ft)
                 .inspect_err(super::log_denial)
         };
-        let mut deleted = self
+        let (items, refused) = split.counts();
+        let tokens = split.take_passed();
+        let deleted = self
             .vault
-            .delete_tokens(&tokens, authorize, &call.audit(results.len(), failed))
-            .await?
-            .into_iter();
-        let results = results
-            .into_iter()
-            .map(|early| match early {
-                Some(e) => e,
-                None => match deleted.next() {
-                    Some(Ok(())) => item_error(Code::Ok, "deleted"),
-                    Some(Err(e)) => vault_item_error(&e),
-                    None => item_error(Code::Internal, "internal error"),
-                },
-            })
-            .collect();
+            .delete_tokens(&tokens, authorize, &call.audit(items, refused))
+            .await?;
+        let results = split.merge(deleted, |()| item_error(Code::Ok, "deleted"), |e| e);
         Ok(pb::DeleteTokensResponse { results })
     }
 

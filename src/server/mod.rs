@@ -206,50 +206,42 @@ pub async fn run(
         stop_rx.clone(),
     ));
 
-    // Signs the audit chain's head now and then; stops with the server.
+    // Signs the audit chain's head now and then.
     let checkpointer = {
         let vault = Arc::clone(&vault);
-        let interval = config.audit_checkpoint_interval;
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    _ = stop.changed() => return,
+        every(
+            config.audit_checkpoint_interval,
+            stop_rx.clone(),
+            move || {
+                let vault = Arc::clone(&vault);
+                async move {
+                    if let Err(e) = vault.checkpoint_audit().await {
+                        tracing::error!(error = %e, "cannot sign an audit checkpoint");
+                    }
                 }
-                if let Err(e) = vault.checkpoint_audit().await {
-                    tracing::error!(error = %e, "cannot sign an audit checkpoint");
-                }
-            }
-        })
+            },
+        )
     };
-
     // Purges expired values now and then (they are NOT_FOUND already).
     let sweeper = {
-        let vault = Arc::clone(&vault);
-        let metrics = Arc::clone(&metrics);
-        let interval = config.retention_sweep_interval;
-        let mut stop = stop_rx.clone();
-        tokio::spawn(async move {
-            let mut ticker = tokio::time::interval(interval);
-            ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = ticker.tick() => {}
-                    _ = stop.changed() => return,
-                }
-                match vault.sweep_expired().await {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        metrics.purged(n);
-                        tracing::info!(purged = n, "purged expired values");
+        let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
+        every(
+            config.retention_sweep_interval,
+            stop_rx.clone(),
+            move || {
+                let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
+                async move {
+                    match vault.sweep_expired().await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            metrics.purged(n);
+                            tracing::info!(purged = n, "purged expired values");
+                        }
+                        Err(e) => tracing::error!(error = %e, "retention sweep failed"),
                     }
-                    Err(e) => tracing::error!(error = %e, "retention sweep failed"),
                 }
-            }
-        })
+            },
+        )
     };
 
     set_status(&health, ServingStatus::Serving).await;
@@ -359,6 +351,29 @@ fn reflection(
         builder(V1ALPHA).build_v1().map_err(err)?,
         builder(V1).build_v1alpha().map_err(err)?,
     ))
+}
+
+/// Runs `job` every `interval` (the first run at once) until `stop` changes.
+fn every<F, Fut>(
+    interval: Duration,
+    mut stop: watch::Receiver<bool>,
+    job: F,
+) -> tokio::task::JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            job().await;
+        }
+    })
 }
 
 async fn set_status(health: &HealthReporter, status: ServingStatus) {

@@ -404,3 +404,15 @@ pub fn tokenvault_command() -> Command {
 pub fn log_event(line: &str) -> Option<serde_json::Value> {
     serde_json::from_str(line).ok()
 }
+
+/// Copies a directory tree (a data directory, for backup/restore tests).
+pub fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for entry in std::fs::read_dir(from).unwrap().flatten() {
+        if entry.file_type().unwrap().is_dir() {
+            copy_dir(&entry.path(), &to.join(entry.file_name()));
+        } else {
+            std::fs::copy(entry.path(), to.join(entry.file_name())).unwrap();
+        }
+    }
+}
