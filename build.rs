@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn Error>> {
         "proto/tokenvault/v1/tokenvault.proto",
         "proto/tokenvault/v1/subjects.proto",
         "proto/tokenvault/v1/admin.proto",
+        "proto/tokenvault/v1/audit.proto",
     ];
     for proto in protos {
         println!("cargo:rerun-if-changed={proto}");

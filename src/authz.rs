@@ -36,6 +36,8 @@ pub enum Action {
     ConsentWrite,
     /// Take online backups (`admin:backup`).
     AdminBackup,
+    /// Read the audit trail (`audit:read`).
+    AuditRead,
 }
 
 impl Action {
@@ -50,12 +52,13 @@ impl Action {
     ];
 
     /// Actions granted whole: the scope is the action's name itself.
-    pub const GLOBAL: [Action; 5] = [
+    pub const GLOBAL: [Action; 6] = [
         Action::SubjectExport,
         Action::SubjectErase,
         Action::ConsentRead,
         Action::ConsentWrite,
         Action::AdminBackup,
+        Action::AuditRead,
     ];
 
     /// The name scopes use.
@@ -72,6 +75,7 @@ impl Action {
             Action::ConsentRead => "consent:read",
             Action::ConsentWrite => "consent:write",
             Action::AdminBackup => "admin:backup",
+            Action::AuditRead => "audit:read",
         }
     }
 

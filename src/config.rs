@@ -147,6 +147,9 @@ pub struct RawLog {
 pub struct RawAudit {
     /// How often the chain head is signed, if it moved.
     pub checkpoint_interval_seconds: u64,
+    /// Keep audit events this many days (0: forever). Events are pruned
+    /// only up to a signed checkpoint, never past the last one.
+    pub retention_days: u32,
 }
 
 /// `[security]`.
@@ -274,6 +277,7 @@ impl Default for RawConfig {
             },
             audit: RawAudit {
                 checkpoint_interval_seconds: 10,
+                retention_days: 0,
             },
             subjects: RawSubjects {
                 erasure_ledger: None,
@@ -328,6 +332,8 @@ pub struct Config {
     pub log_level: String,
     /// How often the audit chain head is signed.
     pub audit_checkpoint_interval: Duration,
+    /// How long audit events are kept; `None`: forever.
+    pub audit_retention: Option<Duration>,
     /// The erasure ledger file.
     pub erasure_ledger: PathBuf,
     /// How often expired values are purged.
@@ -535,6 +541,8 @@ impl Config {
             log_format: raw.log.format,
             log_level: raw.log.level.clone(),
             audit_checkpoint_interval: Duration::from_secs(raw.audit.checkpoint_interval_seconds),
+            audit_retention: (raw.audit.retention_days > 0)
+                .then(|| Duration::from_secs(u64::from(raw.audit.retention_days) * 86_400)),
             erasure_ledger: raw.subjects.erasure_ledger.as_ref().map_or_else(
                 || {
                     let data_dir = raw.data_dir.relative();

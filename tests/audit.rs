@@ -277,3 +277,68 @@ async fn tampering_is_detected_at_the_first_bad_sequence_number() {
     );
     assert!(!ok && out.contains("signature"), "{out}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_service_streams_events_to_auditors_only() {
+    use tokenvault::proto::v1::{StreamEventsRequest, audit_client::AuditClient};
+    let vault = TestVault::start();
+    let mut checkout = vault.client("checkout").await;
+    checkout
+        .tokenize(TokenizeRequest {
+            items: vec![item("email", "stream@example.com")],
+        })
+        .await
+        .unwrap();
+    let mut auditor =
+        AuditClient::new(vault.channel_with(&vault.pki.tls("auditor")).await.unwrap());
+    let mut stream = auditor
+        .stream_events(StreamEventsRequest {
+            from_seq: 1,
+            identity: common::spiffe("checkout"),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(record) = stream.message().await.unwrap() {
+        events.push(record);
+    }
+    assert_eq!(events.len(), 1);
+    assert_eq!(events[0].seq, 1);
+    assert_eq!(events[0].hash.len(), 64);
+    let event: serde_json::Value = serde_json::from_str(&events[0].event_json).unwrap();
+    assert_eq!(event["method"], "Tokenize");
+    assert!(!events[0].event_json.contains("stream@example.com"));
+    // Reading the trail is audited, and needs audit:read.
+    let mut all = auditor
+        .stream_events(StreamEventsRequest {
+            from_seq: 1,
+            identity: String::new(),
+            limit: 10,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut methods = Vec::new();
+    while let Some(record) = all.message().await.unwrap() {
+        let event: serde_json::Value = serde_json::from_str(&record.event_json).unwrap();
+        methods.push(event["method"].as_str().unwrap().to_owned());
+    }
+    assert_eq!(methods, ["Tokenize", "StreamEvents"]);
+    let mut not_auditor = AuditClient::new(
+        vault
+            .channel_with(&vault.pki.tls("checkout"))
+            .await
+            .unwrap(),
+    );
+    let status = not_auditor
+        .stream_events(StreamEventsRequest {
+            from_seq: 1,
+            identity: String::new(),
+            limit: 0,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::PermissionDenied);
+}

@@ -6,6 +6,7 @@
 //! method, item count, status code and latency: never a value or a token.
 
 mod admin;
+mod audit;
 mod limits;
 mod split;
 mod status;

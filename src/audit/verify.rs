@@ -124,8 +124,24 @@ pub fn verify(
         ));
     }
 
+    // A pruned trail starts after a kept checkpoint, whose signed head is
+    // the link into its first event.
+    let mut first_stored = None;
+    store
+        .scan(Table::Audit, &chain::key(from), |key, _| {
+            first_stored = chain::seq_of(key);
+            false
+        })
+        .map_err(storage)?;
+    let pruned_start = first_stored.filter(|&first| first > from);
+    let from = pruned_start.unwrap_or(from);
     // The link into the first checked entry.
-    let mut prev = if from == 1 {
+    let mut prev = if let Some(first) = pruned_start {
+        checkpoints
+            .get(&(first - 1))
+            .map(|cp| cp.head)
+            .ok_or_else(|| fail(first - 1, format!("events before {first} are missing and no signed checkpoint anchors event {first}")))?
+    } else if from == 1 {
         chain::GENESIS
     } else {
         let value = store

@@ -176,6 +176,7 @@ pub async fn run(
         ))
     };
     let admin = proto::v1::admin_server::AdminServer::new(api.clone());
+    let audit = proto::v1::audit_server::AuditServer::new(api.clone());
     let subjects = proto::v1::subjects_server::SubjectsServer::new(api.clone())
         .max_decoding_message_size(config.limits.max_message_bytes);
     let service = proto::v1::token_vault_server::TokenVaultServer::new(api)
@@ -264,6 +265,7 @@ pub async fn run(
             .add_service(service)
             .add_service(subjects)
             .add_service(admin)
+            .add_service(audit)
             .add_service(health_service)
             .add_service(reflection_v1)
             .add_service(reflection_v1alpha)

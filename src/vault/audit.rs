@@ -1,6 +1,6 @@
 //! Recording audit events and signing checkpoints.
 
-use super::{Error, SubjectId, Vault, now_ms};
+use super::{Error, SubjectId, Vault};
 use crate::{
     audit::{AuditEvent, Checkpoint, checkpoint_message},
     store::{Batch, Store, Table, chain},
@@ -58,7 +58,7 @@ impl<S: Store> Vault<S> {
                 return Ok(None);
             }
         }
-        let time_ms = now_ms();
+        let time_ms = self.now();
         let checkpoint = Checkpoint {
             seq: head.seq,
             head: head.hash,
@@ -114,4 +114,110 @@ fn dir_size(dir: &std::path::Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// One stored audit event, as the Audit service streams it.
+#[derive(Debug, Clone)]
+pub struct StoredEvent {
+    /// Sequence number.
+    pub seq: u64,
+    /// Chain hash, hex.
+    pub hash: String,
+    /// The event JSON.
+    pub json: String,
+    /// The caller identity recorded in it.
+    pub identity: String,
+}
+
+impl<S: Store> Vault<S> {
+    /// Up to `limit` audit events from `from` on (those of `identity` only,
+    /// if given). Reading the trail is audited too.
+    ///
+    /// # Errors
+    /// Storage or audit failures.
+    pub async fn audit_events(
+        &self,
+        permit: crate::authz::Permit<(u64, Option<String>, usize)>,
+        audit: &crate::audit::AuditContext,
+    ) -> Result<Vec<StoredEvent>, Error> {
+        let (from, identity, limit) = permit.into_item();
+        let page = self
+            .store
+            .scan_from(Table::Audit, chain::key(from.max(1)).to_vec(), limit)
+            .await?;
+        let events = page
+            .into_iter()
+            .filter_map(|(key, value)| {
+                let seq = chain::seq_of(&key)?;
+                let link = chain::decode(&value)?;
+                let event: crate::audit::AuditEvent = serde_json::from_slice(link.payload).ok()?;
+                Some(StoredEvent {
+                    seq,
+                    hash: data_encoding::HEXLOWER.encode(&chain::hash(seq, &value)),
+                    json: String::from_utf8_lossy(link.payload).into_owned(),
+                    identity: event.identity,
+                })
+            })
+            .filter(|e| identity.as_ref().is_none_or(|id| &e.identity == id))
+            .collect();
+        self.record(&audit.event("OK")).await?;
+        Ok(events)
+    }
+}
+
+impl<S: Store> Vault<S> {
+    /// Deletes audit events older than `retention`, but only up to a signed
+    /// checkpoint, which is kept: it anchors the first remaining event, so
+    /// the trail stays verifiable from there. Nothing newer than the last
+    /// checkpoint is ever deleted. Returns how many events were deleted.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn prune_audit(&self, retention: std::time::Duration) -> Result<u64, Error> {
+        let cutoff = self
+            .now()
+            .saturating_sub(u64::try_from(retention.as_millis()).unwrap_or(u64::MAX));
+        let checkpoints = self
+            .store
+            .scan_prefix(Table::AuditCheckpoints, Vec::new())
+            .await?;
+        let anchor = checkpoints
+            .iter()
+            .filter_map(|(key, value)| Checkpoint::decode(chain::seq_of(key)?, value))
+            .filter(|cp| cp.time_ms < cutoff)
+            .map(|cp| cp.seq)
+            .max();
+        let Some(anchor) = anchor else { return Ok(0) };
+        let mut pruned = 0;
+        loop {
+            let page = self
+                .store
+                .scan_from(Table::Audit, Vec::new(), 10_000)
+                .await?;
+            let doomed: Vec<Vec<u8>> = page
+                .into_iter()
+                .map(|(key, _)| key)
+                .take_while(|key| chain::seq_of(key).is_some_and(|seq| seq <= anchor))
+                .collect();
+            if doomed.is_empty() {
+                break;
+            }
+            let mut batch = Batch::new();
+            for key in &doomed {
+                batch.delete(Table::Audit, key.clone());
+            }
+            pruned += doomed.len() as u64;
+            self.store.commit(batch).await?;
+        }
+        let mut batch = Batch::new();
+        for (key, _) in checkpoints {
+            if chain::seq_of(&key).is_some_and(|seq| seq < anchor) {
+                batch.delete(Table::AuditCheckpoints, key);
+            }
+        }
+        if !batch.is_empty() {
+            self.store.commit(batch).await?;
+        }
+        Ok(pruned)
+    }
 }

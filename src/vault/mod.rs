@@ -18,6 +18,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+pub use audit::StoredEvent;
 pub use keyring::{AUDIT_PUBLIC_KEY_LABEL, Keyring};
 pub use ledger::{Erasure, ErasureLedger, LedgerError};
 pub use record::{DecodeError, Record};

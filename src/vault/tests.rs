@@ -618,3 +618,51 @@ async fn erasing_a_subject_leaves_others_and_is_idempotent() {
         .await;
     assert_ne!(fresh[0], ada[1]);
 }
+
+#[tokio::test]
+async fn pruned_audit_trails_stay_verifiable_from_the_kept_checkpoint() {
+    let (f, time) = fixture_with_clock().await;
+    let day = 86_400_000;
+    for _ in 0..3 {
+        f.tokenize(&[("email", "old@example.com")]).await;
+    }
+    assert_eq!(f.vault.checkpoint_audit().await.unwrap(), Some(3));
+    time.fetch_add(10 * day, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..2 {
+        f.tokenize(&[("email", "new@example.com")]).await;
+    }
+    assert_eq!(f.vault.checkpoint_audit().await.unwrap(), Some(5));
+    // Seven days of retention: events up to the old checkpoint go, the
+    // checkpoint stays as the anchor, the newer events stay.
+    let pruned = f
+        .vault
+        .prune_audit(std::time::Duration::from_secs(7 * 86_400))
+        .await
+        .unwrap();
+    assert_eq!(pruned, 3);
+    let store = RocksStore::open_read_only(f.vault.store().path()).unwrap();
+    let report = crate::audit::verify(&store, &f.vault.audit_public_key(), 1).unwrap();
+    assert_eq!(
+        (report.first_seq, report.last_seq, report.checkpoints),
+        (4, 5, 1)
+    );
+    // Nothing newer than the last checkpoint is ever pruned.
+    time.fetch_add(30 * day, std::sync::atomic::Ordering::SeqCst);
+    f.tokenize(&[("email", "newest@example.com")]).await;
+    // The newest event (6) is after the last checkpoint (5): pruning stops
+    // at 5 and keeps its checkpoint.
+    assert_eq!(
+        f.vault
+            .prune_audit(std::time::Duration::from_secs(86_400))
+            .await
+            .unwrap(),
+        2
+    );
+    drop(store);
+    let store = RocksStore::open_read_only(f.vault.store().path()).unwrap();
+    let report = crate::audit::verify(&store, &f.vault.audit_public_key(), 1).unwrap();
+    assert_eq!(
+        (report.first_seq, report.last_seq, report.unsigned_tail),
+        (6, 6, 1)
+    );
+}

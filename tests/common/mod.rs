@@ -37,6 +37,10 @@ scopes = ["subject:export", "subject:erase", "consent:read", "consent:write", "u
 purposes = ["subject_access_request"]
 
 [[policy]]
+identity = "spiffe://test.tokenvault.local/auditor"
+scopes = ["audit:read"]
+
+[[policy]]
 identity = "spiffe://test.tokenvault.local/masked-reader"
 scopes = ["reveal_masked:*"]
 purposes = ["customer_support"]
@@ -85,6 +89,7 @@ impl Pki {
             "stranger",
             "masked-reader",
             "privacy",
+            "auditor",
         ] {
             pki.client(name, &ClientSpec::spiffe(&spiffe(name)));
         }
