@@ -135,6 +135,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     }
     if !args.no_in_process {
         in_process_ceiling(&args, &mut report).await?;
+        store_ceiling(&args, &mut report).await?;
     }
     report.targets = targets(&report, args.preload as u64);
     let markdown = report.markdown();
@@ -480,6 +481,87 @@ async fn in_process_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(),
     Ok(())
 }
 
+/// The storage ceiling: the same number of synced puts of record-sized
+/// values, through the same group committer, without the vault (no
+/// validation, encryption or audit event). Its ratio to the in-process
+/// tokenize rows is what the vault's work, audit included, costs.
+async fn store_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(), String> {
+    use crate::store::{Batch, Store, Table};
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let store = Arc::new(
+        RocksStore::open(dir.path(), &StoreOptions::default()).map_err(|e| e.to_string())?,
+    );
+    for (name, batch) in [
+        ("in-process store commit (no vault, no audit)", 1),
+        (
+            "in-process store commit-batch (no vault, no audit)",
+            args.batch,
+        ),
+    ] {
+        progress(&format!("sync: {name} for {:.1}s", args.seconds));
+        let started = Instant::now();
+        let deadline = started + Duration::from_secs_f64(args.seconds);
+        let tasks: Vec<_> = (0..args.in_flight)
+            .map(|task| {
+                let store = Arc::clone(&store);
+                tokio::spawn(async move {
+                    let mut latency = Vec::new();
+                    let mut i = 0u64;
+                    while Instant::now() < deadline {
+                        let mut commit = Batch::new();
+                        for k in 0..batch {
+                            let mut value = vec![0u8; 120];
+                            let _ = getrandom::fill(&mut value);
+                            commit.put(
+                                Table::Records,
+                                format!("tok_email_{task}_{i}_{k}").into_bytes(),
+                                value,
+                            );
+                        }
+                        let t0 = Instant::now();
+                        if store.commit(commit).await.is_err() {
+                            break;
+                        }
+                        latency.push(t0.elapsed());
+                        i += 1;
+                    }
+                    latency
+                })
+            })
+            .collect();
+        let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+            .map_err(|e| e.to_string())?;
+        let mut requests = 0u64;
+        for task in tasks {
+            for l in task.await.map_err(|e| e.to_string())? {
+                requests += 1;
+                let _ = hist.record(
+                    u64::try_from(l.as_micros())
+                        .unwrap_or(u64::MAX)
+                        .clamp(1, 60_000_000),
+                );
+            }
+        }
+        let result = LoadResult {
+            requests,
+            items: requests * batch as u64,
+            errors: 0,
+            elapsed: started.elapsed(),
+            latency_us: hist,
+        };
+        let spec = LoadSpec {
+            scenario: Scenario::TokenizeBatch,
+            batch,
+            in_flight: args.in_flight,
+            duration: Duration::from_secs_f64(args.seconds),
+            max_requests: u64::MAX,
+            rate: None,
+        };
+        report.rows.push(row(name, "sync", 0, &spec, &result, None));
+    }
+    Ok(())
+}
+
 /// The targets, each from rows of this run.
 fn targets(report: &Report, preload: u64) -> Vec<Target> {
     let mut out = Vec::new();
@@ -534,6 +616,24 @@ fn targets(report: &Report, preload: u64) -> Vec<Target> {
             measured: rss,
             goal: "< 1024".into(),
             met: rss < 1024.0,
+        });
+    }
+    // Not a target of its own, but what the audit and the rest of the
+    // vault cost against bare storage, measured in the same run.
+    if let (Some(vault), Some(store)) = (
+        report.row("in-process tokenize-batch", "sync", false),
+        report.row(
+            "in-process store commit-batch (no vault, no audit)",
+            "sync",
+            false,
+        ),
+    ) && store.items_per_s > 0.0
+    {
+        out.push(Target {
+            name: "in-process tokenize-batch (vault + audit) / bare store commits, items/s".into(),
+            measured: vault.items_per_s / store.items_per_s,
+            goal: "(report only)".into(),
+            met: true,
         });
     }
     if let Some(row) = report.row("detokenize@50%", "sync", false) {
