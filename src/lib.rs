@@ -53,3 +53,6 @@ pub mod server;
 pub mod store;
 pub mod token;
 pub mod vault;
+
+#[cfg(test)]
+mod robustness_tests;
