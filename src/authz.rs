@@ -38,6 +38,8 @@ pub enum Action {
     AdminBackup,
     /// Read the audit trail (`audit:read`).
     AuditRead,
+    /// Rotate keys (`admin:keys`).
+    AdminKeys,
 }
 
 impl Action {
@@ -52,13 +54,14 @@ impl Action {
     ];
 
     /// Actions granted whole: the scope is the action's name itself.
-    pub const GLOBAL: [Action; 6] = [
+    pub const GLOBAL: [Action; 7] = [
         Action::SubjectExport,
         Action::SubjectErase,
         Action::ConsentRead,
         Action::ConsentWrite,
         Action::AdminBackup,
         Action::AuditRead,
+        Action::AdminKeys,
     ];
 
     /// The name scopes use.
@@ -76,6 +79,7 @@ impl Action {
             Action::ConsentWrite => "consent:write",
             Action::AdminBackup => "admin:backup",
             Action::AuditRead => "audit:read",
+            Action::AdminKeys => "admin:keys",
         }
     }
 

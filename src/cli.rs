@@ -47,6 +47,25 @@ enum Command {
     /// Online backups: create (through a running vault), verify, restore.
     #[command(subcommand)]
     Backup(BackupCommand),
+    /// Data keys: rotate (through a running vault), list (offline).
+    #[command(subcommand)]
+    Keys(KeysCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum KeysCommand {
+    /// Make a new data-key version for new writes; the vault re-encrypts
+    /// older records in the background. Needs scope admin:keys.
+    Rotate {
+        #[command(flatten)]
+        conn: Connection,
+    },
+    /// Data-key versions, their creation times and how many records each
+    /// encrypts. Never key bytes.
+    List {
+        #[command(flatten)]
+        source: AuditSource,
+    },
 }
 
 #[derive(Debug, Subcommand)]
@@ -271,6 +290,7 @@ pub fn main() -> ExitCode {
             .map(|_| ExitCode::SUCCESS),
         Command::Audit(command) => audit(command),
         Command::Backup(command) => runtime.block_on(backup(command)),
+        Command::Keys(command) => runtime.block_on(keys(command)),
     };
     match result {
         Ok(code) => code,
@@ -335,16 +355,7 @@ fn audit(command: AuditCommand) -> Result<ExitCode, String> {
         | AuditCommand::Export { source, .. }
         | AuditCommand::PublicKey { source } => source,
     };
-    let data_dir = match (&source.data_dir, &source.config) {
-        (Some(dir), _) => dir.clone(),
-        (None, config) => {
-            let raw: crate::config::RawConfig = Config::figment(config.as_deref())
-                .map_err(|e| e.to_string())?
-                .extract()
-                .map_err(|e| e.to_string())?;
-            raw.data_dir.relative()
-        }
-    };
+    let data_dir = data_dir_of(source)?;
     let store = RocksStore::open_read_only(&data_dir)
         .map_err(|e| format!("cannot open {}: {e}", data_dir.display()))?;
     let stored_key = || -> Result<[u8; 32], String> {
@@ -415,6 +426,96 @@ fn audit(command: AuditCommand) -> Result<ExitCode, String> {
             let written = audit::export(&store, from, keep, &mut out)?;
             eprintln!("{written} events exported");
             Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
+    use crate::{
+        proto::v1::{RotateKeysRequest, admin_client::AdminClient},
+        store::{RocksStore, Table},
+        vault::Record,
+    };
+    match command {
+        KeysCommand::Rotate { conn } => {
+            let channel = client::channel(&conn.addr, &conn.tls()?)
+                .await
+                .map_err(|e| e.to_string())?;
+            let response = AdminClient::new(channel)
+                .rotate_keys(RotateKeysRequest {})
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            println!(
+                "data key version {} is active; older records are re-encrypted in the background",
+                response.version
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::List { source } => {
+            let data_dir = data_dir_of(&source)?;
+            let store = RocksStore::open_read_only(&data_dir)
+                .map_err(|e| format!("cannot open {}: {e}", data_dir.display()))?;
+            let mut versions: std::collections::BTreeMap<u32, (u64, u64)> =
+                std::collections::BTreeMap::new();
+            store
+                .scan(Table::Keys, b"dek/", |label, wrapped| {
+                    let Some(version) = label
+                        .strip_prefix(b"dek/")
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                    else {
+                        return false;
+                    };
+                    let created = wrapped
+                        .get(1..9)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(0, u64::from_be_bytes);
+                    versions.insert(version, (created, 0));
+                    true
+                })
+                .map_err(|e| e.to_string())?;
+            let mut subject_keyed = 0u64;
+            store
+                .scan(Table::Records, &[], |_, bytes| {
+                    if let Ok(record) = Record::decode(bytes) {
+                        match versions.get_mut(&record.key_version) {
+                            Some((_, count)) => *count += 1,
+                            None => subject_keyed += 1,
+                        }
+                    }
+                    true
+                })
+                .map_err(|e| e.to_string())?;
+            let active = versions.keys().next_back().copied().unwrap_or(0);
+            println!("version  created (UTC)                  records");
+            for (version, (created_ms, count)) in &versions {
+                let created = time::OffsetDateTime::from_unix_timestamp_nanos(
+                    i128::from(*created_ms) * 1_000_000,
+                )
+                .ok()
+                .and_then(|t| {
+                    t.format(&time::format_description::well_known::Rfc3339)
+                        .ok()
+                })
+                .unwrap_or_else(|| "?".into());
+                let marker = if *version == active { "  (active)" } else { "" };
+                println!("{version:>7}  {created:<30} {count}{marker}");
+            }
+            println!("records under their data subject's own key: {subject_keyed}");
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn data_dir_of(source: &AuditSource) -> Result<PathBuf, String> {
+    match (&source.data_dir, &source.config) {
+        (Some(dir), _) => Ok(dir.clone()),
+        (None, config) => {
+            let raw: crate::config::RawConfig = Config::figment(config.as_deref())
+                .map_err(|e| e.to_string())?
+                .extract()
+                .map_err(|e| e.to_string())?;
+            Ok(raw.data_dir.relative())
         }
     }
 }

@@ -39,8 +39,37 @@ impl<S: Store> TokenVaultService<S> {
     }
 }
 
+impl<S: Store> TokenVaultService<S> {
+    async fn rotate_inner(
+        &self,
+        call: &Call,
+        _request: pb::RotateKeysRequest,
+    ) -> Result<pb::RotateKeysResponse, Error> {
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
+        let permit = grants
+            .permit_global(Action::AdminKeys, ())
+            .map_err(denied)?;
+        let version = self
+            .vault
+            .rotate_data_key(permit, &call.audit(1, 0))
+            .await?;
+        Ok(pb::RotateKeysResponse { version })
+    }
+}
+
 #[tonic::async_trait]
 impl<S: Store> Admin for TokenVaultService<S> {
+    async fn rotate_keys(
+        &self,
+        request: Request<pb::RotateKeysRequest>,
+    ) -> Result<Response<pb::RotateKeysResponse>, Status> {
+        self.handle("RotateKeys", 1, request, async |call, r| {
+            self.rotate_inner(call, r).await
+        })
+        .await
+    }
+
     async fn create_backup(
         &self,
         request: Request<pb::CreateBackupRequest>,

@@ -122,6 +122,14 @@ impl MasterKey {
         file.sync_all().map_err(create_err)
     }
 
+    /// A second handle on the same key, for the keyring to wrap new data
+    /// keys at rotation. Both copies zeroize on drop.
+    pub(crate) fn duplicate(&self) -> Self {
+        Self {
+            key: DataKey::from_bytes(Zeroizing::new(*self.key.bytes)),
+        }
+    }
+
     /// Wraps a data key. `label` names the key (e.g. `dek/1`) and is bound as
     /// associated data, so a wrapped key moved to another name won't unwrap.
     ///

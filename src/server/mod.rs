@@ -223,6 +223,41 @@ pub async fn run(
             },
         )
     };
+    // Moves records to the newest data key after a rotation, a page at a
+    // time, from where it stopped (also across restarts).
+    let reencryptor = {
+        let vault = Arc::clone(&vault);
+        every(Duration::from_secs(1), stop_rx.clone(), move || {
+            let vault = Arc::clone(&vault);
+            async move {
+                for _ in 0..20 {
+                    match vault.reencrypt_step(1000).await {
+                        Ok(step) => {
+                            if step.moved > 0 || step.raced > 0 {
+                                tracing::info!(
+                                    moved = step.moved,
+                                    raced = step.raced,
+                                    "re-encrypted records under the newest data key"
+                                );
+                            }
+                            if step.finished {
+                                if step.ran {
+                                    tracing::info!(
+                                        "re-encryption finished: every record uses the newest data key"
+                                    );
+                                }
+                                return;
+                            }
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "re-encryption step failed; retrying later");
+                            return;
+                        }
+                    }
+                }
+            }
+        })
+    };
     // Purges expired values now and then (they are NOT_FOUND already).
     let sweeper = {
         let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
@@ -299,6 +334,7 @@ pub async fn run(
     let _ = health_task.await;
     let _ = checkpointer.await;
     let _ = sweeper.await;
+    let _ = reencryptor.await;
     let _ = metrics_task.await;
     let _ = reloader.await;
     drop(grpc);

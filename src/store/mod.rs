@@ -120,6 +120,8 @@ pub struct Batch {
 pub struct Unit {
     ops: Vec<Op>,
     guards: Vec<(Table, Vec<u8>)>,
+    /// Keys whose current value must still be this one (compare-and-set).
+    unchanged: Vec<(Table, Vec<u8>, Vec<u8>)>,
 }
 
 impl Unit {
@@ -152,6 +154,25 @@ impl Unit {
     pub fn guard_absent(&mut self, table: Table, key: impl Into<Vec<u8>>) -> &mut Self {
         self.guards.push((table, key.into()));
         self
+    }
+
+    /// Applies the unit only if `key` in `table` still holds `expected`
+    /// (nobody changed it since it was read). A unit skipped for this is
+    /// reported as a [`Conflict`] whose `guard` counts on from the absent-key
+    /// guards.
+    pub fn guard_unchanged(
+        &mut self,
+        table: Table,
+        key: impl Into<Vec<u8>>,
+        expected: Vec<u8>,
+    ) -> &mut Self {
+        self.unchanged.push((table, key.into(), expected));
+        self
+    }
+
+    /// The keys that must still hold a given value.
+    pub fn unchanged(&self) -> &[(Table, Vec<u8>, Vec<u8>)] {
+        &self.unchanged
     }
 
     /// The changes, in order.

@@ -441,11 +441,22 @@ fn write_group(
     // Guarded keys written by earlier units of this group: the committer is
     // the only writer, so the store plus this map is the whole truth.
     let mut claimed: HashMap<(Table, Vec<u8>), Vec<u8>> = HashMap::new();
+    // Compare-and-set guards must see every earlier write of the group, not
+    // only guarded ones; tracked only when some unit needs it.
+    let track_all = group
+        .iter()
+        .flat_map(|c| c.batch.units())
+        .any(|u| !u.unchanged().is_empty());
+    let mut written: HashMap<(Table, Vec<u8>), Option<Vec<u8>>> = HashMap::new();
     let mut outcomes = Vec::with_capacity(group.len());
     for commit in group {
         let mut batch_outcomes = Vec::with_capacity(commit.batch.units().len());
         for unit in commit.batch.units() {
             if let Some(conflict) = find_conflict(db, unit.guards(), &claimed)? {
+                batch_outcomes.push(Err(conflict));
+                continue;
+            }
+            if let Some(conflict) = find_changed(db, unit, &written)? {
                 batch_outcomes.push(Err(conflict));
                 continue;
             }
@@ -455,9 +466,17 @@ fn write_group(
                         if unit.guards().iter().any(|(t, k)| t == table && k == key) {
                             claimed.insert((*table, key.clone()), value.clone());
                         }
+                        if track_all {
+                            written.insert((*table, key.clone()), Some(value.clone()));
+                        }
                         wb.put_cf(cf(db, *table)?, key, value);
                     }
-                    Op::Delete { table, key } => wb.delete_cf(cf(db, *table)?, key),
+                    Op::Delete { table, key } => {
+                        if track_all {
+                            written.insert((*table, key.clone()), None);
+                        }
+                        wb.delete_cf(cf(db, *table)?, key);
+                    }
                     Op::AppendAudit { payload } => {
                         let seq = head.seq + 1;
                         let value = chain::encode(seq, &head.hash, payload);
@@ -478,6 +497,28 @@ fn write_group(
     }
     db.write_opt(wb, opts).map_err(classify)?;
     Ok(outcomes)
+}
+
+/// The first compare-and-set guard of `unit` whose key no longer holds the
+/// expected value (counting this group's earlier writes).
+fn find_changed(
+    db: &DB,
+    unit: &super::Unit,
+    written: &HashMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+) -> Result<Option<Conflict>, Error> {
+    for (index, (table, key, expected)) in unit.unchanged().iter().enumerate() {
+        let current = match written.get(&(*table, key.clone())) {
+            Some(value) => value.clone(),
+            None => db.get_cf(cf(db, *table)?, key).map_err(classify)?,
+        };
+        if current.as_ref() != Some(expected) {
+            return Ok(Some(Conflict {
+                guard: unit.guards().len() + index,
+                existing: current.unwrap_or_default(),
+            }));
+        }
+    }
+    Ok(None)
 }
 
 fn find_conflict(

@@ -1,7 +1,7 @@
 //! The data keys and hash keys, unwrapped in memory, and their wrapped form
 //! in the store.
 
-use std::collections::BTreeMap;
+use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
     crypto::{AuditSigningKey, DataKey, HashKey, MasterKey, NONCE_LEN, Sealed},
@@ -25,7 +25,11 @@ const WRAPPED_FORMAT_V1: u8 = 1;
 
 /// Every key the vault uses, unwrapped once at open.
 pub struct Keyring {
-    data_keys: BTreeMap<u32, DataKey>,
+    /// Data keys by version; a rotation adds one while requests run.
+    data_keys: std::sync::RwLock<BTreeMap<u32, Arc<DataKey>>>,
+    /// Wraps new data keys at rotation. Kept in memory (zeroized on drop)
+    /// for the life of the process.
+    master: MasterKey,
     /// Hashes subject ids for the records that name a subject.
     subject_key: HashKey,
     /// Hashes values of deterministic field types for the blind index.
@@ -55,7 +59,7 @@ impl Keyring {
             let key = master
                 .unwrap_data_key(&sealed, &label)
                 .map_err(|_| wrong_master(&label))?;
-            data_keys.insert(version, key);
+            data_keys.insert(version, Arc::new(key));
         }
         if data_keys.is_empty() {
             let dek = DataKey::generate()?;
@@ -68,7 +72,7 @@ impl Keyring {
             );
             store.commit(batch).await?;
             tracing::info!("created the first data key");
-            data_keys.insert(1, dek);
+            data_keys.insert(1, Arc::new(dek));
         }
         let subject_key = hash_key(store, master, SUBJECT_KEY_PREFIX).await?;
         let index_key = hash_key(store, master, INDEX_KEY_PREFIX).await?;
@@ -88,7 +92,8 @@ impl Keyring {
             store.commit(batch).await?;
         }
         Ok(Self {
-            data_keys,
+            data_keys: std::sync::RwLock::new(data_keys),
+            master: master.duplicate(),
             subject_key,
             index_key,
             audit_key,
@@ -98,18 +103,74 @@ impl Keyring {
     }
 
     /// The key new values are encrypted with, and its version.
-    pub fn active(&self) -> (u32, &DataKey) {
-        // `open` never leaves the map empty.
-        let (version, key) = self
+    pub fn active(&self) -> (u32, Arc<DataKey>) {
+        let keys = self
             .data_keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        // `open` never leaves the map empty.
+        let (version, key) = keys
             .last_key_value()
             .unwrap_or_else(|| unreachable!("the keyring always holds a data key"));
-        (*version, key)
+        (*version, Arc::clone(key))
     }
 
     /// The data key of `version`, if the vault has it.
-    pub fn data_key(&self, version: u32) -> Option<&DataKey> {
-        self.data_keys.get(&version)
+    pub fn data_key(&self, version: u32) -> Option<Arc<DataKey>> {
+        self.data_keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(&version)
+            .cloned()
+    }
+
+    /// Every data key version, oldest first.
+    pub fn versions(&self) -> Vec<u32> {
+        self.data_keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .copied()
+            .collect()
+    }
+
+    /// Makes a new data key version, stores it wrapped, and makes it the one
+    /// new values are encrypted with. Old versions keep decrypting.
+    ///
+    /// # Errors
+    /// Storage or random-source failures.
+    pub async fn rotate<S: Store>(&self, store: &S) -> Result<u32, Error> {
+        let version = self.active().0 + 1;
+        let key = DataKey::generate()?;
+        let key_label = label(DEK_PREFIX, version);
+        let mut batch = Batch::new();
+        batch
+            .unit()
+            .guard_absent(Table::Keys, key_label.clone())
+            .put(
+                Table::Keys,
+                key_label.clone(),
+                encode_wrapped(&self.master.wrap_data_key(&key, &key_label)?),
+            );
+        if store
+            .commit(batch)
+            .await?
+            .first()
+            .is_some_and(Result::is_err)
+        {
+            return Err(Error::CorruptKey(format!(
+                "data key version {version} exists already"
+            )));
+        }
+        self.data_keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(version, Arc::new(key));
+        tracing::info!(
+            version,
+            "rotated the data key: new values use the new version"
+        );
+        Ok(version)
     }
 
     /// The key that hashes subject ids.

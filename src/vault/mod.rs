@@ -10,6 +10,7 @@ mod keyring;
 mod ledger;
 mod record;
 mod reveal;
+mod rotation;
 mod subjects;
 mod tokenize;
 
@@ -23,6 +24,7 @@ pub use keyring::{AUDIT_PUBLIC_KEY_LABEL, Keyring};
 pub use ledger::{Erasure, ErasureLedger, LedgerError};
 pub use record::{DecodeError, Record};
 pub use reveal::Revealed;
+pub use rotation::ReencryptStep;
 pub use subjects::{ConsentState, ErasureReceipt, SubjectField};
 
 use crate::{

@@ -309,14 +309,16 @@ impl<S: Store> Vault<S> {
         record: &Record,
         subject_key: Option<&DataKey>,
     ) -> Result<SecretValue, ItemError> {
+        let vault_key;
         let key = if record.key_version == SUBJECT_KEY {
             // The subject's key is gone: the subject was erased.
             subject_key.ok_or(ItemError::NotFound)?
         } else {
-            self.keyring.data_key(record.key_version).ok_or_else(|| {
+            vault_key = self.keyring.data_key(record.key_version).ok_or_else(|| {
                 tracing::error!(field_type = %record.field_type, key_version = record.key_version, "stored record names an unknown key version");
                 ItemError::DataLoss
-            })?
+            })?;
+            &*vault_key
         };
         let aad = Record::aad(token, record.key_version, record.subject_hash.as_ref());
         let plaintext = key.open(&record.nonce, &record.ciphertext, &aad).map_err(|_| {
@@ -512,10 +514,11 @@ impl<S: Store> Vault<S> {
             }
             _ => HashMap::new(),
         };
+        let (active_version, active_key) = self.keyring.active();
         let (key_version, key) = match old.subject_hash.and_then(|h| subject_keys.get(&h)) {
             Some(key) => (SUBJECT_KEY, key),
             None if old.key_version == SUBJECT_KEY => return Ok(Err(ItemError::NotFound)),
-            None => self.keyring.active(),
+            None => (active_version, &*active_key),
         };
         let new_blind = spec
             .deterministic

@@ -190,7 +190,7 @@ impl<S: Store> Vault<S> {
             };
             let (key_version, key) = match p.subject_hash.and_then(|h| subject_keys.get(&h)) {
                 Some(key) => (SUBJECT_KEY, key),
-                None => (vault_key_version, vault_key),
+                None => (vault_key_version, &*vault_key),
             };
             let aad = Record::aad(&token, key_version, p.subject_hash.as_ref());
             let sealed = key.seal(p.value.expose().as_bytes(), &aad)?;

@@ -33,7 +33,7 @@ purposes = ["customer_support", "order_fulfilment", "marketing"]
 
 [[policy]]
 identity = "spiffe://test.tokenvault.local/privacy"
-scopes = ["subject:export", "subject:erase", "consent:read", "consent:write", "update:*", "delete:*", "admin:backup"]
+scopes = ["subject:export", "subject:erase", "consent:read", "consent:write", "update:*", "delete:*", "admin:backup", "admin:keys"]
 purposes = ["subject_access_request"]
 
 [[policy]]
