@@ -60,6 +60,15 @@ enum KeysCommand {
         #[command(flatten)]
         conn: Connection,
     },
+    /// Re-wrap every key under a new master key (a file on the server),
+    /// without touching records. Then point keys.master_key_file at it.
+    RotateMaster {
+        #[command(flatten)]
+        conn: Connection,
+        /// The new master key file, absolute path on the server.
+        #[arg(long)]
+        new_key_file: PathBuf,
+    },
     /// Data-key versions, their creation times and how many records each
     /// encrypts. Never key bytes.
     List {
@@ -432,7 +441,7 @@ fn audit(command: AuditCommand) -> Result<ExitCode, String> {
 
 async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
     use crate::{
-        proto::v1::{RotateKeysRequest, admin_client::AdminClient},
+        proto::v1::{RotateKeysRequest, RotateMasterKeyRequest, admin_client::AdminClient},
         store::{RocksStore, Table},
         vault::Record,
     };
@@ -449,6 +458,24 @@ async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
             println!(
                 "data key version {} is active; older records are re-encrypted in the background",
                 response.version
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::RotateMaster { conn, new_key_file } => {
+            let channel = client::channel(&conn.addr, &conn.tls()?)
+                .await
+                .map_err(|e| e.to_string())?;
+            let response = AdminClient::new(channel)
+                .rotate_master_key(RotateMasterKeyRequest {
+                    new_key_file: new_key_file.display().to_string(),
+                })
+                .await
+                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+                .into_inner();
+            println!(
+                "re-wrapped {} keys under {}; set keys.master_key_file to it before the next restart, then retire the old key",
+                response.keys_rewrapped,
+                new_key_file.display()
             );
             Ok(ExitCode::SUCCESS)
         }

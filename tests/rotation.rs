@@ -128,3 +128,97 @@ async fn rotation_under_traffic_keeps_every_token_and_moves_every_record() {
     assert_eq!(counts, vec![(1, 0), (2, all.len() as u64)], "{listing}");
     assert!(listing.contains("(active)"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_master_key_rotates_without_touching_records() {
+    let mut vault = TestVault::start();
+    let mut support = vault.client("support").await;
+    let item = TokenizeItem {
+        field_type: "email".into(),
+        value: "kek@example.com".into(),
+        subject_id: "cust-1".into(),
+        ttl_seconds: 0,
+    };
+    let response = support
+        .tokenize(TokenizeRequest { items: vec![item] })
+        .await
+        .unwrap()
+        .into_inner();
+    let Some(tokenize_result::Result::Token(token)) =
+        response.results.into_iter().next().unwrap().result
+    else {
+        panic!("no token");
+    };
+    let new_key = vault.root.path().join("master-2.key");
+    tokenvault::crypto::MasterKey::create_file(&new_key).unwrap();
+    let tls = vault.pki.tls("privacy");
+    let addr = vault.grpc_addr.to_string();
+    let key_arg = new_key.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        tokenvault_command()
+            .args([
+                "keys",
+                "rotate-master",
+                "--addr",
+                &addr,
+                "--new-key-file",
+                key_arg.to_str().unwrap(),
+            ])
+            .args([
+                "--ca",
+                tls.ca.to_str().unwrap(),
+                "--cert",
+                tls.cert.to_str().unwrap(),
+                "--key",
+                tls.key.to_str().unwrap(),
+            ])
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains("re-wrapped"));
+    vault.stop();
+
+    // The old key no longer opens the vault; the new one does, and the value is there.
+    let old_refused = tokenvault_command()
+        .args(["serve", "--config"])
+        .arg(vault.config_path())
+        .output()
+        .unwrap();
+    assert!(!old_refused.status.success());
+    assert!(
+        String::from_utf8_lossy(&old_refused.stderr).contains("master key does not match"),
+        "{}",
+        String::from_utf8_lossy(&old_refused.stderr)
+    );
+    let config = std::fs::read_to_string(vault.config_path()).unwrap();
+    std::fs::write(
+        vault.config_path(),
+        config.replace(
+            "master_key_file = \"master.key\"",
+            "master_key_file = \"master-2.key\"",
+        ),
+    )
+    .unwrap();
+    vault.spawn().unwrap();
+    let mut support = vault.client("support").await;
+    let response = support
+        .detokenize(DetokenizeRequest {
+            tokens: vec![token],
+            purpose: "customer_support".into(),
+            masked: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match &response.results[0].result {
+        Some(detokenize_result::Result::Value(v)) => assert_eq!(v.value, "kek@example.com"),
+        other => panic!("{other:?}"),
+    }
+}

@@ -58,8 +58,45 @@ impl<S: Store> TokenVaultService<S> {
     }
 }
 
+impl<S: Store> TokenVaultService<S> {
+    async fn rotate_master_inner(
+        &self,
+        call: &Call,
+        request: pb::RotateMasterKeyRequest,
+    ) -> Result<pb::RotateMasterKeyResponse, Error> {
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
+        let path = std::path::PathBuf::from(&request.new_key_file);
+        if !path.is_absolute() {
+            return Err(Error::InvalidArgument(
+                "new_key_file must be an absolute path on the server".into(),
+            ));
+        }
+        let permit = grants
+            .permit_global(Action::AdminKeys, path)
+            .map_err(denied)?;
+        let count = self
+            .vault
+            .rotate_master_key(permit, &call.audit(1, 0))
+            .await?;
+        Ok(pb::RotateMasterKeyResponse {
+            keys_rewrapped: u32::try_from(count).unwrap_or(u32::MAX),
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl<S: Store> Admin for TokenVaultService<S> {
+    async fn rotate_master_key(
+        &self,
+        request: Request<pb::RotateMasterKeyRequest>,
+    ) -> Result<Response<pb::RotateMasterKeyResponse>, Status> {
+        self.handle("RotateMasterKey", 1, request, async |call, r| {
+            self.rotate_master_inner(call, r).await
+        })
+        .await
+    }
+
     async fn rotate_keys(
         &self,
         request: Request<pb::RotateKeysRequest>,

@@ -28,8 +28,8 @@ pub struct Keyring {
     /// Data keys by version; a rotation adds one while requests run.
     data_keys: std::sync::RwLock<BTreeMap<u32, Arc<DataKey>>>,
     /// Wraps new data keys at rotation. Kept in memory (zeroized on drop)
-    /// for the life of the process.
-    master: MasterKey,
+    /// for the life of the process; replaced by a master-key rotation.
+    master: std::sync::RwLock<MasterKey>,
     /// Hashes subject ids for the records that name a subject.
     subject_key: HashKey,
     /// Hashes values of deterministic field types for the blind index.
@@ -93,7 +93,7 @@ impl Keyring {
         }
         Ok(Self {
             data_keys: std::sync::RwLock::new(data_keys),
-            master: master.duplicate(),
+            master: std::sync::RwLock::new(master.duplicate()),
             subject_key,
             index_key,
             audit_key,
@@ -134,6 +134,56 @@ impl Keyring {
             .collect()
     }
 
+    /// Re-wraps every key the master key wraps (data keys, hash keys, the
+    /// subject KEK, the audit signing key) under `new`, in one write, without
+    /// touching any record; then uses `new` for keys made from now on. The
+    /// old master key can be retired once the configuration names the new
+    /// one. Returns how many keys were re-wrapped.
+    ///
+    /// # Errors
+    /// If a key does not unwrap under the current master key, or storage fails.
+    pub async fn rotate_master<S: Store>(&self, store: &S, new: MasterKey) -> Result<usize, Error> {
+        let prefixes = [
+            DEK_PREFIX,
+            SUBJECT_KEY_PREFIX,
+            INDEX_KEY_PREFIX,
+            AUDIT_HASH_PREFIX,
+            AUDIT_SIGNING_PREFIX,
+            SUBJECT_KEK_PREFIX,
+        ];
+        let mut wrapped_keys = Vec::new();
+        for prefix in prefixes {
+            wrapped_keys.extend(store.scan_prefix(Table::Keys, prefix.into()).await?);
+        }
+        let count = wrapped_keys.len();
+        let mut batch = Batch::new();
+        {
+            let old = self
+                .master
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            for (label, wrapped) in wrapped_keys {
+                let sealed = decode_wrapped(&label, &wrapped)?;
+                // Every one of these is 256 bits sealed the same way.
+                let key = old
+                    .unwrap_data_key(&sealed, &label)
+                    .map_err(|_| wrong_master(&label))?;
+                let rewrapped = encode_wrapped(&new.wrap_data_key(&key, &label)?);
+                batch.put(Table::Keys, label, rewrapped);
+            }
+        }
+        store.commit(batch).await?;
+        *self
+            .master
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = new;
+        tracing::info!(
+            keys = count,
+            "re-wrapped every key under the new master key; update keys.master_key_file before the next restart"
+        );
+        Ok(count)
+    }
+
     /// Makes a new data key version, stores it wrapped, and makes it the one
     /// new values are encrypted with. Old versions keep decrypting.
     ///
@@ -143,15 +193,18 @@ impl Keyring {
         let version = self.active().0 + 1;
         let key = DataKey::generate()?;
         let key_label = label(DEK_PREFIX, version);
+        let wrapped = encode_wrapped(
+            &self
+                .master
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .wrap_data_key(&key, &key_label)?,
+        );
         let mut batch = Batch::new();
         batch
             .unit()
             .guard_absent(Table::Keys, key_label.clone())
-            .put(
-                Table::Keys,
-                key_label.clone(),
-                encode_wrapped(&self.master.wrap_data_key(&key, &key_label)?),
-            );
+            .put(Table::Keys, key_label.clone(), wrapped);
         if store
             .commit(batch)
             .await?

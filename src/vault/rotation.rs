@@ -51,6 +51,24 @@ impl<S: Store> Vault<S> {
         Ok(version)
     }
 
+    /// Re-wraps every key under the master key in `new_key_file` (read and
+    /// checked like the configured one). Records are not touched.
+    ///
+    /// # Errors
+    /// An unusable key file, storage or audit failures.
+    pub async fn rotate_master_key(
+        &self,
+        permit: Permit<std::path::PathBuf>,
+        audit: &AuditContext,
+    ) -> Result<usize, Error> {
+        let path = permit.into_item();
+        let new =
+            crate::crypto::MasterKey::load(&path).map_err(|e| Error::CorruptKey(e.to_string()))?;
+        let count = self.keyring.rotate_master(&self.store, new).await?;
+        self.record(&audit.event("OK")).await?;
+        Ok(count)
+    }
+
     /// Re-encrypts up to `page` records under the active key, from where the
     /// job left off (a restart resumes there). Each record is replaced only
     /// if nobody changed it since it was read, so the job never overwrites a
