@@ -103,6 +103,9 @@ pub struct RawTls {
 pub struct RawKeys {
     /// File holding the 256-bit master key (mode 0600 or stricter).
     pub master_key_file: Option<RelativePathBuf>,
+    /// Development only: read the master key (64 hex digits) from this
+    /// environment variable instead of a file. Warned at start.
+    pub master_key_env: Option<String>,
 }
 
 /// `[limits]`.
@@ -320,8 +323,10 @@ pub struct Config {
     pub handshake_timeout: Duration,
     /// Certificate files.
     pub tls: TlsFiles,
-    /// Master key file.
+    /// Master key file (empty when `master_key_env` is used).
     pub master_key_file: PathBuf,
+    /// The environment variable holding the master key, for development.
+    pub master_key_env: Option<String>,
     /// Request limits.
     pub limits: Limits,
     /// Block cache size in bytes.
@@ -405,6 +410,14 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 }
 
 impl Config {
+    /// Where the master key comes from.
+    pub fn master_key_source(&self) -> Box<dyn crate::crypto::MasterKeySource> {
+        match &self.master_key_env {
+            Some(var) => Box::new(crate::crypto::EnvSource(var.clone())),
+            None => Box::new(crate::crypto::FileSource(self.master_key_file.clone())),
+        }
+    }
+
     /// The standard layers: defaults, then `file` if given, then the
     /// `TOKENVAULT_` environment.
     ///
@@ -481,7 +494,16 @@ impl Config {
                 .map(RelativePathBuf::relative)
                 .collect(),
         };
-        let master_key_file = required("keys.master_key_file", &raw.keys.master_key_file)?;
+        let master_key_file = match (&raw.keys.master_key_file, &raw.keys.master_key_env) {
+            (Some(_), Some(_)) => {
+                return Err(invalid(
+                    "keys.master_key_env",
+                    "set master_key_file or master_key_env, not both",
+                ));
+            }
+            (None, Some(_)) => PathBuf::new(),
+            _ => required("keys.master_key_file", &raw.keys.master_key_file)?,
+        };
 
         let limits = Limits {
             max_items_per_request: raw.limits.max_items_per_request,
@@ -536,6 +558,7 @@ impl Config {
             handshake_timeout: Duration::from_millis(raw.server.handshake_timeout_ms.max(1)),
             tls,
             master_key_file,
+            master_key_env: raw.keys.master_key_env.clone(),
             limits,
             block_cache_bytes: raw.storage.block_cache_mib << 20,
             log_format: raw.log.format,
@@ -790,6 +813,21 @@ mod tests {
             Config::from_figment(&again).unwrap().block_cache_bytes,
             8 << 20
         );
+    }
+
+    #[test]
+    fn the_master_key_comes_from_a_file_or_an_environment_variable() {
+        let env = "[keys]\nmaster_key_file = \"/etc/tv/master.key\"\nmaster_key_env = \"TV_KEY\"";
+        let err = parse(env).unwrap_err();
+        assert!(err.to_string().contains("not both"), "{err}");
+        let figment = Figment::from(Serialized::defaults(RawConfig::default())).merge(
+            Toml::string(&MINIMAL.replace(
+                "master_key_file = \"/etc/tv/master.key\"",
+                "master_key_env = \"TV_KEY\"",
+            )),
+        );
+        let config = Config::from_figment(&figment).unwrap();
+        assert!(config.master_key_source().describe().contains("TV_KEY"));
     }
 
     #[test]

@@ -532,3 +532,56 @@ async fn certificates_and_policy_reload_on_sighup_and_a_broken_one_is_refused() 
     hup_and_wait("reloaded the TLS certificate");
     call_with(&vault, &stranger).await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_development_master_key_can_come_from_the_environment() {
+    let mut vault = TestVault::start();
+    vault.stop();
+    let key_hex = std::fs::read_to_string(vault.root.path().join("master.key")).unwrap();
+    let config = std::fs::read_to_string(vault.config_path()).unwrap();
+    let env_config = vault.root.path().join("env.toml");
+    std::fs::write(
+        &env_config,
+        config.replace(
+            "master_key_file = \"master.key\"",
+            "master_key_env = \"TV_TEST_MASTER_KEY\"",
+        ),
+    )
+    .unwrap();
+
+    // Missing or malformed: one clear line.
+    let err = serve_must_fail(&env_config);
+    assert!(err.contains("TV_TEST_MASTER_KEY is not set"), "{err}");
+
+    // Set: the vault opens (the same key as the file) and warns.
+    let mut child = tokenvault_command()
+        .args(["serve", "--config"])
+        .arg(&env_config)
+        .env("TV_TEST_MASTER_KEY", key_hex.trim())
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        let mut warned = false;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            warned |= line.contains("development only");
+            if line.contains("\"serving\"") {
+                let _ = tx.send(warned);
+                return;
+            }
+        }
+    });
+    let warned = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the vault did not start with the environment key");
+    assert!(warned, "no development-only warning");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}

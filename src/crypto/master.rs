@@ -59,6 +59,14 @@ pub enum MasterKeyError {
     /// The random source failed while generating a key.
     #[error(transparent)]
     Crypto(#[from] Error),
+    /// The environment variable source is unusable.
+    #[error("master key environment variable {var} {reason}")]
+    Env {
+        /// The variable's name.
+        var: String,
+        /// What is wrong with it.
+        reason: &'static str,
+    },
 }
 
 impl MasterKey {
@@ -120,6 +128,17 @@ impl MasterKey {
             .map_err(create_err)?;
         file.write_all(hex.as_bytes()).map_err(create_err)?;
         file.sync_all().map_err(create_err)
+    }
+
+    /// A key from 64 hex digits (surrounding whitespace allowed).
+    pub(crate) fn from_hex(text: &[u8]) -> Option<Self> {
+        let text = text.trim_ascii();
+        if text.len() != KEY_LEN * 2 {
+            return None;
+        }
+        decode_key(text).map(|bytes| Self {
+            key: DataKey::from_bytes(bytes),
+        })
     }
 
     /// A second handle on the same key, for the keyring to wrap new data

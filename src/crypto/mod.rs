@@ -9,6 +9,7 @@
 mod master;
 mod secret;
 mod sign;
+mod source;
 
 use aes_gcm_siv::{
     Aes256GcmSiv, KeyInit, Nonce,
@@ -21,6 +22,7 @@ use zeroize::Zeroizing;
 pub use master::{MasterKey, MasterKeyError};
 pub use secret::SecretValue;
 pub use sign::{AuditSigningKey, verify_signature};
+pub use source::{EnvSource, FileSource, MasterKeySource};
 
 /// Length of every symmetric key here: 256 bits.
 pub const KEY_LEN: usize = 32;

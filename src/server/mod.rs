@@ -24,7 +24,7 @@ use crate::{
     api::{ApiSettings, TokenVaultService},
     authz::SharedPolicy,
     config::Config,
-    crypto::{MasterKey, MasterKeyError},
+    crypto::MasterKeyError,
     metrics::{Gauges, Metrics},
     proto,
     store::{self, RocksStore, Store, StoreOptions},
@@ -81,7 +81,11 @@ pub async fn run(
 ) -> Result<(), ServeError> {
     // Check everything that can be wrong with the configuration before
     // touching the database or binding ports.
-    let master = MasterKey::load(&config.master_key_file)?;
+    let source = config.master_key_source();
+    if config.master_key_env.is_some() {
+        tracing::warn!(source = %source.describe(), "the master key comes from the environment: for development only");
+    }
+    let master = source.load()?;
     let tls_config = server_config(&config.tls)?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
