@@ -32,6 +32,8 @@ pub struct Metrics {
     latency: Mutex<BTreeMap<&'static str, std::sync::Arc<Histogram>>>,
     denials: Mutex<BTreeMap<&'static str, u64>>,
     purged: AtomicU64,
+    reencrypted: AtomicU64,
+    reencryption_running: AtomicU64,
 }
 
 /// Gauges read when the metrics are scraped.
@@ -89,6 +91,14 @@ impl Metrics {
     /// Counts expired values purged.
     pub fn purged(&self, n: u64) {
         self.purged.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Counts records moved to the newest data key, and whether the
+    /// re-encryption job still has work.
+    pub fn reencrypted(&self, n: u64, running: bool) {
+        self.reencrypted.fetch_add(n, Ordering::Relaxed);
+        self.reencryption_running
+            .store(u64::from(running), Ordering::Relaxed);
     }
 
     /// The text exposition format.

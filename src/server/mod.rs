@@ -230,13 +230,14 @@ pub async fn run(
     // Moves records to the newest data key after a rotation, a page at a
     // time, from where it stopped (also across restarts).
     let reencryptor = {
-        let vault = Arc::clone(&vault);
+        let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
         every(Duration::from_secs(1), stop_rx.clone(), move || {
-            let vault = Arc::clone(&vault);
+            let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
             async move {
                 for _ in 0..20 {
                     match vault.reencrypt_step(1000).await {
                         Ok(step) => {
+                            metrics.reencrypted(step.moved, step.ran && !step.finished);
                             if step.moved > 0 || step.raced > 0 {
                                 tracing::info!(
                                     moved = step.moved,
