@@ -5,15 +5,7 @@
 
 mod common;
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicBool, Ordering},
-};
-
-use common::{TestVault, tokenvault_command};
-use tokenvault::proto::v1::{
-    DetokenizeRequest, TokenizeItem, TokenizeRequest, detokenize_result, tokenize_result,
-};
+use common::{TestVault, Writers, tokenvault_command};
 
 fn cli(args: &[&str]) -> (bool, String) {
     let out = tokenvault_command().args(args).output().unwrap();
@@ -30,43 +22,12 @@ fn cli(args: &[&str]) -> (bool, String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_of_a_live_vault_restores_every_acknowledged_write() {
     let mut vault = TestVault::start();
-    let acked = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
     let client = vault.client("checkout").await;
-    let writers: Vec<_> = (0..8)
-        .map(|w| {
-            let (mut client, acked, stop) = (client.clone(), Arc::clone(&acked), Arc::clone(&stop));
-            tokio::spawn(async move {
-                for i in 0.. {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let value = format!("w{w}.i{i}@example.com");
-                    let item = TokenizeItem {
-                        field_type: "email".into(),
-                        value: value.clone(),
-                        subject_id: String::new(),
-                        ttl_seconds: 0,
-                    };
-                    let response = client
-                        .tokenize(TokenizeRequest { items: vec![item] })
-                        .await
-                        .unwrap();
-                    if let Some(tokenize_result::Result::Token(t)) =
-                        response.into_inner().results.remove(0).result
-                    {
-                        acked.lock().unwrap().push((t, value));
-                    }
-                }
-            })
-        })
-        .collect();
-    while acked.lock().unwrap().len() < 300 {
-        tokio::task::yield_now().await;
-    }
+    let writers = Writers::start(&client, 8, "backup", true);
+    writers.wait_for(300).await;
 
     // Everything acknowledged before the backup starts must be in it.
-    let before: Vec<(String, String)> = acked.lock().unwrap().clone();
+    let before = writers.acked();
     let backup = vault.root.path().join("backup-1");
     let tls = vault.pki.tls("privacy");
     let (ok, out) = tokio::task::spawn_blocking({
@@ -91,14 +52,8 @@ async fn a_backup_of_a_live_vault_restores_every_acknowledged_write() {
     .unwrap();
     assert!(ok, "{out}");
     assert!(out.contains("backup written"), "{out}");
-    stop.store(true, Ordering::SeqCst);
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    assert!(
-        acked.lock().unwrap().len() > before.len(),
-        "writes went on during the backup"
-    );
+    let all = writers.stop().await;
+    assert!(all.len() > before.len(), "writes went on during the backup");
 
     // A second backup to the same path is refused, and the checkpoint scope is enforced.
     let mut admin = tokenvault::proto::v1::admin_client::AdminClient::new(
@@ -141,22 +96,5 @@ async fn a_backup_of_a_live_vault_restores_every_acknowledged_write() {
     std::fs::remove_dir_all(vault.data_dir()).unwrap();
     std::fs::rename(&restored, vault.data_dir()).unwrap();
     vault.spawn().unwrap();
-    let mut support = vault.client("support").await;
-    for chunk in before.chunks(500) {
-        let response = support
-            .detokenize(DetokenizeRequest {
-                tokens: chunk.iter().map(|(t, _)| t.clone()).collect(),
-                purpose: "customer_support".into(),
-                masked: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for ((_, value), result) in chunk.iter().zip(response.results) {
-            match result.result {
-                Some(detokenize_result::Result::Value(v)) => assert_eq!(&v.value, value),
-                other => panic!("a write acknowledged before the backup is missing: {other:?}"),
-            }
-        }
-    }
+    common::assert_all_detokenize(&vault, &before).await;
 }

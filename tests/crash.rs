@@ -8,17 +8,11 @@ mod common;
 use std::{
     io::{BufRead, BufReader},
     process::{Command, Stdio},
-    sync::{
-        Arc, Mutex,
-        atomic::{AtomicBool, Ordering},
-    },
     time::Duration,
 };
 
-use common::TestVault;
-use tokenvault::proto::v1::{
-    DetokenizeRequest, TokenizeItem, TokenizeRequest, detokenize_result, tokenize_result,
-};
+use common::{TestVault, Writers};
+use tokenvault::proto::v1::{TokenizeItem, TokenizeRequest};
 
 fn item(value: String) -> TokenizeItem {
     TokenizeItem {
@@ -42,49 +36,13 @@ async fn load_until_killed(
     round: usize,
     kill_after: usize,
 ) -> Vec<(String, String)> {
-    let acked = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(AtomicBool::new(false));
     let client = vault.client("checkout").await;
-    let writers: Vec<_> = (0..16)
-        .map(|w| {
-            let (mut client, acked, stop) = (client.clone(), Arc::clone(&acked), Arc::clone(&stop));
-            tokio::spawn(async move {
-                for i in 0.. {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let value = format!("r{round}.w{w}.i{i}@example.com");
-                    let Ok(response) = client
-                        .tokenize(TokenizeRequest {
-                            items: vec![item(value.clone())],
-                        })
-                        .await
-                    else {
-                        break;
-                    };
-                    if let Some(tokenize_result::Result::Token(token)) =
-                        response.into_inner().results.remove(0).result
-                    {
-                        acked.lock().unwrap().push((token, value));
-                    }
-                }
-            })
-        })
-        .collect();
+    let writers = Writers::start(&client, 16, &format!("r{round}"), false);
     // Kill once the target number of writes was acknowledged, whatever is in
     // flight at that moment. The wait is on a count, not on time.
-    loop {
-        if acked.lock().unwrap().len() >= kill_after {
-            break;
-        }
-        tokio::task::yield_now().await;
-    }
+    writers.wait_for(kill_after).await;
     vault.kill();
-    stop.store(true, Ordering::SeqCst);
-    for writer in writers {
-        writer.await.unwrap();
-    }
-    Arc::try_unwrap(acked).unwrap().into_inner().unwrap()
+    writers.stop().await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -99,25 +57,7 @@ async fn acknowledged_writes_survive_sigkill() {
             .spawn()
             .expect("the vault did not reopen after SIGKILL");
     }
-    let mut support = vault.client("support").await;
-    for chunk in all.chunks(1000) {
-        let tokens = chunk.iter().map(|(t, _)| t.clone()).collect();
-        let response = support
-            .detokenize(DetokenizeRequest {
-                tokens,
-                purpose: "customer_support".into(),
-                masked: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for ((_, value), result) in chunk.iter().zip(response.results) {
-            match result.result {
-                Some(detokenize_result::Result::Value(v)) => assert_eq!(&v.value, value),
-                other => panic!("an acknowledged write was lost: {other:?}"),
-            }
-        }
-    }
+    common::assert_all_detokenize(&vault, &all).await;
     eprintln!(
         "crash safety: {} acknowledged writes checked after 4 SIGKILLs",
         all.len()

@@ -5,12 +5,7 @@
 
 mod common;
 
-use std::sync::{
-    Arc, Mutex,
-    atomic::{AtomicBool, Ordering},
-};
-
-use common::{TestVault, tokenvault_command};
+use common::{TestVault, Writers, tokenvault_command};
 use tokenvault::proto::v1::{
     DetokenizeRequest, TokenizeItem, TokenizeRequest, detokenize_result, tokenize_result,
 };
@@ -19,40 +14,9 @@ use tokenvault::proto::v1::{
 async fn rotation_under_traffic_keeps_every_token_and_moves_every_record() {
     let mut vault = TestVault::start();
     let client = vault.client("checkout").await;
-    let acked = Arc::new(Mutex::new(Vec::<(String, String)>::new()));
-    let stop = Arc::new(AtomicBool::new(false));
-    let writers: Vec<_> = (0..4)
-        .map(|w| {
-            let (mut client, acked, stop) = (client.clone(), Arc::clone(&acked), Arc::clone(&stop));
-            tokio::spawn(async move {
-                for i in 0.. {
-                    if stop.load(Ordering::SeqCst) {
-                        break;
-                    }
-                    let value = format!("rot.w{w}.i{i}@example.com");
-                    let item = TokenizeItem {
-                        field_type: "email".into(),
-                        value: value.clone(),
-                        subject_id: String::new(),
-                        ttl_seconds: 0,
-                    };
-                    // No request may fail during the rotation.
-                    let response = client
-                        .tokenize(TokenizeRequest { items: vec![item] })
-                        .await
-                        .unwrap();
-                    if let Some(tokenize_result::Result::Token(t)) =
-                        response.into_inner().results.remove(0).result
-                    {
-                        acked.lock().unwrap().push((t, value));
-                    }
-                }
-            })
-        })
-        .collect();
-    while acked.lock().unwrap().len() < 200 {
-        tokio::task::yield_now().await;
-    }
+    // No request may fail during the rotation.
+    let writers = Writers::start(&client, 4, "rot", true);
+    writers.wait_for(200).await;
     let tls = vault.pki.tls("privacy");
     let addr = vault.grpc_addr.to_string();
     let out = tokio::task::spawn_blocking(move || {
@@ -77,38 +41,15 @@ async fn rotation_under_traffic_keeps_every_token_and_moves_every_record() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(String::from_utf8_lossy(&out.stdout).contains("data key version 2 is active"));
-    let seen = acked.lock().unwrap().len();
-    while acked.lock().unwrap().len() < seen + 200 {
-        tokio::task::yield_now().await;
-    }
-    stop.store(true, Ordering::SeqCst);
-    for writer in writers {
-        writer.await.unwrap();
-    }
+    let seen = writers.acked().len();
+    writers.wait_for(seen + 200).await;
+    let all = writers.stop().await;
     assert!(
         vault.wait_for_log("re-encryption finished"),
         "the job did not finish"
     );
 
-    let all = acked.lock().unwrap().clone();
-    let mut support = vault.client("support").await;
-    for chunk in all.chunks(500) {
-        let response = support
-            .detokenize(DetokenizeRequest {
-                tokens: chunk.iter().map(|(t, _)| t.clone()).collect(),
-                purpose: "customer_support".into(),
-                masked: false,
-            })
-            .await
-            .unwrap()
-            .into_inner();
-        for ((_, value), result) in chunk.iter().zip(response.results) {
-            match result.result {
-                Some(detokenize_result::Result::Value(v)) => assert_eq!(&v.value, value),
-                other => panic!("a token was lost in the rotation: {other:?}"),
-            }
-        }
-    }
+    common::assert_all_detokenize(&vault, &all).await;
     vault.stop();
     let out = tokenvault_command()
         .args(["keys", "list", "--data-dir"])

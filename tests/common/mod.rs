@@ -421,3 +421,110 @@ pub fn copy_dir(from: &Path, to: &Path) {
         }
     }
 }
+
+/// Tokenize load in the background: each writer tokenizes one new e-mail
+/// value at a time and records every acknowledged (token, value).
+pub struct Writers {
+    acked: Arc<Mutex<Vec<(String, String)>>>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    /// Starts `count` writers on `client`. With `must_succeed`, a failed call
+    /// fails the test (for tests that promise no request fails); without, it
+    /// ends that writer (for tests that kill the server under them).
+    pub fn start(
+        client: &TokenVaultClient<Channel>,
+        count: usize,
+        tag: &str,
+        must_succeed: bool,
+    ) -> Self {
+        use tokenvault::proto::v1::{TokenizeItem, TokenizeRequest, tokenize_result};
+        let acked = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let handles = (0..count)
+            .map(|w| {
+                let (mut client, acked, stop) =
+                    (client.clone(), Arc::clone(&acked), Arc::clone(&stop));
+                let tag = tag.to_owned();
+                tokio::spawn(async move {
+                    for i in 0.. {
+                        if stop.load(std::sync::atomic::Ordering::SeqCst) {
+                            break;
+                        }
+                        let value = format!("{tag}.w{w}.i{i}@example.com");
+                        let item = TokenizeItem {
+                            field_type: "email".into(),
+                            value: value.clone(),
+                            subject_id: String::new(),
+                            ttl_seconds: 0,
+                        };
+                        let response = match client
+                            .tokenize(TokenizeRequest { items: vec![item] })
+                            .await
+                        {
+                            Ok(response) => response,
+                            Err(status) if must_succeed => panic!("a request failed: {status:?}"),
+                            Err(_) => break,
+                        };
+                        if let Some(tokenize_result::Result::Token(t)) =
+                            response.into_inner().results.remove(0).result
+                        {
+                            acked.lock().unwrap().push((t, value));
+                        }
+                    }
+                })
+            })
+            .collect();
+        Self {
+            acked,
+            stop,
+            handles,
+        }
+    }
+
+    /// Waits until at least `n` writes were acknowledged (a count, not a time).
+    pub async fn wait_for(&self, n: usize) {
+        while self.acked.lock().unwrap().len() < n {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    /// The writes acknowledged so far.
+    pub fn acked(&self) -> Vec<(String, String)> {
+        self.acked.lock().unwrap().clone()
+    }
+
+    /// Stops the writers and returns every acknowledged write.
+    pub async fn stop(self) -> Vec<(String, String)> {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        for handle in self.handles {
+            handle.await.unwrap();
+        }
+        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
+    }
+}
+
+/// Asserts that every (token, value) detokenizes to its value.
+pub async fn assert_all_detokenize(vault: &TestVault, pairs: &[(String, String)]) {
+    use tokenvault::proto::v1::{DetokenizeRequest, detokenize_result};
+    let mut support = vault.client("support").await;
+    for chunk in pairs.chunks(500) {
+        let response = support
+            .detokenize(DetokenizeRequest {
+                tokens: chunk.iter().map(|(t, _)| t.clone()).collect(),
+                purpose: "customer_support".into(),
+                masked: false,
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        for ((_, value), result) in chunk.iter().zip(response.results) {
+            match result.result {
+                Some(detokenize_result::Result::Value(v)) => assert_eq!(&v.value, value),
+                other => panic!("an acknowledged write is missing: {other:?}"),
+            }
+        }
+    }
+}
