@@ -10,10 +10,7 @@ mod server;
 
 use std::{
     path::PathBuf,
-    sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
-    },
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -397,17 +394,12 @@ async fn in_process_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(),
         ("in-process tokenize-batch", args.batch),
     ] {
         progress(&format!("sync: {name} for {:.1}s", args.seconds));
-        let items = Arc::new(AtomicU64::new(0));
         let started = Instant::now();
         let deadline = started + Duration::from_secs_f64(args.seconds);
         let tasks: Vec<_> = (0..args.in_flight)
             .map(|task| {
-                let (vault, policy, client, items) = (
-                    Arc::clone(&vault),
-                    Arc::clone(&policy),
-                    Arc::clone(&client),
-                    Arc::clone(&items),
-                );
+                let (vault, policy, client) =
+                    (Arc::clone(&vault), Arc::clone(&policy), Arc::clone(&client));
                 tokio::spawn(async move {
                     let mut latency = Vec::new();
                     let mut i = 0usize;
@@ -441,42 +433,15 @@ async fn in_process_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(),
                             break;
                         }
                         latency.push(t0.elapsed());
-                        items.fetch_add(batch as u64, Ordering::Relaxed);
                         i += 1;
                     }
                     latency
                 })
             })
             .collect();
-        let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-            .map_err(|e| e.to_string())?;
-        let mut requests = 0;
-        for task in tasks {
-            for l in task.await.map_err(|e| e.to_string())? {
-                requests += 1;
-                let _ = hist.record(
-                    u64::try_from(l.as_micros())
-                        .unwrap_or(u64::MAX)
-                        .clamp(1, 60_000_000),
-                );
-            }
-        }
-        let result = LoadResult {
-            requests,
-            items: items.load(Ordering::Relaxed),
-            errors: 0,
-            elapsed: started.elapsed(),
-            latency_us: hist,
-        };
-        let spec = LoadSpec {
-            scenario: Scenario::TokenizeBatch,
-            batch,
-            in_flight: args.in_flight,
-            duration: Duration::from_secs_f64(args.seconds),
-            max_requests: u64::MAX,
-            rate: None,
-        };
-        report.rows.push(row(name, "sync", 0, &spec, &result, None));
+        report
+            .rows
+            .push(in_process_row(name, batch, args, started, tasks).await?);
     }
     Ok(())
 }
@@ -555,37 +520,51 @@ async fn store_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(), Stri
                 })
             })
             .collect();
-        let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-            .map_err(|e| e.to_string())?;
-        let mut requests = 0u64;
-        for task in tasks {
-            for l in task.await.map_err(|e| e.to_string())? {
-                requests += 1;
-                let _ = hist.record(
-                    u64::try_from(l.as_micros())
-                        .unwrap_or(u64::MAX)
-                        .clamp(1, 60_000_000),
-                );
-            }
-        }
-        let result = LoadResult {
-            requests,
-            items: requests * batch as u64,
-            errors: 0,
-            elapsed: started.elapsed(),
-            latency_us: hist,
-        };
-        let spec = LoadSpec {
-            scenario: Scenario::TokenizeBatch,
-            batch,
-            in_flight: args.in_flight,
-            duration: Duration::from_secs_f64(args.seconds),
-            max_requests: u64::MAX,
-            rate: None,
-        };
-        report.rows.push(row(name, "sync", 0, &spec, &result, None));
+        report
+            .rows
+            .push(in_process_row(name, batch, args, started, tasks).await?);
     }
     Ok(())
+}
+
+/// One in-process row from the tasks' latencies: each latency is one
+/// successful call of `batch` items.
+async fn in_process_row(
+    name: &str,
+    batch: usize,
+    args: &BenchArgs,
+    started: Instant,
+    tasks: Vec<tokio::task::JoinHandle<Vec<Duration>>>,
+) -> Result<Row, String> {
+    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
+        .map_err(|e| e.to_string())?;
+    let mut requests = 0u64;
+    for task in tasks {
+        for l in task.await.map_err(|e| e.to_string())? {
+            requests += 1;
+            let _ = hist.record(
+                u64::try_from(l.as_micros())
+                    .unwrap_or(u64::MAX)
+                    .clamp(1, 60_000_000),
+            );
+        }
+    }
+    let result = LoadResult {
+        requests,
+        items: requests * batch as u64,
+        errors: 0,
+        elapsed: started.elapsed(),
+        latency_us: hist,
+    };
+    let spec = LoadSpec {
+        scenario: Scenario::TokenizeBatch,
+        batch,
+        in_flight: args.in_flight,
+        duration: Duration::from_secs_f64(args.seconds),
+        max_requests: u64::MAX,
+        rate: None,
+    };
+    Ok(row(name, "sync", 0, &spec, &result, None))
 }
 
 /// The targets, each from rows of this run.
