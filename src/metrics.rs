@@ -32,8 +32,18 @@ pub struct Metrics {
     latency: Mutex<BTreeMap<&'static str, std::sync::Arc<Histogram>>>,
     denials: Mutex<BTreeMap<&'static str, u64>>,
     purged: AtomicU64,
-    reencrypted: AtomicU64,
-    reencryption_running: AtomicU64,
+    /// Per background job (by name): records rewritten, and its status.
+    jobs: Mutex<BTreeMap<&'static str, JobMetrics>>,
+}
+
+/// What the metrics show of one background job.
+#[derive(Debug, Default, Clone, Copy)]
+struct JobMetrics {
+    moved: u64,
+    running: bool,
+    paused: bool,
+    done: u64,
+    total: u64,
 }
 
 /// Gauges read when the metrics are scraped.
@@ -93,12 +103,19 @@ impl Metrics {
         self.purged.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Counts records moved to the newest data key, and whether the
-    /// re-encryption job still has work.
-    pub fn reencrypted(&self, n: u64, running: bool) {
-        self.reencrypted.fetch_add(n, Ordering::Relaxed);
-        self.reencryption_running
-            .store(u64::from(running), Ordering::Relaxed);
+    /// Counts records a background job rewrote, and records where it
+    /// stands.
+    pub fn job(&self, status: &crate::vault::JobStatus, moved: u64) {
+        let mut jobs = self
+            .jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let entry = jobs.entry(status.job.name()).or_default();
+        entry.moved += moved;
+        entry.running = status.pending && !status.paused;
+        entry.paused = status.paused;
+        entry.done = status.done;
+        entry.total = status.total;
     }
 
     /// The text exposition format.
@@ -166,6 +183,56 @@ impl Metrics {
             "Expired values purged by the retention sweep.",
             "counter",
             self.purged.load(Ordering::Relaxed),
+        );
+        let jobs = self
+            .jobs
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let per_job = |out: &mut String,
+                       name: &str,
+                       help: &str,
+                       kind: &str,
+                       value: fn(&JobMetrics) -> u64| {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for (job, m) in &jobs {
+                let _ = writeln!(out, "{name}{{job=\"{job}\"}} {}", value(m));
+            }
+        };
+        per_job(
+            &mut out,
+            "tokenvault_job_records_moved_total",
+            "Records a key-rotation job rewrote (reencrypt: new data key; reindex: new index key).",
+            "counter",
+            |m| m.moved,
+        );
+        per_job(
+            &mut out,
+            "tokenvault_job_running",
+            "1 while a key-rotation job has records left and is not paused.",
+            "gauge",
+            |m| u64::from(m.running),
+        );
+        per_job(
+            &mut out,
+            "tokenvault_job_paused",
+            "1 while an operator holds the job.",
+            "gauge",
+            |m| u64::from(m.paused),
+        );
+        per_job(
+            &mut out,
+            "tokenvault_job_records_visited",
+            "Records the job's current pass has visited.",
+            "gauge",
+            |m| m.done,
+        );
+        per_job(
+            &mut out,
+            "tokenvault_job_records_total",
+            "Records in the vault when the job's current pass started (estimate).",
+            "gauge",
+            |m| m.total,
         );
         gauge(
             &mut out,

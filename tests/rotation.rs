@@ -1,13 +1,20 @@
 //! Key rotation on a live vault: no request fails, every old token still
-//! detokenizes, and the background job moves every record to the new key.
+//! detokenizes (or is found by lookup), the background jobs move every record
+//! to the new key, and an operator can hold and release them.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
 
+use std::sync::{
+    Arc,
+    atomic::{AtomicBool, Ordering},
+};
+
 use common::{TestVault, Writers, tokenvault_command};
 use tokenvault::proto::v1::{
-    DetokenizeRequest, TokenizeItem, TokenizeRequest, detokenize_result, tokenize_result,
+    DetokenizeRequest, LookupItem, LookupTokensRequest, TokenizeItem, TokenizeRequest,
+    detokenize_result, lookup_result, tokenize_result,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -162,4 +169,173 @@ async fn the_master_key_rotates_without_touching_records() {
         Some(detokenize_result::Result::Value(v)) => assert_eq!(v.value, "kek@example.com"),
         other => panic!("{other:?}"),
     }
+}
+
+/// Runs `tokenvault keys ARGS` against `vault` as the `privacy` identity
+/// (scope admin:keys); returns (success, stdout, stderr).
+async fn keys_cli(vault: &TestVault, args: &[&str]) -> (bool, String, String) {
+    let tls = vault.pki.tls("privacy");
+    let mut command = tokenvault_command();
+    command.arg("keys").args(args).args([
+        "--addr",
+        &vault.grpc_addr.to_string(),
+        "--ca",
+        tls.ca.to_str().unwrap(),
+        "--cert",
+        tls.cert.to_str().unwrap(),
+        "--key",
+        tls.key.to_str().unwrap(),
+    ]);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+const DETERMINISTIC: &str = r#"
+[field_types.customer_email]
+kind = "email"
+deterministic = true
+"#;
+
+fn lookup_item(value: &str) -> LookupItem {
+    LookupItem {
+        field_type: "customer_email".into(),
+        value: value.into(),
+        subject_id: String::new(),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn index_rotation_held_and_released_over_the_cli_while_lookups_go_on() {
+    let mut vault = TestVault::start_with(DETERMINISTIC);
+    let mut support = vault.client("support").await;
+    let values: Vec<String> = (0..300).map(|i| format!("lk{i}@example.com")).collect();
+    let response = support
+        .tokenize(TokenizeRequest {
+            items: values
+                .iter()
+                .map(|v| TokenizeItem {
+                    field_type: "customer_email".into(),
+                    value: v.clone(),
+                    subject_id: String::new(),
+                    ttl_seconds: 0,
+                })
+                .collect(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let tokens: Vec<String> = response
+        .results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(tokenize_result::Result::Token(t)) => t,
+            other => panic!("{other:?}"),
+        })
+        .collect();
+
+    // Lookups run the whole time and must always find every value.
+    let stop = Arc::new(AtomicBool::new(false));
+    let lookups = {
+        let (mut client, stop) = (support.clone(), Arc::clone(&stop));
+        let (values, tokens) = (values.clone(), tokens.clone());
+        tokio::spawn(async move {
+            let mut rounds = 0u32;
+            while !stop.load(Ordering::SeqCst) || rounds == 0 {
+                let response = client
+                    .lookup_tokens(LookupTokensRequest {
+                        items: values.iter().map(|v| lookup_item(v)).collect(),
+                    })
+                    .await
+                    .expect("a lookup failed during the rotation")
+                    .into_inner();
+                let found: Vec<String> = response
+                    .results
+                    .into_iter()
+                    .map(|r| match r.result {
+                        Some(lookup_result::Result::Token(t)) => t,
+                        other => panic!("a value was not found during the rotation: {other:?}"),
+                    })
+                    .collect();
+                assert_eq!(found, tokens);
+                rounds += 1;
+            }
+            rounds
+        })
+    };
+
+    // Held first: the rotation's job waits, and says so.
+    let (ok, out, err) = keys_cli(&vault, &["pause", "reindex"]).await;
+    assert!(ok && out.contains("held"), "{out}{err}");
+    let (ok, out, err) = keys_cli(&vault, &["rotate-index"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("blind-index key version 2 is active"), "{out}");
+    let (ok, out, err) = keys_cli(&vault, &["jobs"]).await;
+    assert!(ok && out.contains("reindex    held at 0/"), "{out}{err}");
+    while metric_value(&vault, "tokenvault_job_paused{job=\"reindex\"}").await != Some(1.0) {
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+
+    // Released: `jobs --wait` follows it to the end (no terminal: lines).
+    let (ok, out, err) = keys_cli(&vault, &["resume", "reindex"]).await;
+    assert!(ok && !out.contains("held"), "{out}{err}");
+    let (ok, _, err) = keys_cli(&vault, &["jobs", "--wait"]).await;
+    assert!(
+        ok && err.contains("no key-rotation job is running"),
+        "{err}"
+    );
+    assert!(vault.wait_for_log("re-indexing finished"));
+    stop.store(true, Ordering::SeqCst);
+    assert!(lookups.await.unwrap() > 0);
+    let text = common::scrape(vault.metrics_addr).await;
+    assert_eq!(
+        common::metric(&text, "tokenvault_job_records_moved_total{job=\"reindex\"}"),
+        300.0
+    );
+    assert_eq!(
+        common::metric(&text, "tokenvault_job_running{job=\"reindex\"}"),
+        0.0
+    );
+
+    // Tokenizing a value again still gives its one token.
+    let again = support
+        .tokenize(TokenizeRequest {
+            items: vec![TokenizeItem {
+                field_type: "customer_email".into(),
+                value: values[42].clone(),
+                subject_id: String::new(),
+                ttl_seconds: 0,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(matches!(
+        &again.results[0].result,
+        Some(tokenize_result::Result::Token(t)) if *t == tokens[42]
+    ));
+    vault.stop();
+    let out = tokenvault_command()
+        .args(["keys", "list", "--data-dir"])
+        .arg(vault.data_dir())
+        .output()
+        .unwrap();
+    let listing = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        listing.contains("blind-index key versions (more than one while re-indexing): 2 (created"),
+        "{listing}"
+    );
+}
+
+/// One sample of the vault's metrics, if it is there yet.
+async fn metric_value(vault: &TestVault, name_and_labels: &str) -> Option<f64> {
+    common::scrape(vault.metrics_addr)
+        .await
+        .lines()
+        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
 }

@@ -7,7 +7,7 @@ mod common;
 
 use std::{os::unix::fs::PermissionsExt, time::Duration};
 
-use common::{Pki, TestVault, spiffe, tokenvault_command};
+use common::{Pki, TestVault, metric, scrape, spiffe, tokenvault_command};
 use tokenvault::{
     client::ClientTls,
     pki::ClientSpec,
@@ -359,26 +359,6 @@ async fn a_certificate_revoked_by_the_configured_crl_is_refused() {
         "a revoked certificate was served"
     );
     call_with(&vault, &kept_tls).await.unwrap();
-}
-
-async fn scrape(addr: std::net::SocketAddr) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
-    stream
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    stream.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200 OK"), "{response}");
-    let (_, body) = response.split_once("\r\n\r\n").unwrap();
-    body.to_owned()
-}
-
-fn metric(text: &str, name_and_labels: &str) -> f64 {
-    text.lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name_and_labels} in\n{text}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -1,4 +1,5 @@
-//! The `tokenvault.v1.Admin` service: online backups.
+//! The `tokenvault.v1.Admin` service: online backups, key rotation and the
+//! jobs that follow it.
 
 use tonic::{Request, Response, Status};
 
@@ -7,6 +8,7 @@ use crate::{
     authz::Action,
     proto::v1::{self as pb, admin_server::Admin},
     store::Store,
+    vault,
 };
 
 impl<S: Store> TokenVaultService<S> {
@@ -45,11 +47,7 @@ impl<S: Store> TokenVaultService<S> {
         call: &Call,
         _request: pb::RotateKeysRequest,
     ) -> Result<pb::RotateKeysResponse, Error> {
-        let policy = self.settings.policy.current();
-        let grants = policy.grants(&call.client);
-        let permit = grants
-            .permit_global(Action::AdminKeys, ())
-            .map_err(denied)?;
+        let permit = self.keys_permit(call, ())?;
         let version = self
             .vault
             .rotate_data_key(permit, &call.audit(1, 0))
@@ -85,8 +83,106 @@ impl<S: Store> TokenVaultService<S> {
     }
 }
 
+impl<S: Store> TokenVaultService<S> {
+    async fn rotate_index_inner(
+        &self,
+        call: &Call,
+        _request: pb::RotateIndexKeyRequest,
+    ) -> Result<pb::RotateIndexKeyResponse, Error> {
+        let permit = self.keys_permit(call, ())?;
+        let version = self
+            .vault
+            .rotate_index_key(permit, &call.audit(1, 0))
+            .await?;
+        Ok(pb::RotateIndexKeyResponse { version })
+    }
+
+    async fn list_jobs_inner(
+        &self,
+        call: &Call,
+        _request: pb::ListJobsRequest,
+    ) -> Result<pb::ListJobsResponse, Error> {
+        let permit = self.keys_permit(call, ())?;
+        let jobs = self.vault.jobs(permit, &call.audit(1, 0)).await?;
+        Ok(pb::ListJobsResponse {
+            jobs: jobs.iter().map(job_status).collect(),
+        })
+    }
+
+    async fn set_job_paused_inner(
+        &self,
+        call: &Call,
+        request: pb::SetJobPausedRequest,
+    ) -> Result<pb::JobStatus, Error> {
+        let job = match pb::Job::try_from(request.job) {
+            Ok(pb::Job::Reencrypt) => vault::Job::Reencrypt,
+            Ok(pb::Job::Reindex) => vault::Job::Reindex,
+            _ => {
+                return Err(Error::InvalidArgument(
+                    "job must be JOB_REENCRYPT or JOB_REINDEX".into(),
+                ));
+            }
+        };
+        let permit = self.keys_permit(call, (job, request.paused))?;
+        let status = self.vault.set_job_paused(permit, &call.audit(1, 0)).await?;
+        Ok(job_status(&status))
+    }
+
+    fn keys_permit<T>(&self, call: &Call, item: T) -> Result<crate::authz::Permit<T>, Error> {
+        self.settings
+            .policy
+            .current()
+            .grants(&call.client)
+            .permit_global(Action::AdminKeys, item)
+            .map_err(denied)
+    }
+}
+
+fn job_status(status: &vault::JobStatus) -> pb::JobStatus {
+    pb::JobStatus {
+        job: match status.job {
+            vault::Job::Reencrypt => pb::Job::Reencrypt,
+            vault::Job::Reindex => pb::Job::Reindex,
+        } as i32,
+        pending: status.pending,
+        paused: status.paused,
+        visited: status.done,
+        total: status.total,
+    }
+}
+
 #[tonic::async_trait]
 impl<S: Store> Admin for TokenVaultService<S> {
+    async fn rotate_index_key(
+        &self,
+        request: Request<pb::RotateIndexKeyRequest>,
+    ) -> Result<Response<pb::RotateIndexKeyResponse>, Status> {
+        self.handle("RotateIndexKey", 1, request, async |call, r| {
+            self.rotate_index_inner(call, r).await
+        })
+        .await
+    }
+
+    async fn list_jobs(
+        &self,
+        request: Request<pb::ListJobsRequest>,
+    ) -> Result<Response<pb::ListJobsResponse>, Status> {
+        self.handle("ListJobs", 1, request, async |call, r| {
+            self.list_jobs_inner(call, r).await
+        })
+        .await
+    }
+
+    async fn set_job_paused(
+        &self,
+        request: Request<pb::SetJobPausedRequest>,
+    ) -> Result<Response<pb::JobStatus>, Status> {
+        self.handle("SetJobPaused", 1, request, async |call, r| {
+            self.set_job_paused_inner(call, r).await
+        })
+        .await
+    }
+
     async fn rotate_master_key(
         &self,
         request: Request<pb::RotateMasterKeyRequest>,

@@ -97,6 +97,7 @@ fn vault_status(err: vault::Error) -> Status {
                 "the audit log cannot be written, so nothing was revealed or changed; retry later",
             )
         }
+        vault::Error::Conflict(message) => Status::aborted(message),
         vault::Error::Storage(detail @ store::Error::Backend(_)) => {
             tracing::error!(error = %detail, "storage write failed");
             Status::unavailable("storage is unavailable; nothing was changed; retry later")

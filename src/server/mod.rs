@@ -227,38 +227,15 @@ pub async fn run(
             },
         )
     };
-    // Moves records to the newest data key after a rotation, a page at a
-    // time, from where it stopped (also across restarts).
-    let reencryptor = {
+    // Runs the key-rotation jobs (re-encryption, re-indexing) a page at a
+    // time, from where they stopped (also across restarts), unless held.
+    let rotation_jobs = {
         let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
         every(Duration::from_secs(1), stop_rx.clone(), move || {
             let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
             async move {
-                for _ in 0..20 {
-                    match vault.reencrypt_step(1000).await {
-                        Ok(step) => {
-                            metrics.reencrypted(step.moved, step.ran && !step.finished);
-                            if step.moved > 0 || step.raced > 0 {
-                                tracing::info!(
-                                    moved = step.moved,
-                                    raced = step.raced,
-                                    "re-encrypted records under the newest data key"
-                                );
-                            }
-                            if step.finished {
-                                if step.ran {
-                                    tracing::info!(
-                                        "re-encryption finished: every record uses the newest data key"
-                                    );
-                                }
-                                return;
-                            }
-                        }
-                        Err(e) => {
-                            tracing::error!(error = %e, "re-encryption step failed; retrying later");
-                            return;
-                        }
-                    }
+                for job in vault::Job::ALL {
+                    run_job(&vault, &metrics, job).await;
                 }
             }
         })
@@ -339,7 +316,7 @@ pub async fn run(
     let _ = health_task.await;
     let _ = checkpointer.await;
     let _ = sweeper.await;
-    let _ = reencryptor.await;
+    let _ = rotation_jobs.await;
     let _ = metrics_task.await;
     let _ = reloader.await;
     drop(grpc);
@@ -444,4 +421,46 @@ fn local_addr(
         addr,
         source,
     })
+}
+
+/// Runs up to 20 pages of `job` (then yields to the other jobs until the
+/// next tick), logging and counting what it did.
+async fn run_job<S: Store>(vault: &Vault<S>, metrics: &Metrics, job: vault::Job) {
+    for _ in 0..20 {
+        let step = match vault.job_step(job, 1000).await {
+            Ok(step) => step,
+            Err(e) => {
+                tracing::error!(job = job.name(), error = %e, "key-rotation job step failed; retrying later");
+                return;
+            }
+        };
+        if let Ok(status) = vault.job_status(job).await {
+            metrics.job(&status, step.moved);
+            if step.moved > 0 || step.raced > 0 {
+                tracing::info!(
+                    job = job.name(),
+                    moved = step.moved,
+                    raced = step.raced,
+                    visited = status.done,
+                    total = status.total,
+                    "key-rotation job progress"
+                );
+            }
+        }
+        if step.finished && step.ran {
+            tracing::info!(
+                job = job.name(),
+                "{}",
+                match job {
+                    vault::Job::Reencrypt =>
+                        "re-encryption finished: every record uses the newest data key",
+                    vault::Job::Reindex =>
+                        "re-indexing finished: every index entry uses the newest index key",
+                }
+            );
+        }
+        if step.finished || !step.ran {
+            return;
+        }
+    }
 }

@@ -28,8 +28,8 @@ pub enum Table {
     Audit,
     /// Signed checkpoints of the audit chain, by sequence number.
     AuditCheckpoints,
-    /// Subject hash + token → the token's blind-index key (or nothing): what
-    /// export and erasure find a subject's values by.
+    /// Subject hash + token → nothing: what export and erasure find a
+    /// subject's values by.
     SubjectIndex,
     /// Subject hash + purpose → consent decision.
     Consent,
@@ -317,6 +317,9 @@ pub trait Store: Send + Sync + 'static {
         &self,
         path: std::path::PathBuf,
     ) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// About how many keys `table` holds (cheap; for progress and metrics).
+    fn estimated_len(&self, table: Table) -> u64;
 
     /// Makes deleted keys leave the data files: flushes memtables (so the
     /// write-ahead log holding the old values is retired) and compacts the

@@ -314,6 +314,18 @@ impl Store for RocksStore {
         .await
     }
 
+    fn estimated_len(&self, table: Table) -> u64 {
+        cf(&self.db, table)
+            .ok()
+            .and_then(|cf| {
+                self.db
+                    .property_int_value_cf(cf, "rocksdb.estimate-num-keys")
+                    .ok()
+                    .flatten()
+            })
+            .unwrap_or(0)
+    }
+
     async fn purge(&self, keys: Vec<(Table, Vec<u8>)>) -> Result<(), Error> {
         let db = Arc::clone(&self.db);
         blocking(move || {

@@ -32,8 +32,10 @@ pub struct Keyring {
     master: std::sync::RwLock<MasterKey>,
     /// Hashes subject ids for the records that name a subject.
     subject_key: HashKey,
-    /// Hashes values of deterministic field types for the blind index.
-    index_key: HashKey,
+    /// Hashes values of deterministic field types for the blind index, by
+    /// version. A rotation adds one; the re-index job retires the older ones
+    /// once every entry is hashed under the newest.
+    index_keys: std::sync::RwLock<BTreeMap<u32, Arc<HashKey>>>,
     /// Hashes tokens and subject ids in audit events.
     audit_key: HashKey,
     /// Signs audit checkpoints.
@@ -75,7 +77,19 @@ impl Keyring {
             data_keys.insert(1, Arc::new(dek));
         }
         let subject_key = hash_key(store, master, SUBJECT_KEY_PREFIX).await?;
-        let index_key = hash_key(store, master, INDEX_KEY_PREFIX).await?;
+        hash_key(store, master, INDEX_KEY_PREFIX).await?;
+        let mut index_keys = BTreeMap::new();
+        for (label, wrapped) in store
+            .scan_prefix(Table::Keys, INDEX_KEY_PREFIX.into())
+            .await?
+        {
+            let version = parse_version(&label, INDEX_KEY_PREFIX)?;
+            let sealed = decode_wrapped(&label, &wrapped)?;
+            let key = master
+                .unwrap_hash_key(&sealed, &label)
+                .map_err(|_| wrong_master(&label))?;
+            index_keys.insert(version, Arc::new(key));
+        }
         let audit_key = hash_key(store, master, AUDIT_HASH_PREFIX).await?;
         let audit_signer =
             AuditSigningKey::from_seed(&hash_key(store, master, AUDIT_SIGNING_PREFIX).await?);
@@ -95,7 +109,7 @@ impl Keyring {
             data_keys: std::sync::RwLock::new(data_keys),
             master: std::sync::RwLock::new(master.duplicate()),
             subject_key,
-            index_key,
+            index_keys: std::sync::RwLock::new(index_keys),
             audit_key,
             audit_signer,
             subject_kek,
@@ -184,37 +198,30 @@ impl Keyring {
         Ok(count)
     }
 
-    /// Makes a new data key version, stores it wrapped, and makes it the one
-    /// new values are encrypted with. Old versions keep decrypting.
+    /// A new data-key version, not yet in use: the caller stores it with
+    /// [`NewKey::store`] in its own write and then calls
+    /// [`Keyring::install_data_key`].
     ///
     /// # Errors
-    /// Storage or random-source failures.
-    pub async fn rotate<S: Store>(&self, store: &S) -> Result<u32, Error> {
+    /// Random-source or cipher failures.
+    pub fn new_data_key(&self) -> Result<(NewKey, DataKey), Error> {
         let version = self.active().0 + 1;
         let key = DataKey::generate()?;
         let key_label = label(DEK_PREFIX, version);
-        let wrapped = encode_wrapped(
-            &self
-                .master
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .wrap_data_key(&key, &key_label)?,
-        );
-        let mut batch = Batch::new();
-        batch
-            .unit()
-            .guard_absent(Table::Keys, key_label.clone())
-            .put(Table::Keys, key_label.clone(), wrapped);
-        if store
-            .commit(batch)
-            .await?
-            .first()
-            .is_some_and(Result::is_err)
-        {
-            return Err(Error::CorruptKey(format!(
-                "data key version {version} exists already"
-            )));
-        }
+        let wrapped = encode_wrapped(&self.master().wrap_data_key(&key, &key_label)?);
+        Ok((
+            NewKey {
+                version,
+                label: key_label,
+                wrapped,
+            },
+            key,
+        ))
+    }
+
+    /// Makes a stored data key the one new values are encrypted with. Old
+    /// versions keep decrypting.
+    pub fn install_data_key(&self, version: u32, key: DataKey) {
         self.data_keys
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -223,7 +230,80 @@ impl Keyring {
             version,
             "rotated the data key: new values use the new version"
         );
-        Ok(version)
+    }
+
+    /// A new blind-index key version, not yet in use (see
+    /// [`Keyring::new_data_key`]).
+    ///
+    /// # Errors
+    /// Random-source or cipher failures.
+    pub fn new_index_key(&self) -> Result<(NewKey, HashKey), Error> {
+        let version = self.index_keys().0 + 1;
+        let key = HashKey::generate()?;
+        let key_label = label(INDEX_KEY_PREFIX, version);
+        let wrapped = encode_wrapped(&self.master().wrap_hash_key(&key, &key_label)?);
+        Ok((
+            NewKey {
+                version,
+                label: key_label,
+                wrapped,
+            },
+            key,
+        ))
+    }
+
+    /// Makes a stored blind-index key the one new entries are hashed with;
+    /// lookups try the older ones too until they are retired.
+    pub fn install_index_key(&self, version: u32, key: HashKey) {
+        self.index_keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(version, Arc::new(key));
+        tracing::info!(
+            version,
+            "rotated the blind-index key: new entries use the new version, the index is rebuilt in the background"
+        );
+    }
+
+    /// Deletes every blind-index key older than the active one, once no
+    /// index entry is hashed under them. Returns how many were retired.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn retire_index_keys<S: Store>(&self, store: &S) -> Result<usize, Error> {
+        let active = self.index_keys().0;
+        let older: Vec<u32> = self
+            .index_keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .keys()
+            .copied()
+            .filter(|v| *v < active)
+            .collect();
+        if older.is_empty() {
+            return Ok(0);
+        }
+        let mut batch = Batch::new();
+        for version in &older {
+            batch.delete(Table::Keys, label(INDEX_KEY_PREFIX, *version));
+        }
+        store.commit(batch).await?;
+        self.index_keys
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|v, _| *v >= active);
+        tracing::info!(
+            retired = older.len(),
+            version = active,
+            "every blind-index entry uses the newest key: retired the older keys"
+        );
+        Ok(older.len())
+    }
+
+    fn master(&self) -> std::sync::RwLockReadGuard<'_, MasterKey> {
+        self.master
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The key that hashes subject ids.
@@ -231,9 +311,23 @@ impl Keyring {
         &self.subject_key
     }
 
-    /// The key that hashes values for the blind index.
-    pub fn index_key(&self) -> &HashKey {
-        &self.index_key
+    /// The blind-index keys: the active one (new entries) and its version,
+    /// then any older ones still in use, newest first.
+    pub fn index_keys(&self) -> (u32, Arc<HashKey>, Vec<Arc<HashKey>>) {
+        let keys = self
+            .index_keys
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut newest_first = keys.iter().rev();
+        // `open` never leaves the map empty.
+        let (version, active) = newest_first
+            .next()
+            .unwrap_or_else(|| unreachable!("the keyring always holds an index key"));
+        (
+            *version,
+            Arc::clone(active),
+            newest_first.map(|(_, k)| Arc::clone(k)).collect(),
+        )
     }
 
     /// The key that hashes tokens and subjects in audit events.
@@ -270,6 +364,29 @@ impl Keyring {
                     String::from_utf8_lossy(label)
                 ))
             })
+    }
+}
+
+/// A new key in its stored (wrapped) form, to be written by the caller in
+/// the same write as whatever starts using it.
+pub struct NewKey {
+    /// Its version.
+    pub version: u32,
+    /// Its label in the keys table.
+    pub label: Vec<u8>,
+    /// The key wrapped by the master key.
+    pub wrapped: Vec<u8>,
+}
+
+impl NewKey {
+    /// Adds the key to `unit`, which then applies only if no other rotation
+    /// stored this version first.
+    pub fn store(self, unit: &mut crate::store::Unit) {
+        unit.guard_absent(Table::Keys, self.label.clone()).put(
+            Table::Keys,
+            self.label,
+            self.wrapped,
+        );
     }
 }
 

@@ -6,6 +6,7 @@
 //! [`SecretValue`].
 
 mod audit;
+mod jobs;
 mod keyring;
 mod ledger;
 mod record;
@@ -20,11 +21,11 @@ use std::{
 };
 
 pub use audit::StoredEvent;
+pub use jobs::{Job, JobStatus, JobStep};
 pub use keyring::{AUDIT_PUBLIC_KEY_LABEL, Keyring};
 pub use ledger::{Erasure, ErasureLedger, LedgerError};
 pub use record::{DecodeError, Record};
 pub use reveal::Revealed;
-pub use rotation::ReencryptStep;
 pub use subjects::{ConsentState, ErasureReceipt, SubjectField};
 
 use crate::{
@@ -165,6 +166,9 @@ pub enum Error {
     /// The erasure ledger cannot be read or written.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// A concurrent change won; nothing was changed and the caller may retry.
+    #[error("{0}")]
+    Conflict(&'static str),
 }
 
 /// The vault over a store `S`.
@@ -178,6 +182,8 @@ pub struct Vault<S> {
     ledger: Option<ErasureLedger>,
     /// The time, in ms since the epoch; replaceable so tests can move it.
     clock: Clock,
+    /// Held by key rotations and background job steps, which take turns.
+    jobs: tokio::sync::Mutex<()>,
 }
 
 /// A source of the current time in milliseconds since the Unix epoch.
@@ -192,14 +198,22 @@ impl<S: Store> Vault<S> {
     /// storage failures.
     pub async fn open(store: S, master: &MasterKey, fields: FieldRegistry) -> Result<Self, Error> {
         let keyring = Keyring::open(&store, master).await?;
-        Ok(Self {
+        let vault = Self {
             store,
             keyring,
             fields,
             last_checkpoint: std::sync::Mutex::new(0),
             ledger: None,
             clock: std::sync::Arc::new(now_ms),
-        })
+            jobs: tokio::sync::Mutex::new(()),
+        };
+        // A re-index that finished just before a stop may not have retired
+        // the older index keys yet (a rotation stores its key and its job in
+        // one write, so no job means nothing is left under them).
+        if !vault.job_status(Job::Reindex).await?.pending {
+            vault.keyring.retire_index_keys(&vault.store).await?;
+        }
+        Ok(vault)
     }
 
     /// Uses `clock` for expiry decisions (tests move time without waiting).
@@ -264,15 +278,18 @@ impl<S: Store> Vault<S> {
             .ok_or_else(|| ItemError::UnknownFieldType(field_type.clone()))
     }
 
-    /// The blind-index key of a normalised value: a keyed hash, so the index
-    /// reveals nothing without the index key. A subject's values are indexed
-    /// per subject, so erasing one subject never takes away another's token.
+    /// The blind-index keys of a normalised value: keyed hashes, so the
+    /// index reveals nothing without the index key. A subject's values are
+    /// indexed per subject, so erasing one subject never takes away
+    /// another's token. While an index-key rotation is re-indexing, the
+    /// value also has a key under each older index key.
     fn blind_index(
         &self,
         field_type: &FieldType,
         subject: Option<&[u8; 32]>,
         normalized: &SecretValue,
-    ) -> [u8; 32] {
+    ) -> Blind {
+        let (_, active, older) = self.keyring.index_keys();
         let mut data = Vec::with_capacity(field_type.as_str().len() + 34 + normalized.len());
         data.extend_from_slice(field_type.as_str().as_bytes());
         data.push(0);
@@ -284,9 +301,40 @@ impl<S: Store> Vault<S> {
             None => data.push(0),
         }
         data.extend_from_slice(normalized.expose().as_bytes());
-        let hash = self.keyring.index_key().hash(b"blind-index/v1", &data);
+        let blind = Blind {
+            active: active.hash(BLIND_INDEX_DOMAIN, &data),
+            older: older
+                .iter()
+                .map(|k| k.hash(BLIND_INDEX_DOMAIN, &data))
+                .collect(),
+        };
         zeroize::Zeroize::zeroize(&mut data);
-        hash
+        blind
+    }
+}
+
+/// Separates blind-index hashes from every other use of a hash key.
+const BLIND_INDEX_DOMAIN: &[u8] = b"blind-index/v1";
+
+/// A value's blind-index keys: under the active index key, and under older
+/// keys still being re-indexed (usually none).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Blind {
+    /// Where the value is indexed from now on.
+    active: [u8; 32],
+    /// Where it may still be indexed, newest first.
+    older: Vec<[u8; 32]>,
+}
+
+impl Blind {
+    /// Every key, the active one first.
+    fn all(&self) -> impl Iterator<Item = &[u8; 32]> {
+        std::iter::once(&self.active).chain(&self.older)
+    }
+
+    /// How many keys [`Blind::all`] yields.
+    fn len(&self) -> usize {
+        1 + self.older.len()
     }
 }
 
@@ -297,5 +345,7 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+#[cfg(test)]
+mod rotation_tests;
 #[cfg(test)]
 mod tests;

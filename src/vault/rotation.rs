@@ -1,54 +1,83 @@
-//! Data-key rotation and the background re-encryption that moves records to
-//! the newest key version, page by page, resumable after a restart.
+//! Key rotation: data keys (records move to the newest by re-encryption),
+//! blind-index keys (entries move by re-indexing), and the master key
+//! (re-wraps keys only).
 
-use super::{Error, Record, Vault, record::SUBJECT_KEY};
+use std::collections::HashMap;
+
+use super::{Error, Record, Vault, jobs::Job, record::SUBJECT_KEY};
 use crate::{
     audit::AuditContext,
     authz::Permit,
-    store::{Batch, Store, Table},
+    store::{Batch, KeyValues, Store, Table},
     token::Token,
 };
-
-/// Where the re-encryption job keeps its place; present while one is due.
-const CURSOR: &[u8] = b"reencrypt/cursor";
-
-/// Progress of one re-encryption step.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ReencryptStep {
-    /// Records moved to the active key in this step.
-    pub moved: u64,
-    /// Records skipped because a request changed them meanwhile (they were
-    /// written under the active key anyway).
-    pub raced: u64,
-    /// Whether the job has finished (or there was none).
-    pub finished: bool,
-    /// Whether there was a job to step.
-    pub ran: bool,
-}
 
 impl<S: Store> Vault<S> {
     /// Makes a new data-key version for new writes, and starts the job that
     /// re-encrypts older records under it. Old versions keep decrypting.
     ///
     /// # Errors
-    /// Storage or audit failures.
+    /// Storage or audit failures; [`Error::Conflict`] if another rotation
+    /// stored the same version first.
     pub async fn rotate_data_key(
         &self,
         permit: Permit<()>,
         audit: &AuditContext,
     ) -> Result<u32, Error> {
         permit.into_item();
-        let version = self.keyring.rotate(&self.store).await?;
+        let _turn = self.jobs.lock().await;
+        let (new, key) = self.keyring.new_data_key()?;
+        let version = new.version;
+        self.store_rotation(new, Job::Reencrypt, audit).await?;
+        self.keyring.install_data_key(version, key);
+        Ok(version)
+    }
+
+    /// Makes a new blind-index key version, and starts the job that moves
+    /// every index entry to it; lookups and deterministic tokenization try
+    /// the older keys too until the job retires them.
+    ///
+    /// # Errors
+    /// As [`Vault::rotate_data_key`].
+    pub async fn rotate_index_key(
+        &self,
+        permit: Permit<()>,
+        audit: &AuditContext,
+    ) -> Result<u32, Error> {
+        permit.into_item();
+        let _turn = self.jobs.lock().await;
+        let (new, key) = self.keyring.new_index_key()?;
+        let version = new.version;
+        self.store_rotation(new, Job::Reindex, audit).await?;
+        self.keyring.install_index_key(version, key);
+        Ok(version)
+    }
+
+    /// Stores a new key, (re)starts its job and records the event, in one
+    /// write.
+    async fn store_rotation(
+        &self,
+        new: super::keyring::NewKey,
+        job: Job,
+        audit: &AuditContext,
+    ) -> Result<(), Error> {
         let mut batch = Batch::new();
-        batch
-            .unit()
-            .put(Table::Meta, CURSOR.to_vec(), Vec::new())
-            .append_audit(audit.event("OK").encode());
-        self.store
+        let unit = batch.unit();
+        new.store(unit);
+        self.start_job(unit, job);
+        unit.append_audit(audit.event("OK").encode());
+        let outcomes = self
+            .store
             .commit(batch)
             .await
             .map_err(Error::AuditUnavailable)?;
-        Ok(version)
+        if outcomes.first().is_some_and(Result::is_err) {
+            self.record(&audit.event("ABORTED")).await?;
+            return Err(Error::Conflict(
+                "another rotation of this key ran at the same time; nothing was changed",
+            ));
+        }
+        Ok(())
     }
 
     /// Re-wraps every key under the master key in `new_key_file` (read and
@@ -69,44 +98,24 @@ impl<S: Store> Vault<S> {
         Ok(count)
     }
 
-    /// Re-encrypts up to `page` records under the active key, from where the
-    /// job left off (a restart resumes there). Each record is replaced only
-    /// if nobody changed it since it was read, so the job never overwrites a
-    /// concurrent update, and it never holds the write path longer than one
-    /// group commit.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn reencrypt_step(&self, page: usize) -> Result<ReencryptStep, Error> {
-        let Some(cursor) = self
-            .store
-            .get_many(Table::Meta, vec![CURSOR.to_vec()])
-            .await?
-            .pop()
-            .flatten()
-        else {
-            return Ok(ReencryptStep {
-                moved: 0,
-                raced: 0,
-                finished: true,
-                ran: false,
-            });
-        };
+    /// Adds to `batch` one unit per record of `records` not yet under the
+    /// active data key, replacing it with its re-encryption if unchanged.
+    /// Returns the record key of each unit.
+    pub(super) fn reencrypt_units(
+        &self,
+        records: &KeyValues,
+        batch: &mut Batch,
+    ) -> Result<Vec<Vec<u8>>, Error> {
         let (active, key) = self.keyring.active();
-        let records = self.store.scan_from(Table::Records, cursor, page).await?;
-        let mut batch = Batch::new();
-        let mut moved = 0;
-        for (storage_key, bytes) in &records {
+        let mut keys = Vec::new();
+        for (storage_key, bytes) in records {
             let Ok(record) = Record::decode(bytes) else {
                 continue;
             };
             if record.key_version == active || record.key_version == SUBJECT_KEY {
                 continue;
             }
-            let Some(token) = std::str::from_utf8(storage_key)
-                .ok()
-                .and_then(|t| t.parse::<Token>().ok())
-            else {
+            let Some(token) = parse_token(storage_key) else {
                 continue;
             };
             // A record that does not decrypt stays as it is (it answers
@@ -126,28 +135,97 @@ impl<S: Store> Vault<S> {
                 .unit()
                 .guard_unchanged(Table::Records, storage_key.clone(), bytes.clone())
                 .put(Table::Records, storage_key.clone(), updated.encode());
-            moved += 1;
+            keys.push(storage_key.clone());
         }
-        let finished = records.len() < page;
-        let cursor_unit = batch.unit();
-        match records.last() {
-            Some((last, _)) if !finished => {
-                let mut next = last.clone();
-                next.push(0);
-                cursor_unit.put(Table::Meta, CURSOR.to_vec(), next);
+        Ok(keys)
+    }
+
+    /// Adds to `batch` one unit per indexed record of `records` whose index
+    /// entry is not under the active index key: the entry moves to the
+    /// active key and the record names it, if the record is unchanged.
+    /// Returns the record key of each unit.
+    pub(super) async fn reindex_units(
+        &self,
+        records: &KeyValues,
+        batch: &mut Batch,
+    ) -> Result<Vec<Vec<u8>>, Error> {
+        let mut indexed = Vec::new();
+        for (storage_key, bytes) in records {
+            let Ok(record) = Record::decode(bytes) else {
+                continue;
+            };
+            if record.blind.is_none() {
+                continue;
             }
-            _ => {
-                cursor_unit.delete(Table::Meta, CURSOR.to_vec());
-            }
+            let Some(token) = parse_token(storage_key) else {
+                continue;
+            };
+            indexed.push((storage_key, bytes, record, token));
         }
-        let outcomes = self.store.commit(batch).await?;
-        let raced = outcomes.iter().filter(|o| o.is_err()).count() as u64;
-        Ok(ReencryptStep {
-            moved: moved - raced,
-            raced,
-            finished,
-            ran: true,
-        })
+        let mut subjects: Vec<[u8; 32]> = indexed
+            .iter()
+            .filter(|(_, _, r, _)| r.key_version == SUBJECT_KEY)
+            .filter_map(|(_, _, r, _)| r.subject_hash)
+            .collect();
+        subjects.sort_unstable();
+        subjects.dedup();
+        let subject_keys = self.subject_keys(&subjects, false).await?;
+
+        let mut moves = Vec::new();
+        for (storage_key, bytes, record, token) in indexed {
+            let subject_key = record.subject_hash.and_then(|h| subject_keys.get(&h));
+            // Values that no longer decrypt (corrupted, or their subject
+            // erased) keep their entry; it goes with the old key.
+            let Ok(value) = self.decrypt(&token, &record, subject_key) else {
+                continue;
+            };
+            let blind = self.blind_index(&record.field_type, record.subject_hash.as_ref(), &value);
+            if record.blind == Some(blind.active) {
+                continue;
+            }
+            moves.push((storage_key, bytes, record, token, blind.active));
+        }
+        // An entry already under the new key belongs to this token only if
+        // an earlier attempt wrote it; another token's entry is left alone.
+        let existing = self
+            .store
+            .get_many(Table::Index, moves.iter().map(|m| m.4.to_vec()).collect())
+            .await?;
+        let mut keys = Vec::new();
+        let mut owners: HashMap<[u8; 32], &Token> = HashMap::new();
+        for ((storage_key, bytes, record, token, new), existing) in moves.iter().zip(existing) {
+            let token_bytes = token.as_str().as_bytes();
+            match existing.as_deref() {
+                Some(owner) if owner != token_bytes => {
+                    tracing::warn!(
+                        field_type = %record.field_type,
+                        "two tokens hold one deterministic value; the older index entry is left to retire"
+                    );
+                    continue;
+                }
+                _ if owners.insert(*new, token).is_some() => continue,
+                _ => {}
+            }
+            let unit = batch.unit();
+            if existing.is_none() {
+                unit.guard_absent(Table::Index, new.to_vec()).put(
+                    Table::Index,
+                    new.to_vec(),
+                    token_bytes.to_vec(),
+                );
+            }
+            unit.guard_unchanged(Table::Records, (*storage_key).clone(), (*bytes).clone());
+            if let Some(old) = record.blind {
+                unit.delete(Table::Index, old.to_vec());
+            }
+            let updated = Record {
+                blind: Some(*new),
+                ..record.clone()
+            };
+            unit.put(Table::Records, (*storage_key).clone(), updated.encode());
+            keys.push((*storage_key).clone());
+        }
+        Ok(keys)
     }
 
     /// The data-key versions and how many records each encrypts (a full
@@ -184,4 +262,8 @@ impl<S: Store> Vault<S> {
         }
         Ok(counts.into_iter().collect())
     }
+}
+
+fn parse_token(storage_key: &[u8]) -> Option<Token> {
+    std::str::from_utf8(storage_key).ok()?.parse().ok()
 }

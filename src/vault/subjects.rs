@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 
 use super::{
-    Erasure, Error, ItemError, Record, SubjectId, Vault, keyring::SUBJECT_KEY_PREFIX_BYTES,
+    Blind, Erasure, Error, ItemError, Record, SubjectId, Vault, keyring::SUBJECT_KEY_PREFIX_BYTES,
     record::SUBJECT_KEY,
 };
 use crate::{
@@ -14,6 +14,23 @@ use crate::{
     store::{Batch, Store, Table},
     token::{FieldType, Token},
 };
+
+/// How often an update is tried again when a concurrent write changed the
+/// record between its read and its write.
+const MAX_UPDATE_ATTEMPTS: usize = 8;
+
+/// An update ready to write: the record as read, and its replacement.
+struct PreparedUpdate {
+    /// The stored bytes the update was prepared from; the write applies only
+    /// if they are still there.
+    stored_bytes: Vec<u8>,
+    /// The old value's blind-index key, if indexed.
+    old_blind: Option<[u8; 32]>,
+    /// The new value's blind-index keys, for deterministic field types.
+    new_blind: Option<Blind>,
+    /// The replacement record.
+    record: Record,
+}
 
 /// One value of a subject, for export.
 #[derive(Debug)]
@@ -434,54 +451,82 @@ impl<S: Store> Vault<S> {
     ) -> Result<Result<FieldType, ItemError>, Error> {
         let mut event = audit.event("OK");
         event.tokens.push(self.audit_token(token));
-        let outcome = self.prepare_update(token, value, &authorize).await?;
-        let (record_bytes, old_blind, new_blind, record) = match outcome {
-            Ok(parts) => parts,
-            Err(e) => {
-                event.failed_items = 1;
-                self.record(&event).await?;
-                return Ok(Err(e));
-            }
-        };
-        event.field_types.push(record.field_type.to_string());
-        let mut batch = Batch::new();
-        let unit = batch.unit();
-        if old_blind != new_blind {
-            if let Some(new) = new_blind {
-                unit.guard_absent(Table::Index, new.to_vec()).put(
+        // A background job (re-encryption, re-indexing) or another update
+        // may change the record between its read and this write; the write
+        // then does not apply, and the update starts over from a fresh read.
+        for _ in 0..MAX_UPDATE_ATTEMPTS {
+            let outcome = self.prepare_update(token, &value, &authorize).await?;
+            let update = match outcome {
+                Ok(update) => update,
+                Err(e) => {
+                    event.failed_items = 1;
+                    self.record(&event).await?;
+                    return Ok(Err(e));
+                }
+            };
+            let field_type = update.record.field_type.clone();
+            event.field_types = vec![field_type.to_string()];
+            let mut batch = Batch::new();
+            let unit = batch.unit();
+            let mut index_guards = 0;
+            if let Some(new) = &update.new_blind
+                && update.record.blind != update.old_blind
+            {
+                // The new value must not be indexed for another token under
+                // any index key still in use.
+                for key in new.all().filter(|k| Some(**k) != update.old_blind) {
+                    unit.guard_absent(Table::Index, key.to_vec());
+                    index_guards += 1;
+                }
+                unit.put(
                     Table::Index,
-                    new.to_vec(),
+                    new.active.to_vec(),
                     token.as_str().as_bytes().to_vec(),
                 );
             }
-            if let Some(old) = old_blind {
+            if let Some(old) = update
+                .old_blind
+                .filter(|old| update.record.blind != Some(*old))
+            {
                 unit.delete(Table::Index, old.to_vec());
             }
-        }
-        unit.put(Table::Records, token.storage_key().to_vec(), record_bytes)
+            unit.guard_unchanged(
+                Table::Records,
+                token.storage_key().to_vec(),
+                update.stored_bytes,
+            )
+            .put(
+                Table::Records,
+                token.storage_key().to_vec(),
+                update.record.encode(),
+            )
             .append_audit(event.encode());
-        let outcomes = self
-            .store
-            .commit(batch)
-            .await
-            .map_err(Error::AuditUnavailable)?;
-        if outcomes.first().is_some_and(Result::is_err) {
-            let mut event = event;
-            event.failed_items = 1;
-            self.record(&event).await?;
-            return Ok(Err(ItemError::ValueTaken(record.field_type)));
+            let outcomes = self
+                .store
+                .commit(batch)
+                .await
+                .map_err(Error::AuditUnavailable)?;
+            match outcomes.first() {
+                Some(Err(conflict)) if conflict.guard < index_guards => {
+                    event.failed_items = 1;
+                    self.record(&event).await?;
+                    return Ok(Err(ItemError::ValueTaken(field_type)));
+                }
+                Some(Err(_)) => {}
+                _ => return Ok(Ok(field_type)),
+            }
         }
-        Ok(Ok(record.field_type))
+        Err(Error::Conflict(
+            "the record kept changing under concurrent writes; the update was not applied",
+        ))
     }
 
-    #[allow(clippy::type_complexity)]
     async fn prepare_update(
         &self,
         token: &Token,
-        value: SecretValue,
+        value: &SecretValue,
         authorize: &impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
-    ) -> Result<Result<(Vec<u8>, Option<[u8; 32]>, Option<[u8; 32]>, Record), ItemError>, Error>
-    {
+    ) -> Result<Result<PreparedUpdate, ItemError>, Error> {
         let Some(bytes) = self
             .store
             .get_many(Table::Records, vec![token.storage_key().to_vec()])
@@ -504,7 +549,7 @@ impl<S: Store> Vault<S> {
             Ok(spec) => spec,
             Err(e) => return Ok(Err(e)),
         };
-        let normalized = match spec.normalize(&value) {
+        let normalized = match spec.normalize(value) {
             Ok(v) => v,
             Err(e) => return Ok(Err(e.into())),
         };
@@ -523,16 +568,22 @@ impl<S: Store> Vault<S> {
         let new_blind = spec
             .deterministic
             .then(|| self.blind_index(&spec.name, old.subject_hash.as_ref(), &normalized));
+        let old_blind = old.blind;
         let aad = Record::aad(token, key_version, old.subject_hash.as_ref());
         let sealed = key.seal(normalized.expose().as_bytes(), &aad)?;
         let record = Record {
             key_version,
             nonce: sealed.nonce,
-            blind: new_blind,
+            blind: new_blind.as_ref().map(|b| b.active),
             ciphertext: sealed.ciphertext,
-            ..old.clone()
+            ..old
         };
-        Ok(Ok((record.encode(), old.blind, new_blind, record)))
+        Ok(Ok(PreparedUpdate {
+            stored_bytes: bytes,
+            old_blind,
+            new_blind,
+            record,
+        }))
     }
 
     /// Deletes single tokens, with their index entries. One result per token.

@@ -12,7 +12,7 @@ use crate::{
     token::Token,
 };
 
-fn ctx(method: &'static str, items: usize) -> AuditContext {
+pub(super) fn ctx(method: &'static str, items: usize) -> AuditContext {
     AuditContext {
         request_id: "test".into(),
         identity: "spiffe://test/x".into(),
@@ -30,7 +30,7 @@ struct Fixture {
     client: ClientId,
 }
 
-const FIELDS: &str = r#"
+pub(super) const FIELDS: &str = r#"
 [email]
 [phone]
 default_region = "GB"
@@ -355,6 +355,10 @@ impl Store for FailingStore {
         self.inner.checkpoint(path).await
     }
 
+    fn estimated_len(&self, table: store::Table) -> u64 {
+        self.inner.estimated_len(table)
+    }
+
     async fn purge(&self, keys: Vec<(store::Table, Vec<u8>)>) -> Result<(), store::Error> {
         self.inner.purge(keys).await
     }
@@ -667,82 +671,7 @@ async fn pruned_audit_trails_stay_verifiable_from_the_kept_checkpoint() {
     );
 }
 
-#[tokio::test]
-async fn rotation_reencrypts_in_the_background_and_resumes_after_a_restart() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("master.key");
-    MasterKey::create_file(&key).unwrap();
-    let data = dir.path().join("data");
-    let open = || async {
-        let store = RocksStore::open(&data, &StoreOptions::default()).unwrap();
-        let raw: std::collections::BTreeMap<String, RawFieldType> = toml::from_str(FIELDS).unwrap();
-        Vault::open(
-            store,
-            &MasterKey::load(&key).unwrap(),
-            FieldRegistry::from_raw(&raw, 4096).unwrap(),
-        )
-        .await
-        .unwrap()
-    };
-    let policy = Policy::new(vec![Rule::new(
-        IdentityPattern::new("*").unwrap(),
-        vec![
-            "tokenize:*".parse().unwrap(),
-            "detokenize:*".parse().unwrap(),
-            "admin:keys".parse().unwrap(),
-        ],
-        PurposeSet::Any,
-    )]);
-    let client = ClientId::Spiffe("spiffe://test/x".into());
-    let grants = policy.grants(&client);
-    let values: Vec<String> = (0..30).map(|i| format!("rot{i}@example.com")).collect();
-    let vault = open().await;
-    let tokens = tokenize_all(&vault, &grants, &values).await;
-    let permit = grants
-        .permit_global(crate::authz::Action::AdminKeys, ())
-        .unwrap();
-    assert_eq!(
-        vault
-            .rotate_data_key(permit, &ctx("RotateKeys", 1))
-            .await
-            .unwrap(),
-        2
-    );
-    // New writes use version 2 at once.
-    let fresh = tokenize_all(&vault, &grants, &["new@example.com".to_owned()]).await;
-    let step = vault.reencrypt_step(10).await.unwrap();
-    assert!(!step.finished && step.moved > 0);
-    drop(vault);
-
-    // After a restart the job resumes where it stopped.
-    let vault = open().await;
-    let usage = vault.key_usage().await.unwrap();
-    assert!(usage.contains(&(2, 1 + step.moved)), "{usage:?}");
-    while !vault.reencrypt_step(7).await.unwrap().finished {}
-    assert_eq!(vault.key_usage().await.unwrap(), vec![(1, 0), (2, 31)]);
-    let purpose = grants.allow_purpose("test".parse().unwrap()).unwrap();
-    let all: Vec<Token> = tokens.into_iter().chain(fresh).collect();
-    let revealed = vault
-        .detokenize(
-            &all,
-            purpose.purpose(),
-            |ft| grants.permit_reveal(&purpose, ft, false),
-            &ctx("Detokenize", all.len()),
-        )
-        .await
-        .unwrap();
-    let got: Vec<String> = revealed
-        .into_iter()
-        .map(|r| r.unwrap().value.expose().to_owned())
-        .collect();
-    let mut want = values.clone();
-    want.push("new@example.com".into());
-    assert_eq!(got, want);
-    // Nothing left to do.
-    assert!(vault.reencrypt_step(10).await.unwrap().finished);
-}
-
-async fn tokenize_all(
+pub(super) async fn tokenize_all(
     vault: &Vault<RocksStore>,
     grants: &crate::authz::Grants<'_>,
     values: &[String],

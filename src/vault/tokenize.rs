@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 
 use super::{
-    ItemError, LookupValue, NewValue, Record, Vault, record::SUBJECT_KEY,
+    Blind, ItemError, LookupValue, NewValue, Record, Vault, record::SUBJECT_KEY,
     subjects::subject_index_key,
 };
 use crate::{
@@ -25,8 +25,8 @@ struct Pending<'a> {
     spec: &'a FieldSpec,
     value: SecretValue,
     subject_hash: Option<[u8; 32]>,
-    /// The blind-index key, for deterministic field types.
-    blind: Option<[u8; 32]>,
+    /// The blind-index keys, for deterministic field types.
+    blind: Option<Blind>,
     /// When the value expires.
     expires_ms: Option<u64>,
 }
@@ -86,12 +86,12 @@ impl<S: Store> Vault<S> {
             });
             match prepared {
                 Ok(p) => {
-                    if let Some(blind) = p.blind {
-                        if let Some(&first) = first_of.get(&blind) {
+                    if let Some(blind) = &p.blind {
+                        if let Some(&first) = first_of.get(&blind.active) {
                             repeats.push((index, first));
                             continue;
                         }
-                        first_of.insert(blind, index);
+                        first_of.insert(blind.active, index);
                     }
                     pending.push(p);
                 }
@@ -110,25 +110,17 @@ impl<S: Store> Vault<S> {
         let mut audit_payload = Some(event.encode());
 
         // Deterministic values that already have a token.
-        let lookups: Vec<(usize, [u8; 32])> = pending
+        let lookups: Vec<(usize, &Blind)> = pending
             .iter()
             .enumerate()
-            .filter_map(|(i, p)| p.blind.map(|b| (i, b)))
+            .filter_map(|(i, p)| p.blind.as_ref().map(|b| (i, b)))
             .collect();
         if !lookups.is_empty() {
-            let found = self
-                .store
-                .get_many(
-                    Table::Index,
-                    lookups.iter().map(|(_, b)| b.to_vec()).collect(),
-                )
-                .await?;
+            let found = self.find_indexed(&lookups).await?;
             let mut known = vec![false; pending.len()];
-            for ((i, _), existing) in lookups.iter().zip(found) {
-                if let Some(token) = existing {
-                    results[pending[*i].index] = Some(parse_stored_token(&token));
-                    known[*i] = true;
-                }
+            for (i, existing) in found {
+                results[pending[i].index] = Some(existing);
+                known[i] = true;
             }
             let mut keep = known.iter().map(|k| !k);
             pending.retain(|_| keep.next().unwrap_or(true));
@@ -201,7 +193,7 @@ impl<S: Store> Vault<S> {
                 created_ms,
                 expires_ms: p.expires_ms,
                 subject_hash: p.subject_hash,
-                blind: p.blind,
+                blind: p.blind.as_ref().map(|b| b.active),
                 ciphertext: sealed.ciphertext,
             };
             let unit = batch.unit();
@@ -212,13 +204,16 @@ impl<S: Store> Vault<S> {
                     Vec::new(),
                 );
             }
-            // Guard 0: the blind index (deterministic); then the record key
-            // for formats whose token space is small enough to collide.
-            if let Some(blind) = p.blind {
-                unit.guard_absent(Table::Index, blind.to_vec());
+            // First guards: the blind index under every index key still in
+            // use (deterministic); then the record key for formats whose
+            // token space is small enough to collide.
+            if let Some(blind) = &p.blind {
+                for key in blind.all() {
+                    unit.guard_absent(Table::Index, key.to_vec());
+                }
                 unit.put(
                     Table::Index,
-                    blind.to_vec(),
+                    blind.active.to_vec(),
                     token.as_str().as_bytes().to_vec(),
                 );
             }
@@ -252,7 +247,7 @@ impl<S: Store> Vault<S> {
             match outcome {
                 Ok(()) => results[p.index] = Some(Ok(token)),
                 // Another request stored this value first: its token wins.
-                Err(conflict) if p.blind.is_some() && conflict.guard == 0 => {
+                Err(conflict) if p.blind.as_ref().is_some_and(|b| conflict.guard < b.len()) => {
                     results[p.index] = Some(parse_stored_token(&conflict.existing));
                 }
                 // The random token is taken: draw another.
@@ -294,17 +289,9 @@ impl<S: Store> Vault<S> {
             }
         }
         if !wanted.is_empty() {
-            let found = self
-                .store
-                .get_many(
-                    Table::Index,
-                    wanted.iter().map(|(_, b)| b.to_vec()).collect(),
-                )
-                .await?;
-            for ((index, _), token) in wanted.into_iter().zip(found) {
-                if let Some(token) = token {
-                    results[index] = parse_stored_token(&token);
-                }
+            let wanted: Vec<(usize, &Blind)> = wanted.iter().map(|(i, b)| (*i, b)).collect();
+            for (index, token) in self.find_indexed(&wanted).await? {
+                results[index] = token;
             }
         }
         event.field_types.sort();
@@ -318,6 +305,32 @@ impl<S: Store> Vault<S> {
             .collect();
         self.record(&event).await?;
         Ok(results)
+    }
+}
+
+impl<S: Store> Vault<S> {
+    /// Reads the blind index for each `(position, keys)`: the token under the
+    /// first key that has one, for the positions that have one.
+    async fn find_indexed(
+        &self,
+        wanted: &[(usize, &Blind)],
+    ) -> Result<Vec<(usize, ItemResult)>, super::Error> {
+        let keys = wanted
+            .iter()
+            .flat_map(|(_, b)| b.all().map(|k| k.to_vec()))
+            .collect();
+        let mut found = self.store.get_many(Table::Index, keys).await?.into_iter();
+        let mut out = Vec::new();
+        for (position, blind) in wanted {
+            let mut token = None;
+            for stored in found.by_ref().take(blind.len()) {
+                token = token.or(stored);
+            }
+            if let Some(token) = token {
+                out.push((*position, parse_stored_token(&token)));
+            }
+        }
+        Ok(out)
     }
 }
 

@@ -6,6 +6,8 @@ use std::{
     process::ExitCode,
 };
 
+mod keys;
+
 use clap::{Args, Parser, Subcommand};
 use figment::providers::Serialized;
 use tracing_subscriber::EnvFilter;
@@ -49,32 +51,7 @@ enum Command {
     Backup(BackupCommand),
     /// Data keys: rotate (through a running vault), list (offline).
     #[command(subcommand)]
-    Keys(KeysCommand),
-}
-
-#[derive(Debug, Subcommand)]
-enum KeysCommand {
-    /// Make a new data-key version for new writes; the vault re-encrypts
-    /// older records in the background. Needs scope admin:keys.
-    Rotate {
-        #[command(flatten)]
-        conn: Connection,
-    },
-    /// Re-wrap every key under a new master key (a file on the server),
-    /// without touching records. Then point keys.master_key_file at it.
-    RotateMaster {
-        #[command(flatten)]
-        conn: Connection,
-        /// The new master key file, absolute path on the server.
-        #[arg(long)]
-        new_key_file: PathBuf,
-    },
-    /// Data-key versions, their creation times and how many records each
-    /// encrypts. Never key bytes.
-    List {
-        #[command(flatten)]
-        source: AuditSource,
-    },
+    Keys(keys::KeysCommand),
 }
 
 #[derive(Debug, Subcommand)]
@@ -299,7 +276,7 @@ pub fn main() -> ExitCode {
             .map(|_| ExitCode::SUCCESS),
         Command::Audit(command) => audit(command),
         Command::Backup(command) => runtime.block_on(backup(command)),
-        Command::Keys(command) => runtime.block_on(keys(command)),
+        Command::Keys(command) => runtime.block_on(keys::run(command)),
     };
     match result {
         Ok(code) => code,
@@ -434,101 +411,6 @@ fn audit(command: AuditCommand) -> Result<ExitCode, String> {
             let mut out = std::io::stdout().lock();
             let written = audit::export(&store, from, keep, &mut out)?;
             eprintln!("{written} events exported");
-            Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-async fn keys(command: KeysCommand) -> Result<ExitCode, String> {
-    use crate::{
-        proto::v1::{RotateKeysRequest, RotateMasterKeyRequest, admin_client::AdminClient},
-        store::{RocksStore, Table},
-        vault::Record,
-    };
-    match command {
-        KeysCommand::Rotate { conn } => {
-            let channel = client::channel(&conn.addr, &conn.tls()?)
-                .await
-                .map_err(|e| e.to_string())?;
-            let response = AdminClient::new(channel)
-                .rotate_keys(RotateKeysRequest {})
-                .await
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-                .into_inner();
-            println!(
-                "data key version {} is active; older records are re-encrypted in the background",
-                response.version
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        KeysCommand::RotateMaster { conn, new_key_file } => {
-            let channel = client::channel(&conn.addr, &conn.tls()?)
-                .await
-                .map_err(|e| e.to_string())?;
-            let response = AdminClient::new(channel)
-                .rotate_master_key(RotateMasterKeyRequest {
-                    new_key_file: new_key_file.display().to_string(),
-                })
-                .await
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-                .into_inner();
-            println!(
-                "re-wrapped {} keys under {}; set keys.master_key_file to it before the next restart, then retire the old key",
-                response.keys_rewrapped,
-                new_key_file.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        KeysCommand::List { source } => {
-            let data_dir = data_dir_of(&source)?;
-            let store = RocksStore::open_read_only(&data_dir)
-                .map_err(|e| format!("cannot open {}: {e}", data_dir.display()))?;
-            let mut versions: std::collections::BTreeMap<u32, (u64, u64)> =
-                std::collections::BTreeMap::new();
-            store
-                .scan(Table::Keys, b"dek/", |label, wrapped| {
-                    let Some(version) = label
-                        .strip_prefix(b"dek/")
-                        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-                    else {
-                        return false;
-                    };
-                    let created = wrapped
-                        .get(1..9)
-                        .and_then(|b| b.try_into().ok())
-                        .map_or(0, u64::from_be_bytes);
-                    versions.insert(version, (created, 0));
-                    true
-                })
-                .map_err(|e| e.to_string())?;
-            let mut subject_keyed = 0u64;
-            store
-                .scan(Table::Records, &[], |_, bytes| {
-                    if let Ok(record) = Record::decode(bytes) {
-                        match versions.get_mut(&record.key_version) {
-                            Some((_, count)) => *count += 1,
-                            None => subject_keyed += 1,
-                        }
-                    }
-                    true
-                })
-                .map_err(|e| e.to_string())?;
-            let active = versions.keys().next_back().copied().unwrap_or(0);
-            println!("version  created (UTC)                  records");
-            for (version, (created_ms, count)) in &versions {
-                let created = time::OffsetDateTime::from_unix_timestamp_nanos(
-                    i128::from(*created_ms) * 1_000_000,
-                )
-                .ok()
-                .and_then(|t| {
-                    t.format(&time::format_description::well_known::Rfc3339)
-                        .ok()
-                })
-                .unwrap_or_else(|| "?".into());
-                let marker = if *version == active { "  (active)" } else { "" };
-                println!("{version:>7}  {created:<30} {count}{marker}");
-            }
-            println!("records under their data subject's own key: {subject_keyed}");
             Ok(ExitCode::SUCCESS)
         }
     }

@@ -1,0 +1,379 @@
+//! `tokenvault keys`: rotate data, index and master keys through a running
+//! vault, follow and hold the jobs that follow a rotation, and list key
+//! versions offline.
+
+use std::{io::IsTerminal, process::ExitCode, time::Duration};
+
+use clap::Subcommand;
+use tonic::transport::Channel;
+
+use super::{AuditSource, Connection, data_dir_of};
+use crate::{
+    client,
+    proto::v1::{
+        self as pb, ListJobsRequest, RotateIndexKeyRequest, RotateKeysRequest,
+        RotateMasterKeyRequest, SetJobPausedRequest, admin_client::AdminClient,
+    },
+    store::{RocksStore, Table},
+    vault::{Job, Record},
+};
+
+#[derive(Debug, Subcommand)]
+pub(super) enum KeysCommand {
+    /// Make a new data-key version for new writes; the vault re-encrypts
+    /// older records in the background. Needs scope admin:keys.
+    Rotate {
+        #[command(flatten)]
+        conn: Connection,
+        /// Follow the re-encryption until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Make a new blind-index key for deterministic field types; the vault
+    /// moves every index entry to it in the background (lookups keep
+    /// working) and then deletes the old key. Needs scope admin:keys.
+    RotateIndex {
+        #[command(flatten)]
+        conn: Connection,
+        /// Follow the re-indexing until it finishes.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Re-wrap every key under a new master key (a file on the server),
+    /// without touching records. Then point keys.master_key_file at it.
+    RotateMaster {
+        #[command(flatten)]
+        conn: Connection,
+        /// The new master key file, absolute path on the server.
+        #[arg(long)]
+        new_key_file: std::path::PathBuf,
+    },
+    /// Where the jobs that follow a rotation stand (reencrypt, reindex).
+    Jobs {
+        #[command(flatten)]
+        conn: Connection,
+        /// Follow them until none has work left (a progress bar on a
+        /// terminal, a line every ten seconds otherwise).
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Hold a job: it keeps its place, also across restarts, until resumed.
+    Pause {
+        #[command(flatten)]
+        conn: Connection,
+        /// reencrypt or reindex.
+        job: Job,
+    },
+    /// Release a held job.
+    Resume {
+        #[command(flatten)]
+        conn: Connection,
+        /// reencrypt or reindex.
+        job: Job,
+    },
+    /// Data-key versions, their creation times and how many records each
+    /// encrypts. Never key bytes.
+    List {
+        #[command(flatten)]
+        source: AuditSource,
+    },
+}
+
+pub(super) async fn run(command: KeysCommand) -> Result<ExitCode, String> {
+    match command {
+        KeysCommand::Rotate { conn, wait } => {
+            let mut admin = admin(&conn).await?;
+            let response = admin
+                .rotate_keys(RotateKeysRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "data key version {} is active; older records are re-encrypted in the background",
+                response.version
+            );
+            if wait {
+                follow(&mut admin).await?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::RotateIndex { conn, wait } => {
+            let mut admin = admin(&conn).await?;
+            let response = admin
+                .rotate_index_key(RotateIndexKeyRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "blind-index key version {} is active; the index is rebuilt in the background and the old key deleted after",
+                response.version
+            );
+            if wait {
+                follow(&mut admin).await?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::RotateMaster { conn, new_key_file } => {
+            let response = admin(&conn)
+                .await?
+                .rotate_master_key(RotateMasterKeyRequest {
+                    new_key_file: new_key_file.display().to_string(),
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            println!(
+                "re-wrapped {} keys under {}; set keys.master_key_file to it before the next restart, then retire the old key",
+                response.keys_rewrapped,
+                new_key_file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Jobs { conn, wait } => {
+            let mut admin = admin(&conn).await?;
+            if wait {
+                follow(&mut admin).await?;
+            } else {
+                for job in list_jobs(&mut admin).await? {
+                    println!("{}", describe(&job));
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::Pause { conn, job } => set_paused(&conn, job, true).await,
+        KeysCommand::Resume { conn, job } => set_paused(&conn, job, false).await,
+        KeysCommand::List { source } => {
+            let data_dir = data_dir_of(&source)?;
+            let store = RocksStore::open_read_only(&data_dir)
+                .map_err(|e| format!("cannot open {}: {e}", data_dir.display()))?;
+            let mut versions: std::collections::BTreeMap<u32, (u64, u64)> =
+                std::collections::BTreeMap::new();
+            store
+                .scan(Table::Keys, b"dek/", |label, wrapped| {
+                    let Some(version) = label
+                        .strip_prefix(b"dek/")
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
+                    else {
+                        return false;
+                    };
+                    let created = wrapped
+                        .get(1..9)
+                        .and_then(|b| b.try_into().ok())
+                        .map_or(0, u64::from_be_bytes);
+                    versions.insert(version, (created, 0));
+                    true
+                })
+                .map_err(|e| e.to_string())?;
+            let mut subject_keyed = 0u64;
+            store
+                .scan(Table::Records, &[], |_, bytes| {
+                    if let Ok(record) = Record::decode(bytes) {
+                        match versions.get_mut(&record.key_version) {
+                            Some((_, count)) => *count += 1,
+                            None => subject_keyed += 1,
+                        }
+                    }
+                    true
+                })
+                .map_err(|e| e.to_string())?;
+            let active = versions.keys().next_back().copied().unwrap_or(0);
+            println!("version  created (UTC)                  records");
+            for (version, (created_ms, count)) in &versions {
+                let created = created_at(*created_ms);
+                let marker = if *version == active { "  (active)" } else { "" };
+                println!("{version:>7}  {created:<30} {count}{marker}");
+            }
+            println!("records under their data subject's own key: {subject_keyed}");
+            let mut index_versions = Vec::new();
+            store
+                .scan(Table::Keys, b"index-hash/", |label, wrapped| {
+                    if let Some(version) = label
+                        .strip_prefix(b"index-hash/")
+                        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
+                    {
+                        index_versions.push(format!("{version} (created {})", created(wrapped)));
+                    }
+                    true
+                })
+                .map_err(|e| e.to_string())?;
+            println!(
+                "blind-index key versions (more than one while re-indexing): {}",
+                index_versions.join(", ")
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// The creation time stored in a wrapped key (after its format byte).
+fn created(wrapped: &[u8]) -> String {
+    created_at(
+        wrapped
+            .get(1..9)
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_be_bytes),
+    )
+}
+
+fn created_at(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| "?".into())
+}
+
+async fn set_paused(conn: &Connection, job: Job, paused: bool) -> Result<ExitCode, String> {
+    let status = admin(conn)
+        .await?
+        .set_job_paused(SetJobPausedRequest {
+            job: match job {
+                Job::Reencrypt => pb::Job::Reencrypt,
+                Job::Reindex => pb::Job::Reindex,
+            } as i32,
+            paused,
+        })
+        .await
+        .map_err(self::status)?
+        .into_inner();
+    println!("{}", describe(&status));
+    Ok(ExitCode::SUCCESS)
+}
+
+async fn admin(conn: &Connection) -> Result<AdminClient<Channel>, String> {
+    let channel = client::channel(&conn.addr, &conn.tls()?)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(AdminClient::new(channel))
+}
+
+fn status(s: tonic::Status) -> String {
+    format!("{:?}: {}", s.code(), s.message())
+}
+
+async fn list_jobs(admin: &mut AdminClient<Channel>) -> Result<Vec<pb::JobStatus>, String> {
+    Ok(admin
+        .list_jobs(ListJobsRequest {})
+        .await
+        .map_err(status)?
+        .into_inner()
+        .jobs)
+}
+
+fn job_name(job: &pb::JobStatus) -> &'static str {
+    match pb::Job::try_from(job.job) {
+        Ok(pb::Job::Reencrypt) => "reencrypt",
+        Ok(pb::Job::Reindex) => "reindex",
+        _ => "unknown",
+    }
+}
+
+/// One line on where a job stands.
+fn describe(job: &pb::JobStatus) -> String {
+    let state = match (job.pending, job.paused) {
+        (false, false) => "idle".to_owned(),
+        (false, true) => "idle, held (a job started later waits until resumed)".to_owned(),
+        (true, paused) => format!(
+            "{} {}/{} records ({}%)",
+            if paused { "held at" } else { "running:" },
+            job.visited,
+            job.total,
+            percent(job)
+        ),
+    };
+    format!("{:<10} {state}", job_name(job))
+}
+
+fn percent(job: &pb::JobStatus) -> u64 {
+    (job.visited * 100)
+        .checked_div(job.total)
+        .unwrap_or(0)
+        .min(100)
+}
+
+/// Polls the jobs until none has work left: a bar redrawn in place on a
+/// terminal, a line every ten seconds otherwise (logs, CI). A held job is
+/// reported and not waited for.
+async fn follow(admin: &mut AdminClient<Channel>) -> Result<(), String> {
+    let terminal = std::io::stderr().is_terminal();
+    let mut last_line = std::time::Instant::now();
+    loop {
+        let jobs = list_jobs(admin).await?;
+        let running: Vec<&pb::JobStatus> = jobs.iter().filter(|j| j.pending && !j.paused).collect();
+        if running.is_empty() {
+            if terminal {
+                eprintln!();
+            }
+            for job in jobs.iter().filter(|j| j.pending || j.paused) {
+                eprintln!("{}", describe(job));
+            }
+            eprintln!("no key-rotation job is running");
+            return Ok(());
+        }
+        if terminal {
+            let bars: Vec<String> = running.iter().map(|j| bar(j)).collect();
+            eprint!("\r{}\x1b[K", bars.join("  "));
+        } else if last_line.elapsed() >= Duration::from_secs(10) {
+            for job in &running {
+                eprintln!("{}", describe(job));
+            }
+            last_line = std::time::Instant::now();
+        }
+        tokio::time::sleep(Duration::from_millis(if terminal { 500 } else { 2000 })).await;
+    }
+}
+
+/// `reencrypt [#########...........]  45% 45000/100000`
+fn bar(job: &pb::JobStatus) -> String {
+    const WIDTH: usize = 24;
+    let pct = percent(job);
+    let filled = usize::try_from(pct).unwrap_or(100) * WIDTH / 100;
+    format!(
+        "{} [{}{}] {pct:>3}% {}/{}",
+        job_name(job),
+        "#".repeat(filled),
+        ".".repeat(WIDTH - filled),
+        job.visited,
+        job.total
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn job(visited: u64, total: u64, pending: bool, paused: bool) -> pb::JobStatus {
+        pb::JobStatus {
+            job: pb::Job::Reindex as i32,
+            pending,
+            paused,
+            visited,
+            total,
+        }
+    }
+
+    #[test]
+    fn the_bar_fills_with_progress_and_never_overflows() {
+        assert_eq!(
+            bar(&job(50, 100, true, false)),
+            "reindex [############............]  50% 50/100"
+        );
+        assert!(bar(&job(0, 0, true, false)).contains("[........................]   0%"));
+        assert!(bar(&job(300, 100, true, false)).contains("[########################] 100%"));
+    }
+
+    #[test]
+    fn descriptions_say_whether_a_job_runs_or_is_held() {
+        assert_eq!(describe(&job(0, 0, false, false)), "reindex    idle");
+        assert_eq!(
+            describe(&job(10, 40, true, true)),
+            "reindex    held at 10/40 records (25%)"
+        );
+        assert_eq!(
+            describe(&job(10, 40, true, false)),
+            "reindex    running: 10/40 records (25%)"
+        );
+    }
+}
