@@ -1,5 +1,6 @@
 //! Crash safety: acknowledged writes survive SIGKILL at arbitrary moments,
-//! and an acknowledgement waits for a synced write (counted with strace).
+//! an acknowledgement waits for a synced write (counted with strace), and
+//! erasures and updates in flight at a kill are applied whole or not at all.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
@@ -152,5 +153,166 @@ async fn an_acknowledgement_waits_for_a_synced_write() {
     );
     eprintln!(
         "durability: {sync_calls} syncs (sync) vs {buffered_calls} (buffered) for {WRITES} sequential writes"
+    );
+}
+
+/// What a token reads as after a crash.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Read {
+    Value(String),
+    NotFound,
+}
+
+async fn read_all(vault: &TestVault, tokens: &[String]) -> Vec<Read> {
+    use tokenvault::proto::v1::{Code, DetokenizeRequest, detokenize_result};
+    let mut support = vault.client("support").await;
+    let response = support
+        .detokenize(DetokenizeRequest {
+            tokens: tokens.to_vec(),
+            purpose: "customer_support".into(),
+            masked: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    response
+        .results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(detokenize_result::Result::Value(v)) => Read::Value(v.value),
+            Some(detokenize_result::Result::Error(e)) if e.code == Code::NotFound as i32 => {
+                Read::NotFound
+            }
+            other => panic!("a token reads as neither its value nor NOT_FOUND: {other:?}"),
+        })
+        .collect()
+}
+
+/// Erasures and updates killed mid-flight: after the restart each subject
+/// is erased entirely or not at all, each value is its old or its new one
+/// (never corrupted), and every acknowledged call is in effect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
+    use std::sync::{Arc, Mutex};
+    use tokenvault::proto::v1::{
+        EraseSubjectRequest, UpdateValueRequest, subjects_client::SubjectsClient, tokenize_result,
+    };
+    const SUBJECTS: usize = 30;
+    const PER_SUBJECT: usize = 4;
+    const UPDATES: usize = 60;
+
+    let mut vault = TestVault::start();
+    let (mut erased_checked, mut updates_checked, mut unacknowledged_applied) = (0, 0, 0);
+    for round in 0..3 {
+        let mut checkout = vault.client("checkout").await;
+        let mut tokenize = async |items: Vec<TokenizeItem>| -> Vec<String> {
+            checkout
+                .tokenize(TokenizeRequest { items })
+                .await
+                .unwrap()
+                .into_inner()
+                .results
+                .into_iter()
+                .map(|r| match r.result {
+                    Some(tokenize_result::Result::Token(t)) => t,
+                    other => panic!("{other:?}"),
+                })
+                .collect()
+        };
+        let subject_value = |s: usize, k: usize| format!("r{round}.s{s}.k{k}@example.com");
+        let mut subject_tokens = Vec::new();
+        for s in 0..SUBJECTS {
+            let items = (0..PER_SUBJECT)
+                .map(|k| TokenizeItem {
+                    subject_id: format!("r{round}-cust-{s}"),
+                    ..item(subject_value(s, k))
+                })
+                .collect();
+            subject_tokens.push(tokenize(items).await);
+        }
+        let old_value = |i: usize| format!("r{round}.old{i}@example.com");
+        let new_value = move |i: usize| format!("r{round}.new{i}@example.com");
+        let update_tokens = tokenize((0..UPDATES).map(|i| item(old_value(i))).collect()).await;
+
+        // Two erasers and two updaters; each records what was acknowledged
+        // and stops at its first failure (the server is gone).
+        let channel = vault.channel_with(&vault.pki.tls("privacy")).await.unwrap();
+        let erased = Arc::new(Mutex::new(Vec::new()));
+        let updated = Arc::new(Mutex::new(Vec::new()));
+        let mut tasks = Vec::new();
+        for worker in 0..2 {
+            let (mut client, erased) = (SubjectsClient::new(channel.clone()), Arc::clone(&erased));
+            tasks.push(tokio::spawn(async move {
+                for s in (worker..SUBJECTS).step_by(2) {
+                    let request = EraseSubjectRequest {
+                        subject_id: format!("r{round}-cust-{s}"),
+                    };
+                    if client.erase_subject(request).await.is_err() {
+                        break;
+                    }
+                    erased.lock().unwrap().push(s);
+                }
+            }));
+            let (mut client, updated) =
+                (SubjectsClient::new(channel.clone()), Arc::clone(&updated));
+            let tokens = update_tokens.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in (worker..UPDATES).step_by(2) {
+                    let request = UpdateValueRequest {
+                        token: tokens[i].clone(),
+                        value: new_value(i),
+                    };
+                    if client.update_value(request).await.is_err() {
+                        break;
+                    }
+                    updated.lock().unwrap().push(i);
+                }
+            }));
+        }
+        let kill_after = 4 + usize::try_from(random_below(30)).unwrap();
+        while erased.lock().unwrap().len() + updated.lock().unwrap().len() < kill_after {
+            tokio::task::yield_now().await;
+        }
+        vault.kill();
+        for task in tasks {
+            task.await.unwrap();
+        }
+        vault
+            .spawn()
+            .expect("the vault did not reopen after SIGKILL");
+
+        let erased = erased.lock().unwrap().clone();
+        for (s, tokens) in subject_tokens.iter().enumerate() {
+            let reads = read_all(&vault, tokens).await;
+            let whole: Vec<Read> = (0..PER_SUBJECT)
+                .map(|k| Read::Value(subject_value(s, k)))
+                .collect();
+            let gone = vec![Read::NotFound; PER_SUBJECT];
+            if erased.contains(&s) {
+                assert_eq!(reads, gone, "acknowledged erasure of subject {s} undone");
+            } else {
+                assert!(
+                    reads == whole || reads == gone,
+                    "subject {s} half erased: {reads:?}"
+                );
+                unacknowledged_applied += usize::from(reads == gone);
+            }
+            erased_checked += 1;
+        }
+        let updated = updated.lock().unwrap().clone();
+        let reads = read_all(&vault, &update_tokens).await;
+        for (i, read) in reads.into_iter().enumerate() {
+            let new = Read::Value(new_value(i));
+            if updated.contains(&i) {
+                assert_eq!(read, new, "acknowledged update {i} lost");
+            } else {
+                assert!(read == new || read == Read::Value(old_value(i)), "{read:?}");
+                unacknowledged_applied += usize::from(read == new);
+            }
+            updates_checked += 1;
+        }
+    }
+    eprintln!(
+        "crash during erase/update: {erased_checked} subjects and {updates_checked} updated values checked after 3 SIGKILLs ({unacknowledged_applied} calls in flight at the kill were applied whole)"
     );
 }

@@ -400,6 +400,9 @@ fn run_committer(
         .unwrap_or_else(std::sync::PoisonError::into_inner);
     let mut write_opts = WriteOptions::default();
     write_opts.set_sync(sync);
+    // When writes started failing, so the log can say when they resume
+    // (RocksDB resumes by itself once the disk has room again).
+    let mut failing_since: Option<std::time::Instant> = None;
     while let Some(first) = queue.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP_BATCHES {
@@ -423,6 +426,20 @@ fn run_committer(
         stats
             .batches
             .fetch_add(group.len() as u64, Ordering::Relaxed);
+        match (&result, failing_since) {
+            (Ok(_), Some(since)) => {
+                tracing::warn!(
+                    failed_for_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                    "storage writes resumed"
+                );
+                failing_since = None;
+            }
+            (Err(e), None) => {
+                tracing::error!(error = %e, "storage writes are failing; requests that write are refused until they resume");
+                failing_since = Some(std::time::Instant::now());
+            }
+            _ => {}
+        }
         match result {
             Ok(outcomes) => {
                 for (commit, outcome) in group.into_iter().zip(outcomes) {

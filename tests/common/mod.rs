@@ -176,6 +176,16 @@ impl TestVault {
         vault
     }
 
+    /// Starts a vault after `setup` has prepared its directory (e.g. mounted
+    /// a small filesystem where the data directory goes).
+    pub fn start_after(setup: impl FnOnce(&TestVault)) -> Self {
+        let mut vault = Self::prepare("");
+        setup(&vault);
+        vault.write_config();
+        vault.spawn().expect("the test vault did not start");
+        vault
+    }
+
     /// A vault directory with certificates and a master key, not started.
     fn prepare(extra_config: &str) -> Self {
         let root = tempfile::tempdir().unwrap();
