@@ -45,6 +45,10 @@ if [ "${1:-}" = "--test" ] && ! { command -v strace && command -v pgrep; } >/dev
     apt_install "the durability test counts fsyncs with strace" strace procps
 fi
 
+if [ "${1:-}" = "--test" ] && ! { command -v mount && command -v unshare; } >/dev/null 2>&1; then
+    apt_install "the disk-full test mounts a small tmpfs" mount util-linux
+fi
+
 if [ "${1:-}" = "--test" ] && ! command -v kubernetes-validate >/dev/null 2>&1; then
     echo "installing kubernetes-validate (PyPI) for the manifest tests"
     python3 -m pip install --quiet --disable-pip-version-check 'kubernetes-validate>=1.29'

@@ -25,6 +25,7 @@
 //! - [`metrics`]: Prometheus counters and histograms, served on the metrics port.
 //! - [`hardening`]: no core dumps, optional locked memory.
 //! - [`bench`]: `tokenvault bench`, load over real mTLS next to its ceilings.
+//! - [`fuzzing`]: the fuzz targets' bodies (cargo-fuzz in `fuzz/`, corpus replay in the tests).
 //!
 //! # Invariants
 //!
@@ -44,6 +45,7 @@ pub mod config;
 pub mod crypto;
 pub mod dev;
 pub mod fields;
+pub mod fuzzing;
 pub mod hardening;
 pub mod identity;
 pub mod metrics;

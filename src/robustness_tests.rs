@@ -1,7 +1,8 @@
 //! Arbitrary input at every parser the network or the disk can reach: none
-//! panics, and none echoes its input in an error. A stand-in for fuzzing on
-//! a stable toolchain (cargo-fuzz needs nightly); proptest shrinks and
-//! persists failing cases under `proptest-regressions/`.
+//! panics, and none echoes its input in an error. Property tests next to the
+//! coverage-guided fuzzers in `fuzz/` (which need nightly): these run in
+//! every `make test`, and proptest shrinks and persists failing cases under
+//! `proptest-regressions/`.
 
 use proptest::prelude::*;
 
@@ -71,66 +72,18 @@ proptest! {
     }
 }
 
-/// A service over a real RocksDB, and the peer identity requests carry.
-async fn service_fixture() -> (
-    tempfile::TempDir,
-    crate::api::TokenVaultService<crate::store::RocksStore>,
-    crate::identity::Peer,
-) {
-    use std::sync::Arc;
-
-    use crate::{
-        api::{ApiSettings, IdentityLimits, TokenVaultService},
-        authz::{IdentityPattern, Policy, PurposeSet, Rule, SharedPolicy},
-        config::{Limits, RawConfig},
-        crypto::MasterKey,
-        fields::FieldRegistry,
-        store::{RocksStore, StoreOptions},
-        vault::Vault,
-    };
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("master.key");
-    MasterKey::create_file(&key).unwrap();
-    let store = RocksStore::open(&dir.path().join("data"), &StoreOptions::default()).unwrap();
-    let defaults = RawConfig::default();
-    let fields = FieldRegistry::from_raw(&defaults.field_types, 4096).unwrap();
-    let vault = Vault::open(store, &MasterKey::load(&key).unwrap(), fields)
-        .await
-        .unwrap();
-    let scopes = ["tokenize:*", "detokenize:*", "reveal_masked:*", "lookup:*"]
-        .map(|s| s.parse().unwrap())
-        .to_vec();
-    let policy = Policy::new(vec![Rule::new(
-        IdentityPattern::new("*").unwrap(),
-        scopes,
-        PurposeSet::Any,
-    )]);
-    let settings = ApiSettings {
-        limits: Limits {
-            max_items_per_request: 50,
-            max_value_bytes: 4096,
-            max_message_bytes: 1 << 20,
-        },
-        identity_limits: IdentityLimits::default(),
-        policy: Arc::new(SharedPolicy::new(policy)),
-    };
-    let service = TokenVaultService::new(
-        Arc::new(vault),
-        settings,
-        Arc::new(crate::metrics::Metrics::default()),
-    );
-    let peer = crate::identity::Peer {
-        identity: Arc::new(Ok(ClientId::Spiffe("spiffe://fuzz/client".into()))),
-        remote_addr: None,
-    };
-    (dir, service, peer)
-}
-
+/// Arbitrary but well-formed requests through the real service in-process
+/// ([`crate::fuzzing::RequestTarget`], which checks every answer: one result
+/// per item, no value echoed in an error).
 #[test]
 fn the_request_path_answers_arbitrary_requests() {
-    use crate::proto::v1::{self as pb, token_vault_server::TokenVault};
-    let runtime = tokio::runtime::Runtime::new().unwrap();
-    let (_dir, service, peer) = runtime.block_on(service_fixture());
+    use prost::Message;
+
+    use crate::{
+        fuzzing::{RequestTarget, request_selector},
+        proto::v1 as pb,
+    };
+    let target = RequestTarget::new();
     let text = "\\PC{0,40}|tok_[a-z_]{1,12}_[A-Z2-7]{26}|[0-9]{12,19}";
     let item = (text, text, text, 0u64..10_000).prop_map(
         |(field_type, value, subject_id, ttl_seconds)| pb::TokenizeItem {
@@ -140,17 +93,15 @@ fn the_request_path_answers_arbitrary_requests() {
             ttl_seconds,
         },
     );
+    let framed = |method: &str, message: Vec<u8>| {
+        let mut bytes = vec![request_selector(method).unwrap()];
+        bytes.extend(message);
+        bytes
+    };
     let config = ProptestConfig::with_cases(300);
     proptest!(config, |(items in proptest::collection::vec(item, 0..60), tokens in proptest::collection::vec(text, 0..60), purpose in text, masked in any::<bool>())| {
-        let mut request = tonic::Request::new(pb::TokenizeRequest { items });
-        request.extensions_mut().insert(peer.clone());
-        let answer = runtime.block_on(service.tokenize(request));
-        if let Ok(response) = answer {
-            prop_assert!(!response.get_ref().results.is_empty());
-        }
-        let mut request = tonic::Request::new(pb::DetokenizeRequest { tokens, purpose, masked });
-        request.extensions_mut().insert(peer.clone());
-        // Any answer is fine, as long as it is an answer.
-        let _ = runtime.block_on(service.detokenize(request));
+        target.run(&framed("Tokenize", pb::TokenizeRequest { items }.encode_to_vec()));
+        let detokenize = pb::DetokenizeRequest { tokens, purpose, masked };
+        target.run(&framed("Detokenize", detokenize.encode_to_vec()));
     });
 }

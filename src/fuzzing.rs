@@ -1,0 +1,294 @@
+//! Fuzz targets: each takes arbitrary bytes, feeds them to a parser or to the
+//! request path, and panics only if a promise is broken (a parse that does
+//! not round-trip, an error that echoes its input, a response that does not
+//! answer every item).
+//!
+//! `fuzz/fuzz_targets/*.rs` (cargo-fuzz, nightly) call these; so does
+//! `tests/fuzz_corpus.rs`, which replays the checked-in corpus on stable in
+//! every test run. `examples/fuzz_seeds.rs` writes the seed corpus.
+
+use std::sync::Arc;
+
+use prost::Message;
+
+use crate::{
+    api::{ApiSettings, IdentityLimits, TokenVaultService},
+    authz::{IdentityPattern, Policy, PurposeSet, Rule, SharedPolicy},
+    config::{Config, Limits, RawConfig},
+    crypto::MasterKey,
+    fields::FieldRegistry,
+    identity::{ClientId, Peer},
+    proto::v1::{self as pb, subjects_server::Subjects, token_vault_server::TokenVault},
+    store::{RocksStore, StoreOptions},
+    token::{FieldType, Token},
+    vault::Vault,
+};
+
+/// Inputs shorter than this may appear in a message by chance.
+const ECHO_MIN: usize = 8;
+
+/// Fails if `message` contains `input`. Only inputs with a non-ASCII
+/// character count: every message template is ASCII, so such an input can
+/// be in a message only if the message copied it, whereas an ASCII input can
+/// equal a piece of a template (the fuzzer learns templates from this very
+/// comparison, and found "field_type is longer than 32 characters" as a
+/// field type within a minute).
+fn assert_no_echo(message: &str, input: &str) {
+    assert!(
+        input.len() < ECHO_MIN || input.is_ascii() || !message.contains(input),
+        "an error message echoes its input"
+    );
+}
+
+/// Token and field-type parsing: a token that parses round-trips, and an
+/// error never contains the input.
+pub fn token(data: &[u8]) {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    match text.parse::<Token>() {
+        Ok(token) => {
+            assert_eq!(token.as_str(), text);
+            assert_eq!(token.as_str().parse::<Token>().ok(), Some(token.clone()));
+            assert_eq!(token.storage_key(), text.as_bytes());
+        }
+        Err(e) => assert_no_echo(&e.to_string(), text),
+    }
+    match text.parse::<FieldType>() {
+        Ok(field_type) => assert_eq!(field_type.as_str(), text),
+        Err(e) => assert_no_echo(&e.to_string(), text),
+    }
+}
+
+/// Client identity from arbitrary certificate DER: an identity, or an
+/// error; a SPIFFE identity names its trust domain.
+pub fn identity(data: &[u8]) {
+    if let Ok(ClientId::Spiffe(id)) = ClientId::from_certificate(data) {
+        assert!(id.starts_with("spiffe://"));
+        let client = ClientId::Spiffe(id);
+        assert!(client.trust_domain().is_some());
+    }
+}
+
+/// The config file: arbitrary TOML over the defaults is a valid config or
+/// a config error, never a panic.
+pub fn config(data: &[u8]) {
+    use figment::providers::{Format, Serialized, Toml};
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let figment = figment::Figment::from(Serialized::defaults(RawConfig::default()))
+        .merge(Toml::string(text));
+    if let Ok(config) = Config::from_figment(&figment) {
+        // A valid config writes out as TOML again.
+        assert!(config.to_toml().is_ok());
+    }
+}
+
+/// The request path in-process: a real service over a real RocksDB in a
+/// temporary directory, called as a client with broad scopes.
+pub struct RequestTarget {
+    runtime: tokio::runtime::Runtime,
+    service: TokenVaultService<RocksStore>,
+    vault: Arc<Vault<RocksStore>>,
+    peer: Peer,
+    _dir: tempfile::TempDir,
+}
+
+/// The methods the first input byte selects; the rest is the message.
+const METHODS: u8 = 8;
+
+impl RequestTarget {
+    /// Opens a fresh vault.
+    ///
+    /// # Panics
+    /// If the vault cannot be created (a broken machine, not a finding).
+    #[allow(clippy::expect_used)]
+    pub fn new() -> Self {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a runtime");
+        let dir = tempfile::tempdir().expect("a temporary directory");
+        let key = dir.path().join("master.key");
+        MasterKey::create_file(&key).expect("a master key");
+        let store =
+            RocksStore::open(&dir.path().join("data"), &StoreOptions::default()).expect("a store");
+        let defaults = RawConfig::default();
+        let fields = FieldRegistry::from_raw(&defaults.field_types, 4096).expect("fields");
+        let vault = runtime
+            .block_on(Vault::open(
+                store,
+                &MasterKey::load(&key).expect("the key"),
+                fields,
+            ))
+            .expect("a vault");
+        let scopes = [
+            "tokenize:*",
+            "detokenize:*",
+            "reveal_masked:*",
+            "lookup:*",
+            "update:*",
+            "delete:*",
+            "subject:export",
+            "subject:erase",
+            "consent:read",
+            "consent:write",
+        ]
+        .map(|s| s.parse().expect("a scope"))
+        .to_vec();
+        let policy = Policy::new(vec![Rule::new(
+            IdentityPattern::new("*").expect("a pattern"),
+            scopes,
+            PurposeSet::Any,
+        )]);
+        let settings = ApiSettings {
+            limits: Limits {
+                max_items_per_request: 50,
+                max_value_bytes: 4096,
+                max_message_bytes: 1 << 20,
+            },
+            identity_limits: IdentityLimits::default(),
+            policy: Arc::new(SharedPolicy::new(policy)),
+        };
+        let vault = Arc::new(vault);
+        let service = TokenVaultService::new(
+            Arc::clone(&vault),
+            settings,
+            Arc::new(crate::metrics::Metrics::default()),
+        );
+        let peer = Peer {
+            identity: Arc::new(Ok(ClientId::Spiffe("spiffe://fuzz/client".into()))),
+            remote_addr: None,
+        };
+        Self {
+            runtime,
+            service,
+            vault,
+            peer,
+            _dir: dir,
+        }
+    }
+
+    /// How many records the target's vault holds (for tests of the seeds).
+    pub fn tokens_stored(&self) -> usize {
+        use crate::store::{Store, Table};
+        self.runtime
+            .block_on(
+                self.vault
+                    .store()
+                    .scan_from(Table::Records, Vec::new(), 1_000_000),
+            )
+            .map_or(0, |records| records.len())
+    }
+
+    fn request<T>(&self, message: T) -> tonic::Request<T> {
+        let mut request = tonic::Request::new(message);
+        request.extensions_mut().insert(self.peer.clone());
+        request
+    }
+
+    /// Decodes `data[1..]` as the request message of method `data[0]` and
+    /// calls it. Every answer must be an answer: a status whose message
+    /// does not echo a value, or a response with one result per item.
+    pub fn run(&self, data: &[u8]) {
+        let Some((&selector, body)) = data.split_first() else {
+            return;
+        };
+        let svc = &self.service;
+        self.runtime.block_on(async {
+            match selector % METHODS {
+                0 => {
+                    let Ok(m) = pb::TokenizeRequest::decode(body) else {
+                        return;
+                    };
+                    let values: Vec<String> = m.items.iter().map(|i| i.value.clone()).collect();
+                    match svc.tokenize(self.request(m)).await {
+                        Ok(r) => assert_eq!(r.get_ref().results.len(), values.len()),
+                        Err(s) => values.iter().for_each(|v| assert_no_echo(s.message(), v)),
+                    }
+                }
+                1 => {
+                    let Ok(m) = pb::DetokenizeRequest::decode(body) else {
+                        return;
+                    };
+                    let tokens = m.tokens.clone();
+                    match svc.detokenize(self.request(m)).await {
+                        Ok(r) => assert_eq!(r.get_ref().results.len(), tokens.len()),
+                        Err(s) => tokens.iter().for_each(|t| assert_no_echo(s.message(), t)),
+                    }
+                }
+                2 => {
+                    let Ok(m) = pb::LookupTokensRequest::decode(body) else {
+                        return;
+                    };
+                    let values: Vec<String> = m.items.iter().map(|i| i.value.clone()).collect();
+                    match svc.lookup_tokens(self.request(m)).await {
+                        Ok(r) => assert_eq!(r.get_ref().results.len(), values.len()),
+                        Err(s) => values.iter().for_each(|v| assert_no_echo(s.message(), v)),
+                    }
+                }
+                3 => {
+                    let Ok(m) = pb::UpdateValueRequest::decode(body) else {
+                        return;
+                    };
+                    let value = m.value.clone();
+                    if let Err(s) = svc.update_value(self.request(m)).await {
+                        assert_no_echo(s.message(), &value);
+                    }
+                }
+                4 => {
+                    let Ok(m) = pb::DeleteTokensRequest::decode(body) else {
+                        return;
+                    };
+                    let tokens = m.tokens.clone();
+                    match svc.delete_tokens(self.request(m)).await {
+                        Ok(r) => assert_eq!(r.get_ref().results.len(), tokens.len()),
+                        Err(s) => tokens.iter().for_each(|t| assert_no_echo(s.message(), t)),
+                    }
+                }
+                5 => {
+                    let Ok(m) = pb::SetConsentRequest::decode(body) else {
+                        return;
+                    };
+                    let _ = svc.set_consent(self.request(m)).await;
+                }
+                6 => {
+                    let Ok(m) = pb::GetConsentRequest::decode(body) else {
+                        return;
+                    };
+                    let _ = svc.get_consent(self.request(m)).await;
+                }
+                _ => {
+                    let Ok(m) = pb::EraseSubjectRequest::decode(body) else {
+                        return;
+                    };
+                    let _ = svc.erase_subject(self.request(m)).await;
+                }
+            }
+        });
+    }
+}
+
+impl Default for RequestTarget {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// The first byte that selects `method` in [`RequestTarget::run`]'s input.
+pub fn request_selector(method: &str) -> Option<u8> {
+    [
+        "Tokenize",
+        "Detokenize",
+        "LookupTokens",
+        "UpdateValue",
+        "DeleteTokens",
+        "SetConsent",
+        "GetConsent",
+        "EraseSubject",
+    ]
+    .iter()
+    .position(|m| *m == method)
+    .and_then(|i| u8::try_from(i).ok())
+}
