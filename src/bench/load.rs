@@ -163,9 +163,13 @@ async fn worker(
     };
     // Open loop: each task sends on its own schedule, and latency counts
     // from the scheduled time, so a stall is not hidden (coordinated omission).
+    // The tasks' schedules are spread over one period, so requests arrive
+    // evenly rather than in bursts of `in_flight` at once (which would
+    // measure the queue of a burst, not the latency at this rate).
     let mut ticker = spec.rate.map(|rate| {
         let period = Duration::from_secs_f64(spec.in_flight as f64 / rate.max(1.0));
-        let mut interval = tokio::time::interval(period);
+        let offset = period.mul_f64(task as f64 / spec.in_flight.max(1) as f64);
+        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + offset, period);
         interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Burst);
         interval
     });
