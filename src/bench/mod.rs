@@ -133,6 +133,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     if !args.no_in_process {
         in_process_ceiling(&args, &mut report).await?;
         store_ceiling(&args, &mut report).await?;
+        device_ceiling(&args, &mut report).await?;
     }
     report.targets = targets(&report, args.preload as u64);
     let markdown = report.markdown();
@@ -567,6 +568,45 @@ async fn in_process_row(
     Ok(row(name, "sync", 0, &spec, &result, None))
 }
 
+/// The device's own sync latency: 4 KiB appended and `fdatasync`ed, one at
+/// a time, in a temporary directory (where the self-started vaults live).
+/// A read whose audit event must be durable first cannot beat this.
+async fn device_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(), String> {
+    let name = "device fdatasync, 4 KiB append";
+    progress(&format!("sync: {name} for {:.1}s", args.seconds));
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let mut file =
+        std::fs::File::create(dir.path().join("sync-probe")).map_err(|e| e.to_string())?;
+    let seconds = args.seconds;
+    let started = Instant::now();
+    let task = tokio::task::spawn_blocking(move || {
+        use std::io::Write;
+        let deadline = Instant::now() + Duration::from_secs_f64(seconds);
+        let block = [0x5a_u8; 4096];
+        let mut latency = Vec::new();
+        while Instant::now() < deadline {
+            let t0 = Instant::now();
+            if file
+                .write_all(&block)
+                .and_then(|()| file.sync_data())
+                .is_err()
+            {
+                break;
+            }
+            latency.push(t0.elapsed());
+        }
+        latency
+    });
+    let args = BenchArgs {
+        in_flight: 1,
+        ..args.clone()
+    };
+    report
+        .rows
+        .push(in_process_row(name, 1, &args, started, vec![task]).await?);
+    Ok(())
+}
+
 /// The targets, each from rows of this run.
 fn targets(report: &Report, preload: u64) -> Vec<Target> {
     let mut out = Vec::new();
@@ -672,6 +712,15 @@ fn targets(report: &Report, preload: u64) -> Vec<Target> {
             measured: row.p99_ms,
             goal: "< 5".into(),
             met: row.p99_ms < 5.0,
+        });
+    }
+    // The floor under that p99: each read waits for a synced audit write.
+    if let Some(row) = report.row("device fdatasync, 4 KiB append", "sync", false) {
+        out.push(Target {
+            name: "device fdatasync p99 alone (the floor of a durably audited read), ms".into(),
+            measured: row.p99_ms,
+            goal: "(report only)".into(),
+            met: true,
         });
     }
     out
