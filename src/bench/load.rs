@@ -241,7 +241,7 @@ async fn tokenize(
     let response = client
         .tokenize(TokenizeRequest { items })
         .await
-        .map_err(drop)?;
+        .map_err(|s| report_error(s.code(), s.message()))?;
     let results = response.into_inner().results;
     let failed = results
         .iter()
@@ -258,12 +258,19 @@ async fn detokenize(client: &mut TokenVaultClient<Channel>, tokens: Vec<String>)
             masked: false,
         })
         .await
-        .map_err(drop)?;
+        .map_err(|s| report_error(s.code(), s.message()))?;
     let results = response.into_inner().results;
-    let failed = results
-        .iter()
-        .filter(|r| !matches!(r.result, Some(detokenize_result::Result::Value(_))))
-        .count();
+    let mut failed = 0;
+    for result in &results {
+        match &result.result {
+            Some(detokenize_result::Result::Value(_)) => {}
+            Some(detokenize_result::Result::Error(e)) => {
+                failed += 1;
+                report_error(tonic::Code::from_i32(e.code), &e.message);
+            }
+            None => failed += 1,
+        }
+    }
     Ok((results.len() as u64, failed as u64))
 }
 
@@ -326,4 +333,14 @@ pub async fn fill(
         tokens.extend(task.await.map_err(|e| e.to_string())??);
     }
     Ok(tokens)
+}
+
+/// Says on stderr why a request or item failed (the first few times): a
+/// count of errors in the table is not enough to act on. Status messages
+/// never carry values or tokens.
+fn report_error(code: tonic::Code, message: &str) {
+    static REPORTED: AtomicU64 = AtomicU64::new(0);
+    if REPORTED.fetch_add(1, Ordering::Relaxed) < 5 {
+        eprintln!("bench: a request failed: {code:?}: {message}");
+    }
 }

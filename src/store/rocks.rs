@@ -730,6 +730,51 @@ mod tests {
         assert_eq!(keys, vec![Some(b"k".to_vec())]);
     }
 
+    /// Reads from memory only must never mistake "not cached" for "absent":
+    /// keys in data files (after a reopen, nothing is cached) and keys in
+    /// files being flushed and compacted under concurrent writes are found.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn reads_find_keys_wherever_they_are() {
+        const KEYS: u32 = 20_000;
+        let key = |i: u32| format!("key-{:08}", i.wrapping_mul(2_654_435_761)).into_bytes();
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1000) {
+                let mut batch = Batch::new();
+                for i in chunk {
+                    batch.put(Table::Records, key(*i), vec![7; 200]);
+                }
+                store.commit(batch).await.unwrap();
+            }
+            store.purge(vec![(Table::Records, key(0))]).await.unwrap();
+            store.close();
+        }
+        let store = Arc::new(open(dir.path()));
+        // Writers keep memtables filling and flushing meanwhile.
+        let writer = {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                for round in 0..200u32 {
+                    let mut batch = Batch::new();
+                    for i in 0..500u32 {
+                        batch.put(
+                            Table::Records,
+                            format!("new-{round}-{i}").into_bytes(),
+                            vec![1; 400],
+                        );
+                    }
+                    store.commit(batch).await.unwrap();
+                }
+            })
+        };
+        for i in 0..KEYS {
+            let got = store.get_many(Table::Records, vec![key(i)]).await.unwrap();
+            assert_eq!(got, vec![Some(vec![7; 200])], "key {i} not found");
+        }
+        writer.await.unwrap();
+    }
+
     #[tokio::test]
     async fn deletes_apply() {
         let dir = tempfile::tempdir().unwrap();
