@@ -7,6 +7,7 @@ use std::{
 };
 
 mod keys;
+mod progress;
 
 use clap::{Args, Parser, Subcommand};
 use figment::providers::Serialized;
@@ -512,13 +513,23 @@ async fn backup(command: BackupCommand) -> Result<ExitCode, String> {
             RocksStore::open_read_only(&dir)
                 .map_err(|e| format!("{} is not a tokenvault backup: {e}", dir.display()))?;
             std::fs::create_dir_all(&to).map_err(|e| e.to_string())?;
-            let mut files = 0;
-            for entry in std::fs::read_dir(&dir).map_err(|e| e.to_string())? {
-                let entry = entry.map_err(|e| e.to_string())?;
-                std::fs::copy(entry.path(), to.join(entry.file_name()))
+            let entries = std::fs::read_dir(&dir)
+                .and_then(|entries| entries.collect::<Result<Vec<_>, _>>())
+                .map_err(|e| e.to_string())?;
+            let total: u64 = entries
+                .iter()
+                .filter_map(|e| e.metadata().ok())
+                .map(|m| m.len())
+                .sum();
+            let mut progress = progress::Progress::new("restore", "bytes", total);
+            let (mut files, mut copied) = (0, 0);
+            for entry in entries {
+                copied += std::fs::copy(entry.path(), to.join(entry.file_name()))
                     .map_err(|e| e.to_string())?;
                 files += 1;
+                progress.set(copied);
             }
+            progress.finish(copied);
             println!(
                 "restored {files} files into {}; point data_dir at it and start the vault: the erasure ledger is re-applied when it opens",
                 to.display()
