@@ -25,6 +25,8 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
             "2",
             "--batch",
             "10",
+            "--settle-limit",
+            "0",
         ])
         .arg("--json")
         .arg(&json)

@@ -202,6 +202,15 @@ kind = "email"
 deterministic = true
 "#;
 
+fn customer_item(value: &str) -> TokenizeItem {
+    TokenizeItem {
+        field_type: "customer_email".into(),
+        value: value.into(),
+        subject_id: String::new(),
+        ttl_seconds: 0,
+    }
+}
+
 fn lookup_item(value: &str) -> LookupItem {
     LookupItem {
         field_type: "customer_email".into(),
@@ -217,15 +226,7 @@ async fn index_rotation_held_and_released_over_the_cli_while_lookups_go_on() {
     let values: Vec<String> = (0..300).map(|i| format!("lk{i}@example.com")).collect();
     let response = support
         .tokenize(TokenizeRequest {
-            items: values
-                .iter()
-                .map(|v| TokenizeItem {
-                    field_type: "customer_email".into(),
-                    value: v.clone(),
-                    subject_id: String::new(),
-                    ttl_seconds: 0,
-                })
-                .collect(),
+            items: values.iter().map(|v| customer_item(v)).collect(),
         })
         .await
         .unwrap()
@@ -305,12 +306,7 @@ async fn index_rotation_held_and_released_over_the_cli_while_lookups_go_on() {
     // Tokenizing a value again still gives its one token.
     let again = support
         .tokenize(TokenizeRequest {
-            items: vec![TokenizeItem {
-                field_type: "customer_email".into(),
-                value: values[42].clone(),
-                subject_id: String::new(),
-                ttl_seconds: 0,
-            }],
+            items: vec![customer_item(&values[42])],
         })
         .await
         .unwrap()

@@ -67,6 +67,11 @@ pub struct BenchArgs {
     /// Skip the in-process ceiling.
     #[arg(long)]
     pub no_in_process: bool,
+    /// Longest wait, in seconds, for the self-started server to settle
+    /// (finish its flushes and compactions) before each scenario; 0 not to
+    /// wait (smoke runs).
+    #[arg(long, default_value_t = 300)]
+    pub settle_limit: u64,
     /// Benchmark a running server instead of starting one.
     #[arg(long, requires_all = ["ca", "cert", "key"])]
     pub target: Option<String>,
@@ -179,13 +184,13 @@ fn durability_name(d: Durability) -> &'static str {
 }
 
 /// Waits until the server has used under 5 % of a core for two seconds in a
-/// row (its flushes and compactions are done), at most
-/// [`report::SETTLE_LIMIT_SECONDS`]. Returns the seconds waited.
-async fn settle(pid: u32, say: bool) -> f64 {
+/// row (its flushes and compactions are done), at most `limit` seconds.
+/// Returns the seconds waited.
+async fn settle(pid: u32, limit: u64, say: bool) -> f64 {
     let started = Instant::now();
     let mut quiet = 0;
     let mut last = proc_stats(pid).cpu_seconds;
-    while quiet < 2 && started.elapsed().as_secs() < report::SETTLE_LIMIT_SECONDS {
+    while quiet < 2 && started.elapsed().as_secs() < limit {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let now = proc_stats(pid).cpu_seconds;
         quiet = if now - last < 0.05 { quiet + 1 } else { 0 };
@@ -255,7 +260,7 @@ async fn measure(
                 // Compacting millions of new tokens takes the same two
                 // cores the second pass needs: measured during it, even the
                 // no-op RPC halves. Scale is judged after it.
-                report.settle_seconds = Some(settle(server.pid(), true).await);
+                report.settle_seconds = Some(settle(server.pid(), args.settle_limit, true).await);
                 report.disk_bytes_per_token =
                     Some(server::dir_size(&server.data_dir) as f64 / stored as f64);
             }
@@ -277,6 +282,12 @@ async fn measure(
                 max_requests: args.max_requests,
                 rate: None,
             };
+            // Each scenario starts on a settled server: the flushes and
+            // compactions the previous one left behind would otherwise run
+            // on the same two cores and be charged to this one.
+            if let Some(pid) = pid {
+                settle(pid, args.settle_limit, false).await;
+            }
             let mut row = run_one(
                 scenario.name(),
                 &spec,
@@ -315,6 +326,12 @@ async fn measure(
                 max_requests: args.max_requests,
                 rate: Some(max / 2.0),
             };
+            // Each scenario starts on a settled server: the flushes and
+            // compactions the previous one left behind would otherwise run
+            // on the same two cores and be charged to this one.
+            if let Some(pid) = pid {
+                settle(pid, args.settle_limit, false).await;
+            }
             let mut row = run_one(
                 "detokenize@50%",
                 &spec,
@@ -347,10 +364,6 @@ async fn run_one(
         spec.in_flight
     ));
     if let Some(pid) = pid {
-        // Each scenario starts on a settled server: the flushes and
-        // compactions the previous one left behind would otherwise run on
-        // the same two cores and be charged to this one.
-        settle(pid, false).await;
         reset_peak_rss(pid);
     }
     let before = pid.map(proc_stats);

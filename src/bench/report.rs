@@ -70,9 +70,6 @@ pub struct Report {
     pub targets: Vec<Target>,
 }
 
-/// The longest wait for the server to settle after a preload.
-pub const SETTLE_LIMIT_SECONDS: u64 = 300;
-
 /// A target ratio and whether this run met it.
 #[derive(Debug, Clone, Serialize)]
 pub struct Target {
@@ -122,7 +119,7 @@ impl Report {
         }
         if let Some(seconds) = self.settle_seconds {
             out.push_str(&format!(
-                "\nEvery scenario starts on a settled server (its CPU under 5 % for 2 s: the flushes and compactions left by the scenario before are done; at most {SETTLE_LIMIT_SECONDS} s). After the preload that took {seconds:.0} s.\n"
+                "\nEvery scenario starts on a settled server (its CPU under 5 % for 2 s: the flushes and compactions left by the scenario before are done; `--settle-limit` caps each wait). After the preload that took {seconds:.0} s.\n"
             ));
         }
         if !self.targets.is_empty() {

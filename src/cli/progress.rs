@@ -34,7 +34,11 @@ impl Progress {
 
     /// Reports `done` units so far (drawn only as often as is useful).
     pub(super) fn set(&mut self, done: u64) {
-        let every = if self.terminal { REDRAW_EVERY } else { LINE_EVERY };
+        let every = if self.terminal {
+            REDRAW_EVERY
+        } else {
+            LINE_EVERY
+        };
         if self.last.is_some_and(|t| t.elapsed() < every) {
             return;
         }

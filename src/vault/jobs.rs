@@ -147,17 +147,8 @@ impl<S: Store> Vault<S> {
     /// # Errors
     /// Storage failures.
     pub async fn job_status(&self, job: Job) -> Result<JobStatus, Error> {
-        let mut meta = self
-            .store
-            .get_many(
-                Table::Meta,
-                vec![job.cursor_key(), job.progress_key(), job.paused_key()],
-            )
-            .await?
-            .into_iter();
-        let pending = meta.next().flatten().is_some();
-        let progress = Progress::decode(meta.next().flatten().as_deref());
-        let paused = meta.next().flatten().is_some();
+        let (cursor, progress, paused) = self.job_meta(job).await?;
+        let pending = cursor.is_some();
         Ok(JobStatus {
             job,
             pending,
@@ -237,31 +228,18 @@ impl<S: Store> Vault<S> {
         // Rotations and steps take turns, so a step never works for a key
         // that a rotation has just replaced.
         let _turn = self.jobs.lock().await;
-        let mut meta = self
-            .store
-            .get_many(
-                Table::Meta,
-                vec![job.cursor_key(), job.progress_key(), job.paused_key()],
-            )
-            .await?
-            .into_iter();
-        let (Some(cursor), progress, paused) = (
-            meta.next().flatten(),
-            meta.next().flatten(),
-            meta.next().flatten(),
-        ) else {
+        let (Some(cursor), mut progress, paused) = self.job_meta(job).await? else {
             return Ok(JobStep {
                 finished: true,
                 ..JobStep::default()
             });
         };
-        if paused.is_some() {
+        if paused {
             return Ok(JobStep {
                 paused: true,
                 ..JobStep::default()
             });
         }
-        let mut progress = Progress::decode(progress.as_deref());
         let records = self
             .store
             .scan_from(Table::Records, cursor.clone(), page)
@@ -317,6 +295,23 @@ impl<S: Store> Vault<S> {
             ran: true,
             paused: false,
         })
+    }
+
+    /// The job's cursor (present while it is due), progress, and whether it
+    /// is held.
+    async fn job_meta(&self, job: Job) -> Result<(Option<Vec<u8>>, Progress, bool), Error> {
+        let mut meta = self
+            .store
+            .get_many(
+                Table::Meta,
+                vec![job.cursor_key(), job.progress_key(), job.paused_key()],
+            )
+            .await?
+            .into_iter();
+        let cursor = meta.next().flatten();
+        let progress = Progress::decode(meta.next().flatten().as_deref());
+        let paused = meta.next().flatten().is_some();
+        Ok((cursor, progress, paused))
     }
 
     /// Rewrites one page's records for `job`, retrying the ones a request
