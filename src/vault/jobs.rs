@@ -282,7 +282,9 @@ impl<S: Store> Vault<S> {
             }
         }
         let outcomes = self.store.commit(batch).await?;
-        // A rotation restarted the job meanwhile: its new pass stands.
+        // The cursor changed under the step (a rotation restarting the job;
+        // ruled out by the turn-taking above, kept as a second line of
+        // defence): the new pass stands.
         let restarted = outcomes.first().is_some_and(Result::is_err);
         let finished = finished && !restart && !restarted;
         if finished && job == Job::Reindex {
