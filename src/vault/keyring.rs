@@ -53,16 +53,10 @@ impl Keyring {
     /// # Errors
     /// [`Error::WrongMasterKey`] if a key does not unwrap; storage errors.
     pub async fn open<S: Store>(store: &S, master: &MasterKey) -> Result<Self, Error> {
-        let deks = store.scan_prefix(Table::Keys, DEK_PREFIX.into()).await?;
-        let mut data_keys = BTreeMap::new();
-        for (label, wrapped) in deks {
-            let version = parse_version(&label, DEK_PREFIX)?;
-            let sealed = decode_wrapped(&label, &wrapped)?;
-            let key = master
-                .unwrap_data_key(&sealed, &label)
-                .map_err(|_| wrong_master(&label))?;
-            data_keys.insert(version, Arc::new(key));
-        }
+        let mut data_keys = load_versions(store, DEK_PREFIX, |sealed, label| {
+            master.unwrap_data_key(sealed, label)
+        })
+        .await?;
         if data_keys.is_empty() {
             let dek = DataKey::generate()?;
             let dek_label = label(DEK_PREFIX, 1);
@@ -77,18 +71,15 @@ impl Keyring {
             data_keys.insert(1, Arc::new(dek));
         }
         let subject_key = hash_key(store, master, SUBJECT_KEY_PREFIX).await?;
-        hash_key(store, master, INDEX_KEY_PREFIX).await?;
-        let mut index_keys = BTreeMap::new();
-        for (label, wrapped) in store
-            .scan_prefix(Table::Keys, INDEX_KEY_PREFIX.into())
-            .await?
-        {
-            let version = parse_version(&label, INDEX_KEY_PREFIX)?;
-            let sealed = decode_wrapped(&label, &wrapped)?;
-            let key = master
-                .unwrap_hash_key(&sealed, &label)
-                .map_err(|_| wrong_master(&label))?;
-            index_keys.insert(version, Arc::new(key));
+        let mut index_keys = load_versions(store, INDEX_KEY_PREFIX, |sealed, label| {
+            master.unwrap_hash_key(sealed, label)
+        })
+        .await?;
+        if index_keys.is_empty() {
+            index_keys.insert(
+                1,
+                Arc::new(hash_key(store, master, INDEX_KEY_PREFIX).await?),
+            );
         }
         let audit_key = hash_key(store, master, AUDIT_HASH_PREFIX).await?;
         let audit_signer =
@@ -205,18 +196,11 @@ impl Keyring {
     /// # Errors
     /// Random-source or cipher failures.
     pub fn new_data_key(&self) -> Result<(NewKey, DataKey), Error> {
-        let version = self.active().0 + 1;
         let key = DataKey::generate()?;
-        let key_label = label(DEK_PREFIX, version);
-        let wrapped = encode_wrapped(&self.master().wrap_data_key(&key, &key_label)?);
-        Ok((
-            NewKey {
-                version,
-                label: key_label,
-                wrapped,
-            },
-            key,
-        ))
+        let new = NewKey::wrap(DEK_PREFIX, self.active().0 + 1, |label| {
+            self.master().wrap_data_key(&key, label)
+        })?;
+        Ok((new, key))
     }
 
     /// Makes a stored data key the one new values are encrypted with. Old
@@ -238,18 +222,11 @@ impl Keyring {
     /// # Errors
     /// Random-source or cipher failures.
     pub fn new_index_key(&self) -> Result<(NewKey, HashKey), Error> {
-        let version = self.index_keys().0 + 1;
         let key = HashKey::generate()?;
-        let key_label = label(INDEX_KEY_PREFIX, version);
-        let wrapped = encode_wrapped(&self.master().wrap_hash_key(&key, &key_label)?);
-        Ok((
-            NewKey {
-                version,
-                label: key_label,
-                wrapped,
-            },
-            key,
-        ))
+        let new = NewKey::wrap(INDEX_KEY_PREFIX, self.index_keys().0 + 1, |label| {
+            self.master().wrap_hash_key(&key, label)
+        })?;
+        Ok((new, key))
     }
 
     /// Makes a stored blind-index key the one new entries are hashed with;
@@ -379,6 +356,22 @@ pub struct NewKey {
 }
 
 impl NewKey {
+    /// Version `version` of the keys under `prefix`, wrapped by `wrap`
+    /// (which is given the key's label, bound in as associated data).
+    fn wrap(
+        prefix: &str,
+        version: u32,
+        wrap: impl FnOnce(&[u8]) -> Result<Sealed, crate::crypto::Error>,
+    ) -> Result<Self, Error> {
+        let label = label(prefix, version);
+        let wrapped = encode_wrapped(&wrap(&label)?);
+        Ok(Self {
+            version,
+            label,
+            wrapped,
+        })
+    }
+
     /// Adds the key to `unit`, which then applies only if no other rotation
     /// stored this version first.
     pub fn store(self, unit: &mut crate::store::Unit) {
@@ -388,6 +381,22 @@ impl NewKey {
             self.wrapped,
         );
     }
+}
+
+/// Every version of the keys under `prefix`, unwrapped by `unwrap`.
+async fn load_versions<S: Store, K>(
+    store: &S,
+    prefix: &str,
+    unwrap: impl Fn(&Sealed, &[u8]) -> Result<K, crate::crypto::Error>,
+) -> Result<BTreeMap<u32, Arc<K>>, Error> {
+    let mut keys = BTreeMap::new();
+    for (label, wrapped) in store.scan_prefix(Table::Keys, prefix.into()).await? {
+        let version = parse_version(&label, prefix)?;
+        let sealed = decode_wrapped(&label, &wrapped)?;
+        let key = unwrap(&sealed, &label).map_err(|_| wrong_master(&label))?;
+        keys.insert(version, Arc::new(key));
+    }
+    Ok(keys)
 }
 
 /// The newest hash key under `prefix`, created if there is none.
