@@ -66,6 +66,8 @@ pub struct RocksStore {
     /// The audit chain's head; the committer updates it after each write.
     head: Arc<Mutex<Head>>,
     path: PathBuf,
+    /// Reads from memtables and block cache only (never I/O), made once.
+    memory_only: ReadOptions,
 }
 
 /// Counters of the committer thread, for tests, benchmarks and metrics.
@@ -146,8 +148,11 @@ impl RocksStore {
                 .spawn(move || run_committer(&db, rx, sync, &stats, &head))
                 .map_err(|e| Error::Backend(format!("cannot start the commit thread: {e}")))?
         };
+        let mut memory_only = ReadOptions::default();
+        memory_only.set_read_tier(ReadTier::BlockCache);
         Ok(Self {
             db,
+            memory_only,
             commits: Some(tx),
             committer: Some(committer),
             stats,
@@ -285,12 +290,10 @@ impl Store for RocksStore {
         // runs, nor MultiGet with the default tier).
         {
             let cf = cf(&self.db, table)?;
-            let mut memory_only = ReadOptions::default();
-            memory_only.set_read_tier(ReadTier::BlockCache);
             let mut found = Vec::with_capacity(keys.len());
             let mut complete = true;
             for key in &keys {
-                match self.db.get_pinned_cf_opt(cf, key, &memory_only) {
+                match self.db.get_pinned_cf_opt(cf, key, &self.memory_only) {
                     Ok(value) => found.push(value.map(|v| v.to_vec())),
                     Err(e) if e.kind() == ErrorKind::Incomplete => {
                         complete = false;
