@@ -24,30 +24,9 @@ async fn rotation_under_traffic_keeps_every_token_and_moves_every_record() {
     // No request may fail during the rotation.
     let writers = Writers::start(&client, 4, "rot", true);
     writers.wait_for(200).await;
-    let tls = vault.pki.tls("privacy");
-    let addr = vault.grpc_addr.to_string();
-    let out = tokio::task::spawn_blocking(move || {
-        tokenvault_command()
-            .args(["keys", "rotate", "--addr", &addr])
-            .args([
-                "--ca",
-                tls.ca.to_str().unwrap(),
-                "--cert",
-                tls.cert.to_str().unwrap(),
-                "--key",
-                tls.key.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("data key version 2 is active"));
+    let (ok, out, err) = keys_cli(&vault, &["rotate"]).await;
+    assert!(ok, "{err}");
+    assert!(out.contains("data key version 2 is active"), "{out}");
     let seen = writers.acked().len();
     writers.wait_for(seen + 200).await;
     let all = writers.stop().await;
@@ -99,38 +78,13 @@ async fn the_master_key_rotates_without_touching_records() {
     };
     let new_key = vault.root.path().join("master-2.key");
     tokenvault::crypto::MasterKey::create_file(&new_key).unwrap();
-    let tls = vault.pki.tls("privacy");
-    let addr = vault.grpc_addr.to_string();
-    let key_arg = new_key.clone();
-    let out = tokio::task::spawn_blocking(move || {
-        tokenvault_command()
-            .args([
-                "keys",
-                "rotate-master",
-                "--addr",
-                &addr,
-                "--new-key-file",
-                key_arg.to_str().unwrap(),
-            ])
-            .args([
-                "--ca",
-                tls.ca.to_str().unwrap(),
-                "--cert",
-                tls.cert.to_str().unwrap(),
-                "--key",
-                tls.key.to_str().unwrap(),
-            ])
-            .output()
-            .unwrap()
-    })
-    .await
-    .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(String::from_utf8_lossy(&out.stdout).contains("re-wrapped"));
+    let (ok, out, err) = keys_cli(
+        &vault,
+        &["rotate-master", "--new-key-file", new_key.to_str().unwrap()],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("re-wrapped"), "{out}");
     vault.stop();
 
     // The old key no longer opens the vault; the new one does, and the value is there.
@@ -330,8 +284,5 @@ async fn index_rotation_held_and_released_over_the_cli_while_lookups_go_on() {
 
 /// One sample of the vault's metrics, if it is there yet.
 async fn metric_value(vault: &TestVault, name_and_labels: &str) -> Option<f64> {
-    common::scrape(vault.metrics_addr)
-        .await
-        .lines()
-        .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+    common::find_metric(&common::scrape(vault.metrics_addr).await, name_and_labels)
 }

@@ -556,7 +556,11 @@ pub async fn scrape(addr: SocketAddr) -> String {
 
 /// The value of one sample (`name{labels}`) in scraped metrics text.
 pub fn metric(text: &str, name_and_labels: &str) -> f64 {
+    find_metric(text, name_and_labels).unwrap_or_else(|| panic!("no {name_and_labels} in\n{text}"))
+}
+
+/// The value of one sample, if the text has it (yet).
+pub fn find_metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {name_and_labels} in\n{text}"))
 }
