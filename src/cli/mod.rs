@@ -7,6 +7,7 @@ use std::{
 };
 
 mod keys;
+mod logging;
 mod progress;
 
 use clap::{Args, Parser, Subcommand};
@@ -548,19 +549,13 @@ fn config_check(file: Option<&Path>) -> Result<ExitCode, String> {
 
 /// Logs go to stderr; stdout is kept for command output (the dev banner).
 ///
-/// Lines go through a background writer thread, so a request never waits
-/// for a `write(2)`; the writer blocks rather than drops lines when it falls
-/// behind. Keep the returned guard alive: dropping it flushes the last lines.
-fn init_logging(
-    format: LogFormat,
-    level: &str,
-) -> Result<tracing_appender::non_blocking::WorkerGuard, String> {
+/// Lines go through a background writer thread that writes them in batches
+/// (see [`logging`]), so a request never waits for a `write(2)` nor wakes a
+/// thread. Keep the returned guard alive: dropping it writes the last lines.
+fn init_logging(format: LogFormat, level: &str) -> Result<logging::Flush, String> {
     let filter =
         EnvFilter::try_new(level).map_err(|e| format!("invalid log.level {level:?}: {e}"))?;
-    let (writer, guard) = tracing_appender::non_blocking::NonBlockingBuilder::default()
-        .lossy(false)
-        .thread_name("tokenvault-log")
-        .finish(std::io::stderr());
+    let (writer, guard) = logging::batching_stderr()?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(writer);
