@@ -169,12 +169,22 @@ impl Call {
     }
 }
 
-/// 64 random bits as hex: enough to tell requests apart in logs and audit.
+/// A request id: 64 bits as hex, enough to tell requests apart in logs and
+/// audit. It needs to be unique, not secret, so it is a random starting
+/// point drawn once per process plus a counter: one system call per process
+/// rather than one per request (`getrandom` had been ≈ 2 % of the server's
+/// CPU under single-item load).
 fn new_request_id() -> String {
-    let mut bytes = [0u8; 8];
-    // A failed random source only makes the id less unique.
-    let _ = getrandom::fill(&mut bytes);
-    data_encoding::HEXLOWER.encode(&bytes)
+    static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+    static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let start = *START.get_or_init(|| {
+        let mut bytes = [0u8; 8];
+        // A failed random source only makes ids repeat across restarts.
+        let _ = getrandom::fill(&mut bytes);
+        u64::from_le_bytes(bytes)
+    });
+    let id = start.wrapping_add(NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed));
+    format!("{id:016x}")
 }
 
 fn check_count(count: usize, limits: &Limits, what: &str) -> Result<(), Error> {
