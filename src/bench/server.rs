@@ -117,32 +117,60 @@ purposes = ["{BENCH_PURPOSE}"]
         let (ready_tx, ready_rx) = mpsc::channel();
         std::thread::spawn(move || {
             // The server's request log goes to a file, as it would to a log
-            // collector: formatting it is part of the measured cost.
-            let mut log = std::fs::File::create(log_path).ok();
-            for line in BufReader::new(stderr).lines() {
-                let Ok(line) = line else { break };
+            // collector: formatting it is part of the measured cost. Only the
+            // lines up to "serving" are parsed (for the address); the rest is
+            // copied as bytes, so the load generator, which shares the
+            // machine, does not spend its CPU reading the server's log.
+            let mut reader = BufReader::new(stderr);
+            let mut log = std::fs::File::create(log_path)
+                .ok()
+                .map(|file| std::io::BufWriter::with_capacity(1 << 16, file));
+            let mut line = String::new();
+            loop {
+                line.clear();
+                match reader.read_line(&mut line) {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+                if let Some(file) = log.as_mut() {
+                    let _ = file.write_all(line.as_bytes());
+                }
                 if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
                     && event["message"] == "serving"
                 {
                     let _ =
                         ready_tx.send(event["grpc.addr"].as_str().unwrap_or_default().to_owned());
+                    break;
                 }
-                if let Some(file) = log.as_mut() {
-                    let _ = writeln!(file, "{line}");
+            }
+            match log.as_mut() {
+                Some(file) => {
+                    let _ = std::io::copy(&mut reader, file);
+                    let _ = file.flush();
+                }
+                None => {
+                    let _ = std::io::copy(&mut reader, &mut std::io::sink());
                 }
             }
         });
         let addr = ready_rx
             .recv_timeout(Duration::from_secs(60))
-            .map_err(|_| "the server did not start within a minute".to_owned())?;
-        Ok(Self {
-            child,
-            addr: addr
-                .parse()
-                .map_err(|e| format!("bad address {addr}: {e}"))?,
-            tls: tls.clone(),
-            data_dir: dir.join("data"),
-        })
+            .map_err(|_| "the server did not start within a minute".to_owned())
+            .and_then(|addr| addr.parse().map_err(|e| format!("bad address {addr}: {e}")));
+        match addr {
+            Ok(addr) => Ok(Self {
+                child,
+                addr,
+                tls: tls.clone(),
+                data_dir: dir.join("data"),
+            }),
+            Err(e) => {
+                // Not left running behind the failed bench.
+                let _ = child.kill();
+                let _ = child.wait();
+                Err(e)
+            }
+        }
     }
 
     /// The child's process id.
