@@ -68,6 +68,17 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
                 assert_eq!(row["errors"].as_u64().unwrap(), 0, "{row}");
                 assert!(row["p99_ms"].as_f64().unwrap() > 0.0, "{row}");
                 assert!(row["server_peak_rss_mib"].as_f64().unwrap() > 1.0, "{row}");
+                // The time in the server's handler, from its request log,
+                // lies inside the time the client saw (the health check
+                // logs no line).
+                if scenario == "noop" {
+                    assert!(row["handler_p50_ms"].is_null(), "{row}");
+                } else {
+                    let handler = row["handler_p50_ms"].as_f64().unwrap();
+                    let client = row["p50_ms"].as_f64().unwrap();
+                    assert!(handler > 0.0 && handler <= client * 1.01, "{row}");
+                    assert!(row["handler_p99_ms"].as_f64().unwrap() >= handler, "{row}");
+                }
             }
         }
     }
@@ -83,4 +94,8 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
     assert!(report["machine"]["cores"].as_u64().unwrap() >= 1);
     let table = std::fs::read_to_string(&markdown).unwrap();
     assert!(table.contains("| tokenize-batch | sync |"), "{table}");
+    assert!(
+        table.contains("| handler p50 ms | handler p99 ms |"),
+        "{table}"
+    );
 }

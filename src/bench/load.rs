@@ -64,6 +64,17 @@ impl Scenario {
         Self::ALL.into_iter().find(|s| s.name() == name)
     }
 
+    /// The server methods it calls, as they appear in the request log (the
+    /// health check logs no line).
+    pub fn methods(self) -> &'static [&'static str] {
+        match self {
+            Scenario::Noop => &[],
+            Scenario::Tokenize | Scenario::TokenizeBatch => &["Tokenize"],
+            Scenario::Detokenize | Scenario::DetokenizeBatch => &["Detokenize"],
+            Scenario::Mixed => &["Tokenize", "Detokenize"],
+        }
+    }
+
     /// Whether it reads tokens and so needs a pool of them.
     pub fn reads(self) -> bool {
         matches!(
@@ -138,7 +149,7 @@ pub async fn run(channels: &[Channel], spec: &LoadSpec, pool: Arc<Vec<String>>) 
     total
 }
 
-fn new_histogram() -> Histogram<u64> {
+pub(super) fn new_histogram() -> Histogram<u64> {
     // 1 µs to 60 s at three significant digits; these bounds are valid, so
     // construction cannot fail.
     Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
@@ -162,7 +173,12 @@ async fn worker(
         latency_us: new_histogram(),
     };
     // Open loop: each task sends on its own schedule, and latency counts
-    // from the scheduled time, so a stall is not hidden (coordinated omission).
+    // from the scheduled time when the task was still busy with an earlier
+    // request at that time, so a stall of the server is not hidden
+    // (coordinated omission). When the task was idle, waiting for its timer,
+    // latency counts from the moment the timer woke it: tokio's timer has a
+    // resolution of a millisecond, and its lateness is the load
+    // generator's, not the server's.
     // The tasks' schedules are spread over one period, so requests arrive
     // evenly rather than in bursts of `in_flight` at once (which would
     // measure the queue of a burst, not the latency at this rate).
@@ -176,7 +192,11 @@ async fn worker(
     let mut i: usize = 0;
     loop {
         let scheduled = match ticker.as_mut() {
-            Some(t) => t.tick().await.into_std(),
+            Some(t) => {
+                let asked = Instant::now();
+                let due = t.tick().await.into_std();
+                if due > asked { Instant::now() } else { due }
+            }
             None => Instant::now(),
         };
         if scheduled >= deadline || issued.fetch_add(1, Ordering::Relaxed) >= spec.max_requests {

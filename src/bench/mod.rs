@@ -15,6 +15,7 @@ use std::{
 };
 
 use clap::Args;
+use hdrhistogram::Histogram;
 use tonic::transport::Channel;
 
 pub use load::Scenario;
@@ -293,7 +294,7 @@ async fn measure(
                 &spec,
                 channels,
                 &pool,
-                pid,
+                server,
                 durability,
                 stored,
             )
@@ -337,7 +338,7 @@ async fn measure(
                 &spec,
                 channels,
                 &pool,
-                pid,
+                server,
                 durability,
                 stored,
             )
@@ -354,7 +355,7 @@ async fn run_one(
     spec: &LoadSpec,
     channels: &[Channel],
     pool: &Arc<Vec<String>>,
-    pid: Option<u32>,
+    server: Option<&BenchServer>,
     durability: &str,
     stored: u64,
 ) -> Row {
@@ -363,13 +364,26 @@ async fn run_one(
         spec.duration.as_secs_f64(),
         spec.in_flight
     ));
+    let pid = server.map(BenchServer::pid);
     if let Some(pid) = pid {
         reset_peak_rss(pid);
     }
+    let log_from = server.map(BenchServer::log_position);
     let before = pid.map(proc_stats);
     let result = load::run(channels, spec, Arc::clone(pool)).await;
     let after = pid.map(proc_stats);
-    row(name, durability, stored, spec, &result, before.zip(after))
+    let handler = server
+        .zip(log_from)
+        .and_then(|(server, from)| server.handler_latencies(from, spec.scenario.methods()));
+    row(
+        name,
+        durability,
+        stored,
+        spec,
+        &result,
+        before.zip(after),
+        handler.as_ref(),
+    )
 }
 
 fn row(
@@ -379,9 +393,11 @@ fn row(
     spec: &LoadSpec,
     result: &LoadResult,
     stats: Option<(ProcStats, ProcStats)>,
+    handler: Option<&Histogram<u64>>,
 ) -> Row {
     let secs = result.elapsed.as_secs_f64().max(1e-9);
     let quantile = |q: f64| result.latency_us.value_at_quantile(q) as f64 / 1000.0;
+    let handler_quantile = |q: f64| handler.map(|h| h.value_at_quantile(q) as f64 / 1000.0);
     Row {
         scenario: name.to_owned(),
         durability: durability.to_owned(),
@@ -397,6 +413,8 @@ fn row(
         p50_ms: quantile(0.5),
         p99_ms: quantile(0.99),
         p999_ms: quantile(0.999),
+        handler_p50_ms: handler_quantile(0.5),
+        handler_p99_ms: handler_quantile(0.99),
         server_cpu_s_per_1k_items: stats
             .filter(|_| result.items > 0)
             .map(|(b, a)| (a.cpu_seconds - b.cpu_seconds) / result.items as f64 * 1000.0),
@@ -609,7 +627,7 @@ async fn in_process_row(
         max_requests: u64::MAX,
         rate: None,
     };
-    Ok(row(name, "sync", 0, &spec, &result, None))
+    Ok(row(name, "sync", 0, &spec, &result, None, None))
 }
 
 /// The device's own sync latency: 4 KiB appended and `fdatasync`ed, one at

@@ -33,6 +33,13 @@ pub struct Row {
     pub p99_ms: f64,
     /// 99.9th percentile latency, ms.
     pub p999_ms: f64,
+    /// Median time in the server's handler, ms, from its request log
+    /// (`null` for an external server or an unlogged RPC). The difference
+    /// to `p50_ms` is the network, TLS, HTTP/2 and the load generator, which
+    /// shares the machine.
+    pub handler_p50_ms: Option<f64>,
+    /// 99th percentile time in the server's handler, ms.
+    pub handler_p99_ms: Option<f64>,
     /// Server CPU seconds per 1,000 items (`null` when not measurable).
     pub server_cpu_s_per_1k_items: Option<f64>,
     /// Server peak resident memory during the scenario, MiB.
@@ -91,14 +98,16 @@ impl Report {
             "Command: `{}`\n\nMachine: {} ({} cores), commit {}, {}\n\n",
             self.command, m.cpu, m.cores, m.commit, m.date
         );
-        out.push_str("| scenario | durability | stored tokens | in flight | batch | req/s | items/s | p50 ms | p99 ms | p99.9 ms | server CPU s / 1k items | server peak RSS MiB | errors |\n");
-        out.push_str("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n");
+        out.push_str("| scenario | durability | stored tokens | in flight | batch | req/s | items/s | p50 ms | p99 ms | p99.9 ms | handler p50 ms | handler p99 ms | server CPU s / 1k items | server peak RSS MiB | errors |\n");
+        out.push_str(
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        );
         for r in &self.rows {
             let opt = |v: Option<f64>, digits: usize| {
                 v.map_or("–".to_owned(), |v| format!("{v:.digits$}"))
             };
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |\n",
                 r.scenario,
                 r.durability,
                 r.stored_tokens,
@@ -109,6 +118,8 @@ impl Report {
                 r.p50_ms,
                 r.p99_ms,
                 r.p999_ms,
+                opt(r.handler_p50_ms, 2),
+                opt(r.handler_p99_ms, 2),
                 opt(r.server_cpu_s_per_1k_items, 3),
                 opt(r.server_peak_rss_mib, 0),
                 r.errors

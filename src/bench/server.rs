@@ -3,13 +3,15 @@
 //! generator's.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::{BufRead, BufReader, Seek, SeekFrom, Write},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
     sync::mpsc,
     time::Duration,
 };
+
+use hdrhistogram::Histogram;
 
 use crate::{
     client::ClientTls,
@@ -33,6 +35,8 @@ pub struct BenchServer {
     pub tls: ClientTls,
     /// Where RocksDB keeps its files.
     pub data_dir: PathBuf,
+    /// The server's log, as it wrote it.
+    log_path: PathBuf,
 }
 
 /// Creates certificates, a master key and writes a config into `dir`.
@@ -115,16 +119,17 @@ purposes = ["{BENCH_PURPOSE}"]
         let stderr = child.stderr.take().ok_or("no stderr")?;
         let log_path = dir.join("server.log");
         let (ready_tx, ready_rx) = mpsc::channel();
+        let log_file = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
         std::thread::spawn(move || {
             // The server's request log goes to a file, as it would to a log
             // collector: formatting it is part of the measured cost. Only the
             // lines up to "serving" are parsed (for the address); the rest is
-            // copied as bytes, so the load generator, which shares the
-            // machine, does not spend its CPU reading the server's log.
+            // copied by the kernel (`io::copy` splices a pipe into a file),
+            // so the load generator, which shares the machine, spends no CPU
+            // on the server's log while it measures. The file is read after
+            // each scenario for the handler latencies.
+            let mut log = log_file;
             let mut reader = BufReader::new(stderr);
-            let mut log = std::fs::File::create(log_path)
-                .ok()
-                .map(|file| std::io::BufWriter::with_capacity(1 << 16, file));
             let mut line = String::new();
             loop {
                 line.clear();
@@ -132,9 +137,7 @@ purposes = ["{BENCH_PURPOSE}"]
                     Ok(0) | Err(_) => return,
                     Ok(_) => {}
                 }
-                if let Some(file) = log.as_mut() {
-                    let _ = file.write_all(line.as_bytes());
-                }
+                let _ = log.write_all(line.as_bytes());
                 if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
                     && event["message"] == "serving"
                 {
@@ -143,15 +146,8 @@ purposes = ["{BENCH_PURPOSE}"]
                     break;
                 }
             }
-            match log.as_mut() {
-                Some(file) => {
-                    let _ = std::io::copy(&mut reader, file);
-                    let _ = file.flush();
-                }
-                None => {
-                    let _ = std::io::copy(&mut reader, &mut std::io::sink());
-                }
-            }
+            let _ = log.write_all(reader.buffer());
+            let _ = std::io::copy(reader.get_mut(), &mut log);
         });
         let addr = ready_rx
             .recv_timeout(Duration::from_secs(60))
@@ -163,6 +159,7 @@ purposes = ["{BENCH_PURPOSE}"]
                 addr,
                 tls: tls.clone(),
                 data_dir: dir.join("data"),
+                log_path,
             }),
             Err(e) => {
                 // Not left running behind the failed bench.
@@ -176,6 +173,37 @@ purposes = ["{BENCH_PURPOSE}"]
     /// The child's process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// How much of its log the server has written so far: where the lines
+    /// of the next scenario start.
+    pub fn log_position(&self) -> u64 {
+        std::fs::metadata(&self.log_path).map_or(0, |m| m.len())
+    }
+
+    /// The latencies the server logged for `methods` from `from` on, in
+    /// microseconds: each request's time in its handler (authorisation,
+    /// the vault, the audit commit), without the network, TLS, HTTP/2 or
+    /// the load generator. `None` if it logged none.
+    pub fn handler_latencies(&self, from: u64, methods: &[&str]) -> Option<Histogram<u64>> {
+        // Lines reach the file a few milliseconds after their request.
+        std::thread::sleep(Duration::from_millis(200));
+        let mut file = std::fs::File::open(&self.log_path).ok()?;
+        file.seek(SeekFrom::Start(from)).ok()?;
+        let mut latencies = super::load::new_histogram();
+        for line in BufReader::new(file).lines() {
+            let Ok(line) = line else { break };
+            let Ok(entry) = serde_json::from_str::<RequestLine>(&line) else {
+                continue;
+            };
+            if entry.message == "request"
+                && let (Some(method), Some(micros)) = (entry.method, entry.latency_us)
+                && methods.contains(&method.as_str())
+            {
+                let _ = latencies.record(micros.clamp(1, 60_000_000));
+            }
+        }
+        (!latencies.is_empty()).then_some(latencies)
     }
 
     /// SIGTERM and wait.
@@ -194,6 +222,14 @@ pub struct ProcStats {
     pub cpu_seconds: f64,
     /// Peak resident set size since the last [`reset_peak_rss`], bytes.
     pub peak_rss_bytes: u64,
+}
+
+/// The fields of a request's log line the bench reads.
+#[derive(serde::Deserialize)]
+struct RequestLine {
+    message: String,
+    method: Option<String>,
+    latency_us: Option<u64>,
 }
 
 /// Reads the stats of `pid`; zeros if they cannot be read.
