@@ -372,6 +372,10 @@ async fn run_one(
     let before = pid.map(proc_stats);
     let result = load::run(channels, spec, Arc::clone(pool)).await;
     let after = pid.map(proc_stats);
+    if server.is_some() {
+        // The server's log thread writes within a few milliseconds.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
     let handler = server
         .zip(log_from)
         .and_then(|(server, from)| server.handler_latencies(from, spec.scenario.methods()));

@@ -184,10 +184,10 @@ purposes = ["{BENCH_PURPOSE}"]
     /// The latencies the server logged for `methods` from `from` on, in
     /// microseconds: each request's time in its handler (authorisation,
     /// the vault, the audit commit), without the network, TLS, HTTP/2 or
-    /// the load generator. `None` if it logged none.
+    /// the load generator. `None` if it logged none. Lines reach the file a
+    /// few milliseconds after their request: call this a little after the
+    /// last answer.
     pub fn handler_latencies(&self, from: u64, methods: &[&str]) -> Option<Histogram<u64>> {
-        // Lines reach the file a few milliseconds after their request.
-        std::thread::sleep(Duration::from_millis(200));
         let mut file = std::fs::File::open(&self.log_path).ok()?;
         file.seek(SeekFrom::Start(from)).ok()?;
         let mut latencies = super::load::new_histogram();

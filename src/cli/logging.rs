@@ -14,10 +14,11 @@
 //! milliseconds, a busy server pays a few hundred system calls per second
 //! for its log instead of one per request, and an idle one pays none.
 //!
-//! Nothing is dropped: a producer that finds [`MAX_PENDING`] bytes waiting
-//! blocks until the thread has written them (a stuck stderr stalls requests
-//! rather than losing their log lines). Dropping the [`Flush`] guard writes
-//! what is left and stops the thread.
+//! Nothing is dropped while the guard lives: a producer that finds
+//! [`MAX_PENDING`] bytes waiting blocks until the thread has written them (a
+//! stuck stderr stalls requests rather than losing their log lines).
+//! Dropping the [`Flush`] guard writes what is left and stops the thread;
+//! lines logged after that are not written.
 
 use std::{
     io::Write,
