@@ -149,10 +149,20 @@ pub async fn run(channels: &[Channel], spec: &LoadSpec, pool: Arc<Vec<String>>) 
     total
 }
 
+/// The longest latency a histogram holds, in microseconds (a minute).
+const MAX_LATENCY_US: u64 = 60_000_000;
+
+/// A latency histogram: 1 µs to a minute at three significant digits.
 pub(super) fn new_histogram() -> Histogram<u64> {
-    // 1 µs to 60 s at three significant digits; these bounds are valid, so
-    // construction cannot fail.
-    Histogram::new_with_bounds(1, 60_000_000, 3).unwrap_or_else(|_| unreachable!("valid bounds"))
+    // These bounds are valid, so construction cannot fail.
+    Histogram::new_with_bounds(1, MAX_LATENCY_US, 3)
+        .unwrap_or_else(|_| unreachable!("valid bounds"))
+}
+
+/// Records `micros` in a histogram from [`new_histogram`], held to its
+/// bounds so a value outside them is counted at the edge, not lost.
+pub(super) fn record_micros(histogram: &mut Histogram<u64>, micros: u64) {
+    let _ = histogram.record(micros.clamp(1, MAX_LATENCY_US));
 }
 
 async fn worker(
@@ -232,7 +242,7 @@ async fn worker(
                 result.requests += 1;
                 result.items += items;
                 result.errors += item_errors;
-                let _ = result.latency_us.record(micros.clamp(1, 60_000_000));
+                record_micros(&mut result.latency_us, micros);
             }
             Err(()) => result.errors += 1,
         }

@@ -603,17 +603,12 @@ async fn in_process_row(
     started: Instant,
     tasks: Vec<tokio::task::JoinHandle<Vec<Duration>>>,
 ) -> Result<Row, String> {
-    let mut hist = hdrhistogram::Histogram::<u64>::new_with_bounds(1, 60_000_000, 3)
-        .map_err(|e| e.to_string())?;
+    let mut hist = load::new_histogram();
     let mut requests = 0u64;
     for task in tasks {
         for l in task.await.map_err(|e| e.to_string())? {
             requests += 1;
-            let _ = hist.record(
-                u64::try_from(l.as_micros())
-                    .unwrap_or(u64::MAX)
-                    .clamp(1, 60_000_000),
-            );
+            load::record_micros(&mut hist, u64::try_from(l.as_micros()).unwrap_or(u64::MAX));
         }
     }
     let result = LoadResult {

@@ -200,7 +200,7 @@ purposes = ["{BENCH_PURPOSE}"]
                 && let (Some(method), Some(micros)) = (entry.method, entry.latency_us)
                 && methods.contains(&method.as_str())
             {
-                let _ = latencies.record(micros.clamp(1, 60_000_000));
+                super::load::record_micros(&mut latencies, micros);
             }
         }
         (!latencies.is_empty()).then_some(latencies)
