@@ -40,6 +40,19 @@ fn assert_no_echo(message: &str, input: &str) {
     );
 }
 
+/// The promise of a per-item RPC's answer: a response with one result per
+/// item, or a status whose message echoes none of the items.
+fn check_answer<T>(
+    answer: Result<tonic::Response<T>, tonic::Status>,
+    items: &[String],
+    results: impl FnOnce(&T) -> usize,
+) {
+    match answer {
+        Ok(r) => assert_eq!(results(r.get_ref()), items.len()),
+        Err(s) => items.iter().for_each(|v| assert_no_echo(s.message(), v)),
+    }
+}
+
 /// Token and field-type parsing: a token that parses round-trips, and an
 /// error never contains the input.
 pub fn token(data: &[u8]) {
@@ -203,30 +216,24 @@ impl RequestTarget {
                         return;
                     };
                     let values: Vec<String> = m.items.iter().map(|i| i.value.clone()).collect();
-                    match svc.tokenize(self.request(m)).await {
-                        Ok(r) => assert_eq!(r.get_ref().results.len(), values.len()),
-                        Err(s) => values.iter().for_each(|v| assert_no_echo(s.message(), v)),
-                    }
+                    let answer = svc.tokenize(self.request(m)).await;
+                    check_answer(answer, &values, |r| r.results.len());
                 }
                 1 => {
                     let Ok(m) = pb::DetokenizeRequest::decode(body) else {
                         return;
                     };
                     let tokens = m.tokens.clone();
-                    match svc.detokenize(self.request(m)).await {
-                        Ok(r) => assert_eq!(r.get_ref().results.len(), tokens.len()),
-                        Err(s) => tokens.iter().for_each(|t| assert_no_echo(s.message(), t)),
-                    }
+                    let answer = svc.detokenize(self.request(m)).await;
+                    check_answer(answer, &tokens, |r| r.results.len());
                 }
                 2 => {
                     let Ok(m) = pb::LookupTokensRequest::decode(body) else {
                         return;
                     };
                     let values: Vec<String> = m.items.iter().map(|i| i.value.clone()).collect();
-                    match svc.lookup_tokens(self.request(m)).await {
-                        Ok(r) => assert_eq!(r.get_ref().results.len(), values.len()),
-                        Err(s) => values.iter().for_each(|v| assert_no_echo(s.message(), v)),
-                    }
+                    let answer = svc.lookup_tokens(self.request(m)).await;
+                    check_answer(answer, &values, |r| r.results.len());
                 }
                 3 => {
                     let Ok(m) = pb::UpdateValueRequest::decode(body) else {
@@ -242,10 +249,8 @@ impl RequestTarget {
                         return;
                     };
                     let tokens = m.tokens.clone();
-                    match svc.delete_tokens(self.request(m)).await {
-                        Ok(r) => assert_eq!(r.get_ref().results.len(), tokens.len()),
-                        Err(s) => tokens.iter().for_each(|t| assert_no_echo(s.message(), t)),
-                    }
+                    let answer = svc.delete_tokens(self.request(m)).await;
+                    check_answer(answer, &tokens, |r| r.results.len());
                 }
                 5 => {
                     let Ok(m) = pb::SetConsentRequest::decode(body) else {
