@@ -17,6 +17,7 @@ if ! cargo +nightly --version >/dev/null 2>&1; then
 fi
 command -v cargo-fuzz >/dev/null 2>&1 || cargo install cargo-fuzz --locked
 target_dir=${CARGO_FUZZ_TARGET_DIR:-$HOME/.cache/tokenvault-fuzz-target}
+triple_dir="$target_dir/$(rustc +nightly -vV | sed -n 's/^host: //p')/release"
 # The request target makes a vault in a temporary directory per process.
 TMPDIR=$(mktemp -d)
 export TMPDIR
@@ -28,4 +29,12 @@ for target in token identity config request; do
     # instrument), so AddressSanitizer adds cost without coverage.
     cargo +nightly fuzz run -s none --target-dir "$target_dir" "$target" -- \
         -max_total_time="$seconds" -rss_limit_mb=4096 -print_final_stats=1
+    # Each build of a changed crate links a new ~500 MB binary beside the old
+    # ones; keep only the one Cargo just linked (hard-linked to its target
+    # name) so the shared build dir does not fill the disk.
+    for binary in "$triple_dir/deps/$target"-*; do
+        if [ -x "$binary" ] && ! [ "$binary" -ef "$triple_dir/$target" ]; then
+            rm -f "$binary"
+        fi
+    done
 done
