@@ -2,12 +2,9 @@
 //!
 //! Reads run on tokio's blocking pool. Writes go through one committer
 //! thread that drains every batch waiting in its queue into a single
-//! `WriteBatch` and a single write: concurrent requests share one write
-//! instead of queueing behind each other's. With durability `sync` (the
-//! default) a second thread syncs the WAL and answers the groups a sync
-//! covers, while the committer already writes the next ones: a group's
-//! callers hear back only once it is on disk, but the committer's cycle is
-//! its CPU work alone, not that plus an fsync.
+//! `WriteBatch` and a single (fsync'd, by default) write: concurrent requests
+//! share one sync instead of queueing behind each other's, which is what lets
+//! a synced single-item tokenize scale with concurrency.
 
 use std::{
     path::{Path, PathBuf},
@@ -65,12 +62,8 @@ pub struct RocksStore {
     /// `None` once [`RocksStore::close`] has begun.
     commits: Option<mpsc::Sender<Commit>>,
     committer: Option<thread::JoinHandle<()>>,
-    /// The WAL sync thread (durability `sync` only); it ends after the
-    /// committer, once every written group is answered.
-    syncer: Option<thread::JoinHandle<()>>,
     stats: Arc<CommitStats>,
-    /// The audit chain's head as far as it is durable: updated after each
-    /// sync (or, with buffered durability, after each write).
+    /// The audit chain's head; the committer updates it after each write.
     head: Arc<Mutex<Head>>,
     path: PathBuf,
     /// Reads from memtables and block cache only (never I/O), made once.
@@ -84,8 +77,6 @@ pub struct CommitStats {
     pub batches: AtomicU64,
     /// Physical writes made (one per group).
     pub writes: AtomicU64,
-    /// WAL syncs made (each covers every group written before it began).
-    pub syncs: AtomicU64,
 }
 
 /// One caller's batch waiting for the committer.
@@ -147,29 +138,15 @@ impl RocksStore {
         let head = Arc::new(Mutex::new(read_head(&db)?));
         let stats = Arc::new(CommitStats::default());
         let (tx, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
-        let spawn = |name: &str, body: Box<dyn FnOnce() + Send>| {
-            thread::Builder::new()
-                .name(name.into())
-                .spawn(body)
-                .map_err(|e| Error::Backend(format!("cannot start the {name} thread: {e}")))
-        };
-        let (to_sync, syncer) = if options.durability == Durability::Sync {
-            let (to_sync, written) = std::sync::mpsc::channel();
-            let (db, stats, head) = (Arc::clone(&db), Arc::clone(&stats), Arc::clone(&head));
-            let syncer = spawn(
-                "tokenvault-sync",
-                Box::new(move || run_syncer(&db, &written, &stats, &head)),
-            )?;
-            (Some(to_sync), Some(syncer))
-        } else {
-            (None, None)
-        };
         let committer = {
-            let (db, stats, head) = (Arc::clone(&db), Arc::clone(&stats), Arc::clone(&head));
-            spawn(
-                "tokenvault-commit",
-                Box::new(move || run_committer(&db, rx, to_sync, &stats, &head)),
-            )?
+            let db = Arc::clone(&db);
+            let stats = Arc::clone(&stats);
+            let head = Arc::clone(&head);
+            let sync = options.durability == Durability::Sync;
+            thread::Builder::new()
+                .name("tokenvault-commit".into())
+                .spawn(move || run_committer(&db, rx, sync, &stats, &head))
+                .map_err(|e| Error::Backend(format!("cannot start the commit thread: {e}")))?
         };
         let mut memory_only = ReadOptions::default();
         memory_only.set_read_tier(ReadTier::BlockCache);
@@ -178,7 +155,6 @@ impl RocksStore {
             memory_only,
             commits: Some(tx),
             committer: Some(committer),
-            syncer,
             stats,
             head,
             path: path.to_owned(),
@@ -242,15 +218,10 @@ impl RocksStore {
 
     fn shutdown(&mut self) {
         self.commits.take();
-        for (handle, name) in [
-            (self.committer.take(), "commit"),
-            (self.syncer.take(), "sync"),
-        ] {
-            if let Some(handle) = handle
-                && handle.join().is_err()
-            {
-                tracing::error!("the {name} thread panicked");
-            }
+        if let Some(handle) = self.committer.take()
+            && handle.join().is_err()
+        {
+            tracing::error!("the commit thread panicked");
         }
     }
 
@@ -431,7 +402,10 @@ impl Store for RocksStore {
     }
 
     fn audit_head(&self) -> Head {
-        lock(&self.head)
+        *self
+            .head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     async fn commit(&self, batch: Batch) -> Result<UnitOutcomes, Error> {
@@ -455,32 +429,22 @@ async fn blocking<T: Send + 'static>(
         .map_err(|e| Error::Backend(format!("storage task failed: {e}")))?
 }
 
-/// A group the committer wrote to the WAL, waiting for the sync that makes
-/// it durable before its callers hear back.
-struct Written {
-    answers: Vec<(Answer, UnitOutcomes)>,
-    /// The audit chain's head once this group is in.
-    head: Head,
-}
-
-type Answer = oneshot::Sender<Result<UnitOutcomes, Error>>;
-
 /// The committer thread: one physical write per group of queued batches.
-///
-/// It never waits for the disk itself. With `to_sync` (durability `sync`)
-/// each written group goes to the sync thread, which answers it once a WAL
-/// sync that began after the write has finished; meanwhile the committer
-/// writes the next groups. Otherwise it answers at once.
 fn run_committer(
     db: &DB,
     mut queue: mpsc::Receiver<Commit>,
-    to_sync: Option<std::sync::mpsc::Sender<Written>>,
+    sync: bool,
     stats: &CommitStats,
     shared_head: &Mutex<Head>,
 ) {
-    let mut head = lock(shared_head);
-    let write_opts = WriteOptions::default();
-    let mut outage = Outage::new("writes");
+    let mut head = *shared_head
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let mut write_opts = WriteOptions::default();
+    write_opts.set_sync(sync);
+    // When writes started failing, so the log can say when they resume
+    // (RocksDB resumes by itself once the disk has room again).
+    let mut failing_since: Option<std::time::Instant> = None;
     while let Some(first) = queue.blocking_recv() {
         let mut group = vec![first];
         while group.len() < MAX_GROUP_BATCHES {
@@ -489,133 +453,51 @@ fn run_committer(
                 Err(_) => break,
             }
         }
-        let before = head;
         let result = write_group(db, &group, &write_opts, &mut head);
-        if result.is_err() {
-            // Nothing was written: the chain continues from where it was.
-            head = before;
+        if result.is_ok() {
+            *shared_head
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = head;
+        } else {
+            // Nothing was written: the chain continues from the stored head.
+            head = *shared_head
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
         stats.writes.fetch_add(1, Ordering::Relaxed);
         stats
             .batches
             .fetch_add(group.len() as u64, Ordering::Relaxed);
-        outage.observe(&result);
-        let dones = group.into_iter().map(|commit| commit.done);
-        match result {
-            Ok(outcomes) => {
-                let written = Written {
-                    answers: dones.zip(outcomes).collect(),
-                    head,
-                };
-                match &to_sync {
-                    Some(syncer) => {
-                        if let Err(unsent) = syncer.send(written) {
-                            // The sync thread is gone (it only ends when
-                            // this one does): nothing here is durable.
-                            for (done, _) in unsent.0.answers {
-                                let _ = done.send(Err(Error::Closed));
-                            }
-                        }
-                    }
-                    None => {
-                        *lock_mut(shared_head) = head;
-                        answer(written.answers, &Ok(()));
-                    }
-                }
-            }
-            Err(e) => {
-                for done in dones {
-                    let _ = done.send(Err(e.duplicate()));
-                }
-            }
-        }
-    }
-}
-
-/// The sync thread: one WAL sync for every group written since the last
-/// one began, then their answers. A sync covers the whole log written before
-/// it, so groups are answered in the order they were written.
-fn run_syncer(
-    db: &DB,
-    written: &std::sync::mpsc::Receiver<Written>,
-    stats: &CommitStats,
-    shared_head: &Mutex<Head>,
-) {
-    let mut outage = Outage::new("WAL syncs");
-    while let Ok(first) = written.recv() {
-        let mut ready = vec![first];
-        ready.extend(written.try_iter());
-        let result = db.flush_wal(true).map_err(classify);
-        stats.syncs.fetch_add(1, Ordering::Relaxed);
-        outage.observe(&result);
-        if result.is_ok()
-            && let Some(last) = ready.last()
-        {
-            // Checkpoints sign this head: it must never name an event a
-            // crash could still take back.
-            *lock_mut(shared_head) = last.head;
-        }
-        for group in ready {
-            answer(group.answers, &result);
-        }
-    }
-}
-
-/// Sends each caller its outcome, or everyone the same error.
-fn answer(answers: Vec<(Answer, UnitOutcomes)>, result: &Result<(), Error>) {
-    for (done, outcome) in answers {
-        // The caller may have gone away (cancelled request); its batch is
-        // committed all the same, as a cancelled request would be.
-        let _ = done.send(match result {
-            Ok(()) => Ok(outcome),
-            Err(e) => Err(e.duplicate()),
-        });
-    }
-}
-
-/// Logs once when storage writes (or syncs) start failing and once when
-/// they resume, not once per group. RocksDB resumes by itself once the disk
-/// has room again.
-struct Outage {
-    what: &'static str,
-    since: Option<std::time::Instant>,
-}
-
-impl Outage {
-    fn new(what: &'static str) -> Self {
-        Self { what, since: None }
-    }
-
-    fn observe<T>(&mut self, result: &Result<T, Error>) {
-        match (result, self.since) {
+        match (&result, failing_since) {
             (Ok(_), Some(since)) => {
                 tracing::warn!(
                     failed_for_ms = u64::try_from(since.elapsed().as_millis()).unwrap_or(u64::MAX),
-                    "storage {} resumed",
-                    self.what
+                    "storage writes resumed"
                 );
-                self.since = None;
+                failing_since = None;
             }
             (Err(e), None) => {
-                tracing::error!(
-                    error = %e,
-                    "storage {} are failing; requests that write are refused until they resume",
-                    self.what
-                );
-                self.since = Some(std::time::Instant::now());
+                tracing::error!(error = %e, "storage writes are failing; requests that write are refused until they resume");
+                failing_since = Some(std::time::Instant::now());
             }
             _ => {}
         }
+        match result {
+            Ok(outcomes) => {
+                for (commit, outcome) in group.into_iter().zip(outcomes) {
+                    // The caller may have gone away (cancelled request); its
+                    // batch is committed all the same, as a cancelled request
+                    // would be.
+                    let _ = commit.done.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                for commit in group {
+                    let _ = commit.done.send(Err(e.duplicate()));
+                }
+            }
+        }
     }
-}
-
-fn lock(head: &Mutex<Head>) -> Head {
-    *lock_mut(head)
-}
-
-fn lock_mut(head: &Mutex<Head>) -> std::sync::MutexGuard<'_, Head> {
-    head.lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Builds one `WriteBatch` from every unit of every queued batch whose guards
@@ -968,39 +850,13 @@ mod tests {
         let keys = (0..200u32).map(|i| i.to_be_bytes().to_vec()).collect();
         let got = store.get_many(Table::Records, keys).await.unwrap();
         assert!(got.iter().all(Option::is_some));
-        let stats = store.commit_stats();
-        let (batches, writes, syncs) = (
-            stats.batches.load(Ordering::Relaxed),
-            stats.writes.load(Ordering::Relaxed),
-            stats.syncs.load(Ordering::Relaxed),
-        );
-        assert_eq!(batches, 200);
-        // Every answer waited for a sync, and a sync covers every group
-        // written before it began, so there are never more syncs than writes.
-        assert!(
-            (1..=writes).contains(&syncs) && writes <= batches,
-            "{batches} batches, {writes} writes, {syncs} syncs"
-        );
+        assert_eq!(store.commit_stats().batches.load(Ordering::Relaxed), 200);
     }
 
-    #[tokio::test]
-    async fn buffered_durability_never_syncs() {
-        let dir = tempfile::tempdir().unwrap();
-        let options = StoreOptions {
-            durability: Durability::Buffered,
-            ..StoreOptions::default()
-        };
-        let store = RocksStore::open(dir.path(), &options).unwrap();
-        let mut batch = Batch::new();
-        batch.put(Table::Records, b"a".to_vec(), b"1".to_vec());
-        store.commit(batch).await.unwrap();
-        assert_eq!(store.commit_stats().writes.load(Ordering::Relaxed), 1);
-        assert_eq!(store.commit_stats().syncs.load(Ordering::Relaxed), 0);
-    }
-
-    /// The head checkpoints sign moves only once a sync covers it, and it
-    /// has moved by the time the write is acknowledged: an acknowledged
-    /// event is always inside the next checkpoint.
+    /// Checkpoints sign the head the store reports: it has moved past an
+    /// event by the time the event's write is acknowledged (so the next
+    /// checkpoint covers every acknowledged event), and it is where the
+    /// chain on disk ends.
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_audit_head_covers_every_acknowledged_event() {
         let event = |i: u32| {
