@@ -10,6 +10,7 @@ mod jobs;
 mod keyring;
 mod ledger;
 mod record;
+mod retention;
 mod reveal;
 mod rotation;
 mod subjects;
@@ -345,6 +346,8 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+#[cfg(test)]
+mod retention_tests;
 #[cfg(test)]
 mod rotation_tests;
 #[cfg(test)]

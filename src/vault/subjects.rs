@@ -1,5 +1,5 @@
 //! Data subjects: per-subject keys (crypto-shredding), export, erasure and
-//! its ledger, rectification, deletion, consent and retention.
+//! its ledger, rectification, deletion and consent.
 
 use std::collections::HashMap;
 
@@ -607,6 +607,9 @@ impl<S: Store> Vault<S> {
         let mut batch = Batch::new();
         let unit = batch.unit();
         let mut purge = Vec::new();
+        // Blind-index entries to delete if they still name the token: a
+        // tokenize may have replaced an expired one meanwhile.
+        let mut index_entries = Vec::new();
         let mut results = Vec::with_capacity(tokens.len());
         for (token, bytes) in tokens.iter().zip(records) {
             event.tokens.push(self.audit_token(token));
@@ -618,7 +621,7 @@ impl<S: Store> Vault<S> {
                 unit.delete(Table::Records, token.storage_key().to_vec());
                 purge.push((Table::Records, token.storage_key().to_vec()));
                 if let Some(blind) = record.blind {
-                    unit.delete(Table::Index, blind.to_vec());
+                    index_entries.push((blind, token));
                 }
                 if let Some(subject) = record.subject_hash {
                     unit.delete(Table::SubjectIndex, subject_index_key(&subject, token));
@@ -632,6 +635,12 @@ impl<S: Store> Vault<S> {
         event.failed_items +=
             u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
         unit.append_audit(event.encode());
+        for (blind, token) in index_entries {
+            batch
+                .unit()
+                .guard_unchanged(Table::Index, blind.to_vec(), token.storage_key().to_vec())
+                .delete(Table::Index, blind.to_vec());
+        }
         self.store
             .commit(batch)
             .await
@@ -640,56 +649,5 @@ impl<S: Store> Vault<S> {
             self.store.purge(purge).await?;
         }
         Ok(results)
-    }
-
-    /// Deletes expired records (with their index entries), a page at a time.
-    /// Returns how many were deleted.
-    ///
-    /// # Errors
-    /// Storage failures.
-    pub async fn sweep_expired(&self) -> Result<u64, Error> {
-        const PAGE: usize = 1000;
-        let now = self.now();
-        let mut from = Vec::new();
-        let mut swept = 0;
-        loop {
-            let page = self
-                .store
-                .scan_from(Table::Records, from.clone(), PAGE)
-                .await?;
-            let Some((last, _)) = page.last() else { break };
-            let mut next = last.clone();
-            next.push(0);
-            let mut batch = Batch::new();
-            let unit = batch.unit();
-            let mut any = false;
-            for (key, value) in &page {
-                let Ok(record) = Record::decode(value) else {
-                    continue;
-                };
-                if !record.expired(now) {
-                    continue;
-                }
-                any = true;
-                swept += 1;
-                unit.delete(Table::Records, key.clone());
-                if let Some(blind) = record.blind {
-                    unit.delete(Table::Index, blind.to_vec());
-                }
-                if let Some(subject) = record.subject_hash {
-                    let mut index_key = subject.to_vec();
-                    index_key.extend_from_slice(key);
-                    unit.delete(Table::SubjectIndex, index_key);
-                }
-            }
-            if any {
-                self.store.commit(batch).await?;
-            }
-            if page.len() < PAGE {
-                break;
-            }
-            from = next;
-        }
-        Ok(swept)
     }
 }

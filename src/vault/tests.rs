@@ -23,11 +23,11 @@ pub(super) fn ctx(method: &'static str, items: usize) -> AuditContext {
     }
 }
 
-struct Fixture {
+pub(super) struct Fixture {
     _dir: tempfile::TempDir,
-    vault: Vault<RocksStore>,
-    policy: Policy,
-    client: ClientId,
+    pub(super) vault: Vault<RocksStore>,
+    pub(super) policy: Policy,
+    pub(super) client: ClientId,
 }
 
 pub(super) const FIELDS: &str = r#"
@@ -96,7 +96,11 @@ impl Fixture {
             .unwrap()
     }
 
-    async fn reveal(&self, tokens: &[Token], masked: bool) -> Vec<Result<Revealed, ItemError>> {
+    pub(super) async fn reveal(
+        &self,
+        tokens: &[Token],
+        masked: bool,
+    ) -> Vec<Result<Revealed, ItemError>> {
         let grants = self.policy.grants(&self.client);
         let purpose = grants.allow_purpose("test".parse().unwrap()).unwrap();
         self.vault
@@ -466,7 +470,8 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
 }
 
 /// A fixture whose clock the test moves.
-async fn fixture_with_clock() -> (Fixture, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+pub(super) async fn fixture_with_clock() -> (Fixture, std::sync::Arc<std::sync::atomic::AtomicU64>)
+{
     let time = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(1_000_000));
     let mut f = fixture().await;
     let clock = std::sync::Arc::clone(&time);
@@ -492,7 +497,11 @@ async fn placeholder_vault() -> Vault<RocksStore> {
 }
 
 impl Fixture {
-    async fn tokenize_for(&self, subject: &str, items: &[(&str, &str, Option<u64>)]) -> Vec<Token> {
+    pub(super) async fn tokenize_for(
+        &self,
+        subject: &str,
+        items: &[(&str, &str, Option<u64>)],
+    ) -> Vec<Token> {
         let grants = self.policy.grants(&self.client);
         let permits = items
             .iter()
@@ -515,37 +524,6 @@ impl Fixture {
             .map(Result::unwrap)
             .collect()
     }
-}
-
-#[tokio::test]
-async fn expired_values_are_not_found_at_once_and_swept_later() {
-    let (f, time) = fixture_with_clock().await;
-    let tokens = f
-        .tokenize_for(
-            "cust-1",
-            &[
-                ("email", "short@example.com", Some(60)),
-                ("email", "long@example.com", None),
-            ],
-        )
-        .await;
-    assert!(f.reveal(&tokens, false).await.iter().all(Result::is_ok));
-    time.fetch_add(61_000, std::sync::atomic::Ordering::SeqCst);
-    let after = f.reveal(&tokens, false).await;
-    assert!(matches!(after[0], Err(ItemError::NotFound)));
-    assert_eq!(
-        after[1].as_ref().unwrap().value.expose(),
-        "long@example.com"
-    );
-    assert_eq!(f.vault.sweep_expired().await.unwrap(), 1);
-    assert_eq!(f.vault.sweep_expired().await.unwrap(), 0);
-    let records = f
-        .vault
-        .store()
-        .scan_prefix(store::Table::Records, Vec::new())
-        .await
-        .unwrap();
-    assert_eq!(records.len(), 1);
 }
 
 #[tokio::test]

@@ -109,7 +109,7 @@ impl<S: Store> Vault<S> {
         // if nothing is written, on its own.
         let mut audit_payload = Some(event.encode());
 
-        // Deterministic values that already have a token.
+        // Deterministic values that already have a live token.
         let lookups: Vec<(usize, &Blind)> = pending
             .iter()
             .enumerate()
@@ -118,9 +118,9 @@ impl<S: Store> Vault<S> {
         if !lookups.is_empty() {
             let found = self.find_indexed(&lookups).await?;
             let mut known = vec![false; pending.len()];
-            for (i, existing) in found {
-                results[pending[i].index] = Some(existing);
-                known[i] = true;
+            for existing in self.live_retiring_dead(found).await? {
+                results[pending[existing.position].index] = Some(existing.token);
+                known[existing.position] = true;
             }
             let mut keep = known.iter().map(|k| !k);
             pending.retain(|_| keep.next().unwrap_or(true));
@@ -290,8 +290,9 @@ impl<S: Store> Vault<S> {
         }
         if !wanted.is_empty() {
             let wanted: Vec<(usize, &Blind)> = wanted.iter().map(|(i, b)| (*i, b)).collect();
-            for (index, token) in self.find_indexed(&wanted).await? {
-                results[index] = token;
+            let found = self.find_indexed(&wanted).await?;
+            for existing in self.live_only(found).await? {
+                results[existing.position] = existing.token;
             }
         }
         event.field_types.sort();
@@ -308,13 +309,21 @@ impl<S: Store> Vault<S> {
     }
 }
 
+/// A token the blind index holds for a value.
+pub(super) struct Indexed {
+    /// The value's position in the caller's list.
+    pub(super) position: usize,
+    /// The index key it is stored under.
+    pub(super) key: [u8; 32],
+    /// The token (an error if the entry holds none).
+    pub(super) token: ItemResult,
+}
+
 impl<S: Store> Vault<S> {
     /// Reads the blind index for each `(position, keys)`: the token under the
-    /// first key that has one, for the positions that have one.
-    async fn find_indexed(
-        &self,
-        wanted: &[(usize, &Blind)],
-    ) -> Result<Vec<(usize, ItemResult)>, super::Error> {
+    /// first key that has one, for the positions that have one. Whether its
+    /// record is still live is for the caller to ask (`retention.rs`).
+    async fn find_indexed(&self, wanted: &[(usize, &Blind)]) -> Result<Vec<Indexed>, super::Error> {
         let keys = wanted
             .iter()
             .flat_map(|(_, b)| b.all().map(|k| k.to_vec()))
@@ -322,12 +331,20 @@ impl<S: Store> Vault<S> {
         let mut found = self.store.get_many(Table::Index, keys).await?.into_iter();
         let mut out = Vec::new();
         for (position, blind) in wanted {
-            let mut token = None;
-            for stored in found.by_ref().take(blind.len()) {
-                token = token.or(stored);
+            let mut first = None;
+            for (key, stored) in blind.all().zip(found.by_ref().take(blind.len())) {
+                if first.is_none()
+                    && let Some(token) = stored
+                {
+                    first = Some((*key, token));
+                }
             }
-            if let Some(token) = token {
-                out.push((*position, parse_stored_token(&token)));
+            if let Some((key, token)) = first {
+                out.push(Indexed {
+                    position: *position,
+                    key,
+                    token: parse_stored_token(&token),
+                });
             }
         }
         Ok(out)
