@@ -33,11 +33,14 @@ pub enum Table {
     SubjectIndex,
     /// Subject hash + purpose → consent decision.
     Consent,
+    /// Expiry (ms since the epoch, big-endian) + token → nothing: what the
+    /// retention sweep reads, so that it visits only records that are due.
+    Expiry,
 }
 
 impl Table {
     /// Every table, in the order they are created.
-    pub const ALL: [Table; 8] = [
+    pub const ALL: [Table; 9] = [
         Table::Records,
         Table::Keys,
         Table::Meta,
@@ -46,6 +49,7 @@ impl Table {
         Table::AuditCheckpoints,
         Table::SubjectIndex,
         Table::Consent,
+        Table::Expiry,
     ];
 
     /// The column family name on disk. Never change a released name.
@@ -59,6 +63,7 @@ impl Table {
             Table::AuditCheckpoints => "audit_checkpoints",
             Table::SubjectIndex => "subject_index",
             Table::Consent => "consent",
+            Table::Expiry => "expiry",
         }
     }
 }

@@ -162,12 +162,18 @@ impl RocksStore {
     }
 
     /// Opens the database read-only, for offline tools (`audit verify`,
-    /// `audit export`). Works while a server holds the directory.
+    /// `audit export`). Works while a server holds the directory, and on a
+    /// vault (or backup) made before a table was added: a table it lacks
+    /// reads as empty.
     ///
     /// # Errors
     /// Engine failures, e.g. no database in `path`.
     pub fn open_read_only(path: &Path) -> Result<ReadOnlyStore, Error> {
-        let names = Table::ALL.map(Table::name);
+        let existing = DB::list_cf(&Options::default(), path).map_err(classify)?;
+        let names = Table::ALL
+            .map(Table::name)
+            .into_iter()
+            .filter(|name| existing.iter().any(|e| e == name));
         let db =
             DB::open_cf_for_read_only(&Options::default(), path, names, false).map_err(classify)?;
         Ok(ReadOnlyStore { db })
@@ -648,10 +654,13 @@ impl ReadOnlyStore {
         from: &[u8],
         mut f: impl FnMut(&[u8], &[u8]) -> bool,
     ) -> Result<(), Error> {
-        for item in self.db.iterator_cf(
-            cf(&self.db, table)?,
-            IteratorMode::From(from, Direction::Forward),
-        ) {
+        let Some(handle) = self.db.cf_handle(table.name()) else {
+            return Ok(());
+        };
+        for item in self
+            .db
+            .iterator_cf(handle, IteratorMode::From(from, Direction::Forward))
+        {
             let (key, value) = item.map_err(classify)?;
             if !f(&key, &value) {
                 break;
@@ -665,7 +674,10 @@ impl ReadOnlyStore {
     /// # Errors
     /// Engine failures.
     pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
-        self.db.get_cf(cf(&self.db, table)?, key).map_err(classify)
+        match self.db.cf_handle(table.name()) {
+            Some(handle) => self.db.get_cf(handle, key).map_err(classify),
+            None => Ok(None),
+        }
     }
 }
 
@@ -888,6 +900,51 @@ mod tests {
             head,
             "the chain on disk ends where the head said"
         );
+    }
+
+    /// Tables are added over releases: a vault (or backup) made before one
+    /// opens for offline tools, which read the table as empty, and for the
+    /// server, which creates it.
+    #[tokio::test]
+    async fn a_vault_made_before_a_table_existed_still_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let mut opts = Options::default();
+            opts.create_if_missing(true);
+            opts.create_missing_column_families(true);
+            let older = Table::ALL
+                .iter()
+                .filter(|t| **t != Table::Expiry)
+                .map(|t| t.name());
+            let db = DB::open_cf(&opts, dir.path(), older).unwrap();
+            db.put_cf(db.cf_handle("records").unwrap(), b"a", b"1")
+                .unwrap();
+        }
+        let read_only = RocksStore::open_read_only(dir.path()).unwrap();
+        assert_eq!(
+            read_only.get(Table::Records, b"a").unwrap(),
+            Some(b"1".to_vec())
+        );
+        assert_eq!(read_only.get(Table::Expiry, b"a").unwrap(), None);
+        let mut seen = 0;
+        read_only
+            .scan(Table::Expiry, b"", |_, _| {
+                seen += 1;
+                true
+            })
+            .unwrap();
+        assert_eq!(seen, 0);
+        drop(read_only);
+
+        let store = open(dir.path());
+        let mut batch = Batch::new();
+        batch.put(Table::Expiry, b"e".to_vec(), Vec::new());
+        store.commit(batch).await.unwrap();
+        let got = store
+            .get_many(Table::Expiry, vec![b"e".to_vec()])
+            .await
+            .unwrap();
+        assert_eq!(got, vec![Some(Vec::new())]);
     }
 
     #[tokio::test]

@@ -7,11 +7,18 @@
 //! and the sweeper deletes what is left, page by page, never deleting an
 //! index entry that has moved on to a newer token.
 
-use super::{Error, Record, Vault, subjects::subject_index_key, tokenize::Indexed};
+use super::{Error, Record, Vault, tokenize::Indexed};
 use crate::{
     store::{Batch, Store, Table},
     token::Token,
 };
+
+/// Records a sweep reads (or expiry entries it visits) per page.
+const SWEEP_PAGE: usize = 1000;
+
+/// Present in the meta table once every record that expires has its entry
+/// in the expiry table.
+const EXPIRY_INDEXED: &[u8] = b"expiry/indexed";
 
 /// What a blind-index entry leads to.
 enum Liveness {
@@ -95,88 +102,205 @@ impl<S: Store> Vault<S> {
             .collect())
     }
 
-    /// Deletes expired records (with their index entries), a page at a time.
-    /// Returns how many were deleted.
+    /// Deletes expired records with everything that points at them: their
+    /// subject-index, blind-index and expiry entries. Returns how many
+    /// records were deleted.
     ///
-    /// Each record goes in its own guarded units: the record (and its
-    /// subject-index entry) only if it is still the expired one that was
-    /// read, its blind-index entry only if that still names its token (a
-    /// tokenize may have given the value a new one since).
+    /// It reads the expiry table up to now, so its cost follows what is
+    /// due, not the size of the vault. A vault made before that table gets
+    /// it from one sweep that reads every record.
     ///
     /// # Errors
     /// Storage failures.
     pub async fn sweep_expired(&self) -> Result<u64, Error> {
-        const PAGE: usize = 1000;
+        let indexed = self
+            .store
+            .get_many(Table::Meta, vec![EXPIRY_INDEXED.to_vec()])
+            .await?
+            .pop()
+            .flatten()
+            .is_some();
+        if indexed {
+            self.sweep_due().await
+        } else {
+            self.sweep_all_and_index().await
+        }
+    }
+
+    /// Sweeps the records the expiry table says are due, in time order.
+    async fn sweep_due(&self) -> Result<u64, Error> {
         let now = self.now();
         let mut from = Vec::new();
         let mut swept = 0;
         loop {
             let page = self
                 .store
-                .scan_from(Table::Records, from.clone(), PAGE)
+                .scan_from(Table::Expiry, from.clone(), SWEEP_PAGE)
                 .await?;
-            let Some((last, _)) = page.last() else { break };
-            let mut next = last.clone();
-            next.push(0);
+            let due: Vec<(&Vec<u8>, u64, &[u8])> = page
+                .iter()
+                .map_while(|(key, _)| {
+                    let (time, token) = split_expiry_key(key)?;
+                    (time <= now).then_some((key, time, token))
+                })
+                .collect();
+            let Some((last, ..)) = due.last() else { break };
+            from = [last.as_slice(), &[0]].concat();
+            let records = self
+                .store
+                .get_many(
+                    Table::Records,
+                    due.iter().map(|(_, _, token)| token.to_vec()).collect(),
+                )
+                .await?;
             let mut batch = Batch::new();
-            // Which unit of the batch deletes each record.
             let mut record_units = Vec::new();
-            for (key, value) in &page {
-                let Ok(record) = Record::decode(value) else {
-                    continue;
-                };
-                if !record.expired(now) {
-                    continue;
-                }
-                record_units.push(batch.units().len());
-                let unit = batch.unit();
-                unit.guard_unchanged(Table::Records, key.clone(), value.clone());
-                unit.delete(Table::Records, key.clone());
-                if let Some(subject) = record.subject_hash {
-                    let mut index_key = subject.to_vec();
-                    index_key.extend_from_slice(key);
-                    unit.delete(Table::SubjectIndex, index_key);
-                }
-                if let Some(blind) = record.blind {
-                    // The index entry holds the token, which is the
-                    // record's key.
-                    batch
-                        .unit()
-                        .guard_unchanged(Table::Index, blind.to_vec(), key.clone())
-                        .delete(Table::Index, blind.to_vec());
+            for ((key, time, token), bytes) in due.iter().zip(records) {
+                let record = bytes.and_then(|b| Some((Record::decode(&b).ok()?, b)));
+                match record {
+                    Some((record, bytes))
+                        if record.expires_ms == Some(*time) && record.expired(now) =>
+                    {
+                        record_units.push(sweep_record(&mut batch, token, bytes, &record));
+                    }
+                    // The record went another way (deleted, erased) and left
+                    // its entry behind; or it does not decode, which reveal
+                    // reports as data loss, and the sweep leaves alone.
+                    _ => {
+                        batch.unit().delete(Table::Expiry, (*key).clone());
+                    }
                 }
             }
-            if !batch.is_empty() {
-                let outcomes = self.store.commit(batch).await?;
-                swept += record_units
-                    .into_iter()
-                    .filter(|&unit| outcomes.get(unit).is_some_and(Result::is_ok))
-                    .count() as u64;
-            }
-            if page.len() < PAGE {
+            swept += self.commit_sweep(batch, &record_units).await?;
+            if due.len() < page.len() || page.len() < SWEEP_PAGE {
                 break;
             }
-            from = next;
         }
         Ok(swept)
     }
+
+    /// Sweeps by reading every record, and gives each record that will
+    /// expire its expiry entry; then marks the vault as indexed. Records
+    /// tokenized meanwhile get their entries from tokenize itself.
+    async fn sweep_all_and_index(&self) -> Result<u64, Error> {
+        let now = self.now();
+        let mut from = Vec::new();
+        let mut swept = 0;
+        loop {
+            let page = self
+                .store
+                .scan_from(Table::Records, from.clone(), SWEEP_PAGE)
+                .await?;
+            let Some((last, _)) = page.last() else { break };
+            from = [last.as_slice(), &[0]].concat();
+            let full = page.len() == SWEEP_PAGE;
+            let mut batch = Batch::new();
+            let mut record_units = Vec::new();
+            for (key, bytes) in page {
+                let Ok(record) = Record::decode(&bytes) else {
+                    continue;
+                };
+                match record.expires_ms {
+                    Some(_) if record.expired(now) => {
+                        record_units.push(sweep_record(&mut batch, &key, bytes, &record));
+                    }
+                    Some(expires_ms) => {
+                        batch
+                            .unit()
+                            .put(Table::Expiry, expiry_key(expires_ms, &key), Vec::new());
+                    }
+                    None => {}
+                }
+            }
+            swept += self.commit_sweep(batch, &record_units).await?;
+            if !full {
+                break;
+            }
+        }
+        let mut batch = Batch::new();
+        batch.put(Table::Meta, EXPIRY_INDEXED.to_vec(), Vec::new());
+        self.store.commit(batch).await?;
+        tracing::info!(
+            "every record that expires is in the expiry table now; later sweeps read only what is due"
+        );
+        Ok(swept)
+    }
+
+    /// Commits one page of a sweep; returns how many records it deleted.
+    async fn commit_sweep(&self, batch: Batch, record_units: &[usize]) -> Result<u64, Error> {
+        if batch.units().is_empty() {
+            return Ok(0);
+        }
+        let outcomes = self.store.commit(batch).await?;
+        Ok(record_units
+            .iter()
+            .filter(|&&unit| outcomes.get(unit).is_some_and(Result::is_ok))
+            .count() as u64)
+    }
 }
 
-/// Adds the units that retire one dead entry to `batch`.
+/// Adds the units that retire one dead entry to `batch`: the index entry,
+/// if it still names the dead token, and the record with what points at it,
+/// if it is still the one that was read.
 fn retire(batch: &mut Batch, entry: &Indexed, token: &Token, record: Option<Vec<u8>>) {
-    let unit = batch.unit();
-    unit.guard_unchanged(
-        Table::Index,
-        entry.key.to_vec(),
-        token.storage_key().to_vec(),
-    )
-    .delete(Table::Index, entry.key.to_vec());
-    if let Some(bytes) = record {
-        let subject = Record::decode(&bytes).ok().and_then(|r| r.subject_hash);
-        unit.guard_unchanged(Table::Records, token.storage_key().to_vec(), bytes)
-            .delete(Table::Records, token.storage_key().to_vec());
-        if let Some(subject) = subject {
-            unit.delete(Table::SubjectIndex, subject_index_key(&subject, token));
-        }
+    batch
+        .unit()
+        .guard_unchanged(
+            Table::Index,
+            entry.key.to_vec(),
+            token.storage_key().to_vec(),
+        )
+        .delete(Table::Index, entry.key.to_vec());
+    if let Some(bytes) = record
+        && let Ok(decoded) = Record::decode(&bytes)
+    {
+        forget_record(batch, token.storage_key(), bytes, &decoded);
     }
+}
+
+/// Adds a unit that deletes an expired record, its subject-index entry and
+/// its expiry entry, if the record is still `bytes`.
+fn forget_record(batch: &mut Batch, key: &[u8], bytes: Vec<u8>, record: &Record) {
+    let unit = batch.unit();
+    unit.guard_unchanged(Table::Records, key.to_vec(), bytes)
+        .delete(Table::Records, key.to_vec());
+    if let Some(subject) = record.subject_hash {
+        let mut index_key = subject.to_vec();
+        index_key.extend_from_slice(key);
+        unit.delete(Table::SubjectIndex, index_key);
+    }
+    if let Some(expires_ms) = record.expires_ms {
+        unit.delete(Table::Expiry, expiry_key(expires_ms, key));
+    }
+}
+
+/// Adds the units that sweep one expired record: [`forget_record`], and its
+/// blind-index entry if that still names it (a tokenize may have given the
+/// value a new token since). Returns the index of the record's unit.
+fn sweep_record(batch: &mut Batch, key: &[u8], bytes: Vec<u8>, record: &Record) -> usize {
+    let unit = batch.units().len();
+    forget_record(batch, key, bytes, record);
+    if let Some(blind) = record.blind {
+        // The index entry holds the token, which is the record's key.
+        batch
+            .unit()
+            .guard_unchanged(Table::Index, blind.to_vec(), key.to_vec())
+            .delete(Table::Index, blind.to_vec());
+    }
+    unit
+}
+
+/// The expiry-table key of a record: its expiry, big-endian so keys sort by
+/// time, then its token.
+pub(super) fn expiry_key(expires_ms: u64, token: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(8 + token.len());
+    key.extend_from_slice(&expires_ms.to_be_bytes());
+    key.extend_from_slice(token);
+    key
+}
+
+/// The expiry and the token of an expiry-table key.
+fn split_expiry_key(key: &[u8]) -> Option<(u64, &[u8])> {
+    let (time, token) = key.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*time), token))
 }

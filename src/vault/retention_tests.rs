@@ -228,3 +228,78 @@ async fn deleting_a_token_removes_only_an_index_entry_that_names_it() {
         vec![(blind.to_vec(), b"tok_newer".to_vec())]
     );
 }
+
+/// A vault made before the expiry table gets it from its first sweep, which
+/// reads every record; later sweeps read only the entries that are due.
+#[tokio::test]
+async fn the_first_sweep_of_an_older_vault_builds_the_expiry_table() {
+    let (f, time) = fixture_with_clock().await;
+    let tokens = f
+        .tokenize_for(
+            SUBJECT,
+            &[
+                ("email", "soon@example.com", Some(60)),
+                ("email", "later@example.com", Some(3600)),
+                ("email", "never@example.com", None),
+            ],
+        )
+        .await;
+    let entries = f.stored(Table::Expiry).await;
+    assert_eq!(
+        entries.len(),
+        2,
+        "tokenize writes an entry per expiring value"
+    );
+    // What an older vault holds: the same records, no entries.
+    let mut batch = Batch::new();
+    for (key, _) in entries {
+        batch.delete(Table::Expiry, key);
+    }
+    f.vault.store().commit(batch).await.unwrap();
+
+    time.fetch_add(MINUTE_MS + 1, Ordering::SeqCst);
+    assert_eq!(f.vault.sweep_expired().await.unwrap(), 1);
+    let entries = f.stored(Table::Expiry).await;
+    assert_eq!(entries.len(), 1, "the one still to expire got its entry");
+    assert!(entries[0].0.ends_with(tokens[1].storage_key()));
+
+    time.fetch_add(3600 * 1000, Ordering::SeqCst);
+    assert_eq!(f.vault.sweep_expired().await.unwrap(), 1);
+    assert!(f.stored(Table::Expiry).await.is_empty());
+    let records = f.stored(Table::Records).await;
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].0, tokens[2].storage_key());
+}
+
+/// Deletion and erasure take a record's expiry entry with it; an entry left
+/// behind anyway (by a vault that crashed mid-sweep, say) is dropped when it
+/// comes due, and entries not yet due are not touched.
+#[tokio::test]
+async fn expiry_entries_go_with_their_records() {
+    let (f, time) = fixture_with_clock().await;
+    let gone = f.tokenize_expiring().await;
+    f.delete(&gone).await;
+    assert!(f.stored(Table::Expiry).await.is_empty());
+    f.vault.sweep_expired().await.unwrap(); // indexes this vault
+
+    let mut batch = Batch::new();
+    batch.put(
+        Table::Expiry,
+        super::retention::expiry_key(1_000, b"tok_long_gone"),
+        Vec::new(),
+    );
+    f.vault.store().commit(batch).await.unwrap();
+    let pending = f.tokenize_expiring().await;
+    assert_eq!(f.vault.sweep_expired().await.unwrap(), 0);
+    let entries = f.stored(Table::Expiry).await;
+    assert_eq!(
+        entries.len(),
+        1,
+        "the stray entry is gone, the pending one stays"
+    );
+    assert!(entries[0].0.ends_with(pending.storage_key()));
+
+    time.fetch_add(MINUTE_MS + 1, Ordering::SeqCst);
+    assert_eq!(f.vault.sweep_expired().await.unwrap(), 1);
+    assert!(f.stored(Table::Expiry).await.is_empty());
+}

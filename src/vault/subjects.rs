@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use super::{
     Blind, Erasure, Error, ItemError, Record, SubjectId, Vault, keyring::SUBJECT_KEY_PREFIX_BYTES,
-    record::SUBJECT_KEY,
+    record::SUBJECT_KEY, retention::expiry_key,
 };
 use crate::{
     audit::AuditContext,
@@ -270,6 +270,11 @@ impl<S: Store> Vault<S> {
             }
             if record.is_some() {
                 erased += 1;
+            }
+            if let Some(expires_ms) = record.as_ref().and_then(|r| r.expires_ms) {
+                let key = expiry_key(expires_ms, token.storage_key());
+                unit.delete(Table::Expiry, key.clone());
+                purge.push((Table::Expiry, key));
             }
             unit.delete(Table::Records, token.storage_key().to_vec());
             unit.delete(Table::SubjectIndex, subject_index_key(&hash, token));
@@ -625,6 +630,9 @@ impl<S: Store> Vault<S> {
                 }
                 if let Some(subject) = record.subject_hash {
                     unit.delete(Table::SubjectIndex, subject_index_key(&subject, token));
+                }
+                if let Some(expires_ms) = record.expires_ms {
+                    unit.delete(Table::Expiry, expiry_key(expires_ms, token.storage_key()));
                 }
                 Ok(())
             })();

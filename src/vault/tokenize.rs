@@ -4,7 +4,7 @@ use std::collections::HashMap;
 
 use super::{
     Blind, ItemError, LookupValue, NewValue, Record, Vault, record::SUBJECT_KEY,
-    subjects::subject_index_key,
+    retention::expiry_key, subjects::subject_index_key,
 };
 use crate::{
     audit::AuditContext,
@@ -219,6 +219,13 @@ impl<S: Store> Vault<S> {
             }
             if p.spec.tokens_may_collide() {
                 unit.guard_absent(Table::Records, token.storage_key().to_vec());
+            }
+            if let Some(expires_ms) = p.expires_ms {
+                unit.put(
+                    Table::Expiry,
+                    expiry_key(expires_ms, token.storage_key()),
+                    Vec::new(),
+                );
             }
             unit.put(
                 Table::Records,
