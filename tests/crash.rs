@@ -179,7 +179,9 @@ async fn read_all(vault: &TestVault, tokens: &[String]) -> Vec<Read> {
         .results
         .into_iter()
         .map(|r| match r.result {
-            Some(detokenize_result::Result::Value(v)) => Read::Value(v.value),
+            Some(detokenize_result::Result::Value(mut v)) => {
+                Read::Value(std::mem::take(&mut v.value))
+            }
             Some(detokenize_result::Result::Error(e)) if e.code == Code::NotFound as i32 => {
                 Read::NotFound
             }
@@ -223,9 +225,10 @@ async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
         let mut subject_tokens = Vec::new();
         for s in 0..SUBJECTS {
             let items = (0..PER_SUBJECT)
-                .map(|k| TokenizeItem {
-                    subject_id: format!("r{round}-cust-{s}"),
-                    ..item(subject_value(s, k))
+                .map(|k| {
+                    let mut item = item(subject_value(s, k));
+                    item.subject_id = format!("r{round}-cust-{s}");
+                    item
                 })
                 .collect();
             subject_tokens.push(tokenize(items).await);

@@ -172,7 +172,10 @@ async fn token_formats_over_grpc() {
         .results
         .into_iter()
         .map(|r| match r.result {
-            Some(detokenize_result::Result::Value(v)) => (v.field_type, v.value),
+            Some(detokenize_result::Result::Value(mut v)) => (
+                std::mem::take(&mut v.field_type),
+                std::mem::take(&mut v.value),
+            ),
             other => panic!("{other:?}"),
         })
         .collect();
@@ -223,7 +226,9 @@ async fn a_masked_only_client_never_sees_plaintext() {
             .results
             .into_iter()
             .map(|r| match r.result {
-                Some(detokenize_result::Result::Value(v)) => (v.form(), v.value),
+                Some(detokenize_result::Result::Value(mut v)) => {
+                    (v.form(), std::mem::take(&mut v.value))
+                }
                 other => panic!("{other:?}"),
             })
             .collect();

@@ -59,7 +59,7 @@ async fn reveal(vault: &TestVault, tokens: &[String], purpose: &str) -> Vec<Resu
         .results
         .into_iter()
         .map(|r| match r.result {
-            Some(detokenize_result::Result::Value(v)) => Ok(v.value),
+            Some(detokenize_result::Result::Value(mut v)) => Ok(std::mem::take(&mut v.value)),
             Some(detokenize_result::Result::Error(e)) => Err(e.code()),
             None => panic!("empty"),
         })
@@ -93,9 +93,13 @@ async fn export_update_and_delete() {
         .unwrap()
         .into_inner();
     let mut exported = Vec::new();
-    while let Some(field) = stream.message().await.unwrap() {
+    while let Some(mut field) = stream.message().await.unwrap() {
         assert!(field.created_ms > 0);
-        exported.push((field.token, field.field_type, field.value));
+        exported.push((
+            std::mem::take(&mut field.token),
+            std::mem::take(&mut field.field_type),
+            std::mem::take(&mut field.value),
+        ));
     }
     exported.sort();
     let mut expected = vec![

@@ -45,9 +45,9 @@ impl SecretValue {
     }
 
     /// Hands the plaintext to the gRPC response encoder: the one place a
-    /// value leaves the vault on purpose. The returned `String` is no longer
-    /// zeroized on drop (prost's message types cannot hold a zeroizing
-    /// string); it lives only until the response is encoded.
+    /// value leaves the vault on purpose. The returned `String` is moved,
+    /// not copied, into a response message, which clears it when tonic has
+    /// encoded and dropped it (`proto.rs`).
     pub fn into_response_string(self) -> String {
         let mut guarded = self.0;
         std::mem::take(&mut *guarded)
