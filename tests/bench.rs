@@ -68,6 +68,11 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
                 assert_eq!(row["errors"].as_u64().unwrap(), 0, "{row}");
                 assert!(row["p99_ms"].as_f64().unwrap() > 0.0, "{row}");
                 assert!(row["server_peak_rss_mib"].as_f64().unwrap() > 1.0, "{row}");
+                // The load generator's own CPU (it shares the machine).
+                assert!(
+                    row["client_cpu_s_per_1k_items"].as_f64().unwrap() >= 0.0,
+                    "{row}"
+                );
                 // The time in the server's handler, from its request log,
                 // lies inside the time the client saw (the health check
                 // logs no line).
@@ -84,8 +89,9 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
     }
     for scenario in ["in-process tokenize", "in-process tokenize-batch"] {
         assert!(
-            rows.iter()
-                .any(|r| r["scenario"] == scenario && r["items"].as_u64().unwrap() > 0),
+            rows.iter().any(|r| r["scenario"] == scenario
+                && r["items"].as_u64().unwrap() > 0
+                && r["client_cpu_s_per_1k_items"].is_null()),
             "{scenario}"
         );
     }
@@ -95,7 +101,7 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
     let table = std::fs::read_to_string(&markdown).unwrap();
     assert!(table.contains("| tokenize-batch | sync |"), "{table}");
     assert!(
-        table.contains("| handler p50 ms | handler p99 ms |"),
+        table.contains("| handler p50 ms | handler p99 ms | server CPU s / 1k items | client CPU s / 1k items |"),
         "{table}"
     );
 }

@@ -370,7 +370,9 @@ async fn run_one(
     }
     let log_from = server.map(BenchServer::log_position);
     let before = pid.map(proc_stats);
+    let client_before = proc_stats(std::process::id()).cpu_seconds;
     let result = load::run(channels, spec, Arc::clone(pool)).await;
+    let client_cpu_seconds = proc_stats(std::process::id()).cpu_seconds - client_before;
     let after = pid.map(proc_stats);
     if server.is_some() {
         // The server's log thread writes within a few milliseconds.
@@ -379,15 +381,23 @@ async fn run_one(
     let handler = server
         .zip(log_from)
         .and_then(|(server, from)| server.handler_latencies(from, spec.scenario.methods()));
-    row(
-        name,
-        durability,
-        stored,
-        spec,
-        &result,
-        before.zip(after),
-        handler.as_ref(),
-    )
+    let measured = Measured {
+        server: before.zip(after),
+        client_cpu_seconds: Some(client_cpu_seconds),
+        handler: handler.as_ref(),
+    };
+    row(name, durability, stored, spec, &result, &measured)
+}
+
+/// What was measured beside the load itself.
+#[derive(Default)]
+struct Measured<'a> {
+    /// The server's CPU and memory before and after.
+    server: Option<(ProcStats, ProcStats)>,
+    /// CPU seconds this process (the load generator) used.
+    client_cpu_seconds: Option<f64>,
+    /// Time in the server's handler, from its request log.
+    handler: Option<&'a Histogram<u64>>,
 }
 
 fn row(
@@ -396,9 +406,10 @@ fn row(
     stored: u64,
     spec: &LoadSpec,
     result: &LoadResult,
-    stats: Option<(ProcStats, ProcStats)>,
-    handler: Option<&Histogram<u64>>,
+    measured: &Measured<'_>,
 ) -> Row {
+    let (stats, handler) = (measured.server, measured.handler);
+    let per_1k_items = |seconds: f64| seconds / result.items as f64 * 1000.0;
     let secs = result.elapsed.as_secs_f64().max(1e-9);
     let quantile = |q: f64| result.latency_us.value_at_quantile(q) as f64 / 1000.0;
     let handler_quantile = |q: f64| handler.map(|h| h.value_at_quantile(q) as f64 / 1000.0);
@@ -421,7 +432,11 @@ fn row(
         handler_p99_ms: handler_quantile(0.99),
         server_cpu_s_per_1k_items: stats
             .filter(|_| result.items > 0)
-            .map(|(b, a)| (a.cpu_seconds - b.cpu_seconds) / result.items as f64 * 1000.0),
+            .map(|(b, a)| per_1k_items(a.cpu_seconds - b.cpu_seconds)),
+        client_cpu_s_per_1k_items: measured
+            .client_cpu_seconds
+            .filter(|_| result.items > 0)
+            .map(per_1k_items),
         server_peak_rss_mib: stats.map(|(_, a)| a.peak_rss_bytes as f64 / (1 << 20) as f64),
     }
 }
@@ -626,7 +641,7 @@ async fn in_process_row(
         max_requests: u64::MAX,
         rate: None,
     };
-    Ok(row(name, "sync", 0, &spec, &result, None, None))
+    Ok(row(name, "sync", 0, &spec, &result, &Measured::default()))
 }
 
 /// The device's own sync latency: 4 KiB appended and `fdatasync`ed, one at

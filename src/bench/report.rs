@@ -42,6 +42,10 @@ pub struct Row {
     pub handler_p99_ms: Option<f64>,
     /// Server CPU seconds per 1,000 items (`null` when not measurable).
     pub server_cpu_s_per_1k_items: Option<f64>,
+    /// The load generator's CPU seconds per 1,000 items (`null` for the
+    /// in-process rows, which have none). It shares the machine with a
+    /// self-started server, so this is CPU the server did not get.
+    pub client_cpu_s_per_1k_items: Option<f64>,
     /// Server peak resident memory during the scenario, MiB.
     pub server_peak_rss_mib: Option<f64>,
 }
@@ -98,16 +102,16 @@ impl Report {
             "Command: `{}`\n\nMachine: {} ({} cores), commit {}, {}\n\n",
             self.command, m.cpu, m.cores, m.commit, m.date
         );
-        out.push_str("| scenario | durability | stored tokens | in flight | batch | req/s | items/s | p50 ms | p99 ms | p99.9 ms | handler p50 ms | handler p99 ms | server CPU s / 1k items | server peak RSS MiB | errors |\n");
+        out.push_str("| scenario | durability | stored tokens | in flight | batch | req/s | items/s | p50 ms | p99 ms | p99.9 ms | handler p50 ms | handler p99 ms | server CPU s / 1k items | client CPU s / 1k items | server peak RSS MiB | errors |\n");
         out.push_str(
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for r in &self.rows {
             let opt = |v: Option<f64>, digits: usize| {
                 v.map_or("–".to_owned(), |v| format!("{v:.digits$}"))
             };
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
                 r.scenario,
                 r.durability,
                 r.stored_tokens,
@@ -121,6 +125,7 @@ impl Report {
                 opt(r.handler_p50_ms, 2),
                 opt(r.handler_p99_ms, 2),
                 opt(r.server_cpu_s_per_1k_items, 3),
+                opt(r.client_cpu_s_per_1k_items, 3),
                 opt(r.server_peak_rss_mib, 0),
                 r.errors
             ));
