@@ -130,35 +130,34 @@ impl<S: Store> Vault<S> {
     /// Sweeps the records the expiry table says are due, in time order.
     async fn sweep_due(&self) -> Result<u64, Error> {
         let now = self.now();
-        let mut from = Vec::new();
-        let mut swept = 0;
+        let (mut from, mut swept) = (Vec::new(), 0);
         loop {
-            let page = self
-                .store
-                .scan_from(Table::Expiry, from.clone(), SWEEP_PAGE)
-                .await?;
-            let due: Vec<(&Vec<u8>, u64, &[u8])> = page
+            let page = self.next_page(Table::Expiry, &mut from).await?;
+            // Entries up to the first one not yet due; one that does not
+            // parse (only damage makes one) is due, to be dropped.
+            let due: Vec<_> = page
                 .iter()
-                .map_while(|(key, _)| {
-                    let (time, token) = split_expiry_key(key)?;
-                    (time <= now).then_some((key, time, token))
-                })
+                .map(|(key, _)| (key, split_expiry_key(key)))
+                .take_while(|(_, parsed)| parsed.is_none_or(|(time, _)| time <= now))
                 .collect();
-            let Some((last, ..)) = due.last() else { break };
-            from = [last.as_slice(), &[0]].concat();
+            if due.is_empty() {
+                break;
+            }
             let records = self
                 .store
                 .get_many(
                     Table::Records,
-                    due.iter().map(|(_, _, token)| token.to_vec()).collect(),
+                    due.iter()
+                        .map(|(_, parsed)| parsed.map_or(&[][..], |(_, token)| token).to_vec())
+                        .collect(),
                 )
                 .await?;
             let mut batch = Batch::new();
             let mut record_units = Vec::new();
-            for ((key, time, token), bytes) in due.iter().zip(records) {
+            for ((key, parsed), bytes) in due.iter().zip(records) {
                 let record = bytes.and_then(|b| Some((Record::decode(&b).ok()?, b)));
-                match record {
-                    Some((record, bytes))
+                match (parsed, record) {
+                    (Some((time, token)), Some((record, bytes)))
                         if record.expires_ms == Some(*time) && record.expired(now) =>
                     {
                         record_units.push(sweep_record(&mut batch, token, bytes, &record));
@@ -184,15 +183,12 @@ impl<S: Store> Vault<S> {
     /// tokenized meanwhile get their entries from tokenize itself.
     async fn sweep_all_and_index(&self) -> Result<u64, Error> {
         let now = self.now();
-        let mut from = Vec::new();
-        let mut swept = 0;
+        let (mut from, mut swept) = (Vec::new(), 0);
         loop {
-            let page = self
-                .store
-                .scan_from(Table::Records, from.clone(), SWEEP_PAGE)
-                .await?;
-            let Some((last, _)) = page.last() else { break };
-            from = [last.as_slice(), &[0]].concat();
+            let page = self.next_page(Table::Records, &mut from).await?;
+            if page.is_empty() {
+                break;
+            }
             let full = page.len() == SWEEP_PAGE;
             let mut batch = Batch::new();
             let mut record_units = Vec::new();
@@ -224,6 +220,22 @@ impl<S: Store> Vault<S> {
             "every record that expires is in the expiry table now; later sweeps read only what is due"
         );
         Ok(swept)
+    }
+
+    /// The next page of `table` from `from`, which moves past it.
+    async fn next_page(
+        &self,
+        table: Table,
+        from: &mut Vec<u8>,
+    ) -> Result<crate::store::KeyValues, Error> {
+        let page = self
+            .store
+            .scan_from(table, from.clone(), SWEEP_PAGE)
+            .await?;
+        if let Some((last, _)) = page.last() {
+            *from = [last.as_slice(), &[0]].concat();
+        }
+        Ok(page)
     }
 
     /// Commits one page of a sweep; returns how many records it deleted.

@@ -25,20 +25,8 @@ impl Fixture {
     }
 
     async fn lookup_for_subject(&self) -> Result<Token, ItemError> {
-        let permit = self
-            .policy
-            .grants(&self.client)
-            .permit_lookup(LookupValue {
-                field_type: "customer_email".parse().unwrap(),
-                value: SecretValue::new(VALUE.to_owned()),
-                subject: Some(SUBJECT.parse().unwrap()),
-            })
-            .unwrap();
-        self.vault
-            .lookup(vec![permit], &ctx("LookupTokens", 1))
+        self.lookup_for(Some(SUBJECT), "customer_email", VALUE)
             .await
-            .unwrap()
-            .remove(0)
     }
 
     async fn delete(&self, token: &Token) {
@@ -271,9 +259,9 @@ async fn the_first_sweep_of_an_older_vault_builds_the_expiry_table() {
     assert_eq!(records[0].0, tokens[2].storage_key());
 }
 
-/// Deletion and erasure take a record's expiry entry with it; an entry left
-/// behind anyway (by a vault that crashed mid-sweep, say) is dropped when it
-/// comes due, and entries not yet due are not touched.
+/// Deletion takes a record's expiry entry with it; an entry left behind
+/// anyway, or a damaged one, is dropped when it comes due, and entries not
+/// yet due are not touched.
 #[tokio::test]
 async fn expiry_entries_go_with_their_records() {
     let (f, time) = fixture_with_clock().await;
@@ -288,6 +276,8 @@ async fn expiry_entries_go_with_their_records() {
         super::retention::expiry_key(1_000, b"tok_long_gone"),
         Vec::new(),
     );
+    // Damage that sorts first must not hold the sweep back.
+    batch.put(Table::Expiry, vec![0], Vec::new());
     f.vault.store().commit(batch).await.unwrap();
     let pending = f.tokenize_expiring().await;
     assert_eq!(f.vault.sweep_expired().await.unwrap(), 0);

@@ -115,12 +115,22 @@ impl Fixture {
     }
 
     async fn lookup(&self, field_type: &str, value: &str) -> Result<Token, ItemError> {
+        self.lookup_for(None, field_type, value).await
+    }
+
+    /// Looks up `value`, tokenized for `subject` (if any).
+    pub(super) async fn lookup_for(
+        &self,
+        subject: Option<&str>,
+        field_type: &str,
+        value: &str,
+    ) -> Result<Token, ItemError> {
         let grants = self.policy.grants(&self.client);
         let permit = grants
             .permit_lookup(LookupValue {
                 field_type: field_type.parse().unwrap(),
                 value: SecretValue::new(value.to_owned()),
-                subject: None,
+                subject: subject.map(|s| s.parse().unwrap()),
             })
             .unwrap();
         self.vault
@@ -533,7 +543,7 @@ async fn erasing_a_subject_leaves_others_and_is_idempotent() {
         .tokenize_for(
             "cust-ada",
             &[
-                ("email", "ada@example.com", None),
+                ("email", "ada@example.com", Some(3600)),
                 ("customer_email", "ada@example.com", None),
             ],
         )
@@ -578,6 +588,13 @@ async fn erasing_a_subject_leaves_others_and_is_idempotent() {
         .await
         .unwrap();
     assert_eq!(receipt.tokens_erased, 2);
+    let expiring = f
+        .vault
+        .store()
+        .scan_prefix(store::Table::Expiry, Vec::new())
+        .await
+        .unwrap();
+    assert!(expiring.is_empty(), "the expiry entry went with the record");
     assert!(
         f.reveal(&ada, false)
             .await
