@@ -46,8 +46,9 @@ impl<S: Store> Vault<S> {
     }
 
     /// The entries of `found` whose record is live, for tokenize. Each dead
-    /// one is retired first (its index entry, record and subject-index
-    /// entry deleted, under guards that none changed since they were read),
+    /// one is retired first (its index entry, and its record with the
+    /// subject-index and expiry entries, deleted under guards that neither
+    /// changed since it was read),
     /// so that its value goes on to get a new token under the usual
     /// absent-key guard: of concurrent requests for it, one creates the new
     /// token and the others get it. A retirement that lost a race changes
@@ -61,14 +62,17 @@ impl<S: Store> Vault<S> {
     ) -> Result<Vec<Indexed>, Error> {
         let mut batch = Batch::new();
         let mut live = Vec::with_capacity(found.len());
+        let mut retired = 0;
         for (entry, liveness) in self.liveness(found).await? {
             match (liveness, &entry.token) {
-                (Liveness::Dead(record), Ok(token)) => retire(&mut batch, &entry, token, record),
+                (Liveness::Dead(record), Ok(token)) => {
+                    retire(&mut batch, &entry, token, record);
+                    retired += 1;
+                }
                 _ => live.push(entry),
             }
         }
-        if !batch.is_empty() {
-            let retired = batch.units().len();
+        if retired > 0 {
             self.store.commit(batch).await?;
             tracing::debug!(retired, "expired deterministic tokens retired by tokenize");
         }
