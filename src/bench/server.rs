@@ -3,11 +3,10 @@
 //! generator's.
 
 use std::{
-    io::{BufRead, BufReader, Seek, SeekFrom, Write},
+    io::{BufRead, BufReader, Seek, SeekFrom},
     net::SocketAddr,
     path::{Path, PathBuf},
     process::{Child, Command, Stdio},
-    sync::mpsc,
     time::Duration,
 };
 
@@ -109,50 +108,21 @@ purposes = ["{BENCH_PURPOSE}"]
         let config_path = dir.join("tokenvault.toml");
         std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        // The server writes its log to a file itself, as it would for a log
+        // collector: formatting and writing it is part of the measured
+        // cost, and the load generator, which shares the machine, spends
+        // nothing on it. The file is read for the address at start and for
+        // the handler latencies after each scenario.
+        let log_path = dir.join("server.log");
+        let log_file = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
         let mut child = Command::new(exe)
             .args(["serve", "--config"])
             .arg(&config_path)
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(log_file)
             .spawn()
             .map_err(|e| format!("cannot start the server: {e}"))?;
-        let stderr = child.stderr.take().ok_or("no stderr")?;
-        let log_path = dir.join("server.log");
-        let (ready_tx, ready_rx) = mpsc::channel();
-        let log_file = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-        std::thread::spawn(move || {
-            // The server's request log goes to a file, as it would to a log
-            // collector: formatting it is part of the measured cost. Only the
-            // lines up to "serving" are parsed (for the address); the rest is
-            // copied by the kernel (`io::copy` splices a pipe into a file),
-            // so the load generator, which shares the machine, spends no CPU
-            // on the server's log while it measures. The file is read after
-            // each scenario for the handler latencies.
-            let mut log = log_file;
-            let mut reader = BufReader::new(stderr);
-            let mut line = String::new();
-            loop {
-                line.clear();
-                match reader.read_line(&mut line) {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) => {}
-                }
-                let _ = log.write_all(line.as_bytes());
-                if let Ok(event) = serde_json::from_str::<serde_json::Value>(&line)
-                    && event["message"] == "serving"
-                {
-                    let _ =
-                        ready_tx.send(event["grpc.addr"].as_str().unwrap_or_default().to_owned());
-                    break;
-                }
-            }
-            let _ = log.write_all(reader.buffer());
-            let _ = std::io::copy(reader.get_mut(), &mut log);
-        });
-        let addr = ready_rx
-            .recv_timeout(Duration::from_secs(60))
-            .map_err(|_| "the server did not start within a minute".to_owned())
-            .and_then(|addr| addr.parse().map_err(|e| format!("bad address {addr}: {e}")));
+        let addr = wait_for_serving(&log_path, &mut child, Duration::from_secs(60));
         match addr {
             Ok(addr) => Ok(Self {
                 child,
@@ -212,6 +182,36 @@ purposes = ["{BENCH_PURPOSE}"]
             .args(["-TERM", &self.child.id().to_string()])
             .status();
         let _ = self.child.wait();
+    }
+}
+
+/// The gRPC address from the server's "serving" log line, once it is there.
+fn wait_for_serving(
+    log_path: &Path,
+    child: &mut Child,
+    limit: Duration,
+) -> Result<SocketAddr, String> {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        let log = std::fs::read_to_string(log_path).unwrap_or_default();
+        let serving = log.lines().find_map(|line| {
+            let event: serde_json::Value = serde_json::from_str(line).ok()?;
+            (event["message"] == "serving").then(|| event["grpc.addr"].as_str().map(str::to_owned))
+        });
+        if let Some(addr) = serving {
+            let addr = addr.unwrap_or_default();
+            return addr.parse().map_err(|e| format!("bad address {addr}: {e}"));
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!(
+                "the server exited ({status}) before serving: see {}",
+                log_path.display()
+            ));
+        }
+        if std::time::Instant::now() > deadline {
+            return Err("the server did not start within a minute".to_owned());
+        }
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
