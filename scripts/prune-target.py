@@ -93,10 +93,16 @@ def prune_dir(directory, names, keep):
 def main():
     if len(sys.argv) < 2:
         sys.exit(__doc__.strip().splitlines()[2])
-    names = workspace_names()
-    for target_dir in sys.argv[1:]:
-        if not os.path.isdir(target_dir):
-            continue
+    target_dirs = [d for d in sys.argv[1:] if os.path.isdir(d)]
+    if not target_dirs:
+        return
+    try:
+        names = workspace_names()
+    except (OSError, subprocess.CalledProcessError, ValueError) as e:
+        # Pruning saves disk; it is never a reason for a build to fail.
+        print(f"prune-target: skipped, cannot list this workspace's targets: {e}")
+        return
+    for target_dir in target_dirs:
         freed = 0
         for dirpath, dirnames, _ in os.walk(target_dir):
             # deps/ and incremental/ sit one or two levels down (profile, or
