@@ -103,34 +103,47 @@ impl RocksStore {
         // this plus a little, whatever the write load (see deploy/README.md).
         db_opts.set_db_write_buffer_size(MEMTABLE_BUDGET_BYTES);
 
-        let cfs = Table::ALL.map(|table| {
-            let mut cf_opts = Options::default();
-            let mut table_opts = BlockBasedOptions::default();
-            table_opts.set_block_cache(&cache);
-            table_opts.set_cache_index_and_filter_blocks(true);
-            table_opts.set_pin_l0_filter_and_index_blocks_in_cache(true);
-            cf_opts.set_write_buffer_size(if table == Table::Records {
-                MEMTABLE_BUDGET_BYTES / 2
-            } else {
-                4 << 20
-            });
-            if table == Table::Records {
-                // Records are read by exact key: a bloom filter saves a
-                // block read for every miss.
-                table_opts.set_bloom_filter(10.0, false);
-                cf_opts.set_compression_type(DBCompressionType::Lz4);
+        let mut cfs: Vec<ColumnFamilyDescriptor> = Table::ALL
+            .map(|table| {
+                let mut cf_opts = Options::default();
+                let mut table_opts = BlockBasedOptions::default();
+                table_opts.set_block_cache(&cache);
+                table_opts.set_cache_index_and_filter_blocks(true);
+                table_opts.set_pin_l0_filter_and_index_blocks_in_cache(true);
+                cf_opts.set_write_buffer_size(if table == Table::Records {
+                    MEMTABLE_BUDGET_BYTES / 2
+                } else {
+                    4 << 20
+                });
+                if table == Table::Records {
+                    // Records are read by exact key: a bloom filter saves a
+                    // block read for every miss.
+                    table_opts.set_bloom_filter(10.0, false);
+                    cf_opts.set_compression_type(DBCompressionType::Lz4);
+                }
+                if matches!(table, Table::Records | Table::Index) {
+                    // The same for the memtables: most reads are of keys written
+                    // before the last flush, and a whole-key bloom filter lets
+                    // them skip the skiplist walk (cache misses all the way down;
+                    // ~14 % of server CPU under single-token detokenize).
+                    cf_opts.set_memtable_prefix_bloom_ratio(0.05);
+                    cf_opts.set_memtable_whole_key_filtering(true);
+                }
+                cf_opts.set_block_based_table_factory(&table_opts);
+                ColumnFamilyDescriptor::new(table.name(), cf_opts)
+            })
+            .into();
+        // Tables a later release added: RocksDB opens a database only with
+        // every column family it has, so opening them (untouched) is what
+        // lets a vault roll back to this release.
+        for name in DB::list_cf(&db_opts, path).unwrap_or_default() {
+            if name != rocksdb::DEFAULT_COLUMN_FAMILY_NAME
+                && !Table::ALL.iter().any(|t| t.name() == name)
+            {
+                tracing::warn!(table = %name, "the data directory has a table this release does not know (written by a later release?); it is kept as it is");
+                cfs.push(ColumnFamilyDescriptor::new(name, Options::default()));
             }
-            if matches!(table, Table::Records | Table::Index) {
-                // The same for the memtables: most reads are of keys written
-                // before the last flush, and a whole-key bloom filter lets
-                // them skip the skiplist walk (cache misses all the way down;
-                // ~14 % of server CPU under single-token detokenize).
-                cf_opts.set_memtable_prefix_bloom_ratio(0.05);
-                cf_opts.set_memtable_whole_key_filtering(true);
-            }
-            cf_opts.set_block_based_table_factory(&table_opts);
-            ColumnFamilyDescriptor::new(table.name(), cf_opts)
-        });
+        }
 
         let db = DB::open_cf_descriptors(&db_opts, path, cfs)
             .map_err(|e| classify_open_error(e, path))?;
@@ -945,6 +958,36 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(got, vec![Some(Vec::new())]);
+    }
+
+    /// A table from a later release does not stop this one from opening
+    /// the vault (a rollback), and is kept as it was.
+    #[tokio::test]
+    async fn a_table_from_a_later_release_is_opened_and_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            store.close();
+            let mut opts = Options::default();
+            opts.create_missing_column_families(true);
+            let mut names: Vec<&str> = Table::ALL.iter().map(|t| t.name()).collect();
+            names.push("from_a_later_release");
+            let db = DB::open_cf(&opts, dir.path(), &names).unwrap();
+            db.put_cf(db.cf_handle("from_a_later_release").unwrap(), b"k", b"v")
+                .unwrap();
+        }
+        let store = open(dir.path());
+        let mut batch = Batch::new();
+        batch.put(Table::Records, b"a".to_vec(), b"1".to_vec());
+        store.commit(batch).await.unwrap();
+        store.close();
+        let names = DB::list_cf(&Options::default(), dir.path()).unwrap();
+        assert!(names.iter().any(|n| n == "from_a_later_release"));
+        let db = DB::open_cf(&Options::default(), dir.path(), &names).unwrap();
+        let kept = db
+            .get_cf(db.cf_handle("from_a_later_release").unwrap(), b"k")
+            .unwrap();
+        assert_eq!(kept, Some(b"v".to_vec()));
     }
 
     #[tokio::test]
