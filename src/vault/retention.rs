@@ -7,7 +7,7 @@
 //! and the sweeper deletes what is left, page by page, never deleting an
 //! index entry that has moved on to a newer token.
 
-use super::{Error, Record, Vault, tokenize::Indexed};
+use super::{Error, Record, Vault, subjects::subject_index_key, tokenize::Indexed};
 use crate::{
     store::{Batch, Store, Table},
     token::Token,
@@ -26,8 +26,8 @@ enum Liveness {
     /// about as it is: one that does not parse, or a record that does not
     /// decode, which reveal reports as data loss).
     Live,
-    /// An expired record (its stored bytes), or none at all.
-    Dead(Option<Vec<u8>>),
+    /// An expired record (its stored bytes, decoded), or none at all.
+    Dead(Option<(Vec<u8>, Record)>),
 }
 
 impl<S: Store> Vault<S> {
@@ -96,7 +96,9 @@ impl<S: Store> Vault<S> {
                     Ok(_) => match records.next().flatten() {
                         None => Liveness::Dead(None),
                         Some(bytes) => match Record::decode(&bytes) {
-                            Ok(record) if record.expired(now) => Liveness::Dead(Some(bytes)),
+                            Ok(record) if record.expired(now) => {
+                                Liveness::Dead(Some((bytes, record)))
+                            }
                             _ => Liveness::Live,
                         },
                     },
@@ -258,7 +260,7 @@ impl<S: Store> Vault<S> {
 /// Adds the units that retire one dead entry to `batch`: the index entry,
 /// if it still names the dead token, and the record with what points at it,
 /// if it is still the one that was read.
-fn retire(batch: &mut Batch, entry: &Indexed, token: &Token, record: Option<Vec<u8>>) {
+fn retire(batch: &mut Batch, entry: &Indexed, token: &Token, record: Option<(Vec<u8>, Record)>) {
     batch
         .unit()
         .guard_unchanged(
@@ -267,10 +269,8 @@ fn retire(batch: &mut Batch, entry: &Indexed, token: &Token, record: Option<Vec<
             token.storage_key().to_vec(),
         )
         .delete(Table::Index, entry.key.to_vec());
-    if let Some(bytes) = record
-        && let Ok(decoded) = Record::decode(&bytes)
-    {
-        forget_record(batch, token.storage_key(), bytes, &decoded);
+    if let Some((bytes, record)) = record {
+        forget_record(batch, token.storage_key(), bytes, &record);
     }
 }
 
@@ -281,9 +281,7 @@ fn forget_record(batch: &mut Batch, key: &[u8], bytes: Vec<u8>, record: &Record)
     unit.guard_unchanged(Table::Records, key.to_vec(), bytes)
         .delete(Table::Records, key.to_vec());
     if let Some(subject) = record.subject_hash {
-        let mut index_key = subject.to_vec();
-        index_key.extend_from_slice(key);
-        unit.delete(Table::SubjectIndex, index_key);
+        unit.delete(Table::SubjectIndex, subject_index_key(&subject, key));
     }
     if let Some(expires_ms) = record.expires_ms {
         unit.delete(Table::Expiry, expiry_key(expires_ms, key));

@@ -67,12 +67,10 @@ pub struct ConsentState {
     pub updated_ms: u64,
 }
 
-/// The subject-index key of one of a subject's tokens.
-pub(super) fn subject_index_key(subject: &[u8; 32], token: &Token) -> Vec<u8> {
-    let mut key = Vec::with_capacity(32 + token.storage_key().len());
-    key.extend_from_slice(subject);
-    key.extend_from_slice(token.storage_key());
-    key
+/// The subject-index key of one of a subject's tokens, given the token's
+/// storage key.
+pub(super) fn subject_index_key(subject: &[u8; 32], token_key: &[u8]) -> Vec<u8> {
+    [subject.as_slice(), token_key].concat()
 }
 
 fn subject_key_label(subject: &[u8; 32]) -> Vec<u8> {
@@ -277,9 +275,15 @@ impl<S: Store> Vault<S> {
                 purge.push((Table::Expiry, key));
             }
             unit.delete(Table::Records, token.storage_key().to_vec());
-            unit.delete(Table::SubjectIndex, subject_index_key(&hash, token));
+            unit.delete(
+                Table::SubjectIndex,
+                subject_index_key(&hash, token.storage_key()),
+            );
             purge.push((Table::Records, token.storage_key().to_vec()));
-            purge.push((Table::SubjectIndex, subject_index_key(&hash, token)));
+            purge.push((
+                Table::SubjectIndex,
+                subject_index_key(&hash, token.storage_key()),
+            ));
         }
         if wrapped
             .as_deref()
@@ -629,7 +633,10 @@ impl<S: Store> Vault<S> {
                     index_entries.push((blind, token));
                 }
                 if let Some(subject) = record.subject_hash {
-                    unit.delete(Table::SubjectIndex, subject_index_key(&subject, token));
+                    unit.delete(
+                        Table::SubjectIndex,
+                        subject_index_key(&subject, token.storage_key()),
+                    );
                 }
                 if let Some(expires_ms) = record.expires_ms {
                     unit.delete(Table::Expiry, expiry_key(expires_ms, token.storage_key()));

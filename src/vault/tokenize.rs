@@ -200,7 +200,7 @@ impl<S: Store> Vault<S> {
             if let Some(subject) = p.subject_hash {
                 unit.put(
                     Table::SubjectIndex,
-                    subject_index_key(&subject, &token),
+                    subject_index_key(&subject, token.storage_key()),
                     Vec::new(),
                 );
             }
