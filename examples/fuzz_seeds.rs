@@ -99,7 +99,7 @@ fn configs() {
         "data_dir = \"/var/lib/tokenvault\"\ndurability = \"buffered\"\n",
         "[server]\nlisten = \"0.0.0.0:50051\"\nshutdown_grace_seconds = 5\n",
         "[field_types.customer_email]\nkind = \"email\"\ndeterministic = true\n",
-        "[field_types.card_fpt]\nkind = \"card_number\"\ntoken_format = \"format_preserving\"\nkeep_first_digits = 6\nluhn = \"invalid\"\n",
+        "[field_types.card_fpt]\nkind = \"card_number\"\ntoken_format = \"format_preserving\"\nkeep_first_digits = 4\nluhn = \"invalid\"\n",
         "[[policy]]\nidentity = \"spiffe://shop/*\"\nscopes = [\"tokenize:*\"]\npurposes = [\"billing\"]\n",
         "[limits]\nmax_items_per_request = 0\n",
     ];

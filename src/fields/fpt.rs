@@ -2,13 +2,31 @@
 //! the last four kept, the head kept or replaced by a reserved prefix, and a
 //! Luhn check that passes or deliberately fails as configured. The middle
 //! digits are random, never derived from the value.
+//!
+//! Every token has at least [`MIN_RANDOM_DIGITS`] random digits. Tokens of
+//! one card "bucket" (same head, same last four) are drawn from those digits
+//! alone, so a caller allowed to tokenize could otherwise fill a bucket and
+//! make every later card with that head and tail fail: with 6 + 4 digits kept
+//! of a 16-digit card, fewer than a million tokens exhaust it. With eight
+//! random digits (one of them partly fixed by the Luhn rule) a bucket holds
+//! about 90 million tokens.
 
 use super::kinds::luhn_sum;
+
+/// The fewest random digits a token has.
+pub const MIN_RANDOM_DIGITS: usize = 8;
+
+/// The longest head (kept digits or reserved prefix) a field type may
+/// configure: what a 16-digit card leaves after its last four and
+/// [`MIN_RANDOM_DIGITS`]. Shorter cards keep fewer digits (see [`generate`]).
+pub const MAX_HEAD_DIGITS: usize = 16 - 4 - MIN_RANDOM_DIGITS;
 
 /// What the first digits of a token are.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Head {
-    /// Keep the first N digits of the card (0 to 6; 6 keeps the BIN).
+    /// Keep up to the first N digits of the card (0 to [`MAX_HEAD_DIGITS`]);
+    /// a card shorter than 16 digits keeps fewer, so that
+    /// [`MIN_RANDOM_DIGITS`] stay random.
     KeepFirst(usize),
     /// Start with this reserved prefix instead (e.g. a range no issuer uses).
     Prefix(String),
@@ -27,22 +45,24 @@ pub enum Luhn {
 /// Why no token can be made for this card with this configuration.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "card number too short for a format-preserving token with this head (need at least 2 random digits)"
+    "card number too short for a format-preserving token with this prefix (a token needs 8 random digits besides the prefix and the last four)"
 )]
 pub struct TooShort;
 
 /// A token for the card `digits` (already normalised: ASCII digits only).
 ///
 /// # Errors
-/// [`TooShort`] if the head and the last four leave fewer than two digits to
-/// randomise; `getrandom` failures as `Err(None)`.
+/// [`TooShort`] if a reserved prefix and the last four leave fewer than
+/// [`MIN_RANDOM_DIGITS`] to randomise (a kept head shrinks instead);
+/// `getrandom` failures as `Err(None)`.
 pub fn generate(digits: &str, head: &Head, luhn: Luhn) -> Result<String, Option<TooShort>> {
     let len = digits.len();
+    let room = len.saturating_sub(4 + MIN_RANDOM_DIGITS);
     let head: String = match head {
-        Head::KeepFirst(n) => digits.get(..*n).ok_or(Some(TooShort))?.to_owned(),
+        Head::KeepFirst(n) => digits[..(*n).min(room)].to_owned(),
         Head::Prefix(p) => p.clone(),
     };
-    if head.len() + 4 + 2 > len {
+    if head.len() > room {
         return Err(Some(TooShort));
     }
     let tail = &digits[len - 4..];
@@ -115,14 +135,15 @@ mod tests {
 
     proptest! {
         #[test]
-        fn tokens_keep_shape_tail_and_head(len in 12usize..=19, seed in "[0-9]{18}", keep in 0usize..=6, valid in any::<bool>()) {
+        fn tokens_keep_shape_tail_and_head(len in 12usize..=19, seed in "[0-9]{18}", keep in 0usize..=MAX_HEAD_DIGITS, valid in any::<bool>()) {
             let digits = card(len, &seed);
             let luhn = if valid { Luhn::Valid } else { Luhn::Invalid };
             let token = generate(&digits, &Head::KeepFirst(keep), luhn).unwrap();
             prop_assert_eq!(token.len(), digits.len());
             prop_assert!(token.chars().all(|c| c.is_ascii_digit()));
             prop_assert_eq!(&token[token.len() - 4..], &digits[digits.len() - 4..]);
-            prop_assert_eq!(&token[..keep], &digits[..keep]);
+            let kept = keep.min(len - 4 - MIN_RANDOM_DIGITS);
+            prop_assert_eq!(&token[..kept], &digits[..kept]);
             prop_assert_eq!(luhn_valid(&token), valid);
             prop_assert_ne!(&token, &digits);
         }
@@ -147,16 +168,22 @@ mod tests {
     }
 
     #[test]
-    fn too_short_is_refused() {
-        // Six kept and four kept leave one digit of eleven: not enough.
+    fn a_token_always_has_eight_random_digits() {
+        // A 12-digit card keeps no head at all: 12 - 4 leaves exactly eight.
+        let short = card(12, "5018000000000000");
+        let tokens: std::collections::HashSet<String> = (0..64)
+            .map(|_| generate(&short, &Head::KeepFirst(4), Luhn::Invalid).unwrap())
+            .collect();
+        // With the head kept, only 10^3 tokens would exist in the bucket and
+        // 64 draws would almost surely collide; with eight random digits
+        // they are all distinct, and not all start like the card.
+        assert_eq!(tokens.len(), 64);
+        assert!(tokens.iter().any(|t| !t.starts_with(&short[..4])));
+        // A reserved prefix cannot shrink: such cards are refused.
         assert_eq!(
-            generate("41111111111", &Head::KeepFirst(6), Luhn::Valid),
+            generate(&short, &Head::Prefix("9".into()), Luhn::Valid),
             Err(Some(TooShort))
         );
-        assert_eq!(
-            generate("41111111111", &Head::Prefix("999999".into()), Luhn::Valid),
-            Err(Some(TooShort))
-        );
-        assert!(generate("411111111111", &Head::KeepFirst(6), Luhn::Valid).is_ok());
+        assert!(generate(&card(13, "5018"), &Head::Prefix("9".into()), Luhn::Valid).is_ok());
     }
 }

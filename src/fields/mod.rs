@@ -334,17 +334,31 @@ fn spec_from_raw(
                 }
                 (Some(prefix), None) => {
                     if prefix.is_empty()
-                        || prefix.len() > 6
+                        || prefix.len() > fpt::MAX_HEAD_DIGITS
                         || !prefix.chars().all(|c| c.is_ascii_digit())
                     {
-                        return Err((key("token_prefix"), "must be 1 to 6 digits".into()));
+                        return Err((
+                            key("token_prefix"),
+                            format!(
+                                "must be 1 to {} digits, so that a 16-digit card's token keeps {} random digits",
+                                fpt::MAX_HEAD_DIGITS,
+                                fpt::MIN_RANDOM_DIGITS
+                            ),
+                        ));
                     }
                     Head::Prefix(prefix.clone())
                 }
                 (None, keep) => {
-                    let keep = keep.unwrap_or(6);
-                    if keep > 6 {
-                        return Err((key("keep_first_digits"), "must be 0 to 6".into()));
+                    let keep = keep.unwrap_or(0);
+                    if keep > fpt::MAX_HEAD_DIGITS {
+                        return Err((
+                            key("keep_first_digits"),
+                            format!(
+                                "must be 0 to {}, so that a 16-digit card's token keeps {} random digits (with more kept, one caller can use up every token of a BIN and last four)",
+                                fpt::MAX_HEAD_DIGITS,
+                                fpt::MIN_RANDOM_DIGITS
+                            ),
+                        ));
                     }
                     Head::KeepFirst(keep)
                 }
@@ -514,8 +528,14 @@ mod tests {
                 "field_types.email.token_domain",
             ),
             (
-                "[card_number]\ntoken_format = \"format_preserving\"\nkeep_first_digits = 7",
+                // Six kept digits (the whole BIN) leave a 16-digit card
+                // six random ones: too few (see fpt::MIN_RANDOM_DIGITS).
+                "[card_number]\ntoken_format = \"format_preserving\"\nkeep_first_digits = 6",
                 "field_types.card_number.keep_first_digits",
+            ),
+            (
+                "[card_number]\ntoken_format = \"format_preserving\"\ntoken_prefix = \"99999\"",
+                "field_types.card_number.token_prefix",
             ),
             (
                 "[card_number]\nluhn = \"valid\"",
@@ -544,7 +564,7 @@ mod tests {
     #[test]
     fn token_formats() {
         let card = spec(
-            "[card_number]\ntoken_format = \"format_preserving\"\nluhn = \"valid\"",
+            "[card_number]\ntoken_format = \"format_preserving\"\nkeep_first_digits = 4\nluhn = \"valid\"",
             "card_number",
         );
         let value = card
@@ -552,7 +572,7 @@ mod tests {
             .unwrap();
         let token = card.new_token(&value).unwrap();
         assert_eq!(token.as_str().len(), 16);
-        assert!(token.as_str().starts_with("411111") && token.as_str().ends_with("1111"));
+        assert!(token.as_str().starts_with("4111") && token.as_str().ends_with("1111"));
         assert!(card.tokens_may_collide());
         let email = spec(
             "[email]\ntoken_format = \"email\"\ntoken_domain = \"tokens.shop.example\"",
