@@ -35,4 +35,4 @@ COPY --from=builder /tokenvault /usr/local/bin/tokenvault
 USER 65532:65532
 EXPOSE 50051 50052
 ENTRYPOINT ["/usr/local/bin/tokenvault"]
-CMD ["serve", "--config", "/etc/tokenvault/tokenvault.toml"]
+CMD ["serve", "--config", "/etc/tokenvault/config/tokenvault.toml"]
