@@ -3,13 +3,18 @@
 //!
 //! Default deny. A policy rule grants scopes (`tokenize:<field_type>`,
 //! `detokenize:<field_type>`, `*` for every field type) and purposes to the
-//! identities its pattern matches; a caller matched by several rules gets
-//! the union. Vault operations take a [`Permit`], which only this module can
-//! make, so an unchecked request cannot reach the vault.
+//! identities its pattern matches. A caller matched by several rules gets
+//! the union of their scopes, but a purpose travels with its rule: revealing
+//! a value needs one rule that grants both the scope and the purpose. Vault
+//! operations take a [`Permit`], which only this module can make, so an
+//! unchecked request cannot reach the vault.
 
 use std::{collections::BTreeSet, fmt, str::FromStr};
 
-use crate::{identity::ClientId, token::FieldType};
+use crate::{
+    identity::{ClientId, IdentityKind},
+    token::FieldType,
+};
 
 /// An operation a scope grants.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -85,6 +90,16 @@ impl Action {
 
     fn is_global(self) -> bool {
         Self::GLOBAL.contains(&self)
+    }
+
+    /// The scope that grants this action on everything: `subject:erase`
+    /// for a global action, `detokenize:*` for a per-field one.
+    pub fn scope_name(self) -> String {
+        if self.is_global() {
+            self.name().to_owned()
+        } else {
+            format!("{}:*", self.name())
+        }
     }
 }
 
@@ -232,26 +247,56 @@ impl fmt::Display for Purpose {
     }
 }
 
-/// An identity pattern: exact text, or `*` wildcards matching any run of
-/// characters (`spiffe://shop.example/ns/payments/*`).
+/// An identity pattern: the kind of identity it matches and a glob over
+/// that identity's text (exact, or `*` wildcards matching any run of
+/// characters).
+///
+/// Written `spiffe://shop.example/ns/payments/*` (SPIFFE IDs from a URI
+/// SAN), `dns:*.billing.internal` (DNS SANs) or `cn:billing` (common names).
+/// A pattern never matches an identity of another kind, so a certificate
+/// whose common name spells a SPIFFE ID cannot pass for that SPIFFE ID. A
+/// pattern that names no kind is refused rather than guessed at.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityPattern(String);
+pub struct IdentityPattern {
+    kind: IdentityKind,
+    glob: String,
+}
 
 impl IdentityPattern {
-    /// Parses a pattern; empty ones are refused.
+    /// Parses a pattern.
     ///
     /// # Errors
-    /// If `pattern` is empty.
+    /// If `pattern` is empty or names no kind of identity.
     pub fn new(pattern: &str) -> Result<Self, PolicyError> {
-        if pattern.is_empty() {
+        let (kind, glob) = if pattern.starts_with("spiffe://") {
+            (IdentityKind::Spiffe, pattern)
+        } else if let Some(glob) = pattern.strip_prefix("dns:") {
+            (IdentityKind::Dns, glob)
+        } else if let Some(glob) = pattern.strip_prefix("cn:") {
+            (IdentityKind::CommonName, glob)
+        } else if pattern.is_empty() {
+            return Err(PolicyError::EmptyIdentity);
+        } else {
+            return Err(PolicyError::NoIdentityKind(pattern.to_owned()));
+        };
+        if glob.is_empty() {
             return Err(PolicyError::EmptyIdentity);
         }
-        Ok(Self(pattern.to_owned()))
+        Ok(Self {
+            kind,
+            glob: glob.to_owned(),
+        })
     }
 
-    /// Whether `id` matches.
-    pub fn matches(&self, id: &str) -> bool {
-        glob_match(self.0.as_bytes(), id.as_bytes())
+    /// Whether `id` is of this pattern's kind and its text matches.
+    pub fn matches(&self, id: &ClientId) -> bool {
+        id.kind() == self.kind && glob_match(self.glob.as_bytes(), id.name().as_bytes())
+    }
+}
+
+impl fmt::Display for IdentityPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}{}", self.kind.prefix(), self.glob)
     }
 }
 
@@ -287,6 +332,16 @@ pub enum PurposeSet {
     Only(BTreeSet<Purpose>),
 }
 
+impl PurposeSet {
+    /// Whether `purpose` may be stated under this set.
+    pub fn allows(&self, purpose: &Purpose) -> bool {
+        match self {
+            PurposeSet::Any => true,
+            PurposeSet::Only(set) => set.contains(purpose),
+        }
+    }
+}
+
 /// One policy entry: who, which scopes, which purposes.
 #[derive(Debug, Clone)]
 pub struct Rule {
@@ -317,6 +372,11 @@ pub enum PolicyError {
     /// A rule has an empty identity pattern.
     #[error("policy rule has an empty identity pattern")]
     EmptyIdentity,
+    /// A pattern that does not say which kind of identity it matches.
+    #[error(
+        "identity pattern {0:?} does not say which kind of identity it matches: write spiffe://... for SPIFFE IDs, dns:{0} for DNS names or cn:{0} for common names"
+    )]
+    NoIdentityKind(String),
 }
 
 /// The whole access policy. Default deny.
@@ -336,42 +396,15 @@ impl Policy {
         let rules = self
             .rules
             .iter()
-            .filter(|r| r.identity.matches(client.as_str()))
+            .filter(|r| r.identity.matches(client))
             .collect();
         Grants { client, rules }
     }
 }
 
 /// The policy in force, replaceable while the server runs (reload on SIGHUP
-/// or when the config file changes). Requests take the current policy once
-/// and keep it to the end.
-#[derive(Debug, Default)]
-pub struct SharedPolicy(std::sync::RwLock<std::sync::Arc<Policy>>);
-
-impl SharedPolicy {
-    /// A shared policy starting as `policy`.
-    pub fn new(policy: Policy) -> Self {
-        Self(std::sync::RwLock::new(std::sync::Arc::new(policy)))
-    }
-
-    /// The policy in force now.
-    pub fn current(&self) -> std::sync::Arc<Policy> {
-        std::sync::Arc::clone(
-            &self
-                .0
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-    }
-
-    /// Puts `policy` in force for requests that start from now on.
-    pub fn replace(&self, policy: Policy) {
-        *self
-            .0
-            .write()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = std::sync::Arc::new(policy);
-    }
-}
+/// or when the config file changes).
+pub type SharedPolicy = crate::shared::Shared<Policy>;
 
 /// The rules that apply to one caller, for the duration of one request.
 pub struct Grants<'a> {
@@ -406,15 +439,14 @@ impl Grants<'_> {
         Err(self.deny(DenialReason::NoScopeFor(action)))
     }
 
-    /// Checks that the caller may state `purpose`.
+    /// Checks that some rule lets the caller state `purpose`. This is the
+    /// call-level check; what the purpose then unlocks is decided per rule
+    /// ([`Grants::permit_reveal`], [`Grants::permit_global_for`]).
     ///
     /// # Errors
     /// A [`Denial`] naming the purpose.
     pub fn allow_purpose(&self, purpose: Purpose) -> Result<PurposeGrant, Denial> {
-        let allowed = self.rules.iter().any(|r| match &r.purposes {
-            PurposeSet::Any => true,
-            PurposeSet::Only(set) => set.contains(&purpose),
-        });
+        let allowed = self.rules.iter().any(|r| r.purposes.allows(&purpose));
         if allowed {
             Ok(PurposeGrant(purpose))
         } else {
@@ -449,11 +481,19 @@ impl Grants<'_> {
     /// A [`Denial`] naming the missing scope.
     pub fn permit_reveal(
         &self,
-        _purpose: &PurposeGrant,
+        purpose: &PurposeGrant,
         field_type: &FieldType,
         want_masked: bool,
     ) -> Result<Permit<RevealForm>, Denial> {
-        if self.covered(Action::Detokenize, field_type) {
+        // The scope and the purpose must come from the same rule: one rule's
+        // `purposes = ["*"]` never widens another rule's reveal scope.
+        let covered_for_purpose = |action| {
+            self.rules.iter().any(|r| {
+                r.purposes.allows(&purpose.0)
+                    && r.scopes.iter().any(|s| s.covers(action, field_type))
+            })
+        };
+        if covered_for_purpose(Action::Detokenize) {
             let form = if want_masked {
                 RevealForm::Masked
             } else {
@@ -461,15 +501,47 @@ impl Grants<'_> {
             };
             return Ok(Permit { item: form });
         }
-        if self.covered(Action::RevealMasked, field_type) {
+        if covered_for_purpose(Action::RevealMasked) {
             return Ok(Permit {
                 item: RevealForm::Masked,
             });
         }
-        Err(self.deny(DenialReason::MissingScope(Scope::needed(
-            Action::Detokenize,
-            field_type,
-        ))))
+        let needed = Scope::needed(Action::Detokenize, field_type);
+        if self.covered(Action::Detokenize, field_type)
+            || self.covered(Action::RevealMasked, field_type)
+        {
+            return Err(self.deny(DenialReason::ScopeNotForPurpose(needed, purpose.0.clone())));
+        }
+        Err(self.deny(DenialReason::MissingScope(needed)))
+    }
+
+    /// Permits a whole-vault action that is done for a purpose (a subject
+    /// export) when one rule grants both the action and the purpose.
+    ///
+    /// # Errors
+    /// A [`Denial`] naming the scope, or the purpose it is not granted for.
+    pub fn permit_global_for<T>(
+        &self,
+        action: Action,
+        purpose: &PurposeGrant,
+        item: T,
+    ) -> Result<Permit<T>, Denial> {
+        let granted = |r: &Rule| r.scopes.iter().any(|s| s.action == action);
+        if self
+            .rules
+            .iter()
+            .any(|r| granted(r) && r.purposes.allows(&purpose.0))
+        {
+            return Ok(Permit { item });
+        }
+        if self.rules.iter().any(|r| granted(r)) {
+            let scope = Scope {
+                action,
+                fields: FieldSelector::Any,
+            };
+            return Err(self.deny(DenialReason::ScopeNotForPurpose(scope, purpose.0.clone())));
+        }
+        Err(self.deny(DenialReason::NoScopeFor(action)))
     }
 
     /// Permits a whole-vault action (`subject:export`, `consent:write`...) on
@@ -589,6 +661,9 @@ pub enum DenialReason {
     NoScopeFor(Action),
     /// The purpose is not one the caller may state.
     Purpose(Purpose),
+    /// The caller holds the scope, but not under a rule that allows this
+    /// purpose.
+    ScopeNotForPurpose(Scope, Purpose),
 }
 
 impl Denial {
@@ -616,6 +691,13 @@ impl fmt::Display for Denial {
                 write!(
                     f,
                     "identity {} may not state purpose {purpose}",
+                    self.client
+                )
+            }
+            DenialReason::ScopeNotForPurpose(scope, purpose) => {
+                write!(
+                    f,
+                    "identity {} holds scope {scope}, but not for purpose {purpose}",
                     self.client
                 )
             }
@@ -687,6 +769,17 @@ mod tests {
         }
     }
 
+    /// The denial log line names the scope as a policy writes it.
+    #[test]
+    fn scope_names_are_the_ones_a_policy_uses() {
+        assert_eq!(Action::SubjectErase.scope_name(), "subject:erase");
+        assert_eq!(Action::Detokenize.scope_name(), "detokenize:*");
+        assert_eq!(Action::RevealMasked.scope_name(), "reveal_masked:*");
+        for action in Action::GLOBAL {
+            assert!(action.scope_name().parse::<Scope>().is_ok(), "{action:?}");
+        }
+    }
+
     #[test]
     fn purposes_parse() {
         assert!("order_fulfilment".parse::<Purpose>().is_ok());
@@ -713,11 +806,78 @@ mod tests {
         ];
         for (pattern, text, want) in cases {
             assert_eq!(
-                IdentityPattern::new(pattern).unwrap().matches(text),
+                glob_match(pattern.as_bytes(), text.as_bytes()),
                 want,
                 "{pattern} {text}"
             );
         }
+    }
+
+    /// A pattern matches identities of its own kind only: the common name
+    /// `spiffe://a/x` is not the SPIFFE ID `spiffe://a/x`.
+    #[test]
+    fn patterns_match_their_own_kind_only() {
+        let spiffe_pattern = IdentityPattern::new("spiffe://a/*").unwrap();
+        assert!(spiffe_pattern.matches(&spiffe("spiffe://a/x")));
+        assert!(!spiffe_pattern.matches(&ClientId::CommonName("spiffe://a/x".into())));
+        assert!(!spiffe_pattern.matches(&ClientId::Dns("spiffe://a/x".into())));
+        let dns = IdentityPattern::new("dns:*.billing.internal").unwrap();
+        assert!(dns.matches(&ClientId::Dns("api.billing.internal".into())));
+        assert!(!dns.matches(&ClientId::CommonName("api.billing.internal".into())));
+        let cn = IdentityPattern::new("cn:billing").unwrap();
+        assert!(cn.matches(&ClientId::CommonName("billing".into())));
+        assert!(!cn.matches(&ClientId::Dns("billing".into())));
+        assert_eq!(cn.to_string(), "cn:billing");
+        for (pattern, error) in [
+            (
+                "*.billing.internal",
+                PolicyError::NoIdentityKind("*.billing.internal".into()),
+            ),
+            ("*", PolicyError::NoIdentityKind("*".into())),
+            ("", PolicyError::EmptyIdentity),
+            ("dns:", PolicyError::EmptyIdentity),
+        ] {
+            assert_eq!(IdentityPattern::new(pattern), Err(error), "{pattern}");
+        }
+    }
+
+    /// Rule A grants tokenize for any purpose, rule B detokenize for fraud
+    /// only: together they must not reveal for any purpose.
+    #[test]
+    fn a_purpose_unlocks_only_its_own_rules_scopes() {
+        let policy = Policy::new(vec![
+            rule("spiffe://a/x", &["tokenize:*"], &["*"]),
+            rule("spiffe://a/x", &["detokenize:card_number"], &["fraud"]),
+            rule(
+                "spiffe://a/x",
+                &["subject:export"],
+                &["subject_access_request"],
+            ),
+        ]);
+        let client = spiffe("spiffe://a/x");
+        let grants = policy.grants(&client);
+        let card = "card_number".parse().unwrap();
+        let marketing = grants.allow_purpose("marketing".parse().unwrap()).unwrap();
+        let denial = grants.permit_reveal(&marketing, &card, false).unwrap_err();
+        assert_eq!(
+            denial.to_string(),
+            "identity spiffe://a/x holds scope detokenize:card_number, but not for purpose marketing"
+        );
+        let fraud = grants.allow_purpose("fraud".parse().unwrap()).unwrap();
+        assert!(grants.permit_reveal(&fraud, &card, false).is_ok());
+        assert!(
+            grants
+                .permit_global_for(Action::SubjectExport, &marketing, ())
+                .is_err()
+        );
+        let sar = grants
+            .allow_purpose("subject_access_request".parse().unwrap())
+            .unwrap();
+        assert!(
+            grants
+                .permit_global_for(Action::SubjectExport, &sar, ())
+                .is_ok()
+        );
     }
 
     #[test]

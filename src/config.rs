@@ -75,6 +75,18 @@ pub struct RawServer {
     /// How often certificate, CA, CRL and config files are checked for
     /// changes (they are also reloaded on SIGHUP).
     pub reload_poll_seconds: u64,
+    /// Connections (handshaking or open) at once; past it a new connection
+    /// is closed at once.
+    pub max_connections: usize,
+    /// Requests one HTTP/2 connection may have open at once.
+    pub max_concurrent_streams: u32,
+    /// The longest a request may run before it is answered
+    /// `DEADLINE_EXCEEDED` (a client's shorter `grpc-timeout` wins).
+    pub request_timeout_seconds: u64,
+    /// A connection older than this is asked to go away (HTTP/2 GOAWAY) and
+    /// the client reconnects, with a fresh handshake against the CRLs and
+    /// certificates in force.
+    pub max_connection_age_seconds: u64,
 }
 
 /// `[tls]`: PEM files. All three are required.
@@ -124,6 +136,12 @@ pub struct RawLimits {
     pub per_identity_rate: f64,
     /// Requests one identity may make at once above its rate (default: the rate).
     pub per_identity_burst: Option<f64>,
+    /// Requests in flight on the whole server, all identities together.
+    pub max_concurrent_requests: usize,
+    /// Request bytes received but not yet decoded, all requests together, in
+    /// MiB; a request that would go over is refused. At least
+    /// `max_message_bytes`.
+    pub max_request_buffer_mib: usize,
 }
 
 /// `[storage]`.
@@ -153,6 +171,9 @@ pub struct RawAudit {
     /// Keep audit events this many days (0: forever). Events are pruned
     /// only up to a signed checkpoint, never past the last one.
     pub retention_days: u32,
+    /// How often the counts of refused calls are written to the trail (one
+    /// event per identity, method, outcome and purpose).
+    pub refusal_interval_seconds: u64,
 }
 
 /// `[security]`.
@@ -168,12 +189,16 @@ pub struct RawSecurity {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawSubjects {
-    /// The erasure ledger file; default: next to the data directory
-    /// (`<data_dir>.erasures`), so restoring the data directory does not roll
-    /// it back.
+    /// The erasure ledger file. Required, outside `data_dir`, and best on
+    /// storage that is not snapshotted or restored with the data: a restore
+    /// that rolls the ledger back with the data brings erased subjects back.
     pub erasure_ledger: Option<RelativePathBuf>,
     /// How often expired values are purged.
     pub retention_sweep_interval_seconds: u64,
+    /// The most tokens one data subject may have; tokenizing more for that
+    /// subject is refused (`RESOURCE_EXHAUSTED`). Bounds the cost of an
+    /// export or an erasure.
+    pub max_tokens_per_subject: usize,
 }
 
 /// Log output format.
@@ -260,6 +285,10 @@ impl Default for RawConfig {
                 shutdown_grace_seconds: 30,
                 handshake_timeout_ms: 10_000,
                 reload_poll_seconds: 10,
+                max_connections: 4096,
+                max_concurrent_streams: 128,
+                request_timeout_seconds: 60,
+                max_connection_age_seconds: 3600,
             },
             tls: RawTls::default(),
             keys: RawKeys::default(),
@@ -267,9 +296,11 @@ impl Default for RawConfig {
                 max_items_per_request: 1000,
                 max_value_bytes: 4096,
                 max_message_bytes: 4 << 20,
-                per_identity_concurrency: 256,
+                per_identity_concurrency: 64,
                 per_identity_rate: 0.0,
                 per_identity_burst: None,
+                max_concurrent_requests: 512,
+                max_request_buffer_mib: 128,
             },
             storage: RawStorage {
                 block_cache_mib: 64,
@@ -281,10 +312,12 @@ impl Default for RawConfig {
             audit: RawAudit {
                 checkpoint_interval_seconds: 10,
                 retention_days: 0,
+                refusal_interval_seconds: 10,
             },
             subjects: RawSubjects {
                 erasure_ledger: None,
                 retention_sweep_interval_seconds: 300,
+                max_tokens_per_subject: 10_000,
             },
             security: RawSecurity::default(),
             field_types: BUILTIN_FIELD_TYPES
@@ -317,16 +350,16 @@ pub struct Config {
     pub metrics_listen: SocketAddr,
     /// Per-identity limits.
     pub identity_limits: crate::api::IdentityLimits,
+    /// Connection and request bounds of the mTLS port.
+    pub connections: ConnectionLimits,
     /// Graceful shutdown deadline.
     pub shutdown_grace: Duration,
     /// TLS handshake deadline.
     pub handshake_timeout: Duration,
     /// Certificate files.
     pub tls: TlsFiles,
-    /// Master key file (empty when `master_key_env` is used).
-    pub master_key_file: PathBuf,
-    /// The environment variable holding the master key, for development.
-    pub master_key_env: Option<String>,
+    /// Where the master key is.
+    pub master_key: crate::crypto::MasterKeySetting,
     /// Request limits.
     pub limits: Limits,
     /// Block cache size in bytes.
@@ -339,10 +372,17 @@ pub struct Config {
     pub audit_checkpoint_interval: Duration,
     /// How long audit events are kept; `None`: forever.
     pub audit_retention: Option<Duration>,
+    /// How often refusal counts are written.
+    pub audit_refusal_interval: Duration,
     /// The erasure ledger file.
     pub erasure_ledger: PathBuf,
+    /// What to do when the ledger is older than the vault's record of it
+    /// (set by `serve --accept-restored-ledger`, never by the file).
+    pub ledger_rollback: crate::vault::LedgerRollback,
     /// How often expired values are purged.
     pub retention_sweep_interval: Duration,
+    /// The most tokens one data subject may have.
+    pub max_tokens_per_subject: usize,
     /// Lock memory at start.
     pub lock_memory: bool,
     /// SPIFFE trust domains whose identities are accepted; empty for any.
@@ -381,6 +421,23 @@ pub struct Limits {
     pub max_value_bytes: usize,
     /// Largest decoded gRPC message in bytes.
     pub max_message_bytes: usize,
+    /// Requests in flight on the whole server.
+    pub max_concurrent_requests: usize,
+    /// Request bytes received and not yet decoded, all requests together.
+    pub max_request_buffer_bytes: usize,
+}
+
+/// What bounds the connections of the mTLS port.
+#[derive(Debug, Clone, Copy)]
+pub struct ConnectionLimits {
+    /// Connections at once.
+    pub max_connections: usize,
+    /// Open requests per connection.
+    pub max_concurrent_streams: u32,
+    /// Deadline of one request.
+    pub request_timeout: Duration,
+    /// Age after which a connection is asked to go away.
+    pub max_connection_age: Duration,
 }
 
 /// A configuration error; the message says which key and what to fix.
@@ -402,6 +459,15 @@ pub enum ConfigError {
     },
 }
 
+/// A number of seconds that must not be zero: one rule for every duration
+/// setting (a zero is an error, never silently made 1).
+fn seconds(key: &str, value: u64) -> Result<Duration, ConfigError> {
+    if value == 0 {
+        return Err(invalid(key, "must be at least 1"));
+    }
+    Ok(Duration::from_secs(value))
+}
+
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     ConfigError::Invalid {
         key: key.into(),
@@ -412,10 +478,7 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
 impl Config {
     /// Where the master key comes from.
     pub fn master_key_source(&self) -> Box<dyn crate::crypto::MasterKeySource> {
-        match &self.master_key_env {
-            Some(var) => Box::new(crate::crypto::EnvSource(var.clone())),
-            None => Box::new(crate::crypto::FileSource(self.master_key_file.clone())),
-        }
+        self.master_key.source()
     }
 
     /// The standard layers: defaults, then `file` if given, then the
@@ -494,21 +557,63 @@ impl Config {
                 .map(RelativePathBuf::relative)
                 .collect(),
         };
-        let master_key_file = match (&raw.keys.master_key_file, &raw.keys.master_key_env) {
+        let master_key = match (&raw.keys.master_key_file, &raw.keys.master_key_env) {
             (Some(_), Some(_)) => {
                 return Err(invalid(
                     "keys.master_key_env",
                     "set master_key_file or master_key_env, not both",
                 ));
             }
-            (None, Some(_)) => PathBuf::new(),
-            _ => required("keys.master_key_file", &raw.keys.master_key_file)?,
+            (None, Some(var)) => crate::crypto::MasterKeySetting::Env(var.clone()),
+            _ => crate::crypto::MasterKeySetting::File(required(
+                "keys.master_key_file",
+                &raw.keys.master_key_file,
+            )?),
         };
 
         let limits = Limits {
             max_items_per_request: raw.limits.max_items_per_request,
             max_value_bytes: raw.limits.max_value_bytes,
             max_message_bytes: raw.limits.max_message_bytes,
+            max_concurrent_requests: raw.limits.max_concurrent_requests,
+            max_request_buffer_bytes: raw.limits.max_request_buffer_mib.saturating_mul(1 << 20),
+        };
+        for (key, value) in [
+            (
+                "limits.max_concurrent_requests",
+                raw.limits.max_concurrent_requests,
+            ),
+            (
+                "limits.max_request_buffer_mib",
+                raw.limits.max_request_buffer_mib,
+            ),
+            ("server.max_connections", raw.server.max_connections),
+            (
+                "server.max_concurrent_streams",
+                raw.server.max_concurrent_streams as usize,
+            ),
+        ] {
+            if value == 0 {
+                return Err(invalid(key, "must be at least 1"));
+            }
+        }
+        if limits.max_request_buffer_bytes < raw.limits.max_message_bytes {
+            return Err(invalid(
+                "limits.max_request_buffer_mib",
+                "must hold at least one message of limits.max_message_bytes",
+            ));
+        }
+        let connections = ConnectionLimits {
+            max_connections: raw.server.max_connections,
+            max_concurrent_streams: raw.server.max_concurrent_streams,
+            request_timeout: seconds(
+                "server.request_timeout_seconds",
+                raw.server.request_timeout_seconds,
+            )?,
+            max_connection_age: seconds(
+                "server.max_connection_age_seconds",
+                raw.server.max_connection_age_seconds,
+            )?,
         };
         if limits.max_items_per_request == 0 {
             return Err(invalid(
@@ -527,6 +632,20 @@ impl Config {
             .map_err(|(key, message)| invalid(key, message))?;
 
         let policy = parse_policy(&raw.policy, &field_types)?;
+        let data_dir = raw.data_dir.relative();
+        let erasure_ledger = required("subjects.erasure_ledger", &raw.subjects.erasure_ledger)
+            .map_err(|_| {
+                invalid(
+                    "subjects.erasure_ledger",
+                    "is required: the file where erasures are recorded, outside data_dir and best on a volume that is not restored with it",
+                )
+            })?;
+        if erasure_ledger.starts_with(&data_dir) {
+            return Err(invalid(
+                "subjects.erasure_ledger",
+                "must be outside data_dir: restoring the data directory must not roll the ledger back",
+            ));
+        }
         for domain in &raw.tls.trust_domains {
             if !crate::fields::kinds::is_hostname(domain) {
                 return Err(invalid(
@@ -535,54 +654,56 @@ impl Config {
                 ));
             }
         }
-        if raw.audit.checkpoint_interval_seconds == 0 {
+        if raw.subjects.max_tokens_per_subject == 0 {
             return Err(invalid(
-                "audit.checkpoint_interval_seconds",
+                "subjects.max_tokens_per_subject",
                 "must be at least 1",
             ));
         }
-        if raw.server.shutdown_grace_seconds == 0 {
-            return Err(invalid(
-                "server.shutdown_grace_seconds",
-                "must be at least 1",
-            ));
+        if raw.server.handshake_timeout_ms == 0 {
+            return Err(invalid("server.handshake_timeout_ms", "must be at least 1"));
         }
         Ok(Self {
-            data_dir: raw.data_dir.relative(),
+            data_dir,
             durability: raw.durability,
             listen,
             health_listen,
             metrics_listen,
             identity_limits,
-            shutdown_grace: Duration::from_secs(raw.server.shutdown_grace_seconds),
-            handshake_timeout: Duration::from_millis(raw.server.handshake_timeout_ms.max(1)),
+            connections,
+            shutdown_grace: seconds(
+                "server.shutdown_grace_seconds",
+                raw.server.shutdown_grace_seconds,
+            )?,
+            handshake_timeout: Duration::from_millis(raw.server.handshake_timeout_ms),
             tls,
-            master_key_file,
-            master_key_env: raw.keys.master_key_env.clone(),
+            master_key,
             limits,
             block_cache_bytes: raw.storage.block_cache_mib << 20,
             log_format: raw.log.format,
             log_level: raw.log.level.clone(),
-            audit_checkpoint_interval: Duration::from_secs(raw.audit.checkpoint_interval_seconds),
+            audit_checkpoint_interval: seconds(
+                "audit.checkpoint_interval_seconds",
+                raw.audit.checkpoint_interval_seconds,
+            )?,
+            audit_refusal_interval: seconds(
+                "audit.refusal_interval_seconds",
+                raw.audit.refusal_interval_seconds,
+            )?,
             audit_retention: (raw.audit.retention_days > 0)
                 .then(|| Duration::from_secs(u64::from(raw.audit.retention_days) * 86_400)),
-            erasure_ledger: raw.subjects.erasure_ledger.as_ref().map_or_else(
-                || {
-                    let data_dir = raw.data_dir.relative();
-                    let mut name = data_dir.file_name().unwrap_or_default().to_os_string();
-                    name.push(".erasures");
-                    data_dir.with_file_name(name)
-                },
-                RelativePathBuf::relative,
-            ),
-            retention_sweep_interval: Duration::from_secs(
-                raw.subjects.retention_sweep_interval_seconds.max(1),
-            ),
+            erasure_ledger,
+            ledger_rollback: crate::vault::LedgerRollback::Refuse,
+            retention_sweep_interval: seconds(
+                "subjects.retention_sweep_interval_seconds",
+                raw.subjects.retention_sweep_interval_seconds,
+            )?,
+            max_tokens_per_subject: raw.subjects.max_tokens_per_subject,
             lock_memory: raw.security.lock_memory,
             trust_domains: raw.tls.trust_domains.clone(),
             field_types,
             policy,
-            reload_poll: Duration::from_secs(raw.server.reload_poll_seconds.max(1)),
+            reload_poll: seconds("server.reload_poll_seconds", raw.server.reload_poll_seconds)?,
             raw,
             source_file: None,
         })
@@ -687,6 +808,8 @@ mod tests {
         client_ca = "/etc/tv/ca.pem"
         [keys]
         master_key_file = "/etc/tv/master.key"
+        [subjects]
+        erasure_ledger = "/var/lib/tv-ledger/erasures"
     "#;
 
     fn parse(extra: &str) -> Result<Config, ConfigError> {
@@ -745,13 +868,13 @@ mod tests {
         );
         assert!(ok.is_ok());
         let typo =
-            parse("[[policy]]\nidentity = \"x\"\nscopes = [\"detokenise:email\"]").unwrap_err();
+            parse("[[policy]]\nidentity = \"cn:x\"\nscopes = [\"detokenise:email\"]").unwrap_err();
         assert!(typo.to_string().contains("policy[0].scopes"), "{typo}");
         let unknown =
-            parse("[[policy]]\nidentity = \"x\"\nscopes = [\"detokenize:iban\"]").unwrap_err();
+            parse("[[policy]]\nidentity = \"cn:x\"\nscopes = [\"detokenize:iban\"]").unwrap_err();
         assert!(unknown.to_string().contains("not configured"), "{unknown}");
         let purpose =
-            parse("[[policy]]\nidentity = \"x\"\npurposes = [\"Bad Purpose\"]").unwrap_err();
+            parse("[[policy]]\nidentity = \"cn:x\"\npurposes = [\"Bad Purpose\"]").unwrap_err();
         assert!(
             purpose.to_string().contains("policy[0].purposes"),
             "{purpose}"
@@ -775,15 +898,19 @@ mod tests {
         let file = dir.path().join("tv.toml");
         std::fs::write(
             &file,
-            "data_dir = \"data\"\n[tls]\ncert = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"ca.pem\"\n[keys]\nmaster_key_file = \"m.key\"",
+            "data_dir = \"data\"\n[tls]\ncert = \"s.pem\"\nkey = \"s.key\"\nclient_ca = \"ca.pem\"\n[keys]\nmaster_key_file = \"m.key\"\n[subjects]\nerasure_ledger = \"ledger/erasures\"",
         )
         .unwrap();
         let figment = Figment::from(Serialized::defaults(RawConfig::default()))
             .merge(Toml::file_exact(&file));
         let config = Config::from_figment(&figment).unwrap();
         assert_eq!(config.data_dir, dir.path().join("data"));
+        assert_eq!(config.erasure_ledger, dir.path().join("ledger/erasures"));
         assert_eq!(config.tls.cert, dir.path().join("s.pem"));
-        assert_eq!(config.master_key_file, dir.path().join("m.key"));
+        assert!(matches!(
+            &config.master_key,
+            crate::crypto::MasterKeySetting::File(path) if *path == dir.path().join("m.key")
+        ));
     }
 
     #[test]

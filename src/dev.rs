@@ -134,6 +134,11 @@ client_ca = "tls/ca.pem"
 [keys]
 master_key_file = "master.key"
 
+[subjects]
+# Outside data/: restoring data/ from a backup re-applies the erasures here.
+# In production, keep it on a volume that is not restored with the data.
+erasure_ledger = "ledger/erasures"
+
 # `support` may tokenize and read values back, for two purposes.
 [[policy]]
 identity = "spiffe://{TRUST_DOMAIN}/support"

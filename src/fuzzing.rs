@@ -12,7 +12,7 @@ use std::sync::Arc;
 use prost::Message;
 
 use crate::{
-    api::{ApiSettings, IdentityLimits, TokenVaultService},
+    api::{ApiSettings, TokenVaultService},
     authz::{IdentityPattern, Policy, PurposeSet, Rule, SharedPolicy},
     config::{Config, Limits, RawConfig},
     crypto::MasterKey,
@@ -151,7 +151,7 @@ impl RequestTarget {
         .map(|s| s.parse().expect("a scope"))
         .to_vec();
         let policy = Policy::new(vec![Rule::new(
-            IdentityPattern::new("*").expect("a pattern"),
+            IdentityPattern::new("spiffe://*").expect("a pattern"),
             scopes,
             PurposeSet::Any,
         )]);
@@ -160,9 +160,11 @@ impl RequestTarget {
                 max_items_per_request: 50,
                 max_value_bytes: 4096,
                 max_message_bytes: 1 << 20,
+                max_concurrent_requests: 64,
+                max_request_buffer_bytes: 16 << 20,
             },
-            identity_limits: IdentityLimits::default(),
             policy: Arc::new(SharedPolicy::new(policy)),
+            refusals: Arc::new(crate::api::RefusalLog::default()),
         };
         let vault = Arc::new(vault);
         let service = TokenVaultService::new(

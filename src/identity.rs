@@ -4,6 +4,13 @@
 //! its first DNS SAN, else its subject common name. It is parsed once per
 //! connection, after the TLS handshake has verified the chain, and handed to
 //! every request on that connection as a [`Peer`].
+//!
+//! An identity keeps its kind: a DNS name or a common name that happens to
+//! read `spiffe://...` is not a SPIFFE ID (only a URI SAN is), and policy
+//! patterns name the kind they match (see `authz::IdentityPattern`). Such a
+//! look-alike is refused outright, so it cannot even reach a log line as
+//! something it is not. Printed, a SPIFFE ID is itself, and the other kinds
+//! carry their kind: `dns:api.billing.internal`, `cn:billing`.
 
 use std::{fmt, net::SocketAddr, sync::Arc};
 
@@ -23,12 +30,44 @@ pub enum ClientId {
     CommonName(String),
 }
 
+/// The kinds of identity a certificate can carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum IdentityKind {
+    /// A SPIFFE ID from the certificate's URI SAN.
+    Spiffe,
+    /// A DNS SAN.
+    Dns,
+    /// The subject common name.
+    CommonName,
+}
+
+impl IdentityKind {
+    /// The prefix the kind is written with (in policy patterns, logs and
+    /// audit events); a SPIFFE ID carries its own `spiffe://`.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            IdentityKind::Spiffe => "",
+            IdentityKind::Dns => "dns:",
+            IdentityKind::CommonName => "cn:",
+        }
+    }
+}
+
 impl ClientId {
-    /// The identity as the policy's `identity` patterns match it: the SPIFFE
-    /// ID, DNS name or common name itself.
-    pub fn as_str(&self) -> &str {
+    /// The identity's own text, without its kind: the SPIFFE ID, DNS name or
+    /// common name. Policy patterns of the same kind match against it.
+    pub fn name(&self) -> &str {
         match self {
             ClientId::Spiffe(s) | ClientId::Dns(s) | ClientId::CommonName(s) => s,
+        }
+    }
+
+    /// Which kind of identity this is.
+    pub fn kind(&self) -> IdentityKind {
+        match self {
+            ClientId::Spiffe(_) => IdentityKind::Spiffe,
+            ClientId::Dns(_) => IdentityKind::Dns,
+            ClientId::CommonName(_) => IdentityKind::CommonName,
         }
     }
 
@@ -42,16 +81,21 @@ impl ClientId {
         }
     }
 
-    /// Refuses SPIFFE IDs outside `accepted` trust domains (empty: any).
+    /// With `accepted` trust domains configured, refuses every identity that
+    /// is not a SPIFFE ID of one of them (a DNS name or common name included:
+    /// a vault that names trust domains speaks SPIFFE only). With none
+    /// configured, accepts any identity the CA signed.
     ///
     /// # Errors
-    /// [`IdentityError::UntrustedDomain`].
+    /// [`IdentityError::UntrustedDomain`], [`IdentityError::SpiffeRequired`].
     pub fn check_trust_domain(self, accepted: &[String]) -> Result<Self, IdentityError> {
+        if accepted.is_empty() {
+            return Ok(self);
+        }
         match self.trust_domain() {
-            Some(domain) if !accepted.is_empty() && !accepted.iter().any(|a| a == domain) => {
-                Err(IdentityError::UntrustedDomain(domain.to_owned()))
-            }
-            _ => Ok(self),
+            Some(domain) if accepted.iter().any(|a| a == domain) => Ok(self),
+            Some(domain) => Err(IdentityError::UntrustedDomain(domain.to_owned())),
+            None => Err(IdentityError::SpiffeRequired),
         }
     }
 
@@ -86,7 +130,7 @@ impl ClientId {
             return Err(IdentityError::NotSpiffe);
         }
         if let Some(dns) = first_dns {
-            return checked(dns).map(ClientId::Dns);
+            return not_spiffe_lookalike(checked(dns)?).map(ClientId::Dns);
         }
         let cn = cert
             .subject()
@@ -94,7 +138,7 @@ impl ClientId {
             .next()
             .and_then(|cn| cn.as_str().ok());
         match cn {
-            Some(cn) => checked(cn).map(ClientId::CommonName),
+            Some(cn) => not_spiffe_lookalike(checked(cn)?).map(ClientId::CommonName),
             None => Err(IdentityError::Missing),
         }
     }
@@ -107,9 +151,22 @@ fn checked(id: &str) -> Result<String, IdentityError> {
     Ok(id.to_owned())
 }
 
+/// A DNS name or common name that reads like a SPIFFE ID is refused: only a
+/// URI SAN carries a SPIFFE ID, and a CA that signs such a name for a client
+/// did not mean it as one.
+fn not_spiffe_lookalike(id: String) -> Result<String, IdentityError> {
+    if id
+        .get(..7)
+        .is_some_and(|scheme| scheme.eq_ignore_ascii_case("spiffe:"))
+    {
+        return Err(IdentityError::SpiffeLookalike);
+    }
+    Ok(id)
+}
+
 impl fmt::Display for ClientId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.as_str())
+        write!(f, "{}{}", self.kind().prefix(), self.name())
     }
 }
 
@@ -120,7 +177,7 @@ impl fmt::Debug for ClientId {
             ClientId::Dns(_) => "Dns",
             ClientId::CommonName(_) => "CommonName",
         };
-        write!(f, "ClientId::{kind}({})", self.as_str())
+        write!(f, "ClientId::{kind}({})", self.name())
     }
 }
 
@@ -149,6 +206,16 @@ pub enum IdentityError {
     /// A SPIFFE ID from a trust domain the configuration does not accept.
     #[error("client SPIFFE ID is from trust domain {0}, which tls.trust_domains does not accept")]
     UntrustedDomain(String),
+    /// `tls.trust_domains` is set and the certificate has no SPIFFE ID.
+    #[error(
+        "client certificate has no SPIFFE ID (URI SAN), and tls.trust_domains accepts SPIFFE IDs only"
+    )]
+    SpiffeRequired,
+    /// A DNS SAN or common name that reads like a SPIFFE ID.
+    #[error(
+        "client certificate's DNS name or common name reads like a SPIFFE ID; a SPIFFE ID must be the certificate's URI SAN"
+    )]
+    SpiffeLookalike,
 }
 
 /// What the API layer knows about the connection a request came on.
@@ -252,10 +319,57 @@ mod tests {
             id.check_trust_domain(&["other.example".into()]),
             Err(IdentityError::UntrustedDomain("shop.example".into()))
         );
+        assert_eq!(
+            ClientId::Dns("a.example".into()).check_trust_domain(&["x".into()]),
+            Err(IdentityError::SpiffeRequired)
+        );
+        assert_eq!(
+            ClientId::CommonName("billing".into()).check_trust_domain(&["x".into()]),
+            Err(IdentityError::SpiffeRequired)
+        );
         assert!(
             ClientId::Dns("a.example".into())
-                .check_trust_domain(&["x".into()])
+                .check_trust_domain(&[])
                 .is_ok()
+        );
+    }
+
+    /// A certificate from the trusted CA whose CN or DNS SAN spells a SPIFFE
+    /// ID is not that SPIFFE identity.
+    #[test]
+    fn spiffe_lookalikes_in_dns_or_cn_are_refused() {
+        for cn in [
+            "spiffe://dev.tokenvault.local/support",
+            "SPIFFE://dev.tokenvault.local/support",
+            "spiffe:x",
+        ] {
+            let der = cert_with(vec![], Some(cn));
+            assert_eq!(
+                ClientId::from_certificate(&der),
+                Err(IdentityError::SpiffeLookalike),
+                "{cn}"
+            );
+        }
+        let der = cert_with(vec![dns("spiffe.example")], Some("spiffe"));
+        assert_eq!(
+            ClientId::from_certificate(&der),
+            Ok(ClientId::Dns("spiffe.example".into()))
+        );
+    }
+
+    #[test]
+    fn identities_print_with_their_kind() {
+        assert_eq!(
+            ClientId::Spiffe("spiffe://a/x".into()).to_string(),
+            "spiffe://a/x"
+        );
+        assert_eq!(
+            ClientId::Dns("a.example".into()).to_string(),
+            "dns:a.example"
+        );
+        assert_eq!(
+            ClientId::CommonName("billing".into()).to_string(),
+            "cn:billing"
         );
     }
 

@@ -22,6 +22,7 @@
 //! - [`token`]: the [`token::Token`] and [`token::FieldType`] types.
 //! - [`config`]: figment layers into a validated [`config::Config`].
 //! - [`client`], [`dev`], [`pki`], [`cli`]: the command-line tool's parts.
+//! - [`shared`]: values a reload replaces while requests run.
 //! - [`metrics`]: Prometheus counters and histograms, served on the metrics port.
 //! - [`hardening`]: no core dumps, optional locked memory.
 //! - [`bench`]: `tokenvault bench`, load over real mTLS next to its ceilings.
@@ -52,6 +53,7 @@ pub mod metrics;
 pub mod pki;
 pub mod proto;
 pub mod server;
+pub mod shared;
 pub mod store;
 pub mod token;
 pub mod vault;

@@ -57,6 +57,10 @@ pub struct Gauges {
     pub pending_compaction_bytes: u64,
     /// Size of the write-ahead log files.
     pub wal_bytes: u64,
+    /// Client connections open on the mTLS port.
+    pub open_connections: u64,
+    /// Format-preserving values that needed several token draws.
+    pub fpt_crowded: u64,
 }
 
 impl Metrics {
@@ -261,6 +265,20 @@ impl Metrics {
             "Size of the write-ahead log files.",
             "gauge",
             gauges.wal_bytes,
+        );
+        gauge(
+            &mut out,
+            "tokenvault_open_connections",
+            "Client connections open on the mTLS port.",
+            "gauge",
+            gauges.open_connections,
+        );
+        gauge(
+            &mut out,
+            "tokenvault_fpt_crowded_total",
+            "Format-preserving card values that needed several token draws: a bucket (head and last four) filling up.",
+            "counter",
+            gauges.fpt_crowded,
         );
         out
     }

@@ -36,12 +36,23 @@ pub struct ClientSpec {
     pub not_before: OffsetDateTime,
     /// End of validity.
     pub not_after: OffsetDateTime,
-    /// Whether the extended key usage is clientAuth (true) or serverAuth
-    /// only (false: a certificate that must not be accepted as a client's).
-    pub client_auth_eku: bool,
+    /// The extended key usage the certificate carries.
+    pub eku: Eku,
     /// The serial number; random if `None`. Set it to revoke the
     /// certificate later with [`Ca::crl`].
     pub serial: Option<u64>,
+}
+
+/// The extended key usage of a test client certificate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Eku {
+    /// clientAuth: what a client certificate must carry.
+    ClientAuth,
+    /// serverAuth only: a certificate that must not be accepted as a client's.
+    ServerAuth,
+    /// No extended key usage extension at all (webpki accepts such a
+    /// certificate for any use; the vault does not).
+    Absent,
 }
 
 impl ClientSpec {
@@ -54,7 +65,7 @@ impl ClientSpec {
             common_name: None,
             not_before: now - Duration::hours(1),
             not_after: now + Duration::days(365),
-            client_auth_eku: true,
+            eku: Eku::ClientAuth,
             serial: None,
         }
     }
@@ -178,11 +189,11 @@ impl Ca {
                 .subject_alt_names
                 .push(SanType::DnsName(dns.as_str().try_into()?));
         }
-        params.extended_key_usages = vec![if spec.client_auth_eku {
-            ExtendedKeyUsagePurpose::ClientAuth
-        } else {
-            ExtendedKeyUsagePurpose::ServerAuth
-        }];
+        params.extended_key_usages = match spec.eku {
+            Eku::ClientAuth => vec![ExtendedKeyUsagePurpose::ClientAuth],
+            Eku::ServerAuth => vec![ExtendedKeyUsagePurpose::ServerAuth],
+            Eku::Absent => Vec::new(),
+        };
         params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
         params.not_before = spec.not_before;
         params.not_after = spec.not_after;

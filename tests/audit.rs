@@ -134,9 +134,13 @@ async fn every_call_is_audited_without_values_and_the_log_verifies() {
     let support = common::spiffe("support");
     assert_eq!(
         summary,
+        // Allowed calls are events as they happen; refusals are counted and
+        // written together (here: at shutdown), one event per identity,
+        // method, outcome and purpose.
         vec![
             ("Tokenize".into(), "OK".into(), support.clone()),
             ("Detokenize".into(), "OK".into(), support.clone()),
+            ("Tokenize".into(), "OK".into(), support.clone()),
             (
                 "Detokenize".into(),
                 "PERMISSION_DENIED".into(),
@@ -147,21 +151,19 @@ async fn every_call_is_audited_without_values_and_the_log_verifies() {
                 "PERMISSION_DENIED".into(),
                 common::spiffe("stranger")
             ),
-            (
-                "Detokenize".into(),
-                "PERMISSION_DENIED".into(),
-                support.clone()
-            ),
-            ("Tokenize".into(), "OK".into(), support),
+            ("Detokenize".into(), "PERMISSION_DENIED".into(), support),
         ]
     );
+    for refusal in &events[3..] {
+        assert_eq!(refusal["refusals"]["count"], 1, "{refusal}");
+    }
     assert_eq!(events[1]["purpose"], "customer_support");
     assert_eq!(
         events[1]["field_types"],
         serde_json::json!(["email", "phone"])
     );
     assert_eq!(events[1]["tokens"].as_array().unwrap().len(), 2);
-    assert_eq!(events[4]["purpose"], "advertising");
+    assert_eq!(events[5]["purpose"], "advertising");
     for (seq, event) in events.iter().enumerate() {
         assert_eq!(event["seq"], seq as u64 + 1);
     }

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
+mod common;
+
 use std::{
     path::{Path, PathBuf},
     process::Command,
@@ -26,13 +28,24 @@ const KUBERNETES_VERSIONS: [Option<&str>; 2] = [Some("1.29.0"), None];
 
 #[test]
 fn kustomizations_render_and_pass_strict_validation() {
+    // The manifests use `labels:`, which kubectl's embedded kustomize knows
+    // from v5 on: say so rather than fail on a confusing render error.
+    let kustomize = Command::new("bash")
+        .arg(root().join("scripts/install-deps.sh"))
+        .args(["--probe", "kustomize"])
+        .status()
+        .unwrap();
+    assert!(
+        kustomize.success(),
+        "kubectl is missing or its kustomize is older than v5.0: install a current kubectl (`make test-deps` says which)"
+    );
     let out_dir = tempfile::tempdir().unwrap();
     for dir in KUSTOMIZATIONS {
         let rendered = Command::new("kubectl")
             .args(["kustomize", dir])
             .current_dir(root())
             .output()
-            .expect("kubectl is not installed (scripts/install-deps.sh --test installs it)");
+            .expect("kubectl is missing: run `make test-deps` (scripts/install-deps.sh --test installs it)");
         assert!(
             rendered.status.success(),
             "{dir}: {}",
@@ -47,14 +60,12 @@ fn kustomizations_render_and_pass_strict_validation() {
             assert!(yaml.contains(label), "{dir}: no {label} label");
         }
         for version in KUBERNETES_VERSIONS {
-            let mut validate = Command::new("kubernetes-validate");
+            let mut validate = Command::new(common::test_tool("kubernetes-validate"));
             validate.arg("--strict");
             if let Some(version) = version {
                 validate.args(["-k", version]);
             }
-            let result = validate.arg(&file).output().expect(
-                "kubernetes-validate is not installed (scripts/install-deps.sh --test installs it)",
-            );
+            let result = validate.arg(&file).output().unwrap();
             let report = format!(
                 "{}{}",
                 String::from_utf8_lossy(&result.stdout),
@@ -107,10 +118,46 @@ fn the_dockerfile_copies_what_exists_and_runs_our_binary() {
     );
     // The config path the image defaults to is the one the StatefulSet mounts.
     assert!(
-        dockerfile.contains("CMD [\"serve\", \"--config\", \"/etc/tokenvault/tokenvault.toml\"]")
+        dockerfile
+            .contains("CMD [\"serve\", \"--config\", \"/etc/tokenvault/config/tokenvault.toml\"]")
     );
-    let statefulset = std::fs::read_to_string(root().join("deploy/base/statefulset.yaml")).unwrap();
-    assert!(statefulset.contains("mountPath: /etc/tokenvault/tokenvault.toml"));
+    for (manifest, config) in [
+        (
+            "deploy/base/statefulset.yaml",
+            "deploy/base/tokenvault.toml",
+        ),
+        (
+            "deploy/overlays/sidecar/deployment.yaml",
+            "deploy/overlays/sidecar/tokenvault.toml",
+        ),
+    ] {
+        let text = std::fs::read_to_string(root().join(manifest)).unwrap();
+        // A subPath mount never sees ConfigMap updates, so reloads would
+        // silently never happen.
+        assert!(
+            text.contains("mountPath: /etc/tokenvault/config\n"),
+            "{manifest}"
+        );
+        assert!(
+            !text.contains("subPath"),
+            "{manifest}: config mounted with subPath"
+        );
+        // The erasure ledger lives on its own volume, outside the data
+        // volume that backups snapshot and restore.
+        assert!(
+            text.contains("mountPath: /var/lib/tokenvault-ledger\n"),
+            "{manifest}"
+        );
+        let config = load(&root().join(config));
+        assert!(
+            config
+                .erasure_ledger
+                .starts_with("/var/lib/tokenvault-ledger/")
+                && !config.erasure_ledger.starts_with("/var/lib/tokenvault/"),
+            "{manifest}: ledger at {}",
+            config.erasure_ledger.display()
+        );
+    }
 }
 
 fn load(path: &Path) -> Config {
@@ -144,7 +191,10 @@ fn every_configured_path_is_mounted() {
             &config.tls.cert,
             &config.tls.key,
             &config.tls.client_ca,
-            &config.master_key_file,
+            match &config.master_key {
+                tokenvault::crypto::MasterKeySetting::File(path) => path,
+                other => panic!("the deployed config reads its master key from {other:?}"),
+            },
         ];
         for path in paths {
             assert!(

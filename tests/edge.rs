@@ -114,7 +114,6 @@ async fn a_flood_of_concurrent_streams_is_bounded_per_identity() {
                     .tokenize(TokenizeRequest { items: vec![item] })
                     .await
                     .map(|_| ())
-                    .map_err(|s| s.code())
             })
         })
         .collect();
@@ -122,12 +121,32 @@ async fn a_flood_of_concurrent_streams_is_bounded_per_identity() {
     for call in calls {
         match call.await.unwrap() {
             Ok(()) => ok += 1,
-            Err(tonic::Code::ResourceExhausted) => limited += 1,
-            Err(code) => panic!("unexpected {code:?}"),
+            Err(status) if status.code() == tonic::Code::ResourceExhausted => {
+                // The refusal names the limit and says when to come back.
+                assert!(
+                    status.message().contains("limits.per_identity_concurrency"),
+                    "{}",
+                    status.message()
+                );
+                let retry: u64 = status
+                    .metadata()
+                    .get("retry-after-ms")
+                    .expect("retry-after-ms")
+                    .to_str()
+                    .unwrap()
+                    .parse()
+                    .unwrap();
+                assert!(retry > 0, "retry-after-ms {retry}");
+                limited += 1;
+            }
+            Err(status) => panic!("unexpected {status:?}"),
         }
     }
     assert_eq!(ok + limited, 600);
     assert!(ok >= 32, "{ok} succeeded");
+    // 600 calls at once against a limit of 32 in flight: without the limit
+    // every call would succeed.
+    assert!(limited > 0, "the concurrency limit never refused a call");
     // The server is up, another identity is unaffected, and memory stayed bounded.
     let mut support = vault.client("support").await;
     support

@@ -21,7 +21,7 @@ deterministic = true
 [field_types.card_fpt]
 kind = "card_number"
 token_format = "format_preserving"
-keep_first_digits = 6
+keep_first_digits = 4
 luhn = "invalid"
 
 [field_types.login_email]
@@ -53,7 +53,9 @@ fn one_token(response: tokenvault::proto::v1::TokenizeResponse) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixty_four_concurrent_tokenizes_of_one_new_value_get_one_token() {
     let mut vault = TestVault::start_with(FIELD_TYPES);
-    let client = vault.client("checkout").await;
+    // Getting the token of a value that has one needs lookup: as well as
+    // tokenize:, which support holds.
+    let client = vault.client("support").await;
     let calls: Vec<_> = (0..64)
         .map(|_| {
             let mut client = client.clone();
@@ -146,7 +148,7 @@ async fn token_formats_over_grpc() {
     );
     assert_eq!(card.len(), 16);
     assert!(
-        card.starts_with("411111") && card.ends_with("1111") && card != "4111111111111111",
+        card.starts_with("4111") && card.ends_with("1111") && card != "4111111111111111",
         "{card}"
     );
     let login = one_token(

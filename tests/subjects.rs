@@ -113,13 +113,26 @@ async fn export_update_and_delete() {
     expected.sort();
     assert_eq!(exported, expected);
 
-    // Export needs its scope and an allowed purpose.
+    // An export has one purpose, the subject's own request, and needs the
+    // subject:export scope under a rule that allows that purpose.
+    let status = privacy
+        .export_subject(ExportSubjectRequest {
+            subject_id: "cust-ada".into(),
+            purpose: "customer_support".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("subject_access_request"),
+        "{status:?}"
+    );
     let mut support =
         SubjectsClient::new(vault.channel_with(&vault.pki.tls("support")).await.unwrap());
     let status = support
         .export_subject(ExportSubjectRequest {
             subject_id: "cust-ada".into(),
-            purpose: "customer_support".into(),
+            purpose: "subject_access_request".into(),
         })
         .await
         .unwrap_err();
@@ -285,6 +298,39 @@ async fn erasure_shreds_the_subject_for_good() {
         reveal(&vault, &bob, "customer_support").await,
         vec![Ok("bob@example.com".to_owned())]
     );
+    vault.stop();
+
+    // Rolling the ledger back (here: to before the erasure, when it did not
+    // exist) stops the vault from starting, with one line saying what to do.
+    let ledger = vault.root.path().join("ledger/erasures");
+    let current = std::fs::read(&ledger).unwrap();
+    std::fs::remove_file(&ledger).unwrap();
+    let refused = vault.spawn().unwrap_err();
+    assert!(
+        refused.contains("holds 0 erasures but this vault recorded")
+            && refused.contains("--accept-restored-ledger"),
+        "{refused}"
+    );
+    // So does an edited one.
+    let mut edited = current.clone();
+    let last = edited.len() - 2;
+    edited[last] = if edited[last] == b'0' { b'1' } else { b'0' };
+    std::fs::write(&ledger, &edited).unwrap();
+    let refused = vault.spawn().unwrap_err();
+    assert!(refused.contains("does not verify"), "{refused}");
+    // An operator who restored the ledger on purpose says so; the vault
+    // writes the erasure back into it from its own record.
+    std::fs::remove_file(&ledger).unwrap();
+    vault.serve_args = vec!["--accept-restored-ledger".into()];
+    vault.spawn().unwrap();
+    vault.serve_args.clear();
+    assert_eq!(
+        reveal(&vault, &ada, "customer_support").await,
+        vec![Err(Code::NotFound), Err(Code::NotFound)]
+    );
+    vault.stop();
+    assert_eq!(std::fs::read(&ledger).unwrap(), current);
+    vault.spawn().unwrap();
     vault.assert_log_free_of(&[
         "ada@example.com",
         "+442079460958",

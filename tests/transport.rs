@@ -10,7 +10,7 @@ use std::{os::unix::fs::PermissionsExt, time::Duration};
 use common::{Pki, TestVault, metric, scrape, spiffe, tokenvault_command};
 use tokenvault::{
     client::ClientTls,
-    pki::ClientSpec,
+    pki::{ClientSpec, Eku},
     proto::v1::{TokenizeItem, TokenizeRequest},
 };
 use tonic::transport::{Certificate, ClientTlsConfig, Endpoint};
@@ -104,6 +104,78 @@ async fn certificates_without_one_clear_identity_are_unauthenticated() {
     let err = call_with(&vault, &two_uris).await.unwrap_err();
     assert!(err.starts_with("Unauthenticated"), "{err}");
     assert!(err.contains("URI SANs"), "{err}");
+}
+
+/// The probe of the security review: a certificate from the trusted CA,
+/// with no URI SAN, whose common name (or DNS SAN) spells a SPIFFE ID the
+/// policy grants detokenize to. It must not act as that identity.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_common_name_or_dns_name_spelling_a_spiffe_id_is_not_that_identity() {
+    let mut vault = TestVault::start();
+    let mut support = vault.client("support").await;
+    let token = common::tokenize_one(&mut support, "email", "lookalike@example.com").await;
+    for (name, spec) in [
+        (
+            "cn-lookalike",
+            ClientSpec {
+                uris: vec![],
+                common_name: Some(spiffe("support")),
+                ..ClientSpec::spiffe("unused")
+            },
+        ),
+        (
+            "dns-lookalike",
+            ClientSpec {
+                uris: vec![],
+                dns: vec!["spiffe.test.tokenvault.local".into()],
+                common_name: Some(spiffe("support")),
+                ..ClientSpec::spiffe("unused")
+            },
+        ),
+    ] {
+        let tls = vault.pki.client(name, &spec);
+        let channel = vault.channel_with(&tls).await.unwrap();
+        let status = tokenvault::client::TokenVaultClient::new(channel)
+            .detokenize(tokenvault::proto::v1::DetokenizeRequest {
+                tokens: vec![token.clone()],
+                purpose: "customer_support".into(),
+                masked: false,
+            })
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(
+                status.code(),
+                tonic::Code::Unauthenticated | tonic::Code::PermissionDenied
+            ),
+            "{name}: {status:?}"
+        );
+    }
+    vault.assert_log_free_of(&["lookalike@example.com"]);
+}
+
+/// Connects with `tls`: the TLS handshake itself must fail (not a call
+/// answered with an error after it).
+async fn assert_handshake_fails(vault: &TestVault, tls: &ClientTls) {
+    match vault.channel_with(tls).await {
+        Err(_) => {}
+        Ok(channel) => {
+            let status = tokenvault::client::TokenVaultClient::new(channel)
+                .tokenize(request())
+                .await
+                .unwrap_err();
+            // With TLS 1.3 the client learns of the refusal (an alert) only
+            // when it first uses the connection: the call then fails with a
+            // transport error, never with a status the server answered.
+            assert!(
+                matches!(
+                    status.code(),
+                    tonic::Code::Unavailable | tonic::Code::Unknown
+                ) && std::error::Error::source(&status).is_some(),
+                "the handshake succeeded and the call was answered: {status:?}"
+            );
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -301,11 +373,33 @@ async fn more_bad_client_certificates_are_refused() {
 
     // From our CA, but for servers only (no clientAuth extended key usage).
     let mut server_only = ClientSpec::spiffe(&spiffe("checkout"));
-    server_only.client_auth_eku = false;
+    server_only.eku = Eku::ServerAuth;
     let tls = vault.pki.client("server-only", &server_only);
     assert!(
         call_with(&vault, &tls).await.is_err(),
         "a certificate without clientAuth was served"
+    );
+    // From our CA, with no extended key usage at all: webpki accepts it for
+    // any purpose; the vault requires clientAuth, so the handshake fails.
+    let mut no_eku = ClientSpec::spiffe(&spiffe("checkout"));
+    no_eku.eku = Eku::Absent;
+    let tls = vault.pki.client("no-eku", &no_eku);
+    assert_handshake_fails(&vault, &tls).await;
+
+    // From our CA, a DNS name and no SPIFFE ID: trust_domains accepts
+    // SPIFFE IDs only.
+    let tls = vault.pki.client(
+        "dns-only",
+        &ClientSpec {
+            uris: vec![],
+            dns: vec!["api.billing.internal".into()],
+            ..ClientSpec::spiffe("unused")
+        },
+    );
+    let err = call_with(&vault, &tls).await.unwrap_err();
+    assert!(
+        err.starts_with("Unauthenticated") && err.contains("no SPIFFE ID"),
+        "{err}"
     );
 
     // From our CA, but a trust domain the config does not accept.
@@ -401,7 +495,9 @@ async fn metrics_are_scraped_and_parse() {
         metric(&text, "tokenvault_denials_total{reason=\"policy\"}"),
         1.0
     );
-    assert_eq!(metric(&text, "tokenvault_audit_chain_head"), 4.0);
+    // Three tokenize events; the refusal is counted and written with the
+    // next refusal flush (audit.refusal_interval_seconds), not at once.
+    assert_eq!(metric(&text, "tokenvault_audit_chain_head"), 3.0);
     assert!(metric(&text, "tokenvault_tokens_stored") >= 0.0);
     assert!(
         !text.contains("tls@example.com") && !text.contains("spiffe://"),
@@ -489,7 +585,7 @@ async fn certificates_and_policy_reload_on_sighup_and_a_broken_one_is_refused() 
         "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
-    hup_and_wait("refused the new certificate");
+    hup_and_wait("refused the new TLS files");
     call_with(&vault, &trusting_new).await.unwrap();
 
     // The policy reloads with the config file: grant the stranger tokenize.
@@ -509,7 +605,7 @@ async fn certificates_and_policy_reload_on_sighup_and_a_broken_one_is_refused() 
         ),
     )
     .unwrap();
-    hup_and_wait("reloaded the TLS certificate");
+    hup_and_wait("reloaded the policy");
     call_with(&vault, &stranger).await.unwrap();
 }
 

@@ -23,14 +23,16 @@ impl<S: Store> TokenVaultService<S> {
         if !path.is_absolute() {
             return Err(Error::InvalidArgument("path must be absolute".into()));
         }
-        if path.exists() {
+        // Authorised before the path is looked at: a caller without
+        // admin:backup learns nothing about the server's files.
+        let permit = grants
+            .permit_global(Action::AdminBackup, path)
+            .map_err(denied)?;
+        if permit.item().exists() {
             return Err(Error::InvalidArgument(
                 "path exists already; a backup goes to a new directory".into(),
             ));
         }
-        let permit = grants
-            .permit_global(Action::AdminBackup, path)
-            .map_err(denied)?;
         let (path, audit_seq, bytes) = self.vault.backup(permit, &call.audit(1, 0)).await?;
         tracing::info!(path = %path.display(), audit.seq = audit_seq, bytes, "backup written");
         Ok(pb::BackupInfo {

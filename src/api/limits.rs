@@ -35,9 +35,17 @@ struct Bucket {
     last: Instant,
 }
 
+/// How many admissions pass between two sweeps of idle identities.
+const EVICT_EVERY: u64 = 4096;
+
 /// The state of every identity's limits.
+///
+/// An identity's entries are dropped once it is idle (no request in flight,
+/// rate bucket full again), so the maps hold the identities active now, not
+/// every identity ever seen.
 pub struct Limiter {
     limits: IdentityLimits,
+    admitted: std::sync::atomic::AtomicU64,
     in_flight: Mutex<HashMap<String, Arc<Semaphore>>>,
     buckets: Mutex<HashMap<String, Bucket>>,
 }
@@ -47,6 +55,7 @@ impl Limiter {
     pub fn new(limits: IdentityLimits) -> Self {
         Self {
             limits,
+            admitted: std::sync::atomic::AtomicU64::new(0),
             in_flight: Mutex::new(HashMap::new()),
             buckets: Mutex::new(HashMap::new()),
         }
@@ -59,6 +68,14 @@ impl Limiter {
     /// # Errors
     /// [`Limited`] naming the limit.
     pub fn admit(&self, identity: &str) -> Result<Option<OwnedSemaphorePermit>, Limited> {
+        if self
+            .admitted
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            % EVICT_EVERY
+            == EVICT_EVERY - 1
+        {
+            self.evict_idle();
+        }
         if self.limits.rate > 0.0 {
             let mut buckets = self
                 .buckets
@@ -113,6 +130,42 @@ impl Limiter {
     }
 }
 
+impl Limiter {
+    /// Drops the entries of identities that are idle: no request in flight,
+    /// and a rate bucket that has refilled (a new entry would start full,
+    /// so forgetting it changes nothing).
+    pub fn evict_idle(&self) {
+        let now = Instant::now();
+        let burst = self.limits.burst.max(1.0);
+        self.buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|_, bucket| {
+                bucket.tokens + now.duration_since(bucket.last).as_secs_f64() * self.limits.rate
+                    < burst
+            });
+        self.in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|_, semaphore| semaphore.available_permits() < self.limits.concurrency);
+    }
+
+    /// How many identities the limiter holds state for.
+    pub fn tracked(&self) -> usize {
+        let buckets = self
+            .buckets
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        let in_flight = self
+            .in_flight
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .len();
+        buckets.max(in_flight)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -131,6 +184,32 @@ mod tests {
         assert!(refused.message.contains("limits.per_identity_rate"));
         assert!(refused.retry_after_ms > 0 && refused.retry_after_ms <= 1000);
         assert!(limiter.admit("quiet").is_ok());
+    }
+
+    /// Many identities passing through leave nothing behind once idle.
+    #[test]
+    fn idle_identities_are_forgotten() {
+        let limiter = Limiter::new(IdentityLimits {
+            concurrency: 4,
+            rate: 1000.0,
+            burst: 1000.0,
+        });
+        let busy = limiter.admit("busy").unwrap();
+        for i in 0..10_000 {
+            drop(limiter.admit(&format!("id-{i}")).unwrap());
+        }
+        // The sweeps ran while the identities still had a spent token; wait
+        // for every bucket to refill, then sweep again.
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        limiter.evict_idle();
+        assert_eq!(
+            limiter.tracked(),
+            1,
+            "only the identity with a request in flight"
+        );
+        drop(busy);
+        limiter.evict_idle();
+        assert_eq!(limiter.tracked(), 0);
     }
 
     #[test]

@@ -6,13 +6,17 @@
 //! method, item count, status code and latency: never a value or a token.
 
 mod admin;
+mod admission;
 mod audit;
 mod limits;
+mod refusals;
 mod split;
 mod status;
 mod subjects;
 
-pub use limits::{IdentityLimits, Limited};
+pub use admission::{Admission, AdmissionLayer};
+pub use limits::{IdentityLimits, Limited, Limiter};
+pub use refusals::RefusalLog;
 
 use std::{
     sync::{Arc, Mutex},
@@ -43,17 +47,18 @@ use crate::{
 pub struct ApiSettings {
     /// Request limits.
     pub limits: Limits,
-    /// Per-identity limits.
-    pub identity_limits: IdentityLimits,
     /// The access policy, replaceable at run time.
     pub policy: Arc<SharedPolicy>,
+    /// Where refused calls are counted (audited in aggregate).
+    pub refusals: Arc<RefusalLog>,
 }
 
-/// The `tokenvault.v1.TokenVault` and `tokenvault.v1.Subjects` services.
+/// The vault's four gRPC services (`TokenVault`, `Subjects`, `Admin`,
+/// `Audit`), over one vault. Per-identity limits are applied before a
+/// request reaches it, by [`AdmissionLayer`].
 pub struct TokenVaultService<S> {
     vault: Arc<Vault<S>>,
     settings: Arc<ApiSettings>,
-    limiter: Arc<limits::Limiter>,
     metrics: Arc<Metrics>,
 }
 
@@ -62,7 +67,6 @@ impl<S> Clone for TokenVaultService<S> {
         Self {
             vault: Arc::clone(&self.vault),
             settings: Arc::clone(&self.settings),
-            limiter: Arc::clone(&self.limiter),
             metrics: Arc::clone(&self.metrics),
         }
     }
@@ -73,7 +77,6 @@ impl<S> TokenVaultService<S> {
     pub fn new(vault: Arc<Vault<S>>, settings: ApiSettings, metrics: Arc<Metrics>) -> Self {
         Self {
             vault,
-            limiter: Arc::new(limits::Limiter::new(settings.identity_limits)),
             settings: Arc::new(settings),
             metrics,
         }
@@ -96,10 +99,11 @@ fn caller<T>(request: &Request<T>) -> Result<ClientId, Error> {
 pub(crate) fn log_denial(denial: &Denial) {
     let (scope, purpose) = match denial.reason() {
         DenialReason::MissingScope(scope) => (Some(scope.to_string()), None),
-        DenialReason::NoScopeFor(action) => {
-            (Some(format!("{action:?}").to_lowercase() + ":*"), None)
-        }
+        DenialReason::NoScopeFor(action) => (Some(action.scope_name()), None),
         DenialReason::Purpose(purpose) => (None, Some(purpose.to_string())),
+        DenialReason::ScopeNotForPurpose(scope, purpose) => {
+            (Some(scope.to_string()), Some(purpose.to_string()))
+        }
     };
     tracing::warn!(
         client.id = %denial.client(),
@@ -146,6 +150,13 @@ struct Call {
 }
 
 impl Call {
+    fn purpose(&self) -> Option<String> {
+        self.purpose
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     fn set_purpose(&self, purpose: &str) {
         *self
             .purpose
@@ -158,11 +169,7 @@ impl Call {
             request_id: self.request_id.clone(),
             identity: self.client.to_string(),
             method: self.method,
-            purpose: self
-                .purpose
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .clone(),
+            purpose: self.purpose(),
             items: u32::try_from(items).unwrap_or(u32::MAX),
             failed_items: u32::try_from(failed_items).unwrap_or(u32::MAX),
         }
@@ -243,9 +250,16 @@ impl<S: Store> TokenVaultService<S> {
         let (items, refused) = split.counts();
         // Called even when every item was refused here: the vault records
         // the call's audit event either way.
+        // Handing back a deterministic value's existing token says which
+        // token the value has: that is what lookup: grants.
+        let existing = |field_type: &FieldType| {
+            grants
+                .permit_field(Action::Lookup, field_type)
+                .inspect_err(log_denial)
+        };
         let stored = self
             .vault
-            .tokenize(split.take_passed(), &call.audit(items, refused))
+            .tokenize(split.take_passed(), existing, &call.audit(items, refused))
             .await?;
         let results = split.merge(
             stored,
@@ -410,57 +424,36 @@ impl<S: Store> TokenVaultService<S> {
             started: Instant::now(),
         };
         let (result, call) = match caller(&request) {
-            Ok(client) => match self.limiter.admit(client.as_str()) {
-                Err(limited) => {
-                    log.client = Some(client.to_string());
-                    let call = Call {
-                        client,
-                        request_id: request_id.clone(),
-                        method,
-                        purpose: Mutex::new(None),
-                    };
-                    (Err(Error::Limited(limited)), Some(call))
-                }
-                Ok(_in_flight) => {
-                    log.client = Some(client.to_string());
-                    let call = Call {
-                        client,
-                        request_id: request_id.clone(),
-                        method,
-                        purpose: Mutex::new(None),
-                    };
-                    (handler(&call, request.into_inner()).await, Some(call))
-                }
-            },
+            Ok(client) => {
+                log.client = Some(client.to_string());
+                let call = Call {
+                    client,
+                    request_id: request_id.clone(),
+                    method,
+                    purpose: Mutex::new(None),
+                };
+                (handler(&call, request.into_inner()).await, Some(call))
+            }
             Err(e) => (Err(e), None),
         };
-        let result = match result {
-            Err(e) if e.is_refusal() => {
-                let context = match &call {
-                    Some(call) => call.audit(items, items),
-                    None => AuditContext {
-                        request_id,
-                        identity: "-".into(),
-                        method,
-                        purpose: None,
-                        items: u32::try_from(items).unwrap_or(u32::MAX),
-                        failed_items: u32::try_from(items).unwrap_or(u32::MAX),
-                    },
-                };
-                // Fail closed: a refusal that cannot be audited is answered
-                // as unavailable.
-                match self.vault.record(&context.event(e.code_name())).await {
-                    Ok(()) => Err(e),
-                    Err(audit) => Err(Error::Vault(audit)),
-                }
-            }
-            other => other,
-        };
+        // A refused call reveals and changes nothing: it is counted, and the
+        // counts are audited in aggregate (see `refusals`), not synced one by
+        // one before the answer.
+        if let Err(e) = &result
+            && let Some(outcome) = e.refusal_outcome()
+        {
+            let (identity, purpose) = match &call {
+                Some(call) => (call.client.to_string(), call.purpose()),
+                None => ("-".to_owned(), None),
+            };
+            self.settings
+                .refusals
+                .count(&identity, method, outcome, purpose.as_deref());
+        }
         if let Err(e) = &result {
             match e {
                 Error::Denied(_) => self.metrics.denial("policy"),
                 Error::Unauthenticated(_) => self.metrics.denial("identity"),
-                Error::Limited(_) => self.metrics.denial("rate_limit"),
                 _ => {}
             }
         }

@@ -6,7 +6,9 @@
 
 use tonic::{Code, Status};
 
-use crate::{authz::Denial, identity::IdentityError, proto::v1 as pb, store, vault};
+use crate::{
+    audit::Outcome, authz::Denial, identity::IdentityError, proto::v1 as pb, store, vault,
+};
 
 /// A failure of a whole request.
 #[derive(Debug, thiserror::Error)]
@@ -26,35 +28,30 @@ pub enum Error {
     /// A single-item call failed with this item error (already audited).
     #[error("{}", .0.message)]
     Item(pb::ItemError),
-    /// A per-identity limit refused the request.
-    #[error("{}", .0.message)]
-    Limited(super::Limited),
 }
 
 impl Error {
-    /// Whether the request was refused before the vault acted on it (the
-    /// API layer then records the refusal in the audit log itself).
-    pub fn is_refusal(&self) -> bool {
-        matches!(
-            self,
-            Error::Unauthenticated(_)
-                | Error::Denied(_)
-                | Error::InvalidArgument(_)
-                | Error::Limited(_)
-        )
-    }
-
-    /// The gRPC code name this error answers with, for the audit log.
-    pub fn code_name(&self) -> &'static str {
+    /// How the audit trail records this failure if the request was refused
+    /// before the vault acted on it (refusals are counted by the API layer
+    /// and audited in aggregate); `None` for failures the vault recorded.
+    pub fn refusal_outcome(&self) -> Option<Outcome> {
         match self {
-            Error::Unauthenticated(_) => "UNAUTHENTICATED",
-            Error::Denied(_) => "PERMISSION_DENIED",
-            Error::InvalidArgument(_) => "INVALID_ARGUMENT",
-            Error::Vault(_) => "UNAVAILABLE",
-            Error::Item(_) => "ITEM_ERROR",
-            Error::Limited(_) => "RESOURCE_EXHAUSTED",
+            Error::Unauthenticated(_) => Some(Outcome::Unauthenticated),
+            Error::Denied(_) => Some(Outcome::PermissionDenied),
+            Error::InvalidArgument(_) => Some(Outcome::InvalidArgument),
+            Error::Vault(_) | Error::Item(_) => None,
         }
     }
+}
+
+/// The answer to a request a limit refused: `RESOURCE_EXHAUSTED` naming the
+/// limit, with a `retry-after-ms` trailer.
+pub fn limited_status(limited: super::Limited) -> Status {
+    let mut status = Status::resource_exhausted(limited.message);
+    if let Ok(value) = limited.retry_after_ms.to_string().parse() {
+        status.metadata_mut().insert("retry-after-ms", value);
+    }
+    status
 }
 
 impl From<Error> for Status {
@@ -65,13 +62,6 @@ impl From<Error> for Status {
             Error::InvalidArgument(m) => Status::invalid_argument(m),
             Error::Vault(e) => vault_status(e),
             Error::Item(e) => Status::new(Code::from_i32(e.code), e.message),
-            Error::Limited(limited) => {
-                let mut status = Status::resource_exhausted(limited.message);
-                if let Ok(value) = limited.retry_after_ms.to_string().parse() {
-                    status.metadata_mut().insert("retry-after-ms", value);
-                }
-                status
-            }
         }
     }
 }
@@ -124,9 +114,9 @@ pub fn vault_item_error(err: &vault::ItemError) -> pb::ItemError {
         E::NotFound => Code::NotFound,
         E::DataLoss => Code::DataLoss,
         E::Invalid(_) | E::UnknownFieldType(_) | E::Unformattable(..) => Code::InvalidArgument,
-        E::Denied(_) => Code::PermissionDenied,
+        E::Denied(_) | E::ExistingToken(_) => Code::PermissionDenied,
         E::NotDeterministic(_) => Code::FailedPrecondition,
-        E::TokenSpaceExhausted(_) => Code::ResourceExhausted,
+        E::TokenSpaceExhausted(_) | E::SubjectFull(_) => Code::ResourceExhausted,
         E::ConsentMissing(_) => Code::FailedPrecondition,
         E::ValueTaken(_) => Code::AlreadyExists,
     };

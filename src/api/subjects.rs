@@ -18,6 +18,10 @@ use crate::{
     vault::{ItemError, SubjectId},
 };
 
+/// The one purpose an export is made for: answering the data subject's own
+/// request (access, GDPR Art. 15; portability, Art. 20).
+pub const EXPORT_PURPOSE: &str = "subject_access_request";
+
 fn subject(id: &str) -> Result<SubjectId, Error> {
     id.parse()
         .map_err(|e: crate::vault::SubjectIdError| Error::InvalidArgument(e.to_string()))
@@ -46,9 +50,21 @@ impl<S: Store> TokenVaultService<S> {
         let grants = policy.grants(&call.client);
         let stated = purpose(&request.purpose)?;
         call.set_purpose(stated.as_str());
-        grants.allow_purpose(stated).map_err(denied)?;
+        // An export goes to the data subject: it has one purpose, which the
+        // rule granting subject:export must allow. Consent to other
+        // purposes does not apply, and neither do per-field scopes.
+        if stated.as_str() != EXPORT_PURPOSE {
+            return Err(Error::InvalidArgument(format!(
+                "ExportSubject answers the data subject's own request: its purpose must be {EXPORT_PURPOSE}"
+            )));
+        }
+        let stated = grants.allow_purpose(stated).map_err(denied)?;
         let permit = grants
-            .permit_global(Action::SubjectExport, subject(&request.subject_id)?)
+            .permit_global_for(
+                Action::SubjectExport,
+                &stated,
+                subject(&request.subject_id)?,
+            )
             .map_err(denied)?;
         let fields = self.vault.export_subject(permit, &call.audit(1, 0)).await?;
         let items: Vec<Result<pb::SubjectField, Status>> = fields

@@ -12,7 +12,9 @@ mod verify;
 
 use serde::{Deserialize, Serialize};
 
-pub use verify::{Checkpoint, VerifyFailure, VerifyReport, export, verify};
+pub use verify::{
+    Checkpoint, PRUNE_MARKER_KEY, PruneMarker, VerifyFailure, VerifyReport, export, verify,
+};
 
 /// One audited RPC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -25,8 +27,9 @@ pub struct AuditEvent {
     pub identity: String,
     /// The RPC method, e.g. `Detokenize`.
     pub method: String,
-    /// The gRPC status code name of the call, e.g. `OK`, `PERMISSION_DENIED`.
-    pub outcome: String,
+    /// How the call ended: a gRPC status code name, e.g. `OK`,
+    /// `PERMISSION_DENIED`.
+    pub outcome: Outcome,
     /// The purpose the caller stated, if any.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub purpose: Option<String>,
@@ -46,6 +49,63 @@ pub struct AuditEvent {
     /// The consent decision, where one was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consent: Option<String>,
+    /// For refused calls, which are audited in aggregate: how many calls of
+    /// this identity, method, outcome and purpose were refused, and when the
+    /// first and last were.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub refusals: Option<RefusalTally>,
+}
+
+/// How a call ended, as the audit trail records it. Stored as the gRPC
+/// status code name; never rename a released value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+#[non_exhaustive]
+pub enum Outcome {
+    /// Allowed and done (items may still have failed one by one).
+    Ok,
+    /// No usable client identity.
+    Unauthenticated,
+    /// The policy refused the call.
+    PermissionDenied,
+    /// The request was malformed.
+    InvalidArgument,
+    /// A limit refused the call.
+    ResourceExhausted,
+    /// Storage or the audit failed; nothing was revealed or changed.
+    Unavailable,
+    /// A single-item call whose item failed (e.g. `UpdateValue` of an
+    /// unknown token).
+    ItemError,
+    /// A concurrent change won; nothing was changed.
+    Aborted,
+}
+
+impl Outcome {
+    /// The name stored in events.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "OK",
+            Outcome::Unauthenticated => "UNAUTHENTICATED",
+            Outcome::PermissionDenied => "PERMISSION_DENIED",
+            Outcome::InvalidArgument => "INVALID_ARGUMENT",
+            Outcome::ResourceExhausted => "RESOURCE_EXHAUSTED",
+            Outcome::Unavailable => "UNAVAILABLE",
+            Outcome::ItemError => "ITEM_ERROR",
+            Outcome::Aborted => "ABORTED",
+        }
+    }
+}
+
+/// How many calls an aggregated refusal event stands for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RefusalTally {
+    /// Calls refused.
+    pub count: u64,
+    /// When the first was refused, RFC 3339 UTC.
+    pub first: String,
+    /// When the last was refused, RFC 3339 UTC.
+    pub last: String,
 }
 
 impl AuditEvent {
@@ -75,13 +135,13 @@ pub struct AuditContext {
 
 impl AuditContext {
     /// An event for this call with `outcome`; the vault adds what it knows.
-    pub fn event(&self, outcome: &str) -> AuditEvent {
+    pub fn event(&self, outcome: Outcome) -> AuditEvent {
         AuditEvent {
             time: now_rfc3339(),
             request_id: self.request_id.clone(),
             identity: self.identity.clone(),
             method: self.method.to_owned(),
-            outcome: outcome.to_owned(),
+            outcome,
             purpose: self.purpose.clone(),
             field_types: Vec::new(),
             tokens: Vec::new(),
@@ -89,14 +149,28 @@ impl AuditContext {
             items: self.items,
             failed_items: self.failed_items,
             consent: None,
+            refusals: None,
         }
     }
 }
 
-fn now_rfc3339() -> String {
+/// Now, RFC 3339 UTC, as events record time.
+pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
+}
+
+/// The message a prune marker's signature covers: events up to `seq` were
+/// pruned on purpose, and the checkpoint at `seq` (hashing to `head`)
+/// anchors what is left.
+pub fn prune_message(seq: u64, head: &[u8; 32], time_ms: u64) -> Vec<u8> {
+    let mut message = Vec::with_capacity(64);
+    message.extend_from_slice(b"tokenvault-audit-pruned/v1\0");
+    message.extend_from_slice(&seq.to_be_bytes());
+    message.extend_from_slice(head);
+    message.extend_from_slice(&time_ms.to_be_bytes());
+    message
 }
 
 /// The message a checkpoint's signature covers.

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use super::{AuditEvent, checkpoint_message};
+use super::{AuditEvent, checkpoint_message, prune_message};
 use crate::{
     crypto::verify_signature,
     store::{ReadOnlyStore, Table, chain},
@@ -45,6 +45,60 @@ impl Checkpoint {
             head: value[9..41].try_into().ok()?,
             signature: value[41..105].try_into().ok()?,
         })
+    }
+}
+
+/// Where the signed prune marker lives in the `meta` table. Never rename.
+pub const PRUNE_MARKER_KEY: &[u8] = b"audit/pruned-through";
+
+const PRUNE_FORMAT_V1: u8 = 1;
+
+/// A signed statement that the events up to `seq` were pruned on purpose
+/// (`audit.retention_days`), anchored by the checkpoint at `seq`. Without
+/// one, events missing at the start of the trail are a deletion.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PruneMarker {
+    /// The last sequence number pruned (the anchoring checkpoint's).
+    pub seq: u64,
+    /// The anchoring checkpoint's head hash.
+    pub head: [u8; 32],
+    /// When the pruning was decided, ms since the epoch.
+    pub time_ms: u64,
+    /// Ed25519 signature over [`prune_message`].
+    pub signature: [u8; 64],
+}
+
+impl PruneMarker {
+    /// The stored value.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(1 + 8 + 32 + 8 + 64);
+        out.push(PRUNE_FORMAT_V1);
+        out.extend_from_slice(&self.seq.to_be_bytes());
+        out.extend_from_slice(&self.head);
+        out.extend_from_slice(&self.time_ms.to_be_bytes());
+        out.extend_from_slice(&self.signature);
+        out
+    }
+
+    /// Parses a stored marker.
+    pub fn decode(value: &[u8]) -> Option<Self> {
+        if value.len() != 1 + 8 + 32 + 8 + 64 || value[0] != PRUNE_FORMAT_V1 {
+            return None;
+        }
+        Some(Self {
+            seq: u64::from_be_bytes(value[1..9].try_into().ok()?),
+            head: value[9..41].try_into().ok()?,
+            time_ms: u64::from_be_bytes(value[41..49].try_into().ok()?),
+            signature: value[49..113].try_into().ok()?,
+        })
+    }
+
+    fn verifies(&self, public_key: &[u8; 32]) -> bool {
+        verify_signature(
+            public_key,
+            &prune_message(self.seq, &self.head, self.time_ms),
+            &self.signature,
+        )
     }
 }
 
@@ -124,8 +178,24 @@ pub fn verify(
         ));
     }
 
-    // A pruned trail starts after a kept checkpoint, whose signed head is
-    // the link into its first event.
+    // A pruned trail starts after the checkpoint a signed prune marker
+    // names; events up to it may be gone (or, if a pruning was cut short,
+    // partly still there). Missing events that no marker covers were
+    // deleted, not pruned.
+    let marker = store
+        .get(Table::Meta, PRUNE_MARKER_KEY)
+        .map_err(storage)?
+        .map(|value| {
+            PruneMarker::decode(&value)
+                .filter(|m| m.verifies(public_key))
+                .ok_or_else(|| {
+                    fail(
+                        from,
+                        "the prune marker's signature does not verify with this public key",
+                    )
+                })
+        })
+        .transpose()?;
     let mut first_stored = None;
     store
         .scan(Table::Audit, &chain::key(from), |key, _| {
@@ -133,14 +203,37 @@ pub fn verify(
             false
         })
         .map_err(storage)?;
-    let pruned_start = first_stored.filter(|&first| first > from);
-    let from = pruned_start.unwrap_or(from);
+    let pruned_through = match (&marker, first_stored) {
+        (Some(marker), _) if marker.seq >= from => {
+            let anchor = checkpoints.get(&marker.seq).ok_or_else(|| {
+                fail(
+                    marker.seq,
+                    "the prune marker names a checkpoint that is missing",
+                )
+            })?;
+            if anchor.head != marker.head {
+                return Err(fail(
+                    marker.seq,
+                    "the prune marker and its checkpoint disagree",
+                ));
+            }
+            Some(marker.seq)
+        }
+        (_, Some(first)) if first > from => {
+            return Err(fail(
+                from,
+                format!(
+                    "events {from} to {} are missing and no signed prune marker covers them: they were deleted",
+                    first - 1
+                ),
+            ));
+        }
+        _ => None,
+    };
+    let from = pruned_through.map_or(from, |seq| seq + 1);
     // The link into the first checked entry.
-    let mut prev = if let Some(first) = pruned_start {
-        checkpoints
-            .get(&(first - 1))
-            .map(|cp| cp.head)
-            .ok_or_else(|| fail(first - 1, format!("events before {first} are missing and no signed checkpoint anchors event {first}")))?
+    let mut prev = if let Some(seq) = pruned_through {
+        checkpoints.get(&seq).map_or(chain::GENESIS, |cp| cp.head)
     } else if from == 1 {
         chain::GENESIS
     } else {

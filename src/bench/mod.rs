@@ -462,7 +462,7 @@ async fn in_process_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(),
             .map_err(|e| e.to_string())?,
     );
     let policy = Arc::new(Policy::new(vec![Rule::new(
-        IdentityPattern::new("*").map_err(|e| e.to_string())?,
+        IdentityPattern::new("spiffe://*").map_err(|e| e.to_string())?,
         vec![
             "tokenize:*"
                 .parse()
@@ -511,7 +511,10 @@ async fn in_process_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(),
                             items: u32::try_from(batch).unwrap_or(u32::MAX),
                             failed_items: 0,
                         };
-                        if vault.tokenize(permits, &audit).await.is_err() {
+                        let existing = |ft: &crate::token::FieldType| {
+                            grants.permit_field(crate::authz::Action::Lookup, ft)
+                        };
+                        if vault.tokenize(permits, existing, &audit).await.is_err() {
                             break;
                         }
                         latency.push(t0.elapsed());
@@ -548,7 +551,7 @@ async fn store_ceiling(args: &BenchArgs, report: &mut Report) -> Result<(), Stri
             items: u32::try_from(items).unwrap_or(u32::MAX),
             failed_items: 0,
         }
-        .event("OK")
+        .event(crate::audit::Outcome::Ok)
         .encode()
     };
     for (name, batch, audited) in [

@@ -94,6 +94,8 @@ key = "server.key"
 client_ca = "ca.pem"
 [keys]
 master_key_file = "master.key"
+[subjects]
+erasure_ledger = "ledger/erasures"
 [storage]
 block_cache_mib = 256
 [log]

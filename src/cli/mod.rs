@@ -17,6 +17,7 @@ use tracing_subscriber::EnvFilter;
 use crate::{
     client::{self, ClientTls},
     config::{Config, LogFormat},
+    crypto::{EnvSource, MasterKeySetting},
     dev,
     proto::v1::{
         DetokenizeRequest, TokenizeItem, TokenizeRequest, detokenize_result, tokenize_result,
@@ -128,6 +129,11 @@ struct ServeArgs {
     /// Override log.format.
     #[arg(long, value_enum)]
     log_format: Option<LogFormat>,
+    /// The erasure ledger was replaced by an older copy on purpose: write the
+    /// erasures this vault recorded but the ledger lacks back into it, and
+    /// start. Without it the vault refuses to start on such a ledger.
+    #[arg(long)]
+    accept_restored_ledger: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -258,27 +264,24 @@ struct HealthArgs {
 /// Parses the command line and runs the command.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
-        Ok(rt) => rt,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
     let result = match cli.command {
-        Command::Serve(args) => runtime.block_on(serve(args)),
+        // `serve` reads its configuration and master key before it starts
+        // any thread (see `serve`), so it builds its runtime itself.
+        Command::Serve(args) => serve(args),
         Command::Config(ConfigCommand::Check { file }) => config_check(file.as_deref()),
-        Command::Client(args) => runtime.block_on(client(args)),
-        Command::Health(args) => runtime.block_on(health(args)),
-        Command::Bench(args) => runtime
-            .block_on(crate::bench::run(args))
-            .map(|_| ExitCode::SUCCESS),
         Command::Audit(command) => audit(command),
-        Command::Backup(command) => runtime.block_on(backup(command)),
-        Command::Keys(command) => runtime.block_on(keys::run(command)),
+        command => runtime().and_then(|runtime| match command {
+            Command::Client(args) => runtime.block_on(client(args)),
+            Command::Health(args) => runtime.block_on(health(args)),
+            Command::Bench(args) => runtime
+                .block_on(crate::bench::run(args))
+                .map(|_| ExitCode::SUCCESS),
+            Command::Backup(command) => runtime.block_on(backup(command)),
+            Command::Keys(command) => runtime.block_on(keys::run(command)),
+            Command::Serve(_) | Command::Config(_) | Command::Audit(_) => {
+                unreachable!("handled above")
+            }
+        }),
     };
     match result {
         Ok(code) => code,
@@ -289,7 +292,14 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
+fn runtime() -> Result<tokio::runtime::Runtime, String> {
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+}
+
+fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let file = if args.dev {
         Some(dev::prepare(&args.dev_dir).map_err(|e| e.to_string())?)
     } else {
@@ -316,6 +326,16 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     }
     let mut config = Config::from_figment(&figment).map_err(|e| e.to_string())?;
     config.source_file = file.clone();
+    if args.accept_restored_ledger {
+        config.ledger_rollback = crate::vault::LedgerRollback::Repair;
+    }
+    // Still one thread: a master key from the environment is read and the
+    // variable removed before anything else could read the environment.
+    let master = match &config.master_key {
+        MasterKeySetting::Env(var) => EnvSource(var.clone()).take(),
+        setting => setting.source().load(),
+    }
+    .map_err(|e| e.to_string())?;
     let _log_guard = init_logging(config.log_format, &config.log_level)?;
     crate::hardening::harden(config.lock_memory).map_err(|e| e.to_string())?;
 
@@ -325,10 +345,12 @@ async fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             println!("{}", dev::banner(dir, grpc, health));
         }
     };
-    let shutdown = shutdown_signal()?;
-    server::run(config, shutdown, on_ready)
-        .await
-        .map_err(|e| e.to_string())?;
+    runtime()?.block_on(async move {
+        let shutdown = shutdown_signal()?;
+        server::run(config, master, shutdown, on_ready)
+            .await
+            .map_err(|e| e.to_string())
+    })?;
     Ok(ExitCode::SUCCESS)
 }
 

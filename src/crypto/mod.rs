@@ -22,7 +22,7 @@ use zeroize::Zeroizing;
 pub use master::{MasterKey, MasterKeyError};
 pub use secret::SecretValue;
 pub use sign::{AuditSigningKey, verify_signature};
-pub use source::{EnvSource, FileSource, MasterKeySource};
+pub use source::{EnvSource, FileSource, MasterKeySetting, MasterKeySource};
 
 /// Length of every symmetric key here: 256 bits.
 pub const KEY_LEN: usize = 32;
@@ -189,6 +189,14 @@ impl HashKey {
         mac.update(domain);
         mac.update(data);
         mac.finalize().into_bytes().into()
+    }
+
+    /// A key of these bytes, for tests that need the same key twice.
+    #[cfg(test)]
+    pub(crate) fn from_bytes(bytes: [u8; KEY_LEN]) -> Self {
+        Self {
+            bytes: Zeroizing::new(bytes),
+        }
     }
 
     /// The hash as lower-case hex, as audit events and exports show it.

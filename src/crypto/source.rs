@@ -9,6 +9,25 @@ use zeroize::Zeroizing;
 
 use super::{MasterKey, MasterKeyError};
 
+/// Where the configuration says the master key is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MasterKeySetting {
+    /// `keys.master_key_file`.
+    File(PathBuf),
+    /// `keys.master_key_env` (development only).
+    Env(String),
+}
+
+impl MasterKeySetting {
+    /// The source that loads it.
+    pub fn source(&self) -> Box<dyn MasterKeySource> {
+        match self {
+            MasterKeySetting::File(path) => Box::new(FileSource(path.clone())),
+            MasterKeySetting::Env(var) => Box::new(EnvSource(var.clone())),
+        }
+    }
+}
+
 /// A source of the master key.
 pub trait MasterKeySource: Send + Sync {
     /// Loads the key.
@@ -40,6 +59,44 @@ impl MasterKeySource for FileSource {
 /// `/proc/<pid>/environ` or its launcher's configuration.
 #[derive(Debug, Clone)]
 pub struct EnvSource(pub String);
+
+impl EnvSource {
+    /// Loads the key and removes the variable from the process environment,
+    /// so nothing started later (and no later read) sees it. The kernel's
+    /// copy of the initial environment (`/proc/<pid>/environ`) still holds
+    /// it, readable by the process's owner and root: one more reason this
+    /// source is for development only.
+    ///
+    /// Call it before any thread is started (the server calls it before its
+    /// runtime and its log writer exist).
+    ///
+    /// # Errors
+    /// As [`MasterKeySource::load`].
+    #[allow(unsafe_code)]
+    pub fn take(&self) -> Result<MasterKey, MasterKeyError> {
+        let key = self.load()?;
+        if let Ok(name) = std::ffi::CString::new(self.0.as_str()) {
+            // SAFETY: `getenv` and the write race with other threads reading
+            // or writing the environment; the caller starts none before this
+            // returns (see `cli::serve`, which calls this before building the
+            // runtime and the logging thread). The pointer is to the
+            // NUL-terminated value inside the environment block, writable
+            // memory of this process, and `strlen` bytes of it are written.
+            unsafe {
+                let value = libc::getenv(name.as_ptr());
+                if !value.is_null() {
+                    // Overwrite the value where it lives: removing the
+                    // variable only unlinks it, and /proc/<pid>/environ
+                    // shows the original block.
+                    std::ptr::write_bytes(value, b'0', libc::strlen(value));
+                }
+            }
+        }
+        // SAFETY: as above, no other thread exists yet.
+        unsafe { std::env::remove_var(&self.0) };
+        Ok(key)
+    }
+}
 
 impl MasterKeySource for EnvSource {
     fn load(&self) -> Result<MasterKey, MasterKeyError> {

@@ -4,6 +4,7 @@
 //! This is the composition root: the one module above `store` that names
 //! the RocksDB engine.
 
+mod background;
 mod metrics_http;
 mod reload;
 mod tls;
@@ -18,21 +19,25 @@ use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Server;
 use tonic_health::{ServingStatus, server::HealthReporter};
 
-pub use tls::{TlsConn, TlsError, server_config};
+pub use tls::{Connections, TlsConn, TlsError, TlsState, tls_state};
 
 use crate::{
-    api::{ApiSettings, TokenVaultService},
+    api::{Admission, AdmissionLayer, ApiSettings, Limiter, RefusalLog, TokenVaultService},
     authz::SharedPolicy,
     config::Config,
-    crypto::MasterKeyError,
+    crypto::{MasterKey, MasterKeyError, MasterKeySetting},
     metrics::{Gauges, Metrics},
     proto,
+    shared::Shared,
     store::{self, RocksStore, Store, StoreOptions},
     vault::{self, Vault},
 };
 
 /// The gRPC service name the health service reports on.
 const SERVICE_NAME: &str = "tokenvault.v1.TokenVault";
+
+/// How often an idle HTTP/2 connection is pinged, so a dead peer is noticed.
+const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
 /// Why the server could not start or stopped with an error. Each message is
 /// one line saying what to fix.
@@ -68,25 +73,26 @@ pub enum ServeError {
     Transport(#[from] tonic::transport::Error),
 }
 
-/// Runs the vault until `shutdown` resolves (calling `on_ready` with the
-/// bound gRPC and health addresses once it serves), then drains in-flight requests
-/// (up to `server.shutdown_grace_seconds`) and closes the database.
+/// Runs the vault with the master key `master` (loaded by the caller from
+/// `config.master_key`) until `shutdown` resolves (calling `on_ready` with
+/// the bound gRPC and health addresses once it serves), then drains
+/// in-flight requests (up to `server.shutdown_grace_seconds`) and closes the
+/// database.
 ///
 /// # Errors
 /// See [`ServeError`].
 pub async fn run(
     config: Config,
+    master: MasterKey,
     shutdown: impl Future<Output = ()> + Send,
     on_ready: impl FnOnce(SocketAddr, SocketAddr) + Send,
 ) -> Result<(), ServeError> {
+    if let MasterKeySetting::Env(var) = &config.master_key {
+        tracing::warn!(variable = %var, "the master key came from the environment: for development only");
+    }
     // Check everything that can be wrong with the configuration before
     // touching the database or binding ports.
-    let source = config.master_key_source();
-    if config.master_key_env.is_some() {
-        tracing::warn!(source = %source.describe(), "the master key comes from the environment: for development only");
-    }
-    let master = source.load()?;
-    let tls_config = server_config(&config.tls)?;
+    let tls = tls_state(&config.tls, &config.trust_domains)?;
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health
@@ -143,27 +149,42 @@ pub async fn run(
     };
     let (vault, _) = Vault::open(store, &master, config.field_types.clone())
         .await?
-        .with_ledger(&config.erasure_ledger)
+        .with_subject_limit(config.max_tokens_per_subject)
+        .with_ledger(&config.erasure_ledger, config.ledger_rollback)
         .await?;
     let vault = Arc::new(vault);
     drop(master);
 
     let policy = Arc::new(SharedPolicy::new(config.policy.clone()));
+    let refusals = Arc::new(RefusalLog::default());
     let settings = ApiSettings {
         limits: config.limits,
-        identity_limits: config.identity_limits,
         policy: Arc::clone(&policy),
+        refusals: Arc::clone(&refusals),
     };
     let metrics = Arc::new(Metrics::default());
     let api = TokenVaultService::new(Arc::clone(&vault), settings, Arc::clone(&metrics));
+    let limiter = Arc::new(Shared::new(Limiter::new(config.identity_limits)));
+    let admission = AdmissionLayer(Arc::new(Admission::new(
+        Arc::clone(&limiter),
+        config.limits.max_concurrent_requests,
+        config.limits.max_request_buffer_bytes,
+        Arc::clone(&refusals),
+        Arc::clone(&metrics),
+    )));
     let metrics_listener = bind("server.metrics_listen", config.metrics_listen).await?;
     let metrics_addr = local_addr(
         &metrics_listener,
         "server.metrics_listen",
         config.metrics_listen,
     )?;
+    let connections = Arc::new(Connections::default());
     let metrics_task = {
-        let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
+        let (vault, metrics, connections) = (
+            Arc::clone(&vault),
+            Arc::clone(&metrics),
+            Arc::clone(&connections),
+        );
         let render = Arc::new(move || {
             let (tokens_stored, pending_compaction_bytes, wal_bytes) = vault.store().stats();
             metrics.render(&Gauges {
@@ -171,6 +192,8 @@ pub async fn run(
                 audit_head: vault.store().audit_head().seq,
                 pending_compaction_bytes,
                 wal_bytes,
+                open_connections: connections.len() as u64,
+                fpt_crowded: vault.fpt_crowded(),
             })
         });
         tokio::spawn(metrics_http::serve(
@@ -194,73 +217,30 @@ pub async fn run(
     let listener = bind("server.listen", config.listen).await?;
     let grpc_addr = local_addr(&listener, "server.listen", config.listen)?;
     let (conn_tx, conn_rx) = mpsc::channel(128);
-    let shared_tls = Arc::new(reload::SharedTls::new(tls_config));
+    let shared_tls = Arc::new(Shared::new(tls));
     let reloader = tokio::spawn(reload::watch_and_reload(
         config.clone(),
-        Arc::clone(&shared_tls),
-        Arc::clone(&policy),
+        reload::Reloadable {
+            tls: Arc::clone(&shared_tls),
+            policy: Arc::clone(&policy),
+            limiter,
+            connections: Arc::clone(&connections),
+        },
         config.reload_poll,
         stop_rx.clone(),
     ));
     let accept_task = tokio::spawn(tls::accept_loop(
         listener,
-        shared_tls,
-        Arc::new(config.trust_domains.clone()),
-        config.handshake_timeout,
+        tls::AcceptSettings {
+            tls: shared_tls,
+            connections,
+            handshake_timeout: config.handshake_timeout,
+            max_connections: config.connections.max_connections,
+        },
         conn_tx,
         stop_rx.clone(),
     ));
-
-    // Signs the audit chain's head now and then.
-    let checkpointer = {
-        let vault = Arc::clone(&vault);
-        every(
-            config.audit_checkpoint_interval,
-            stop_rx.clone(),
-            move || {
-                let vault = Arc::clone(&vault);
-                async move {
-                    if let Err(e) = vault.checkpoint_audit().await {
-                        tracing::error!(error = %e, "cannot sign an audit checkpoint");
-                    }
-                }
-            },
-        )
-    };
-    // Runs the key-rotation jobs (re-encryption, re-indexing) a page at a
-    // time, from where they stopped (also across restarts), unless held.
-    let rotation_jobs = {
-        let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
-        every(Duration::from_secs(1), stop_rx.clone(), move || {
-            let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
-            async move {
-                for job in vault::Job::ALL {
-                    run_job(&vault, &metrics, job).await;
-                }
-            }
-        })
-    };
-    // Purges expired values now and then (they are NOT_FOUND already).
-    let sweeper = {
-        let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
-        every(
-            config.retention_sweep_interval,
-            stop_rx.clone(),
-            move || {
-                let (vault, metrics) = (Arc::clone(&vault), Arc::clone(&metrics));
-                async move {
-                    match vault.sweep_expired().await {
-                        Ok(0) => {}
-                        Ok(n) => {
-                            metrics.purged(n);
-                            tracing::info!(purged = n, "purged expired values");
-                        }
-                        Err(e) => tracing::error!(error = %e, "retention sweep failed"),
-                    }
-                }
-            },
-        )
-    };
+    let background = background::Background::start(&vault, &metrics, &refusals, &config, &stop_rx);
 
     set_status(&health, ServingStatus::Serving).await;
     tracing::info!(
@@ -278,7 +258,12 @@ pub async fn run(
     // it the services' handles on the vault) before the store closes.
     let mut grpc = Box::pin(
         Server::builder()
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+            .max_concurrent_streams(config.connections.max_concurrent_streams)
+            .timeout(config.connections.request_timeout)
+            .max_connection_age(config.connections.max_connection_age)
+            .max_connection_age_grace(config.shutdown_grace)
+            .layer(admission)
             .add_service(service)
             .add_service(subjects)
             .add_service(admin)
@@ -314,12 +299,12 @@ pub async fn run(
     let _ = stop_tx.send(true);
     accept_task.abort();
     let _ = health_task.await;
-    let _ = checkpointer.await;
-    let _ = sweeper.await;
-    let _ = rotation_jobs.await;
+    background.stop().await;
     let _ = metrics_task.await;
     let _ = reloader.await;
     drop(grpc);
+    // Refusals counted since the last flush reach the trail before it closes.
+    background::flush_refusals(&vault, &refusals).await;
     // The last events of this run get their signature before the store closes.
     match vault.checkpoint_audit().await {
         Ok(Some(seq)) => tracing::info!(audit.seq = seq, "signed the final audit checkpoint"),
@@ -373,29 +358,6 @@ fn reflection(
     ))
 }
 
-/// Runs `job` every `interval` (the first run at once) until `stop` changes.
-fn every<F, Fut>(
-    interval: Duration,
-    mut stop: watch::Receiver<bool>,
-    job: F,
-) -> tokio::task::JoinHandle<()>
-where
-    F: Fn() -> Fut + Send + 'static,
-    Fut: Future<Output = ()> + Send,
-{
-    tokio::spawn(async move {
-        let mut ticker = tokio::time::interval(interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
-                _ = stop.changed() => return,
-            }
-            job().await;
-        }
-    })
-}
-
 async fn set_status(health: &HealthReporter, status: ServingStatus) {
     health.set_service_status("", status).await;
     health.set_service_status(SERVICE_NAME, status).await;
@@ -421,46 +383,4 @@ fn local_addr(
         addr,
         source,
     })
-}
-
-/// Runs up to 20 pages of `job` (then yields to the other jobs until the
-/// next tick), logging and counting what it did.
-async fn run_job<S: Store>(vault: &Vault<S>, metrics: &Metrics, job: vault::Job) {
-    for _ in 0..20 {
-        let step = match vault.job_step(job, 1000).await {
-            Ok(step) => step,
-            Err(e) => {
-                tracing::error!(job = job.name(), error = %e, "key-rotation job step failed; retrying later");
-                return;
-            }
-        };
-        if let Ok(status) = vault.job_status(job).await {
-            metrics.job(&status, step.moved);
-            if step.moved > 0 || step.raced > 0 {
-                tracing::info!(
-                    job = job.name(),
-                    moved = step.moved,
-                    raced = step.raced,
-                    visited = status.done,
-                    total = status.total,
-                    "key-rotation job progress"
-                );
-            }
-        }
-        if step.finished && step.ran {
-            tracing::info!(
-                job = job.name(),
-                "{}",
-                match job {
-                    vault::Job::Reencrypt =>
-                        "re-encryption finished: every record uses the newest data key",
-                    vault::Job::Reindex =>
-                        "re-indexing finished: every index entry uses the newest index key",
-                }
-            );
-        }
-        if step.finished || !step.ran {
-            return;
-        }
-    }
 }

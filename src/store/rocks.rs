@@ -400,10 +400,8 @@ impl Store for RocksStore {
             opts.set_bottommost_level_compaction(
                 rocksdb::BottommostLevelCompaction::ForceOptimized,
             );
-            for (table, key) in keys {
-                let mut end = key.clone();
-                end.push(0);
-                db.compact_range_cf_opt(cf(&db, table)?, Some(&key), Some(&end), &opts);
+            for (table, start, end) in compaction_ranges(keys) {
+                db.compact_range_cf_opt(cf(&db, table)?, Some(&start), Some(&end), &opts);
             }
             Ok(())
         })
@@ -733,6 +731,36 @@ impl Error {
     }
 }
 
+/// Up to this many keys of one table are compacted one by one; more are
+/// compacted as one range from the smallest to the largest.
+const KEYS_COMPACTED_ONE_BY_ONE: usize = 16;
+
+/// The ranges [start, end) to compact so that `keys` leave the files: few
+/// keys each get their own small range; many keys of one table (an erasure
+/// of a subject with thousands of tokens, spread over the whole table by
+/// their random tokens) get one range covering them all, so the table is
+/// rewritten once rather than once per key.
+fn compaction_ranges(keys: Vec<(Table, Vec<u8>)>) -> Vec<(Table, Vec<u8>, Vec<u8>)> {
+    let just_after = |key: &[u8]| [key, &[0]].concat();
+    let mut ranges = Vec::new();
+    for table in Table::ALL {
+        let mut mine: Vec<Vec<u8>> = keys
+            .iter()
+            .filter(|(t, _)| *t == table)
+            .map(|(_, key)| key.clone())
+            .collect();
+        mine.sort_unstable();
+        mine.dedup();
+        match (mine.first(), mine.last()) {
+            (Some(first), Some(last)) if mine.len() > KEYS_COMPACTED_ONE_BY_ONE => {
+                ranges.push((table, first.clone(), just_after(last)));
+            }
+            _ => ranges.extend(mine.iter().map(|key| (table, key.clone(), just_after(key)))),
+        }
+    }
+    ranges
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -768,6 +796,33 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(keys, vec![Some(b"k".to_vec())]);
+    }
+
+    #[test]
+    fn many_purged_keys_compact_as_one_range_per_table() {
+        let few: Vec<_> = (0..3u8).map(|i| (Table::Records, vec![b'k', i])).collect();
+        let ranges = compaction_ranges(few);
+        assert_eq!(ranges.len(), 3);
+        assert_eq!(ranges[0], (Table::Records, vec![b'k', 0], vec![b'k', 0, 0]));
+
+        let mut many: Vec<_> = (0..5_000u32)
+            .map(|i| {
+                (
+                    Table::Records,
+                    i.wrapping_mul(2_654_435_761).to_be_bytes().to_vec(),
+                )
+            })
+            .collect();
+        many.push((Table::Keys, b"subject-key/x".to_vec()));
+        let ranges = compaction_ranges(many);
+        assert_eq!(ranges.len(), 2, "one range per table, not one per key");
+        let (table, start, end) = &ranges.iter().find(|r| r.0 == Table::Records).unwrap();
+        assert_eq!(*table, Table::Records);
+        // The range covers every key.
+        for i in 0..5_000u32 {
+            let key = i.wrapping_mul(2_654_435_761).to_be_bytes().to_vec();
+            assert!(start <= &key && &key < end);
+        }
     }
 
     /// Reads from memory only must never mistake "not cached" for "absent":

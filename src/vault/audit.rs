@@ -2,7 +2,7 @@
 
 use super::{Error, SubjectId, Vault};
 use crate::{
-    audit::{AuditEvent, Checkpoint, checkpoint_message},
+    audit::{AuditEvent, Checkpoint, Outcome, checkpoint_message},
     store::{Batch, Store, Table, chain},
     token::Token,
 };
@@ -35,6 +35,22 @@ impl<S: Store> Vault<S> {
     pub async fn record(&self, event: &AuditEvent) -> Result<(), Error> {
         let mut batch = Batch::new();
         batch.unit().append_audit(event.encode());
+        self.store
+            .commit(batch)
+            .await
+            .map(drop)
+            .map_err(Error::AuditUnavailable)
+    }
+
+    /// Appends `events` to the audit chain in one durable write.
+    ///
+    /// # Errors
+    /// [`Error::AuditUnavailable`].
+    pub async fn record_all(&self, events: &[AuditEvent]) -> Result<(), Error> {
+        let mut batch = Batch::new();
+        for event in events {
+            batch.unit().append_audit(event.encode());
+        }
         self.store
             .commit(batch)
             .await
@@ -96,7 +112,7 @@ impl<S: Store> Vault<S> {
         audit: &crate::audit::AuditContext,
     ) -> Result<(std::path::PathBuf, u64, u64), Error> {
         let path = path.into_item();
-        self.record(&audit.event("OK")).await?;
+        self.record(&audit.event(Outcome::Ok)).await?;
         let audit_seq = self.store.audit_head().seq;
         self.store.checkpoint(path.clone()).await?;
         let bytes = dir_size(&path);
@@ -160,7 +176,7 @@ impl<S: Store> Vault<S> {
             })
             .filter(|e| identity.as_ref().is_none_or(|id| &e.identity == id))
             .collect();
-        self.record(&audit.event("OK")).await?;
+        self.record(&audit.event(Outcome::Ok)).await?;
         Ok(events)
     }
 }
@@ -188,6 +204,31 @@ impl<S: Store> Vault<S> {
             .map(|cp| cp.seq)
             .max();
         let Some(anchor) = anchor else { return Ok(0) };
+        // First the signed statement that events up to the anchor go on
+        // purpose: `audit verify` accepts missing events under it only.
+        let anchor_head = checkpoints
+            .iter()
+            .filter_map(|(key, value)| Checkpoint::decode(chain::seq_of(key)?, value))
+            .find(|cp| cp.seq == anchor)
+            .map(|cp| cp.head)
+            .ok_or_else(|| Error::CorruptKey("the anchoring checkpoint vanished".into()))?;
+        let time_ms = self.now();
+        let marker = crate::audit::PruneMarker {
+            seq: anchor,
+            head: anchor_head,
+            time_ms,
+            signature: self
+                .keyring
+                .audit_signer()
+                .sign(&crate::audit::prune_message(anchor, &anchor_head, time_ms)),
+        };
+        let mut batch = Batch::new();
+        batch.put(
+            Table::Meta,
+            crate::audit::PRUNE_MARKER_KEY.to_vec(),
+            marker.encode(),
+        );
+        self.store.commit(batch).await?;
         let mut pruned = 0;
         loop {
             let page = self

@@ -5,7 +5,7 @@
 
 use super::{Error, Vault};
 use crate::{
-    audit::AuditContext,
+    audit::{AuditContext, Outcome},
     authz::Permit,
     store::{Batch, KeyValues, Store, Table, Unit},
 };
@@ -176,7 +176,7 @@ impl<S: Store> Vault<S> {
         for job in Job::ALL {
             statuses.push(self.job_status(job).await?);
         }
-        self.record(&audit.event("OK")).await?;
+        self.record(&audit.event(Outcome::Ok)).await?;
         Ok(statuses)
     }
 
@@ -198,7 +198,7 @@ impl<S: Store> Vault<S> {
         } else {
             unit.delete(Table::Meta, job.paused_key());
         }
-        unit.append_audit(audit.event("OK").encode());
+        unit.append_audit(audit.event(Outcome::Ok).encode());
         self.store
             .commit(batch)
             .await

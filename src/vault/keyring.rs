@@ -18,6 +18,8 @@ const SUBJECT_KEK_PREFIX: &str = "subject-kek/";
 /// Where each subject's own data key is stored, wrapped by the subject KEK.
 pub const SUBJECT_KEY_PREFIX_BYTES: &[u8] = b"subject-key/";
 const AUDIT_SIGNING_PREFIX: &str = "audit-signing/";
+/// MACs the erasure ledger's entries into a chain.
+const LEDGER_MAC_PREFIX: &str = "erasure-ledger-mac/";
 /// The audit public key, stored in the clear so offline verification needs
 /// no secret.
 pub const AUDIT_PUBLIC_KEY_LABEL: &[u8] = b"audit-public-key";
@@ -40,6 +42,8 @@ pub struct Keyring {
     audit_key: HashKey,
     /// Signs audit checkpoints.
     audit_signer: AuditSigningKey,
+    /// Chains the erasure ledger's entries.
+    ledger_key: HashKey,
     /// Wraps each subject's own data key (itself wrapped by the master key),
     /// so the master key need not stay in memory to create subject keys.
     subject_kek: DataKey,
@@ -82,6 +86,7 @@ impl Keyring {
             );
         }
         let audit_key = hash_key(store, master, AUDIT_HASH_PREFIX).await?;
+        let ledger_key = hash_key(store, master, LEDGER_MAC_PREFIX).await?;
         let audit_signer =
             AuditSigningKey::from_seed(&hash_key(store, master, AUDIT_SIGNING_PREFIX).await?);
         let subject_kek = hash_key(store, master, SUBJECT_KEK_PREFIX)
@@ -103,6 +108,7 @@ impl Keyring {
             index_keys: std::sync::RwLock::new(index_keys),
             audit_key,
             audit_signer,
+            ledger_key,
             subject_kek,
         })
     }
@@ -155,6 +161,7 @@ impl Keyring {
             AUDIT_HASH_PREFIX,
             AUDIT_SIGNING_PREFIX,
             SUBJECT_KEK_PREFIX,
+            LEDGER_MAC_PREFIX,
         ];
         let mut wrapped_keys = Vec::new();
         for prefix in prefixes {
@@ -315,6 +322,11 @@ impl Keyring {
     /// The key that signs audit checkpoints.
     pub fn audit_signer(&self) -> &AuditSigningKey {
         &self.audit_signer
+    }
+
+    /// The key that chains the erasure ledger's entries.
+    pub fn ledger_key(&self) -> &HashKey {
+        &self.ledger_key
     }
 
     /// A new subject data key, and its wrapped form for `label`.

@@ -6,6 +6,7 @@
 //! [`SecretValue`].
 
 mod audit;
+mod erasure;
 mod jobs;
 mod keyring;
 mod ledger;
@@ -22,9 +23,10 @@ use std::{
 };
 
 pub use audit::StoredEvent;
+pub use erasure::LedgerRollback;
 pub use jobs::{Job, JobStatus, JobStep};
 pub use keyring::{AUDIT_PUBLIC_KEY_LABEL, Keyring};
-pub use ledger::{Erasure, ErasureLedger, LedgerError};
+pub use ledger::{Erasure, ErasureLedger, LedgerEntry, LedgerError};
 pub use record::{DecodeError, Record};
 pub use reveal::Revealed;
 pub use subjects::{ConsentState, ErasureReceipt, SubjectField};
@@ -111,6 +113,11 @@ pub enum ItemError {
     /// No record under this token (or no token for this value).
     #[error("token not found")]
     NotFound,
+    /// The data subject already has the most tokens allowed.
+    #[error(
+        "the data subject already has {0} tokens, the most allowed (subjects.max_tokens_per_subject); nothing was stored for it"
+    )]
+    SubjectFull(usize),
     /// The record exists but cannot be decoded or decrypted: corruption or
     /// tampering.
     #[error("the stored record for this token is corrupted and cannot be decrypted")]
@@ -141,6 +148,10 @@ pub enum ItemError {
     /// An update would give a deterministic value a second token.
     #[error("another token of field type {0} already holds this value")]
     ValueTaken(FieldType),
+    /// A deterministic value already has a token, and handing it back (which
+    /// tells the caller which token the value has) needs `lookup:`.
+    #[error("the value already has a token; getting it back needs the lookup scope: {0}")]
+    ExistingToken(Denial),
 }
 
 /// A failure of a whole vault operation. Messages carry no value or key.
@@ -180,12 +191,22 @@ pub struct Vault<S> {
     /// The audit sequence number last signed by this process.
     last_checkpoint: std::sync::Mutex<u64>,
     /// Where erasures are recorded outside the data directory.
-    ledger: Option<ErasureLedger>,
+    ledger: Option<erasure::LedgerState>,
     /// The time, in ms since the epoch; replaceable so tests can move it.
     clock: Clock,
     /// Held by key rotations and background job steps, which take turns.
     jobs: tokio::sync::Mutex<()>,
+    /// Format-preserving values that needed several draws (a bucket of the
+    /// token space filling up); exported as a metric.
+    fpt_crowded: std::sync::atomic::AtomicU64,
+    /// When that was last logged, ms since the epoch.
+    fpt_crowded_logged: std::sync::atomic::AtomicU64,
+    /// The most tokens one subject may have.
+    max_tokens_per_subject: usize,
 }
+
+/// [`Vault::with_subject_limit`]'s default (`subjects.max_tokens_per_subject`).
+pub const DEFAULT_MAX_TOKENS_PER_SUBJECT: usize = 10_000;
 
 /// A source of the current time in milliseconds since the Unix epoch.
 pub type Clock = std::sync::Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -207,6 +228,9 @@ impl<S: Store> Vault<S> {
             ledger: None,
             clock: std::sync::Arc::new(now_ms),
             jobs: tokio::sync::Mutex::new(()),
+            fpt_crowded: std::sync::atomic::AtomicU64::new(0),
+            fpt_crowded_logged: std::sync::atomic::AtomicU64::new(0),
+            max_tokens_per_subject: DEFAULT_MAX_TOKENS_PER_SUBJECT,
         };
         // A re-index that finished just before a stop may not have retired
         // the older index keys yet (a rotation stores its key and its job in
@@ -224,28 +248,11 @@ impl<S: Store> Vault<S> {
         self
     }
 
-    /// Opens the erasure ledger at `path` and re-applies every erasure it
-    /// records, so a restored older data directory cannot bring an erased
-    /// subject back. Returns how many tokens were erased again.
-    ///
-    /// # Errors
-    /// Ledger or storage failures.
-    pub async fn with_ledger(mut self, path: &std::path::Path) -> Result<(Self, u64), Error> {
-        let (ledger, erasures) = ErasureLedger::open(path)?;
-        self.ledger = Some(ledger);
-        let mut reapplied = 0;
-        for erasure in erasures {
-            reapplied += self
-                .erase_before(erasure.subject_hash, erasure.erased_ms, None)
-                .await?;
-        }
-        if reapplied > 0 {
-            tracing::warn!(
-                tokens = reapplied,
-                "re-applied the erasure ledger: erased data had come back (restored backup?)"
-            );
-        }
-        Ok((self, reapplied))
+    /// Refuses tokenizing for a subject that already has `max` tokens.
+    #[must_use]
+    pub fn with_subject_limit(mut self, max: usize) -> Self {
+        self.max_tokens_per_subject = max.max(1);
+        self
     }
 
     fn now(&self) -> u64 {
@@ -265,6 +272,12 @@ impl<S: Store> Vault<S> {
     /// The configured field types.
     pub fn fields(&self) -> &FieldRegistry {
         &self.fields
+    }
+
+    /// How many format-preserving values needed several draws since start:
+    /// a rising count means a bucket of the token space is filling up.
+    pub fn fpt_crowded(&self) -> u64 {
+        self.fpt_crowded.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn subject_hash(&self, subject: &SubjectId) -> [u8; 32] {

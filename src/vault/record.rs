@@ -5,10 +5,23 @@ use crate::{
     token::{FieldType, Token},
 };
 
-/// Record formats. v1 (the first release) had no expiry; v2 adds it. New
-/// records are v2; v1 records still decode.
+/// Record formats. v1 (the first release) had no expiry; v2 adds it and the
+/// blind-index key; v3 has v2's layout and binds the field type and expiry
+/// into the associated data too. New records are v3; v1 and v2 still
+/// decode and decrypt under the associated data they were sealed with.
 const FORMAT_V1: u8 = 1;
 const FORMAT_V2: u8 = 2;
+const FORMAT_V3: u8 = 3;
+
+/// What a record's ciphertext is bound to (its associated data).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Binding {
+    /// Formats 1 and 2: the token, the key version and the subject.
+    TokenKeySubject,
+    /// Format 3: also the field type and the expiry, so a record relabelled
+    /// as another field type, or given a later expiry, fails to decrypt.
+    WithFieldTypeAndExpiry,
+}
 
 /// The `key_version` of a record encrypted under its subject's own key.
 pub const SUBJECT_KEY: u32 = 0;
@@ -33,6 +46,8 @@ pub struct Record {
     pub blind: Option<[u8; 32]>,
     /// Ciphertext and tag.
     pub ciphertext: Vec<u8>,
+    /// What the ciphertext is bound to; decides the format written.
+    pub binding: Binding,
 }
 
 /// A stored record that cannot be decoded.
@@ -41,23 +56,41 @@ pub struct Record {
 pub struct DecodeError(&'static str);
 
 impl Record {
-    /// The associated data the ciphertext is bound to: the token, the key
-    /// version and the subject. A ciphertext copied under another token, or
-    /// re-labelled with another key version or subject, fails to decrypt.
-    pub fn aad(token: &Token, key_version: u32, subject_hash: Option<&[u8; 32]>) -> Vec<u8> {
-        let mut aad = Vec::with_capacity(64 + token.as_str().len());
-        aad.extend_from_slice(b"tokenvault/record/v1\0");
-        aad.extend_from_slice(token.storage_key());
+    /// The associated data a new ciphertext is sealed with: the token, the
+    /// key version, the subject, the field type and the expiry. A ciphertext
+    /// copied under another token, or relabelled with another key version,
+    /// subject, field type or expiry, fails to decrypt.
+    pub fn sealing_aad(
+        token: &Token,
+        key_version: u32,
+        subject_hash: Option<&[u8; 32]>,
+        field_type: &FieldType,
+        expires_ms: Option<u64>,
+    ) -> Vec<u8> {
+        let mut aad = legacy_aad(b"tokenvault/record/v2\0", token, key_version, subject_hash);
+        aad.extend_from_slice(field_type.as_str().as_bytes());
         aad.push(0);
-        aad.extend_from_slice(&key_version.to_be_bytes());
-        match subject_hash {
-            Some(hash) => {
-                aad.push(1);
-                aad.extend_from_slice(hash);
-            }
-            None => aad.push(0),
-        }
+        aad.extend_from_slice(&expires_ms.unwrap_or(0).to_be_bytes());
         aad
+    }
+
+    /// The associated data this record's ciphertext was sealed with.
+    pub fn aad(&self, token: &Token) -> Vec<u8> {
+        match self.binding {
+            Binding::TokenKeySubject => legacy_aad(
+                b"tokenvault/record/v1\0",
+                token,
+                self.key_version,
+                self.subject_hash.as_ref(),
+            ),
+            Binding::WithFieldTypeAndExpiry => Self::sealing_aad(
+                token,
+                self.key_version,
+                self.subject_hash.as_ref(),
+                &self.field_type,
+                self.expires_ms,
+            ),
+        }
     }
 
     /// Whether the record has expired at `now_ms`.
@@ -70,7 +103,10 @@ impl Record {
         let ft = self.field_type.as_str().as_bytes();
         let mut out =
             Vec::with_capacity(1 + 1 + ft.len() + 4 + NONCE_LEN + 8 + 33 + self.ciphertext.len());
-        out.push(FORMAT_V2);
+        out.push(match self.binding {
+            Binding::TokenKeySubject => FORMAT_V2,
+            Binding::WithFieldTypeAndExpiry => FORMAT_V3,
+        });
         // Field type names are at most 32 bytes (see `FieldType`).
         out.push(u8::try_from(ft.len()).unwrap_or(u8::MAX));
         out.extend_from_slice(ft);
@@ -98,7 +134,7 @@ impl Record {
     pub fn decode(bytes: &[u8]) -> Result<Self, DecodeError> {
         let mut r = Reader(bytes);
         let format = r.take(1)?[0];
-        if format != FORMAT_V1 && format != FORMAT_V2 {
+        if !matches!(format, FORMAT_V1 | FORMAT_V2 | FORMAT_V3) {
             return Err(DecodeError("unknown format version"));
         }
         let ft_len = r.take(1)?[0] as usize;
@@ -107,13 +143,13 @@ impl Record {
         let key_version = u32::from_be_bytes(r.array()?);
         let nonce = r.array()?;
         let created_ms = u64::from_be_bytes(r.array()?);
-        let expires_ms = if format == FORMAT_V2 {
+        let expires_ms = if format != FORMAT_V1 {
             Some(u64::from_be_bytes(r.array()?)).filter(|&t| t != 0)
         } else {
             None
         };
         let subject_hash = r.optional_hash("subject flag")?;
-        let blind = if format == FORMAT_V2 {
+        let blind = if format != FORMAT_V1 {
             r.optional_hash("blind index flag")?
         } else {
             None
@@ -130,8 +166,35 @@ impl Record {
             subject_hash,
             blind,
             ciphertext: r.0.to_vec(),
+            binding: if format == FORMAT_V3 {
+                Binding::WithFieldTypeAndExpiry
+            } else {
+                Binding::TokenKeySubject
+            },
         })
     }
+}
+
+/// The associated data of formats 1 and 2 (and the start of format 3's).
+fn legacy_aad(
+    domain: &[u8],
+    token: &Token,
+    key_version: u32,
+    subject_hash: Option<&[u8; 32]>,
+) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(128 + token.as_str().len());
+    aad.extend_from_slice(domain);
+    aad.extend_from_slice(token.storage_key());
+    aad.push(0);
+    aad.extend_from_slice(&key_version.to_be_bytes());
+    match subject_hash {
+        Some(hash) => {
+            aad.push(1);
+            aad.extend_from_slice(hash);
+        }
+        None => aad.push(0),
+    }
+    aad
 }
 
 struct Reader<'a>(&'a [u8]);
@@ -176,6 +239,7 @@ mod tests {
             subject_hash: subject,
             blind: subject.map(|_| [5; 32]),
             ciphertext: vec![1; 40],
+            binding: Binding::WithFieldTypeAndExpiry,
         }
     }
 
@@ -217,7 +281,7 @@ mod tests {
     #[test]
     fn unknown_versions_and_flags_are_errors() {
         let mut bytes = sample(None).encode();
-        bytes[0] = 3;
+        bytes[0] = 4;
         assert_eq!(
             Record::decode(&bytes),
             Err(DecodeError("unknown format version"))
@@ -225,11 +289,46 @@ mod tests {
     }
 
     #[test]
-    fn aad_differs_by_token_version_and_subject() {
-        let ft = "email".parse().unwrap();
+    fn aad_differs_by_token_version_subject_field_type_and_expiry() {
+        let ft: FieldType = "email".parse().unwrap();
+        let text: FieldType = "text".parse().unwrap();
         let (a, b) = (Token::generate(&ft).unwrap(), Token::generate(&ft).unwrap());
-        assert_ne!(Record::aad(&a, 1, None), Record::aad(&b, 1, None));
-        assert_ne!(Record::aad(&a, 1, None), Record::aad(&a, 2, None));
-        assert_ne!(Record::aad(&a, 1, None), Record::aad(&a, 1, Some(&[0; 32])));
+        let aad = |t, v, s, f, e| Record::sealing_aad(t, v, s, f, e);
+        let base = aad(&a, 1, None, &ft, None);
+        assert_ne!(base, aad(&b, 1, None, &ft, None));
+        assert_ne!(base, aad(&a, 2, None, &ft, None));
+        assert_ne!(base, aad(&a, 1, Some(&[0; 32]), &ft, None));
+        assert_ne!(base, aad(&a, 1, None, &text, None));
+        assert_ne!(base, aad(&a, 1, None, &ft, Some(1)));
+    }
+
+    /// A v2 record keeps its format (and the associated data it was sealed
+    /// with) when re-encoded, e.g. by the re-index job.
+    #[test]
+    fn older_formats_keep_their_binding() {
+        let mut record = sample(None);
+        record.binding = Binding::TokenKeySubject;
+        let bytes = record.encode();
+        assert_eq!(bytes[0], FORMAT_V2);
+        assert_eq!(Record::decode(&bytes).unwrap(), record);
+        let token = Token::generate(&"email".parse().unwrap()).unwrap();
+        let relabelled = Record {
+            field_type: "text".parse().unwrap(),
+            ..record.clone()
+        };
+        assert_eq!(
+            record.aad(&token),
+            relabelled.aad(&token),
+            "v2 does not bind the field type"
+        );
+        let bound = Record {
+            binding: Binding::WithFieldTypeAndExpiry,
+            ..record.clone()
+        };
+        let relabelled = Record {
+            field_type: "text".parse().unwrap(),
+            ..bound.clone()
+        };
+        assert_ne!(bound.aad(&token), relabelled.aad(&token));
     }
 }

@@ -31,7 +31,7 @@ impl Fixture {
 
     async fn delete(&self, token: &Token) {
         let policy = Policy::new(vec![Rule::new(
-            IdentityPattern::new("*").unwrap(),
+            IdentityPattern::new("spiffe://*").unwrap(),
             vec!["delete:*".parse().unwrap()],
             PurposeSet::Any,
         )]);

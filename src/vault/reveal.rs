@@ -5,7 +5,7 @@ use std::collections::HashMap;
 
 use super::{ItemError, Record, Vault, record::SUBJECT_KEY};
 use crate::{
-    audit::AuditContext,
+    audit::{AuditContext, Outcome},
     authz::{Denial, Permit, Purpose, RevealForm},
     crypto::SecretValue,
     store::{Store, Table},
@@ -72,7 +72,7 @@ impl<S: Store> Vault<S> {
             .collect();
         subjects.sort_unstable();
         subjects.dedup();
-        let subject_keys = self.subject_keys(&subjects, false).await?;
+        let subject_keys = self.subject_keys(&subjects).await?;
         let needs_consent = |r: &Record| {
             r.subject_hash.is_some()
                 && self
@@ -94,7 +94,7 @@ impl<S: Store> Vault<S> {
             .zip(self.consents(&wanted).await?.into_iter().map(|c| c.granted))
             .collect();
 
-        let mut event = audit.event("OK");
+        let mut event = audit.event(Outcome::Ok);
         let mut consent_missing = false;
         let results: Vec<_> = tokens
             .iter()

@@ -4,9 +4,13 @@
 
 use std::collections::HashMap;
 
-use super::{Error, Record, Vault, jobs::Job, record::SUBJECT_KEY};
+use super::{
+    Error, Record, Vault,
+    jobs::Job,
+    record::{Binding, SUBJECT_KEY},
+};
 use crate::{
-    audit::AuditContext,
+    audit::{AuditContext, Outcome},
     authz::Permit,
     store::{Batch, KeyValues, Store, Table},
     token::Token,
@@ -65,14 +69,14 @@ impl<S: Store> Vault<S> {
         let unit = batch.unit();
         new.store(unit);
         self.start_job(unit, job);
-        unit.append_audit(audit.event("OK").encode());
+        unit.append_audit(audit.event(Outcome::Ok).encode());
         let outcomes = self
             .store
             .commit(batch)
             .await
             .map_err(Error::AuditUnavailable)?;
         if outcomes.first().is_some_and(Result::is_err) {
-            self.record(&audit.event("ABORTED")).await?;
+            self.record(&audit.event(Outcome::Aborted)).await?;
             return Err(Error::Conflict(
                 "another rotation of this key ran at the same time; nothing was changed",
             ));
@@ -93,8 +97,12 @@ impl<S: Store> Vault<S> {
         let path = permit.into_item();
         let new =
             crate::crypto::MasterKey::load(&path).map_err(|e| Error::CorruptKey(e.to_string()))?;
+        // A data- or index-key rotation wraps its new key under the master
+        // key in force: taking turns with them means no key is wrapped under
+        // the old master key after the re-wrap has read the key table.
+        let _turn = self.jobs.lock().await;
         let count = self.keyring.rotate_master(&self.store, new).await?;
-        self.record(&audit.event("OK")).await?;
+        self.record(&audit.event(Outcome::Ok)).await?;
         Ok(count)
     }
 
@@ -123,9 +131,16 @@ impl<S: Store> Vault<S> {
             let Ok(value) = self.decrypt(&token, &record, None) else {
                 continue;
             };
-            let aad = Record::aad(&token, active, record.subject_hash.as_ref());
+            let aad = Record::sealing_aad(
+                &token,
+                active,
+                record.subject_hash.as_ref(),
+                &record.field_type,
+                record.expires_ms,
+            );
             let sealed = key.seal(value.expose().as_bytes(), &aad)?;
             let updated = Record {
+                binding: Binding::WithFieldTypeAndExpiry,
                 key_version: active,
                 nonce: sealed.nonce,
                 ciphertext: sealed.ciphertext,
@@ -169,7 +184,7 @@ impl<S: Store> Vault<S> {
             .collect();
         subjects.sort_unstable();
         subjects.dedup();
-        let subject_keys = self.subject_keys(&subjects, false).await?;
+        let subject_keys = self.subject_keys(&subjects).await?;
 
         let mut moves = Vec::new();
         for (storage_key, bytes, record, token) in indexed {

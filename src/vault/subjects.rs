@@ -1,14 +1,16 @@
-//! Data subjects: per-subject keys (crypto-shredding), export, erasure and
-//! its ledger, rectification, deletion and consent.
+//! Data subjects: per-subject keys (crypto-shredding), export,
+//! rectification, deletion and consent. Erasure is in `erasure.rs`.
 
 use std::collections::HashMap;
 
 use super::{
-    Blind, Erasure, Error, ItemError, Record, SubjectId, Vault, keyring::SUBJECT_KEY_PREFIX_BYTES,
-    record::SUBJECT_KEY, retention::expiry_key,
+    Blind, Error, ItemError, Record, SubjectId, Vault,
+    keyring::SUBJECT_KEY_PREFIX_BYTES,
+    record::{Binding, SUBJECT_KEY},
+    retention::expiry_key,
 };
 use crate::{
-    audit::AuditContext,
+    audit::{AuditContext, Outcome},
     authz::{Denial, Permit, Purpose},
     crypto::{DataKey, SecretValue},
     store::{Batch, Store, Table},
@@ -73,20 +75,34 @@ pub(super) fn subject_index_key(subject: &[u8; 32], token_key: &[u8]) -> Vec<u8>
     [subject.as_slice(), token_key].concat()
 }
 
-fn subject_key_label(subject: &[u8; 32]) -> Vec<u8> {
+pub(super) fn subject_key_label(subject: &[u8; 32]) -> Vec<u8> {
     let mut label = SUBJECT_KEY_PREFIX_BYTES.to_vec();
     label.extend_from_slice(data_encoding::HEXLOWER.encode(subject).as_bytes());
     label
 }
 
-fn consent_key(subject: &[u8; 32], purpose: &str) -> Vec<u8> {
+pub(super) fn consent_key(subject: &[u8; 32], purpose: &str) -> Vec<u8> {
     let mut key = subject.to_vec();
     key.extend_from_slice(purpose.as_bytes());
     key
 }
 
+/// A stored consent decision (none, or a damaged one, is "not granted").
+pub(super) fn decode_consent(value: Option<&[u8]>) -> ConsentState {
+    match value {
+        Some([flag, rest @ ..]) if rest.len() == 8 => ConsentState {
+            granted: *flag == 1,
+            updated_ms: rest.try_into().map_or(0, u64::from_be_bytes),
+        },
+        _ => ConsentState {
+            granted: false,
+            updated_ms: 0,
+        },
+    }
+}
+
 /// Created time of a wrapped key (see `keyring::encode_wrapped`).
-fn wrapped_created_ms(wrapped: &[u8]) -> u64 {
+pub(super) fn wrapped_created_ms(wrapped: &[u8]) -> u64 {
     wrapped
         .get(1..9)
         .and_then(|b| b.try_into().ok())
@@ -94,29 +110,22 @@ fn wrapped_created_ms(wrapped: &[u8]) -> u64 {
 }
 
 impl<S: Store> Vault<S> {
-    /// The data keys of `subjects`; with `create`, missing ones are made
-    /// (under a guard, so concurrent first writes agree on one key).
+    /// The data keys of those `subjects` that have one (an erased subject
+    /// has none).
     pub(super) async fn subject_keys(
         &self,
         subjects: &[[u8; 32]],
-        create: bool,
     ) -> Result<HashMap<[u8; 32], DataKey>, Error> {
-        let mut keys = HashMap::new();
-        if subjects.is_empty() {
-            return Ok(keys);
-        }
-        let labels: Vec<Vec<u8>> = subjects.iter().map(subject_key_label).collect();
-        let stored = self.store.get_many(Table::Keys, labels.clone()).await?;
-        let mut missing = Vec::new();
-        for ((subject, label), wrapped) in subjects.iter().zip(&labels).zip(stored) {
-            match wrapped {
-                Some(wrapped) => {
-                    keys.insert(*subject, self.keyring.open_subject_key(label, &wrapped)?);
-                }
-                None if create => missing.push((*subject, label.clone())),
-                None => {}
-            }
-        }
+        Ok(self.load_subject_keys(subjects).await?.0)
+    }
+
+    /// The data keys of `subjects`, making the missing ones (under a guard,
+    /// so concurrent first writes agree on one key).
+    pub(super) async fn subject_keys_or_create(
+        &self,
+        subjects: &[[u8; 32]],
+    ) -> Result<HashMap<[u8; 32], DataKey>, Error> {
+        let (mut keys, missing) = self.load_subject_keys(subjects).await?;
         if missing.is_empty() {
             return Ok(keys);
         }
@@ -143,6 +152,30 @@ impl<S: Store> Vault<S> {
         Ok(keys)
     }
 
+    /// The stored keys of `subjects`, and the subjects (with their key
+    /// labels) that have none.
+    async fn load_subject_keys(
+        &self,
+        subjects: &[[u8; 32]],
+    ) -> Result<(HashMap<[u8; 32], DataKey>, Vec<([u8; 32], Vec<u8>)>), Error> {
+        let mut keys = HashMap::new();
+        let mut missing = Vec::new();
+        if subjects.is_empty() {
+            return Ok((keys, missing));
+        }
+        let labels: Vec<Vec<u8>> = subjects.iter().map(subject_key_label).collect();
+        let stored = self.store.get_many(Table::Keys, labels.clone()).await?;
+        for ((subject, label), wrapped) in subjects.iter().zip(labels).zip(stored) {
+            match wrapped {
+                Some(wrapped) => {
+                    keys.insert(*subject, self.keyring.open_subject_key(&label, &wrapped)?);
+                }
+                None => missing.push((*subject, label)),
+            }
+        }
+        Ok((keys, missing))
+    }
+
     /// Every live value of a subject (right of access and portability).
     ///
     /// # Errors
@@ -155,10 +188,10 @@ impl<S: Store> Vault<S> {
     ) -> Result<Vec<SubjectField>, Error> {
         let subject_id = subject.into_item();
         let hash = self.subject_hash(&subject_id);
-        let mut event = audit.event("OK");
+        let mut event = audit.event(Outcome::Ok);
         event.subjects.push(self.audit_subject(&subject_id));
         let tokens = self.subject_tokens(&hash).await?;
-        let keys = self.subject_keys(&[hash], false).await?;
+        let keys = self.subject_keys(&[hash]).await?;
         let records = self
             .store
             .get_many(
@@ -195,129 +228,7 @@ impl<S: Store> Vault<S> {
         Ok(fields)
     }
 
-    /// Erases a subject: its key, records, index and consent entries in one
-    /// write (with the audit event), after recording the erasure in the
-    /// ledger; then purges the bytes from the data files. Idempotent.
-    ///
-    /// # Errors
-    /// Ledger, storage or audit failures.
-    pub async fn erase_subject(
-        &self,
-        subject: Permit<SubjectId>,
-        audit: &AuditContext,
-    ) -> Result<ErasureReceipt, Error> {
-        let subject_id = subject.into_item();
-        let hash = self.subject_hash(&subject_id);
-        let erased_ms = self.now();
-        if let Some(ledger) = &self.ledger {
-            ledger.append(Erasure {
-                subject_hash: hash,
-                erased_ms,
-            })?;
-        }
-        let mut event = audit.event("OK");
-        event.subjects.push(self.audit_subject(&subject_id));
-        let erased = self.erase_before(hash, u64::MAX, Some(event)).await?;
-        Ok(ErasureReceipt {
-            subject_hash: data_encoding::HEXLOWER.encode(&hash),
-            tokens_erased: erased,
-            erased_ms,
-        })
-    }
-
-    /// Deletes a subject's key and values created at or before `before_ms`
-    /// (all of them for an erasure now; for a ledger entry, only what existed
-    /// when it was written), then purges them from the data files.
-    pub(super) async fn erase_before(
-        &self,
-        hash: [u8; 32],
-        before_ms: u64,
-        event: Option<crate::audit::AuditEvent>,
-    ) -> Result<u64, Error> {
-        let tokens = self.subject_tokens(&hash).await?;
-        let records = self
-            .store
-            .get_many(
-                Table::Records,
-                tokens.iter().map(|t| t.storage_key().to_vec()).collect(),
-            )
-            .await?;
-        let label = subject_key_label(&hash);
-        let wrapped = self
-            .store
-            .get_many(Table::Keys, vec![label.clone()])
-            .await?
-            .pop()
-            .flatten();
-        let consents = self
-            .store
-            .scan_prefix(Table::Consent, hash.to_vec())
-            .await?;
-        let mut batch = Batch::new();
-        let unit = batch.unit();
-        let mut purge = Vec::new();
-        let mut erased = 0;
-        for (token, bytes) in tokens.iter().zip(records) {
-            let record = bytes.as_deref().and_then(|b| Record::decode(b).ok());
-            if record.as_ref().is_some_and(|r| r.created_ms > before_ms) {
-                continue;
-            }
-            if let Some(blind) = record.as_ref().and_then(|r| r.blind) {
-                unit.delete(Table::Index, blind.to_vec());
-                purge.push((Table::Index, blind.to_vec()));
-            }
-            if record.is_some() {
-                erased += 1;
-            }
-            if let Some(expires_ms) = record.as_ref().and_then(|r| r.expires_ms) {
-                let key = expiry_key(expires_ms, token.storage_key());
-                unit.delete(Table::Expiry, key.clone());
-                purge.push((Table::Expiry, key));
-            }
-            unit.delete(Table::Records, token.storage_key().to_vec());
-            unit.delete(
-                Table::SubjectIndex,
-                subject_index_key(&hash, token.storage_key()),
-            );
-            purge.push((Table::Records, token.storage_key().to_vec()));
-            purge.push((
-                Table::SubjectIndex,
-                subject_index_key(&hash, token.storage_key()),
-            ));
-        }
-        if wrapped
-            .as_deref()
-            .is_some_and(|w| wrapped_created_ms(w) <= before_ms)
-        {
-            unit.delete(Table::Keys, label.clone());
-            purge.push((Table::Keys, label));
-        }
-        for (key, _) in consents {
-            unit.delete(Table::Consent, key.clone());
-            purge.push((Table::Consent, key));
-        }
-        let audited = event.is_some();
-        if let Some(mut event) = event {
-            event.items = u32::try_from(erased).unwrap_or(u32::MAX);
-            unit.append_audit(event.encode());
-        }
-        if purge.is_empty() && !audited {
-            return Ok(0);
-        }
-        self.store.commit(batch).await.map_err(|e| {
-            if audited {
-                Error::AuditUnavailable(e)
-            } else {
-                Error::Storage(e)
-            }
-        })?;
-        if !purge.is_empty() {
-            self.store.purge(purge).await?;
-        }
-        Ok(erased)
-    }
-
-    async fn subject_tokens(&self, hash: &[u8; 32]) -> Result<Vec<Token>, Error> {
+    pub(super) async fn subject_tokens(&self, hash: &[u8; 32]) -> Result<Vec<Token>, Error> {
         let entries = self
             .store
             .scan_prefix(Table::SubjectIndex, hash.to_vec())
@@ -346,7 +257,16 @@ impl<S: Store> Vault<S> {
             })?;
             &*vault_key
         };
-        let aad = Record::aad(token, record.key_version, record.subject_hash.as_ref());
+        // A record moved under a token of another field type (opaque tokens
+        // name theirs) is not this token's.
+        if token
+            .field_type()
+            .is_some_and(|ft| *ft != record.field_type)
+        {
+            tracing::error!(field_type = %record.field_type, "stored record's field type differs from its token's");
+            return Err(ItemError::DataLoss);
+        }
+        let aad = record.aad(token);
         let plaintext = key.open(&record.nonce, &record.ciphertext, &aad).map_err(|_| {
             tracing::error!(field_type = %record.field_type, "stored record failed authentication (corrupted or moved)");
             ItemError::DataLoss
@@ -374,7 +294,7 @@ impl<S: Store> Vault<S> {
         };
         let mut value = vec![u8::from(granted)];
         value.extend_from_slice(&state.updated_ms.to_be_bytes());
-        let mut event = audit.event("OK");
+        let mut event = audit.event(Outcome::Ok);
         event.subjects.push(self.audit_subject(&subject));
         event.consent = Some(if granted {
             "granted".into()
@@ -412,7 +332,7 @@ impl<S: Store> Vault<S> {
                 granted: false,
                 updated_ms: 0,
             });
-        let mut event = audit.event("OK");
+        let mut event = audit.event(Outcome::Ok);
         event.subjects.push(self.audit_subject(&subject));
         self.record(&event).await?;
         Ok(state)
@@ -433,16 +353,7 @@ impl<S: Store> Vault<S> {
             .get_many(Table::Consent, keys)
             .await?
             .into_iter()
-            .map(|v| match v.as_deref() {
-                Some([flag, rest @ ..]) if rest.len() == 8 => ConsentState {
-                    granted: *flag == 1,
-                    updated_ms: rest.try_into().map_or(0, u64::from_be_bytes),
-                },
-                _ => ConsentState {
-                    granted: false,
-                    updated_ms: 0,
-                },
-            })
+            .map(|v| decode_consent(v.as_deref()))
             .collect())
     }
 
@@ -458,7 +369,7 @@ impl<S: Store> Vault<S> {
         authorize: impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
         audit: &AuditContext,
     ) -> Result<Result<FieldType, ItemError>, Error> {
-        let mut event = audit.event("OK");
+        let mut event = audit.event(Outcome::Ok);
         event.tokens.push(self.audit_token(token));
         // A background job (re-encryption, re-indexing) or another update
         // may change the record between its read and this write; the write
@@ -525,6 +436,11 @@ impl<S: Store> Vault<S> {
                 _ => return Ok(Ok(field_type)),
             }
         }
+        // Every attempt lost to a concurrent write and wrote nothing; the
+        // call is still audited.
+        event.outcome = Outcome::Aborted;
+        event.failed_items = 1;
+        self.record(&event).await?;
         Err(Error::Conflict(
             "the record kept changing under concurrent writes; the update was not applied",
         ))
@@ -563,9 +479,7 @@ impl<S: Store> Vault<S> {
             Err(e) => return Ok(Err(e.into())),
         };
         let subject_keys = match old.subject_hash {
-            Some(hash) if old.key_version == SUBJECT_KEY => {
-                self.subject_keys(&[hash], false).await?
-            }
+            Some(hash) if old.key_version == SUBJECT_KEY => self.subject_keys(&[hash]).await?,
             _ => HashMap::new(),
         };
         let (active_version, active_key) = self.keyring.active();
@@ -578,9 +492,16 @@ impl<S: Store> Vault<S> {
             .deterministic
             .then(|| self.blind_index(&spec.name, old.subject_hash.as_ref(), &normalized));
         let old_blind = old.blind;
-        let aad = Record::aad(token, key_version, old.subject_hash.as_ref());
+        let aad = Record::sealing_aad(
+            token,
+            key_version,
+            old.subject_hash.as_ref(),
+            &old.field_type,
+            old.expires_ms,
+        );
         let sealed = key.seal(normalized.expose().as_bytes(), &aad)?;
         let record = Record {
+            binding: Binding::WithFieldTypeAndExpiry,
             key_version,
             nonce: sealed.nonce,
             blind: new_blind.as_ref().map(|b| b.active),
@@ -612,7 +533,7 @@ impl<S: Store> Vault<S> {
                 tokens.iter().map(|t| t.storage_key().to_vec()).collect(),
             )
             .await?;
-        let mut event = audit.event("OK");
+        let mut event = audit.event(Outcome::Ok);
         let mut batch = Batch::new();
         let unit = batch.unit();
         let mut purge = Vec::new();

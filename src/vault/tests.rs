@@ -5,7 +5,7 @@ use std::sync::Arc;
 use super::*;
 use crate::{
     audit::AuditContext,
-    authz::{IdentityPattern, Policy, PurposeSet, RevealForm, Rule},
+    authz::{Action, IdentityPattern, Policy, PurposeSet, RevealForm, Rule},
     config::RawFieldType,
     identity::ClientId,
     store::{RocksStore, StoreOptions},
@@ -38,7 +38,7 @@ default_region = "GB"
 [card_fpt]
 kind = "card_number"
 token_format = "format_preserving"
-keep_first_digits = 6
+keep_first_digits = 4
 luhn = "invalid"
 [customer_email]
 kind = "email"
@@ -46,6 +46,9 @@ deterministic = true
 [masked_name]
 kind = "name"
 mask = "first:1"
+[short_lived]
+kind = "email"
+retention_days = 1
 "#;
 
 async fn fixture() -> Fixture {
@@ -58,7 +61,7 @@ async fn fixture() -> Fixture {
     let fields = FieldRegistry::from_raw(&raw, 4096).unwrap();
     let vault = Vault::open(store, &master, fields).await.unwrap();
     let policy = Policy::new(vec![Rule::new(
-        IdentityPattern::new("*").unwrap(),
+        IdentityPattern::new("spiffe://*").unwrap(),
         vec![
             "tokenize:*".parse().unwrap(),
             "detokenize:*".parse().unwrap(),
@@ -91,7 +94,11 @@ impl Fixture {
             })
             .collect();
         self.vault
-            .tokenize(permits, &ctx("Tokenize", items.len()))
+            .tokenize(
+                permits,
+                |ft| grants.permit_field(Action::Lookup, ft),
+                &ctx("Tokenize", items.len()),
+            )
             .await
             .unwrap()
     }
@@ -252,7 +259,7 @@ async fn format_preserving_tokens_reveal_their_card() {
         .remove(0)
         .unwrap();
     assert_eq!(token.as_str().len(), 16);
-    assert!(token.as_str().starts_with("411111") && token.as_str().ends_with("1111"));
+    assert!(token.as_str().starts_with("4111") && token.as_str().ends_with("1111"));
     assert!(!crate::fields::kinds::luhn_valid(token.as_str()));
     let revealed = f
         .reveal(std::slice::from_ref(&token), false)
@@ -396,7 +403,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
     .await
     .unwrap();
     let policy = Policy::new(vec![Rule::new(
-        IdentityPattern::new("*").unwrap(),
+        IdentityPattern::new("spiffe://*").unwrap(),
         vec![
             "tokenize:*".parse().unwrap(),
             "detokenize:*".parse().unwrap(),
@@ -416,7 +423,11 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
             .unwrap()
     };
     let token = vault
-        .tokenize(vec![new_value("kept@example.com")], &ctx("Tokenize", 1))
+        .tokenize(
+            vec![new_value("kept@example.com")],
+            |ft| grants.permit_field(Action::Lookup, ft),
+            &ctx("Tokenize", 1),
+        )
         .await
         .unwrap()
         .remove(0)
@@ -442,7 +453,11 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
         "{revealed:?}"
     );
     let stored = vault
-        .tokenize(vec![new_value("lost@example.com")], &ctx("Tokenize", 1))
+        .tokenize(
+            vec![new_value("lost@example.com")],
+            |ft| grants.permit_field(Action::Lookup, ft),
+            &ctx("Tokenize", 1),
+        )
         .await;
     assert!(
         matches!(stored, Err(Error::AuditUnavailable(_))),
@@ -512,6 +527,18 @@ impl Fixture {
         subject: &str,
         items: &[(&str, &str, Option<u64>)],
     ) -> Vec<Token> {
+        self.try_tokenize_for(subject, items)
+            .await
+            .into_iter()
+            .map(Result::unwrap)
+            .collect()
+    }
+
+    async fn try_tokenize_for(
+        &self,
+        subject: &str,
+        items: &[(&str, &str, Option<u64>)],
+    ) -> Vec<Result<Token, ItemError>> {
         let grants = self.policy.grants(&self.client);
         let permits = items
             .iter()
@@ -527,13 +554,59 @@ impl Fixture {
             })
             .collect();
         self.vault
-            .tokenize(permits, &ctx("Tokenize", items.len()))
+            .tokenize(
+                permits,
+                |ft| grants.permit_field(Action::Lookup, ft),
+                &ctx("Tokenize", items.len()),
+            )
             .await
             .unwrap()
-            .into_iter()
-            .map(Result::unwrap)
-            .collect()
     }
+}
+
+#[tokio::test]
+async fn a_subject_cannot_grow_past_its_limit() {
+    let mut f = fixture().await;
+    let vault = std::mem::replace(&mut f.vault, placeholder_vault().await);
+    f.vault = vault.with_subject_limit(3);
+    f.tokenize_for(
+        "cust-big",
+        &[
+            ("email", "a@example.com", None),
+            ("email", "b@example.com", None),
+        ],
+    )
+    .await;
+    // Two held and two more asked for: neither is stored.
+    let refused = f
+        .try_tokenize_for(
+            "cust-big",
+            &[
+                ("email", "c@example.com", None),
+                ("email", "d@example.com", None),
+            ],
+        )
+        .await;
+    assert!(
+        refused
+            .iter()
+            .all(|r| matches!(r, Err(ItemError::SubjectFull(3)))),
+        "{refused:?}"
+    );
+    // One more fits; after it, nothing does.
+    f.tokenize_for("cust-big", &[("email", "c@example.com", None)])
+        .await;
+    let full = f
+        .try_tokenize_for("cust-big", &[("email", "e@example.com", None)])
+        .await;
+    assert!(
+        matches!(full[0], Err(ItemError::SubjectFull(3))),
+        "{full:?}"
+    );
+    // Other subjects, and values without a subject, are not affected.
+    f.tokenize_for("cust-small", &[("email", "a@example.com", None)])
+        .await;
+    assert!(f.tokenize(&[("email", "free@example.com")]).await[0].is_ok());
 }
 
 #[tokio::test]
@@ -569,7 +642,7 @@ async fn erasing_a_subject_leaves_others_and_is_idempotent() {
     // The fixture policy lacks subject:erase: permits are refused.
     assert!(erase("cust-ada").is_err());
     let policy = Policy::new(vec![Rule::new(
-        IdentityPattern::new("*").unwrap(),
+        IdentityPattern::new("spiffe://*").unwrap(),
         vec!["subject:erase".parse().unwrap()],
         PurposeSet::Any,
     )]);
@@ -664,6 +737,44 @@ async fn pruned_audit_trails_stay_verifiable_from_the_kept_checkpoint() {
         (report.first_seq, report.last_seq, report.unsigned_tail),
         (6, 6, 1)
     );
+    drop(store);
+
+    // Without the signed prune marker, missing head events are a deletion,
+    // not pruning.
+    let mut batch = store::Batch::new();
+    batch
+        .unit()
+        .delete(store::Table::Meta, crate::audit::PRUNE_MARKER_KEY.to_vec());
+    f.vault.store().commit(batch).await.unwrap();
+    let store = RocksStore::open_read_only(f.vault.store().path()).unwrap();
+    assert!(
+        crate::audit::verify(&store, &f.vault.audit_public_key(), 1).is_err(),
+        "head events deleted without a prune marker passed verification"
+    );
+}
+
+#[tokio::test]
+async fn a_callers_ttl_never_outlives_the_field_types_retention() {
+    let (f, time) = fixture_with_clock().await;
+    let day = 86_400_000;
+    // short_lived keeps values for one day; the caller asks for ten.
+    let token = f
+        .tokenize_for(
+            "cust-ttl",
+            &[("short_lived", "ttl@example.com", Some(10 * 86_400))],
+        )
+        .await
+        .remove(0);
+    time.fetch_add(day - 1, std::sync::atomic::Ordering::SeqCst);
+    assert!(f.reveal(std::slice::from_ref(&token), false).await[0].is_ok());
+    time.fetch_add(2, std::sync::atomic::Ordering::SeqCst);
+    assert!(
+        matches!(
+            f.reveal(std::slice::from_ref(&token), false).await[0],
+            Err(ItemError::NotFound)
+        ),
+        "the value outlived its field type's retention"
+    );
 }
 
 pub(super) async fn tokenize_all(
@@ -685,10 +796,70 @@ pub(super) async fn tokenize_all(
         })
         .collect();
     vault
-        .tokenize(permits, &ctx("Tokenize", values.len()))
+        .tokenize(
+            permits,
+            |ft| grants.permit_field(Action::Lookup, ft),
+            &ctx("Tokenize", values.len()),
+        )
         .await
         .unwrap()
         .into_iter()
         .map(Result::unwrap)
         .collect()
+}
+
+/// Someone who can write the data files relabels a format-preserving card
+/// record (whose token does not name its field type) as `text`, or extends
+/// its expiry: the value is no longer revealed to anyone.
+#[tokio::test]
+async fn a_relabelled_or_extended_record_does_not_decrypt() {
+    let f = fixture().await;
+    let token = f
+        .tokenize(&[("card_fpt", "4111 1111 1111 1111")])
+        .await
+        .remove(0)
+        .unwrap();
+    let key = token.storage_key().to_vec();
+    let stored = f
+        .vault
+        .store()
+        .get_many(store::Table::Records, vec![key.clone()])
+        .await
+        .unwrap()
+        .remove(0)
+        .unwrap();
+    let original = Record::decode(&stored).unwrap();
+    let tamper = |change: &dyn Fn(&mut Record)| {
+        let mut record = original.clone();
+        change(&mut record);
+        let mut batch = store::Batch::new();
+        batch
+            .unit()
+            .put(store::Table::Records, key.clone(), record.encode());
+        batch
+    };
+    for (what, change) in [
+        (
+            "field type",
+            &(|r: &mut Record| r.field_type = "masked_name".parse().unwrap())
+                as &dyn Fn(&mut Record),
+        ),
+        ("expiry", &|r: &mut Record| {
+            r.expires_ms = Some(u64::MAX / 2)
+        }),
+    ] {
+        f.vault.store().commit(tamper(change)).await.unwrap();
+        let revealed = f.reveal(std::slice::from_ref(&token), false).await;
+        assert!(
+            matches!(revealed[0], Err(ItemError::DataLoss)),
+            "a record with a changed {what} was revealed: {revealed:?}"
+        );
+    }
+    // The untouched record still decrypts.
+    f.vault
+        .store()
+        .commit(tamper(&|_: &mut Record| {}))
+        .await
+        .unwrap();
+    assert!(f.reveal(std::slice::from_ref(&token), false).await[0].is_ok());
 }

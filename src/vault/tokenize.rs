@@ -1,22 +1,42 @@
 //! Tokenize and look up.
+//!
+//! A tokenize request is stored in one write, all of it or nothing: every
+//! new record, index entry and the call's audit event go into a single unit
+//! guarded by "absent" on the keys that must be new (a deterministic value's
+//! index entry, a format-preserving token). If a concurrent request took one
+//! of those keys first, nothing is written, and the request is resolved again
+//! from what is stored now (its deterministic values then have their token;
+//! its format-preserving tokens are drawn again) and written again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use super::{
-    Blind, ItemError, LookupValue, NewValue, Record, Vault, record::SUBJECT_KEY,
-    retention::expiry_key, subjects::subject_index_key,
+    Blind, ItemError, LookupValue, NewValue, Record, Vault,
+    record::{Binding, SUBJECT_KEY},
+    retention::expiry_key,
+    subjects::subject_index_key,
 };
 use crate::{
-    audit::AuditContext,
-    authz::Permit,
+    audit::{AuditContext, Outcome},
+    authz::{Denial, Permit},
     crypto::{self, DataKey, SecretValue},
     fields::FieldSpec,
     store::{Batch, Store, Table},
-    token::Token,
+    token::{FieldType, Token},
 };
 
-/// How often a format-preserving token is drawn again after a collision.
-const MAX_ATTEMPTS: usize = 8;
+/// How often a request is resolved and written again after concurrent
+/// requests took keys it needed, before it gives up (`ABORTED`, nothing
+/// stored).
+const MAX_ROUNDS: usize = 8;
+
+/// How many format-preserving tokens are drawn for one value before it fails
+/// (`RESOURCE_EXHAUSTED`): the space of its bucket is nearly full.
+const MAX_DRAWS: usize = 8;
+
+/// Draws after which a bucket is reported as filling up (with `p` of its
+/// tokens taken, a value needs this many draws with probability `p²`).
+const CROWDED_DRAWS: usize = 3;
 
 /// One item on its way into the store.
 struct Pending<'a> {
@@ -37,54 +57,40 @@ impl<S: Store> Vault<S> {
     /// Validates, normalises and encrypts every value, and stores them in one
     /// write. One result per item, in order.
     ///
-    /// Deterministic field types return the existing token of a value that
-    /// is already stored; concurrent requests for one new value get one
-    /// token between them (the blind-index entry is created under a guard).
+    /// A deterministic value that already has a live token gets that token
+    /// back only if `existing` permits it (the API asks for `lookup:` on the
+    /// field type): handing back an existing token tells the caller which
+    /// token the value has, which is what `lookup:` grants. Without it the
+    /// item fails with [`ItemError::ExistingToken`]. Concurrent requests for
+    /// one new value get one token between them.
+    ///
+    /// `ttl_seconds` longer than the field type's retention is cut to the
+    /// retention.
     ///
     /// # Errors
-    /// If the write fails, no item is stored.
+    /// If the write fails, no item is stored. [`super::Error::Conflict`] if
+    /// concurrent requests kept taking the keys this one needed.
     pub async fn tokenize(
         &self,
         items: Vec<Permit<NewValue>>,
+        existing: impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
         audit: &AuditContext,
     ) -> Result<Vec<ItemResult>, super::Error> {
-        let mut event = audit.event("OK");
+        let mut event = audit.event(Outcome::Ok);
         let mut results: Vec<Option<ItemResult>> = (0..items.len()).map(|_| None).collect();
         let mut pending = Vec::new();
         // Repeats of one deterministic value inside this request share the
         // first occurrence's token.
         let mut first_of: HashMap<[u8; 32], usize> = HashMap::new();
         let mut repeats: Vec<(usize, usize)> = Vec::new();
+        let now = self.now();
         for (index, permit) in items.into_iter().enumerate() {
             let item = permit.into_item();
             event.field_types.push(item.field_type.to_string());
             if let Some(subject) = &item.subject {
                 event.subjects.push(self.audit_subject(subject));
             }
-            let now = self.now();
-            let prepared = self.spec(&item.field_type).and_then(|spec| {
-                let value = spec.normalize(&item.value)?;
-                let subject_hash = item.subject.as_ref().map(|s| self.subject_hash(s));
-                let blind = spec
-                    .deterministic
-                    .then(|| self.blind_index(&spec.name, subject_hash.as_ref(), &value));
-                let ttl_ms = item
-                    .ttl_seconds
-                    .map(|s| s.saturating_mul(1000))
-                    .or_else(|| {
-                        spec.retention
-                            .map(|r| u64::try_from(r.as_millis()).unwrap_or(u64::MAX))
-                    });
-                Ok(Pending {
-                    index,
-                    spec,
-                    value,
-                    subject_hash,
-                    blind,
-                    expires_ms: ttl_ms.map(|ttl| now.saturating_add(ttl)),
-                })
-            });
-            match prepared {
+            match self.prepare(index, item, now) {
                 Ok(p) => {
                     if let Some(blind) = &p.blind {
                         if let Some(&first) = first_of.get(&blind.active) {
@@ -95,57 +101,64 @@ impl<S: Store> Vault<S> {
                     }
                     pending.push(p);
                 }
-                Err(e) => {
-                    event.failed_items += 1;
-                    results[index] = Some(Err(e));
-                }
+                Err(e) => results[index] = Some(Err(e)),
             }
         }
         event.field_types.sort();
         event.field_types.dedup();
         event.subjects.sort();
         event.subjects.dedup();
-        // The event goes into the first write, with the data it describes;
-        // if nothing is written, on its own.
-        let mut audit_payload = Some(event.encode());
-
-        // Deterministic values that already have a live token.
-        let lookups: Vec<(usize, &Blind)> = pending
-            .iter()
-            .enumerate()
-            .filter_map(|(i, p)| p.blind.as_ref().map(|b| (i, b)))
-            .collect();
-        if !lookups.is_empty() {
-            let found = self.find_indexed(&lookups).await?;
-            let mut known = vec![false; pending.len()];
-            for existing in self.live_retiring_dead(found).await? {
-                results[pending[existing.position].index] = Some(existing.token);
-                known[existing.position] = true;
-            }
-            let mut keep = known.iter().map(|k| !k);
-            pending.retain(|_| keep.next().unwrap_or(true));
-        }
 
         // Each subject's values are encrypted under the subject's own key.
         let mut subjects: Vec<[u8; 32]> = pending.iter().filter_map(|p| p.subject_hash).collect();
         subjects.sort_unstable();
         subjects.dedup();
-        let subject_keys = self.subject_keys(&subjects, true).await?;
+        self.refuse_full_subjects(&subjects, &mut pending, &mut results)
+            .await?;
+        let subject_keys = self.subject_keys_or_create(&subjects).await?;
 
-        for _ in 0..MAX_ATTEMPTS {
-            if pending.is_empty() {
+        let mut stored = false;
+        for _ in 0..MAX_ROUNDS {
+            self.resolve_existing(&mut pending, &mut results, &existing)
+                .await?;
+            let drawn = self.draw_tokens(pending, &mut results).await?;
+            let mut round_event = event.clone();
+            round_event.tokens = results
+                .iter()
+                .flatten()
+                .flatten()
+                .chain(drawn.iter().map(|(_, token)| token))
+                .map(|token| self.audit_token(token))
+                .collect();
+            round_event.failed_items +=
+                u32::try_from(results.iter().flatten().filter(|r| r.is_err()).count())
+                    .unwrap_or(u32::MAX);
+            let mut batch = Batch::new();
+            self.store_unit(batch.unit(), &drawn, &subject_keys)?
+                .append_audit(round_event.encode());
+            let outcome = self
+                .store
+                .commit(batch)
+                .await
+                .map_err(super::Error::AuditUnavailable)?;
+            if outcome.first().is_none_or(Result::is_ok) {
+                for (p, token) in drawn {
+                    results[p.index] = Some(Ok(token));
+                }
+                pending = Vec::new();
+                stored = true;
                 break;
             }
-            pending = self
-                .store_new(pending, &mut results, audit_payload.take(), &subject_keys)
-                .await?;
+            // A concurrent request took a key this one needed; nothing was
+            // written. Resolve again from what is stored now.
+            pending = drawn.into_iter().map(|(p, _)| p).collect();
         }
-        if audit_payload.is_some() {
-            self.record(&event).await?;
+        if !stored {
+            return Err(super::Error::Conflict(
+                "concurrent requests kept taking the tokens this request needed; nothing was stored, retry",
+            ));
         }
-        for p in pending {
-            results[p.index] = Some(Err(ItemError::TokenSpaceExhausted(p.spec.name.clone())));
-        }
+        debug_assert!(pending.is_empty());
         for (index, first) in repeats {
             results[index] = results[first].clone();
         }
@@ -155,38 +168,224 @@ impl<S: Store> Vault<S> {
             .collect())
     }
 
-    /// One write of new records; returns the items to try again (format-
-    /// preserving tokens that collided with an existing one).
-    async fn store_new<'a>(
+    /// Fails the items of every subject that would have more than
+    /// `max_tokens_per_subject` tokens after this request. Concurrent
+    /// requests for one subject may each pass the check, so the bound can be
+    /// overshot by what they add together; it is there to stop a subject
+    /// growing without limit, not to count exactly.
+    ///
+    /// A deterministic value that already has its token counts as new here,
+    /// so a subject at the limit gets no tokens back from tokenize at all
+    /// (lookup still answers).
+    async fn refuse_full_subjects(
+        &self,
+        subjects: &[[u8; 32]],
+        pending: &mut Vec<Pending<'_>>,
+        results: &mut [Option<ItemResult>],
+    ) -> Result<(), super::Error> {
+        let max = self.max_tokens_per_subject;
+        for hash in subjects {
+            let adding = pending
+                .iter()
+                .filter(|p| p.subject_hash.as_ref() == Some(hash))
+                .count();
+            // Reads at most `max` index keys, whatever the subject holds.
+            let held = self
+                .store
+                .scan_from(Table::SubjectIndex, hash.to_vec(), max)
+                .await?
+                .iter()
+                .take_while(|(key, _)| key.starts_with(hash))
+                .count();
+            if held + adding > max {
+                tracing::warn!(
+                    held,
+                    adding,
+                    max,
+                    "refused tokens for a data subject at subjects.max_tokens_per_subject"
+                );
+                pending.retain(|p| {
+                    if p.subject_hash.as_ref() == Some(hash) {
+                        results[p.index] = Some(Err(ItemError::SubjectFull(max)));
+                        false
+                    } else {
+                        true
+                    }
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Normalises one value and works out its index keys and expiry.
+    fn prepare(&self, index: usize, item: NewValue, now: u64) -> Result<Pending<'_>, ItemError> {
+        let spec = self.spec(&item.field_type)?;
+        let value = spec.normalize(&item.value)?;
+        let subject_hash = item.subject.as_ref().map(|s| self.subject_hash(s));
+        let blind = spec
+            .deterministic
+            .then(|| self.blind_index(&spec.name, subject_hash.as_ref(), &value));
+        let retention_ms = spec
+            .retention
+            .map(|r| u64::try_from(r.as_millis()).unwrap_or(u64::MAX));
+        let ttl_ms = match (
+            item.ttl_seconds.map(|s| s.saturating_mul(1000)),
+            retention_ms,
+        ) {
+            (Some(ttl), Some(retention)) => Some(ttl.min(retention)),
+            (ttl, retention) => ttl.or(retention),
+        };
+        Ok(Pending {
+            index,
+            spec,
+            value,
+            subject_hash,
+            blind,
+            expires_ms: ttl_ms.map(|ttl| now.saturating_add(ttl)),
+        })
+    }
+
+    /// Takes out of `pending` the deterministic values that have a live
+    /// token now, answering each with that token if `existing` permits.
+    async fn resolve_existing(
+        &self,
+        pending: &mut Vec<Pending<'_>>,
+        results: &mut [Option<ItemResult>],
+        existing: &impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
+    ) -> Result<(), super::Error> {
+        let wanted: Vec<(usize, &Blind)> = pending
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.blind.as_ref().map(|b| (i, b)))
+            .collect();
+        if wanted.is_empty() {
+            return Ok(());
+        }
+        let found = self.find_indexed(&wanted).await?;
+        let mut known = vec![false; pending.len()];
+        for entry in self.live_retiring_dead(found).await? {
+            let p = &pending[entry.position];
+            results[p.index] = Some(entry.token.and_then(|token| {
+                existing(&p.spec.name)
+                    .map(|_| token)
+                    .map_err(ItemError::ExistingToken)
+            }));
+            known[entry.position] = true;
+        }
+        let mut keep = known.iter().map(|k| !k);
+        pending.retain(|_| keep.next().unwrap_or(true));
+        Ok(())
+    }
+
+    /// A new token for each pending value. Format-preserving tokens come
+    /// from a small space: each is drawn until it is free in the store and
+    /// in this request, at most [`MAX_DRAWS`] times (then the item fails).
+    async fn draw_tokens<'a>(
         &self,
         pending: Vec<Pending<'a>>,
         results: &mut [Option<ItemResult>],
-        audit_payload: Option<Vec<u8>>,
-        subject_keys: &HashMap<[u8; 32], DataKey>,
-    ) -> Result<Vec<Pending<'a>>, super::Error> {
-        let (vault_key_version, vault_key) = self.keyring.active();
-        let created_ms = self.now();
-        let mut batch = Batch::new();
-        let mut tokens = Vec::with_capacity(pending.len());
-        let mut in_batch = Vec::with_capacity(pending.len());
+    ) -> Result<Vec<(Pending<'a>, Token)>, super::Error> {
+        let mut drawn = Vec::with_capacity(pending.len());
+        let mut undecided = Vec::new();
         for p in pending {
-            let token = match p.spec.new_token(&p.value) {
-                Ok(token) => token,
+            match p.spec.new_token(&p.value) {
+                Ok(token) if p.spec.tokens_may_collide() => undecided.push((p, token, 1)),
+                Ok(token) => drawn.push((p, token)),
                 Err(crate::fields::TokenError::Random) => {
                     return Err(crypto::Error::Random(getrandom::Error::UNEXPECTED).into());
                 }
                 Err(e) => {
                     results[p.index] = Some(Err(ItemError::Unformattable(p.spec.name.clone(), e)));
-                    continue;
                 }
-            };
+            }
+        }
+        let mut taken: HashSet<Token> = HashSet::new();
+        while !undecided.is_empty() {
+            let keys = undecided
+                .iter()
+                .map(|(_, token, _)| token.storage_key().to_vec())
+                .collect();
+            let stored = self.store.get_many(Table::Records, keys).await?;
+            let mut again = Vec::new();
+            for ((p, token, draws), stored) in undecided.into_iter().zip(stored) {
+                if stored.is_none() && taken.insert(token.clone()) {
+                    if draws >= CROWDED_DRAWS {
+                        self.note_crowded(&p.spec.name, draws);
+                    }
+                    drawn.push((p, token));
+                } else if draws >= MAX_DRAWS {
+                    self.note_crowded(&p.spec.name, draws);
+                    results[p.index] =
+                        Some(Err(ItemError::TokenSpaceExhausted(p.spec.name.clone())));
+                } else {
+                    match p.spec.new_token(&p.value) {
+                        Ok(token) => again.push((p, token, draws + 1)),
+                        Err(_) => {
+                            return Err(crypto::Error::Random(getrandom::Error::UNEXPECTED).into());
+                        }
+                    }
+                }
+            }
+            undecided = again;
+        }
+        Ok(drawn)
+    }
+
+    /// Counts a format-preserving value that needed `draws` draws, and says
+    /// so in the log (at most once a minute): its bucket of the token space
+    /// (same kept digits and last four) is filling up.
+    fn note_crowded(&self, field_type: &FieldType, draws: usize) {
+        self.fpt_crowded
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let now = self.now();
+        let last = self
+            .fpt_crowded_logged
+            .load(std::sync::atomic::Ordering::Relaxed);
+        if now.saturating_sub(last) >= 60_000
+            && self
+                .fpt_crowded_logged
+                .compare_exchange(
+                    last,
+                    now,
+                    std::sync::atomic::Ordering::Relaxed,
+                    std::sync::atomic::Ordering::Relaxed,
+                )
+                .is_ok()
+        {
+            tracing::warn!(
+                field_type = %field_type,
+                draws,
+                "a format-preserving token needed several draws: its bucket (kept digits and last four) is filling up"
+            );
+        }
+    }
+
+    /// Adds the records of `drawn` to `unit`, with their index, subject and
+    /// expiry entries and the guards that make the unit apply only if every
+    /// key that must be new still is.
+    fn store_unit<'u>(
+        &self,
+        unit: &'u mut crate::store::Unit,
+        drawn: &[(Pending<'_>, Token)],
+        subject_keys: &HashMap<[u8; 32], DataKey>,
+    ) -> Result<&'u mut crate::store::Unit, super::Error> {
+        let (vault_key_version, vault_key) = self.keyring.active();
+        let created_ms = self.now();
+        for (p, token) in drawn {
             let (key_version, key) = match p.subject_hash.and_then(|h| subject_keys.get(&h)) {
                 Some(key) => (SUBJECT_KEY, key),
                 None => (vault_key_version, &*vault_key),
             };
-            let aad = Record::aad(&token, key_version, p.subject_hash.as_ref());
+            let aad = Record::sealing_aad(
+                token,
+                key_version,
+                p.subject_hash.as_ref(),
+                &p.spec.name,
+                p.expires_ms,
+            );
             let sealed = key.seal(p.value.expose().as_bytes(), &aad)?;
             let record = Record {
+                binding: Binding::WithFieldTypeAndExpiry,
                 field_type: p.spec.name.clone(),
                 key_version,
                 nonce: sealed.nonce,
@@ -196,7 +395,6 @@ impl<S: Store> Vault<S> {
                 blind: p.blind.as_ref().map(|b| b.active),
                 ciphertext: sealed.ciphertext,
             };
-            let unit = batch.unit();
             if let Some(subject) = p.subject_hash {
                 unit.put(
                     Table::SubjectIndex,
@@ -204,9 +402,9 @@ impl<S: Store> Vault<S> {
                     Vec::new(),
                 );
             }
-            // First guards: the blind index under every index key still in
-            // use (deterministic); then the record key for formats whose
-            // token space is small enough to collide.
+            // The blind index under every index key still in use must be
+            // free (deterministic), and so must the record key for formats
+            // whose token space is small enough to collide.
             if let Some(blind) = &p.blind {
                 for key in blind.all() {
                     unit.guard_absent(Table::Index, key.to_vec());
@@ -232,36 +430,8 @@ impl<S: Store> Vault<S> {
                 token.storage_key().to_vec(),
                 record.encode(),
             );
-            tokens.push(token);
-            in_batch.push(p);
         }
-        let audited = audit_payload.is_some();
-        if let Some(payload) = audit_payload {
-            batch.unit().append_audit(payload);
-        }
-        if in_batch.is_empty() && !audited {
-            return Ok(Vec::new());
-        }
-        let outcomes = self.store.commit(batch).await.map_err(|e| {
-            if audited {
-                super::Error::AuditUnavailable(e)
-            } else {
-                super::Error::Storage(e)
-            }
-        })?;
-        let mut retry = Vec::new();
-        for ((p, token), outcome) in in_batch.into_iter().zip(tokens).zip(outcomes) {
-            match outcome {
-                Ok(()) => results[p.index] = Some(Ok(token)),
-                // Another request stored this value first: its token wins.
-                Err(conflict) if p.blind.as_ref().is_some_and(|b| conflict.guard < b.len()) => {
-                    results[p.index] = Some(parse_stored_token(&conflict.existing));
-                }
-                // The random token is taken: draw another.
-                Err(_) => retry.push(p),
-            }
-        }
-        Ok(retry)
+        Ok(unit)
     }
 
     /// The existing token of each value, for deterministic field types.
@@ -273,7 +443,7 @@ impl<S: Store> Vault<S> {
         items: Vec<Permit<LookupValue>>,
         audit: &AuditContext,
     ) -> Result<Vec<ItemResult>, super::Error> {
-        let mut event = audit.event("OK");
+        let mut event = audit.event(Outcome::Ok);
         let mut results: Vec<ItemResult> = Vec::with_capacity(items.len());
         let mut wanted = Vec::new();
         for (index, permit) in items.into_iter().enumerate() {

@@ -55,7 +55,7 @@ scopes = ["tokenize:email", "tokenize:phone", "detokenize:email"]
 purposes = ["customer_support"]
 
 [[policy]]
-identity = "*.billing.internal"
+identity = "dns:*.billing.internal"
 scopes = ["tokenize:*"]
 "#;
 
@@ -145,6 +145,10 @@ pub struct TestVault {
     reader: Option<std::thread::JoinHandle<()>>,
     extra_config: String,
     extra_tls: String,
+    /// Environment variables the server process gets.
+    pub env: Vec<(String, String)>,
+    /// Arguments after `serve --config <path>`.
+    pub serve_args: Vec<String>,
 }
 
 impl TestVault {
@@ -203,6 +207,8 @@ impl TestVault {
             reader: None,
             extra_config: extra_config.to_owned(),
             extra_tls: String::new(),
+            env: Vec::new(),
+            serve_args: Vec::new(),
         }
     }
 
@@ -215,6 +221,17 @@ impl TestVault {
     }
 
     fn write_config(&self) {
+        // The ledger setting joins a [subjects] table the test brings, if any.
+        const LEDGER: &str = "erasure_ledger = \"ledger/erasures\"\n";
+        let (extra, subjects) = if self.extra_config.contains("[subjects]\n") {
+            (
+                self.extra_config
+                    .replacen("[subjects]\n", &format!("[subjects]\n{LEDGER}"), 1),
+                String::new(),
+            )
+        } else {
+            (self.extra_config.clone(), format!("[subjects]\n{LEDGER}"))
+        };
         let config = format!(
             r#"data_dir = "data"
 {extra}
@@ -236,8 +253,8 @@ master_key_file = "master.key"
 [log]
 format = "json"
 level = "info"
-{POLICY}"#,
-            extra = self.extra_config,
+{POLICY}
+{subjects}"#,
             extra_tls = self.extra_tls
         );
         std::fs::write(self.config_path(), config).unwrap();
@@ -249,6 +266,8 @@ level = "info"
         let mut child = tokenvault_command()
             .args(["serve", "--config"])
             .arg(self.config_path())
+            .args(&self.serve_args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -563,4 +582,68 @@ pub fn metric(text: &str, name_and_labels: &str) -> f64 {
 pub fn find_metric(text: &str, name_and_labels: &str) -> Option<f64> {
     text.lines()
         .find_map(|l| l.strip_prefix(name_and_labels)?.trim().parse().ok())
+}
+
+/// Where a test client installed by `scripts/install-deps.sh --test` is:
+/// its virtual environment (`$TOKENVAULT_VENV`, default
+/// `~/.cache/tokenvault-venv`), then `PATH`. A missing tool fails the test
+/// with one line naming it and the command that installs it; no test is
+/// skipped for want of one.
+pub fn test_tool(name: &str) -> PathBuf {
+    let venv = std::env::var_os("TOKENVAULT_VENV")
+        .map(PathBuf::from)
+        .or_else(|| {
+            std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/tokenvault-venv"))
+        });
+    let candidates = venv
+        .map(|venv| venv.join("bin").join(name))
+        .into_iter()
+        .chain(
+            std::env::var_os("PATH")
+                .iter()
+                .flat_map(std::env::split_paths)
+                .map(|dir| dir.join(name))
+                .collect::<Vec<_>>(),
+        );
+    for candidate in candidates {
+        if candidate.is_file() {
+            return candidate;
+        }
+    }
+    panic!("{name} is missing: run `make test-deps` (scripts/install-deps.sh --test installs it)");
+}
+
+/// `PATH` with the directory of `tool` first, for shell commands that name
+/// it (the README's grpcurl lines).
+pub fn path_with(tool: &Path) -> std::ffi::OsString {
+    let mut dirs = vec![tool.parent().unwrap().to_owned()];
+    if let Some(path) = std::env::var_os("PATH") {
+        dirs.extend(std::env::split_paths(&path));
+    }
+    std::env::join_paths(dirs).unwrap()
+}
+
+/// Tokenizes one value (no subject) and returns its token.
+pub async fn tokenize_one(
+    client: &mut TokenVaultClient<Channel>,
+    field_type: &str,
+    value: &str,
+) -> String {
+    use tokenvault::proto::v1::{TokenizeItem, TokenizeRequest, tokenize_result};
+    let response = client
+        .tokenize(TokenizeRequest {
+            items: vec![TokenizeItem {
+                field_type: field_type.into(),
+                value: value.into(),
+                subject_id: String::new(),
+                ttl_seconds: 0,
+            }],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match &response.results[0].result {
+        Some(tokenize_result::Result::Token(token)) => token.clone(),
+        other => panic!("tokenize failed: {other:?}"),
+    }
 }

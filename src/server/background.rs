@@ -1,0 +1,202 @@
+//! The vault's background loops: signing audit checkpoints, writing the
+//! counts of refused calls, pruning old audit events, purging expired
+//! values, and running key-rotation jobs. Each runs on a timer until the
+//! server stops, logs what it did, and never takes the server down.
+
+use std::{future::Future, sync::Arc, time::Duration};
+
+use tokio::{sync::watch, task::JoinHandle};
+
+use crate::{
+    api::RefusalLog,
+    config::Config,
+    metrics::Metrics,
+    store::Store,
+    vault::{self, Vault},
+};
+
+/// How often the key-rotation jobs get a turn.
+const JOB_TICK: Duration = Duration::from_secs(1);
+
+/// Records one job step visits at most (one write through the committer).
+const JOB_PAGE: usize = 1000;
+
+/// Steps a job takes per turn before the other jobs get theirs.
+const JOB_STEPS_PER_TURN: usize = 20;
+
+/// How often old audit events are pruned, when `audit.retention_days` is set.
+const AUDIT_PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+/// The loops of one running server; [`Background::stop`] waits for them.
+pub struct Background {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Background {
+    /// Starts every loop; they stop when `stop` changes.
+    pub fn start<S: Store>(
+        vault: &Arc<Vault<S>>,
+        metrics: &Arc<Metrics>,
+        refusals: &Arc<RefusalLog>,
+        config: &Config,
+        stop: &watch::Receiver<bool>,
+    ) -> Self {
+        let mut tasks = Vec::new();
+        // Signs the audit chain's head now and then.
+        let v = Arc::clone(vault);
+        tasks.push(every(
+            config.audit_checkpoint_interval,
+            stop.clone(),
+            move || {
+                let vault = Arc::clone(&v);
+                async move {
+                    if let Err(e) = vault.checkpoint_audit().await {
+                        tracing::error!(error = %e, "cannot sign an audit checkpoint");
+                    }
+                }
+            },
+        ));
+        // Writes the counts of refused calls, one event per identity, method,
+        // outcome and purpose.
+        let (v, r) = (Arc::clone(vault), Arc::clone(refusals));
+        tasks.push(every(
+            config.audit_refusal_interval,
+            stop.clone(),
+            move || {
+                let (vault, refusals) = (Arc::clone(&v), Arc::clone(&r));
+                async move { flush_refusals(&vault, &refusals).await }
+            },
+        ));
+        // Prunes audit events past their retention, up to a signed checkpoint.
+        if let Some(retention) = config.audit_retention {
+            let v = Arc::clone(vault);
+            tasks.push(every(AUDIT_PRUNE_EVERY, stop.clone(), move || {
+                let vault = Arc::clone(&v);
+                async move {
+                    match vault.prune_audit(retention).await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            events = n,
+                            "pruned audit events past audit.retention_days"
+                        ),
+                        Err(e) => {
+                            tracing::error!(error = %e, "audit pruning failed; retrying later")
+                        }
+                    }
+                }
+            }));
+        }
+        // Runs the key-rotation jobs (re-encryption, re-indexing) a page at a
+        // time, from where they stopped (also across restarts), unless held.
+        let (v, m) = (Arc::clone(vault), Arc::clone(metrics));
+        tasks.push(every(JOB_TICK, stop.clone(), move || {
+            let (vault, metrics) = (Arc::clone(&v), Arc::clone(&m));
+            async move {
+                for job in vault::Job::ALL {
+                    run_job(&vault, &metrics, job).await;
+                }
+            }
+        }));
+        // Purges expired values now and then (they are NOT_FOUND already).
+        let (v, m) = (Arc::clone(vault), Arc::clone(metrics));
+        tasks.push(every(
+            config.retention_sweep_interval,
+            stop.clone(),
+            move || {
+                let (vault, metrics) = (Arc::clone(&v), Arc::clone(&m));
+                async move {
+                    match vault.sweep_expired().await {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            metrics.purged(n);
+                            tracing::info!(purged = n, "purged expired values");
+                        }
+                        Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+                    }
+                }
+            },
+        ));
+        Self { tasks }
+    }
+
+    /// Waits for every loop to finish (after `stop` changed).
+    pub async fn stop(self) {
+        for task in self.tasks {
+            let _ = task.await;
+        }
+    }
+}
+
+/// Writes the refusals counted since the last flush as audit events; if
+/// they cannot be written, they are kept for the next flush.
+pub async fn flush_refusals<S: Store>(vault: &Vault<S>, refusals: &RefusalLog) {
+    let events = refusals.take();
+    if events.is_empty() {
+        return;
+    }
+    if let Err(e) = vault.record_all(&events).await {
+        tracing::error!(error = %e, "cannot write the counts of refused calls; kept for the next try");
+        refusals.restore(events);
+    }
+}
+
+/// Runs `job` every `interval` (the first run at once) until `stop` changes.
+fn every<F, Fut>(interval: Duration, mut stop: watch::Receiver<bool>, job: F) -> JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    tokio::spawn(async move {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            job().await;
+        }
+    })
+}
+
+/// Runs up to [`JOB_STEPS_PER_TURN`] pages of `job` (then yields to the
+/// other jobs until the next tick), logging and counting what it did.
+async fn run_job<S: Store>(vault: &Vault<S>, metrics: &Metrics, job: vault::Job) {
+    for _ in 0..JOB_STEPS_PER_TURN {
+        let step = match vault.job_step(job, JOB_PAGE).await {
+            Ok(step) => step,
+            Err(e) => {
+                tracing::error!(job = job.name(), error = %e, "key-rotation job step failed; retrying later");
+                return;
+            }
+        };
+        if let Ok(status) = vault.job_status(job).await {
+            metrics.job(&status, step.moved);
+            if step.moved > 0 || step.raced > 0 {
+                tracing::info!(
+                    job = job.name(),
+                    moved = step.moved,
+                    raced = step.raced,
+                    visited = status.done,
+                    total = status.total,
+                    "key-rotation job progress"
+                );
+            }
+        }
+        if step.finished && step.ran {
+            tracing::info!(
+                job = job.name(),
+                "{}",
+                match job {
+                    vault::Job::Reencrypt =>
+                        "re-encryption finished: every record uses the newest data key",
+                    vault::Job::Reindex =>
+                        "re-indexing finished: every index entry uses the newest index key",
+                }
+            );
+        }
+        if step.finished || !step.ran {
+            return;
+        }
+    }
+}

@@ -1,0 +1,344 @@
+//! Erasure: crypto-shredding a data subject, and keeping it erased across
+//! restores.
+//!
+//! An erasure is first appended (and fsynced) to the erasure ledger, a file
+//! outside the data directory, then applied in one write: the subject's key,
+//! records, index, expiry and consent entries go, with the audit event and
+//! the vault's own copy of the ledger entry (`meta`,
+//! `erasure-ledger/entry/<seq>`). Then the bytes are purged from the files.
+//!
+//! At open the ledger and the vault's copy are compared:
+//!
+//! - the ledger holds erasures the vault lacks (the data was restored from
+//!   an older copy, or a crash came between the two writes): they are
+//!   applied again;
+//! - the vault recorded erasures the ledger lacks (the ledger was replaced
+//!   by an older copy, or is missing): the vault refuses to start, unless
+//!   the operator says the ledger was restored on purpose, in which case the
+//!   missing entries are written back into it;
+//! - the two disagree, or the ledger's chain does not verify (edited,
+//!   damaged, another vault's): the vault refuses to start.
+//!
+//! What no local check can catch: the data and the ledger both restored to
+//! the same earlier moment. Keep the ledger on storage that is not
+//! snapshotted or restored with the data (see deploy/README.md).
+
+use super::{
+    Erasure, ErasureLedger, ErasureReceipt, Error, Record, SubjectId, Vault,
+    ledger::{LedgerEntry, LedgerError, LedgerFile, verify_chain},
+    retention::expiry_key,
+    subjects::{decode_consent, subject_index_key, subject_key_label, wrapped_created_ms},
+};
+use crate::{
+    audit::{AuditContext, AuditEvent, Outcome},
+    authz::Permit,
+    store::{Batch, Store, Table, Unit},
+};
+
+/// Where the vault keeps its copy of each ledger entry: this prefix and the
+/// entry's sequence number (8 bytes, big-endian). Never rename.
+const LEDGER_ENTRY_PREFIX: &[u8] = b"erasure-ledger/entry/";
+
+/// What to do when the ledger holds fewer erasures than the vault recorded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LedgerRollback {
+    /// Refuse to start (the default): the ledger was replaced or lost.
+    #[default]
+    Refuse,
+    /// The operator restored the ledger on purpose: write the missing
+    /// erasures back into it from the vault's record and start.
+    Repair,
+}
+
+/// The ledger file and its newest entry, which the next erasure chains to.
+pub(super) struct LedgerState {
+    file: ErasureLedger,
+    tail: tokio::sync::Mutex<Option<LedgerEntry>>,
+}
+
+fn entry_key(seq: u64) -> Vec<u8> {
+    let mut key = LEDGER_ENTRY_PREFIX.to_vec();
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+/// What an erasure deletes, ready to go into a unit.
+struct Shredding {
+    /// Values erased (records that existed).
+    erased: u64,
+    /// Keys to purge from the files afterwards.
+    purge: Vec<(Table, Vec<u8>)>,
+}
+
+impl<S: Store> Vault<S> {
+    /// Opens the erasure ledger at `path` and reconciles it with the
+    /// vault's own record of it (see the module doc). Returns how many
+    /// tokens were erased again.
+    ///
+    /// # Errors
+    /// [`Error::Ledger`] with one line saying what is wrong and what to do;
+    /// storage failures.
+    pub async fn with_ledger(
+        mut self,
+        path: &std::path::Path,
+        rollback: LedgerRollback,
+    ) -> Result<(Self, u64), Error> {
+        let (file, content) = ErasureLedger::open(path)?;
+        let recorded = self.recorded_ledger().await?;
+        let key = self.keyring.ledger_key();
+        let found = match content {
+            LedgerFile::Missing => {
+                if recorded.is_empty() {
+                    tracing::info!(path = %path.display(), "created a new erasure ledger");
+                }
+                Vec::new()
+            }
+            LedgerFile::Chained(entries) => {
+                verify_chain(key, &entries).map_err(|seq| {
+                    LedgerError::new(path, format!(
+                        "entry {seq} does not verify: the file was edited or damaged, or belongs to another vault; restore it from a backup, or move it away and start with --accept-restored-ledger to rebuild it from this vault's own record"
+                    ))
+                })?;
+                entries
+            }
+            LedgerFile::Unchained(erasures) => {
+                if !recorded.is_empty() {
+                    return Err(LedgerError::new(path, format!(
+                        "holds unchained entries, but this vault recorded {} chained ones: it is an older copy; restore the current ledger, or move it away and start with --accept-restored-ledger",
+                        recorded.len()
+                    )).into());
+                }
+                let mut entries: Vec<LedgerEntry> = Vec::with_capacity(erasures.len());
+                for erasure in erasures {
+                    let next = LedgerEntry::next(key, entries.last(), erasure);
+                    entries.push(next);
+                }
+                file.rewrite(&entries)?;
+                tracing::info!(path = %path.display(), entries = entries.len(), "rewrote the erasure ledger of an earlier release in the chained form");
+                entries
+            }
+        };
+        let agreed = found
+            .iter()
+            .zip(&recorded)
+            .take_while(|(a, b)| a == b)
+            .count();
+        if agreed < found.len() && agreed < recorded.len() {
+            return Err(LedgerError::new(path, format!(
+                "disagrees with this vault at erasure {}: it belongs to another vault or was rewritten; restore the right ledger, or move it away and start with --accept-restored-ledger",
+                agreed + 1
+            )).into());
+        }
+        let mut reapplied = 0;
+        let tail = if found.len() < recorded.len() {
+            if rollback == LedgerRollback::Refuse {
+                return Err(LedgerError::new(path, format!(
+                    "holds {} erasures but this vault recorded {}: it was replaced by an older copy or lost. If that was on purpose, start once with --accept-restored-ledger to write the missing erasures back into it",
+                    found.len(),
+                    recorded.len()
+                )).into());
+            }
+            file.append(&recorded[found.len()..])?;
+            tracing::warn!(
+                path = %path.display(),
+                written = recorded.len() - found.len(),
+                "the erasure ledger was older than this vault's record of it; wrote the missing erasures back into it (--accept-restored-ledger)"
+            );
+            recorded.last().copied()
+        } else {
+            for entry in &found[recorded.len()..] {
+                reapplied += self.reapply(entry).await?;
+            }
+            if reapplied > 0 {
+                tracing::warn!(
+                    tokens = reapplied,
+                    "re-applied the erasure ledger: erased data had come back (restored backup?)"
+                );
+            }
+            found.last().copied()
+        };
+        self.ledger = Some(LedgerState {
+            file,
+            tail: tokio::sync::Mutex::new(tail),
+        });
+        Ok((self, reapplied))
+    }
+
+    /// The vault's own copy of the ledger, in order.
+    async fn recorded_ledger(&self) -> Result<Vec<LedgerEntry>, Error> {
+        let stored = self
+            .store
+            .scan_prefix(Table::Meta, LEDGER_ENTRY_PREFIX.to_vec())
+            .await?;
+        stored
+            .iter()
+            .map(|(_, value)| {
+                LedgerEntry::decode(value).ok_or_else(|| {
+                    Error::CorruptKey("a recorded erasure ledger entry is malformed".into())
+                })
+            })
+            .collect()
+    }
+
+    /// Applies a ledger entry the data does not have yet: deletes what the
+    /// subject had when it was erased (values and consents given later stay,
+    /// and so does a key made later), and records the entry.
+    async fn reapply(&self, entry: &LedgerEntry) -> Result<u64, Error> {
+        let mut batch = Batch::new();
+        let unit = batch.unit();
+        let shredding = self
+            .shred(entry.erasure.subject_hash, entry.erasure.erased_ms, unit)
+            .await?;
+        unit.put(Table::Meta, entry_key(entry.seq), entry.encode());
+        self.store.commit(batch).await?;
+        if !shredding.purge.is_empty() {
+            self.store.purge(shredding.purge).await?;
+        }
+        Ok(shredding.erased)
+    }
+
+    /// Erases a subject: records the erasure in the ledger, then deletes its
+    /// key, records, index and consent entries in one write (with the audit
+    /// event and the vault's copy of the ledger entry); then purges the
+    /// bytes from the data files. Idempotent.
+    ///
+    /// # Errors
+    /// Ledger, storage or audit failures.
+    pub async fn erase_subject(
+        &self,
+        subject: Permit<SubjectId>,
+        audit: &AuditContext,
+    ) -> Result<ErasureReceipt, Error> {
+        let subject_id = subject.into_item();
+        let hash = self.subject_hash(&subject_id);
+        let erased_ms = self.now();
+        let mut event = audit.event(Outcome::Ok);
+        event.subjects.push(self.audit_subject(&subject_id));
+        let erasure = Erasure {
+            subject_hash: hash,
+            erased_ms,
+        };
+        // Erasures take turns: each chains to the one before, in the ledger
+        // and in the vault's record alike.
+        let mut tail = match &self.ledger {
+            Some(ledger) => Some(ledger.tail.lock().await),
+            None => None,
+        };
+        let entry = match (&self.ledger, tail.as_deref_mut()) {
+            (Some(ledger), Some(tail)) => {
+                let entry = LedgerEntry::next(self.keyring.ledger_key(), tail.as_ref(), erasure);
+                ledger.file.append(&[entry])?;
+                // In the ledger now, whatever becomes of the write below: the
+                // next erasure chains to it (and the next open applies it if
+                // the write failed).
+                *tail = Some(entry);
+                Some(entry)
+            }
+            _ => None,
+        };
+        let erased = self.erase_now(hash, event, entry).await?;
+        drop(tail);
+        Ok(ErasureReceipt {
+            subject_hash: data_encoding::HEXLOWER.encode(&hash),
+            tokens_erased: erased,
+            erased_ms,
+        })
+    }
+
+    /// Deletes everything of the subject in one write with `event` and the
+    /// ledger `entry`, then purges it from the files.
+    async fn erase_now(
+        &self,
+        hash: [u8; 32],
+        mut event: AuditEvent,
+        entry: Option<LedgerEntry>,
+    ) -> Result<u64, Error> {
+        let mut batch = Batch::new();
+        let unit = batch.unit();
+        let shredding = self.shred(hash, u64::MAX, unit).await?;
+        if let Some(entry) = entry {
+            unit.put(Table::Meta, entry_key(entry.seq), entry.encode());
+        }
+        event.items = u32::try_from(shredding.erased).unwrap_or(u32::MAX);
+        unit.append_audit(event.encode());
+        self.store
+            .commit(batch)
+            .await
+            .map_err(Error::AuditUnavailable)?;
+        if !shredding.purge.is_empty() {
+            self.store.purge(shredding.purge).await?;
+        }
+        Ok(shredding.erased)
+    }
+
+    /// Adds to `unit` the deletion of a subject's values created at or
+    /// before `before_ms`, of its key if made by then, and of the consents
+    /// it gave by then.
+    async fn shred(
+        &self,
+        hash: [u8; 32],
+        before_ms: u64,
+        unit: &mut Unit,
+    ) -> Result<Shredding, Error> {
+        let tokens = self.subject_tokens(&hash).await?;
+        let records = self
+            .store
+            .get_many(
+                Table::Records,
+                tokens.iter().map(|t| t.storage_key().to_vec()).collect(),
+            )
+            .await?;
+        let label = subject_key_label(&hash);
+        let wrapped = self
+            .store
+            .get_many(Table::Keys, vec![label.clone()])
+            .await?
+            .pop()
+            .flatten();
+        let consents = self
+            .store
+            .scan_prefix(Table::Consent, hash.to_vec())
+            .await?;
+        let mut purge = Vec::new();
+        let mut erased = 0;
+        for (token, bytes) in tokens.iter().zip(records) {
+            let record = bytes.as_deref().and_then(|b| Record::decode(b).ok());
+            if record.as_ref().is_some_and(|r| r.created_ms > before_ms) {
+                continue;
+            }
+            if let Some(blind) = record.as_ref().and_then(|r| r.blind) {
+                unit.delete(Table::Index, blind.to_vec());
+                purge.push((Table::Index, blind.to_vec()));
+            }
+            if record.is_some() {
+                erased += 1;
+            }
+            if let Some(expires_ms) = record.as_ref().and_then(|r| r.expires_ms) {
+                let key = expiry_key(expires_ms, token.storage_key());
+                unit.delete(Table::Expiry, key.clone());
+                purge.push((Table::Expiry, key));
+            }
+            let index_key = subject_index_key(&hash, token.storage_key());
+            unit.delete(Table::Records, token.storage_key().to_vec());
+            unit.delete(Table::SubjectIndex, index_key.clone());
+            purge.push((Table::Records, token.storage_key().to_vec()));
+            purge.push((Table::SubjectIndex, index_key));
+        }
+        if wrapped
+            .as_deref()
+            .is_some_and(|w| wrapped_created_ms(w) <= before_ms)
+        {
+            unit.delete(Table::Keys, label.clone());
+            purge.push((Table::Keys, label));
+        }
+        for (key, value) in consents {
+            // A consent given after the erasure is the subject's new wish.
+            if decode_consent(Some(&value)).updated_ms > before_ms {
+                continue;
+            }
+            unit.delete(Table::Consent, key.clone());
+            purge.push((Table::Consent, key));
+        }
+        Ok(Shredding { erased, purge })
+    }
+}
