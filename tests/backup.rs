@@ -69,6 +69,17 @@ async fn a_backup_of_a_live_vault_restores_every_acknowledged_write() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
+    // Authorisation comes before any look at the path: a caller without
+    // the scope learns nothing of the filesystem (an existing path got
+    // another answer before).
+    let existing = admin
+        .create_backup(tokenvault::proto::v1::CreateBackupRequest {
+            path: backup.display().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(existing.code(), tonic::Code::PermissionDenied);
+    assert_eq!(existing.message(), status.message());
 
     let (ok, out) = cli(&["backup", "verify", backup.to_str().unwrap()]);
     assert!(ok, "{out}");
