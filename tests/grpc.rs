@@ -394,6 +394,41 @@ async fn bad_input_gets_the_right_code_and_spares_the_other_items() {
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    // A malformed purpose is the caller's mistake, not a denial; the message
+    // does not echo it.
+    let status = detokenize(
+        &mut support,
+        std::slice::from_ref(&good),
+        "Customer Support!",
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(
+        !status.message().contains("Customer Support!"),
+        "{status:?}"
+    );
+    // A malformed subject id fails its item, not the call.
+    let mut with_subject = item("email", "subject@example.com");
+    with_subject.subject_id = "bad subject\n".into();
+    let response = support
+        .tokenize(TokenizeRequest {
+            items: vec![with_subject, item("email", "other@example.com")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    match &response.results[0].result {
+        Some(tokenize_result::Result::Error(e)) => {
+            assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+            assert!(!e.message.contains("bad subject"), "{}", e.message);
+        }
+        other => panic!("a malformed subject id was accepted: {other:?}"),
+    }
+    assert!(matches!(
+        response.results[1].result,
+        Some(tokenize_result::Result::Token(_))
+    ));
 
     vault.assert_log_free_of(&[
         "kept@example.com",
