@@ -18,6 +18,7 @@ dev: deps
 
 test: test-deps
 	cargo test --all-targets
+	cargo test --doc
 
 lint: deps
 	cargo fmt --all -- --check

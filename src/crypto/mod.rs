@@ -5,6 +5,60 @@
 //! a type that zeroizes on drop, has a `Debug` that prints no bytes, and no
 //! `Clone` or `Serialize`. Bytes leave these types through one named method
 //! each, whose callers say why.
+//!
+//! The compiler holds us to that: each of these fails to compile (with the
+//! error code named), and `make test` runs them (`cargo test --doc`).
+//!
+//! ```compile_fail,E0277
+//! fn needs<T: Clone>() {}
+//! needs::<tokenvault::crypto::DataKey>();
+//! ```
+//! ```compile_fail,E0277
+//! fn needs<T: serde::Serialize>() {}
+//! needs::<tokenvault::crypto::DataKey>();
+//! ```
+//! ```compile_fail,E0277
+//! fn needs<T: Clone>() {}
+//! needs::<tokenvault::crypto::HashKey>();
+//! ```
+//! ```compile_fail,E0277
+//! fn needs<T: serde::Serialize>() {}
+//! needs::<tokenvault::crypto::HashKey>();
+//! ```
+//! ```compile_fail,E0277
+//! fn needs<T: Clone>() {}
+//! needs::<tokenvault::crypto::MasterKey>();
+//! ```
+//! ```compile_fail,E0277
+//! fn needs<T: serde::Serialize>() {}
+//! needs::<tokenvault::crypto::MasterKey>();
+//! ```
+//! ```compile_fail,E0277
+//! fn needs<T: Clone>() {}
+//! needs::<tokenvault::crypto::AuditSigningKey>();
+//! ```
+//! ```compile_fail,E0277
+//! fn needs<T: serde::Serialize>() {}
+//! needs::<tokenvault::crypto::AuditSigningKey>();
+//! ```
+//! ```compile_fail,E0277
+//! fn needs<T: Clone>() {}
+//! needs::<tokenvault::crypto::SecretValue>();
+//! ```
+//! ```compile_fail,E0277
+//! fn needs<T: serde::Serialize>() {}
+//! needs::<tokenvault::crypto::SecretValue>();
+//! ```
+//!
+//! (The same checks with a type that has the trait compile, so the failure
+//! is the trait's absence, not a typo:)
+//!
+//! ```
+//! fn needs<T: Clone + serde::Serialize>() {}
+//! needs::<String>();
+//! fn debug<T: std::fmt::Debug>() {}
+//! debug::<tokenvault::crypto::DataKey>();
+//! ```
 
 mod master;
 mod secret;
