@@ -342,3 +342,66 @@ impl<S: Store> Vault<S> {
         Ok(Shredding { erased, purge })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::{
+        ItemError, ledger::Erasure, subjects::consent_key, tests::fixture_with_clock,
+    };
+    use super::*;
+
+    /// Re-applying an erasure (after a restore) deletes what the subject
+    /// had when it was erased, and keeps a consent given after it: the
+    /// subject's newer wish (issue 15, item 13).
+    #[tokio::test]
+    async fn reapplying_an_erasure_keeps_a_consent_given_after_it() {
+        let (f, time) = fixture_with_clock().await;
+        let t0 = time.load(std::sync::atomic::Ordering::SeqCst);
+        let token = f
+            .tokenize_for("cust-c", &[("email", "c@example.com", None)])
+            .await
+            .remove(0);
+        let hash = f.vault.subject_hash(&"cust-c".parse().unwrap());
+        let consent = |granted: bool, at: u64| {
+            let mut value = vec![u8::from(granted)];
+            value.extend_from_slice(&at.to_be_bytes());
+            value
+        };
+        let mut batch = Batch::new();
+        let unit = batch.unit();
+        unit.put(
+            Table::Consent,
+            consent_key(&hash, "marketing"),
+            consent(true, t0),
+        );
+        unit.put(
+            Table::Consent,
+            consent_key(&hash, "newsletter"),
+            consent(true, t0 + 10_000),
+        );
+        f.vault.store.commit(batch).await.unwrap();
+
+        let entry = LedgerEntry::next(
+            f.vault.keyring.ledger_key(),
+            None,
+            Erasure {
+                subject_hash: hash,
+                erased_ms: t0 + 5_000,
+            },
+        );
+        assert_eq!(f.vault.reapply(&entry).await.unwrap(), 1);
+
+        let consents = f
+            .vault
+            .store
+            .scan_prefix(Table::Consent, hash.to_vec())
+            .await
+            .unwrap();
+        let kept: Vec<&[u8]> = consents.iter().map(|(k, _)| &k[32..]).collect();
+        assert_eq!(kept, [b"newsletter".as_slice()], "the consents kept");
+        assert!(matches!(
+            f.reveal(std::slice::from_ref(&token), false).await[0],
+            Err(ItemError::NotFound)
+        ));
+    }
+}
