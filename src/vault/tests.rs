@@ -333,6 +333,9 @@ async fn a_vault_reopened_with_another_master_key_refuses_to_open() {
 struct FailingStore {
     inner: RocksStore,
     fail: std::sync::atomic::AtomicBool,
+    /// Every unit guarded by "unchanged" loses, as if a concurrent write
+    /// always came first.
+    lose_races: std::sync::atomic::AtomicBool,
 }
 
 impl Store for FailingStore {
@@ -355,6 +358,20 @@ impl Store for FailingStore {
     async fn commit(&self, batch: store::Batch) -> Result<store::UnitOutcomes, store::Error> {
         if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(store::Error::Backend("injected write failure".into()));
+        }
+        if self.lose_races.load(std::sync::atomic::Ordering::SeqCst)
+            && batch.units().iter().any(|u| !u.unchanged().is_empty())
+        {
+            return Ok(batch
+                .units()
+                .iter()
+                .map(|u| {
+                    Err(store::Conflict {
+                        guard: u.guards().len() + u.unchanged().len() - 1,
+                        existing: Vec::new(),
+                    })
+                })
+                .collect());
         }
         self.inner.commit(batch).await
     }
@@ -393,6 +410,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
     let store = FailingStore {
         inner: RocksStore::open(&dir.path().join("data"), &StoreOptions::default()).unwrap(),
         fail: std::sync::atomic::AtomicBool::new(false),
+        lose_races: std::sync::atomic::AtomicBool::new(false),
     };
     let raw: std::collections::BTreeMap<String, RawFieldType> = toml::from_str(FIELDS).unwrap();
     let vault = Vault::open(
@@ -434,6 +452,48 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
         .unwrap();
     let head = vault.store().audit_head();
     assert_eq!(head.seq, 1, "the tokenize event went in with the data");
+
+    // An update that keeps losing to concurrent writes gives up, and the
+    // call is still audited, as ABORTED (issue 15, item 14).
+    vault
+        .store()
+        .lose_races
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let update_grants = Policy::new(vec![Rule::new(
+        IdentityPattern::new("spiffe://*").unwrap(),
+        vec!["update:*".parse().unwrap()],
+        PurposeSet::Any,
+    )]);
+    let updater = update_grants.grants(&client);
+    let gave_up = vault
+        .update_value(
+            &token,
+            SecretValue::new("new@example.com".into()),
+            |ft| updater.permit_field(Action::Update, ft),
+            &ctx("UpdateValue", 1),
+        )
+        .await;
+    assert!(matches!(gave_up, Err(Error::Conflict(_))), "{gave_up:?}");
+    assert_eq!(
+        vault.store().audit_head().seq,
+        2,
+        "the update was not audited"
+    );
+    let last = vault
+        .store()
+        .scan_from(store::Table::Audit, Vec::new(), 10)
+        .await
+        .unwrap();
+    let event = String::from_utf8_lossy(&last.last().unwrap().1).into_owned();
+    assert!(
+        event.contains("\"UpdateValue\"") && event.contains("\"ABORTED\""),
+        "{event}"
+    );
+    vault
+        .store()
+        .lose_races
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let head = vault.store().audit_head();
 
     vault
         .store()
@@ -491,7 +551,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
         .await
         .unwrap();
     assert_eq!(records.len(), 1);
-    assert_eq!(vault.store().audit_head().seq, 2);
+    assert_eq!(vault.store().audit_head().seq, head.seq + 1);
 }
 
 /// A fixture whose clock the test moves.
