@@ -428,14 +428,7 @@ async fn no_file_holds_a_value_in_any_encoding() {
         .await
         .unwrap()
         .into_inner();
-    let tokens: Vec<String> = response
-        .results
-        .into_iter()
-        .map(|r| match r.result {
-            Some(tokenize_result::Result::Token(t)) => t,
-            other => panic!("{other:?}"),
-        })
-        .collect();
+    let tokens = common::tokens_of(response);
     let channel = vault.channel_with(&vault.pki.tls("privacy")).await.unwrap();
     let mut privacy = SubjectsClient::new(channel);
     let updated = "marker.beta.91c4@example.com";

@@ -280,14 +280,7 @@ impl<S: Store> Vault<S> {
         before_ms: u64,
         unit: &mut Unit,
     ) -> Result<Shredding, Error> {
-        let tokens = self.subject_tokens(&hash).await?;
-        let records = self
-            .store
-            .get_many(
-                Table::Records,
-                tokens.iter().map(|t| t.storage_key().to_vec()).collect(),
-            )
-            .await?;
+        let (tokens, records) = self.subject_records(&hash).await?;
         let label = subject_key_label(&hash);
         let wrapped = self
             .store

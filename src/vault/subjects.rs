@@ -190,15 +190,8 @@ impl<S: Store> Vault<S> {
         let hash = self.subject_hash(&subject_id);
         let mut event = audit.event(Outcome::Ok);
         event.subjects.push(self.audit_subject(&subject_id));
-        let tokens = self.subject_tokens(&hash).await?;
+        let (tokens, records) = self.subject_records(&hash).await?;
         let keys = self.subject_keys(&[hash]).await?;
-        let records = self
-            .store
-            .get_many(
-                Table::Records,
-                tokens.iter().map(|t| t.storage_key().to_vec()).collect(),
-            )
-            .await?;
         let now = self.now();
         let mut fields = Vec::new();
         for (token, bytes) in tokens.into_iter().zip(records) {
@@ -237,6 +230,23 @@ impl<S: Store> Vault<S> {
             .into_iter()
             .filter_map(|(key, _)| std::str::from_utf8(&key[32..]).ok()?.parse().ok())
             .collect())
+    }
+
+    /// A subject's tokens and their stored records (`None` where a record
+    /// is gone), in the same order.
+    pub(super) async fn subject_records(
+        &self,
+        hash: &[u8; 32],
+    ) -> Result<(Vec<Token>, Vec<Option<Vec<u8>>>), Error> {
+        let tokens = self.subject_tokens(hash).await?;
+        let records = self
+            .store
+            .get_many(
+                Table::Records,
+                tokens.iter().map(|t| t.storage_key().to_vec()).collect(),
+            )
+            .await?;
+        Ok((tokens, records))
     }
 
     /// Decrypts a record with the vault key it names, or its subject's key.

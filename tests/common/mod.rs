@@ -647,3 +647,16 @@ pub async fn tokenize_one(
         other => panic!("tokenize failed: {other:?}"),
     }
 }
+
+/// The tokens of a tokenize response whose items all succeeded.
+pub fn tokens_of(response: tokenvault::proto::v1::TokenizeResponse) -> Vec<String> {
+    use tokenvault::proto::v1::tokenize_result;
+    response
+        .results
+        .into_iter()
+        .map(|r| match r.result {
+            Some(tokenize_result::Result::Token(t)) => t,
+            other => panic!("tokenize failed: {other:?}"),
+        })
+        .collect()
+}
