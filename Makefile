@@ -7,9 +7,11 @@ export CARGO_TARGET_DIR
 
 # The test clients (grpcurl, kubernetes-validate) live in a virtual
 # environment, since a distribution Python refuses a root `pip install`.
-TOKENVAULT_VENV ?= $(HOME)/.cache/tokenvault-venv
-export TOKENVAULT_VENV
-export PATH := $(TOKENVAULT_VENV)/bin:$(PATH)
+# Not TOKENVAULT_*: the server reads every TOKENVAULT_* variable as a
+# config key and refuses unknown ones.
+TV_TOOLS_VENV ?= $(HOME)/.cache/tokenvault-venv
+export TV_TOOLS_VENV
+export PATH := $(TV_TOOLS_VENV)/bin:$(PATH)
 
 .PHONY: dev test lint deps test-deps
 

@@ -16,14 +16,14 @@
 #                                    machine that lacks the packages.
 #
 # Environment:
-#   TOKENVAULT_VENV        the test clients' virtual environment
+#   TV_TOOLS_VENV        the test clients' virtual environment
 #                          (default ~/.cache/tokenvault-venv; `make test` puts
 #                          its bin/ first on PATH, and the tests look there too)
 #   TOKENVAULT_PROBE_ROOT  a directory the file probes treat as / (tests only)
 set -euo pipefail
 
 root=${TOKENVAULT_PROBE_ROOT:-}
-venv=${TOKENVAULT_VENV:-$HOME/.cache/tokenvault-venv}
+venv=${TV_TOOLS_VENV:-$HOME/.cache/tokenvault-venv}
 
 # The oldest kustomize that knows the `labels:` field deploy/ uses. Debian 12's
 # own kubernetes-client (1.20) embeds kustomize 2.0, which does not.

@@ -73,7 +73,14 @@ fn start_under_strace(
     vault: &TestVault,
     summary: &std::path::Path,
 ) -> Result<(std::process::Child, String), String> {
-    let mut strace = Command::new("strace")
+    // Like common::tokenvault_command: the server sees no variable of the
+    // test's environment (a TOKENVAULT_* one would be read as config).
+    let mut strace = Command::new("strace");
+    strace.env_clear();
+    if let Ok(path) = std::env::var("PATH") {
+        strace.env("PATH", path);
+    }
+    let mut strace = strace
         .args(["-f", "-qq", "-c", "-e", "trace=fsync,fdatasync", "-o"])
         .arg(summary)
         .arg(env!("CARGO_BIN_EXE_tokenvault"))
@@ -115,20 +122,8 @@ fn start_under_strace(
 async fn syncs_for(vault: &mut TestVault, writes: usize) -> u64 {
     vault.stop();
     let summary = vault.root.path().join("strace.txt");
-    // A start under strace has twice ended before serving in a full run
-    // (never when run alone); its output is kept so the next one says why,
-    // and the start is tried once more. What is measured is unchanged.
-    let (mut strace, addr) = match start_under_strace(vault, &summary) {
-        Ok(started) => started,
-        Err(output) => {
-            eprintln!(
-                "the server ended before serving under strace; retrying. Its output:\n{output}"
-            );
-            start_under_strace(vault, &summary).unwrap_or_else(|output| {
-                panic!("no serving line under strace, twice; its output:\n{output}")
-            })
-        }
-    };
+    let (mut strace, addr) = start_under_strace(vault, &summary)
+        .unwrap_or_else(|output| panic!("no serving line under strace; its output:\n{output}"));
     let mut client = tokenvault::client::connect(&addr, &vault.pki.tls("checkout"))
         .await
         .unwrap();

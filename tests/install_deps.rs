@@ -26,7 +26,7 @@ fn probe(name: &str, root: &Path, path: &str) -> Output {
         .env("PATH", path)
         .env("HOME", root)
         .env("TOKENVAULT_PROBE_ROOT", root)
-        .env("TOKENVAULT_VENV", root.join("venv"))
+        .env("TV_TOOLS_VENV", root.join("venv"))
         .output()
         .unwrap()
 }
@@ -171,7 +171,7 @@ fn test_install_names_an_old_kustomize_in_one_line() {
         .env("PATH", format!("{path}:{}", cargo_dir.display()))
         .env("HOME", root.path())
         .env("TOKENVAULT_PROBE_ROOT", root.path())
-        .env("TOKENVAULT_VENV", root.path().join("venv"))
+        .env("TV_TOOLS_VENV", root.path().join("venv"))
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&output.stderr);

@@ -585,12 +585,12 @@ pub fn find_metric(text: &str, name_and_labels: &str) -> Option<f64> {
 }
 
 /// Where a test client installed by `scripts/install-deps.sh --test` is:
-/// its virtual environment (`$TOKENVAULT_VENV`, default
+/// its virtual environment (`$TV_TOOLS_VENV`, default
 /// `~/.cache/tokenvault-venv`), then `PATH`. A missing tool fails the test
 /// with one line naming it and the command that installs it; no test is
 /// skipped for want of one.
 pub fn test_tool(name: &str) -> PathBuf {
-    let venv = std::env::var_os("TOKENVAULT_VENV")
+    let venv = std::env::var_os("TV_TOOLS_VENV")
         .map(PathBuf::from)
         .or_else(|| {
             std::env::var_os("HOME").map(|home| PathBuf::from(home).join(".cache/tokenvault-venv"))
