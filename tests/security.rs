@@ -250,15 +250,7 @@ async fn revoking_a_certificate_closes_its_open_connections() {
         vault.pki.ca.crl(&[0x0bad_cafe]).unwrap(),
     )
     .unwrap();
-    let seen = vault.count_log("reloaded");
-    assert!(
-        std::process::Command::new("kill")
-            .args(["-HUP", &vault.pid().to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    assert!(vault.wait_for_more_logs("reloaded", seen), "no reload");
+    vault.reload_and_wait("reloaded");
     // The same client (same channel) can no longer call: its connection was
     // closed and a new handshake is refused.
     let mut refused = false;

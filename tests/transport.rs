@@ -540,21 +540,6 @@ async fn the_rate_limit_refuses_the_noisy_identity_and_not_the_other() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_and_policy_reload_on_sighup_and_a_broken_one_is_refused() {
     let vault = TestVault::start();
-    // Sends SIGHUP and waits for the reload's outcome line.
-    let hup_and_wait = |outcome: &str| {
-        let seen = vault.count_log(outcome);
-        assert!(
-            std::process::Command::new("kill")
-                .args(["-HUP", &vault.pid().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
-        assert!(
-            vault.wait_for_more_logs(outcome, seen),
-            "no {outcome:?} after SIGHUP"
-        );
-    };
     // A new server certificate from a new CA, swapped in the Kubernetes way:
     // write new files, then repoint a symlink... here, the configured paths.
     let new_ca = tokenvault::pki::Ca::new("rotated CA").unwrap();
@@ -576,7 +561,7 @@ async fn certificates_and_policy_reload_on_sighup_and_a_broken_one_is_refused() 
     std::fs::write(tls_dir.join("server.key.new"), &issued.key_pem).unwrap();
     std::fs::rename(tls_dir.join("server.key.new"), tls_dir.join("server.key")).unwrap();
     std::fs::rename(tls_dir.join("server.pem.new"), tls_dir.join("server.pem")).unwrap();
-    hup_and_wait("reloaded the TLS certificate");
+    vault.reload_and_wait("reloaded the TLS certificate");
     call_with(&vault, &trusting_new).await.unwrap();
 
     // A broken certificate is refused and the last good one stays.
@@ -585,7 +570,7 @@ async fn certificates_and_policy_reload_on_sighup_and_a_broken_one_is_refused() 
         "-----BEGIN CERTIFICATE-----\nbroken\n-----END CERTIFICATE-----\n",
     )
     .unwrap();
-    hup_and_wait("refused the new TLS files");
+    vault.reload_and_wait("refused the new TLS files");
     call_with(&vault, &trusting_new).await.unwrap();
 
     // The policy reloads with the config file: grant the stranger tokenize.
@@ -605,7 +590,7 @@ async fn certificates_and_policy_reload_on_sighup_and_a_broken_one_is_refused() 
         ),
     )
     .unwrap();
-    hup_and_wait("reloaded the policy");
+    vault.reload_and_wait("reloaded the policy");
     call_with(&vault, &stranger).await.unwrap();
 }
 

@@ -33,13 +33,7 @@ impl<S: Store> Vault<S> {
     /// [`Error::AuditUnavailable`]: the caller must then refuse the request
     /// (fail closed).
     pub async fn record(&self, event: &AuditEvent) -> Result<(), Error> {
-        let mut batch = Batch::new();
-        batch.unit().append_audit(event.encode());
-        self.store
-            .commit(batch)
-            .await
-            .map(drop)
-            .map_err(Error::AuditUnavailable)
+        self.record_all(std::slice::from_ref(event)).await
     }
 
     /// Appends `events` to the audit chain in one durable write.

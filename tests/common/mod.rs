@@ -343,6 +343,22 @@ level = "info"
         }
     }
 
+    /// Sends SIGHUP and waits for one more log line containing `outcome`.
+    pub fn reload_and_wait(&self, outcome: &str) {
+        let seen = self.count_log(outcome);
+        assert!(
+            Command::new("kill")
+                .args(["-HUP", &self.pid().to_string()])
+                .status()
+                .unwrap()
+                .success()
+        );
+        assert!(
+            self.wait_for_more_logs(outcome, seen),
+            "no {outcome:?} after SIGHUP"
+        );
+    }
+
     pub fn restart(&mut self) {
         self.stop();
         self.spawn().expect("restart failed");
