@@ -8,20 +8,11 @@ mod common;
 
 use std::path::Path;
 
-use common::{TestVault, tokenvault_command};
+use common::{TestVault, item, tokenvault_command};
 use tokenvault::{
-    proto::v1::{DetokenizeRequest, TokenizeItem, TokenizeRequest, tokenize_result},
+    proto::v1::{DetokenizeRequest, TokenizeRequest, tokenize_result},
     store::{RocksStore, StoreOptions, Table, chain},
 };
-
-fn item(field_type: &str, value: &str) -> TokenizeItem {
-    TokenizeItem {
-        field_type: field_type.into(),
-        value: value.into(),
-        subject_id: String::new(),
-        ttl_seconds: 0,
-    }
-}
 
 fn audit(args: &[&str], data_dir: &Path) -> (bool, String) {
     let out = tokenvault_command()

@@ -5,19 +5,7 @@
 
 mod common;
 
-use common::{TestVault, Writers, tokenvault_command};
-
-fn cli(args: &[&str]) -> (bool, String) {
-    let out = tokenvault_command().args(args).output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
+use common::{TestVault, Writers, run_cli};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_of_a_live_vault_restores_every_acknowledged_write() {
@@ -33,7 +21,7 @@ async fn a_backup_of_a_live_vault_restores_every_acknowledged_write() {
     let (ok, out) = tokio::task::spawn_blocking({
         let (backup, addr) = (backup.clone(), vault.grpc_addr.to_string());
         move || {
-            cli(&[
+            run_cli(&[
                 "backup",
                 "create",
                 "--addr",
@@ -80,13 +68,12 @@ async fn a_backup_of_a_live_vault_restores_every_acknowledged_write() {
         .unwrap_err();
     assert_eq!(existing.code(), tonic::Code::PermissionDenied);
     assert_eq!(existing.message(), status.message());
-
-    let (ok, out) = cli(&["backup", "verify", backup.to_str().unwrap()]);
+    let (ok, out) = run_cli(&["backup", "verify", backup.to_str().unwrap()]);
     assert!(ok, "{out}");
     assert!(out.starts_with("ok: "), "{out}");
 
     let restored = vault.root.path().join("restored");
-    let (ok, out) = cli(&[
+    let (ok, out) = run_cli(&[
         "backup",
         "restore",
         backup.to_str().unwrap(),
@@ -94,7 +81,7 @@ async fn a_backup_of_a_live_vault_restores_every_acknowledged_write() {
         restored.to_str().unwrap(),
     ]);
     assert!(ok, "{out}");
-    let (ok, _) = cli(&[
+    let (ok, _) = run_cli(&[
         "backup",
         "restore",
         backup.to_str().unwrap(),

@@ -12,17 +12,8 @@ use std::{
     time::Duration,
 };
 
-use common::{TestVault, Writers};
+use common::{TestVault, Writers, item};
 use tokenvault::proto::v1::{TokenizeItem, TokenizeRequest};
-
-fn item(value: String) -> TokenizeItem {
-    TokenizeItem {
-        field_type: "email".into(),
-        value,
-        subject_id: String::new(),
-        ttl_seconds: 0,
-    }
-}
 
 fn random_below(n: u64) -> u64 {
     let mut bytes = [0u8; 8];
@@ -130,7 +121,7 @@ async fn syncs_for(vault: &mut TestVault, writes: usize) -> u64 {
     for i in 0..writes {
         client
             .tokenize(TokenizeRequest {
-                items: vec![item(format!("sync{i}@example.com"))],
+                items: vec![item("email", &format!("sync{i}@example.com"))],
             })
             .await
             .unwrap();
@@ -255,7 +246,7 @@ async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
         for s in 0..SUBJECTS {
             let items = (0..PER_SUBJECT)
                 .map(|k| {
-                    let mut item = item(subject_value(s, k));
+                    let mut item = item("email", &subject_value(s, k));
                     item.subject_id = format!("r{round}-cust-{s}");
                     item
                 })
@@ -264,7 +255,8 @@ async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
         }
         let old_value = |i: usize| format!("r{round}.old{i}@example.com");
         let new_value = move |i: usize| format!("r{round}.new{i}@example.com");
-        let update_tokens = tokenize((0..UPDATES).map(|i| item(old_value(i))).collect()).await;
+        let update_tokens =
+            tokenize((0..UPDATES).map(|i| item("email", &old_value(i))).collect()).await;
 
         // Two erasers and two updaters; each records what was acknowledged
         // and stops at its first failure (the server is gone).

@@ -16,7 +16,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::{TestVault, tokenvault_command};
+use common::{TestVault, item, tokenvault_command};
 use tokenvault::proto::v1::{DetokenizeRequest, TokenizeItem, TokenizeRequest, tokenize_result};
 use tonic::Code;
 
@@ -98,14 +98,9 @@ fn rerun_in_namespace(test: &str) -> bool {
     true
 }
 
-fn item(i: usize) -> TokenizeItem {
-    TokenizeItem {
-        field_type: "email".into(),
-        // Long values fill the disk sooner.
-        value: format!("{}.{i}@{}.example.com", "f".repeat(50), "d".repeat(60)),
-        subject_id: String::new(),
-        ttl_seconds: 0,
-    }
+/// The `i`th e-mail address: long, so that it fills the disk sooner.
+fn long_email(i: usize) -> String {
+    format!("{}.{i}@{}.example.com", "f".repeat(50), "d".repeat(60))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -137,9 +132,12 @@ async fn a_full_disk_refuses_writes_clearly_and_they_resume_when_space_returns()
             .collect())
     };
     acked.extend(
-        tokenize(&mut client, (0..50).map(item).collect())
-            .await
-            .unwrap(),
+        tokenize(
+            &mut client,
+            (0..50).map(|i| item("email", &long_email(i))).collect(),
+        )
+        .await
+        .unwrap(),
     );
 
     // Full: writes keep going into space RocksDB set aside until they fail,
@@ -147,7 +145,14 @@ async fn a_full_disk_refuses_writes_clearly_and_they_resume_when_space_returns()
     let filler = fs.fill();
     let mut next = 50;
     let refusal = loop {
-        match tokenize(&mut client, (next..next + 500).map(item).collect()).await {
+        match tokenize(
+            &mut client,
+            (next..next + 500)
+                .map(|i| item("email", &long_email(i)))
+                .collect(),
+        )
+        .await
+        {
             Ok(pairs) => acked.extend(pairs),
             Err(status) => break status,
         }
@@ -174,7 +179,7 @@ async fn a_full_disk_refuses_writes_clearly_and_they_resume_when_space_returns()
     std::fs::remove_file(filler).unwrap();
     let freed = Instant::now();
     loop {
-        match tokenize(&mut client, vec![item(next)]).await {
+        match tokenize(&mut client, vec![item("email", &long_email(next))]).await {
             Ok(pairs) => {
                 acked.extend(pairs);
                 break;

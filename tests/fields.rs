@@ -7,10 +7,10 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::TestVault;
+use common::{TestVault, item};
 use tokenvault::proto::v1::{
-    Code, DetokenizeRequest, LookupItem, LookupTokensRequest, RevealForm, TokenizeItem,
-    TokenizeRequest, detokenize_result, lookup_result, tokenize_result,
+    Code, DetokenizeRequest, LookupItem, LookupTokensRequest, RevealForm, TokenizeRequest,
+    detokenize_result, lookup_result, tokenize_result,
 };
 
 const FIELD_TYPES: &str = r#"
@@ -33,15 +33,6 @@ token_domain = "tokens.shop.example"
 kind = "national_id"
 pattern = "[A-Z]{2}[0-9]{7}"
 "#;
-
-fn item(field_type: &str, value: &str) -> TokenizeItem {
-    TokenizeItem {
-        field_type: field_type.into(),
-        value: value.into(),
-        subject_id: String::new(),
-        ttl_seconds: 0,
-    }
-}
 
 fn one_token(response: tokenvault::proto::v1::TokenizeResponse) -> String {
     match response.results.into_iter().next().unwrap().result {

@@ -7,27 +7,17 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{TestVault, spiffe};
+use common::{TestVault, detokenize, item, spiffe};
 use tokenvault::{
     pki::ClientSpec,
     proto::v1::{
-        Code, DetokenizeRequest, DetokenizeResponse, TokenizeItem, TokenizeRequest,
-        detokenize_result, tokenize_result,
+        Code, DetokenizeResponse, TokenizeItem, TokenizeRequest, detokenize_result, tokenize_result,
     },
     store::{RocksStore, StoreOptions, Table},
 };
 use tonic::transport::Channel;
 
 type Client = tokenvault::client::TokenVaultClient<Channel>;
-
-fn item(field_type: &str, value: &str) -> TokenizeItem {
-    TokenizeItem {
-        field_type: field_type.into(),
-        value: value.into(),
-        subject_id: String::new(),
-        ttl_seconds: 0,
-    }
-}
 
 /// Tokenizes items that must all succeed; returns the tokens in order.
 async fn tokenize_ok(client: &mut Client, items: Vec<TokenizeItem>) -> Vec<String> {
@@ -44,21 +34,6 @@ async fn tokenize_ok(client: &mut Client, items: Vec<TokenizeItem>) -> Vec<Strin
             other => panic!("item failed: {other:?}"),
         })
         .collect()
-}
-
-async fn detokenize(
-    client: &mut Client,
-    tokens: &[String],
-    purpose: &str,
-) -> Result<DetokenizeResponse, tonic::Status> {
-    client
-        .detokenize(DetokenizeRequest {
-            tokens: tokens.to_vec(),
-            purpose: purpose.into(),
-            masked: false,
-        })
-        .await
-        .map(tonic::Response::into_inner)
 }
 
 /// The value of each result, or its error code.

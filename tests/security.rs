@@ -1,11 +1,13 @@
-//! The findings of the security review (issue 15), each reproduced against a
-//! real server over real mTLS: these tests failed before their fixes.
+//! The findings of a security review (identity-kind confusion, purpose
+//! limitation, erasure after restore, denial of service), each reproduced
+//! against a real server over real mTLS: these tests failed before their
+//! fixes.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
 
 mod common;
 
-use common::{TestVault, spiffe, tokenize_one};
+use common::{TestVault, detokenize, item, spiffe, tokenize_one};
 use tokenvault::{
     client::TokenVaultClient,
     pki::ClientSpec,
@@ -16,28 +18,13 @@ use tokenvault::{
 };
 use tonic::transport::Channel;
 
-fn item(field_type: &str, value: &str) -> TokenizeItem {
-    TokenizeItem {
-        field_type: field_type.into(),
-        value: value.into(),
-        subject_id: String::new(),
-        ttl_seconds: 0,
-    }
-}
-
-async fn detokenize(
+/// The result of detokenizing one token.
+async fn detokenize_one(
     client: &mut TokenVaultClient<Channel>,
     token: &str,
     purpose: &str,
 ) -> Result<detokenize_result::Result, tonic::Status> {
-    let response = client
-        .detokenize(DetokenizeRequest {
-            tokens: vec![token.into()],
-            purpose: purpose.into(),
-            masked: false,
-        })
-        .await?
-        .into_inner();
+    let response = detokenize(client, &[token.to_owned()], purpose).await?;
     Ok(response.results[0].result.clone().unwrap())
 }
 
@@ -83,12 +70,15 @@ purposes = ["fraud_check"]
         .client("mixed", &ClientSpec::spiffe(&spiffe("mixed")));
     let mut mixed = vault.client_with(&tls).await;
     let token = tokenize_one(&mut mixed, "email", "purpose@example.com").await;
-    match detokenize(&mut mixed, &token, "fraud_check").await.unwrap() {
+    match detokenize_one(&mut mixed, &token, "fraud_check")
+        .await
+        .unwrap()
+    {
         detokenize_result::Result::Value(v) => assert_eq!(v.value, "purpose@example.com"),
         other => panic!("{other:?}"),
     }
     // Rule A lets it state "marketing", but grants no detokenize scope.
-    match detokenize(&mut mixed, &token, "marketing").await {
+    match detokenize_one(&mut mixed, &token, "marketing").await {
         Ok(detokenize_result::Result::Error(e)) => {
             assert_eq!(e.code, tonic::Code::PermissionDenied as i32, "{e:?}");
             assert!(e.message.contains("marketing"), "{}", e.message);

@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::TestVault;
+use common::{TestVault, subject_item};
 use tokenvault::{
     proto::v1::{
         Code, DeleteTokensRequest, DetokenizeRequest, EraseSubjectRequest, ExportSubjectRequest,
@@ -18,15 +18,6 @@ use tokenvault::{
     store::{RocksStore, Store, StoreOptions, Table},
 };
 use tonic::transport::Channel;
-
-fn item(field_type: &str, value: &str, subject: &str) -> TokenizeItem {
-    TokenizeItem {
-        field_type: field_type.into(),
-        value: value.into(),
-        subject_id: subject.into(),
-        ttl_seconds: 0,
-    }
-}
 
 async fn tokenize(vault: &TestVault, items: Vec<TokenizeItem>) -> Vec<String> {
     let mut client = vault.client("support").await;
@@ -76,12 +67,16 @@ async fn export_update_and_delete() {
     let ada = tokenize(
         &vault,
         vec![
-            item("email", "ada@example.com", "cust-ada"),
-            item("name", "Ada Lovelace", "cust-ada"),
+            subject_item("email", "ada@example.com", "cust-ada"),
+            subject_item("name", "Ada Lovelace", "cust-ada"),
         ],
     )
     .await;
-    let bob = tokenize(&vault, vec![item("email", "bob@example.com", "cust-bob")]).await;
+    let bob = tokenize(
+        &vault,
+        vec![subject_item("email", "bob@example.com", "cust-bob")],
+    )
+    .await;
     let mut privacy = privacy(&vault).await;
 
     let mut stream = privacy
@@ -200,12 +195,16 @@ async fn erasure_shreds_the_subject_for_good() {
     let ada = tokenize(
         &vault,
         vec![
-            item("email", "ada@example.com", "cust-ada"),
-            item("phone", "+44 20 7946 0958", "cust-ada"),
+            subject_item("email", "ada@example.com", "cust-ada"),
+            subject_item("phone", "+44 20 7946 0958", "cust-ada"),
         ],
     )
     .await;
-    let bob = tokenize(&vault, vec![item("email", "bob@example.com", "cust-bob")]).await;
+    let bob = tokenize(
+        &vault,
+        vec![subject_item("email", "bob@example.com", "cust-bob")],
+    )
+    .await;
     vault.stop();
 
     // What erasure must remove: ada's ciphertexts and both subjects' wrapped
@@ -347,8 +346,8 @@ async fn purposes_that_need_consent_are_gated_by_it() {
     let tokens = tokenize(
         &vault,
         vec![
-            item("email", "ada@example.com", "cust-ada"),
-            item("email", "anon@example.com", ""),
+            subject_item("email", "ada@example.com", "cust-ada"),
+            subject_item("email", "anon@example.com", ""),
         ],
     )
     .await;

@@ -16,6 +16,7 @@ use time::OffsetDateTime;
 use tokenvault::{
     client::{self, ClientTls, TokenVaultClient},
     pki::{Ca, ClientSpec, Issued},
+    proto::v1::{DetokenizeRequest, DetokenizeResponse, TokenizeItem},
 };
 use tonic::transport::Channel;
 
@@ -639,21 +640,61 @@ pub fn path_with(tool: &Path) -> std::ffi::OsString {
     std::env::join_paths(dirs).unwrap()
 }
 
+/// A tokenize item of `field_type` with no subject and no expiry.
+pub fn item(field_type: &str, value: &str) -> TokenizeItem {
+    subject_item(field_type, value, "")
+}
+
+/// A tokenize item of `field_type` that belongs to `subject`.
+pub fn subject_item(field_type: &str, value: &str, subject: &str) -> TokenizeItem {
+    TokenizeItem {
+        field_type: field_type.into(),
+        value: value.into(),
+        subject_id: subject.into(),
+        ttl_seconds: 0,
+    }
+}
+
+/// Detokenizes `tokens` (plain, not masked) for `purpose`.
+pub async fn detokenize(
+    client: &mut TokenVaultClient<Channel>,
+    tokens: &[String],
+    purpose: &str,
+) -> Result<DetokenizeResponse, tonic::Status> {
+    client
+        .detokenize(DetokenizeRequest {
+            tokens: tokens.to_vec(),
+            purpose: purpose.into(),
+            masked: false,
+        })
+        .await
+        .map(tonic::Response::into_inner)
+}
+
+/// Runs the `tokenvault` binary with `args`: whether it succeeded, and its
+/// stdout then stderr.
+pub fn run_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
+    let out = tokenvault_command().args(args).output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
 /// Tokenizes one value (no subject) and returns its token.
 pub async fn tokenize_one(
     client: &mut TokenVaultClient<Channel>,
     field_type: &str,
     value: &str,
 ) -> String {
-    use tokenvault::proto::v1::{TokenizeItem, TokenizeRequest, tokenize_result};
+    use tokenvault::proto::v1::{TokenizeRequest, tokenize_result};
     let response = client
         .tokenize(TokenizeRequest {
-            items: vec![TokenizeItem {
-                field_type: field_type.into(),
-                value: value.into(),
-                subject_id: String::new(),
-                ttl_seconds: 0,
-            }],
+            items: vec![item(field_type, value)],
         })
         .await
         .unwrap()
