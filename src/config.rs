@@ -21,8 +21,9 @@ use figment::{
 use serde::{Deserialize, Serialize};
 
 use crate::{
+    api::{IdentityLimits, Limits},
     authz::{IdentityPattern, Policy, PurposeSet, Rule, Scope},
-    fields::FieldRegistry,
+    fields::{FieldRegistry, RawFieldType},
     store::Durability,
 };
 
@@ -211,41 +212,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// `[field_types.<name>]`. Every key is optional; see `examples/tokenvault.toml`.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawFieldType {
-    /// One of the built-in kinds; defaults to the field type's name if that
-    /// is a kind, else `text`.
-    pub kind: Option<String>,
-    /// Largest value of this type, in bytes (at most `limits.max_value_bytes`).
-    pub max_value_bytes: Option<usize>,
-    /// `opaque` (default), `format_preserving` (card numbers) or `email`.
-    pub token_format: Option<String>,
-    /// Equal values get equal tokens (a keyed blind index finds them).
-    pub deterministic: Option<bool>,
-    /// Default retention of values, in days.
-    pub retention_days: Option<u32>,
-    /// Mask rule for `reveal_masked`: `full`, `email`, `last:N`, `first:N`.
-    pub mask: Option<String>,
-    /// For `national_id`: the regular expression an identifier must match.
-    pub pattern: Option<String>,
-    /// For `phone`: the ISO 3166 region of numbers without a country code.
-    pub default_region: Option<String>,
-    /// For format-preserving tokens: keep this many leading digits (0–6, default 6).
-    pub keep_first_digits: Option<usize>,
-    /// For format-preserving tokens: start with this reserved prefix instead.
-    pub token_prefix: Option<String>,
-    /// For format-preserving tokens: `invalid` (default) or `valid` Luhn.
-    pub luhn: Option<crate::fields::Luhn>,
-    /// For `email` tokens: the domain they end in.
-    pub token_domain: Option<String>,
-    /// Purposes for which detokenizing a subject's value of this type needs
-    /// the subject's recorded consent (e.g. `marketing`). Purposes not listed
-    /// (e.g. `fraud_prevention`, `legal_obligation`) need none.
-    pub consent_purposes: Option<Vec<String>>,
-}
-
 /// One `[[policy]]` entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -349,7 +315,7 @@ pub struct Config {
     /// The plaintext metrics address.
     pub metrics_listen: SocketAddr,
     /// Per-identity limits.
-    pub identity_limits: crate::api::IdentityLimits,
+    pub identity_limits: IdentityLimits,
     /// Connection and request bounds of the mTLS port.
     pub connections: ConnectionLimits,
     /// Graceful shutdown deadline.
@@ -410,21 +376,6 @@ pub struct TlsFiles {
     pub client_ca: PathBuf,
     /// Certificate revocation lists (PEM).
     pub crls: Vec<PathBuf>,
-}
-
-/// Request limits.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Most items per request.
-    pub max_items_per_request: usize,
-    /// Largest value in bytes.
-    pub max_value_bytes: usize,
-    /// Largest decoded gRPC message in bytes.
-    pub max_message_bytes: usize,
-    /// Requests in flight on the whole server.
-    pub max_concurrent_requests: usize,
-    /// Request bytes received and not yet decoded, all requests together.
-    pub max_request_buffer_bytes: usize,
 }
 
 /// What bounds the connections of the mTLS port.
@@ -532,7 +483,7 @@ impl Config {
                 "must be 0 (unlimited) or a positive number",
             ));
         }
-        let identity_limits = crate::api::IdentityLimits {
+        let identity_limits = IdentityLimits {
             concurrency: raw.limits.per_identity_concurrency,
             rate: raw.limits.per_identity_rate,
             burst: raw
@@ -629,7 +580,7 @@ impl Config {
         }
 
         let field_types = FieldRegistry::from_raw(&raw.field_types, limits.max_value_bytes)
-            .map_err(|(key, message)| invalid(key, message))?;
+            .map_err(|e| invalid(e.key, e.message))?;
 
         let policy = parse_policy(&raw.policy, &field_types)?;
         let data_dir = raw.data_dir.relative();
@@ -647,7 +598,7 @@ impl Config {
             ));
         }
         for domain in &raw.tls.trust_domains {
-            if !crate::fields::kinds::is_hostname(domain) {
+            if !crate::token::is_hostname(domain) {
                 return Err(invalid(
                     "tls.trust_domains",
                     format!("{domain:?} is not a trust domain name"),

@@ -12,9 +12,9 @@ use std::sync::Arc;
 use prost::Message;
 
 use crate::{
-    api::{ApiSettings, TokenVaultService},
+    api::{ApiSettings, Limits, TokenVaultService},
     authz::{IdentityPattern, Policy, PurposeSet, Rule, SharedPolicy},
-    config::{Config, Limits, RawConfig},
+    config::{Config, RawConfig},
     crypto::MasterKey,
     fields::FieldRegistry,
     identity::{ClientId, Peer},

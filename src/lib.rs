@@ -18,6 +18,7 @@
 //! - [`vault`]: tokenize and detokenize over any [`store::Store`].
 //! - [`crypto`]: AES-256-GCM-SIV envelope encryption and secret types.
 //! - [`store`]: the storage trait and its RocksDB engine.
+//! - [`layout`]: every storage key the vault writes, and its on-disk name.
 //! - [`fields`]: field types: validation, normalisation, token formats, masks.
 //! - [`token`]: the [`token::Token`] and [`token::FieldType`] types.
 //! - [`config`]: figment layers into a validated [`config::Config`].
@@ -49,6 +50,7 @@ pub mod fields;
 pub mod fuzzing;
 pub mod hardening;
 pub mod identity;
+pub mod layout;
 pub mod metrics;
 pub mod pki;
 pub mod proto;

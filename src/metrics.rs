@@ -36,6 +36,19 @@ pub struct Metrics {
     jobs: Mutex<BTreeMap<&'static str, JobMetrics>>,
 }
 
+/// Where a background job stands, as the metrics show it.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct JobState {
+    /// It has work to do and is not paused.
+    pub running: bool,
+    /// An operator holds it.
+    pub paused: bool,
+    /// Records visited in this pass.
+    pub done: u64,
+    /// Records to visit in this pass.
+    pub total: u64,
+}
+
 /// What the metrics show of one background job.
 #[derive(Debug, Default, Clone, Copy)]
 struct JobMetrics {
@@ -107,19 +120,19 @@ impl Metrics {
         self.purged.fetch_add(n, Ordering::Relaxed);
     }
 
-    /// Counts records a background job rewrote, and records where it
-    /// stands.
-    pub fn job(&self, status: &crate::vault::JobStatus, moved: u64) {
+    /// Counts records the background job `name` rewrote, and records
+    /// where it stands.
+    pub fn job(&self, name: &'static str, state: JobState, moved: u64) {
         let mut jobs = self
             .jobs
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let entry = jobs.entry(status.job.name()).or_default();
+        let entry = jobs.entry(name).or_default();
         entry.moved += moved;
-        entry.running = status.pending && !status.paused;
-        entry.paused = status.paused;
-        entry.done = status.done;
-        entry.total = status.total;
+        entry.running = state.running;
+        entry.paused = state.paused;
+        entry.done = state.done;
+        entry.total = state.total;
     }
 
     /// The text exposition format.

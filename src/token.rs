@@ -200,9 +200,7 @@ impl FromStr for Token {
         }
         if let Some((local, domain)) = s.split_once('@') {
             check_random(&EMAIL_LOCAL, local)?;
-            if !crate::fields::kinds::is_hostname(domain)
-                || domain.bytes().any(|b| b.is_ascii_uppercase())
-            {
+            if !is_hostname(domain) || domain.bytes().any(|b| b.is_ascii_uppercase()) {
                 return Err(TokenError::Malformed);
             }
             return Ok(Self {
@@ -246,6 +244,19 @@ impl fmt::Debug for Token {
             None => write!(f, "Token(<{} digits>)", self.text.len()),
         }
     }
+}
+
+/// A DNS host name: LDH labels of 1 to 63 characters, 253 in all.
+pub fn is_hostname(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        })
 }
 
 #[cfg(test)]

@@ -101,12 +101,41 @@ fn lower_layers_never_name_the_layers_above_them() {
             "crypto",
             &["vault", "api", "store", "server", "cli", "authz"],
         ),
-        ("vault", &["api", "server", "cli", "bench", "metrics"]),
-        ("authz", &["api", "vault", "server", "cli", "store"]),
-        ("audit", &["api", "vault", "server", "cli"]),
-        ("fields", &["api", "vault", "server", "cli", "store"]),
-        ("token", &["api", "vault", "server", "cli", "store"]),
-        ("identity", &["api", "vault", "server", "cli", "store"]),
+        (
+            "vault",
+            &["api", "server", "cli", "bench", "metrics", "config"],
+        ),
+        (
+            "layout",
+            &[
+                "vault", "api", "authz", "audit", "server", "cli", "bench", "config", "store",
+            ],
+        ),
+        (
+            "authz",
+            &["api", "vault", "server", "cli", "store", "config"],
+        ),
+        ("audit", &["api", "vault", "server", "cli", "config"]),
+        (
+            "fields",
+            &["api", "vault", "server", "cli", "store", "config"],
+        ),
+        (
+            "token",
+            &["api", "vault", "server", "cli", "store", "fields", "config"],
+        ),
+        (
+            "identity",
+            &["api", "vault", "server", "cli", "store", "config"],
+        ),
+        // The API is configured by values of its own types; the server
+        // wiring turns the configuration into them.
+        ("api", &["config", "server", "cli", "bench"]),
+        // Metrics are told numbers; they do not reach into what they count.
+        (
+            "metrics",
+            &["vault", "api", "server", "cli", "config", "store"],
+        ),
     ];
     let mut violations = Vec::new();
     for file in rust_files(&src()) {
@@ -120,7 +149,9 @@ fn lower_layers_never_name_the_layers_above_them() {
                 violations.push(format!("{} names crate::{named}", file.display()));
             }
         }
-        if text.contains("tonic::") || text.contains("prost::") {
+        // The API is gRPC; metrics label requests by their gRPC code.
+        let speaks_grpc = module == "api" || module == "metrics";
+        if !speaks_grpc && (text.contains("tonic::") || text.contains("prost::")) {
             violations.push(format!("{} names tonic or prost", file.display()));
         }
     }

@@ -33,12 +33,17 @@ impl<S: Store> TokenVaultService<S> {
                 "path exists already; a backup goes to a new directory".into(),
             ));
         }
-        let (path, audit_seq, bytes) = self.vault.backup(permit, &call.audit(1, 0)).await?;
-        tracing::info!(path = %path.display(), audit.seq = audit_seq, bytes, "backup written");
+        let backup = self.vault.backup(permit, &call.audit(1, 0)).await?;
+        tracing::info!(
+            path = %backup.path.display(),
+            audit.seq = backup.audit_seq,
+            bytes = backup.bytes,
+            "backup written"
+        );
         Ok(pb::BackupInfo {
-            path: path.display().to_string(),
-            audit_seq,
-            bytes,
+            path: backup.path.display().to_string(),
+            audit_seq: backup.audit_seq,
+            bytes: backup.bytes,
         })
     }
 }

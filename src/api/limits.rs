@@ -9,6 +9,21 @@ use std::{
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+/// Request limits, server-wide (`[limits]` in the configuration).
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most items per request.
+    pub max_items_per_request: usize,
+    /// Largest value in bytes.
+    pub max_value_bytes: usize,
+    /// Largest decoded gRPC message in bytes.
+    pub max_message_bytes: usize,
+    /// Requests in flight on the whole server.
+    pub max_concurrent_requests: usize,
+    /// Request bytes received and not yet decoded, all requests together.
+    pub max_request_buffer_bytes: usize,
+}
+
 /// Configured limits; zero means unlimited.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct IdentityLimits {

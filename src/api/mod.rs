@@ -15,7 +15,7 @@ mod status;
 mod subjects;
 
 pub use admission::{Admission, AdmissionLayer};
-pub use limits::{IdentityLimits, Limited, Limiter};
+pub use limits::{IdentityLimits, Limited, Limiter, Limits};
 pub use refusals::RefusalLog;
 
 use std::{
@@ -32,7 +32,6 @@ use status::item_error;
 use crate::{
     audit::AuditContext,
     authz::{Action, Denial, DenialReason, Purpose, RevealForm, SharedPolicy},
-    config::Limits,
     crypto::SecretValue,
     identity::{ClientId, IdentityError, Peer},
     metrics::Metrics,

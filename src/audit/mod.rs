@@ -12,9 +12,7 @@ mod verify;
 
 use serde::{Deserialize, Serialize};
 
-pub use verify::{
-    Checkpoint, PRUNE_MARKER_KEY, PruneMarker, VerifyFailure, VerifyReport, export, verify,
-};
+pub use verify::{Checkpoint, PruneMarker, VerifyFailure, VerifyReport, export, verify};
 
 /// One audited RPC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -48,9 +48,6 @@ impl Checkpoint {
     }
 }
 
-/// Where the signed prune marker lives in the `meta` table. Never rename.
-pub const PRUNE_MARKER_KEY: &[u8] = b"audit/pruned-through";
-
 const PRUNE_FORMAT_V1: u8 = 1;
 
 /// A signed statement that the events up to `seq` were pruned on purpose
@@ -183,7 +180,7 @@ pub fn verify(
     // partly still there). Missing events that no marker covers were
     // deleted, not pruned.
     let marker = store
-        .get(Table::Meta, PRUNE_MARKER_KEY)
+        .get(Table::Meta, crate::layout::AUDIT_PRUNE_MARKER)
         .map_err(storage)?
         .map(|value| {
             PruneMarker::decode(&value)

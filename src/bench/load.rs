@@ -304,9 +304,18 @@ async fn detokenize(client: &mut TokenVaultClient<Channel>, tokens: Vec<String>)
     Ok((results.len() as u64, failed as u64))
 }
 
+/// What [`fill`] does with the tokens it is given.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Minted {
+    /// Returns them (the read pool).
+    Kept,
+    /// Drops them as they come (a preload of millions).
+    Dropped,
+}
+
 /// Tokenizes `count` values in batches of up to 1,000 with `in_flight`
-/// requests at once, returning the tokens. Used to fill the read pool and
-/// to preload a large vault.
+/// requests at once. Used to fill the read pool and to preload a large
+/// vault.
 ///
 /// # Errors
 /// A description of the first failed request.
@@ -314,7 +323,7 @@ pub async fn fill(
     channels: &[Channel],
     count: usize,
     in_flight: usize,
-    keep: bool,
+    minted: Minted,
     progress: impl Fn(usize) + Send + Sync + 'static,
 ) -> Result<Vec<String>, String> {
     let next = Arc::new(AtomicU64::new(0));
@@ -347,7 +356,9 @@ pub async fn fill(
                         .map_err(|s| format!("preload failed: {:?} {}", s.code(), s.message()))?;
                     for result in response.into_inner().results {
                         match result.result {
-                            Some(tokenize_result::Result::Token(t)) if keep => tokens.push(t),
+                            Some(tokenize_result::Result::Token(t)) if minted == Minted::Kept => {
+                                tokens.push(t);
+                            }
                             Some(tokenize_result::Result::Token(_)) => {}
                             _ => return Err("preload item failed".into()),
                         }

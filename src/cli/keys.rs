@@ -7,9 +7,13 @@ use std::{io::IsTerminal, process::ExitCode, time::Duration};
 use clap::Subcommand;
 use tonic::transport::Channel;
 
-use super::{AuditSource, Connection, data_dir_of};
+use super::{
+    Connection,
+    audit::{AuditSource, data_dir_of},
+};
 use crate::{
     client,
+    layout::{self, KeyVersion, MasterWrapped},
     proto::v1::{
         self as pb, ListJobsRequest, RotateIndexKeyRequest, RotateKeysRequest,
         RotateMasterKeyRequest, SetJobPausedRequest, admin_client::AdminClient,
@@ -148,19 +152,13 @@ pub(super) async fn run(command: KeysCommand) -> Result<ExitCode, String> {
                 .map_err(|e| format!("cannot open {}: {e}", data_dir.display()))?;
             let mut versions: std::collections::BTreeMap<u32, (u64, u64)> =
                 std::collections::BTreeMap::new();
+            let family = MasterWrapped::DataKey;
             store
-                .scan(Table::Keys, b"dek/", |label, wrapped| {
-                    let Some(version) = label
-                        .strip_prefix(b"dek/")
-                        .and_then(|v| std::str::from_utf8(v).ok()?.parse().ok())
-                    else {
+                .scan(Table::Keys, family.prefix().as_bytes(), |label, wrapped| {
+                    let Some(version) = family.version_of(label) else {
                         return false;
                     };
-                    let created = wrapped
-                        .get(1..9)
-                        .and_then(|b| b.try_into().ok())
-                        .map_or(0, u64::from_be_bytes);
-                    versions.insert(version, (created, 0));
+                    versions.insert(version, (layout::wrapped_created_ms(wrapped), 0));
                     true
                 })
                 .map_err(|e| e.to_string())?;
@@ -168,9 +166,13 @@ pub(super) async fn run(command: KeysCommand) -> Result<ExitCode, String> {
             store
                 .scan(Table::Records, &[], |_, bytes| {
                     if let Ok(record) = Record::decode(bytes) {
-                        match versions.get_mut(&record.key_version) {
-                            Some((_, count)) => *count += 1,
-                            None => subject_keyed += 1,
+                        match record.key_version {
+                            KeyVersion::Vault(version) => {
+                                if let Some((_, count)) = versions.get_mut(&version) {
+                                    *count += 1;
+                                }
+                            }
+                            KeyVersion::Subject => subject_keyed += 1,
                         }
                     }
                     true

@@ -1,4 +1,6 @@
-//! The command line: `serve`, `config check`, `client` and `health`.
+//! The command line: `serve`, `config check`, `client`, `health`, `bench`,
+//! `audit` (verify, export, public-key), `backup` (create, verify) and
+//! `keys` (rotations and their jobs, in `keys.rs`).
 
 use std::{
     net::SocketAddr,
@@ -6,6 +8,8 @@ use std::{
     process::ExitCode,
 };
 
+mod audit;
+mod backup;
 mod keys;
 mod logging;
 mod progress;
@@ -48,61 +52,13 @@ enum Command {
     Bench(crate::bench::BenchArgs),
     /// Check, export and inspect the audit trail, offline.
     #[command(subcommand)]
-    Audit(AuditCommand),
+    Audit(audit::AuditCommand),
     /// Online backups: create (through a running vault), verify, restore.
     #[command(subcommand)]
-    Backup(BackupCommand),
+    Backup(backup::BackupCommand),
     /// Data keys: rotate (through a running vault), list (offline).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
-}
-
-#[derive(Debug, Subcommand)]
-enum AuditCommand {
-    /// Verify the hash chain and the signed checkpoints; print the first bad
-    /// sequence number if any. Works on a stopped vault, a copy or a running one.
-    Verify {
-        #[command(flatten)]
-        source: AuditSource,
-        /// Start at this sequence number.
-        #[arg(long, default_value_t = 1)]
-        from: u64,
-        /// The auditor's copy of the checkpoint public key (hex), from
-        /// `audit public-key`. Without it, the key stored in the vault is used,
-        /// which proves less: whoever can rewrite the log can replace it.
-        #[arg(long)]
-        public_key: Option<String>,
-    },
-    /// Write events as JSON lines to stdout.
-    Export {
-        #[command(flatten)]
-        source: AuditSource,
-        /// Start at this sequence number.
-        #[arg(long, default_value_t = 1)]
-        from: u64,
-        /// Only events at or after this time (RFC 3339, e.g. 2026-11-01T00:00:00Z).
-        #[arg(long)]
-        since: Option<String>,
-        /// Only events of this caller identity.
-        #[arg(long)]
-        identity: Option<String>,
-    },
-    /// Print the public key that verifies checkpoints (hex).
-    PublicKey {
-        #[command(flatten)]
-        source: AuditSource,
-    },
-}
-
-/// Where the vault's data is.
-#[derive(Debug, Args)]
-struct AuditSource {
-    /// The vault's config file (its data_dir is used).
-    #[arg(long, short, conflicts_with = "data_dir")]
-    config: Option<PathBuf>,
-    /// The vault's data directory.
-    #[arg(long)]
-    data_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -196,35 +152,6 @@ impl Connection {
 }
 
 #[derive(Debug, Subcommand)]
-enum BackupCommand {
-    /// Ask a running vault to write a consistent online backup to DIR (a new
-    /// directory on the server's filesystem). Needs scope admin:backup.
-    Create {
-        #[command(flatten)]
-        conn: Connection,
-        /// The backup directory, absolute, on the server.
-        dir: PathBuf,
-    },
-    /// Check a backup offline: every record decodes, the audit chain verifies.
-    Verify {
-        /// The backup directory.
-        dir: PathBuf,
-        /// The auditor's copy of the audit public key (hex).
-        #[arg(long)]
-        public_key: Option<String>,
-    },
-    /// Copy a backup into a data directory for a stopped vault. The erasure
-    /// ledger is re-applied when the vault opens, so erased subjects stay erased.
-    Restore {
-        /// The backup directory.
-        dir: PathBuf,
-        /// The data directory to create (must not exist or be empty).
-        #[arg(long)]
-        to: PathBuf,
-    },
-}
-
-#[derive(Debug, Subcommand)]
 enum ClientCall {
     /// Tokenize values of one field type; prints one token per value.
     Tokenize {
@@ -269,14 +196,14 @@ pub fn main() -> ExitCode {
         // any thread (see `serve`), so it builds its runtime itself.
         Command::Serve(args) => serve(args),
         Command::Config(ConfigCommand::Check { file }) => config_check(file.as_deref()),
-        Command::Audit(command) => audit(command),
+        Command::Audit(command) => audit::run(command),
         command => runtime().and_then(|runtime| match command {
             Command::Client(args) => runtime.block_on(client(args)),
             Command::Health(args) => runtime.block_on(health(args)),
             Command::Bench(args) => runtime
                 .block_on(crate::bench::run(args))
                 .map(|_| ExitCode::SUCCESS),
-            Command::Backup(command) => runtime.block_on(backup(command)),
+            Command::Backup(command) => runtime.block_on(backup::run(command)),
             Command::Keys(command) => runtime.block_on(keys::run(command)),
             Command::Serve(_) | Command::Config(_) | Command::Audit(_) => {
                 unreachable!("handled above")
@@ -352,214 +279,6 @@ fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             .map_err(|e| e.to_string())
     })?;
     Ok(ExitCode::SUCCESS)
-}
-
-fn audit(command: AuditCommand) -> Result<ExitCode, String> {
-    use crate::{
-        audit,
-        store::{RocksStore, Table},
-        vault::AUDIT_PUBLIC_KEY_LABEL,
-    };
-    let source = match &command {
-        AuditCommand::Verify { source, .. }
-        | AuditCommand::Export { source, .. }
-        | AuditCommand::PublicKey { source } => source,
-    };
-    let data_dir = data_dir_of(source)?;
-    let store = RocksStore::open_read_only(&data_dir)
-        .map_err(|e| format!("cannot open {}: {e}", data_dir.display()))?;
-    let stored_key = || -> Result<[u8; 32], String> {
-        store
-            .get(Table::Keys, AUDIT_PUBLIC_KEY_LABEL)
-            .map_err(|e| e.to_string())?
-            .and_then(|k| k.try_into().ok())
-            .ok_or_else(|| "this vault has no audit public key".to_owned())
-    };
-    match command {
-        AuditCommand::PublicKey { .. } => {
-            println!("{}", data_encoding::HEXLOWER.encode(&stored_key()?));
-            Ok(ExitCode::SUCCESS)
-        }
-        AuditCommand::Verify {
-            from, public_key, ..
-        } => {
-            let key = match public_key {
-                Some(hex) => data_encoding::HEXLOWER_PERMISSIVE
-                    .decode(hex.trim().as_bytes())
-                    .ok()
-                    .and_then(|k| <[u8; 32]>::try_from(k).ok())
-                    .ok_or("--public-key must be 64 hex digits")?,
-                None => {
-                    eprintln!(
-                        "note: using the public key stored in the vault; pass --public-key to check against your own copy"
-                    );
-                    stored_key()?
-                }
-            };
-            match audit::verify(&store, &key, from) {
-                Ok(report) => {
-                    println!(
-                        "ok: events {}..{} ({} events), {} signed checkpoints verified, {} events after the last checkpoint",
-                        report.first_seq,
-                        report.last_seq,
-                        report.events,
-                        report.checkpoints,
-                        report.unsigned_tail
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                Err(failure) => {
-                    println!("FAILED: {failure}");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
-        AuditCommand::Export {
-            from,
-            since,
-            identity,
-            ..
-        } => {
-            let rfc3339 = &time::format_description::well_known::Rfc3339;
-            let since = since
-                .map(|s| {
-                    time::OffsetDateTime::parse(&s, rfc3339).map_err(|e| format!("--since: {e}"))
-                })
-                .transpose()?;
-            let keep = |event: &audit::AuditEvent| {
-                let after = since.is_none_or(|since| {
-                    time::OffsetDateTime::parse(&event.time, rfc3339).is_ok_and(|t| t >= since)
-                });
-                after && identity.as_ref().is_none_or(|id| &event.identity == id)
-            };
-            let mut out = std::io::stdout().lock();
-            let written = audit::export(&store, from, keep, &mut out)?;
-            eprintln!("{written} events exported");
-            Ok(ExitCode::SUCCESS)
-        }
-    }
-}
-
-fn data_dir_of(source: &AuditSource) -> Result<PathBuf, String> {
-    match (&source.data_dir, &source.config) {
-        (Some(dir), _) => Ok(dir.clone()),
-        (None, config) => {
-            let raw: crate::config::RawConfig = Config::figment(config.as_deref())
-                .map_err(|e| e.to_string())?
-                .extract()
-                .map_err(|e| e.to_string())?;
-            Ok(raw.data_dir.relative())
-        }
-    }
-}
-
-async fn backup(command: BackupCommand) -> Result<ExitCode, String> {
-    use crate::{
-        proto::v1::{CreateBackupRequest, admin_client::AdminClient},
-        store::{RocksStore, Table},
-        vault::{AUDIT_PUBLIC_KEY_LABEL, Record},
-    };
-    match command {
-        BackupCommand::Create { conn, dir } => {
-            let channel = client::channel(&conn.addr, &conn.tls()?)
-                .await
-                .map_err(|e| e.to_string())?;
-            let info = AdminClient::new(channel)
-                .create_backup(CreateBackupRequest {
-                    path: dir.display().to_string(),
-                })
-                .await
-                .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
-                .into_inner();
-            println!(
-                "backup written to {} ({} bytes, audit sequence {})",
-                info.path, info.bytes, info.audit_seq
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-        BackupCommand::Verify { dir, public_key } => {
-            let store = RocksStore::open_read_only(&dir)
-                .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
-            let (mut records, mut bad) = (0u64, 0u64);
-            store
-                .scan(Table::Records, &[], |_, value| {
-                    records += 1;
-                    if Record::decode(value).is_err() {
-                        bad += 1;
-                    }
-                    true
-                })
-                .map_err(|e| e.to_string())?;
-            let key = match public_key {
-                Some(hex) => data_encoding::HEXLOWER_PERMISSIVE
-                    .decode(hex.trim().as_bytes())
-                    .ok()
-                    .and_then(|k| <[u8; 32]>::try_from(k).ok())
-                    .ok_or("--public-key must be 64 hex digits")?,
-                None => store
-                    .get(Table::Keys, AUDIT_PUBLIC_KEY_LABEL)
-                    .map_err(|e| e.to_string())?
-                    .and_then(|k| k.try_into().ok())
-                    .ok_or("the backup has no audit public key")?,
-            };
-            let audit = crate::audit::verify(&store, &key, 1);
-            match (&audit, bad) {
-                (Ok(report), 0) => {
-                    println!(
-                        "ok: {records} records decode; audit events 1..{} verify",
-                        report.last_seq
-                    );
-                    Ok(ExitCode::SUCCESS)
-                }
-                (Ok(_), bad) => {
-                    println!("FAILED: {bad} of {records} records do not decode");
-                    Ok(ExitCode::FAILURE)
-                }
-                (Err(failure), _) => {
-                    println!("FAILED: {failure}");
-                    Ok(ExitCode::FAILURE)
-                }
-            }
-        }
-        BackupCommand::Restore { dir, to } => {
-            if to.exists()
-                && std::fs::read_dir(&to)
-                    .map_err(|e| e.to_string())?
-                    .next()
-                    .is_some()
-            {
-                return Err(format!(
-                    "{} is not empty; restore into a new or empty directory",
-                    to.display()
-                ));
-            }
-            RocksStore::open_read_only(&dir)
-                .map_err(|e| format!("{} is not a tokenvault backup: {e}", dir.display()))?;
-            std::fs::create_dir_all(&to).map_err(|e| e.to_string())?;
-            let entries = std::fs::read_dir(&dir)
-                .and_then(|entries| entries.collect::<Result<Vec<_>, _>>())
-                .map_err(|e| e.to_string())?;
-            let total: u64 = entries
-                .iter()
-                .filter_map(|e| e.metadata().ok())
-                .map(|m| m.len())
-                .sum();
-            let mut progress = progress::Progress::new("restore", "bytes", total);
-            let (mut files, mut copied) = (0, 0);
-            for entry in entries {
-                copied += std::fs::copy(entry.path(), to.join(entry.file_name()))
-                    .map_err(|e| e.to_string())?;
-                files += 1;
-                progress.set(copied);
-            }
-            progress.finish(copied);
-            println!(
-                "restored {files} files into {}; point data_dir at it and start the vault: the erasure ledger is re-applied when it opens",
-                to.display()
-            );
-            Ok(ExitCode::SUCCESS)
-        }
-    }
 }
 
 fn config_check(file: Option<&Path>) -> Result<ExitCode, String> {

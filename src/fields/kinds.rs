@@ -29,7 +29,7 @@ pub fn email(value: &str) -> Result<Zeroizing<String>, Rule> {
         return Err(RULE);
     }
     let domain = domain.to_ascii_lowercase();
-    if !is_hostname(&domain) || !domain.contains('.') {
+    if !crate::token::is_hostname(&domain) || !domain.contains('.') {
         return Err(RULE);
     }
     let tld = domain.rsplit('.').next().unwrap_or_default();
@@ -37,19 +37,6 @@ pub fn email(value: &str) -> Result<Zeroizing<String>, Rule> {
         return Err(RULE);
     }
     Ok(Zeroizing::new(format!("{local}@{domain}")))
-}
-
-/// A DNS host name: LDH labels of 1 to 63 characters, 253 in all.
-pub fn is_hostname(name: &str) -> bool {
-    !name.is_empty()
-        && name.len() <= 253
-        && name.split('.').all(|label| {
-            !label.is_empty()
-                && label.len() <= 63
-                && !label.starts_with('-')
-                && !label.ends_with('-')
-                && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
-        })
 }
 
 /// A phone number in E.164 (`+442079460958`). Numbers without a country

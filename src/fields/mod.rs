@@ -8,14 +8,50 @@ mod mask;
 
 use std::{collections::BTreeMap, fmt, time::Duration};
 
+use serde::{Deserialize, Serialize};
+
 pub use fpt::{Head, Luhn};
 pub use mask::{MaskRule, MaskRuleError};
 
 use crate::{
-    config::RawFieldType,
     crypto::SecretValue,
     token::{FieldType, Token},
 };
+
+/// `[field_types.<name>]`. Every key is optional; see `examples/tokenvault.toml`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawFieldType {
+    /// One of the built-in kinds; defaults to the field type's name if that
+    /// is a kind, else `text`.
+    pub kind: Option<String>,
+    /// Largest value of this type, in bytes (at most `limits.max_value_bytes`).
+    pub max_value_bytes: Option<usize>,
+    /// `opaque` (default), `format_preserving` (card numbers) or `email`.
+    pub token_format: Option<String>,
+    /// Equal values get equal tokens (a keyed blind index finds them).
+    pub deterministic: Option<bool>,
+    /// Default retention of values, in days.
+    pub retention_days: Option<u32>,
+    /// Mask rule for `reveal_masked`: `full`, `email`, `last:N`, `first:N`.
+    pub mask: Option<String>,
+    /// For `national_id`: the regular expression an identifier must match.
+    pub pattern: Option<String>,
+    /// For `phone`: the ISO 3166 region of numbers without a country code.
+    pub default_region: Option<String>,
+    /// For format-preserving tokens: keep this many leading digits (0–6, default 6).
+    pub keep_first_digits: Option<usize>,
+    /// For format-preserving tokens: start with this reserved prefix instead.
+    pub token_prefix: Option<String>,
+    /// For format-preserving tokens: `invalid` (default) or `valid` Luhn.
+    pub luhn: Option<Luhn>,
+    /// For `email` tokens: the domain they end in.
+    pub token_domain: Option<String>,
+    /// Purposes for which detokenizing a subject's value of this type needs
+    /// the subject's recorded consent (e.g. `marketing`). Purposes not listed
+    /// (e.g. `fraud_prevention`, `legal_obligation`) need none.
+    pub consent_purposes: Option<Vec<String>>,
+}
 
 /// The built-in kinds of data.
 #[derive(Debug, Clone)]
@@ -224,18 +260,29 @@ impl FieldRegistry {
     /// Builds the registry from the `[field_types]` tables.
     ///
     /// # Errors
-    /// `(key, message)` for the first bad setting.
+    /// The first bad setting.
     pub fn from_raw(
         raw: &BTreeMap<String, RawFieldType>,
         max_value_bytes: usize,
-    ) -> Result<Self, (String, String)> {
+    ) -> Result<Self, InvalidSetting> {
         let mut specs = BTreeMap::new();
         for (name, settings) in raw {
-            let spec = spec_from_raw(name, settings, max_value_bytes)?;
+            let spec = spec_from_raw(name, settings, max_value_bytes)
+                .map_err(|(key, message)| InvalidSetting { key, message })?;
             specs.insert(spec.name.clone(), spec);
         }
         Ok(Self { specs })
     }
+}
+
+/// A `[field_types]` setting that cannot be used.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{key}: {message}")]
+pub struct InvalidSetting {
+    /// The setting's full key, e.g. `field_types.card_number.luhn`.
+    pub key: String,
+    /// What is wrong with it.
+    pub message: String,
 }
 
 fn spec_from_raw(
@@ -375,7 +422,7 @@ fn spec_from_raw(
                     "email tokens need a token_domain".into(),
                 )
             })?;
-            if !kinds::is_hostname(&domain) || !domain.contains('.') {
+            if !crate::token::is_hostname(&domain) || !domain.contains('.') {
                 return Err((
                     key("token_domain"),
                     format!("{domain:?} is not a domain name"),
@@ -473,7 +520,7 @@ impl fmt::Display for FieldSpec {
 mod tests {
     use super::*;
 
-    fn registry(toml_text: &str) -> Result<FieldRegistry, (String, String)> {
+    fn registry(toml_text: &str) -> Result<FieldRegistry, InvalidSetting> {
         let raw: BTreeMap<String, RawFieldType> = toml::from_str(toml_text).unwrap();
         FieldRegistry::from_raw(&raw, 4096)
     }
@@ -556,7 +603,7 @@ mod tests {
             ),
         ];
         for (text, key) in cases {
-            let (got, message) = registry(text).unwrap_err();
+            let InvalidSetting { key: got, message } = registry(text).unwrap_err();
             assert_eq!(got, key, "{text}: {message}");
         }
     }

@@ -10,7 +10,7 @@ use tokio::{sync::watch, task::JoinHandle};
 use crate::{
     api::RefusalLog,
     config::Config,
-    metrics::Metrics,
+    metrics::{JobState, Metrics},
     store::Store,
     vault::{self, Vault},
 };
@@ -171,7 +171,16 @@ async fn run_job<S: Store>(vault: &Vault<S>, metrics: &Metrics, job: vault::Job)
             }
         };
         if let Ok(status) = vault.job_status(job).await {
-            metrics.job(&status, step.moved);
+            metrics.job(
+                job.name(),
+                JobState {
+                    running: status.pending && !status.paused,
+                    paused: status.paused,
+                    done: status.done,
+                    total: status.total,
+                },
+                step.moved,
+            );
             if step.moved > 0 || step.raced > 0 {
                 tracing::info!(
                     job = job.name(),

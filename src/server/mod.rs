@@ -186,12 +186,12 @@ pub async fn run(
             Arc::clone(&connections),
         );
         let render = Arc::new(move || {
-            let (tokens_stored, pending_compaction_bytes, wal_bytes) = vault.store().stats();
+            let stats = vault.store().stats();
             metrics.render(&Gauges {
-                tokens_stored,
+                tokens_stored: stats.records,
                 audit_head: vault.store().audit_head().seq,
-                pending_compaction_bytes,
-                wal_bytes,
+                pending_compaction_bytes: stats.pending_compaction_bytes,
+                wal_bytes: stats.wal_bytes,
                 open_connections: connections.len() as u64,
                 fpt_crowded: vault.fpt_crowded(),
             })

@@ -12,14 +12,17 @@ use std::future::Future;
 
 pub use rocks::{ReadOnlyStore, RocksStore, StoreOptions};
 
-/// The tables (RocksDB column families) the vault uses.
+/// The tables (RocksDB column families) the vault uses. What their keys
+/// are is `crate::layout`'s business; the store sees bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Table {
     /// Encrypted records, keyed by token.
     Records,
     /// Data keys and hash keys, wrapped by the master key, keyed by label.
     Keys,
-    /// Small bookkeeping values (format version, creation time).
+    /// Bookkeeping: background jobs' cursors and progress, the audit prune
+    /// marker, the vault's copy of the erasure ledger, one-time migration
+    /// markers (see `layout`'s meta section).
     Meta,
     /// Blind index of deterministic field types: keyed hash of the value →
     /// token.
@@ -163,8 +166,7 @@ impl Unit {
 
     /// Applies the unit only if `key` in `table` still holds `expected`
     /// (nobody changed it since it was read). A unit skipped for this is
-    /// reported as a [`Conflict`] whose `guard` counts on from the absent-key
-    /// guards.
+    /// reported as a [`Conflict`] with [`FailedGuard::Unchanged`].
     pub fn guard_unchanged(
         &mut self,
         table: Table,
@@ -238,13 +240,34 @@ impl Batch {
     }
 }
 
-/// A unit that was skipped because a guard key exists.
+/// A unit that was skipped because one of its guards did not hold.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Conflict {
-    /// Which guard of the unit found its key.
-    pub guard: usize,
-    /// The value stored under that key now.
+    /// Which guard of the unit failed.
+    pub guard: FailedGuard,
+    /// The value stored under that guard's key now (empty if none).
     pub existing: Vec<u8>,
+}
+
+/// The guard a [`Conflict`] names, by kind and by its position among the
+/// unit's guards of that kind (in the order they were added).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailedGuard {
+    /// A [`Unit::guard_absent`] key exists.
+    Absent(usize),
+    /// A [`Unit::guard_unchanged`] key holds another value, or none.
+    Unchanged(usize),
+}
+
+/// The engine's numbers for the metrics endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// Records stored (the engine's estimate).
+    pub records: u64,
+    /// Bytes waiting for compaction, over every table.
+    pub pending_compaction_bytes: u64,
+    /// The size of the write-ahead log files.
+    pub wal_bytes: u64,
 }
 
 /// What became of each unit of a committed batch, in order.

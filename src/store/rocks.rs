@@ -24,7 +24,8 @@ use tokio::sync::{mpsc, oneshot};
 use std::{collections::HashMap, sync::Mutex};
 
 use super::{
-    Batch, Conflict, Durability, Error, KeyValues, Op, Store, Table, UnitOutcomes,
+    Batch, Conflict, Durability, Error, FailedGuard, KeyValues, Op, Store, StoreStats, Table,
+    UnitOutcomes,
     chain::{self, Head},
 };
 
@@ -192,9 +193,8 @@ impl RocksStore {
         Ok(ReadOnlyStore { db })
     }
 
-    /// Numbers for the metrics endpoint: estimated records, bytes pending
-    /// compaction (all tables), and the size of the write-ahead log files.
-    pub fn stats(&self) -> (u64, u64, u64) {
+    /// Numbers for the metrics endpoint.
+    pub fn stats(&self) -> StoreStats {
         let int = |table: Table, name: &str| {
             cf(&self.db, table)
                 .ok()
@@ -216,7 +216,11 @@ impl RocksStore {
                     .sum()
             })
             .unwrap_or(0);
-        (records, pending, wal)
+        StoreStats {
+            records,
+            pending_compaction_bytes: pending,
+            wal_bytes: wal,
+        }
     }
 
     /// Counters of the group committer.
@@ -601,7 +605,7 @@ fn find_changed(
         };
         if current.as_ref() != Some(expected) {
             return Ok(Some(Conflict {
-                guard: unit.guards().len() + index,
+                guard: FailedGuard::Unchanged(index),
                 existing: current.unwrap_or_default(),
             }));
         }
@@ -617,13 +621,13 @@ fn find_conflict(
     for (index, (table, key)) in guards.iter().enumerate() {
         if let Some(existing) = claimed.get(&(*table, key.clone())) {
             return Ok(Some(Conflict {
-                guard: index,
+                guard: FailedGuard::Absent(index),
                 existing: existing.clone(),
             }));
         }
         if let Some(existing) = db.get_cf(cf(db, *table)?, key).map_err(classify)? {
             return Ok(Some(Conflict {
-                guard: index,
+                guard: FailedGuard::Absent(index),
                 existing,
             }));
         }
@@ -1067,7 +1071,7 @@ mod tests {
         assert_eq!(
             outcomes[1],
             Err(Conflict {
-                guard: 0,
+                guard: FailedGuard::Absent(0),
                 existing: b"first".to_vec()
             })
         );
@@ -1092,7 +1096,7 @@ mod tests {
         assert_eq!(
             outcomes,
             vec![Err(Conflict {
-                guard: 0,
+                guard: FailedGuard::Absent(0),
                 existing: b"first".to_vec()
             })]
         );

@@ -104,14 +104,29 @@ impl<S: Store> Vault<S> {
         &self,
         path: crate::authz::Permit<std::path::PathBuf>,
         audit: &crate::audit::AuditContext,
-    ) -> Result<(std::path::PathBuf, u64, u64), Error> {
+    ) -> Result<Backup, Error> {
         let path = path.into_item();
         self.record(&audit.event(Outcome::Ok)).await?;
         let audit_seq = self.store.audit_head().seq;
         self.store.checkpoint(path.clone()).await?;
         let bytes = dir_size(&path);
-        Ok((path, audit_seq, bytes))
+        Ok(Backup {
+            path,
+            audit_seq,
+            bytes,
+        })
     }
+}
+
+/// A backup written by [`Vault::backup`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Backup {
+    /// Its directory.
+    pub path: std::path::PathBuf,
+    /// The audit sequence number it contains up to (its own event included).
+    pub audit_seq: u64,
+    /// Its size on disk.
+    pub bytes: u64,
 }
 
 fn dir_size(dir: &std::path::Path) -> u64 {
@@ -219,7 +234,7 @@ impl<S: Store> Vault<S> {
         let mut batch = Batch::new();
         batch.put(
             Table::Meta,
-            crate::audit::PRUNE_MARKER_KEY.to_vec(),
+            crate::layout::AUDIT_PRUNE_MARKER.to_vec(),
             marker.encode(),
         );
         self.store.commit(batch).await?;

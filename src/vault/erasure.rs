@@ -26,18 +26,13 @@
 use super::{
     Erasure, ErasureLedger, ErasureReceipt, Error, Record, SubjectId, Vault,
     ledger::{LedgerEntry, LedgerError, LedgerFile, verify_chain},
-    retention::expiry_key,
-    subjects::{decode_consent, subject_index_key, subject_key_label, wrapped_created_ms},
 };
 use crate::{
     audit::{AuditContext, AuditEvent, Outcome},
     authz::Permit,
+    layout::{self, ConsentState},
     store::{Batch, Store, Table, Unit},
 };
-
-/// Where the vault keeps its copy of each ledger entry: this prefix and the
-/// entry's sequence number (8 bytes, big-endian). Never rename.
-const LEDGER_ENTRY_PREFIX: &[u8] = b"erasure-ledger/entry/";
 
 /// What to do when the ledger holds fewer erasures than the vault recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -54,12 +49,6 @@ pub enum LedgerRollback {
 pub(super) struct LedgerState {
     file: ErasureLedger,
     tail: tokio::sync::Mutex<Option<LedgerEntry>>,
-}
-
-fn entry_key(seq: u64) -> Vec<u8> {
-    let mut key = LEDGER_ENTRY_PREFIX.to_vec();
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
 }
 
 /// What an erasure deletes, ready to go into a unit.
@@ -168,7 +157,7 @@ impl<S: Store> Vault<S> {
     async fn recorded_ledger(&self) -> Result<Vec<LedgerEntry>, Error> {
         let stored = self
             .store
-            .scan_prefix(Table::Meta, LEDGER_ENTRY_PREFIX.to_vec())
+            .scan_prefix(Table::Meta, layout::ERASURE_LEDGER_ENTRY_PREFIX.to_vec())
             .await?;
         stored
             .iter()
@@ -189,7 +178,11 @@ impl<S: Store> Vault<S> {
         let shredding = self
             .shred(entry.erasure.subject_hash, entry.erasure.erased_ms, unit)
             .await?;
-        unit.put(Table::Meta, entry_key(entry.seq), entry.encode());
+        unit.put(
+            Table::Meta,
+            layout::erasure_ledger_entry_key(entry.seq),
+            entry.encode(),
+        );
         self.store.commit(batch).await?;
         if !shredding.purge.is_empty() {
             self.store.purge(shredding.purge).await?;
@@ -257,7 +250,11 @@ impl<S: Store> Vault<S> {
         let unit = batch.unit();
         let shredding = self.shred(hash, u64::MAX, unit).await?;
         if let Some(entry) = entry {
-            unit.put(Table::Meta, entry_key(entry.seq), entry.encode());
+            unit.put(
+                Table::Meta,
+                layout::erasure_ledger_entry_key(entry.seq),
+                entry.encode(),
+            );
         }
         event.items = u32::try_from(shredding.erased).unwrap_or(u32::MAX);
         unit.append_audit(event.encode());
@@ -281,7 +278,7 @@ impl<S: Store> Vault<S> {
         unit: &mut Unit,
     ) -> Result<Shredding, Error> {
         let (tokens, records) = self.subject_records(&hash).await?;
-        let label = subject_key_label(&hash);
+        let label = layout::subject_data_key_label(&hash);
         let wrapped = self
             .store
             .get_many(Table::Keys, vec![label.clone()])
@@ -307,11 +304,11 @@ impl<S: Store> Vault<S> {
                 erased += 1;
             }
             if let Some(expires_ms) = record.as_ref().and_then(|r| r.expires_ms) {
-                let key = expiry_key(expires_ms, token.storage_key());
+                let key = layout::expiry_key(expires_ms, token.storage_key());
                 unit.delete(Table::Expiry, key.clone());
                 purge.push((Table::Expiry, key));
             }
-            let index_key = subject_index_key(&hash, token.storage_key());
+            let index_key = layout::subject_index_key(&hash, token.storage_key());
             unit.delete(Table::Records, token.storage_key().to_vec());
             unit.delete(Table::SubjectIndex, index_key.clone());
             purge.push((Table::Records, token.storage_key().to_vec()));
@@ -319,14 +316,14 @@ impl<S: Store> Vault<S> {
         }
         if wrapped
             .as_deref()
-            .is_some_and(|w| wrapped_created_ms(w) <= before_ms)
+            .is_some_and(|w| layout::wrapped_created_ms(w) <= before_ms)
         {
             unit.delete(Table::Keys, label.clone());
             purge.push((Table::Keys, label));
         }
         for (key, value) in consents {
             // A consent given after the erasure is the subject's new wish.
-            if decode_consent(Some(&value)).updated_ms > before_ms {
+            if ConsentState::decode(Some(&value)).updated_ms > before_ms {
                 continue;
             }
             unit.delete(Table::Consent, key.clone());
@@ -338,14 +335,12 @@ impl<S: Store> Vault<S> {
 
 #[cfg(test)]
 mod tests {
-    use super::super::{
-        ItemError, ledger::Erasure, subjects::consent_key, tests::fixture_with_clock,
-    };
+    use super::super::{ItemError, ledger::Erasure, tests::fixture_with_clock};
     use super::*;
 
     /// Re-applying an erasure (after a restore) deletes what the subject
     /// had when it was erased, and keeps a consent given after it: the
-    /// subject's newer wish (issue 15, item 13).
+    /// subject's newer wish.
     #[tokio::test]
     async fn reapplying_an_erasure_keeps_a_consent_given_after_it() {
         let (f, time) = fixture_with_clock().await;
@@ -355,21 +350,23 @@ mod tests {
             .await
             .remove(0);
         let hash = f.vault.subject_hash(&"cust-c".parse().unwrap());
-        let consent = |granted: bool, at: u64| {
-            let mut value = vec![u8::from(granted)];
-            value.extend_from_slice(&at.to_be_bytes());
-            value
+        let consent = |granted: bool, updated_ms: u64| {
+            ConsentState {
+                granted,
+                updated_ms,
+            }
+            .encode()
         };
         let mut batch = Batch::new();
         let unit = batch.unit();
         unit.put(
             Table::Consent,
-            consent_key(&hash, "marketing"),
+            layout::consent_key(&hash, "marketing"),
             consent(true, t0),
         );
         unit.put(
             Table::Consent,
-            consent_key(&hash, "newsletter"),
+            layout::consent_key(&hash, "newsletter"),
             consent(true, t0 + 10_000),
         );
         f.vault.store.commit(batch).await.unwrap();
@@ -390,8 +387,11 @@ mod tests {
             .scan_prefix(Table::Consent, hash.to_vec())
             .await
             .unwrap();
-        let kept: Vec<&[u8]> = consents.iter().map(|(k, _)| &k[32..]).collect();
-        assert_eq!(kept, [b"newsletter".as_slice()], "the consents kept");
+        let kept: Vec<&str> = consents
+            .iter()
+            .filter_map(|(k, _)| layout::purpose_of_consent_key(k))
+            .collect();
+        assert_eq!(kept, ["newsletter"], "the consents kept");
         assert!(matches!(
             f.reveal(std::slice::from_ref(&token), false).await[0],
             Err(ItemError::NotFound)

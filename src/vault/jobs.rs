@@ -7,6 +7,7 @@ use super::{Error, Vault};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::Permit,
+    layout::{self, JobEntry},
     store::{Batch, KeyValues, Store, Table, Unit},
 };
 
@@ -28,7 +29,9 @@ impl Job {
     /// Every job.
     pub const ALL: [Job; 2] = [Job::Reencrypt, Job::Reindex];
 
-    /// The job's name in logs, metrics and the CLI.
+    /// The job's name in logs, metrics and the CLI, and the prefix of its
+    /// entries in the `meta` table ([`layout::job_key`]): on disk, so never
+    /// rename a released job.
     pub fn name(self) -> &'static str {
         match self {
             Job::Reencrypt => "reencrypt",
@@ -39,18 +42,18 @@ impl Job {
     /// Where the job keeps its place (the next record key); present while
     /// the job is due.
     fn cursor_key(self) -> Vec<u8> {
-        format!("{}/cursor", self.name()).into_bytes()
+        layout::job_key(self.name(), JobEntry::Cursor)
     }
 
     /// Records visited, the record count when the job started, records it
     /// could not move in this pass.
     fn progress_key(self) -> Vec<u8> {
-        format!("{}/progress", self.name()).into_bytes()
+        layout::job_key(self.name(), JobEntry::Progress)
     }
 
     /// Present while an operator holds the job.
     fn paused_key(self) -> Vec<u8> {
-        format!("{}/paused", self.name()).into_bytes()
+        layout::job_key(self.name(), JobEntry::Paused)
     }
 }
 

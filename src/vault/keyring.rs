@@ -4,26 +4,12 @@
 use std::{collections::BTreeMap, sync::Arc};
 
 use crate::{
-    crypto::{AuditSigningKey, DataKey, HashKey, MasterKey, NONCE_LEN, Sealed},
+    crypto::{AuditSigningKey, DataKey, HashKey, MasterKey, Sealed},
+    layout::{self, MasterWrapped},
     store::{Batch, Store, Table},
 };
 
 use super::{Error, now_ms};
-
-const DEK_PREFIX: &str = "dek/";
-const SUBJECT_KEY_PREFIX: &str = "subject-hash/";
-const INDEX_KEY_PREFIX: &str = "index-hash/";
-const AUDIT_HASH_PREFIX: &str = "audit-hash/";
-const SUBJECT_KEK_PREFIX: &str = "subject-kek/";
-/// Where each subject's own data key is stored, wrapped by the subject KEK.
-pub const SUBJECT_KEY_PREFIX_BYTES: &[u8] = b"subject-key/";
-const AUDIT_SIGNING_PREFIX: &str = "audit-signing/";
-/// MACs the erasure ledger's entries into a chain.
-const LEDGER_MAC_PREFIX: &str = "erasure-ledger-mac/";
-/// The audit public key, stored in the clear so offline verification needs
-/// no secret.
-pub const AUDIT_PUBLIC_KEY_LABEL: &[u8] = b"audit-public-key";
-const WRAPPED_FORMAT_V1: u8 = 1;
 
 /// Every key the vault uses, unwrapped once at open.
 pub struct Keyring {
@@ -57,13 +43,13 @@ impl Keyring {
     /// # Errors
     /// [`Error::WrongMasterKey`] if a key does not unwrap; storage errors.
     pub async fn open<S: Store>(store: &S, master: &MasterKey) -> Result<Self, Error> {
-        let mut data_keys = load_versions(store, DEK_PREFIX, |sealed, label| {
+        let mut data_keys = load_versions(store, MasterWrapped::DataKey, |sealed, label| {
             master.unwrap_data_key(sealed, label)
         })
         .await?;
         if data_keys.is_empty() {
             let dek = DataKey::generate()?;
-            let dek_label = label(DEK_PREFIX, 1);
+            let dek_label = MasterWrapped::DataKey.label(1);
             let mut batch = Batch::new();
             batch.put(
                 Table::Keys,
@@ -74,31 +60,32 @@ impl Keyring {
             tracing::info!("created the first data key");
             data_keys.insert(1, Arc::new(dek));
         }
-        let subject_key = hash_key(store, master, SUBJECT_KEY_PREFIX).await?;
-        let mut index_keys = load_versions(store, INDEX_KEY_PREFIX, |sealed, label| {
+        let subject_key = hash_key(store, master, MasterWrapped::SubjectIdHashKey).await?;
+        let mut index_keys = load_versions(store, MasterWrapped::BlindIndexKey, |sealed, label| {
             master.unwrap_hash_key(sealed, label)
         })
         .await?;
         if index_keys.is_empty() {
             index_keys.insert(
                 1,
-                Arc::new(hash_key(store, master, INDEX_KEY_PREFIX).await?),
+                Arc::new(hash_key(store, master, MasterWrapped::BlindIndexKey).await?),
             );
         }
-        let audit_key = hash_key(store, master, AUDIT_HASH_PREFIX).await?;
-        let ledger_key = hash_key(store, master, LEDGER_MAC_PREFIX).await?;
-        let audit_signer =
-            AuditSigningKey::from_seed(&hash_key(store, master, AUDIT_SIGNING_PREFIX).await?);
-        let subject_kek = hash_key(store, master, SUBJECT_KEK_PREFIX)
+        let audit_key = hash_key(store, master, MasterWrapped::AuditHashKey).await?;
+        let ledger_key = hash_key(store, master, MasterWrapped::ErasureLedgerMacKey).await?;
+        let audit_signer = AuditSigningKey::from_seed(
+            &hash_key(store, master, MasterWrapped::AuditSigningKey).await?,
+        );
+        let subject_kek = hash_key(store, master, MasterWrapped::SubjectKek)
             .await?
             .into_data_key();
         let public = audit_signer.public_key().to_vec();
         let stored = store
-            .get_many(Table::Keys, vec![AUDIT_PUBLIC_KEY_LABEL.to_vec()])
+            .get_many(Table::Keys, vec![layout::AUDIT_PUBLIC_KEY.to_vec()])
             .await?;
         if stored.first().and_then(Option::as_ref) != Some(&public) {
             let mut batch = Batch::new();
-            batch.put(Table::Keys, AUDIT_PUBLIC_KEY_LABEL.to_vec(), public);
+            batch.put(Table::Keys, layout::AUDIT_PUBLIC_KEY.to_vec(), public);
             store.commit(batch).await?;
         }
         Ok(Self {
@@ -154,18 +141,13 @@ impl Keyring {
     /// # Errors
     /// If a key does not unwrap under the current master key, or storage fails.
     pub async fn rotate_master<S: Store>(&self, store: &S, new: MasterKey) -> Result<usize, Error> {
-        let prefixes = [
-            DEK_PREFIX,
-            SUBJECT_KEY_PREFIX,
-            INDEX_KEY_PREFIX,
-            AUDIT_HASH_PREFIX,
-            AUDIT_SIGNING_PREFIX,
-            SUBJECT_KEK_PREFIX,
-            LEDGER_MAC_PREFIX,
-        ];
         let mut wrapped_keys = Vec::new();
-        for prefix in prefixes {
-            wrapped_keys.extend(store.scan_prefix(Table::Keys, prefix.into()).await?);
+        for family in MasterWrapped::ALL {
+            wrapped_keys.extend(
+                store
+                    .scan_prefix(Table::Keys, family.prefix().into())
+                    .await?,
+            );
         }
         let count = wrapped_keys.len();
         let mut batch = Batch::new();
@@ -204,7 +186,7 @@ impl Keyring {
     /// Random-source or cipher failures.
     pub fn new_data_key(&self) -> Result<(NewKey, DataKey), Error> {
         let key = DataKey::generate()?;
-        let new = NewKey::wrap(DEK_PREFIX, self.active().0 + 1, |label| {
+        let new = NewKey::wrap(MasterWrapped::DataKey, self.active().0 + 1, |label| {
             self.master().wrap_data_key(&key, label)
         })?;
         Ok((new, key))
@@ -230,9 +212,11 @@ impl Keyring {
     /// Random-source or cipher failures.
     pub fn new_index_key(&self) -> Result<(NewKey, HashKey), Error> {
         let key = HashKey::generate()?;
-        let new = NewKey::wrap(INDEX_KEY_PREFIX, self.index_keys().0 + 1, |label| {
-            self.master().wrap_hash_key(&key, label)
-        })?;
+        let new = NewKey::wrap(
+            MasterWrapped::BlindIndexKey,
+            self.index_keys().version + 1,
+            |label| self.master().wrap_hash_key(&key, label),
+        )?;
         Ok((new, key))
     }
 
@@ -255,7 +239,7 @@ impl Keyring {
     /// # Errors
     /// Storage failures.
     pub async fn retire_index_keys<S: Store>(&self, store: &S) -> Result<usize, Error> {
-        let active = self.index_keys().0;
+        let active = self.index_keys().version;
         let older: Vec<u32> = self
             .index_keys
             .read()
@@ -269,7 +253,7 @@ impl Keyring {
         }
         let mut batch = Batch::new();
         for version in &older {
-            batch.delete(Table::Keys, label(INDEX_KEY_PREFIX, *version));
+            batch.delete(Table::Keys, MasterWrapped::BlindIndexKey.label(*version));
         }
         store.commit(batch).await?;
         self.index_keys
@@ -295,9 +279,8 @@ impl Keyring {
         &self.subject_key
     }
 
-    /// The blind-index keys: the active one (new entries) and its version,
-    /// then any older ones still in use, newest first.
-    pub fn index_keys(&self) -> (u32, Arc<HashKey>, Vec<Arc<HashKey>>) {
+    /// The blind-index keys in use.
+    pub fn index_keys(&self) -> IndexKeys {
         let keys = self
             .index_keys
             .read()
@@ -307,11 +290,11 @@ impl Keyring {
         let (version, active) = newest_first
             .next()
             .unwrap_or_else(|| unreachable!("the keyring always holds an index key"));
-        (
-            *version,
-            Arc::clone(active),
-            newest_first.map(|(_, k)| Arc::clone(k)).collect(),
-        )
+        IndexKeys {
+            version: *version,
+            active: Arc::clone(active),
+            older: newest_first.map(|(_, k)| Arc::clone(k)).collect(),
+        }
     }
 
     /// The key that hashes tokens and subjects in audit events.
@@ -329,14 +312,15 @@ impl Keyring {
         &self.ledger_key
     }
 
-    /// A new subject data key, and its wrapped form for `label`.
+    /// A new subject data key in its stored form (wrapped for `label`),
+    /// and the key: the same order as [`Keyring::new_data_key`].
     ///
     /// # Errors
     /// If the random source fails.
-    pub fn new_subject_key(&self, label: &[u8]) -> Result<(DataKey, Vec<u8>), Error> {
+    pub fn new_subject_key(&self, label: &[u8]) -> Result<(Vec<u8>, DataKey), Error> {
         let key = DataKey::generate()?;
         let wrapped = encode_wrapped(&self.subject_kek.wrap_key(&key, label)?);
-        Ok((key, wrapped))
+        Ok((wrapped, key))
     }
 
     /// Unwraps a stored subject data key.
@@ -356,6 +340,17 @@ impl Keyring {
     }
 }
 
+/// The blind-index keys in use.
+pub struct IndexKeys {
+    /// The active key's version.
+    pub version: u32,
+    /// The key new entries are hashed with.
+    pub active: Arc<HashKey>,
+    /// Older keys entries may still be hashed under until the re-index job
+    /// finishes, newest first.
+    pub older: Vec<Arc<HashKey>>,
+}
+
 /// A new key in its stored (wrapped) form, to be written by the caller in
 /// the same write as whatever starts using it.
 pub struct NewKey {
@@ -368,14 +363,14 @@ pub struct NewKey {
 }
 
 impl NewKey {
-    /// Version `version` of the keys under `prefix`, wrapped by `wrap`
+    /// Version `version` of the keys of `family`, wrapped by `wrap`
     /// (which is given the key's label, bound in as associated data).
     fn wrap(
-        prefix: &str,
+        family: MasterWrapped,
         version: u32,
         wrap: impl FnOnce(&[u8]) -> Result<Sealed, crate::crypto::Error>,
     ) -> Result<Self, Error> {
-        let label = label(prefix, version);
+        let label = family.label(version);
         let wrapped = encode_wrapped(&wrap(&label)?);
         Ok(Self {
             version,
@@ -395,15 +390,23 @@ impl NewKey {
     }
 }
 
-/// Every version of the keys under `prefix`, unwrapped by `unwrap`.
+/// Every version of the keys of `family`, unwrapped by `unwrap`.
 async fn load_versions<S: Store, K>(
     store: &S,
-    prefix: &str,
+    family: MasterWrapped,
     unwrap: impl Fn(&Sealed, &[u8]) -> Result<K, crate::crypto::Error>,
 ) -> Result<BTreeMap<u32, Arc<K>>, Error> {
     let mut keys = BTreeMap::new();
-    for (label, wrapped) in store.scan_prefix(Table::Keys, prefix.into()).await? {
-        let version = parse_version(&label, prefix)?;
+    for (label, wrapped) in store
+        .scan_prefix(Table::Keys, family.prefix().into())
+        .await?
+    {
+        let version = family.version_of(&label).ok_or_else(|| {
+            Error::CorruptKey(format!(
+                "unexpected key label {}",
+                String::from_utf8_lossy(&label)
+            ))
+        })?;
         let sealed = decode_wrapped(&label, &wrapped)?;
         let key = unwrap(&sealed, &label).map_err(|_| wrong_master(&label))?;
         keys.insert(version, Arc::new(key));
@@ -411,16 +414,24 @@ async fn load_versions<S: Store, K>(
     Ok(keys)
 }
 
-/// The newest hash key under `prefix`, created if there is none.
-async fn hash_key<S: Store>(store: &S, master: &MasterKey, prefix: &str) -> Result<HashKey, Error> {
-    if let Some((label, wrapped)) = store.scan_prefix(Table::Keys, prefix.into()).await?.pop() {
+/// The newest hash key of `family`, created if there is none.
+async fn hash_key<S: Store>(
+    store: &S,
+    master: &MasterKey,
+    family: MasterWrapped,
+) -> Result<HashKey, Error> {
+    if let Some((label, wrapped)) = store
+        .scan_prefix(Table::Keys, family.prefix().into())
+        .await?
+        .pop()
+    {
         let sealed = decode_wrapped(&label, &wrapped)?;
         return master
             .unwrap_hash_key(&sealed, &label)
             .map_err(|_| wrong_master(&label));
     }
     let key = HashKey::generate()?;
-    let key_label = label(prefix, 1);
+    let key_label = family.label(1);
     let mut batch = Batch::new();
     batch.put(
         Table::Keys,
@@ -428,25 +439,11 @@ async fn hash_key<S: Store>(store: &S, master: &MasterKey, prefix: &str) -> Resu
         encode_wrapped(&master.wrap_hash_key(&key, &key_label)?),
     );
     store.commit(batch).await?;
-    tracing::info!(key = prefix.trim_end_matches('/'), "created a hash key");
+    tracing::info!(
+        key = family.prefix().trim_end_matches('/'),
+        "created a hash key"
+    );
     Ok(key)
-}
-
-fn label(prefix: &str, version: u32) -> Vec<u8> {
-    format!("{prefix}{version:010}").into_bytes()
-}
-
-fn parse_version(label: &[u8], prefix: &str) -> Result<u32, Error> {
-    std::str::from_utf8(label)
-        .ok()
-        .and_then(|l| l.strip_prefix(prefix))
-        .and_then(|v| v.parse().ok())
-        .ok_or_else(|| {
-            Error::CorruptKey(format!(
-                "unexpected key label {}",
-                String::from_utf8_lossy(label)
-            ))
-        })
 }
 
 fn wrong_master(label: &[u8]) -> Error {
@@ -454,28 +451,14 @@ fn wrong_master(label: &[u8]) -> Error {
 }
 
 fn encode_wrapped(sealed: &Sealed) -> Vec<u8> {
-    let mut out = Vec::with_capacity(1 + 8 + NONCE_LEN + sealed.ciphertext.len());
-    out.push(WRAPPED_FORMAT_V1);
-    out.extend_from_slice(&now_ms().to_be_bytes());
-    out.extend_from_slice(&sealed.nonce);
-    out.extend_from_slice(&sealed.ciphertext);
-    out
+    layout::encode_wrapped(sealed, now_ms())
 }
 
 fn decode_wrapped(label: &[u8], bytes: &[u8]) -> Result<Sealed, Error> {
-    let corrupt = || {
+    layout::decode_wrapped(bytes).ok_or_else(|| {
         Error::CorruptKey(format!(
             "wrapped key {} is malformed",
             String::from_utf8_lossy(label)
         ))
-    };
-    if bytes.len() < 1 + 8 + NONCE_LEN + 16 || bytes[0] != WRAPPED_FORMAT_V1 {
-        return Err(corrupt());
-    }
-    let mut nonce = [0u8; NONCE_LEN];
-    nonce.copy_from_slice(&bytes[9..9 + NONCE_LEN]);
-    Ok(Sealed {
-        nonce,
-        ciphertext: bytes[9 + NONCE_LEN..].to_vec(),
     })
 }

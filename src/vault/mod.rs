@@ -6,11 +6,13 @@
 //! [`SecretValue`].
 
 mod audit;
+mod consent;
 mod erasure;
 mod jobs;
 mod keyring;
 mod ledger;
 mod record;
+mod records;
 mod retention;
 mod reveal;
 mod rotation;
@@ -22,14 +24,14 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-pub use audit::StoredEvent;
+pub use audit::{Backup, StoredEvent};
 pub use erasure::LedgerRollback;
 pub use jobs::{Job, JobStatus, JobStep};
-pub use keyring::{AUDIT_PUBLIC_KEY_LABEL, Keyring};
+pub use keyring::Keyring;
 pub use ledger::{Erasure, ErasureLedger, LedgerEntry, LedgerError};
 pub use record::{DecodeError, Record};
 pub use reveal::Revealed;
-pub use subjects::{ConsentState, ErasureReceipt, SubjectField};
+pub use subjects::{ErasureReceipt, SubjectField};
 
 use crate::{
     authz::{Denial, Guarded, Lookupable, Tokenizable},
@@ -303,7 +305,7 @@ impl<S: Store> Vault<S> {
         subject: Option<&[u8; 32]>,
         normalized: &SecretValue,
     ) -> Blind {
-        let (_, active, older) = self.keyring.index_keys();
+        let keyring::IndexKeys { active, older, .. } = self.keyring.index_keys();
         let mut data = Vec::with_capacity(field_type.as_str().len() + 34 + normalized.len());
         data.extend_from_slice(field_type.as_str().as_bytes());
         data.push(0);

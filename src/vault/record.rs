@@ -2,6 +2,7 @@
 
 use crate::{
     crypto::NONCE_LEN,
+    layout::KeyVersion,
     token::{FieldType, Token},
 };
 
@@ -23,16 +24,13 @@ pub enum Binding {
     WithFieldTypeAndExpiry,
 }
 
-/// The `key_version` of a record encrypted under its subject's own key.
-pub const SUBJECT_KEY: u32 = 0;
-
 /// A stored record: everything needed to decrypt a value, except keys.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Record {
     /// The field type the value was tokenized as.
     pub field_type: FieldType,
-    /// Version of the data key that encrypted it, or [`SUBJECT_KEY`].
-    pub key_version: u32,
+    /// The key that encrypted it: a vault data key, or its subject's own.
+    pub key_version: KeyVersion,
     /// The AES-GCM-SIV nonce.
     pub nonce: [u8; NONCE_LEN],
     /// Creation time, milliseconds since the Unix epoch.
@@ -62,7 +60,7 @@ impl Record {
     /// subject, field type or expiry, fails to decrypt.
     pub fn sealing_aad(
         token: &Token,
-        key_version: u32,
+        key_version: KeyVersion,
         subject_hash: Option<&[u8; 32]>,
         field_type: &FieldType,
         expires_ms: Option<u64>,
@@ -110,7 +108,7 @@ impl Record {
         // Field type names are at most 32 bytes (see `FieldType`).
         out.push(u8::try_from(ft.len()).unwrap_or(u8::MAX));
         out.extend_from_slice(ft);
-        out.extend_from_slice(&self.key_version.to_be_bytes());
+        out.extend_from_slice(&self.key_version.stored().to_be_bytes());
         out.extend_from_slice(&self.nonce);
         out.extend_from_slice(&self.created_ms.to_be_bytes());
         out.extend_from_slice(&self.expires_ms.unwrap_or(0).to_be_bytes());
@@ -140,7 +138,7 @@ impl Record {
         let ft_len = r.take(1)?[0] as usize;
         let ft = std::str::from_utf8(r.take(ft_len)?).map_err(|_| DecodeError("field type"))?;
         let field_type = ft.parse().map_err(|_| DecodeError("field type"))?;
-        let key_version = u32::from_be_bytes(r.array()?);
+        let key_version = KeyVersion::from_stored(u32::from_be_bytes(r.array()?));
         let nonce = r.array()?;
         let created_ms = u64::from_be_bytes(r.array()?);
         let expires_ms = if format != FORMAT_V1 {
@@ -179,14 +177,14 @@ impl Record {
 fn legacy_aad(
     domain: &[u8],
     token: &Token,
-    key_version: u32,
+    key_version: KeyVersion,
     subject_hash: Option<&[u8; 32]>,
 ) -> Vec<u8> {
     let mut aad = Vec::with_capacity(128 + token.as_str().len());
     aad.extend_from_slice(domain);
     aad.extend_from_slice(token.storage_key());
     aad.push(0);
-    aad.extend_from_slice(&key_version.to_be_bytes());
+    aad.extend_from_slice(&key_version.stored().to_be_bytes());
     match subject_hash {
         Some(hash) => {
             aad.push(1);
@@ -232,7 +230,7 @@ mod tests {
     fn sample(subject: Option<[u8; 32]>) -> Record {
         Record {
             field_type: "card_number".parse().unwrap(),
-            key_version: 7,
+            key_version: KeyVersion::Vault(7),
             nonce: [9; NONCE_LEN],
             created_ms: 1_700_000_000_000,
             expires_ms: Some(1_800_000_000_000),
@@ -273,7 +271,7 @@ mod tests {
         let record = Record::decode(&v1).unwrap();
         assert_eq!(
             (record.key_version, record.created_ms, record.expires_ms),
-            (3, 42, None)
+            (KeyVersion::Vault(3), 42, None)
         );
         assert_eq!(record.ciphertext, vec![9; 20]);
     }
@@ -293,7 +291,7 @@ mod tests {
         let ft: FieldType = "email".parse().unwrap();
         let text: FieldType = "text".parse().unwrap();
         let (a, b) = (Token::generate(&ft).unwrap(), Token::generate(&ft).unwrap());
-        let aad = |t, v, s, f, e| Record::sealing_aad(t, v, s, f, e);
+        let aad = |t, v, s, f, e| Record::sealing_aad(t, KeyVersion::from_stored(v), s, f, e);
         let base = aad(&a, 1, None, &ft, None);
         assert_ne!(base, aad(&b, 1, None, &ft, None));
         assert_ne!(base, aad(&a, 2, None, &ft, None));

@@ -7,18 +7,15 @@
 //! and the sweeper deletes what is left, page by page, never deleting an
 //! index entry that has moved on to a newer token.
 
-use super::{Error, Record, Vault, subjects::subject_index_key, tokenize::Indexed};
+use super::{Error, Record, Vault, tokenize::Indexed};
 use crate::{
+    layout::{self, EXPIRY_INDEXED, split_expiry_key},
     store::{Batch, Store, Table},
     token::Token,
 };
 
 /// Records a sweep reads (or expiry entries it visits) per page.
 const SWEEP_PAGE: usize = 1000;
-
-/// Present in the meta table once every record that expires has its entry
-/// in the expiry table.
-const EXPIRY_INDEXED: &[u8] = b"expiry/indexed";
 
 /// What a blind-index entry leads to.
 enum Liveness {
@@ -207,9 +204,11 @@ impl<S: Store> Vault<S> {
                         record_units.push(sweep_record(&mut batch, &key, bytes, &record));
                     }
                     Some(expires_ms) => {
-                        batch
-                            .unit()
-                            .put(Table::Expiry, expiry_key(expires_ms, &key), Vec::new());
+                        batch.unit().put(
+                            Table::Expiry,
+                            layout::expiry_key(expires_ms, &key),
+                            Vec::new(),
+                        );
                     }
                     None => {}
                 }
@@ -281,10 +280,13 @@ fn forget_record(batch: &mut Batch, key: &[u8], bytes: Vec<u8>, record: &Record)
     unit.guard_unchanged(Table::Records, key.to_vec(), bytes)
         .delete(Table::Records, key.to_vec());
     if let Some(subject) = record.subject_hash {
-        unit.delete(Table::SubjectIndex, subject_index_key(&subject, key));
+        unit.delete(
+            Table::SubjectIndex,
+            layout::subject_index_key(&subject, key),
+        );
     }
     if let Some(expires_ms) = record.expires_ms {
-        unit.delete(Table::Expiry, expiry_key(expires_ms, key));
+        unit.delete(Table::Expiry, layout::expiry_key(expires_ms, key));
     }
 }
 
@@ -302,19 +304,4 @@ fn sweep_record(batch: &mut Batch, key: &[u8], bytes: Vec<u8>, record: &Record) 
             .delete(Table::Index, blind.to_vec());
     }
     unit
-}
-
-/// The expiry-table key of a record: its expiry, big-endian so keys sort by
-/// time, then its token.
-pub(super) fn expiry_key(expires_ms: u64, token: &[u8]) -> Vec<u8> {
-    let mut key = Vec::with_capacity(8 + token.len());
-    key.extend_from_slice(&expires_ms.to_be_bytes());
-    key.extend_from_slice(token);
-    key
-}
-
-/// The expiry and the token of an expiry-table key.
-fn split_expiry_key(key: &[u8]) -> Option<(u64, &[u8])> {
-    let (time, token) = key.split_first_chunk::<8>()?;
-    Some((u64::from_be_bytes(*time), token))
 }

@@ -273,7 +273,7 @@ async fn expiry_entries_go_with_their_records() {
     let mut batch = Batch::new();
     batch.put(
         Table::Expiry,
-        super::retention::expiry_key(1_000, b"tok_long_gone"),
+        crate::layout::expiry_key(1_000, b"tok_long_gone"),
         Vec::new(),
     );
     // Damage that sorts first must not hold the sweep back.

@@ -3,12 +3,13 @@
 
 use std::collections::HashMap;
 
-use super::{ItemError, Record, Vault, record::SUBJECT_KEY};
+use super::{ItemError, Record, Vault};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::{Denial, Permit, Purpose, RevealForm},
-    crypto::SecretValue,
-    store::{Store, Table},
+    crypto::{DataKey, SecretValue},
+    layout::KeyVersion,
+    store::Store,
     token::{FieldType, Token},
 };
 
@@ -46,8 +47,7 @@ impl<S: Store> Vault<S> {
         authorize: impl Fn(&FieldType) -> Result<Permit<RevealForm>, Denial>,
         audit: &AuditContext,
     ) -> Result<Vec<Result<Revealed, ItemError>>, super::Error> {
-        let keys = tokens.iter().map(|t| t.storage_key().to_vec()).collect();
-        let stored = self.store.get_many(Table::Records, keys).await?;
+        let stored = self.stored_records(tokens).await?;
         let now = self.now();
         let records: Vec<Result<Record, ItemError>> = stored
             .into_iter()
@@ -67,7 +67,7 @@ impl<S: Store> Vault<S> {
         let mut subjects: Vec<[u8; 32]> = records
             .iter()
             .flatten()
-            .filter(|r| r.key_version == SUBJECT_KEY)
+            .filter(|r| r.key_version == KeyVersion::Subject)
             .filter_map(|r| r.subject_hash)
             .collect();
         subjects.sort_unstable();
@@ -144,5 +144,46 @@ impl<S: Store> Vault<S> {
         }
         self.record(&event).await?;
         Ok(results)
+    }
+}
+
+impl<S: Store> Vault<S> {
+    /// Decrypts a record with the vault key it names, or its subject's key.
+    pub(super) fn decrypt(
+        &self,
+        token: &Token,
+        record: &Record,
+        subject_key: Option<&DataKey>,
+    ) -> Result<SecretValue, ItemError> {
+        let vault_key;
+        let key = match record.key_version {
+            // The subject's key is gone: the subject was erased.
+            KeyVersion::Subject => subject_key.ok_or(ItemError::NotFound)?,
+            KeyVersion::Vault(version) => {
+                vault_key = self.keyring.data_key(version).ok_or_else(|| {
+                    tracing::error!(field_type = %record.field_type, key_version = version, "stored record names an unknown key version");
+                    ItemError::DataLoss
+                })?;
+                &*vault_key
+            }
+        };
+        // A record moved under a token of another field type (opaque tokens
+        // name theirs) is not this token's.
+        if token
+            .field_type()
+            .is_some_and(|ft| *ft != record.field_type)
+        {
+            tracing::error!(field_type = %record.field_type, "stored record's field type differs from its token's");
+            return Err(ItemError::DataLoss);
+        }
+        let aad = record.aad(token);
+        let plaintext = key.open(&record.nonce, &record.ciphertext, &aad).map_err(|_| {
+            tracing::error!(field_type = %record.field_type, "stored record failed authentication (corrupted or moved)");
+            ItemError::DataLoss
+        })?;
+        SecretValue::from_decrypted(plaintext).ok_or_else(|| {
+            tracing::error!(field_type = %record.field_type, "decrypted value is not UTF-8");
+            ItemError::DataLoss
+        })
     }
 }

@@ -4,14 +4,11 @@
 
 use std::collections::HashMap;
 
-use super::{
-    Error, Record, Vault,
-    jobs::Job,
-    record::{Binding, SUBJECT_KEY},
-};
+use super::{Error, Record, Vault, jobs::Job, record::Binding};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::Permit,
+    layout::KeyVersion,
     store::{Batch, KeyValues, Store, Table},
     token::Token,
 };
@@ -120,7 +117,9 @@ impl<S: Store> Vault<S> {
             let Ok(record) = Record::decode(bytes) else {
                 continue;
             };
-            if record.key_version == active || record.key_version == SUBJECT_KEY {
+            if matches!(record.key_version, KeyVersion::Subject)
+                || record.key_version == KeyVersion::Vault(active)
+            {
                 continue;
             }
             let Some(token) = parse_token(storage_key) else {
@@ -133,7 +132,7 @@ impl<S: Store> Vault<S> {
             };
             let aad = Record::sealing_aad(
                 &token,
-                active,
+                KeyVersion::Vault(active),
                 record.subject_hash.as_ref(),
                 &record.field_type,
                 record.expires_ms,
@@ -141,7 +140,7 @@ impl<S: Store> Vault<S> {
             let sealed = key.seal(value.expose().as_bytes(), &aad)?;
             let updated = Record {
                 binding: Binding::WithFieldTypeAndExpiry,
-                key_version: active,
+                key_version: KeyVersion::Vault(active),
                 nonce: sealed.nonce,
                 ciphertext: sealed.ciphertext,
                 ..record
@@ -179,7 +178,7 @@ impl<S: Store> Vault<S> {
         }
         let mut subjects: Vec<[u8; 32]> = indexed
             .iter()
-            .filter(|(_, _, r, _)| r.key_version == SUBJECT_KEY)
+            .filter(|(_, _, r, _)| r.key_version == KeyVersion::Subject)
             .filter_map(|(_, _, r, _)| r.subject_hash)
             .collect();
         subjects.sort_unstable();
@@ -243,18 +242,18 @@ impl<S: Store> Vault<S> {
         Ok(keys)
     }
 
-    /// The data-key versions and how many records each encrypts (a full
-    /// scan: for `keys list` and tests). Version 0 counts records under their
-    /// subject's own key.
+    /// The keys records are encrypted with and how many records each
+    /// encrypts (a full scan, for tests): every vault data-key version, and
+    /// the subjects' own keys if any record uses one.
     ///
     /// # Errors
     /// Storage failures.
-    pub async fn key_usage(&self) -> Result<Vec<(u32, u64)>, Error> {
-        let mut counts: std::collections::BTreeMap<u32, u64> = self
+    pub async fn key_usage(&self) -> Result<Vec<(KeyVersion, u64)>, Error> {
+        let mut counts: std::collections::BTreeMap<KeyVersion, u64> = self
             .keyring
             .versions()
             .into_iter()
-            .map(|v| (v, 0))
+            .map(|v| (KeyVersion::Vault(v), 0))
             .collect();
         let mut from = Vec::new();
         loop {

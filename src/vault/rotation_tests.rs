@@ -5,9 +5,10 @@ use std::path::PathBuf;
 
 use super::tests::{FIELDS, ctx, tokenize_all};
 use super::*;
+use crate::layout::KeyVersion;
 use crate::{
     authz::{Action, Grants, IdentityPattern, Policy, PurposeSet, Rule},
-    config::RawFieldType,
+    fields::RawFieldType,
     identity::ClientId,
     store::{RocksStore, StoreOptions, Table},
     token::Token,
@@ -230,7 +231,7 @@ async fn index_rotation_keeps_lookups_working_and_retires_the_old_key() {
 
     // Done: one index key left, one entry per value, every lookup as before.
     assert_eq!(index_key_labels(&vault).await, ["index-hash/0000000002"]);
-    assert!(vault.keyring.index_keys().2.is_empty());
+    assert!(vault.keyring.index_keys().older.is_empty());
     assert_eq!(index_entries(&vault).await, 31);
     assert_eq!(lookup_customers(&vault, &rig, &values).await, want);
     assert!(!vault.job_status(Job::Reindex).await.unwrap().pending);
@@ -273,7 +274,10 @@ async fn a_held_job_keeps_its_place_across_restarts_until_released() {
         "{status:?}"
     );
     assert!(vault.job_step(Job::Reencrypt, 5).await.unwrap().paused);
-    assert_eq!(vault.key_usage().await.unwrap(), vec![(1, 12), (2, 0)]);
+    assert_eq!(
+        vault.key_usage().await.unwrap(),
+        vec![(KeyVersion::Vault(1), 12), (KeyVersion::Vault(2), 0)]
+    );
     vault
         .set_job_paused(
             rig.keys_permit((Job::Reencrypt, false)),
@@ -282,7 +286,10 @@ async fn a_held_job_keeps_its_place_across_restarts_until_released() {
         .await
         .unwrap();
     while !vault.job_step(Job::Reencrypt, 5).await.unwrap().finished {}
-    assert_eq!(vault.key_usage().await.unwrap(), vec![(1, 0), (2, 12)]);
+    assert_eq!(
+        vault.key_usage().await.unwrap(),
+        vec![(KeyVersion::Vault(1), 0), (KeyVersion::Vault(2), 12)]
+    );
 }
 
 #[tokio::test]
@@ -307,7 +314,11 @@ async fn a_rotation_during_a_pass_restarts_it_so_no_record_is_left_behind() {
     while !vault.job_step(Job::Reencrypt, 15).await.unwrap().finished {}
     assert_eq!(
         vault.key_usage().await.unwrap(),
-        vec![(1, 0), (2, 0), (3, 20)]
+        vec![
+            (KeyVersion::Vault(1), 0),
+            (KeyVersion::Vault(2), 0),
+            (KeyVersion::Vault(3), 20)
+        ]
     );
 }
 
@@ -334,9 +345,15 @@ async fn rotation_reencrypts_in_the_background_and_resumes_after_a_restart() {
     // After a restart the job resumes where it stopped.
     let vault = rig.open().await;
     let usage = vault.key_usage().await.unwrap();
-    assert!(usage.contains(&(2, 1 + step.moved)), "{usage:?}");
+    assert!(
+        usage.contains(&(KeyVersion::Vault(2), 1 + step.moved)),
+        "{usage:?}"
+    );
     while !vault.job_step(Job::Reencrypt, 7).await.unwrap().finished {}
-    assert_eq!(vault.key_usage().await.unwrap(), vec![(1, 0), (2, 31)]);
+    assert_eq!(
+        vault.key_usage().await.unwrap(),
+        vec![(KeyVersion::Vault(1), 0), (KeyVersion::Vault(2), 31)]
+    );
     let purpose = grants.allow_purpose("test".parse().unwrap()).unwrap();
     let all: Vec<Token> = tokens.into_iter().chain(fresh).collect();
     let revealed = vault

@@ -6,7 +6,7 @@ use super::*;
 use crate::{
     audit::AuditContext,
     authz::{Action, IdentityPattern, Policy, PurposeSet, RevealForm, Rule},
-    config::RawFieldType,
+    fields::RawFieldType,
     identity::ClientId,
     store::{RocksStore, StoreOptions},
     token::Token,
@@ -367,7 +367,7 @@ impl Store for FailingStore {
                 .iter()
                 .map(|u| {
                     Err(store::Conflict {
-                        guard: u.guards().len() + u.unchanged().len() - 1,
+                        guard: store::FailedGuard::Unchanged(u.unchanged().len() - 1),
                         existing: Vec::new(),
                     })
                 })
@@ -454,7 +454,8 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
     assert_eq!(head.seq, 1, "the tokenize event went in with the data");
 
     // An update that keeps losing to concurrent writes gives up, and the
-    // call is still audited, as ABORTED (issue 15, item 14).
+    // call is still audited, as ABORTED: a refused or failed write is still
+    // a call someone made.
     vault
         .store()
         .lose_races
@@ -802,9 +803,10 @@ async fn pruned_audit_trails_stay_verifiable_from_the_kept_checkpoint() {
     // Without the signed prune marker, missing head events are a deletion,
     // not pruning.
     let mut batch = store::Batch::new();
-    batch
-        .unit()
-        .delete(store::Table::Meta, crate::audit::PRUNE_MARKER_KEY.to_vec());
+    batch.unit().delete(
+        store::Table::Meta,
+        crate::layout::AUDIT_PRUNE_MARKER.to_vec(),
+    );
     f.vault.store().commit(batch).await.unwrap();
     let store = RocksStore::open_read_only(f.vault.store().path()).unwrap();
     assert!(

@@ -10,17 +10,13 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{
-    Blind, ItemError, LookupValue, NewValue, Record, Vault,
-    record::{Binding, SUBJECT_KEY},
-    retention::expiry_key,
-    subjects::subject_index_key,
-};
+use super::{Blind, ItemError, LookupValue, NewValue, Record, Vault, record::Binding};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::{Denial, Permit},
     crypto::{self, DataKey, SecretValue},
     fields::FieldSpec,
+    layout::{self, KeyVersion},
     store::{Batch, Store, Table},
     token::{FieldType, Token},
 };
@@ -373,8 +369,8 @@ impl<S: Store> Vault<S> {
         let created_ms = self.now();
         for (p, token) in drawn {
             let (key_version, key) = match p.subject_hash.and_then(|h| subject_keys.get(&h)) {
-                Some(key) => (SUBJECT_KEY, key),
-                None => (vault_key_version, &*vault_key),
+                Some(key) => (KeyVersion::Subject, key),
+                None => (KeyVersion::Vault(vault_key_version), &*vault_key),
             };
             let aad = Record::sealing_aad(
                 token,
@@ -398,7 +394,7 @@ impl<S: Store> Vault<S> {
             if let Some(subject) = p.subject_hash {
                 unit.put(
                     Table::SubjectIndex,
-                    subject_index_key(&subject, token.storage_key()),
+                    layout::subject_index_key(&subject, token.storage_key()),
                     Vec::new(),
                 );
             }
@@ -421,7 +417,7 @@ impl<S: Store> Vault<S> {
             if let Some(expires_ms) = p.expires_ms {
                 unit.put(
                     Table::Expiry,
-                    expiry_key(expires_ms, token.storage_key()),
+                    layout::expiry_key(expires_ms, token.storage_key()),
                     Vec::new(),
                 );
             }

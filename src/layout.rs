@@ -1,0 +1,424 @@
+//! The storage layout: every key the vault writes is built and parsed here
+//! and nowhere else, one section per table, in the order of the table in
+//! ARCHITECTURE.md ("Storage layout").
+//!
+//! These bytes are on the disk of every deployed vault and in every backup:
+//! **never change one**. A new key gets a new name; the tests at the end of
+//! this file pin each name and round-trip each encoder.
+//!
+//! Two things are not here because their owner writes them itself: the
+//! `audit` table's keys (the entry's sequence number, big-endian:
+//! [`crate::store::chain::key`]), which the store assigns inside its own
+//! commit, and `audit_checkpoints` (the same encoding).
+
+use crate::crypto::{NONCE_LEN, Sealed};
+
+/// A keyed hash of a data subject's id, as records and the subject tables
+/// hold it.
+pub type SubjectHash = [u8; 32];
+
+// --- records -------------------------------------------------------------
+//
+// Keyed by the token's storage key (`Token::storage_key`); the value is
+// `vault::Record`.
+
+/// Which key encrypted a record: stored as a `u32` in the record and bound
+/// into its associated data, `0` for the subject's own key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum KeyVersion {
+    /// The record's subject's own data key (crypto-shredded on erasure).
+    Subject,
+    /// The vault's data key of this version (1 and up).
+    Vault(u32),
+}
+
+impl KeyVersion {
+    /// The number stored in the record.
+    pub fn stored(self) -> u32 {
+        match self {
+            KeyVersion::Subject => 0,
+            KeyVersion::Vault(version) => version,
+        }
+    }
+
+    /// The key version a stored number names.
+    pub fn from_stored(stored: u32) -> Self {
+        match stored {
+            0 => KeyVersion::Subject,
+            version => KeyVersion::Vault(version),
+        }
+    }
+}
+
+impl std::fmt::Display for KeyVersion {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyVersion::Subject => f.write_str("subject"),
+            KeyVersion::Vault(version) => write!(f, "{version}"),
+        }
+    }
+}
+
+// --- keys ----------------------------------------------------------------
+
+/// The keys the master key wraps, each stored under
+/// `<prefix><version, 10 digits>` in the `keys` table. Families with a
+/// single key use version 1 and read the newest label under their prefix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MasterWrapped {
+    /// The vault's data keys, which encrypt values without a subject.
+    DataKey,
+    /// Hashes subject ids (HMAC) into [`SubjectHash`]es.
+    SubjectIdHashKey,
+    /// Hashes values of deterministic field types for the blind index.
+    BlindIndexKey,
+    /// Hashes tokens and subject ids in audit events.
+    AuditHashKey,
+    /// The seed of the Ed25519 key that signs audit checkpoints.
+    AuditSigningKey,
+    /// Wraps each subject's own data key ([`subject_data_key_label`]).
+    SubjectKek,
+    /// MACs the erasure ledger's entries into a chain.
+    ErasureLedgerMacKey,
+}
+
+impl MasterWrapped {
+    /// Every family, in the order a master-key rotation re-wraps them.
+    pub const ALL: [MasterWrapped; 7] = [
+        MasterWrapped::DataKey,
+        MasterWrapped::SubjectIdHashKey,
+        MasterWrapped::BlindIndexKey,
+        MasterWrapped::AuditHashKey,
+        MasterWrapped::AuditSigningKey,
+        MasterWrapped::SubjectKek,
+        MasterWrapped::ErasureLedgerMacKey,
+    ];
+
+    /// The label prefix on disk.
+    pub fn prefix(self) -> &'static str {
+        match self {
+            MasterWrapped::DataKey => "dek/",
+            MasterWrapped::SubjectIdHashKey => "subject-hash/",
+            MasterWrapped::BlindIndexKey => "index-hash/",
+            MasterWrapped::AuditHashKey => "audit-hash/",
+            MasterWrapped::AuditSigningKey => "audit-signing/",
+            MasterWrapped::SubjectKek => "subject-kek/",
+            MasterWrapped::ErasureLedgerMacKey => "erasure-ledger-mac/",
+        }
+    }
+
+    /// The label of `version`; also the associated data it is wrapped with.
+    pub fn label(self, version: u32) -> Vec<u8> {
+        format!("{}{version:010}", self.prefix()).into_bytes()
+    }
+
+    /// The version a label of this family names.
+    pub fn version_of(self, label: &[u8]) -> Option<u32> {
+        std::str::from_utf8(label)
+            .ok()?
+            .strip_prefix(self.prefix())?
+            .parse()
+            .ok()
+    }
+}
+
+/// Where each subject's own data key is stored, wrapped by the subject KEK,
+/// followed by the subject hash in lowercase hex.
+const SUBJECT_DATA_KEY_PREFIX: &[u8] = b"subject-key/";
+
+/// The label of a subject's own data key.
+pub fn subject_data_key_label(subject: &SubjectHash) -> Vec<u8> {
+    let mut label = SUBJECT_DATA_KEY_PREFIX.to_vec();
+    label.extend_from_slice(data_encoding::HEXLOWER.encode(subject).as_bytes());
+    label
+}
+
+/// The subject a subject data key label belongs to.
+pub fn subject_of_data_key_label(label: &[u8]) -> Option<SubjectHash> {
+    let hex = label.strip_prefix(SUBJECT_DATA_KEY_PREFIX)?;
+    data_encoding::HEXLOWER.decode(hex).ok()?.try_into().ok()
+}
+
+/// The audit public key, stored in the clear so that offline verification
+/// needs no secret.
+pub const AUDIT_PUBLIC_KEY: &[u8] = b"audit-public-key";
+
+const WRAPPED_FORMAT_V1: u8 = 1;
+
+/// The value of a wrapped key: format 1, created ms (big-endian), nonce,
+/// ciphertext and tag.
+pub fn encode_wrapped(sealed: &Sealed, created_ms: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 8 + NONCE_LEN + sealed.ciphertext.len());
+    out.push(WRAPPED_FORMAT_V1);
+    out.extend_from_slice(&created_ms.to_be_bytes());
+    out.extend_from_slice(&sealed.nonce);
+    out.extend_from_slice(&sealed.ciphertext);
+    out
+}
+
+/// The sealed key in a wrapped-key value, if it is well formed.
+pub fn decode_wrapped(bytes: &[u8]) -> Option<Sealed> {
+    if bytes.len() < 1 + 8 + NONCE_LEN + 16 || bytes[0] != WRAPPED_FORMAT_V1 {
+        return None;
+    }
+    Some(Sealed {
+        nonce: bytes[9..9 + NONCE_LEN].try_into().ok()?,
+        ciphertext: bytes[9 + NONCE_LEN..].to_vec(),
+    })
+}
+
+/// When a wrapped key was created (0 if the value is malformed).
+pub fn wrapped_created_ms(bytes: &[u8]) -> u64 {
+    bytes
+        .get(1..9)
+        .and_then(|b| b.try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+// --- blind_index ---------------------------------------------------------
+//
+// Keyed by the 32-byte HMAC the blind-index key makes of the field type,
+// subject and normalised value (`vault::tokenize`); the value is the token.
+
+// --- subject_index -------------------------------------------------------
+
+/// The subject-index key of one of a subject's tokens: the subject hash,
+/// then the token's storage key. The value is empty.
+pub fn subject_index_key(subject: &SubjectHash, token: &[u8]) -> Vec<u8> {
+    [subject.as_slice(), token].concat()
+}
+
+/// The token a subject-index key names (its subject is the scan prefix).
+pub fn token_of_subject_index_key(key: &[u8]) -> Option<&[u8]> {
+    key.get(32..).filter(|token| !token.is_empty())
+}
+
+// --- consent -------------------------------------------------------------
+
+/// The consent key of a subject and purpose: the subject hash, then the
+/// purpose's name.
+pub fn consent_key(subject: &SubjectHash, purpose: &str) -> Vec<u8> {
+    [subject.as_slice(), purpose.as_bytes()].concat()
+}
+
+/// The purpose a consent key names.
+pub fn purpose_of_consent_key(key: &[u8]) -> Option<&str> {
+    std::str::from_utf8(key.get(32..)?).ok()
+}
+
+/// A subject's consent to one purpose.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsentState {
+    /// Whether consent is granted.
+    pub granted: bool,
+    /// When it was last set (0: never).
+    pub updated_ms: u64,
+}
+
+impl ConsentState {
+    /// The stored value: 1 (granted) or 0, then the time, big-endian.
+    pub fn encode(self) -> Vec<u8> {
+        let mut value = vec![u8::from(self.granted)];
+        value.extend_from_slice(&self.updated_ms.to_be_bytes());
+        value
+    }
+
+    /// A stored decision; none, or a damaged one, is "not granted".
+    pub fn decode(value: Option<&[u8]>) -> Self {
+        match value {
+            Some([flag, rest @ ..]) if rest.len() == 8 => ConsentState {
+                granted: *flag == 1,
+                updated_ms: rest.try_into().map_or(0, u64::from_be_bytes),
+            },
+            _ => ConsentState {
+                granted: false,
+                updated_ms: 0,
+            },
+        }
+    }
+}
+
+// --- expiry --------------------------------------------------------------
+
+/// The expiry-table key of a record: its expiry (ms, big-endian, so keys
+/// sort by time), then its token's storage key. The value is empty.
+pub fn expiry_key(expires_ms: u64, token: &[u8]) -> Vec<u8> {
+    [expires_ms.to_be_bytes().as_slice(), token].concat()
+}
+
+/// The expiry and the token of an expiry-table key.
+pub fn split_expiry_key(key: &[u8]) -> Option<(u64, &[u8])> {
+    let (time, token) = key.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*time), token))
+}
+
+// --- meta ----------------------------------------------------------------
+
+/// Present once every record with an expiry has its expiry-table entry (the
+/// one-time back-fill of vaults made before that table existed).
+pub const EXPIRY_INDEXED: &[u8] = b"expiry/indexed";
+
+/// The signed prune marker of the audit trail (`audit::PruneMarker`).
+pub const AUDIT_PRUNE_MARKER: &[u8] = b"audit/pruned-through";
+
+/// The prefix of the erasure ledger's entries as the vault recorded them.
+pub const ERASURE_LEDGER_ENTRY_PREFIX: &[u8] = b"erasure-ledger/entry/";
+
+/// The key of erasure ledger entry `seq`: the prefix, then `seq` big-endian.
+pub fn erasure_ledger_entry_key(seq: u64) -> Vec<u8> {
+    [ERASURE_LEDGER_ENTRY_PREFIX, seq.to_be_bytes().as_slice()].concat()
+}
+
+/// What a background job keeps in `meta`, under `<job>/<what>`, where the
+/// job's name is its stored name (`vault::Job::name`), never renamed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum JobEntry {
+    /// The next record key to visit; present while the job is due.
+    Cursor,
+    /// Visited, total at start, raced (u64 each, big-endian).
+    Progress,
+    /// Present (empty) while an operator holds the job.
+    Paused,
+}
+
+/// The `meta` key of one of a job's entries.
+pub fn job_key(job: &str, entry: JobEntry) -> Vec<u8> {
+    let entry = match entry {
+        JobEntry::Cursor => "cursor",
+        JobEntry::Progress => "progress",
+        JobEntry::Paused => "paused",
+    };
+    format!("{job}/{entry}").into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SUBJECT: SubjectHash = [0xab; 32];
+
+    /// The names on disk, spelled out: a change here breaks every deployed
+    /// vault, so this test must only ever grow.
+    #[test]
+    fn on_disk_names_never_change() {
+        let labels: Vec<String> = MasterWrapped::ALL
+            .iter()
+            .map(|family| String::from_utf8(family.label(7)).unwrap())
+            .collect();
+        assert_eq!(
+            labels,
+            [
+                "dek/0000000007",
+                "subject-hash/0000000007",
+                "index-hash/0000000007",
+                "audit-hash/0000000007",
+                "audit-signing/0000000007",
+                "subject-kek/0000000007",
+                "erasure-ledger-mac/0000000007",
+            ]
+        );
+        assert_eq!(
+            subject_data_key_label(&SUBJECT),
+            [b"subject-key/".as_slice(), "ab".repeat(32).as_bytes()].concat()
+        );
+        assert_eq!(AUDIT_PUBLIC_KEY, b"audit-public-key");
+        assert_eq!(KeyVersion::Subject.stored(), 0);
+        assert_eq!(KeyVersion::Vault(3).stored(), 3);
+        assert_eq!(
+            subject_index_key(&SUBJECT, b"tok_x"),
+            [[0xab; 32].as_slice(), b"tok_x"].concat()
+        );
+        assert_eq!(
+            consent_key(&SUBJECT, "marketing"),
+            [[0xab; 32].as_slice(), b"marketing"].concat()
+        );
+        assert_eq!(
+            expiry_key(0x0102, b"tok_x"),
+            [[0, 0, 0, 0, 0, 0, 1, 2].as_slice(), b"tok_x"].concat()
+        );
+        assert_eq!(EXPIRY_INDEXED, b"expiry/indexed");
+        assert_eq!(AUDIT_PRUNE_MARKER, b"audit/pruned-through");
+        assert_eq!(
+            erasure_ledger_entry_key(5),
+            [
+                b"erasure-ledger/entry/".as_slice(),
+                &[0, 0, 0, 0, 0, 0, 0, 5]
+            ]
+            .concat()
+        );
+        let jobs: Vec<Vec<u8>> = [JobEntry::Cursor, JobEntry::Progress, JobEntry::Paused]
+            .into_iter()
+            .map(|entry| job_key("reencrypt", entry))
+            .collect();
+        assert_eq!(
+            jobs,
+            [
+                b"reencrypt/cursor".to_vec(),
+                b"reencrypt/progress".to_vec(),
+                b"reencrypt/paused".to_vec()
+            ]
+        );
+        assert_eq!(
+            ConsentState {
+                granted: true,
+                updated_ms: 9
+            }
+            .encode(),
+            [1, 0, 0, 0, 0, 0, 0, 0, 9]
+        );
+    }
+
+    #[test]
+    fn every_key_round_trips() {
+        for family in MasterWrapped::ALL {
+            for version in [1, 42, u32::MAX] {
+                assert_eq!(family.version_of(&family.label(version)), Some(version));
+            }
+            // A label of another family is not one of this family's.
+            for other in MasterWrapped::ALL.into_iter().filter(|o| *o != family) {
+                assert_eq!(family.version_of(&other.label(1)), None, "{family:?}");
+            }
+        }
+        for stored in [0, 1, 9, u32::MAX] {
+            assert_eq!(KeyVersion::from_stored(stored).stored(), stored);
+        }
+        assert_eq!(
+            subject_of_data_key_label(&subject_data_key_label(&SUBJECT)),
+            Some(SUBJECT)
+        );
+        assert_eq!(
+            token_of_subject_index_key(&subject_index_key(&SUBJECT, b"tok_x")),
+            Some(b"tok_x".as_slice())
+        );
+        assert_eq!(
+            purpose_of_consent_key(&consent_key(&SUBJECT, "billing")),
+            Some("billing")
+        );
+        assert_eq!(
+            split_expiry_key(&expiry_key(u64::MAX - 1, b"tok_y")),
+            Some((u64::MAX - 1, b"tok_y".as_slice()))
+        );
+        // Expiry keys sort by time whatever the token.
+        assert!(expiry_key(1, b"zzz") < expiry_key(2, b"aaa"));
+        let sealed = Sealed {
+            nonce: [7; NONCE_LEN],
+            ciphertext: vec![9; 48],
+        };
+        let wrapped = encode_wrapped(&sealed, 1234);
+        let back = decode_wrapped(&wrapped).unwrap();
+        assert_eq!(
+            (back.nonce, back.ciphertext),
+            (sealed.nonce, sealed.ciphertext)
+        );
+        assert_eq!(wrapped_created_ms(&wrapped), 1234);
+        assert!(decode_wrapped(&wrapped[..20]).is_none());
+        for state in [(true, 5), (false, u64::MAX)] {
+            let state = ConsentState {
+                granted: state.0,
+                updated_ms: state.1,
+            };
+            assert_eq!(ConsentState::decode(Some(&state.encode())), state);
+        }
+        assert!(!ConsentState::decode(Some(b"junk")).granted);
+    }
+}

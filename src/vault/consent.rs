@@ -1,0 +1,97 @@
+//! Consent: a data subject's decision per purpose, which detokenization
+//! for a consent purpose of the value's field type checks.
+
+use super::{Error, SubjectId, Vault};
+use crate::{
+    audit::{AuditContext, Outcome},
+    authz::{Permit, Purpose},
+    layout::{self, ConsentState},
+    store::{Batch, Store, Table},
+};
+
+impl<S: Store> Vault<S> {
+    /// Records a subject's consent decision for a purpose.
+    ///
+    /// # Errors
+    /// Storage or audit failures.
+    pub async fn set_consent(
+        &self,
+        permit: Permit<(SubjectId, Purpose, bool)>,
+        audit: &AuditContext,
+    ) -> Result<ConsentState, Error> {
+        let (subject, purpose, granted) = permit.into_item();
+        let hash = self.subject_hash(&subject);
+        let state = ConsentState {
+            granted,
+            updated_ms: self.now(),
+        };
+        let mut event = audit.event(Outcome::Ok);
+        event.subjects.push(self.audit_subject(&subject));
+        event.consent = Some(if granted {
+            "granted".into()
+        } else {
+            "withdrawn".into()
+        });
+        let mut batch = Batch::new();
+        batch
+            .unit()
+            .put(
+                Table::Consent,
+                layout::consent_key(&hash, purpose.as_str()),
+                state.encode(),
+            )
+            .append_audit(event.encode());
+        self.store
+            .commit(batch)
+            .await
+            .map_err(Error::AuditUnavailable)?;
+        Ok(state)
+    }
+
+    /// Reads a subject's consent decision for a purpose.
+    ///
+    /// # Errors
+    /// Storage or audit failures.
+    pub async fn get_consent(
+        &self,
+        permit: Permit<(SubjectId, Purpose)>,
+        audit: &AuditContext,
+    ) -> Result<ConsentState, Error> {
+        let (subject, purpose) = permit.into_item();
+        let hash = self.subject_hash(&subject);
+        let state = self
+            .consents(&[(hash, purpose.as_str().to_owned())])
+            .await?
+            .pop()
+            .unwrap_or(ConsentState {
+                granted: false,
+                updated_ms: 0,
+            });
+        let mut event = audit.event(Outcome::Ok);
+        event.subjects.push(self.audit_subject(&subject));
+        self.record(&event).await?;
+        Ok(state)
+    }
+
+    pub(super) async fn consents(
+        &self,
+        wanted: &[([u8; 32], String)],
+    ) -> Result<Vec<ConsentState>, Error> {
+        // Most detokenizes need no consent: skip the read (and its hop to the
+        // blocking pool) entirely.
+        if wanted.is_empty() {
+            return Ok(Vec::new());
+        }
+        let keys = wanted
+            .iter()
+            .map(|(h, p)| layout::consent_key(h, p))
+            .collect();
+        Ok(self
+            .store
+            .get_many(Table::Consent, keys)
+            .await?
+            .into_iter()
+            .map(|v| ConsentState::decode(v.as_deref()))
+            .collect())
+    }
+}
