@@ -7,6 +7,22 @@ mod common;
 
 use common::{TestVault, Writers, run_cli};
 
+/// The names and sizes of the files in `dir`, sorted.
+fn dir_listing(dir: &std::path::Path) -> Vec<(String, u64)> {
+    let mut files: Vec<(String, u64)> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| {
+            let e = e.unwrap();
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
+        .collect();
+    files.sort();
+    files
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backup_of_a_live_vault_restores_every_acknowledged_write() {
     let mut vault = TestVault::start();
@@ -68,9 +84,45 @@ async fn a_backup_of_a_live_vault_restores_every_acknowledged_write() {
         .unwrap_err();
     assert_eq!(existing.code(), tonic::Code::PermissionDenied);
     assert_eq!(existing.message(), status.message());
+    // With the scope, a second backup to the same path is refused and the
+    // first is left as it was.
+    let files_before = dir_listing(&backup);
+    let mut admin = tokenvault::proto::v1::admin_client::AdminClient::new(
+        vault.channel_with(&vault.pki.tls("privacy")).await.unwrap(),
+    );
+    let again = admin
+        .create_backup(tokenvault::proto::v1::CreateBackupRequest {
+            path: backup.display().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(again.code(), tonic::Code::InvalidArgument, "{again:?}");
+    assert!(again.message().contains("exists"), "{}", again.message());
+    assert_eq!(dir_listing(&backup), files_before);
+
     let (ok, out) = run_cli(&["backup", "verify", backup.to_str().unwrap()]);
     assert!(ok, "{out}");
     assert!(out.starts_with("ok: "), "{out}");
+
+    // A damaged copy does not verify: one flipped byte in the first data
+    // block of each table file (table files start with their data blocks),
+    // which RocksDB's block checksums must catch when verify reads it.
+    let damaged = vault.root.path().join("backup-damaged");
+    common::copy_dir(&backup, &damaged);
+    let mut flipped = 0;
+    for entry in std::fs::read_dir(&damaged).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "sst") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            bytes[10] ^= 0x5a;
+            std::fs::write(&path, bytes).unwrap();
+            flipped += 1;
+        }
+    }
+    assert!(flipped > 0, "the backup holds no table file to damage");
+    let (ok, out) = run_cli(&["backup", "verify", damaged.to_str().unwrap()]);
+    assert!(!ok, "a damaged backup verified: {out}");
+    assert!(!out.starts_with("ok: "), "{out}");
 
     let restored = vault.root.path().join("restored");
     let (ok, out) = run_cli(&[
