@@ -24,7 +24,7 @@ fn rust_files(dir: &Path) -> Vec<PathBuf> {
 }
 
 /// The top-level crate module a source file belongs to (`vault` for
-/// `src/vault/tokenize.rs`, `authz` for `src/authz.rs`).
+/// `src/vault/tokenize.rs`, `metrics` for `src/metrics.rs`).
 fn module_of(src: &Path, file: &Path) -> String {
     let relative = file.strip_prefix(src).unwrap();
     let first = relative.components().next().unwrap().as_os_str();

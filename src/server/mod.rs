@@ -14,10 +14,15 @@ use std::{future::Future, io, net::SocketAddr, sync::Arc, time::Duration};
 use tokio::{
     net::TcpListener,
     sync::{mpsc, watch},
+    task::JoinHandle,
 };
 use tokio_stream::wrappers::{ReceiverStream, TcpListenerStream};
 use tonic::transport::Server;
-use tonic_health::{ServingStatus, server::HealthReporter};
+use tonic_health::{
+    ServingStatus,
+    pb::health_server::{Health, HealthServer},
+    server::HealthReporter,
+};
 
 pub use tls::{Connections, TlsConn, TlsError, TlsState, tls_state};
 
@@ -111,49 +116,9 @@ pub async fn run(
         config.health_listen,
     )?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let health_task = {
-        let mut stop = stop_rx.clone();
-        let service = health_service.clone();
-        // Reflection here describes the health service only, so grpcurl can
-        // probe this port without proto files; the API stays on the mTLS port.
-        let (reflection_v1, reflection_v1alpha) =
-            reflection(&[tonic_health::pb::FILE_DESCRIPTOR_SET])?;
-        tokio::spawn(
-            Server::builder()
-                .add_service(service)
-                .add_service(reflection_v1)
-                .add_service(reflection_v1alpha)
-                .serve_with_incoming_shutdown(
-                    TcpListenerStream::new(health_listener),
-                    async move {
-                        let _ = stop.changed().await;
-                    },
-                ),
-        )
-    };
+    let health_task = serve_health(health_listener, health_service.clone(), stop_rx.clone())?;
 
-    let store = {
-        let path = config.data_dir.clone();
-        let options = StoreOptions {
-            durability: config.durability,
-            block_cache_bytes: config.block_cache_bytes,
-        };
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&path).map_err(|e| {
-                store::Error::Backend(format!("cannot create data_dir {}: {e}", path.display()))
-            })?;
-            RocksStore::open(&path, &options)
-        })
-        .await
-        .map_err(|e| store::Error::Backend(e.to_string()))??
-    };
-    let (vault, _) = Vault::open(store, &master, config.field_types.clone())
-        .await?
-        .with_subject_limit(config.max_tokens_per_subject)
-        .with_ledger(&config.erasure_ledger, config.ledger_rollback)
-        .await?;
-    let vault = Arc::new(vault);
-    drop(master);
+    let vault = Arc::new(open_vault(&config, master).await?);
 
     let policy = Arc::new(SharedPolicy::new(config.policy.clone()));
     let refusals = Arc::new(RefusalLog::default());
@@ -179,29 +144,13 @@ pub async fn run(
         config.metrics_listen,
     )?;
     let connections = Arc::new(Connections::default());
-    let metrics_task = {
-        let (vault, metrics, connections) = (
-            Arc::clone(&vault),
-            Arc::clone(&metrics),
-            Arc::clone(&connections),
-        );
-        let render = Arc::new(move || {
-            let stats = vault.store().stats();
-            metrics.render(&Gauges {
-                tokens_stored: stats.records,
-                audit_head: vault.store().audit_head().seq,
-                pending_compaction_bytes: stats.pending_compaction_bytes,
-                wal_bytes: stats.wal_bytes,
-                open_connections: connections.len() as u64,
-                fpt_crowded: vault.fpt_crowded(),
-            })
-        });
-        tokio::spawn(metrics_http::serve(
-            metrics_listener,
-            render,
-            stop_rx.clone(),
-        ))
-    };
+    let metrics_task = serve_metrics(
+        metrics_listener,
+        Arc::clone(&vault),
+        Arc::clone(&metrics),
+        Arc::clone(&connections),
+        stop_rx.clone(),
+    );
     let admin = proto::v1::admin_server::AdminServer::new(api.clone());
     let audit = proto::v1::audit_server::AuditServer::new(api.clone());
     let subjects = proto::v1::subjects_server::SubjectsServer::new(api.clone())
@@ -303,24 +252,98 @@ pub async fn run(
     let _ = metrics_task.await;
     let _ = reloader.await;
     drop(grpc);
-    // Refusals counted since the last flush reach the trail before it closes.
-    background::flush_refusals(&vault, &refusals).await;
-    // The last events of this run get their signature before the store closes.
+    close(vault, &refusals).await;
+    tracing::info!("stopped");
+    result
+}
+
+/// Serves the health service (and a reflection of it only, so that grpcurl
+/// can probe this port without proto files) on the plaintext port until
+/// `stop` changes.
+fn serve_health(
+    listener: TcpListener,
+    service: HealthServer<impl Health>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<Result<(), tonic::transport::Error>>, ServeError> {
+    let (reflection_v1, reflection_v1alpha) = reflection(&[tonic_health::pb::FILE_DESCRIPTOR_SET])?;
+    Ok(tokio::spawn(
+        Server::builder()
+            .add_service(service)
+            .add_service(reflection_v1)
+            .add_service(reflection_v1alpha)
+            .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+                let _ = stop.changed().await;
+            }),
+    ))
+}
+
+/// Opens the store (creating the data directory) and the vault on it, with
+/// the erasure ledger reconciled. The master key is dropped once the keys
+/// are unwrapped.
+async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<RocksStore>, ServeError> {
+    let store = {
+        let path = config.data_dir.clone();
+        let options = StoreOptions {
+            durability: config.durability,
+            block_cache_bytes: config.block_cache_bytes,
+        };
+        tokio::task::spawn_blocking(move || {
+            std::fs::create_dir_all(&path).map_err(|e| {
+                store::Error::Backend(format!("cannot create data_dir {}: {e}", path.display()))
+            })?;
+            RocksStore::open(&path, &options)
+        })
+        .await
+        .map_err(|e| store::Error::Backend(e.to_string()))??
+    };
+    let (vault, _) = Vault::open(store, &master, config.field_types.clone())
+        .await?
+        .with_subject_limit(config.max_tokens_per_subject)
+        .with_ledger(&config.erasure_ledger, config.ledger_rollback)
+        .await?;
+    Ok(vault)
+}
+
+/// Serves the metrics on their plaintext port until `stop` changes, reading
+/// the gauges at each scrape.
+fn serve_metrics(
+    listener: TcpListener,
+    vault: Arc<Vault<RocksStore>>,
+    metrics: Arc<Metrics>,
+    connections: Arc<Connections>,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    let render = Arc::new(move || {
+        let stats = vault.store().stats();
+        metrics.render(&Gauges {
+            tokens_stored: stats.records,
+            audit_head: vault.store().audit_head().seq,
+            pending_compaction_bytes: stats.pending_compaction_bytes,
+            wal_bytes: stats.wal_bytes,
+            open_connections: connections.len() as u64,
+            fpt_crowded: vault.fpt_crowded(),
+        })
+    });
+    tokio::spawn(metrics_http::serve(listener, render, stop))
+}
+
+/// The last writes of a run, once nothing serves: refusals counted since
+/// the last flush, the final signed checkpoint, then the store's close,
+/// which waits for the committer's last write.
+async fn close(vault: Arc<Vault<RocksStore>>, refusals: &RefusalLog) {
+    background::flush_refusals(&vault, refusals).await;
     match vault.checkpoint_audit().await {
         Ok(Some(seq)) => tracing::info!(audit.seq = seq, "signed the final audit checkpoint"),
         Ok(None) => {}
         Err(e) => tracing::error!(error = %e, "cannot sign the final audit checkpoint"),
     }
-    // Every request holding the vault has finished or been dropped; closing
-    // the store now waits for the committer's last write.
+    // Every request holding the vault has finished or been dropped.
     match Arc::try_unwrap(vault) {
         Ok(vault) => vault.into_store().close(),
         Err(_) => {
             tracing::warn!("requests still hold the vault; the database closes when they finish")
         }
     }
-    tracing::info!("stopped");
-    result
 }
 
 /// Server reflection, both versions: grpcurl 1.8 and Python's reflection

@@ -9,319 +9,17 @@
 //! operations take a [`Permit`], which only this module can make, so an
 //! unchecked request cannot reach the vault.
 
-use std::{collections::BTreeSet, fmt, str::FromStr};
+use std::{collections::BTreeSet, fmt};
 
-use crate::{
-    identity::{ClientId, IdentityKind},
-    token::FieldType,
-};
+use crate::{identity::ClientId, token::FieldType};
 
-/// An operation a scope grants.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum Action {
-    /// Store values and get tokens.
-    Tokenize,
-    /// Read values back from tokens, in plaintext (or masked, on request).
-    Detokenize,
-    /// Read only the masked form of values.
-    RevealMasked,
-    /// Find the token of a value of a deterministic field type.
-    Lookup,
-    /// Replace the value behind a token (rectification).
-    Update,
-    /// Delete single tokens.
-    Delete,
-    /// Export all values of a data subject (`subject:export`).
-    SubjectExport,
-    /// Erase a data subject (`subject:erase`).
-    SubjectErase,
-    /// Read consent decisions (`consent:read`).
-    ConsentRead,
-    /// Record consent decisions (`consent:write`).
-    ConsentWrite,
-    /// Take online backups (`admin:backup`).
-    AdminBackup,
-    /// Read the audit trail (`audit:read`).
-    AuditRead,
-    /// Rotate keys (`admin:keys`).
-    AdminKeys,
-}
+mod pattern;
+mod purpose;
+mod scope;
 
-impl Action {
-    /// Actions granted per field type (`<action>:<field type>` or `:*`).
-    pub const PER_FIELD: [Action; 6] = [
-        Action::Tokenize,
-        Action::Detokenize,
-        Action::RevealMasked,
-        Action::Lookup,
-        Action::Update,
-        Action::Delete,
-    ];
-
-    /// Actions granted whole: the scope is the action's name itself.
-    pub const GLOBAL: [Action; 7] = [
-        Action::SubjectExport,
-        Action::SubjectErase,
-        Action::ConsentRead,
-        Action::ConsentWrite,
-        Action::AdminBackup,
-        Action::AuditRead,
-        Action::AdminKeys,
-    ];
-
-    /// The name scopes use.
-    pub fn name(self) -> &'static str {
-        match self {
-            Action::Tokenize => "tokenize",
-            Action::Detokenize => "detokenize",
-            Action::RevealMasked => "reveal_masked",
-            Action::Lookup => "lookup",
-            Action::Update => "update",
-            Action::Delete => "delete",
-            Action::SubjectExport => "subject:export",
-            Action::SubjectErase => "subject:erase",
-            Action::ConsentRead => "consent:read",
-            Action::ConsentWrite => "consent:write",
-            Action::AdminBackup => "admin:backup",
-            Action::AuditRead => "audit:read",
-            Action::AdminKeys => "admin:keys",
-        }
-    }
-
-    fn is_global(self) -> bool {
-        Self::GLOBAL.contains(&self)
-    }
-
-    /// The scope that grants this action on everything: `subject:erase`
-    /// for a global action, `detokenize:*` for a per-field one.
-    pub fn scope_name(self) -> String {
-        if self.is_global() {
-            self.name().to_owned()
-        } else {
-            format!("{}:*", self.name())
-        }
-    }
-}
-
-/// The form a value is revealed in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum RevealForm {
-    /// The value itself.
-    Plain,
-    /// The value with most of it hidden, by the field type's mask rule.
-    Masked,
-}
-
-/// Which field types a scope covers.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum FieldSelector {
-    /// `*`: every field type.
-    Any,
-    /// One field type.
-    One(FieldType),
-}
-
-/// A grant of one action on some field types: `tokenize:email`, `detokenize:*`.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Scope {
-    action: Action,
-    fields: FieldSelector,
-}
-
-impl Scope {
-    /// The scope that `action` on `field_type` needs.
-    pub fn needed(action: Action, field_type: &FieldType) -> Self {
-        Self {
-            action,
-            fields: FieldSelector::One(field_type.clone()),
-        }
-    }
-
-    /// The action granted.
-    pub fn action(&self) -> Action {
-        self.action
-    }
-
-    /// The field types covered.
-    pub fn fields(&self) -> &FieldSelector {
-        &self.fields
-    }
-
-    fn covers(&self, action: Action, field_type: &FieldType) -> bool {
-        self.action == action
-            && match &self.fields {
-                FieldSelector::Any => true,
-                FieldSelector::One(ft) => ft == field_type,
-            }
-    }
-}
-
-/// Why a string is not a scope.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error(
-    "invalid scope {0:?}: expected tokenize:, detokenize:, reveal_masked:, lookup:, update: or delete: followed by a field type or *, or one of subject:export, subject:erase, consent:read, consent:write"
-)]
-pub struct ScopeError(String);
-
-impl FromStr for Scope {
-    type Err = ScopeError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let err = || ScopeError(s.to_owned());
-        if let Some(action) = Action::GLOBAL.into_iter().find(|a| a.name() == s) {
-            return Ok(Self {
-                action,
-                fields: FieldSelector::Any,
-            });
-        }
-        let (action, fields) = s.split_once(':').ok_or_else(err)?;
-        let action = Action::PER_FIELD
-            .into_iter()
-            .find(|a| a.name() == action)
-            .ok_or_else(err)?;
-        let fields = match fields {
-            "*" => FieldSelector::Any,
-            name => FieldSelector::One(name.parse().map_err(|_| err())?),
-        };
-        Ok(Self { action, fields })
-    }
-}
-
-impl fmt::Display for Scope {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.fields {
-            _ if self.action.is_global() => f.write_str(self.action.name()),
-            FieldSelector::Any => write!(f, "{}:*", self.action.name()),
-            FieldSelector::One(ft) => write!(f, "{}:{ft}", self.action.name()),
-        }
-    }
-}
-
-/// Why a caller wants plaintext back, e.g. `order_fulfilment`.
-///
-/// 1 to 64 characters of `a-z`, `0-9`, `_`, `-` and `.`, starting with a letter.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Purpose(String);
-
-/// Why a string is not a purpose. Carries no part of the input.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum PurposeError {
-    /// No purpose was given.
-    #[error("purpose is required")]
-    Empty,
-    /// Not of the allowed shape.
-    #[error(
-        "purpose must be 1 to 64 lower-case letters, digits, '_', '-' or '.', starting with a letter"
-    )]
-    Malformed,
-}
-
-impl Purpose {
-    /// The purpose as text.
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl FromStr for Purpose {
-    type Err = PurposeError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        if s.is_empty() {
-            return Err(PurposeError::Empty);
-        }
-        let ok_char = |c: char| c.is_ascii_lowercase() || c.is_ascii_digit() || "_-.".contains(c);
-        if s.len() > 64
-            || !s.starts_with(|c: char| c.is_ascii_lowercase())
-            || !s.chars().all(ok_char)
-        {
-            return Err(PurposeError::Malformed);
-        }
-        Ok(Self(s.to_owned()))
-    }
-}
-
-impl fmt::Display for Purpose {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// An identity pattern: the kind of identity it matches and a glob over
-/// that identity's text (exact, or `*` wildcards matching any run of
-/// characters).
-///
-/// Written `spiffe://shop.example/ns/payments/*` (SPIFFE IDs from a URI
-/// SAN), `dns:*.billing.internal` (DNS SANs) or `cn:billing` (common names).
-/// A pattern never matches an identity of another kind, so a certificate
-/// whose common name spells a SPIFFE ID cannot pass for that SPIFFE ID. A
-/// pattern that names no kind is refused rather than guessed at.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct IdentityPattern {
-    kind: IdentityKind,
-    glob: String,
-}
-
-impl IdentityPattern {
-    /// Parses a pattern.
-    ///
-    /// # Errors
-    /// If `pattern` is empty or names no kind of identity.
-    pub fn new(pattern: &str) -> Result<Self, PolicyError> {
-        let (kind, glob) = if pattern.starts_with("spiffe://") {
-            (IdentityKind::Spiffe, pattern)
-        } else if let Some(glob) = pattern.strip_prefix("dns:") {
-            (IdentityKind::Dns, glob)
-        } else if let Some(glob) = pattern.strip_prefix("cn:") {
-            (IdentityKind::CommonName, glob)
-        } else if pattern.is_empty() {
-            return Err(PolicyError::EmptyIdentity);
-        } else {
-            return Err(PolicyError::NoIdentityKind(pattern.to_owned()));
-        };
-        if glob.is_empty() {
-            return Err(PolicyError::EmptyIdentity);
-        }
-        Ok(Self {
-            kind,
-            glob: glob.to_owned(),
-        })
-    }
-
-    /// Whether `id` is of this pattern's kind and its text matches.
-    pub fn matches(&self, id: &ClientId) -> bool {
-        id.kind() == self.kind && glob_match(self.glob.as_bytes(), id.name().as_bytes())
-    }
-}
-
-impl fmt::Display for IdentityPattern {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}{}", self.kind.prefix(), self.glob)
-    }
-}
-
-/// `*` matches any run of bytes; everything else matches itself. Iterative
-/// with one backtrack point, so it is linear-ish and cannot blow the stack.
-fn glob_match(pattern: &[u8], text: &[u8]) -> bool {
-    let (mut p, mut t) = (0, 0);
-    let mut star: Option<(usize, usize)> = None;
-    while t < text.len() {
-        if p < pattern.len() && pattern[p] == b'*' {
-            star = Some((p, t));
-            p += 1;
-        } else if p < pattern.len() && pattern[p] == text[t] {
-            p += 1;
-            t += 1;
-        } else if let Some((sp, st)) = star {
-            p = sp + 1;
-            t = st + 1;
-            star = Some((sp, st + 1));
-        } else {
-            return false;
-        }
-    }
-    pattern[p..].iter().all(|&c| c == b'*')
-}
+pub use pattern::IdentityPattern;
+pub use purpose::{Purpose, PurposeError};
+pub use scope::{Action, FieldSelector, RevealForm, Scope, ScopeError};
 
 /// Purposes a rule allows: a list, or `*` for any.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -431,7 +129,7 @@ impl Grants<'_> {
             .rules
             .iter()
             .flat_map(|r| &r.scopes)
-            .any(|s| actions.contains(&s.action));
+            .any(|s| actions.contains(&s.action()));
         if granted {
             return Ok(());
         }
@@ -526,7 +224,7 @@ impl Grants<'_> {
         purpose: &PurposeGrant,
         item: T,
     ) -> Result<Permit<T>, Denial> {
-        let granted = |r: &Rule| r.scopes.iter().any(|s| s.action == action);
+        let granted = |r: &Rule| r.scopes.iter().any(|s| s.action() == action);
         if self
             .rules
             .iter()
@@ -535,10 +233,7 @@ impl Grants<'_> {
             return Ok(Permit { item });
         }
         if self.rules.iter().any(|r| granted(r)) {
-            let scope = Scope {
-                action,
-                fields: FieldSelector::Any,
-            };
+            let scope = Scope::any_field(action);
             return Err(self.deny(DenialReason::ScopeNotForPurpose(scope, purpose.0.clone())));
         }
         Err(self.deny(DenialReason::NoScopeFor(action)))
@@ -554,7 +249,7 @@ impl Grants<'_> {
             .rules
             .iter()
             .flat_map(|r| &r.scopes)
-            .any(|s| s.action == action);
+            .any(|s| s.action() == action);
         if granted {
             Ok(Permit { item })
         } else {
@@ -707,7 +402,7 @@ impl fmt::Display for Denial {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{pattern::glob_match, *};
 
     fn rule(identity: &str, scopes: &[&str], purposes: &[&str]) -> Rule {
         let purposes = if purposes == ["*"] {
