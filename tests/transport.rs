@@ -274,6 +274,71 @@ async fn sigterm_drains_and_exits_cleanly() {
     assert!(logs.contains("\"stopped\""), "{logs}");
 }
 
+/// While SIGTERM drains in-flight requests, health says NOT_SERVING on both
+/// ports: a readiness probe reads "not ready" from the plaintext port, not a
+/// refused connection, and a watcher on the mTLS port hears the change. The
+/// server exits once the last request ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_is_not_serving_while_draining() {
+    use tonic_health::pb::{
+        HealthCheckRequest, health_check_response::ServingStatus, health_client::HealthClient,
+    };
+    let mut vault = TestVault::start();
+    // A Watch on the mTLS port is a request that stays in flight, so the
+    // drain waits for it.
+    let channel = vault
+        .channel_with(&vault.pki.tls("checkout"))
+        .await
+        .unwrap();
+    let mut watch = HealthClient::new(channel)
+        .watch(HealthCheckRequest {
+            service: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let first = watch.message().await.unwrap().unwrap();
+    assert_eq!(first.status(), ServingStatus::Serving);
+
+    let signalled = std::process::Command::new("kill")
+        .args(["-TERM", &vault.pid().to_string()])
+        .status()
+        .unwrap();
+    assert!(signalled.success());
+    let next = tokio::time::timeout(Duration::from_secs(10), watch.message())
+        .await
+        .expect("the watcher heard nothing after SIGTERM")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.status(), ServingStatus::NotServing);
+    assert!(vault.wait_for_log("draining"));
+    let probe = tokio::task::spawn_blocking({
+        let addr = vault.health_addr.to_string();
+        move || {
+            tokenvault_command()
+                .args(["health", "--addr", &addr])
+                .output()
+                .unwrap()
+        }
+    })
+    .await
+    .unwrap();
+    assert!(!probe.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&probe.stdout).trim(),
+        "NOT_SERVING",
+        "{}",
+        String::from_utf8_lossy(&probe.stderr)
+    );
+
+    // The last request ends; the drain completes before its deadline.
+    drop(watch);
+    vault.stop();
+    let logs = vault.logs();
+    assert!(logs.contains("\"stopped\""), "{logs}");
+    assert!(!logs.contains("drain deadline passed"), "{logs}");
+}
+
 /// Runs `serve` on `vault`'s config and returns its stderr; it must fail
 /// within the deadline.
 fn serve_must_fail(config: &std::path::Path) -> String {

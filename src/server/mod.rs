@@ -116,7 +116,10 @@ pub async fn run(
         config.health_listen,
     )?;
     let (stop_tx, stop_rx) = watch::channel(false);
-    let health_task = serve_health(health_listener, health_service.clone(), stop_rx.clone())?;
+    // The health port outlives the drain, so probes read NOT_SERVING (not a
+    // refused connection) while in-flight requests finish.
+    let (health_stop_tx, health_stop_rx) = watch::channel(false);
+    let health_task = serve_health(health_listener, health_service.clone(), health_stop_rx)?;
 
     let vault = Arc::new(open_vault(&config, master).await?);
 
@@ -247,6 +250,7 @@ pub async fn run(
     };
     let _ = stop_tx.send(true);
     accept_task.abort();
+    let _ = health_stop_tx.send(true);
     let _ = health_task.await;
     background.stop().await;
     let _ = metrics_task.await;
