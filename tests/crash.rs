@@ -1,5 +1,6 @@
 //! Crash safety: acknowledged writes survive SIGKILL at arbitrary moments,
-//! an acknowledgement waits for a synced write (counted with strace), and
+//! every acknowledgement comes after a completed sync (strace's timestamps
+//! against the client's), and
 //! erasures and updates in flight at a kill are applied whole or not at all.
 
 #![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
@@ -57,12 +58,13 @@ async fn acknowledged_writes_survive_sigkill() {
     assert!(all.len() >= 400);
 }
 
-/// Starts the vault under `strace -f -c` (fsync and fdatasync counted into
-/// `summary`) and waits for its "serving" line: the process and its gRPC
-/// address, or everything it printed if it ended first.
+/// Starts the vault under strace (every fsync and fdatasync of every
+/// thread written to `trace` with its wall-clock time and duration) and
+/// waits for its "serving" line: the process and its gRPC address, or
+/// everything it printed if it ended first.
 fn start_under_strace(
     vault: &TestVault,
-    summary: &std::path::Path,
+    trace: &std::path::Path,
 ) -> Result<(std::process::Child, String), String> {
     // Like common::tokenvault_command: the server sees no variable of the
     // test's environment (a TOKENVAULT_* one would be read as config).
@@ -72,8 +74,16 @@ fn start_under_strace(
         strace.env("PATH", path);
     }
     let mut strace = strace
-        .args(["-f", "-qq", "-c", "-e", "trace=fsync,fdatasync", "-o"])
-        .arg(summary)
+        .args([
+            "-f",
+            "-qq",
+            "-ttt",
+            "-T",
+            "-e",
+            "trace=fsync,fdatasync",
+            "-o",
+        ])
+        .arg(trace)
         .arg(env!("CARGO_BIN_EXE_tokenvault"))
         .args(["serve", "--config"])
         .arg(vault.config_path())
@@ -108,23 +118,79 @@ fn start_under_strace(
     }
 }
 
-/// Runs the vault under `strace -f -c`, makes `writes` sequential tokenize
-/// calls, stops it, and returns the number of fsync + fdatasync calls.
-async fn syncs_for(vault: &mut TestVault, writes: usize) -> u64 {
+/// Seconds since the Unix epoch, as strace's `-ttt` prints them.
+fn wall_clock() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs_f64()
+}
+
+/// When each fsync or fdatasync in an `strace -f -ttt -T` trace returned
+/// successfully. A call another thread interrupted is printed twice
+/// (`<unfinished ...>`, then `<... fdatasync resumed>` at its return).
+fn sync_completions(trace: &str) -> Vec<f64> {
+    trace
+        .lines()
+        .filter(|l| l.contains("sync") && l.contains("= 0"))
+        .filter_map(|line| {
+            let mut fields = line.split_whitespace();
+            let _pid = fields.next()?;
+            let at: f64 = fields.next()?.parse().ok()?;
+            if line.contains("resumed>") {
+                return Some(at);
+            }
+            let took: f64 = line
+                .rsplit_once('<')?
+                .1
+                .trim_end_matches('>')
+                .parse()
+                .ok()?;
+            Some(at + took)
+        })
+        .collect()
+}
+
+#[test]
+fn strace_lines_are_read_with_their_return_time() {
+    let trace = "101 1000.500000 fdatasync(12) = 0 <0.250000>\n\
+                 102 1001.000000 fsync(13 <unfinished ...>\n\
+                 101 1001.100000 write(2, \"x\", 1) = 1 <0.000010>\n\
+                 102 1001.400000 <... fsync resumed>) = 0 <0.400000>\n\
+                 103 1002.000000 fdatasync(14) = -1 EIO (Input/output error) <0.1>\n";
+    assert_eq!(sync_completions(trace), [1000.75, 1001.4]);
+}
+
+/// What a run of sequential writes under strace showed.
+struct SyncTrace {
+    /// fsync + fdatasync calls that returned 0.
+    syncs: usize,
+    /// Writes whose acknowledgement came with no sync completed between
+    /// the request's sending and its answer.
+    unsynced_acks: usize,
+}
+
+/// Runs the vault under strace, makes `writes` sequential tokenize calls
+/// (each sent only after the previous answer), stops it, and matches the
+/// syncs' return times against each call's window.
+async fn syncs_for(vault: &mut TestVault, writes: usize) -> SyncTrace {
     vault.stop();
-    let summary = vault.root.path().join("strace.txt");
-    let (mut strace, addr) = start_under_strace(vault, &summary)
+    let trace_file = vault.root.path().join("strace.txt");
+    let (mut strace, addr) = start_under_strace(vault, &trace_file)
         .unwrap_or_else(|output| panic!("no serving line under strace; its output:\n{output}"));
     let mut client = tokenvault::client::connect(&addr, &vault.pki.tls("checkout"))
         .await
         .unwrap();
+    let mut windows = Vec::with_capacity(writes);
     for i in 0..writes {
+        let sent = wall_clock();
         client
             .tokenize(TokenizeRequest {
                 items: vec![item("email", &format!("sync{i}@example.com"))],
             })
             .await
             .unwrap();
+        windows.push((sent, wall_clock()));
     }
     let server = Command::new("pgrep")
         .args(["-P", &strace.id().to_string()])
@@ -139,17 +205,15 @@ async fn syncs_for(vault: &mut TestVault, writes: usize) -> u64 {
             .success()
     );
     assert!(strace.wait().unwrap().success());
-    let report = std::fs::read_to_string(&summary).unwrap();
-    report
-        .lines()
-        .filter(|l| l.trim_end().ends_with("fsync") || l.trim_end().ends_with("fdatasync"))
-        .map(|l| {
-            l.split_whitespace()
-                .nth(3)
-                .and_then(|n| n.parse::<u64>().ok())
-                .unwrap_or(0)
-        })
-        .sum()
+    let completions = sync_completions(&std::fs::read_to_string(&trace_file).unwrap());
+    let unsynced_acks = windows
+        .iter()
+        .filter(|(sent, acked)| !completions.iter().any(|c| sent < c && c < acked))
+        .count();
+    SyncTrace {
+        syncs: completions.len(),
+        unsynced_acks,
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -158,21 +222,30 @@ async fn an_acknowledgement_waits_for_a_synced_write() {
     // One request at a time, so no two can share a group commit: with
     // durability = sync each acknowledgement needs its own sync.
     let mut synced = TestVault::start();
-    let sync_calls = syncs_for(&mut synced, WRITES).await;
-    assert!(
-        sync_calls >= WRITES as u64,
-        "{sync_calls} syncs for {WRITES} acknowledged writes"
+    let sync = syncs_for(&mut synced, WRITES).await;
+    assert_eq!(
+        sync.unsynced_acks, 0,
+        "acknowledged before any sync completed ({} syncs in all)",
+        sync.syncs
     );
-    // The same with durability = buffered: no sync per write. This is what
-    // shows the count above comes from the acknowledgements.
-    let mut buffered = TestVault::start_with("durability = \"buffered\"");
-    let buffered_calls = syncs_for(&mut buffered, WRITES).await;
     assert!(
-        buffered_calls < WRITES as u64 / 2,
-        "{buffered_calls} syncs with durability = buffered"
+        sync.syncs >= WRITES,
+        "{} syncs for {WRITES} writes",
+        sync.syncs
+    );
+    // The same with durability = buffered: acknowledgements come without a
+    // sync. This shows that the windows above are filled by the writes'
+    // own syncs, not by the engine's background ones.
+    let mut buffered = TestVault::start_with("durability = \"buffered\"");
+    let unsynced = syncs_for(&mut buffered, WRITES).await;
+    assert!(
+        unsynced.unsynced_acks > WRITES / 2,
+        "{} of {WRITES} buffered writes had a sync in their window",
+        WRITES - unsynced.unsynced_acks
     );
     eprintln!(
-        "durability: {sync_calls} syncs (sync) vs {buffered_calls} (buffered) for {WRITES} sequential writes"
+        "durability: {} syncs, every ack after one (sync) vs {} syncs, {} acks without (buffered), {WRITES} sequential writes",
+        sync.syncs, unsynced.syncs, unsynced.unsynced_acks
     );
 }
 
