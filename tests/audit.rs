@@ -335,3 +335,337 @@ async fn the_audit_service_streams_events_to_auditors_only() {
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::PermissionDenied);
 }
+
+/// Every RPC of every service, as README's Audit section promises: allowed,
+/// each call is one event with its method and outcome OK; refused for want
+/// of a scope (a caller the policy does not know), for want of a usable
+/// identity, or by the rate limit, each is counted into a refusal event
+/// with its method and outcome.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_rpc_of_every_service_leaves_its_event() {
+    use tokenvault::{
+        client::TokenVaultClient,
+        pki::ClientSpec,
+        proto::v1::{
+            CreateBackupRequest, DeleteTokensRequest, EraseSubjectRequest, ExportSubjectRequest,
+            GetConsentRequest, Job, ListJobsRequest, LookupItem, LookupTokensRequest,
+            RotateIndexKeyRequest, RotateKeysRequest, RotateMasterKeyRequest, SetConsentRequest,
+            SetJobPausedRequest, StreamEventsRequest, UpdateValueRequest,
+            admin_client::AdminClient, audit_client::AuditClient, subjects_client::SubjectsClient,
+        },
+    };
+    use tonic::transport::Channel;
+
+    /// Calls all sixteen RPCs as the identity behind `channel`, with
+    /// requests that are valid (so a caller with the scopes is allowed);
+    /// returns the methods whose call failed and how.
+    async fn call_everything(
+        channel: Channel,
+        token: &str,
+        root: &Path,
+        attempt: &str,
+    ) -> Vec<(&'static str, tonic::Code)> {
+        let mut vault = TokenVaultClient::new(channel.clone());
+        let mut subjects = SubjectsClient::new(channel.clone());
+        let mut admin = AdminClient::new(channel.clone());
+        let mut audit = AuditClient::new(channel);
+        let subject = "cust-audited".to_owned();
+        let new_key = root.join(format!("master-{attempt}.key"));
+        tokenvault::crypto::MasterKey::create_file(&new_key).unwrap();
+        let mut failed = Vec::new();
+        let mut check = |method: &'static str, result: Result<(), tonic::Status>| {
+            if let Err(status) = result {
+                failed.push((method, status.code()));
+            }
+        };
+        let tokenize = TokenizeRequest {
+            items: vec![item("email", "audit.all@example.com")],
+        };
+        check("Tokenize", vault.tokenize(tokenize).await.map(drop));
+        check(
+            "Detokenize",
+            vault
+                .detokenize(DetokenizeRequest {
+                    tokens: vec![token.to_owned()],
+                    purpose: "customer_support".into(),
+                    masked: false,
+                })
+                .await
+                .map(drop),
+        );
+        check(
+            "LookupTokens",
+            vault
+                .lookup_tokens(LookupTokensRequest {
+                    items: vec![LookupItem {
+                        field_type: "email".into(),
+                        value: "audit.all@example.com".into(),
+                        subject_id: String::new(),
+                    }],
+                })
+                .await
+                .map(drop),
+        );
+        let export = subjects
+            .export_subject(ExportSubjectRequest {
+                subject_id: subject.clone(),
+                purpose: "subject_access_request".into(),
+            })
+            .await;
+        let export = match export {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        check("ExportSubject", export);
+        check(
+            "SetConsent",
+            subjects
+                .set_consent(SetConsentRequest {
+                    subject_id: subject.clone(),
+                    purpose: "marketing".into(),
+                    granted: true,
+                })
+                .await
+                .map(drop),
+        );
+        check(
+            "GetConsent",
+            subjects
+                .get_consent(GetConsentRequest {
+                    subject_id: subject.clone(),
+                    purpose: "marketing".into(),
+                })
+                .await
+                .map(drop),
+        );
+        check(
+            "UpdateValue",
+            subjects
+                .update_value(UpdateValueRequest {
+                    token: token.to_owned(),
+                    value: "audit.updated@example.com".into(),
+                })
+                .await
+                .map(drop),
+        );
+        check(
+            "DeleteTokens",
+            subjects
+                .delete_tokens(DeleteTokensRequest {
+                    tokens: vec![token.to_owned()],
+                })
+                .await
+                .map(drop),
+        );
+        check(
+            "EraseSubject",
+            subjects
+                .erase_subject(EraseSubjectRequest {
+                    subject_id: subject,
+                })
+                .await
+                .map(drop),
+        );
+        check(
+            "CreateBackup",
+            admin
+                .create_backup(CreateBackupRequest {
+                    path: root.join(format!("backup-{attempt}")).display().to_string(),
+                })
+                .await
+                .map(drop),
+        );
+        check(
+            "RotateKeys",
+            admin.rotate_keys(RotateKeysRequest {}).await.map(drop),
+        );
+        check(
+            "RotateIndexKey",
+            admin
+                .rotate_index_key(RotateIndexKeyRequest {})
+                .await
+                .map(drop),
+        );
+        check(
+            "RotateMasterKey",
+            admin
+                .rotate_master_key(RotateMasterKeyRequest {
+                    new_key_file: new_key.display().to_string(),
+                })
+                .await
+                .map(drop),
+        );
+        check(
+            "ListJobs",
+            admin.list_jobs(ListJobsRequest {}).await.map(drop),
+        );
+        check(
+            "SetJobPaused",
+            admin
+                .set_job_paused(SetJobPausedRequest {
+                    job: Job::Reencrypt.into(),
+                    paused: false,
+                })
+                .await
+                .map(drop),
+        );
+        let stream = audit
+            .stream_events(StreamEventsRequest {
+                from_seq: 1,
+                identity: String::new(),
+                limit: 10,
+            })
+            .await;
+        let stream = match stream {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(_)) => {}
+                        Ok(None) => break Ok(()),
+                        Err(e) => break Err(e),
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        check("StreamEvents", stream);
+        failed
+    }
+
+    const METHODS: [&str; 16] = [
+        "Tokenize",
+        "Detokenize",
+        "LookupTokens",
+        "ExportSubject",
+        "SetConsent",
+        "GetConsent",
+        "UpdateValue",
+        "DeleteTokens",
+        "EraseSubject",
+        "CreateBackup",
+        "RotateKeys",
+        "RotateIndexKey",
+        "RotateMasterKey",
+        "ListJobs",
+        "SetJobPaused",
+        "StreamEvents",
+    ];
+
+    let mut vault =
+        TestVault::start_with("[limits]\nper_identity_rate = 20.0\nper_identity_burst = 20.0\n");
+    let root = vault.root.path().to_owned();
+    // One identity holding every scope, so that every call is allowed.
+    let everything = format!(
+        "\n[[policy]]\nidentity = \"{}\"\nscopes = [\"tokenize:*\", \"detokenize:*\", \"lookup:*\", \"subject:export\", \"subject:erase\", \"consent:read\", \"consent:write\", \"update:*\", \"delete:*\", \"admin:backup\", \"admin:keys\", \"audit:read\"]\npurposes = [\"customer_support\", \"subject_access_request\"]\n",
+        common::spiffe("everything")
+    );
+    let config = std::fs::read_to_string(vault.config_path()).unwrap();
+    std::fs::write(vault.config_path(), config + &everything).unwrap();
+    vault.reload_and_wait("reloaded the policy");
+
+    let all = vault.pki.client(
+        "everything",
+        &ClientSpec::spiffe(&common::spiffe("everything")),
+    );
+    let mut client = vault.client_with(&all).await;
+    let token = common::tokenize_one(&mut client, "email", "audit.subject@example.com").await;
+    let allowed = vault.channel_with(&all).await.unwrap();
+    let failed = call_everything(allowed, &token, &root, "allowed").await;
+    assert!(failed.is_empty(), "allowed calls failed: {failed:?}");
+
+    let stranger = vault
+        .channel_with(&vault.pki.tls("stranger"))
+        .await
+        .unwrap();
+    let refused = call_everything(stranger, &token, &root, "refused").await;
+    assert_eq!(refused.len(), METHODS.len(), "{refused:?}");
+    assert!(
+        refused
+            .iter()
+            .all(|(_, code)| *code == tonic::Code::PermissionDenied),
+        "{refused:?}"
+    );
+    // No usable identity: two SPIFFE IDs in one certificate.
+    let two = vault.pki.client(
+        "two-ids",
+        &ClientSpec {
+            uris: vec![common::spiffe("support"), common::spiffe("checkout")],
+            ..ClientSpec::spiffe("unused")
+        },
+    );
+    let unauthenticated = vault
+        .client_with(&two)
+        .await
+        .tokenize(TokenizeRequest {
+            items: vec![item("email", "nobody@example.com")],
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(unauthenticated.code(), tonic::Code::Unauthenticated);
+    // Past the rate limit.
+    let mut flooder = vault.client("checkout").await;
+    let mut limited = 0;
+    for i in 0..60 {
+        let call = flooder.tokenize(TokenizeRequest {
+            items: vec![item("email", &format!("flood{i}@example.com"))],
+        });
+        if call
+            .await
+            .is_err_and(|s| s.code() == tonic::Code::ResourceExhausted)
+        {
+            limited += 1;
+        }
+    }
+    assert!(limited > 0, "the rate limit refused nothing");
+    vault.stop();
+
+    let (ok, export) = audit(&["export"], &vault.data_dir());
+    assert!(ok, "{export}");
+    let events: Vec<serde_json::Value> = export
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let has = |identity: &str, method: &str, outcome: &str| {
+        events
+            .iter()
+            .any(|e| e["identity"] == identity && e["method"] == method && e["outcome"] == outcome)
+    };
+    let (everything, stranger) = (common::spiffe("everything"), common::spiffe("stranger"));
+    let missing: Vec<String> = METHODS
+        .iter()
+        .flat_map(|method| {
+            [
+                (everything.as_str(), "OK"),
+                (stranger.as_str(), "PERMISSION_DENIED"),
+            ]
+            .into_iter()
+            .filter(|(who, outcome)| !has(who, method, outcome))
+            .map(move |(who, outcome)| format!("{method} {outcome} by {who}"))
+        })
+        .collect();
+    assert!(missing.is_empty(), "no event for: {missing:#?}");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["method"] == "Tokenize" && e["outcome"] == "UNAUTHENTICATED"),
+        "no event for the call without a usable identity"
+    );
+    let rate_limited: u64 = events
+        .iter()
+        .filter(|e| {
+            e["identity"] == common::spiffe("checkout") && e["outcome"] == "RESOURCE_EXHAUSTED"
+        })
+        .map(|e| e["refusals"]["count"].as_u64().unwrap_or(1))
+        .sum();
+    assert_eq!(rate_limited, limited, "every rate-limited call is counted");
+}
