@@ -88,6 +88,12 @@ fn vault_status(err: vault::Error) -> Status {
             )
         }
         vault::Error::Conflict(message) => Status::aborted(message),
+        vault::Error::Ledger(detail) => {
+            tracing::error!(error = %detail, "erasure refused: the erasure ledger cannot be written");
+            Status::unavailable(
+                "the erasure ledger cannot be written, so nothing was erased; retry later",
+            )
+        }
         vault::Error::Storage(detail @ store::Error::Backend(_)) => {
             tracing::error!(error = %detail, "storage write failed");
             Status::unavailable("storage is unavailable; nothing was changed; retry later")

@@ -224,17 +224,27 @@ impl ErasureLedger {
             .file
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let empty = file.metadata().map(|m| m.len() == 0).unwrap_or(false);
-        if empty {
+        let err = |e: std::io::Error| LedgerError::new(&self.path, e.to_string());
+        let length = file.metadata().map_err(err)?.len();
+        if length == 0 {
             text.push_str(HEADER);
             text.push('\n');
         }
         for entry in entries {
             text.push_str(&entry.line());
         }
-        file.write_all(text.as_bytes())
-            .and_then(|()| file.sync_data())
-            .map_err(|e| LedgerError::new(&self.path, e.to_string()))
+        let appended = file
+            .write_all(text.as_bytes())
+            .and_then(|()| file.sync_data());
+        if let Err(e) = appended {
+            // What did reach the file must not count as recorded: an entry
+            // in the ledger is applied at the next open, and the caller is
+            // told that nothing was erased. (Best effort: the disk is
+            // failing.)
+            let _ = file.set_len(length);
+            return Err(err(e));
+        }
+        Ok(())
     }
 
     /// Replaces the whole file with `entries` in the chained form (once, for
