@@ -263,6 +263,54 @@ impl RequestTarget {
             .map_or(0, |records| records.len())
     }
 
+    /// Tokenizes one value through the service, as a client's request
+    /// would arrive: the token, or the status or item error's message.
+    ///
+    /// # Errors
+    /// What the service answered instead of a token.
+    pub fn tokenize_one(&self, field_type: &str, value: String) -> Result<String, String> {
+        let request = pb::TokenizeRequest {
+            items: vec![pb::TokenizeItem {
+                field_type: field_type.to_owned(),
+                value,
+                subject_id: String::new(),
+                ttl_seconds: 0,
+            }],
+        };
+        let response = self
+            .runtime
+            .block_on(self.service.tokenize(self.request(request)))
+            .map_err(|s| s.message().to_owned())?;
+        match &response
+            .get_ref()
+            .results
+            .first()
+            .and_then(|r| r.result.as_ref())
+        {
+            Some(pb::tokenize_result::Result::Token(token)) => Ok(token.clone()),
+            Some(pb::tokenize_result::Result::Error(e)) => Err(e.message.clone()),
+            None => Err("no result".into()),
+        }
+    }
+
+    /// Detokenizes `token` through the service and drops the answer, as
+    /// the server does once it is sent: whether a value came back.
+    pub fn reveal(&self, token: &str) -> bool {
+        let request = pb::DetokenizeRequest {
+            tokens: vec![token.to_owned()],
+            purpose: "fuzzing".into(),
+            masked: false,
+        };
+        self.runtime
+            .block_on(self.service.detokenize(self.request(request)))
+            .is_ok_and(|r| {
+                matches!(
+                    r.get_ref().results.first().and_then(|r| r.result.as_ref()),
+                    Some(pb::detokenize_result::Result::Value(_))
+                )
+            })
+    }
+
     fn request<T>(&self, message: T) -> tonic::Request<T> {
         let mut request = tonic::Request::new(message);
         request.extensions_mut().insert(self.peer.clone());
