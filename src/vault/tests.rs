@@ -336,6 +336,22 @@ struct FailingStore {
     /// Every unit guarded by "unchanged" loses, as if a concurrent write
     /// always came first.
     lose_races: std::sync::atomic::AtomicBool,
+    /// Every token key reads as taken, as in a full token space.
+    records_all_taken: std::sync::atomic::AtomicBool,
+    /// How many reads of the records table were answered "taken".
+    taken_reads: std::sync::atomic::AtomicUsize,
+}
+
+impl FailingStore {
+    fn new(inner: RocksStore) -> Self {
+        Self {
+            inner,
+            fail: std::sync::atomic::AtomicBool::new(false),
+            lose_races: std::sync::atomic::AtomicBool::new(false),
+            records_all_taken: std::sync::atomic::AtomicBool::new(false),
+            taken_reads: std::sync::atomic::AtomicUsize::new(0),
+        }
+    }
 }
 
 impl Store for FailingStore {
@@ -344,6 +360,15 @@ impl Store for FailingStore {
         table: store::Table,
         keys: Vec<Vec<u8>>,
     ) -> Result<Vec<Option<Vec<u8>>>, store::Error> {
+        if table == store::Table::Records
+            && self
+                .records_all_taken
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            self.taken_reads
+                .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            return Ok(keys.iter().map(|_| Some(b"taken".to_vec())).collect());
+        }
         self.inner.get_many(table, keys).await
     }
 
@@ -407,11 +432,9 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("master.key");
     MasterKey::create_file(&key).unwrap();
-    let store = FailingStore {
-        inner: RocksStore::open(&dir.path().join("data"), &StoreOptions::default()).unwrap(),
-        fail: std::sync::atomic::AtomicBool::new(false),
-        lose_races: std::sync::atomic::AtomicBool::new(false),
-    };
+    let store = FailingStore::new(
+        RocksStore::open(&dir.path().join("data"), &StoreOptions::default()).unwrap(),
+    );
     let raw: std::collections::BTreeMap<String, RawFieldType> = toml::from_str(FIELDS).unwrap();
     let vault = Vault::open(
         store,
@@ -924,4 +947,71 @@ async fn a_relabelled_or_extended_record_does_not_decrypt() {
         .await
         .unwrap();
     assert!(f.reveal(std::slice::from_ref(&token), false).await[0].is_ok());
+}
+
+/// A format-preserving value whose every drawn token is taken fails after
+/// eight draws with `TokenSpaceExhausted` (`RESOURCE_EXHAUSTED` over the
+/// API), stores nothing, and the call is still audited.
+#[tokio::test]
+async fn a_full_format_preserving_space_gives_up_after_eight_draws() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    MasterKey::create_file(&key).unwrap();
+    let store = FailingStore::new(
+        RocksStore::open(&dir.path().join("data"), &StoreOptions::default()).unwrap(),
+    );
+    let raw: std::collections::BTreeMap<String, RawFieldType> = toml::from_str(FIELDS).unwrap();
+    let vault = Vault::open(
+        store,
+        &MasterKey::load(&key).unwrap(),
+        FieldRegistry::from_raw(&raw, 4096).unwrap(),
+    )
+    .await
+    .unwrap();
+    let policy = Policy::new(vec![Rule::new(
+        IdentityPattern::new("spiffe://*").unwrap(),
+        vec!["tokenize:*".parse().unwrap()],
+        PurposeSet::Any,
+    )]);
+    let client = ClientId::Spiffe("spiffe://test/x".into());
+    let grants = policy.grants(&client);
+    let card = grants
+        .permit_tokenize(NewValue {
+            field_type: "card_fpt".parse().unwrap(),
+            value: SecretValue::new("4111 1111 1111 1111".into()),
+            subject: None,
+            ttl_seconds: None,
+        })
+        .unwrap();
+    vault
+        .store()
+        .records_all_taken
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let result = vault
+        .tokenize(
+            vec![card],
+            |ft| grants.permit_field(Action::Lookup, ft),
+            &ctx("Tokenize", 1),
+        )
+        .await
+        .unwrap()
+        .remove(0);
+    assert!(
+        matches!(result, Err(ItemError::TokenSpaceExhausted(ref ft)) if ft.as_str() == "card_fpt"),
+        "{result:?}"
+    );
+    assert_eq!(
+        vault
+            .store()
+            .taken_reads
+            .load(std::sync::atomic::Ordering::SeqCst),
+        8,
+        "one read per draw, eight draws"
+    );
+    vault
+        .store()
+        .records_all_taken
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(vault.store().estimated_len(store::Table::Records), 0);
+    assert_eq!(vault.store().audit_head().seq, 1, "the call is audited");
 }
