@@ -741,8 +741,8 @@ fn kubernetes_volume(dir: &std::path::Path, version: &str, files: &[(&str, Vec<u
     }
 }
 
-/// The policy (from a ConfigMap) and the server certificate (from a
-/// Secret) reload when Kubernetes swaps `..data`, without a signal.
+/// The policy (from a ConfigMap), and the CRL and the server certificate
+/// (from a Secret) reload when Kubernetes swaps `..data`, without a signal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn config_and_certificates_reload_through_a_kubernetes_volume_swap() {
     let mut vault = TestVault::start();
@@ -760,7 +760,14 @@ async fn config_and_certificates_reload_through_a_kubernetes_volume_swap() {
             "\"tls/server.key\"",
             &format!("\"{}\"", at("secret/server.key")),
         )
-        .replace("\"tls/ca.pem\"", &format!("\"{}\"", at("tls/ca.pem")))
+        .replace(
+            "client_ca = \"tls/ca.pem\"",
+            &format!(
+                "client_ca = \"{}\"\ncrl_files = [\"{}\"]",
+                at("tls/ca.pem"),
+                at("secret/revoked.crl")
+            ),
+        )
         .replace("\"master.key\"", &format!("\"{}\"", at("master.key")))
         .replace(
             "\"ledger/erasures\"",
@@ -776,15 +783,21 @@ async fn config_and_certificates_reload_through_a_kubernetes_volume_swap() {
         );
     let secret = root.join("secret");
     let configmap = root.join("configmap");
-    let server_files =
-        |cert: &[u8], key: &[u8]| [("server.pem", cert.to_vec()), ("server.key", key.to_vec())];
+    let secret_files = |cert: &[u8], key: &[u8], crl: String| {
+        [
+            ("server.pem", cert.to_vec()),
+            ("server.key", key.to_vec()),
+            ("revoked.crl", crl.into_bytes()),
+        ]
+    };
+    let (first_cert, first_key) = (
+        std::fs::read(tls_dir.join("server.pem")).unwrap(),
+        std::fs::read(tls_dir.join("server.key")).unwrap(),
+    );
     kubernetes_volume(
         &secret,
         "..2026_12_02_v1",
-        &server_files(
-            &std::fs::read(tls_dir.join("server.pem")).unwrap(),
-            &std::fs::read(tls_dir.join("server.key")).unwrap(),
-        ),
+        &secret_files(&first_cert, &first_key, vault.pki.ca.crl(&[]).unwrap()),
     );
     kubernetes_volume(
         &configmap,
@@ -817,7 +830,30 @@ async fn config_and_certificates_reload_through_a_kubernetes_volume_swap() {
     );
     call_with(&vault, &stranger).await.unwrap();
 
-    // The Secret changes: a server certificate from a new CA.
+    // The Secret changes: its CRL revokes a client certificate.
+    let mut to_revoke = ClientSpec::spiffe(&spiffe("checkout"));
+    to_revoke.serial = Some(0x5eed_0003);
+    let to_revoke = vault.pki.client("to-revoke", &to_revoke);
+    call_with(&vault, &to_revoke).await.unwrap();
+    let revoking = vault.pki.ca.crl(&[0x5eed_0003]).unwrap();
+    let seen = vault.count_log("reloaded the TLS certificate");
+    kubernetes_volume(
+        &secret,
+        "..2026_12_02_v2",
+        &secret_files(&first_cert, &first_key, revoking.clone()),
+    );
+    assert!(
+        vault.wait_for_more_logs("reloaded the TLS certificate", seen),
+        "the CRL swap was not noticed:\n{}",
+        vault.logs()
+    );
+    assert!(
+        call_with(&vault, &to_revoke).await.is_err(),
+        "a certificate the new CRL revokes was served"
+    );
+    call_with(&vault, &vault.pki.tls("checkout")).await.unwrap();
+
+    // The Secret changes again: a server certificate from a new CA.
     let new_ca = tokenvault::pki::Ca::new("rotated CA").unwrap();
     let issued = new_ca
         .issue_server(&["localhost"], &["127.0.0.1".parse().unwrap()])
@@ -831,8 +867,12 @@ async fn config_and_certificates_reload_through_a_kubernetes_volume_swap() {
     let seen = vault.count_log("reloaded the TLS certificate");
     kubernetes_volume(
         &secret,
-        "..2026_12_02_v2",
-        &server_files(issued.cert_pem.as_bytes(), issued.key_pem.as_bytes()),
+        "..2026_12_02_v3",
+        &secret_files(
+            issued.cert_pem.as_bytes(),
+            issued.key_pem.as_bytes(),
+            revoking,
+        ),
     );
     assert!(
         vault.wait_for_more_logs("reloaded the TLS certificate", seen),
