@@ -1,0 +1,124 @@
+//! The performance targets BENCHMARKS.md states, each computed as a ratio
+//! of two rows of one run.
+
+use super::{Report, report::Target};
+
+/// The performance targets BENCHMARKS.md states, each computed from rows
+/// of this run.
+pub(super) fn targets(report: &Report, preload: u64) -> Vec<Target> {
+    let mut out = Vec::new();
+    let mut ratio = |name: &str, num: Option<f64>, den: Option<f64>, goal: f64| {
+        if let (Some(n), Some(d)) = (num, den)
+            && d > 0.0
+        {
+            let measured = n / d;
+            out.push(Target {
+                name: name.into(),
+                measured,
+                goal: format!("≥ {goal}"),
+                met: measured >= goal,
+            });
+        }
+    };
+    let rps = |s: &str, d: &str| report.row(s, d, false).map(|r| r.requests_per_s);
+    ratio(
+        "tokenize (sync, 1 item) / noop, req/s",
+        rps("tokenize", "sync"),
+        rps("noop", "sync"),
+        0.6,
+    );
+    ratio(
+        "tokenize-batch items/s / in-process tokenize-batch items/s",
+        report
+            .row("tokenize-batch", "sync", false)
+            .map(|r| r.items_per_s),
+        report
+            .row("in-process tokenize-batch", "sync", false)
+            .map(|r| r.items_per_s),
+        0.5,
+    );
+    if preload > 0 {
+        for scenario in ["tokenize", "detokenize"] {
+            let full = report.row(scenario, "sync", true).map(|r| r.requests_per_s);
+            ratio(
+                &format!("{scenario} after {preload} more tokens / before, req/s"),
+                full,
+                rps(scenario, "sync"),
+                0.8,
+            );
+        }
+        let rss = report
+            .rows
+            .iter()
+            .filter(|r| r.preloaded)
+            .filter_map(|r| r.server_peak_rss_mib)
+            .fold(0.0, f64::max);
+        out.push(Target {
+            name: format!("server peak RSS after the {preload}-token preload, MiB"),
+            measured: rss,
+            goal: "< 1024".into(),
+            met: rss < 1024.0,
+        });
+    }
+    // What the audit's chained event costs the group-commit path: the same
+    // commits with and without one event each, in the same run.
+    for (with_name, without_name) in [
+        (
+            "in-process store commit + audit event (no vault)",
+            "in-process store commit (no vault, no audit)",
+        ),
+        (
+            "in-process store commit-batch + audit event (no vault)",
+            "in-process store commit-batch (no vault, no audit)",
+        ),
+    ] {
+        if let (Some(with), Some(without)) = (
+            report.row(with_name, "sync", false),
+            report.row(without_name, "sync", false),
+        ) && without.items_per_s > 0.0
+        {
+            out.push(Target {
+                name: format!("{with_name} / without, items/s"),
+                measured: with.items_per_s / without.items_per_s,
+                goal: "(report only)".into(),
+                met: true,
+            });
+        }
+    }
+    // Not a target of its own, but what the audit and the rest of the
+    // vault cost against bare storage, measured in the same run.
+    if let (Some(vault), Some(store)) = (
+        report.row("in-process tokenize-batch", "sync", false),
+        report.row(
+            "in-process store commit-batch (no vault, no audit)",
+            "sync",
+            false,
+        ),
+    ) && store.items_per_s > 0.0
+    {
+        out.push(Target {
+            name: "in-process tokenize-batch (vault + audit) / bare store commits, items/s".into(),
+            measured: vault.items_per_s / store.items_per_s,
+            goal: "(report only)".into(),
+            met: true,
+        });
+    }
+    if let Some(row) = report.row("detokenize@50%", "sync", false) {
+        out.push(Target {
+            name: "detokenize p99 at half its max throughput, ms".into(),
+            measured: row.p99_ms,
+            goal: "< 5".into(),
+            met: row.p99_ms < 5.0,
+        });
+    }
+    // The floor under that p99: each read waits for a synced audit write.
+    if let Some(row) = report.row("device fdatasync, 4 KiB append", "sync", false) {
+        out.push(Target {
+            name: "device fdatasync p99 alone (the floor of a durably audited read), ms".into(),
+            measured: row.p99_ms,
+            goal: "(report only)".into(),
+            met: true,
+        });
+    }
+    out
+}
