@@ -6,6 +6,8 @@
 //! encrypted, keys already wrapped.
 
 pub mod chain;
+#[cfg(test)]
+pub(crate) mod conformance;
 mod rocks;
 
 use std::future::Future;

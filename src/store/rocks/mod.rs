@@ -573,40 +573,35 @@ mod tests {
     use std::sync::atomic::Ordering;
 
     use super::*;
-    use crate::store::{Conflict, FailedGuard};
 
     fn open(dir: &Path) -> RocksStore {
         RocksStore::open(dir, &StoreOptions::default()).unwrap()
     }
 
-    #[tokio::test]
-    async fn committed_batches_are_read_back_after_reopen() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = open(dir.path());
-            let mut batch = Batch::new();
-            batch.put(Table::Records, b"a".to_vec(), b"1".to_vec());
-            batch.put(Table::Records, b"b".to_vec(), b"2".to_vec());
-            batch.put(Table::Keys, b"a".to_vec(), b"k".to_vec());
-            store.commit(batch).await.unwrap();
-            store.close();
-        }
-        let store = open(dir.path());
-        let got = store
-            .get_many(
-                Table::Records,
-                vec![b"a".to_vec(), b"x".to_vec(), b"b".to_vec()],
-            )
-            .await
-            .unwrap();
-        assert_eq!(got, vec![Some(b"1".to_vec()), None, Some(b"2".to_vec())]);
-        // Tables are separate namespaces.
-        let keys = store
-            .get_many(Table::Keys, vec![b"a".to_vec()])
-            .await
-            .unwrap();
-        assert_eq!(keys, vec![Some(b"k".to_vec())]);
+    /// RocksDB stores in temporary directories, kept until the test ends.
+    #[derive(Default)]
+    struct Rocks {
+        dirs: std::sync::Mutex<Vec<tempfile::TempDir>>,
     }
+
+    impl crate::store::conformance::Engine for Rocks {
+        type Store = RocksStore;
+
+        async fn open(&self) -> RocksStore {
+            let dir = tempfile::tempdir().unwrap();
+            let store = open(dir.path());
+            self.dirs.lock().unwrap().push(dir);
+            store
+        }
+
+        async fn reopen(&self, store: RocksStore) -> RocksStore {
+            let path = store.path().to_owned();
+            store.close();
+            open(&path)
+        }
+    }
+
+    crate::store::conformance::conformance_tests!(Rocks::default());
 
     #[test]
     fn many_purged_keys_compact_as_one_range_per_table() {
@@ -680,46 +675,6 @@ mod tests {
         writer.await.unwrap();
     }
 
-    #[tokio::test]
-    async fn deletes_apply() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        let mut batch = Batch::new();
-        batch.put(Table::Meta, b"k".to_vec(), b"v".to_vec());
-        store.commit(batch).await.unwrap();
-        let mut batch = Batch::new();
-        batch.delete(Table::Meta, b"k".to_vec());
-        store.commit(batch).await.unwrap();
-        assert_eq!(
-            store
-                .get_many(Table::Meta, vec![b"k".to_vec()])
-                .await
-                .unwrap(),
-            vec![None]
-        );
-    }
-
-    #[tokio::test]
-    async fn prefix_scan_stops_at_the_prefix() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        let mut batch = Batch::new();
-        for key in ["dek/1", "dek/2", "hash/1", "dea"] {
-            batch.put(
-                Table::Keys,
-                key.as_bytes().to_vec(),
-                key.as_bytes().to_vec(),
-            );
-        }
-        store.commit(batch).await.unwrap();
-        let found = store
-            .scan_prefix(Table::Keys, b"dek/".to_vec())
-            .await
-            .unwrap();
-        let keys: Vec<_> = found.iter().map(|(k, _)| k.as_slice()).collect();
-        assert_eq!(keys, vec![b"dek/1".as_slice(), b"dek/2"]);
-    }
-
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn concurrent_commits_all_land_and_share_writes() {
         let dir = tempfile::tempdir().unwrap();
@@ -741,43 +696,6 @@ mod tests {
         let got = store.get_many(Table::Records, keys).await.unwrap();
         assert!(got.iter().all(Option::is_some));
         assert_eq!(store.commit_stats().batches.load(Ordering::Relaxed), 200);
-    }
-
-    /// Checkpoints sign the head the store reports: it has moved past an
-    /// event by the time the event's write is acknowledged (so the next
-    /// checkpoint covers every acknowledged event), and it is where the
-    /// chain on disk ends.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn the_audit_head_covers_every_acknowledged_event() {
-        let event = |i: u32| {
-            let mut batch = Batch::new();
-            batch.unit().append_audit(i.to_be_bytes().to_vec());
-            batch
-        };
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(open(dir.path()));
-        for i in 1..=20 {
-            store.commit(event(i)).await.unwrap();
-            assert_eq!(store.audit_head().seq, u64::from(i));
-        }
-        let tasks: Vec<_> = (21..=120)
-            .map(|i| {
-                let store = Arc::clone(&store);
-                tokio::spawn(async move { store.commit(event(i)).await })
-            })
-            .collect();
-        for task in tasks {
-            task.await.unwrap().unwrap();
-        }
-        let head = store.audit_head();
-        assert_eq!(head.seq, 120);
-        drop(store);
-        let reopened = open(dir.path());
-        assert_eq!(
-            reopened.audit_head(),
-            head,
-            "the chain on disk ends where the head said"
-        );
     }
 
     /// Tables are added over releases: a vault (or backup) made before one
@@ -853,59 +771,6 @@ mod tests {
             .get_cf(db.cf_handle("from_a_later_release").unwrap(), b"k")
             .unwrap();
         assert_eq!(kept, Some(b"v".to_vec()));
-    }
-
-    #[tokio::test]
-    async fn guarded_units_apply_once_and_report_the_winner() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = open(dir.path());
-        let mut batch = Batch::new();
-        // Two units claim the same key in one batch: the first wins.
-        batch
-            .unit()
-            .guard_absent(Table::Index, b"k".to_vec())
-            .put(Table::Index, b"k".to_vec(), b"first".to_vec())
-            .put(Table::Records, b"r1".to_vec(), vec![1]);
-        batch
-            .unit()
-            .guard_absent(Table::Index, b"k".to_vec())
-            .put(Table::Index, b"k".to_vec(), b"second".to_vec())
-            .put(Table::Records, b"r2".to_vec(), vec![2]);
-        batch.unit().put(Table::Records, b"r3".to_vec(), vec![3]);
-        let outcomes = store.commit(batch).await.unwrap();
-        assert_eq!(outcomes[0], Ok(()));
-        assert_eq!(
-            outcomes[1],
-            Err(Conflict {
-                guard: FailedGuard::Absent(0),
-                existing: b"first".to_vec()
-            })
-        );
-        assert_eq!(outcomes[2], Ok(()));
-        // The losing unit left nothing behind, not even its other puts.
-        let got = store
-            .get_many(
-                Table::Records,
-                vec![b"r1".to_vec(), b"r2".to_vec(), b"r3".to_vec()],
-            )
-            .await
-            .unwrap();
-        assert_eq!(got, vec![Some(vec![1]), None, Some(vec![3])]);
-        // A later batch sees the stored key.
-        let mut later = Batch::new();
-        later.unit().guard_absent(Table::Index, b"k".to_vec()).put(
-            Table::Index,
-            b"k".to_vec(),
-            b"third".to_vec(),
-        );
-        let outcomes = store.commit(later).await.unwrap();
-        assert_eq!(
-            outcomes,
-            vec![Err(Conflict {
-                guard: FailedGuard::Absent(0),
-                existing: b"first".to_vec()
-            })]
-        );
     }
 
     #[test]

@@ -1,0 +1,341 @@
+//! What every storage engine promises, as one set of tests generic over the
+//! engine. An engine's tests call [`conformance_tests!`] with a way to open
+//! a fresh store and to reopen one: the same assertions then run against
+//! each engine, so a second engine cannot keep weaker promises than the
+//! first.
+
+use std::{future::Future, sync::Arc};
+
+use super::{Batch, Conflict, FailedGuard, Store, Table};
+
+/// How the suite gets stores of one engine.
+pub(crate) trait Engine: Sized {
+    /// The engine's store.
+    type Store: Store;
+
+    /// A new, empty store.
+    fn open(&self) -> impl Future<Output = Self::Store> + Send;
+
+    /// Closes `store` and opens it again over the same data, as a restart
+    /// does.
+    fn reopen(&self, store: Self::Store) -> impl Future<Output = Self::Store> + Send;
+}
+
+/// Generates one `#[tokio::test]` per promise for the engine `$engine`
+/// (an expression of a type implementing [`Engine`]).
+macro_rules! conformance_tests {
+    ($engine:expr) => {
+        $crate::store::conformance::conformance_tests!(@each $engine,
+            committed_batches_are_read_back_after_reopen,
+            tables_are_separate_namespaces,
+            deletes_apply,
+            prefix_scans_stop_at_the_prefix,
+            scans_from_a_key_page_in_key_order,
+            concurrent_commits_all_land,
+            a_unit_applies_whole_or_not_at_all,
+            absent_guards_let_exactly_one_concurrent_writer_win,
+            unchanged_guards_are_a_compare_and_set,
+            the_audit_head_covers_every_acknowledged_event,
+        );
+    };
+    (@each $engine:expr, $($name:ident),+ $(,)?) => {
+        $(
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() {
+                $crate::store::conformance::$name(&$engine).await;
+            }
+        )+
+    };
+}
+pub(crate) use conformance_tests;
+
+async fn commit<S: Store>(store: &S, batch: Batch) -> super::UnitOutcomes {
+    store.commit(batch).await.unwrap()
+}
+
+async fn get<S: Store>(store: &S, table: Table, keys: &[&[u8]]) -> Vec<Option<Vec<u8>>> {
+    store
+        .get_many(table, keys.iter().map(|k| k.to_vec()).collect())
+        .await
+        .unwrap()
+}
+
+pub(crate) async fn committed_batches_are_read_back_after_reopen<E: Engine>(engine: &E) {
+    let store = engine.open().await;
+    let mut batch = Batch::new();
+    batch.put(Table::Records, b"a".to_vec(), b"1".to_vec());
+    batch.put(Table::Records, b"b".to_vec(), b"2".to_vec());
+    commit(&store, batch).await;
+    let store = engine.reopen(store).await;
+    assert_eq!(
+        get(&store, Table::Records, &[b"a", b"x", b"b"]).await,
+        vec![Some(b"1".to_vec()), None, Some(b"2".to_vec())]
+    );
+}
+
+pub(crate) async fn tables_are_separate_namespaces<E: Engine>(engine: &E) {
+    let store = engine.open().await;
+    let mut batch = Batch::new();
+    batch.put(Table::Records, b"a".to_vec(), b"record".to_vec());
+    batch.put(Table::Keys, b"a".to_vec(), b"key".to_vec());
+    commit(&store, batch).await;
+    assert_eq!(
+        get(&store, Table::Keys, &[b"a"]).await,
+        vec![Some(b"key".to_vec())]
+    );
+    assert_eq!(get(&store, Table::Meta, &[b"a"]).await, vec![None]);
+    assert_eq!(
+        get(&store, Table::Records, &[b"a"]).await,
+        vec![Some(b"record".to_vec())]
+    );
+}
+
+pub(crate) async fn deletes_apply<E: Engine>(engine: &E) {
+    let store = engine.open().await;
+    let mut batch = Batch::new();
+    batch.put(Table::Meta, b"k".to_vec(), b"v".to_vec());
+    commit(&store, batch).await;
+    let mut batch = Batch::new();
+    batch.delete(Table::Meta, b"k".to_vec());
+    commit(&store, batch).await;
+    assert_eq!(get(&store, Table::Meta, &[b"k"]).await, vec![None]);
+}
+
+pub(crate) async fn prefix_scans_stop_at_the_prefix<E: Engine>(engine: &E) {
+    let store = engine.open().await;
+    let mut batch = Batch::new();
+    for key in ["dek/1", "dek/2", "hash/1", "dea", "dek0"] {
+        batch.put(
+            Table::Keys,
+            key.as_bytes().to_vec(),
+            key.as_bytes().to_vec(),
+        );
+    }
+    // A key ending in 0xff must not end a prefix scan early.
+    batch.put(Table::Keys, b"dek/\xff".to_vec(), b"last".to_vec());
+    commit(&store, batch).await;
+    let found = store
+        .scan_prefix(Table::Keys, b"dek/".to_vec())
+        .await
+        .unwrap();
+    let keys: Vec<&[u8]> = found.iter().map(|(k, _)| k.as_slice()).collect();
+    assert_eq!(keys, [b"dek/1".as_slice(), b"dek/2", b"dek/\xff"]);
+}
+
+pub(crate) async fn scans_from_a_key_page_in_key_order<E: Engine>(engine: &E) {
+    let store = engine.open().await;
+    let mut batch = Batch::new();
+    // Written out of order; big-endian keys sort as numbers.
+    for i in (0..25u32).rev() {
+        batch.put(Table::Expiry, i.to_be_bytes().to_vec(), Vec::new());
+    }
+    commit(&store, batch).await;
+    let mut seen = Vec::new();
+    let mut from = Vec::new();
+    loop {
+        let page = store.scan_from(Table::Expiry, from, 10).await.unwrap();
+        assert!(page.len() <= 10);
+        seen.extend(page.iter().map(|(k, _)| k.clone()));
+        match page.last() {
+            Some((last, _)) if page.len() == 10 => {
+                from = last.clone();
+                from.push(0);
+            }
+            _ => break,
+        }
+    }
+    let expected: Vec<Vec<u8>> = (0..25u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    assert_eq!(seen, expected);
+}
+
+pub(crate) async fn concurrent_commits_all_land<E: Engine>(engine: &E) {
+    let store = Arc::new(engine.open().await);
+    let tasks: Vec<_> = (0..200u32)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut batch = Batch::new();
+                batch.put(Table::Records, i.to_be_bytes().to_vec(), vec![1]);
+                store.commit(batch).await
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert_eq!(task.await.unwrap().unwrap(), vec![Ok(())]);
+    }
+    let keys = (0..200u32).map(|i| i.to_be_bytes().to_vec()).collect();
+    let got = store.get_many(Table::Records, keys).await.unwrap();
+    assert!(got.iter().all(Option::is_some));
+}
+
+pub(crate) async fn a_unit_applies_whole_or_not_at_all<E: Engine>(engine: &E) {
+    let store = engine.open().await;
+    let head = store.audit_head();
+    let mut batch = Batch::new();
+    // Two units claim the same key in one batch: the first wins; the
+    // second leaves nothing behind, not its other puts, not its event.
+    batch
+        .unit()
+        .guard_absent(Table::Index, b"k".to_vec())
+        .put(Table::Index, b"k".to_vec(), b"first".to_vec())
+        .put(Table::Records, b"r1".to_vec(), vec![1]);
+    batch
+        .unit()
+        .guard_absent(Table::Index, b"k".to_vec())
+        .put(Table::Index, b"k".to_vec(), b"second".to_vec())
+        .put(Table::Records, b"r2".to_vec(), vec![2])
+        .append_audit(b"the loser's event".to_vec());
+    batch.unit().put(Table::Records, b"r3".to_vec(), vec![3]);
+    let outcomes = commit(&store, batch).await;
+    assert_eq!(
+        outcomes,
+        vec![
+            Ok(()),
+            Err(Conflict {
+                guard: FailedGuard::Absent(0),
+                existing: b"first".to_vec()
+            }),
+            Ok(())
+        ]
+    );
+    assert_eq!(
+        get(&store, Table::Records, &[b"r1", b"r2", b"r3"]).await,
+        vec![Some(vec![1]), None, Some(vec![3])]
+    );
+    assert_eq!(store.audit_head(), head, "the skipped unit's event");
+    // A later batch sees the stored key.
+    let mut later = Batch::new();
+    later.unit().guard_absent(Table::Index, b"k".to_vec()).put(
+        Table::Index,
+        b"k".to_vec(),
+        b"third".to_vec(),
+    );
+    assert_eq!(
+        commit(&store, later).await,
+        vec![Err(Conflict {
+            guard: FailedGuard::Absent(0),
+            existing: b"first".to_vec()
+        })]
+    );
+}
+
+pub(crate) async fn absent_guards_let_exactly_one_concurrent_writer_win<E: Engine>(engine: &E) {
+    let store = Arc::new(engine.open().await);
+    let tasks: Vec<_> = (0..64u8)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut batch = Batch::new();
+                batch
+                    .unit()
+                    .guard_absent(Table::Index, b"one value".to_vec())
+                    .put(Table::Index, b"one value".to_vec(), vec![i]);
+                store.commit(batch).await.unwrap().remove(0)
+            })
+        })
+        .collect();
+    let mut winners = Vec::new();
+    let mut losers_saw = Vec::new();
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await.unwrap() {
+            Ok(()) => winners.push(i as u8),
+            Err(conflict) => losers_saw.push(conflict.existing),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    assert!(losers_saw.iter().all(|seen| *seen == winners));
+    assert_eq!(
+        get(&*store, Table::Index, &[b"one value"]).await,
+        vec![Some(winners)]
+    );
+}
+
+pub(crate) async fn unchanged_guards_are_a_compare_and_set<E: Engine>(engine: &E) {
+    let store = engine.open().await;
+    let mut batch = Batch::new();
+    batch.put(Table::Records, b"r".to_vec(), b"v1".to_vec());
+    commit(&store, batch).await;
+    let cas = |expected: &[u8], new: &[u8]| {
+        let mut batch = Batch::new();
+        batch
+            .unit()
+            .guard_unchanged(Table::Records, b"r".to_vec(), expected.to_vec())
+            .put(Table::Records, b"r".to_vec(), new.to_vec());
+        batch
+    };
+    assert_eq!(commit(&store, cas(b"v1", b"v2")).await, vec![Ok(())]);
+    assert_eq!(
+        commit(&store, cas(b"v1", b"v3")).await,
+        vec![Err(Conflict {
+            guard: FailedGuard::Unchanged(0),
+            existing: b"v2".to_vec()
+        })]
+    );
+    assert_eq!(
+        get(&store, Table::Records, &[b"r"]).await,
+        vec![Some(b"v2".to_vec())]
+    );
+    // A key that is gone is not unchanged.
+    let mut batch = Batch::new();
+    batch.delete(Table::Records, b"r".to_vec());
+    commit(&store, batch).await;
+    assert_eq!(
+        commit(&store, cas(b"v2", b"v4")).await,
+        vec![Err(Conflict {
+            guard: FailedGuard::Unchanged(0),
+            existing: Vec::new()
+        })]
+    );
+    assert_eq!(get(&store, Table::Records, &[b"r"]).await, vec![None]);
+}
+
+/// Checkpoints sign the head the store reports: it has moved past an event
+/// by the time the event's write is acknowledged (so the next checkpoint
+/// covers every acknowledged event), and it is where the chain on disk
+/// ends.
+pub(crate) async fn the_audit_head_covers_every_acknowledged_event<E: Engine>(engine: &E) {
+    let event = |i: u32| {
+        let mut batch = Batch::new();
+        batch.unit().append_audit(i.to_be_bytes().to_vec());
+        batch
+    };
+    let store = Arc::new(engine.open().await);
+    for i in 1..=20 {
+        commit(&*store, event(i)).await;
+        assert_eq!(store.audit_head().seq, u64::from(i));
+    }
+    let tasks: Vec<_> = (21..=120)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move { store.commit(event(i)).await })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap().unwrap();
+    }
+    let head = store.audit_head();
+    assert_eq!(head.seq, 120);
+    // Every entry is stored under its number and links to the one before.
+    let entries = store
+        .scan_from(Table::Audit, Vec::new(), 1000)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 120);
+    let mut prev = super::chain::GENESIS;
+    for (i, (key, value)) in entries.iter().enumerate() {
+        let seq = i as u64 + 1;
+        assert_eq!(super::chain::seq_of(key), Some(seq));
+        let link = super::chain::decode(value).unwrap();
+        assert_eq!(link.prev, prev, "entry {seq} links to the one before");
+        assert!(link.is_intact(seq));
+        prev = super::chain::hash(seq, value);
+    }
+    assert_eq!(head.hash, prev);
+    let store = Arc::into_inner(store).unwrap();
+    let reopened = engine.reopen(store).await;
+    assert_eq!(
+        reopened.audit_head(),
+        head,
+        "the chain on disk ends where the head said"
+    );
+}
