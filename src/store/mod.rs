@@ -8,10 +8,12 @@
 pub mod chain;
 #[cfg(test)]
 pub(crate) mod conformance;
+mod postgres;
 mod rocks;
 
 use std::future::Future;
 
+pub use postgres::PgStore;
 pub use rocks::{ReadOnlyStore, RocksStore, StoreOptions};
 
 /// The tables (RocksDB column families) the vault uses. What their keys

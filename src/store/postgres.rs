@@ -1,0 +1,470 @@
+//! The PostgreSQL engine behind [`Store`], for vault replicas that share one
+//! (replicated) database instead of each owning a RocksDB directory.
+//!
+//! One table holds every [`Table`]'s keys and values (`tokenvault_kv`, keyed
+//! by table name and key, so keys sort byte-wise as in RocksDB). Writes go
+//! through one committer task per process that takes every batch waiting in
+//! its queue into one transaction, as the RocksDB committer takes them into
+//! one write. Each transaction first locks the single row of the audit
+//! chain's head (`tokenvault_audit_head`): that lock orders the writers of
+//! every replica, so guards are checked against everything committed
+//! before, and the audit events of all replicas form one hash chain in
+//! commit order. Commits are synchronous (`synchronous_commit = on`): an
+//! acknowledged write is on the primary's disk, and on a synchronous
+//! standby's if the cluster has one.
+//!
+//! Not here yet (see ARCHITECTURE.md): selecting this engine in the
+//! configuration, TLS and a password file for the connection, reconnecting
+//! after a failover, and a key epoch shared by replicas.
+
+use std::{
+    collections::HashMap,
+    sync::{Arc, Mutex},
+};
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_postgres::{Client, GenericClient, NoTls};
+
+use super::{
+    Batch, Conflict, Error, FailedGuard, KeyValues, Op, Store, Table, Unit, UnitOutcomes,
+    chain::{self, Head},
+};
+
+/// The schema version this binary creates and understands.
+pub const SCHEMA_VERSION: i32 = 1;
+
+/// How many queued batches one transaction may carry at most.
+const MAX_GROUP_BATCHES: usize = 256;
+
+/// How many batches may wait for the committer before callers wait to enqueue.
+const COMMIT_QUEUE_DEPTH: usize = 4096;
+
+/// Taken (transaction-scoped) while the schema is created or migrated, so
+/// replicas starting together do it once. Any constant; never change it.
+const SCHEMA_LOCK: i64 = 0x746f_6b65_6e76_6c74;
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS tokenvault_schema (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    version integer NOT NULL
+);
+CREATE TABLE IF NOT EXISTS tokenvault_kv (
+    tbl text NOT NULL,
+    key bytea NOT NULL,
+    value bytea NOT NULL,
+    PRIMARY KEY (tbl, key)
+);
+CREATE TABLE IF NOT EXISTS tokenvault_audit_head (
+    singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton),
+    seq bigint NOT NULL,
+    hash bytea NOT NULL
+);
+";
+
+/// A store on a PostgreSQL database.
+pub struct PgStore {
+    reads: Client,
+    queue: mpsc::Sender<Commit>,
+    head: Arc<Mutex<Head>>,
+    committer: tokio::task::JoinHandle<()>,
+}
+
+/// One caller's batch waiting for the committer.
+struct Commit {
+    batch: Batch,
+    done: oneshot::Sender<Result<UnitOutcomes, Error>>,
+}
+
+impl PgStore {
+    /// Connects with `config` (a libpq-style connection string or URL),
+    /// creates the schema if the database has none, and refuses a schema
+    /// newer than this binary's.
+    ///
+    /// # Errors
+    /// If the database cannot be reached, or its schema is unusable.
+    pub async fn connect(config: &str) -> Result<Self, Error> {
+        let mut committer = connect(config).await?;
+        committer
+            .batch_execute("SET synchronous_commit TO on")
+            .await
+            .map_err(classify)?;
+        migrate(&mut committer).await?;
+        let head = read_head(&committer).await?;
+        let reads = connect(config).await?;
+        let head = Arc::new(Mutex::new(head));
+        let (queue, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
+        let task = tokio::spawn(run_committer(committer, rx, Arc::clone(&head)));
+        Ok(Self {
+            reads,
+            queue,
+            head,
+            committer: task,
+        })
+    }
+
+    /// Stops taking writes and waits for the committer's last transaction.
+    pub async fn close(self) {
+        drop(self.queue);
+        let _ = self.committer.await;
+    }
+}
+
+async fn connect(config: &str) -> Result<Client, Error> {
+    let (client, connection) = tokio_postgres::connect(config, NoTls)
+        .await
+        .map_err(classify)?;
+    tokio::spawn(async move {
+        if let Err(e) = connection.await {
+            tracing::error!(error = %classify(e), "connection to PostgreSQL lost");
+        }
+    });
+    Ok(client)
+}
+
+/// Creates the schema, or checks the one there.
+async fn migrate(client: &mut Client) -> Result<(), Error> {
+    let tx = client.transaction().await.map_err(classify)?;
+    tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
+        .await
+        .map_err(classify)?;
+    tx.batch_execute(SCHEMA).await.map_err(classify)?;
+    let stored: Option<i32> = tx
+        .query_opt("SELECT version FROM tokenvault_schema", &[])
+        .await
+        .map_err(classify)?
+        .map(|row| row.get(0));
+    match stored {
+        None => {
+            tx.execute(
+                "INSERT INTO tokenvault_schema (version) VALUES ($1)",
+                &[&SCHEMA_VERSION],
+            )
+            .await
+            .map_err(classify)?;
+            tx.execute(
+                "INSERT INTO tokenvault_audit_head (seq, hash) VALUES (0, $1)",
+                &[&chain::GENESIS.as_slice()],
+            )
+            .await
+            .map_err(classify)?;
+            tracing::info!(version = SCHEMA_VERSION, "created the database schema");
+        }
+        Some(version) if version > SCHEMA_VERSION => {
+            return Err(Error::Backend(format!(
+                "the database schema is version {version}, newer than this tokenvault's ({SCHEMA_VERSION}); run a release that knows it"
+            )));
+        }
+        Some(_) => {}
+    }
+    tx.commit().await.map_err(classify)
+}
+
+async fn read_head(client: &impl GenericClient) -> Result<Head, Error> {
+    let row = client
+        .query_one("SELECT seq, hash FROM tokenvault_audit_head", &[])
+        .await
+        .map_err(classify)?;
+    head_of(&row)
+}
+
+fn head_of(row: &tokio_postgres::Row) -> Result<Head, Error> {
+    let seq: i64 = row.get(0);
+    let hash: Vec<u8> = row.get(1);
+    Ok(Head {
+        seq: u64::try_from(seq).map_err(|_| corrupt("a negative audit sequence number"))?,
+        hash: hash
+            .try_into()
+            .map_err(|_| corrupt("an audit head hash of the wrong length"))?,
+    })
+}
+
+fn corrupt(what: &str) -> Error {
+    Error::Corruption(format!("the database holds {what}"))
+}
+
+/// A PostgreSQL error as a storage error: its SQLSTATE and message, never
+/// its detail (which can quote a row).
+fn classify(e: tokio_postgres::Error) -> Error {
+    match e.as_db_error() {
+        Some(db) if db.code() == &tokio_postgres::error::SqlState::DISK_FULL => {
+            Error::NoSpace(format!("PostgreSQL: {}", db.message()))
+        }
+        Some(db) => Error::Backend(format!("PostgreSQL {}: {}", db.code().code(), db.message())),
+        None if e.is_closed() => Error::Backend("the connection to PostgreSQL is closed".into()),
+        None => Error::Backend(format!("PostgreSQL: {e}")),
+    }
+}
+
+/// The committer task: one transaction per group of queued batches.
+async fn run_committer(
+    mut client: Client,
+    mut queue: mpsc::Receiver<Commit>,
+    head: Arc<Mutex<Head>>,
+) {
+    while let Some(first) = queue.recv().await {
+        let mut group = vec![first];
+        while group.len() < MAX_GROUP_BATCHES {
+            match queue.try_recv() {
+                Ok(next) => group.push(next),
+                Err(_) => break,
+            }
+        }
+        match write_group(&mut client, &group).await {
+            Ok((outcomes, new_head)) => {
+                // Before any caller hears of its write, as RocksDB's does.
+                *head
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = new_head;
+                for (commit, outcome) in group.into_iter().zip(outcomes) {
+                    let _ = commit.done.send(Ok(outcome));
+                }
+            }
+            Err(e) => {
+                tracing::error!(error = %e, batches = group.len(), "PostgreSQL transaction failed");
+                for commit in group {
+                    let _ = commit.done.send(Err(Error::Backend(e.to_string())));
+                }
+            }
+        }
+    }
+}
+
+/// Applies every unit of every batch in `group` whose guards hold, in one
+/// transaction, and returns each batch's outcomes and the new chain head.
+async fn write_group(
+    client: &mut Client,
+    group: &[Commit],
+) -> Result<(Vec<UnitOutcomes>, Head), Error> {
+    let tx = client.transaction().await.map_err(classify)?;
+    let locked = tx
+        .query_one(
+            "SELECT seq, hash FROM tokenvault_audit_head FOR UPDATE",
+            &[],
+        )
+        .await
+        .map_err(classify)?;
+    let mut head = head_of(&locked)?;
+    let upsert = tx
+        .prepare(
+            "INSERT INTO tokenvault_kv (tbl, key, value) VALUES ($1, $2, $3) \
+             ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value",
+        )
+        .await
+        .map_err(classify)?;
+    let delete = tx
+        .prepare("DELETE FROM tokenvault_kv WHERE tbl = $1 AND key = $2")
+        .await
+        .map_err(classify)?;
+    let mut all = Vec::with_capacity(group.len());
+    for commit in group {
+        let mut outcomes = Vec::with_capacity(commit.batch.units().len());
+        for unit in commit.batch.units() {
+            if let Some(conflict) = failed_guard(&tx, unit).await? {
+                outcomes.push(Err(conflict));
+                continue;
+            }
+            for op in unit.ops() {
+                match op {
+                    Op::Put { table, key, value } => {
+                        tx.execute(&upsert, &[&table.name(), key, value])
+                            .await
+                            .map_err(classify)?;
+                    }
+                    Op::Delete { table, key } => {
+                        tx.execute(&delete, &[&table.name(), key])
+                            .await
+                            .map_err(classify)?;
+                    }
+                    Op::AppendAudit { payload } => {
+                        let seq = head.seq + 1;
+                        let value = chain::encode(seq, &head.hash, payload);
+                        tx.execute(
+                            &upsert,
+                            &[&Table::Audit.name(), &chain::key(seq).as_slice(), &value],
+                        )
+                        .await
+                        .map_err(classify)?;
+                        head = Head {
+                            seq,
+                            hash: chain::hash(seq, &value),
+                        };
+                    }
+                }
+            }
+            outcomes.push(Ok(()));
+        }
+        all.push(outcomes);
+    }
+    let seq = i64::try_from(head.seq).map_err(|_| corrupt("an audit sequence past i64"))?;
+    tx.execute(
+        "UPDATE tokenvault_audit_head SET seq = $1, hash = $2",
+        &[&seq, &head.hash.as_slice()],
+    )
+    .await
+    .map_err(classify)?;
+    tx.commit().await.map_err(classify)?;
+    Ok((all, head))
+}
+
+/// The first guard of `unit` that does not hold, as the transaction sees
+/// the store (every earlier unit of the group included).
+async fn failed_guard(
+    tx: &tokio_postgres::Transaction<'_>,
+    unit: &Unit,
+) -> Result<Option<Conflict>, Error> {
+    for (index, (table, key)) in unit.guards().iter().enumerate() {
+        if let Some(existing) = value_of(tx, *table, key).await? {
+            return Ok(Some(Conflict {
+                guard: FailedGuard::Absent(index),
+                existing,
+            }));
+        }
+    }
+    for (index, (table, key, expected)) in unit.unchanged().iter().enumerate() {
+        let current = value_of(tx, *table, key).await?;
+        if current.as_ref() != Some(expected) {
+            return Ok(Some(Conflict {
+                guard: FailedGuard::Unchanged(index),
+                existing: current.unwrap_or_default(),
+            }));
+        }
+    }
+    Ok(None)
+}
+
+async fn value_of(
+    client: &impl GenericClient,
+    table: Table,
+    key: &[u8],
+) -> Result<Option<Vec<u8>>, Error> {
+    Ok(client
+        .query_opt(
+            "SELECT value FROM tokenvault_kv WHERE tbl = $1 AND key = $2",
+            &[&table.name(), &key],
+        )
+        .await
+        .map_err(classify)?
+        .map(|row| row.get(0)))
+}
+
+/// The smallest key greater than every key that starts with `prefix`, if
+/// there is one (none for an empty prefix or one of only 0xff bytes).
+fn prefix_end(prefix: &[u8]) -> Option<Vec<u8>> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < u8::MAX {
+            end.push(last + 1);
+            return Some(end);
+        }
+    }
+    None
+}
+
+fn key_values(rows: Vec<tokio_postgres::Row>) -> KeyValues {
+    rows.into_iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect()
+}
+
+impl Store for PgStore {
+    async fn get_many(
+        &self,
+        table: Table,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<Option<Vec<u8>>>, Error> {
+        let rows = self
+            .reads
+            .query(
+                "SELECT key, value FROM tokenvault_kv WHERE tbl = $1 AND key = ANY($2)",
+                &[&table.name(), &keys],
+            )
+            .await
+            .map_err(classify)?;
+        let mut found: HashMap<Vec<u8>, Vec<u8>> = rows
+            .into_iter()
+            .map(|row| (row.get(0), row.get(1)))
+            .collect();
+        Ok(keys.iter().map(|key| found.remove(key)).collect())
+    }
+
+    async fn scan_prefix(&self, table: Table, prefix: Vec<u8>) -> Result<KeyValues, Error> {
+        let rows = match prefix_end(&prefix) {
+            Some(end) => {
+                self.reads
+                    .query(
+                        "SELECT key, value FROM tokenvault_kv \
+                         WHERE tbl = $1 AND key >= $2 AND key < $3 ORDER BY key",
+                        &[&table.name(), &prefix, &end],
+                    )
+                    .await
+            }
+            None => {
+                self.reads
+                    .query(
+                        "SELECT key, value FROM tokenvault_kv \
+                         WHERE tbl = $1 AND key >= $2 ORDER BY key",
+                        &[&table.name(), &prefix],
+                    )
+                    .await
+            }
+        }
+        .map_err(classify)?;
+        Ok(key_values(rows))
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<UnitOutcomes, Error> {
+        let (done, outcome) = oneshot::channel();
+        self.queue
+            .send(Commit { batch, done })
+            .await
+            .map_err(|_| Error::Closed)?;
+        outcome.await.map_err(|_| Error::Closed)?
+    }
+
+    fn audit_head(&self) -> Head {
+        *self
+            .head
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    async fn scan_from(
+        &self,
+        table: Table,
+        from: Vec<u8>,
+        limit: usize,
+    ) -> Result<KeyValues, Error> {
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        let rows = self
+            .reads
+            .query(
+                "SELECT key, value FROM tokenvault_kv \
+                 WHERE tbl = $1 AND key >= $2 ORDER BY key LIMIT $3",
+                &[&table.name(), &from, &limit],
+            )
+            .await
+            .map_err(classify)?;
+        Ok(key_values(rows))
+    }
+
+    async fn checkpoint(&self, _path: std::path::PathBuf) -> Result<(), Error> {
+        Err(Error::Backend(
+            "the PostgreSQL engine is backed up with PostgreSQL's own tools (pg_basebackup, point-in-time recovery), not by the vault".into(),
+        ))
+    }
+
+    fn estimated_len(&self, _table: Table) -> u64 {
+        // Progress totals only; a count would scan. Unknown until a
+        // statistics refresh is added.
+        0
+    }
+
+    async fn purge(&self, _keys: Vec<(Table, Vec<u8>)>) -> Result<(), Error> {
+        // A deleted row leaves the heap at the next vacuum and the WAL at
+        // the database's next checkpoint: the database's own schedule.
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,282 @@
+//! The PostgreSQL engine against a real PostgreSQL: a throwaway cluster per
+//! test, in a temporary directory, listening on a unix socket only.
+
+use std::{
+    path::PathBuf,
+    process::Command,
+    sync::{
+        Arc,
+        atomic::{AtomicU32, Ordering},
+    },
+};
+
+use super::*;
+use crate::store::conformance::{Engine, conformance_tests};
+
+/// The directory of PostgreSQL's server programs, or a panic that says how
+/// to install them.
+fn server_bin() -> PathBuf {
+    let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|entry| entry.path().join("bin"))
+        .filter(|bin| bin.join("initdb").exists() && bin.join("pg_ctl").exists())
+        .collect();
+    found.sort();
+    found.pop().unwrap_or_else(|| {
+        panic!(
+            "PostgreSQL's server is not installed (no /usr/lib/postgresql/*/bin/initdb); scripts/install-deps.sh --test installs it"
+        )
+    })
+}
+
+/// A PostgreSQL cluster of its own, stopped when dropped.
+struct Cluster {
+    dir: tempfile::TempDir,
+    bin: PathBuf,
+}
+
+impl Cluster {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let cluster = Self {
+            dir,
+            bin: server_bin(),
+        };
+        if rustix::process::geteuid().is_root() {
+            // PostgreSQL refuses to run as root: its own user owns the
+            // cluster (the distribution's package creates it).
+            let owner = Command::new("id")
+                .args(["-u", "postgres"])
+                .output()
+                .unwrap();
+            assert!(
+                owner.status.success(),
+                "running as root needs the 'postgres' user (created by the postgresql package)"
+            );
+            let uid: u32 = String::from_utf8_lossy(&owner.stdout)
+                .trim()
+                .parse()
+                .unwrap();
+            std::os::unix::fs::chown(cluster.dir.path(), Some(uid), None).unwrap();
+        }
+        let data = cluster.data();
+        cluster.run(
+            Command::new(cluster.bin.join("initdb"))
+                .args(["--auth=trust", "--username=tokenvault", "--no-sync", "-D"])
+                .arg(&data),
+        );
+        cluster.run(
+            Command::new(cluster.bin.join("pg_ctl"))
+                .args(["-w", "-s", "-D"])
+                .arg(&data)
+                .arg("-l")
+                .arg(cluster.dir.path().join("server.log"))
+                .arg("-o")
+                .arg(format!(
+                    "-k {} -c listen_addresses='' -c fsync=on -c synchronous_commit=on",
+                    cluster.dir.path().display()
+                ))
+                .arg("start"),
+        );
+        cluster
+    }
+
+    fn data(&self) -> PathBuf {
+        self.dir.path().join("data")
+    }
+
+    /// Runs `command` as the cluster's owner.
+    fn run(&self, command: &mut Command) {
+        let mut command = if rustix::process::geteuid().is_root() {
+            let mut as_postgres = Command::new("runuser");
+            as_postgres
+                .args(["-u", "postgres", "--"])
+                .arg(command.get_program())
+                .args(command.get_args());
+            as_postgres
+        } else {
+            std::mem::replace(command, Command::new("true"))
+        };
+        let output = command.output().unwrap();
+        assert!(
+            output.status.success(),
+            "{command:?} failed: {}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+    }
+
+    /// The connection string of database `name`.
+    fn conninfo(&self, name: &str) -> String {
+        format!(
+            "host={} user=tokenvault dbname={name}",
+            self.dir.path().display()
+        )
+    }
+
+    /// Creates database `name`.
+    async fn create_database(&self, name: &str) {
+        let admin = connect(&self.conninfo("postgres")).await.unwrap();
+        admin
+            .batch_execute(&format!("CREATE DATABASE {name}"))
+            .await
+            .unwrap();
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let data = self.data();
+        self.run(
+            Command::new(self.bin.join("pg_ctl"))
+                .args(["-s", "-m", "immediate", "-D"])
+                .arg(&data)
+                .arg("stop"),
+        );
+    }
+}
+
+/// A fresh database of its own cluster for each store the suite opens.
+struct Postgres {
+    cluster: Cluster,
+    databases: AtomicU32,
+}
+
+impl Postgres {
+    fn start() -> Self {
+        Self {
+            cluster: Cluster::start(),
+            databases: AtomicU32::new(0),
+        }
+    }
+}
+
+impl Engine for Postgres {
+    type Store = PgStore;
+
+    async fn open(&self) -> PgStore {
+        let name = format!("vault{}", self.databases.fetch_add(1, Ordering::SeqCst));
+        self.cluster.create_database(&name).await;
+        PgStore::connect(&self.cluster.conninfo(&name))
+            .await
+            .unwrap()
+    }
+
+    async fn reopen(&self, store: PgStore) -> PgStore {
+        store.close().await;
+        let name = format!("vault{}", self.databases.load(Ordering::SeqCst) - 1);
+        PgStore::connect(&self.cluster.conninfo(&name))
+            .await
+            .unwrap()
+    }
+}
+
+conformance_tests!(Postgres::start());
+
+#[test]
+fn prefix_ends_skip_trailing_ff_bytes() {
+    assert_eq!(prefix_end(b"dek/"), Some(b"dek0".to_vec()));
+    assert_eq!(prefix_end(b"a\xff\xff"), Some(b"b".to_vec()));
+    assert_eq!(prefix_end(b"\xff\xff"), None);
+    assert_eq!(prefix_end(b""), None);
+}
+
+/// Two stores on one database stand for two vault replicas: of 64
+/// concurrent writers of one new key spread over both, exactly one wins,
+/// and the audit events of both land in one chain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_database_agree() {
+    let cluster = Cluster::start();
+    cluster.create_database("shared").await;
+    let conninfo = cluster.conninfo("shared");
+    let replicas = [
+        Arc::new(PgStore::connect(&conninfo).await.unwrap()),
+        Arc::new(PgStore::connect(&conninfo).await.unwrap()),
+    ];
+    let tasks: Vec<_> = (0..64u8)
+        .map(|i| {
+            let store = Arc::clone(&replicas[usize::from(i % 2)]);
+            tokio::spawn(async move {
+                let mut batch = Batch::new();
+                batch
+                    .unit()
+                    .guard_absent(Table::Index, b"one value".to_vec())
+                    .put(Table::Index, b"one value".to_vec(), vec![i])
+                    .append_audit(vec![i]);
+                store.commit(batch).await.unwrap().remove(0)
+            })
+        })
+        .collect();
+    let mut winners = 0;
+    for task in tasks {
+        if task.await.unwrap().is_ok() {
+            winners += 1;
+        }
+    }
+    assert_eq!(winners, 1);
+    // Each replica then appends events; the chain is one, in commit order.
+    for i in 0..20u8 {
+        let mut batch = Batch::new();
+        batch.unit().append_audit(vec![i]);
+        replicas[usize::from(i % 2)].commit(batch).await.unwrap();
+    }
+    let entries = replicas[0]
+        .scan_from(Table::Audit, Vec::new(), 1000)
+        .await
+        .unwrap();
+    assert_eq!(entries.len(), 21);
+    let mut prev = chain::GENESIS;
+    for (i, (key, value)) in entries.iter().enumerate() {
+        let seq = i as u64 + 1;
+        assert_eq!(chain::seq_of(key), Some(seq));
+        let link = chain::decode(value).unwrap();
+        assert_eq!(link.prev, prev, "entry {seq}");
+        prev = chain::hash(seq, value);
+    }
+    // The head each replica reports is as of its own last commit.
+    let last = replicas[1].audit_head();
+    assert_eq!((last.seq, last.hash), (21, prev));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_schema_newer_than_the_binary_is_refused_with_one_clear_line() {
+    let cluster = Cluster::start();
+    cluster.create_database("newer").await;
+    let conninfo = cluster.conninfo("newer");
+    PgStore::connect(&conninfo).await.unwrap().close().await;
+    let admin = connect(&conninfo).await.unwrap();
+    admin
+        .execute(
+            "UPDATE tokenvault_schema SET version = $1",
+            &[&(SCHEMA_VERSION + 1)],
+        )
+        .await
+        .unwrap();
+    let err = PgStore::connect(&conninfo).await.err().unwrap().to_string();
+    assert!(
+        err.contains(&format!("schema is version {}", SCHEMA_VERSION + 1)),
+        "{err}"
+    );
+    assert_eq!(err.lines().count(), 1, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_schema_is_created_once_and_reopened() {
+    let cluster = Cluster::start();
+    cluster.create_database("once").await;
+    let conninfo = cluster.conninfo("once");
+    // Two replicas starting together create it once.
+    let (a, b) = tokio::join!(PgStore::connect(&conninfo), PgStore::connect(&conninfo));
+    let (a, b) = (a.unwrap(), b.unwrap());
+    let admin = connect(&conninfo).await.unwrap();
+    let rows = admin
+        .query("SELECT version FROM tokenvault_schema", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, i32>(0), SCHEMA_VERSION);
+    a.close().await;
+    b.close().await;
+}
