@@ -21,8 +21,8 @@ use figment::{
 mod raw;
 
 pub use raw::{
-    LogFormat, RawAudit, RawConfig, RawKeys, RawLimits, RawLog, RawRule, RawSecurity, RawServer,
-    RawStorage, RawSubjects, RawTls,
+    EngineName, LogFormat, RawAudit, RawConfig, RawKeys, RawLimits, RawLog, RawPostgres, RawRule,
+    RawSecurity, RawServer, RawStorage, RawSubjects, RawTls,
 };
 
 use crate::{
@@ -61,6 +61,8 @@ pub struct Config {
     pub limits: Limits,
     /// Block cache size in bytes.
     pub block_cache_bytes: usize,
+    /// Which engine stores the vault, and how to reach it.
+    pub engine: EngineSetting,
     /// Log format.
     pub log_format: LogFormat,
     /// Log filter.
@@ -139,6 +141,42 @@ pub enum ConfigError {
         /// What is wrong and what is expected.
         message: String,
     },
+}
+
+/// Which engine stores the vault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EngineSetting {
+    /// Embedded RocksDB in `data_dir`.
+    RocksDb,
+    /// A PostgreSQL database shared by the replicas.
+    Postgres {
+        /// The connection string, without a password.
+        connection: String,
+        /// Where the password is, if the database wants one.
+        password_file: Option<PathBuf>,
+    },
+}
+
+fn engine_setting(raw: &RawStorage) -> Result<EngineSetting, ConfigError> {
+    match (raw.engine, &raw.postgres) {
+        (EngineName::RocksDb, None) => Ok(EngineSetting::RocksDb),
+        (EngineName::RocksDb, Some(_)) => Err(invalid(
+            "storage.postgres",
+            "is set but storage.engine is \"rocksdb\"; set engine = \"postgres\" or remove it",
+        )),
+        (EngineName::Postgres, None) => Err(invalid(
+            "storage.postgres.connection",
+            "is required with engine = \"postgres\" (e.g. \"host=db.internal user=vault dbname=vault\")",
+        )),
+        (EngineName::Postgres, Some(pg)) => {
+            crate::store::postgres::check_connection(&pg.connection)
+                .map_err(|message| invalid("storage.postgres.connection", message))?;
+            Ok(EngineSetting::Postgres {
+                connection: pg.connection.clone(),
+                password_file: pg.password_file.as_ref().map(RelativePathBuf::relative),
+            })
+        }
+    }
 }
 
 /// A number of seconds that must not be zero: one rule for every duration
@@ -362,6 +400,7 @@ impl Config {
             master_key,
             limits,
             block_cache_bytes: raw.storage.block_cache_mib << 20,
+            engine: engine_setting(&raw.storage)?,
             log_format: raw.log.format,
             log_level: raw.log.level.clone(),
             audit_checkpoint_interval: seconds(

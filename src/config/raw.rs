@@ -131,8 +131,38 @@ pub struct RawLimits {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawStorage {
+    /// `rocksdb` (the default: embedded, in `data_dir`) or `postgres`
+    /// (replicas sharing one database; `[storage.postgres]`).
+    #[serde(default)]
+    pub engine: EngineName,
     /// RocksDB block cache size in MiB.
     pub block_cache_mib: usize,
+    /// `[storage.postgres]`, for `engine = "postgres"`.
+    #[serde(default)]
+    pub postgres: Option<RawPostgres>,
+}
+
+/// A storage engine's name in the configuration.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum EngineName {
+    /// Embedded RocksDB.
+    #[default]
+    RocksDb,
+    /// PostgreSQL.
+    Postgres,
+}
+
+/// `[storage.postgres]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPostgres {
+    /// libpq-style (`host=db.internal user=vault dbname=vault`) or a URL,
+    /// without a password.
+    pub connection: String,
+    /// A file holding the database password (never the config text).
+    #[serde(default)]
+    pub password_file: Option<RelativePathBuf>,
 }
 
 /// `[log]`.
@@ -251,7 +281,9 @@ impl Default for RawConfig {
                 max_request_buffer_mib: 128,
             },
             storage: RawStorage {
+                engine: EngineName::RocksDb,
                 block_cache_mib: 64,
+                postgres: None,
             },
             log: RawLog {
                 format: LogFormat::Pretty,

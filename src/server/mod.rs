@@ -29,12 +29,12 @@ pub use tls::{Connections, TlsConn, TlsError, TlsState, tls_state};
 use crate::{
     api::{Admission, AdmissionLayer, ApiSettings, Limiter, RefusalLog, TokenVaultService},
     authz::SharedPolicy,
-    config::Config,
+    config::{Config, EngineSetting},
     crypto::{MasterKey, MasterKeyError, MasterKeySetting},
     metrics::{Gauges, Metrics},
     proto,
     shared::Shared,
-    store::{self, RocksStore, Store, StoreOptions},
+    store::{self, AnyStore, PgStore, RocksStore, Store, StoreOptions},
     vault::{self, Vault},
 };
 
@@ -281,24 +281,39 @@ fn serve_health(
     ))
 }
 
-/// Opens the store (creating the data directory) and the vault on it, with
-/// the erasure ledger reconciled. The master key is dropped once the keys
-/// are unwrapped.
-async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<RocksStore>, ServeError> {
-    let store = {
-        let path = config.data_dir.clone();
-        let options = StoreOptions {
-            durability: config.durability,
-            block_cache_bytes: config.block_cache_bytes,
-        };
-        tokio::task::spawn_blocking(move || {
-            std::fs::create_dir_all(&path).map_err(|e| {
-                store::Error::Backend(format!("cannot create data_dir {}: {e}", path.display()))
-            })?;
-            RocksStore::open(&path, &options)
-        })
-        .await
-        .map_err(|e| store::Error::Backend(e.to_string()))??
+/// Opens the store on the configured engine (creating RocksDB's data
+/// directory) and the vault on it, with the erasure ledger reconciled. The
+/// master key is dropped once the keys are unwrapped.
+async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore>, ServeError> {
+    let store = match &config.engine {
+        EngineSetting::RocksDb => {
+            let path = config.data_dir.clone();
+            let options = StoreOptions {
+                durability: config.durability,
+                block_cache_bytes: config.block_cache_bytes,
+            };
+            let store = tokio::task::spawn_blocking(move || {
+                std::fs::create_dir_all(&path).map_err(|e| {
+                    store::Error::Backend(format!("cannot create data_dir {}: {e}", path.display()))
+                })?;
+                RocksStore::open(&path, &options)
+            })
+            .await
+            .map_err(|e| store::Error::Backend(e.to_string()))??;
+            AnyStore::RocksDb(store)
+        }
+        EngineSetting::Postgres {
+            connection,
+            password_file,
+        } => {
+            let password = match password_file {
+                Some(path) => Some(read_password(path)?),
+                None => None,
+            };
+            let store =
+                PgStore::connect_with(connection, password.as_ref().map(|p| p.as_str())).await?;
+            AnyStore::Postgres(store)
+        }
     };
     let (vault, _) = Vault::open(store, &master, config.field_types.clone())
         .await?
@@ -312,7 +327,7 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<RocksSto
 /// the gauges at each scrape.
 fn serve_metrics(
     listener: TcpListener,
-    vault: Arc<Vault<RocksStore>>,
+    vault: Arc<Vault<AnyStore>>,
     metrics: Arc<Metrics>,
     connections: Arc<Connections>,
     stop: watch::Receiver<bool>,
@@ -334,7 +349,7 @@ fn serve_metrics(
 /// The last writes of a run, once nothing serves: refusals counted since
 /// the last flush, the final signed checkpoint, then the store's close,
 /// which waits for the committer's last write.
-async fn close(vault: Arc<Vault<RocksStore>>, refusals: &RefusalLog) {
+async fn close(vault: Arc<Vault<AnyStore>>, refusals: &RefusalLog) {
     background::flush_refusals(&vault, refusals).await;
     match vault.checkpoint_audit().await {
         Ok(Some(seq)) => tracing::info!(audit.seq = seq, "signed the final audit checkpoint"),
@@ -343,7 +358,7 @@ async fn close(vault: Arc<Vault<RocksStore>>, refusals: &RefusalLog) {
     }
     // Every request holding the vault has finished or been dropped.
     match Arc::try_unwrap(vault) {
-        Ok(vault) => vault.into_store().close(),
+        Ok(vault) => vault.into_store().close().await,
         Err(_) => {
             tracing::warn!("requests still hold the vault; the database closes when they finish")
         }
@@ -410,4 +425,22 @@ fn local_addr(
         addr,
         source,
     })
+}
+
+/// The database password from `path`: its first line, kept out of the
+/// configuration text and zeroized once the connection is made.
+fn read_password(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>, ServeError> {
+    let bad = |message: String| {
+        ServeError::Store(store::Error::Backend(format!(
+            "storage.postgres.password_file {}: {message}",
+            path.display()
+        )))
+    };
+    let text =
+        zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?);
+    let password = zeroize::Zeroizing::new(text.lines().next().unwrap_or_default().to_owned());
+    if password.is_empty() {
+        return Err(bad("is empty".into()));
+    }
+    Ok(password)
 }

@@ -8,11 +8,13 @@
 pub mod chain;
 #[cfg(test)]
 pub(crate) mod conformance;
-mod postgres;
+mod engine;
+pub mod postgres;
 mod rocks;
 
 use std::future::Future;
 
+pub use engine::AnyStore;
 pub use postgres::PgStore;
 pub use rocks::{ReadOnlyStore, RocksStore, StoreOptions};
 

@@ -13,9 +13,9 @@
 //! acknowledged write is on the primary's disk, and on a synchronous
 //! standby's if the cluster has one.
 //!
-//! Not here yet (see ARCHITECTURE.md): selecting this engine in the
-//! configuration, TLS and a password file for the connection, reconnecting
-//! after a failover, and a key epoch shared by replicas.
+//! Chosen with `storage.engine = "postgres"`. Not here yet (see
+//! ARCHITECTURE.md): TLS to the database, reconnecting after a failover,
+//! and a key epoch shared by replicas.
 
 use std::{
     collections::HashMap,
@@ -83,14 +83,26 @@ impl PgStore {
     /// # Errors
     /// If the database cannot be reached, or its schema is unusable.
     pub async fn connect(config: &str) -> Result<Self, Error> {
-        let mut committer = connect(config).await?;
+        Self::connect_with(config, None).await
+    }
+
+    /// [`PgStore::connect`] with the password read from its file.
+    ///
+    /// # Errors
+    /// If the database cannot be reached, or its schema is unusable.
+    pub async fn connect_with(config: &str, password: Option<&str>) -> Result<Self, Error> {
+        let mut config = parse(config).map_err(Error::Backend)?;
+        if let Some(password) = password {
+            config.password(password);
+        }
+        let mut committer = connect_config(&config).await?;
         committer
             .batch_execute("SET synchronous_commit TO on")
             .await
             .map_err(classify)?;
         migrate(&mut committer).await?;
         let head = read_head(&committer).await?;
-        let reads = connect(config).await?;
+        let reads = connect_config(&config).await?;
         let head = Arc::new(Mutex::new(head));
         let (queue, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
         let task = tokio::spawn(run_committer(committer, rx, Arc::clone(&head)));
@@ -109,10 +121,36 @@ impl PgStore {
     }
 }
 
-async fn connect(config: &str) -> Result<Client, Error> {
-    let (client, connection) = tokio_postgres::connect(config, NoTls)
-        .await
-        .map_err(classify)?;
+/// Checks a `storage.postgres.connection` setting: it parses, names a host,
+/// and holds no password (that goes in a file). The message never quotes
+/// the setting.
+///
+/// # Errors
+/// What is wrong with it.
+pub fn check_connection(connection: &str) -> Result<(), String> {
+    let config = parse(connection)?;
+    if config.get_password().is_some() {
+        return Err("holds a password; put it in storage.postgres.password_file instead".into());
+    }
+    if config.get_hosts().is_empty() {
+        return Err("names no host (host=... or postgres://host/...)".into());
+    }
+    Ok(())
+}
+
+fn parse(connection: &str) -> Result<tokio_postgres::Config, String> {
+    connection.parse().map_err(|_| {
+        "is not a libpq connection string (host=... user=... dbname=...) or a postgres:// URL"
+            .to_owned()
+    })
+}
+
+async fn connect(connection: &str) -> Result<Client, Error> {
+    connect_config(&parse(connection).map_err(Error::Backend)?).await
+}
+
+async fn connect_config(config: &tokio_postgres::Config) -> Result<Client, Error> {
+    let (client, connection) = config.connect(NoTls).await.map_err(classify)?;
     tokio::spawn(async move {
         if let Err(e) = connection.await {
             tracing::error!(error = %classify(e), "connection to PostgreSQL lost");
@@ -466,5 +504,6 @@ impl Store for PgStore {
     }
 }
 
+pub mod cluster;
 #[cfg(test)]
 mod tests;

@@ -184,7 +184,12 @@ impl TestVault {
     /// Starts a vault after `setup` has prepared its directory (e.g. mounted
     /// a small filesystem where the data directory goes).
     pub fn start_after(setup: impl FnOnce(&TestVault)) -> Self {
-        let mut vault = Self::prepare("");
+        Self::start_with_after("", setup)
+    }
+
+    /// [`TestVault::start_with`] after `setup` has prepared its directory.
+    pub fn start_with_after(extra_config: &str, setup: impl FnOnce(&TestVault)) -> Self {
+        let mut vault = Self::prepare(extra_config);
         setup(&vault);
         vault.write_config();
         vault.spawn().expect("the test vault did not start");

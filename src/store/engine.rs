@@ -1,0 +1,87 @@
+//! The engine a server runs on, chosen by its configuration
+//! (`storage.engine`): one type the layers above can hold whichever it is.
+
+use super::{
+    Batch, Error, KeyValues, PgStore, RocksStore, Store, StoreStats, Table, UnitOutcomes,
+    chain::Head,
+};
+
+/// A store on either engine.
+pub enum AnyStore {
+    /// The embedded engine: one process, one directory.
+    RocksDb(RocksStore),
+    /// Replicas sharing one PostgreSQL database.
+    Postgres(PgStore),
+}
+
+impl AnyStore {
+    /// The engine's numbers for the metrics endpoint (RocksDB's own; none
+    /// yet for PostgreSQL, whose server has its own monitoring).
+    pub fn stats(&self) -> StoreStats {
+        match self {
+            AnyStore::RocksDb(store) => store.stats(),
+            AnyStore::Postgres(_) => StoreStats::default(),
+        }
+    }
+
+    /// Closes the store once its last write is done.
+    pub async fn close(self) {
+        match self {
+            AnyStore::RocksDb(store) => store.close(),
+            AnyStore::Postgres(store) => store.close().await,
+        }
+    }
+}
+
+/// Calls `$call` on whichever engine `$store` is.
+macro_rules! on_engine {
+    ($store:expr, $engine:ident => $call:expr) => {
+        match $store {
+            AnyStore::RocksDb($engine) => $call,
+            AnyStore::Postgres($engine) => $call,
+        }
+    };
+}
+
+impl Store for AnyStore {
+    async fn get_many(
+        &self,
+        table: Table,
+        keys: Vec<Vec<u8>>,
+    ) -> Result<Vec<Option<Vec<u8>>>, Error> {
+        on_engine!(self, store => store.get_many(table, keys).await)
+    }
+
+    async fn scan_prefix(&self, table: Table, prefix: Vec<u8>) -> Result<KeyValues, Error> {
+        on_engine!(self, store => store.scan_prefix(table, prefix).await)
+    }
+
+    async fn commit(&self, batch: Batch) -> Result<UnitOutcomes, Error> {
+        on_engine!(self, store => store.commit(batch).await)
+    }
+
+    fn audit_head(&self) -> Head {
+        on_engine!(self, store => store.audit_head())
+    }
+
+    async fn scan_from(
+        &self,
+        table: Table,
+        from: Vec<u8>,
+        limit: usize,
+    ) -> Result<KeyValues, Error> {
+        on_engine!(self, store => store.scan_from(table, from, limit).await)
+    }
+
+    async fn checkpoint(&self, path: std::path::PathBuf) -> Result<(), Error> {
+        on_engine!(self, store => store.checkpoint(path).await)
+    }
+
+    fn estimated_len(&self, table: Table) -> u64 {
+        on_engine!(self, store => store.estimated_len(table))
+    }
+
+    async fn purge(&self, keys: Vec<(Table, Vec<u8>)>) -> Result<(), Error> {
+        on_engine!(self, store => store.purge(keys).await)
+    }
+}

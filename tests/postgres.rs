@@ -1,0 +1,173 @@
+//! Vault replicas on one PostgreSQL database: two server processes with the
+//! same master key and `storage.engine = "postgres"`, over real mTLS, on a
+//! throwaway cluster the test starts.
+
+#![allow(clippy::unwrap_used, clippy::expect_used, missing_docs)]
+
+mod common;
+
+use common::{TestVault, detokenize, item, subject_item, tokenize_one, tokens_of};
+use tokenvault::{
+    proto::v1::{
+        ExportSubjectRequest, StreamEventsRequest, TokenizeRequest, audit_client::AuditClient,
+        detokenize_result, subjects_client::SubjectsClient,
+    },
+    store::postgres::cluster::ThrowawayCluster,
+};
+
+/// Starts two replicas on database `name` of `cluster`, the second with the
+/// first's master key (the keys in the database are wrapped by it).
+fn replicas(cluster: &ThrowawayCluster, name: &str) -> (TestVault, TestVault) {
+    let config = format!(
+        "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"{}\"\n\
+         [field_types.customer_email]\nkind = \"email\"\ndeterministic = true\n",
+        cluster.conninfo(name)
+    );
+    let first = TestVault::start_with(&config);
+    let key = first.root.path().join("master.key");
+    let second = TestVault::start_with_after(&config, |second| {
+        std::fs::copy(&key, second.root.path().join("master.key")).unwrap();
+    });
+    (first, second)
+}
+
+fn values(response: tokenvault::proto::v1::DetokenizeResponse) -> Vec<String> {
+    response
+        .results
+        .iter()
+        .map(|r| match &r.result {
+            Some(detokenize_result::Result::Value(v)) => v.value.clone(),
+            other => panic!("{other:?}"),
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_on_one_database_serve_the_same_vault() {
+    let cluster = ThrowawayCluster::start();
+    cluster.create_database("vault").await;
+    let (mut a, mut b) = replicas(&cluster, "vault");
+
+    // A token minted through one replica is read through the other.
+    let mut through_a = a.client("support").await;
+    let mut through_b = b.client("support").await;
+    let token = tokenize_one(&mut through_a, "email", "replicated@example.com").await;
+    let read = detokenize(&mut through_b, &[token], "customer_support")
+        .await
+        .unwrap();
+    assert_eq!(values(read), ["replicated@example.com"]);
+
+    // One new deterministic value asked for 64 times at once, half through
+    // each replica: one token.
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let mut client = if i % 2 == 0 {
+                through_a.clone()
+            } else {
+                through_b.clone()
+            };
+            tokio::spawn(async move {
+                tokens_of(
+                    client
+                        .tokenize(TokenizeRequest {
+                            items: vec![item("customer_email", "once@example.com")],
+                        })
+                        .await
+                        .unwrap()
+                        .into_inner(),
+                )
+                .remove(0)
+            })
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for task in tasks {
+        tokens.push(task.await.unwrap());
+    }
+    tokens.dedup();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+
+    // A subject's values tokenized through one are exported through the
+    // other.
+    tokens_of(
+        through_a
+            .tokenize(TokenizeRequest {
+                items: vec![
+                    subject_item("email", "ada@example.com", "cust-ada"),
+                    subject_item("phone", "+44 20 7946 0958", "cust-ada"),
+                ],
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let privacy = b.channel_with(&b.pki.tls("privacy")).await.unwrap();
+    let mut export = SubjectsClient::new(privacy)
+        .export_subject(ExportSubjectRequest {
+            subject_id: "cust-ada".into(),
+            purpose: "subject_access_request".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut exported = Vec::new();
+    while let Some(field) = export.message().await.unwrap() {
+        exported.push(field.value.clone());
+    }
+    exported.sort();
+    assert_eq!(exported, ["+442079460958", "ada@example.com"]);
+
+    // The events of both replicas are one chain, read through either.
+    let auditor = a.channel_with(&a.pki.tls("auditor")).await.unwrap();
+    let mut stream = AuditClient::new(auditor)
+        .stream_events(StreamEventsRequest {
+            from_seq: 1,
+            identity: String::new(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut seqs = Vec::new();
+    let mut methods = Vec::new();
+    while let Some(record) = stream.message().await.unwrap() {
+        seqs.push(record.seq);
+        let event: serde_json::Value = serde_json::from_str(&record.event_json).unwrap();
+        methods.push(event["method"].as_str().unwrap_or_default().to_owned());
+    }
+    let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
+    assert_eq!(seqs, expected, "one chain without gaps");
+    assert!(methods.iter().filter(|m| *m == "Tokenize").count() >= 66);
+    assert!(methods.iter().any(|m| m == "ExportSubject"));
+
+    a.stop();
+    b.stop();
+    a.assert_log_free_of(&["replicated@example.com", "ada@example.com"]);
+    b.assert_log_free_of(&["replicated@example.com", "ada@example.com"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_password_in_the_connection_setting_is_refused() {
+    let vault = TestVault::start();
+    let config = std::fs::read_to_string(vault.config_path()).unwrap();
+    let bad = vault.root.path().join("with-password.toml");
+    std::fs::write(
+        &bad,
+        config.replacen(
+            "data_dir = \"data\"\n",
+            "data_dir = \"data\"\n[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"host=db user=vault password=hunter2\"\n",
+            1,
+        ),
+    )
+    .unwrap();
+    let out = common::tokenvault_command()
+        .args(["config", "check"])
+        .arg(&bad)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("storage.postgres.connection"), "{stderr}");
+    assert!(stderr.contains("password_file"), "{stderr}");
+    assert!(!stderr.contains("hunter2"), "{stderr}");
+}
