@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{TestVault, detokenize, item, subject_item, tokenize_one, tokens_of};
+use common::{TestVault, Writers, detokenize, item, subject_item, tokenize_one, tokens_of};
 use tokenvault::{
     proto::v1::{
         ExportSubjectRequest, StreamEventsRequest, TokenizeRequest, audit_client::AuditClient,
@@ -18,10 +18,14 @@ use tokenvault::{
 /// Starts two replicas on database `name` of `cluster`, the second with the
 /// first's master key (the keys in the database are wrapped by it).
 fn replicas(cluster: &ThrowawayCluster, name: &str) -> (TestVault, TestVault) {
+    replicas_on(&cluster.conninfo(name))
+}
+
+/// Starts two replicas on the database `connection` names.
+fn replicas_on(connection: &str) -> (TestVault, TestVault) {
     let config = format!(
-        "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"{}\"\n\
-         [field_types.customer_email]\nkind = \"email\"\ndeterministic = true\n",
-        cluster.conninfo(name)
+        "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"{connection}\"\n\
+         [field_types.customer_email]\nkind = \"email\"\ndeterministic = true\n"
     );
     let first = TestVault::start_with(&config);
     let key = first.root.path().join("master.key");
@@ -170,4 +174,77 @@ async fn a_password_in_the_connection_setting_is_refused() {
     assert!(stderr.contains("storage.postgres.connection"), "{stderr}");
     assert!(stderr.contains("password_file"), "{stderr}");
     assert!(!stderr.contains("hunter2"), "{stderr}");
+}
+
+/// Failover: a primary with a synchronous standby; two vault replicas
+/// tokenize under load; the primary is killed with SIGKILL and the standby
+/// promoted. The replicas find the new primary by themselves (the
+/// connection setting names both hosts, read-write wanted), calls fail with
+/// UNAVAILABLE meanwhile, and every token acknowledged before, during or
+/// after the failover detokenizes afterwards.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_failover_every_acknowledged_token_detokenizes() {
+    let primary = ThrowawayCluster::start_primary();
+    primary.create_database("vault").await;
+    let standby = ThrowawayCluster::standby_of(&primary);
+    primary.require_synchronous_standby().await;
+    let connection = format!(
+        "host={},{} user=tokenvault dbname=vault target_session_attrs=read-write",
+        primary.socket_dir().display(),
+        standby.socket_dir().display()
+    );
+    let (a, b) = replicas_on(&connection);
+    let writers = [
+        Writers::start_retrying(&a.client("checkout").await, 4, "a"),
+        Writers::start_retrying(&b.client("checkout").await, 4, "b"),
+    ];
+    for w in &writers {
+        w.wait_for(150).await;
+    }
+
+    primary.kill();
+    let before_failover: usize = writers.iter().map(|w| w.acked().len()).sum();
+    // Calls fail while no host takes writes.
+    let mut refused = 0;
+    for _ in 0..200 {
+        refused = writers.iter().map(Writers::failed).sum::<usize>();
+        if refused > 0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
+    }
+    assert!(refused > 0, "no call failed with the primary gone");
+    standby.promote();
+
+    // Writes resume through both replicas, on the promoted standby.
+    let resumed = tokio::time::timeout(std::time::Duration::from_secs(60), async {
+        for w in &writers {
+            let now = w.acked().len();
+            w.wait_for(now + 100).await;
+        }
+    })
+    .await;
+    assert!(
+        resumed.is_ok(),
+        "writes did not resume after the promotion:\n{}\n{}",
+        a.logs(),
+        b.logs()
+    );
+    let [wa, wb] = writers;
+    let failed = wa.failed() + wb.failed();
+    let mut acked = wa.stop().await;
+    acked.extend(wb.stop().await);
+    common::assert_all_detokenize(&a, &acked).await;
+    common::assert_all_detokenize(&b, &acked).await;
+    eprintln!(
+        "failover: {} writes acknowledged ({before_failover} before the primary died), \
+         all {} detokenize after it; {failed} calls refused during it",
+        acked.len(),
+        acked.len()
+    );
+    assert!(
+        a.logs().contains("reconnected to PostgreSQL"),
+        "{}",
+        a.logs()
+    );
 }

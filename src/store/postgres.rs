@@ -13,13 +13,16 @@
 //! acknowledged write is on the primary's disk, and on a synchronous
 //! standby's if the cluster has one.
 //!
-//! Chosen with `storage.engine = "postgres"`. Not here yet (see
-//! ARCHITECTURE.md): TLS to the database, reconnecting after a failover,
-//! and a key epoch shared by replicas.
+//! Chosen with `storage.engine = "postgres"`. A lost connection is made
+//! again by the next call that needs it, so a vault follows a failover to
+//! whichever host of its setting takes writes. Not here yet (see
+//! ARCHITECTURE.md): TLS to the database, and a key epoch shared by
+//! replicas.
 
 use std::{
     collections::HashMap,
     sync::{Arc, Mutex},
+    time::Duration,
 };
 
 use tokio::sync::{mpsc, oneshot};
@@ -61,9 +64,14 @@ CREATE TABLE IF NOT EXISTS tokenvault_audit_head (
 );
 ";
 
+/// How long one attempt to reach the database may take, unless the
+/// connection setting says otherwise: a request waits at most this long
+/// for an unreachable database before it is answered `UNAVAILABLE`.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// A store on a PostgreSQL database.
 pub struct PgStore {
-    reads: Client,
+    reads: Reads,
     queue: mpsc::Sender<Commit>,
     head: Arc<Mutex<Head>>,
     committer: tokio::task::JoinHandle<()>,
@@ -95,17 +103,20 @@ impl PgStore {
         if let Some(password) = password {
             config.password(password);
         }
-        let mut committer = connect_config(&config).await?;
-        committer
-            .batch_execute("SET synchronous_commit TO on")
-            .await
-            .map_err(classify)?;
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let mut committer = connect_committer(&config).await?;
         migrate(&mut committer).await?;
         let head = read_head(&committer).await?;
-        let reads = connect_config(&config).await?;
+        let reads = Reads {
+            client: Mutex::new(Arc::new(connect_config(&config).await?)),
+            reconnecting: tokio::sync::Mutex::new(()),
+            config: config.clone(),
+        };
         let head = Arc::new(Mutex::new(head));
         let (queue, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
-        let task = tokio::spawn(run_committer(committer, rx, Arc::clone(&head)));
+        let task = tokio::spawn(run_committer(committer, config, rx, Arc::clone(&head)));
         Ok(Self {
             reads,
             queue,
@@ -143,6 +154,76 @@ fn parse(connection: &str) -> Result<tokio_postgres::Config, String> {
         "is not a libpq connection string (host=... user=... dbname=...) or a postgres:// URL"
             .to_owned()
     })
+}
+
+/// The connection reads go through, replaced when it is lost (the
+/// database restarted, or failed over to another host of the setting).
+struct Reads {
+    config: tokio_postgres::Config,
+    client: Mutex<Arc<Client>>,
+    /// Held while one caller reconnects; the others wait for its result.
+    reconnecting: tokio::sync::Mutex<()>,
+}
+
+impl Reads {
+    fn current(&self) -> Arc<Client> {
+        Arc::clone(
+            &self
+                .client
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner),
+        )
+    }
+
+    /// Runs a query; if the connection turns out to be gone, connects again
+    /// (one attempt, bounded by the connect timeout) so that the next call
+    /// can succeed. This call still fails: the caller hears UNAVAILABLE.
+    async fn query(
+        &self,
+        sql: &str,
+        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Result<Vec<tokio_postgres::Row>, Error> {
+        let client = self.current();
+        match client.query(sql, params).await {
+            Ok(rows) => Ok(rows),
+            Err(e) => {
+                if client.is_closed() {
+                    self.reconnect(&client).await;
+                }
+                Err(classify(e))
+            }
+        }
+    }
+
+    async fn reconnect(&self, lost: &Arc<Client>) {
+        let _one_at_a_time = self.reconnecting.lock().await;
+        if !Arc::ptr_eq(&self.current(), lost) {
+            return; // another caller has replaced it
+        }
+        match connect_config(&self.config).await {
+            Ok(client) => {
+                *self
+                    .client
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(client);
+                tracing::warn!("reconnected to PostgreSQL for reads");
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "PostgreSQL is unreachable; reads fail until it is back")
+            }
+        }
+    }
+}
+
+/// The committer's connection: commits wait for the disk (and for a
+/// synchronous standby, where the cluster has one).
+async fn connect_committer(config: &tokio_postgres::Config) -> Result<Client, Error> {
+    let client = connect_config(config).await?;
+    client
+        .batch_execute("SET synchronous_commit TO on")
+        .await
+        .map_err(classify)?;
+    Ok(client)
 }
 
 async fn connect(connection: &str) -> Result<Client, Error> {
@@ -233,9 +314,13 @@ fn classify(e: tokio_postgres::Error) -> Error {
     }
 }
 
-/// The committer task: one transaction per group of queued batches.
+/// The committer task: one transaction per group of queued batches. When
+/// its connection is lost it connects again before the next group (one
+/// attempt per group, bounded by the connect timeout); a group that finds
+/// the database unreachable fails at once, and nothing of it was written.
 async fn run_committer(
     mut client: Client,
+    config: tokio_postgres::Config,
     mut queue: mpsc::Receiver<Commit>,
     head: Arc<Mutex<Head>>,
 ) {
@@ -245,6 +330,23 @@ async fn run_committer(
             match queue.try_recv() {
                 Ok(next) => group.push(next),
                 Err(_) => break,
+            }
+        }
+        if client.is_closed() {
+            match connect_committer(&config).await {
+                Ok(reconnected) => {
+                    client = reconnected;
+                    tracing::warn!("reconnected to PostgreSQL for writes");
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, batches = group.len(), "PostgreSQL is unreachable; writes refused");
+                    for commit in group {
+                        let _ = commit.done.send(Err(Error::Backend(
+                            "the database is unreachable; nothing was written".into(),
+                        )));
+                    }
+                    continue;
+                }
             }
         }
         match write_group(&mut client, &group).await {
@@ -416,8 +518,7 @@ impl Store for PgStore {
                 "SELECT key, value FROM tokenvault_kv WHERE tbl = $1 AND key = ANY($2)",
                 &[&table.name(), &keys],
             )
-            .await
-            .map_err(classify)?;
+            .await?;
         let mut found: HashMap<Vec<u8>, Vec<u8>> = rows
             .into_iter()
             .map(|row| (row.get(0), row.get(1)))
@@ -445,8 +546,7 @@ impl Store for PgStore {
                     )
                     .await
             }
-        }
-        .map_err(classify)?;
+        }?;
         Ok(key_values(rows))
     }
 
@@ -480,8 +580,7 @@ impl Store for PgStore {
                  WHERE tbl = $1 AND key >= $2 ORDER BY key LIMIT $3",
                 &[&table.name(), &from, &limit],
             )
-            .await
-            .map_err(classify)?;
+            .await?;
         Ok(key_values(rows))
     }
 

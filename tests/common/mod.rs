@@ -477,6 +477,7 @@ pub fn copy_dir(from: &Path, to: &Path) {
 /// value at a time and records every acknowledged (token, value).
 pub struct Writers {
     acked: Arc<Mutex<Vec<(String, String)>>>,
+    failed: Arc<std::sync::atomic::AtomicUsize>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     handles: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -491,13 +492,38 @@ impl Writers {
         tag: &str,
         must_succeed: bool,
     ) -> Self {
+        let on_failure = if must_succeed {
+            OnFailure::Panic
+        } else {
+            OnFailure::Stop
+        };
+        Self::start_with(client, count, tag, on_failure)
+    }
+
+    /// Starts `count` writers that go on through failed calls (counted, and
+    /// tried again after a pause): for tests of a failover under load.
+    pub fn start_retrying(client: &TokenVaultClient<Channel>, count: usize, tag: &str) -> Self {
+        Self::start_with(client, count, tag, OnFailure::Retry)
+    }
+
+    fn start_with(
+        client: &TokenVaultClient<Channel>,
+        count: usize,
+        tag: &str,
+        on_failure: OnFailure,
+    ) -> Self {
         use tokenvault::proto::v1::{TokenizeItem, TokenizeRequest, tokenize_result};
         let acked = Arc::new(Mutex::new(Vec::new()));
+        let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handles = (0..count)
             .map(|w| {
-                let (mut client, acked, stop) =
-                    (client.clone(), Arc::clone(&acked), Arc::clone(&stop));
+                let (mut client, acked, stop, failed) = (
+                    client.clone(),
+                    Arc::clone(&acked),
+                    Arc::clone(&stop),
+                    Arc::clone(&failed),
+                );
                 let tag = tag.to_owned();
                 tokio::spawn(async move {
                     for i in 0.. {
@@ -511,14 +537,19 @@ impl Writers {
                             subject_id: String::new(),
                             ttl_seconds: 0,
                         };
-                        let response = match client
-                            .tokenize(TokenizeRequest { items: vec![item] })
-                            .await
-                        {
-                            Ok(response) => response,
-                            Err(status) if must_succeed => panic!("a request failed: {status:?}"),
-                            Err(_) => break,
-                        };
+                        let response =
+                            match client.tokenize(TokenizeRequest { items: vec![item] }).await {
+                                Ok(response) => response,
+                                Err(status) => match on_failure {
+                                    OnFailure::Panic => panic!("a request failed: {status:?}"),
+                                    OnFailure::Stop => break,
+                                    OnFailure::Retry => {
+                                        failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                        tokio::time::sleep(Duration::from_millis(50)).await;
+                                        continue;
+                                    }
+                                },
+                            };
                         if let Some(tokenize_result::Result::Token(t)) =
                             response.into_inner().results.remove(0).result
                         {
@@ -530,9 +561,15 @@ impl Writers {
             .collect();
         Self {
             acked,
+            failed,
             stop,
             handles,
         }
+    }
+
+    /// How many calls failed (for writers started with `start_retrying`).
+    pub fn failed(&self) -> usize {
+        self.failed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     /// Waits until at least `n` writes were acknowledged (a count, not a time).
@@ -555,6 +592,17 @@ impl Writers {
         }
         Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
     }
+}
+
+/// What a writer does when a call fails.
+#[derive(Clone, Copy)]
+enum OnFailure {
+    /// Fail the test.
+    Panic,
+    /// End that writer.
+    Stop,
+    /// Count it, pause, go on.
+    Retry,
 }
 
 /// Asserts that every (token, value) detokenizes to its value.

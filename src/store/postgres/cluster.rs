@@ -38,6 +38,66 @@ impl ThrowawayCluster {
     /// If PostgreSQL is not installed or does not start: this is for tests
     /// and benchmarks, which cannot go on without it.
     pub fn start() -> Self {
+        Self::initdb_and_start(&[])
+    }
+
+    /// A primary that can stream to standbys (see
+    /// [`ThrowawayCluster::standby_of`]); its commits wait for one once
+    /// [`ThrowawayCluster::require_synchronous_standby`] says so.
+    ///
+    /// # Panics
+    /// As [`ThrowawayCluster::start`].
+    pub fn start_primary() -> Self {
+        Self::initdb_and_start(&["-c wal_level=replica", "-c max_wal_senders=4"])
+    }
+
+    /// From now on a commit on this primary is acknowledged only once a
+    /// standby has it on disk. (Set after the standby is up: before, every
+    /// commit would wait for a standby that does not exist.)
+    ///
+    /// # Panics
+    /// If the primary refuses.
+    pub async fn require_synchronous_standby(&self) {
+        let admin = super::connect(&self.conninfo("postgres")).await.unwrap();
+        // One statement each: ALTER SYSTEM refuses to run in a transaction.
+        admin
+            .batch_execute("ALTER SYSTEM SET synchronous_standby_names = '*'")
+            .await
+            .unwrap();
+        admin
+            .batch_execute("SELECT pg_reload_conf()")
+            .await
+            .unwrap();
+    }
+
+    /// A streaming standby of `primary`: copied from it (pg_basebackup,
+    /// with the settings to follow it) and started.
+    ///
+    /// # Panics
+    /// As [`ThrowawayCluster::start`].
+    pub fn standby_of(primary: &ThrowawayCluster) -> Self {
+        let cluster = Self::new_dir();
+        cluster.run(
+            Command::new(cluster.bin.join("pg_basebackup"))
+                .args([
+                    "-R",
+                    "-X",
+                    "stream",
+                    "--checkpoint=fast",
+                    "--no-sync",
+                    "-U",
+                    "tokenvault",
+                    "-h",
+                ])
+                .arg(primary.dir.path())
+                .arg("-D")
+                .arg(cluster.data()),
+        );
+        cluster.pg_ctl_start(&["-c hot_standby=on"]);
+        cluster
+    }
+
+    fn new_dir() -> Self {
         let dir = tempfile::tempdir().unwrap();
         let cluster = Self {
             dir,
@@ -60,34 +120,74 @@ impl ThrowawayCluster {
                 .unwrap();
             std::os::unix::fs::chown(cluster.dir.path(), Some(uid), None).unwrap();
         }
-        let data = cluster.data();
+        cluster
+    }
+
+    fn initdb_and_start(settings: &[&str]) -> Self {
+        let cluster = Self::new_dir();
         cluster.run(
             Command::new(cluster.bin.join("initdb"))
                 .args(["--auth=trust", "--username=tokenvault", "--no-sync", "-D"])
-                .arg(&data),
+                .arg(cluster.data()),
         );
-        cluster.run(
-            Command::new(cluster.bin.join("pg_ctl"))
+        cluster.pg_ctl_start(settings);
+        cluster
+    }
+
+    fn pg_ctl_start(&self, settings: &[&str]) {
+        self.run(
+            Command::new(self.bin.join("pg_ctl"))
                 .args(["-w", "-s", "-D"])
-                .arg(&data)
+                .arg(self.data())
                 .arg("-l")
-                .arg(cluster.dir.path().join("server.log"))
+                .arg(self.dir.path().join("server.log"))
                 .arg("-o")
                 .arg(format!(
-                    "-k {} -c listen_addresses='' -c fsync=on -c synchronous_commit=on",
-                    cluster.dir.path().display()
+                    "-k {} -c listen_addresses='' -c fsync=on -c synchronous_commit=on {}",
+                    self.dir.path().display(),
+                    settings.join(" ")
                 ))
                 .arg("start"),
         );
-        cluster
+    }
+
+    /// The directory of the cluster's unix socket (its `host`).
+    pub fn socket_dir(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Kills the cluster's postmaster with SIGKILL, as a crash of its
+    /// machine would stop it (its backends exit when they notice).
+    pub fn kill(&self) {
+        let pid_file = std::fs::read_to_string(self.data().join("postmaster.pid")).unwrap();
+        let pid = pid_file.lines().next().unwrap().trim().to_owned();
+        let status = Command::new("kill").args(["-KILL", &pid]).status().unwrap();
+        assert!(status.success(), "cannot kill the postmaster {pid}");
+    }
+
+    /// Promotes a standby to primary and waits until it takes writes.
+    pub fn promote(&self) {
+        self.run(
+            Command::new(self.bin.join("pg_ctl"))
+                .args(["-w", "-s", "-D"])
+                .arg(self.data())
+                .arg("promote"),
+        );
     }
 
     fn data(&self) -> PathBuf {
         self.dir.path().join("data")
     }
 
-    /// Runs `command` as the cluster's owner.
+    /// Runs `command` as the cluster's owner; panics if it fails.
     fn run(&self, command: &mut Command) {
+        let (ok, output) = self.try_run(command);
+        assert!(ok, "{command:?} failed: {output}");
+    }
+
+    /// Runs `command` as the cluster's owner: whether it succeeded, and
+    /// what it printed.
+    fn try_run(&self, command: &mut Command) -> (bool, String) {
         let mut command = if rustix::process::geteuid().is_root() {
             let mut as_postgres = Command::new("runuser");
             as_postgres
@@ -99,12 +199,14 @@ impl ThrowawayCluster {
             std::mem::replace(command, Command::new("true"))
         };
         let output = command.output().unwrap();
-        assert!(
+        (
             output.status.success(),
-            "{command:?} failed: {}{}",
-            String::from_utf8_lossy(&output.stdout),
-            String::from_utf8_lossy(&output.stderr)
-        );
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&output.stdout),
+                String::from_utf8_lossy(&output.stderr)
+            ),
+        )
     }
 
     /// The connection string of database `name`.
@@ -130,8 +232,9 @@ impl ThrowawayCluster {
 
 impl Drop for ThrowawayCluster {
     fn drop(&mut self) {
+        // A cluster a test killed is stopped already.
         let data = self.data();
-        self.run(
+        let _ = self.try_run(
             Command::new(self.bin.join("pg_ctl"))
                 .args(["-s", "-m", "immediate", "-D"])
                 .arg(&data)
