@@ -179,9 +179,9 @@ async fn a_password_in_the_connection_setting_is_refused() {
 /// Failover: a primary with a synchronous standby; two vault replicas
 /// tokenize under load; the primary is killed with SIGKILL and the standby
 /// promoted. The replicas find the new primary by themselves (the
-/// connection setting names both hosts, read-write wanted), calls fail with
-/// UNAVAILABLE meanwhile, and every token acknowledged before, during or
-/// after the failover detokenizes afterwards.
+/// connection setting names both hosts, read-write wanted), calls fail and
+/// health says NOT_SERVING meanwhile, and every token acknowledged before,
+/// during or after the failover detokenizes afterwards.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn after_a_failover_every_acknowledged_token_detokenizes() {
     let primary = ThrowawayCluster::start_primary();
@@ -214,6 +214,23 @@ async fn after_a_failover_every_acknowledged_token_detokenizes() {
         tokio::time::sleep(std::time::Duration::from_millis(25)).await;
     }
     assert!(refused > 0, "no call failed with the primary gone");
+    // Health says so while no host takes writes.
+    let health = |vault: &TestVault| {
+        let out = common::tokenvault_command()
+            .args(["health", "--addr", &vault.health_addr.to_string()])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).trim().to_owned()
+    };
+    let mut said = String::new();
+    for _ in 0..100 {
+        said = health(&a);
+        if said == "NOT_SERVING" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(said, "NOT_SERVING", "health while the database is down");
     standby.promote();
 
     // Writes resume through both replicas, on the promoted standby.
@@ -230,6 +247,15 @@ async fn after_a_failover_every_acknowledged_token_detokenizes() {
         a.logs(),
         b.logs()
     );
+    let mut said = String::new();
+    for _ in 0..100 {
+        said = health(&b);
+        if said == "SERVING" {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(said, "SERVING", "health once the new primary takes writes");
     let [wa, wb] = writers;
     let failed = wa.failed() + wb.failed();
     let mut acked = wa.stop().await;
@@ -246,5 +272,57 @@ async fn after_a_failover_every_acknowledged_token_detokenizes() {
         a.logs().contains("reconnected to PostgreSQL"),
         "{}",
         a.logs()
+    );
+}
+
+/// A vault process killed with SIGKILL mid-load loses nothing it
+/// acknowledged: the other process reads every acknowledged token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_killed_mid_load_loses_nothing_it_acknowledged() {
+    let cluster = ThrowawayCluster::start();
+    cluster.create_database("vault").await;
+    let (mut a, b) = replicas(&cluster, "vault");
+    let writers = Writers::start(&a.client("checkout").await, 8, "killed", false);
+    writers.wait_for(300).await;
+    a.kill();
+    let acked = writers.stop().await;
+    assert!(acked.len() >= 300);
+    common::assert_all_detokenize(&b, &acked).await;
+    eprintln!(
+        "replica killed: {} acknowledged writes, all read through the other",
+        acked.len()
+    );
+}
+
+/// A data-key rotation through one replica: a value the rotated replica
+/// encrypts with the new key is read through the other, which loads the
+/// key it did not have.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_rotation_through_one_replica_is_seen_by_the_other() {
+    use tokenvault::proto::v1::{RotateKeysRequest, admin_client::AdminClient};
+    let cluster = ThrowawayCluster::start();
+    cluster.create_database("vault").await;
+    let (a, b) = replicas(&cluster, "vault");
+    let before = tokenize_one(&mut a.client("support").await, "email", "old@example.com").await;
+    let admin = a.channel_with(&a.pki.tls("privacy")).await.unwrap();
+    let rotated = AdminClient::new(admin)
+        .rotate_keys(RotateKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rotated.version, 2);
+    let after = tokenize_one(&mut a.client("support").await, "email", "new@example.com").await;
+    let read = detokenize(
+        &mut b.client("support").await,
+        &[before, after],
+        "customer_support",
+    )
+    .await
+    .unwrap();
+    assert_eq!(values(read), ["old@example.com", "new@example.com"]);
+    assert!(
+        b.wait_for_log("loaded keys another replica added"),
+        "{}",
+        b.logs()
     );
 }

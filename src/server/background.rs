@@ -24,6 +24,10 @@ const JOB_PAGE: usize = 1000;
 /// Steps a job takes per turn before the other jobs get theirs.
 const JOB_STEPS_PER_TURN: usize = 20;
 
+/// How often keys added by other processes sharing the store (rotations
+/// through another replica) are loaded, so that new values here use them too.
+const KEY_REFRESH_EVERY: Duration = Duration::from_secs(5);
+
 /// How often old audit events are pruned, when `audit.retention_days` is set.
 const AUDIT_PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -56,6 +60,12 @@ impl Background {
                 }
             },
         ));
+        // Loads keys another replica added.
+        let v = Arc::clone(vault);
+        tasks.push(every(KEY_REFRESH_EVERY, stop.clone(), move || {
+            let vault = Arc::clone(&v);
+            async move { vault.refresh_keys().await }
+        }));
         // Writes the counts of refused calls, one event per identity, method,
         // outcome and purpose.
         let (v, r) = (Arc::clone(vault), Arc::clone(refusals));

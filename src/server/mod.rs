@@ -41,6 +41,10 @@ use crate::{
 /// The gRPC service name the health service reports on.
 const SERVICE_NAME: &str = "tokenvault.v1.TokenVault";
 
+/// How often a server on a shared database checks that it can reach it:
+/// health says NOT_SERVING while it cannot.
+const DATABASE_PROBE_EVERY: Duration = Duration::from_secs(1);
+
 /// How often an idle HTTP/2 connection is pinged, so a dead peer is noticed.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -193,6 +197,7 @@ pub async fn run(
         stop_rx.clone(),
     ));
     let background = background::Background::start(&vault, &metrics, &refusals, &config, &stop_rx);
+    let database_watch = watch_database(Arc::clone(&vault), health.clone(), stop_rx.clone());
 
     set_status(&health, ServingStatus::Serving).await;
     tracing::info!(
@@ -253,6 +258,9 @@ pub async fn run(
     let _ = health_stop_tx.send(true);
     let _ = health_task.await;
     background.stop().await;
+    if let Some(task) = database_watch {
+        let _ = task.await;
+    }
     let _ = metrics_task.await;
     let _ = reloader.await;
     drop(grpc);
@@ -321,6 +329,48 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore
         .with_ledger(&config.erasure_ledger, config.ledger_rollback)
         .await?;
     Ok(vault)
+}
+
+/// For a vault on a shared database: checks every second that the database
+/// answers, and says NOT_SERVING on health while it does not (a load
+/// balancer then sends callers to a replica that can serve them), SERVING
+/// again once it does. Nothing to watch for the embedded engine.
+fn watch_database(
+    vault: Arc<Vault<AnyStore>>,
+    health: HealthReporter,
+    mut stop: watch::Receiver<bool>,
+) -> Option<JoinHandle<()>> {
+    if !matches!(vault.store(), AnyStore::Postgres(_)) {
+        return None;
+    }
+    Some(tokio::spawn(async move {
+        let mut serving = true;
+        let mut ticker = tokio::time::interval(DATABASE_PROBE_EVERY);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                _ = stop.changed() => return,
+            }
+            let reachable = vault.store().reachable().await;
+            // A drain has begun meanwhile: its NOT_SERVING stands.
+            if *stop.borrow() {
+                return;
+            }
+            if reachable != serving {
+                serving = reachable;
+                if reachable {
+                    tracing::info!("the database answers again: serving");
+                    set_status(&health, ServingStatus::Serving).await;
+                } else {
+                    tracing::error!(
+                        "the database does not answer: health says NOT_SERVING until it does"
+                    );
+                    set_status(&health, ServingStatus::NotServing).await;
+                }
+            }
+        }
+    }))
 }
 
 /// Serves the metrics on their plaintext port until `stop` changes, reading

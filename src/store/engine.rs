@@ -24,6 +24,16 @@ impl AnyStore {
         }
     }
 
+    /// Whether the storage can be reached now: always for the embedded
+    /// engine; for PostgreSQL, whether a query gets an answer (a lost
+    /// connection is made again on the way).
+    pub async fn reachable(&self) -> bool {
+        match self {
+            AnyStore::RocksDb(_) => true,
+            AnyStore::Postgres(store) => store.reachable().await,
+        }
+    }
+
     /// Closes the store once its last write is done.
     pub async fn close(self) {
         match self {

@@ -125,6 +125,12 @@ impl PgStore {
         })
     }
 
+    /// Whether the database answers a query now (reconnecting if the
+    /// connection was lost).
+    pub async fn reachable(&self) -> bool {
+        self.reads.query("SELECT 1", &[]).await.is_ok()
+    }
+
     /// Stops taking writes and waits for the committer's last transaction.
     pub async fn close(self) {
         drop(self.queue);

@@ -100,6 +100,55 @@ impl Keyring {
         })
     }
 
+    /// Loads the data-key and blind-index-key versions that another process
+    /// sharing the store has added since this one opened it (a rotation
+    /// through another replica). Returns how many were new.
+    ///
+    /// # Errors
+    /// Storage failures, or a new key that does not unwrap.
+    pub async fn refresh<S: Store>(&self, store: &S) -> Result<usize, Error> {
+        let data = store
+            .scan_prefix(Table::Keys, MasterWrapped::DataKey.prefix().into())
+            .await?;
+        let index = store
+            .scan_prefix(Table::Keys, MasterWrapped::BlindIndexKey.prefix().into())
+            .await?;
+        let master = self.master();
+        let mut added = 0;
+        for (label, wrapped) in data {
+            let Some(version) = MasterWrapped::DataKey.version_of(&label) else {
+                continue;
+            };
+            if self.data_key(version).is_some() {
+                continue;
+            }
+            let key = master
+                .unwrap_data_key(&decode_wrapped(&label, &wrapped)?, &label)
+                .map_err(|_| wrong_master(&label))?;
+            self.install_data_key(version, key);
+            added += 1;
+        }
+        for (label, wrapped) in index {
+            let Some(version) = MasterWrapped::BlindIndexKey.version_of(&label) else {
+                continue;
+            };
+            let known = self
+                .index_keys
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .contains_key(&version);
+            if known {
+                continue;
+            }
+            let key = master
+                .unwrap_hash_key(&decode_wrapped(&label, &wrapped)?, &label)
+                .map_err(|_| wrong_master(&label))?;
+            self.install_index_key(version, key);
+            added += 1;
+        }
+        Ok(added)
+    }
+
     /// The key new values are encrypted with, and its version.
     pub fn active(&self) -> (u32, Arc<DataKey>) {
         let keys = self

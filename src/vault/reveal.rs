@@ -63,6 +63,11 @@ impl<S: Store> Vault<S> {
             })
             .collect();
 
+        let unknown = records.iter().flatten().any(|r| self.lacks_key(r));
+        if unknown {
+            self.refresh_keys().await;
+        }
+
         // Subject keys and consent decisions, each in one read.
         let mut subjects: Vec<[u8; 32]> = records
             .iter()
@@ -185,5 +190,21 @@ impl<S: Store> Vault<S> {
             tracing::error!(field_type = %record.field_type, "decrypted value is not UTF-8");
             ItemError::DataLoss
         })
+    }
+
+    /// Whether `record` names a vault data key this process does not hold
+    /// (one another replica added by a rotation).
+    pub(super) fn lacks_key(&self, record: &Record) -> bool {
+        matches!(record.key_version, KeyVersion::Vault(v) if self.keyring.data_key(v).is_none())
+    }
+
+    /// Loads keys other processes sharing the store have added; a failure
+    /// is logged (the records that need them then answer DATA_LOSS).
+    pub async fn refresh_keys(&self) {
+        match self.keyring.refresh(&self.store).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(keys = n, "loaded keys another replica added"),
+            Err(e) => tracing::error!(error = %e, "cannot load the keys another replica added"),
+        }
     }
 }

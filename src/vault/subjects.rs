@@ -127,6 +127,14 @@ impl<S: Store> Vault<S> {
         let (tokens, records) = self.subject_records(&hash).await?;
         let keys = self.subject_keys(&[hash]).await?;
         let now = self.now();
+        let unknown = records
+            .iter()
+            .flatten()
+            .filter_map(|b| Record::decode(b).ok())
+            .any(|r| self.lacks_key(&r));
+        if unknown {
+            self.refresh_keys().await;
+        }
         let mut fields = Vec::new();
         for (token, bytes) in tokens.into_iter().zip(records) {
             let Some(record) = bytes.and_then(|b| Record::decode(&b).ok()) else {
