@@ -6,12 +6,12 @@
 
 mod common;
 
-use common::{TestVault, Writers, detokenize, item, subject_item, tokenize_one, tokens_of};
+use common::{
+    TestVault, Writers, audit_events, detokenize, item, revealed, subject_item, tokenize_one,
+    tokens_of,
+};
 use tokenvault::{
-    proto::v1::{
-        ExportSubjectRequest, StreamEventsRequest, TokenizeRequest, audit_client::AuditClient,
-        detokenize_result, subjects_client::SubjectsClient,
-    },
+    proto::v1::{ExportSubjectRequest, TokenizeRequest, subjects_client::SubjectsClient},
     store::postgres::cluster::ThrowawayCluster,
 };
 
@@ -35,17 +35,6 @@ fn replicas_on(connection: &str) -> (TestVault, TestVault) {
     (first, second)
 }
 
-fn values(response: tokenvault::proto::v1::DetokenizeResponse) -> Vec<String> {
-    response
-        .results
-        .iter()
-        .map(|r| match &r.result {
-            Some(detokenize_result::Result::Value(v)) => v.value.clone(),
-            other => panic!("{other:?}"),
-        })
-        .collect()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_one_database_serve_the_same_vault() {
     let cluster = ThrowawayCluster::start();
@@ -59,7 +48,7 @@ async fn two_replicas_on_one_database_serve_the_same_vault() {
     let read = detokenize(&mut through_b, &[token], "customer_support")
         .await
         .unwrap();
-    assert_eq!(values(read), ["replicated@example.com"]);
+    assert_eq!(revealed(read), [Ok("replicated@example.com".to_owned())]);
 
     // One new deterministic value asked for 64 times at once, half through
     // each replica: one token.
@@ -122,27 +111,13 @@ async fn two_replicas_on_one_database_serve_the_same_vault() {
     assert_eq!(exported, ["+442079460958", "ada@example.com"]);
 
     // The events of both replicas are one chain, read through either.
-    let auditor = a.channel_with(&a.pki.tls("auditor")).await.unwrap();
-    let mut stream = AuditClient::new(auditor)
-        .stream_events(StreamEventsRequest {
-            from_seq: 1,
-            identity: String::new(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut seqs = Vec::new();
-    let mut methods = Vec::new();
-    while let Some(record) = stream.message().await.unwrap() {
-        seqs.push(record.seq);
-        let event: serde_json::Value = serde_json::from_str(&record.event_json).unwrap();
-        methods.push(event["method"].as_str().unwrap_or_default().to_owned());
-    }
+    let events = audit_events(&a).await;
+    let seqs: Vec<u64> = events.iter().map(|e| e["seq"].as_u64().unwrap()).collect();
     let expected: Vec<u64> = (1..=seqs.len() as u64).collect();
     assert_eq!(seqs, expected, "one chain without gaps");
-    assert!(methods.iter().filter(|m| *m == "Tokenize").count() >= 66);
-    assert!(methods.iter().any(|m| m == "ExportSubject"));
+    let method = |e: &serde_json::Value, m: &str| e["method"] == m;
+    assert!(events.iter().filter(|e| method(e, "Tokenize")).count() >= 66);
+    assert!(events.iter().any(|e| method(e, "ExportSubject")));
 
     a.stop();
     b.stop();
@@ -319,7 +294,13 @@ async fn a_key_rotation_through_one_replica_is_seen_by_the_other() {
     )
     .await
     .unwrap();
-    assert_eq!(values(read), ["old@example.com", "new@example.com"]);
+    assert_eq!(
+        revealed(read),
+        [
+            Ok("old@example.com".to_owned()),
+            Ok("new@example.com".to_owned())
+        ]
+    );
     assert!(
         b.wait_for_log("loaded keys another replica added"),
         "{}",

@@ -7,13 +7,12 @@
 
 mod common;
 
-use common::{TestVault, detokenize, item, spiffe, tokenize_one};
+use common::{TestVault, audit_events, detokenize, item, spiffe, tokenize_one};
 use tokenvault::{
     client::TokenVaultClient,
     pki::ClientSpec,
     proto::v1::{
-        DetokenizeRequest, StreamEventsRequest, TokenizeItem, TokenizeRequest,
-        audit_client::AuditClient, detokenize_result, tokenize_result,
+        DetokenizeRequest, TokenizeItem, TokenizeRequest, detokenize_result, tokenize_result,
     },
 };
 use tonic::transport::Channel;
@@ -26,25 +25,6 @@ async fn detokenize_one(
 ) -> Result<detokenize_result::Result, tonic::Status> {
     let response = detokenize(client, &[token.to_owned()], purpose).await?;
     Ok(response.results[0].result.clone().unwrap())
-}
-
-/// Every audit event so far, as JSON.
-async fn audit_events(vault: &TestVault) -> Vec<serde_json::Value> {
-    let channel = vault.channel_with(&vault.pki.tls("auditor")).await.unwrap();
-    let mut stream = AuditClient::new(channel)
-        .stream_events(StreamEventsRequest {
-            from_seq: 1,
-            identity: String::new(),
-            limit: 0,
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    let mut events = Vec::new();
-    while let Some(record) = stream.message().await.unwrap() {
-        events.push(serde_json::from_str(&record.event_json).unwrap());
-    }
-    events
 }
 
 /// Item 3: scopes and purposes of different rules never combine into a

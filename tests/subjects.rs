@@ -8,7 +8,7 @@ mod common;
 
 use std::path::Path;
 
-use common::{TestVault, subject_item};
+use common::{TestVault, detokenize, revealed, subject_item};
 use tokenvault::{
     proto::v1::{
         Code, DeleteTokensRequest, DetokenizeRequest, EraseSubjectRequest, ExportSubjectRequest,
@@ -38,23 +38,7 @@ async fn tokenize(vault: &TestVault, items: Vec<TokenizeItem>) -> Vec<String> {
 /// Each token's value, or its item error code.
 async fn reveal(vault: &TestVault, tokens: &[String], purpose: &str) -> Vec<Result<String, Code>> {
     let mut client = vault.client("support").await;
-    client
-        .detokenize(DetokenizeRequest {
-            tokens: tokens.to_vec(),
-            purpose: purpose.into(),
-            masked: false,
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .results
-        .into_iter()
-        .map(|r| match r.result {
-            Some(detokenize_result::Result::Value(mut v)) => Ok(std::mem::take(&mut v.value)),
-            Some(detokenize_result::Result::Error(e)) => Err(e.code()),
-            None => panic!("empty"),
-        })
-        .collect()
+    revealed(detokenize(&mut client, tokens, purpose).await.unwrap())
 }
 
 async fn privacy(vault: &TestVault) -> SubjectsClient<Channel> {

@@ -427,8 +427,9 @@ impl Store for FailingStore {
     }
 }
 
-#[tokio::test]
-async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
+/// A vault with the test fields over a [`FailingStore`] on a real RocksDB,
+/// in a directory that lives as long as the returned guard.
+async fn failing_vault() -> (tempfile::TempDir, Vault<FailingStore>) {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("master.key");
     MasterKey::create_file(&key).unwrap();
@@ -443,6 +444,12 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
     )
     .await
     .unwrap();
+    (dir, vault)
+}
+
+#[tokio::test]
+async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
+    let (_dir, vault) = failing_vault().await;
     let policy = Policy::new(vec![Rule::new(
         IdentityPattern::new("spiffe://*").unwrap(),
         vec![
@@ -954,20 +961,7 @@ async fn a_relabelled_or_extended_record_does_not_decrypt() {
 /// API), stores nothing, and the call is still audited.
 #[tokio::test]
 async fn a_full_format_preserving_space_gives_up_after_eight_draws() {
-    let dir = tempfile::tempdir().unwrap();
-    let key = dir.path().join("master.key");
-    MasterKey::create_file(&key).unwrap();
-    let store = FailingStore::new(
-        RocksStore::open(&dir.path().join("data"), &StoreOptions::default()).unwrap(),
-    );
-    let raw: std::collections::BTreeMap<String, RawFieldType> = toml::from_str(FIELDS).unwrap();
-    let vault = Vault::open(
-        store,
-        &MasterKey::load(&key).unwrap(),
-        FieldRegistry::from_raw(&raw, 4096).unwrap(),
-    )
-    .await
-    .unwrap();
+    let (_dir, vault) = failing_vault().await;
     let policy = Policy::new(vec![Rule::new(
         IdentityPattern::new("spiffe://*").unwrap(),
         vec!["tokenize:*".parse().unwrap()],

@@ -724,6 +724,43 @@ pub async fn detokenize(
         .map(tonic::Response::into_inner)
 }
 
+/// Each result of a detokenize: the value, or the item error's code.
+pub fn revealed(response: DetokenizeResponse) -> Vec<Result<String, tokenvault::proto::v1::Code>> {
+    use tokenvault::proto::v1::detokenize_result;
+    response
+        .results
+        .iter()
+        .map(|r| match &r.result {
+            Some(detokenize_result::Result::Value(v)) => Ok(v.value.clone()),
+            Some(detokenize_result::Result::Error(e)) => Err(e.code()),
+            None => panic!("an empty result"),
+        })
+        .collect()
+}
+
+/// Every event of the audit trail so far, as JSON, read through the Audit
+/// service by the auditor.
+pub async fn audit_events(vault: &TestVault) -> Vec<serde_json::Value> {
+    use tokenvault::proto::v1::StreamEventsRequest;
+    let channel = vault.channel_with(&vault.pki.tls("auditor")).await.unwrap();
+    let mut stream = tokenvault::proto::v1::audit_client::AuditClient::new(channel)
+        .stream_events(StreamEventsRequest {
+            from_seq: 1,
+            identity: String::new(),
+            limit: 0,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = Vec::new();
+    while let Some(record) = stream.message().await.unwrap() {
+        let mut event: serde_json::Value = serde_json::from_str(&record.event_json).unwrap();
+        event["seq"] = record.seq.into();
+        events.push(event);
+    }
+    events
+}
+
 /// Runs the `tokenvault` binary with `args`: whether it succeeded, and its
 /// stdout then stderr.
 pub fn run_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
