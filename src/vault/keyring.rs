@@ -50,14 +50,16 @@ impl Keyring {
         if data_keys.is_empty() {
             let dek = DataKey::generate()?;
             let dek_label = MasterWrapped::DataKey.label(1);
-            let mut batch = Batch::new();
-            batch.put(
-                Table::Keys,
-                dek_label.clone(),
-                encode_wrapped(&master.wrap_data_key(&dek, &dek_label)?),
-            );
-            store.commit(batch).await?;
-            tracing::info!("created the first data key");
+            let wrapped = encode_wrapped(&master.wrap_data_key(&dek, &dek_label)?);
+            let dek = match create_once(store, &dek_label, wrapped).await? {
+                None => {
+                    tracing::info!("created the first data key");
+                    dek
+                }
+                Some(theirs) => master
+                    .unwrap_data_key(&decode_wrapped(&dek_label, &theirs)?, &dek_label)
+                    .map_err(|_| wrong_master(&dek_label))?,
+            };
             data_keys.insert(1, Arc::new(dek));
         }
         let subject_key = hash_key(store, master, MasterWrapped::SubjectIdHashKey).await?;
@@ -481,18 +483,39 @@ async fn hash_key<S: Store>(
     }
     let key = HashKey::generate()?;
     let key_label = family.label(1);
+    let wrapped = encode_wrapped(&master.wrap_hash_key(&key, &key_label)?);
+    match create_once(store, &key_label, wrapped).await? {
+        None => {
+            tracing::info!(
+                key = family.prefix().trim_end_matches('/'),
+                "created a hash key"
+            );
+            Ok(key)
+        }
+        Some(theirs) => master
+            .unwrap_hash_key(&decode_wrapped(&key_label, &theirs)?, &key_label)
+            .map_err(|_| wrong_master(&key_label)),
+    }
+}
+
+/// Stores a new key's wrapped form under `label` unless another process
+/// sharing the store (a replica starting at the same moment) stored one
+/// there first: then returns theirs, which everyone must use.
+async fn create_once<S: Store>(
+    store: &S,
+    label: &[u8],
+    wrapped: Vec<u8>,
+) -> Result<Option<Vec<u8>>, Error> {
     let mut batch = Batch::new();
-    batch.put(
+    batch.unit().guard_absent(Table::Keys, label.to_vec()).put(
         Table::Keys,
-        key_label.clone(),
-        encode_wrapped(&master.wrap_hash_key(&key, &key_label)?),
+        label.to_vec(),
+        wrapped,
     );
-    store.commit(batch).await?;
-    tracing::info!(
-        key = family.prefix().trim_end_matches('/'),
-        "created a hash key"
-    );
-    Ok(key)
+    Ok(match store.commit(batch).await?.pop() {
+        Some(Err(conflict)) => Some(conflict.existing),
+        _ => None,
+    })
 }
 
 fn wrong_master(label: &[u8]) -> Error {

@@ -340,6 +340,9 @@ struct FailingStore {
     records_all_taken: std::sync::atomic::AtomicBool,
     /// How many reads of the records table were answered "taken".
     taken_reads: std::sync::atomic::AtomicUsize,
+    /// Scans of the keys table find nothing, as for a process that looked
+    /// just before another stored its keys.
+    keys_look_empty: std::sync::atomic::AtomicBool,
 }
 
 impl FailingStore {
@@ -350,6 +353,7 @@ impl FailingStore {
             lose_races: std::sync::atomic::AtomicBool::new(false),
             records_all_taken: std::sync::atomic::AtomicBool::new(false),
             taken_reads: std::sync::atomic::AtomicUsize::new(0),
+            keys_look_empty: std::sync::atomic::AtomicBool::new(false),
         }
     }
 }
@@ -377,6 +381,13 @@ impl Store for FailingStore {
         table: store::Table,
         prefix: Vec<u8>,
     ) -> Result<store::KeyValues, store::Error> {
+        if table == store::Table::Keys
+            && self
+                .keys_look_empty
+                .load(std::sync::atomic::Ordering::SeqCst)
+        {
+            return Ok(Vec::new());
+        }
         self.inner.scan_prefix(table, prefix).await
     }
 
@@ -1008,4 +1019,46 @@ async fn a_full_format_preserving_space_gives_up_after_eight_draws() {
         .store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(vault.store().estimated_len(store::Table::Records), 0);
     assert_eq!(vault.store().audit_head().seq, 1, "the call is audited");
+}
+
+/// Processes that share a store and open it together for the first time
+/// (replicas starting at once on an empty database) agree on every key:
+/// the first to store one wins and the others use it. Here the second
+/// process looked for keys just before the first stored them.
+#[tokio::test]
+async fn a_keyring_that_lost_the_race_to_create_its_keys_uses_the_winners() {
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("master.key");
+    MasterKey::create_file(&key).unwrap();
+    let master = MasterKey::load(&key).unwrap();
+    let store = FailingStore::new(
+        RocksStore::open(&dir.path().join("data"), &StoreOptions::default()).unwrap(),
+    );
+    let first = super::Keyring::open(&store.inner, &master).await.unwrap();
+    store
+        .keys_look_empty
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let second = super::Keyring::open(&store, &master).await.unwrap();
+    store
+        .keys_look_empty
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    let reopened = super::Keyring::open(&store.inner, &master).await.unwrap();
+    let (version, first_key) = first.active();
+    let sealed = first_key.seal(b"agreed", b"aad").unwrap();
+    for other in [&second, &reopened] {
+        let opened = other
+            .data_key(version)
+            .unwrap()
+            .open(&sealed.nonce, &sealed.ciphertext, b"aad")
+            .expect("another data key");
+        assert_eq!(opened.as_slice(), b"agreed");
+        assert_eq!(
+            first.subject_key().hash(b"d", b"x"),
+            other.subject_key().hash(b"d", b"x")
+        );
+        assert_eq!(
+            first.audit_signer().public_key(),
+            other.audit_signer().public_key()
+        );
+    }
 }
