@@ -154,6 +154,8 @@ pub enum EngineSetting {
         connection: String,
         /// Where the password is, if the database wants one.
         password_file: Option<PathBuf>,
+        /// The CA certificates for TLS to the database, if it is used.
+        ca_file: Option<PathBuf>,
     },
 }
 
@@ -169,11 +171,12 @@ fn engine_setting(raw: &RawStorage) -> Result<EngineSetting, ConfigError> {
             "is required with engine = \"postgres\" (e.g. \"host=db.internal user=vault dbname=vault\")",
         )),
         (EngineName::Postgres, Some(pg)) => {
-            crate::store::postgres::check_connection(&pg.connection)
+            crate::store::postgres::check_connection(&pg.connection, pg.ca_file.is_some())
                 .map_err(|message| invalid("storage.postgres.connection", message))?;
             Ok(EngineSetting::Postgres {
                 connection: pg.connection.clone(),
                 password_file: pg.password_file.as_ref().map(RelativePathBuf::relative),
+                ca_file: pg.ca_file.as_ref().map(RelativePathBuf::relative),
             })
         }
     }

@@ -163,6 +163,10 @@ pub struct RawPostgres {
     /// A file holding the database password (never the config text).
     #[serde(default)]
     pub password_file: Option<RelativePathBuf>,
+    /// CA certificates (PEM) the database server's certificate must chain
+    /// to: with it, every connection uses TLS and checks the server's name.
+    #[serde(default)]
+    pub ca_file: Option<RelativePathBuf>,
 }
 
 /// `[log]`.

@@ -313,13 +313,27 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore
         EngineSetting::Postgres {
             connection,
             password_file,
+            ca_file,
         } => {
             let password = match password_file {
                 Some(path) => Some(read_password(path)?),
                 None => None,
             };
-            let store =
-                PgStore::connect_with(connection, password.as_ref().map(|p| p.as_str())).await?;
+            let ca = match ca_file {
+                Some(path) => Some(std::fs::read(path).map_err(|e| {
+                    ServeError::Store(store::Error::Backend(format!(
+                        "storage.postgres.ca_file {}: {e}",
+                        path.display()
+                    )))
+                })?),
+                None => None,
+            };
+            let store = PgStore::connect_with(
+                connection,
+                password.as_ref().map(|p| p.as_str()),
+                ca.as_deref(),
+            )
+            .await?;
             AnyStore::Postgres(store)
         }
     };

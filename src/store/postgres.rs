@@ -15,9 +15,9 @@
 //!
 //! Chosen with `storage.engine = "postgres"`. A lost connection is made
 //! again by the next call that needs it, so a vault follows a failover to
-//! whichever host of its setting takes writes. Not here yet (see
-//! ARCHITECTURE.md): TLS to the database, and a key epoch shared by
-//! replicas.
+//! whichever host of its setting takes writes. With a CA configured every
+//! connection is TLS (rustls), the server's certificate checked against
+//! that CA and the host name.
 
 use std::{
     collections::HashMap,
@@ -91,14 +91,21 @@ impl PgStore {
     /// # Errors
     /// If the database cannot be reached, or its schema is unusable.
     pub async fn connect(config: &str) -> Result<Self, Error> {
-        Self::connect_with(config, None).await
+        Self::connect_with(config, None, None).await
     }
 
-    /// [`PgStore::connect`] with the password read from its file.
+    /// [`PgStore::connect`] with the password read from its file, and TLS
+    /// to the database verified against the CA certificates (PEM) in
+    /// `ca`, if given: the server's certificate must chain to one of them
+    /// and name the host connected to.
     ///
     /// # Errors
     /// If the database cannot be reached, or its schema is unusable.
-    pub async fn connect_with(config: &str, password: Option<&str>) -> Result<Self, Error> {
+    pub async fn connect_with(
+        config: &str,
+        password: Option<&str>,
+        ca: Option<&[u8]>,
+    ) -> Result<Self, Error> {
         let mut config = parse(config).map_err(Error::Backend)?;
         if let Some(password) = password {
             config.password(password);
@@ -106,17 +113,25 @@ impl PgStore {
         if config.get_connect_timeout().is_none() {
             config.connect_timeout(CONNECT_TIMEOUT);
         }
-        let mut committer = connect_committer(&config).await?;
+        let tls = match ca {
+            Some(pem) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(rustls_connector(pem)?)
+            }
+            None => None,
+        };
+        let target = Target { config, tls };
+        let mut committer = connect_committer(&target).await?;
         migrate(&mut committer).await?;
         let head = read_head(&committer).await?;
         let reads = Reads {
-            client: Mutex::new(Arc::new(connect_config(&config).await?)),
+            client: Mutex::new(Arc::new(target.connect().await?)),
             reconnecting: tokio::sync::Mutex::new(()),
-            config: config.clone(),
+            target: target.clone(),
         };
         let head = Arc::new(Mutex::new(head));
         let (queue, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
-        let task = tokio::spawn(run_committer(committer, config, rx, Arc::clone(&head)));
+        let task = tokio::spawn(run_committer(committer, target, rx, Arc::clone(&head)));
         Ok(Self {
             reads,
             queue,
@@ -139,13 +154,19 @@ impl PgStore {
 }
 
 /// Checks a `storage.postgres.connection` setting: it parses, names a host,
-/// and holds no password (that goes in a file). The message never quotes
-/// the setting.
+/// holds no password (that goes in a file), and asks for TLS only if a CA
+/// to verify the server with is configured (`with_ca`). The message never
+/// quotes the setting.
 ///
 /// # Errors
 /// What is wrong with it.
-pub fn check_connection(connection: &str) -> Result<(), String> {
+pub fn check_connection(connection: &str, with_ca: bool) -> Result<(), String> {
     let config = parse(connection)?;
+    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require && !with_ca {
+        return Err(
+            "asks for sslmode=require; set storage.postgres.ca_file to the CA the database server's certificate chains to".into(),
+        );
+    }
     if config.get_password().is_some() {
         return Err("holds a password; put it in storage.postgres.password_file instead".into());
     }
@@ -165,7 +186,7 @@ fn parse(connection: &str) -> Result<tokio_postgres::Config, String> {
 /// The connection reads go through, replaced when it is lost (the
 /// database restarted, or failed over to another host of the setting).
 struct Reads {
-    config: tokio_postgres::Config,
+    target: Target,
     client: Mutex<Arc<Client>>,
     /// Held while one caller reconnects; the others wait for its result.
     reconnecting: tokio::sync::Mutex<()>,
@@ -206,7 +227,7 @@ impl Reads {
         if !Arc::ptr_eq(&self.current(), lost) {
             return; // another caller has replaced it
         }
-        match connect_config(&self.config).await {
+        match self.target.connect().await {
             Ok(client) => {
                 *self
                     .client
@@ -223,8 +244,8 @@ impl Reads {
 
 /// The committer's connection: commits wait for the disk (and for a
 /// synchronous standby, where the cluster has one).
-async fn connect_committer(config: &tokio_postgres::Config) -> Result<Client, Error> {
-    let client = connect_config(config).await?;
+async fn connect_committer(target: &Target) -> Result<Client, Error> {
+    let client = target.connect().await?;
     client
         .batch_execute("SET synchronous_commit TO on")
         .await
@@ -233,17 +254,74 @@ async fn connect_committer(config: &tokio_postgres::Config) -> Result<Client, Er
 }
 
 async fn connect(connection: &str) -> Result<Client, Error> {
-    connect_config(&parse(connection).map_err(Error::Backend)?).await
+    Target {
+        config: parse(connection).map_err(Error::Backend)?,
+        tls: None,
+    }
+    .connect()
+    .await
 }
 
-async fn connect_config(config: &tokio_postgres::Config) -> Result<Client, Error> {
-    let (client, connection) = config.connect(NoTls).await.map_err(classify)?;
-    tokio::spawn(async move {
-        if let Err(e) = connection.await {
-            tracing::error!(error = %classify(e), "connection to PostgreSQL lost");
-        }
-    });
-    Ok(client)
+/// Where and how to connect: the parsed setting, and TLS when a CA is
+/// configured.
+#[derive(Clone)]
+struct Target {
+    config: tokio_postgres::Config,
+    tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+}
+
+impl Target {
+    async fn connect(&self) -> Result<Client, Error> {
+        let client = match &self.tls {
+            None => {
+                let (client, connection) = self.config.connect(NoTls).await.map_err(classify)?;
+                tokio::spawn(watch_connection(connection));
+                client
+            }
+            Some(tls) => {
+                let (client, connection) =
+                    self.config.connect(tls.clone()).await.map_err(classify)?;
+                tokio::spawn(watch_connection(connection));
+                client
+            }
+        };
+        Ok(client)
+    }
+}
+
+/// Drives a connection until it ends, logging why it did.
+async fn watch_connection<F>(connection: F)
+where
+    F: std::future::Future<Output = Result<(), tokio_postgres::Error>>,
+{
+    if let Err(e) = connection.await {
+        tracing::error!(error = %classify(e), "connection to PostgreSQL lost");
+    }
+}
+
+/// A TLS connector that trusts only the CA certificates in `pem`.
+fn rustls_connector(pem: &[u8]) -> Result<tokio_postgres_rustls::MakeRustlsConnect, Error> {
+    use rustls_pki_types::{CertificateDer, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    for cert in CertificateDer::pem_slice_iter(pem) {
+        let cert = cert.map_err(|e| Error::Backend(format!("storage.postgres.ca_file: {e}")))?;
+        roots
+            .add(cert)
+            .map_err(|e| Error::Backend(format!("storage.postgres.ca_file: {e}")))?;
+    }
+    if roots.is_empty() {
+        return Err(Error::Backend(
+            "storage.postgres.ca_file holds no certificate".into(),
+        ));
+    }
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| Error::Backend(format!("TLS to PostgreSQL: {e}")))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    Ok(tokio_postgres_rustls::MakeRustlsConnect::new(config))
 }
 
 /// Creates the schema, or checks the one there.
@@ -326,7 +404,7 @@ fn classify(e: tokio_postgres::Error) -> Error {
 /// the database unreachable fails at once, and nothing of it was written.
 async fn run_committer(
     mut client: Client,
-    config: tokio_postgres::Config,
+    target: Target,
     mut queue: mpsc::Receiver<Commit>,
     head: Arc<Mutex<Head>>,
 ) {
@@ -339,7 +417,7 @@ async fn run_committer(
             }
         }
         if client.is_closed() {
-            match connect_committer(&config).await {
+            match connect_committer(&target).await {
                 Ok(reconnected) => {
                     client = reconnected;
                     tracing::warn!("reconnected to PostgreSQL for writes");

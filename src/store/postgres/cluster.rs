@@ -29,6 +29,8 @@ fn server_bin() -> PathBuf {
 pub struct ThrowawayCluster {
     dir: tempfile::TempDir,
     bin: PathBuf,
+    /// The port of its TCP listener on 127.0.0.1, if it has one.
+    tcp_port: Option<u16>,
 }
 
 impl ThrowawayCluster {
@@ -102,6 +104,7 @@ impl ThrowawayCluster {
         let cluster = Self {
             dir,
             bin: server_bin(),
+            tcp_port: None,
         };
         if rustix::process::geteuid().is_root() {
             // PostgreSQL refuses to run as root: its own user owns the
@@ -121,6 +124,58 @@ impl ThrowawayCluster {
             std::os::unix::fs::chown(cluster.dir.path(), Some(uid), None).unwrap();
         }
         cluster
+    }
+
+    /// A cluster that also listens on 127.0.0.1 (a free port) with TLS,
+    /// presenting `cert_pem` (whose key is `key_pem`).
+    ///
+    /// # Panics
+    /// As [`ThrowawayCluster::start`].
+    pub fn start_with_tls(cert_pem: &str, key_pem: &str) -> Self {
+        let mut cluster = Self::new_dir();
+        cluster.run(
+            Command::new(cluster.bin.join("initdb"))
+                .args(["--auth=trust", "--username=tokenvault", "--no-sync", "-D"])
+                .arg(cluster.data()),
+        );
+        let owner = std::fs::metadata(cluster.data()).unwrap();
+        for (name, content) in [("server.crt", cert_pem), ("server.key", key_pem)] {
+            let path = cluster.data().join(name);
+            std::fs::write(&path, content).unwrap();
+            std::fs::set_permissions(&path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
+                .unwrap();
+            std::os::unix::fs::chown(
+                &path,
+                Some(std::os::unix::fs::MetadataExt::uid(&owner)),
+                Some(std::os::unix::fs::MetadataExt::gid(&owner)),
+            )
+            .unwrap();
+        }
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let port_setting = format!("-p {port}");
+        cluster.pg_ctl_start(&[
+            "-c listen_addresses=127.0.0.1",
+            &port_setting,
+            "-c ssl=on",
+            "-c ssl_cert_file=server.crt",
+            "-c ssl_key_file=server.key",
+        ]);
+        cluster.tcp_port = Some(port);
+        cluster
+    }
+
+    /// The port of the TCP listener of a cluster made by
+    /// [`ThrowawayCluster::start_with_tls`].
+    ///
+    /// # Panics
+    /// If it has none.
+    pub fn tcp_port(&self) -> u16 {
+        self.tcp_port
+            .expect("this cluster listens on a unix socket only")
     }
 
     fn initdb_and_start(settings: &[&str]) -> Self {
@@ -211,8 +266,12 @@ impl ThrowawayCluster {
 
     /// The connection string of database `name`.
     pub fn conninfo(&self, name: &str) -> String {
+        let port = self
+            .tcp_port
+            .map(|p| format!(" port={p}"))
+            .unwrap_or_default();
         format!(
-            "host={} user=tokenvault dbname={name}",
+            "host={}{port} user=tokenvault dbname={name}",
             self.dir.path().display()
         )
     }

@@ -48,18 +48,21 @@ conformance_tests!(Postgres::start());
 
 #[test]
 fn a_connection_setting_without_a_password_is_accepted() {
-    check_connection("host=/run/postgresql user=vault dbname=vault").unwrap();
-    check_connection("postgres://vault@db.internal:5432/vault").unwrap();
+    check_connection("host=/run/postgresql user=vault dbname=vault", false).unwrap();
+    check_connection("postgres://vault@db.internal:5432/vault", false).unwrap();
     for with_password in [
         "host=db user=vault password=hunter2",
         "postgres://vault:hunter2@db.internal/vault",
     ] {
-        let err = check_connection(with_password).unwrap_err();
+        let err = check_connection(with_password, true).unwrap_err();
         assert!(err.contains("password_file"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
     }
-    assert!(check_connection("user=vault dbname=vault").is_err());
-    let err = check_connection("host='unterminated password=hunter2").unwrap_err();
+    assert!(check_connection("user=vault dbname=vault", false).is_err());
+    let err = check_connection("host=db sslmode=require", false).unwrap_err();
+    assert!(err.contains("ca_file"), "{err}");
+    check_connection("host=db sslmode=require", true).unwrap();
+    let err = check_connection("host='unterminated password=hunter2", false).unwrap_err();
     assert!(!err.contains("hunter2"), "{err}");
 }
 
@@ -167,4 +170,44 @@ async fn the_schema_is_created_once_and_reopened() {
     assert_eq!(rows[0].get::<_, i32>(0), SCHEMA_VERSION);
     a.close().await;
     b.close().await;
+}
+
+/// With a CA configured, the connection is TLS, and a server whose
+/// certificate does not chain to that CA, or does not name the host
+/// connected to, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_to_the_database_is_encrypted_and_verified() {
+    let ca = crate::pki::Ca::new("database CA").unwrap();
+    let issued = ca.issue_server(&["localhost"], &[]).unwrap();
+    let cluster = Cluster::start_with_tls(&issued.cert_pem, &issued.key_pem);
+    let port = cluster.tcp_port();
+    let by_name = format!("host=localhost port={port} user=tokenvault dbname=postgres");
+    let store = PgStore::connect_with(&by_name, None, Some(ca.cert_pem().as_bytes()))
+        .await
+        .unwrap();
+    let rows = store
+        .reads
+        .query(
+            "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert!(rows[0].get::<_, bool>(0), "the connection is not encrypted");
+    store.close().await;
+
+    let other = crate::pki::Ca::new("another CA").unwrap();
+    assert!(
+        PgStore::connect_with(&by_name, None, Some(other.cert_pem().as_bytes()))
+            .await
+            .is_err(),
+        "a server certificate from another CA was accepted"
+    );
+    let by_address = format!("host=127.0.0.1 port={port} user=tokenvault dbname=postgres");
+    assert!(
+        PgStore::connect_with(&by_address, None, Some(ca.cert_pem().as_bytes()))
+            .await
+            .is_err(),
+        "a certificate that does not name the host was accepted"
+    );
 }
