@@ -119,6 +119,21 @@ async fn two_replicas_on_one_database_serve_the_same_vault() {
     assert!(events.iter().filter(|e| method(e, "Tokenize")).count() >= 66);
     assert!(events.iter().any(|e| method(e, "ExportSubject")));
 
+    // Online backups are PostgreSQL's business: the call says so.
+    let admin = a.channel_with(&a.pki.tls("privacy")).await.unwrap();
+    let refused = tokenvault::proto::v1::admin_client::AdminClient::new(admin)
+        .create_backup(tokenvault::proto::v1::CreateBackupRequest {
+            path: a.root.path().join("backup").display().to_string(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(refused.message().contains("pg_basebackup"), "{refused:?}");
+
     a.stop();
     b.stop();
     a.assert_log_free_of(&["replicated@example.com", "ada@example.com"]);

@@ -72,6 +72,7 @@ fn vault_status(err: vault::Error) -> Status {
             tracing::error!(error = %detail, "write refused: storage is full");
             Status::resource_exhausted("storage is full; the write was not applied")
         }
+        vault::Error::Storage(store::Error::Unsupported(what)) => Status::failed_precondition(what),
         vault::Error::Storage(store::Error::Closed) => {
             Status::unavailable("the vault is shutting down; retry on another instance")
         }

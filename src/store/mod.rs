@@ -303,6 +303,9 @@ pub enum Error {
     /// The store is shutting down and accepts no more writes.
     #[error("storage is closed")]
     Closed,
+    /// This engine does not do that; the message says what to do instead.
+    #[error("{0}")]
+    Unsupported(&'static str),
 }
 
 /// Key-value pairs in key order, as a scan returns them.

@@ -669,8 +669,8 @@ impl Store for PgStore {
     }
 
     async fn checkpoint(&self, _path: std::path::PathBuf) -> Result<(), Error> {
-        Err(Error::Backend(
-            "the PostgreSQL engine is backed up with PostgreSQL's own tools (pg_basebackup, point-in-time recovery), not by the vault".into(),
+        Err(Error::Unsupported(
+            "a vault on PostgreSQL is backed up with PostgreSQL's own tools (pg_basebackup, point-in-time recovery), not by the vault",
         ))
     }
 

@@ -534,6 +534,7 @@ impl Error {
             Error::Corruption(m) => Error::Corruption(m.clone()),
             Error::Backend(m) => Error::Backend(m.clone()),
             Error::Closed => Error::Closed,
+            Error::Unsupported(what) => Error::Unsupported(what),
         }
     }
 }
