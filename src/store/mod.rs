@@ -308,6 +308,20 @@ pub enum Error {
     Unsupported(&'static str),
 }
 
+impl Error {
+    /// A copy of this error for each caller in a failed group commit.
+    pub(crate) fn duplicate(&self) -> Self {
+        match self {
+            Error::Locked { path } => Error::Locked { path: path.clone() },
+            Error::NoSpace(m) => Error::NoSpace(m.clone()),
+            Error::Corruption(m) => Error::Corruption(m.clone()),
+            Error::Backend(m) => Error::Backend(m.clone()),
+            Error::Closed => Error::Closed,
+            Error::Unsupported(what) => Error::Unsupported(what),
+        }
+    }
+}
+
 /// Key-value pairs in key order, as a scan returns them.
 pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
 

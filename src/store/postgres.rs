@@ -445,8 +445,10 @@ async fn run_committer(
             }
             Err(e) => {
                 tracing::error!(error = %e, batches = group.len(), "PostgreSQL transaction failed");
+                // Each caller hears the same kind of failure (a full disk
+                // stays RESOURCE_EXHAUSTED, not UNAVAILABLE).
                 for commit in group {
-                    let _ = commit.done.send(Err(Error::Backend(e.to_string())));
+                    let _ = commit.done.send(Err(e.duplicate()));
                 }
             }
         }

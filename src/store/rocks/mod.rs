@@ -524,21 +524,6 @@ fn classify_open_error(e: rocksdb::Error, path: &Path) -> Error {
     classify(e)
 }
 
-impl Error {
-    /// A copy of this error for each caller in a failed group (the engine
-    /// error itself is not `Clone`).
-    fn duplicate(&self) -> Self {
-        match self {
-            Error::Locked { path } => Error::Locked { path: path.clone() },
-            Error::NoSpace(m) => Error::NoSpace(m.clone()),
-            Error::Corruption(m) => Error::Corruption(m.clone()),
-            Error::Backend(m) => Error::Backend(m.clone()),
-            Error::Closed => Error::Closed,
-            Error::Unsupported(what) => Error::Unsupported(what),
-        }
-    }
-}
-
 /// Up to this many keys of one table are compacted one by one; more are
 /// compacted as one range from the smallest to the largest.
 const KEYS_COMPACTED_ONE_BY_ONE: usize = 16;
