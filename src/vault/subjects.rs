@@ -127,19 +127,17 @@ impl<S: Store> Vault<S> {
         let (tokens, records) = self.subject_records(&hash).await?;
         let keys = self.subject_keys(&[hash]).await?;
         let now = self.now();
-        let unknown = records
-            .iter()
-            .flatten()
-            .filter_map(|b| Record::decode(b).ok())
-            .any(|r| self.lacks_key(&r));
-        if unknown {
+        // Records that do not decode are left out, as ones that expired.
+        let records: Vec<(Token, Record)> = tokens
+            .into_iter()
+            .zip(records)
+            .filter_map(|(token, bytes)| Some((token, Record::decode(&bytes?).ok()?)))
+            .collect();
+        if records.iter().any(|(_, r)| self.lacks_key(r)) {
             self.refresh_keys().await;
         }
         let mut fields = Vec::new();
-        for (token, bytes) in tokens.into_iter().zip(records) {
-            let Some(record) = bytes.and_then(|b| Record::decode(&b).ok()) else {
-                continue;
-            };
+        for (token, record) in records {
             if record.expired(now) {
                 continue;
             }
