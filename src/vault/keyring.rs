@@ -109,46 +109,15 @@ impl Keyring {
     /// # Errors
     /// Storage failures, or a new key that does not unwrap.
     pub async fn refresh<S: Store>(&self, store: &S) -> Result<usize, Error> {
-        let data = store
-            .scan_prefix(Table::Keys, MasterWrapped::DataKey.prefix().into())
-            .await?;
-        let index = store
-            .scan_prefix(Table::Keys, MasterWrapped::BlindIndexKey.prefix().into())
-            .await?;
-        let master = self.master();
-        let mut added = 0;
-        for (label, wrapped) in data {
-            let Some(version) = MasterWrapped::DataKey.version_of(&label) else {
-                continue;
-            };
-            if self.data_key(version).is_some() {
-                continue;
-            }
-            let key = master
-                .unwrap_data_key(&decode_wrapped(&label, &wrapped)?, &label)
-                .map_err(|_| wrong_master(&label))?;
-            self.install_data_key(version, key);
-            added += 1;
-        }
-        for (label, wrapped) in index {
-            let Some(version) = MasterWrapped::BlindIndexKey.version_of(&label) else {
-                continue;
-            };
-            let known = self
-                .index_keys
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .contains_key(&version);
-            if known {
-                continue;
-            }
-            let key = master
-                .unwrap_hash_key(&decode_wrapped(&label, &wrapped)?, &label)
-                .map_err(|_| wrong_master(&label))?;
-            self.install_index_key(version, key);
-            added += 1;
-        }
-        Ok(added)
+        let data = load_versions(store, MasterWrapped::DataKey, |sealed, label| {
+            self.master().unwrap_data_key(sealed, label)
+        })
+        .await?;
+        let index = load_versions(store, MasterWrapped::BlindIndexKey, |sealed, label| {
+            self.master().unwrap_hash_key(sealed, label)
+        })
+        .await?;
+        Ok(add_missing(&self.data_keys, data) + add_missing(&self.index_keys, index))
     }
 
     /// The key new values are encrypted with, and its version.
@@ -463,6 +432,21 @@ async fn load_versions<S: Store, K>(
         keys.insert(version, Arc::new(key));
     }
     Ok(keys)
+}
+
+/// Adds the versions of `loaded` that `keys` lacks; returns how many.
+fn add_missing<K>(
+    keys: &std::sync::RwLock<BTreeMap<u32, Arc<K>>>,
+    loaded: BTreeMap<u32, Arc<K>>,
+) -> usize {
+    let mut keys = keys
+        .write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let before = keys.len();
+    for (version, key) in loaded {
+        keys.entry(version).or_insert(key);
+    }
+    keys.len() - before
 }
 
 /// The newest hash key of `family`, created if there is none.
