@@ -13,7 +13,7 @@ use std::{
     time::Duration,
 };
 
-use common::{TestVault, Writers, item};
+use common::{TestVault, Writers, item, tokens_of};
 use tokenvault::proto::v1::{TokenizeItem, TokenizeRequest};
 
 fn random_below(n: u64) -> u64 {
@@ -290,7 +290,7 @@ async fn read_all(vault: &TestVault, tokens: &[String]) -> Vec<Read> {
 async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
     use std::sync::{Arc, Mutex};
     use tokenvault::proto::v1::{
-        EraseSubjectRequest, UpdateValueRequest, subjects_client::SubjectsClient, tokenize_result,
+        EraseSubjectRequest, UpdateValueRequest, subjects_client::SubjectsClient,
     };
     const SUBJECTS: usize = 30;
     const PER_SUBJECT: usize = 4;
@@ -301,18 +301,13 @@ async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
     for round in 0..3 {
         let mut checkout = vault.client("checkout").await;
         let mut tokenize = async |items: Vec<TokenizeItem>| -> Vec<String> {
-            checkout
-                .tokenize(TokenizeRequest { items })
-                .await
-                .unwrap()
-                .into_inner()
-                .results
-                .into_iter()
-                .map(|r| match r.result {
-                    Some(tokenize_result::Result::Token(t)) => t,
-                    other => panic!("{other:?}"),
-                })
-                .collect()
+            tokens_of(
+                checkout
+                    .tokenize(TokenizeRequest { items })
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            )
         };
         let subject_value = |s: usize, k: usize| format!("r{round}.s{s}.k{k}@example.com");
         let mut subject_tokens = Vec::new();

@@ -7,7 +7,7 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{TestVault, detokenize, item, spiffe};
+use common::{TestVault, detokenize, item, spiffe, tokens_of};
 use tokenvault::{
     pki::ClientSpec,
     proto::v1::{
@@ -26,14 +26,7 @@ async fn tokenize_ok(client: &mut Client, items: Vec<TokenizeItem>) -> Vec<Strin
         .await
         .unwrap()
         .into_inner();
-    response
-        .results
-        .into_iter()
-        .map(|r| match r.result {
-            Some(tokenize_result::Result::Token(t)) => t,
-            other => panic!("item failed: {other:?}"),
-        })
-        .collect()
+    tokens_of(response)
 }
 
 /// The value of each result, or its error code.

@@ -7,13 +7,10 @@
 mod common;
 
 use common::{
-    TestVault, Writers, audit_events, detokenize, item, revealed, subject_item, tokenize_one,
-    tokens_of,
+    TestVault, Writers, audit_events, detokenize, export_subject, item, revealed, subject_item,
+    tokenize_one, tokens_of,
 };
-use tokenvault::{
-    proto::v1::{ExportSubjectRequest, TokenizeRequest, subjects_client::SubjectsClient},
-    store::postgres::cluster::ThrowawayCluster,
-};
+use tokenvault::{proto::v1::TokenizeRequest, store::postgres::cluster::ThrowawayCluster};
 
 /// Starts two replicas on database `name` of `cluster`, the second with the
 /// first's master key (the keys in the database are wrapped by it).
@@ -94,19 +91,11 @@ async fn two_replicas_on_one_database_serve_the_same_vault() {
             .unwrap()
             .into_inner(),
     );
-    let privacy = b.channel_with(&b.pki.tls("privacy")).await.unwrap();
-    let mut export = SubjectsClient::new(privacy)
-        .export_subject(ExportSubjectRequest {
-            subject_id: "cust-ada".into(),
-            purpose: "subject_access_request".into(),
-        })
+    let mut exported: Vec<String> = export_subject(&b, "cust-ada")
         .await
-        .unwrap()
-        .into_inner();
-    let mut exported = Vec::new();
-    while let Some(field) = export.message().await.unwrap() {
-        exported.push(field.value.clone());
-    }
+        .iter()
+        .map(|field| field.value.clone())
+        .collect();
     exported.sort();
     assert_eq!(exported, ["+442079460958", "ada@example.com"]);
 

@@ -8,12 +8,12 @@ mod common;
 
 use std::path::Path;
 
-use common::{TestVault, detokenize, revealed, subject_item};
+use common::{TestVault, detokenize, export_subject, revealed, subject_item, tokens_of};
 use tokenvault::{
     proto::v1::{
         Code, DeleteTokensRequest, DetokenizeRequest, EraseSubjectRequest, ExportSubjectRequest,
         GetConsentRequest, SetConsentRequest, TokenizeItem, TokenizeRequest, UpdateValueRequest,
-        detokenize_result, subjects_client::SubjectsClient, tokenize_result,
+        detokenize_result, subjects_client::SubjectsClient,
     },
     store::{RocksStore, Store, StoreOptions, Table},
 };
@@ -21,18 +21,13 @@ use tonic::transport::Channel;
 
 async fn tokenize(vault: &TestVault, items: Vec<TokenizeItem>) -> Vec<String> {
     let mut client = vault.client("support").await;
-    client
-        .tokenize(TokenizeRequest { items })
-        .await
-        .unwrap()
-        .into_inner()
-        .results
-        .into_iter()
-        .map(|r| match r.result {
-            Some(tokenize_result::Result::Token(t)) => t,
-            other => panic!("{other:?}"),
-        })
-        .collect()
+    tokens_of(
+        client
+            .tokenize(TokenizeRequest { items })
+            .await
+            .unwrap()
+            .into_inner(),
+    )
 }
 
 /// Each token's value, or its item error code.
@@ -63,16 +58,8 @@ async fn export_update_and_delete() {
     .await;
     let mut privacy = privacy(&vault).await;
 
-    let mut stream = privacy
-        .export_subject(ExportSubjectRequest {
-            subject_id: "cust-ada".into(),
-            purpose: "subject_access_request".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
     let mut exported = Vec::new();
-    while let Some(mut field) = stream.message().await.unwrap() {
+    for mut field in export_subject(&vault, "cust-ada").await {
         assert!(field.created_ms > 0);
         exported.push((
             std::mem::take(&mut field.token),

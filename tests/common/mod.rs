@@ -761,6 +761,29 @@ pub async fn audit_events(vault: &TestVault) -> Vec<serde_json::Value> {
     events
 }
 
+/// Every field ExportSubject streams for `subject` (for its own request),
+/// exported by the `privacy` identity.
+pub async fn export_subject(
+    vault: &TestVault,
+    subject: &str,
+) -> Vec<tokenvault::proto::v1::SubjectField> {
+    use tokenvault::proto::v1::{ExportSubjectRequest, subjects_client::SubjectsClient};
+    let channel = vault.channel_with(&vault.pki.tls("privacy")).await.unwrap();
+    let mut stream = SubjectsClient::new(channel)
+        .export_subject(ExportSubjectRequest {
+            subject_id: subject.into(),
+            purpose: "subject_access_request".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut fields = Vec::new();
+    while let Some(field) = stream.message().await.unwrap() {
+        fields.push(field);
+    }
+    fields
+}
+
 /// Runs the `tokenvault` binary with `args`: whether it succeeded, and its
 /// stdout then stderr.
 pub fn run_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
