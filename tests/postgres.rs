@@ -12,18 +12,28 @@ use common::{
 };
 use tokenvault::{proto::v1::TokenizeRequest, store::postgres::cluster::ThrowawayCluster};
 
-/// Starts two replicas on database `name` of `cluster`, the second with the
-/// first's master key (the keys in the database are wrapped by it).
-fn replicas(cluster: &ThrowawayCluster, name: &str) -> (TestVault, TestVault) {
-    replicas_on(&cluster.conninfo(name))
+/// Starts two replicas on database `name` of `cluster`, with their erasure
+/// ledger in database `name_ledger` (created here) of the same cluster.
+async fn replicas(cluster: &ThrowawayCluster, name: &str) -> (TestVault, TestVault) {
+    let ledger = format!("{name}_ledger");
+    cluster.create_database(&ledger).await;
+    replicas_on(&cluster.conninfo(name), &cluster.conninfo(&ledger))
 }
 
-/// Starts two replicas on the database `connection` names.
-fn replicas_on(connection: &str) -> (TestVault, TestVault) {
-    let config = format!(
+/// The config of a replica on the database `connection` names, with the
+/// erasure ledger in database `ledger`.
+fn replica_config(connection: &str, ledger: &str) -> String {
+    format!(
         "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"{connection}\"\n\
+         [subjects.erasure_ledger_database]\nconnection = \"{ledger}\"\n\
          [field_types.customer_email]\nkind = \"email\"\ndeterministic = true\n"
-    );
+    )
+}
+
+/// Starts two replicas on the database `connection` names, the second with
+/// the first's master key (the keys in the database are wrapped by it).
+fn replicas_on(connection: &str, ledger: &str) -> (TestVault, TestVault) {
+    let config = replica_config(connection, ledger);
     let first = TestVault::start_with(&config);
     let key = first.root.path().join("master.key");
     let second = TestVault::start_with_after(&config, |second| {
@@ -36,7 +46,7 @@ fn replicas_on(connection: &str) -> (TestVault, TestVault) {
 async fn two_replicas_on_one_database_serve_the_same_vault() {
     let cluster = ThrowawayCluster::start();
     cluster.create_database("vault").await;
-    let (mut a, mut b) = replicas(&cluster, "vault");
+    let (mut a, mut b) = replicas(&cluster, "vault").await;
 
     // A token minted through one replica is read through the other.
     let mut through_a = a.client("support").await;
@@ -165,14 +175,17 @@ async fn a_password_in_the_connection_setting_is_refused() {
 async fn after_a_failover_every_acknowledged_token_detokenizes() {
     let primary = ThrowawayCluster::start_primary();
     primary.create_database("vault").await;
+    primary.create_database("ledger").await;
     let standby = ThrowawayCluster::standby_of(&primary);
     primary.require_synchronous_standby().await;
-    let connection = format!(
-        "host={},{} user=tokenvault dbname=vault target_session_attrs=read-write",
-        primary.socket_dir().display(),
-        standby.socket_dir().display()
-    );
-    let (a, b) = replicas_on(&connection);
+    let on_either = |dbname: &str| {
+        format!(
+            "host={},{} user=tokenvault dbname={dbname} target_session_attrs=read-write",
+            primary.socket_dir().display(),
+            standby.socket_dir().display()
+        )
+    };
+    let (a, b) = replicas_on(&on_either("vault"), &on_either("ledger"));
     let writers = [
         Writers::start_retrying(&a.client("checkout").await, 4, "a"),
         Writers::start_retrying(&b.client("checkout").await, 4, "b"),
@@ -260,7 +273,7 @@ async fn after_a_failover_every_acknowledged_token_detokenizes() {
 async fn a_replica_killed_mid_load_loses_nothing_it_acknowledged() {
     let cluster = ThrowawayCluster::start();
     cluster.create_database("vault").await;
-    let (mut a, b) = replicas(&cluster, "vault");
+    let (mut a, b) = replicas(&cluster, "vault").await;
     let writers = Writers::start(&a.client("checkout").await, 8, "killed", false);
     writers.wait_for(300).await;
     a.kill();
@@ -281,7 +294,7 @@ async fn a_key_rotation_through_one_replica_is_seen_by_the_other() {
     use tokenvault::proto::v1::{RotateKeysRequest, admin_client::AdminClient};
     let cluster = ThrowawayCluster::start();
     cluster.create_database("vault").await;
-    let (a, b) = replicas(&cluster, "vault");
+    let (a, b) = replicas(&cluster, "vault").await;
     let before = tokenize_one(&mut a.client("support").await, "email", "old@example.com").await;
     let admin = a.channel_with(&a.pki.tls("privacy")).await.unwrap();
     let rotated = AdminClient::new(admin)
@@ -310,4 +323,233 @@ async fn a_key_rotation_through_one_replica_is_seen_by_the_other() {
         "{}",
         b.logs()
     );
+}
+
+/// Erases `subject` through `vault` (as the privacy service): the tokens
+/// erased.
+async fn erase(vault: &TestVault, subject: &str) -> u64 {
+    use tokenvault::proto::v1::{EraseSubjectRequest, subjects_client::SubjectsClient};
+    let channel = vault.channel_with(&vault.pki.tls("privacy")).await.unwrap();
+    SubjectsClient::new(channel)
+        .erase_subject(EraseSubjectRequest {
+            subject_id: subject.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens_erased
+}
+
+/// What detokenizing each of `tokens` through `vault` gives.
+async fn read_all(
+    vault: &TestVault,
+    tokens: &[String],
+) -> Vec<Result<String, tokenvault::proto::v1::Code>> {
+    revealed(
+        detokenize(
+            &mut vault.client("support").await,
+            tokens,
+            "customer_support",
+        )
+        .await
+        .unwrap(),
+    )
+}
+
+/// Replicas keep one erasure ledger, in a database of its own: erasures
+/// through both at once chain into it (each replica restarts without
+/// complaint, which a ledger file per replica did not allow), and after
+/// the vault's database is restored from a dump taken before them, the
+/// first replica to start erases those subjects again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn erasures_through_replicas_survive_a_restore_of_the_database() {
+    use tokenvault::proto::v1::Code;
+    let cluster = ThrowawayCluster::start();
+    cluster.create_database("vault").await;
+    let (mut a, mut b) = replicas(&cluster, "vault").await;
+    let mut through_a = a.client("support").await;
+    let mut tokens = Vec::new();
+    for i in 0..8 {
+        let response = through_a
+            .tokenize(TokenizeRequest {
+                items: vec![subject_item(
+                    "email",
+                    &format!("person{i}@example.com"),
+                    &format!("cust-{i}"),
+                )],
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        tokens.extend(tokens_of(response));
+    }
+    let backup = cluster.dump_database("vault");
+
+    // Six subjects erased at once, three through each replica.
+    let (erased_a, erased_b) = tokio::join!(
+        async {
+            let mut n = 0;
+            for i in [0, 2, 4] {
+                n += erase(&a, &format!("cust-{i}")).await;
+            }
+            n
+        },
+        async {
+            let mut n = 0;
+            for i in [1, 3, 5] {
+                n += erase(&b, &format!("cust-{i}")).await;
+            }
+            n
+        }
+    );
+    assert_eq!((erased_a, erased_b), (3, 3));
+    let erased_and_kept = |read: Vec<Result<String, Code>>| {
+        let erased = read[..6].iter().all(|r| *r == Err(Code::NotFound));
+        let kept = read[6..]
+            == [
+                Ok("person6@example.com".to_owned()),
+                Ok("person7@example.com".to_owned()),
+            ];
+        (erased, kept)
+    };
+    assert_eq!(erased_and_kept(read_all(&b, &tokens).await), (true, true));
+
+    // Both restart: the one ledger agrees with the database.
+    a.restart();
+    b.restart();
+    assert_eq!(erased_and_kept(read_all(&a, &tokens).await), (true, true));
+
+    // The database goes back to before the erasures; the ledger does not.
+    a.stop();
+    b.stop();
+    cluster.restore_database("vault", &backup).await;
+    a.spawn().unwrap();
+    assert!(
+        a.wait_for_log("re-applied the erasure ledger"),
+        "{}",
+        a.logs()
+    );
+    b.spawn().unwrap();
+    assert_eq!(erased_and_kept(read_all(&b, &tokens).await), (true, true));
+    a.assert_log_free_of(&["person0@example.com", "person7@example.com"]);
+}
+
+/// One replica runs the background jobs; when it is killed, the other
+/// takes them over and finishes a re-encryption the first would have run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_replicas_background_jobs_are_taken_over() {
+    use tokenvault::proto::v1::{ListJobsRequest, RotateKeysRequest, admin_client::AdminClient};
+    let cluster = ThrowawayCluster::start();
+    cluster.create_database("vault").await;
+    let (mut a, b) = replicas(&cluster, "vault").await;
+    const LEASE: &str = "took the background-jobs lease";
+    assert!(a.wait_for_log(LEASE), "{}", a.logs());
+    assert!(!b.logs().contains(LEASE), "both lead:\n{}", b.logs());
+
+    // Values under the first data key, then a rotation that leaves them to
+    // the re-encryption job; the leader is killed before it runs much.
+    let mut through_b = b.client("support").await;
+    let mut tokens = Vec::new();
+    for i in 0..50 {
+        tokens.push(tokenize_one(&mut through_b, "email", &format!("old{i}@example.com")).await);
+    }
+    a.kill();
+    let mut admin = AdminClient::new(b.channel_with(&b.pki.tls("privacy")).await.unwrap());
+    admin.rotate_keys(RotateKeysRequest {}).await.unwrap();
+    assert!(b.wait_for_log(LEASE), "{}", b.logs());
+    assert!(
+        b.wait_for_log("re-encryption finished"),
+        "the job did not finish on the survivor:\n{}",
+        b.logs()
+    );
+    let jobs = admin
+        .list_jobs(ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let reencrypt = jobs
+        .jobs
+        .iter()
+        .find(|j| j.job() == tokenvault::proto::v1::Job::Reencrypt)
+        .expect("a re-encryption job");
+    assert!(!reencrypt.pending, "{reencrypt:?}");
+    let read = read_all(&b, &tokens).await;
+    assert!(read.iter().all(Result::is_ok), "{read:?}");
+}
+
+/// The README's two-replica trial: `scripts/two-replicas.sh` starts a
+/// PostgreSQL cluster and two replicas of the dev vault on it; a token
+/// tokenized through one is read through the other with the CLI client;
+/// stopping the script stops everything and deletes the cluster.
+#[test]
+fn the_two_replica_script_serves_one_vault_on_two_ports() {
+    use std::{io::BufRead, process::Stdio};
+    let dev = tempfile::tempdir().unwrap();
+    let dev_dir = dev.path().join("dev");
+    let mut script = std::process::Command::new("bash")
+        .arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/scripts/two-replicas.sh"
+        ))
+        .env("TV_BIN", env!("CARGO_BIN_EXE_tokenvault"))
+        .env("TV_DEV_DIR", &dev_dir)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut lines = std::io::BufReader::new(script.stdout.take().unwrap()).lines();
+    let mut cluster = None;
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("two replicas of the dev vault on one PostgreSQL (") {
+            cluster = Some(std::path::PathBuf::from(rest.trim_end_matches("):")));
+        }
+        if line.contains("Ctrl-C stops them") {
+            break;
+        }
+    }
+    let cluster = cluster.expect("the script said where its cluster is");
+    let client = |args: &[&str]| {
+        let out = common::tokenvault_command()
+            .arg("client")
+            .arg("--dev-dir")
+            .arg(&dev_dir)
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    let token = client(&[
+        "--as",
+        "checkout",
+        "--addr",
+        "localhost:50061",
+        "tokenize",
+        "email",
+        "replica@example.com",
+    ]);
+    let value = client(&[
+        "--addr",
+        "localhost:50062",
+        "detokenize",
+        "--purpose",
+        "customer_support",
+        &token,
+    ]);
+    assert_eq!(value, "replica@example.com");
+
+    assert!(
+        std::process::Command::new("kill")
+            .args(["-TERM", &script.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
+    );
+    assert!(script.wait().unwrap().code().is_some());
+    assert!(!cluster.exists(), "the cluster was left behind");
 }

@@ -73,6 +73,10 @@ struct ServeArgs {
     /// The directory --dev uses.
     #[arg(long, default_value = "tokenvault-dev")]
     dev_dir: PathBuf,
+    /// With --dev: create the dev directory (if missing) and exit without
+    /// serving (scripts/two-replicas.sh uses its files).
+    #[arg(long, requires = "dev")]
+    prepare_only: bool,
     /// Override server.listen (use port 0 for any free port).
     #[arg(long)]
     listen: Option<SocketAddr>,
@@ -228,7 +232,12 @@ fn runtime() -> Result<tokio::runtime::Runtime, String> {
 
 fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     let file = if args.dev {
-        Some(dev::prepare(&args.dev_dir).map_err(|e| e.to_string())?)
+        let file = dev::prepare(&args.dev_dir).map_err(|e| e.to_string())?;
+        if args.prepare_only {
+            println!("{}", file.display());
+            return Ok(ExitCode::SUCCESS);
+        }
+        Some(file)
     } else {
         args.config.clone()
     };

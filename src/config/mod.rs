@@ -73,8 +73,8 @@ pub struct Config {
     pub audit_retention: Option<Duration>,
     /// How often refusal counts are written.
     pub audit_refusal_interval: Duration,
-    /// The erasure ledger file.
-    pub erasure_ledger: PathBuf,
+    /// Where the erasure ledger is.
+    pub erasure_ledger: LedgerSetting,
     /// What to do when the ledger is older than the vault's record of it
     /// (set by `serve --accept-restored-ledger`, never by the file).
     pub ledger_rollback: crate::vault::LedgerRollback,
@@ -143,20 +143,38 @@ pub enum ConfigError {
     },
 }
 
+/// A database to connect to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DatabaseSetting {
+    /// The connection string, without a password.
+    pub connection: String,
+    /// Where the password is, if the database wants one.
+    pub password_file: Option<PathBuf>,
+    /// The CA certificates for TLS to the database, if it is used.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl DatabaseSetting {
+    /// Checks `raw` (the table at `key`): see
+    /// [`crate::store::postgres::check_connection`].
+    fn parse(key: &str, raw: &RawPostgres) -> Result<Self, ConfigError> {
+        crate::store::postgres::check_connection(key, &raw.connection, raw.ca_file.is_some())
+            .map_err(|message| invalid(format!("{key}.connection"), message))?;
+        Ok(Self {
+            connection: raw.connection.clone(),
+            password_file: raw.password_file.as_ref().map(RelativePathBuf::relative),
+            ca_file: raw.ca_file.as_ref().map(RelativePathBuf::relative),
+        })
+    }
+}
+
 /// Which engine stores the vault.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EngineSetting {
     /// Embedded RocksDB in `data_dir`.
     RocksDb,
     /// A PostgreSQL database shared by the replicas.
-    Postgres {
-        /// The connection string, without a password.
-        connection: String,
-        /// Where the password is, if the database wants one.
-        password_file: Option<PathBuf>,
-        /// The CA certificates for TLS to the database, if it is used.
-        ca_file: Option<PathBuf>,
-    },
+    Postgres(DatabaseSetting),
 }
 
 fn engine_setting(raw: &RawStorage) -> Result<EngineSetting, ConfigError> {
@@ -170,15 +188,70 @@ fn engine_setting(raw: &RawStorage) -> Result<EngineSetting, ConfigError> {
             "storage.postgres.connection",
             "is required with engine = \"postgres\" (e.g. \"host=db.internal user=vault dbname=vault\")",
         )),
-        (EngineName::Postgres, Some(pg)) => {
-            crate::store::postgres::check_connection(&pg.connection, pg.ca_file.is_some())
-                .map_err(|message| invalid("storage.postgres.connection", message))?;
-            Ok(EngineSetting::Postgres {
-                connection: pg.connection.clone(),
-                password_file: pg.password_file.as_ref().map(RelativePathBuf::relative),
-                ca_file: pg.ca_file.as_ref().map(RelativePathBuf::relative),
-            })
+        (EngineName::Postgres, Some(pg)) => Ok(EngineSetting::Postgres(DatabaseSetting::parse(
+            "storage.postgres",
+            pg,
+        )?)),
+    }
+}
+
+/// Where the erasure ledger is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LedgerSetting {
+    /// A file outside `data_dir` (one vault process).
+    File(PathBuf),
+    /// A table in a database of its own, shared by replicas.
+    Database(DatabaseSetting),
+}
+
+fn ledger_setting(
+    raw: &RawSubjects,
+    data_dir: &std::path::Path,
+    engine: &EngineSetting,
+) -> Result<LedgerSetting, ConfigError> {
+    const FILE: &str = "subjects.erasure_ledger";
+    const DATABASE: &str = "subjects.erasure_ledger_database";
+    let setting = match (&raw.erasure_ledger, &raw.erasure_ledger_database) {
+        (Some(_), Some(_)) => {
+            return Err(invalid(
+                DATABASE,
+                "and subjects.erasure_ledger are both set; keep one",
+            ));
         }
+        (None, None) => {
+            return Err(invalid(
+                FILE,
+                "is required: the file where erasures are recorded, outside data_dir and best on a volume that is not restored with it (or [subjects.erasure_ledger_database] for replicas on a shared database)",
+            ));
+        }
+        (Some(file), None) => {
+            let path = file.relative();
+            if path.starts_with(data_dir) {
+                return Err(invalid(
+                    FILE,
+                    "must be outside data_dir: restoring the data directory must not roll the ledger back",
+                ));
+            }
+            LedgerSetting::File(path)
+        }
+        (None, Some(database)) => {
+            LedgerSetting::Database(DatabaseSetting::parse(DATABASE, database)?)
+        }
+    };
+    match (engine, &setting) {
+        (EngineSetting::Postgres(_), LedgerSetting::File(_)) => Err(invalid(
+            FILE,
+            "is a file, which serves one process: replicas on a shared database keep the ledger in [subjects.erasure_ledger_database], a database other than storage.postgres's",
+        )),
+        (EngineSetting::Postgres(storage), LedgerSetting::Database(ledger))
+            if crate::store::postgres::same_database(&storage.connection, &ledger.connection) =>
+        {
+            Err(invalid(
+                format!("{DATABASE}.connection"),
+                "names the vault's own database: a restore of it would roll the ledger back with the data; use a database that is backed up and restored on its own",
+            ))
+        }
+        _ => Ok(setting),
     }
 }
 
@@ -356,19 +429,8 @@ impl Config {
 
         let policy = parse_policy(&raw.policy, &field_types)?;
         let data_dir = raw.data_dir.relative();
-        let erasure_ledger = required("subjects.erasure_ledger", &raw.subjects.erasure_ledger)
-            .map_err(|_| {
-                invalid(
-                    "subjects.erasure_ledger",
-                    "is required: the file where erasures are recorded, outside data_dir and best on a volume that is not restored with it",
-                )
-            })?;
-        if erasure_ledger.starts_with(&data_dir) {
-            return Err(invalid(
-                "subjects.erasure_ledger",
-                "must be outside data_dir: restoring the data directory must not roll the ledger back",
-            ));
-        }
+        let engine = engine_setting(&raw.storage)?;
+        let erasure_ledger = ledger_setting(&raw.subjects, &data_dir, &engine)?;
         for domain in &raw.tls.trust_domains {
             if !crate::token::is_hostname(domain) {
                 return Err(invalid(
@@ -403,7 +465,7 @@ impl Config {
             master_key,
             limits,
             block_cache_bytes: raw.storage.block_cache_mib << 20,
-            engine: engine_setting(&raw.storage)?,
+            engine,
             log_format: raw.log.format,
             log_level: raw.log.level.clone(),
             audit_checkpoint_interval: seconds(
@@ -605,6 +667,64 @@ mod tests {
         );
     }
 
+    /// Replicas on a shared database keep one ledger, in a database of its
+    /// own: a file (one per replica) or the vault's own database (restored
+    /// with the data) is refused, and so is setting both kinds.
+    #[test]
+    fn replicas_keep_the_erasure_ledger_in_a_database_of_their_own() {
+        let without_ledger = MINIMAL.replace(
+            "[subjects]\n        erasure_ledger = \"/var/lib/tv-ledger/erasures\"",
+            "",
+        );
+        let parse = |extra: &str| {
+            let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+                .merge(Toml::string(&without_ledger))
+                .merge(Toml::string(extra));
+            Config::from_figment(&figment)
+        };
+        const STORAGE: &str = "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"host=db1,db2 user=vault dbname=vault\"\n";
+        let ok = parse(&format!(
+            "{STORAGE}[subjects.erasure_ledger_database]\nconnection = \"host=ledger-db user=vault dbname=vault\"\npassword_file = \"/run/secrets/ledger\"\n"
+        ))
+        .unwrap();
+        assert!(matches!(
+            &ok.erasure_ledger,
+            LedgerSetting::Database(db) if db.password_file.as_deref() == Some(std::path::Path::new("/run/secrets/ledger"))
+        ));
+
+        let file = parse(&format!("{STORAGE}[subjects]\nerasure_ledger = \"/l/e\"\n")).unwrap_err();
+        assert!(
+            file.to_string()
+                .contains("subjects.erasure_ledger: is a file"),
+            "{file}"
+        );
+        // The same database under another spelling of its hosts.
+        let same = parse(&format!(
+            "{STORAGE}[subjects.erasure_ledger_database]\nconnection = \"postgres://vault@db2:5432/vault\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            same.to_string().contains("names the vault's own database"),
+            "{same}"
+        );
+        let both = parse(
+            "[subjects]\nerasure_ledger = \"/l/e\"\n[subjects.erasure_ledger_database]\nconnection = \"host=l dbname=l\"\n",
+        )
+        .unwrap_err();
+        assert!(both.to_string().contains("both set"), "{both}");
+        let password = parse(
+            "[subjects.erasure_ledger_database]\nconnection = \"host=l dbname=l password=hunter2\"\n",
+        )
+        .unwrap_err();
+        assert!(
+            password
+                .to_string()
+                .contains("subjects.erasure_ledger_database.connection"),
+            "{password}"
+        );
+        assert!(!password.to_string().contains("hunter2"), "{password}");
+    }
+
     #[test]
     fn later_layers_override_earlier_ones() {
         // The same merge order as `Config::figment`, with a string standing in
@@ -629,7 +749,10 @@ mod tests {
             .merge(Toml::file_exact(&file));
         let config = Config::from_figment(&figment).unwrap();
         assert_eq!(config.data_dir, dir.path().join("data"));
-        assert_eq!(config.erasure_ledger, dir.path().join("ledger/erasures"));
+        assert_eq!(
+            config.erasure_ledger,
+            LedgerSetting::File(dir.path().join("ledger/erasures"))
+        );
         assert_eq!(config.tls.cert, dir.path().join("s.pem"));
         assert!(matches!(
             &config.master_key,

@@ -210,6 +210,12 @@ pub struct RawSubjects {
     /// storage that is not snapshotted or restored with the data: a restore
     /// that rolls the ledger back with the data brings erased subjects back.
     pub erasure_ledger: Option<RelativePathBuf>,
+    /// The erasure ledger in a database of its own (not the one the vault's
+    /// data is in, and not restored with it), for replicas sharing a
+    /// database: `[subjects.erasure_ledger_database]`, instead of
+    /// `erasure_ledger`.
+    #[serde(default)]
+    pub erasure_ledger_database: Option<RawPostgres>,
     /// How often expired values are purged.
     pub retention_sweep_interval_seconds: u64,
     /// The most tokens one data subject may have; tokenizing more for that
@@ -300,6 +306,7 @@ impl Default for RawConfig {
             },
             subjects: RawSubjects {
                 erasure_ledger: None,
+                erasure_ledger_database: None,
                 retention_sweep_interval_seconds: 300,
                 max_tokens_per_subject: 10_000,
             },

@@ -2,6 +2,11 @@
 //! counts of refused calls, pruning old audit events, purging expired
 //! values, and running key-rotation jobs. Each runs on a timer until the
 //! server stops, logs what it did, and never takes the server down.
+//!
+//! Replicas sharing a database each flush their own refusal counts and load
+//! keys the others added; the jobs that touch the whole vault (checkpoints,
+//! pruning, key-rotation jobs, retention sweeps) run only in the replica
+//! that [leads](Store::leads_background_jobs) at that turn.
 
 use std::{future::Future, sync::Arc, time::Duration};
 
@@ -54,6 +59,9 @@ impl Background {
             move || {
                 let vault = Arc::clone(&v);
                 async move {
+                    if !vault.store().leads_background_jobs().await {
+                        return;
+                    }
                     if let Err(e) = vault.checkpoint_audit().await {
                         tracing::error!(error = %e, "cannot sign an audit checkpoint");
                     }
@@ -83,6 +91,9 @@ impl Background {
             tasks.push(every(AUDIT_PRUNE_EVERY, stop.clone(), move || {
                 let vault = Arc::clone(&v);
                 async move {
+                    if !vault.store().leads_background_jobs().await {
+                        return;
+                    }
                     match vault.prune_audit(retention).await {
                         Ok(0) => {}
                         Ok(n) => tracing::info!(
@@ -102,6 +113,9 @@ impl Background {
         tasks.push(every(JOB_TICK, stop.clone(), move || {
             let (vault, metrics) = (Arc::clone(&v), Arc::clone(&m));
             async move {
+                if !vault.store().leads_background_jobs().await {
+                    return;
+                }
                 for job in vault::Job::ALL {
                     run_job(&vault, &metrics, job).await;
                 }
@@ -115,6 +129,9 @@ impl Background {
             move || {
                 let (vault, metrics) = (Arc::clone(&v), Arc::clone(&m));
                 async move {
+                    if !vault.store().leads_background_jobs().await {
+                        return;
+                    }
                     match vault.sweep_expired().await {
                         Ok(0) => {}
                         Ok(n) => {

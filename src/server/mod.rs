@@ -29,13 +29,13 @@ pub use tls::{Connections, TlsConn, TlsError, TlsState, tls_state};
 use crate::{
     api::{Admission, AdmissionLayer, ApiSettings, Limiter, RefusalLog, TokenVaultService},
     authz::SharedPolicy,
-    config::{Config, EngineSetting},
+    config::{Config, DatabaseSetting, EngineSetting, LedgerSetting},
     crypto::{MasterKey, MasterKeyError, MasterKeySetting},
     metrics::{Gauges, Metrics},
     proto,
     shared::Shared,
-    store::{self, AnyStore, PgStore, RocksStore, Store, StoreOptions},
-    vault::{self, Vault},
+    store::{self, AnyStore, LedgerTable, PgStore, RocksStore, Store, StoreOptions},
+    vault::{self, LedgerLocation, Vault},
 };
 
 /// The gRPC service name the health service reports on.
@@ -310,37 +310,36 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore
             .map_err(|e| store::Error::Backend(e.to_string()))??;
             AnyStore::RocksDb(store)
         }
-        EngineSetting::Postgres {
-            connection,
-            password_file,
-            ca_file,
-        } => {
-            let password = match password_file {
-                Some(path) => Some(read_password(path)?),
-                None => None,
-            };
-            let ca = match ca_file {
-                Some(path) => Some(std::fs::read(path).map_err(|e| {
-                    ServeError::Store(store::Error::Backend(format!(
-                        "storage.postgres.ca_file {}: {e}",
-                        path.display()
-                    )))
-                })?),
-                None => None,
-            };
+        EngineSetting::Postgres(database) => {
+            let secrets = database_secrets("storage.postgres", database)?;
             let store = PgStore::connect_with(
-                connection,
-                password.as_ref().map(|p| p.as_str()),
-                ca.as_deref(),
+                &database.connection,
+                secrets.password(),
+                secrets.ca.as_deref(),
             )
             .await?;
-            AnyStore::Postgres(store)
+            AnyStore::Postgres(Box::new(store))
+        }
+    };
+    let ledger = match &config.erasure_ledger {
+        LedgerSetting::File(path) => LedgerLocation::File(path.clone()),
+        LedgerSetting::Database(database) => {
+            let key = "subjects.erasure_ledger_database";
+            let secrets = database_secrets(key, database)?;
+            let table = LedgerTable::connect_with(
+                &database.connection,
+                secrets.password(),
+                secrets.ca.as_deref(),
+            )
+            .await
+            .map_err(|e| ServeError::Store(store::Error::Backend(format!("{key}: {e}"))))?;
+            LedgerLocation::Table(Box::new(table))
         }
     };
     let (vault, _) = Vault::open(store, &master, config.field_types.clone())
         .await?
         .with_subject_limit(config.max_tokens_per_subject)
-        .with_ledger(&config.erasure_ledger, config.ledger_rollback)
+        .with_ledger(ledger, config.ledger_rollback)
         .await?;
     Ok(vault)
 }
@@ -493,18 +492,47 @@ fn local_addr(
 
 /// The database password from `path`: its first line, kept out of the
 /// configuration text and zeroized once the connection is made.
-fn read_password(path: &std::path::Path) -> Result<zeroize::Zeroizing<String>, ServeError> {
-    let bad = |message: String| {
+/// What a database setting's files hold.
+struct DatabaseSecrets {
+    /// The password, if the setting names a file for one.
+    password: Option<zeroize::Zeroizing<String>>,
+    /// The CA certificates (PEM) for TLS, if the setting names them.
+    ca: Option<Vec<u8>>,
+}
+
+impl DatabaseSecrets {
+    fn password(&self) -> Option<&str> {
+        self.password.as_ref().map(|p| p.as_str())
+    }
+}
+
+/// The password and the CA certificates a database setting (the table at
+/// `key`) points to, each read from its file.
+fn database_secrets(key: &str, database: &DatabaseSetting) -> Result<DatabaseSecrets, ServeError> {
+    let bad = |setting: &str, path: &std::path::Path, message: String| {
         ServeError::Store(store::Error::Backend(format!(
-            "storage.postgres.password_file {}: {message}",
+            "{key}.{setting} {}: {message}",
             path.display()
         )))
     };
-    let text =
-        zeroize::Zeroizing::new(std::fs::read_to_string(path).map_err(|e| bad(e.to_string()))?);
-    let password = zeroize::Zeroizing::new(text.lines().next().unwrap_or_default().to_owned());
-    if password.is_empty() {
-        return Err(bad("is empty".into()));
-    }
-    Ok(password)
+    let password = match &database.password_file {
+        Some(path) => {
+            let text = zeroize::Zeroizing::new(
+                std::fs::read_to_string(path)
+                    .map_err(|e| bad("password_file", path, e.to_string()))?,
+            );
+            let password =
+                zeroize::Zeroizing::new(text.lines().next().unwrap_or_default().to_owned());
+            if password.is_empty() {
+                return Err(bad("password_file", path, "is empty".into()));
+            }
+            Some(password)
+        }
+        None => None,
+    };
+    let ca = match &database.ca_file {
+        Some(path) => Some(std::fs::read(path).map_err(|e| bad("ca_file", path, e.to_string()))?),
+        None => None,
+    };
+    Ok(DatabaseSecrets { password, ca })
 }

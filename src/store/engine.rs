@@ -10,8 +10,9 @@ use super::{
 pub enum AnyStore {
     /// The embedded engine: one process, one directory.
     RocksDb(RocksStore),
-    /// Replicas sharing one PostgreSQL database.
-    Postgres(PgStore),
+    /// Replicas sharing one PostgreSQL database (boxed: its connections
+    /// make it several times the size of the other).
+    Postgres(Box<PgStore>),
 }
 
 impl AnyStore {
@@ -93,5 +94,9 @@ impl Store for AnyStore {
 
     async fn purge(&self, keys: Vec<(Table, Vec<u8>)>) -> Result<(), Error> {
         on_engine!(self, store => store.purge(keys).await)
+    }
+
+    async fn leads_background_jobs(&self) -> bool {
+        on_engine!(self, store => store.leads_background_jobs().await)
     }
 }

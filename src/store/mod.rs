@@ -15,7 +15,10 @@ mod rocks;
 use std::future::Future;
 
 pub use engine::AnyStore;
-pub use postgres::PgStore;
+pub use postgres::{
+    PgStore,
+    ledger::{Appended, LedgerTable},
+};
 pub use rocks::{ReadOnlyStore, RocksStore, StoreOptions};
 
 /// The tables (RocksDB column families) the vault uses. What their keys
@@ -376,4 +379,13 @@ pub trait Store: Send + Sync + 'static {
     /// write-ahead log holding the old values is retired) and compacts the
     /// ranges holding `keys`.
     fn purge(&self, keys: Vec<(Table, Vec<u8>)>) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// Whether this process should run the background jobs that one process
+    /// at a time runs (key-rotation jobs, retention sweeps, audit
+    /// checkpoints and pruning). An engine that one process owns says yes;
+    /// one that processes share lets one of them at a time say yes, and
+    /// another once that one is gone.
+    fn leads_background_jobs(&self) -> impl Future<Output = bool> + Send {
+        std::future::ready(true)
+    }
 }

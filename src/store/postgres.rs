@@ -75,6 +75,8 @@ pub struct PgStore {
     queue: mpsc::Sender<Commit>,
     head: Arc<Mutex<Head>>,
     committer: tokio::task::JoinHandle<()>,
+    /// Whether this replica runs the background jobs.
+    lease: lease::Lease,
 }
 
 /// One caller's batch waiting for the committer.
@@ -129,6 +131,7 @@ impl PgStore {
             reconnecting: tokio::sync::Mutex::new(()),
             target: target.clone(),
         };
+        let lease = lease::Lease::new(target.clone());
         let head = Arc::new(Mutex::new(head));
         let (queue, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
         let task = tokio::spawn(run_committer(committer, target, rx, Arc::clone(&head)));
@@ -137,6 +140,7 @@ impl PgStore {
             queue,
             head,
             committer: task,
+            lease,
         })
     }
 
@@ -153,27 +157,61 @@ impl PgStore {
     }
 }
 
-/// Checks a `storage.postgres.connection` setting: it parses, names a host,
+/// Checks a connection setting (`storage.postgres.connection`, or another
+/// table's `connection` key, named by `table`): it parses, names a host,
 /// holds no password (that goes in a file), and asks for TLS only if a CA
 /// to verify the server with is configured (`with_ca`). The message never
 /// quotes the setting.
 ///
 /// # Errors
 /// What is wrong with it.
-pub fn check_connection(connection: &str, with_ca: bool) -> Result<(), String> {
+pub fn check_connection(table: &str, connection: &str, with_ca: bool) -> Result<(), String> {
     let config = parse(connection)?;
     if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require && !with_ca {
-        return Err(
-            "asks for sslmode=require; set storage.postgres.ca_file to the CA the database server's certificate chains to".into(),
-        );
+        return Err(format!(
+            "asks for sslmode=require; set {table}.ca_file to the CA the database server's certificate chains to"
+        ));
     }
     if config.get_password().is_some() {
-        return Err("holds a password; put it in storage.postgres.password_file instead".into());
+        return Err(format!(
+            "holds a password; put it in {table}.password_file instead"
+        ));
     }
     if config.get_hosts().is_empty() {
         return Err("names no host (host=... or postgres://host/...)".into());
     }
     Ok(())
+}
+
+/// Whether two connection settings name the same database: a host and
+/// port in common and the same database name. Both must parse.
+pub fn same_database(a: &str, b: &str) -> bool {
+    let (Ok(a), Ok(b)) = (parse(a), parse(b)) else {
+        return false;
+    };
+    let endpoints = |c: &tokio_postgres::Config| -> Vec<(tokio_postgres::config::Host, u16)> {
+        let ports = c.get_ports();
+        c.get_hosts()
+            .iter()
+            .enumerate()
+            .map(|(i, host)| {
+                let port = match ports {
+                    [] => 5432,
+                    [one] => *one,
+                    many => many.get(i).copied().unwrap_or(5432),
+                };
+                (host.clone(), port)
+            })
+            .collect()
+    };
+    let dbname = |c: &tokio_postgres::Config| {
+        c.get_dbname()
+            .or(c.get_user())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let theirs = endpoints(&b);
+    dbname(&a) == dbname(&b) && endpoints(&a).iter().any(|e| theirs.contains(e))
 }
 
 fn parse(connection: &str) -> Result<tokio_postgres::Config, String> {
@@ -687,8 +725,13 @@ impl Store for PgStore {
         // the database's next checkpoint: the database's own schedule.
         Ok(())
     }
+    async fn leads_background_jobs(&self) -> bool {
+        self.lease.held().await
+    }
 }
 
 pub mod cluster;
+mod lease;
+pub mod ledger;
 #[cfg(test)]
 mod tests;

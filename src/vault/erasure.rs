@@ -1,8 +1,9 @@
 //! Erasure: crypto-shredding a data subject, and keeping it erased across
 //! restores.
 //!
-//! An erasure is first appended (and fsynced) to the erasure ledger, a file
-//! outside the data directory, then applied in one write: the subject's key,
+//! An erasure is first appended (durably) to the erasure ledger, a file
+//! outside the data directory or, for replicas on a shared database, a
+//! table in another database (`ledger_sink`), then applied in one write: the subject's key,
 //! records, index, expiry and consent entries go, with the audit event and
 //! the vault's own copy of the ledger entry (`meta`,
 //! `erasure-ledger/entry/<seq>`). Then the bytes are purged from the files.
@@ -24,8 +25,9 @@
 //! snapshotted or restored with the data (see deploy/README.md).
 
 use super::{
-    Erasure, ErasureLedger, ErasureReceipt, Error, Record, SubjectId, Vault,
+    Erasure, ErasureReceipt, Error, Record, SubjectId, Vault,
     ledger::{LedgerEntry, LedgerError, LedgerFile, verify_chain},
+    ledger_sink::{LedgerLocation, LedgerSink},
 };
 use crate::{
     audit::{AuditContext, AuditEvent, Outcome},
@@ -45,10 +47,16 @@ pub enum LedgerRollback {
     Repair,
 }
 
-/// The ledger file and its newest entry, which the next erasure chains to.
+/// The ledger and its newest entry this process knows, which the next
+/// erasure chains to.
 pub(super) struct LedgerState {
-    file: ErasureLedger,
+    sink: LedgerSink,
     tail: tokio::sync::Mutex<Option<LedgerEntry>>,
+}
+
+/// Where the entry numbered `seq` (from 1) is in a chain read in order.
+fn position(seq: u64) -> usize {
+    usize::try_from(seq.saturating_sub(1)).unwrap_or(usize::MAX)
 }
 
 /// What an erasure deletes, ready to go into a unit.
@@ -60,7 +68,7 @@ struct Shredding {
 }
 
 impl<S: Store> Vault<S> {
-    /// Opens the erasure ledger at `path` and reconciles it with the
+    /// Opens the erasure ledger at `location` and reconciles it with the
     /// vault's own record of it (see the module doc). Returns how many
     /// tokens were erased again.
     ///
@@ -69,73 +77,92 @@ impl<S: Store> Vault<S> {
     /// storage failures.
     pub async fn with_ledger(
         mut self,
-        path: &std::path::Path,
+        location: LedgerLocation,
         rollback: LedgerRollback,
     ) -> Result<(Self, u64), Error> {
-        let (file, content) = ErasureLedger::open(path)?;
+        let (sink, content) = LedgerSink::open(location).await?;
         let recorded = self.recorded_ledger().await?;
         let key = self.keyring.ledger_key();
+        let place = sink.place();
+        let set_aside = sink.set_aside();
+        let refuse = |message: String| Error::from(LedgerError::at(&place, message));
         let found = match content {
             LedgerFile::Missing => {
                 if recorded.is_empty() {
-                    tracing::info!(path = %path.display(), "created a new erasure ledger");
+                    tracing::info!(ledger = %place, "created a new erasure ledger");
                 }
                 Vec::new()
             }
             LedgerFile::Chained(entries) => {
                 verify_chain(key, &entries).map_err(|seq| {
-                    LedgerError::new(path, format!(
-                        "entry {seq} does not verify: the file was edited or damaged, or belongs to another vault; restore it from a backup, or move it away and start with --accept-restored-ledger to rebuild it from this vault's own record"
+                    refuse(format!(
+                        "entry {seq} does not verify: it was edited or damaged, or belongs to another vault; restore it from a backup, or {set_aside} and start with --accept-restored-ledger to rebuild it from this vault's own record"
                     ))
                 })?;
                 entries
             }
             LedgerFile::Unchained(erasures) => {
                 if !recorded.is_empty() {
-                    return Err(LedgerError::new(path, format!(
-                        "holds unchained entries, but this vault recorded {} chained ones: it is an older copy; restore the current ledger, or move it away and start with --accept-restored-ledger",
+                    return Err(refuse(format!(
+                        "holds unchained entries, but this vault recorded {} chained ones: it is an older copy; restore the current ledger, or {set_aside} and start with --accept-restored-ledger",
                         recorded.len()
-                    )).into());
+                    )));
                 }
                 let mut entries: Vec<LedgerEntry> = Vec::with_capacity(erasures.len());
                 for erasure in erasures {
                     let next = LedgerEntry::next(key, entries.last(), erasure);
                     entries.push(next);
                 }
-                file.rewrite(&entries)?;
-                tracing::info!(path = %path.display(), entries = entries.len(), "rewrote the erasure ledger of an earlier release in the chained form");
+                sink.rewrite(&entries)?;
+                tracing::info!(ledger = %place, entries = entries.len(), "rewrote the erasure ledger of an earlier release in the chained form");
                 entries
             }
         };
-        let agreed = found
+        // Compared by number: with replicas sharing a table, a later erasure
+        // may be in the data while an earlier one (its replica killed in
+        // between) is only in the ledger.
+        if let Some(differs) = recorded
             .iter()
-            .zip(&recorded)
-            .take_while(|(a, b)| a == b)
-            .count();
-        if agreed < found.len() && agreed < recorded.len() {
-            return Err(LedgerError::new(path, format!(
-                "disagrees with this vault at erasure {}: it belongs to another vault or was rewritten; restore the right ledger, or move it away and start with --accept-restored-ledger",
-                agreed + 1
-            )).into());
+            .find(|r| found.get(position(r.seq)).is_some_and(|f| f != *r))
+        {
+            return Err(refuse(format!(
+                "disagrees with this vault at erasure {}: it belongs to another vault or was rewritten; restore the right ledger, or {set_aside} and start with --accept-restored-ledger",
+                differs.seq
+            )));
         }
+        let missing: Vec<LedgerEntry> = recorded
+            .iter()
+            .filter(|r| position(r.seq) >= found.len())
+            .copied()
+            .collect();
         let mut reapplied = 0;
-        let tail = if found.len() < recorded.len() {
+        let tail = if !missing.is_empty() {
             if rollback == LedgerRollback::Refuse {
-                return Err(LedgerError::new(path, format!(
+                return Err(refuse(format!(
                     "holds {} erasures but this vault recorded {}: it was replaced by an older copy or lost. If that was on purpose, start once with --accept-restored-ledger to write the missing erasures back into it",
                     found.len(),
-                    recorded.len()
-                )).into());
+                    found.len() + missing.len()
+                )));
             }
-            file.append(&recorded[found.len()..])?;
+            let contiguous = missing
+                .iter()
+                .zip(found.len() as u64 + 1..)
+                .all(|(entry, seq)| entry.seq == seq);
+            if !contiguous {
+                return Err(refuse(
+                    "is older than this vault's record of it, and that record has gaps (an erasure was only in the ledger): restore the ledger from a backup".to_owned(),
+                ));
+            }
+            sink.append(&missing).await?;
             tracing::warn!(
-                path = %path.display(),
-                written = recorded.len() - found.len(),
+                ledger = %place,
+                written = missing.len(),
                 "the erasure ledger was older than this vault's record of it; wrote the missing erasures back into it (--accept-restored-ledger)"
             );
-            recorded.last().copied()
+            missing.last().copied()
         } else {
-            for entry in &found[recorded.len()..] {
+            let applied: std::collections::HashSet<u64> = recorded.iter().map(|r| r.seq).collect();
+            for entry in found.iter().filter(|f| !applied.contains(&f.seq)) {
                 reapplied += self.reapply(entry).await?;
             }
             if reapplied > 0 {
@@ -147,7 +174,7 @@ impl<S: Store> Vault<S> {
             found.last().copied()
         };
         self.ledger = Some(LedgerState {
-            file,
+            sink,
             tail: tokio::sync::Mutex::new(tail),
         });
         Ok((self, reapplied))
@@ -218,15 +245,15 @@ impl<S: Store> Vault<S> {
             None => None,
         };
         let entry = match (&self.ledger, tail.as_deref_mut()) {
-            (Some(ledger), Some(tail)) => {
-                let entry = LedgerEntry::next(self.keyring.ledger_key(), tail.as_ref(), erasure);
-                ledger.file.append(&[entry])?;
-                // In the ledger now, whatever becomes of the write below: the
-                // next erasure chains to it (and the next open applies it if
-                // the write failed).
-                *tail = Some(entry);
-                Some(entry)
-            }
+            // In the ledger once recorded, whatever becomes of the write
+            // below: the next erasure chains to it (and the next open
+            // applies it if the write failed).
+            (Some(ledger), Some(tail)) => Some(
+                ledger
+                    .sink
+                    .record(self.keyring.ledger_key(), tail, erasure)
+                    .await?,
+            ),
             _ => None,
         };
         let erased = self.erase_now(hash, event, entry).await?;

@@ -149,19 +149,25 @@ pub struct ErasureLedger {
     file: Mutex<File>,
 }
 
-/// Why the ledger cannot be used. Names the file; never a subject.
+/// Why the ledger cannot be used. Names the file or database; never a
+/// subject.
 #[derive(Debug, thiserror::Error)]
-#[error("erasure ledger {path}: {message}")]
+#[error("erasure ledger {place}: {message}")]
 pub struct LedgerError {
-    path: PathBuf,
+    place: String,
     message: String,
 }
 
 impl LedgerError {
-    /// An error about the ledger at `path`.
+    /// An error about the ledger file at `path`.
     pub fn new(path: &Path, message: impl Into<String>) -> Self {
+        Self::at(&path.display().to_string(), message)
+    }
+
+    /// An error about the ledger at `place` (a file or a database).
+    pub fn at(place: &str, message: impl Into<String>) -> Self {
         Self {
-            path: path.to_owned(),
+            place: place.to_owned(),
             message: message.into(),
         }
     }

@@ -229,7 +229,13 @@ impl TestVault {
     fn write_config(&self) {
         // The ledger setting joins a [subjects] table the test brings, if any.
         const LEDGER: &str = "erasure_ledger = \"ledger/erasures\"\n";
-        let (extra, subjects) = if self.extra_config.contains("[subjects]\n") {
+        let (extra, subjects) = if self
+            .extra_config
+            .contains("[subjects.erasure_ledger_database]")
+        {
+            // The test keeps the ledger in a database.
+            (self.extra_config.clone(), String::new())
+        } else if self.extra_config.contains("[subjects]\n") {
             (
                 self.extra_config
                     .replacen("[subjects]\n", &format!("[subjects]\n{LEDGER}"), 1),

@@ -287,6 +287,87 @@ impl ThrowawayCluster {
             .await
             .unwrap();
     }
+
+    /// Backs up database `name` with `pg_dump` (a consistent snapshot, taken
+    /// while it is in use); returns the file for
+    /// [`ThrowawayCluster::restore_database`].
+    ///
+    /// # Panics
+    /// If `pg_dump` fails.
+    pub fn dump_database(&self, name: &str) -> PathBuf {
+        let file = self.dir.path().join(format!("{name}.dump"));
+        self.run(
+            Command::new(self.bin.join("pg_dump"))
+                .args(["--format=custom", "--username=tokenvault", "--host"])
+                .arg(self.dir.path())
+                .args(self.port_args())
+                .arg("--file")
+                .arg(&file)
+                .arg(name),
+        );
+        file
+    }
+
+    /// Replaces database `name` with what `dump` holds: dropped (its
+    /// connections ended), created again, restored with `pg_restore`.
+    ///
+    /// # Panics
+    /// If a step fails.
+    pub async fn restore_database(&self, name: &str, dump: &std::path::Path) {
+        let admin = super::connect(&self.conninfo("postgres")).await.unwrap();
+        // Two statements, each its own transaction: neither may run in one.
+        for statement in [
+            format!("DROP DATABASE {name} WITH (FORCE)"),
+            format!("CREATE DATABASE {name}"),
+        ] {
+            admin.batch_execute(&statement).await.unwrap();
+        }
+        self.run(
+            Command::new(self.bin.join("pg_restore"))
+                .args(["--username=tokenvault", "--host"])
+                .arg(self.dir.path())
+                .args(self.port_args())
+                .args(["--dbname", name])
+                .arg(dump),
+        );
+    }
+
+    /// The process ids of the running server: the postmaster and every
+    /// process it started (backends, writers, WAL senders), for measuring
+    /// the CPU the database spends.
+    pub fn server_pids(&self) -> Vec<u32> {
+        let Some(postmaster) = std::fs::read_to_string(self.data().join("postmaster.pid"))
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
+        else {
+            return Vec::new();
+        };
+        let parent_of = |pid: u32| {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            // The parent is the second field after the parenthesised name.
+            stat.rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .nth(1)?
+                .parse::<u32>()
+                .ok()
+        };
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            if let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok())
+                && parent_of(pid) == Some(postmaster)
+            {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    fn port_args(&self) -> Vec<String> {
+        self.tcp_port
+            .map(|port| vec!["--port".to_owned(), port.to_string()])
+            .unwrap_or_default()
+    }
 }
 
 impl Drop for ThrowawayCluster {

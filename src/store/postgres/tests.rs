@@ -48,21 +48,36 @@ conformance_tests!(Postgres::start());
 
 #[test]
 fn a_connection_setting_without_a_password_is_accepted() {
-    check_connection("host=/run/postgresql user=vault dbname=vault", false).unwrap();
-    check_connection("postgres://vault@db.internal:5432/vault", false).unwrap();
+    check_connection(
+        "storage.postgres",
+        "host=/run/postgresql user=vault dbname=vault",
+        false,
+    )
+    .unwrap();
+    check_connection(
+        "storage.postgres",
+        "postgres://vault@db.internal:5432/vault",
+        false,
+    )
+    .unwrap();
     for with_password in [
         "host=db user=vault password=hunter2",
         "postgres://vault:hunter2@db.internal/vault",
     ] {
-        let err = check_connection(with_password, true).unwrap_err();
+        let err = check_connection("storage.postgres", with_password, true).unwrap_err();
         assert!(err.contains("password_file"), "{err}");
         assert!(!err.contains("hunter2"), "{err}");
     }
-    assert!(check_connection("user=vault dbname=vault", false).is_err());
-    let err = check_connection("host=db sslmode=require", false).unwrap_err();
+    assert!(check_connection("storage.postgres", "user=vault dbname=vault", false).is_err());
+    let err = check_connection("storage.postgres", "host=db sslmode=require", false).unwrap_err();
     assert!(err.contains("ca_file"), "{err}");
-    check_connection("host=db sslmode=require", true).unwrap();
-    let err = check_connection("host='unterminated password=hunter2", false).unwrap_err();
+    check_connection("storage.postgres", "host=db sslmode=require", true).unwrap();
+    let err = check_connection(
+        "storage.postgres",
+        "host='unterminated password=hunter2",
+        false,
+    )
+    .unwrap_err();
     assert!(!err.contains("hunter2"), "{err}");
 }
 
@@ -210,4 +225,69 @@ async fn tls_to_the_database_is_encrypted_and_verified() {
             .is_err(),
         "a certificate that does not name the host was accepted"
     );
+}
+
+/// Of two stores on one database one leads the background jobs; when it is
+/// gone (its connections closed, as when its process dies), the other
+/// takes the lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_store_leads_and_another_takes_over_when_it_is_gone() {
+    let cluster = Cluster::start();
+    cluster.create_database("vault").await;
+    let first = PgStore::connect(&cluster.conninfo("vault")).await.unwrap();
+    let second = PgStore::connect(&cluster.conninfo("vault")).await.unwrap();
+    assert!(first.leads_background_jobs().await);
+    assert!(!second.leads_background_jobs().await);
+    assert!(first.leads_background_jobs().await, "still the leader");
+    assert!(!second.leads_background_jobs().await);
+    first.close().await;
+    let mut took = false;
+    for _ in 0..50 {
+        took = second.leads_background_jobs().await;
+        if took {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(took, "the lease was not handed on");
+}
+
+/// The ledger table takes an entry under a number once: a second writer
+/// of the same number hears `Taken` and nothing of its batch is written;
+/// what is there reads back in order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_number_is_taken_once() {
+    use super::ledger::{Appended, LedgerTable};
+    let cluster = Cluster::start();
+    cluster.create_database("ledger").await;
+    let one = LedgerTable::connect_with(&cluster.conninfo("ledger"), None, None)
+        .await
+        .unwrap();
+    let other = LedgerTable::connect_with(&cluster.conninfo("ledger"), None, None)
+        .await
+        .unwrap();
+    assert_eq!(
+        one.append(&[(1, b"a".to_vec()), (2, b"b".to_vec())])
+            .await
+            .unwrap(),
+        Appended::Written
+    );
+    assert_eq!(
+        other
+            .append(&[(3, b"c".to_vec()), (2, b"x".to_vec())])
+            .await
+            .unwrap(),
+        Appended::Taken
+    );
+    assert_eq!(
+        other.entries_after(0).await.unwrap(),
+        [(1, b"a".to_vec()), (2, b"b".to_vec())],
+        "the losing batch left nothing"
+    );
+    assert_eq!(
+        other.append(&[(3, b"c".to_vec())]).await.unwrap(),
+        Appended::Written
+    );
+    assert_eq!(one.entries_after(2).await.unwrap(), [(3, b"c".to_vec())]);
+    assert!(one.place().contains("database ledger"), "{}", one.place());
 }
