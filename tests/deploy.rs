@@ -15,13 +15,18 @@ use figment::{
     Figment,
     providers::{Format, Serialized, Toml},
 };
-use tokenvault::config::{Config, RawConfig};
+use tokenvault::config::{Config, DatabaseSetting, EngineSetting, LedgerSetting, RawConfig};
 
 fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-const KUSTOMIZATIONS: [&str; 2] = ["deploy/base", "deploy/overlays/sidecar"];
+const KUSTOMIZATIONS: [&str; 4] = [
+    "deploy/base",
+    "deploy/overlays/sidecar",
+    "deploy/overlays/ha",
+    "deploy/overlays/sidecar-shared",
+];
 
 /// The oldest Kubernetes with native sidecars, and the newest the validator knows.
 const KUBERNETES_VERSIONS: [Option<&str>; 2] = [Some("1.29.0"), None];
@@ -149,13 +154,14 @@ fn the_dockerfile_copies_what_exists_and_runs_our_binary() {
             "{manifest}"
         );
         let config = load(&root().join(config));
+        let LedgerSetting::File(ledger) = &config.erasure_ledger else {
+            panic!("{manifest}: the ledger is not a file");
+        };
         assert!(
-            config
-                .erasure_ledger
-                .starts_with("/var/lib/tokenvault-ledger/")
-                && !config.erasure_ledger.starts_with("/var/lib/tokenvault/"),
+            ledger.starts_with("/var/lib/tokenvault-ledger/")
+                && !ledger.starts_with("/var/lib/tokenvault/"),
             "{manifest}: ledger at {}",
-            config.erasure_ledger.display()
+            ledger.display()
         );
     }
 }
@@ -166,42 +172,229 @@ fn load(path: &Path) -> Config {
     Config::from_figment(&figment).unwrap()
 }
 
-/// Every file a deploy config reads sits under a path its manifest mounts.
+/// Renders a kustomization, as JSON objects (through the validator's own
+/// YAML parser).
+fn render(dir: &str) -> Vec<serde_json::Value> {
+    let rendered = Command::new("kubectl")
+        .args(["kustomize", dir])
+        .current_dir(root())
+        .output()
+        .expect("kubectl is missing: run `make test-deps`");
+    assert!(rendered.status.success(), "{dir}");
+    let mut python = Command::new(common::test_tool("python3"))
+        .args([
+            "-c",
+            "import json, sys, yaml; print(json.dumps([d for d in yaml.safe_load_all(sys.stdin) if d]))",
+        ])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    python
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(&rendered.stdout)
+        .unwrap();
+    let out = python.wait_with_output().unwrap();
+    assert!(out.status.success(), "{dir}: YAML to JSON failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn of_kind<'a>(objects: &'a [serde_json::Value], kind: &str) -> Vec<&'a serde_json::Value> {
+    objects.iter().filter(|o| o["kind"] == kind).collect()
+}
+
+/// The vault's pod template in a rendered layout (the StatefulSet's or
+/// Deployment's holding the tokenvault container).
+fn vault_container(objects: &[serde_json::Value]) -> (serde_json::Value, serde_json::Value) {
+    for object in objects {
+        let spec = &object["spec"]["template"]["spec"];
+        for list in ["containers", "initContainers"] {
+            if let Some(found) = spec[list]
+                .as_array()
+                .and_then(|cs| cs.iter().find(|c| c["name"] == "tokenvault"))
+            {
+                return (found.clone(), spec.clone());
+            }
+        }
+    }
+    panic!("no tokenvault container");
+}
+
+/// Every file a deploy config reads sits under a path its rendered
+/// manifests mount, and the engine's state is where it should be: a volume
+/// for the embedded engine, nothing but Secrets for replicas on PostgreSQL.
 #[test]
 fn every_configured_path_is_mounted() {
     let cases = [
+        ("deploy/base", "deploy/base/tokenvault.toml"),
         (
-            "deploy/base/tokenvault.toml",
-            "deploy/base/statefulset.yaml",
-        ),
-        (
+            "deploy/overlays/sidecar",
             "deploy/overlays/sidecar/tokenvault.toml",
-            "deploy/overlays/sidecar/deployment.yaml",
+        ),
+        ("deploy/overlays/ha", "deploy/overlays/ha/tokenvault.toml"),
+        (
+            "deploy/overlays/sidecar-shared",
+            "deploy/overlays/sidecar-shared/tokenvault.toml",
         ),
     ];
-    for (config, manifest) in cases {
+    for (dir, config) in cases {
         let config = load(&root().join(config));
-        let manifest = std::fs::read_to_string(root().join(manifest)).unwrap();
-        let mounts: Vec<&str> = manifest
-            .lines()
-            .filter_map(|l| l.trim().strip_prefix("mountPath: "))
+        let objects = render(dir);
+        let (container, pod) = vault_container(&objects);
+        let mounts: Vec<String> = container["volumeMounts"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|m| m["mountPath"].as_str().unwrap().to_owned())
             .collect();
-        let paths = [
-            &config.data_dir,
-            &config.tls.cert,
-            &config.tls.key,
-            &config.tls.client_ca,
+        let mut paths = vec![
+            config.tls.cert.clone(),
+            config.tls.key.clone(),
+            config.tls.client_ca.clone(),
             match &config.master_key {
-                tokenvault::crypto::MasterKeySetting::File(path) => path,
+                tokenvault::crypto::MasterKeySetting::File(path) => path.clone(),
                 other => panic!("the deployed config reads its master key from {other:?}"),
             },
         ];
+        let database_files = |db: &DatabaseSetting| {
+            db.password_file
+                .iter()
+                .chain(&db.ca_file)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        match (&config.engine, &config.erasure_ledger) {
+            (EngineSetting::RocksDb, LedgerSetting::File(ledger)) => {
+                paths.push(config.data_dir.clone());
+                paths.push(ledger.clone());
+            }
+            (EngineSetting::Postgres(db), LedgerSetting::Database(ledger)) => {
+                // Stateless: no volume but Secrets and the ConfigMap.
+                for volume in pod["volumes"].as_array().unwrap() {
+                    assert!(
+                        volume.get("secret").is_some() || volume.get("configMap").is_some(),
+                        "{dir}: a replica on PostgreSQL mounts {volume}"
+                    );
+                }
+                assert!(
+                    !objects.iter().any(|o| o["kind"] == "PersistentVolumeClaim" || o["kind"] == "StatefulSet"),
+                    "{dir}: state outside the database"
+                );
+                let (db, ledger) = (database_files(db), database_files(ledger));
+                assert_eq!(
+                    (db.len(), ledger.len()),
+                    (2, 2),
+                    "{dir}: TLS and a password to each database"
+                );
+                paths.extend(db);
+                paths.extend(ledger);
+            }
+            other => panic!("{dir}: an unexpected layout {other:?}"),
+        }
         for path in paths {
             assert!(
                 mounts.iter().any(|m| path.starts_with(m)),
-                "{} is not under any mountPath of {mounts:?}",
+                "{dir}: {} is not under any mountPath of {mounts:?}",
                 path.display()
             );
         }
     }
+}
+
+/// The replicated layout: a Deployment of at least two replicas, spread
+/// over nodes, scaled on CPU, drained one at a time; its two databases
+/// (the data and the erasure ledger) are the CloudNativePG clusters the
+/// database kustomization defines, with a synchronous standby each.
+#[test]
+fn the_replicated_layout_scales_and_names_its_databases() {
+    let objects = render("deploy/overlays/ha");
+    let deployment = of_kind(&objects, "Deployment");
+    assert_eq!(deployment.len(), 1);
+    let spec = &deployment[0]["spec"];
+    assert!(spec["replicas"].as_u64().unwrap() >= 2);
+    assert!(
+        spec["template"]["spec"]["affinity"]["podAntiAffinity"].is_object(),
+        "no anti-affinity"
+    );
+    let hpa = of_kind(&objects, "HorizontalPodAutoscaler");
+    assert_eq!(hpa.len(), 1);
+    assert!(hpa[0]["spec"]["minReplicas"].as_u64().unwrap() >= 2);
+    assert_eq!(
+        hpa[0]["spec"]["scaleTargetRef"]["name"],
+        deployment[0]["metadata"]["name"]
+    );
+    assert_eq!(hpa[0]["spec"]["metrics"][0]["resource"]["name"], "cpu");
+    let pdb = of_kind(&objects, "PodDisruptionBudget");
+    assert_eq!(pdb[0]["spec"]["maxUnavailable"], 1);
+    assert!(pdb[0]["spec"].get("minAvailable").is_none());
+    // Every selector of the layout matches the Deployment's pods.
+    let pod_labels = &spec["template"]["metadata"]["labels"];
+    let selects = |selector: &serde_json::Value| {
+        selector
+            .as_object()
+            .unwrap()
+            .iter()
+            .all(|(k, v)| pod_labels[k] == *v)
+    };
+    assert!(selects(&spec["selector"]["matchLabels"]));
+    assert!(selects(&pdb[0]["spec"]["selector"]["matchLabels"]));
+    for service in of_kind(&objects, "Service") {
+        assert!(selects(&service["spec"]["selector"]), "{service}");
+    }
+
+    let databases = render("deploy/overlays/ha/database");
+    let clusters = of_kind(&databases, "Cluster");
+    let config = load(&root().join("deploy/overlays/ha/tokenvault.toml"));
+    let (EngineSetting::Postgres(db), LedgerSetting::Database(ledger)) =
+        (&config.engine, &config.erasure_ledger)
+    else {
+        panic!("the replicated layout is not on PostgreSQL");
+    };
+    for setting in [db, ledger] {
+        let host = setting
+            .connection
+            .split_whitespace()
+            .find_map(|kv| kv.strip_prefix("host="))
+            .unwrap();
+        let cluster = host.strip_suffix("-rw").expect("the read-write Service");
+        let defined = clusters
+            .iter()
+            .find(|c| c["metadata"]["name"] == cluster)
+            .unwrap_or_else(|| panic!("no Cluster {cluster}"));
+        assert!(
+            defined["spec"]["minSyncReplicas"].as_u64().unwrap() >= 1,
+            "{cluster}"
+        );
+        assert!(
+            defined["spec"]["instances"].as_u64().unwrap() >= 3,
+            "{cluster}"
+        );
+        assert!(setting.connection.contains("sslmode=require"));
+    }
+}
+
+/// The NetworkPolicy admits clients by their own label only: common labels
+/// must not leak into its client and DNS selectors (kustomize's
+/// includeSelectors did, and then no client matched).
+#[test]
+fn network_policies_select_clients_by_their_label_only() {
+    for dir in ["deploy/base", "deploy/overlays/ha"] {
+        let objects = render(dir);
+        let policy = of_kind(&objects, "NetworkPolicy");
+        let client = &policy[0]["spec"]["ingress"][0]["from"][0]["podSelector"]["matchLabels"];
+        assert_eq!(
+            *client,
+            serde_json::json!({"tokenvault.io/client": "true"}),
+            "{dir}"
+        );
+    }
+    let ha = render("deploy/overlays/ha");
+    let egress = &of_kind(&ha, "NetworkPolicy")[0]["spec"]["egress"];
+    assert_eq!(
+        egress[1]["to"][0]["podSelector"]["matchLabels"],
+        serde_json::json!({"k8s-app": "kube-dns"})
+    );
 }
