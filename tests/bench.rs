@@ -105,3 +105,85 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
         "{table}"
     );
 }
+
+/// The PostgreSQL engine with one and two replicas, and the peer a team
+/// would build instead (a pgcrypto table, bare and audited), in one run on
+/// a throwaway cluster the bench starts itself; the report compares them.
+#[test]
+fn a_tiny_bench_run_compares_postgres_replicas_with_the_peer() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = common::tokenvault_command()
+        .args([
+            "bench",
+            "--engine",
+            "postgres",
+            "--replicas",
+            "1,2",
+            "--peer",
+            "postgres",
+            "--scenarios",
+            "tokenize,tokenize-batch,detokenize,detokenize-batch",
+            "--seconds",
+            "0.3",
+            "--pool",
+            "200",
+            "--preload",
+            "0",
+            "--in-flight",
+            "8",
+            "--connections",
+            "2",
+            "--batch",
+            "10",
+            "--settle-limit",
+            "0",
+            "--no-in-process",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    for setup in ["postgres×1", "postgres×2", "peer", "peer+audit"] {
+        for scenario in [
+            "tokenize",
+            "tokenize-batch",
+            "detokenize",
+            "detokenize-batch",
+        ] {
+            let row = rows
+                .iter()
+                .find(|r| r["scenario"] == scenario && r["durability"] == setup)
+                .unwrap_or_else(|| panic!("no {scenario} row for {setup}"));
+            assert!(row["requests"].as_u64().unwrap() > 0, "{row}");
+            // Every token read was found and decrypted.
+            assert_eq!(row["errors"].as_u64().unwrap(), 0, "{row}");
+            // The database's processes count as the server's.
+            assert!(
+                row["server_cpu_s_per_1k_items"].as_f64().unwrap() > 0.0,
+                "{row}"
+            );
+        }
+    }
+    let targets: Vec<String> = report["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap().to_owned())
+        .collect();
+    for name in [
+        "detokenize (postgres×1) / peer+audit, items/s",
+        "tokenize-batch (postgres×1) / peer+audit, items/s",
+        "detokenize: postgres×2 / postgres×1, items/s",
+    ] {
+        assert!(targets.iter().any(|t| t == name), "{name} in {targets:?}");
+    }
+}

@@ -164,7 +164,9 @@ fn lower_layers_never_name_the_layers_above_them() {
 fn only_the_store_names_the_storage_engine() {
     let mut violations = Vec::new();
     for file in rust_files(&src()) {
-        if file.starts_with(src().join("store")) {
+        // The benchmark's peer is a PostgreSQL client by definition: it
+        // measures a plain table, not the vault.
+        if file.starts_with(src().join("store")) || file == src().join("bench/peer.rs") {
             continue;
         }
         let text = std::fs::read_to_string(&file).unwrap();

@@ -6,6 +6,7 @@
 
 mod ceilings;
 mod load;
+mod peer;
 mod report;
 mod server;
 mod targets;
@@ -24,11 +25,11 @@ pub use load::Scenario;
 use load::{LoadResult, LoadSpec};
 use report::Machine;
 pub use report::{Report, Row};
-use server::{BenchServer, ProcStats, proc_stats, reset_peak_rss};
+use server::{BenchServer, ProcStats, ServerSetup, proc_stats, reset_peak_rss, sum_stats};
 
 use crate::{
     client::{self, ClientTls},
-    store::Durability,
+    store::{Durability, postgres::cluster::ThrowawayCluster},
 };
 
 /// Requests in flight while the read pool is filled (small: the pool is
@@ -46,9 +47,24 @@ pub struct BenchArgs {
     /// detokenize, detokenize-batch, mixed, or all.
     #[arg(long, default_value = "all")]
     pub scenarios: String,
-    /// Durability modes to run the self-started vault with: sync, buffered.
+    /// Engines to run the self-started vault on, comma separated: rocksdb
+    /// (once per --durability) and postgres (on a throwaway PostgreSQL
+    /// cluster, once per --replicas).
+    #[arg(long, default_value = "rocksdb")]
+    pub engine: String,
+    /// Durability modes to run the embedded engine with: sync, buffered.
     #[arg(long, default_value = "sync,buffered")]
     pub durability: String,
+    /// With --engine postgres: how many vault replicas share the database,
+    /// comma separated, one configuration each (the connections are spread
+    /// over the replicas).
+    #[arg(long, default_value = "1,2")]
+    pub replicas: String,
+    /// Also measure what a team would build instead: `postgres`, a table
+    /// with pgcrypto on a throwaway cluster, bare and with an audit row in
+    /// each statement.
+    #[arg(long, value_enum)]
+    pub peer: Option<Peer>,
     /// Seconds per scenario.
     #[arg(long, default_value_t = 5.0)]
     pub seconds: f64,
@@ -100,6 +116,44 @@ pub struct BenchArgs {
     pub markdown: Option<PathBuf>,
 }
 
+/// A peer to measure beside the vault.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Peer {
+    /// PostgreSQL with pgcrypto.
+    Postgres,
+}
+
+/// An engine to run the self-started vault on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Engine {
+    RocksDb,
+    Postgres,
+}
+
+/// The server side of one configuration: the vault processes and, on
+/// PostgreSQL, the database's processes. Empty for `--target`.
+#[derive(Clone, Copy)]
+struct ServerSide<'a> {
+    vaults: &'a [BenchServer],
+    database: Option<&'a ThrowawayCluster>,
+}
+
+impl ServerSide<'_> {
+    /// Every process whose CPU and memory count as the server's.
+    fn pids(&self) -> Vec<u32> {
+        let mut pids: Vec<u32> = self.vaults.iter().map(BenchServer::pid).collect();
+        if let Some(database) = self.database {
+            pids.extend(database.server_pids());
+        }
+        pids
+    }
+
+    /// Their summed CPU and peak memory; `None` when nothing is measured.
+    fn stats(&self) -> Option<ProcStats> {
+        (!self.vaults.is_empty()).then(|| sum_stats(&self.pids()))
+    }
+}
+
 /// Runs the benchmark and prints the Markdown table.
 ///
 /// # Errors
@@ -122,25 +176,63 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
             server_name: "localhost".into(),
         };
         let channels = connect(target, &tls, args.connections).await?;
-        measure(&args, &scenarios, &channels, None, "target", &mut report).await?;
+        let nothing = ServerSide {
+            vaults: &[],
+            database: None,
+        };
+        measure(&args, &scenarios, &channels, nothing, "target", &mut report).await?;
     } else {
-        for durability in parse_durabilities(&args.durability)? {
-            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-            let tls = server::prepare(dir.path())?;
-            let server = BenchServer::start(dir.path(), &tls, durability)?;
-            let channels = connect(&server.addr.to_string(), &server.tls, args.connections).await?;
-            let name = durability_name(durability);
-            let result = measure(
-                &args,
-                &scenarios,
-                &channels,
-                Some(&server),
-                name,
-                &mut report,
-            )
-            .await;
-            server.stop();
-            result?;
+        let mut cluster: Option<ThrowawayCluster> = None;
+        for engine in parse_engines(&args.engine)? {
+            match engine {
+                Engine::RocksDb => {
+                    for durability in parse_durabilities(&args.durability)? {
+                        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                        let tls = server::prepare(dir.path())?;
+                        let server = BenchServer::start(
+                            dir.path(),
+                            &tls,
+                            &ServerSetup::RocksDb(durability),
+                            0,
+                        )?;
+                        let name = durability_name(durability);
+                        run_configuration(&args, &scenarios, vec![server], None, name, &mut report)
+                            .await?;
+                    }
+                }
+                Engine::Postgres => {
+                    let cluster = cluster.get_or_insert_with(ThrowawayCluster::start);
+                    for replicas in parse_replicas(&args.replicas)? {
+                        let (vault_db, ledger_db) =
+                            (format!("vault_{replicas}"), format!("ledger_{replicas}"));
+                        cluster.create_database(&vault_db).await;
+                        cluster.create_database(&ledger_db).await;
+                        let setup = ServerSetup::Postgres {
+                            connection: cluster.conninfo(&vault_db),
+                            ledger: cluster.conninfo(&ledger_db),
+                        };
+                        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                        let tls = server::prepare(dir.path())?;
+                        let servers = (0..replicas)
+                            .map(|n| BenchServer::start(dir.path(), &tls, &setup, n))
+                            .collect::<Result<Vec<_>, _>>()?;
+                        let name = format!("postgres×{replicas}");
+                        run_configuration(
+                            &args,
+                            &scenarios,
+                            servers,
+                            Some(cluster),
+                            &name,
+                            &mut report,
+                        )
+                        .await?;
+                    }
+                }
+            }
+        }
+        if args.peer == Some(Peer::Postgres) {
+            let cluster = cluster.get_or_insert_with(ThrowawayCluster::start);
+            peer::measure(&args, &scenarios, cluster, &mut report).await?;
         }
     }
     if !args.no_in_process {
@@ -173,6 +265,51 @@ fn parse_scenarios(list: &str) -> Result<Vec<Scenario>, String> {
         .collect()
 }
 
+/// Connects to `servers` (the connections spread over them), measures,
+/// and stops them.
+async fn run_configuration(
+    args: &BenchArgs,
+    scenarios: &[Scenario],
+    servers: Vec<BenchServer>,
+    database: Option<&ThrowawayCluster>,
+    name: &str,
+    report: &mut Report,
+) -> Result<(), String> {
+    let mut channels = Vec::new();
+    for n in 0..args.connections.max(servers.len()) {
+        let server = &servers[n % servers.len()];
+        channels.extend(connect(&server.addr.to_string(), &server.tls, 1).await?);
+    }
+    let side = ServerSide {
+        vaults: &servers,
+        database,
+    };
+    let result = measure(args, scenarios, &channels, side, name, report).await;
+    for server in servers {
+        server.stop();
+    }
+    result
+}
+
+fn parse_engines(list: &str) -> Result<Vec<Engine>, String> {
+    list.split(',')
+        .map(|e| match e.trim() {
+            "rocksdb" => Ok(Engine::RocksDb),
+            "postgres" => Ok(Engine::Postgres),
+            other => Err(format!("unknown engine {other:?} (rocksdb, postgres)")),
+        })
+        .collect()
+}
+
+fn parse_replicas(list: &str) -> Result<Vec<usize>, String> {
+    list.split(',')
+        .map(|n| match n.trim().parse::<usize>() {
+            Ok(n) if (1..=8).contains(&n) => Ok(n),
+            _ => Err(format!("--replicas takes numbers from 1 to 8, not {n:?}")),
+        })
+        .collect()
+}
+
 fn parse_durabilities(list: &str) -> Result<Vec<Durability>, String> {
     list.split(',')
         .map(|d| match d.trim() {
@@ -190,16 +327,18 @@ fn durability_name(d: Durability) -> &'static str {
     }
 }
 
-/// Waits until the server has used under 5 % of a core for two seconds in a
-/// row (its flushes and compactions are done), at most `limit` seconds.
-/// Returns the seconds waited.
-async fn settle(pid: u32, limit: u64, say: bool) -> f64 {
+/// Waits until the server side has used under 5 % of a core for two
+/// seconds in a row (its flushes and compactions are done), at most `limit`
+/// seconds. Returns the seconds waited.
+async fn settle(side: ServerSide<'_>, limit: u64, say: bool) -> f64 {
     let started = Instant::now();
+    let Some(mut last) = side.stats().map(|s| s.cpu_seconds) else {
+        return 0.0;
+    };
     let mut quiet = 0;
-    let mut last = proc_stats(pid).cpu_seconds;
     while quiet < 2 && started.elapsed().as_secs() < limit {
         tokio::time::sleep(Duration::from_secs(1)).await;
-        let now = proc_stats(pid).cpu_seconds;
+        let now = side.stats().map_or(last, |s| s.cpu_seconds);
         quiet = if now - last < 0.05 { quiet + 1 } else { 0 };
         last = now;
     }
@@ -230,11 +369,10 @@ async fn measure(
     args: &BenchArgs,
     scenarios: &[Scenario],
     channels: &[Channel],
-    server: Option<&BenchServer>,
+    side: ServerSide<'_>,
     durability: &str,
     report: &mut Report,
 ) -> Result<(), String> {
-    let pid = server.map(BenchServer::pid);
     let needs_pool = scenarios.iter().any(|s| s.reads());
     let pool = if needs_pool {
         progress(&format!(
@@ -278,13 +416,15 @@ async fn measure(
             )
             .await?;
             stored += total as u64;
-            if let Some(server) = server {
+            if let Some(server) = side.vaults.first() {
                 // Compacting millions of new tokens takes the same two
                 // cores the second pass needs: measured during it, even the
                 // no-op RPC halves. Scale is judged after it.
-                report.settle_seconds = Some(settle(server.pid(), args.settle_limit, true).await);
-                report.disk_bytes_per_token =
-                    Some(server::dir_size(&server.data_dir) as f64 / stored as f64);
+                report.settle_seconds = Some(settle(side, args.settle_limit, true).await);
+                if side.database.is_none() {
+                    report.disk_bytes_per_token =
+                        Some(server::dir_size(&server.data_dir) as f64 / stored as f64);
+                }
             }
         }
         let mut detokenize_max = None;
@@ -307,15 +447,13 @@ async fn measure(
             // Each scenario starts on a settled server: the flushes and
             // compactions the previous one left behind would otherwise run
             // on the same two cores and be charged to this one.
-            if let Some(pid) = pid {
-                settle(pid, args.settle_limit, false).await;
-            }
+            settle(side, args.settle_limit, false).await;
             let mut row = run_one(
                 scenario.name(),
                 &spec,
                 channels,
                 &pool,
-                server,
+                side,
                 durability,
                 stored,
             )
@@ -351,15 +489,13 @@ async fn measure(
             // Each scenario starts on a settled server: the flushes and
             // compactions the previous one left behind would otherwise run
             // on the same two cores and be charged to this one.
-            if let Some(pid) = pid {
-                settle(pid, args.settle_limit, false).await;
-            }
+            settle(side, args.settle_limit, false).await;
             let mut row = run_one(
                 "detokenize@50%",
                 &spec,
                 channels,
                 &pool,
-                server,
+                side,
                 durability,
                 stored,
             )
@@ -376,7 +512,7 @@ async fn run_one(
     spec: &LoadSpec,
     channels: &[Channel],
     pool: &Arc<Vec<String>>,
-    server: Option<&BenchServer>,
+    side: ServerSide<'_>,
     durability: &str,
     stored: u64,
 ) -> Row {
@@ -385,23 +521,29 @@ async fn run_one(
         spec.duration.as_secs_f64(),
         spec.in_flight
     ));
-    let pid = server.map(BenchServer::pid);
-    if let Some(pid) = pid {
+    for pid in side.pids() {
         reset_peak_rss(pid);
     }
-    let log_from = server.map(BenchServer::log_position);
-    let before = pid.map(proc_stats);
+    let log_from: Vec<u64> = side.vaults.iter().map(BenchServer::log_position).collect();
+    let before = side.stats();
     let client_before = proc_stats(std::process::id()).cpu_seconds;
     let result = load::run(channels, spec, Arc::clone(pool)).await;
     let client_cpu_seconds = proc_stats(std::process::id()).cpu_seconds - client_before;
-    let after = pid.map(proc_stats);
-    if server.is_some() {
+    let after = side.stats();
+    if !side.vaults.is_empty() {
         // The server's log thread writes within a few milliseconds.
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    let handler = server
+    // Every replica's handler times, in one histogram.
+    let handler = side
+        .vaults
+        .iter()
         .zip(log_from)
-        .and_then(|(server, from)| server.handler_latencies(from, spec.scenario.methods()));
+        .filter_map(|(server, from)| server.handler_latencies(from, spec.scenario.methods()))
+        .reduce(|mut all, one| {
+            let _ = all.add(&one);
+            all
+        });
     let measured = Measured {
         server: before.zip(after),
         client_cpu_seconds: Some(client_cpu_seconds),

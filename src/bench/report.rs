@@ -7,7 +7,9 @@ use serde::Serialize;
 pub struct Row {
     /// Scenario name (`tokenize`, `detokenize@50%`, `in-process tokenize-batch`...).
     pub scenario: String,
-    /// `sync`, `buffered`, or `target` for an external server.
+    /// The configuration: `sync` or `buffered` (the embedded engine),
+    /// `postgres×N` (N replicas on PostgreSQL), `peer` or `peer+audit`
+    /// (PostgreSQL + pgcrypto), or `target` for an external server.
     pub durability: String,
     /// Tokens stored in the vault when the scenario ran.
     pub stored_tokens: u64,
@@ -138,6 +140,7 @@ impl Report {
                 "\nEvery scenario starts on a settled server (its CPU under 5 % for 2 s: the flushes and compactions left by the scenario before are done; `--settle-limit` caps each wait). After the preload that took {seconds:.0} s.\n"
             ));
         }
+        out.push_str(&self.peer_comparison());
         if !self.targets.is_empty() {
             out.push_str("\n| target | measured | goal | met |\n|---|---:|---|---|\n");
             for t in &self.targets {
@@ -148,6 +151,50 @@ impl Report {
                     t.goal,
                     if t.met { "yes" } else { "**no**" }
                 ));
+            }
+        }
+        out
+    }
+
+    /// Each vault configuration against the peer, per workload, in items/s
+    /// of the first pass: empty without peer rows.
+    fn peer_comparison(&self) -> String {
+        const PEER: &str = super::peer::PEER;
+        const AUDITED: &str = super::peer::PEER_AUDITED;
+        if !self.rows.iter().any(|r| r.durability == PEER) {
+            return String::new();
+        }
+        let mut setups: Vec<&str> = Vec::new();
+        for r in &self.rows {
+            if r.durability != PEER
+                && r.durability != AUDITED
+                && !r.scenario.starts_with("in-process")
+                && !setups.contains(&r.durability.as_str())
+            {
+                setups.push(&r.durability);
+            }
+        }
+        let mut out = String::from(
+            "\n| workload | vault | vault items/s | peer items/s | vault / peer | peer+audit items/s | vault / peer+audit |\n|---|---|---:|---:|---:|---:|---:|\n",
+        );
+        for workload in [
+            "tokenize",
+            "tokenize-batch",
+            "detokenize",
+            "detokenize-batch",
+        ] {
+            let items = |setup: &str| self.row(workload, setup, false).map(|r| r.items_per_s);
+            let (Some(peer), Some(audited)) = (items(PEER), items(AUDITED)) else {
+                continue;
+            };
+            for setup in &setups {
+                if let Some(vault) = items(setup) {
+                    out.push_str(&format!(
+                        "| {workload} | {setup} | {vault:.0} | {peer:.0} | {:.2} | {audited:.0} | {:.2} |\n",
+                        vault / peer.max(1e-9),
+                        vault / audited.max(1e-9)
+                    ));
+                }
             }
         }
         out

@@ -70,20 +70,51 @@ pub fn prepare(dir: &Path) -> Result<ClientTls, String> {
     })
 }
 
+/// What the vault under test stores its data in.
+#[derive(Debug, Clone)]
+pub enum ServerSetup {
+    /// RocksDB in the server's directory, with this durability.
+    RocksDb(Durability),
+    /// A PostgreSQL database (`connection`), with the erasure ledger in
+    /// another (`ledger`).
+    Postgres {
+        /// The vault's database.
+        connection: String,
+        /// The erasure ledger's database.
+        ledger: String,
+    },
+}
+
 impl BenchServer {
-    /// Starts `tokenvault serve` on `dir` with `durability`, and waits until
+    /// Starts `tokenvault serve` number `n` in `dir` (replicas share the
+    /// directory's certificates and master key) on `setup`, and waits until
     /// it serves.
     ///
     /// # Errors
     /// If it cannot start or does not report serving within a minute.
-    pub fn start(dir: &Path, tls: &ClientTls, durability: Durability) -> Result<Self, String> {
-        let durability = match durability {
-            Durability::Sync => "sync",
-            Durability::Buffered => "buffered",
+    pub fn start(
+        dir: &Path,
+        tls: &ClientTls,
+        setup: &ServerSetup,
+        n: usize,
+    ) -> Result<Self, String> {
+        let storage = match setup {
+            ServerSetup::RocksDb(durability) => {
+                let durability = match durability {
+                    Durability::Sync => "sync",
+                    Durability::Buffered => "buffered",
+                };
+                format!(
+                    "durability = \"{durability}\"\n[subjects]\nerasure_ledger = \"ledger/erasures\"\n[storage]\nblock_cache_mib = 256\n"
+                )
+            }
+            ServerSetup::Postgres { connection, ledger } => format!(
+                "[subjects.erasure_ledger_database]\nconnection = \"{ledger}\"\n[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"{connection}\"\n"
+            ),
         };
         let config = format!(
             r#"data_dir = "data"
-durability = "{durability}"
+{storage}
 [server]
 listen = "127.0.0.1:0"
 health_listen = "127.0.0.1:0"
@@ -94,10 +125,6 @@ key = "server.key"
 client_ca = "ca.pem"
 [keys]
 master_key_file = "master.key"
-[subjects]
-erasure_ledger = "ledger/erasures"
-[storage]
-block_cache_mib = 256
 [log]
 format = "json"
 level = "info"
@@ -107,7 +134,7 @@ scopes = ["tokenize:*", "detokenize:*"]
 purposes = ["{BENCH_PURPOSE}"]
 "#
         );
-        let config_path = dir.join("tokenvault.toml");
+        let config_path = dir.join(format!("tokenvault-{n}.toml"));
         std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
         let exe = std::env::current_exe().map_err(|e| e.to_string())?;
         // The server writes its log to a file itself, as it would for a log
@@ -115,7 +142,7 @@ purposes = ["{BENCH_PURPOSE}"]
         // cost, and the load generator, which shares the machine, spends
         // nothing on it. The file is read for the address at start and for
         // the handler latencies after each scenario.
-        let log_path = dir.join("server.log");
+        let log_path = dir.join(format!("server-{n}.log"));
         let log_file = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
         let mut child = Command::new(exe)
             .args(["serve", "--config"])
@@ -262,6 +289,16 @@ pub fn proc_stats(pid: u32) -> ProcStats {
         cpu_seconds,
         peak_rss_bytes: kib("VmHWM:"),
     }
+}
+
+/// The summed CPU and peak memory of `pids`.
+pub fn sum_stats(pids: &[u32]) -> ProcStats {
+    pids.iter()
+        .map(|&pid| proc_stats(pid))
+        .fold(ProcStats::default(), |sum, one| ProcStats {
+            cpu_seconds: sum.cpu_seconds + one.cpu_seconds,
+            peak_rss_bytes: sum.peak_rss_bytes + one.peak_rss_bytes,
+        })
 }
 
 /// Resets the kernel's peak-RSS mark of `pid` (writes 5 to `clear_refs`), so

@@ -111,6 +111,7 @@ pub(super) fn targets(report: &Report, preload: u64) -> Vec<Target> {
             met: row.p99_ms < 5.0,
         });
     }
+    peer_targets(report, &mut out);
     // The floor under that p99: each read waits for a synced audit write.
     if let Some(row) = report.row("device fdatasync, 4 KiB append", "sync", false) {
         out.push(Target {
@@ -121,4 +122,77 @@ pub(super) fn targets(report: &Report, preload: u64) -> Vec<Target> {
         });
     }
     out
+}
+
+/// The vault against the peer (PostgreSQL + pgcrypto, `--peer postgres`)
+/// and the PostgreSQL engine's replicas against one another, in items/s of
+/// the first pass; only the ones whose rows this run has.
+fn peer_targets(report: &Report, out: &mut Vec<Target>) {
+    use super::peer::{PEER, PEER_AUDITED};
+    let items = |scenario: &str, setup: &str| {
+        report
+            .row(scenario, setup, false)
+            .map(|r| r.items_per_s)
+            .filter(|v| *v > 0.0)
+    };
+    let mut ratio = |name: String, num: Option<f64>, den: Option<f64>, goal: f64| {
+        if let (Some(n), Some(d)) = (num, den) {
+            out.push(Target {
+                name,
+                measured: n / d,
+                goal: format!("≥ {goal}"),
+                met: n / d >= goal,
+            });
+        }
+    };
+    // The embedded engine (issue 18's goals).
+    ratio(
+        "detokenize (sync) / peer, items/s".into(),
+        items("detokenize", "sync"),
+        items("detokenize", PEER),
+        1.5,
+    );
+    ratio(
+        "detokenize (sync) / peer+audit, items/s".into(),
+        items("detokenize", "sync"),
+        items("detokenize", PEER_AUDITED),
+        3.0,
+    );
+    ratio(
+        "detokenize-batch (sync) / peer+audit, items/s".into(),
+        items("detokenize-batch", "sync"),
+        items("detokenize-batch", PEER_AUDITED),
+        3.0,
+    );
+    ratio(
+        "tokenize-batch (sync) / peer, items/s".into(),
+        items("tokenize-batch", "sync"),
+        items("tokenize-batch", PEER),
+        2.5,
+    );
+    // One replica on PostgreSQL against the audited peer on the same
+    // database server: single items at least even, batches 1.5x (the vault
+    // groups concurrent requests into one transaction; the peer commits
+    // each).
+    for (scenario, goal) in [
+        ("tokenize", 1.0),
+        ("detokenize", 1.0),
+        ("tokenize-batch", 1.5),
+        ("detokenize-batch", 1.5),
+    ] {
+        ratio(
+            format!("{scenario} (postgres×1) / peer+audit, items/s"),
+            items(scenario, "postgres×1"),
+            items(scenario, PEER_AUDITED),
+            goal,
+        );
+    }
+    for scenario in ["tokenize", "detokenize"] {
+        ratio(
+            format!("{scenario}: postgres×2 / postgres×1, items/s"),
+            items(scenario, "postgres×2"),
+            items(scenario, "postgres×1"),
+            1.5,
+        );
+    }
 }
