@@ -102,6 +102,29 @@ pub struct LoadSpec {
     pub rate: Option<f64>,
 }
 
+impl LoadSpec {
+    /// `scenario` as fast as answers come back, with the run's in-flight
+    /// count, duration and request cap, and its batch size where the
+    /// scenario batches.
+    pub(super) fn closed_loop(scenario: Scenario, args: &super::BenchArgs) -> Self {
+        Self {
+            scenario,
+            batch: if matches!(
+                scenario,
+                Scenario::TokenizeBatch | Scenario::DetokenizeBatch
+            ) {
+                args.batch
+            } else {
+                1
+            },
+            in_flight: args.in_flight,
+            duration: Duration::from_secs_f64(args.seconds),
+            max_requests: args.max_requests,
+            rate: None,
+        }
+    }
+}
+
 /// What one scenario measured.
 pub struct LoadResult {
     /// Requests answered OK.
@@ -114,6 +137,38 @@ pub struct LoadResult {
     pub elapsed: Duration,
     /// Latency in microseconds.
     pub latency_us: Histogram<u64>,
+}
+
+impl LoadResult {
+    /// Nothing measured yet.
+    pub(super) fn empty() -> Self {
+        Self {
+            requests: 0,
+            items: 0,
+            errors: 0,
+            elapsed: Duration::ZERO,
+            latency_us: new_histogram(),
+        }
+    }
+
+    /// The sum of what the workers of one scenario, started at `started`,
+    /// measured.
+    pub(super) async fn gather(
+        workers: Vec<tokio::task::JoinHandle<LoadResult>>,
+        started: Instant,
+    ) -> Self {
+        let mut total = Self::empty();
+        for worker in workers {
+            if let Ok(part) = worker.await {
+                total.requests += part.requests;
+                total.items += part.items;
+                total.errors += part.errors;
+                let _ = total.latency_us.add(&part.latency_us);
+            }
+        }
+        total.elapsed = started.elapsed();
+        total
+    }
 }
 
 /// Runs `spec` over `channels`, reading tokens from `pool`.
@@ -130,23 +185,7 @@ pub async fn run(channels: &[Channel], spec: &LoadSpec, pool: Arc<Vec<String>>) 
             tokio::spawn(async move { worker(task, channel, spec, pool, issued, deadline).await })
         })
         .collect();
-    let mut total = LoadResult {
-        requests: 0,
-        items: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency_us: new_histogram(),
-    };
-    for task in tasks {
-        if let Ok(part) = task.await {
-            total.requests += part.requests;
-            total.items += part.items;
-            total.errors += part.errors;
-            let _ = total.latency_us.add(&part.latency_us);
-        }
-    }
-    total.elapsed = started.elapsed();
-    total
+    LoadResult::gather(tasks, started).await
 }
 
 /// The longest latency a histogram holds, in microseconds (a minute).
@@ -175,13 +214,7 @@ async fn worker(
 ) -> LoadResult {
     let mut vault = TokenVaultClient::new(channel.clone());
     let mut health = HealthClient::new(channel);
-    let mut result = LoadResult {
-        requests: 0,
-        items: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency_us: new_histogram(),
-    };
+    let mut result = LoadResult::empty();
     // Open loop: each task sends on its own schedule, and latency counts
     // from the scheduled time when the task was still busy with an earlier
     // request at that time, so a stall of the server is not hidden

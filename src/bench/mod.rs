@@ -429,21 +429,7 @@ async fn measure(
         }
         let mut detokenize_max = None;
         for &scenario in scenarios {
-            let spec = LoadSpec {
-                scenario,
-                batch: if matches!(
-                    scenario,
-                    Scenario::TokenizeBatch | Scenario::DetokenizeBatch
-                ) {
-                    args.batch
-                } else {
-                    1
-                },
-                in_flight: args.in_flight,
-                duration: Duration::from_secs_f64(args.seconds),
-                max_requests: args.max_requests,
-                rate: None,
-            };
+            let spec = LoadSpec::closed_loop(scenario, args);
             // Each scenario starts on a settled server: the flushes and
             // compactions the previous one left behind would otherwise run
             // on the same two cores and be charged to this one.

@@ -18,7 +18,7 @@ use std::{
         Arc,
         atomic::{AtomicU64, Ordering},
     },
-    time::{Duration, Instant},
+    time::Instant,
 };
 
 use tokio_postgres::{Client, NoTls, Statement};
@@ -118,21 +118,7 @@ pub(super) async fn measure(
             if scenario == Scenario::Mixed || (audited && scenario == Scenario::Noop) {
                 continue;
             }
-            let spec = LoadSpec {
-                scenario,
-                batch: if matches!(
-                    scenario,
-                    Scenario::TokenizeBatch | Scenario::DetokenizeBatch
-                ) {
-                    args.batch
-                } else {
-                    1
-                },
-                in_flight: args.in_flight,
-                duration: Duration::from_secs_f64(args.seconds),
-                max_requests: args.max_requests,
-                rate: None,
-            };
+            let spec = LoadSpec::closed_loop(scenario, args);
             progress(&format!(
                 "{name}: {} for {:.1}s with {} in flight",
                 scenario.name(),
@@ -285,23 +271,7 @@ async fn run(
             })
         })
         .collect();
-    let mut total = LoadResult {
-        requests: 0,
-        items: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency_us: load::new_histogram(),
-    };
-    for task in tasks {
-        if let Ok(part) = task.await {
-            total.requests += part.requests;
-            total.items += part.items;
-            total.errors += part.errors;
-            let _ = total.latency_us.add(&part.latency_us);
-        }
-    }
-    total.elapsed = started.elapsed();
-    total
+    LoadResult::gather(tasks, started).await
 }
 
 /// What every worker of a scenario shares.
@@ -327,13 +297,7 @@ async fn worker(task: usize, session: &Session, shared: &Shared<'_>) -> LoadResu
         seed,
         deadline,
     } = *shared;
-    let mut result = LoadResult {
-        requests: 0,
-        items: 0,
-        errors: 0,
-        elapsed: Duration::ZERO,
-        latency_us: load::new_histogram(),
-    };
+    let mut result = LoadResult::empty();
     let audited = session.audited();
     let mut i: usize = 0;
     loop {

@@ -108,21 +108,7 @@ impl PgStore {
         password: Option<&str>,
         ca: Option<&[u8]>,
     ) -> Result<Self, Error> {
-        let mut config = parse(config).map_err(Error::Backend)?;
-        if let Some(password) = password {
-            config.password(password);
-        }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        let tls = match ca {
-            Some(pem) => {
-                config.ssl_mode(tokio_postgres::config::SslMode::Require);
-                Some(rustls_connector(pem)?)
-            }
-            None => None,
-        };
-        let target = Target { config, tls };
+        let target = Target::new(config, password, ca)?;
         let mut committer = connect_committer(&target).await?;
         migrate(&mut committer).await?;
         let head = read_head(&committer).await?;
@@ -309,6 +295,27 @@ struct Target {
 }
 
 impl Target {
+    /// The setting `connection` with the password and, if `ca` is given,
+    /// TLS verified against it; the default connect timeout unless the
+    /// setting has one.
+    fn new(connection: &str, password: Option<&str>, ca: Option<&[u8]>) -> Result<Self, Error> {
+        let mut config = parse(connection).map_err(Error::Backend)?;
+        if let Some(password) = password {
+            config.password(password);
+        }
+        if config.get_connect_timeout().is_none() {
+            config.connect_timeout(CONNECT_TIMEOUT);
+        }
+        let tls = match ca {
+            Some(pem) => {
+                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                Some(rustls_connector(pem)?)
+            }
+            None => None,
+        };
+        Ok(Self { config, tls })
+    }
+
     async fn connect(&self) -> Result<Client, Error> {
         let client = match &self.tls {
             None => {

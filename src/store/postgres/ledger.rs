@@ -16,7 +16,7 @@
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use super::{CONNECT_TIMEOUT, Target, classify, parse, rustls_connector};
+use super::{Target, classify};
 use crate::store::Error;
 
 /// The version of this table's schema; a newer one is refused.
@@ -67,22 +67,8 @@ impl LedgerTable {
         password: Option<&str>,
         ca: Option<&[u8]>,
     ) -> Result<Self, Error> {
-        let mut config = parse(connection).map_err(Error::Backend)?;
-        if let Some(password) = password {
-            config.password(password);
-        }
-        if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
-        }
-        let tls = match ca {
-            Some(pem) => {
-                config.ssl_mode(tokio_postgres::config::SslMode::Require);
-                Some(rustls_connector(pem)?)
-            }
-            None => None,
-        };
-        let place = describe(&config);
-        let target = Target { config, tls };
+        let target = Target::new(connection, password, ca)?;
+        let place = describe(&target.config);
         let mut client = target.connect().await?;
         migrate(&mut client).await?;
         Ok(Self {
