@@ -28,8 +28,9 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, GenericClient, NoTls};
 
+use self::reads::{Read, Reads};
 use super::{
-    Batch, Conflict, Error, FailedGuard, KeyValues, Op, Store, Table, Unit, UnitOutcomes,
+    Batch, Error, KeyValues, Store, Table, UnitOutcomes,
     chain::{self, Head},
 };
 
@@ -109,14 +110,14 @@ impl PgStore {
         ca: Option<&[u8]>,
     ) -> Result<Self, Error> {
         let target = Target::new(config, password, ca)?;
-        let mut committer = connect_committer(&target).await?;
-        migrate(&mut committer).await?;
-        let head = read_head(&committer).await?;
-        let reads = Reads {
-            client: Mutex::new(Arc::new(target.connect().await?)),
-            reconnecting: tokio::sync::Mutex::new(()),
-            target: target.clone(),
+        let mut client = connect_committer(&target).await?;
+        migrate(&mut client).await?;
+        let head = read_head(&client).await?;
+        let committer = Committer {
+            statements: group::GroupStatements::prepare(&client).await?,
+            client,
         };
+        let reads = Reads::connect(&target).await?;
         let lease = lease::Lease::new(target.clone());
         let head = Arc::new(Mutex::new(head));
         let (queue, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
@@ -133,7 +134,7 @@ impl PgStore {
     /// Whether the database answers a query now (reconnecting if the
     /// connection was lost).
     pub async fn reachable(&self) -> bool {
-        self.reads.query("SELECT 1", &[]).await.is_ok()
+        self.reads.query(Read::Ping, &[]).await.is_ok()
     }
 
     /// Stops taking writes and waits for the committer's last transaction.
@@ -207,65 +208,6 @@ fn parse(connection: &str) -> Result<tokio_postgres::Config, String> {
     })
 }
 
-/// The connection reads go through, replaced when it is lost (the
-/// database restarted, or failed over to another host of the setting).
-struct Reads {
-    target: Target,
-    client: Mutex<Arc<Client>>,
-    /// Held while one caller reconnects; the others wait for its result.
-    reconnecting: tokio::sync::Mutex<()>,
-}
-
-impl Reads {
-    fn current(&self) -> Arc<Client> {
-        Arc::clone(
-            &self
-                .client
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner),
-        )
-    }
-
-    /// Runs a query; if the connection turns out to be gone, connects again
-    /// (one attempt, bounded by the connect timeout) so that the next call
-    /// can succeed. This call still fails: the caller hears UNAVAILABLE.
-    async fn query(
-        &self,
-        sql: &str,
-        params: &[&(dyn tokio_postgres::types::ToSql + Sync)],
-    ) -> Result<Vec<tokio_postgres::Row>, Error> {
-        let client = self.current();
-        match client.query(sql, params).await {
-            Ok(rows) => Ok(rows),
-            Err(e) => {
-                if client.is_closed() {
-                    self.reconnect(&client).await;
-                }
-                Err(classify(e))
-            }
-        }
-    }
-
-    async fn reconnect(&self, lost: &Arc<Client>) {
-        let _one_at_a_time = self.reconnecting.lock().await;
-        if !Arc::ptr_eq(&self.current(), lost) {
-            return; // another caller has replaced it
-        }
-        match self.target.connect().await {
-            Ok(client) => {
-                *self
-                    .client
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(client);
-                tracing::warn!("reconnected to PostgreSQL for reads");
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "PostgreSQL is unreachable; reads fail until it is back")
-            }
-        }
-    }
-}
-
 /// The committer's connection: commits wait for the disk (and for a
 /// synchronous standby, where the cluster has one).
 async fn connect_committer(target: &Target) -> Result<Client, Error> {
@@ -275,6 +217,20 @@ async fn connect_committer(target: &Target) -> Result<Client, Error> {
         .await
         .map_err(classify)?;
     Ok(client)
+}
+
+/// The committer's connection and its prepared statements.
+struct Committer {
+    client: Client,
+    statements: group::GroupStatements,
+}
+
+impl Committer {
+    async fn connect(target: &Target) -> Result<Self, Error> {
+        let client = connect_committer(target).await?;
+        let statements = group::GroupStatements::prepare(&client).await?;
+        Ok(Self { client, statements })
+    }
 }
 
 async fn connect(connection: &str) -> Result<Client, Error> {
@@ -448,7 +404,7 @@ fn classify(e: tokio_postgres::Error) -> Error {
 /// attempt per group, bounded by the connect timeout); a group that finds
 /// the database unreachable fails at once, and nothing of it was written.
 async fn run_committer(
-    mut client: Client,
+    mut committer: Committer,
     target: Target,
     mut queue: mpsc::Receiver<Commit>,
     head: Arc<Mutex<Head>>,
@@ -461,10 +417,10 @@ async fn run_committer(
                 Err(_) => break,
             }
         }
-        if client.is_closed() {
-            match connect_committer(&target).await {
+        if committer.client.is_closed() {
+            match Committer::connect(&target).await {
                 Ok(reconnected) => {
-                    client = reconnected;
+                    committer = reconnected;
                     tracing::warn!("reconnected to PostgreSQL for writes");
                 }
                 Err(e) => {
@@ -478,7 +434,8 @@ async fn run_committer(
                 }
             }
         }
-        match write_group(&mut client, &group).await {
+        let batches = group.iter().map(|commit| commit.batch.units());
+        match group::write_group(&mut committer.client, &committer.statements, batches).await {
             Ok((outcomes, new_head)) => {
                 // Before any caller hears of its write, as RocksDB's does.
                 *head
@@ -498,124 +455,6 @@ async fn run_committer(
             }
         }
     }
-}
-
-/// Applies every unit of every batch in `group` whose guards hold, in one
-/// transaction, and returns each batch's outcomes and the new chain head.
-async fn write_group(
-    client: &mut Client,
-    group: &[Commit],
-) -> Result<(Vec<UnitOutcomes>, Head), Error> {
-    let tx = client.transaction().await.map_err(classify)?;
-    let locked = tx
-        .query_one(
-            "SELECT seq, hash FROM tokenvault_audit_head FOR UPDATE",
-            &[],
-        )
-        .await
-        .map_err(classify)?;
-    let mut head = head_of(&locked)?;
-    let upsert = tx
-        .prepare(
-            "INSERT INTO tokenvault_kv (tbl, key, value) VALUES ($1, $2, $3) \
-             ON CONFLICT (tbl, key) DO UPDATE SET value = EXCLUDED.value",
-        )
-        .await
-        .map_err(classify)?;
-    let delete = tx
-        .prepare("DELETE FROM tokenvault_kv WHERE tbl = $1 AND key = $2")
-        .await
-        .map_err(classify)?;
-    let mut all = Vec::with_capacity(group.len());
-    for commit in group {
-        let mut outcomes = Vec::with_capacity(commit.batch.units().len());
-        for unit in commit.batch.units() {
-            if let Some(conflict) = failed_guard(&tx, unit).await? {
-                outcomes.push(Err(conflict));
-                continue;
-            }
-            for op in unit.ops() {
-                match op {
-                    Op::Put { table, key, value } => {
-                        tx.execute(&upsert, &[&table.name(), key, value])
-                            .await
-                            .map_err(classify)?;
-                    }
-                    Op::Delete { table, key } => {
-                        tx.execute(&delete, &[&table.name(), key])
-                            .await
-                            .map_err(classify)?;
-                    }
-                    Op::AppendAudit { payload } => {
-                        let seq = head.seq + 1;
-                        let value = chain::encode(seq, &head.hash, payload);
-                        tx.execute(
-                            &upsert,
-                            &[&Table::Audit.name(), &chain::key(seq).as_slice(), &value],
-                        )
-                        .await
-                        .map_err(classify)?;
-                        head = Head {
-                            seq,
-                            hash: chain::hash(seq, &value),
-                        };
-                    }
-                }
-            }
-            outcomes.push(Ok(()));
-        }
-        all.push(outcomes);
-    }
-    let seq = i64::try_from(head.seq).map_err(|_| corrupt("an audit sequence past i64"))?;
-    tx.execute(
-        "UPDATE tokenvault_audit_head SET seq = $1, hash = $2",
-        &[&seq, &head.hash.as_slice()],
-    )
-    .await
-    .map_err(classify)?;
-    tx.commit().await.map_err(classify)?;
-    Ok((all, head))
-}
-
-/// The first guard of `unit` that does not hold, as the transaction sees
-/// the store (every earlier unit of the group included).
-async fn failed_guard(
-    tx: &tokio_postgres::Transaction<'_>,
-    unit: &Unit,
-) -> Result<Option<Conflict>, Error> {
-    for (index, (table, key)) in unit.guards().iter().enumerate() {
-        if let Some(existing) = value_of(tx, *table, key).await? {
-            return Ok(Some(Conflict {
-                guard: FailedGuard::Absent(index),
-                existing,
-            }));
-        }
-    }
-    for (index, (table, key, expected)) in unit.unchanged().iter().enumerate() {
-        let current = value_of(tx, *table, key).await?;
-        if current.as_ref() != Some(expected) {
-            return Ok(Some(Conflict {
-                guard: FailedGuard::Unchanged(index),
-                existing: current.unwrap_or_default(),
-            }));
-        }
-    }
-    Ok(None)
-}
-
-async fn value_of(
-    client: &impl GenericClient,
-    table: Table,
-    key: &[u8],
-) -> Result<Option<Vec<u8>>, Error> {
-    Ok(client
-        .query_opt(
-            "SELECT value FROM tokenvault_kv WHERE tbl = $1 AND key = $2",
-            &[&table.name(), &key],
-        )
-        .await
-        .map_err(classify)?
-        .map(|row| row.get(0)))
 }
 
 /// The smallest key greater than every key that starts with `prefix`, if
@@ -645,10 +484,7 @@ impl Store for PgStore {
     ) -> Result<Vec<Option<Vec<u8>>>, Error> {
         let rows = self
             .reads
-            .query(
-                "SELECT key, value FROM tokenvault_kv WHERE tbl = $1 AND key = ANY($2)",
-                &[&table.name(), &keys],
-            )
+            .query(Read::GetMany, &[&table.name(), &keys])
             .await?;
         let mut found: HashMap<Vec<u8>, Vec<u8>> = rows
             .into_iter()
@@ -661,20 +497,12 @@ impl Store for PgStore {
         let rows = match prefix_end(&prefix) {
             Some(end) => {
                 self.reads
-                    .query(
-                        "SELECT key, value FROM tokenvault_kv \
-                         WHERE tbl = $1 AND key >= $2 AND key < $3 ORDER BY key",
-                        &[&table.name(), &prefix, &end],
-                    )
+                    .query(Read::ScanRange, &[&table.name(), &prefix, &end])
                     .await
             }
             None => {
                 self.reads
-                    .query(
-                        "SELECT key, value FROM tokenvault_kv \
-                         WHERE tbl = $1 AND key >= $2 ORDER BY key",
-                        &[&table.name(), &prefix],
-                    )
+                    .query(Read::ScanOpen, &[&table.name(), &prefix])
                     .await
             }
         }?;
@@ -706,11 +534,7 @@ impl Store for PgStore {
         let limit = i64::try_from(limit).unwrap_or(i64::MAX);
         let rows = self
             .reads
-            .query(
-                "SELECT key, value FROM tokenvault_kv \
-                 WHERE tbl = $1 AND key >= $2 ORDER BY key LIMIT $3",
-                &[&table.name(), &from, &limit],
-            )
+            .query(Read::ScanFrom, &[&table.name(), &from, &limit])
             .await?;
         Ok(key_values(rows))
     }
@@ -738,7 +562,9 @@ impl Store for PgStore {
 }
 
 pub mod cluster;
+mod group;
 mod lease;
 pub mod ledger;
+mod reads;
 #[cfg(test)]
 mod tests;
