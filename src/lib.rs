@@ -37,6 +37,10 @@
 //! - No vault operation runs without a [`authz::Permit`].
 //! - Nothing above `store` names RocksDB, except the `server` wiring.
 
+/// The commit this binary was built from (`git describe --always --dirty`
+/// at build time), or `unknown` outside a git checkout.
+pub const BUILD_COMMIT: &str = env!("TV_BUILD_COMMIT");
+
 pub mod api;
 pub mod audit;
 pub mod authz;

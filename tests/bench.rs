@@ -98,12 +98,39 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
     assert!(report["disk_bytes_per_token"].as_f64().unwrap() > 16.0);
     assert!(report["targets"].as_array().unwrap().len() >= 5);
     assert!(report["machine"]["cores"].as_u64().unwrap() >= 1);
+    // The commit is the binary's, recorded when it was built: this run's
+    // directory is a temporary one, not a checkout.
+    assert_eq!(
+        report["machine"]["commit"]
+            .as_str()
+            .unwrap()
+            .trim_end_matches("-dirty"),
+        source_commit(),
+        "{}",
+        report["machine"]
+    );
     let table = std::fs::read_to_string(&markdown).unwrap();
     assert!(table.contains("| tokenize-batch | sync |"), "{table}");
     assert!(
         table.contains("| handler p50 ms | handler p99 ms | server CPU s / 1k items | client CPU s / 1k items |"),
         "{table}"
     );
+}
+
+/// What the source tree's `git describe` says (the binary's build script
+/// asks the same), without the `-dirty` mark: files outside `src/` may have
+/// changed since the build.
+fn source_commit() -> String {
+    std::process::Command::new("git")
+        .args(["describe", "--always", "--abbrev=10"])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .output()
+        .ok()
+        .filter(|out| out.status.success())
+        .map_or_else(
+            || "unknown".to_owned(),
+            |out| String::from_utf8_lossy(&out.stdout).trim().to_owned(),
+        )
 }
 
 /// The PostgreSQL engine with one and two replicas, and the peer a team

@@ -31,7 +31,11 @@ use crate::{
 
 /// A privacy data vault: tokenize personal data over mTLS gRPC.
 #[derive(Debug, Parser)]
-#[command(name = "tokenvault", version, about)]
+#[command(
+    name = "tokenvault",
+    version = concat!(env!("CARGO_PKG_VERSION"), " (", env!("TV_BUILD_COMMIT"), ")"),
+    about
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
