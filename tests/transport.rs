@@ -608,6 +608,19 @@ async fn the_rate_limit_refuses_the_noisy_identity_and_not_the_other() {
     quiet.tokenize(request()).await.unwrap();
 }
 
+/// A platform's reload hook may fire the moment the vault says it serves:
+/// that SIGHUP must reload, not take SIGHUP's default action (exit).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sighup_as_soon_as_the_vault_serves_reloads_and_does_not_kill_it() {
+    let mut vault = TestVault::start();
+    for _ in 0..5 {
+        vault.reload_and_wait("reloaded the TLS certificate");
+        call_with(&vault, &vault.pki.tls("checkout")).await.unwrap();
+        vault.stop();
+        vault.spawn().unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn certificates_and_policy_reload_on_sighup_and_a_broken_one_is_refused() {
     let vault = TestVault::start();

@@ -183,6 +183,7 @@ pub async fn run(
             connections: Arc::clone(&connections),
         },
         config.reload_poll,
+        reload::listen_for_hangup(),
         stop_rx.clone(),
     ));
     let accept_task = tokio::spawn(tls::accept_loop(

@@ -178,21 +178,29 @@ impl Reloadable {
     }
 }
 
-/// Reloads on SIGHUP and whenever a watched file changes, until `stop`. At
-/// every poll, closes connections whose certificate has expired since.
-pub async fn watch_and_reload(
-    config: Config,
-    state: Reloadable,
-    poll: Duration,
-    mut stop: watch::Receiver<bool>,
-) {
-    let mut hangup = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+/// Starts listening for SIGHUP. Call it before the server says it is
+/// ready: until a handler is installed, SIGHUP's default action ends the
+/// process, so an operator's reload right after start would kill the vault.
+pub fn listen_for_hangup() -> Option<tokio::signal::unix::Signal> {
+    match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(e) => {
             tracing::warn!(error = %e, "cannot listen for SIGHUP; reloading on file changes only");
             None
         }
-    };
+    }
+}
+
+/// Reloads on `hangup` (see [`listen_for_hangup`]) and whenever a watched
+/// file changes, until `stop`. At every poll, closes connections whose
+/// certificate has expired since.
+pub async fn watch_and_reload(
+    config: Config,
+    state: Reloadable,
+    poll: Duration,
+    mut hangup: Option<tokio::signal::unix::Signal>,
+    mut stop: watch::Receiver<bool>,
+) {
     let mut config = config;
     let mut paths = watched(&config);
     let mut seen = fingerprint(&paths);

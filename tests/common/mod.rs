@@ -365,10 +365,16 @@ level = "info"
                 .unwrap()
                 .success()
         );
-        assert!(
-            self.wait_for_more_logs(outcome, seen),
-            "no {outcome:?} after SIGHUP"
-        );
+        if !self.wait_for_more_logs(outcome, seen) {
+            let alive = Command::new("kill")
+                .args(["-0", &self.pid().to_string()])
+                .status()
+                .is_ok_and(|status| status.success());
+            panic!(
+                "no {outcome:?} after SIGHUP; the server {}",
+                if alive { "still runs" } else { "is gone" }
+            );
+        }
     }
 
     pub fn restart(&mut self) {
