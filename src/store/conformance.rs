@@ -32,6 +32,7 @@ macro_rules! conformance_tests {
             prefix_scans_stop_at_the_prefix,
             scans_from_a_key_page_in_key_order,
             concurrent_commits_all_land,
+            a_read_of_several_keys_sees_one_point_in_time,
             a_unit_applies_whole_or_not_at_all,
             absent_guards_let_exactly_one_concurrent_writer_win,
             unchanged_guards_are_a_compare_and_set,
@@ -166,6 +167,48 @@ pub(crate) async fn concurrent_commits_all_land<E: Engine>(engine: &E) {
     let keys = (0..200u32).map(|i| i.to_be_bytes().to_vec()).collect();
     let got = store.get_many(Table::Records, keys).await.unwrap();
     assert!(got.iter().all(Option::is_some));
+}
+
+/// Re-indexing moves an entry from one key to another in one unit; a
+/// lookup reads both keys in one call. If that call saw the keys at two
+/// moments, it could miss the entry under both and answer "not found" for
+/// a value that is there.
+pub(crate) async fn a_read_of_several_keys_sees_one_point_in_time<E: Engine>(engine: &E) {
+    let store = Arc::new(engine.open().await);
+    let mut first = Batch::new();
+    first.put(Table::Index, b"old".to_vec(), b"token".to_vec());
+    commit(&*store, first).await;
+    let moved = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = (0..2)
+        .map(|_| {
+            let (store, moved) = (Arc::clone(&store), Arc::clone(&moved));
+            tokio::spawn(async move {
+                let mut reads = 0u64;
+                while !moved.load(std::sync::atomic::Ordering::Relaxed) {
+                    let seen = get(&*store, Table::Index, &[b"new", b"old"]).await;
+                    let present = seen.iter().filter(|v| v.is_some()).count();
+                    assert_eq!(present, 1, "the entry was under {present} keys at once");
+                    reads += 1;
+                }
+                reads
+            })
+        })
+        .collect();
+    let (mut from, mut to): (&[u8], &[u8]) = (b"old", b"new");
+    for _ in 0..300 {
+        let mut batch = Batch::new();
+        batch.unit().delete(Table::Index, from.to_vec()).put(
+            Table::Index,
+            to.to_vec(),
+            b"token".to_vec(),
+        );
+        commit(&*store, batch).await;
+        (from, to) = (to, from);
+    }
+    moved.store(true, std::sync::atomic::Ordering::Relaxed);
+    for reader in readers {
+        assert!(reader.await.unwrap() > 0, "a reader never read");
+    }
 }
 
 pub(crate) async fn a_unit_applies_whole_or_not_at_all<E: Engine>(engine: &E) {

@@ -333,7 +333,8 @@ pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
 /// Every method is async and never blocks the caller's runtime thread: an
 /// engine does its blocking work elsewhere.
 pub trait Store: Send + Sync + 'static {
-    /// Reads several keys of one table; one result per key, in order.
+    /// Reads several keys of one table; one result per key, in order, all
+    /// as of one point in time (no commit lands between two of them).
     fn get_many(
         &self,
         table: Table,

@@ -298,13 +298,28 @@ impl Store for RocksStore {
         // with this read tier returned corrupted values under load (the
         // bench saw DATA_LOSS on about 1 read in 10,000 after a 1M-token
         // preload, every run; single Gets with the same tier: none in three
-        // runs, nor MultiGet with the default tier).
+        // runs, nor MultiGet with the default tier). Several Gets read one
+        // snapshot, as the trait promises: a re-index moves an entry from
+        // one key to another in one batch, and a lookup that read the two
+        // keys at two moments could miss it under both.
         {
             let cf = cf(&self.db, table)?;
             let mut found = Vec::with_capacity(keys.len());
             let mut complete = true;
+            let snapshot = (keys.len() > 1).then(|| self.db.snapshot());
+            let several;
+            let read = match &snapshot {
+                Some(snapshot) => {
+                    let mut options = ReadOptions::default();
+                    options.set_read_tier(ReadTier::BlockCache);
+                    options.set_snapshot(snapshot);
+                    several = options;
+                    &several
+                }
+                None => &self.memory_only,
+            };
             for key in &keys {
-                match self.db.get_pinned_cf_opt(cf, key, &self.memory_only) {
+                match self.db.get_pinned_cf_opt(cf, key, read) {
                     Ok(value) => found.push(value.map(|v| v.to_vec())),
                     Err(e) if e.kind() == ErrorKind::Incomplete => {
                         complete = false;
@@ -317,6 +332,7 @@ impl Store for RocksStore {
                 return Ok(found);
             }
         }
+        // MultiGet reads all its keys at one sequence number by itself.
         let db = Arc::clone(&self.db);
         blocking(move || {
             let cf = cf(&db, table)?;
