@@ -230,6 +230,7 @@ impl RequestTarget {
                 max_request_buffer_bytes: 16 << 20,
             },
             policy: Arc::new(SharedPolicy::new(policy)),
+            pkcs11_modules: Vec::new(),
             refusals: Arc::new(crate::api::RefusalLog::default()),
         };
         let vault = Arc::new(vault);

@@ -487,6 +487,7 @@ async fn every_rpc_of_every_service_leaves_its_event() {
             admin
                 .rotate_master_key(RotateMasterKeyRequest {
                     new_key_file: new_key.display().to_string(),
+                    new_pkcs11_key: None,
                 })
                 .await
                 .map(drop),

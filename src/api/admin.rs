@@ -1,11 +1,14 @@
 //! The `tokenvault.v1.Admin` service: online backups, key rotation and the
 //! jobs that follow it.
 
+use std::path::PathBuf;
+
 use tonic::{Request, Response, Status};
 
 use super::{Call, Error, TokenVaultService, denied};
 use crate::{
     authz::Action,
+    crypto::{MasterKeySetting, Pkcs11Setting},
     proto::v1::{self as pb, admin_server::Admin},
     store::Store,
     vault,
@@ -71,14 +74,14 @@ impl<S: Store> TokenVaultService<S> {
     ) -> Result<pb::RotateMasterKeyResponse, Error> {
         let policy = self.settings.policy.current();
         let grants = policy.grants(&call.client);
-        let path = std::path::PathBuf::from(&request.new_key_file);
-        if !path.is_absolute() {
-            return Err(Error::InvalidArgument(
-                "new_key_file must be an absolute path on the server".into(),
-            ));
-        }
+        // Authorised before the request is looked at: a caller without
+        // admin:keys learns nothing about the server's files or modules.
+        grants
+            .permit_global(Action::AdminKeys, ())
+            .map_err(denied)?;
+        let setting = self.new_master_key(request)?;
         let permit = grants
-            .permit_global(Action::AdminKeys, path)
+            .permit_global(Action::AdminKeys, setting)
             .map_err(denied)?;
         let count = self
             .vault
@@ -91,6 +94,55 @@ impl<S: Store> TokenVaultService<S> {
 }
 
 impl<S: Store> TokenVaultService<S> {
+    /// Where a rotation's new master key is: a key file, or a key in a
+    /// token of a module this vault may load.
+    fn new_master_key(
+        &self,
+        request: pb::RotateMasterKeyRequest,
+    ) -> Result<MasterKeySetting, Error> {
+        let absolute = |field: &str, path: &str| {
+            let path = PathBuf::from(path);
+            if path.is_absolute() {
+                Ok(path)
+            } else {
+                Err(Error::InvalidArgument(format!(
+                    "{field} must be an absolute path on the server"
+                )))
+            }
+        };
+        match (request.new_key_file.is_empty(), request.new_pkcs11_key) {
+            (false, None) => Ok(MasterKeySetting::File(absolute(
+                "new_key_file",
+                &request.new_key_file,
+            )?)),
+            (true, Some(key)) => {
+                let module = absolute("new_pkcs11_key.module", &key.module)?;
+                if !self.settings.pkcs11_modules.contains(&module) {
+                    return Err(Error::InvalidArgument(
+                        "new_pkcs11_key.module is not a module this vault may load: list it in keys.allowed_pkcs11_modules".into(),
+                    ));
+                }
+                for (field, value) in [
+                    ("new_pkcs11_key.token_label", &key.token_label),
+                    ("new_pkcs11_key.key_label", &key.key_label),
+                ] {
+                    if value.trim().is_empty() {
+                        return Err(Error::InvalidArgument(format!("{field} is required")));
+                    }
+                }
+                Ok(MasterKeySetting::Pkcs11(Pkcs11Setting {
+                    module,
+                    token_label: key.token_label,
+                    key_label: key.key_label,
+                    pin_file: absolute("new_pkcs11_key.pin_file", &key.pin_file)?,
+                }))
+            }
+            _ => Err(Error::InvalidArgument(
+                "set exactly one of new_key_file and new_pkcs11_key".into(),
+            )),
+        }
+    }
+
     async fn rotate_index_inner(
         &self,
         call: &Call,

@@ -50,6 +50,8 @@ pub struct ApiSettings {
     pub policy: Arc<SharedPolicy>,
     /// Where refused calls are counted (audited in aggregate).
     pub refusals: Arc<RefusalLog>,
+    /// The PKCS#11 modules `RotateMasterKey` may load.
+    pub pkcs11_modules: Vec<std::path::PathBuf>,
 }
 
 /// The vault's four gRPC services (`TokenVault`, `Subjects`, `Admin`,

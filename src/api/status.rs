@@ -7,7 +7,7 @@
 use tonic::{Code, Status};
 
 use crate::{
-    audit::Outcome, authz::Denial, identity::IdentityError, proto::v1 as pb, store, vault,
+    audit::Outcome, authz::Denial, crypto, identity::IdentityError, proto::v1 as pb, store, vault,
 };
 
 /// A failure of a whole request.
@@ -89,6 +89,14 @@ fn vault_status(err: vault::Error) -> Status {
             )
         }
         vault::Error::Conflict(message) => Status::aborted(message),
+        // Paths, modes and token labels, for the admin who asked: no secret.
+        err @ vault::Error::NewMasterKey(_) => Status::failed_precondition(err.to_string()),
+        vault::Error::Crypto(crypto::Error::Hsm(detail)) => {
+            tracing::error!(error = %detail, "the HSM holding the master key failed");
+            Status::unavailable(
+                "the HSM holding the master key is unavailable; nothing was changed; retry later",
+            )
+        }
         vault::Error::Ledger(detail) => {
             tracing::error!(error = %detail, "erasure refused: the erasure ledger cannot be written");
             Status::unavailable(

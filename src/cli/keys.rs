@@ -4,7 +4,7 @@
 
 use std::{io::IsTerminal, process::ExitCode, time::Duration};
 
-use clap::Subcommand;
+use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 
 use super::{
@@ -15,12 +15,53 @@ use crate::{
     client,
     layout::{self, KeyVersion, MasterWrapped},
     proto::v1::{
-        self as pb, ListJobsRequest, RotateIndexKeyRequest, RotateKeysRequest,
+        self as pb, ListJobsRequest, Pkcs11Key, RotateIndexKeyRequest, RotateKeysRequest,
         RotateMasterKeyRequest, SetJobPausedRequest, admin_client::AdminClient,
     },
     store::{RocksStore, Table},
     vault::{Job, Record},
 };
+
+/// A key in a PKCS#11 token, as `[keys.pkcs11]` names it.
+#[derive(Debug, Args)]
+pub struct HsmKeyArgs {
+    /// The HSM vendor's PKCS#11 module (e.g. /usr/lib/softhsm/libsofthsm2.so).
+    #[arg(long, requires_all = ["token_label", "key_label", "pin_file"])]
+    pkcs11_module: Option<std::path::PathBuf>,
+    /// The label of the token holding the key.
+    #[arg(long)]
+    token_label: Option<String>,
+    /// The key's label (CKA_LABEL).
+    #[arg(long)]
+    key_label: Option<String>,
+    /// A file holding the token's user PIN (mode 0600).
+    #[arg(long)]
+    pin_file: Option<std::path::PathBuf>,
+}
+
+impl HsmKeyArgs {
+    fn setting(self) -> Result<crate::crypto::Pkcs11Setting, String> {
+        match (
+            self.pkcs11_module,
+            self.token_label,
+            self.key_label,
+            self.pin_file,
+        ) {
+            (Some(module), Some(token_label), Some(key_label), Some(pin_file)) => {
+                Ok(crate::crypto::Pkcs11Setting {
+                    module,
+                    token_label,
+                    key_label,
+                    pin_file,
+                })
+            }
+            _ => Err(
+                "name the HSM key with --pkcs11-module, --token-label, --key-label and --pin-file"
+                    .into(),
+            ),
+        }
+    }
+}
 
 #[derive(Debug, Subcommand)]
 pub(super) enum KeysCommand {
@@ -43,14 +84,29 @@ pub(super) enum KeysCommand {
         #[arg(long)]
         wait: bool,
     },
-    /// Re-wrap every key under a new master key (a file on the server),
-    /// without touching records. Then point keys.master_key_file at it.
+    /// Re-wrap every key under a new master key (a file on the server, or
+    /// a key in an HSM), without touching records. Then point
+    /// keys.master_key_file or [keys.pkcs11] at it.
     RotateMaster {
         #[command(flatten)]
         conn: Connection,
         /// The new master key file, absolute path on the server.
-        #[arg(long)]
-        new_key_file: std::path::PathBuf,
+        #[arg(
+            long,
+            conflicts_with = "pkcs11_module",
+            required_unless_present = "pkcs11_module"
+        )]
+        new_key_file: Option<std::path::PathBuf>,
+        /// Or a key in an HSM (paths on the server).
+        #[command(flatten)]
+        hsm: HsmKeyArgs,
+    },
+    /// Create a master key inside an HSM token: AES-256, generated in the
+    /// token, sensitive and never extractable. Runs locally, against the
+    /// PKCS#11 module on this machine.
+    CreateHsmKey {
+        #[command(flatten)]
+        hsm: HsmKeyArgs,
     },
     /// Where the jobs that follow a rotation stand (reencrypt, reindex).
     Jobs {
@@ -117,19 +173,53 @@ pub(super) async fn run(command: KeysCommand) -> Result<ExitCode, String> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        KeysCommand::RotateMaster { conn, new_key_file } => {
+        KeysCommand::RotateMaster {
+            conn,
+            new_key_file,
+            hsm,
+        } => {
+            let (request, setting) = match new_key_file {
+                Some(file) => (
+                    RotateMasterKeyRequest {
+                        new_key_file: file.display().to_string(),
+                        new_pkcs11_key: None,
+                    },
+                    format!("{}; set keys.master_key_file to it", file.display()),
+                ),
+                None => {
+                    let key = hsm.setting()?;
+                    (
+                        RotateMasterKeyRequest {
+                            new_key_file: String::new(),
+                            new_pkcs11_key: Some(Pkcs11Key {
+                                module: key.module.display().to_string(),
+                                token_label: key.token_label.clone(),
+                                key_label: key.key_label.clone(),
+                                pin_file: key.pin_file.display().to_string(),
+                            }),
+                        },
+                        format!("{}; set [keys.pkcs11] to it", key.describe()),
+                    )
+                }
+            };
             let response = admin(&conn)
                 .await?
-                .rotate_master_key(RotateMasterKeyRequest {
-                    new_key_file: new_key_file.display().to_string(),
-                })
+                .rotate_master_key(request)
                 .await
                 .map_err(status)?
                 .into_inner();
             println!(
-                "re-wrapped {} keys under {}; set keys.master_key_file to it before the next restart, then retire the old key",
+                "re-wrapped {} keys under {setting} before the next restart, then retire the old key",
                 response.keys_rewrapped,
-                new_key_file.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::CreateHsmKey { hsm } => {
+            let setting = hsm.setting()?;
+            crate::crypto::create_hsm_key(&setting).map_err(|e| e.to_string())?;
+            println!(
+                "created {}: AES-256, sensitive, not extractable",
+                setting.describe()
             );
             Ok(ExitCode::SUCCESS)
         }

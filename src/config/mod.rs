@@ -57,6 +57,9 @@ pub struct Config {
     pub tls: TlsFiles,
     /// Where the master key is.
     pub master_key: crate::crypto::MasterKeySetting,
+    /// The PKCS#11 modules a master-key rotation may load: the configured
+    /// master key's and `keys.allowed_pkcs11_modules`.
+    pub pkcs11_modules: Vec<PathBuf>,
     /// Request limits.
     pub limits: Limits,
     /// Block cache size in bytes.
@@ -271,6 +274,51 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
+/// Exactly one of `keys.master_key_file`, `keys.master_key_env` and
+/// `[keys.pkcs11]`.
+fn master_key_setting(keys: &raw::RawKeys) -> Result<crate::crypto::MasterKeySetting, ConfigError> {
+    use crate::crypto::{MasterKeySetting, Pkcs11Setting};
+    let set = [
+        keys.master_key_file.is_some(),
+        keys.master_key_env.is_some(),
+        keys.pkcs11.is_some(),
+    ];
+    if set.iter().filter(|set| **set).count() > 1 {
+        return Err(invalid(
+            "keys",
+            "set one of master_key_file, master_key_env and [keys.pkcs11]",
+        ));
+    }
+    if let Some(var) = &keys.master_key_env {
+        return Ok(MasterKeySetting::Env(var.clone()));
+    }
+    if let Some(pkcs11) = &keys.pkcs11 {
+        for (key, value) in [
+            ("keys.pkcs11.token_label", &pkcs11.token_label),
+            ("keys.pkcs11.key_label", &pkcs11.key_label),
+        ] {
+            if value.trim().is_empty() {
+                return Err(invalid(key, "must not be empty"));
+            }
+        }
+        return Ok(MasterKeySetting::Pkcs11(Pkcs11Setting {
+            module: pkcs11.module.relative(),
+            token_label: pkcs11.token_label.clone(),
+            key_label: pkcs11.key_label.clone(),
+            pin_file: pkcs11.pin_file.relative(),
+        }));
+    }
+    keys.master_key_file
+        .as_ref()
+        .map(|file| MasterKeySetting::File(file.relative()))
+        .ok_or_else(|| {
+            invalid(
+                "keys.master_key_file",
+                "is required (or master_key_env, or [keys.pkcs11])",
+            )
+        })
+}
+
 impl Config {
     /// Where the master key comes from.
     pub fn master_key_source(&self) -> Box<dyn crate::crypto::MasterKeySource> {
@@ -353,19 +401,16 @@ impl Config {
                 .map(RelativePathBuf::relative)
                 .collect(),
         };
-        let master_key = match (&raw.keys.master_key_file, &raw.keys.master_key_env) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "keys.master_key_env",
-                    "set master_key_file or master_key_env, not both",
-                ));
-            }
-            (None, Some(var)) => crate::crypto::MasterKeySetting::Env(var.clone()),
-            _ => crate::crypto::MasterKeySetting::File(required(
-                "keys.master_key_file",
-                &raw.keys.master_key_file,
-            )?),
-        };
+        let master_key = master_key_setting(&raw.keys)?;
+        let mut pkcs11_modules: Vec<PathBuf> = raw
+            .keys
+            .allowed_pkcs11_modules
+            .iter()
+            .map(RelativePathBuf::relative)
+            .collect();
+        if let crate::crypto::MasterKeySetting::Pkcs11(setting) = &master_key {
+            pkcs11_modules.push(setting.module.clone());
+        }
 
         let limits = Limits {
             max_items_per_request: raw.limits.max_items_per_request,
@@ -463,6 +508,7 @@ impl Config {
             handshake_timeout: Duration::from_millis(raw.server.handshake_timeout_ms),
             tls,
             master_key,
+            pkcs11_modules,
             limits,
             block_cache_bytes: raw.storage.block_cache_mib << 20,
             engine,
@@ -790,10 +836,43 @@ mod tests {
     }
 
     #[test]
-    fn the_master_key_comes_from_a_file_or_an_environment_variable() {
+    fn the_master_key_comes_from_one_of_a_file_an_environment_variable_or_a_token() {
         let env = "[keys]\nmaster_key_file = \"/etc/tv/master.key\"\nmaster_key_env = \"TV_KEY\"";
         let err = parse(env).unwrap_err();
-        assert!(err.to_string().contains("not both"), "{err}");
+        assert!(err.to_string().contains("set one of"), "{err}");
+        let hsm = "[keys.pkcs11]\nmodule = \"/usr/lib/softhsm/libsofthsm2.so\"\ntoken_label = \"vault\"\nkey_label = \"kek\"\npin_file = \"/run/secrets/pin\"";
+        let err = parse(hsm).unwrap_err();
+        assert!(err.to_string().contains("set one of"), "{err}");
+
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("tv.toml");
+        let only_hsm = MINIMAL.replace("master_key_file = \"/etc/tv/master.key\"", "")
+            + &hsm.replace("/run/secrets/pin", "pin");
+        std::fs::write(&file, &only_hsm).unwrap();
+        let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::file_exact(&file));
+        let config = Config::from_figment(&figment).unwrap();
+        let crate::crypto::MasterKeySetting::Pkcs11(setting) = &config.master_key else {
+            panic!("expected the PKCS#11 source, got {:?}", config.master_key);
+        };
+        assert_eq!(setting.pin_file, dir.path().join("pin"));
+        assert_eq!(setting.key_label, "kek");
+        assert!(
+            config
+                .pkcs11_modules
+                .contains(&PathBuf::from("/usr/lib/softhsm/libsofthsm2.so")),
+            "the configured module is allowed for rotation"
+        );
+        std::fs::write(
+            &file,
+            only_hsm.replace("key_label = \"kek\"", "key_label = \"  \""),
+        )
+        .unwrap();
+        let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::file_exact(&file));
+        let err = Config::from_figment(&figment).unwrap_err();
+        assert!(err.to_string().contains("keys.pkcs11.key_label"), "{err}");
+
         let figment = Figment::from(Serialized::defaults(RawConfig::default())).merge(
             Toml::string(&MINIMAL.replace(
                 "master_key_file = \"/etc/tv/master.key\"",

@@ -101,6 +101,27 @@ pub struct RawKeys {
     /// Development only: read the master key (64 hex digits) from this
     /// environment variable instead of a file. Warned at start.
     pub master_key_env: Option<String>,
+    /// The master key inside an HSM, used through PKCS#11.
+    pub pkcs11: Option<RawPkcs11>,
+    /// PKCS#11 modules that `RotateMasterKey` may load to move the master
+    /// key into a token (besides `pkcs11.module`). Loading a module runs its
+    /// code in the vault, so a caller cannot name one that is not here.
+    #[serde(default)]
+    pub allowed_pkcs11_modules: Vec<RelativePathBuf>,
+}
+
+/// `[keys.pkcs11]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPkcs11 {
+    /// The vendor's PKCS#11 module (a shared library).
+    pub module: RelativePathBuf,
+    /// The label of the token holding the key.
+    pub token_label: String,
+    /// The key's label (`CKA_LABEL`).
+    pub key_label: String,
+    /// File holding the token's user PIN (mode 0600 or stricter).
+    pub pin_file: RelativePathBuf,
 }
 
 /// `[limits]`.

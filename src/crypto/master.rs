@@ -1,19 +1,33 @@
-//! The master key (KEK): loaded from a file, used only to wrap other keys.
+//! The master key (KEK), used only to wrap other keys: loaded from a file
+//! (or, for development, the environment), or kept inside an HSM and used
+//! through PKCS#11.
 
 use std::{
     fs,
     io::{self, Write},
     os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt},
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use zeroize::Zeroizing;
 
-use super::{DataKey, Error, HashKey, KEY_LEN, Sealed};
+use super::{
+    DataKey, Error, HashKey, KEY_LEN, Sealed,
+    pkcs11::{HsmKek, Pkcs11Setting},
+};
 
 /// The key-encryption key. It never encrypts a value directly.
 pub struct MasterKey {
-    key: DataKey,
+    kek: Kek,
+}
+
+/// Where the wrapping happens.
+enum Kek {
+    /// In this process, with the key's bytes in zeroizing memory.
+    Local(Box<DataKey>),
+    /// Inside a token; the process never holds the key.
+    Hsm(Arc<HsmKek>),
 }
 
 /// Why the master key file cannot be used. Each message says what to fix and
@@ -30,9 +44,11 @@ pub enum MasterKeyError {
     },
     /// Group or others may read or write the file.
     #[error(
-        "master key file {path} is accessible by group or others (mode {mode:04o}); run `chmod 600 {path}`"
+        "{what} {path} is accessible by group or others (mode {mode:04o}); run `chmod 600 {path}`"
     )]
     TooOpen {
+        /// Which file it is (the master key file, a PIN file).
+        what: &'static str,
         /// The configured path.
         path: PathBuf,
         /// The file's permission bits.
@@ -59,6 +75,9 @@ pub enum MasterKeyError {
     /// The random source failed while generating a key.
     #[error(transparent)]
     Crypto(#[from] Error),
+    /// The PKCS#11 module, token, PIN or key is unusable.
+    #[error("PKCS#11 master key: {0}")]
+    Pkcs11(String),
     /// The environment variable source is unusable.
     #[error("master key environment variable {var} {reason}")]
     Env {
@@ -73,38 +92,33 @@ impl MasterKey {
     /// Reads the key from `path`, refusing a file that group or others can
     /// access or that does not hold exactly 256 bits.
     ///
-    /// One exception: read access for the file's group is accepted when that
-    /// group is the vault process's own effective group. Kubernetes makes
-    /// every mounted Secret file group-readable (0440) for the pod's
-    /// `fsGroup`, which exists for exactly this process; a warning says so.
+    /// Who may read the file: see `read_protected`.
     ///
     /// # Errors
     /// See [`MasterKeyError`].
     pub fn load(path: &Path) -> Result<Self, MasterKeyError> {
-        let read_err = |source| MasterKeyError::Read {
-            path: path.to_owned(),
-            source,
-        };
-        let meta = fs::metadata(path).map_err(read_err)?;
-        let mode = meta.permissions().mode() & 0o777;
-        let own_group = meta.gid() == rustix::process::getegid().as_raw();
-        if !permissions_acceptable(mode, own_group) {
-            return Err(MasterKeyError::TooOpen {
-                path: path.to_owned(),
-                mode,
-            });
-        }
-        if mode & 0o040 != 0 {
-            tracing::warn!(path = %path.display(), mode = format!("{mode:04o}"), "master key file is readable by the vault's own group (Kubernetes fsGroup); nobody else may read it");
-        }
-        let raw = Zeroizing::new(fs::read(path).map_err(read_err)?);
+        let raw = read_protected(path, "master key file")?;
         let bytes = decode_key(&raw).ok_or_else(|| MasterKeyError::WrongLength {
             path: path.to_owned(),
             len: raw.len(),
         })?;
+        Ok(Self::local(bytes))
+    }
+
+    /// The key in the token that `setting` names (see [`super::pkcs11`]).
+    ///
+    /// # Errors
+    /// The module, token, PIN or key is unusable; the message says which.
+    pub fn from_hsm(setting: &Pkcs11Setting) -> Result<Self, MasterKeyError> {
         Ok(Self {
-            key: DataKey::from_bytes(bytes),
+            kek: Kek::Hsm(Arc::new(HsmKek::open(setting)?)),
         })
+    }
+
+    fn local(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
+        Self {
+            kek: Kek::Local(Box::new(DataKey::from_bytes(bytes))),
+        }
     }
 
     /// Writes a new random key as hex to `path` with mode 0600, failing if the
@@ -136,16 +150,41 @@ impl MasterKey {
         if text.len() != KEY_LEN * 2 {
             return None;
         }
-        decode_key(text).map(|bytes| Self {
-            key: DataKey::from_bytes(bytes),
-        })
+        decode_key(text).map(Self::local)
     }
 
     /// A second handle on the same key, for the keyring to wrap new data
-    /// keys at rotation. Both copies zeroize on drop.
+    /// keys at rotation. Both copies zeroize on drop (an HSM's key is
+    /// shared, and stays in the token).
     pub(crate) fn duplicate(&self) -> Self {
-        Self {
-            key: DataKey::from_bytes(Zeroizing::new(*self.key.bytes)),
+        let kek = match &self.kek {
+            Kek::Local(key) => {
+                Kek::Local(Box::new(DataKey::from_bytes(Zeroizing::new(*key.bytes))))
+            }
+            Kek::Hsm(hsm) => Kek::Hsm(Arc::clone(hsm)),
+        };
+        Self { kek }
+    }
+
+    /// Where the key is, for logs (never the key).
+    pub fn describe(&self) -> String {
+        match &self.kek {
+            Kek::Local(_) => "a key held in memory (file or environment)".to_owned(),
+            Kek::Hsm(hsm) => hsm.describe(),
+        }
+    }
+
+    fn wrap(&self, key: &DataKey, label: &[u8]) -> Result<Sealed, Error> {
+        match &self.kek {
+            Kek::Local(kek) => kek.wrap(key, label),
+            Kek::Hsm(hsm) => hsm.wrap(&key.bytes, label),
+        }
+    }
+
+    fn unwrap_key(&self, sealed: &Sealed, label: &[u8]) -> Result<DataKey, Error> {
+        match &self.kek {
+            Kek::Local(kek) => kek.unwrap_key(sealed, label),
+            Kek::Hsm(hsm) => hsm.unwrap(sealed, label).map(DataKey::from_bytes),
         }
     }
 
@@ -155,7 +194,7 @@ impl MasterKey {
     /// # Errors
     /// Fails if the random source fails.
     pub fn wrap_data_key(&self, key: &DataKey, label: &[u8]) -> Result<Sealed, Error> {
-        self.key.wrap(key, label)
+        self.wrap(key, label)
     }
 
     /// Unwraps a data key stored under `label`.
@@ -163,7 +202,7 @@ impl MasterKey {
     /// # Errors
     /// [`Error::Authentication`] with the wrong master key or label.
     pub fn unwrap_data_key(&self, sealed: &Sealed, label: &[u8]) -> Result<DataKey, Error> {
-        self.key.unwrap_key(sealed, label)
+        self.unwrap_key(sealed, label)
     }
 
     /// Wraps a keyed-hash key, like [`MasterKey::wrap_data_key`].
@@ -171,7 +210,7 @@ impl MasterKey {
     /// # Errors
     /// Fails if the random source fails.
     pub fn wrap_hash_key(&self, key: &HashKey, label: &[u8]) -> Result<Sealed, Error> {
-        self.key.wrap(&key.as_data_key(), label)
+        self.wrap(&key.as_data_key(), label)
     }
 
     /// Unwraps a keyed-hash key.
@@ -179,9 +218,7 @@ impl MasterKey {
     /// # Errors
     /// [`Error::Authentication`] with the wrong master key or label.
     pub fn unwrap_hash_key(&self, sealed: &Sealed, label: &[u8]) -> Result<HashKey, Error> {
-        self.key
-            .unwrap_key(sealed, label)
-            .map(HashKey::from_data_key)
+        self.unwrap_key(sealed, label).map(HashKey::from_data_key)
     }
 }
 
@@ -189,6 +226,37 @@ impl std::fmt::Debug for MasterKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("MasterKey(<redacted>)")
     }
+}
+
+/// The bytes of a secret file (a master key, an HSM PIN) that only the
+/// owner may read.
+///
+/// One exception: read access for the file's group is accepted when that
+/// group is the vault process's own effective group. Kubernetes makes every
+/// mounted Secret file group-readable (0440) for the pod's `fsGroup`, which
+/// exists for exactly this process; a warning says so.
+pub(super) fn read_protected(
+    path: &Path,
+    what: &'static str,
+) -> Result<Zeroizing<Vec<u8>>, MasterKeyError> {
+    let read_err = |source| MasterKeyError::Read {
+        path: path.to_owned(),
+        source,
+    };
+    let meta = fs::metadata(path).map_err(read_err)?;
+    let mode = meta.permissions().mode() & 0o777;
+    let own_group = meta.gid() == rustix::process::getegid().as_raw();
+    if !permissions_acceptable(mode, own_group) {
+        return Err(MasterKeyError::TooOpen {
+            what,
+            path: path.to_owned(),
+            mode,
+        });
+    }
+    if mode & 0o040 != 0 {
+        tracing::warn!(path = %path.display(), mode = format!("{mode:04o}"), "{what} is readable by the vault's own group (Kubernetes fsGroup); nobody else may read it");
+    }
+    Ok(Zeroizing::new(fs::read(path).map_err(read_err)?))
 }
 
 /// Others: nothing. Group: nothing, or read only when it is the process's own

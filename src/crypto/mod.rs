@@ -61,6 +61,7 @@
 //! ```
 
 mod master;
+mod pkcs11;
 mod secret;
 mod sign;
 mod source;
@@ -74,9 +75,10 @@ use sha2::Sha256;
 use zeroize::Zeroizing;
 
 pub use master::{MasterKey, MasterKeyError};
+pub use pkcs11::{Pkcs11Setting, create_key as create_hsm_key};
 pub use secret::SecretValue;
 pub use sign::{AuditSigningKey, verify_signature};
-pub use source::{EnvSource, FileSource, MasterKeySetting, MasterKeySource};
+pub use source::{EnvSource, FileSource, MasterKeySetting, MasterKeySource, Pkcs11Source};
 
 /// Length of every symmetric key here: 256 bits.
 pub const KEY_LEN: usize = 32;
@@ -98,6 +100,10 @@ pub enum Error {
     /// A wrapped key did not unwrap to the right length.
     #[error("wrapped key has the wrong length")]
     KeyLength,
+    /// The HSM holding the master key failed (not a wrong key: the device,
+    /// the session or the login), after one retry in a new session.
+    #[error("the HSM holding the master key failed: {0}")]
+    Hsm(String),
 }
 
 /// A sealed value: the nonce and the ciphertext (which ends in the tag).

@@ -1,13 +1,13 @@
-//! Where the master key comes from. A file is the production default; an
-//! environment variable is for development only. The trait is the seam for
-//! KMS or HSM providers (unwrap through a remote service, or keep the key in
-//! hardware), which this release does not ship.
+//! Where the master key comes from: a file (the default), a PKCS#11 token
+//! (an HSM; the key never enters the process), or, for development only, an
+//! environment variable. The trait is the seam for further providers (a
+//! cloud KMS).
 
 use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
-use super::{MasterKey, MasterKeyError};
+use super::{MasterKey, MasterKeyError, Pkcs11Setting};
 
 /// Where the configuration says the master key is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -16,6 +16,8 @@ pub enum MasterKeySetting {
     File(PathBuf),
     /// `keys.master_key_env` (development only).
     Env(String),
+    /// `[keys.pkcs11]`: a key inside an HSM.
+    Pkcs11(Pkcs11Setting),
 }
 
 impl MasterKeySetting {
@@ -24,6 +26,7 @@ impl MasterKeySetting {
         match self {
             MasterKeySetting::File(path) => Box::new(FileSource(path.clone())),
             MasterKeySetting::Env(var) => Box::new(EnvSource(var.clone())),
+            MasterKeySetting::Pkcs11(setting) => Box::new(Pkcs11Source(setting.clone())),
         }
     }
 }
@@ -51,6 +54,21 @@ impl MasterKeySource for FileSource {
 
     fn describe(&self) -> String {
         format!("file {}", self.0.display())
+    }
+}
+
+/// A non-extractable AES-256 key in a PKCS#11 token: wrapping and
+/// unwrapping happen inside the token.
+#[derive(Debug, Clone)]
+pub struct Pkcs11Source(pub Pkcs11Setting);
+
+impl MasterKeySource for Pkcs11Source {
+    fn load(&self) -> Result<MasterKey, MasterKeyError> {
+        MasterKey::from_hsm(&self.0)
+    }
+
+    fn describe(&self) -> String {
+        self.0.describe()
     }
 }
 

@@ -99,6 +99,7 @@ pub async fn run(
     if let MasterKeySetting::Env(var) = &config.master_key {
         tracing::warn!(variable = %var, "the master key came from the environment: for development only");
     }
+    tracing::info!(source = %config.master_key_source().describe(), "master key loaded");
     // Check everything that can be wrong with the configuration before
     // touching the database or binding ports.
     let tls = tls_state(&config.tls, &config.trust_domains)?;
@@ -133,6 +134,7 @@ pub async fn run(
         limits: config.limits,
         policy: Arc::clone(&policy),
         refusals: Arc::clone(&refusals),
+        pkcs11_modules: config.pkcs11_modules.clone(),
     };
     let metrics = Arc::new(Metrics::default());
     let api = TokenVaultService::new(Arc::clone(&vault), settings, Arc::clone(&metrics));

@@ -176,6 +176,10 @@ pub enum Error {
     /// The keys table is damaged.
     #[error("the key table is corrupted: {0}")]
     CorruptKey(String),
+    /// The master key a rotation was asked to move to cannot be used (its
+    /// file, token, PIN or key); the message says why and holds no secret.
+    #[error("the new master key cannot be used: {0}")]
+    NewMasterKey(String),
     /// The audit event could not be written, so the request was refused.
     #[error("the audit log cannot be written: {0}")]
     AuditUnavailable(store::Error),

@@ -81,19 +81,23 @@ impl<S: Store> Vault<S> {
         Ok(())
     }
 
-    /// Re-wraps every key under the master key in `new_key_file` (read and
-    /// checked like the configured one). Records are not touched.
+    /// Re-wraps every key under the master key that the permitted setting
+    /// names (a key file read and checked like the configured one, or a key
+    /// in an HSM checked as at start). Records are not touched.
     ///
     /// # Errors
-    /// An unusable key file, storage or audit failures.
+    /// An unusable new key, storage or audit failures.
     pub async fn rotate_master_key(
         &self,
-        permit: Permit<std::path::PathBuf>,
+        permit: Permit<crate::crypto::MasterKeySetting>,
         audit: &AuditContext,
     ) -> Result<usize, Error> {
-        let path = permit.into_item();
-        let new =
-            crate::crypto::MasterKey::load(&path).map_err(|e| Error::CorruptKey(e.to_string()))?;
+        let setting = permit.into_item();
+        // Loading a PKCS#11 module and logging in to a token block.
+        let new = tokio::task::spawn_blocking(move || setting.source().load())
+            .await
+            .map_err(|_| Error::NewMasterKey("loading it panicked".into()))?
+            .map_err(|e| Error::NewMasterKey(e.to_string()))?;
         // A data- or index-key rotation wraps its new key under the master
         // key in force: taking turns with them means no key is wrapped under
         // the old master key after the re-wrap has read the key table.
