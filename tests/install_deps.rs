@@ -108,6 +108,25 @@ fn postgres_server_binaries_are_detected() {
 }
 
 #[test]
+fn softhsm_needs_its_module_and_its_token_tool() {
+    let root = tempfile::tempdir().unwrap();
+    assert!(!found("softhsm", root.path()));
+    // The library package alone (libsofthsm2) cannot initialise a token.
+    touch(
+        root.path(),
+        "/usr/lib/x86_64-linux-gnu/softhsm/libsofthsm2.so",
+    );
+    assert!(!found("softhsm", root.path()));
+    executable(&root.path().join("usr/bin/softhsm2-util"), "#!/bin/sh\n");
+    assert!(found("softhsm", root.path()));
+    // Debian's own path for the module works as well.
+    let debian = tempfile::tempdir().unwrap();
+    touch(debian.path(), "/usr/lib/softhsm/libsofthsm2.so");
+    executable(&debian.path().join("usr/bin/softhsm2-util"), "#!/bin/sh\n");
+    assert!(found("softhsm", debian.path()));
+}
+
+#[test]
 fn python_tools_are_looked_for_in_the_virtual_environment() {
     let root = tempfile::tempdir().unwrap();
     assert!(!found("python-tools", root.path()));
