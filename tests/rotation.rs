@@ -24,7 +24,7 @@ async fn rotation_under_traffic_keeps_every_token_and_moves_every_record() {
     // No request may fail during the rotation.
     let writers = Writers::start(&client, 4, "rot", true);
     writers.wait_for(200).await;
-    let (ok, out, err) = keys_cli(&vault, &["rotate"]).await;
+    let (ok, out, err) = common::keys_cli(&vault, &["rotate"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("data key version 2 is active"), "{out}");
     let seen = writers.acked().len();
@@ -78,7 +78,7 @@ async fn the_master_key_rotates_without_touching_records() {
     };
     let new_key = vault.root.path().join("master-2.key");
     tokenvault::crypto::MasterKey::create_file(&new_key).unwrap();
-    let (ok, out, err) = keys_cli(
+    let (ok, out, err) = common::keys_cli(
         &vault,
         &["rotate-master", "--new-key-file", new_key.to_str().unwrap()],
     )
@@ -127,29 +127,6 @@ async fn the_master_key_rotates_without_touching_records() {
 
 /// Runs `tokenvault keys ARGS` against `vault` as the `privacy` identity
 /// (scope admin:keys); returns (success, stdout, stderr).
-async fn keys_cli(vault: &TestVault, args: &[&str]) -> (bool, String, String) {
-    let tls = vault.pki.tls("privacy");
-    let mut command = tokenvault_command();
-    command.arg("keys").args(args).args([
-        "--addr",
-        &vault.grpc_addr.to_string(),
-        "--ca",
-        tls.ca.to_str().unwrap(),
-        "--cert",
-        tls.cert.to_str().unwrap(),
-        "--key",
-        tls.key.to_str().unwrap(),
-    ]);
-    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
-        .await
-        .unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
 const DETERMINISTIC: &str = r#"
 [field_types.customer_email]
 kind = "email"
@@ -225,21 +202,21 @@ async fn index_rotation_held_and_released_over_the_cli_while_lookups_go_on() {
     };
 
     // Held first: the rotation's job waits, and says so.
-    let (ok, out, err) = keys_cli(&vault, &["pause", "reindex"]).await;
+    let (ok, out, err) = common::keys_cli(&vault, &["pause", "reindex"]).await;
     assert!(ok && out.contains("held"), "{out}{err}");
-    let (ok, out, err) = keys_cli(&vault, &["rotate-index"]).await;
+    let (ok, out, err) = common::keys_cli(&vault, &["rotate-index"]).await;
     assert!(ok, "{err}");
     assert!(out.contains("blind-index key version 2 is active"), "{out}");
-    let (ok, out, err) = keys_cli(&vault, &["jobs"]).await;
+    let (ok, out, err) = common::keys_cli(&vault, &["jobs"]).await;
     assert!(ok && out.contains("reindex    held at 0/"), "{out}{err}");
     while metric_value(&vault, "tokenvault_job_paused{job=\"reindex\"}").await != Some(1.0) {
         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     }
 
     // Released: `jobs --wait` follows it to the end (no terminal: lines).
-    let (ok, out, err) = keys_cli(&vault, &["resume", "reindex"]).await;
+    let (ok, out, err) = common::keys_cli(&vault, &["resume", "reindex"]).await;
     assert!(ok && !out.contains("held"), "{out}{err}");
-    let (ok, _, err) = keys_cli(&vault, &["jobs", "--wait"]).await;
+    let (ok, _, err) = common::keys_cli(&vault, &["jobs", "--wait"]).await;
     assert!(
         ok && err.contains("no key-rotation job is running"),
         "{err}"

@@ -12,6 +12,8 @@ use std::{
     time::Duration,
 };
 
+pub mod softhsm;
+
 use time::OffsetDateTime;
 use tokenvault::{
     client::{self, ClientTls, TokenVaultClient},
@@ -150,6 +152,9 @@ pub struct TestVault {
     pub env: Vec<(String, String)>,
     /// Arguments after `serve --config <path>`.
     pub serve_args: Vec<String>,
+    /// The body of the config's `[keys]` table (a master key file by
+    /// default; an HSM key in the HSM tests).
+    pub keys: String,
 }
 
 impl TestVault {
@@ -196,8 +201,9 @@ impl TestVault {
         vault
     }
 
-    /// A vault directory with certificates and a master key, not started.
-    fn prepare(extra_config: &str) -> Self {
+    /// A vault directory with certificates and a master key, not started:
+    /// change it, then `write_config` and `spawn`.
+    pub fn prepare(extra_config: &str) -> Self {
         let root = tempfile::tempdir().unwrap();
         let pki = Pki::new(&root.path().join("tls"));
         let master = root.path().join("master.key");
@@ -215,6 +221,7 @@ impl TestVault {
             extra_tls: String::new(),
             env: Vec::new(),
             serve_args: Vec::new(),
+            keys: "master_key_file = \"master.key\"\n".to_owned(),
         }
     }
 
@@ -226,7 +233,8 @@ impl TestVault {
         self.root.path().join("data")
     }
 
-    fn write_config(&self) {
+    /// Writes the config file from the vault's settings.
+    pub fn write_config(&self) {
         // The ledger setting joins a [subjects] table the test brings, if any.
         const LEDGER: &str = "erasure_ledger = \"ledger/erasures\"\n";
         let (extra, subjects) = if self
@@ -260,14 +268,14 @@ client_ca = "tls/ca.pem"
 {extra_tls}
 
 [keys]
-master_key_file = "master.key"
-
+{keys}
 [log]
 format = "json"
 level = "info"
 {POLICY}
 {subjects}"#,
-            extra_tls = self.extra_tls
+            extra_tls = self.extra_tls,
+            keys = self.keys,
         );
         std::fs::write(self.config_path(), config).unwrap();
     }
@@ -841,4 +849,32 @@ pub fn tokens_of(response: tokenvault::proto::v1::TokenizeResponse) -> Vec<Strin
             other => panic!("tokenize failed: {other:?}"),
         })
         .collect()
+}
+
+/// `tokenvault keys ARGS` against `vault` as the `privacy` identity (scope
+/// admin:keys): whether it succeeded, its stdout and its stderr.
+pub async fn keys_cli<S: AsRef<std::ffi::OsStr>>(
+    vault: &TestVault,
+    args: &[S],
+) -> (bool, String, String) {
+    let tls = vault.pki.tls("privacy");
+    let mut command = tokenvault_command();
+    command.arg("keys").args(args).args([
+        "--addr",
+        &vault.grpc_addr.to_string(),
+        "--ca",
+        tls.ca.to_str().unwrap(),
+        "--cert",
+        tls.cert.to_str().unwrap(),
+        "--key",
+        tls.key.to_str().unwrap(),
+    ]);
+    let out = tokio::task::spawn_blocking(move || command.output().unwrap())
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
