@@ -124,6 +124,10 @@ fn softhsm_needs_its_module_and_its_token_tool() {
     touch(debian.path(), "/usr/lib/softhsm/libsofthsm2.so");
     executable(&debian.path().join("usr/bin/softhsm2-util"), "#!/bin/sh\n");
     assert!(found("softhsm", debian.path()));
+    // The tool without the module cannot load a token either.
+    let tool_only = tempfile::tempdir().unwrap();
+    executable(&tool_only.path().join("usr/bin/softhsm2-util"), "#!/bin/sh\n");
+    assert!(!found("softhsm", tool_only.path()));
 }
 
 #[test]
