@@ -21,8 +21,9 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-const KUSTOMIZATIONS: [&str; 4] = [
+const KUSTOMIZATIONS: [&str; 5] = [
     "deploy/base",
+    "deploy/overlays/hsm",
     "deploy/overlays/sidecar",
     "deploy/overlays/ha",
     "deploy/overlays/sidecar-shared",
@@ -235,6 +236,7 @@ fn every_configured_path_is_mounted() {
             "deploy/overlays/sidecar/tokenvault.toml",
         ),
         ("deploy/overlays/ha", "deploy/overlays/ha/tokenvault.toml"),
+        ("deploy/overlays/hsm", "deploy/overlays/hsm/tokenvault.toml"),
         (
             "deploy/overlays/sidecar-shared",
             "deploy/overlays/sidecar-shared/tokenvault.toml",
@@ -254,11 +256,15 @@ fn every_configured_path_is_mounted() {
             config.tls.cert.clone(),
             config.tls.key.clone(),
             config.tls.client_ca.clone(),
-            match &config.master_key {
-                tokenvault::crypto::MasterKeySetting::File(path) => path.clone(),
-                other => panic!("the deployed config reads its master key from {other:?}"),
-            },
         ];
+        match &config.master_key {
+            tokenvault::crypto::MasterKeySetting::File(path) => paths.push(path.clone()),
+            tokenvault::crypto::MasterKeySetting::Pkcs11(hsm) => {
+                paths.push(hsm.module.clone());
+                paths.push(hsm.pin_file.clone());
+            }
+            other => panic!("{dir}: the deployed config reads its master key from {other:?}"),
+        }
         let database_files = |db: &DatabaseSetting| {
             db.password_file
                 .iter()
@@ -397,4 +403,48 @@ fn network_policies_select_clients_by_their_label_only() {
         egress[1]["to"][0]["podSelector"]["matchLabels"],
         serde_json::json!({"k8s-app": "kube-dns"})
     );
+}
+
+/// The HSM layout: no master key in the pod at all; the PKCS#11 module
+/// comes from the vendor's image through a volume the vault cannot write,
+/// the PIN from a Secret only the vault's user and group can read, and the
+/// only egress is to the HSM.
+#[test]
+fn the_hsm_layout_mounts_a_module_and_a_pin_and_no_master_key() {
+    let objects = render("deploy/overlays/hsm");
+    let (container, pod) = vault_container(&objects);
+    let volumes = pod["volumes"].as_array().unwrap();
+    let volume = |name: &str| volumes.iter().find(|v| v["name"] == name).cloned();
+    assert!(volume("master-key").is_none(), "the master-key Secret is still mounted");
+    assert!(
+        !objects.iter().any(|o| o.to_string().contains("tokenvault-master-key")),
+        "something still names the master-key Secret"
+    );
+    let pin = volume("hsm-pin").expect("no PIN volume");
+    assert_eq!(pin["secret"]["defaultMode"], 0o400);
+    assert!(volume("hsm-module").unwrap()["emptyDir"].is_object());
+    let mounts = container["volumeMounts"].as_array().unwrap();
+    for name in ["hsm-module", "hsm-pin"] {
+        let mount = mounts.iter().find(|m| m["name"] == name).unwrap();
+        assert_eq!(mount["readOnly"], true, "{name} is writable by the vault");
+    }
+    let copier = pod["initContainers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["name"] == "hsm-module")
+        .expect("nothing puts the module into its volume");
+    assert!(copier["volumeMounts"][0]["name"] == "hsm-module");
+
+    let config = load(&root().join("deploy/overlays/hsm/tokenvault.toml"));
+    let tokenvault::crypto::MasterKeySetting::Pkcs11(hsm) = &config.master_key else {
+        panic!("the HSM layout's config reads {:?}", config.master_key);
+    };
+    let module_mount = mounts.iter().find(|m| m["name"] == "hsm-module").unwrap();
+    assert!(hsm.module.starts_with(module_mount["mountPath"].as_str().unwrap()));
+
+    let policy = of_kind(&objects, "NetworkPolicy");
+    let egress = policy[0]["spec"]["egress"].as_array().unwrap();
+    assert_eq!(egress.len(), 1, "egress beyond the HSM: {egress:?}");
+    assert!(egress[0]["to"][0]["ipBlock"]["cidr"].is_string());
 }
