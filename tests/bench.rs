@@ -214,3 +214,79 @@ fn a_tiny_bench_run_compares_postgres_replicas_with_the_peer() {
         assert!(targets.iter().any(|t| t == name), "{name} in {targets:?}");
     }
 }
+
+#[test]
+fn a_tiny_bench_run_compares_a_master_key_in_an_hsm_with_one_in_a_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let json = dir.path().join("bench.json");
+    let out = common::tokenvault_command()
+        .args([
+            "bench",
+            "--engine",
+            "rocksdb",
+            "--durability",
+            "sync",
+            "--master-key",
+            "file,hsm",
+            "--open-subjects",
+            "300",
+            "--scenarios",
+            "tokenize,detokenize,tokenize-batch",
+            "--seconds",
+            "0.3",
+            "--pool",
+            "100",
+            "--preload",
+            "0",
+            "--in-flight",
+            "4",
+            "--batch",
+            "10",
+            "--settle-limit",
+            "0",
+            "--no-in-process",
+        ])
+        .arg("--json")
+        .arg(&json)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let rows = report["rows"].as_array().unwrap();
+    for configuration in ["sync", "sync+hsm"] {
+        for scenario in ["tokenize", "detokenize", "tokenize-batch"] {
+            let row = rows
+                .iter()
+                .find(|r| r["scenario"] == scenario && r["durability"] == configuration)
+                .unwrap_or_else(|| panic!("no {scenario} row for {configuration}"));
+            assert!(row["items"].as_u64().unwrap() > 0, "{row}");
+            assert_eq!(row["errors"].as_u64().unwrap(), 0, "{row}");
+        }
+    }
+    let opens = report["opens"].as_array().unwrap();
+    let configurations: Vec<&str> = opens
+        .iter()
+        .map(|o| o["configuration"].as_str().unwrap())
+        .collect();
+    assert_eq!(configurations, ["sync", "sync+hsm"]);
+    for open in opens {
+        assert_eq!(open["subject_keys"], 300);
+        let seconds = open["median_s"].as_f64().unwrap();
+        assert!(seconds > 0.0 && seconds < 60.0, "{open}");
+    }
+    let targets: Vec<&str> = report["targets"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|t| t["name"].as_str().unwrap())
+        .collect();
+    for scenario in ["tokenize", "detokenize", "tokenize-batch"] {
+        let name = format!("{scenario}, master key in an HSM / in a file, items/s");
+        assert!(targets.contains(&name.as_str()), "{targets:?}");
+    }
+}

@@ -346,6 +346,15 @@ pub enum Minted {
     Dropped,
 }
 
+/// Whether [`fill`]'s values belong to subjects.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Subjects {
+    /// None: no subject keys.
+    None,
+    /// Each value to a subject of its own: one subject key per value.
+    OnePerValue,
+}
+
 /// Tokenizes `count` values in batches of up to 1,000 with `in_flight`
 /// requests at once. Used to fill the read pool and to preload a large
 /// vault.
@@ -357,6 +366,7 @@ pub async fn fill(
     count: usize,
     in_flight: usize,
     minted: Minted,
+    subjects: Subjects,
     progress: impl Fn(usize) + Send + Sync + 'static,
 ) -> Result<Vec<String>, String> {
     let next = Arc::new(AtomicU64::new(0));
@@ -379,7 +389,10 @@ pub async fn fill(
                         .map(|n| TokenizeItem {
                             field_type: "email".into(),
                             value: format!("preload.{n}@example.com"),
-                            subject_id: String::new(),
+                            subject_id: match subjects {
+                                Subjects::None => String::new(),
+                                Subjects::OnePerValue => format!("bench-subject-{n}"),
+                            },
                             ttl_seconds: 0,
                         })
                         .collect();

@@ -25,7 +25,9 @@ pub use load::Scenario;
 use load::{LoadResult, LoadSpec};
 use report::Machine;
 pub use report::{Report, Row};
-use server::{BenchServer, ProcStats, ServerSetup, proc_stats, reset_peak_rss, sum_stats};
+use server::{
+    BenchKey, BenchServer, ProcStats, ServerSetup, proc_stats, reset_peak_rss, sum_stats,
+};
 
 use crate::{
     client::{self, ClientTls},
@@ -55,6 +57,17 @@ pub struct BenchArgs {
     /// Durability modes to run the embedded engine with: sync, buffered.
     #[arg(long, default_value = "sync,buffered")]
     pub durability: String,
+    /// Where the embedded engine's vault keeps its master key, comma
+    /// separated, one configuration each: file (a 32-byte file), hsm (an
+    /// AES key in a throwaway SoftHSM2 token, named `sync+hsm` in the
+    /// report).
+    #[arg(long, default_value = "file")]
+    pub master_key: String,
+    /// For each embedded-engine configuration, also time how long the vault
+    /// takes to open (start to serving, median of three restarts) with this
+    /// many subject keys stored; 0 to skip.
+    #[arg(long, default_value_t = 0)]
+    pub open_subjects: usize,
     /// With --engine postgres: how many vault replicas share the database,
     /// comma separated, one configuration each (the connections are spread
     /// over the replicas).
@@ -161,6 +174,7 @@ impl ServerSide<'_> {
 pub async fn run(args: BenchArgs) -> Result<Report, String> {
     let scenarios = parse_scenarios(&args.scenarios)?;
     let mut report = Report {
+        opens: Vec::new(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         machine: machine(),
         rows: Vec::new(),
@@ -183,21 +197,35 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         measure(&args, &scenarios, &channels, nothing, "target", &mut report).await?;
     } else {
         let mut cluster: Option<ThrowawayCluster> = None;
+        let keys = parse_keys(&args.master_key)?;
         for engine in parse_engines(&args.engine)? {
             match engine {
                 Engine::RocksDb => {
                     for durability in parse_durabilities(&args.durability)? {
-                        let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-                        let tls = server::prepare(dir.path())?;
-                        let server = BenchServer::start(
-                            dir.path(),
-                            &tls,
-                            &ServerSetup::RocksDb(durability),
-                            0,
-                        )?;
-                        let name = durability_name(durability);
-                        run_configuration(&args, &scenarios, vec![server], None, name, &mut report)
+                        for key in &keys {
+                            let setup = ServerSetup::RocksDb(durability);
+                            let name = format!("{}{}", durability_name(durability), key.suffix());
+                            let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+                            let tls = server::prepare(dir.path())?;
+                            let server = BenchServer::start(dir.path(), &tls, &setup, key, 0)?;
+                            run_configuration(
+                                &args,
+                                &scenarios,
+                                vec![server],
+                                None,
+                                &name,
+                                &mut report,
+                            )
                             .await?;
+                            if args.open_subjects > 0 {
+                                let open = time_open(&setup, key, args.open_subjects).await?;
+                                report.opens.push(report::OpenTime {
+                                    configuration: name,
+                                    subject_keys: args.open_subjects as u64,
+                                    median_s: open,
+                                });
+                            }
+                        }
                     }
                 }
                 Engine::Postgres => {
@@ -214,7 +242,9 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
                         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
                         let tls = server::prepare(dir.path())?;
                         let servers = (0..replicas)
-                            .map(|n| BenchServer::start(dir.path(), &tls, &setup, n))
+                            .map(|n| {
+                                BenchServer::start(dir.path(), &tls, &setup, &BenchKey::File, n)
+                            })
                             .collect::<Result<Vec<_>, _>>()?;
                         let name = format!("postgres×{replicas}");
                         run_configuration(
@@ -301,6 +331,49 @@ fn parse_engines(list: &str) -> Result<Vec<Engine>, String> {
         .collect()
 }
 
+fn parse_keys(list: &str) -> Result<Vec<BenchKey>, String> {
+    list.split(',')
+        .map(|k| match k.trim() {
+            "file" => Ok(BenchKey::File),
+            "hsm" => BenchKey::hsm(),
+            other => Err(format!("unknown master key source {other:?} (file, hsm)")),
+        })
+        .collect()
+}
+
+/// Seconds from starting a vault on `setup` and `key` to its serving, with
+/// `subjects` subject keys stored (one value each): the median of three
+/// restarts. The master key unwraps the keyring at open; the subject keys
+/// are unwrapped by the keyring's subject key when a request needs them,
+/// so their number should not matter.
+async fn time_open(setup: &ServerSetup, key: &BenchKey, subjects: usize) -> Result<f64, String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let tls = server::prepare(dir.path())?;
+    let server = BenchServer::start(dir.path(), &tls, setup, key, 0)?;
+    let channels = connect(&server.addr.to_string(), &tls, 2).await?;
+    progress(&format!("open time: storing {subjects} subjects' values"));
+    load::fill(
+        &channels,
+        subjects,
+        POOL_FILL_IN_FLIGHT,
+        load::Minted::Dropped,
+        load::Subjects::OnePerValue,
+        |_| {},
+    )
+    .await?;
+    drop(channels);
+    server.stop();
+    let mut times = Vec::new();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let server = BenchServer::start(dir.path(), &tls, setup, key, 0)?;
+        times.push(started.elapsed().as_secs_f64());
+        server.stop();
+    }
+    times.sort_by(f64::total_cmp);
+    Ok(times[1])
+}
+
 fn parse_replicas(list: &str) -> Result<Vec<usize>, String> {
     list.split(',')
         .map(|n| match n.trim().parse::<usize>() {
@@ -385,6 +458,7 @@ async fn measure(
                 args.pool,
                 POOL_FILL_IN_FLIGHT,
                 load::Minted::Kept,
+                load::Subjects::None,
                 |_| {},
             )
             .await?,
@@ -405,6 +479,7 @@ async fn measure(
                 total,
                 PRELOAD_IN_FLIGHT,
                 load::Minted::Dropped,
+                load::Subjects::None,
                 move |done| {
                     if done % 100_000 < 1000 {
                         progress(&format!(

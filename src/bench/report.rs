@@ -81,6 +81,21 @@ pub struct Report {
     pub settle_seconds: Option<f64>,
     /// The targets, computed from rows of this same run.
     pub targets: Vec<Target>,
+    /// How long vaults took to open (`--open-subjects`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub opens: Vec<OpenTime>,
+}
+
+/// How long a vault took to open, start to serving.
+#[derive(Debug, Clone, Serialize)]
+pub struct OpenTime {
+    /// The configuration, as in the rows (`sync`, `sync+hsm`...).
+    pub configuration: String,
+    /// Subject keys stored when it opened.
+    pub subject_keys: u64,
+    /// Seconds from starting the process to its "serving" line, the median
+    /// of three restarts.
+    pub median_s: f64,
 }
 
 /// A target ratio and whether this run met it.
@@ -139,6 +154,15 @@ impl Report {
             out.push_str(&format!(
                 "\nEvery scenario starts on a settled server (its CPU under 5 % for 2 s: the flushes and compactions left by the scenario before are done; `--settle-limit` caps each wait). After the preload that took {seconds:.0} s.\n"
             ));
+        }
+        if !self.opens.is_empty() {
+            out.push_str("\n| configuration | subject keys stored | open, start to serving, s (median of 3) |\n|---|---:|---:|\n");
+            for open in &self.opens {
+                out.push_str(&format!(
+                    "| {} | {} | {:.3} |\n",
+                    open.configuration, open.subject_keys, open.median_s
+                ));
+            }
         }
         out.push_str(&self.peer_comparison());
         if !self.targets.is_empty() {

@@ -14,7 +14,7 @@ use hdrhistogram::Histogram;
 
 use crate::{
     client::ClientTls,
-    crypto::MasterKey,
+    crypto::{MasterKey, softhsm::ThrowawayHsm},
     pki::{Ca, ClientSpec},
     store::Durability,
 };
@@ -85,6 +85,50 @@ pub enum ServerSetup {
     },
 }
 
+/// Where the vault under test keeps its master key.
+pub enum BenchKey {
+    /// A 32-byte file in the server's directory.
+    File,
+    /// A non-extractable AES key in a throwaway SoftHSM2 token.
+    Hsm {
+        /// The token's configuration and files.
+        hsm: ThrowawayHsm,
+        /// Its PIN file.
+        pin: PathBuf,
+    },
+}
+
+impl BenchKey {
+    /// A token with a master key made by `tokenvault keys create-hsm-key`.
+    ///
+    /// # Errors
+    /// If this binary's path is unknown.
+    pub fn hsm() -> Result<Self, String> {
+        let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        let hsm = ThrowawayHsm::new();
+        let pin = hsm.init_token("bench");
+        hsm.create_key(&exe, "bench", "master", &pin);
+        Ok(Self::Hsm { hsm, pin })
+    }
+
+    /// The configuration's `[keys]` tables.
+    fn keys_toml(&self) -> String {
+        match self {
+            Self::File => "[keys]\nmaster_key_file = \"master.key\"\n".to_owned(),
+            Self::Hsm { hsm, pin } => hsm.keys_toml("bench", "master", pin),
+        }
+    }
+
+    /// Where the configuration's master key is, as a suffix of its name in
+    /// the report: nothing for a file, `+hsm` for the token.
+    pub fn suffix(&self) -> &'static str {
+        match self {
+            Self::File => "",
+            Self::Hsm { .. } => "+hsm",
+        }
+    }
+}
+
 impl BenchServer {
     /// Starts `tokenvault serve` number `n` in `dir` (replicas share the
     /// directory's certificates and master key) on `setup`, and waits until
@@ -96,6 +140,7 @@ impl BenchServer {
         dir: &Path,
         tls: &ClientTls,
         setup: &ServerSetup,
+        key: &BenchKey,
         n: usize,
     ) -> Result<Self, String> {
         let storage = match setup {
@@ -123,8 +168,7 @@ metrics_listen = "127.0.0.1:0"
 cert = "server.pem"
 key = "server.key"
 client_ca = "ca.pem"
-[keys]
-master_key_file = "master.key"
+{keys}
 [log]
 format = "json"
 level = "info"
@@ -132,7 +176,8 @@ level = "info"
 identity = "{BENCH_CLIENT}"
 scopes = ["tokenize:*", "detokenize:*"]
 purposes = ["{BENCH_PURPOSE}"]
-"#
+"#,
+            keys = key.keys_toml()
         );
         let config_path = dir.join(format!("tokenvault-{n}.toml"));
         std::fs::write(&config_path, config).map_err(|e| e.to_string())?;
@@ -144,11 +189,17 @@ purposes = ["{BENCH_PURPOSE}"]
         // the handler latencies after each scenario.
         let log_path = dir.join(format!("server-{n}.log"));
         let log_file = std::fs::File::create(&log_path).map_err(|e| e.to_string())?;
-        let mut child = Command::new(exe)
+        let mut command = Command::new(exe);
+        command
             .args(["serve", "--config"])
             .arg(&config_path)
             .stdout(Stdio::null())
-            .stderr(log_file)
+            .stderr(log_file);
+        if let BenchKey::Hsm { hsm, .. } = key {
+            let (name, value) = hsm.env();
+            command.env(name, value);
+        }
+        let mut child = command
             .spawn()
             .map_err(|e| format!("cannot start the server: {e}"))?;
         let addr = wait_for_serving(&log_path, &mut child, Duration::from_secs(60));

@@ -64,6 +64,7 @@ mod master;
 mod pkcs11;
 mod secret;
 mod sign;
+pub mod softhsm;
 mod source;
 
 use aes_gcm_siv::{
