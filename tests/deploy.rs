@@ -415,9 +415,14 @@ fn the_hsm_layout_mounts_a_module_and_a_pin_and_no_master_key() {
     let (container, pod) = vault_container(&objects);
     let volumes = pod["volumes"].as_array().unwrap();
     let volume = |name: &str| volumes.iter().find(|v| v["name"] == name).cloned();
-    assert!(volume("master-key").is_none(), "the master-key Secret is still mounted");
     assert!(
-        !objects.iter().any(|o| o.to_string().contains("tokenvault-master-key")),
+        volume("master-key").is_none(),
+        "the master-key Secret is still mounted"
+    );
+    assert!(
+        !objects
+            .iter()
+            .any(|o| o.to_string().contains("tokenvault-master-key")),
         "something still names the master-key Secret"
     );
     let pin = volume("hsm-pin").expect("no PIN volume");
@@ -441,7 +446,10 @@ fn the_hsm_layout_mounts_a_module_and_a_pin_and_no_master_key() {
         panic!("the HSM layout's config reads {:?}", config.master_key);
     };
     let module_mount = mounts.iter().find(|m| m["name"] == "hsm-module").unwrap();
-    assert!(hsm.module.starts_with(module_mount["mountPath"].as_str().unwrap()));
+    assert!(
+        hsm.module
+            .starts_with(module_mount["mountPath"].as_str().unwrap())
+    );
 
     let policy = of_kind(&objects, "NetworkPolicy");
     let egress = policy[0]["spec"]["egress"].as_array().unwrap();

@@ -126,7 +126,10 @@ fn softhsm_needs_its_module_and_its_token_tool() {
     assert!(found("softhsm", debian.path()));
     // The tool without the module cannot load a token either.
     let tool_only = tempfile::tempdir().unwrap();
-    executable(&tool_only.path().join("usr/bin/softhsm2-util"), "#!/bin/sh\n");
+    executable(
+        &tool_only.path().join("usr/bin/softhsm2-util"),
+        "#!/bin/sh\n",
+    );
     assert!(!found("softhsm", tool_only.path()));
 }
 
