@@ -321,9 +321,21 @@ level = "info"
                 Ok(())
             }
             Err(_) => {
-                let status = self.child.as_mut().unwrap().wait().ok();
+                // Exited, or still running but not serving (stopped here,
+                // so that a test fails instead of waiting for it forever).
+                let child = self.child.as_mut().unwrap();
+                let exited = child.try_wait().ok().flatten();
+                if exited.is_none() {
+                    let _ = child.kill();
+                }
+                let status = child.wait().ok();
                 self.child = None;
-                Err(format!("server exited ({status:?}); log:\n{}", self.logs()))
+                let what = if exited.is_some() {
+                    "server exited"
+                } else {
+                    "server did not serve within the start timeout and was killed"
+                };
+                Err(format!("{what} ({status:?}); log:\n{}", self.logs()))
             }
         }
     }
