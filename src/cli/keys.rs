@@ -108,6 +108,25 @@ pub(super) enum KeysCommand {
         #[command(flatten)]
         hsm: HsmKeyArgs,
     },
+    /// Split a master key file into shares for dual control: any
+    /// --threshold of the --shares written make the key, fewer say nothing
+    /// about it. Runs locally. A vault with [keys.shares] then starts
+    /// sealed until that many holders run `tokenvault unseal`.
+    SplitMaster {
+        /// The master key file to split (as keys.master_key_file).
+        #[arg(long)]
+        key_file: std::path::PathBuf,
+        /// How many shares make the key.
+        #[arg(long)]
+        threshold: u8,
+        /// How many shares to write.
+        #[arg(long)]
+        shares: u8,
+        /// A directory to write share-1 … share-N into (mode 0600; existing
+        /// files are never overwritten).
+        #[arg(long)]
+        out_dir: std::path::PathBuf,
+    },
     /// Where the jobs that follow a rotation stand (reencrypt, reindex).
     Jobs {
         #[command(flatten)]
@@ -220,6 +239,27 @@ pub(super) async fn run(command: KeysCommand) -> Result<ExitCode, String> {
             println!(
                 "created {}: AES-256, sensitive, not extractable",
                 setting.describe()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
+        KeysCommand::SplitMaster {
+            key_file,
+            threshold,
+            shares,
+            out_dir,
+        } => {
+            let lines = crate::crypto::split_master_key(&key_file, threshold, shares)
+                .map_err(|e| e.to_string())?;
+            std::fs::create_dir_all(&out_dir)
+                .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
+            for (n, line) in lines.iter().enumerate() {
+                let path = out_dir.join(format!("share-{}", n + 1));
+                write_new_private(&path, &format!("{}\n", line.as_str()))?;
+            }
+            println!(
+                "wrote {shares} shares to {}: any {threshold} make the master key. Give each to one holder, then destroy {} and these copies.",
+                out_dir.display(),
+                key_file.display()
             );
             Ok(ExitCode::SUCCESS)
         }
@@ -416,6 +456,20 @@ async fn follow(admin: &mut AdminClient<Channel>) -> Result<(), String> {
 
 fn bar(job: &pb::JobStatus) -> String {
     super::progress::bar(job_name(job), job.visited, job.total)
+}
+
+/// Writes `text` to a new file with mode 0600, refusing to replace one.
+fn write_new_private(path: &std::path::Path, text: &str) -> Result<(), String> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(fail)?;
+    file.write_all(text.as_bytes()).map_err(fail)?;
+    file.sync_all().map_err(fail)
 }
 
 #[cfg(test)]

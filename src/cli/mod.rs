@@ -13,6 +13,7 @@ mod backup;
 mod keys;
 mod logging;
 mod progress;
+mod terminal;
 
 use clap::{Args, Parser, Subcommand};
 use figment::providers::Serialized;
@@ -63,6 +64,20 @@ enum Command {
     /// Data keys: rotate (through a running vault), list (offline).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// Give one master-key share to a vault that started sealed
+    /// ([keys.shares]); each holder runs it once.
+    Unseal(UnsealArgs),
+}
+
+#[derive(Debug, Args)]
+struct UnsealArgs {
+    /// The vault's unseal socket (keys.shares.socket).
+    #[arg(long)]
+    socket: PathBuf,
+    /// Read the share from this file instead of the terminal (where it is
+    /// not echoed) or standard input.
+    #[arg(long)]
+    share_file: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -205,6 +220,7 @@ pub fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Config(ConfigCommand::Check { file }) => config_check(file.as_deref()),
         Command::Audit(command) => audit::run(command),
+        Command::Unseal(args) => unseal(&args),
         command => runtime().and_then(|runtime| match command {
             Command::Client(args) => runtime.block_on(client(args)),
             Command::Health(args) => runtime.block_on(health(args)),
@@ -213,7 +229,7 @@ pub fn main() -> ExitCode {
                 .map(|_| ExitCode::SUCCESS),
             Command::Backup(command) => runtime.block_on(backup::run(command)),
             Command::Keys(command) => runtime.block_on(keys::run(command)),
-            Command::Serve(_) | Command::Config(_) | Command::Audit(_) => {
+            Command::Serve(_) | Command::Config(_) | Command::Audit(_) | Command::Unseal(_) => {
                 unreachable!("handled above")
             }
         }),
@@ -271,13 +287,24 @@ fn serve(args: ServeArgs) -> Result<ExitCode, String> {
     }
     // Still one thread: a master key from the environment is read and the
     // variable removed before anything else could read the environment.
+    // Shares are collected later, once the log can say that the vault is
+    // sealed and the process is hardened.
     let master = match &config.master_key {
-        MasterKeySetting::Env(var) => EnvSource(var.clone()).take(),
-        setting => setting.source().load(),
+        MasterKeySetting::Env(var) => Some(EnvSource(var.clone()).take()),
+        MasterKeySetting::Shares(_) => None,
+        setting => Some(setting.source().load()),
     }
+    .transpose()
     .map_err(|e| e.to_string())?;
     let _log_guard = init_logging(config.log_format, &config.log_level)?;
     crate::hardening::harden(config.lock_memory).map_err(|e| e.to_string())?;
+    let master = match master {
+        Some(master) => master,
+        None => config
+            .master_key_source()
+            .load()
+            .map_err(|e| e.to_string())?,
+    };
 
     let dev_dir = args.dev.then(|| args.dev_dir.display().to_string());
     let on_ready = move |grpc: SocketAddr, health: SocketAddr| {
@@ -291,6 +318,19 @@ fn serve(args: ServeArgs) -> Result<ExitCode, String> {
             .await
             .map_err(|e| e.to_string())
     })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+fn unseal(args: &UnsealArgs) -> Result<ExitCode, String> {
+    let share = match &args.share_file {
+        Some(file) => zeroize::Zeroizing::new(
+            std::fs::read_to_string(file)
+                .map_err(|e| format!("cannot read {}: {e}", file.display()))?,
+        ),
+        None => terminal::read_secret_line("master-key share: ")?,
+    };
+    let answer = crate::crypto::send_share(&args.socket, &share)?;
+    println!("{answer}");
     Ok(ExitCode::SUCCESS)
 }
 

@@ -274,23 +274,36 @@ fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Exactly one of `keys.master_key_file`, `keys.master_key_env` and
-/// `[keys.pkcs11]`.
+/// Exactly one of `keys.master_key_file`, `keys.master_key_env`,
+/// `[keys.pkcs11]` and `[keys.shares]`.
 fn master_key_setting(keys: &raw::RawKeys) -> Result<crate::crypto::MasterKeySetting, ConfigError> {
-    use crate::crypto::{MasterKeySetting, Pkcs11Setting};
+    use crate::crypto::{MasterKeySetting, Pkcs11Setting, SharesSetting};
     let set = [
         keys.master_key_file.is_some(),
         keys.master_key_env.is_some(),
         keys.pkcs11.is_some(),
+        keys.shares.is_some(),
     ];
     if set.iter().filter(|set| **set).count() > 1 {
         return Err(invalid(
             "keys",
-            "set one of master_key_file, master_key_env and [keys.pkcs11]",
+            "set one of master_key_file, master_key_env, [keys.pkcs11] and [keys.shares]",
         ));
     }
     if let Some(var) = &keys.master_key_env {
         return Ok(MasterKeySetting::Env(var.clone()));
+    }
+    if let Some(shares) = &keys.shares {
+        if shares.threshold < 2 {
+            return Err(invalid(
+                "keys.shares.threshold",
+                "must be at least 2 (one share would be the key itself)",
+            ));
+        }
+        return Ok(MasterKeySetting::Shares(SharesSetting {
+            threshold: shares.threshold,
+            socket: shares.socket.relative(),
+        }));
     }
     if let Some(pkcs11) = &keys.pkcs11 {
         for (key, value) in [
@@ -314,7 +327,7 @@ fn master_key_setting(keys: &raw::RawKeys) -> Result<crate::crypto::MasterKeySet
         .ok_or_else(|| {
             invalid(
                 "keys.master_key_file",
-                "is required (or master_key_env, or [keys.pkcs11])",
+                "is required (or master_key_env, [keys.pkcs11] or [keys.shares])",
             )
         })
 }
@@ -872,6 +885,26 @@ mod tests {
             .merge(Toml::file_exact(&file));
         let err = Config::from_figment(&figment).unwrap_err();
         assert!(err.to_string().contains("keys.pkcs11.key_label"), "{err}");
+
+        // Shares: a threshold of one would be the key itself.
+        let shares = MINIMAL.replace("master_key_file = \"/etc/tv/master.key\"", "")
+            + "[keys.shares]\nthreshold = 2\nsocket = \"unseal.sock\"\n";
+        std::fs::write(&file, &shares).unwrap();
+        let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::file_exact(&file));
+        let config = Config::from_figment(&figment).unwrap();
+        assert_eq!(
+            config.master_key,
+            crate::crypto::MasterKeySetting::Shares(crate::crypto::SharesSetting {
+                threshold: 2,
+                socket: dir.path().join("unseal.sock"),
+            })
+        );
+        std::fs::write(&file, shares.replace("threshold = 2", "threshold = 1")).unwrap();
+        let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::file_exact(&file));
+        let err = Config::from_figment(&figment).unwrap_err();
+        assert!(err.to_string().contains("keys.shares.threshold"), "{err}");
 
         let figment = Figment::from(Serialized::defaults(RawConfig::default())).merge(
             Toml::string(&MINIMAL.replace(

@@ -103,11 +103,24 @@ pub struct RawKeys {
     pub master_key_env: Option<String>,
     /// The master key inside an HSM, used through PKCS#11.
     pub pkcs11: Option<RawPkcs11>,
+    /// The master key as K of N shares, entered by their holders at start
+    /// (`tokenvault unseal`).
+    pub shares: Option<RawShares>,
     /// PKCS#11 modules that `RotateMasterKey` may load to move the master
     /// key into a token (besides `pkcs11.module`). Loading a module runs its
     /// code in the vault, so a caller cannot name one that is not here.
     #[serde(default)]
     pub allowed_pkcs11_modules: Vec<RelativePathBuf>,
+}
+
+/// `[keys.shares]`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawShares {
+    /// How many shares make the key (at least 2).
+    pub threshold: u8,
+    /// The unix socket the shares arrive on while the vault is sealed.
+    pub socket: RelativePathBuf,
 }
 
 /// `[keys.pkcs11]`.

@@ -78,6 +78,9 @@ pub enum MasterKeyError {
     /// The PKCS#11 module, token, PIN or key is unusable.
     #[error("PKCS#11 master key: {0}")]
     Pkcs11(String),
+    /// Splitting the key into shares, or collecting them, failed.
+    #[error("master key shares: {0}")]
+    Shares(String),
     /// The environment variable source is unusable.
     #[error("master key environment variable {var} {reason}")]
     Env {
@@ -118,6 +121,20 @@ impl MasterKey {
     fn local(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
         Self {
             kek: Kek::Local(Box::new(DataKey::from_bytes(bytes))),
+        }
+    }
+
+    /// A key held in memory, from its bytes (shares combined).
+    pub(super) fn from_bytes(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
+        Self::local(bytes)
+    }
+
+    /// The key's bytes when this process holds them (not for a key in an
+    /// HSM): for splitting it into shares.
+    pub(super) fn local_bytes(&self) -> Option<&[u8; KEY_LEN]> {
+        match &self.kek {
+            Kek::Local(key) => Some(&key.bytes),
+            Kek::Hsm(_) => None,
         }
     }
 

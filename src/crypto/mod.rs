@@ -63,6 +63,7 @@
 mod master;
 mod pkcs11;
 mod secret;
+mod shares;
 mod sign;
 pub mod softhsm;
 mod source;
@@ -78,8 +79,11 @@ use zeroize::Zeroizing;
 pub use master::{MasterKey, MasterKeyError};
 pub use pkcs11::{Pkcs11Setting, create_key as create_hsm_key};
 pub use secret::SecretValue;
+pub use shares::{SharesSetting, send_share, split as split_master_key};
 pub use sign::{AuditSigningKey, verify_signature};
-pub use source::{EnvSource, FileSource, MasterKeySetting, MasterKeySource, Pkcs11Source};
+pub use source::{
+    EnvSource, FileSource, MasterKeySetting, MasterKeySource, Pkcs11Source, SharesSource,
+};
 
 /// Length of every symmetric key here: 256 bits.
 pub const KEY_LEN: usize = 32;

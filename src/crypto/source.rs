@@ -1,5 +1,6 @@
 //! Where the master key comes from: a file (the default), a PKCS#11 token
-//! (an HSM; the key never enters the process), or, for development only, an
+//! (an HSM; the key never enters the process), shares entered by their
+//! holders at start (dual control), or, for development only, an
 //! environment variable. The trait is the seam for further providers (a
 //! cloud KMS).
 
@@ -7,7 +8,7 @@ use std::path::PathBuf;
 
 use zeroize::Zeroizing;
 
-use super::{MasterKey, MasterKeyError, Pkcs11Setting};
+use super::{MasterKey, MasterKeyError, Pkcs11Setting, SharesSetting};
 
 /// Where the configuration says the master key is.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -18,6 +19,8 @@ pub enum MasterKeySetting {
     Env(String),
     /// `[keys.pkcs11]`: a key inside an HSM.
     Pkcs11(Pkcs11Setting),
+    /// `[keys.shares]`: K of N shares, entered at start.
+    Shares(SharesSetting),
 }
 
 impl MasterKeySetting {
@@ -27,6 +30,7 @@ impl MasterKeySetting {
             MasterKeySetting::File(path) => Box::new(FileSource(path.clone())),
             MasterKeySetting::Env(var) => Box::new(EnvSource(var.clone())),
             MasterKeySetting::Pkcs11(setting) => Box::new(Pkcs11Source(setting.clone())),
+            MasterKeySetting::Shares(setting) => Box::new(SharesSource(setting.clone())),
         }
     }
 }
@@ -65,6 +69,21 @@ pub struct Pkcs11Source(pub Pkcs11Setting);
 impl MasterKeySource for Pkcs11Source {
     fn load(&self) -> Result<MasterKey, MasterKeyError> {
         MasterKey::from_hsm(&self.0)
+    }
+
+    fn describe(&self) -> String {
+        self.0.describe()
+    }
+}
+
+/// Shares of the key, entered by their holders at start
+/// (`tokenvault unseal`): `load` waits, sealed, until enough arrive.
+#[derive(Debug, Clone)]
+pub struct SharesSource(pub SharesSetting);
+
+impl MasterKeySource for SharesSource {
+    fn load(&self) -> Result<MasterKey, MasterKeyError> {
+        super::shares::unseal(&self.0)
     }
 
     fn describe(&self) -> String {
