@@ -99,7 +99,6 @@ pub async fn run(
     if let MasterKeySetting::Env(var) = &config.master_key {
         tracing::warn!(variable = %var, "the master key came from the environment: for development only");
     }
-    tracing::info!(source = %config.master_key_source().describe(), "master key loaded");
     // Check everything that can be wrong with the configuration before
     // touching the database or binding ports.
     let tls = tls_state(&config.tls, &config.trust_domains)?;
@@ -209,6 +208,7 @@ pub async fn run(
         metrics.addr = %metrics_addr,
         data_dir = %config.data_dir.display(),
         durability = ?config.durability,
+        master_key = %config.master_key_source().describe(),
         "serving"
     );
     on_ready(grpc_addr, health_addr);
