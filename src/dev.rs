@@ -149,6 +149,16 @@ purposes = ["customer_support", "order_fulfilment"]
 [[policy]]
 identity = "spiffe://{TRUST_DOMAIN}/checkout"
 scopes = ["tokenize:*"]
+
+# What the purposes are for and their legal basis, shown to a data subject
+# in an export.
+[purposes.customer_support]
+description = "Answering the customer's questions about their orders"
+legal_basis = "contract"
+
+[purposes.order_fulfilment]
+description = "Delivering the customer's orders"
+legal_basis = "contract"
 "#
     )
 }

@@ -397,3 +397,85 @@ async fn purposes_that_need_consent_are_gated_by_it() {
     );
     vault.assert_log_free_of(&["ada@example.com", "anon@example.com"]);
 }
+
+/// "Why do you hold this?": an export says, per value, every purpose the
+/// policy lets a service reveal it for, with the purpose's description and
+/// legal basis as the config declares them, and whether it needs consent.
+/// The declarations reload with the policy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_export_says_why_each_value_is_held() {
+    const DECLARED: &str = r#"
+[purposes.customer_support]
+description = "Answering your questions about your orders"
+legal_basis = "contract"
+[purposes.order_fulfilment]
+description = "Delivering what you ordered"
+legal_basis = "contract"
+[purposes.marketing]
+description = "Offers by e-mail, if you agreed to them"
+legal_basis = "legitimate_interests"
+[purposes.subject_access_request]
+description = "Answering your request for your data"
+legal_basis = "legal_obligation"
+[field_types.email]
+consent_purposes = ["marketing"]
+"#;
+    let vault = TestVault::start_with(DECLARED);
+    tokenize(
+        &vault,
+        vec![subject_item("email", "ada@example.com", "cust-ada")],
+    )
+    .await;
+    let why =
+        |fields: &[tokenvault::proto::v1::SubjectField]| -> Vec<(String, String, String, bool)> {
+            fields[0]
+                .purposes
+                .iter()
+                .map(|p| {
+                    (
+                        p.purpose.clone(),
+                        p.legal_basis.clone(),
+                        p.description.clone(),
+                        p.needs_consent,
+                    )
+                })
+                .collect()
+        };
+    let fields = export_subject(&vault, "cust-ada").await;
+    assert_eq!(fields.len(), 1);
+    // The rules that reveal e-mail addresses: support (three purposes),
+    // the masked reader and the e-mail reader (customer_support).
+    assert_eq!(
+        why(&fields),
+        vec![
+            (
+                "customer_support".to_owned(),
+                "contract".to_owned(),
+                "Answering your questions about your orders".to_owned(),
+                false
+            ),
+            (
+                "marketing".to_owned(),
+                "legitimate_interests".to_owned(),
+                "Offers by e-mail, if you agreed to them".to_owned(),
+                true
+            ),
+            (
+                "order_fulfilment".to_owned(),
+                "contract".to_owned(),
+                "Delivering what you ordered".to_owned(),
+                false
+            ),
+        ]
+    );
+
+    let config = std::fs::read_to_string(vault.config_path()).unwrap();
+    std::fs::write(
+        vault.config_path(),
+        config.replace("Delivering what you ordered", "Sending your parcels"),
+    )
+    .unwrap();
+    vault.reload_and_wait("reloaded the policy");
+    let fields = export_subject(&vault, "cust-ada").await;
+    assert_eq!(why(&fields)[2].2, "Sending your parcels");
+}

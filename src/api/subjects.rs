@@ -72,6 +72,7 @@ impl<S: Store> TokenVaultService<S> {
             .map(|f| {
                 Ok(pb::SubjectField {
                     token: f.token.to_string(),
+                    purposes: self.why_held(&policy, &f.field_type),
                     field_type: f.field_type.to_string(),
                     value: f.value.into_response_string(),
                     created_ms: f.created_ms,
@@ -80,6 +81,43 @@ impl<S: Store> TokenVaultService<S> {
             })
             .collect();
         Ok(Box::pin(tokio_stream::iter(items)))
+    }
+
+    /// The purposes values of `field_type` may be revealed for, as the
+    /// answer to "why do you hold this".
+    fn why_held(
+        &self,
+        policy: &crate::authz::Policy,
+        field_type: &crate::token::FieldType,
+    ) -> Vec<pb::PurposeDeclaration> {
+        let consent = self
+            .vault
+            .fields()
+            .get(field_type)
+            .map(|spec| &spec.consent_purposes);
+        policy
+            .reveal_purposes(field_type)
+            .into_iter()
+            .map(|reveal| {
+                let name = reveal
+                    .purpose
+                    .as_ref()
+                    .map_or_else(|| "*".to_owned(), ToString::to_string);
+                pb::PurposeDeclaration {
+                    needs_consent: consent.is_some_and(|c| c.contains(&name)),
+                    description: reveal
+                        .declaration
+                        .as_ref()
+                        .map(|d| d.description.clone())
+                        .unwrap_or_default(),
+                    legal_basis: reveal
+                        .declaration
+                        .map(|d| d.legal_basis.to_string())
+                        .unwrap_or_default(),
+                    purpose: name,
+                }
+            })
+            .collect()
     }
 
     async fn erase_inner(

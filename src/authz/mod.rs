@@ -18,7 +18,7 @@ mod purpose;
 mod scope;
 
 pub use pattern::IdentityPattern;
-pub use purpose::{Purpose, PurposeError};
+pub use purpose::{LegalBasis, Purpose, PurposeDeclaration, PurposeError};
 pub use scope::{Action, FieldSelector, RevealForm, Scope, ScopeError};
 
 /// Purposes a rule allows: a list, or `*` for any.
@@ -81,12 +81,73 @@ pub enum PolicyError {
 #[derive(Debug, Clone, Default)]
 pub struct Policy {
     rules: Vec<Rule>,
+    /// What each declared purpose is for, and on what lawful basis.
+    declarations: std::collections::BTreeMap<Purpose, PurposeDeclaration>,
+}
+
+/// A purpose for which some identity may reveal a field type, as the
+/// policy says (one entry per purpose; `purpose` is `None` for a rule that
+/// allows any purpose).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RevealPurpose {
+    /// The purpose, or `None` for "any purpose the caller states".
+    pub purpose: Option<Purpose>,
+    /// Its declaration, if the config has one.
+    pub declaration: Option<PurposeDeclaration>,
 }
 
 impl Policy {
     /// A policy of these rules.
     pub fn new(rules: Vec<Rule>) -> Self {
-        Self { rules }
+        Self {
+            rules,
+            declarations: std::collections::BTreeMap::new(),
+        }
+    }
+
+    /// The same policy, with what its purposes are for.
+    #[must_use]
+    pub fn with_declarations(
+        mut self,
+        declarations: std::collections::BTreeMap<Purpose, PurposeDeclaration>,
+    ) -> Self {
+        self.declarations = declarations;
+        self
+    }
+
+    /// The purposes for which any identity may reveal values of
+    /// `field_type` (plain or masked), with their declarations: "why is
+    /// this held, and who may see it for what", from the rules in force.
+    pub fn reveal_purposes(&self, field_type: &FieldType) -> Vec<RevealPurpose> {
+        let mut any = false;
+        let mut named = BTreeSet::new();
+        for rule in &self.rules {
+            let reveals = rule.scopes.iter().any(|s| {
+                s.covers(Action::Detokenize, field_type)
+                    || s.covers(Action::RevealMasked, field_type)
+            });
+            if !reveals {
+                continue;
+            }
+            match &rule.purposes {
+                PurposeSet::Any => any = true,
+                PurposeSet::Only(set) => named.extend(set.iter().cloned()),
+            }
+        }
+        let mut out: Vec<RevealPurpose> = named
+            .into_iter()
+            .map(|purpose| RevealPurpose {
+                declaration: self.declarations.get(&purpose).cloned(),
+                purpose: Some(purpose),
+            })
+            .collect();
+        if any {
+            out.push(RevealPurpose {
+                purpose: None,
+                declaration: None,
+            });
+        }
+        out
     }
 
     /// What `client` may do: the union of every rule that matches it.
@@ -678,5 +739,55 @@ mod tests {
                 .allow_purpose("support".parse().unwrap())
                 .is_err()
         );
+    }
+
+    #[test]
+    fn the_purposes_a_field_type_is_revealed_for_come_from_the_rules_that_reveal_it() {
+        let declaration = |basis| PurposeDeclaration {
+            description: "Answering the customer".into(),
+            legal_basis: basis,
+        };
+        let policy = Policy::new(vec![
+            rule("spiffe://a/support", &["detokenize:email"], &["support"]),
+            rule("spiffe://a/ship", &["reveal_masked:*"], &["shipping"]),
+            // Tokenize only: says nothing about why a value is revealed.
+            rule("spiffe://a/shop", &["tokenize:*"], &["checkout"]),
+            rule("spiffe://a/ops", &["detokenize:phone"], &["*"]),
+        ])
+        .with_declarations(
+            [(
+                "support".parse().unwrap(),
+                declaration(LegalBasis::Contract),
+            )]
+            .into(),
+        );
+        let email: FieldType = "email".parse().unwrap();
+        let found = policy.reveal_purposes(&email);
+        let names: Vec<Option<&str>> = found
+            .iter()
+            .map(|p| p.purpose.as_ref().map(Purpose::as_str))
+            .collect();
+        assert_eq!(names, [Some("shipping"), Some("support")]);
+        assert_eq!(found[0].declaration, None);
+        assert_eq!(
+            found[1].declaration.as_ref().unwrap().legal_basis,
+            LegalBasis::Contract
+        );
+        let phone: FieldType = "phone".parse().unwrap();
+        let names: Vec<Option<String>> = policy
+            .reveal_purposes(&phone)
+            .into_iter()
+            .map(|p| p.purpose.map(|p| p.to_string()))
+            .collect();
+        assert_eq!(names, [Some("shipping".to_owned()), None]);
+    }
+
+    #[test]
+    fn legal_bases_parse_by_their_names_only() {
+        for basis in LegalBasis::ALL {
+            assert_eq!(basis.name().parse::<LegalBasis>().unwrap(), basis);
+        }
+        let err = "consented".parse::<LegalBasis>().unwrap_err();
+        assert!(err.contains("legitimate_interests"), "{err}");
     }
 }

@@ -51,3 +51,73 @@ impl fmt::Display for Purpose {
         f.write_str(&self.0)
     }
 }
+
+/// The lawful basis a purpose relies on (GDPR Art. 6(1) (a) to (f)).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum LegalBasis {
+    /// (a) the subject's consent.
+    Consent,
+    /// (b) a contract with the subject, or steps before one.
+    Contract,
+    /// (c) a legal obligation of the controller.
+    LegalObligation,
+    /// (d) someone's vital interests.
+    VitalInterests,
+    /// (e) a task in the public interest or official authority.
+    PublicTask,
+    /// (f) the controller's or a third party's legitimate interests.
+    LegitimateInterests,
+}
+
+impl LegalBasis {
+    /// Every basis, in the order of Art. 6(1).
+    pub const ALL: [LegalBasis; 6] = [
+        LegalBasis::Consent,
+        LegalBasis::Contract,
+        LegalBasis::LegalObligation,
+        LegalBasis::VitalInterests,
+        LegalBasis::PublicTask,
+        LegalBasis::LegitimateInterests,
+    ];
+
+    /// The name the config and the API use.
+    pub fn name(self) -> &'static str {
+        match self {
+            LegalBasis::Consent => "consent",
+            LegalBasis::Contract => "contract",
+            LegalBasis::LegalObligation => "legal_obligation",
+            LegalBasis::VitalInterests => "vital_interests",
+            LegalBasis::PublicTask => "public_task",
+            LegalBasis::LegitimateInterests => "legitimate_interests",
+        }
+    }
+}
+
+impl FromStr for LegalBasis {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        Self::ALL
+            .into_iter()
+            .find(|b| b.name() == s)
+            .ok_or_else(|| {
+                let names: Vec<&str> = Self::ALL.iter().map(|b| b.name()).collect();
+                format!("{s:?} is not a legal basis (one of {})", names.join(", "))
+            })
+    }
+}
+
+impl fmt::Display for LegalBasis {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What a purpose is for and on what lawful basis: `[purposes.<name>]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PurposeDeclaration {
+    /// What the purpose is, in words a data subject reads.
+    pub description: String,
+    /// The lawful basis it relies on.
+    pub legal_basis: LegalBasis,
+}

@@ -486,6 +486,7 @@ impl Config {
             .map_err(|e| invalid(e.key, e.message))?;
 
         let policy = parse_policy(&raw.policy, &field_types)?;
+        let policy = declare_purposes(policy, &raw, &field_types)?;
         let data_dir = raw.data_dir.relative();
         let engine = engine_setting(&raw.storage)?;
         let erasure_ledger = ledger_setting(&raw.subjects, &data_dir, &engine)?;
@@ -602,6 +603,81 @@ fn resolve_relative_paths(value: &mut toml::Value) {
         toml::Value::Array(items) => items.iter_mut().for_each(resolve_relative_paths),
         _ => {}
     }
+}
+
+/// `[purposes.*]`, checked against the policy. Declarations are optional;
+/// once there is one, every purpose the policy or a field type names must
+/// be declared (a typo is an error, not an undocumented purpose), and a
+/// purpose whose legal basis is consent may reveal only field types that
+/// check the subject's consent for it.
+fn declare_purposes(
+    policy: Policy,
+    raw: &RawConfig,
+    field_types: &FieldRegistry,
+) -> Result<Policy, ConfigError> {
+    use crate::authz::{LegalBasis, Purpose, PurposeDeclaration};
+    let mut declarations = std::collections::BTreeMap::new();
+    for (name, declared) in &raw.purposes {
+        let key = format!("purposes.{name}");
+        let purpose: Purpose = name
+            .parse()
+            .map_err(|e: crate::authz::PurposeError| invalid(&key, e.to_string()))?;
+        if declared.description.trim().is_empty() {
+            return Err(invalid(
+                format!("{key}.description"),
+                "must say what the purpose is",
+            ));
+        }
+        let legal_basis: LegalBasis = declared
+            .legal_basis
+            .parse()
+            .map_err(|e: String| invalid(format!("{key}.legal_basis"), e))?;
+        declarations.insert(
+            purpose,
+            PurposeDeclaration {
+                description: declared.description.trim().to_owned(),
+                legal_basis,
+            },
+        );
+    }
+    if declarations.is_empty() {
+        return Ok(policy);
+    }
+    let declared = |purpose: &str| declarations.keys().any(|p| p.as_str() == purpose);
+    for (i, rule) in raw.policy.iter().enumerate() {
+        if let Some(missing) = rule.purposes.iter().find(|p| *p != "*" && !declared(p)) {
+            return Err(invalid(
+                format!("policy[{i}].purposes"),
+                format!("purpose {missing} is not declared under [purposes]"),
+            ));
+        }
+    }
+    for spec in field_types.iter() {
+        if let Some(missing) = spec.consent_purposes.iter().find(|p| !declared(p)) {
+            return Err(invalid(
+                format!("field_types.{}.consent_purposes", spec.name),
+                format!("purpose {missing} is not declared under [purposes]"),
+            ));
+        }
+    }
+    let policy = policy.with_declarations(declarations);
+    for spec in field_types.iter() {
+        for reveal in policy.reveal_purposes(&spec.name) {
+            if let (Some(purpose), Some(declaration)) = (&reveal.purpose, &reveal.declaration)
+                && declaration.legal_basis == LegalBasis::Consent
+                && !spec.consent_purposes.contains(purpose.as_str())
+            {
+                return Err(invalid(
+                    format!("purposes.{purpose}.legal_basis"),
+                    format!(
+                        "is consent, but the policy lets it reveal {} without checking consent: add it to field_types.{}.consent_purposes",
+                        spec.name, spec.name
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(policy)
 }
 
 fn parse_policy(rules: &[RawRule], field_types: &FieldRegistry) -> Result<Policy, ConfigError> {
@@ -914,6 +990,62 @@ mod tests {
         );
         let config = Config::from_figment(&figment).unwrap();
         assert!(config.master_key_source().describe().contains("TV_KEY"));
+    }
+
+    #[test]
+    fn purposes_are_declared_with_a_legal_basis_and_checked_against_the_policy() {
+        let policy = "[[policy]]\nidentity = \"spiffe://shop/support\"\nscopes = [\"detokenize:email\"]\npurposes = [\"support\"]\n";
+        let support = "[purposes.support]\ndescription = \"Answering the customer's questions\"\nlegal_basis = \"contract\"\n";
+        // Without declarations the policy stands as before.
+        assert!(parse(policy).is_ok());
+        let config = parse(&format!("{policy}{support}")).unwrap();
+        let email: crate::token::FieldType = "email".parse().unwrap();
+        let why = config.policy.reveal_purposes(&email);
+        assert_eq!(why.len(), 1);
+        assert_eq!(
+            why[0].declaration.as_ref().unwrap().legal_basis,
+            crate::authz::LegalBasis::Contract
+        );
+
+        let refused = |extra: &str, key: &str| {
+            let err = parse(extra).unwrap_err().to_string();
+            assert!(err.contains(key), "{key}: {err}");
+        };
+        // Once there is one declaration, an undeclared purpose is a typo.
+        refused(
+            &format!(
+                "{policy}{support}[[policy]]\nidentity = \"cn:x\"\nscopes = [\"detokenize:phone\"]\npurposes = [\"suport\"]\n"
+            ),
+            "policy[1].purposes",
+        );
+        refused(
+            &format!("{policy}{support}[field_types.email]\nconsent_purposes = [\"marketing\"]\n"),
+            "field_types.email.consent_purposes",
+        );
+        refused(
+            &format!(
+                "{policy}[purposes.support]\ndescription = \"x\"\nlegal_basis = \"because\"\n"
+            ),
+            "purposes.support.legal_basis",
+        );
+        refused(
+            &format!(
+                "{policy}[purposes.support]\ndescription = \" \"\nlegal_basis = \"contract\"\n"
+            ),
+            "purposes.support.description",
+        );
+        // Consent as the basis, but the field type never asks for it.
+        let consent = support.replace("contract", "consent");
+        refused(
+            &format!("{policy}{consent}"),
+            "purposes.support.legal_basis",
+        );
+        assert!(
+            parse(&format!(
+                "{policy}{consent}[field_types.email]\nconsent_purposes = [\"support\"]\n"
+            ))
+            .is_ok()
+        );
     }
 
     #[test]

@@ -39,6 +39,9 @@ pub struct RawConfig {
     pub field_types: BTreeMap<String, RawFieldType>,
     /// Access rules; default deny.
     pub policy: Vec<RawRule>,
+    /// `[purposes.<name>]`: what each purpose is for and its legal basis.
+    #[serde(default)]
+    pub purposes: BTreeMap<String, RawPurpose>,
 }
 
 /// `[server]`.
@@ -268,6 +271,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// One `[purposes.<name>]` entry.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawPurpose {
+    /// What the purpose is, in words a data subject reads.
+    pub description: String,
+    /// consent, contract, legal_obligation, vital_interests, public_task or
+    /// legitimate_interests (GDPR Art. 6(1)).
+    pub legal_basis: String,
+}
+
 /// One `[[policy]]` entry.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -356,6 +370,7 @@ impl Default for RawConfig {
                 })
                 .collect(),
             policy: Vec::new(),
+            purposes: BTreeMap::new(),
         }
     }
 }

@@ -53,9 +53,11 @@ fn watched(config: &Config) -> Vec<PathBuf> {
 }
 
 /// The settings a reload puts in force, with the TOML paths they live at.
-const RELOADABLE: [&[&str]; 5] = [
+const RELOADABLE: [&[&str]; 6] = [
     &["tls"],
     &["policy"],
+    // The purposes' declarations travel with the policy.
+    &["purposes"],
     &["limits", "per_identity_concurrency"],
     &["limits", "per_identity_rate"],
     &["limits", "per_identity_burst"],
