@@ -410,6 +410,7 @@ async fn every_rpc_of_every_service_leaves_its_event() {
             .export_subject(ExportSubjectRequest {
                 subject_id: subject.clone(),
                 purpose: "subject_access_request".into(),
+                recipient_public_key: Vec::new(),
             })
             .await;
         check("ExportSubject", drain(export).await);

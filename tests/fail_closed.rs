@@ -143,6 +143,7 @@ async fn when_nothing_can_be_synced_every_call_fails_closed() {
         .export_subject(ExportSubjectRequest {
             subject_id: "cust-closed".into(),
             purpose: "subject_access_request".into(),
+            recipient_public_key: Vec::new(),
         })
         .await
     {

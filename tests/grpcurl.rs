@@ -171,3 +171,59 @@ fn the_dev_banner_commands_work_with_real_grpcurl() {
     child.kill().unwrap();
     child.wait().unwrap();
 }
+
+/// A sealed export as a person would ask for it with grpcurl, saved to a
+/// file and opened offline with `tokenvault subjects open-export`: the
+/// opener reads grpcurl's own JSON output.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_export_saved_from_grpcurl_opens_with_the_private_key() {
+    let vault = common::TestVault::start();
+    let mut client = vault.client("support").await;
+    let value = "grpcurl.sealed@example.com";
+    let response = client
+        .tokenize(tokenvault::proto::v1::TokenizeRequest {
+            items: vec![common::subject_item("email", value, "cust-grpcurl")],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(common::tokens_of(response).len(), 1);
+
+    let dir = tempfile::tempdir().unwrap();
+    let keygen = tokenvault_command()
+        .args(["subjects", "keygen", "--out-dir"])
+        .arg(dir.path().join("keys"))
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{}", text(&keygen));
+    let public = String::from_utf8(keygen.stdout).unwrap();
+    let tls = vault.pki.tls("privacy");
+    let export = sh(
+        dir.path(),
+        &format!(
+            r#"grpcurl -cacert {} -cert {} -key {} -d '{{"subject_id":"cust-grpcurl","purpose":"subject_access_request","recipient_public_key":"{}"}}' localhost:{} tokenvault.v1.Subjects/ExportSubject > export.json"#,
+            tls.ca.display(),
+            tls.cert.display(),
+            tls.key.display(),
+            public.trim(),
+            vault.grpc_addr.port()
+        ),
+    );
+    assert!(export.status.success(), "{}", text(&export));
+    let saved = std::fs::read_to_string(dir.path().join("export.json")).unwrap();
+    assert!(saved.contains("encapsulatedKey"), "{saved}");
+    assert!(!saved.contains(value));
+
+    let opened = tokenvault_command()
+        .args(["subjects", "open-export", "--key"])
+        .arg(dir.path().join("keys/export.key"))
+        .arg("--in")
+        .arg(dir.path().join("export.json"))
+        .output()
+        .unwrap();
+    assert!(opened.status.success(), "{}", text(&opened));
+    let line: serde_json::Value =
+        serde_json::from_str(String::from_utf8_lossy(&opened.stdout).trim()).unwrap();
+    assert_eq!(line["value"], value);
+    assert_eq!(line["field_type"], "email");
+}

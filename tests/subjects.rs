@@ -85,6 +85,7 @@ async fn export_update_and_delete() {
         .export_subject(ExportSubjectRequest {
             subject_id: "cust-ada".into(),
             purpose: "customer_support".into(),
+            recipient_public_key: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -99,6 +100,7 @@ async fn export_update_and_delete() {
         .export_subject(ExportSubjectRequest {
             subject_id: "cust-ada".into(),
             purpose: "subject_access_request".into(),
+            recipient_public_key: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -478,4 +480,158 @@ consent_purposes = ["marketing"]
     vault.reload_and_wait("reloaded the policy");
     let fields = export_subject(&vault, "cust-ada").await;
     assert_eq!(why(&fields)[2].2, "Sending your parcels");
+}
+
+/// Runs `tokenvault subjects …`; (succeeded, stdout, stderr).
+fn subjects_cli(args: &[&str]) -> (bool, String, String) {
+    let out = common::tokenvault_command()
+        .arg("subjects")
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The messages of a sealed export as grpcurl prints them: one JSON object
+/// each, bytes in base64, names in lowerCamelCase.
+fn as_grpcurl_json(messages: &[tokenvault::proto::v1::SubjectField]) -> String {
+    let encode = |bytes: &[u8]| data_encoding::BASE64.encode(bytes);
+    messages
+        .iter()
+        .map(|m| {
+            let mut object = serde_json::Map::new();
+            object.insert("sealed".into(), encode(&m.sealed).into());
+            if !m.encapsulated_key.is_empty() {
+                object.insert("encapsulatedKey".into(), encode(&m.encapsulated_key).into());
+            }
+            serde_json::to_string_pretty(&object).unwrap()
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+/// A sealed export streams only ciphertext; `subjects open-export` opens it
+/// with the recipient's private key, and refuses another key, a cut-off
+/// export and reordered records.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sealed_export_opens_only_with_the_recipients_key() {
+    let mut vault = TestVault::start();
+    let values = ["sealed.ada@example.com", "Ada Sealed Lovelace"];
+    tokenize(
+        &vault,
+        vec![
+            subject_item("email", values[0], "cust-sealed"),
+            subject_item("name", values[1], "cust-sealed"),
+        ],
+    )
+    .await;
+    let keys = tempfile::tempdir().unwrap();
+    let dir = keys.path().join("requester");
+    let (ok, public_line, err) = subjects_cli(&["keygen", "--out-dir", dir.to_str().unwrap()]);
+    assert!(ok, "{err}");
+    let mode = std::os::unix::fs::PermissionsExt::mode(
+        &std::fs::metadata(dir.join("export.key"))
+            .unwrap()
+            .permissions(),
+    ) & 0o777;
+    assert_eq!(mode, 0o600);
+    let public = data_encoding::BASE64
+        .decode(public_line.trim().as_bytes())
+        .unwrap();
+
+    let mut privacy = privacy(&vault).await;
+    let request = |key: Vec<u8>| ExportSubjectRequest {
+        subject_id: "cust-sealed".into(),
+        purpose: "subject_access_request".into(),
+        recipient_public_key: key,
+    };
+    let mut stream = privacy
+        .export_subject(request(public.clone()))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut messages = Vec::new();
+    while let Some(message) = stream.message().await.unwrap() {
+        messages.push(message);
+    }
+    // Two values and the end record; nothing in clear.
+    assert_eq!(messages.len(), 3);
+    for (n, m) in messages.iter().enumerate() {
+        assert!(m.value.is_empty() && m.token.is_empty() && m.field_type.is_empty());
+        assert!(m.purposes.is_empty() && m.created_ms == 0);
+        assert_eq!(m.encapsulated_key.len(), if n == 0 { 32 } else { 0 });
+        for value in values {
+            assert!(!m.sealed.windows(value.len()).any(|w| w == value.as_bytes()));
+        }
+    }
+
+    let saved = keys.path().join("export.json");
+    std::fs::write(&saved, as_grpcurl_json(&messages)).unwrap();
+    let key = dir.join("export.key");
+    let open = |key: &Path, file: &Path| {
+        subjects_cli(&[
+            "open-export",
+            "--key",
+            key.to_str().unwrap(),
+            "--in",
+            file.to_str().unwrap(),
+        ])
+    };
+    let (ok, out, err) = open(&key, &saved);
+    assert!(ok, "{err}");
+    let mut opened: Vec<(String, String)> = out
+        .lines()
+        .map(|line| {
+            let v: serde_json::Value = serde_json::from_str(line).unwrap();
+            (
+                v["field_type"].as_str().unwrap().to_owned(),
+                v["value"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    opened.sort();
+    assert_eq!(
+        opened,
+        [
+            ("email".to_owned(), values[0].to_owned()),
+            ("name".to_owned(), values[1].to_owned())
+        ]
+    );
+
+    // Another key.
+    let other = keys.path().join("other");
+    assert!(subjects_cli(&["keygen", "--out-dir", other.to_str().unwrap()]).0);
+    let (ok, _, err) = open(&other.join("export.key"), &saved);
+    assert!(!ok && err.contains("does not open with this key"), "{err}");
+    // Cut off before the end record.
+    let cut = keys.path().join("cut.json");
+    std::fs::write(&cut, as_grpcurl_json(&messages[..2])).unwrap();
+    let (ok, _, err) = open(&key, &cut);
+    assert!(!ok && err.contains("cut off"), "{err}");
+    // Two records swapped.
+    let mut swapped = messages.clone();
+    let second = std::mem::take(&mut swapped[1].sealed);
+    swapped[1].sealed = std::mem::replace(&mut swapped[2].sealed, second);
+    let reordered = keys.path().join("reordered.json");
+    std::fs::write(&reordered, as_grpcurl_json(&swapped)).unwrap();
+    let (ok, _, err) = open(&key, &reordered);
+    assert!(!ok && err.contains("changed or is out of order"), "{err}");
+
+    // A key of the wrong length is refused before anything is exported.
+    let status = privacy
+        .export_subject(request(vec![9; 31]))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument);
+    assert!(
+        status.message().contains("32 bytes"),
+        "{}",
+        status.message()
+    );
+
+    vault.assert_log_free_of(&values);
 }

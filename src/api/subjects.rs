@@ -37,6 +37,56 @@ fn token(text: &str) -> Result<Token, Error> {
         .map_err(|e: crate::token::TokenError| Error::InvalidArgument(e.to_string()))
 }
 
+/// An export's fields as records sealed to its recipient, followed by the
+/// end record that says how many there were; the first message carries the
+/// encapsulated key. Nothing in clear but the message boundaries.
+fn seal_export(
+    fields: Vec<pb::SubjectField>,
+    encapsulated: &[u8],
+    mut sealer: crate::crypto::ExportSealer,
+) -> Result<Vec<Result<pb::SubjectField, Status>>, Error> {
+    use prost::Message;
+    let total = fields.len() as u64;
+    let records = fields
+        .into_iter()
+        .enumerate()
+        .map(|(index, field)| pb::SealedRecord {
+            field: Some(field),
+            index: index as u64,
+            total: 0,
+            end: false,
+        })
+        .chain(std::iter::once(pb::SealedRecord {
+            field: None,
+            index: total,
+            total,
+            end: true,
+        }));
+    let mut out = Vec::new();
+    for (n, record) in records.enumerate() {
+        let plain = zeroize::Zeroizing::new(record.encode_to_vec());
+        drop(record);
+        let sealed = sealer
+            .seal(&plain)
+            .map_err(|e| Error::Vault(crate::vault::Error::Crypto(e)))?;
+        out.push(Ok(pb::SubjectField {
+            token: String::new(),
+            field_type: String::new(),
+            value: String::new(),
+            created_ms: 0,
+            expires_ms: 0,
+            purposes: Vec::new(),
+            sealed,
+            encapsulated_key: if n == 0 {
+                encapsulated.to_vec()
+            } else {
+                Vec::new()
+            },
+        }));
+    }
+    Ok(out)
+}
+
 /// The stream of an export.
 pub type ExportStream = Pin<Box<dyn Stream<Item = Result<pb::SubjectField, Status>> + Send>>;
 
@@ -66,20 +116,40 @@ impl<S: Store> TokenVaultService<S> {
                 subject(&request.subject_id)?,
             )
             .map_err(denied)?;
+        // A sealed export's key is checked before anything is exported.
+        let sealer = match request.recipient_public_key.len() {
+            0 => None,
+            crate::crypto::EXPORT_KEY_LEN => Some(
+                crate::crypto::ExportSealer::new(&request.recipient_public_key).map_err(|_| {
+                    Error::InvalidArgument(
+                        "recipient_public_key is not a usable X25519 public key".into(),
+                    )
+                })?,
+            ),
+            other => {
+                return Err(Error::InvalidArgument(format!(
+                    "recipient_public_key must be an X25519 public key of 32 bytes, not {other}"
+                )));
+            }
+        };
         let fields = self.vault.export_subject(permit, &call.audit(1, 0)).await?;
-        let items: Vec<Result<pb::SubjectField, Status>> = fields
+        let plain: Vec<pb::SubjectField> = fields
             .into_iter()
-            .map(|f| {
-                Ok(pb::SubjectField {
-                    token: f.token.to_string(),
-                    purposes: self.why_held(&policy, &f.field_type),
-                    field_type: f.field_type.to_string(),
-                    value: f.value.into_response_string(),
-                    created_ms: f.created_ms,
-                    expires_ms: f.expires_ms.unwrap_or(0),
-                })
+            .map(|f| pb::SubjectField {
+                token: f.token.to_string(),
+                purposes: self.why_held(&policy, &f.field_type),
+                field_type: f.field_type.to_string(),
+                value: f.value.into_response_string(),
+                created_ms: f.created_ms,
+                expires_ms: f.expires_ms.unwrap_or(0),
+                sealed: Vec::new(),
+                encapsulated_key: Vec::new(),
             })
             .collect();
+        let items = match sealer {
+            None => plain.into_iter().map(Ok).collect(),
+            Some((encapsulated, sealer)) => seal_export(plain, &encapsulated, sealer)?,
+        };
         Ok(Box::pin(tokio_stream::iter(items)))
     }
 

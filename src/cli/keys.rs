@@ -254,7 +254,7 @@ pub(super) async fn run(command: KeysCommand) -> Result<ExitCode, String> {
                 .map_err(|e| format!("cannot create {}: {e}", out_dir.display()))?;
             for (n, line) in lines.iter().enumerate() {
                 let path = out_dir.join(format!("share-{}", n + 1));
-                write_new_private(&path, &format!("{}\n", line.as_str()))?;
+                super::write_new_file(&path, &format!("{}\n", line.as_str()), 0o600)?;
             }
             println!(
                 "wrote {shares} shares to {}: any {threshold} make the master key. Give each to one holder, then destroy {} and these copies.",
@@ -456,20 +456,6 @@ async fn follow(admin: &mut AdminClient<Channel>) -> Result<(), String> {
 
 fn bar(job: &pb::JobStatus) -> String {
     super::progress::bar(job_name(job), job.visited, job.total)
-}
-
-/// Writes `text` to a new file with mode 0600, refusing to replace one.
-fn write_new_private(path: &std::path::Path, text: &str) -> Result<(), String> {
-    use std::{io::Write, os::unix::fs::OpenOptionsExt};
-    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(fail)?;
-    file.write_all(text.as_bytes()).map_err(fail)?;
-    file.sync_all().map_err(fail)
 }
 
 #[cfg(test)]

@@ -13,6 +13,7 @@ mod backup;
 mod keys;
 mod logging;
 mod progress;
+mod subjects;
 mod terminal;
 
 use clap::{Args, Parser, Subcommand};
@@ -64,6 +65,10 @@ enum Command {
     /// Data keys: rotate (through a running vault), list (offline).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
+    /// A data subject's sealed export, offline: a key pair to receive it,
+    /// and opening it.
+    #[command(subcommand)]
+    Subjects(subjects::SubjectsCommand),
     /// Give one master-key share to a vault that started sealed
     /// ([keys.shares]); each holder runs it once.
     Unseal(UnsealArgs),
@@ -221,6 +226,7 @@ pub fn main() -> ExitCode {
         Command::Config(ConfigCommand::Check { file }) => config_check(file.as_deref()),
         Command::Audit(command) => audit::run(command),
         Command::Unseal(args) => unseal(&args),
+        Command::Subjects(command) => subjects::run(command),
         command => runtime().and_then(|runtime| match command {
             Command::Client(args) => runtime.block_on(client(args)),
             Command::Health(args) => runtime.block_on(health(args)),
@@ -229,7 +235,11 @@ pub fn main() -> ExitCode {
                 .map(|_| ExitCode::SUCCESS),
             Command::Backup(command) => runtime.block_on(backup::run(command)),
             Command::Keys(command) => runtime.block_on(keys::run(command)),
-            Command::Serve(_) | Command::Config(_) | Command::Audit(_) | Command::Unseal(_) => {
+            Command::Serve(_)
+            | Command::Config(_)
+            | Command::Audit(_)
+            | Command::Unseal(_)
+            | Command::Subjects(_) => {
                 unreachable!("handled above")
             }
         }),
@@ -332,6 +342,21 @@ fn unseal(args: &UnsealArgs) -> Result<ExitCode, String> {
     let answer = crate::crypto::send_share(&args.socket, &share)?;
     println!("{answer}");
     Ok(ExitCode::SUCCESS)
+}
+
+/// Writes `text` to a new file with `mode`, refusing to replace one (a
+/// key or share is never silently overwritten), and syncs it.
+fn write_new_file(path: &Path, text: &str, mode: u32) -> Result<(), String> {
+    use std::{io::Write, os::unix::fs::OpenOptionsExt};
+    let fail = |e: std::io::Error| format!("cannot write {}: {e}", path.display());
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
+        .map_err(fail)?;
+    file.write_all(text.as_bytes()).map_err(fail)?;
+    file.sync_all().map_err(fail)
 }
 
 fn config_check(file: Option<&Path>) -> Result<ExitCode, String> {

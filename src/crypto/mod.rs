@@ -62,6 +62,7 @@
 
 mod master;
 mod pkcs11;
+mod sealed;
 mod secret;
 mod shares;
 mod sign;
@@ -78,6 +79,7 @@ use zeroize::Zeroizing;
 
 pub use master::{MasterKey, MasterKeyError};
 pub use pkcs11::{Pkcs11Setting, create_key as create_hsm_key};
+pub use sealed::{EXPORT_KEY_LEN, ExportOpener, ExportSealer, export_keypair};
 pub use secret::SecretValue;
 pub use shares::{SharesSetting, send_share, split as split_master_key};
 pub use sign::{AuditSigningKey, verify_signature};
@@ -109,6 +111,9 @@ pub enum Error {
     /// the session or the login), after one retry in a new session.
     #[error("the HSM holding the master key failed: {0}")]
     Hsm(String),
+    /// A sealed export's recipient key is not an X25519 public key.
+    #[error("the recipient public key is not a usable X25519 public key")]
+    BadPublicKey,
 }
 
 /// A sealed value: the nonce and the ciphertext (which ends in the tag).

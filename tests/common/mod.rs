@@ -805,6 +805,7 @@ pub async fn export_subject(
         .export_subject(ExportSubjectRequest {
             subject_id: subject.into(),
             purpose: "subject_access_request".into(),
+            recipient_public_key: Vec::new(),
         })
         .await
         .unwrap()
