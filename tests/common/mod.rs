@@ -298,18 +298,19 @@ level = "info"
         self.reader = Some(std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines() {
                 let Ok(line) = line else { break };
-                if let Some(event) = log_event(&line)
-                    && event["message"] == "serving"
-                {
-                    let addr = |key: &str| event[key].as_str().unwrap_or_default().to_owned();
-                    let _ = ready_tx.send((
-                        addr("grpc.addr"),
-                        addr("health.addr"),
-                        addr("metrics.addr"),
-                    ));
-                }
+                let ready = log_event(&line)
+                    .filter(|event| event["message"] == "serving")
+                    .map(|event| {
+                        let addr = |key: &str| event[key].as_str().unwrap_or_default().to_owned();
+                        (addr("grpc.addr"), addr("health.addr"), addr("metrics.addr"))
+                    });
+                // The line is in the log before the test hears that the
+                // server serves, so a test can look for it at once.
                 logs.0.lock().unwrap().push(line);
                 logs.1.notify_all();
+                if let Some(ready) = ready {
+                    let _ = ready_tx.send(ready);
+                }
             }
         }));
         self.child = Some(child);
@@ -479,6 +480,20 @@ impl Drop for TestVault {
 
 /// The `tokenvault` binary, with a clean environment so no `TOKENVAULT_*`
 /// variable of the developer's shell changes the test.
+/// Rotates the running vault's master key to a new key file `name` in its
+/// root (`keys rotate-master --new-key-file`); what the command printed.
+pub async fn rotate_master_to_new_file(vault: &TestVault, name: &str) -> String {
+    let new_key = vault.root.path().join(name);
+    tokenvault::crypto::MasterKey::create_file(&new_key).unwrap();
+    let (ok, out, err) = keys_cli(
+        vault,
+        &["rotate-master", "--new-key-file", new_key.to_str().unwrap()],
+    )
+    .await;
+    assert!(ok, "{err}");
+    out
+}
+
 pub fn tokenvault_command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
     command.env_clear();
