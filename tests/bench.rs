@@ -5,33 +5,17 @@
 
 mod common;
 
-#[test]
-fn a_tiny_bench_run_measures_every_scenario_without_errors() {
+/// Runs `tokenvault bench ARGS` in a new temporary directory, writing
+/// bench.json and bench.md there; the directory and the JSON report.
+fn run_bench(args: &[&str]) -> (tempfile::TempDir, serde_json::Value) {
     let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let markdown = dir.path().join("bench.md");
     let out = common::tokenvault_command()
-        .args([
-            "bench",
-            "--seconds",
-            "0.3",
-            "--pool",
-            "200",
-            "--preload",
-            "500",
-            "--in-flight",
-            "8",
-            "--connections",
-            "2",
-            "--batch",
-            "10",
-            "--settle-limit",
-            "0",
-        ])
+        .arg("bench")
+        .args(args)
         .arg("--json")
-        .arg(&json)
+        .arg(dir.path().join("bench.json"))
         .arg("--markdown")
-        .arg(&markdown)
+        .arg(dir.path().join("bench.md"))
         .current_dir(dir.path())
         .output()
         .unwrap();
@@ -40,7 +24,29 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let report =
+        serde_json::from_slice(&std::fs::read(dir.path().join("bench.json")).unwrap()).unwrap();
+    (dir, report)
+}
+
+#[test]
+fn a_tiny_bench_run_measures_every_scenario_without_errors() {
+    let (dir, report) = run_bench(&[
+        "--seconds",
+        "0.3",
+        "--pool",
+        "200",
+        "--preload",
+        "500",
+        "--in-flight",
+        "8",
+        "--connections",
+        "2",
+        "--batch",
+        "10",
+        "--settle-limit",
+        "0",
+    ]);
     let rows = report["rows"].as_array().unwrap();
     let scenarios = [
         "noop",
@@ -109,7 +115,7 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
         "{}",
         report["machine"]
     );
-    let table = std::fs::read_to_string(&markdown).unwrap();
+    let table = std::fs::read_to_string(dir.path().join("bench.md")).unwrap();
     assert!(table.contains("| tokenize-batch | sync |"), "{table}");
     assert!(
         table.contains("| handler p50 ms | handler p99 ms | server CPU s / 1k items | client CPU s / 1k items |"),
@@ -138,46 +144,31 @@ fn source_commit() -> String {
 /// a throwaway cluster the bench starts itself; the report compares them.
 #[test]
 fn a_tiny_bench_run_compares_postgres_replicas_with_the_peer() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let out = common::tokenvault_command()
-        .args([
-            "bench",
-            "--engine",
-            "postgres",
-            "--replicas",
-            "1,2",
-            "--peer",
-            "postgres",
-            "--scenarios",
-            "tokenize,tokenize-batch,detokenize,detokenize-batch",
-            "--seconds",
-            "0.3",
-            "--pool",
-            "200",
-            "--preload",
-            "0",
-            "--in-flight",
-            "8",
-            "--connections",
-            "2",
-            "--batch",
-            "10",
-            "--settle-limit",
-            "0",
-            "--no-in-process",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let (_dir, report) = run_bench(&[
+        "--engine",
+        "postgres",
+        "--replicas",
+        "1,2",
+        "--peer",
+        "postgres",
+        "--scenarios",
+        "tokenize,tokenize-batch,detokenize,detokenize-batch",
+        "--seconds",
+        "0.3",
+        "--pool",
+        "200",
+        "--preload",
+        "0",
+        "--in-flight",
+        "8",
+        "--connections",
+        "2",
+        "--batch",
+        "10",
+        "--settle-limit",
+        "0",
+        "--no-in-process",
+    ]);
     let rows = report["rows"].as_array().unwrap();
     for setup in ["postgres×1", "postgres×2", "peer", "peer+audit"] {
         for scenario in [
@@ -217,46 +208,31 @@ fn a_tiny_bench_run_compares_postgres_replicas_with_the_peer() {
 
 #[test]
 fn a_tiny_bench_run_compares_a_master_key_in_an_hsm_with_one_in_a_file() {
-    let dir = tempfile::tempdir().unwrap();
-    let json = dir.path().join("bench.json");
-    let out = common::tokenvault_command()
-        .args([
-            "bench",
-            "--engine",
-            "rocksdb",
-            "--durability",
-            "sync",
-            "--master-key",
-            "file,hsm",
-            "--open-subjects",
-            "300",
-            "--scenarios",
-            "tokenize,detokenize,tokenize-batch",
-            "--seconds",
-            "0.3",
-            "--pool",
-            "100",
-            "--preload",
-            "0",
-            "--in-flight",
-            "4",
-            "--batch",
-            "10",
-            "--settle-limit",
-            "0",
-            "--no-in-process",
-        ])
-        .arg("--json")
-        .arg(&json)
-        .current_dir(dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&json).unwrap()).unwrap();
+    let (_dir, report) = run_bench(&[
+        "--engine",
+        "rocksdb",
+        "--durability",
+        "sync",
+        "--master-key",
+        "file,hsm",
+        "--open-subjects",
+        "300",
+        "--scenarios",
+        "tokenize,detokenize,tokenize-batch",
+        "--seconds",
+        "0.3",
+        "--pool",
+        "100",
+        "--preload",
+        "0",
+        "--in-flight",
+        "4",
+        "--batch",
+        "10",
+        "--settle-limit",
+        "0",
+        "--no-in-process",
+    ]);
     let rows = report["rows"].as_array().unwrap();
     for configuration in ["sync", "sync+hsm"] {
         for scenario in ["tokenize", "detokenize", "tokenize-batch"] {

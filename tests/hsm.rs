@@ -203,14 +203,7 @@ async fn the_master_key_moves_from_a_file_to_the_hsm_and_back() {
     common::assert_all_detokenize(&vault, &pairs).await;
 
     // And back to a new file.
-    let new_key = vault.root.path().join("master-2.key");
-    tokenvault::crypto::MasterKey::create_file(&new_key).unwrap();
-    let (ok, out, err) = common::keys_cli(
-        &vault,
-        &["rotate-master", "--new-key-file", new_key.to_str().unwrap()],
-    )
-    .await;
-    assert!(ok, "{err}");
+    let out = common::rotate_master_to_new_file(&vault, "master-2.key").await;
     assert!(out.contains("keys.master_key_file"), "{out}");
     vault.stop();
     vault.keys = "master_key_file = \"master-2.key\"\n".to_owned();

@@ -76,14 +76,7 @@ async fn the_master_key_rotates_without_touching_records() {
     else {
         panic!("no token");
     };
-    let new_key = vault.root.path().join("master-2.key");
-    tokenvault::crypto::MasterKey::create_file(&new_key).unwrap();
-    let (ok, out, err) = common::keys_cli(
-        &vault,
-        &["rotate-master", "--new-key-file", new_key.to_str().unwrap()],
-    )
-    .await;
-    assert!(ok, "{err}");
+    let out = common::rotate_master_to_new_file(&vault, "master-2.key").await;
     assert!(out.contains("re-wrapped"), "{out}");
     vault.stop();
 
