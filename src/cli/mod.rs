@@ -62,7 +62,8 @@ enum Command {
     /// Online backups: create (through a running vault), verify, restore.
     #[command(subcommand)]
     Backup(backup::BackupCommand),
-    /// Data keys: rotate (through a running vault), list (offline).
+    /// Keys: rotate (through a running vault), list (offline), and the
+    /// master key's custody (create one in an HSM, split one into shares).
     #[command(subcommand)]
     Keys(keys::KeysCommand),
     /// A data subject's sealed export, offline: a key pair to receive it,
