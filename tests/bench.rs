@@ -116,6 +116,22 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
         report["machine"]
     );
     let table = std::fs::read_to_string(dir.path().join("bench.md")).unwrap();
+    // BENCHMARKS.md's tables come from the committed JSON: rendering the
+    // saved report gives the same tables the run printed.
+    let rendered = dir.path().join("rendered.md");
+    let out = common::tokenvault_command()
+        .args(["bench", "--render"])
+        .arg(dir.path().join("bench.json"))
+        .arg("--markdown")
+        .arg(&rendered)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(std::fs::read_to_string(&rendered).unwrap(), table);
     assert!(table.contains("| tokenize-batch | sync |"), "{table}");
     assert!(
         table.contains("| handler p50 ms | handler p99 ms | server CPU s / 1k items | client CPU s / 1k items |"),

@@ -127,6 +127,10 @@ pub struct BenchArgs {
     /// Write the report as Markdown here.
     #[arg(long)]
     pub markdown: Option<PathBuf>,
+    /// Measure nothing: print (and with --markdown write) the tables of a
+    /// report saved earlier with --json, as BENCHMARKS.md shows them.
+    #[arg(long, conflicts_with_all = ["target", "json"])]
+    pub render: Option<PathBuf>,
 }
 
 /// A peer to measure beside the vault.
@@ -172,6 +176,14 @@ impl ServerSide<'_> {
 /// # Errors
 /// A description of what failed.
 pub async fn run(args: BenchArgs) -> Result<Report, String> {
+    if let Some(saved) = &args.render {
+        let text =
+            std::fs::read(saved).map_err(|e| format!("cannot read {}: {e}", saved.display()))?;
+        let report: Report = serde_json::from_slice(&text)
+            .map_err(|e| format!("{} is not a bench report: {e}", saved.display()))?;
+        publish(&report, &args)?;
+        return Ok(report);
+    }
     let scenarios = parse_scenarios(&args.scenarios)?;
     let mut report = Report {
         opens: Vec::new(),
@@ -271,17 +283,23 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         ceilings::device_ceiling(&args, &mut report).await?;
     }
     report.targets = targets::targets(&report, args.preload as u64);
+    publish(&report, &args)?;
+    if let Some(path) = &args.json {
+        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
+        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(report)
+}
+
+/// Prints the report's tables, and writes them to --markdown if given.
+fn publish(report: &Report, args: &BenchArgs) -> Result<(), String> {
     let markdown = report.markdown();
     println!("{markdown}");
     if let Some(path) = &args.markdown {
         std::fs::write(path, &markdown)
             .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
-    if let Some(path) = &args.json {
-        let json = serde_json::to_string_pretty(&report).map_err(|e| e.to_string())?;
-        std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
-    }
-    Ok(report)
+    Ok(())
 }
 
 fn parse_scenarios(list: &str) -> Result<Vec<Scenario>, String> {

@@ -1,9 +1,9 @@
 //! The benchmark report: rows, ratios against the ceilings, JSON and Markdown.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// One measured scenario.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Row {
     /// Scenario name (`tokenize`, `detokenize@50%`, `in-process tokenize-batch`...).
     pub scenario: String,
@@ -53,7 +53,7 @@ pub struct Row {
 }
 
 /// The machine and build a report came from.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Machine {
     /// CPU model name.
     pub cpu: String,
@@ -66,7 +66,7 @@ pub struct Machine {
 }
 
 /// A whole run.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Report {
     /// The command line that produced it.
     pub command: String,
@@ -82,12 +82,12 @@ pub struct Report {
     /// The targets, computed from rows of this same run.
     pub targets: Vec<Target>,
     /// How long vaults took to open (`--open-subjects`).
-    #[serde(skip_serializing_if = "Vec::is_empty")]
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub opens: Vec<OpenTime>,
 }
 
 /// How long a vault took to open, start to serving.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct OpenTime {
     /// The configuration, as in the rows (`sync`, `sync+hsm`...).
     pub configuration: String,
@@ -99,7 +99,7 @@ pub struct OpenTime {
 }
 
 /// A target ratio and whether this run met it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Target {
     /// What is compared.
     pub name: String,
