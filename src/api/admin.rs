@@ -76,9 +76,7 @@ impl<S: Store> TokenVaultService<S> {
         let grants = policy.grants(&call.client);
         // Authorised before the request is looked at: a caller without
         // admin:keys learns nothing about the server's files or modules.
-        grants
-            .permit_global(Action::AdminKeys, ())
-            .map_err(denied)?;
+        grants.require_action(Action::AdminKeys).map_err(denied)?;
         let setting = self.new_master_key(request)?;
         let permit = grants
             .permit_global(Action::AdminKeys, setting)

@@ -118,15 +118,11 @@ impl MasterKey {
         })
     }
 
-    fn local(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
+    /// A key held in memory, from its bytes (a file's, or shares combined).
+    pub(super) fn local(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
         Self {
             kek: Kek::Local(Box::new(DataKey::from_bytes(bytes))),
         }
-    }
-
-    /// A key held in memory, from its bytes (shares combined).
-    pub(super) fn from_bytes(bytes: Zeroizing<[u8; KEY_LEN]>) -> Self {
-        Self::local(bytes)
     }
 
     /// The key's bytes when this process holds them (not for a key in an

@@ -165,21 +165,14 @@ impl HsmKek {
 
     fn open_session(&self) -> Result<Open, MasterKeyError> {
         let token = &self.setting.token_label;
-        let fail = |what: &str, e: CkError| {
-            MasterKeyError::Pkcs11(format!("{what} on token '{token}': {}", short(&e)))
-        };
+        let fail = |what: &str, e: CkError| token_error(&self.setting, what, &e);
         let session = self
             .context
             .open_ro_session(self.slot)
             .map_err(|e| fail("cannot open a session", e))?;
         login(&session, &self.pin, &self.setting)?;
         let label = &self.setting.key_label;
-        let found = session
-            .find_objects(&[
-                Attribute::Class(ObjectClass::SECRET_KEY),
-                Attribute::Label(label.as_bytes().to_vec()),
-            ])
-            .map_err(|e| fail("cannot search for the key", e))?;
+        let found = labelled_keys(&session, &self.setting)?;
         let key = match found.as_slice() {
             [key] => *key,
             [] => {
@@ -199,6 +192,28 @@ impl HsmKek {
     }
 }
 
+/// A failed PKCS#11 call on the setting's token, as one line.
+fn token_error(setting: &Pkcs11Setting, what: &str, e: &CkError) -> MasterKeyError {
+    MasterKeyError::Pkcs11(format!(
+        "{what} on token '{}': {}",
+        setting.token_label,
+        short(e)
+    ))
+}
+
+/// The token's secret keys labelled as the setting's key.
+fn labelled_keys(
+    session: &Session,
+    setting: &Pkcs11Setting,
+) -> Result<Vec<ObjectHandle>, MasterKeyError> {
+    session
+        .find_objects(&[
+            Attribute::Class(ObjectClass::SECRET_KEY),
+            Attribute::Label(setting.key_label.as_bytes().to_vec()),
+        ])
+        .map_err(|e| token_error(setting, "cannot search for the key", &e))
+}
+
 /// Logs the user in. The login belongs to the application and is shared
 /// by its sessions, so "already logged in" is success.
 fn login(session: &Session, pin: &AuthPin, setting: &Pkcs11Setting) -> Result<(), MasterKeyError> {
@@ -209,10 +224,7 @@ fn login(session: &Session, pin: &AuthPin, setting: &Pkcs11Setting) -> Result<()
             "token '{token}' refused the PIN in {}",
             setting.pin_file.display()
         ))),
-        Err(e) => Err(MasterKeyError::Pkcs11(format!(
-            "cannot log in on token '{token}': {}",
-            short(&e)
-        ))),
+        Err(e) => Err(token_error(setting, "cannot log in", &e)),
     }
 }
 
@@ -289,21 +301,12 @@ pub fn create_key(setting: &Pkcs11Setting) -> Result<(), MasterKeyError> {
     let context = module(&setting.module)?;
     let slot = find_token(&context, setting)?;
     let token = &setting.token_label;
-    let fail = |what: &str, e: CkError| {
-        MasterKeyError::Pkcs11(format!("{what} on token '{token}': {}", short(&e)))
-    };
+    let fail = |what: &str, e: CkError| token_error(setting, what, &e);
     let session = context
         .open_rw_session(slot)
         .map_err(|e| fail("cannot open a session", e))?;
     login(&session, &pin, setting)?;
-    let label = setting.key_label.as_bytes().to_vec();
-    let existing = session
-        .find_objects(&[
-            Attribute::Class(ObjectClass::SECRET_KEY),
-            Attribute::Label(label.clone()),
-        ])
-        .map_err(|e| fail("cannot search for keys", e))?;
-    if !existing.is_empty() {
+    if !labelled_keys(&session, setting)?.is_empty() {
         return Err(MasterKeyError::Pkcs11(format!(
             "token '{token}' already holds a key labelled '{}'; a master key is never replaced",
             setting.key_label
@@ -316,7 +319,7 @@ pub fn create_key(setting: &Pkcs11Setting) -> Result<(), MasterKeyError> {
                 Attribute::Class(ObjectClass::SECRET_KEY),
                 Attribute::KeyType(KeyType::AES),
                 Attribute::ValueLen(Ulong::from(KEY_LEN as u64)),
-                Attribute::Label(label),
+                Attribute::Label(setting.key_label.as_bytes().to_vec()),
                 Attribute::Token(true),
                 Attribute::Private(true),
                 Attribute::Sensitive(true),

@@ -250,7 +250,7 @@ impl Collected {
                     .to_owned(),
             );
         }
-        Ok(Added::Key(MasterKey::from_bytes(bytes)))
+        Ok(Added::Key(MasterKey::local(bytes)))
     }
 }
 
