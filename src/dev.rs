@@ -1,9 +1,10 @@
 //! `tokenvault serve --dev`: a self-contained development vault.
 //!
 //! On first use it creates, in one directory: a dev CA, a server certificate
-//! for `localhost`, two client certificates (`support` may tokenize and
-//! detokenize; `checkout` may only tokenize), a master key (mode 0600) and a
-//! config with a matching policy. Later runs reuse them, so tokens survive
+//! for `localhost`, four client certificates (`support` may tokenize and
+//! detokenize; `checkout` may only tokenize; `shipping` sees values masked;
+//! `privacy` answers data subjects' requests), a master key (mode 0600) and
+//! a config with a matching policy. Later runs reuse them, so tokens survive
 //! restarts.
 
 use std::{
@@ -22,8 +23,13 @@ use crate::{
 /// The dev trust domain.
 pub const TRUST_DOMAIN: &str = "dev.tokenvault.local";
 
-/// The dev client identities: (file name, SPIFFE ID path, description).
-const CLIENTS: [(&str, &str); 2] = [("support", "support"), ("checkout", "checkout")];
+/// The dev client identities: (file name, SPIFFE ID path).
+const CLIENTS: [(&str, &str); 4] = [
+    ("support", "support"),
+    ("checkout", "checkout"),
+    ("shipping", "shipping"),
+    ("privacy", "privacy"),
+];
 
 /// Why the dev directory could not be prepared.
 #[derive(Debug, thiserror::Error)]
@@ -150,6 +156,19 @@ purposes = ["customer_support", "order_fulfilment"]
 identity = "spiffe://{TRUST_DOMAIN}/checkout"
 scopes = ["tokenize:*"]
 
+# `shipping` sees values masked, to fulfil orders.
+[[policy]]
+identity = "spiffe://{TRUST_DOMAIN}/shipping"
+scopes = ["reveal_masked:*"]
+purposes = ["order_fulfilment"]
+
+# `privacy` answers data subjects: export, who saw their data, erasure,
+# consent.
+[[policy]]
+identity = "spiffe://{TRUST_DOMAIN}/privacy"
+scopes = ["subject:export", "subject:history", "subject:erase", "consent:read", "consent:write"]
+purposes = ["subject_access_request"]
+
 # What the purposes are for and their legal basis, shown to a data subject
 # in an export.
 [purposes.customer_support]
@@ -159,6 +178,10 @@ legal_basis = "contract"
 [purposes.order_fulfilment]
 description = "Delivering the customer's orders"
 legal_basis = "contract"
+
+[purposes.subject_access_request]
+description = "Answering the customer's own request about their data"
+legal_basis = "legal_obligation"
 "#
     )
 }
@@ -249,6 +272,8 @@ mod tests {
             "tls/server.key",
             "tls/clients/support.pem",
             "tls/clients/checkout.key",
+            "tls/clients/shipping.pem",
+            "tls/clients/privacy.key",
         ] {
             assert!(dev.join(file).is_file(), "{file}");
         }

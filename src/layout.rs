@@ -252,6 +252,21 @@ pub fn split_expiry_key(key: &[u8]) -> Option<(u64, &[u8])> {
     Some((u64::from_be_bytes(*time), token))
 }
 
+// --- audit_index ---------------------------------------------------------
+//
+// Keyed by an index prefix, then the complement of the audit entry's
+// sequence number (`store::chain::index_key`, which the store appends inside
+// its commit); the value is empty.
+
+/// The audit-index prefix of a subject's events: `s`, then the subject's
+/// audit form (the 32-byte HMAC events name it by under the audit key).
+pub fn audit_subject_prefix(audit_form: &[u8; 32]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(33);
+    key.push(b's');
+    key.extend_from_slice(audit_form);
+    key
+}
+
 // --- meta ----------------------------------------------------------------
 
 /// Present once every record with an expiry has its expiry-table entry (the
@@ -260,6 +275,16 @@ pub const EXPIRY_INDEXED: &[u8] = b"expiry/indexed";
 
 /// The signed prune marker of the audit trail (`audit::PruneMarker`).
 pub const AUDIT_PRUNE_MARKER: &[u8] = b"audit/pruned-through";
+
+/// The newest signed checkpoint: its sequence number (big-endian), then the
+/// checkpoint as the `audit_checkpoints` table holds it. Written with each
+/// checkpoint, so that a reader needs one get, not a scan, to find it.
+pub const AUDIT_LAST_CHECKPOINT: &[u8] = b"audit/last-checkpoint";
+
+/// The first audit sequence number whose events are indexed by subject
+/// (big-endian): events before it were written by a release that did not
+/// index them, and a subject's access history says it starts there.
+pub const AUDIT_SUBJECTS_INDEXED_FROM: &[u8] = b"audit/subjects-indexed-from";
 
 /// The prefix of the erasure ledger's entries as the vault recorded them.
 pub const ERASURE_LEDGER_ENTRY_PREFIX: &[u8] = b"erasure-ledger/entry/";
@@ -338,6 +363,12 @@ mod tests {
         );
         assert_eq!(EXPIRY_INDEXED, b"expiry/indexed");
         assert_eq!(AUDIT_PRUNE_MARKER, b"audit/pruned-through");
+        assert_eq!(AUDIT_LAST_CHECKPOINT, b"audit/last-checkpoint");
+        assert_eq!(AUDIT_SUBJECTS_INDEXED_FROM, b"audit/subjects-indexed-from");
+        assert_eq!(
+            audit_subject_prefix(&SUBJECT),
+            [b"s".as_slice(), &[0xab; 32]].concat()
+        );
         assert_eq!(
             erasure_ledger_entry_key(5),
             [

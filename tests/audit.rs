@@ -338,10 +338,10 @@ async fn every_rpc_of_every_service_leaves_its_event() {
         client::TokenVaultClient,
         pki::ClientSpec,
         proto::v1::{
-            CreateBackupRequest, DeleteTokensRequest, EraseSubjectRequest, ExportSubjectRequest,
-            GetConsentRequest, Job, ListJobsRequest, LookupItem, LookupTokensRequest,
-            RotateIndexKeyRequest, RotateKeysRequest, RotateMasterKeyRequest, SetConsentRequest,
-            SetJobPausedRequest, StreamEventsRequest, UpdateValueRequest,
+            AccessHistoryRequest, CreateBackupRequest, DeleteTokensRequest, EraseSubjectRequest,
+            ExportSubjectRequest, GetConsentRequest, Job, ListJobsRequest, LookupItem,
+            LookupTokensRequest, RotateIndexKeyRequest, RotateKeysRequest, RotateMasterKeyRequest,
+            SetConsentRequest, SetJobPausedRequest, StreamEventsRequest, UpdateValueRequest,
             admin_client::AdminClient, audit_client::AuditClient, subjects_client::SubjectsClient,
         },
     };
@@ -356,7 +356,7 @@ async fn every_rpc_of_every_service_leaves_its_event() {
         Ok(())
     }
 
-    /// Calls all sixteen RPCs as the identity behind `channel`, with
+    /// Calls all seventeen RPCs as the identity behind `channel`, with
     /// requests that are valid (so a caller with the scopes is allowed);
     /// returns the methods whose call failed and how.
     async fn call_everything(
@@ -414,6 +414,13 @@ async fn every_rpc_of_every_service_leaves_its_event() {
             })
             .await;
         check("ExportSubject", drain(export).await);
+        let history = subjects
+            .access_history(AccessHistoryRequest {
+                subject_id: subject.clone(),
+                ..Default::default()
+            })
+            .await;
+        check("AccessHistory", drain(history).await);
         check(
             "SetConsent",
             subjects
@@ -518,11 +525,12 @@ async fn every_rpc_of_every_service_leaves_its_event() {
         failed
     }
 
-    const METHODS: [&str; 16] = [
+    const METHODS: [&str; 17] = [
         "Tokenize",
         "Detokenize",
         "LookupTokens",
         "ExportSubject",
+        "AccessHistory",
         "SetConsent",
         "GetConsent",
         "UpdateValue",
@@ -542,7 +550,7 @@ async fn every_rpc_of_every_service_leaves_its_event() {
     let root = vault.root.path().to_owned();
     // One identity holding every scope, so that every call is allowed.
     let everything = format!(
-        "\n[[policy]]\nidentity = \"{}\"\nscopes = [\"tokenize:*\", \"detokenize:*\", \"lookup:*\", \"subject:export\", \"subject:erase\", \"consent:read\", \"consent:write\", \"update:*\", \"delete:*\", \"admin:backup\", \"admin:keys\", \"audit:read\"]\npurposes = [\"customer_support\", \"subject_access_request\"]\n",
+        "\n[[policy]]\nidentity = \"{}\"\nscopes = [\"tokenize:*\", \"detokenize:*\", \"lookup:*\", \"subject:export\", \"subject:erase\", \"subject:history\", \"consent:read\", \"consent:write\", \"update:*\", \"delete:*\", \"admin:backup\", \"admin:keys\", \"audit:read\"]\npurposes = [\"customer_support\", \"subject_access_request\"]\n",
         common::spiffe("everything")
     );
     let config = std::fs::read_to_string(vault.config_path()).unwrap();

@@ -15,10 +15,10 @@ use std::path::{Path, PathBuf};
 
 use common::{TestVault, detokenize, item, subject_item, tokens_of};
 use tokenvault::proto::v1::{
-    CreateBackupRequest, DeleteTokensRequest, DetokenizeRequest, EraseSubjectRequest,
-    ExportSubjectRequest, GetConsentRequest, LookupItem, LookupTokensRequest, RotateKeysRequest,
-    SetConsentRequest, TokenizeRequest, UpdateValueRequest, admin_client::AdminClient,
-    detokenize_result, subjects_client::SubjectsClient,
+    AccessHistoryRequest, CreateBackupRequest, DeleteTokensRequest, DetokenizeRequest,
+    EraseSubjectRequest, ExportSubjectRequest, GetConsentRequest, LookupItem, LookupTokensRequest,
+    RotateKeysRequest, SetConsentRequest, TokenizeRequest, UpdateValueRequest,
+    admin_client::AdminClient, detokenize_result, subjects_client::SubjectsClient,
 };
 use tonic::Code;
 
@@ -154,6 +154,20 @@ async fn when_nothing_can_be_synced_every_call_fails_closed() {
         Err(status) => Err(status),
     };
     answers.push(("ExportSubject", exported));
+    let history = match subjects
+        .access_history(AccessHistoryRequest {
+            subject_id: "cust-closed".into(),
+            ..Default::default()
+        })
+        .await
+    {
+        // A stream: the refusal may come as its first message.
+        Ok(stream) => stream.into_inner().message().await.map(|first| {
+            assert!(first.is_none(), "a history was answered: {first:?}");
+        }),
+        Err(status) => Err(status),
+    };
+    answers.push(("AccessHistory", history));
     let updated = subjects
         .update_value(UpdateValueRequest {
             token: tokens[0].clone(),

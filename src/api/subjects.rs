@@ -316,6 +316,134 @@ impl<S: Store> TokenVaultService<S> {
     }
 }
 
+/// An access history page when the request names none.
+const DEFAULT_HISTORY_PAGE: usize = 100;
+
+/// The largest access history page.
+const MAX_HISTORY_PAGE: usize = 1000;
+
+/// The stream of an access history.
+pub type HistoryStream =
+    Pin<Box<dyn Stream<Item = Result<pb::AccessHistoryRecord, Status>> + Send>>;
+
+impl<S: Store> TokenVaultService<S> {
+    async fn history_inner(
+        &self,
+        call: &Call,
+        request: pb::AccessHistoryRequest,
+    ) -> Result<HistoryStream, Error> {
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
+        let since_ms = time_bound("since", &request.since)?;
+        let until_ms = time_bound("until", &request.until)?;
+        if let (Some(since), Some(until)) = (since_ms, until_ms)
+            && since > until
+        {
+            return Err(Error::InvalidArgument("since is later than until".into()));
+        }
+        let limit = match usize::try_from(request.page_size).unwrap_or(usize::MAX) {
+            0 => DEFAULT_HISTORY_PAGE,
+            n if n > MAX_HISTORY_PAGE => {
+                return Err(Error::InvalidArgument(format!(
+                    "page_size is at most {MAX_HISTORY_PAGE}"
+                )));
+            }
+            n => n,
+        };
+        let before_seq = match request.page_token.as_str() {
+            "" => None,
+            token => Some(token.parse::<u64>().map_err(|_| {
+                Error::InvalidArgument(
+                    "page_token is not one this vault issued; pass next_page_token as it came"
+                        .into(),
+                )
+            })?),
+        };
+        let permit = grants
+            .permit_global(
+                Action::SubjectHistory,
+                crate::vault::HistoryQuery {
+                    subject: subject(&request.subject_id)?,
+                    since_ms,
+                    until_ms,
+                    before_seq,
+                    limit,
+                },
+            )
+            .map_err(denied)?;
+        let page = self.vault.access_history(permit, &call.audit(1, 0)).await?;
+        let coverage = pb::HistoryCoverage {
+            checkpoint_seq: page.coverage.checkpoint.map_or(0, |(seq, _)| seq),
+            checkpoint_time: page
+                .coverage
+                .checkpoint
+                .map(|(_, ms)| rfc3339(ms))
+                .unwrap_or_default(),
+            indexed_from_seq: page.coverage.indexed_from,
+            head_seq: page.coverage.head,
+        };
+        let record = |record| {
+            Ok(pb::AccessHistoryRecord {
+                record: Some(record),
+            })
+        };
+        let mut records = vec![record(pb::access_history_record::Record::Coverage(
+            coverage,
+        ))];
+        records.extend(page.entries.into_iter().map(|entry| {
+            let event = entry.event;
+            record(pb::access_history_record::Record::Event(pb::AccessEvent {
+                seq: entry.seq,
+                time: event.time,
+                identity: event.identity,
+                method: event.method,
+                purpose: event.purpose.unwrap_or_default(),
+                field_types: event.field_types,
+                forms: event.forms,
+                outcome: event.outcome.as_str().to_owned(),
+                items: event.items,
+                failed_items: event.failed_items,
+                consent: event.consent.unwrap_or_default(),
+                checkpointed: entry.checkpointed,
+                request_id: event.request_id,
+            }))
+        }));
+        if let Some(before) = page.next_before {
+            records.push(record(pb::access_history_record::Record::NextPageToken(
+                before.to_string(),
+            )));
+        }
+        Ok(Box::pin(tokio_stream::iter(records)))
+    }
+}
+
+/// An optional RFC 3339 bound, in ms since the epoch.
+fn time_bound(name: &str, text: &str) -> Result<Option<u64>, Error> {
+    if text.is_empty() {
+        return Ok(None);
+    }
+    let time = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map_err(|_| {
+            Error::InvalidArgument(format!(
+                "{name} must be an RFC 3339 time such as 2026-12-01T00:00:00Z"
+            ))
+        })?;
+    Ok(Some(
+        u64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
+    ))
+}
+
+/// ms since the epoch as RFC 3339 UTC.
+fn rfc3339(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
 /// A single-item call's item error, as the call's status. The vault has
 /// already audited the call.
 fn item_status(e: &ItemError) -> Error {
@@ -383,6 +511,18 @@ impl<S: Store> Subjects for TokenVaultService<S> {
     ) -> Result<Response<pb::ConsentState>, Status> {
         self.handle("GetConsent", 1, request, async |call, r| {
             self.get_consent_inner(call, r).await
+        })
+        .await
+    }
+
+    type AccessHistoryStream = HistoryStream;
+
+    async fn access_history(
+        &self,
+        request: Request<pb::AccessHistoryRequest>,
+    ) -> Result<Response<HistoryStream>, Status> {
+        self.handle("AccessHistory", 1, request, async |call, r| {
+            self.history_inner(call, r).await
         })
         .await
     }

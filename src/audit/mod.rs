@@ -37,9 +37,16 @@ pub struct AuditEvent {
     /// HMAC-SHA256 (audit key) of each token read, hex.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<String>,
-    /// HMAC-SHA256 (audit key) of each data subject involved, hex.
+    /// HMAC-SHA256 (audit key) of each data subject involved, hex: the
+    /// subjects a call names, and those whose stored values it read or
+    /// changed. The vault indexes events by them (a subject's access
+    /// history).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subjects: Vec<String>,
+    /// The forms values were revealed in (`plain`, `masked`), sorted and
+    /// distinct; empty when none was revealed.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forms: Vec<String>,
     /// Items in the request.
     pub items: u32,
     /// Items that failed.
@@ -144,6 +151,7 @@ impl AuditContext {
             field_types: Vec::new(),
             tokens: Vec::new(),
             subjects: Vec::new(),
+            forms: Vec::new(),
             items: self.items,
             failed_items: self.failed_items,
             consent: None,

@@ -507,6 +507,7 @@ mod tests {
             "delete:email",
             "subject:export",
             "subject:erase",
+            "subject:history",
             "consent:read",
             "consent:write",
         ] {

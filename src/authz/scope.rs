@@ -24,6 +24,8 @@ pub enum Action {
     SubjectExport,
     /// Erase a data subject (`subject:erase`).
     SubjectErase,
+    /// Read a data subject's access history (`subject:history`).
+    SubjectHistory,
     /// Read consent decisions (`consent:read`).
     ConsentRead,
     /// Record consent decisions (`consent:write`).
@@ -48,9 +50,10 @@ impl Action {
     ];
 
     /// Actions granted whole: the scope is the action's name itself.
-    pub const GLOBAL: [Action; 7] = [
+    pub const GLOBAL: [Action; 8] = [
         Action::SubjectExport,
         Action::SubjectErase,
+        Action::SubjectHistory,
         Action::ConsentRead,
         Action::ConsentWrite,
         Action::AdminBackup,
@@ -69,6 +72,7 @@ impl Action {
             Action::Delete => "delete",
             Action::SubjectExport => "subject:export",
             Action::SubjectErase => "subject:erase",
+            Action::SubjectHistory => "subject:history",
             Action::ConsentRead => "consent:read",
             Action::ConsentWrite => "consent:write",
             Action::AdminBackup => "admin:backup",
@@ -99,6 +103,16 @@ pub enum RevealForm {
     Plain,
     /// The value with most of it hidden, by the field type's mask rule.
     Masked,
+}
+
+impl RevealForm {
+    /// The name audit events record (never rename a released one).
+    pub fn name(self) -> &'static str {
+        match self {
+            RevealForm::Plain => "plain",
+            RevealForm::Masked => "masked",
+        }
+    }
 }
 
 /// Which field types a scope covers.
@@ -156,7 +170,7 @@ impl Scope {
 /// Why a string is not a scope.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error(
-    "invalid scope {0:?}: expected tokenize:, detokenize:, reveal_masked:, lookup:, update: or delete: followed by a field type or *, or one of subject:export, subject:erase, consent:read, consent:write"
+    "invalid scope {0:?}: expected tokenize:, detokenize:, reveal_masked:, lookup:, update: or delete: followed by a field type or *, or one of subject:export, subject:erase, subject:history, consent:read, consent:write, admin:backup, admin:keys, audit:read"
 )]
 pub struct ScopeError(String);
 

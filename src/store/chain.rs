@@ -65,6 +65,23 @@ pub fn seq_of(key: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(key.try_into().ok()?))
 }
 
+/// The key under which the store indexes entry `seq` by `prefix` (in
+/// [`crate::store::Table::AuditIndex`]): the prefix, then the sequence
+/// number's complement, big-endian, so that a forward scan of one prefix
+/// yields its entries newest first.
+pub fn index_key(prefix: &[u8], seq: u64) -> Vec<u8> {
+    let mut key = Vec::with_capacity(prefix.len() + 8);
+    key.extend_from_slice(prefix);
+    key.extend_from_slice(&(u64::MAX - seq).to_be_bytes());
+    key
+}
+
+/// The sequence number an index key of `prefix` names.
+pub fn seq_of_index_key(prefix: &[u8], key: &[u8]) -> Option<u64> {
+    let rest = key.strip_prefix(prefix)?;
+    Some(u64::MAX - u64::from_be_bytes(rest.try_into().ok()?))
+}
+
 /// The stored value of entry `seq`, linking to `prev`.
 pub fn encode(seq: u64, prev: &[u8; 32], payload: &[u8]) -> Vec<u8> {
     let mut value = Vec::with_capacity(1 + 64 + payload.len());
@@ -114,5 +131,17 @@ mod tests {
         assert_ne!(hash(1, &value), hash(1, &encode(1, &GENESIS, b"evenT")));
         assert!(decode(&value[..40]).is_none());
         assert_eq!(seq_of(&key(42)), Some(42));
+    }
+
+    #[test]
+    fn index_keys_sort_newest_first_within_a_prefix() {
+        let (older, newer) = (index_key(b"s1", 7), index_key(b"s1", 300));
+        assert!(
+            newer < older,
+            "a forward scan must meet the newer entry first"
+        );
+        assert_eq!(seq_of_index_key(b"s1", &older), Some(7));
+        assert_eq!(seq_of_index_key(b"s2", &older), None);
+        assert_eq!(seq_of_index_key(b"s1", &older[..9]), None);
     }
 }

@@ -37,6 +37,7 @@ macro_rules! conformance_tests {
             absent_guards_let_exactly_one_concurrent_writer_win,
             unchanged_guards_are_a_compare_and_set,
             the_audit_head_covers_every_acknowledged_event,
+            audit_entries_are_indexed_in_their_own_write,
         );
     };
     (@each $engine:expr, $($name:ident),+ $(,)?) => {
@@ -381,4 +382,72 @@ pub(crate) async fn the_audit_head_covers_every_acknowledged_event<E: Engine>(en
         head,
         "the chain on disk ends where the head said"
     );
+}
+
+/// An audit entry's index entries land in the same write as the entry,
+/// under the sequence number the committer gave it, newest first within a
+/// prefix; a unit whose guard fails writes neither.
+pub(crate) async fn audit_entries_are_indexed_in_their_own_write<E: Engine>(engine: &E) {
+    use super::chain::{index_key, seq_of_index_key};
+    let store = Arc::new(engine.open().await);
+    let tasks: Vec<_> = (0..40u8)
+        .map(|i| {
+            let store = Arc::clone(&store);
+            tokio::spawn(async move {
+                let mut batch = Batch::new();
+                let prefixes = if i % 2 == 0 {
+                    vec![b"even".to_vec(), b"all".to_vec()]
+                } else {
+                    vec![b"all".to_vec()]
+                };
+                batch.unit().append_audit_indexed(vec![i], prefixes);
+                store.commit(batch).await.unwrap();
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    // A unit that loses its guard writes no event and no index entry.
+    let mut batch = Batch::new();
+    batch.put(Table::Meta, b"taken".to_vec(), Vec::new());
+    commit(&*store, batch).await;
+    let mut batch = Batch::new();
+    batch
+        .unit()
+        .guard_absent(Table::Meta, b"taken".to_vec())
+        .append_audit_indexed(b"never".to_vec(), vec![b"all".to_vec()]);
+    assert!(commit(&*store, batch).await[0].is_err());
+
+    let index = store
+        .scan_from(Table::AuditIndex, Vec::new(), 1000)
+        .await
+        .unwrap();
+    let seqs = |prefix: &[u8]| -> Vec<u64> {
+        index
+            .iter()
+            .filter_map(|(key, _)| seq_of_index_key(prefix, key))
+            .collect()
+    };
+    let all = seqs(b"all");
+    assert_eq!(all, (1..=40).rev().collect::<Vec<u64>>(), "newest first");
+    // Each `even` entry points at the event that asked for it.
+    let even = seqs(b"even");
+    assert_eq!(even.len(), 20);
+    let events = store
+        .get_many(
+            Table::Audit,
+            even.iter()
+                .map(|&seq| super::chain::key(seq).to_vec())
+                .collect(),
+        )
+        .await
+        .unwrap();
+    for (seq, event) in even.iter().zip(events) {
+        let event = event.unwrap_or_else(|| panic!("event {seq} is missing"));
+        let payload = super::chain::decode(&event).unwrap().payload;
+        assert_eq!(payload[0] % 2, 0, "event {seq} was not indexed as even");
+    }
+    assert!(even.windows(2).all(|w| w[0] > w[1]));
+    assert_eq!(index_key(b"all", 1).len(), 11);
 }

@@ -48,11 +48,16 @@ pub enum Table {
     /// Expiry (ms since the epoch, big-endian) + token → nothing: what the
     /// retention sweep reads, so that it visits only records that are due.
     Expiry,
+    /// Index prefix + audit sequence number (newest first, see
+    /// [`chain::index_key`]) → nothing: written by the committer with each
+    /// audit entry that names index prefixes, so that a data subject's
+    /// events are found without reading the whole trail.
+    AuditIndex,
 }
 
 impl Table {
     /// Every table, in the order they are created.
-    pub const ALL: [Table; 9] = [
+    pub const ALL: [Table; 10] = [
         Table::Records,
         Table::Keys,
         Table::Meta,
@@ -62,6 +67,7 @@ impl Table {
         Table::SubjectIndex,
         Table::Consent,
         Table::Expiry,
+        Table::AuditIndex,
     ];
 
     /// The column family name on disk. Never change a released name.
@@ -76,6 +82,7 @@ impl Table {
             Table::SubjectIndex => "subject_index",
             Table::Consent => "consent",
             Table::Expiry => "expiry",
+            Table::AuditIndex => "audit_index",
         }
     }
 }
@@ -112,10 +119,13 @@ pub enum Op {
         key: Vec<u8>,
     },
     /// Append `payload` to the audit chain; the committer assigns its
-    /// sequence number and link.
+    /// sequence number and link, and indexes the entry under each of
+    /// `index` (see [`chain::index_key`]) in the same write.
     AppendAudit {
         /// The encoded event.
         payload: Vec<u8>,
+        /// The index prefixes the entry is found by.
+        index: Vec<Vec<u8>>,
     },
 }
 
@@ -163,7 +173,13 @@ impl Unit {
 
     /// Appends an event to the audit chain, in the same write as the rest.
     pub fn append_audit(&mut self, payload: Vec<u8>) -> &mut Self {
-        self.ops.push(Op::AppendAudit { payload });
+        self.append_audit_indexed(payload, Vec::new())
+    }
+
+    /// Appends an event to the audit chain and indexes it under each of
+    /// `index` in [`Table::AuditIndex`], all in the same write as the rest.
+    pub fn append_audit_indexed(&mut self, payload: Vec<u8>, index: Vec<Vec<u8>>) -> &mut Self {
+        self.ops.push(Op::AppendAudit { payload, index });
         self
     }
 

@@ -3,9 +3,36 @@
 use super::{Error, SubjectId, Vault};
 use crate::{
     audit::{AuditEvent, Checkpoint, Outcome, checkpoint_message},
-    store::{Batch, Store, Table, chain},
+    layout::{self, SubjectHash},
+    store::{Batch, KeyValues, Store, Table, Unit, chain},
     token::Token,
 };
+
+/// Appends `event` to the audit chain in `unit`, indexed by every subject
+/// it names so that the subject's access history finds it (in the same
+/// write as the event and whatever else the unit holds).
+pub(super) fn append_event(unit: &mut Unit, event: &AuditEvent) {
+    unit.append_audit_indexed(event.encode(), index_prefixes(&event.subjects));
+}
+
+/// The audit-index prefixes of the subjects (audit forms, hex) an event
+/// names.
+fn index_prefixes(subjects: &[String]) -> Vec<Vec<u8>> {
+    subjects
+        .iter()
+        .filter_map(|hex| data_encoding::HEXLOWER.decode(hex.as_bytes()).ok())
+        .filter_map(|bytes| <[u8; 32]>::try_from(bytes).ok())
+        .map(|form| layout::audit_subject_prefix(&form))
+        .collect()
+}
+
+/// The audit-index prefixes of a stored chain entry's event.
+fn subject_prefixes(stored: &[u8]) -> Vec<Vec<u8>> {
+    chain::decode(stored)
+        .and_then(|link| serde_json::from_slice::<AuditEvent>(link.payload).ok())
+        .map(|event| index_prefixes(&event.subjects))
+        .unwrap_or_default()
+}
 
 impl<S: Store> Vault<S> {
     /// The audit form of a token: HMAC-SHA256 under the audit key, hex.
@@ -17,9 +44,17 @@ impl<S: Store> Vault<S> {
 
     /// The audit form of a subject id.
     pub fn audit_subject(&self, subject: &SubjectId) -> String {
+        self.audit_subject_hash(&self.subject_hash(subject))
+    }
+
+    /// The audit form of a subject, from the subject hash its records hold:
+    /// so that a call that reads records (detokenize, update, delete) names
+    /// their subjects as the calls that know the id do, and one subject's
+    /// events share one form.
+    pub(super) fn audit_subject_hash(&self, subject: &SubjectHash) -> String {
         self.keyring
             .audit_key()
-            .hash_hex(b"audit/subject", subject.0.as_bytes())
+            .hash_hex(b"audit/subject-hash", subject)
     }
 
     /// The public key auditors verify checkpoints with.
@@ -43,7 +78,7 @@ impl<S: Store> Vault<S> {
     pub async fn record_all(&self, events: &[AuditEvent]) -> Result<(), Error> {
         let mut batch = Batch::new();
         for event in events {
-            batch.unit().append_audit(event.encode());
+            append_event(batch.unit(), event);
         }
         self.store
             .commit(batch)
@@ -83,6 +118,11 @@ impl<S: Store> Vault<S> {
             Table::AuditCheckpoints,
             chain::key(head.seq).to_vec(),
             checkpoint.encode(),
+        );
+        batch.put(
+            Table::Meta,
+            layout::AUDIT_LAST_CHECKPOINT.to_vec(),
+            [chain::key(head.seq).as_slice(), &checkpoint.encode()].concat(),
         );
         self.store.commit(batch).await?;
         *self
@@ -244,16 +284,21 @@ impl<S: Store> Vault<S> {
                 .store
                 .scan_from(Table::Audit, Vec::new(), 10_000)
                 .await?;
-            let doomed: Vec<Vec<u8>> = page
+            let doomed: KeyValues = page
                 .into_iter()
-                .map(|(key, _)| key)
-                .take_while(|key| chain::seq_of(key).is_some_and(|seq| seq <= anchor))
+                .take_while(|(key, _)| chain::seq_of(key).is_some_and(|seq| seq <= anchor))
                 .collect();
             if doomed.is_empty() {
                 break;
             }
             let mut batch = Batch::new();
-            for key in &doomed {
+            for (key, value) in &doomed {
+                // The event's index entries go with it.
+                if let Some(seq) = chain::seq_of(key) {
+                    for prefix in subject_prefixes(value) {
+                        batch.delete(Table::AuditIndex, chain::index_key(&prefix, seq));
+                    }
+                }
                 batch.delete(Table::Audit, key.clone());
             }
             pruned += doomed.len() as u64;

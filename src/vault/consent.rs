@@ -33,14 +33,13 @@ impl<S: Store> Vault<S> {
             "withdrawn".into()
         });
         let mut batch = Batch::new();
-        batch
-            .unit()
-            .put(
-                Table::Consent,
-                layout::consent_key(&hash, purpose.as_str()),
-                state.encode(),
-            )
-            .append_audit(event.encode());
+        let unit = batch.unit();
+        unit.put(
+            Table::Consent,
+            layout::consent_key(&hash, purpose.as_str()),
+            state.encode(),
+        );
+        super::audit::append_event(unit, &event);
         self.store
             .commit(batch)
             .await

@@ -284,7 +284,7 @@ impl<S: Store> Vault<S> {
             );
         }
         event.items = u32::try_from(shredding.erased).unwrap_or(u32::MAX);
-        unit.append_audit(event.encode());
+        super::audit::append_event(unit, &event);
         self.store
             .commit(batch)
             .await

@@ -8,6 +8,7 @@
 mod audit;
 mod consent;
 mod erasure;
+mod history;
 mod jobs;
 mod keyring;
 mod ledger;
@@ -27,6 +28,7 @@ use std::{
 
 pub use audit::{Backup, StoredEvent};
 pub use erasure::LedgerRollback;
+pub use history::{Coverage, HistoryEntry, HistoryPage, HistoryQuery};
 pub use jobs::{Job, JobStatus, JobStep};
 pub use keyring::Keyring;
 pub use ledger::{Erasure, ErasureLedger, LedgerEntry, LedgerError};
@@ -189,6 +191,10 @@ pub enum Error {
     /// A concurrent change won; nothing was changed and the caller may retry.
     #[error("{0}")]
     Conflict(&'static str),
+    /// The audit trail or its index was changed behind the vault's back;
+    /// the message names the event (by sequence number only).
+    #[error("the audit trail is damaged: {0}")]
+    AuditDamaged(String),
 }
 
 /// The vault over a store `S`.
@@ -246,6 +252,7 @@ impl<S: Store> Vault<S> {
         if !vault.job_status(Job::Reindex).await?.pending {
             vault.keyring.retire_index_keys(&vault.store).await?;
         }
+        vault.mark_subject_index_start().await?;
         Ok(vault)
     }
 
@@ -367,6 +374,8 @@ pub(crate) fn now_ms() -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+#[cfg(test)]
+mod history_tests;
 #[cfg(test)]
 mod retention_tests;
 #[cfg(test)]

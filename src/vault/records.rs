@@ -62,6 +62,12 @@ impl<S: Store> Vault<S> {
             };
             let field_type = update.record.field_type.clone();
             event.field_types = vec![field_type.to_string()];
+            event.subjects = update
+                .record
+                .subject_hash
+                .iter()
+                .map(|subject| self.audit_subject_hash(subject))
+                .collect();
             let mut batch = Batch::new();
             let unit = batch.unit();
             if let Some(new) = &update.new_blind
@@ -93,8 +99,8 @@ impl<S: Store> Vault<S> {
                 Table::Records,
                 token.storage_key().to_vec(),
                 update.record.encode(),
-            )
-            .append_audit(event.encode());
+            );
+            super::audit::append_event(unit, &event);
             let outcomes = self
                 .store
                 .commit(batch)
@@ -229,6 +235,7 @@ impl<S: Store> Vault<S> {
                     index_entries.push((blind, token));
                 }
                 if let Some(subject) = record.subject_hash {
+                    event.subjects.push(self.audit_subject_hash(&subject));
                     unit.delete(
                         Table::SubjectIndex,
                         layout::subject_index_key(&subject, token.storage_key()),
@@ -246,9 +253,11 @@ impl<S: Store> Vault<S> {
         }
         event.field_types.sort();
         event.field_types.dedup();
+        event.subjects.sort();
+        event.subjects.dedup();
         event.failed_items +=
             u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
-        unit.append_audit(event.encode());
+        super::audit::append_event(unit, &event);
         for (blind, token) in index_entries {
             batch
                 .unit()

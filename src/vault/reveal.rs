@@ -107,6 +107,9 @@ impl<S: Store> Vault<S> {
             .map(|(token, record)| {
                 let record = record?;
                 event.field_types.push(record.field_type.to_string());
+                if let Some(subject) = &record.subject_hash {
+                    event.subjects.push(self.audit_subject_hash(subject));
+                }
                 let form = authorize(&record.field_type).map_err(ItemError::Denied)?;
                 let consented = record
                     .subject_hash
@@ -118,6 +121,7 @@ impl<S: Store> Vault<S> {
                 let subject_key = record.subject_hash.and_then(|h| subject_keys.get(&h));
                 let value = self.decrypt(token, &record, subject_key)?;
                 let form = form.into_item();
+                event.forms.push(form.name().to_owned());
                 let value = match form {
                     RevealForm::Plain => value,
                     RevealForm::Masked => {
@@ -137,6 +141,10 @@ impl<S: Store> Vault<S> {
             .collect();
         event.field_types.sort();
         event.field_types.dedup();
+        event.subjects.sort();
+        event.subjects.dedup();
+        event.forms.sort();
+        event.forms.dedup();
         event.tokens = tokens.iter().map(|t| self.audit_token(t)).collect();
         event.failed_items +=
             u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);

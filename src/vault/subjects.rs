@@ -157,6 +157,11 @@ impl<S: Store> Vault<S> {
         event.field_types.sort();
         event.field_types.dedup();
         event.items = u32::try_from(fields.len()).unwrap_or(u32::MAX);
+        if !fields.is_empty() {
+            event
+                .forms
+                .push(crate::authz::RevealForm::Plain.name().to_owned());
+        }
         self.record(&event).await?;
         Ok(fields)
     }

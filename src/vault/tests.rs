@@ -51,7 +51,7 @@ kind = "email"
 retention_days = 1
 "#;
 
-async fn fixture() -> Fixture {
+pub(super) async fn fixture() -> Fixture {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("master.key");
     MasterKey::create_file(&key).unwrap();

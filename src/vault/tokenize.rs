@@ -130,8 +130,10 @@ impl<S: Store> Vault<S> {
                 u32::try_from(results.iter().flatten().filter(|r| r.is_err()).count())
                     .unwrap_or(u32::MAX);
             let mut batch = Batch::new();
-            self.store_unit(batch.unit(), &drawn, &subject_keys)?
-                .append_audit(round_event.encode());
+            super::audit::append_event(
+                self.store_unit(batch.unit(), &drawn, &subject_keys)?,
+                &round_event,
+            );
             let outcome = self
                 .store
                 .commit(batch)
@@ -442,9 +444,11 @@ impl<S: Store> Vault<S> {
         let mut event = audit.event(Outcome::Ok);
         let mut results: Vec<ItemResult> = Vec::with_capacity(items.len());
         let mut wanted = Vec::new();
+        let mut subjects = Vec::with_capacity(items.len());
         for (index, permit) in items.into_iter().enumerate() {
             let item = permit.into_item();
             event.field_types.push(item.field_type.to_string());
+            subjects.push(item.subject.as_ref().map(|s| self.audit_subject(s)));
             let blind = self.spec(&item.field_type).and_then(|spec| {
                 if !spec.deterministic {
                     return Err(ItemError::NotDeterministic(spec.name.clone()));
@@ -470,6 +474,16 @@ impl<S: Store> Vault<S> {
         }
         event.field_types.sort();
         event.field_types.dedup();
+        // The subjects whose tokens the lookup found: it told the caller
+        // that the vault holds this value of theirs.
+        event.subjects = results
+            .iter()
+            .zip(subjects)
+            .filter(|(result, _)| result.is_ok())
+            .filter_map(|(_, subject)| subject)
+            .collect();
+        event.subjects.sort();
+        event.subjects.dedup();
         event.failed_items +=
             u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
         event.tokens = results

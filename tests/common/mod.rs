@@ -36,7 +36,7 @@ purposes = ["customer_support", "order_fulfilment", "marketing"]
 
 [[policy]]
 identity = "spiffe://test.tokenvault.local/privacy"
-scopes = ["subject:export", "subject:erase", "consent:read", "consent:write", "update:*", "delete:*", "admin:backup", "admin:keys"]
+scopes = ["subject:export", "subject:erase", "subject:history", "consent:read", "consent:write", "update:*", "delete:*", "admin:backup", "admin:keys"]
 purposes = ["subject_access_request"]
 
 [[policy]]

@@ -158,7 +158,7 @@ impl Group {
                 Op::Delete { table, key } => {
                     self.written.insert((*table, key.clone()), None);
                 }
-                Op::AppendAudit { payload } => {
+                Op::AppendAudit { payload, index } => {
                     let seq = self.head.seq + 1;
                     let value = chain::encode(seq, &self.head.hash, payload);
                     self.head = Head {
@@ -167,6 +167,12 @@ impl Group {
                     };
                     self.written
                         .insert((Table::Audit, chain::key(seq).to_vec()), Some(value));
+                    for prefix in index {
+                        self.written.insert(
+                            (Table::AuditIndex, chain::index_key(prefix, seq)),
+                            Some(Vec::new()),
+                        );
+                    }
                 }
             }
         }

@@ -145,7 +145,7 @@ fn write_group(
                         }
                         wb.delete_cf(cf(db, *table)?, key);
                     }
-                    Op::AppendAudit { payload } => {
+                    Op::AppendAudit { payload, index } => {
                         let seq = head.seq + 1;
                         let value = chain::encode(seq, &head.hash, payload);
                         *head = Head {
@@ -153,6 +153,13 @@ fn write_group(
                             hash: chain::hash(seq, &value),
                         };
                         wb.put_cf(cf(db, Table::Audit)?, chain::key(seq), value);
+                        for prefix in index {
+                            wb.put_cf(
+                                cf(db, Table::AuditIndex)?,
+                                chain::index_key(prefix, seq),
+                                [],
+                            );
+                        }
                     }
                 }
             }
