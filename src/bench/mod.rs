@@ -9,6 +9,7 @@ mod load;
 mod peer;
 mod report;
 mod server;
+mod subject_index;
 mod targets;
 
 use std::{
@@ -281,6 +282,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         ceilings::in_process_ceiling(&args, &mut report).await?;
         ceilings::store_ceiling(&args, &mut report).await?;
         ceilings::device_ceiling(&args, &mut report).await?;
+        subject_index::subject_index_cost(&args, &mut report).await?;
     }
     report.targets = targets::targets(&report, args.preload as u64);
     publish(&report, &args)?;

@@ -48,6 +48,15 @@ pub(super) fn targets(report: &Report, preload: u64) -> Vec<Target> {
             0.9,
         );
     }
+    // What indexing audit events by subject costs a detokenize of subject
+    // values: the same reads with and without the index, in alternating
+    // rounds of one run (issue 20's target: under 10%).
+    ratio(
+        "detokenize of subject values, subject index / none (in process), req/s",
+        rps(super::subject_index::WITH_INDEX, "sync"),
+        rps(super::subject_index::WITHOUT_INDEX, "sync"),
+        0.9,
+    );
     if preload > 0 {
         for scenario in ["tokenize", "detokenize"] {
             let full = report.row(scenario, "sync", true).map(|r| r.requests_per_s);

@@ -8,13 +8,6 @@ use crate::{
     token::Token,
 };
 
-/// Appends `event` to the audit chain in `unit`, indexed by every subject
-/// it names so that the subject's access history finds it (in the same
-/// write as the event and whatever else the unit holds).
-pub(super) fn append_event(unit: &mut Unit, event: &AuditEvent) {
-    unit.append_audit_indexed(event.encode(), index_prefixes(&event.subjects));
-}
-
 /// The audit-index prefixes of the subjects (audit forms, hex) an event
 /// names.
 fn index_prefixes(subjects: &[String]) -> Vec<Vec<u8>> {
@@ -35,6 +28,17 @@ fn subject_prefixes(stored: &[u8]) -> Vec<Vec<u8>> {
 }
 
 impl<S: Store> Vault<S> {
+    /// Appends `event` to the audit chain in `unit`, indexed by every
+    /// subject it names so that the subject's access history finds it (in
+    /// the same write as the event and whatever else the unit holds).
+    pub(super) fn append_event(&self, unit: &mut Unit, event: &AuditEvent) {
+        if self.index_subjects {
+            unit.append_audit_indexed(event.encode(), index_prefixes(&event.subjects));
+        } else {
+            unit.append_audit(event.encode());
+        }
+    }
+
     /// The audit form of a token: HMAC-SHA256 under the audit key, hex.
     pub fn audit_token(&self, token: &Token) -> String {
         self.keyring
@@ -78,7 +82,7 @@ impl<S: Store> Vault<S> {
     pub async fn record_all(&self, events: &[AuditEvent]) -> Result<(), Error> {
         let mut batch = Batch::new();
         for event in events {
-            append_event(batch.unit(), event);
+            self.append_event(batch.unit(), event);
         }
         self.store
             .commit(batch)

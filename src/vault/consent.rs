@@ -39,7 +39,7 @@ impl<S: Store> Vault<S> {
             layout::consent_key(&hash, purpose.as_str()),
             state.encode(),
         );
-        super::audit::append_event(unit, &event);
+        self.append_event(unit, &event);
         self.store
             .commit(batch)
             .await

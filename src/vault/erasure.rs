@@ -284,7 +284,7 @@ impl<S: Store> Vault<S> {
             );
         }
         event.items = u32::try_from(shredding.erased).unwrap_or(u32::MAX);
-        super::audit::append_event(unit, &event);
+        self.append_event(unit, &event);
         self.store
             .commit(batch)
             .await

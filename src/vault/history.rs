@@ -118,6 +118,11 @@ impl<S: Store> Vault<S> {
         audit: &AuditContext,
     ) -> Result<HistoryPage, Error> {
         let query = permit.into_item();
+        if !self.index_subjects {
+            return Err(Error::Storage(crate::store::Error::Unsupported(
+                "this vault was opened without the subject index, so it keeps no access histories",
+            )));
+        }
         let form = self.audit_subject(&query.subject);
         let mut form_bytes = [0u8; 32];
         data_encoding::HEXLOWER

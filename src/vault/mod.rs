@@ -217,6 +217,9 @@ pub struct Vault<S> {
     fpt_crowded_logged: std::sync::atomic::AtomicU64,
     /// The most tokens one subject may have.
     max_tokens_per_subject: usize,
+    /// Whether audit events are indexed by subject (always, but for the
+    /// benchmark's baseline).
+    index_subjects: bool,
 }
 
 /// [`Vault::with_subject_limit`]'s default (`subjects.max_tokens_per_subject`).
@@ -245,6 +248,7 @@ impl<S: Store> Vault<S> {
             fpt_crowded: std::sync::atomic::AtomicU64::new(0),
             fpt_crowded_logged: std::sync::atomic::AtomicU64::new(0),
             max_tokens_per_subject: DEFAULT_MAX_TOKENS_PER_SUBJECT,
+            index_subjects: true,
         };
         // A re-index that finished just before a stop may not have retired
         // the older index keys yet (a rotation stores its key and its job in
@@ -260,6 +264,15 @@ impl<S: Store> Vault<S> {
     #[must_use]
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
+        self
+    }
+
+    /// The same vault without the subject index of the audit trail: the
+    /// benchmark's baseline for what the index costs. Access histories are
+    /// then refused; the server never does this.
+    #[must_use]
+    pub fn without_subject_index(mut self) -> Self {
+        self.index_subjects = false;
         self
     }
 

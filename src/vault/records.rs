@@ -100,7 +100,7 @@ impl<S: Store> Vault<S> {
                 token.storage_key().to_vec(),
                 update.record.encode(),
             );
-            super::audit::append_event(unit, &event);
+            self.append_event(unit, &event);
             let outcomes = self
                 .store
                 .commit(batch)
@@ -257,7 +257,7 @@ impl<S: Store> Vault<S> {
         event.subjects.dedup();
         event.failed_items +=
             u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
-        super::audit::append_event(unit, &event);
+        self.append_event(unit, &event);
         for (blind, token) in index_entries {
             batch
                 .unit()

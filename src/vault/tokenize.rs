@@ -130,7 +130,7 @@ impl<S: Store> Vault<S> {
                 u32::try_from(results.iter().flatten().filter(|r| r.is_err()).count())
                     .unwrap_or(u32::MAX);
             let mut batch = Batch::new();
-            super::audit::append_event(
+            self.append_event(
                 self.store_unit(batch.unit(), &drawn, &subject_keys)?,
                 &round_event,
             );
