@@ -188,6 +188,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     let scenarios = parse_scenarios(&args.scenarios)?;
     let mut report = Report {
         opens: Vec::new(),
+        subject_index_ratios: Vec::new(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         machine: machine(),
         rows: Vec::new(),

@@ -84,6 +84,10 @@ pub struct Report {
     /// How long vaults took to open (`--open-subjects`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub opens: Vec<OpenTime>,
+    /// Detokenizes of subject values with the audit trail's subject index
+    /// over the same without it, per pair of adjacent rounds (in process).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub subject_index_ratios: Vec<f64>,
 }
 
 /// How long a vault took to open, start to serving.

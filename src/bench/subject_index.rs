@@ -30,8 +30,10 @@ pub(super) const WITHOUT_INDEX: &str = "in-process detokenize, subject values, n
 /// Values tokenized into each vault before the rounds (each its own subject).
 const VALUES: usize = 10_000;
 
-/// Rounds per vault; they alternate A B B A A B ...
-const ROUNDS: usize = 6;
+/// Rounds per vault; they alternate A B B A A B ..., and each pair of
+/// adjacent rounds gives one ratio (the machine drifts less within a pair
+/// than over the run).
+const ROUNDS: usize = 10;
 
 struct Side {
     _dir: tempfile::TempDir,
@@ -66,19 +68,32 @@ pub(super) async fn subject_index_cost(
         open(true, &policy, &client).await?,
         open(false, &policy, &client).await?,
     ];
-    let round = Duration::from_secs_f64(args.seconds / 2.0);
+    let round = Duration::from_secs_f64(args.seconds / 4.0);
     progress(&format!(
         "sync: {ROUNDS} alternating rounds of {:.1}s per vault",
         round.as_secs_f64()
     ));
+    let mut rates = [0.0; 2];
     for r in 0..ROUNDS * 2 {
         // A B, then B A: neither side always goes first.
-        let side = usize::from((r % 4 == 1) || (r % 4 == 2));
-        let side = &mut sides[side];
+        let which = usize::from((r % 4 == 1) || (r % 4 == 2));
+        let side = &mut sides[which];
         let started = Instant::now();
         let latency = run_round(side, round, args.in_flight, &policy, &client).await?;
-        side.elapsed += started.elapsed();
+        let elapsed = started.elapsed();
+        rates[which] = latency.len() as f64 / elapsed.as_secs_f64();
+        side.elapsed += elapsed;
         side.latency.extend(latency);
+        if r % 2 == 1 && rates[1] > 0.0 {
+            let ratio = rates[0] / rates[1];
+            progress(&format!(
+                "sync: pair {}: {:.0} req/s with the index, {:.0} without: {ratio:.2}",
+                r / 2 + 1,
+                rates[0],
+                rates[1]
+            ));
+            report.subject_index_ratios.push(ratio);
+        }
     }
     for (side, name) in sides.iter().zip([WITH_INDEX, WITHOUT_INDEX]) {
         report.rows.push(side_row(name, side, args));
