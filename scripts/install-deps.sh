@@ -8,10 +8,12 @@
 #                                    kubernetes-validate (PyPI, in a virtual
 #                                    environment), kubectl with a current
 #                                    kustomize, strace, PostgreSQL's server,
-#                                    SoftHSM2 (a PKCS#11 module)
+#                                    SoftHSM2 (a PKCS#11 module), Chromium
+#                                    (renders the HTML report headless)
 #   scripts/install-deps.sh --probe NAME
 #                                    only detect NAME (libclang, kustomize,
-#                                    python-tools, postgres, softhsm); exit 0
+#                                    python-tools, postgres, softhsm,
+#                                    chromium); exit 0
 #                                    when usable.
 #                                    tests/install_deps.rs runs this against fake
 #                                    roots, so the detection is tested on a
@@ -117,6 +119,13 @@ have_softhsm() {
     return 1
 }
 
+# Debian's Chromium, where the report test runs it. Debian's
+# chromium-common alone ships no browser, and Ubuntu's chromium-browser is a
+# snap stub: only the real binary counts.
+have_chromium() {
+    [ -x "$root/usr/bin/chromium" ] && [ -e "$root/usr/lib/chromium/chromium" ]
+}
+
 probe() {
     case $1 in
     libclang) have_libclang ;;
@@ -124,7 +133,8 @@ probe() {
     python-tools) have_python_tools ;;
     postgres) have_postgres ;;
     softhsm) have_softhsm ;;
-    *) die "unknown probe '$1' (libclang, kustomize, python-tools, postgres, softhsm)" ;;
+    chromium) have_chromium ;;
+    *) die "unknown probe '$1' (libclang, kustomize, python-tools, postgres, softhsm, chromium)" ;;
     esac
 }
 
@@ -175,11 +185,17 @@ install_test_deps() {
     command -v mount >/dev/null 2>&1 || missing+=(mount)
     have_postgres || missing+=(postgresql)
     have_softhsm || missing+=(softhsm2)
+    have_chromium || missing+=(chromium)
     if ((${#missing[@]})); then
-        apt_install "the durability, disk-full, PostgreSQL and HSM tests" "${missing[@]}"
+        apt_install "the durability, disk-full, PostgreSQL, HSM and report tests" "${missing[@]}"
     fi
     have_postgres || die "PostgreSQL's server (initdb, postgres, pg_ctl under /usr/lib/postgresql/*/bin) is still missing"
     have_softhsm || die "SoftHSM2 (libsofthsm2.so and softhsm2-util) is still missing"
+    have_chromium || die "Chromium (/usr/bin/chromium and /usr/lib/chromium/chromium) is still missing"
+    /usr/bin/chromium --headless --no-sandbox --disable-gpu --no-first-run \
+        --disable-background-networking --disable-component-update --disable-sync \
+        --user-data-dir="$(mktemp -d)" --dump-dom 'data:text/html,<p>ok</p>' 2>/dev/null | grep -q '<p>ok</p>' ||
+        die "Chromium is installed but does not render a page headless"
     install_python_tools
 }
 

@@ -14,6 +14,8 @@
 //! - [`api`]: gRPC handlers; the only place errors become `tonic::Status`.
 //! - [`authz`]: scopes, purposes, the policy, and [`authz::Permit`]s.
 //! - [`audit`]: audit events, signed checkpoints, offline verification.
+//! - [`report`]: the records of processing (Art. 30) from the config, the
+//!   store and the audit trail; JSON, Markdown, HTML with an SVG chart.
 //! - [`identity`]: the caller's [`identity::ClientId`] from its certificate.
 //! - [`vault`]: tokenize and detokenize over any [`store::Store`].
 //! - [`crypto`]: AES-256-GCM-SIV envelope encryption and secret types.
@@ -58,6 +60,7 @@ pub mod layout;
 pub mod metrics;
 pub mod pki;
 pub mod proto;
+pub mod report;
 pub mod server;
 pub mod shared;
 pub mod store;

@@ -28,8 +28,9 @@ fn audit(args: &[&str], data_dir: &Path) -> (bool, String) {
     )
 }
 
-/// Builds a vault with six audited calls, stopped (so its final checkpoint
-/// is signed), and returns it with the auditor's copy of the public key.
+/// Builds a vault with six audited calls after the event of the policy it
+/// started with, stopped (so its final checkpoint is signed), and returns it
+/// with the auditor's copy of the public key.
 async fn audited_vault() -> (TestVault, String) {
     let mut vault = TestVault::start();
     let mut support = vault.client("support").await;
@@ -100,8 +101,11 @@ async fn every_call_is_audited_without_values_and_the_log_verifies() {
     let data = vault.data_dir();
     let (ok, out) = audit(&["verify", "--public-key", &key], &data);
     assert!(ok, "{out}");
+    // Checkpoints: at start (the policy's event) and at shutdown, and one
+    // more if the run outlasted the checkpoint interval.
     assert!(
-        out.starts_with("ok: events 1..6 (6 events), 1 signed checkpoints verified"),
+        out.starts_with("ok: events 1..7 (7 events), ")
+            && out.contains("signed checkpoints verified, 0 events after the last checkpoint"),
         "{out}"
     );
 
@@ -111,7 +115,7 @@ async fn every_call_is_audited_without_values_and_the_log_verifies() {
         .lines()
         .map(|l| serde_json::from_str(l).unwrap())
         .collect();
-    assert_eq!(events.len(), 6);
+    assert_eq!(events.len(), 7);
     let summary: Vec<(String, String, String)> = events
         .iter()
         .map(|e| {
@@ -127,8 +131,10 @@ async fn every_call_is_audited_without_values_and_the_log_verifies() {
         summary,
         // Allowed calls are events as they happen; refusals are counted and
         // written together (here: at shutdown), one event per identity,
-        // method, outcome and purpose.
+        // method, outcome and purpose. First, before any call, the policy
+        // the vault started with.
         vec![
+            ("LoadPolicy".into(), "OK".into(), "-".into()),
             ("Tokenize".into(), "OK".into(), support.clone()),
             ("Detokenize".into(), "OK".into(), support.clone()),
             ("Tokenize".into(), "OK".into(), support.clone()),
@@ -145,21 +151,22 @@ async fn every_call_is_audited_without_values_and_the_log_verifies() {
             ("Detokenize".into(), "PERMISSION_DENIED".into(), support),
         ]
     );
-    for refusal in &events[3..] {
+    assert_eq!(events[0]["policy_hash"].as_str().unwrap().len(), 64);
+    for refusal in &events[4..] {
         assert_eq!(refusal["refusals"]["count"], 1, "{refusal}");
     }
-    assert_eq!(events[1]["purpose"], "customer_support");
+    assert_eq!(events[2]["purpose"], "customer_support");
     assert_eq!(
-        events[1]["field_types"],
+        events[2]["field_types"],
         serde_json::json!(["email", "phone"])
     );
-    assert_eq!(events[1]["tokens"].as_array().unwrap().len(), 2);
-    assert_eq!(events[5]["purpose"], "advertising");
+    assert_eq!(events[2]["tokens"].as_array().unwrap().len(), 2);
+    assert_eq!(events[6]["purpose"], "advertising");
     for (seq, event) in events.iter().enumerate() {
         assert_eq!(event["seq"], seq as u64 + 1);
     }
     // Request ids tie each event to its log line.
-    let request_id = events[1]["request_id"].as_str().unwrap();
+    let request_id = events[2]["request_id"].as_str().unwrap();
     assert!(vault.logs().contains(request_id));
     // Filters.
     let (_, only_checkout) = audit(
@@ -244,11 +251,11 @@ async fn tampering_is_detected_at_the_first_bad_sequence_number() {
     assert!(out.contains("broken at sequence 2"), "{out}");
 
     let out = verify_after(&vault, &key, "truncated", |store| {
+        store.delete_blocking(Table::Audit, &chain::key(7)).unwrap();
         store.delete_blocking(Table::Audit, &chain::key(6)).unwrap();
-        store.delete_blocking(Table::Audit, &chain::key(5)).unwrap();
     });
     assert!(
-        out.contains("broken at sequence 5") && out.contains("truncated"),
+        out.contains("broken at sequence 6") && out.contains("truncated"),
         "{out}"
     );
 
@@ -298,7 +305,8 @@ async fn the_audit_service_streams_events_to_auditors_only() {
         events.push(record);
     }
     assert_eq!(events.len(), 1);
-    assert_eq!(events[0].seq, 1);
+    // Event 1 is the policy the vault started with.
+    assert_eq!(events[0].seq, 2);
     assert_eq!(events[0].hash.len(), 64);
     let event: serde_json::Value = serde_json::from_str(&events[0].event_json).unwrap();
     assert_eq!(event["method"], "Tokenize");
@@ -309,7 +317,7 @@ async fn the_audit_service_streams_events_to_auditors_only() {
         .iter()
         .map(|e| e["method"].as_str().unwrap().to_owned())
         .collect();
-    assert_eq!(methods, ["Tokenize", "StreamEvents"]);
+    assert_eq!(methods, ["LoadPolicy", "Tokenize", "StreamEvents"]);
     let mut not_auditor = AuditClient::new(
         vault
             .channel_with(&vault.pki.tls("checkout"))
@@ -340,9 +348,10 @@ async fn every_rpc_of_every_service_leaves_its_event() {
         proto::v1::{
             AccessHistoryRequest, CreateBackupRequest, DeleteTokensRequest, EraseSubjectRequest,
             ExportSubjectRequest, GetConsentRequest, Job, ListJobsRequest, LookupItem,
-            LookupTokensRequest, RotateIndexKeyRequest, RotateKeysRequest, RotateMasterKeyRequest,
-            SetConsentRequest, SetJobPausedRequest, StreamEventsRequest, UpdateValueRequest,
-            admin_client::AdminClient, audit_client::AuditClient, subjects_client::SubjectsClient,
+            LookupTokensRequest, ProcessingReportRequest, RotateIndexKeyRequest, RotateKeysRequest,
+            RotateMasterKeyRequest, SetConsentRequest, SetJobPausedRequest, StreamEventsRequest,
+            UpdateValueRequest, admin_client::AdminClient, audit_client::AuditClient,
+            subjects_client::SubjectsClient,
         },
     };
     use tonic::transport::Channel;
@@ -356,7 +365,7 @@ async fn every_rpc_of_every_service_leaves_its_event() {
         Ok(())
     }
 
-    /// Calls all seventeen RPCs as the identity behind `channel`, with
+    /// Calls all eighteen RPCs as the identity behind `channel`, with
     /// requests that are valid (so a caller with the scopes is allowed);
     /// returns the methods whose call failed and how.
     async fn call_everything(
@@ -505,6 +514,13 @@ async fn every_rpc_of_every_service_leaves_its_event() {
             admin.list_jobs(ListJobsRequest {}).await.map(drop),
         );
         check(
+            "ProcessingReport",
+            admin
+                .processing_report(ProcessingReportRequest::default())
+                .await
+                .map(drop),
+        );
+        check(
             "SetJobPaused",
             admin
                 .set_job_paused(SetJobPausedRequest {
@@ -525,7 +541,7 @@ async fn every_rpc_of_every_service_leaves_its_event() {
         failed
     }
 
-    const METHODS: [&str; 17] = [
+    const METHODS: [&str; 18] = [
         "Tokenize",
         "Detokenize",
         "LookupTokens",
@@ -541,6 +557,7 @@ async fn every_rpc_of_every_service_leaves_its_event() {
         "RotateIndexKey",
         "RotateMasterKey",
         "ListJobs",
+        "ProcessingReport",
         "SetJobPaused",
         "StreamEvents",
     ];

@@ -283,6 +283,49 @@ fn the_readme_access_history_commands_show_who_saw_the_data() {
         "{answer}"
     );
     assert!(!answer.contains("ada@example.com"));
+
+    // The README's processing report of the dev vault, offline, beside the
+    // running vault: both reads, with their identities and purposes.
+    let line = readme
+        .lines()
+        .find(|l| l.contains("tokenvault report processing --config tokenvault-dev/"))
+        .expect("README shows the dev vault's processing report");
+    let command = line[line.find("tokenvault report").unwrap()..]
+        .trim_end_matches(['`', '.'])
+        .replacen("tokenvault", env!("CARGO_BIN_EXE_tokenvault"), 1);
+    let report = sh(root.path(), &command);
+    assert!(report.status.success(), "{command}: {}", text(&report));
+    let report = String::from_utf8_lossy(&report.stdout).into_owned();
+    for row in [
+        format!("| {} | email | customer_support | 1 |", spiffe("support")),
+        format!("| {} | email | order_fulfilment | 1 |", spiffe("shipping")),
+    ] {
+        assert!(report.contains(&row), "{row} not in:\n{report}");
+    }
+    let html = sh(
+        root.path(),
+        &command.replace("--format md", "--format html"),
+    );
+    assert!(String::from_utf8_lossy(&html.stdout).contains("<svg"));
+
+    // The README's sealed export of the same subject, opened offline.
+    let section = &readme[readme.find("**Sealed export.**").unwrap()..];
+    let block = &section[section.find("```sh").unwrap() + 5..];
+    let block = &block[..block.find("```").unwrap()];
+    let sealed: Vec<&str> = block
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect();
+    assert_eq!(sealed.len(), 3, "{sealed:?}");
+    let exe = env!("CARGO_BIN_EXE_tokenvault");
+    let ours = |line: &str| line.replacen("tokenvault ", &format!("{exe} "), 1);
+    let public_key = run(&ours(sealed[0]), "");
+    run(&sealed[1].replace("PUBLIC_KEY", public_key.trim()), "");
+    let saved = std::fs::read_to_string(root.path().join("export.json")).unwrap();
+    assert!(!saved.contains("ada@example.com"), "the export is sealed");
+    let opened = run(&ours(sealed[2]), "");
+    assert!(opened.contains("ada@example.com"), "{opened}");
 }
 
 /// A sealed export as a person would ask for it with grpcurl, saved to a

@@ -134,6 +134,28 @@ fn softhsm_needs_its_module_and_its_token_tool() {
 }
 
 #[test]
+fn chromium_needs_the_browser_not_only_its_launcher() {
+    let root = tempfile::tempdir().unwrap();
+    assert!(!found("chromium", root.path()));
+    // A launcher script alone (Ubuntu's snap stub, a half-removed package)
+    // starts no browser.
+    executable(&root.path().join("usr/bin/chromium"), "#!/bin/sh\n");
+    assert!(!found("chromium", root.path()));
+    executable(
+        &root.path().join("usr/lib/chromium/chromium"),
+        "#!/bin/sh\n",
+    );
+    assert!(found("chromium", root.path()));
+    // The browser without its launcher is not where the tests look.
+    let no_launcher = tempfile::tempdir().unwrap();
+    executable(
+        &no_launcher.path().join("usr/lib/chromium/chromium"),
+        "#!/bin/sh\n",
+    );
+    assert!(!found("chromium", no_launcher.path()));
+}
+
+#[test]
 fn python_tools_are_looked_for_in_the_virtual_environment() {
     let root = tempfile::tempdir().unwrap();
     assert!(!found("python-tools", root.path()));

@@ -566,9 +566,10 @@ async fn metrics_are_scraped_and_parse() {
         metric(&text, "tokenvault_denials_total{reason=\"policy\"}"),
         1.0
     );
-    // Three tokenize events; the refusal is counted and written with the
-    // next refusal flush (audit.refusal_interval_seconds), not at once.
-    assert_eq!(metric(&text, "tokenvault_audit_chain_head"), 3.0);
+    // The policy the vault started with, then three tokenize events; the
+    // refusal is counted and written with the next refusal flush
+    // (audit.refusal_interval_seconds), not at once.
+    assert_eq!(metric(&text, "tokenvault_audit_chain_head"), 4.0);
     assert!(metric(&text, "tokenvault_tokens_stored") >= 0.0);
     assert!(
         !text.contains("tls@example.com") && !text.contains("spiffe://"),

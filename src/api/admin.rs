@@ -52,6 +52,39 @@ impl<S: Store> TokenVaultService<S> {
 }
 
 impl<S: Store> TokenVaultService<S> {
+    async fn report_inner(
+        &self,
+        call: &Call,
+        request: pb::ProcessingReportRequest,
+    ) -> Result<pb::ProcessingReportResponse, Error> {
+        let policy = self.settings.policy.current();
+        let grants = policy.grants(&call.client);
+        let format = crate::report::Format::from_name(&request.format)
+            .ok_or_else(|| Error::InvalidArgument("format must be json, md or html".into()))?;
+        let bound = |name: &'static str, text: String| {
+            crate::report::check_bound(name, (!text.is_empty()).then_some(text))
+                .map_err(|e| Error::InvalidArgument(e.to_string()))
+        };
+        let period = crate::report::Period {
+            since: bound("since", request.since)?,
+            until: bound("until", request.until)?,
+        };
+        let permit = grants
+            .permit_global(Action::AuditRead, (period, std::sync::Arc::clone(&policy)))
+            .map_err(denied)?;
+        let report = self
+            .vault
+            .processing_report(permit, &call.audit(1, 0))
+            .await?;
+        let (body, content_type) = format.render(&report);
+        Ok(pb::ProcessingReportResponse {
+            content_type: content_type.to_owned(),
+            body,
+        })
+    }
+}
+
+impl<S: Store> TokenVaultService<S> {
     async fn rotate_inner(
         &self,
         call: &Call,
@@ -236,6 +269,16 @@ impl<S: Store> Admin for TokenVaultService<S> {
     ) -> Result<Response<pb::JobStatus>, Status> {
         self.handle("SetJobPaused", 1, request, async |call, r| {
             self.set_job_paused_inner(call, r).await
+        })
+        .await
+    }
+
+    async fn processing_report(
+        &self,
+        request: Request<pb::ProcessingReportRequest>,
+    ) -> Result<Response<pb::ProcessingReportResponse>, Status> {
+        self.handle("ProcessingReport", 1, request, async |call, r| {
+            self.report_inner(call, r).await
         })
         .await
     }

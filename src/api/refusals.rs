@@ -96,6 +96,7 @@ impl RefusalLog {
                     first: tally.first,
                     last: tally.last,
                 }),
+                policy_hash: None,
             })
             .collect();
         events.sort_by(|a, b| {

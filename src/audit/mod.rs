@@ -59,7 +59,15 @@ pub struct AuditEvent {
     /// first and last were.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub refusals: Option<RefusalTally>,
+    /// For [`POLICY_LOAD_METHOD`] events: SHA-256 (hex) of the policy put
+    /// in force (`authz::Policy::hash`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub policy_hash: Option<String>,
 }
+
+/// The method of the event a vault records when it puts a policy in force
+/// (at start and at each reload that changes it).
+pub const POLICY_LOAD_METHOD: &str = "LoadPolicy";
 
 /// How a call ended, as the audit trail records it. Stored as the gRPC
 /// status code name; never rename a released value.
@@ -156,6 +164,7 @@ impl AuditContext {
             failed_items: self.failed_items,
             consent: None,
             refusals: None,
+            policy_hash: None,
         }
     }
 }

@@ -115,6 +115,62 @@ impl Policy {
         self
     }
 
+    /// Each rule as a config writes it: the identity pattern, the scopes,
+    /// and the purposes (`*` for any).
+    pub fn describe(&self) -> Vec<(String, Vec<String>, Vec<String>)> {
+        self.rules
+            .iter()
+            .map(|rule| {
+                let purposes = match &rule.purposes {
+                    PurposeSet::Any => vec!["*".to_owned()],
+                    PurposeSet::Only(set) => set.iter().map(ToString::to_string).collect(),
+                };
+                (
+                    rule.identity.to_string(),
+                    rule.scopes.iter().map(ToString::to_string).collect(),
+                    purposes,
+                )
+            })
+            .collect()
+    }
+
+    /// What each declared purpose is for.
+    pub fn declarations(&self) -> &std::collections::BTreeMap<Purpose, PurposeDeclaration> {
+        &self.declarations
+    }
+
+    /// SHA-256 of the rules and declarations as [`Policy::describe`] and
+    /// [`Policy::declarations`] give them: equal for equal policies, so the
+    /// audit trail can say which policy was in force when.
+    pub fn hash(&self) -> [u8; 32] {
+        use sha2::{Digest, Sha256};
+        let mut hasher = Sha256::new();
+        hasher.update(b"tokenvault-policy/v1\0");
+        // Length-prefixed, so that no two policies hash the same input.
+        let mut field = |text: &str| {
+            hasher.update((text.len() as u64).to_be_bytes());
+            hasher.update(text.as_bytes());
+        };
+        for (identity, scopes, purposes) in self.describe() {
+            field("rule");
+            field(&identity);
+            for scope in &scopes {
+                field(scope);
+            }
+            field("purposes");
+            for purpose in &purposes {
+                field(purpose);
+            }
+        }
+        for (purpose, declaration) in &self.declarations {
+            field("declaration");
+            field(purpose.as_str());
+            field(&declaration.description);
+            field(declaration.legal_basis.name());
+        }
+        hasher.finalize().into()
+    }
+
     /// The purposes for which any identity may reveal values of
     /// `field_type` (plain or masked), with their declarations: "why is
     /// this held, and who may see it for what", from the rules in force.

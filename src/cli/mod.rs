@@ -13,6 +13,7 @@ mod backup;
 mod keys;
 mod logging;
 mod progress;
+mod report;
 mod subjects;
 mod terminal;
 
@@ -70,6 +71,9 @@ enum Command {
     /// and opening it.
     #[command(subcommand)]
     Subjects(subjects::SubjectsCommand),
+    /// Reports, offline: the records of processing.
+    #[command(subcommand)]
+    Report(report::ReportCommand),
     /// Give one master-key share to a vault that started sealed
     /// ([keys.shares]); each holder runs it once.
     Unseal(UnsealArgs),
@@ -228,6 +232,7 @@ pub fn main() -> ExitCode {
         Command::Audit(command) => audit::run(command),
         Command::Unseal(args) => unseal(&args),
         Command::Subjects(command) => subjects::run(command),
+        Command::Report(command) => report::run(command),
         command => runtime().and_then(|runtime| match command {
             Command::Client(args) => runtime.block_on(client(args)),
             Command::Health(args) => runtime.block_on(health(args)),
@@ -240,6 +245,7 @@ pub fn main() -> ExitCode {
             | Command::Config(_)
             | Command::Audit(_)
             | Command::Unseal(_)
+            | Command::Report(_)
             | Command::Subjects(_) => {
                 unreachable!("handled above")
             }

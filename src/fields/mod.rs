@@ -76,7 +76,8 @@ pub enum FieldKind {
 }
 
 impl FieldKind {
-    fn name(&self) -> &'static str {
+    /// The kind's name, as `kind = "..."` writes it.
+    pub fn name(&self) -> &'static str {
         match self {
             FieldKind::Email => "email",
             FieldKind::Phone(_) => "phone",

@@ -14,6 +14,7 @@ use tokio::{sync::watch, task::JoinHandle};
 
 use crate::{
     api::RefusalLog,
+    authz::SharedPolicy,
     config::Config,
     metrics::{JobState, Metrics},
     store::Store,
@@ -33,6 +34,10 @@ const JOB_STEPS_PER_TURN: usize = 20;
 /// through another replica) are loaded, so that new values here use them too.
 const KEY_REFRESH_EVERY: Duration = Duration::from_secs(5);
 
+/// How often the policy in force is compared with the one last recorded in
+/// the audit trail (a reload puts a new one in force).
+const POLICY_CHECK_EVERY: Duration = Duration::from_secs(1);
+
 /// How often old audit events are pruned, when `audit.retention_days` is set.
 const AUDIT_PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
@@ -42,15 +47,44 @@ pub struct Background {
 }
 
 impl Background {
-    /// Starts every loop; they stop when `stop` changes.
+    /// Starts every loop; they stop when `stop` changes. The policy in
+    /// force must have been recorded already (`Vault::record_policy_load`):
+    /// the loop records the ones reloads bring.
     pub fn start<S: Store>(
         vault: &Arc<Vault<S>>,
         metrics: &Arc<Metrics>,
         refusals: &Arc<RefusalLog>,
+        policy: &Arc<SharedPolicy>,
         config: &Config,
         stop: &watch::Receiver<bool>,
     ) -> Self {
         let mut tasks = Vec::new();
+        // Records each policy a reload puts in force (every replica records
+        // its own).
+        let (v, p) = (Arc::clone(vault), Arc::clone(policy));
+        let recorded = Arc::new(std::sync::Mutex::new(Some(policy.current().hash())));
+        tasks.push(every(POLICY_CHECK_EVERY, stop.clone(), move || {
+            let (vault, policy, recorded) = (Arc::clone(&v), Arc::clone(&p), Arc::clone(&recorded));
+            async move {
+                let hash = policy.current().hash();
+                let last = *recorded
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                if last == Some(hash) {
+                    return;
+                }
+                match vault.record_policy_load(&hash).await {
+                    Ok(()) => {
+                        *recorded
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(hash);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot record the policy in force; retrying")
+                    }
+                }
+            }
+        }));
         // Signs the audit chain's head now and then.
         let v = Arc::clone(vault);
         tasks.push(every(

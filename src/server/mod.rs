@@ -128,6 +128,9 @@ pub async fn run(
     let vault = Arc::new(open_vault(&config, master).await?);
 
     let policy = Arc::new(SharedPolicy::new(config.policy.clone()));
+    // The policy this process starts with goes into the trail before any
+    // call it allows (reloads are recorded by a background loop).
+    vault.record_policy_load(&policy.current().hash()).await?;
     let refusals = Arc::new(RefusalLog::default());
     let settings = ApiSettings {
         limits: config.limits,
@@ -198,7 +201,8 @@ pub async fn run(
         conn_tx,
         stop_rx.clone(),
     ));
-    let background = background::Background::start(&vault, &metrics, &refusals, &config, &stop_rx);
+    let background =
+        background::Background::start(&vault, &metrics, &refusals, &policy, &config, &stop_rx);
     let database_watch = watch_database(Arc::clone(&vault), health.clone(), stop_rx.clone());
 
     set_status(&health, ServingStatus::Serving).await;

@@ -91,6 +91,26 @@ impl<S: Store> Vault<S> {
             .map_err(Error::AuditUnavailable)
     }
 
+    /// Records that this process put the policy hashing to `policy_hash` in
+    /// force (`LoadPolicy`, identity `-`): the records of processing say
+    /// which policy held when.
+    ///
+    /// # Errors
+    /// [`Error::AuditUnavailable`].
+    pub async fn record_policy_load(&self, policy_hash: &[u8; 32]) -> Result<(), Error> {
+        let context = crate::audit::AuditContext {
+            request_id: String::new(),
+            identity: "-".into(),
+            method: crate::audit::POLICY_LOAD_METHOD,
+            purpose: None,
+            items: 0,
+            failed_items: 0,
+        };
+        let mut event = context.event(Outcome::Ok);
+        event.policy_hash = Some(data_encoding::HEXLOWER.encode(policy_hash));
+        self.record(&event).await
+    }
+
     /// Signs the chain's head if it moved since the last checkpoint.
     /// Returns the sequence number signed.
     ///
@@ -318,5 +338,26 @@ impl<S: Store> Vault<S> {
             self.store.commit(batch).await?;
         }
         Ok(pruned)
+    }
+}
+
+impl<S: Store> Vault<S> {
+    /// The records of processing over `period`, with the policy the caller
+    /// passes (the one in force). Reading the trail for it is audited.
+    ///
+    /// # Errors
+    /// Storage or audit failures; [`Error::AuditDamaged`] if an audit
+    /// entry does not decode.
+    pub async fn processing_report(
+        &self,
+        permit: crate::authz::Permit<(crate::report::Period, std::sync::Arc<crate::authz::Policy>)>,
+        audit: &crate::audit::AuditContext,
+    ) -> Result<crate::report::ProcessingReport, Error> {
+        let (period, policy) = permit.into_item();
+        let report = crate::report::online(&self.fields, &policy, &self.store, period, self.now())
+            .await
+            .map_err(Error::AuditDamaged)?;
+        self.record(&audit.event(Outcome::Ok)).await?;
+        Ok(report)
     }
 }
