@@ -377,7 +377,7 @@ impl<S: Store> TokenVaultService<S> {
             checkpoint_time: page
                 .coverage
                 .checkpoint
-                .map(|(_, ms)| rfc3339(ms))
+                .map(|(_, ms)| crate::audit::rfc3339(ms))
                 .unwrap_or_default(),
             indexed_from_seq: page.coverage.indexed_from,
             head_seq: page.coverage.head,
@@ -422,26 +422,12 @@ fn time_bound(name: &str, text: &str) -> Result<Option<u64>, Error> {
     if text.is_empty() {
         return Ok(None);
     }
-    let time = time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-        .map_err(|_| {
-            Error::InvalidArgument(format!(
-                "{name} must be an RFC 3339 time such as 2026-12-01T00:00:00Z"
-            ))
-        })?;
-    Ok(Some(
-        u64::try_from(time.unix_timestamp_nanos() / 1_000_000).unwrap_or(0),
-    ))
-}
-
-/// ms since the epoch as RFC 3339 UTC.
-fn rfc3339(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
+    match crate::audit::time_ms(text) {
+        0 => Err(Error::InvalidArgument(format!(
+            "{name} must be an RFC 3339 time such as 2026-12-01T00:00:00Z"
+        ))),
+        ms => Ok(Some(ms)),
+    }
 }
 
 /// A single-item call's item error, as the call's status. The vault has

@@ -169,6 +169,25 @@ impl AuditContext {
     }
 }
 
+/// An RFC 3339 time (as events record it) in ms since the epoch; 0 if it
+/// does not parse.
+pub fn time_ms(text: &str) -> u64 {
+    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
+        .map(|t| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+        .unwrap_or(0)
+}
+
+/// ms since the epoch as RFC 3339 UTC.
+pub fn rfc3339(ms: u64) -> String {
+    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_default()
+}
+
 /// Now, RFC 3339 UTC, as events record time.
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()

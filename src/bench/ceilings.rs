@@ -20,6 +20,25 @@ use crate::{
     vault::{NewValue, Vault},
 };
 
+/// A vault in `dir` (a new master key, RocksDB with sync durability, the
+/// built-in field types), in this process.
+pub(super) async fn throwaway_vault(dir: &std::path::Path) -> Result<Vault<RocksStore>, String> {
+    let key_path = dir.join("master.key");
+    MasterKey::create_file(&key_path).map_err(|e| e.to_string())?;
+    let master = MasterKey::load(&key_path).map_err(|e| e.to_string())?;
+    let store =
+        RocksStore::open(&dir.join("data"), &StoreOptions::default()).map_err(|e| e.to_string())?;
+    let defaults = crate::config::RawConfig::default();
+    let fields = crate::fields::FieldRegistry::from_raw(
+        &defaults.field_types,
+        defaults.limits.max_value_bytes,
+    )
+    .map_err(|e| e.to_string())?;
+    Vault::open(store, &master, fields)
+        .await
+        .map_err(|e| e.to_string())
+}
+
 /// The vault's tokenize path (crypto, record encoding, group commit, fsync)
 /// without gRPC or TLS, in this process.
 pub(super) async fn in_process_ceiling(
@@ -27,22 +46,7 @@ pub(super) async fn in_process_ceiling(
     report: &mut Report,
 ) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let key_path = dir.path().join("master.key");
-    MasterKey::create_file(&key_path).map_err(|e| e.to_string())?;
-    let master = MasterKey::load(&key_path).map_err(|e| e.to_string())?;
-    let store = RocksStore::open(&dir.path().join("data"), &StoreOptions::default())
-        .map_err(|e| e.to_string())?;
-    let defaults = crate::config::RawConfig::default();
-    let fields = crate::fields::FieldRegistry::from_raw(
-        &defaults.field_types,
-        defaults.limits.max_value_bytes,
-    )
-    .map_err(|e| e.to_string())?;
-    let vault = Arc::new(
-        Vault::open(store, &master, fields)
-            .await
-            .map_err(|e| e.to_string())?,
-    );
+    let vault = Arc::new(throwaway_vault(dir.path()).await?);
     let policy = Arc::new(Policy::new(vec![Rule::new(
         IdentityPattern::new("spiffe://*").map_err(|e| e.to_string())?,
         vec![

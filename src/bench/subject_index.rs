@@ -16,9 +16,9 @@ use super::{BenchArgs, Measured, Report, load, progress, row, server};
 use crate::{
     audit::AuditContext,
     authz::{IdentityPattern, Policy, PurposeSet, Rule},
-    crypto::{MasterKey, SecretValue},
+    crypto::SecretValue,
     identity::ClientId,
-    store::{RocksStore, StoreOptions},
+    store::RocksStore,
     token::Token,
     vault::{NewValue, Vault},
 };
@@ -103,20 +103,7 @@ pub(super) async fn subject_index_cost(
 
 async fn open(index: bool, policy: &Policy, client: &ClientId) -> Result<Side, String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
-    let key_path = dir.path().join("master.key");
-    MasterKey::create_file(&key_path).map_err(|e| e.to_string())?;
-    let master = MasterKey::load(&key_path).map_err(|e| e.to_string())?;
-    let store = RocksStore::open(&dir.path().join("data"), &StoreOptions::default())
-        .map_err(|e| e.to_string())?;
-    let defaults = crate::config::RawConfig::default();
-    let fields = crate::fields::FieldRegistry::from_raw(
-        &defaults.field_types,
-        defaults.limits.max_value_bytes,
-    )
-    .map_err(|e| e.to_string())?;
-    let mut vault = Vault::open(store, &master, fields)
-        .await
-        .map_err(|e| e.to_string())?;
+    let mut vault = super::ceilings::throwaway_vault(dir.path()).await?;
     if !index {
         vault = vault.without_subject_index();
     }

@@ -471,23 +471,7 @@ pub fn check_bound(name: &'static str, text: Option<String>) -> Result<Option<St
     }
 }
 
-/// An RFC 3339 time in ms since the epoch (0 if it does not parse).
-pub fn time_ms(text: &str) -> u64 {
-    time::OffsetDateTime::parse(text, &time::format_description::well_known::Rfc3339)
-        .map(|t| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
-        .unwrap_or(0)
-}
-
-/// ms since the epoch as RFC 3339 UTC.
-pub fn rfc3339(ms: u64) -> String {
-    time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_default()
-}
+pub use crate::audit::{rfc3339, time_ms};
 
 /// What the stored tables add to the tally: values held per field type and
 /// the keys' ages, read one entry at a time by [`offline`] and [`online`].

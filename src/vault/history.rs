@@ -163,7 +163,7 @@ impl<S: Store> Vault<S> {
                 // index entry last).
                 let Some(value) = value else { continue };
                 let event = indexed_event(seq, &value, &form)?;
-                let time_ms = event_time_ms(&event);
+                let time_ms = crate::audit::time_ms(&event.time);
                 if query.until_ms.is_some_and(|until| time_ms > until) {
                     continue;
                 }
@@ -278,11 +278,4 @@ fn indexed_event(seq: u64, value: &[u8], form: &str) -> Result<AuditEvent, Error
         return Err(damaged());
     }
     Ok(event)
-}
-
-/// An event's time in ms since the epoch (0 if it does not parse).
-fn event_time_ms(event: &AuditEvent) -> u64 {
-    time::OffsetDateTime::parse(&event.time, &time::format_description::well_known::Rfc3339)
-        .map(|t| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
-        .unwrap_or(0)
 }
