@@ -46,6 +46,8 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
         "10",
         "--settle-limit",
         "0",
+        "--sustained",
+        "0.5",
     ]);
     let rows = report["rows"].as_array().unwrap();
     let scenarios = [
@@ -56,6 +58,7 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
         "detokenize-batch",
         "mixed",
         "detokenize@50%",
+        "mixed-sustained",
     ];
     for durability in ["sync", "buffered"] {
         for scenario in scenarios {
@@ -102,6 +105,8 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
         );
     }
     assert!(report["disk_bytes_per_token"].as_f64().unwrap() > 16.0);
+    // Peak memory is sampled through the preload too, not only in the rows.
+    assert!(report["preload_peak_rss_mib"].as_f64().unwrap() > 1.0);
     assert!(report["targets"].as_array().unwrap().len() >= 5);
     assert!(report["machine"]["cores"].as_u64().unwrap() >= 1);
     // The commit is the binary's, recorded when it was built: this run's

@@ -109,6 +109,12 @@ pub struct BenchArgs {
     /// wait (smoke runs).
     #[arg(long, default_value_t = 300)]
     pub settle_limit: u64,
+    /// Seconds of a sustained mixed run (80 % detokenize, 20 % tokenize)
+    /// after each pass's settled scenarios, with no settle wait before it:
+    /// the flushes and compactions the load causes are on the clock (0 to
+    /// skip).
+    #[arg(long, default_value_t = 0.0)]
+    pub sustained: f64,
     /// Benchmark a running server instead of starting one.
     #[arg(long, requires_all = ["ca", "cert", "key"])]
     pub target: Option<String>,
@@ -189,6 +195,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     let mut report = Report {
         opens: Vec::new(),
         subject_index_ratios: Vec::new(),
+        preload_peak_rss_mib: None,
         command: std::env::args().collect::<Vec<_>>().join(" "),
         machine: machine(),
         rows: Vec::new(),
@@ -467,7 +474,7 @@ async fn measure(
     durability: &str,
     report: &mut Report,
 ) -> Result<(), String> {
-    let needs_pool = scenarios.iter().any(|s| s.reads());
+    let needs_pool = scenarios.iter().any(|s| s.reads()) || args.sustained > 0.0;
     let pool = if needs_pool {
         progress(&format!(
             "{durability}: creating {} tokens to read",
@@ -495,6 +502,10 @@ async fn measure(
             }
             let total = args.preload;
             let started = Instant::now();
+            // The bulk load and its compactions count towards peak memory.
+            for pid in side.pids() {
+                reset_peak_rss(pid);
+            }
             load::fill(
                 channels,
                 total,
@@ -512,6 +523,9 @@ async fn measure(
             )
             .await?;
             stored += total as u64;
+            if let Some(stats) = side.stats() {
+                report.preload_peak_rss_mib = Some(stats.peak_rss_bytes as f64 / (1 << 20) as f64);
+            }
             if let Some(server) = side.vaults.first() {
                 // Compacting millions of new tokens takes the same two
                 // cores the second pass needs: measured during it, even the
@@ -583,6 +597,32 @@ async fn measure(
             )
             .await;
             row.preloaded = pass == 1;
+            report.rows.push(row);
+        }
+        if args.sustained > 0.0 {
+            // Straight after the last scenario, unsettled: what a vault
+            // under steady traffic does, its background work included.
+            let spec = LoadSpec {
+                scenario: Scenario::Mixed,
+                batch: 1,
+                in_flight: args.in_flight,
+                duration: Duration::from_secs_f64(args.sustained),
+                max_requests: u64::MAX,
+                rate: None,
+            };
+            let mut row = run_one(
+                "mixed-sustained",
+                &spec,
+                channels,
+                &pool,
+                side,
+                durability,
+                stored,
+            )
+            .await;
+            row.preloaded = pass == 1;
+            // Mixed tokenizes one request in five.
+            stored += row.items / 5;
             report.rows.push(row);
         }
     }

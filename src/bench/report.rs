@@ -84,6 +84,10 @@ pub struct Report {
     /// How long vaults took to open (`--open-subjects`).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub opens: Vec<OpenTime>,
+    /// The server's peak memory through the preload and its compactions
+    /// (the rows' peaks cover their scenarios only), MiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub preload_peak_rss_mib: Option<f64>,
     /// Detokenizes of subject values with the audit trail's subject index
     /// over the same without it, per pair of adjacent rounds (in process).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
