@@ -38,6 +38,7 @@ macro_rules! conformance_tests {
             unchanged_guards_are_a_compare_and_set,
             the_audit_head_covers_every_acknowledged_event,
             audit_entries_are_indexed_in_their_own_write,
+            a_key_asked_for_twice_is_answered_twice,
         );
     };
     (@each $engine:expr, $($name:ident),+ $(,)?) => {
@@ -450,4 +451,24 @@ pub(crate) async fn audit_entries_are_indexed_in_their_own_write<E: Engine>(engi
     }
     assert!(even.windows(2).all(|w| w[0] > w[1]));
     assert_eq!(index_key(b"all", 1).len(), 11);
+}
+
+/// `get_many` answers every position, also a key that appears twice (a
+/// batch detokenize of one token twice).
+pub(crate) async fn a_key_asked_for_twice_is_answered_twice<E: Engine>(engine: &E) {
+    let store = engine.open().await;
+    let mut batch = Batch::new();
+    batch.put(Table::Records, b"a".to_vec(), b"1".to_vec());
+    batch.put(Table::Records, b"b".to_vec(), b"2".to_vec());
+    commit(&store, batch).await;
+    assert_eq!(
+        get(&store, Table::Records, &[b"a", b"b", b"a", b"x", b"a"]).await,
+        vec![
+            Some(b"1".to_vec()),
+            Some(b"2".to_vec()),
+            Some(b"1".to_vec()),
+            None,
+            Some(b"1".to_vec())
+        ]
+    );
 }
