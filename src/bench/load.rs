@@ -233,6 +233,7 @@ async fn worker(
         interval
     });
     let mut i: usize = 0;
+    let mut rng = seed(task);
     loop {
         let scheduled = match ticker.as_mut() {
             Some(t) => {
@@ -245,8 +246,12 @@ async fn worker(
         if scheduled >= deadline || issued.fetch_add(1, Ordering::Relaxed) >= spec.max_requests {
             break;
         }
-        let pick = |k: usize| {
-            &pool[(task.wrapping_mul(7919) + i * spec.batch.max(1) + k) % pool.len().max(1)]
+        // Each read draws uniformly from the whole pool: a walk with a
+        // fixed stride revisited a few thousand tokens and measured a hot
+        // cache.
+        let mut pick = |_: usize| {
+            let at = draw(&mut rng, pool.len() as u64);
+            &pool[usize::try_from(at).unwrap_or(0)]
         };
         let outcome = match spec.scenario {
             Scenario::Noop => health
@@ -342,8 +347,50 @@ async fn detokenize(client: &mut TokenVaultClient<Channel>, tokens: Vec<String>)
 pub enum Minted {
     /// Returns them (the read pool).
     Kept,
-    /// Drops them as they come (a preload of millions).
-    Dropped,
+    /// Returns a uniform sample of at most this many of them (a preload of
+    /// millions, read back at random), drops the rest.
+    Sampled(usize),
+}
+
+/// A uniform random sample of a stream of tokens (Algorithm R), shared by
+/// the tasks that mint them.
+struct Reservoir {
+    cap: usize,
+    seen: u64,
+    tokens: Vec<String>,
+    rng: u64,
+}
+
+impl Reservoir {
+    fn offer(&mut self, token: String) {
+        self.seen += 1;
+        if self.tokens.len() < self.cap {
+            self.tokens.push(token);
+            return;
+        }
+        let slot = draw(&mut self.rng, self.seen);
+        if let Ok(slot) = usize::try_from(slot)
+            && slot < self.cap
+        {
+            self.tokens[slot] = token;
+        }
+    }
+}
+
+/// A draw in `0..n` from a xorshift state (uniform enough for picking
+/// tokens; costs the load generator nothing measurable).
+pub fn draw(state: &mut u64, n: u64) -> u64 {
+    *state ^= *state << 13;
+    *state ^= *state >> 7;
+    *state ^= *state << 17;
+    *state % n.max(1)
+}
+
+/// A seed for [`draw`] that differs between tasks and runs.
+pub fn seed(task: usize) -> u64 {
+    let mut bytes = [0u8; 8];
+    let _ = getrandom::fill(&mut bytes);
+    (u64::from_le_bytes(bytes) ^ (task as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15)) | 1
 }
 
 /// Whether [`fill`]'s values belong to subjects.
@@ -371,6 +418,15 @@ pub async fn fill(
 ) -> Result<Vec<String>, String> {
     let next = Arc::new(AtomicU64::new(0));
     let done = Arc::new(AtomicU64::new(0));
+    let reservoir = Arc::new(std::sync::Mutex::new(Reservoir {
+        cap: match minted {
+            Minted::Sampled(cap) => cap,
+            Minted::Kept => 0,
+        },
+        seen: 0,
+        tokens: Vec::new(),
+        rng: seed(usize::MAX),
+    }));
     let progress = Arc::new(progress);
     let tasks: Vec<_> = (0..in_flight)
         .map(|task| {
@@ -378,6 +434,7 @@ pub async fn fill(
             let next = Arc::clone(&next);
             let done = Arc::clone(&done);
             let progress = Arc::clone(&progress);
+            let reservoir = Arc::clone(&reservoir);
             tokio::spawn(async move {
                 let mut tokens = Vec::new();
                 loop {
@@ -400,13 +457,23 @@ pub async fn fill(
                         .tokenize(TokenizeRequest { items })
                         .await
                         .map_err(|s| format!("preload failed: {:?} {}", s.code(), s.message()))?;
+                    let mut minted_now = Vec::with_capacity(1000);
                     for result in response.into_inner().results {
                         match result.result {
-                            Some(tokenize_result::Result::Token(t)) if minted == Minted::Kept => {
-                                tokens.push(t);
-                            }
-                            Some(tokenize_result::Result::Token(_)) => {}
+                            Some(tokenize_result::Result::Token(t)) => minted_now.push(t),
                             _ => return Err("preload item failed".into()),
+                        }
+                    }
+                    match minted {
+                        Minted::Kept => tokens.extend(minted_now),
+                        // One lock per request of 1,000 tokens.
+                        Minted::Sampled(_) => {
+                            let mut sample = reservoir
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner);
+                            for token in minted_now {
+                                sample.offer(token);
+                            }
                         }
                     }
                     let total = done.fetch_add(1000, Ordering::Relaxed) as usize + 1000;
@@ -419,6 +486,13 @@ pub async fn fill(
     for task in tasks {
         tokens.extend(task.await.map_err(|e| e.to_string())??);
     }
+    let sampled = std::mem::take(
+        &mut reservoir
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .tokens,
+    );
+    tokens.extend(sampled);
     Ok(tokens)
 }
 

@@ -43,6 +43,10 @@ const POOL_FILL_IN_FLIGHT: usize = 8;
 /// the group committer's batches full on two cores.
 const PRELOAD_IN_FLIGHT: usize = 16;
 
+/// How many of the preload's tokens the read scenarios after it draw from
+/// (a uniform sample: all of them up to this many).
+const PRELOAD_SAMPLE: usize = 1_000_000;
+
 /// `tokenvault bench` options.
 #[derive(Debug, Clone, Args)]
 pub struct BenchArgs {
@@ -94,7 +98,9 @@ pub struct BenchArgs {
     /// Items per request in the batch scenarios.
     #[arg(long, default_value_t = 100)]
     pub batch: usize,
-    /// Tokens created before the read scenarios, which read them at random.
+    /// Tokens created before the read scenarios, which draw from them
+    /// uniformly at random (after the preload: from these and a uniform
+    /// sample of up to 1M of the preload's, in proportion).
     #[arg(long, default_value_t = 10_000)]
     pub pool: usize,
     /// After the first pass, store this many more tokens and run the
@@ -384,7 +390,7 @@ async fn time_open(setup: &ServerSetup, key: &BenchKey, subjects: usize) -> Resu
         &channels,
         subjects,
         POOL_FILL_IN_FLIGHT,
-        load::Minted::Dropped,
+        load::Minted::Sampled(0),
         load::Subjects::OnePerValue,
         |_| {},
     )
@@ -494,6 +500,7 @@ async fn measure(
     } else {
         Arc::new(Vec::new())
     };
+    let mut pool = pool;
     let mut stored = pool.len() as u64;
     for pass in 0..2 {
         if pass == 1 {
@@ -506,11 +513,11 @@ async fn measure(
             for pid in side.pids() {
                 reset_peak_rss(pid);
             }
-            load::fill(
+            let sample = load::fill(
                 channels,
                 total,
                 PRELOAD_IN_FLIGHT,
-                load::Minted::Dropped,
+                load::Minted::Sampled(PRELOAD_SAMPLE),
                 load::Subjects::None,
                 move |done| {
                     if done % 100_000 < 1000 {
@@ -523,6 +530,18 @@ async fn measure(
             )
             .await?;
             stored += total as u64;
+            // Reads after the preload draw from everything stored: the
+            // preload's uniform sample, and the first pool thinned to the
+            // same rate, so neither is over-represented.
+            let rate = sample.len() as f64 / total.max(1) as f64;
+            let mut rng = load::seed(0);
+            let mut everything: Vec<String> = pool
+                .iter()
+                .filter(|_| (load::draw(&mut rng, 1 << 20) as f64) < rate * f64::from(1 << 20))
+                .cloned()
+                .collect();
+            everything.extend(sample);
+            pool = Arc::new(everything);
             if let Some(stats) = side.stats() {
                 report.preload_peak_rss_mib = Some(stats.peak_rss_bytes as f64 / (1 << 20) as f64);
             }
