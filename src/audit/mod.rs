@@ -127,6 +127,12 @@ impl AuditEvent {
         // Serializing a struct of strings and integers cannot fail.
         serde_json::to_vec(self).unwrap_or_default()
     }
+
+    /// The event a stored payload holds, if it is one ([`AuditEvent::encode`]'s
+    /// inverse; events of older releases lack later fields, which default).
+    pub fn decode(payload: &[u8]) -> Option<Self> {
+        serde_json::from_slice(payload).ok()
+    }
 }
 
 /// What the API layer knows of a call when the vault records it.

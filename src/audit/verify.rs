@@ -335,7 +335,7 @@ pub fn export(
                 error = Some("malformed audit entry".to_owned());
                 return false;
             };
-            let Ok(event) = serde_json::from_slice::<AuditEvent>(link.payload) else {
+            let Some(event) = AuditEvent::decode(link.payload) else {
                 error = Some(format!("event {seq} is not an audit event"));
                 return false;
             };

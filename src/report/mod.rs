@@ -511,11 +511,7 @@ fn stored_event(key: &[u8], value: &[u8]) -> Result<(u64, AuditEvent), String> {
     use crate::store::chain;
     chain::seq_of(key)
         .zip(chain::decode(value))
-        .and_then(|(seq, link)| {
-            serde_json::from_slice::<AuditEvent>(link.payload)
-                .ok()
-                .map(|e| (seq, e))
-        })
+        .and_then(|(seq, link)| AuditEvent::decode(link.payload).map(|e| (seq, e)))
         .ok_or_else(|| {
             format!(
                 "audit entry {:?} does not decode; run `tokenvault audit verify`",

@@ -22,7 +22,7 @@ fn index_prefixes(subjects: &[String]) -> Vec<Vec<u8>> {
 /// The audit-index prefixes of a stored chain entry's event.
 fn subject_prefixes(stored: &[u8]) -> Vec<Vec<u8>> {
     chain::decode(stored)
-        .and_then(|link| serde_json::from_slice::<AuditEvent>(link.payload).ok())
+        .and_then(|link| AuditEvent::decode(link.payload))
         .map(|event| index_prefixes(&event.subjects))
         .unwrap_or_default()
 }
@@ -239,7 +239,7 @@ impl<S: Store> Vault<S> {
             .filter_map(|(key, value)| {
                 let seq = chain::seq_of(&key)?;
                 let link = chain::decode(&value)?;
-                let event: crate::audit::AuditEvent = serde_json::from_slice(link.payload).ok()?;
+                let event = AuditEvent::decode(link.payload)?;
                 Some(StoredEvent {
                     seq,
                     hash: data_encoding::HEXLOWER.encode(&chain::hash(seq, &value)),

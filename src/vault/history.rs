@@ -273,7 +273,7 @@ fn indexed_event(seq: u64, value: &[u8], form: &str) -> Result<AuditEvent, Error
     if !link.is_intact(seq) {
         return Err(damaged());
     }
-    let event: AuditEvent = serde_json::from_slice(link.payload).map_err(|_| damaged())?;
+    let event = AuditEvent::decode(link.payload).ok_or_else(damaged)?;
     if !event.subjects.iter().any(|s| s == form) {
         return Err(damaged());
     }
