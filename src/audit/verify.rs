@@ -46,6 +46,15 @@ impl Checkpoint {
             signature: value[41..105].try_into().ok()?,
         })
     }
+
+    /// Whether its signature verifies under `public_key`.
+    pub fn verifies(&self, public_key: &[u8; 32]) -> bool {
+        verify_signature(
+            public_key,
+            &checkpoint_message(self.seq, &self.head, self.time_ms),
+            &self.signature,
+        )
+    }
 }
 
 const PRUNE_FORMAT_V1: u8 = 1;
@@ -151,13 +160,7 @@ pub fn verify(
         .scan(Table::AuditCheckpoints, &chain::key(from), |key, value| {
             let cp = chain::seq_of(key).and_then(|seq| Checkpoint::decode(seq, value));
             match cp {
-                Some(cp)
-                    if verify_signature(
-                        public_key,
-                        &checkpoint_message(cp.seq, &cp.head, cp.time_ms),
-                        &cp.signature,
-                    ) =>
-                {
+                Some(cp) if cp.verifies(public_key) => {
                     checkpoints.insert(cp.seq, cp);
                     true
                 }

@@ -6,9 +6,8 @@
 
 use super::{Error, SubjectId, Vault};
 use crate::{
-    audit::{AuditContext, AuditEvent, Checkpoint, Outcome, checkpoint_message},
+    audit::{AuditContext, AuditEvent, Checkpoint, Outcome},
     authz::Permit,
-    crypto::verify_signature,
     layout,
     store::{Batch, Store, Table, chain},
 };
@@ -226,17 +225,8 @@ impl<S: Store> Vault<S> {
             .flatten()
             .and_then(|bytes| chain::seq_of(&bytes))
             .unwrap_or(1);
-        let public_key = self.audit_public_key();
         let checkpoint = match checkpoint {
-            Some(cp)
-                if verify_signature(
-                    &public_key,
-                    &checkpoint_message(cp.seq, &cp.head, cp.time_ms),
-                    &cp.signature,
-                ) =>
-            {
-                Some((cp.seq, cp.time_ms))
-            }
+            Some(cp) if cp.verifies(&self.audit_public_key()) => Some((cp.seq, cp.time_ms)),
             Some(cp) => {
                 tracing::error!(
                     seq = cp.seq,
