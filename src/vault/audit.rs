@@ -51,6 +51,19 @@ impl<S: Store> Vault<S> {
         self.audit_subject_hash(&self.subject_hash(subject))
     }
 
+    /// The audit forms of `subjects` (subject hashes, repeats allowed), as
+    /// an event holds them: one HMAC per distinct subject, sorted.
+    pub(super) fn audit_subjects(&self, mut subjects: Vec<SubjectHash>) -> Vec<String> {
+        subjects.sort_unstable();
+        subjects.dedup();
+        let mut forms: Vec<String> = subjects
+            .iter()
+            .map(|subject| self.audit_subject_hash(subject))
+            .collect();
+        forms.sort();
+        forms
+    }
+
     /// The audit form of a subject, from the subject hash its records hold:
     /// so that a call that reads records (detokenize, update, delete) names
     /// their subjects as the calls that know the id do, and one subject's

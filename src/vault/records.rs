@@ -221,6 +221,7 @@ impl<S: Store> Vault<S> {
         // Blind-index entries to delete if they still name the token: a
         // tokenize may have replaced an expired one meanwhile.
         let mut index_entries = Vec::new();
+        let mut touched = Vec::new();
         let mut results = Vec::with_capacity(tokens.len());
         for (token, bytes) in tokens.iter().zip(records) {
             event.tokens.push(self.audit_token(token));
@@ -235,7 +236,7 @@ impl<S: Store> Vault<S> {
                     index_entries.push((blind, token));
                 }
                 if let Some(subject) = record.subject_hash {
-                    event.subjects.push(self.audit_subject_hash(&subject));
+                    touched.push(subject);
                     unit.delete(
                         Table::SubjectIndex,
                         layout::subject_index_key(&subject, token.storage_key()),
@@ -253,8 +254,7 @@ impl<S: Store> Vault<S> {
         }
         event.field_types.sort();
         event.field_types.dedup();
-        event.subjects.sort();
-        event.subjects.dedup();
+        event.subjects = self.audit_subjects(touched);
         event.failed_items +=
             u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
         self.append_event(unit, &event);

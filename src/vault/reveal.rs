@@ -101,15 +101,14 @@ impl<S: Store> Vault<S> {
 
         let mut event = audit.event(Outcome::Ok);
         let mut consent_missing = false;
+        let mut touched = Vec::new();
         let results: Vec<_> = tokens
             .iter()
             .zip(records)
             .map(|(token, record)| {
                 let record = record?;
                 event.field_types.push(record.field_type.to_string());
-                if let Some(subject) = &record.subject_hash {
-                    event.subjects.push(self.audit_subject_hash(subject));
-                }
+                touched.extend(record.subject_hash);
                 let form = authorize(&record.field_type).map_err(ItemError::Denied)?;
                 let consented = record
                     .subject_hash
@@ -141,8 +140,7 @@ impl<S: Store> Vault<S> {
             .collect();
         event.field_types.sort();
         event.field_types.dedup();
-        event.subjects.sort();
-        event.subjects.dedup();
+        event.subjects = self.audit_subjects(touched);
         event.forms.sort();
         event.forms.dedup();
         event.tokens = tokens.iter().map(|t| self.audit_token(t)).collect();

@@ -448,13 +448,13 @@ impl<S: Store> Vault<S> {
         for (index, permit) in items.into_iter().enumerate() {
             let item = permit.into_item();
             event.field_types.push(item.field_type.to_string());
-            subjects.push(item.subject.as_ref().map(|s| self.audit_subject(s)));
+            let subject = item.subject.as_ref().map(|s| self.subject_hash(s));
+            subjects.push(subject);
             let blind = self.spec(&item.field_type).and_then(|spec| {
                 if !spec.deterministic {
                     return Err(ItemError::NotDeterministic(spec.name.clone()));
                 }
                 let value = spec.normalize(&item.value)?;
-                let subject = item.subject.as_ref().map(|s| self.subject_hash(s));
                 Ok(self.blind_index(&spec.name, subject.as_ref(), &value))
             });
             match blind {
@@ -476,14 +476,14 @@ impl<S: Store> Vault<S> {
         event.field_types.dedup();
         // The subjects whose tokens the lookup found: it told the caller
         // that the vault holds this value of theirs.
-        event.subjects = results
-            .iter()
-            .zip(subjects)
-            .filter(|(result, _)| result.is_ok())
-            .filter_map(|(_, subject)| subject)
-            .collect();
-        event.subjects.sort();
-        event.subjects.dedup();
+        event.subjects = self.audit_subjects(
+            results
+                .iter()
+                .zip(subjects)
+                .filter(|(result, _)| result.is_ok())
+                .filter_map(|(_, subject)| subject)
+                .collect(),
+        );
         event.failed_items +=
             u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
         event.tokens = results
