@@ -175,11 +175,8 @@ async fn run_round(
                 let mut latency = Vec::new();
                 let mut state = (task as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15);
                 while Instant::now() < deadline {
-                    // xorshift: a uniform draw that costs nothing measurable.
-                    state ^= state << 13;
-                    state ^= state >> 7;
-                    state ^= state << 17;
-                    let token = &tokens[(state % tokens.len() as u64) as usize];
+                    let at = load::draw(&mut state, tokens.len() as u64);
+                    let token = &tokens[usize::try_from(at).unwrap_or(0)];
                     let t0 = Instant::now();
                     let results = vault
                         .detokenize(
