@@ -11,6 +11,14 @@ use std::{
     time::Duration,
 };
 
+use crate::store::{BlockCacheLookups, ReadTiers};
+
+/// The block cache counter's name (the benchmark reads it too).
+pub const BLOCK_CACHE_LOOKUPS: &str = "rocksdb_block_cache_lookups_total";
+
+/// The point reads counter's name (the benchmark reads it too).
+pub const STORE_READS: &str = "tokenvault_store_reads_total";
+
 /// Upper bounds of the latency histogram buckets, in seconds.
 const BUCKETS: [f64; 12] = [
     0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
@@ -74,6 +82,10 @@ pub struct Gauges {
     pub open_connections: u64,
     /// Format-preserving values that needed several token draws.
     pub fpt_crowded: u64,
+    /// Point reads since the store opened, by where they were answered.
+    pub reads: ReadTiers,
+    /// RocksDB block cache lookups since the store opened.
+    pub block_cache: BlockCacheLookups,
 }
 
 impl Metrics {
@@ -279,6 +291,28 @@ impl Metrics {
             "gauge",
             gauges.wal_bytes,
         );
+        let _ = writeln!(
+            out,
+            "# HELP {STORE_READS} Point reads, by where they were answered: from memory (memtables, block cache), or from files on the blocking pool.\n# TYPE {STORE_READS} counter\n{STORE_READS}{{tier=\"memory\"}} {}\n{STORE_READS}{{tier=\"files\"}} {}",
+            gauges.reads.memory, gauges.reads.files
+        );
+        let _ = writeln!(
+            out,
+            "# HELP {BLOCK_CACHE_LOOKUPS} RocksDB block cache lookups, by kind of block and result (a miss reads the file system; a read answered from files counts its miss twice, once in the memory tier).\n# TYPE {BLOCK_CACHE_LOOKUPS} counter"
+        );
+        let cache = &gauges.block_cache;
+        for (block, lookups) in [
+            ("data", cache.data),
+            ("index", cache.index),
+            ("filter", cache.filter),
+        ] {
+            for (result, n) in [("hit", lookups.hits), ("miss", lookups.misses)] {
+                let _ = writeln!(
+                    out,
+                    "{BLOCK_CACHE_LOOKUPS}{{block=\"{block}\",result=\"{result}\"}} {n}"
+                );
+            }
+        }
         gauge(
             &mut out,
             "tokenvault_open_connections",
@@ -333,6 +367,14 @@ mod tests {
         m.denial("scope");
         let text = m.render(&Gauges {
             tokens_stored: 7,
+            reads: ReadTiers {
+                memory: 5,
+                files: 2,
+            },
+            block_cache: BlockCacheLookups {
+                data: crate::store::HitsMisses { hits: 9, misses: 4 },
+                ..BlockCacheLookups::default()
+            },
             ..Gauges::default()
         });
         assert!(
@@ -353,5 +395,10 @@ mod tests {
         );
         assert!(text.contains("tokenvault_denials_total{reason=\"scope\"} 1"));
         assert!(text.contains("tokenvault_tokens_stored 7"));
+        assert!(text.contains("tokenvault_store_reads_total{tier=\"files\"} 2"));
+        assert!(
+            text.contains("rocksdb_block_cache_lookups_total{block=\"data\",result=\"miss\"} 4"),
+            "{text}"
+        );
     }
 }

@@ -93,6 +93,15 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
                     assert!(handler > 0.0 && handler <= client * 1.01, "{row}");
                     assert!(row["handler_p99_ms"].as_f64().unwrap() >= handler, "{row}");
                 }
+                // Reads say where the store answered them (from its
+                // metrics port); a health check reads nothing.
+                let from_memory = row["reads_from_memory_pct"].as_f64();
+                if scenario.starts_with("detokenize") {
+                    let pct = from_memory.unwrap_or_else(|| panic!("{row}"));
+                    assert!((0.0..=100.0).contains(&pct), "{row}");
+                } else if scenario == "noop" {
+                    assert_eq!(from_memory, None, "{row}");
+                }
             }
         }
     }

@@ -27,7 +27,8 @@ use load::{LoadResult, LoadSpec};
 use report::Machine;
 pub use report::{Report, Row};
 use server::{
-    BenchKey, BenchServer, ProcStats, ServerSetup, proc_stats, reset_peak_rss, sum_stats,
+    BenchKey, BenchServer, ProcStats, ServerSetup, StoreCounters, proc_stats, reset_peak_rss,
+    sum_stats,
 };
 
 use crate::{
@@ -181,6 +182,16 @@ impl ServerSide<'_> {
     /// Their summed CPU and peak memory; `None` when nothing is measured.
     fn stats(&self) -> Option<ProcStats> {
         (!self.vaults.is_empty()).then(|| sum_stats(&self.pids()))
+    }
+
+    /// The vaults' store counters, summed; `None` when nothing is measured
+    /// or a vault's metrics cannot be read.
+    async fn store_counters(&self) -> Option<StoreCounters> {
+        let mut sum = StoreCounters::default();
+        for vault in self.vaults {
+            sum = sum.plus(vault.store_counters().await?);
+        }
+        (!self.vaults.is_empty()).then_some(sum)
     }
 }
 
@@ -666,11 +677,13 @@ async fn run_one(
         reset_peak_rss(pid);
     }
     let log_from: Vec<u64> = side.vaults.iter().map(BenchServer::log_position).collect();
+    let counters_before = side.store_counters().await;
     let before = side.stats();
     let client_before = proc_stats(std::process::id()).cpu_seconds;
     let result = load::run(channels, spec, Arc::clone(pool)).await;
     let client_cpu_seconds = proc_stats(std::process::id()).cpu_seconds - client_before;
     let after = side.stats();
+    let counters_after = side.store_counters().await;
     if !side.vaults.is_empty() {
         // The server's log thread writes within a few milliseconds.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -689,6 +702,7 @@ async fn run_one(
         server: before.zip(after),
         client_cpu_seconds: Some(client_cpu_seconds),
         handler: handler.as_ref(),
+        store: counters_before.zip(counters_after),
     };
     row(name, durability, stored, spec, &result, &measured)
 }
@@ -702,6 +716,8 @@ pub(super) struct Measured<'a> {
     client_cpu_seconds: Option<f64>,
     /// Time in the server's handler, from its request log.
     handler: Option<&'a Histogram<u64>>,
+    /// The store's read counters before and after.
+    store: Option<(StoreCounters, StoreCounters)>,
 }
 
 pub(super) fn row(
@@ -717,6 +733,9 @@ pub(super) fn row(
     let secs = result.elapsed.as_secs_f64().max(1e-9);
     let quantile = |q: f64| result.latency_us.value_at_quantile(q) as f64 / 1000.0;
     let handler_quantile = |q: f64| handler.map(|h| h.value_at_quantile(q) as f64 / 1000.0);
+    let (reads_from_memory_pct, block_cache_data_hit_pct) = measured
+        .store
+        .map_or((None, None), |(before, after)| before.percentages(after));
     Row {
         scenario: name.to_owned(),
         durability: durability.to_owned(),
@@ -742,6 +761,8 @@ pub(super) fn row(
             .filter(|_| result.items > 0)
             .map(per_1k_items),
         server_peak_rss_mib: stats.map(|(_, a)| a.peak_rss_bytes as f64 / (1 << 20) as f64),
+        reads_from_memory_pct,
+        block_cache_data_hit_pct,
     }
 }
 

@@ -133,7 +133,7 @@ pub(super) async fn measure(
             let measured = Measured {
                 server: Some((before, after)),
                 client_cpu_seconds: Some(client_cpu_seconds),
-                handler: None,
+                ..Measured::default()
             };
             let stored = admin
                 .query_one("SELECT count(*) FROM tokens", &[])

@@ -50,6 +50,14 @@ pub struct Row {
     pub client_cpu_s_per_1k_items: Option<f64>,
     /// Server peak resident memory during the scenario, MiB.
     pub server_peak_rss_mib: Option<f64>,
+    /// Point reads the store answered from memory (memtables, block
+    /// cache) without the blocking pool, percent (`null` where the engine
+    /// does not count them, PostgreSQL, or nothing was read).
+    #[serde(default)]
+    pub reads_from_memory_pct: Option<f64>,
+    /// Data block lookups that hit RocksDB's block cache, percent.
+    #[serde(default)]
+    pub block_cache_data_hit_pct: Option<f64>,
 }
 
 /// The machine and build a report came from.
@@ -127,16 +135,16 @@ impl Report {
             "Command: `{}`\n\nMachine: {} ({} cores), commit {}, {}\n\n",
             self.command, m.cpu, m.cores, m.commit, m.date
         );
-        out.push_str("| scenario | durability | stored tokens | in flight | batch | req/s | items/s | p50 ms | p99 ms | p99.9 ms | handler p50 ms | handler p99 ms | server CPU s / 1k items | client CPU s / 1k items | server peak RSS MiB | errors |\n");
+        out.push_str("| scenario | durability | stored tokens | in flight | batch | req/s | items/s | p50 ms | p99 ms | p99.9 ms | handler p50 ms | handler p99 ms | server CPU s / 1k items | client CPU s / 1k items | server peak RSS MiB | reads from memory % | data block cache hits % | errors |\n");
         out.push_str(
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for r in &self.rows {
             let opt = |v: Option<f64>, digits: usize| {
                 v.map_or("–".to_owned(), |v| format!("{v:.digits$}"))
             };
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.scenario,
                 r.durability,
                 r.stored_tokens,
@@ -152,6 +160,8 @@ impl Report {
                 opt(r.server_cpu_s_per_1k_items, 3),
                 opt(r.client_cpu_s_per_1k_items, 3),
                 opt(r.server_peak_rss_mib, 0),
+                opt(r.reads_from_memory_pct, 1),
+                opt(r.block_cache_data_hit_pct, 1),
                 r.errors
             ));
         }

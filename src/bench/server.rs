@@ -15,8 +15,9 @@ use hdrhistogram::Histogram;
 use crate::{
     client::ClientTls,
     crypto::{MasterKey, softhsm::ThrowawayHsm},
+    metrics::{BLOCK_CACHE_LOOKUPS, STORE_READS},
     pki::{Ca, ClientSpec},
-    store::Durability,
+    store::{Durability, HitsMisses, ReadTiers},
 };
 
 /// The identity the load generator presents.
@@ -30,6 +31,8 @@ pub struct BenchServer {
     child: Child,
     /// Its mTLS address.
     pub addr: SocketAddr,
+    /// Its plaintext metrics address.
+    metrics_addr: SocketAddr,
     /// The client files to reach it.
     pub tls: ClientTls,
     /// Where RocksDB keeps its files.
@@ -202,11 +205,12 @@ purposes = ["{BENCH_PURPOSE}"]
         let mut child = command
             .spawn()
             .map_err(|e| format!("cannot start the server: {e}"))?;
-        let addr = wait_for_serving(&log_path, &mut child, Duration::from_secs(60));
-        match addr {
-            Ok(addr) => Ok(Self {
+        let addrs = wait_for_serving(&log_path, &mut child, Duration::from_secs(60));
+        match addrs {
+            Ok((addr, metrics_addr)) => Ok(Self {
                 child,
                 addr,
+                metrics_addr,
                 tls: tls.clone(),
                 data_dir: dir.join("data"),
                 log_path,
@@ -256,6 +260,23 @@ purposes = ["{BENCH_PURPOSE}"]
         (!latencies.is_empty()).then_some(latencies)
     }
 
+    /// The store's read counters, from the metrics port; `None` if it
+    /// cannot be scraped.
+    pub async fn store_counters(&self) -> Option<StoreCounters> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
+            .await
+            .ok()?;
+        stream
+            .write_all(b"GET /metrics HTTP/1.1\r\nHost: bench\r\n\r\n")
+            .await
+            .ok()?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response).await.ok()?;
+        let (_, body) = response.split_once("\r\n\r\n")?;
+        StoreCounters::parse(body)
+    }
+
     /// SIGTERM and wait.
     pub fn stop(mut self) {
         let _ = Command::new("kill")
@@ -265,22 +286,101 @@ purposes = ["{BENCH_PURPOSE}"]
     }
 }
 
-/// The gRPC address from the server's "serving" log line, once it is there.
+/// What a vault's store counted of its reads, summed over replicas.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StoreCounters {
+    /// Point reads by where they were answered.
+    pub reads: ReadTiers,
+    /// Data block lookups in the block cache.
+    pub data_blocks: HitsMisses,
+}
+
+impl StoreCounters {
+    /// From the Prometheus text of the metrics port.
+    fn parse(text: &str) -> Option<Self> {
+        let sample = |name: &str, labels: &str| -> Option<u64> {
+            let wanted = format!("{name}{{{labels}}} ");
+            text.lines()
+                .find_map(|line| line.strip_prefix(&wanted))
+                .and_then(|value| value.trim().parse().ok())
+        };
+        let lookups = |result: &str| {
+            sample(
+                BLOCK_CACHE_LOOKUPS,
+                &format!("block=\"data\",result=\"{result}\""),
+            )
+        };
+        Some(Self {
+            reads: ReadTiers {
+                memory: sample(STORE_READS, "tier=\"memory\"")?,
+                files: sample(STORE_READS, "tier=\"files\"")?,
+            },
+            data_blocks: HitsMisses {
+                hits: lookups("hit")?,
+                misses: lookups("miss")?,
+            },
+        })
+    }
+
+    /// These counters plus `other`'s.
+    pub fn plus(self, other: Self) -> Self {
+        Self {
+            reads: ReadTiers {
+                memory: self.reads.memory + other.reads.memory,
+                files: self.reads.files + other.reads.files,
+            },
+            data_blocks: HitsMisses {
+                hits: self.data_blocks.hits + other.data_blocks.hits,
+                misses: self.data_blocks.misses + other.data_blocks.misses,
+            },
+        }
+    }
+
+    /// Between `self` (before) and `after`: the share of point reads
+    /// answered from memory, and of data block lookups that hit the cache,
+    /// in percent; `None` where there were none (no reads, or an engine
+    /// that does not count them). A read answered from files is counted
+    /// once, though RocksDB counts its miss in the memory tier and again
+    /// on the blocking pool (exact when that miss was of a data block).
+    pub fn percentages(self, after: Self) -> (Option<f64>, Option<f64>) {
+        let memory = after.reads.memory.saturating_sub(self.reads.memory);
+        let files = after.reads.files.saturating_sub(self.reads.files);
+        let hits = after.data_blocks.hits.saturating_sub(self.data_blocks.hits);
+        let misses = after
+            .data_blocks
+            .misses
+            .saturating_sub(self.data_blocks.misses)
+            .saturating_sub(files);
+        let pct = |part: u64, rest: u64| {
+            (part + rest > 0).then(|| 100.0 * part as f64 / (part + rest) as f64)
+        };
+        (pct(memory, files), pct(hits, misses))
+    }
+}
+
+/// The gRPC and metrics addresses from the server's "serving" log line,
+/// once it is there.
 fn wait_for_serving(
     log_path: &Path,
     child: &mut Child,
     limit: Duration,
-) -> Result<SocketAddr, String> {
+) -> Result<(SocketAddr, SocketAddr), String> {
     let deadline = std::time::Instant::now() + limit;
     loop {
         let log = std::fs::read_to_string(log_path).unwrap_or_default();
         let serving = log.lines().find_map(|line| {
             let event: serde_json::Value = serde_json::from_str(line).ok()?;
-            (event["message"] == "serving").then(|| event["grpc.addr"].as_str().map(str::to_owned))
+            (event["message"] == "serving").then(|| {
+                let addr = |field: &str| {
+                    let addr = event[field].as_str().unwrap_or_default();
+                    addr.parse::<SocketAddr>()
+                        .map_err(|e| format!("bad {field} {addr}: {e}"))
+                };
+                Ok((addr("grpc.addr")?, addr("metrics.addr")?))
+            })
         });
-        if let Some(addr) = serving {
-            let addr = addr.unwrap_or_default();
-            return addr.parse().map_err(|e| format!("bad address {addr}: {e}"));
+        if let Some(addrs) = serving {
+            return addrs;
         }
         if let Ok(Some(status)) = child.try_wait() {
             return Err(format!(
@@ -371,4 +471,56 @@ pub fn dir_size(dir: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        metrics::{Gauges, Metrics},
+        store::BlockCacheLookups,
+    };
+
+    fn rendered(memory: u64, files: u64, hits: u64, misses: u64) -> String {
+        Metrics::default().render(&Gauges {
+            reads: ReadTiers { memory, files },
+            block_cache: BlockCacheLookups {
+                data: HitsMisses { hits, misses },
+                index: HitsMisses {
+                    hits: 1000,
+                    misses: 1000,
+                },
+                ..BlockCacheLookups::default()
+            },
+            ..Gauges::default()
+        })
+    }
+
+    /// The bench reads what the server renders, and counts each read
+    /// answered from files as one miss, not the two RocksDB counts.
+    #[test]
+    fn store_counters_are_read_from_the_metrics_text() {
+        let before = StoreCounters::parse(&rendered(10, 5, 100, 50)).unwrap();
+        assert_eq!(
+            before.reads,
+            ReadTiers {
+                memory: 10,
+                files: 5
+            }
+        );
+        assert_eq!(
+            before.data_blocks,
+            HitsMisses {
+                hits: 100,
+                misses: 50
+            }
+        );
+        // 30 reads from memory (30 hits), 10 from files (20 misses counted).
+        let after = StoreCounters::parse(&rendered(40, 15, 130, 70)).unwrap();
+        let (memory, hits) = before.percentages(after);
+        assert_eq!(memory, Some(75.0));
+        assert_eq!(hits, Some(75.0));
+        assert_eq!(before.percentages(before), (None, None));
+        assert_eq!(StoreCounters::parse("tokenvault_tokens_stored 7\n"), None);
+    }
 }

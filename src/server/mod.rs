@@ -411,6 +411,8 @@ fn serve_metrics(
             wal_bytes: stats.wal_bytes,
             open_connections: connections.len() as u64,
             fpt_crowded: vault.fpt_crowded(),
+            reads: stats.reads,
+            block_cache: stats.block_cache,
         })
     });
     tokio::spawn(metrics_http::serve(listener, render, stop))

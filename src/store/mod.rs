@@ -293,6 +293,44 @@ pub struct StoreStats {
     pub pending_compaction_bytes: u64,
     /// The size of the write-ahead log files.
     pub wal_bytes: u64,
+    /// Point reads since the engine opened, by where they were answered.
+    pub reads: ReadTiers,
+    /// Block cache lookups since the engine opened, by kind of block.
+    pub block_cache: BlockCacheLookups,
+}
+
+/// Point reads (one call of [`Store::get_many`], whatever its number of
+/// keys) by where they were answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ReadTiers {
+    /// From memory (memtables and block cache) on the caller's thread.
+    pub memory: u64,
+    /// On the blocking pool, because a block had to be read from a file.
+    pub files: u64,
+}
+
+/// Block cache lookups by kind of block, counted since the engine opened:
+/// a miss is a read from the file system (the OS page cache or the disk)
+/// and, for data blocks, a decompression. A read that the memory tier
+/// cannot finish counts its miss twice: once there, once again on the
+/// blocking pool ([`ReadTiers::files`] counts those reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct BlockCacheLookups {
+    /// Blocks of records, index entries, keys and events.
+    pub data: HitsMisses,
+    /// The tables' index blocks (which data block holds a key).
+    pub index: HitsMisses,
+    /// The tables' bloom filter blocks.
+    pub filter: HitsMisses,
+}
+
+/// Lookups found in a cache, and not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct HitsMisses {
+    /// Found.
+    pub hits: u64,
+    /// Not found.
+    pub misses: u64,
 }
 
 /// What became of each unit of a committed batch, in order.

@@ -11,7 +11,10 @@ mod committer;
 
 use std::{
     path::{Path, PathBuf},
-    sync::{Arc, Mutex, atomic::AtomicU64},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     thread,
 };
 
@@ -19,11 +22,13 @@ use committer::{Commit, run_committer};
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Direction, ErrorKind,
     IteratorMode, Options, ReadOptions, ReadTier, WriteOptions,
+    statistics::{StatsLevel, Ticker},
 };
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Batch, Durability, Error, KeyValues, Store, StoreStats, Table, UnitOutcomes,
+    Batch, BlockCacheLookups, Durability, Error, HitsMisses, KeyValues, ReadTiers, Store,
+    StoreStats, Table, UnitOutcomes,
     chain::{self, Head},
 };
 
@@ -63,6 +68,18 @@ pub struct RocksStore {
     path: PathBuf,
     /// Reads from memtables and block cache only (never I/O), made once.
     memory_only: ReadOptions,
+    /// What [`RocksStore::stats`] reports of reads (boxed: read rarely).
+    counters: Box<ReadCounters>,
+}
+
+/// The store's own read counters and RocksDB's.
+struct ReadCounters {
+    /// The options the database was opened with: they hold its statistics
+    /// (counters only).
+    options: Options,
+    /// Point reads answered from memory, and sent to the blocking pool.
+    from_memory: AtomicU64,
+    from_files: AtomicU64,
 }
 
 /// Counters of the committer thread, for tests, benchmarks and metrics.
@@ -95,6 +112,10 @@ impl RocksStore {
         // writer at a time: the committer is the only writer anyway, so
         // concurrent memtable inserts never happened.
         db_opts.set_allow_concurrent_memtable_write(false);
+        // Counters only (block cache hits and misses for the metrics and the
+        // benchmark): no timers, no histograms, which cost on every read.
+        db_opts.enable_statistics();
+        db_opts.set_statistics_level(StatsLevel::ExceptHistogramOrTimers);
 
         let mut cfs: Vec<ColumnFamilyDescriptor> = Table::ALL
             .map(|table| {
@@ -173,6 +194,11 @@ impl RocksStore {
         Ok(Self {
             db,
             memory_only,
+            counters: Box::new(ReadCounters {
+                options: db_opts,
+                from_memory: AtomicU64::new(0),
+                from_files: AtomicU64::new(0),
+            }),
             commits: Some(tx),
             committer: Some(committer),
             stats,
@@ -222,10 +248,23 @@ impl RocksStore {
                     .sum()
             })
             .unwrap_or(0);
+        let lookups = |hit: Ticker, miss: Ticker| HitsMisses {
+            hits: self.counters.options.get_ticker_count(hit),
+            misses: self.counters.options.get_ticker_count(miss),
+        };
         StoreStats {
             records,
             pending_compaction_bytes: pending,
             wal_bytes: wal,
+            reads: ReadTiers {
+                memory: self.counters.from_memory.load(Ordering::Relaxed),
+                files: self.counters.from_files.load(Ordering::Relaxed),
+            },
+            block_cache: BlockCacheLookups {
+                data: lookups(Ticker::BlockCacheDataHit, Ticker::BlockCacheDataMiss),
+                index: lookups(Ticker::BlockCacheIndexHit, Ticker::BlockCacheIndexMiss),
+                filter: lookups(Ticker::BlockCacheFilterHit, Ticker::BlockCacheFilterMiss),
+            },
         }
     }
 
@@ -347,8 +386,10 @@ impl Store for RocksStore {
                 }
             }
             if complete {
+                self.counters.from_memory.fetch_add(1, Ordering::Relaxed);
                 return Ok(found);
             }
+            self.counters.from_files.fetch_add(1, Ordering::Relaxed);
         }
         // MultiGet reads all its keys at one sequence number by itself.
         let db = Arc::clone(&self.db);
@@ -590,8 +631,6 @@ fn compaction_ranges(keys: Vec<(Table, Vec<u8>)>) -> Vec<(Table, Vec<u8>, Vec<u8
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::Ordering;
-
     use super::*;
 
     fn open(dir: &Path) -> RocksStore {
@@ -693,6 +732,50 @@ mod tests {
             assert_eq!(got, vec![Some(vec![7; 200])], "key {i} not found");
         }
         writer.await.unwrap();
+    }
+
+    /// The counters the metrics and the benchmark report: after a reopen
+    /// nothing is cached, so the first read of a flushed key misses the
+    /// block cache and goes to the file, and the second, of the same block,
+    /// hits and is answered from memory.
+    #[tokio::test]
+    async fn reads_and_block_cache_lookups_are_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let store = open(dir.path());
+            let mut batch = Batch::new();
+            batch.put(Table::Records, b"k".to_vec(), vec![7; 200]);
+            store.commit(batch).await.unwrap();
+            store.close();
+        }
+        let store = open(dir.path());
+        let before = store.stats();
+        let read = || store.get_many(Table::Records, vec![b"k".to_vec()]);
+        assert!(read().await.unwrap()[0].is_some());
+        let first = store.stats();
+        assert_eq!(
+            first.reads,
+            ReadTiers {
+                memory: 0,
+                files: 1
+            }
+        );
+        assert!(
+            first.block_cache.data.misses > before.block_cache.data.misses,
+            "{before:?} then {first:?}"
+        );
+        assert!(read().await.unwrap()[0].is_some());
+        let second = store.stats();
+        assert_eq!(
+            second.reads,
+            ReadTiers {
+                memory: 1,
+                files: 1
+            }
+        );
+        let (first, second) = (first.block_cache.data, second.block_cache.data);
+        assert_eq!(second.hits, first.hits + 1, "{first:?} then {second:?}");
+        assert_eq!(second.misses, first.misses);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
