@@ -298,7 +298,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP {BLOCK_CACHE_LOOKUPS} RocksDB block cache lookups, by kind of block and result (a miss reads the file system; a read answered from files counts its miss twice, once in the memory tier).\n# TYPE {BLOCK_CACHE_LOOKUPS} counter"
+            "# HELP {BLOCK_CACHE_LOOKUPS} RocksDB block cache lookups, by kind of block and result: a miss reads the file system. Compactions' lookups count too, and a read answered from files counts its miss twice (once in the memory tier); tokenvault_store_reads_total is the hit ratio of reads.\n# TYPE {BLOCK_CACHE_LOOKUPS} counter"
         );
         let cache = &gauges.block_cache;
         for (block, lookups) in [

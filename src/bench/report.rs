@@ -51,13 +51,11 @@ pub struct Row {
     /// Server peak resident memory during the scenario, MiB.
     pub server_peak_rss_mib: Option<f64>,
     /// Point reads the store answered from memory (memtables, block
-    /// cache) without the blocking pool, percent (`null` where the engine
-    /// does not count them, PostgreSQL, or nothing was read).
+    /// cache) without reading a block from a file, percent: the block
+    /// cache's hit ratio for reads (`null` where the engine does not count
+    /// them, PostgreSQL, or nothing was read).
     #[serde(default)]
     pub reads_from_memory_pct: Option<f64>,
-    /// Data block lookups that hit RocksDB's block cache, percent.
-    #[serde(default)]
-    pub block_cache_data_hit_pct: Option<f64>,
 }
 
 /// The machine and build a report came from.
@@ -96,10 +94,25 @@ pub struct Report {
     /// (the rows' peaks cover their scenarios only), MiB.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub preload_peak_rss_mib: Option<f64>,
+    /// The unmeasured reads after each configuration's preload that
+    /// brought its block cache to its steady state before the second pass.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub warm_ups: Vec<WarmUp>,
     /// Detokenizes of subject values with the audit trail's subject index
     /// over the same without it, per pair of adjacent rounds (in process).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_index_ratios: Vec<f64>,
+}
+
+/// The warm-up after a configuration's preload.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WarmUp {
+    /// The configuration, as in the rows.
+    pub configuration: String,
+    /// How long it read.
+    pub seconds: f64,
+    /// The share of its last round's reads answered from memory, percent.
+    pub reads_from_memory_pct: f64,
 }
 
 /// How long a vault took to open, start to serving.
@@ -135,16 +148,16 @@ impl Report {
             "Command: `{}`\n\nMachine: {} ({} cores), commit {}, {}\n\n",
             self.command, m.cpu, m.cores, m.commit, m.date
         );
-        out.push_str("| scenario | durability | stored tokens | in flight | batch | req/s | items/s | p50 ms | p99 ms | p99.9 ms | handler p50 ms | handler p99 ms | server CPU s / 1k items | client CPU s / 1k items | server peak RSS MiB | reads from memory % | data block cache hits % | errors |\n");
+        out.push_str("| scenario | durability | stored tokens | in flight | batch | req/s | items/s | p50 ms | p99 ms | p99.9 ms | handler p50 ms | handler p99 ms | server CPU s / 1k items | client CPU s / 1k items | server peak RSS MiB | reads from memory % | errors |\n");
         out.push_str(
-            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+            "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         );
         for r in &self.rows {
             let opt = |v: Option<f64>, digits: usize| {
                 v.map_or("–".to_owned(), |v| format!("{v:.digits$}"))
             };
             out.push_str(&format!(
-                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+                "| {} | {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} | {} | {} | {} | {} | {} | {} | {} |\n",
                 r.scenario,
                 r.durability,
                 r.stored_tokens,
@@ -161,7 +174,6 @@ impl Report {
                 opt(r.client_cpu_s_per_1k_items, 3),
                 opt(r.server_peak_rss_mib, 0),
                 opt(r.reads_from_memory_pct, 1),
-                opt(r.block_cache_data_hit_pct, 1),
                 r.errors
             ));
         }
@@ -171,6 +183,12 @@ impl Report {
         if let Some(seconds) = self.settle_seconds {
             out.push_str(&format!(
                 "\nEvery scenario starts on a settled server (its CPU under 5 % for 2 s: the flushes and compactions left by the scenario before are done; `--settle-limit` caps each wait). After the preload that took {seconds:.0} s.\n"
+            ));
+        }
+        for warm in &self.warm_ups {
+            out.push_str(&format!(
+                "\n{}: after the preload, {:.0} s of unmeasured uniform batch reads brought the block cache to its steady state ({:.1} % of the last round's reads answered from memory).\n",
+                warm.configuration, warm.seconds, warm.reads_from_memory_pct
             ));
         }
         if !self.opens.is_empty() {

@@ -311,9 +311,10 @@ pub struct ReadTiers {
 
 /// Block cache lookups by kind of block, counted since the engine opened:
 /// a miss is a read from the file system (the OS page cache or the disk)
-/// and, for data blocks, a decompression. A read that the memory tier
-/// cannot finish counts its miss twice: once there, once again on the
-/// blocking pool ([`ReadTiers::files`] counts those reads).
+/// and, for data blocks, a decompression. Compactions' lookups count too,
+/// and a read that the memory tier cannot finish counts its miss twice
+/// (once there, once on the blocking pool): [`ReadTiers`] is the hit ratio
+/// of reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BlockCacheLookups {
     /// Blocks of records, index entries, keys and events.
