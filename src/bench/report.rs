@@ -52,7 +52,8 @@ pub struct Row {
     pub server_peak_rss_mib: Option<f64>,
     /// Point reads the store answered from memory (memtables, block
     /// cache) without reading a block from a file, percent: the block
-    /// cache's hit ratio for reads (`null` where the engine does not count
+    /// cache's hit ratio for reads. A batch is one read, from memory only
+    /// if all its keys were (`null` where the engine does not count
     /// them, PostgreSQL, or nothing was read).
     #[serde(default)]
     pub reads_from_memory_pct: Option<f64>,
@@ -187,7 +188,7 @@ impl Report {
         }
         for warm in &self.warm_ups {
             out.push_str(&format!(
-                "\n{}: after the preload, {:.0} s of unmeasured uniform batch reads brought the block cache to its steady state ({:.1} % of the last round's reads answered from memory).\n",
+                "\n{}: after the preload, {:.0} s of unmeasured uniform single reads brought the block cache to its steady state ({:.1} % of the last round's reads answered from memory).\n",
                 warm.configuration, warm.seconds, warm.reads_from_memory_pct
             ));
         }
