@@ -11,8 +11,6 @@ use std::{
     time::Duration,
 };
 
-use crate::store::{BlockCacheLookups, ReadTiers};
-
 /// The block cache counter's name (the benchmark reads it too).
 pub const BLOCK_CACHE_LOOKUPS: &str = "rocksdb_block_cache_lookups_total";
 
@@ -82,10 +80,23 @@ pub struct Gauges {
     pub open_connections: u64,
     /// Format-preserving values that needed several token draws.
     pub fpt_crowded: u64,
-    /// Point reads since the store opened, by where they were answered.
-    pub reads: ReadTiers,
-    /// RocksDB block cache lookups since the store opened.
-    pub block_cache: BlockCacheLookups,
+    /// Point reads since the store opened, answered from memory.
+    pub reads_from_memory: u64,
+    /// Point reads since the store opened, answered from files.
+    pub reads_from_files: u64,
+    /// RocksDB block cache lookups since the store opened, by kind of block.
+    pub block_cache: Vec<BlockLookups>,
+}
+
+/// One kind of block's lookups in RocksDB's block cache.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct BlockLookups {
+    /// The kind of block (`data`, `index`, `filter`): the `block` label.
+    pub block: &'static str,
+    /// Found in the cache.
+    pub hits: u64,
+    /// Not found.
+    pub misses: u64,
 }
 
 impl Metrics {
@@ -294,18 +305,14 @@ impl Metrics {
         let _ = writeln!(
             out,
             "# HELP {STORE_READS} Point reads, by where they were answered: from memory (memtables, block cache), or from files on the blocking pool.\n# TYPE {STORE_READS} counter\n{STORE_READS}{{tier=\"memory\"}} {}\n{STORE_READS}{{tier=\"files\"}} {}",
-            gauges.reads.memory, gauges.reads.files
+            gauges.reads_from_memory, gauges.reads_from_files
         );
         let _ = writeln!(
             out,
             "# HELP {BLOCK_CACHE_LOOKUPS} RocksDB block cache lookups, by kind of block and result: a miss reads the file system. Compactions' lookups count too, and a read answered from files counts its miss twice (once in the memory tier); tokenvault_store_reads_total is the hit ratio of reads.\n# TYPE {BLOCK_CACHE_LOOKUPS} counter"
         );
-        let cache = &gauges.block_cache;
-        for (block, lookups) in [
-            ("data", cache.data),
-            ("index", cache.index),
-            ("filter", cache.filter),
-        ] {
+        for lookups in &gauges.block_cache {
+            let block = lookups.block;
             for (result, n) in [("hit", lookups.hits), ("miss", lookups.misses)] {
                 let _ = writeln!(
                     out,
@@ -367,14 +374,13 @@ mod tests {
         m.denial("scope");
         let text = m.render(&Gauges {
             tokens_stored: 7,
-            reads: ReadTiers {
-                memory: 5,
-                files: 2,
-            },
-            block_cache: BlockCacheLookups {
-                data: crate::store::HitsMisses { hits: 9, misses: 4 },
-                ..BlockCacheLookups::default()
-            },
+            reads_from_memory: 5,
+            reads_from_files: 2,
+            block_cache: vec![BlockLookups {
+                block: "data",
+                hits: 9,
+                misses: 4,
+            }],
             ..Gauges::default()
         });
         assert!(

@@ -457,7 +457,8 @@ mod tests {
 
     fn rendered(memory: u64, files: u64) -> String {
         Metrics::default().render(&Gauges {
-            reads: ReadTiers { memory, files },
+            reads_from_memory: memory,
+            reads_from_files: files,
             ..Gauges::default()
         })
     }

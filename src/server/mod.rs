@@ -31,7 +31,7 @@ use crate::{
     authz::SharedPolicy,
     config::{Config, DatabaseSetting, EngineSetting, LedgerSetting},
     crypto::{MasterKey, MasterKeyError, MasterKeySetting},
-    metrics::{Gauges, Metrics},
+    metrics::{BlockLookups, Gauges, Metrics},
     proto,
     shared::Shared,
     store::{self, AnyStore, LedgerTable, PgStore, RocksStore, Store, StoreOptions},
@@ -411,8 +411,19 @@ fn serve_metrics(
             wal_bytes: stats.wal_bytes,
             open_connections: connections.len() as u64,
             fpt_crowded: vault.fpt_crowded(),
-            reads: stats.reads,
-            block_cache: stats.block_cache,
+            reads_from_memory: stats.reads.memory,
+            reads_from_files: stats.reads.files,
+            block_cache: [
+                ("data", stats.block_cache.data),
+                ("index", stats.block_cache.index),
+                ("filter", stats.block_cache.filter),
+            ]
+            .map(|(block, lookups)| BlockLookups {
+                block,
+                hits: lookups.hits,
+                misses: lookups.misses,
+            })
+            .to_vec(),
         })
     });
     tokio::spawn(metrics_http::serve(listener, render, stop))
