@@ -188,7 +188,7 @@ impl Report {
         }
         for warm in &self.warm_ups {
             out.push_str(&format!(
-                "\n{}: after the preload, {:.0} s of unmeasured uniform single reads brought the block cache to its steady state ({:.1} % of the last round's reads answered from memory).\n",
+                "\n{}: after the preload, before its first read scenario, {:.0} s of unmeasured uniform single reads brought the block cache to its steady state ({:.1} % of the last round's reads answered from memory).\n",
                 warm.configuration, warm.seconds, warm.reads_from_memory_pct
             ));
         }
