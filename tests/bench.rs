@@ -119,6 +119,27 @@ fn a_tiny_bench_run_measures_every_scenario_without_errors() {
     // Peak memory is sampled through the preload too, not only in the rows.
     assert!(report["preload_peak_rss_mib"].as_f64().unwrap() > 1.0);
     assert!(report["targets"].as_array().unwrap().len() >= 5);
+    // The scale target names what its rows ran on: the scenarios before
+    // them store tokens too, beyond the preload.
+    let detokenize_after = rows
+        .iter()
+        .find(|r| {
+            r["scenario"] == "detokenize" && r["durability"] == "sync" && r["preloaded"] == true
+        })
+        .unwrap();
+    let scale = format!(
+        "detokenize after 500 more tokens ({} stored) / before, req/s",
+        detokenize_after["stored_tokens"]
+    );
+    assert!(
+        report["targets"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|t| t["name"] == scale.as_str()),
+        "{scale} in {}",
+        report["targets"]
+    );
     assert!(report["machine"]["cores"].as_u64().unwrap() >= 1);
     // The commit is the binary's, recorded when it was built: this run's
     // directory is a temporary one, not a checkout.
