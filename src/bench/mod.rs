@@ -27,13 +27,13 @@ use load::{LoadResult, LoadSpec};
 use report::Machine;
 pub use report::{Report, Row, WarmUp};
 use server::{
-    BenchKey, BenchServer, ProcStats, ServerSetup, StoreCounters, proc_stats, reset_peak_rss,
+    BenchKey, BenchServer, ProcStats, ServerSetup, memory_share_pct, proc_stats, reset_peak_rss,
     sum_stats,
 };
 
 use crate::{
     client::{self, ClientTls},
-    store::{Durability, postgres::cluster::ThrowawayCluster},
+    store::{Durability, ReadTiers, postgres::cluster::ThrowawayCluster},
 };
 
 /// Requests in flight while the read pool is filled (small: the pool is
@@ -192,12 +192,14 @@ impl ServerSide<'_> {
         (!self.vaults.is_empty()).then(|| sum_stats(&self.pids()))
     }
 
-    /// The vaults' store counters, summed; `None` when nothing is measured
-    /// or a vault's metrics cannot be read.
-    async fn store_counters(&self) -> Option<StoreCounters> {
-        let mut sum = StoreCounters::default();
+    /// The vaults' point reads by where they were answered, summed; `None`
+    /// when nothing is measured or a vault's metrics cannot be read.
+    async fn store_reads(&self) -> Option<ReadTiers> {
+        let mut sum = ReadTiers::default();
         for vault in self.vaults {
-            sum = sum.plus(vault.store_counters().await?);
+            let reads = vault.store_reads().await?;
+            sum.memory += reads.memory;
+            sum.files += reads.files;
         }
         (!self.vaults.is_empty()).then_some(sum)
     }
@@ -499,9 +501,9 @@ async fn warm_up(
     spec.max_requests = u64::MAX;
     let mut last: Option<f64> = None;
     loop {
-        let before = side.store_counters().await?;
+        let before = side.store_reads().await?;
         let _ = load::run(channels, &spec, Arc::clone(pool)).await;
-        let share = before.memory_share_pct(side.store_counters().await?)?;
+        let share = memory_share_pct(before, side.store_reads().await?)?;
         progress(&format!(
             "warm-up: {share:.1} % of reads answered from memory"
         ));
@@ -740,13 +742,13 @@ async fn run_one(
         reset_peak_rss(pid);
     }
     let log_from: Vec<u64> = side.vaults.iter().map(BenchServer::log_position).collect();
-    let counters_before = side.store_counters().await;
+    let reads_before = side.store_reads().await;
     let before = side.stats();
     let client_before = proc_stats(std::process::id()).cpu_seconds;
     let result = load::run(channels, spec, Arc::clone(pool)).await;
     let client_cpu_seconds = proc_stats(std::process::id()).cpu_seconds - client_before;
     let after = side.stats();
-    let counters_after = side.store_counters().await;
+    let reads_after = side.store_reads().await;
     if !side.vaults.is_empty() {
         // The server's log thread writes within a few milliseconds.
         tokio::time::sleep(Duration::from_millis(200)).await;
@@ -765,7 +767,7 @@ async fn run_one(
         server: before.zip(after),
         client_cpu_seconds: Some(client_cpu_seconds),
         handler: handler.as_ref(),
-        store: counters_before.zip(counters_after),
+        store_reads: reads_before.zip(reads_after),
     };
     row(name, durability, stored, spec, &result, &measured)
 }
@@ -779,8 +781,9 @@ pub(super) struct Measured<'a> {
     client_cpu_seconds: Option<f64>,
     /// Time in the server's handler, from its request log.
     handler: Option<&'a Histogram<u64>>,
-    /// The store's read counters before and after.
-    store: Option<(StoreCounters, StoreCounters)>,
+    /// The store's point reads by where they were answered, before and
+    /// after.
+    store_reads: Option<(ReadTiers, ReadTiers)>,
 }
 
 pub(super) fn row(
@@ -797,8 +800,8 @@ pub(super) fn row(
     let quantile = |q: f64| result.latency_us.value_at_quantile(q) as f64 / 1000.0;
     let handler_quantile = |q: f64| handler.map(|h| h.value_at_quantile(q) as f64 / 1000.0);
     let reads_from_memory_pct = measured
-        .store
-        .and_then(|(before, after)| before.memory_share_pct(after));
+        .store_reads
+        .and_then(|(before, after)| memory_share_pct(before, after));
     Row {
         scenario: name.to_owned(),
         durability: durability.to_owned(),

@@ -260,9 +260,9 @@ purposes = ["{BENCH_PURPOSE}"]
         (!latencies.is_empty()).then_some(latencies)
     }
 
-    /// The store's read counters, from the metrics port; `None` if it
-    /// cannot be scraped.
-    pub async fn store_counters(&self) -> Option<StoreCounters> {
+    /// The store's point reads by where they were answered, from the
+    /// metrics port; `None` if it cannot be scraped.
+    pub async fn store_reads(&self) -> Option<ReadTiers> {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let mut stream = tokio::net::TcpStream::connect(self.metrics_addr)
             .await
@@ -274,7 +274,7 @@ purposes = ["{BENCH_PURPOSE}"]
         let mut response = String::new();
         stream.read_to_string(&mut response).await.ok()?;
         let (_, body) = response.split_once("\r\n\r\n")?;
-        StoreCounters::parse(body)
+        parse_reads(body)
     }
 
     /// SIGTERM and wait.
@@ -286,53 +286,33 @@ purposes = ["{BENCH_PURPOSE}"]
     }
 }
 
-/// What a vault's store counted of its point reads, summed over replicas.
+/// A vault's point reads by where its store answered them, from the
+/// Prometheus text of its metrics port.
 ///
 /// Not RocksDB's block cache counters: those count compactions' lookups
 /// too (an empty vault whose reads all came from memtables showed 0 % data
 /// block hits), and a read the memory tier cannot finish twice.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct StoreCounters {
-    /// Point reads by where they were answered.
-    pub reads: ReadTiers,
+fn parse_reads(text: &str) -> Option<ReadTiers> {
+    let sample = |tier: &str| -> Option<u64> {
+        let wanted = format!("{STORE_READS}{{tier=\"{tier}\"}} ");
+        text.lines()
+            .find_map(|line| line.strip_prefix(&wanted))
+            .and_then(|value| value.trim().parse().ok())
+    };
+    Some(ReadTiers {
+        memory: sample("memory")?,
+        files: sample("files")?,
+    })
 }
 
-impl StoreCounters {
-    /// From the Prometheus text of the metrics port.
-    fn parse(text: &str) -> Option<Self> {
-        let sample = |tier: &str| -> Option<u64> {
-            let wanted = format!("{STORE_READS}{{tier=\"{tier}\"}} ");
-            text.lines()
-                .find_map(|line| line.strip_prefix(&wanted))
-                .and_then(|value| value.trim().parse().ok())
-        };
-        Some(Self {
-            reads: ReadTiers {
-                memory: sample("memory")?,
-                files: sample("files")?,
-            },
-        })
-    }
-
-    /// These counters plus `other`'s.
-    pub fn plus(self, other: Self) -> Self {
-        Self {
-            reads: ReadTiers {
-                memory: self.reads.memory + other.reads.memory,
-                files: self.reads.files + other.reads.files,
-            },
-        }
-    }
-
-    /// Between `self` (before) and `after`, the share of point reads
-    /// answered from memory (memtables and block cache), in percent: the
-    /// hit ratio of reads in the block cache. `None` where there were none
-    /// (no reads, or an engine that does not count them).
-    pub fn memory_share_pct(self, after: Self) -> Option<f64> {
-        let memory = after.reads.memory.saturating_sub(self.reads.memory);
-        let files = after.reads.files.saturating_sub(self.reads.files);
-        (memory + files > 0).then(|| 100.0 * memory as f64 / (memory + files) as f64)
-    }
+/// Between `before` and `after`, the share of point reads answered from
+/// memory (memtables and block cache), in percent: the hit ratio of reads
+/// in the block cache. `None` where there were none (no reads, or an
+/// engine that does not count them).
+pub fn memory_share_pct(before: ReadTiers, after: ReadTiers) -> Option<f64> {
+    let memory = after.memory.saturating_sub(before.memory);
+    let files = after.files.saturating_sub(before.files);
+    (memory + files > 0).then(|| 100.0 * memory as f64 / (memory + files) as f64)
 }
 
 /// The gRPC and metrics addresses from the server's "serving" log line,
@@ -465,18 +445,18 @@ mod tests {
 
     /// The bench reads what the server renders.
     #[test]
-    fn store_counters_are_read_from_the_metrics_text() {
-        let before = StoreCounters::parse(&rendered(10, 5)).unwrap();
+    fn store_reads_are_read_from_the_metrics_text() {
+        let before = parse_reads(&rendered(10, 5)).unwrap();
         assert_eq!(
-            before.reads,
+            before,
             ReadTiers {
                 memory: 10,
                 files: 5
             }
         );
-        let after = StoreCounters::parse(&rendered(40, 15)).unwrap();
-        assert_eq!(before.memory_share_pct(after), Some(75.0));
-        assert_eq!(before.memory_share_pct(before), None);
-        assert_eq!(StoreCounters::parse("tokenvault_tokens_stored 7\n"), None);
+        let after = parse_reads(&rendered(40, 15)).unwrap();
+        assert_eq!(memory_share_pct(before, after), Some(75.0));
+        assert_eq!(memory_share_pct(before, before), None);
+        assert_eq!(parse_reads("tokenvault_tokens_stored 7\n"), None);
     }
 }
