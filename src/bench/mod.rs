@@ -74,6 +74,11 @@ pub struct BenchArgs {
     /// many subject keys stored; 0 to skip.
     #[arg(long, default_value_t = 0)]
     pub open_subjects: usize,
+    /// The embedded engine's block cache (`storage.block_cache_mib`), MiB:
+    /// with more stored than it holds, reads go to the files (see the
+    /// 10M-token rows of BENCHMARKS.md).
+    #[arg(long, default_value_t = 256)]
+    pub block_cache_mib: usize,
     /// With --engine postgres: how many vault replicas share the database,
     /// comma separated, one configuration each (the connections are spread
     /// over the replicas).
@@ -252,7 +257,10 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
                 Engine::RocksDb => {
                     for durability in parse_durabilities(&args.durability)? {
                         for key in &keys {
-                            let setup = ServerSetup::RocksDb(durability);
+                            let setup = ServerSetup::RocksDb {
+                                durability,
+                                block_cache_mib: args.block_cache_mib,
+                            };
                             let name = format!("{}{}", durability_name(durability), key.suffix());
                             let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
                             let tls = server::prepare(dir.path())?;

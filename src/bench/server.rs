@@ -76,8 +76,13 @@ pub fn prepare(dir: &Path) -> Result<ClientTls, String> {
 /// What the vault under test stores its data in.
 #[derive(Debug, Clone)]
 pub enum ServerSetup {
-    /// RocksDB in the server's directory, with this durability.
-    RocksDb(Durability),
+    /// RocksDB in the server's directory.
+    RocksDb {
+        /// Whether acknowledged writes are fsync'd.
+        durability: Durability,
+        /// `storage.block_cache_mib`.
+        block_cache_mib: usize,
+    },
     /// A PostgreSQL database (`connection`), with the erasure ledger in
     /// another (`ledger`).
     Postgres {
@@ -147,13 +152,16 @@ impl BenchServer {
         n: usize,
     ) -> Result<Self, String> {
         let storage = match setup {
-            ServerSetup::RocksDb(durability) => {
+            ServerSetup::RocksDb {
+                durability,
+                block_cache_mib,
+            } => {
                 let durability = match durability {
                     Durability::Sync => "sync",
                     Durability::Buffered => "buffered",
                 };
                 format!(
-                    "durability = \"{durability}\"\n[subjects]\nerasure_ledger = \"ledger/erasures\"\n[storage]\nblock_cache_mib = 256\n"
+                    "durability = \"{durability}\"\n[subjects]\nerasure_ledger = \"ledger/erasures\"\n[storage]\nblock_cache_mib = {block_cache_mib}\n"
                 )
             }
             ServerSetup::Postgres { connection, ledger } => format!(

@@ -1,13 +1,19 @@
 //! The RocksDB engine behind [`Store`]; the committer thread is in
-//! `committer.rs`.
+//! `committer.rs`, the reader threads in `readers.rs`.
 //!
-//! Reads run on tokio's blocking pool. Writes go through one committer
+//! A point read is first tried from memory (memtables and block cache) on
+//! the caller's runtime thread; one that needs the files goes to the reader
+//! threads, which take every read queued when they wake. Scans, purges and
+//! checkpoints run on tokio's blocking pool. Writes go through one committer
 //! thread that drains every batch waiting in its queue into a single
 //! `WriteBatch` and a single (fsync'd, by default) write: concurrent requests
 //! share one sync instead of queueing behind each other's, which is what lets
 //! a synced single-item tokenize scale with concurrency.
 
 mod committer;
+mod readers;
+#[cfg(test)]
+mod tests;
 
 use std::{
     path::{Path, PathBuf},
@@ -19,6 +25,8 @@ use std::{
 };
 
 use committer::{Commit, run_committer};
+pub use readers::ReaderStats;
+use readers::Readers;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Direction, ErrorKind,
     IteratorMode, Options, ReadOptions, ReadTier, WriteOptions,
@@ -68,6 +76,8 @@ pub struct RocksStore {
     path: PathBuf,
     /// Reads from memtables and block cache only (never I/O), made once.
     memory_only: ReadOptions,
+    /// The threads that read what is not in memory.
+    readers: Readers,
     /// What [`RocksStore::stats`] reports of reads (boxed: read rarely).
     counters: Box<ReadCounters>,
 }
@@ -77,7 +87,7 @@ struct ReadCounters {
     /// The options the database was opened with: they hold its statistics
     /// (counters only).
     options: Options,
-    /// Point reads answered from memory, and sent to the blocking pool.
+    /// Point reads answered from memory, and sent to the reader threads.
     from_memory: AtomicU64,
     from_files: AtomicU64,
 }
@@ -195,9 +205,11 @@ impl RocksStore {
         };
         let mut memory_only = ReadOptions::default();
         memory_only.set_read_tier(ReadTier::BlockCache);
+        let readers = Readers::start(&db)?;
         Ok(Self {
             db,
             memory_only,
+            readers,
             counters: Box::new(ReadCounters {
                 options: db_opts,
                 from_memory: AtomicU64::new(0),
@@ -272,6 +284,11 @@ impl RocksStore {
         }
     }
 
+    /// Counters of the reader threads.
+    pub fn reader_stats(&self) -> ReaderStats {
+        self.readers.stats()
+    }
+
     /// Counters of the group committer.
     pub fn commit_stats(&self) -> &CommitStats {
         &self.stats
@@ -289,6 +306,7 @@ impl RocksStore {
     }
 
     fn shutdown(&mut self) {
+        self.readers.stop();
         self.commits.take();
         if let Some(handle) = self.committer.take()
             && handle.join().is_err()
@@ -351,9 +369,9 @@ impl Store for RocksStore {
         }
         // First from memory only (memtables and block cache) on this thread:
         // that tier never does I/O, so it cannot stall the runtime, and it
-        // saves the hand-off to the blocking pool (two context switches) for
+        // saves the hand-off to a reader thread (two context switches) for
         // the hot keys most reads are after. A key that would need the disk
-        // sends the whole read to the blocking pool.
+        // sends the whole read to the reader threads.
         //
         // One Get per key, not MultiGet: RocksDB 11.8's batched MultiGet
         // with this read tier returned corrupted values under load (the
@@ -396,15 +414,7 @@ impl Store for RocksStore {
             self.counters.from_files.fetch_add(1, Ordering::Relaxed);
         }
         // MultiGet reads all its keys at one sequence number by itself.
-        let db = Arc::clone(&self.db);
-        blocking(move || {
-            let cf = cf(&db, table)?;
-            db.multi_get_cf(keys.iter().map(|k| (cf, k.as_slice())))
-                .into_iter()
-                .map(|r| r.map_err(classify))
-                .collect()
-        })
-        .await
+        self.readers.read(table, keys).await
     }
 
     async fn scan_prefix(&self, table: Table, prefix: Vec<u8>) -> Result<KeyValues, Error> {
@@ -631,262 +641,4 @@ fn compaction_ranges(keys: Vec<(Table, Vec<u8>)>) -> Vec<(Table, Vec<u8>, Vec<u8
         }
     }
     ranges
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn open(dir: &Path) -> RocksStore {
-        RocksStore::open(dir, &StoreOptions::default()).unwrap()
-    }
-
-    /// RocksDB stores in temporary directories, kept until the test ends.
-    #[derive(Default)]
-    struct Rocks {
-        dirs: std::sync::Mutex<Vec<tempfile::TempDir>>,
-    }
-
-    impl crate::store::conformance::Engine for Rocks {
-        type Store = RocksStore;
-
-        async fn open(&self) -> RocksStore {
-            let dir = tempfile::tempdir().unwrap();
-            let store = open(dir.path());
-            self.dirs.lock().unwrap().push(dir);
-            store
-        }
-
-        async fn reopen(&self, store: RocksStore) -> RocksStore {
-            let path = store.path().to_owned();
-            store.close();
-            open(&path)
-        }
-    }
-
-    crate::store::conformance::conformance_tests!(Rocks::default());
-
-    #[test]
-    fn many_purged_keys_compact_as_one_range_per_table() {
-        let few: Vec<_> = (0..3u8).map(|i| (Table::Records, vec![b'k', i])).collect();
-        let ranges = compaction_ranges(few);
-        assert_eq!(ranges.len(), 3);
-        assert_eq!(ranges[0], (Table::Records, vec![b'k', 0], vec![b'k', 0, 0]));
-
-        let mut many: Vec<_> = (0..5_000u32)
-            .map(|i| {
-                (
-                    Table::Records,
-                    i.wrapping_mul(2_654_435_761).to_be_bytes().to_vec(),
-                )
-            })
-            .collect();
-        many.push((Table::Keys, b"subject-key/x".to_vec()));
-        let ranges = compaction_ranges(many);
-        assert_eq!(ranges.len(), 2, "one range per table, not one per key");
-        let (table, start, end) = &ranges.iter().find(|r| r.0 == Table::Records).unwrap();
-        assert_eq!(*table, Table::Records);
-        // The range covers every key.
-        for i in 0..5_000u32 {
-            let key = i.wrapping_mul(2_654_435_761).to_be_bytes().to_vec();
-            assert!(start <= &key && &key < end);
-        }
-    }
-
-    /// Reads from memory only must never mistake "not cached" for "absent":
-    /// keys in data files (after a reopen, nothing is cached) and keys in
-    /// files being flushed and compacted under concurrent writes are found.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn reads_find_keys_wherever_they_are() {
-        const KEYS: u32 = 20_000;
-        let key = |i: u32| format!("key-{:08}", i.wrapping_mul(2_654_435_761)).into_bytes();
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = open(dir.path());
-            for chunk in (0..KEYS).collect::<Vec<_>>().chunks(1000) {
-                let mut batch = Batch::new();
-                for i in chunk {
-                    batch.put(Table::Records, key(*i), vec![7; 200]);
-                }
-                store.commit(batch).await.unwrap();
-            }
-            store.purge(vec![(Table::Records, key(0))]).await.unwrap();
-            store.close();
-        }
-        let store = Arc::new(open(dir.path()));
-        // Writers keep memtables filling and flushing meanwhile.
-        let writer = {
-            let store = Arc::clone(&store);
-            tokio::spawn(async move {
-                for round in 0..200u32 {
-                    let mut batch = Batch::new();
-                    for i in 0..500u32 {
-                        batch.put(
-                            Table::Records,
-                            format!("new-{round}-{i}").into_bytes(),
-                            vec![1; 400],
-                        );
-                    }
-                    store.commit(batch).await.unwrap();
-                }
-            })
-        };
-        for i in 0..KEYS {
-            let got = store.get_many(Table::Records, vec![key(i)]).await.unwrap();
-            assert_eq!(got, vec![Some(vec![7; 200])], "key {i} not found");
-        }
-        writer.await.unwrap();
-    }
-
-    /// The counters the metrics and the benchmark report: after a reopen
-    /// nothing is cached, so the first read of a flushed key misses the
-    /// block cache and goes to the file, and the second, of the same block,
-    /// hits and is answered from memory.
-    #[tokio::test]
-    async fn reads_and_block_cache_lookups_are_counted() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = open(dir.path());
-            let mut batch = Batch::new();
-            batch.put(Table::Records, b"k".to_vec(), vec![7; 200]);
-            store.commit(batch).await.unwrap();
-            store.close();
-        }
-        let store = open(dir.path());
-        let before = store.stats();
-        let read = || store.get_many(Table::Records, vec![b"k".to_vec()]);
-        assert!(read().await.unwrap()[0].is_some());
-        let first = store.stats();
-        assert_eq!(
-            first.reads,
-            ReadTiers {
-                memory: 0,
-                files: 1
-            }
-        );
-        assert!(
-            first.block_cache.data.misses > before.block_cache.data.misses,
-            "{before:?} then {first:?}"
-        );
-        assert!(read().await.unwrap()[0].is_some());
-        let second = store.stats();
-        assert_eq!(
-            second.reads,
-            ReadTiers {
-                memory: 1,
-                files: 1
-            }
-        );
-        let (first, second) = (first.block_cache.data, second.block_cache.data);
-        assert_eq!(second.hits, first.hits + 1, "{first:?} then {second:?}");
-        assert_eq!(second.misses, first.misses);
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn concurrent_commits_all_land_and_share_writes() {
-        let dir = tempfile::tempdir().unwrap();
-        let store = Arc::new(open(dir.path()));
-        let tasks: Vec<_> = (0..200u32)
-            .map(|i| {
-                let store = Arc::clone(&store);
-                tokio::spawn(async move {
-                    let mut batch = Batch::new();
-                    batch.put(Table::Records, i.to_be_bytes().to_vec(), vec![1]);
-                    store.commit(batch).await
-                })
-            })
-            .collect();
-        for task in tasks {
-            task.await.unwrap().unwrap();
-        }
-        let keys = (0..200u32).map(|i| i.to_be_bytes().to_vec()).collect();
-        let got = store.get_many(Table::Records, keys).await.unwrap();
-        assert!(got.iter().all(Option::is_some));
-        assert_eq!(store.commit_stats().batches.load(Ordering::Relaxed), 200);
-    }
-
-    /// Tables are added over releases: a vault (or backup) made before one
-    /// opens for offline tools, which read the table as empty, and for the
-    /// server, which creates it.
-    #[tokio::test]
-    async fn a_vault_made_before_a_table_existed_still_opens() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let mut opts = Options::default();
-            opts.create_if_missing(true);
-            opts.create_missing_column_families(true);
-            let older = Table::ALL
-                .iter()
-                .filter(|t| **t != Table::Expiry)
-                .map(|t| t.name());
-            let db = DB::open_cf(&opts, dir.path(), older).unwrap();
-            db.put_cf(db.cf_handle("records").unwrap(), b"a", b"1")
-                .unwrap();
-        }
-        let read_only = RocksStore::open_read_only(dir.path()).unwrap();
-        assert_eq!(
-            read_only.get(Table::Records, b"a").unwrap(),
-            Some(b"1".to_vec())
-        );
-        assert_eq!(read_only.get(Table::Expiry, b"a").unwrap(), None);
-        let mut seen = 0;
-        read_only
-            .scan(Table::Expiry, b"", |_, _| {
-                seen += 1;
-                true
-            })
-            .unwrap();
-        assert_eq!(seen, 0);
-        drop(read_only);
-
-        let store = open(dir.path());
-        let mut batch = Batch::new();
-        batch.put(Table::Expiry, b"e".to_vec(), Vec::new());
-        store.commit(batch).await.unwrap();
-        let got = store
-            .get_many(Table::Expiry, vec![b"e".to_vec()])
-            .await
-            .unwrap();
-        assert_eq!(got, vec![Some(Vec::new())]);
-    }
-
-    /// A table from a later release does not stop this one from opening
-    /// the vault (a rollback), and is kept as it was.
-    #[tokio::test]
-    async fn a_table_from_a_later_release_is_opened_and_kept() {
-        let dir = tempfile::tempdir().unwrap();
-        {
-            let store = open(dir.path());
-            store.close();
-            let mut opts = Options::default();
-            opts.create_missing_column_families(true);
-            let mut names: Vec<&str> = Table::ALL.iter().map(|t| t.name()).collect();
-            names.push("from_a_later_release");
-            let db = DB::open_cf(&opts, dir.path(), &names).unwrap();
-            db.put_cf(db.cf_handle("from_a_later_release").unwrap(), b"k", b"v")
-                .unwrap();
-        }
-        let store = open(dir.path());
-        let mut batch = Batch::new();
-        batch.put(Table::Records, b"a".to_vec(), b"1".to_vec());
-        store.commit(batch).await.unwrap();
-        store.close();
-        let names = DB::list_cf(&Options::default(), dir.path()).unwrap();
-        assert!(names.iter().any(|n| n == "from_a_later_release"));
-        let db = DB::open_cf(&Options::default(), dir.path(), &names).unwrap();
-        let kept = db
-            .get_cf(db.cf_handle("from_a_later_release").unwrap(), b"k")
-            .unwrap();
-        assert_eq!(kept, Some(b"v".to_vec()));
-    }
-
-    #[test]
-    fn a_second_open_reports_the_lock() {
-        let dir = tempfile::tempdir().unwrap();
-        let _first = open(dir.path());
-        let err = RocksStore::open(dir.path(), &StoreOptions::default())
-            .err()
-            .expect("second open must fail");
-        assert!(matches!(err, Error::Locked { .. }), "{err}");
-    }
 }
