@@ -1,8 +1,8 @@
 //! The reader threads: point reads that the memory tier could not answer
 //! (their block is in no cache, so reading it may wait on the disk).
 //!
-//! They used to go one by one to tokio's blocking pool: two thread wake-ups
-//! per read (the pool's thread, then the request's task), which at 10M
+//! Sent one by one to tokio's blocking pool, each such read cost two thread
+//! wake-ups (the pool's thread, then the request's task), which at 10M
 //! stored tokens, with most reads from files, doubled the runtime workers'
 //! share of kernel scheduling. Here a reader that wakes takes every read
 //! waiting in the queue (up to [`MAX_READS_PER_WAKE`]) and answers them
@@ -67,7 +67,9 @@ struct State {
 /// ratio is the reads a wake-up carried.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct ReaderStats {
+    /// Times a reader woke and took reads from the queue.
     pub wakeups: u64,
+    /// Reads the readers answered (each one caller's keys).
     pub reads: u64,
 }
 
