@@ -151,7 +151,9 @@ pub(crate) async fn scans_from_a_key_page_in_key_order<E: Engine>(engine: &E) {
     assert_eq!(seen, expected);
 }
 
-pub(crate) async fn concurrent_commits_all_land<E: Engine>(engine: &E) {
+/// Returns the store, so that an engine's own tests can look at what the
+/// commits did inside it (the RocksDB committer's counters).
+pub(crate) async fn concurrent_commits_all_land<E: Engine>(engine: &E) -> Arc<E::Store> {
     let store = Arc::new(engine.open().await);
     let tasks: Vec<_> = (0..200u32)
         .map(|i| {
@@ -169,6 +171,7 @@ pub(crate) async fn concurrent_commits_all_land<E: Engine>(engine: &E) {
     let keys = (0..200u32).map(|i| i.to_be_bytes().to_vec()).collect();
     let got = store.get_many(Table::Records, keys).await.unwrap();
     assert!(got.iter().all(Option::is_some));
+    store
 }
 
 /// Re-indexing moves an entry from one key to another in one unit; a
