@@ -304,7 +304,7 @@ impl Metrics {
         );
         let _ = writeln!(
             out,
-            "# HELP {STORE_READS} Point reads, by where they were answered: from memory (memtables, block cache), or from files on the blocking pool.\n# TYPE {STORE_READS} counter\n{STORE_READS}{{tier=\"memory\"}} {}\n{STORE_READS}{{tier=\"files\"}} {}",
+            "# HELP {STORE_READS} Point reads, by where they were answered: from memory (memtables, block cache), or from files on the reader threads.\n# TYPE {STORE_READS} counter\n{STORE_READS}{{tier=\"memory\"}} {}\n{STORE_READS}{{tier=\"files\"}} {}",
             gauges.reads_from_memory, gauges.reads_from_files
         );
         let _ = writeln!(

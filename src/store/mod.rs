@@ -305,7 +305,8 @@ pub struct StoreStats {
 pub struct ReadTiers {
     /// From memory (memtables and block cache) on the caller's thread.
     pub memory: u64,
-    /// On the blocking pool, because a block had to be read from a file.
+    /// Off the caller's thread (RocksDB: on a reader thread), because a
+    /// block had to be read from a file.
     pub files: u64,
 }
 
@@ -313,7 +314,7 @@ pub struct ReadTiers {
 /// a miss is a read from the file system (the OS page cache or the disk)
 /// and, for data blocks, a decompression. Compactions' lookups count too,
 /// and a read that the memory tier cannot finish counts its miss twice
-/// (once there, once on the blocking pool): [`ReadTiers`] is the hit ratio
+/// (once there, once on a reader thread): [`ReadTiers`] is the hit ratio
 /// of reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct BlockCacheLookups {

@@ -76,8 +76,8 @@ impl<S: Store> Vault<S> {
         &self,
         wanted: &[([u8; 32], String)],
     ) -> Result<Vec<ConsentState>, Error> {
-        // Most detokenizes need no consent: skip the read (and its hop to the
-        // blocking pool) entirely.
+        // Most detokenizes need no consent: skip the read (and its possible
+        // hop to a reader thread) entirely.
         if wanted.is_empty() {
             return Ok(Vec::new());
         }

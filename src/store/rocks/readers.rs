@@ -26,7 +26,7 @@ use crate::store::{Error, Table};
 
 /// How many reader threads there are. More than the cores: a read that
 /// waits on the device holds its thread, and the others go on.
-pub(super) const READER_THREADS: usize = 4;
+const READER_THREADS: usize = 4;
 
 /// How many queued reads one reader takes per wake-up at most, so that a
 /// burst is shared among the readers rather than read by one in sequence.
