@@ -3,15 +3,18 @@
 //!
 //! One table holds every [`Table`]'s keys and values (`tokenvault_kv`, keyed
 //! by table name and key, so keys sort byte-wise as in RocksDB). Writes go
-//! through one committer task per process that takes every batch waiting in
-//! its queue into one transaction, as the RocksDB committer takes them into
-//! one write. Each transaction first locks the single row of the audit
-//! chain's head (`tokenvault_audit_head`): that lock orders the writers of
-//! every replica, so guards are checked against everything committed
-//! before, and the audit events of all replicas form one hash chain in
-//! commit order. Commits are synchronous (`synchronous_commit = on`): an
-//! acknowledged write is on the primary's disk, and on a synchronous
-//! standby's if the cluster has one.
+//! through a few committer tasks per process ([`COMMITTERS`]), each taking
+//! the batches waiting in the shared queue into one transaction, as the
+//! RocksDB committer takes them into one write. A transaction first locks
+//! every key its units guard or write (advisory locks, in one order), so
+//! guards are checked against everything committed before by any
+//! committer of any replica, while transactions on different keys run at
+//! once; it locks the single row of the audit chain's head
+//! (`tokenvault_audit_head`) last, to append its events, so the events of
+//! all replicas form one hash chain in commit order (see `group`). Commits
+//! are synchronous (`synchronous_commit = on`): an acknowledged write is
+//! on the primary's disk, and on a synchronous standby's if the cluster
+//! has one.
 //!
 //! Chosen with `storage.engine = "postgres"`. A lost connection is made
 //! again by the next call that needs it, so a vault follows a failover to
@@ -35,10 +38,31 @@ use super::{
 };
 
 /// The schema version this binary creates and understands.
-pub const SCHEMA_VERSION: i32 = 1;
+///
+/// Version 2 has the tables of version 1; what changed is how writers
+/// take turns (key locks, then the head, instead of the head first). A
+/// writer of version 1 does not take the key locks, so it must not write
+/// beside one of version 2: the version row makes a release that knows
+/// only version 1 refuse to start on a database a newer one has used.
+pub const SCHEMA_VERSION: i32 = 2;
+
+/// How many committer tasks (each with its own connection and one
+/// transaction at a time) a process runs. Two transactions overlap their
+/// statements and wait for the head only to append their events and
+/// commit; on the 2-core machine of BENCHMARKS.md two are enough to keep
+/// the database busy.
+pub const COMMITTERS: usize = 2;
 
 /// How many queued batches one transaction may carry at most.
 const MAX_GROUP_BATCHES: usize = 256;
+
+/// How many key locks a committer gathers into one transaction before it
+/// stops taking queued batches (one batch larger than this still goes,
+/// alone). PostgreSQL's lock table holds about
+/// `max_locks_per_transaction × max_connections` locks (6,400 by default,
+/// about 12,000 in practice), shared by every session: each replica holds
+/// at most [`COMMITTERS`] groups' worth at a time.
+const MAX_GROUP_LOCKS: usize = 1024;
 
 /// How many batches may wait for the committer before callers wait to enqueue.
 const COMMIT_QUEUE_DEPTH: usize = 4096;
@@ -74,8 +98,9 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct PgStore {
     reads: Reads,
     queue: mpsc::Sender<Commit>,
+    /// The newest head any of this process's committers has written.
     head: Arc<Mutex<Head>>,
-    committer: tokio::task::JoinHandle<()>,
+    committers: Vec<tokio::task::JoinHandle<()>>,
     /// Whether this replica runs the background jobs.
     lease: lease::Lease,
 }
@@ -112,21 +137,34 @@ impl PgStore {
         let target = Target::new(config, password, ca)?;
         let mut client = connect_committer(&target).await?;
         migrate(&mut client).await?;
-        let head = read_head(&client).await?;
-        let committer = Committer {
+        let head = Arc::new(Mutex::new(read_head(&client).await?));
+        let mut committers = vec![Committer {
             statements: group::GroupStatements::prepare(&client).await?,
             client,
-        };
+        }];
+        while committers.len() < COMMITTERS {
+            committers.push(Committer::connect(&target).await?);
+        }
         let reads = Reads::connect(&target).await?;
         let lease = lease::Lease::new(target.clone());
-        let head = Arc::new(Mutex::new(head));
         let (queue, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
-        let task = tokio::spawn(run_committer(committer, target, rx, Arc::clone(&head)));
+        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let committers = committers
+            .into_iter()
+            .map(|committer| {
+                tokio::spawn(run_committer(
+                    committer,
+                    target.clone(),
+                    Arc::clone(&rx),
+                    Arc::clone(&head),
+                ))
+            })
+            .collect();
         Ok(Self {
             reads,
             queue,
             head,
-            committer: task,
+            committers,
             lease,
         })
     }
@@ -137,10 +175,12 @@ impl PgStore {
         self.reads.query(Read::Ping, &[]).await.is_ok()
     }
 
-    /// Stops taking writes and waits for the committer's last transaction.
+    /// Stops taking writes and waits for the committers' last transactions.
     pub async fn close(self) {
         drop(self.queue);
-        let _ = self.committer.await;
+        for committer in self.committers {
+            let _ = committer.await;
+        }
     }
 }
 
@@ -358,6 +398,21 @@ async fn migrate(client: &mut Client) -> Result<(), Error> {
                 "the database schema is version {version}, newer than this tokenvault's ({SCHEMA_VERSION}); run a release that knows it"
             )));
         }
+        Some(version) if version < SCHEMA_VERSION => {
+            // Version 1 to 2: the same tables; the row tells releases that
+            // know only version 1 that writers here take key locks.
+            tx.execute(
+                "UPDATE tokenvault_schema SET version = $1",
+                &[&SCHEMA_VERSION],
+            )
+            .await
+            .map_err(classify)?;
+            tracing::info!(
+                from = version,
+                to = SCHEMA_VERSION,
+                "migrated the database schema"
+            );
+        }
         Some(_) => {}
     }
     tx.commit().await.map_err(classify)
@@ -399,24 +454,18 @@ fn classify(e: tokio_postgres::Error) -> Error {
     }
 }
 
-/// The committer task: one transaction per group of queued batches. When
-/// its connection is lost it connects again before the next group (one
-/// attempt per group, bounded by the connect timeout); a group that finds
-/// the database unreachable fails at once, and nothing of it was written.
+/// A committer task: one transaction per group of queued batches, taken
+/// from the queue it shares with the process's other committers. When its
+/// connection is lost it connects again before the next group (one attempt
+/// per group, bounded by the connect timeout); a group that finds the
+/// database unreachable fails at once, and nothing of it was written.
 async fn run_committer(
     mut committer: Committer,
     target: Target,
-    mut queue: mpsc::Receiver<Commit>,
+    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Commit>>>,
     head: Arc<Mutex<Head>>,
 ) {
-    while let Some(first) = queue.recv().await {
-        let mut group = vec![first];
-        while group.len() < MAX_GROUP_BATCHES {
-            match queue.try_recv() {
-                Ok(next) => group.push(next),
-                Err(_) => break,
-            }
-        }
+    while let Some(group) = next_group(&queue).await {
         if committer.client.is_closed() {
             match Committer::connect(&target).await {
                 Ok(reconnected) => {
@@ -437,10 +486,16 @@ async fn run_committer(
         let batches = group.iter().map(|commit| commit.batch.units());
         match group::write_group(&mut committer.client, &committer.statements, batches).await {
             Ok((outcomes, new_head)) => {
-                // Before any caller hears of its write, as RocksDB's does.
-                *head
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner) = new_head;
+                // Before any caller hears of its write, as RocksDB's does;
+                // another committer may have moved it further already.
+                if let Some(new_head) = new_head {
+                    let mut head = head
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner);
+                    if new_head.seq > head.seq {
+                        *head = new_head;
+                    }
+                }
                 for (commit, outcome) in group.into_iter().zip(outcomes) {
                     let _ = commit.done.send(Ok(outcome));
                 }
@@ -455,6 +510,27 @@ async fn run_committer(
             }
         }
     }
+}
+
+/// Waits for a queued batch and takes it with those queued behind it, up
+/// to [`MAX_GROUP_BATCHES`] batches or [`MAX_GROUP_LOCKS`] key locks;
+/// `None` once the store is closed and the queue drained. One committer
+/// waits on the queue at a time, so the others are writing meanwhile.
+async fn next_group(queue: &tokio::sync::Mutex<mpsc::Receiver<Commit>>) -> Option<Vec<Commit>> {
+    let mut queue = queue.lock().await;
+    let first = queue.recv().await?;
+    let mut locks = group::locks_asked(first.batch.units());
+    let mut group = vec![first];
+    while group.len() < MAX_GROUP_BATCHES && locks < MAX_GROUP_LOCKS {
+        match queue.try_recv() {
+            Ok(next) => {
+                locks += group::locks_asked(next.batch.units());
+                group.push(next);
+            }
+            Err(_) => break,
+        }
+    }
+    Some(group)
 }
 
 /// The smallest key greater than every key that starts with `prefix`, if

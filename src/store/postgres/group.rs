@@ -1,5 +1,6 @@
 //! One transaction for a group of queued batches, in a fixed number of
-//! round trips whatever the group's size.
+//! round trips whatever the group's size, beside the transactions of the
+//! process's other committers and of other replicas.
 //!
 //! Statement by statement, a group of 100-item batches took thousands of
 //! round trips on the committer's one connection (a guard read and an
@@ -8,9 +9,18 @@
 //! guard asks about in one statement, decides the group's units in memory
 //! in order (a unit sees the writes of the units before it, as it would
 //! statement by statement), and writes the final state of each key in one
-//! upsert and one delete. The lock on the audit chain's head, taken first,
-//! orders every replica's writers, so nothing changes between the read and
-//! the writes.
+//! upsert and one delete.
+//!
+//! Two transactions may run at once only if they touch different keys:
+//! each first takes a transaction-scoped advisory lock on every key its
+//! units guard or write ([`lock_id`]), in ascending order, so two groups
+//! that share a key run one after the other and the second reads what the
+//! first committed. The audit chain's head row is locked last, after the
+//! data is written: only appending the group's events, moving the head and
+//! the commit itself wait for the other transactions, so the chain still
+//! follows commit order while the writes of several groups overlap. Every
+//! transaction takes its locks in the same order (keys ascending, then the
+//! head), so they never deadlock.
 
 use std::collections::HashMap;
 
@@ -22,20 +32,31 @@ use crate::store::{
     chain::{self, Head},
 };
 
+/// The class of the key locks: the first key of PostgreSQL's two-key
+/// advisory locks, whose key space does not overlap the one-key locks of
+/// the schema, the jobs lease and the ledger. Any constant; never change
+/// it (replicas must agree on it).
+pub(super) const KEY_LOCK_CLASS: i32 = 0x746b_7631;
+
 /// The committer's statements, prepared once per connection.
 pub(super) struct GroupStatements {
-    lock_head: Statement,
+    lock_keys: Statement,
     read: Statement,
     upsert: Statement,
     delete: Statement,
+    lock_head: Statement,
     set_head: Statement,
 }
 
 impl GroupStatements {
     /// Prepares them on `client` (pipelined: one round trip's wait).
     pub(super) async fn prepare(client: &Client) -> Result<Self, Error> {
-        let (lock_head, read, upsert, delete, set_head) = tokio::try_join!(
-            client.prepare("SELECT seq, hash FROM tokenvault_audit_head FOR UPDATE"),
+        let (lock_keys, read, upsert, delete, lock_head, set_head) = tokio::try_join!(
+            // A function scan yields the array in order, so the locks are
+            // taken in the (ascending) order they are given.
+            client.prepare(
+                "SELECT pg_advisory_xact_lock($1::int4, id) FROM unnest($2::int4[]) AS id"
+            ),
             client.prepare(
                 "SELECT kv.tbl, kv.key, kv.value FROM tokenvault_kv kv \
                  JOIN unnest($1::text[], $2::bytea[]) AS wanted(tbl, key) \
@@ -50,53 +71,124 @@ impl GroupStatements {
                 "DELETE FROM tokenvault_kv kv USING unnest($1::text[], $2::bytea[]) AS gone(tbl, key) \
                  WHERE kv.tbl = gone.tbl AND kv.key = gone.key",
             ),
+            client.prepare("SELECT seq, hash FROM tokenvault_audit_head FOR UPDATE"),
             client.prepare("UPDATE tokenvault_audit_head SET seq = $1, hash = $2"),
         )
         .map_err(classify)?;
         Ok(Self {
-            lock_head,
+            lock_keys,
             read,
             upsert,
             delete,
+            lock_head,
             set_head,
         })
     }
 }
 
+/// The advisory lock that stands for `key` of `table`: FNV-1a over the
+/// table's name, a zero byte and the key, folded to 32 bits. It must be
+/// the same in every build of every replica, so it is spelled out here
+/// rather than taken from `std`'s hasher, whose algorithm may change. Two
+/// keys that share a lock only make their transactions take turns.
+pub(super) fn lock_id(table: Table, key: &[u8]) -> i32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in table.name().bytes().chain([0]).chain(key.iter().copied()) {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    let [a, b, c, d, e, f, g, h] = hash.to_be_bytes();
+    i32::from_be_bytes([a ^ e, b ^ f, c ^ g, d ^ h])
+}
+
+/// The locks a group takes: one per key its units guard or write, sorted
+/// and distinct. Audit entries are not among them: they are written under
+/// the head's lock.
+fn lock_ids<'a>(units: impl Iterator<Item = &'a Unit>) -> Vec<i32> {
+    let mut ids = Vec::new();
+    for unit in units {
+        ids.extend(
+            unit.guards()
+                .iter()
+                .map(|(table, key)| lock_id(*table, key)),
+        );
+        ids.extend(
+            unit.unchanged()
+                .iter()
+                .map(|(table, key, _)| lock_id(*table, key)),
+        );
+        for op in unit.ops() {
+            match op {
+                Op::Put { table, key, .. } | Op::Delete { table, key } => {
+                    ids.push(lock_id(*table, key));
+                }
+                Op::AppendAudit { .. } => {}
+            }
+        }
+    }
+    ids.sort_unstable();
+    ids.dedup();
+    ids
+}
+
+/// How many key locks `units` ask for at most (before duplicates go): what
+/// the committer counts against a group's share of PostgreSQL's lock table.
+pub(super) fn locks_asked(units: &[Unit]) -> usize {
+    units
+        .iter()
+        .map(|unit| {
+            let writes = unit
+                .ops()
+                .iter()
+                .filter(|op| !matches!(op, Op::AppendAudit { .. }))
+                .count();
+            unit.guards().len() + unit.unchanged().len() + writes
+        })
+        .sum()
+}
+
 /// Applies every unit of every batch whose guards hold, in one
-/// transaction, and returns each batch's outcomes and the new chain head.
+/// transaction, and returns each batch's outcomes and, if the group
+/// appended audit events, the chain's new head.
 pub(super) async fn write_group<'a>(
     client: &mut Client,
     statements: &GroupStatements,
     batches: impl Iterator<Item = &'a [Unit]> + Clone,
-) -> Result<(Vec<UnitOutcomes>, Head), Error> {
+) -> Result<(Vec<UnitOutcomes>, Option<Head>), Error> {
     let tx = client.transaction().await.map_err(classify)?;
+    let locks = lock_ids(batches.clone().flatten());
     let wanted = Keys::guarded_by(batches.clone().flatten());
-    // Sent together; the server runs them in order, so the read happens
-    // under the head's lock.
-    let read_params: [&(dyn ToSql + Sync); 2] = [&wanted.tables, &wanted.keys];
-    let (locked, found) = tokio::try_join!(
-        tx.query_one(&statements.lock_head, &[]),
-        tx.query(&statements.read, &read_params),
-    )
-    .map_err(classify)?;
-    let mut group = Group {
-        head: head_of(&locked)?,
-        stored: found
-            .into_iter()
-            .map(|row| {
-                let table = table_named(row.get(0))?;
-                Ok(((table, row.get(1)), row.get(2)))
-            })
-            .collect::<Result<_, Error>>()?,
-        written: HashMap::new(),
-    };
+    let mut group = Group::default();
+    if !locks.is_empty() {
+        // Sent together; the server runs them in order, so the guarded keys
+        // are read once they are locked.
+        let lock_params: [&(dyn ToSql + Sync); 2] = [&KEY_LOCK_CLASS, &locks];
+        let read_params: [&(dyn ToSql + Sync); 2] = [&wanted.tables, &wanted.keys];
+        let ((), found) = tokio::try_join!(
+            async {
+                tx.execute(&statements.lock_keys, &lock_params)
+                    .await
+                    .map(drop)
+            },
+            async {
+                if wanted.keys.is_empty() {
+                    return Ok(Vec::new());
+                }
+                tx.query(&statements.read, &read_params).await
+            },
+        )
+        .map_err(classify)?;
+        for row in found {
+            let table = table_named(row.get(0))?;
+            group.stored.insert((table, row.get(1)), row.get(2));
+        }
+    }
     let outcomes = batches
         .map(|units| units.iter().map(|unit| group.apply(unit)).collect())
         .collect();
-    group.write(&tx, statements).await?;
+    let head = group.write(&tx, statements).await?;
     tx.commit().await.map_err(classify)?;
-    Ok((outcomes, group.head))
+    Ok((outcomes, head))
 }
 
 /// The table a stored row's `tbl` names.
@@ -134,18 +226,53 @@ impl<'a> Keys<'a> {
     }
 }
 
+/// Rows to upsert: parallel arrays of table names, keys and values.
+#[derive(Default)]
+struct Rows<'a> {
+    keys: Keys<'a>,
+    values: Vec<&'a [u8]>,
+}
+
+impl<'a> Rows<'a> {
+    fn push(&mut self, table: Table, key: &'a [u8], value: &'a [u8]) {
+        self.keys.push(table, key);
+        self.values.push(value);
+    }
+
+    /// Upserts them (nothing to send when there are none).
+    async fn upsert(
+        &self,
+        tx: &Transaction<'_>,
+        statements: &GroupStatements,
+    ) -> Result<(), tokio_postgres::Error> {
+        if self.values.is_empty() {
+            return Ok(());
+        }
+        let params: [&(dyn ToSql + Sync); 3] = [&self.keys.tables, &self.keys.keys, &self.values];
+        tx.execute(&statements.upsert, &params).await.map(drop)
+    }
+}
+
+/// An audit event a decided unit appends: its payload and index prefixes.
+struct Event<'u> {
+    payload: &'u [u8],
+    index: &'u [Vec<u8>],
+}
+
 /// What one transaction knows and has decided so far.
-struct Group {
-    head: Head,
+#[derive(Default)]
+struct Group<'u> {
     /// The guarded keys' values as the transaction found them.
     stored: HashMap<(Table, Vec<u8>), Vec<u8>>,
     /// The final state of every key the group writes (`None`: deleted).
     written: HashMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+    /// The audit events of the units that apply, in order.
+    events: Vec<Event<'u>>,
 }
 
-impl Group {
+impl<'u> Group<'u> {
     /// Decides `unit`: its changes if every guard holds, else which failed.
-    fn apply(&mut self, unit: &Unit) -> Result<(), Conflict> {
+    fn apply(&mut self, unit: &'u Unit) -> Result<(), Conflict> {
         if let Some(conflict) = self.failed_guard(unit) {
             return Err(conflict);
         }
@@ -158,22 +285,7 @@ impl Group {
                 Op::Delete { table, key } => {
                     self.written.insert((*table, key.clone()), None);
                 }
-                Op::AppendAudit { payload, index } => {
-                    let seq = self.head.seq + 1;
-                    let value = chain::encode(seq, &self.head.hash, payload);
-                    self.head = Head {
-                        seq,
-                        hash: chain::hash(seq, &value),
-                    };
-                    self.written
-                        .insert((Table::Audit, chain::key(seq).to_vec()), Some(value));
-                    for prefix in index {
-                        self.written.insert(
-                            (Table::AuditIndex, chain::index_key(prefix, seq)),
-                            Some(Vec::new()),
-                        );
-                    }
-                }
+                Op::AppendAudit { payload, index } => self.events.push(Event { payload, index }),
             }
         }
         Ok(())
@@ -209,44 +321,113 @@ impl Group {
         None
     }
 
-    /// Writes the decided state and the new head (pipelined).
-    async fn write(&self, tx: &Transaction<'_>, statements: &GroupStatements) -> Result<(), Error> {
-        let mut puts = Keys::default();
-        let mut values: Vec<&[u8]> = Vec::new();
+    /// Writes the decided state, then, if the group has events, locks the
+    /// chain's head and appends them after it (each step pipelined).
+    /// Returns the new head, if the chain moved.
+    async fn write(
+        &self,
+        tx: &Transaction<'_>,
+        statements: &GroupStatements,
+    ) -> Result<Option<Head>, Error> {
+        let mut puts = Rows::default();
         let mut deletes = Keys::default();
         for ((table, key), value) in &self.written {
             match value {
-                Some(value) => {
-                    puts.push(*table, key);
-                    values.push(value);
-                }
+                Some(value) => puts.push(*table, key, value),
                 None => deletes.push(*table, key),
             }
         }
-        let seq =
-            i64::try_from(self.head.seq).map_err(|_| corrupt("an audit sequence past i64"))?;
-        let hash = self.head.hash.as_slice();
-        let upsert = async {
-            if puts.keys.is_empty() {
-                return Ok(0);
-            }
-            tx.execute(&statements.upsert, &[&puts.tables, &puts.keys, &values])
-                .await
-        };
         let delete = async {
             if deletes.keys.is_empty() {
-                return Ok(0);
+                return Ok(());
             }
             tx.execute(&statements.delete, &[&deletes.tables, &deletes.keys])
                 .await
+                .map(drop)
         };
-        let head_params: [&(dyn ToSql + Sync); 2] = [&seq, &hash];
-        tokio::try_join!(
-            upsert,
+        if self.events.is_empty() {
+            tokio::try_join!(puts.upsert(tx, statements), delete).map_err(classify)?;
+            return Ok(None);
+        }
+        // The head is locked after the data is written, in the same round
+        // trip: the other transactions wait for it only from here on.
+        let ((), (), locked) = tokio::try_join!(
+            puts.upsert(tx, statements),
             delete,
-            tx.execute(&statements.set_head, &head_params),
+            tx.query_one(&statements.lock_head, &[]),
         )
         .map_err(classify)?;
-        Ok(())
+        let mut head = head_of(&locked)?;
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(self.events.len());
+        let mut index_keys: Vec<Vec<u8>> = Vec::new();
+        for event in &self.events {
+            let seq = head.seq + 1;
+            let value = chain::encode(seq, &head.hash, event.payload);
+            head = Head {
+                seq,
+                hash: chain::hash(seq, &value),
+            };
+            entries.push((chain::key(seq).to_vec(), value));
+            index_keys.extend(
+                event
+                    .index
+                    .iter()
+                    .map(|prefix| chain::index_key(prefix, seq)),
+            );
+        }
+        let mut chained = Rows::default();
+        for (key, value) in &entries {
+            chained.push(Table::Audit, key, value);
+        }
+        for key in &index_keys {
+            chained.push(Table::AuditIndex, key, &[]);
+        }
+        let seq = i64::try_from(head.seq).map_err(|_| corrupt("an audit sequence past i64"))?;
+        let hash = head.hash.as_slice();
+        let head_params: [&(dyn ToSql + Sync); 2] = [&seq, &hash];
+        tokio::try_join!(chained.upsert(tx, statements), async {
+            tx.execute(&statements.set_head, &head_params)
+                .await
+                .map(drop)
+        })
+        .map_err(classify)?;
+        Ok(Some(head))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_ids_are_stable_and_name_table_and_key() {
+        // Pinned: replicas of different builds must take the same lock
+        // for the same key.
+        assert_eq!(lock_id(Table::Index, b"k"), lock_id(Table::Index, b"k"));
+        assert_ne!(lock_id(Table::Index, b"k"), lock_id(Table::Records, b"k"));
+        assert_ne!(lock_id(Table::Index, b"k"), lock_id(Table::Index, b"l"));
+        // FNV-1a of "records\0" is 0x653729b0342674b7; its halves XORed.
+        assert_eq!(lock_id(Table::Records, b""), 1_360_092_423);
+    }
+
+    #[test]
+    fn a_group_locks_every_key_it_guards_or_writes_once_in_order() {
+        let mut batch = crate::store::Batch::new();
+        batch
+            .unit()
+            .guard_absent(Table::Index, b"a".to_vec())
+            .put(Table::Index, b"a".to_vec(), b"t".to_vec())
+            .put(Table::Records, b"t".to_vec(), b"r".to_vec())
+            .append_audit(b"event".to_vec());
+        batch.unit().delete(Table::Expiry, b"x".to_vec());
+        let ids = lock_ids(batch.units().iter());
+        let mut expected = vec![
+            lock_id(Table::Index, b"a"),
+            lock_id(Table::Records, b"t"),
+            lock_id(Table::Expiry, b"x"),
+        ];
+        expected.sort_unstable();
+        assert_eq!(ids, expected);
+        assert_eq!(locks_asked(batch.units()), 4, "before duplicates go");
     }
 }

@@ -290,3 +290,114 @@ async fn a_ledger_number_is_taken_once() {
     assert_eq!(one.entries_after(2).await.unwrap(), [(3, b"c".to_vec())]);
     assert!(one.place().contains("database ledger"), "{}", one.place());
 }
+
+/// A database of schema version 1 (the same tables; its writers did not
+/// take key locks) is moved to this binary's version when a replica opens
+/// it, so a release that knows only version 1 refuses it from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_version_1_schema_is_migrated_to_this_version() {
+    let cluster = Cluster::start();
+    cluster.create_database("old").await;
+    let conninfo = cluster.conninfo("old");
+    let store = PgStore::connect(&conninfo).await.unwrap();
+    let mut batch = Batch::new();
+    batch.put(Table::Records, b"kept".to_vec(), b"value".to_vec());
+    store.commit(batch).await.unwrap();
+    store.close().await;
+    let admin = connect(&conninfo).await.unwrap();
+    admin
+        .execute("UPDATE tokenvault_schema SET version = 1", &[])
+        .await
+        .unwrap();
+    let store = PgStore::connect(&conninfo).await.unwrap();
+    let version: i32 = admin
+        .query_one("SELECT version FROM tokenvault_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, SCHEMA_VERSION);
+    assert_eq!(
+        store
+            .get_many(Table::Records, vec![b"kept".to_vec()])
+            .await
+            .unwrap(),
+        [Some(b"value".to_vec())]
+    );
+    store.close().await;
+}
+
+/// Transactions on different keys run at once: while one waits for a key
+/// another session holds, a write of another key commits and appends its
+/// event; the first then commits after it, and the chain follows that
+/// commit order. With one transaction at a time per process, the second
+/// write would wait behind the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_waiting_for_a_key_does_not_hold_up_writes_of_other_keys() {
+    let cluster = Cluster::start();
+    cluster.create_database("lanes").await;
+    let conninfo = cluster.conninfo("lanes");
+    let store = Arc::new(PgStore::connect(&conninfo).await.unwrap());
+    let holder = connect(&conninfo).await.unwrap();
+    let busy = group::lock_id(Table::Index, b"busy");
+    holder
+        .execute(
+            "SELECT pg_advisory_lock($1::int4, $2::int4)",
+            &[&group::KEY_LOCK_CLASS, &busy],
+        )
+        .await
+        .unwrap();
+    let write = |key: &'static [u8], event: &'static [u8]| {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let mut batch = Batch::new();
+            batch
+                .unit()
+                .guard_absent(Table::Index, key.to_vec())
+                .put(Table::Index, key.to_vec(), b"token".to_vec())
+                .append_audit(event.to_vec());
+            store.commit(batch).await.unwrap().remove(0)
+        })
+    };
+    let waiting = write(b"busy", b"first sent");
+    // Bounded wait until its transaction waits for the key's lock.
+    let mut blocked = false;
+    for _ in 0..300 {
+        let row = holder
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap();
+        blocked = row.get::<_, i64>(0) == 1;
+        if blocked {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(blocked, "the first write never waited for its key");
+    let other = write(b"free", b"second sent");
+    tokio::time::timeout(std::time::Duration::from_secs(30), other)
+        .await
+        .expect("a write of another key waited behind the blocked one")
+        .unwrap()
+        .unwrap();
+    assert!(!waiting.is_finished(), "the key's lock was not respected");
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock($1::int4, $2::int4)",
+            &[&group::KEY_LOCK_CLASS, &busy],
+        )
+        .await
+        .unwrap();
+    waiting.await.unwrap().unwrap();
+    let entries = store.scan_from(Table::Audit, Vec::new(), 10).await.unwrap();
+    let payloads: Vec<&[u8]> = entries
+        .iter()
+        .map(|(_, value)| chain::decode(value).unwrap().payload)
+        .collect();
+    assert_eq!(payloads, [&b"second sent"[..], b"first sent"]);
+    let link = chain::decode(&entries[1].1).unwrap();
+    assert_eq!(link.prev, chain::hash(1, &entries[0].1));
+    assert_eq!(store.audit_head().seq, 2);
+}
