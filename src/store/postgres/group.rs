@@ -158,13 +158,13 @@ pub(super) async fn write_group<'a>(
     let tx = client.transaction().await.map_err(classify)?;
     let locks = lock_ids(batches.clone().flatten());
     let wanted = Keys::guarded_by(batches.clone().flatten());
-    let mut group = Group::default();
+    let mut found = Vec::new();
     if !locks.is_empty() {
         // Sent together; the server runs them in order, so the guarded keys
         // are read once they are locked.
         let lock_params: [&(dyn ToSql + Sync); 2] = [&KEY_LOCK_CLASS, &locks];
         let read_params: [&(dyn ToSql + Sync); 2] = [&wanted.tables, &wanted.keys];
-        let ((), found) = tokio::try_join!(
+        ((), found) = tokio::try_join!(
             async {
                 tx.execute(&statements.lock_keys, &lock_params)
                     .await
@@ -178,10 +178,11 @@ pub(super) async fn write_group<'a>(
             },
         )
         .map_err(classify)?;
-        for row in found {
-            let table = table_named(row.get(0))?;
-            group.stored.insert((table, row.get(1)), row.get(2));
-        }
+    }
+    let mut group = Group::default();
+    for row in &found {
+        let table = table_named(row.get(0))?;
+        group.stored.insert((table, row.get(1)), row.get(2));
     }
     let outcomes = batches
         .map(|units| units.iter().map(|unit| group.apply(unit)).collect())
@@ -259,13 +260,14 @@ struct Event<'u> {
     index: &'u [Vec<u8>],
 }
 
-/// What one transaction knows and has decided so far.
+/// What one transaction knows and has decided so far, borrowing the
+/// units' keys and values and the rows read (no copy per key).
 #[derive(Default)]
 struct Group<'u> {
     /// The guarded keys' values as the transaction found them.
-    stored: HashMap<(Table, Vec<u8>), Vec<u8>>,
+    stored: HashMap<(Table, &'u [u8]), &'u [u8]>,
     /// The final state of every key the group writes (`None`: deleted).
-    written: HashMap<(Table, Vec<u8>), Option<Vec<u8>>>,
+    written: HashMap<(Table, &'u [u8]), Option<&'u [u8]>>,
     /// The audit events of the units that apply, in order.
     events: Vec<Event<'u>>,
 }
@@ -279,11 +281,10 @@ impl<'u> Group<'u> {
         for op in unit.ops() {
             match op {
                 Op::Put { table, key, value } => {
-                    self.written
-                        .insert((*table, key.clone()), Some(value.clone()));
+                    self.written.insert((*table, key), Some(value));
                 }
                 Op::Delete { table, key } => {
-                    self.written.insert((*table, key.clone()), None);
+                    self.written.insert((*table, key), None);
                 }
                 Op::AppendAudit { payload, index } => self.events.push(Event { payload, index }),
             }
@@ -292,11 +293,10 @@ impl<'u> Group<'u> {
     }
 
     /// The value under `key` as the unit being decided sees it.
-    fn current(&self, table: Table, key: &[u8]) -> Option<&Vec<u8>> {
-        let key = (table, key.to_vec());
-        match self.written.get(&key) {
-            Some(decided) => decided.as_ref(),
-            None => self.stored.get(&key),
+    fn current(&self, table: Table, key: &[u8]) -> Option<&'u [u8]> {
+        match self.written.get(&(table, key)) {
+            Some(decided) => *decided,
+            None => self.stored.get(&(table, key)).copied(),
         }
     }
 
@@ -305,16 +305,16 @@ impl<'u> Group<'u> {
             if let Some(existing) = self.current(*table, key) {
                 return Some(Conflict {
                     guard: FailedGuard::Absent(index),
-                    existing: existing.clone(),
+                    existing: existing.to_vec(),
                 });
             }
         }
         for (index, (table, key, expected)) in unit.unchanged().iter().enumerate() {
             let current = self.current(*table, key);
-            if current != Some(expected) {
+            if current != Some(expected.as_slice()) {
                 return Some(Conflict {
                     guard: FailedGuard::Unchanged(index),
-                    existing: current.cloned().unwrap_or_default(),
+                    existing: current.map(<[u8]>::to_vec).unwrap_or_default(),
                 });
             }
         }
@@ -331,10 +331,10 @@ impl<'u> Group<'u> {
     ) -> Result<Option<Head>, Error> {
         let mut puts = Rows::default();
         let mut deletes = Keys::default();
-        for ((table, key), value) in &self.written {
+        for (&(table, key), value) in &self.written {
             match value {
-                Some(value) => puts.push(*table, key, value),
-                None => deletes.push(*table, key),
+                Some(value) => puts.push(table, key, value),
+                None => deletes.push(table, key),
             }
         }
         let delete = async {
