@@ -248,14 +248,26 @@ fn parse(connection: &str) -> Result<tokio_postgres::Config, String> {
     })
 }
 
-/// The committer's connection: commits wait for the disk (and for a
+/// A committer's connection: commits wait for the disk (and for a
 /// synchronous standby, where the cluster has one).
+///
+/// Values over about 2 kB (the audit event of a large batch: a token HMAC
+/// per item) are compressed as they are stored; PostgreSQL's default,
+/// pglz, took 4 % of all CPU time under tokenize-batch (BENCHMARKS.md), so
+/// the connection asks for LZ4 where the server was built with it, and
+/// keeps the default where it was not.
 async fn connect_committer(target: &Target) -> Result<Client, Error> {
     let client = target.connect().await?;
     client
         .batch_execute("SET synchronous_commit TO on")
         .await
         .map_err(classify)?;
+    if let Err(e) = client
+        .batch_execute("SET default_toast_compression TO lz4")
+        .await
+    {
+        tracing::info!(error = %classify(e), "PostgreSQL cannot compress with LZ4; large values use its default");
+    }
     Ok(client)
 }
 
