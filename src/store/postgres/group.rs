@@ -9,7 +9,12 @@
 //! guard asks about in one statement, decides the group's units in memory
 //! in order (a unit sees the writes of the units before it, as it would
 //! statement by statement), and writes the final state of each key in one
-//! upsert and one delete.
+//! insert (the keys it read and found absent: under their locks they still
+//! are), one upsert (the others) and one delete. A plain insert costs the
+//! database about a third less than an upsert, which first probes the
+//! index for a conflict, and a key that is there after all fails the
+//! transaction instead of being overwritten: audit entries, always new,
+//! go the same way.
 //!
 //! Two transactions may run at once only if they touch different keys:
 //! each first takes a transaction-scoped advisory lock on every key its
@@ -22,7 +27,7 @@
 //! transaction takes its locks in the same order (keys ascending, then the
 //! head), so they never deadlock.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::{Client, Statement, Transaction, types::ToSql};
 
@@ -42,6 +47,7 @@ pub(super) const KEY_LOCK_CLASS: i32 = 0x746b_7631;
 pub(super) struct GroupStatements {
     lock_keys: Statement,
     read: Statement,
+    insert: Statement,
     upsert: Statement,
     delete: Statement,
     lock_head: Statement,
@@ -51,7 +57,7 @@ pub(super) struct GroupStatements {
 impl GroupStatements {
     /// Prepares them on `client` (pipelined: one round trip's wait).
     pub(super) async fn prepare(client: &Client) -> Result<Self, Error> {
-        let (lock_keys, read, upsert, delete, lock_head, set_head) = tokio::try_join!(
+        let (lock_keys, read, insert, upsert, delete, lock_head, set_head) = tokio::try_join!(
             // A function scan yields the array in order, so the locks are
             // taken in the (ascending) order they are given.
             client.prepare(
@@ -61,6 +67,10 @@ impl GroupStatements {
                 "SELECT kv.tbl, kv.key, kv.value FROM tokenvault_kv kv \
                  JOIN unnest($1::text[], $2::bytea[]) AS wanted(tbl, key) \
                  ON kv.tbl = wanted.tbl AND kv.key = wanted.key",
+            ),
+            client.prepare(
+                "INSERT INTO tokenvault_kv (tbl, key, value) \
+                 SELECT * FROM unnest($1::text[], $2::bytea[], $3::bytea[])",
             ),
             client.prepare(
                 "INSERT INTO tokenvault_kv (tbl, key, value) \
@@ -78,6 +88,7 @@ impl GroupStatements {
         Ok(Self {
             lock_keys,
             read,
+            insert,
             upsert,
             delete,
             lock_head,
@@ -157,7 +168,11 @@ pub(super) async fn write_group<'a>(
 ) -> Result<(Vec<UnitOutcomes>, Option<Head>), Error> {
     let tx = client.transaction().await.map_err(classify)?;
     let locks = lock_ids(batches.clone().flatten());
-    let wanted = Keys::guarded_by(batches.clone().flatten());
+    let read = guarded_keys(batches.clone().flatten());
+    let mut wanted = Keys::default();
+    for &(table, key) in &read {
+        wanted.push(table, key);
+    }
     let mut found = Vec::new();
     if !locks.is_empty() {
         // Sent together; the server runs them in order, so the guarded keys
@@ -179,7 +194,10 @@ pub(super) async fn write_group<'a>(
         )
         .map_err(classify)?;
     }
-    let mut group = Group::default();
+    let mut group = Group {
+        read,
+        ..Group::default()
+    };
     for row in &found {
         let table = table_named(row.get(0))?;
         group.stored.insert((table, row.get(1)), row.get(2));
@@ -207,27 +225,28 @@ struct Keys<'a> {
     keys: Vec<&'a [u8]>,
 }
 
-impl<'a> Keys<'a> {
-    fn guarded_by(units: impl Iterator<Item = &'a Unit>) -> Self {
-        let mut wanted = Self::default();
-        for unit in units {
-            for (table, key) in unit.guards() {
-                wanted.push(*table, key);
-            }
-            for (table, key, _) in unit.unchanged() {
-                wanted.push(*table, key);
-            }
-        }
-        wanted
+/// Every key `units` guard (absent or unchanged): what the group reads.
+fn guarded_keys<'a>(units: impl Iterator<Item = &'a Unit>) -> HashSet<(Table, &'a [u8])> {
+    let mut keys = HashSet::new();
+    for unit in units {
+        keys.extend(unit.guards().iter().map(|(table, key)| (*table, &key[..])));
+        keys.extend(
+            unit.unchanged()
+                .iter()
+                .map(|(table, key, _)| (*table, &key[..])),
+        );
     }
+    keys
+}
 
+impl<'a> Keys<'a> {
     fn push(&mut self, table: Table, key: &'a [u8]) {
         self.tables.push(table.name());
         self.keys.push(key);
     }
 }
 
-/// Rows to upsert: parallel arrays of table names, keys and values.
+/// Rows to write: parallel arrays of table names, keys and values.
 #[derive(Default)]
 struct Rows<'a> {
     keys: Keys<'a>,
@@ -240,17 +259,18 @@ impl<'a> Rows<'a> {
         self.values.push(value);
     }
 
-    /// Upserts them (nothing to send when there are none).
-    async fn upsert(
+    /// Writes them with `statement`, the insert or the upsert (nothing to
+    /// send when there are none).
+    async fn write(
         &self,
         tx: &Transaction<'_>,
-        statements: &GroupStatements,
+        statement: &Statement,
     ) -> Result<(), tokio_postgres::Error> {
         if self.values.is_empty() {
             return Ok(());
         }
         let params: [&(dyn ToSql + Sync); 3] = [&self.keys.tables, &self.keys.keys, &self.values];
-        tx.execute(&statements.upsert, &params).await.map(drop)
+        tx.execute(statement, &params).await.map(drop)
     }
 }
 
@@ -264,6 +284,8 @@ struct Event<'u> {
 /// units' keys and values and the rows read (no copy per key).
 #[derive(Default)]
 struct Group<'u> {
+    /// The keys the transaction read (every key a unit guards).
+    read: HashSet<(Table, &'u [u8])>,
     /// The guarded keys' values as the transaction found them.
     stored: HashMap<(Table, &'u [u8]), &'u [u8]>,
     /// The final state of every key the group writes (`None`: deleted).
@@ -290,6 +312,12 @@ impl<'u> Group<'u> {
             }
         }
         Ok(())
+    }
+
+    /// Whether `key` was read and not found: locked since, it is still
+    /// absent, and a plain insert writes it.
+    fn known_absent(&self, table: Table, key: &[u8]) -> bool {
+        self.read.contains(&(table, key)) && !self.stored.contains_key(&(table, key))
     }
 
     /// The value under `key` as the unit being decided sees it.
@@ -329,11 +357,13 @@ impl<'u> Group<'u> {
         tx: &Transaction<'_>,
         statements: &GroupStatements,
     ) -> Result<Option<Head>, Error> {
-        let mut puts = Rows::default();
+        let mut inserts = Rows::default();
+        let mut upserts = Rows::default();
         let mut deletes = Keys::default();
         for (&(table, key), value) in &self.written {
             match value {
-                Some(value) => puts.push(table, key, value),
+                Some(value) if self.known_absent(table, key) => inserts.push(table, key, value),
+                Some(value) => upserts.push(table, key, value),
                 None => deletes.push(table, key),
             }
         }
@@ -346,13 +376,19 @@ impl<'u> Group<'u> {
                 .map(drop)
         };
         if self.events.is_empty() {
-            tokio::try_join!(puts.upsert(tx, statements), delete).map_err(classify)?;
+            tokio::try_join!(
+                inserts.write(tx, &statements.insert),
+                upserts.write(tx, &statements.upsert),
+                delete
+            )
+            .map_err(classify)?;
             return Ok(None);
         }
         // The head is locked after the data is written, in the same round
         // trip: the other transactions wait for it only from here on.
-        let ((), (), locked) = tokio::try_join!(
-            puts.upsert(tx, statements),
+        let ((), (), (), locked) = tokio::try_join!(
+            inserts.write(tx, &statements.insert),
+            upserts.write(tx, &statements.upsert),
             delete,
             tx.query_one(&statements.lock_head, &[]),
         )
@@ -385,7 +421,7 @@ impl<'u> Group<'u> {
         let seq = i64::try_from(head.seq).map_err(|_| corrupt("an audit sequence past i64"))?;
         let hash = head.hash.as_slice();
         let head_params: [&(dyn ToSql + Sync); 2] = [&seq, &hash];
-        tokio::try_join!(chained.upsert(tx, statements), async {
+        tokio::try_join!(chained.write(tx, &statements.insert), async {
             tx.execute(&statements.set_head, &head_params)
                 .await
                 .map(drop)

@@ -428,3 +428,35 @@ async fn large_values_are_compressed_with_lz4() {
     assert_eq!(methods, [Some("lz4".to_owned()), Some("lz4".to_owned())]);
     store.close().await;
 }
+
+/// An audit entry is written only where there is none: a head row moved
+/// back (a restore of that row alone, or a hand edit) makes the next
+/// append fail rather than overwrite the entry after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_audit_entry_is_never_overwritten() {
+    let cluster = Cluster::start();
+    cluster.create_database("chain").await;
+    let conninfo = cluster.conninfo("chain");
+    let store = PgStore::connect(&conninfo).await.unwrap();
+    for event in [b"first", b"other"] {
+        let mut batch = Batch::new();
+        batch.unit().append_audit(event.to_vec());
+        store.commit(batch).await.unwrap();
+    }
+    let entries = store.scan_from(Table::Audit, Vec::new(), 10).await.unwrap();
+    let admin = connect(&conninfo).await.unwrap();
+    admin
+        .execute(
+            "UPDATE tokenvault_audit_head SET seq = 1, hash = $1",
+            &[&chain::hash(1, &entries[0].1).as_slice()],
+        )
+        .await
+        .unwrap();
+    let mut batch = Batch::new();
+    batch.unit().append_audit(b"over".to_vec());
+    let err = store.commit(batch).await.unwrap_err().to_string();
+    assert!(err.contains("23505"), "{err}");
+    let after = store.scan_from(Table::Audit, Vec::new(), 10).await.unwrap();
+    assert_eq!(after, entries, "an audit entry was overwritten");
+    store.close().await;
+}
