@@ -59,7 +59,8 @@ const MAX_GROUP_BATCHES: usize = 256;
 
 /// How many key locks a committer gathers into one transaction before it
 /// stops taking queued batches (one batch larger than this still goes,
-/// alone). PostgreSQL's lock table holds about
+/// alone, and past `group::MAX_KEY_LOCKS` it locks out the other writers
+/// instead of its keys). PostgreSQL's lock table holds about
 /// `max_locks_per_transaction × max_connections` locks (6,400 by default,
 /// about 12,000 in practice), shared by every session: each replica holds
 /// at most [`COMMITTERS`] groups' worth at a time.

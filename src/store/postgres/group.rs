@@ -26,6 +26,14 @@
 //! follows commit order while the writes of several groups overlap. Every
 //! transaction takes its locks in the same order (keys ascending, then the
 //! head), so they never deadlock.
+//!
+//! PostgreSQL's lock table is shared and bounded (about 12,000 entries
+//! with its defaults), and one unit can name tens of thousands of keys
+//! (the erasure of a subject with 10,000 tokens). So every transaction
+//! with keys first takes the writers' lock: shared when it then locks its
+//! keys one by one, exclusive, with no key locks, when it has more than
+//! [`MAX_KEY_LOCKS`]. An exclusive writer runs alone, as every writer did
+//! before the key locks; the others run beside each other.
 
 use std::collections::{HashMap, HashSet};
 
@@ -43,8 +51,18 @@ use crate::store::{
 /// it (replicas must agree on it).
 pub(super) const KEY_LOCK_CLASS: i32 = 0x746b_7631;
 
+/// The class of the writers' lock (its one key is 0). Any constant; never
+/// change it.
+pub(super) const WRITERS_LOCK_CLASS: i32 = 0x746b_7677;
+
+/// How many key locks a transaction takes at most; with more keys it
+/// takes the writers' lock exclusively instead.
+pub(super) const MAX_KEY_LOCKS: usize = 2048;
+
 /// The committer's statements, prepared once per connection.
 pub(super) struct GroupStatements {
+    share_writers: Statement,
+    exclude_writers: Statement,
     lock_keys: Statement,
     read: Statement,
     insert: Statement,
@@ -57,6 +75,11 @@ pub(super) struct GroupStatements {
 impl GroupStatements {
     /// Prepares them on `client` (pipelined: one round trip's wait).
     pub(super) async fn prepare(client: &Client) -> Result<Self, Error> {
+        let (share_writers, exclude_writers) = tokio::try_join!(
+            client.prepare("SELECT pg_advisory_xact_lock_shared($1::int4, 0)"),
+            client.prepare("SELECT pg_advisory_xact_lock($1::int4, 0)"),
+        )
+        .map_err(classify)?;
         let (lock_keys, read, insert, upsert, delete, lock_head, set_head) = tokio::try_join!(
             // A function scan yields the array in order, so the locks are
             // taken in the (ascending) order they are given.
@@ -86,6 +109,8 @@ impl GroupStatements {
         )
         .map_err(classify)?;
         Ok(Self {
+            share_writers,
+            exclude_writers,
             lock_keys,
             read,
             insert,
@@ -177,10 +202,22 @@ pub(super) async fn write_group<'a>(
     if !locks.is_empty() {
         // Sent together; the server runs them in order, so the guarded keys
         // are read once they are locked.
+        let alone = locks.len() > MAX_KEY_LOCKS;
         let lock_params: [&(dyn ToSql + Sync); 2] = [&KEY_LOCK_CLASS, &locks];
         let read_params: [&(dyn ToSql + Sync); 2] = [&wanted.tables, &wanted.keys];
-        ((), found) = tokio::try_join!(
+        ((), (), found) = tokio::try_join!(
             async {
+                let writers = if alone {
+                    &statements.exclude_writers
+                } else {
+                    &statements.share_writers
+                };
+                tx.execute(writers, &[&WRITERS_LOCK_CLASS]).await.map(drop)
+            },
+            async {
+                if alone {
+                    return Ok(());
+                }
                 tx.execute(&statements.lock_keys, &lock_params)
                     .await
                     .map(drop)

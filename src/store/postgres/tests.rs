@@ -460,3 +460,73 @@ async fn an_audit_entry_is_never_overwritten() {
     assert_eq!(after, entries, "an audit entry was overwritten");
     store.close().await;
 }
+
+/// A unit with more keys than PostgreSQL's lock table holds (the erasure
+/// of a subject with 10,000 tokens deletes about 40,000) commits: it takes
+/// the writers' lock exclusively, not a lock per key, so it waits for the
+/// writers holding it shared and runs alone, while writes of a few keys
+/// run beside each other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_unit_of_more_keys_than_the_lock_table_runs_alone() {
+    let cluster = Cluster::start();
+    cluster.create_database("large").await;
+    let conninfo = cluster.conninfo("large");
+    let store = Arc::new(PgStore::connect(&conninfo).await.unwrap());
+    let holder = connect(&conninfo).await.unwrap();
+    holder
+        .execute(
+            "SELECT pg_advisory_lock_shared($1::int4, 0)",
+            &[&group::WRITERS_LOCK_CLASS],
+        )
+        .await
+        .unwrap();
+    // A small write shares the writers' lock with the holder.
+    let mut small = Batch::new();
+    small.put(Table::Records, b"small".to_vec(), b"value".to_vec());
+    tokio::time::timeout(std::time::Duration::from_secs(30), store.commit(small))
+        .await
+        .expect("a small write waited for a shared holder of the writers' lock")
+        .unwrap();
+    let large = {
+        let store = Arc::clone(&store);
+        tokio::spawn(async move {
+            let mut batch = Batch::new();
+            let unit = batch.unit();
+            for i in 0..20_000u32 {
+                unit.put(Table::Records, i.to_be_bytes().to_vec(), b"v".to_vec());
+            }
+            store.commit(batch).await
+        })
+    };
+    let mut waiting = false;
+    for _ in 0..300 {
+        let row = holder
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
+                 AND mode = 'ExclusiveLock'",
+                &[],
+            )
+            .await
+            .unwrap();
+        waiting = row.get::<_, i64>(0) == 1;
+        if waiting {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    assert!(waiting, "the large unit did not wait for the writers' lock");
+    holder
+        .execute(
+            "SELECT pg_advisory_unlock_shared($1::int4, 0)",
+            &[&group::WRITERS_LOCK_CLASS],
+        )
+        .await
+        .unwrap();
+    let outcomes = large.await.unwrap().unwrap();
+    assert!(outcomes[0].is_ok());
+    let read = store
+        .get_many(Table::Records, vec![19_999u32.to_be_bytes().to_vec()])
+        .await
+        .unwrap();
+    assert_eq!(read, [Some(b"v".to_vec())]);
+}
