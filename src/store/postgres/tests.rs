@@ -359,23 +359,10 @@ async fn a_write_waiting_for_a_key_does_not_hold_up_writes_of_other_keys() {
         })
     };
     let waiting = write(b"busy", b"first sent");
-    // Bounded wait until its transaction waits for the key's lock.
-    let mut blocked = false;
-    for _ in 0..300 {
-        let row = holder
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
-                &[],
-            )
-            .await
-            .unwrap();
-        blocked = row.get::<_, i64>(0) == 1;
-        if blocked {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(blocked, "the first write never waited for its key");
+    assert!(
+        an_advisory_lock_is_awaited(&holder).await,
+        "the first write never waited for its key"
+    );
     let other = write(b"free", b"second sent");
     tokio::time::timeout(std::time::Duration::from_secs(30), other)
         .await
@@ -498,23 +485,10 @@ async fn a_unit_of_more_keys_than_the_lock_table_runs_alone() {
             store.commit(batch).await
         })
     };
-    let mut waiting = false;
-    for _ in 0..300 {
-        let row = holder
-            .query_one(
-                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted \
-                 AND mode = 'ExclusiveLock'",
-                &[],
-            )
-            .await
-            .unwrap();
-        waiting = row.get::<_, i64>(0) == 1;
-        if waiting {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-    }
-    assert!(waiting, "the large unit did not wait for the writers' lock");
+    assert!(
+        an_advisory_lock_is_awaited(&holder).await,
+        "the large unit did not wait for the writers' lock"
+    );
     holder
         .execute(
             "SELECT pg_advisory_unlock_shared($1::int4, 0)",
@@ -529,4 +503,23 @@ async fn a_unit_of_more_keys_than_the_lock_table_runs_alone() {
         .await
         .unwrap();
     assert_eq!(read, [Some(b"v".to_vec())]);
+}
+
+/// Whether a session comes to wait for an advisory lock within about six
+/// seconds (polled: PostgreSQL does not announce it).
+async fn an_advisory_lock_is_awaited(client: &Client) -> bool {
+    for _ in 0..300 {
+        let row = client
+            .query_one(
+                "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND NOT granted",
+                &[],
+            )
+            .await
+            .unwrap();
+        if row.get::<_, i64>(0) > 0 {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    false
 }
