@@ -34,6 +34,12 @@
 //! keys one by one, exclusive, with no key locks, when it has more than
 //! [`MAX_KEY_LOCKS`]. An exclusive writer runs alone, as every writer did
 //! before the key locks; the others run beside each other.
+//!
+//! Statements sent together are awaited together and their errors taken
+//! in the order they were sent: once one fails, PostgreSQL answers every
+//! later one with "current transaction is aborted", and the caller must
+//! hear the first cause (a full disk is `RESOURCE_EXHAUSTED`, a duplicate
+//! audit entry names itself), not that.
 
 use std::collections::{HashMap, HashSet};
 
@@ -205,7 +211,7 @@ pub(super) async fn write_group<'a>(
         let alone = locks.len() > MAX_KEY_LOCKS;
         let lock_params: [&(dyn ToSql + Sync); 2] = [&KEY_LOCK_CLASS, &locks];
         let read_params: [&(dyn ToSql + Sync); 2] = [&wanted.tables, &wanted.keys];
-        ((), (), found) = tokio::try_join!(
+        let (writers, keys, read) = tokio::join!(
             async {
                 let writers = if alone {
                     &statements.exclude_writers
@@ -228,8 +234,9 @@ pub(super) async fn write_group<'a>(
                 }
                 tx.query(&statements.read, &read_params).await
             },
-        )
-        .map_err(classify)?;
+        );
+        writers.and(keys).map_err(classify)?;
+        found = read.map_err(classify)?;
     }
     let mut group = Group {
         read,
@@ -413,24 +420,24 @@ impl<'u> Group<'u> {
                 .map(drop)
         };
         if self.events.is_empty() {
-            tokio::try_join!(
+            let (inserted, upserted, deleted) = tokio::join!(
                 inserts.write(tx, &statements.insert),
                 upserts.write(tx, &statements.upsert),
                 delete
-            )
-            .map_err(classify)?;
+            );
+            inserted.and(upserted).and(deleted).map_err(classify)?;
             return Ok(None);
         }
         // The head is locked after the data is written, in the same round
         // trip: the other transactions wait for it only from here on.
-        let ((), (), (), locked) = tokio::try_join!(
+        let (inserted, upserted, deleted, locked) = tokio::join!(
             inserts.write(tx, &statements.insert),
             upserts.write(tx, &statements.upsert),
             delete,
             tx.query_one(&statements.lock_head, &[]),
-        )
-        .map_err(classify)?;
-        let mut head = head_of(&locked)?;
+        );
+        inserted.and(upserted).and(deleted).map_err(classify)?;
+        let mut head = head_of(&locked.map_err(classify)?)?;
         let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(self.events.len());
         let mut index_keys: Vec<Vec<u8>> = Vec::new();
         for event in &self.events {
@@ -458,12 +465,12 @@ impl<'u> Group<'u> {
         let seq = i64::try_from(head.seq).map_err(|_| corrupt("an audit sequence past i64"))?;
         let hash = head.hash.as_slice();
         let head_params: [&(dyn ToSql + Sync); 2] = [&seq, &hash];
-        tokio::try_join!(chained.write(tx, &statements.insert), async {
+        let (chained, moved) = tokio::join!(chained.write(tx, &statements.insert), async {
             tx.execute(&statements.set_head, &head_params)
                 .await
                 .map(drop)
-        })
-        .map_err(classify)?;
+        });
+        chained.and(moved).map_err(classify)?;
         Ok(Some(head))
     }
 }
