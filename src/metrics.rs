@@ -86,6 +86,10 @@ pub struct Gauges {
     pub reads_from_files: u64,
     /// RocksDB block cache lookups since the store opened, by kind of block.
     pub block_cache: Vec<BlockLookups>,
+    /// Batches the store committed since it opened.
+    pub committed_batches: u64,
+    /// The writes (RocksDB) or transactions (PostgreSQL) they shared.
+    pub commit_groups: u64,
 }
 
 /// One kind of block's lookups in RocksDB's block cache.
@@ -322,6 +326,20 @@ impl Metrics {
         }
         gauge(
             &mut out,
+            "tokenvault_store_committed_batches_total",
+            "Batches committed (one per request that writes) since the store opened.",
+            "counter",
+            gauges.committed_batches,
+        );
+        gauge(
+            &mut out,
+            "tokenvault_store_commit_groups_total",
+            "RocksDB writes or PostgreSQL transactions those batches were grouped into: batches per group is how much concurrent requests share a commit.",
+            "counter",
+            gauges.commit_groups,
+        );
+        gauge(
+            &mut out,
             "tokenvault_open_connections",
             "Client connections open on the mTLS port.",
             "gauge",
@@ -381,6 +399,8 @@ mod tests {
                 hits: 9,
                 misses: 4,
             }],
+            committed_batches: 12,
+            commit_groups: 3,
             ..Gauges::default()
         });
         assert!(
@@ -402,6 +422,9 @@ mod tests {
         assert!(text.contains("tokenvault_denials_total{reason=\"scope\"} 1"));
         assert!(text.contains("tokenvault_tokens_stored 7"));
         assert!(text.contains("tokenvault_store_reads_total{tier=\"files\"} 2"));
+        assert!(text.contains("# TYPE tokenvault_store_commit_groups_total counter"));
+        assert!(text.contains("tokenvault_store_committed_batches_total 12"));
+        assert!(text.contains("tokenvault_store_commit_groups_total 3"));
         assert!(
             text.contains("rocksdb_block_cache_lookups_total{block=\"data\",result=\"miss\"} 4"),
             "{text}"

@@ -424,6 +424,8 @@ fn serve_metrics(
                 misses: lookups.misses,
             })
             .to_vec(),
+            committed_batches: stats.commits.batches,
+            commit_groups: stats.commits.groups,
         })
     });
     tokio::spawn(metrics_http::serve(listener, render, stop))

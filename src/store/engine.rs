@@ -16,12 +16,12 @@ pub enum AnyStore {
 }
 
 impl AnyStore {
-    /// The engine's numbers for the metrics endpoint (RocksDB's own; none
-    /// yet for PostgreSQL, whose server has its own monitoring).
+    /// The engine's numbers for the metrics endpoint (for PostgreSQL only
+    /// the commits: its server has its own monitoring).
     pub fn stats(&self) -> StoreStats {
         match self {
             AnyStore::RocksDb(store) => store.stats(),
-            AnyStore::Postgres(_) => StoreStats::default(),
+            AnyStore::Postgres(store) => store.stats(),
         }
     }
 

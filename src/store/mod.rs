@@ -297,6 +297,20 @@ pub struct StoreStats {
     pub reads: ReadTiers,
     /// Block cache lookups since the engine opened, by kind of block.
     pub block_cache: BlockCacheLookups,
+    /// Batches committed since the engine opened, and the writes they
+    /// were grouped into.
+    pub commits: CommitGroups,
+}
+
+/// Committed batches (one per caller of [`Store::commit`]) and the groups
+/// they shared: one RocksDB write or one PostgreSQL transaction each.
+/// Batches per group is how much concurrent requests share a commit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct CommitGroups {
+    /// Batches committed.
+    pub batches: u64,
+    /// Groups (writes or transactions) they were committed in.
+    pub groups: u64,
 }
 
 /// Point reads (one call of [`Store::get_many`], whatever its number of

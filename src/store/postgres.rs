@@ -24,7 +24,10 @@
 
 use std::{
     collections::HashMap,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -33,7 +36,7 @@ use tokio_postgres::{Client, GenericClient, NoTls};
 
 use self::reads::{Read, Reads};
 use super::{
-    Batch, Error, KeyValues, Store, Table, UnitOutcomes,
+    Batch, CommitGroups, Error, KeyValues, Store, StoreStats, Table, UnitOutcomes,
     chain::{self, Head},
 };
 
@@ -103,8 +106,18 @@ pub struct PgStore {
     /// The newest head any of this process's committers has written.
     head: Arc<Mutex<Head>>,
     committers: Vec<tokio::task::JoinHandle<()>>,
+    /// What the committers have committed, for the metrics.
+    committed: Arc<Committed>,
     /// Whether this replica runs the background jobs.
     lease: lease::Lease,
+}
+
+/// Batches committed and the transactions they went in, counted by every
+/// committer of the process.
+#[derive(Debug, Default)]
+struct Committed {
+    batches: AtomicU64,
+    transactions: AtomicU64,
 }
 
 /// One caller's batch waiting for the committer.
@@ -151,15 +164,16 @@ impl PgStore {
         let lease = lease::Lease::new(target.clone());
         let (queue, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let committed = Arc::new(Committed::default());
         let committers = committers
             .into_iter()
             .map(|committer| {
-                tokio::spawn(run_committer(
-                    committer,
-                    target.clone(),
-                    Arc::clone(&rx),
-                    Arc::clone(&head),
-                ))
+                let shared = Shared {
+                    queue: Arc::clone(&rx),
+                    head: Arc::clone(&head),
+                    committed: Arc::clone(&committed),
+                };
+                tokio::spawn(run_committer(committer, target.clone(), shared))
             })
             .collect();
         Ok(Self {
@@ -167,6 +181,7 @@ impl PgStore {
             queue,
             head,
             committers,
+            committed,
             lease,
         })
     }
@@ -175,6 +190,18 @@ impl PgStore {
     /// connection was lost).
     pub async fn reachable(&self) -> bool {
         self.reads.query(Read::Ping, &[]).await.is_ok()
+    }
+
+    /// The engine's numbers for the metrics: the commits (the database's
+    /// own monitoring has the rest).
+    pub fn stats(&self) -> StoreStats {
+        StoreStats {
+            commits: CommitGroups {
+                batches: self.committed.batches.load(Ordering::Relaxed),
+                groups: self.committed.transactions.load(Ordering::Relaxed),
+            },
+            ..StoreStats::default()
+        }
     }
 
     /// Stops taking writes and waits for the committers' last transactions.
@@ -473,12 +500,12 @@ fn classify(e: tokio_postgres::Error) -> Error {
 /// connection is lost it connects again before the next group (one attempt
 /// per group, bounded by the connect timeout); a group that finds the
 /// database unreachable fails at once, and nothing of it was written.
-async fn run_committer(
-    mut committer: Committer,
-    target: Target,
-    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Commit>>>,
-    head: Arc<Mutex<Head>>,
-) {
+async fn run_committer(mut committer: Committer, target: Target, shared: Shared) {
+    let Shared {
+        queue,
+        head,
+        committed,
+    } = shared;
     while let Some(group) = next_group(&queue).await {
         if committer.client.is_closed() {
             match Committer::connect(&target).await {
@@ -510,6 +537,10 @@ async fn run_committer(
                         *head = new_head;
                     }
                 }
+                committed
+                    .batches
+                    .fetch_add(group.len() as u64, Ordering::Relaxed);
+                committed.transactions.fetch_add(1, Ordering::Relaxed);
                 for (commit, outcome) in group.into_iter().zip(outcomes) {
                     let _ = commit.done.send(Ok(outcome));
                 }
@@ -524,6 +555,15 @@ async fn run_committer(
             }
         }
     }
+}
+
+/// What a process's committers share.
+struct Shared {
+    /// The batches waiting, taken by one committer at a time.
+    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Commit>>>,
+    /// The newest head any committer wrote.
+    head: Arc<Mutex<Head>>,
+    committed: Arc<Committed>,
 }
 
 /// Waits for a queued batch and takes it with those queued behind it, up

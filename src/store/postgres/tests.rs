@@ -46,6 +46,22 @@ impl Engine for Postgres {
 
 conformance_tests!(Postgres::start());
 
+/// The committers count what they commit, for the metrics: every batch
+/// of the conformance suite's concurrent run, in at most as many
+/// transactions (fewer when concurrent batches shared one).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_committers_count_batches_and_their_transactions() {
+    let engine = Postgres::start();
+    let store = crate::store::conformance::concurrent_commits_all_land(&engine).await;
+    let commits = store.stats().commits;
+    assert_eq!(commits.batches, 200);
+    assert!(
+        (1..=200).contains(&commits.groups),
+        "{} transactions",
+        commits.groups
+    );
+}
+
 #[test]
 fn a_connection_setting_without_a_password_is_accepted() {
     check_connection(

@@ -35,8 +35,8 @@ use rocksdb::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Batch, BlockCacheLookups, Durability, Error, HitsMisses, KeyValues, ReadTiers, Store,
-    StoreStats, Table, UnitOutcomes,
+    Batch, BlockCacheLookups, CommitGroups, Durability, Error, HitsMisses, KeyValues, ReadTiers,
+    Store, StoreStats, Table, UnitOutcomes,
     chain::{self, Head},
 };
 
@@ -280,6 +280,10 @@ impl RocksStore {
                 data: lookups(Ticker::BlockCacheDataHit, Ticker::BlockCacheDataMiss),
                 index: lookups(Ticker::BlockCacheIndexHit, Ticker::BlockCacheIndexMiss),
                 filter: lookups(Ticker::BlockCacheFilterHit, Ticker::BlockCacheFilterMiss),
+            },
+            commits: CommitGroups {
+                batches: self.commit_stats().batches.load(Ordering::Relaxed),
+                groups: self.commit_stats().writes.load(Ordering::Relaxed),
             },
         }
     }

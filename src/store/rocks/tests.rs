@@ -208,6 +208,9 @@ async fn the_committer_counts_batches_and_their_shared_writes() {
     assert_eq!(stats.batches.load(Ordering::Relaxed), 200);
     let writes = stats.writes.load(Ordering::Relaxed);
     assert!((1..=200).contains(&writes), "{writes} writes");
+    // The metrics read the same counts.
+    let commits = store.stats().commits;
+    assert_eq!((commits.batches, commits.groups), (200, writes));
 }
 
 /// Tables are added over releases: a vault (or backup) made before one
