@@ -312,10 +312,7 @@ async fn a_ledger_number_is_taken_once() {
 /// it, so a release that knows only version 1 refuses it from then on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_version_1_schema_is_migrated_to_this_version() {
-    let cluster = Cluster::start();
-    cluster.create_database("old").await;
-    let conninfo = cluster.conninfo("old");
-    let store = PgStore::connect(&conninfo).await.unwrap();
+    let (_cluster, conninfo, store) = store_on_a_new_database("old").await;
     let mut batch = Batch::new();
     batch.put(Table::Records, b"kept".to_vec(), b"value".to_vec());
     store.commit(batch).await.unwrap();
@@ -349,10 +346,8 @@ async fn a_version_1_schema_is_migrated_to_this_version() {
 /// write would wait behind the first.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_write_waiting_for_a_key_does_not_hold_up_writes_of_other_keys() {
-    let cluster = Cluster::start();
-    cluster.create_database("lanes").await;
-    let conninfo = cluster.conninfo("lanes");
-    let store = Arc::new(PgStore::connect(&conninfo).await.unwrap());
+    let (_cluster, conninfo, store) = store_on_a_new_database("lanes").await;
+    let store = Arc::new(store);
     let holder = connect(&conninfo).await.unwrap();
     let busy = group::lock_id(Table::Index, b"busy");
     holder
@@ -409,10 +404,7 @@ async fn a_write_waiting_for_a_key_does_not_hold_up_writes_of_other_keys() {
 /// pglz, which cost 4 % of all CPU under tokenize-batch.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_values_are_compressed_with_lz4() {
-    let cluster = Cluster::start();
-    cluster.create_database("toast").await;
-    let conninfo = cluster.conninfo("toast");
-    let store = PgStore::connect(&conninfo).await.unwrap();
+    let (_cluster, conninfo, store) = store_on_a_new_database("toast").await;
     let mut batch = Batch::new();
     batch.put(Table::Meta, b"large".to_vec(), b"field type ".repeat(1000));
     batch.unit().append_audit(b"email ".repeat(1000));
@@ -437,10 +429,7 @@ async fn large_values_are_compressed_with_lz4() {
 /// append fail rather than overwrite the entry after it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_audit_entry_is_never_overwritten() {
-    let cluster = Cluster::start();
-    cluster.create_database("chain").await;
-    let conninfo = cluster.conninfo("chain");
-    let store = PgStore::connect(&conninfo).await.unwrap();
+    let (_cluster, conninfo, store) = store_on_a_new_database("chain").await;
     for event in [b"first", b"other"] {
         let mut batch = Batch::new();
         batch.unit().append_audit(event.to_vec());
@@ -471,10 +460,8 @@ async fn an_audit_entry_is_never_overwritten() {
 /// run beside each other.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_unit_of_more_keys_than_the_lock_table_runs_alone() {
-    let cluster = Cluster::start();
-    cluster.create_database("large").await;
-    let conninfo = cluster.conninfo("large");
-    let store = Arc::new(PgStore::connect(&conninfo).await.unwrap());
+    let (_cluster, conninfo, store) = store_on_a_new_database("large").await;
+    let store = Arc::new(store);
     let holder = connect(&conninfo).await.unwrap();
     holder
         .execute(
@@ -538,4 +525,14 @@ async fn an_advisory_lock_is_awaited(client: &Client) -> bool {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     false
+}
+
+/// A throwaway cluster (stopped when dropped) with database `name`, its
+/// connection setting, and a store on it.
+async fn store_on_a_new_database(name: &str) -> (Cluster, String, PgStore) {
+    let cluster = Cluster::start();
+    cluster.create_database(name).await;
+    let conninfo = cluster.conninfo(name);
+    let store = PgStore::connect(&conninfo).await.unwrap();
+    (cluster, conninfo, store)
 }
