@@ -81,12 +81,19 @@ pub(super) struct GroupStatements {
 impl GroupStatements {
     /// Prepares them on `client` (pipelined: one round trip's wait).
     pub(super) async fn prepare(client: &Client) -> Result<Self, Error> {
-        let (share_writers, exclude_writers) = tokio::try_join!(
+        let (
+            share_writers,
+            exclude_writers,
+            lock_keys,
+            read,
+            insert,
+            upsert,
+            delete,
+            lock_head,
+            set_head,
+        ) = tokio::try_join!(
             client.prepare("SELECT pg_advisory_xact_lock_shared($1::int4, 0)"),
             client.prepare("SELECT pg_advisory_xact_lock($1::int4, 0)"),
-        )
-        .map_err(classify)?;
-        let (lock_keys, read, insert, upsert, delete, lock_head, set_head) = tokio::try_join!(
             // A function scan yields the array in order, so the locks are
             // taken in the (ascending) order they are given.
             client.prepare(
@@ -143,31 +150,33 @@ pub(super) fn lock_id(table: Table, key: &[u8]) -> i32 {
     i32::from_be_bytes([a ^ e, b ^ f, c ^ g, d ^ h])
 }
 
-/// The locks a group takes: one per key its units guard or write, sorted
-/// and distinct. Audit entries are not among them: they are written under
-/// the head's lock.
+/// The keys `unit` guards (absent or unchanged): what the group reads.
+fn guarded(unit: &Unit) -> impl Iterator<Item = (Table, &[u8])> {
+    let absent = unit.guards().iter().map(|(table, key)| (*table, &key[..]));
+    let unchanged = unit
+        .unchanged()
+        .iter()
+        .map(|(table, key, _)| (*table, &key[..]));
+    absent.chain(unchanged)
+}
+
+/// The keys `unit` guards or writes: what the group locks. Audit entries
+/// are not among them: they are written under the head's lock.
+fn touched(unit: &Unit) -> impl Iterator<Item = (Table, &[u8])> {
+    let written = unit.ops().iter().filter_map(|op| match op {
+        Op::Put { table, key, .. } | Op::Delete { table, key } => Some((*table, &key[..])),
+        Op::AppendAudit { .. } => None,
+    });
+    guarded(unit).chain(written)
+}
+
+/// The locks a group takes: one per key its units touch, sorted and
+/// distinct.
 fn lock_ids<'a>(units: impl Iterator<Item = &'a Unit>) -> Vec<i32> {
-    let mut ids = Vec::new();
-    for unit in units {
-        ids.extend(
-            unit.guards()
-                .iter()
-                .map(|(table, key)| lock_id(*table, key)),
-        );
-        ids.extend(
-            unit.unchanged()
-                .iter()
-                .map(|(table, key, _)| lock_id(*table, key)),
-        );
-        for op in unit.ops() {
-            match op {
-                Op::Put { table, key, .. } | Op::Delete { table, key } => {
-                    ids.push(lock_id(*table, key));
-                }
-                Op::AppendAudit { .. } => {}
-            }
-        }
-    }
+    let mut ids: Vec<i32> = units
+        .flat_map(touched)
+        .map(|(table, key)| lock_id(table, key))
+        .collect();
     ids.sort_unstable();
     ids.dedup();
     ids
@@ -176,17 +185,7 @@ fn lock_ids<'a>(units: impl Iterator<Item = &'a Unit>) -> Vec<i32> {
 /// How many key locks `units` ask for at most (before duplicates go): what
 /// the committer counts against a group's share of PostgreSQL's lock table.
 pub(super) fn locks_asked(units: &[Unit]) -> usize {
-    units
-        .iter()
-        .map(|unit| {
-            let writes = unit
-                .ops()
-                .iter()
-                .filter(|op| !matches!(op, Op::AppendAudit { .. }))
-                .count();
-            unit.guards().len() + unit.unchanged().len() + writes
-        })
-        .sum()
+    units.iter().flat_map(touched).count()
 }
 
 /// Applies every unit of every batch whose guards hold, in one
@@ -199,7 +198,7 @@ pub(super) async fn write_group<'a>(
 ) -> Result<(Vec<UnitOutcomes>, Option<Head>), Error> {
     let tx = client.transaction().await.map_err(classify)?;
     let locks = lock_ids(batches.clone().flatten());
-    let read = guarded_keys(batches.clone().flatten());
+    let read: HashSet<(Table, &[u8])> = batches.clone().flatten().flat_map(guarded).collect();
     let mut wanted = Keys::default();
     for &(table, key) in &read {
         wanted.push(table, key);
@@ -267,20 +266,6 @@ fn table_named(name: &str) -> Result<Table, Error> {
 struct Keys<'a> {
     tables: Vec<&'static str>,
     keys: Vec<&'a [u8]>,
-}
-
-/// Every key `units` guard (absent or unchanged): what the group reads.
-fn guarded_keys<'a>(units: impl Iterator<Item = &'a Unit>) -> HashSet<(Table, &'a [u8])> {
-    let mut keys = HashSet::new();
-    for unit in units {
-        keys.extend(unit.guards().iter().map(|(table, key)| (*table, &key[..])));
-        keys.extend(
-            unit.unchanged()
-                .iter()
-                .map(|(table, key, _)| (*table, &key[..])),
-        );
-    }
-    keys
 }
 
 impl<'a> Keys<'a> {
