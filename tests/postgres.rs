@@ -7,40 +7,10 @@
 mod common;
 
 use common::{
-    TestVault, Writers, audit_events, detokenize, export_subject, item, revealed, subject_item,
-    tokenize_one, tokens_of,
+    TestVault, Writers, audit_events, detokenize, erase_subject as erase, export_subject, item,
+    postgres_replicas as replicas, revealed, subject_item, tokenize_one, tokens_of,
 };
 use tokenvault::{proto::v1::TokenizeRequest, store::postgres::cluster::ThrowawayCluster};
-
-/// Starts two replicas on database `name` of `cluster`, with their erasure
-/// ledger in database `name_ledger` (created here) of the same cluster.
-async fn replicas(cluster: &ThrowawayCluster, name: &str) -> (TestVault, TestVault) {
-    let ledger = format!("{name}_ledger");
-    cluster.create_database(&ledger).await;
-    replicas_on(&cluster.conninfo(name), &cluster.conninfo(&ledger))
-}
-
-/// The config of a replica on the database `connection` names, with the
-/// erasure ledger in database `ledger`.
-fn replica_config(connection: &str, ledger: &str) -> String {
-    format!(
-        "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"{connection}\"\n\
-         [subjects.erasure_ledger_database]\nconnection = \"{ledger}\"\n\
-         [field_types.customer_email]\nkind = \"email\"\ndeterministic = true\n"
-    )
-}
-
-/// Starts two replicas on the database `connection` names, the second with
-/// the first's master key (the keys in the database are wrapped by it).
-fn replicas_on(connection: &str, ledger: &str) -> (TestVault, TestVault) {
-    let config = replica_config(connection, ledger);
-    let first = TestVault::start_with(&config);
-    let key = first.root.path().join("master.key");
-    let second = TestVault::start_with_after(&config, |second| {
-        std::fs::copy(&key, second.root.path().join("master.key")).unwrap();
-    });
-    (first, second)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_replicas_on_one_database_serve_the_same_vault() {
@@ -165,108 +135,6 @@ async fn a_password_in_the_connection_setting_is_refused() {
     assert!(!stderr.contains("hunter2"), "{stderr}");
 }
 
-/// Failover: a primary with a synchronous standby; two vault replicas
-/// tokenize under load; the primary is killed with SIGKILL and the standby
-/// promoted. The replicas find the new primary by themselves (the
-/// connection setting names both hosts, read-write wanted), calls fail and
-/// health says NOT_SERVING meanwhile, and every token acknowledged before,
-/// during or after the failover detokenizes afterwards.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn after_a_failover_every_acknowledged_token_detokenizes() {
-    let primary = ThrowawayCluster::start_primary();
-    primary.create_database("vault").await;
-    primary.create_database("ledger").await;
-    let standby = ThrowawayCluster::standby_of(&primary);
-    primary.require_synchronous_standby().await;
-    let on_either = |dbname: &str| {
-        format!(
-            "host={},{} user=tokenvault dbname={dbname} target_session_attrs=read-write",
-            primary.socket_dir().display(),
-            standby.socket_dir().display()
-        )
-    };
-    let (a, b) = replicas_on(&on_either("vault"), &on_either("ledger"));
-    let writers = [
-        Writers::start_retrying(&a.client("checkout").await, 4, "a"),
-        Writers::start_retrying(&b.client("checkout").await, 4, "b"),
-    ];
-    for w in &writers {
-        w.wait_for(150).await;
-    }
-
-    primary.kill();
-    let before_failover: usize = writers.iter().map(|w| w.acked().len()).sum();
-    // Calls fail while no host takes writes.
-    let mut refused = 0;
-    for _ in 0..200 {
-        refused = writers.iter().map(Writers::failed).sum::<usize>();
-        if refused > 0 {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(25)).await;
-    }
-    assert!(refused > 0, "no call failed with the primary gone");
-    // Health says so while no host takes writes.
-    let health = |vault: &TestVault| {
-        let out = common::tokenvault_command()
-            .args(["health", "--addr", &vault.health_addr.to_string()])
-            .output()
-            .unwrap();
-        String::from_utf8_lossy(&out.stdout).trim().to_owned()
-    };
-    let mut said = String::new();
-    for _ in 0..100 {
-        said = health(&a);
-        if said == "NOT_SERVING" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(said, "NOT_SERVING", "health while the database is down");
-    standby.promote();
-
-    // Writes resume through both replicas, on the promoted standby.
-    let resumed = tokio::time::timeout(std::time::Duration::from_secs(60), async {
-        for w in &writers {
-            let now = w.acked().len();
-            w.wait_for(now + 100).await;
-        }
-    })
-    .await;
-    assert!(
-        resumed.is_ok(),
-        "writes did not resume after the promotion:\n{}\n{}",
-        a.logs(),
-        b.logs()
-    );
-    let mut said = String::new();
-    for _ in 0..100 {
-        said = health(&b);
-        if said == "SERVING" {
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    assert_eq!(said, "SERVING", "health once the new primary takes writes");
-    let [wa, wb] = writers;
-    let failed = wa.failed() + wb.failed();
-    let mut acked = wa.stop().await;
-    acked.extend(wb.stop().await);
-    common::assert_all_detokenize(&a, &acked).await;
-    common::assert_all_detokenize(&b, &acked).await;
-    eprintln!(
-        "failover: {} writes acknowledged ({before_failover} before the primary died), \
-         all {} detokenize after it; {failed} calls refused during it",
-        acked.len(),
-        acked.len()
-    );
-    assert!(
-        a.logs().contains("reconnected to PostgreSQL"),
-        "{}",
-        a.logs()
-    );
-}
-
 /// A vault process killed with SIGKILL mid-load loses nothing it
 /// acknowledged: the other process reads every acknowledged token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -323,21 +191,6 @@ async fn a_key_rotation_through_one_replica_is_seen_by_the_other() {
         "{}",
         b.logs()
     );
-}
-
-/// Erases `subject` through `vault` (as the privacy service): the tokens
-/// erased.
-async fn erase(vault: &TestVault, subject: &str) -> u64 {
-    use tokenvault::proto::v1::{EraseSubjectRequest, subjects_client::SubjectsClient};
-    let channel = vault.channel_with(&vault.pki.tls("privacy")).await.unwrap();
-    SubjectsClient::new(channel)
-        .erase_subject(EraseSubjectRequest {
-            subject_id: subject.into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .tokens_erased
 }
 
 /// What detokenizing each of `tokens` through `vault` gives.

@@ -76,6 +76,13 @@ fn vault_status(err: vault::Error) -> Status {
         vault::Error::Storage(store::Error::Closed) => {
             Status::unavailable("the vault is shutting down; retry on another instance")
         }
+        vault::Error::Storage(store::Error::Rewound(detail))
+        | vault::Error::AuditUnavailable(store::Error::Rewound(detail)) => {
+            tracing::error!(error = %detail, "request refused: the database went back in time");
+            Status::unavailable(
+                "the vault's database went back in time (a restore or a lossy failover), so nothing was revealed or changed; this replica restarts to re-apply the erasure ledger; retry",
+            )
+        }
         vault::Error::AuditUnavailable(store::Error::NoSpace(detail)) => {
             tracing::error!(error = %detail, "audit log cannot be written: storage is full");
             Status::resource_exhausted(

@@ -155,18 +155,41 @@ pub struct DatabaseSetting {
     pub password_file: Option<PathBuf>,
     /// The CA certificates for TLS to the database, if it is used.
     pub ca_file: Option<PathBuf>,
+    /// How long calls, locks, silent transactions and the lease may last.
+    pub bounds: crate::store::postgres::Bounds,
 }
 
 impl DatabaseSetting {
     /// Checks `raw` (the table at `key`): see
-    /// [`crate::store::postgres::check_connection`].
+    /// [`crate::store::postgres::check_connection`] and
+    /// [`crate::store::postgres::Bounds::check`].
     fn parse(key: &str, raw: &RawPostgres) -> Result<Self, ConfigError> {
         crate::store::postgres::check_connection(key, &raw.connection, raw.ca_file.is_some())
             .map_err(|message| invalid(format!("{key}.connection"), message))?;
+        let ms = |name: &str, value: u64| {
+            if value == 0 {
+                return Err(invalid(format!("{key}.{name}"), "must be at least 1"));
+            }
+            Ok(Duration::from_millis(value))
+        };
+        let bounds = crate::store::postgres::Bounds {
+            call: ms("call_timeout_ms", raw.call_timeout_ms)?,
+            lock: ms("lock_timeout_ms", raw.lock_timeout_ms)?,
+            idle_in_transaction: ms(
+                "idle_in_transaction_timeout_ms",
+                raw.idle_in_transaction_timeout_ms,
+            )?,
+            lease: ms("lease_timeout_ms", raw.lease_timeout_ms)?,
+            keepalive: ms("keepalive_ms", raw.keepalive_ms)?,
+        };
+        bounds
+            .check(key)
+            .map_err(|refused| invalid(refused.key, refused.message))?;
         Ok(Self {
             connection: raw.connection.clone(),
             password_file: raw.password_file.as_ref().map(RelativePathBuf::relative),
             ca_file: raw.ca_file.as_ref().map(RelativePathBuf::relative),
+            bounds,
         })
     }
 }
@@ -858,6 +881,56 @@ mod tests {
             "{password}"
         );
         assert!(!password.to_string().contains("hunter2"), "{password}");
+    }
+
+    /// The PostgreSQL bounds: README's defaults, each settable, zero
+    /// refused, and bounds that do not nest refused with the key named.
+    #[test]
+    fn database_bounds_default_nest_and_are_checked() {
+        let without_ledger = MINIMAL.replace(
+            "[subjects]\n        erasure_ledger = \"/var/lib/tv-ledger/erasures\"",
+            "",
+        );
+        let parse = |bounds: &str| {
+            let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+                .merge(Toml::string(&without_ledger))
+                .merge(Toml::string(&format!(
+                    "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"host=db user=vault dbname=vault\"\n{bounds}\
+                     [subjects.erasure_ledger_database]\nconnection = \"host=ledger user=vault dbname=ledger\"\n"
+                )));
+            Config::from_figment(&figment)
+        };
+        let storage_bounds = |config: &Config| match &config.engine {
+            EngineSetting::Postgres(db) => db.bounds,
+            EngineSetting::RocksDb => unreachable!("configured for postgres"),
+        };
+        let defaults = parse("").unwrap();
+        assert_eq!(
+            storage_bounds(&defaults),
+            crate::store::postgres::Bounds {
+                call: Duration::from_millis(5000),
+                lock: Duration::from_millis(3000),
+                idle_in_transaction: Duration::from_millis(1000),
+                lease: Duration::from_millis(5000),
+                keepalive: Duration::from_millis(5000),
+            }
+        );
+        let set = parse("call_timeout_ms = 9000\nlock_timeout_ms = 8000\nidle_in_transaction_timeout_ms = 500\nlease_timeout_ms = 7000\nkeepalive_ms = 2000\n").unwrap();
+        assert_eq!(storage_bounds(&set).call, Duration::from_millis(9000));
+        assert_eq!(
+            storage_bounds(&set).idle_in_transaction,
+            Duration::from_millis(500)
+        );
+        let zero = parse("lease_timeout_ms = 0\n").unwrap_err().to_string();
+        assert!(
+            zero.contains("storage.postgres.lease_timeout_ms: must be at least 1"),
+            "{zero}"
+        );
+        let tangled = parse("lock_timeout_ms = 6000\n").unwrap_err().to_string();
+        assert!(
+            tangled.contains("storage.postgres.lock_timeout_ms: 6000 ms must be less than storage.postgres.call_timeout_ms"),
+            "{tangled}"
+        );
     }
 
     #[test]

@@ -204,6 +204,42 @@ pub struct RawPostgres {
     /// to: with it, every connection uses TLS and checks the server's name.
     #[serde(default)]
     pub ca_file: Option<RelativePathBuf>,
+    /// The client's deadline on one call, and the server's
+    /// `statement_timeout`.
+    #[serde(default = "default_call_timeout_ms")]
+    pub call_timeout_ms: u64,
+    /// How long a writer waits for another session's lock.
+    #[serde(default = "default_lock_timeout_ms")]
+    pub lock_timeout_ms: u64,
+    /// How long the server keeps a transaction whose client went silent.
+    #[serde(default = "default_idle_in_transaction_timeout_ms")]
+    pub idle_in_transaction_timeout_ms: u64,
+    /// How long the background-jobs lease outlives its last renewal.
+    #[serde(default = "default_lease_timeout_ms")]
+    pub lease_timeout_ms: u64,
+    /// Idle time before TCP keepalives probe the peer.
+    #[serde(default = "default_keepalive_ms")]
+    pub keepalive_ms: u64,
+}
+
+// The defaults are `store::postgres::Bounds::default()`'s, in milliseconds.
+fn default_call_timeout_ms() -> u64 {
+    millis(crate::store::postgres::Bounds::default().call)
+}
+fn default_lock_timeout_ms() -> u64 {
+    millis(crate::store::postgres::Bounds::default().lock)
+}
+fn default_idle_in_transaction_timeout_ms() -> u64 {
+    millis(crate::store::postgres::Bounds::default().idle_in_transaction)
+}
+fn default_lease_timeout_ms() -> u64 {
+    millis(crate::store::postgres::Bounds::default().lease)
+}
+fn default_keepalive_ms() -> u64 {
+    millis(crate::store::postgres::Bounds::default().keepalive)
+}
+fn millis(duration: std::time::Duration) -> u64 {
+    u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// `[log]`.

@@ -203,7 +203,15 @@ pub async fn run(
     ));
     let background =
         background::Background::start(&vault, &metrics, &refusals, &policy, &config, &stop_rx);
-    let database_watch = watch_database(Arc::clone(&vault), health.clone(), stop_rx.clone());
+    // A database found to have gone back in time stops the server (see
+    // `watch_database`).
+    let (fatal_tx, mut fatal_rx) = mpsc::channel::<store::Error>(1);
+    let database_watch = watch_database(
+        Arc::clone(&vault),
+        health.clone(),
+        stop_rx.clone(),
+        fatal_tx,
+    );
 
     set_status(&health, ServingStatus::Serving).await;
     tracing::info!(
@@ -241,22 +249,31 @@ pub async fn run(
     );
 
     let served = tokio::select! {
-        result = &mut grpc => Some(result),
-        () = shutdown => None,
+        result = &mut grpc => Served::Ended(result),
+        () = shutdown => Served::Asked,
+        Some(fatal) = fatal_rx.recv() => Served::Fatal(fatal),
     };
     let result = match served {
-        Some(result) => result.map_err(ServeError::from),
-        None => {
-            tracing::info!("shutdown requested: draining in-flight requests");
+        Served::Ended(result) => result.map_err(ServeError::from),
+        Served::Asked | Served::Fatal(_) => {
+            if let Served::Fatal(e) = &served {
+                tracing::error!(error = %e, "stopping: draining in-flight requests (each is refused)");
+            } else {
+                tracing::info!("shutdown requested: draining in-flight requests");
+            }
             set_status(&health, ServingStatus::NotServing).await;
             let _ = stop_tx.send(true);
             let _ = drain_tx.send(());
-            match tokio::time::timeout(config.shutdown_grace, &mut grpc).await {
+            let drained = match tokio::time::timeout(config.shutdown_grace, &mut grpc).await {
                 Ok(result) => result.map_err(ServeError::from),
                 Err(_) => {
                     tracing::warn!(grace = ?config.shutdown_grace, "drain deadline passed; closing remaining connections");
                     Ok(())
                 }
+            };
+            match served {
+                Served::Fatal(e) => drained.and(Err(ServeError::Store(e))),
+                _ => drained,
             }
         }
     };
@@ -323,6 +340,7 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore
                 &database.connection,
                 secrets.password(),
                 secrets.ca.as_deref(),
+                database.bounds,
             )
             .await?;
             AnyStore::Postgres(Box::new(store))
@@ -337,6 +355,7 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore
                 &database.connection,
                 secrets.password(),
                 secrets.ca.as_deref(),
+                database.bounds,
             )
             .await
             .map_err(|e| ServeError::Store(store::Error::Backend(format!("{key}: {e}"))))?;
@@ -351,14 +370,29 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore
     Ok(vault)
 }
 
+/// Why the server stopped serving.
+enum Served {
+    /// The gRPC server ended by itself.
+    Ended(Result<(), tonic::transport::Error>),
+    /// A shutdown signal.
+    Asked,
+    /// The database can no longer be served from (it went back in time).
+    Fatal(store::Error),
+}
+
 /// For a vault on a shared database: checks every second that the database
 /// answers, and says NOT_SERVING on health while it does not (a load
 /// balancer then sends callers to a replica that can serve them), SERVING
-/// again once it does. Nothing to watch for the embedded engine.
+/// again once it does. The same check compares the database's audit head
+/// with the one this process saw: a database gone back in time (a restore,
+/// a lossy failover) is sent on `fatal`, and the server stops, so that a
+/// restart re-applies the erasure ledger to it. Nothing to watch for the
+/// embedded engine.
 fn watch_database(
     vault: Arc<Vault<AnyStore>>,
     health: HealthReporter,
     mut stop: watch::Receiver<bool>,
+    fatal: mpsc::Sender<store::Error>,
 ) -> Option<JoinHandle<()>> {
     if !matches!(vault.store(), AnyStore::Postgres(_)) {
         return None;
@@ -372,11 +406,17 @@ fn watch_database(
                 _ = ticker.tick() => {}
                 _ = stop.changed() => return,
             }
-            let reachable = vault.store().reachable().await;
+            let checked = vault.store().check().await;
             // A drain has begun meanwhile: its NOT_SERVING stands.
             if *stop.borrow() {
                 return;
             }
+            if let Err(e @ store::Error::Rewound(_)) = checked {
+                set_status(&health, ServingStatus::NotServing).await;
+                let _ = fatal.send(e).await;
+                return;
+            }
+            let reachable = checked.is_ok();
             if reachable != serving {
                 serving = reachable;
                 if reachable {

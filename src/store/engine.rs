@@ -25,13 +25,18 @@ impl AnyStore {
         }
     }
 
-    /// Whether the storage can be reached now: always for the embedded
-    /// engine; for PostgreSQL, whether a query gets an answer (a lost
-    /// connection is made again on the way).
-    pub async fn reachable(&self) -> bool {
+    /// Checks that the storage can serve now: always for the embedded
+    /// engine; for PostgreSQL, that a query gets an answer (a lost
+    /// connection is made again on the way) and that the database has not
+    /// gone back behind what this process saw of it.
+    ///
+    /// # Errors
+    /// [`Error::Rewound`] for a database that went back in time (for
+    /// good); the error of one that does not answer.
+    pub async fn check(&self) -> Result<(), Error> {
         match self {
-            AnyStore::RocksDb(_) => true,
-            AnyStore::Postgres(store) => store.reachable().await,
+            AnyStore::RocksDb(_) => Ok(()),
+            AnyStore::Postgres(store) => store.check_history().await,
         }
     }
 

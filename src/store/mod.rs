@@ -379,6 +379,13 @@ pub enum Error {
     /// This engine does not do that; the message says what to do instead.
     #[error("{0}")]
     Unsupported(&'static str),
+    /// The shared database went back in time under this process (restored
+    /// from a backup, or failed over to a standby that lacked the last
+    /// commits): what it acknowledged may be gone and what was erased may
+    /// be back. The process takes no more writes; a restart re-applies the
+    /// erasure ledger.
+    #[error("the database went back in time: {0}")]
+    Rewound(String),
 }
 
 impl Error {
@@ -391,6 +398,7 @@ impl Error {
             Error::Backend(m) => Error::Backend(m.clone()),
             Error::Closed => Error::Closed,
             Error::Unsupported(what) => Error::Unsupported(what),
+            Error::Rewound(m) => Error::Rewound(m.clone()),
         }
     }
 }

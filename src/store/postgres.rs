@@ -18,14 +18,16 @@
 //!
 //! Chosen with `storage.engine = "postgres"`. A lost connection is made
 //! again by the next call that needs it, so a vault follows a failover to
-//! whichever host of its setting takes writes. With a CA configured every
-//! connection is TLS (rustls), the server's certificate checked against
-//! that CA and the host name.
+//! whichever host of its setting takes writes. Every call has a deadline
+//! and every session the server's timeouts ([`Bounds`]), so a replica that
+//! stops mid-transaction holds the others up for a bounded time. With a CA
+//! configured every connection is TLS (rustls), the server's certificate
+//! checked against that CA and the host name.
 
 use std::{
     collections::HashMap,
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicU64, Ordering},
     },
     time::Duration,
@@ -34,7 +36,11 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, GenericClient, NoTls};
 
-use self::reads::{Read, Reads};
+pub use self::bounds::{Bounds, BoundsError};
+use self::{
+    history::History,
+    reads::{Read, Reads},
+};
 use super::{
     Batch, CommitGroups, Error, KeyValues, Store, StoreStats, Table, UnitOutcomes,
     chain::{self, Head},
@@ -103,13 +109,16 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 pub struct PgStore {
     reads: Reads,
     queue: mpsc::Sender<Commit>,
-    /// The newest head any of this process's committers has written.
-    head: Arc<Mutex<Head>>,
+    /// The newest head this process has seen, and whether the database
+    /// fell behind it.
+    history: Arc<History>,
     committers: Vec<tokio::task::JoinHandle<()>>,
     /// What the committers have committed, for the metrics.
     committed: Arc<Committed>,
     /// Whether this replica runs the background jobs.
-    lease: lease::Lease,
+    lease: Arc<lease::Lease>,
+    /// Renews the lease, or tries to take it, until the store is dropped.
+    _renewal: lease::Renewal,
 }
 
 /// Batches committed and the transactions they went in, counted by every
@@ -134,13 +143,13 @@ impl PgStore {
     /// # Errors
     /// If the database cannot be reached, or its schema is unusable.
     pub async fn connect(config: &str) -> Result<Self, Error> {
-        Self::connect_with(config, None, None).await
+        Self::connect_with(config, None, None, Bounds::default()).await
     }
 
-    /// [`PgStore::connect`] with the password read from its file, and TLS
-    /// to the database verified against the CA certificates (PEM) in
-    /// `ca`, if given: the server's certificate must chain to one of them
-    /// and name the host connected to.
+    /// [`PgStore::connect`] with the password read from its file, TLS to
+    /// the database verified against the CA certificates (PEM) in `ca`, if
+    /// given (the server's certificate must chain to one of them and name
+    /// the host connected to), and `bounds` on every call and session.
     ///
     /// # Errors
     /// If the database cannot be reached, or its schema is unusable.
@@ -148,20 +157,26 @@ impl PgStore {
         config: &str,
         password: Option<&str>,
         ca: Option<&[u8]>,
+        bounds: Bounds,
     ) -> Result<Self, Error> {
-        let target = Target::new(config, password, ca)?;
+        let target = Target::new(config, password, ca, bounds)?;
         let mut client = connect_committer(&target).await?;
-        migrate(&mut client).await?;
-        let head = Arc::new(Mutex::new(read_head(&client).await?));
+        target.bounded_store(migrate(&mut client)).await?;
+        let history = Arc::new(History::starting_at(
+            target.bounded_store(read_head(&*client)).await?,
+        ));
         let mut committers = vec![Committer {
-            statements: group::GroupStatements::prepare(&client).await?,
+            statements: target
+                .bounded_store(group::GroupStatements::prepare(&client))
+                .await?,
             client,
         }];
         while committers.len() < COMMITTERS {
             committers.push(Committer::connect(&target).await?);
         }
         let reads = Reads::connect(&target).await?;
-        let lease = lease::Lease::new(target.clone());
+        let lease = Arc::new(lease::Lease::new(target.clone()));
+        let renewal = lease::Renewal::start(Arc::clone(&lease), target.bounds.lease_renewal());
         let (queue, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
         let rx = Arc::new(tokio::sync::Mutex::new(rx));
         let committed = Arc::new(Committed::default());
@@ -170,7 +185,7 @@ impl PgStore {
             .map(|committer| {
                 let shared = Shared {
                     queue: Arc::clone(&rx),
-                    head: Arc::clone(&head),
+                    history: Arc::clone(&history),
                     committed: Arc::clone(&committed),
                 };
                 tokio::spawn(run_committer(committer, target.clone(), shared))
@@ -179,17 +194,34 @@ impl PgStore {
         Ok(Self {
             reads,
             queue,
-            head,
+            history,
             committers,
             committed,
             lease,
+            _renewal: renewal,
         })
     }
 
-    /// Whether the database answers a query now (reconnecting if the
-    /// connection was lost).
-    pub async fn reachable(&self) -> bool {
-        self.reads.query(Read::Ping, &[]).await.is_ok()
+    /// Checks that the database answers now (reconnecting if the
+    /// connection was lost), and that it has not gone back behind the
+    /// audit head this process saw ([`History`]).
+    ///
+    /// # Errors
+    /// [`Error::Rewound`] once the database was found behind, for good;
+    /// the error of a database that does not answer.
+    pub async fn check_history(&self) -> Result<(), Error> {
+        if let Some(rewound) = self.history.rewound() {
+            return Err(rewound);
+        }
+        let seen = self.history.seen();
+        let key = chain::key(seen.seq);
+        let rows = self
+            .reads
+            .query(Read::HeadAndEntry, &[&Table::Audit.name(), &&key[..]])
+            .await?;
+        let row = rows.first().ok_or_else(|| corrupt("no audit head row"))?;
+        let entry: Option<Vec<u8>> = row.get(2);
+        self.history.check(seen, head_of(row)?, entry.as_deref())
     }
 
     /// The engine's numbers for the metrics: the commits (the database's
@@ -285,64 +317,77 @@ fn parse(connection: &str) -> Result<tokio_postgres::Config, String> {
 /// pglz, took 4 % of all CPU time under tokenize-batch (BENCHMARKS.md), so
 /// the connection asks for LZ4 where the server was built with it, and
 /// keeps the default where it was not.
-async fn connect_committer(target: &Target) -> Result<Client, Error> {
+async fn connect_committer(target: &Target) -> Result<Session, Error> {
     let client = target.connect().await?;
-    client
-        .batch_execute("SET synchronous_commit TO on")
-        .await
-        .map_err(classify)?;
-    if let Err(e) = client
-        .batch_execute("SET default_toast_compression TO lz4")
+    target
+        .bounded(client.batch_execute("SET synchronous_commit TO on"))
+        .await?;
+    if let Err(e) = target
+        .bounded(client.batch_execute("SET default_toast_compression TO lz4"))
         .await
     {
-        tracing::info!(error = %classify(e), "PostgreSQL cannot compress with LZ4; large values use its default");
+        tracing::info!(error = %e, "PostgreSQL cannot compress with LZ4; large values use its default");
     }
     Ok(client)
 }
 
 /// The committer's connection and its prepared statements.
 struct Committer {
-    client: Client,
+    client: Session,
     statements: group::GroupStatements,
 }
 
 impl Committer {
     async fn connect(target: &Target) -> Result<Self, Error> {
         let client = connect_committer(target).await?;
-        let statements = group::GroupStatements::prepare(&client).await?;
+        let statements = target
+            .bounded_store(group::GroupStatements::prepare(&client))
+            .await?;
         Ok(Self { client, statements })
     }
 }
 
-async fn connect(connection: &str) -> Result<Client, Error> {
-    Target {
-        config: parse(connection).map_err(Error::Backend)?,
-        tls: None,
-    }
-    .connect()
-    .await
+async fn connect(connection: &str) -> Result<Session, Error> {
+    Target::new(connection, None, None, Bounds::default())?
+        .connect()
+        .await
 }
 
-/// Where and how to connect: the parsed setting, and TLS when a CA is
-/// configured.
+/// Where and how to connect: the parsed setting, TLS when a CA is
+/// configured, and the bounds every session and call keeps.
 #[derive(Clone)]
 struct Target {
     config: tokio_postgres::Config,
     tls: Option<tokio_postgres_rustls::MakeRustlsConnect>,
+    bounds: Bounds,
 }
 
 impl Target {
     /// The setting `connection` with the password and, if `ca` is given,
     /// TLS verified against it; the default connect timeout unless the
-    /// setting has one.
-    fn new(connection: &str, password: Option<&str>, ca: Option<&[u8]>) -> Result<Self, Error> {
+    /// setting has one, and TCP keepalives after `bounds.keepalive` idle.
+    fn new(
+        connection: &str,
+        password: Option<&str>,
+        ca: Option<&[u8]>,
+        bounds: Bounds,
+    ) -> Result<Self, Error> {
         let mut config = parse(connection).map_err(Error::Backend)?;
         if let Some(password) = password {
             config.password(password);
         }
         if config.get_connect_timeout().is_none() {
-            config.connect_timeout(CONNECT_TIMEOUT);
+            config.connect_timeout(CONNECT_TIMEOUT.min(bounds.call));
         }
+        // A peer that vanished is noticed by the kernel while a call waits
+        // (unacknowledged data: `tcp_user_timeout`) and while the
+        // connection idles (keepalives).
+        config
+            .keepalives(true)
+            .keepalives_idle(bounds.keepalive)
+            .keepalives_interval(bounds::KEEPALIVE_INTERVAL)
+            .keepalives_retries(bounds::KEEPALIVE_PROBES)
+            .tcp_user_timeout(bounds.call);
         let tls = match ca {
             Some(pem) => {
                 config.ssl_mode(tokio_postgres::config::SslMode::Require);
@@ -350,24 +395,97 @@ impl Target {
             }
             None => None,
         };
-        Ok(Self { config, tls })
+        Ok(Self {
+            config,
+            tls,
+            bounds,
+        })
     }
 
-    async fn connect(&self) -> Result<Client, Error> {
-        let client = match &self.tls {
+    /// A new session, with the server's side of the bounds set on it,
+    /// within the call deadline: the connect timeout covers reaching the
+    /// host, not a proxy or balancer in between that accepts the
+    /// connection and then says nothing.
+    async fn connect(&self) -> Result<Session, Error> {
+        self.bounded_store(self.connect_unbounded()).await
+    }
+
+    async fn connect_unbounded(&self) -> Result<Session, Error> {
+        let (client, driver) = match &self.tls {
             None => {
                 let (client, connection) = self.config.connect(NoTls).await.map_err(classify)?;
-                tokio::spawn(watch_connection(connection));
-                client
+                (client, tokio::spawn(watch_connection(connection)))
             }
             Some(tls) => {
                 let (client, connection) =
                     self.config.connect(tls.clone()).await.map_err(classify)?;
-                tokio::spawn(watch_connection(connection));
-                client
+                (client, tokio::spawn(watch_connection(connection)))
             }
         };
-        Ok(client)
+        let session = Session { client, driver };
+        session
+            .batch_execute(&self.bounds.session_sql())
+            .await
+            .map_err(classify)?;
+        Ok(session)
+    }
+
+    /// `call`, given up after the call deadline (its connection must then
+    /// be dropped: it may still deliver the late answer).
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, tokio_postgres::Error>>,
+    ) -> Result<T, Error> {
+        self.bounded_store(async { call.await.map_err(classify) })
+            .await
+    }
+
+    /// [`Target::bounded`] for a call that reports a storage error.
+    async fn bounded_store<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, Error>>,
+    ) -> Result<T, Error> {
+        match tokio::time::timeout(self.bounds.call, call).await {
+            Ok(answer) => answer,
+            Err(_) => Err(self.no_answer()),
+        }
+    }
+
+    /// The error of a call past its deadline.
+    fn no_answer(&self) -> Error {
+        Error::Backend(format!(
+            "PostgreSQL did not answer within {} ms (call_timeout_ms)",
+            self.bounds.call.as_millis()
+        ))
+    }
+}
+
+/// A connection to the database: the client, and the task that drives its
+/// socket, which ends with it. Dropping a session closes its socket at
+/// once, even one whose peer no longer answers (a client alone would keep
+/// its driver waiting on that socket).
+pub(super) struct Session {
+    client: Client,
+    driver: tokio::task::JoinHandle<()>,
+}
+
+impl std::ops::Deref for Session {
+    type Target = Client;
+
+    fn deref(&self) -> &Client {
+        &self.client
+    }
+}
+
+impl std::ops::DerefMut for Session {
+    fn deref_mut(&mut self) -> &mut Client {
+        &mut self.client
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        self.driver.abort();
     }
 }
 
@@ -497,21 +615,31 @@ fn classify(e: tokio_postgres::Error) -> Error {
 
 /// A committer task: one transaction per group of queued batches, taken
 /// from the queue it shares with the process's other committers. When its
-/// connection is lost it connects again before the next group (one attempt
-/// per group, bounded by the connect timeout); a group that finds the
-/// database unreachable fails at once, and nothing of it was written.
-async fn run_committer(mut committer: Committer, target: Target, shared: Shared) {
+/// connection is lost, or a transaction passes the call deadline (its
+/// connection is then dropped: a late answer must not be taken for the
+/// next group's), it connects again before the next group (one attempt per
+/// group, bounded by the connect timeout); a group that finds the database
+/// unreachable fails at once, and nothing of it was written.
+async fn run_committer(committer: Committer, target: Target, shared: Shared) {
     let Shared {
         queue,
-        head,
+        history,
         committed,
     } = shared;
+    let mut connected = Some(committer);
     while let Some(group) = next_group(&queue).await {
-        if committer.client.is_closed() {
-            match Committer::connect(&target).await {
+        if let Some(rewound) = history.rewound() {
+            for commit in group {
+                let _ = commit.done.send(Err(rewound.duplicate()));
+            }
+            continue;
+        }
+        let mut committer = match connected.take() {
+            Some(committer) if !committer.client.is_closed() => committer,
+            _ => match Committer::connect(&target).await {
                 Ok(reconnected) => {
-                    committer = reconnected;
                     tracing::warn!("reconnected to PostgreSQL for writes");
+                    reconnected
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, batches = group.len(), "PostgreSQL is unreachable; writes refused");
@@ -522,20 +650,32 @@ async fn run_committer(mut committer: Committer, target: Target, shared: Shared)
                     }
                     continue;
                 }
-            }
-        }
+            },
+        };
         let batches = group.iter().map(|commit| commit.batch.units());
-        match group::write_group(&mut committer.client, &committer.statements, batches).await {
+        let written = tokio::time::timeout(
+            target.bounds.call,
+            group::write_group(
+                &mut committer.client,
+                &committer.statements,
+                &history,
+                batches,
+            ),
+        )
+        .await;
+        // A transaction that failed on a live connection was rolled back,
+        // and the connection serves the next group; one that found it
+        // lost, or passed the deadline, drops it.
+        let (written, reusable) = match written {
+            Ok(written) => (written, !committer.client.is_closed()),
+            Err(_) => (Err(target.no_answer()), false),
+        };
+        match written {
             Ok((outcomes, new_head)) => {
-                // Before any caller hears of its write, as RocksDB's does;
-                // another committer may have moved it further already.
+                connected = Some(committer);
+                // Before any caller hears of its write, as RocksDB's does.
                 if let Some(new_head) = new_head {
-                    let mut head = head
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner);
-                    if new_head.seq > head.seq {
-                        *head = new_head;
-                    }
+                    history.advance(new_head);
                 }
                 committed
                     .batches
@@ -547,6 +687,9 @@ async fn run_committer(mut committer: Committer, target: Target, shared: Shared)
             }
             Err(e) => {
                 tracing::error!(error = %e, batches = group.len(), "PostgreSQL transaction failed");
+                if reusable {
+                    connected = Some(committer);
+                }
                 // Each caller hears the same kind of failure (a full disk
                 // stays RESOURCE_EXHAUSTED, not UNAVAILABLE).
                 for commit in group {
@@ -561,8 +704,8 @@ async fn run_committer(mut committer: Committer, target: Target, shared: Shared)
 struct Shared {
     /// The batches waiting, taken by one committer at a time.
     queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Commit>>>,
-    /// The newest head any committer wrote.
-    head: Arc<Mutex<Head>>,
+    /// The newest head seen, and whether the database fell behind it.
+    history: Arc<History>,
     committed: Arc<Committed>,
 }
 
@@ -650,10 +793,7 @@ impl Store for PgStore {
     }
 
     fn audit_head(&self) -> Head {
-        *self
-            .head
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.history.seen()
     }
 
     async fn scan_from(
@@ -692,8 +832,10 @@ impl Store for PgStore {
     }
 }
 
+mod bounds;
 pub mod cluster;
 mod group;
+mod history;
 mod lease;
 pub mod ledger;
 mod reads;

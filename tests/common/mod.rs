@@ -12,6 +12,7 @@ use std::{
     time::Duration,
 };
 
+pub mod fault_proxy;
 pub mod softhsm;
 
 use time::OffsetDateTime;
@@ -376,6 +377,43 @@ level = "info"
         }
     }
 
+    /// Waits up to `within` for the server to exit by itself; its status,
+    /// or `None` if it still runs. The log is complete once it has.
+    pub fn wait_for_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = std::time::Instant::now() + within;
+        let child = self.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                self.child = None;
+                self.join_reader();
+                return Some(status);
+            }
+            if std::time::Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGSTOP: the process stops where it is, its sockets open, as a
+    /// paused VM or a long stall would leave it.
+    pub fn freeze(&self) {
+        self.signal("-STOP");
+    }
+
+    /// SIGCONT after [`TestVault::freeze`].
+    pub fn thaw(&self) {
+        self.signal("-CONT");
+    }
+
+    fn signal(&self, signal: &str) {
+        let status = Command::new("kill")
+            .args([signal, &self.pid().to_string()])
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} failed");
+    }
+
     /// Sends SIGHUP and waits for one more log line containing `outcome`.
     pub fn reload_and_wait(&self, outcome: &str) {
         let seen = self.count_log(outcome);
@@ -520,10 +558,81 @@ pub fn copy_dir(from: &Path, to: &Path) {
     }
 }
 
+/// Starts two replicas on database `name` of `cluster`, with their erasure
+/// ledger in database `name_ledger` (created here) of the same cluster.
+pub async fn postgres_replicas(
+    cluster: &tokenvault::store::postgres::cluster::ThrowawayCluster,
+    name: &str,
+) -> (TestVault, TestVault) {
+    let ledger = format!("{name}_ledger");
+    cluster.create_database(&ledger).await;
+    postgres_replicas_on(&cluster.conninfo(name), &cluster.conninfo(&ledger))
+}
+
+/// The config of a replica on the database `connection` names, with the
+/// erasure ledger in database `ledger`, and `bounds` (keys of
+/// `[storage.postgres]`, one per line) added.
+pub fn postgres_replica_config(connection: &str, ledger: &str, bounds: &str) -> String {
+    format!(
+        "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"{connection}\"\n{bounds}\
+         [subjects.erasure_ledger_database]\nconnection = \"{ledger}\"\n\
+         [field_types.customer_email]\nkind = \"email\"\ndeterministic = true\n"
+    )
+}
+
+/// Starts two replicas on the database `connection` names, the second with
+/// the first's master key (the keys in the database are wrapped by it).
+pub fn postgres_replicas_on(connection: &str, ledger: &str) -> (TestVault, TestVault) {
+    let config = postgres_replica_config(connection, ledger, "");
+    let first = TestVault::start_with(&config);
+    let second = start_replica_of(&first, &config);
+    (first, second)
+}
+
+/// Starts a vault with `config` and the master key of `first`.
+pub fn start_replica_of(first: &TestVault, config: &str) -> TestVault {
+    let key = first.root.path().join("master.key");
+    TestVault::start_with_after(config, |second| {
+        std::fs::copy(&key, second.root.path().join("master.key")).unwrap();
+    })
+}
+
+/// What `tokenvault health` says of `vault` now (SERVING, NOT_SERVING, or
+/// an error).
+pub fn health(vault: &TestVault) -> String {
+    let out = tokenvault_command()
+        .args(["health", "--addr", &vault.health_addr.to_string()])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().to_owned()
+}
+
+/// Waits until `tokenvault health` says `wanted` of `vault`, for at most
+/// `within`; returns how long it took, or what it said last.
+pub async fn wait_for_health(
+    vault: &TestVault,
+    wanted: &str,
+    within: Duration,
+) -> Result<Duration, String> {
+    let start = std::time::Instant::now();
+    loop {
+        let said = health(vault);
+        if said == wanted {
+            return Ok(start.elapsed());
+        }
+        if start.elapsed() > within {
+            return Err(said);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Tokenize load in the background: each writer tokenizes one new e-mail
 /// value at a time and records every acknowledged (token, value).
 pub struct Writers {
     acked: Arc<Mutex<Vec<(String, String)>>>,
+    /// When each write was acknowledged, in order.
+    acked_at: Arc<Mutex<Vec<std::time::Instant>>>,
     failed: Arc<std::sync::atomic::AtomicUsize>,
     stop: Arc<std::sync::atomic::AtomicBool>,
     handles: Vec<tokio::task::JoinHandle<()>>,
@@ -561,13 +670,15 @@ impl Writers {
     ) -> Self {
         use tokenvault::proto::v1::{TokenizeItem, TokenizeRequest, tokenize_result};
         let acked = Arc::new(Mutex::new(Vec::new()));
+        let acked_at = Arc::new(Mutex::new(Vec::new()));
         let failed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let handles = (0..count)
             .map(|w| {
-                let (mut client, acked, stop, failed) = (
+                let (mut client, acked, acked_at, stop, failed) = (
                     client.clone(),
                     Arc::clone(&acked),
+                    Arc::clone(&acked_at),
                     Arc::clone(&stop),
                     Arc::clone(&failed),
                 );
@@ -600,7 +711,11 @@ impl Writers {
                         if let Some(tokenize_result::Result::Token(t)) =
                             response.into_inner().results.remove(0).result
                         {
-                            acked.lock().unwrap().push((t, value));
+                            // Both under one lock's turn, so the two lists
+                            // stay in step.
+                            let mut acked = acked.lock().unwrap();
+                            acked.push((t, value));
+                            acked_at.lock().unwrap().push(std::time::Instant::now());
                         }
                     }
                 })
@@ -608,6 +723,7 @@ impl Writers {
             .collect();
         Self {
             acked,
+            acked_at,
             failed,
             stop,
             handles,
@@ -619,11 +735,35 @@ impl Writers {
         self.failed.load(std::sync::atomic::Ordering::SeqCst)
     }
 
-    /// Waits until at least `n` writes were acknowledged (a count, not a time).
+    /// Waits until at least `n` writes were acknowledged (a count, not a
+    /// time); fails the test if that takes longer than two minutes.
     pub async fn wait_for(&self, n: usize) {
-        while self.acked.lock().unwrap().len() < n {
-            tokio::task::yield_now().await;
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let acked = self.acked.lock().unwrap().len();
+            if acked >= n {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{acked} writes acknowledged after two minutes, {n} awaited ({} calls failed)",
+                self.failed()
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// The longest time between `since` and now in which no write was
+    /// acknowledged.
+    pub fn longest_stall_since(&self, since: std::time::Instant) -> Duration {
+        let at = self.acked_at.lock().unwrap();
+        let mut last = since;
+        let mut longest = Duration::ZERO;
+        for &t in at.iter().filter(|&&t| t >= since) {
+            longest = longest.max(t - last);
+            last = t;
+        }
+        longest.max(last.elapsed())
     }
 
     /// The writes acknowledged so far.
@@ -864,6 +1004,39 @@ pub async fn tokenize_one(
         Some(tokenize_result::Result::Token(token)) => token.clone(),
         other => panic!("tokenize failed: {other:?}"),
     }
+}
+
+/// Tokenizes one value of `subject` through `client`; its token.
+pub async fn tokenize_one_for(
+    client: &mut TokenVaultClient<Channel>,
+    field_type: &str,
+    value: &str,
+    subject: &str,
+) -> String {
+    use tokenvault::proto::v1::TokenizeRequest;
+    let response = client
+        .tokenize(TokenizeRequest {
+            items: vec![subject_item(field_type, value, subject)],
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokens_of(response).remove(0)
+}
+
+/// Erases `subject` through `vault` (as the privacy service): the tokens
+/// erased.
+pub async fn erase_subject(vault: &TestVault, subject: &str) -> u64 {
+    use tokenvault::proto::v1::{EraseSubjectRequest, subjects_client::SubjectsClient};
+    let channel = vault.channel_with(&vault.pki.tls("privacy")).await.unwrap();
+    SubjectsClient::new(channel)
+        .erase_subject(EraseSubjectRequest {
+            subject_id: subject.into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .tokens_erased
 }
 
 /// The tokens of a tokenize response whose items all succeeded.

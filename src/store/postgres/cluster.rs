@@ -220,6 +220,53 @@ impl ThrowawayCluster {
         assert!(status.success(), "cannot kill the postmaster {pid}");
     }
 
+    /// Kills every process of the cluster at once with SIGKILL (the
+    /// postmaster and all its children: backends, WAL writer and WAL
+    /// senders), as a crash of its machine would stop them. Killing the
+    /// postmaster alone would leave its WAL senders shipping WAL for a
+    /// while, so even an asynchronous standby would rarely lose anything.
+    pub fn crash(&self) {
+        self.signal_all("-KILL");
+    }
+
+    /// Stops every process of the cluster with SIGSTOP (a standby stalled:
+    /// it receives and replays nothing until [`ThrowawayCluster::thaw`]).
+    pub fn freeze(&self) {
+        self.signal_all("-STOP");
+    }
+
+    /// SIGCONT after [`ThrowawayCluster::freeze`].
+    pub fn thaw(&self) {
+        self.signal_all("-CONT");
+    }
+
+    fn signal_all(&self, signal: &str) {
+        let pids: Vec<String> = self.server_pids().iter().map(u32::to_string).collect();
+        assert!(!pids.is_empty(), "the cluster is not running");
+        let status = Command::new("kill")
+            .arg(signal)
+            .args(&pids)
+            .status()
+            .unwrap();
+        assert!(status.success(), "kill {signal} {pids:?} failed");
+    }
+
+    /// The `sync_state` of each standby streaming from this primary
+    /// (`sync`, `async`, `potential`, `quorum`).
+    ///
+    /// # Panics
+    /// If the primary does not answer.
+    pub async fn sync_states(&self) -> Vec<String> {
+        let admin = super::connect(&self.conninfo("postgres")).await.unwrap();
+        admin
+            .query("SELECT sync_state FROM pg_stat_replication", &[])
+            .await
+            .unwrap()
+            .iter()
+            .map(|row| row.get(0))
+            .collect()
+    }
+
     /// Promotes a standby to primary and waits until it takes writes.
     pub fn promote(&self) {
         self.run(

@@ -45,7 +45,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::{Client, Statement, Transaction, types::ToSql};
 
-use super::{classify, corrupt, head_of};
+use super::{classify, corrupt, head_of, history::History};
 use crate::store::{
     Conflict, Error, FailedGuard, Op, Table, Unit, UnitOutcomes,
     chain::{self, Head},
@@ -76,6 +76,8 @@ pub(super) struct GroupStatements {
     delete: Statement,
     lock_head: Statement,
     set_head: Statement,
+    /// The head and the event the process saw last (see [`History`]).
+    check_history: Statement,
 }
 
 impl GroupStatements {
@@ -91,6 +93,7 @@ impl GroupStatements {
             delete,
             lock_head,
             set_head,
+            check_history,
         ) = tokio::try_join!(
             client.prepare("SELECT pg_advisory_xact_lock_shared($1::int4, 0)"),
             client.prepare("SELECT pg_advisory_xact_lock($1::int4, 0)"),
@@ -119,6 +122,7 @@ impl GroupStatements {
             ),
             client.prepare("SELECT seq, hash FROM tokenvault_audit_head FOR UPDATE"),
             client.prepare("UPDATE tokenvault_audit_head SET seq = $1, hash = $2"),
+            client.prepare(super::reads::HEAD_AND_ENTRY),
         )
         .map_err(classify)?;
         Ok(Self {
@@ -131,6 +135,7 @@ impl GroupStatements {
             delete,
             lock_head,
             set_head,
+            check_history,
         })
     }
 }
@@ -190,10 +195,12 @@ pub(super) fn locks_asked(units: &[Unit]) -> usize {
 
 /// Applies every unit of every batch whose guards hold, in one
 /// transaction, and returns each batch's outcomes and, if the group
-/// appended audit events, the chain's new head.
+/// appended audit events, the chain's new head. Nothing is written to a
+/// database that went back behind the head `history` has seen.
 pub(super) async fn write_group<'a>(
     client: &mut Client,
     statements: &GroupStatements,
+    history: &History,
     batches: impl Iterator<Item = &'a [Unit]> + Clone,
 ) -> Result<(Vec<UnitOutcomes>, Option<Head>), Error> {
     let tx = client.transaction().await.map_err(classify)?;
@@ -203,40 +210,49 @@ pub(super) async fn write_group<'a>(
     for &(table, key) in &read {
         wanted.push(table, key);
     }
-    let mut found = Vec::new();
-    if !locks.is_empty() {
-        // Sent together; the server runs them in order, so the guarded keys
-        // are read once they are locked.
-        let alone = locks.len() > MAX_KEY_LOCKS;
-        let lock_params: [&(dyn ToSql + Sync); 2] = [&KEY_LOCK_CLASS, &locks];
-        let read_params: [&(dyn ToSql + Sync); 2] = [&wanted.tables, &wanted.keys];
-        let (writers, keys, read) = tokio::join!(
-            async {
-                let writers = if alone {
-                    &statements.exclude_writers
-                } else {
-                    &statements.share_writers
-                };
-                tx.execute(writers, &[&WRITERS_LOCK_CLASS]).await.map(drop)
-            },
-            async {
-                if alone {
-                    return Ok(());
-                }
-                tx.execute(&statements.lock_keys, &lock_params)
-                    .await
-                    .map(drop)
-            },
-            async {
-                if wanted.keys.is_empty() {
-                    return Ok(Vec::new());
-                }
-                tx.query(&statements.read, &read_params).await
-            },
-        );
-        writers.and(keys).map_err(classify)?;
-        found = read.map_err(classify)?;
-    }
+    // Sent together; the server runs them in order, so the guarded keys
+    // are read once they are locked. The head and the event this process
+    // saw last are read too (no lock: any committed head is at least the
+    // one seen), so that nothing is written to a database that went back.
+    let alone = locks.len() > MAX_KEY_LOCKS;
+    let lock_params: [&(dyn ToSql + Sync); 2] = [&KEY_LOCK_CLASS, &locks];
+    let read_params: [&(dyn ToSql + Sync); 2] = [&wanted.tables, &wanted.keys];
+    let seen = history.seen();
+    let seen_key = chain::key(seen.seq);
+    let check_params: [&(dyn ToSql + Sync); 2] = [&Table::Audit.name(), &&seen_key[..]];
+    let (writers, keys, found, checked) = tokio::join!(
+        async {
+            if locks.is_empty() {
+                return Ok(());
+            }
+            let writers = if alone {
+                &statements.exclude_writers
+            } else {
+                &statements.share_writers
+            };
+            tx.execute(writers, &[&WRITERS_LOCK_CLASS]).await.map(drop)
+        },
+        async {
+            if locks.is_empty() || alone {
+                return Ok(());
+            }
+            tx.execute(&statements.lock_keys, &lock_params)
+                .await
+                .map(drop)
+        },
+        async {
+            if wanted.keys.is_empty() {
+                return Ok(Vec::new());
+            }
+            tx.query(&statements.read, &read_params).await
+        },
+        tx.query_one(&statements.check_history, &check_params),
+    );
+    writers.and(keys).map_err(classify)?;
+    let found = found.map_err(classify)?;
+    let checked = checked.map_err(classify)?;
+    let entry: Option<Vec<u8>> = checked.get(2);
+    history.check(seen, head_of(&checked)?, entry.as_deref())?;
     let mut group = Group {
         read,
         ..Group::default()

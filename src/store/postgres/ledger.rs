@@ -16,7 +16,7 @@
 use tokio::sync::Mutex;
 use tokio_postgres::Client;
 
-use super::{Target, classify};
+use super::{Bounds, Session, Target, classify};
 use crate::store::Error;
 
 /// The version of this table's schema; a newer one is refused.
@@ -50,15 +50,15 @@ pub enum Appended {
 /// The ledger table, with one connection made again when it is lost.
 pub struct LedgerTable {
     target: Target,
-    client: Mutex<Option<Client>>,
+    client: Mutex<Option<Session>>,
     /// Where it is, for messages: host(s) and database, never a password.
     place: String,
 }
 
 impl LedgerTable {
-    /// Connects to the database `connection` names (with the password and
-    /// the CA for TLS, as for the vault's own database), and creates the
-    /// table if there is none.
+    /// Connects to the database `connection` names (with the password, the
+    /// CA for TLS and the bounds, as for the vault's own database), and
+    /// creates the table if there is none.
     ///
     /// # Errors
     /// If the database cannot be reached or holds a newer schema.
@@ -66,11 +66,12 @@ impl LedgerTable {
         connection: &str,
         password: Option<&str>,
         ca: Option<&[u8]>,
+        bounds: Bounds,
     ) -> Result<Self, Error> {
-        let target = Target::new(connection, password, ca)?;
+        let target = Target::new(connection, password, ca, bounds)?;
         let place = describe(&target.config);
         let mut client = target.connect().await?;
-        migrate(&mut client).await?;
+        target.bounded_store(migrate(&mut client)).await?;
         Ok(Self {
             target,
             client: Mutex::new(Some(client)),
@@ -93,13 +94,16 @@ impl LedgerTable {
         let Some(client) = slot.as_mut() else {
             return Err(Error::Closed);
         };
-        let rows = client
-            .query(
+        let rows = tokio::time::timeout(
+            self.target.bounds.call,
+            client.query(
                 "SELECT seq, entry FROM tokenvault_erasure_ledger WHERE seq > $1 ORDER BY seq",
                 &[&after],
-            )
-            .await
-            .map_err(|e| forget_if_closed(&mut slot, e))?;
+            ),
+        )
+        .await
+        .map_err(|_| self.forget(&mut slot))?
+        .map_err(|e| forget_if_closed(&mut slot, e))?;
         rows.iter()
             .map(|row| {
                 let seq: i64 = row.get(0);
@@ -126,9 +130,11 @@ impl LedgerTable {
         let Some(client) = slot.as_mut() else {
             return Err(Error::Closed);
         };
-        let written = insert_all(client, &seqs, &bodies)
-            .await
-            .map_err(|e| forget_if_closed(&mut slot, e))?;
+        let written =
+            tokio::time::timeout(self.target.bounds.call, insert_all(client, &seqs, &bodies))
+                .await
+                .map_err(|_| self.forget(&mut slot))?
+                .map_err(|e| forget_if_closed(&mut slot, e))?;
         Ok(if written {
             Appended::Written
         } else {
@@ -136,10 +142,17 @@ impl LedgerTable {
         })
     }
 
+    /// A call past the deadline: its connection is dropped (the answer may
+    /// still come), and the next call makes a new one.
+    fn forget(&self, slot: &mut Option<Session>) -> Error {
+        *slot = None;
+        self.target.no_answer()
+    }
+
     /// The connection, made (again) if there is none or it was lost.
-    async fn connected(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Client>>, Error> {
+    async fn connected(&self) -> Result<tokio::sync::MutexGuard<'_, Option<Session>>, Error> {
         let mut slot = self.client.lock().await;
-        if slot.as_ref().is_none_or(Client::is_closed) {
+        if slot.as_ref().is_none_or(|session| session.is_closed()) {
             *slot = None;
             *slot = Some(self.target.connect().await?);
         }
@@ -175,8 +188,8 @@ async fn insert_all(
 
 /// A failed call's error; a connection it found closed is dropped, so the
 /// next call makes a new one.
-fn forget_if_closed(slot: &mut Option<Client>, e: tokio_postgres::Error) -> Error {
-    if slot.as_ref().is_some_and(Client::is_closed) {
+fn forget_if_closed(slot: &mut Option<Session>, e: tokio_postgres::Error) -> Error {
+    if slot.as_ref().is_some_and(|session| session.is_closed()) {
         *slot = None;
     }
     classify(e)

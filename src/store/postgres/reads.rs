@@ -5,16 +5,22 @@
 
 use std::sync::{
     Arc, Mutex,
-    atomic::{AtomicUsize, Ordering},
+    atomic::{AtomicBool, AtomicUsize, Ordering},
 };
 
-use tokio_postgres::{Client, Row, Statement, types::ToSql};
+use tokio_postgres::{Row, Statement, types::ToSql};
 
-use super::{Target, classify};
+use super::{Session, Target, classify};
 use crate::store::Error;
 
 /// How many connections each vault process reads through.
 const READ_CONNECTIONS: usize = 4;
+
+/// `(tbl, key)` → one row: the audit head's `seq` and `hash`, and the
+/// value under `key` of `tbl` or NULL, in one snapshot.
+pub(super) const HEAD_AND_ENTRY: &str = "SELECT h.seq, h.hash, \
+     (SELECT value FROM tokenvault_kv WHERE tbl = $1 AND key = $2) \
+     FROM tokenvault_audit_head h";
 
 /// The statements reads use.
 #[derive(Debug, Clone, Copy)]
@@ -27,8 +33,10 @@ pub(super) enum Read {
     ScanOpen,
     /// `(tbl, from, limit)` → at most `limit` keys from `from` on, in order.
     ScanFrom,
-    /// `()` → one row: the database answers.
-    Ping,
+    /// `(tbl, key)` → one row: the audit head's `seq` and `hash`, and the
+    /// value under `key` of `tbl` (the audit event numbered as the head
+    /// the process saw) or NULL, in one snapshot.
+    HeadAndEntry,
 }
 
 impl Read {
@@ -37,7 +45,7 @@ impl Read {
         Read::ScanRange,
         Read::ScanOpen,
         Read::ScanFrom,
-        Read::Ping,
+        Read::HeadAndEntry,
     ];
 
     fn sql(self) -> &'static str {
@@ -56,7 +64,7 @@ impl Read {
                 "SELECT key, value FROM tokenvault_kv \
                  WHERE tbl = $1 AND key >= $2 ORDER BY key LIMIT $3"
             }
-            Read::Ping => "SELECT 1",
+            Read::HeadAndEntry => HEAD_AND_ENTRY,
         }
     }
 }
@@ -64,18 +72,33 @@ impl Read {
 /// One connection and its prepared statements, in [`Read::ALL`]'s order
 /// (which is the order of the variants, so `read as usize` indexes them).
 struct Connection {
-    client: Client,
+    client: Session,
     statements: Vec<Statement>,
+    /// Set when a read on it passed the call deadline: its answer may
+    /// still come, so it must not serve another read.
+    abandoned: AtomicBool,
 }
 
 impl Connection {
     async fn open(target: &Target) -> Result<Self, Error> {
         let client = target.connect().await?;
+        target
+            .bounded(client.batch_execute(&target.bounds.reader_sql()))
+            .await?;
         let mut statements = Vec::with_capacity(Read::ALL.len());
         for read in Read::ALL {
-            statements.push(client.prepare(read.sql()).await.map_err(classify)?);
+            statements.push(target.bounded(client.prepare(read.sql())).await?);
         }
-        Ok(Self { client, statements })
+        Ok(Self {
+            client,
+            statements,
+            abandoned: AtomicBool::new(false),
+        })
+    }
+
+    /// Whether it can serve no more reads.
+    fn lost(&self) -> bool {
+        self.client.is_closed() || self.abandoned.load(Ordering::Relaxed)
     }
 
     async fn run(
@@ -121,26 +144,52 @@ impl Reads {
         })
     }
 
-    /// Runs `read` on the next connection. If that connection turns out to
-    /// be gone (the database restarted, or failed over), connects it again
-    /// (one attempt, bounded by the connect timeout) and runs the read once
-    /// more there: a read changes nothing, so it can be repeated. If the
-    /// database cannot be reached, the caller hears UNAVAILABLE.
+    /// Runs `read` on the next connection, within the call deadline. If
+    /// that connection turns out to be gone (the database restarted, or
+    /// failed over), connects it again (one attempt, bounded by the connect
+    /// timeout) and runs the read once more there: a read changes nothing,
+    /// so it can be repeated. A read past the deadline is not repeated (the
+    /// database is slow or cut off); its connection is made again by the
+    /// next read on it. If the database cannot be reached, the caller hears
+    /// UNAVAILABLE.
     pub(super) async fn query(
         &self,
         read: Read,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, Error> {
         let slot = &self.slots[self.next.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
-        let connection = slot.connection();
-        match connection.run(read, params).await {
+        let mut connection = slot.connection();
+        if connection.lost() {
+            connection = self
+                .reconnect(slot, &connection)
+                .await
+                .ok_or_else(|| Error::Backend("the database is unreachable".into()))?;
+        }
+        match self.run(&connection, read, params).await {
             Err(e) if connection.client.is_closed() => {
                 match self.reconnect(slot, &connection).await {
-                    Some(replaced) => replaced.run(read, params).await.map_err(classify),
-                    None => Err(classify(e)),
+                    Some(replaced) => self.run(&replaced, read, params).await,
+                    None => Err(e),
                 }
             }
-            answer => answer.map_err(classify),
+            answer => answer,
+        }
+    }
+
+    /// Runs `read` on `connection` within the call deadline; past it, the
+    /// connection is abandoned.
+    async fn run(
+        &self,
+        connection: &Connection,
+        read: Read,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Error> {
+        match tokio::time::timeout(self.target.bounds.call, connection.run(read, params)).await {
+            Ok(answer) => answer.map_err(classify),
+            Err(_) => {
+                connection.abandoned.store(true, Ordering::Relaxed);
+                Err(self.target.no_answer())
+            }
         }
     }
 

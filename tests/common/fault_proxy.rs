@@ -1,0 +1,163 @@
+//! A TCP proxy the tests own, between a vault replica and PostgreSQL: it
+//! forwards bytes until told to cut the link like a partition (every
+//! connection kept open and nothing passed either way, new connections
+//! accepted and then ignored, as a peer behind a dead link is), and can
+//! add latency each way, as a real network does. The kernel here has no
+//! netem, and a proxy in the test needs no privileges.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{
+        Arc,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpListener, UnixStream},
+    sync::{mpsc, watch},
+    time::Instant,
+};
+
+/// A running proxy from a loopback port to a PostgreSQL unix socket.
+pub struct FaultProxy {
+    port: u16,
+    cut: watch::Sender<bool>,
+    /// Added each way, in microseconds.
+    latency_us: Arc<AtomicU64>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl FaultProxy {
+    /// Listens on a free loopback port and forwards every connection to
+    /// the PostgreSQL socket in `socket_dir` (port 5432's).
+    pub async fn start(socket_dir: &Path) -> Self {
+        let upstream = socket_dir.join(".s.PGSQL.5432");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (cut, cut_rx) = watch::channel(false);
+        let latency_us = Arc::new(AtomicU64::new(0));
+        let latency = Arc::clone(&latency_us);
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok((downstream, _)) = listener.accept().await else {
+                    return;
+                };
+                let _ = downstream.set_nodelay(true);
+                tokio::spawn(forward(
+                    downstream,
+                    upstream.clone(),
+                    cut_rx.clone(),
+                    Arc::clone(&latency),
+                ));
+            }
+        });
+        Self {
+            port,
+            cut,
+            latency_us,
+            task,
+        }
+    }
+
+    /// A libpq connection string to database `dbname` through the proxy,
+    /// naming the session `application_name` (so the test can find its
+    /// backends in `pg_stat_activity`).
+    pub fn conninfo(&self, dbname: &str, application_name: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user=tokenvault dbname={dbname} application_name={application_name}",
+            self.port
+        )
+    }
+
+    /// Cuts the link: nothing passes either way until [`FaultProxy::heal`].
+    pub fn cut(&self) {
+        self.cut.send_replace(true);
+    }
+
+    /// Restores the link; what waited passes.
+    pub fn heal(&self) {
+        self.cut.send_replace(false);
+    }
+
+    /// Adds `latency` to every byte each way, from now on.
+    pub fn set_latency(&self, latency: Duration) {
+        self.latency_us.store(
+            u64::try_from(latency.as_micros()).unwrap(),
+            Ordering::Relaxed,
+        );
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Forwards one connection both ways, each direction through a pipe that
+/// holds its bytes while the link is cut and delays them by the latency.
+async fn forward(
+    downstream: tokio::net::TcpStream,
+    upstream: PathBuf,
+    cut: watch::Receiver<bool>,
+    latency_us: Arc<AtomicU64>,
+) {
+    // While cut, a new connection is accepted and then ignored.
+    let mut waiting = cut.clone();
+    if waiting.wait_for(|cut| !cut).await.is_err() {
+        return;
+    }
+    let Ok(upstream) = UnixStream::connect(&upstream).await else {
+        return;
+    };
+    let (down_read, down_write) = downstream.into_split();
+    let (up_read, up_write) = upstream.into_split();
+    tokio::join!(
+        pipe(down_read, up_write, cut.clone(), Arc::clone(&latency_us)),
+        pipe(up_read, down_write, cut, latency_us),
+    );
+}
+
+/// One direction: a reader that timestamps chunks and a writer that sends
+/// each once its latency has passed and the link is up. The channel is
+/// small, so a cut link stops the reader too, and the sender's socket
+/// buffers fill as they would behind a dead link.
+async fn pipe(
+    mut from: impl AsyncRead + Unpin,
+    mut to: impl AsyncWrite + Unpin,
+    mut cut: watch::Receiver<bool>,
+    latency_us: Arc<AtomicU64>,
+) {
+    let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(16);
+    let reader = async move {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            match from.read(&mut buf).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => {
+                    let due =
+                        Instant::now() + Duration::from_micros(latency_us.load(Ordering::Relaxed));
+                    if tx.send((due, buf[..n].to_vec())).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    };
+    let writer = async move {
+        while let Some((due, bytes)) = rx.recv().await {
+            tokio::time::sleep_until(due).await;
+            if cut.wait_for(|cut| !cut).await.is_err() {
+                return;
+            }
+            if to.write_all(&bytes).await.is_err() {
+                return;
+            }
+        }
+        let _ = to.shutdown().await;
+    };
+    tokio::join!(reader, writer);
+}
