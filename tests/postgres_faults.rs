@@ -14,11 +14,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{
-    TestVault, Writers, fault_proxy::FaultProxy, postgres_replica_config, start_replica_of,
-    wait_for_health,
-};
-use tokenvault::store::postgres::cluster::ThrowawayCluster;
+use common::{TestVault, Writers, postgres_replica_config, start_replica_of, wait_for_health};
+use tokenvault::{bench::db_proxy::DbProxy, store::postgres::cluster::ThrowawayCluster};
 
 /// How long another replica may go without an acknowledged write while
 /// one is stopped: README's bound (twice `idle_in_transaction_timeout_ms`, 2 s
@@ -149,7 +146,7 @@ async fn loaded_replicas(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_replica_holds_up_the_others_no_longer_than_the_bound() {
     let cluster = cluster().await;
-    let proxy = FaultProxy::start(cluster.socket_dir()).await;
+    let proxy = DbProxy::start(cluster.socket_dir()).await.unwrap();
     let admin = admin(&cluster).await;
     let (a, b, wa, wb) = loaded_replicas(
         &cluster,
@@ -267,7 +264,7 @@ async fn a_frozen_replica_holds_up_the_others_no_longer_than_the_bound() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_without_the_bounds_a_partitioned_replica_stalls_the_others() {
     let cluster = cluster().await;
-    let proxy = FaultProxy::start(cluster.socket_dir()).await;
+    let proxy = DbProxy::start(cluster.socket_dir()).await.unwrap();
     let admin = admin(&cluster).await;
     let (_a, b, wa, wb) = loaded_replicas(
         &cluster,

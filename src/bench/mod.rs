@@ -5,6 +5,7 @@
 //! Loopback only; every run is bounded in time and request count.
 
 mod ceilings;
+pub mod db_proxy;
 mod load;
 mod peer;
 mod report;
@@ -84,6 +85,12 @@ pub struct BenchArgs {
     /// over the replicas).
     #[arg(long, default_value = "1,2")]
     pub replicas: String,
+    /// With --engine postgres: milliseconds added each way between every
+    /// replica and the database, by a proxy the benchmark runs (a real
+    /// network's round trip, which the audit head's lock is held across);
+    /// 0 for a direct unix socket.
+    #[arg(long, default_value_t = 0.0)]
+    pub db_latency_ms: f64,
     /// Also measure what a team would build instead: `postgres`, a table
     /// with pgcrypto on a throwaway cluster, bare and with an audit row in
     /// each statement.
@@ -292,10 +299,9 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
                             (format!("vault_{replicas}"), format!("ledger_{replicas}"));
                         cluster.create_database(&vault_db).await;
                         cluster.create_database(&ledger_db).await;
-                        let setup = ServerSetup::Postgres {
-                            connection: cluster.conninfo(&vault_db),
-                            ledger: cluster.conninfo(&ledger_db),
-                        };
+                        let (setup, _proxy) =
+                            postgres_setup(cluster, &vault_db, &ledger_db, args.db_latency_ms)
+                                .await?;
                         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
                         let tls = server::prepare(dir.path())?;
                         let servers = (0..replicas)
@@ -303,7 +309,11 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
                                 BenchServer::start(dir.path(), &tls, &setup, &BenchKey::File, n)
                             })
                             .collect::<Result<Vec<_>, _>>()?;
-                        let name = format!("postgres×{replicas}");
+                        let name = if args.db_latency_ms > 0.0 {
+                            format!("postgres×{replicas}+{}ms", args.db_latency_ms)
+                        } else {
+                            format!("postgres×{replicas}")
+                        };
                         run_configuration(
                             &args,
                             &scenarios,
@@ -335,6 +345,36 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
         std::fs::write(path, json).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
     }
     Ok(report)
+}
+
+/// How replicas reach the vault's and the ledger's databases: the
+/// cluster's unix socket, or, with `latency_ms` each way, a proxy in front
+/// of it (returned, to be kept for the run).
+async fn postgres_setup(
+    cluster: &ThrowawayCluster,
+    vault_db: &str,
+    ledger_db: &str,
+    latency_ms: f64,
+) -> Result<(ServerSetup, Option<db_proxy::DbProxy>), String> {
+    if latency_ms <= 0.0 {
+        let setup = ServerSetup::Postgres {
+            connection: cluster.conninfo(vault_db),
+            ledger: cluster.conninfo(ledger_db),
+        };
+        return Ok((setup, None));
+    }
+    if !latency_ms.is_finite() || latency_ms > 1000.0 {
+        return Err(format!("--db-latency-ms takes 0 to 1000, not {latency_ms}"));
+    }
+    let proxy = db_proxy::DbProxy::start(cluster.socket_dir())
+        .await
+        .map_err(|e| format!("cannot start the latency proxy: {e}"))?;
+    proxy.set_latency(Duration::from_secs_f64(latency_ms / 1000.0));
+    let setup = ServerSetup::Postgres {
+        connection: proxy.conninfo(vault_db, "tokenvault-bench"),
+        ledger: proxy.conninfo(ledger_db, "tokenvault-bench"),
+    };
+    Ok((setup, Some(proxy)))
 }
 
 /// Prints the report's tables, and writes them to --markdown if given.

@@ -12,7 +12,6 @@ use std::{
     time::Duration,
 };
 
-pub mod fault_proxy;
 pub mod softhsm;
 
 use time::OffsetDateTime;

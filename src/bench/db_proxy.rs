@@ -1,9 +1,11 @@
-//! A TCP proxy the tests own, between a vault replica and PostgreSQL: it
-//! forwards bytes until told to cut the link like a partition (every
+//! A TCP proxy between vault replicas and a PostgreSQL unix socket, owned
+//! by the benchmark and the tests: it adds latency each way, as a real
+//! network between the vault and its database does (`tokenvault bench
+//! --db-latency-ms`), and can cut the link like a partition (every
 //! connection kept open and nothing passed either way, new connections
-//! accepted and then ignored, as a peer behind a dead link is), and can
-//! add latency each way, as a real network does. The kernel here has no
-//! netem, and a proxy in the test needs no privileges.
+//! accepted and then ignored, as a peer behind a dead link is), for the
+//! fault tests. The kernels this runs on may have no netem, and a proxy
+//! needs no privileges.
 
 use std::{
     path::{Path, PathBuf},
@@ -22,7 +24,7 @@ use tokio::{
 };
 
 /// A running proxy from a loopback port to a PostgreSQL unix socket.
-pub struct FaultProxy {
+pub struct DbProxy {
     port: u16,
     cut: watch::Sender<bool>,
     /// Added each way, in microseconds.
@@ -30,13 +32,16 @@ pub struct FaultProxy {
     task: tokio::task::JoinHandle<()>,
 }
 
-impl FaultProxy {
+impl DbProxy {
     /// Listens on a free loopback port and forwards every connection to
     /// the PostgreSQL socket in `socket_dir` (port 5432's).
-    pub async fn start(socket_dir: &Path) -> Self {
+    ///
+    /// # Errors
+    /// If no loopback port can be had.
+    pub async fn start(socket_dir: &Path) -> std::io::Result<Self> {
         let upstream = socket_dir.join(".s.PGSQL.5432");
-        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-        let port = listener.local_addr().unwrap().port();
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
         let (cut, cut_rx) = watch::channel(false);
         let latency_us = Arc::new(AtomicU64::new(0));
         let latency = Arc::clone(&latency_us);
@@ -54,12 +59,12 @@ impl FaultProxy {
                 ));
             }
         });
-        Self {
+        Ok(Self {
             port,
             cut,
             latency_us,
             task,
-        }
+        })
     }
 
     /// A libpq connection string to database `dbname` through the proxy,
@@ -72,7 +77,7 @@ impl FaultProxy {
         )
     }
 
-    /// Cuts the link: nothing passes either way until [`FaultProxy::heal`].
+    /// Cuts the link: nothing passes either way until [`DbProxy::heal`].
     pub fn cut(&self) {
         self.cut.send_replace(true);
     }
@@ -85,13 +90,13 @@ impl FaultProxy {
     /// Adds `latency` to every byte each way, from now on.
     pub fn set_latency(&self, latency: Duration) {
         self.latency_us.store(
-            u64::try_from(latency.as_micros()).unwrap(),
+            u64::try_from(latency.as_micros()).unwrap_or(u64::MAX),
             Ordering::Relaxed,
         );
     }
 }
 
-impl Drop for FaultProxy {
+impl Drop for DbProxy {
     fn drop(&mut self) {
         self.task.abort();
     }
