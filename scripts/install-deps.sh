@@ -9,11 +9,12 @@
 #                                    environment), kubectl with a current
 #                                    kustomize, strace, PostgreSQL's server,
 #                                    SoftHSM2 (a PKCS#11 module), Chromium
-#                                    (renders the HTML report headless)
+#                                    (renders the HTML report headless),
+#                                    Patroni and etcd (the HA failover test)
 #   scripts/install-deps.sh --probe NAME
 #                                    only detect NAME (libclang, kustomize,
 #                                    python-tools, postgres, softhsm,
-#                                    chromium); exit 0
+#                                    chromium, patroni); exit 0
 #                                    when usable.
 #                                    tests/install_deps.rs runs this against fake
 #                                    roots, so the detection is tested on a
@@ -126,6 +127,13 @@ have_chromium() {
     [ -x "$root/usr/bin/chromium" ] && [ -e "$root/usr/lib/chromium/chromium" ]
 }
 
+# Patroni and etcd, from the distribution, for the failover under a real
+# HA manager (tests/patroni.rs): both commands, since either alone elects
+# nothing.
+have_patroni() {
+    [ -x "$root/usr/bin/patroni" ] && [ -x "$root/usr/bin/etcd" ]
+}
+
 probe() {
     case $1 in
     libclang) have_libclang ;;
@@ -134,7 +142,8 @@ probe() {
     postgres) have_postgres ;;
     softhsm) have_softhsm ;;
     chromium) have_chromium ;;
-    *) die "unknown probe '$1' (libclang, kustomize, python-tools, postgres, softhsm, chromium)" ;;
+    patroni) have_patroni ;;
+    *) die "unknown probe '$1' (libclang, kustomize, python-tools, postgres, softhsm, chromium, patroni)" ;;
     esac
 }
 
@@ -186,12 +195,16 @@ install_test_deps() {
     have_postgres || missing+=(postgresql)
     have_softhsm || missing+=(softhsm2)
     have_chromium || missing+=(chromium)
+    have_patroni || missing+=(patroni etcd-server)
     if ((${#missing[@]})); then
-        apt_install "the durability, disk-full, PostgreSQL, HSM and report tests" "${missing[@]}"
+        apt_install "the durability, disk-full, PostgreSQL, Patroni, HSM and report tests" "${missing[@]}"
     fi
     have_postgres || die "PostgreSQL's server (initdb, postgres, pg_ctl under /usr/lib/postgresql/*/bin) is still missing"
     have_softhsm || die "SoftHSM2 (libsofthsm2.so and softhsm2-util) is still missing"
     have_chromium || die "Chromium (/usr/bin/chromium and /usr/lib/chromium/chromium) is still missing"
+    have_patroni || die "Patroni or etcd (/usr/bin/patroni, /usr/bin/etcd) is still missing"
+    patroni --version >/dev/null 2>&1 || die "Patroni is installed but does not run: patroni --version"
+    etcd --version >/dev/null 2>&1 || die "etcd is installed but does not run: etcd --version"
     /usr/bin/chromium --headless --no-sandbox --disable-gpu --no-first-run \
         --disable-background-networking --disable-component-update --disable-sync \
         --user-data-dir="$(mktemp -d)" --dump-dom 'data:text/html,<p>ok</p>' 2>/dev/null | grep -q '<p>ok</p>' ||

@@ -156,6 +156,17 @@ fn chromium_needs_the_browser_not_only_its_launcher() {
 }
 
 #[test]
+fn patroni_needs_etcd_beside_it() {
+    let root = tempfile::tempdir().unwrap();
+    assert!(!found("patroni", root.path()));
+    // Patroni alone has no store to elect a leader in.
+    executable(&root.path().join("usr/bin/patroni"), "#!/bin/sh\n");
+    assert!(!found("patroni", root.path()));
+    executable(&root.path().join("usr/bin/etcd"), "#!/bin/sh\n");
+    assert!(found("patroni", root.path()));
+}
+
+#[test]
 fn python_tools_are_looked_for_in_the_virtual_environment() {
     let root = tempfile::tempdir().unwrap();
     assert!(!found("python-tools", root.path()));

@@ -752,6 +752,21 @@ impl Writers {
         }
     }
 
+    /// When writes resumed after the longest stall since `since`: the
+    /// acknowledgement that ended it (a stall still going on ends now).
+    pub fn resumed_after_longest_stall(&self, since: std::time::Instant) -> std::time::Instant {
+        let at = self.acked_at.lock().unwrap();
+        let mut last = since;
+        let (mut longest, mut resumed) = (Duration::ZERO, std::time::Instant::now());
+        for &t in at.iter().filter(|&&t| t >= since) {
+            if t - last > longest {
+                (longest, resumed) = (t - last, t);
+            }
+            last = t;
+        }
+        resumed
+    }
+
     /// The longest time between `since` and now in which no write was
     /// acknowledged.
     pub fn longest_stall_since(&self, since: std::time::Instant) -> Duration {

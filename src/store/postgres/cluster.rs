@@ -9,7 +9,7 @@ use std::{path::PathBuf, process::Command};
 
 /// The directory of PostgreSQL's server programs, or a panic that says how
 /// to install them.
-fn server_bin() -> PathBuf {
+pub fn server_bin() -> PathBuf {
     let mut found: Vec<PathBuf> = std::fs::read_dir("/usr/lib/postgresql")
         .into_iter()
         .flatten()
@@ -23,6 +23,38 @@ fn server_bin() -> PathBuf {
             "PostgreSQL's server is not installed (no /usr/lib/postgresql/*/bin/initdb); scripts/install-deps.sh --test installs it"
         )
     })
+}
+
+/// The process ids of the PostgreSQL server whose data directory is
+/// `data`: its postmaster (from `postmaster.pid`) and every process the
+/// postmaster started (backends, writers, WAL senders and receivers);
+/// empty if none runs there.
+pub fn server_pids(data: &std::path::Path) -> Vec<u32> {
+    let Some(postmaster) = std::fs::read_to_string(data.join("postmaster.pid"))
+        .ok()
+        .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
+    else {
+        return Vec::new();
+    };
+    let parent_of = |pid: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        // The parent is the second field after the parenthesised name.
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .nth(1)?
+            .parse::<u32>()
+            .ok()
+    };
+    let mut pids = vec![postmaster];
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        if let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok())
+            && parent_of(pid) == Some(postmaster)
+        {
+            pids.push(pid);
+        }
+    }
+    pids
 }
 
 /// A PostgreSQL cluster of its own, stopped when dropped.
@@ -383,31 +415,7 @@ impl ThrowawayCluster {
     /// process it started (backends, writers, WAL senders), for measuring
     /// the CPU the database spends.
     pub fn server_pids(&self) -> Vec<u32> {
-        let Some(postmaster) = std::fs::read_to_string(self.data().join("postmaster.pid"))
-            .ok()
-            .and_then(|text| text.lines().next()?.trim().parse::<u32>().ok())
-        else {
-            return Vec::new();
-        };
-        let parent_of = |pid: u32| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            // The parent is the second field after the parenthesised name.
-            stat.rsplit_once(')')?
-                .1
-                .split_whitespace()
-                .nth(1)?
-                .parse::<u32>()
-                .ok()
-        };
-        let mut pids = vec![postmaster];
-        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-            if let Some(pid) = entry.file_name().to_str().and_then(|n| n.parse().ok())
-                && parent_of(pid) == Some(postmaster)
-            {
-                pids.push(pid);
-            }
-        }
-        pids
+        server_pids(&self.data())
     }
 
     fn port_args(&self) -> Vec<String> {
