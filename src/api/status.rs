@@ -189,6 +189,30 @@ mod tests {
     }
 
     #[test]
+    fn a_database_gone_back_is_unavailable_and_says_so() {
+        for error in [
+            vault::Error::Storage(store::Error::Rewound(
+                "its audit chain ends at event 3".into(),
+            )),
+            vault::Error::AuditUnavailable(store::Error::Rewound("it lacks erasure 2".into())),
+        ] {
+            let status = Status::from(Error::Vault(error));
+            assert_eq!(status.code(), Code::Unavailable);
+            assert!(
+                status.message().contains("went back in time"),
+                "{}",
+                status.message()
+            );
+            // The detail (event numbers) stays in the log.
+            assert!(
+                !status.message().contains("event 3"),
+                "{}",
+                status.message()
+            );
+        }
+    }
+
+    #[test]
     fn internal_errors_carry_no_detail() {
         let status = Status::from(Error::Vault(vault::Error::Storage(
             store::Error::Corruption("block checksum mismatch in /data/000123.sst".into()),

@@ -399,6 +399,7 @@ fn watch_database(
     }
     Some(tokio::spawn(async move {
         let mut serving = true;
+        let mut erasures = ErasureWatch::default();
         let mut ticker = tokio::time::interval(DATABASE_PROBE_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -411,6 +412,10 @@ fn watch_database(
             if *stop.borrow() {
                 return;
             }
+            let checked = match checked {
+                Ok(()) => erasures.check(&vault).await,
+                Err(e) => Err(e),
+            };
             if let Err(e @ store::Error::Rewound(_)) = checked {
                 set_status(&health, ServingStatus::NotServing).await;
                 let _ = fatal.send(e).await;
@@ -431,6 +436,47 @@ fn watch_database(
             }
         }
     }))
+}
+
+/// The newest erasure of the shared ledger that the database lacked at
+/// the last check. A replica that has written nothing since an erasure
+/// cannot see from the audit head that the database went back behind it;
+/// the ledger, which a rollback of the database does not touch, says so.
+/// One check finding an erasure missing may have come between its ledger
+/// entry and its write; two a second apart mean the write is not coming.
+#[derive(Default)]
+struct ErasureWatch {
+    missing: Option<u64>,
+}
+
+impl ErasureWatch {
+    /// [`store::Error::Rewound`] once the same erasure was missing twice;
+    /// a failed read of the ledger is the database being unreachable.
+    async fn check(&mut self, vault: &Vault<AnyStore>) -> Result<(), store::Error> {
+        let missing = match vault.erasure_missing().await {
+            Ok(missing) => missing,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot compare the erasure ledger with the database");
+                return Err(store::Error::Backend(
+                    "the erasure ledger or the database cannot be read".into(),
+                ));
+            }
+        };
+        let again = missing.is_some() && missing == self.missing;
+        self.missing = missing;
+        match missing {
+            Some(seq) if again => {
+                // Refused in the store first, so that nothing in flight
+                // during the drain reveals what the ledger erased.
+                let why = format!(
+                    "it lacks erasure {seq}, which the erasure ledger holds (restored from a backup, or failed over to a standby that lacked the last commits, or the erasure's write failed); erased subjects may be back. Writes and reveals are refused; restart to re-apply the erasure ledger"
+                );
+                vault.store().refuse_writes(why.clone());
+                Err(store::Error::Rewound(why))
+            }
+            _ => Ok(()),
+        }
+    }
 }
 
 /// Serves the metrics on their plaintext port until `stop` changes, reading

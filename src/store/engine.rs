@@ -40,6 +40,15 @@ impl AnyStore {
         }
     }
 
+    /// Refuses every write from now on (the database went back, as the
+    /// erasure ledger shows): see [`PgStore::refuse_writes`]. The embedded
+    /// engine's ledger is checked at open only, so it has nothing to do.
+    pub fn refuse_writes(&self, why: String) {
+        if let AnyStore::Postgres(store) = self {
+            store.refuse_writes(why);
+        }
+    }
+
     /// Closes the store once its last write is done.
     pub async fn close(self) {
         match self {

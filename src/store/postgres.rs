@@ -221,7 +221,18 @@ impl PgStore {
             .await?;
         let row = rows.first().ok_or_else(|| corrupt("no audit head row"))?;
         let entry: Option<Vec<u8>> = row.get(2);
-        self.history.check(seen, head_of(row)?, entry.as_deref())
+        let found = head_of(row)?;
+        self.history.check(seen, found, entry.as_deref())?;
+        // In step: the head found is the new mark (other replicas moved it).
+        self.history.advance(found);
+        Ok(())
+    }
+
+    /// Refuses every write from now on, for `why`: the database went back
+    /// behind something this process knows by other means (the erasure
+    /// ledger).
+    pub fn refuse_writes(&self, why: String) {
+        self.history.rewind(why);
     }
 
     /// The engine's numbers for the metrics: the commits (the database's

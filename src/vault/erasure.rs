@@ -180,6 +180,30 @@ impl<S: Store> Vault<S> {
         Ok((self, reapplied))
     }
 
+    /// The newest erasure of a shared ledger table that the vault's
+    /// database does not hold, if any: the database went back behind it (a
+    /// restore, a lossy failover), or the erasure's write is still on its
+    /// way or failed after its ledger entry was written. Replicas ask this
+    /// every second: a replica that wrote nothing since the erasure has no
+    /// other way to see that the database lost it. `None` for a file
+    /// ledger (one process, which re-applies at open).
+    ///
+    /// # Errors
+    /// If the ledger or the database cannot be read.
+    pub async fn erasure_missing(&self) -> Result<Option<u64>, Error> {
+        let Some(ledger) = &self.ledger else {
+            return Ok(None);
+        };
+        let Some(newest) = ledger.sink.newest_shared().await? else {
+            return Ok(None);
+        };
+        let held = self
+            .store
+            .get_many(Table::Meta, vec![layout::erasure_ledger_entry_key(newest)])
+            .await?;
+        Ok(held.first().is_some_and(Option::is_none).then_some(newest))
+    }
+
     /// The vault's own copy of the ledger, in order.
     async fn recorded_ledger(&self) -> Result<Vec<LedgerEntry>, Error> {
         let stored = self

@@ -149,6 +149,18 @@ impl LedgerSink {
         }
     }
 
+    /// The number of the newest entry any replica wrote to a shared table;
+    /// `None` for a file (one process: it knows its own) or an empty table.
+    ///
+    /// # Errors
+    /// If the table cannot be read.
+    pub(super) async fn newest_shared(&self) -> Result<Option<u64>, LedgerError> {
+        match self {
+            Self::File(_) => Ok(None),
+            Self::Table(table) => table.newest().await.map_err(|e| self.error(e.to_string())),
+        }
+    }
+
     /// Replaces a file ledger of an earlier release with `entries`.
     pub(super) fn rewrite(&self, entries: &[LedgerEntry]) -> Result<(), LedgerError> {
         match self {

@@ -27,9 +27,8 @@ use super::COMMITTERS;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bounds {
     /// The client's deadline on one call (a read, a write transaction, a
-    /// health ping, a lease renewal), and the server's `statement_timeout`
-    /// on sessions that only read. A call past it fails `UNAVAILABLE` and
-    /// its connection is made again.
+    /// health ping, a lease renewal), and the server's `statement_timeout`.
+    /// A call past it fails `UNAVAILABLE` and its connection is made again.
     pub call: Duration,
     /// How long a writer waits for a lock another session holds (the
     /// server's `lock_timeout`).
@@ -40,8 +39,8 @@ pub struct Bounds {
     pub idle_in_transaction: Duration,
     /// How long the background-jobs lease outlives its holder's last
     /// renewal: the server ends the lease's session after this long
-    /// without one (`idle_session_timeout`), and the holder stops running
-    /// jobs once its last renewal is this old.
+    /// without one (`idle_session_timeout`), and the holder finds it lost
+    /// at its next check.
     pub lease: Duration,
     /// Idle time after which TCP keepalives probe the peer, on both ends
     /// (three probes a second apart then declare it dead).
@@ -117,17 +116,14 @@ impl Bounds {
     }
 
     /// The statement that sets the server's side of these bounds on a
-    /// session (one round trip when the session starts): every bound but
-    /// a statement's own. A session that commits must never have a
-    /// `statement_timeout`: PostgreSQL answers a commit whose wait for a
-    /// synchronous standby was cancelled with success ("committed locally,
-    /// but might not have been replicated"), which would acknowledge a
-    /// write that a failover then loses. A writer relies on the client's
-    /// deadline instead, which drops the connection and acknowledges
-    /// nothing.
+    /// session (one round trip when the session starts). The statement
+    /// timeout never cancels a commit's wait for a synchronous standby
+    /// (PostgreSQL lifts it before it commits; a cancelled wait would
+    /// answer success unreplicated), so writers have it too: checked with a
+    /// 1 s timeout and a stalled standby, under which every commit waited.
     pub(super) fn session_sql(&self) -> String {
         format!(
-            "SET statement_timeout = 0; SET lock_timeout = {lock}; \
+            "SET statement_timeout = {call}; SET lock_timeout = {lock}; \
              SET idle_in_transaction_session_timeout = {idle}; \
              SET tcp_keepalives_idle = {keepalive}; SET tcp_keepalives_interval = {interval}; \
              SET tcp_keepalives_count = {probes}; SET tcp_user_timeout = {call}",
@@ -140,21 +136,10 @@ impl Bounds {
         )
     }
 
-    /// The statement that bounds each statement of a session that only
-    /// reads (a read connection, the lease's), so the server stops work
-    /// whose caller has given up.
-    pub(super) fn reader_sql(&self) -> String {
-        format!("SET statement_timeout = {}", self.call.as_millis())
-    }
-
     /// The statement that makes the server end the lease's session once
     /// its holder has been silent for [`Bounds::lease`].
     pub(super) fn lease_sql(&self) -> String {
-        format!(
-            "{}; SET idle_session_timeout = {}",
-            self.reader_sql(),
-            self.lease.as_millis()
-        )
+        format!("SET idle_session_timeout = {}", self.lease.as_millis())
     }
 
     /// How often a replica renews (or tries to take) the lease: often

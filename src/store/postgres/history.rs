@@ -11,9 +11,10 @@
 //! behind: its head must not be lower, and its chain must still hold the
 //! event this process saw last, with the same hash (a chain that was
 //! rolled back and has grown again past the mark is a fork, not a
-//! continuation). Each transaction checks the head it locks; the server's
-//! database watch checks every second what the database says without a
-//! transaction.
+//! continuation). Each transaction checks the head it reads; the server's
+//! database watch checks every second, and moves the mark to the head it
+//! found, so that a replica that has written nothing for a while still
+//! knows how far the database had come.
 //!
 //! Once the database is found behind, the process refuses every write, and
 //! so every reveal (each is audited first), for good: the server stops,
@@ -91,36 +92,43 @@ impl History {
                 "its audit chain forked at event {}: the database's event is not the one this replica saw",
                 seen.seq
             ))
-        } else if seen.seq > 0
-            && entry.is_some_and(|value| chain::hash(seen.seq, value) != seen.hash)
+        } else if found.seq > seen.seq
+            && seen.seq > 0
+            && entry.is_none_or(|value| chain::hash(seen.seq, value) != seen.hash)
         {
+            // Absent counts too: the head seen is at most a second old (the
+            // watch moves it), far newer than anything retention prunes.
             Some(format!(
-                "its audit chain forked at or before event {}, and has grown since to event {}",
+                "its audit chain no longer holds event {} as this replica saw it, and has grown since to event {}",
                 seen.seq, found.seq
             ))
         } else {
-            // An entry absent past the head seen was pruned (retention).
             None
         };
         let Some(behind) = behind else {
             return Ok(());
         };
-        let message = format!(
+        Err(self.rewind(format!(
             "{behind} (restored from a backup, or failed over to a standby that lacked the last commits); writes acknowledged here may be lost and erased subjects may be back. Writes and reveals are refused; restart to re-apply the erasure ledger"
-        );
+        )))
+    }
+
+    /// Records that the database went back (`why`), found here or by
+    /// another check (the erasure ledger's); the first reason is logged
+    /// and kept, and every later write hears it.
+    pub(super) fn rewind(&self, why: String) -> Error {
         let mut rewound = self
             .rewound
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if rewound.is_none() {
-            tracing::error!(
-                audit.seen = seen.seq,
-                audit.found = found.seq,
-                "the database went back in time: {message}"
-            );
-            *rewound = Some(message.clone());
+        match &*rewound {
+            Some(first) => Error::Rewound(first.clone()),
+            None => {
+                tracing::error!("the database went back in time: {why}");
+                *rewound = Some(why.clone());
+                Error::Rewound(why)
+            }
         }
-        Err(Error::Rewound(message))
     }
 }
 
@@ -141,8 +149,6 @@ mod tests {
         let history = History::starting_at(seen);
         assert!(history.check(seen, seen, Some(b"five")).is_ok());
         assert!(history.check(seen, head(9, b"nine"), Some(b"five")).is_ok());
-        // Event 5 pruned since: nothing to compare.
-        assert!(history.check(seen, head(9, b"nine"), None).is_ok());
         assert!(history.rewound().is_none());
     }
 
@@ -153,6 +159,8 @@ mod tests {
             (head(3, b"three"), None),
             (head(5, b"another five"), Some(&b"another five"[..])),
             (head(9, b"nine"), Some(&b"another five"[..])),
+            // Event 5 gone from a chain that has grown past it.
+            (head(9, b"nine"), None),
         ] {
             let history = History::starting_at(seen);
             let refused = history.check(seen, found, entry).unwrap_err();

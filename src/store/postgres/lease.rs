@@ -14,9 +14,10 @@
 //! store's own): a live holder keeps it, a silent one loses it within that
 //! bound, and another replica takes it within a renewal more. A replica
 //! checks its session (with a query, bounded by the call deadline) before
-//! each job turn, and stops running jobs as soon as it finds it lost. The
-//! window in which two replicas may both run a job (the old holder not yet
-//! aware) costs work, not correctness: every job step is guarded writes.
+//! each job turn, and runs no further turn once it finds it lost; a turn
+//! under way when the holder froze finishes when it thaws. That window, in
+//! which two replicas may both run a job, costs work, not correctness:
+//! every job step is guarded writes.
 
 use tokio::sync::Mutex;
 
@@ -117,6 +118,8 @@ impl Lease {
     /// been silent for the lease's span.
     async fn connect(&self) -> Result<Session, super::Error> {
         let client = self.target.connect().await?;
+        // A statement of its own after the session's bounds: a server that
+        // refuses it (before 14) leaves those in place.
         if let Err(e) = self
             .target
             .bounded(client.batch_execute(&self.target.bounds.lease_sql()))

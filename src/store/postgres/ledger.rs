@@ -115,6 +115,32 @@ impl LedgerTable {
             .collect()
     }
 
+    /// The number of the newest entry, if there is one.
+    ///
+    /// # Errors
+    /// If the database cannot be read.
+    pub async fn newest(&self) -> Result<Option<u64>, Error> {
+        let mut slot = self.connected().await?;
+        let Some(client) = slot.as_mut() else {
+            return Err(Error::Closed);
+        };
+        let row = tokio::time::timeout(
+            self.target.bounds.call,
+            client.query_one("SELECT max(seq) FROM tokenvault_erasure_ledger", &[]),
+        )
+        .await
+        .map_err(|_| self.forget(&mut slot))?
+        .map_err(|e| forget_if_closed(&mut slot, e))?;
+        let newest: Option<i64> = row.get(0);
+        newest
+            .map(|seq| {
+                u64::try_from(seq).map_err(|_| {
+                    Error::Corruption("the erasure ledger holds a negative number".into())
+                })
+            })
+            .transpose()
+    }
+
     /// Writes `entries` in one transaction, committed synchronously, if
     /// none of their numbers is taken.
     ///

@@ -82,9 +82,6 @@ struct Connection {
 impl Connection {
     async fn open(target: &Target) -> Result<Self, Error> {
         let client = target.connect().await?;
-        target
-            .bounded(client.batch_execute(&target.bounds.reader_sql()))
-            .await?;
         let mut statements = Vec::with_capacity(Read::ALL.len());
         for read in Read::ALL {
             statements.push(target.bounded(client.prepare(read.sql())).await?);

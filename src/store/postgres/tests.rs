@@ -479,6 +479,73 @@ async fn an_audit_entry_is_never_overwritten() {
     opened_after.close().await;
 }
 
+/// The database's chain rewritten under a process (a fork: the event it
+/// saw last replaced, the chain grown past it, as a restore followed by
+/// other replicas' writes leaves it): its next write is refused before
+/// anything is written, and so is every write after, and its check says
+/// the same; a process opened on that database afterwards writes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forked_chain_is_refused_before_anything_is_written() {
+    let (_cluster, conninfo, store) = store_on_a_new_database("fork").await;
+    let event = |payload: &[u8]| {
+        let mut batch = Batch::new();
+        batch.unit().append_audit(payload.to_vec());
+        batch
+    };
+    store.commit(event(b"first")).await.unwrap();
+    store.commit(event(b"second")).await.unwrap();
+    assert!(store.check_history().await.is_ok());
+    // Another history: event 2 replaced and a third after it.
+    let admin = connect(&conninfo).await.unwrap();
+    let entries = store.scan_from(Table::Audit, Vec::new(), 10).await.unwrap();
+    let first_hash = chain::hash(1, &entries[0].1);
+    let other_two = chain::encode(2, &first_hash, b"another second");
+    let other_three = chain::encode(3, &chain::hash(2, &other_two), b"third");
+    admin
+        .execute(
+            "UPDATE tokenvault_kv SET value = $1 WHERE tbl = 'audit' AND key = $2",
+            &[&other_two, &chain::key(2).as_slice()],
+        )
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "INSERT INTO tokenvault_kv VALUES ('audit', $1, $2)",
+            &[&chain::key(3).as_slice(), &other_three],
+        )
+        .await
+        .unwrap();
+    admin
+        .execute(
+            "UPDATE tokenvault_audit_head SET seq = 3, hash = $1",
+            &[&chain::hash(3, &other_three).as_slice()],
+        )
+        .await
+        .unwrap();
+    let mut write = Batch::new();
+    write
+        .unit()
+        .put(Table::Records, b"after".to_vec(), b"v".to_vec());
+    let refused = store.commit(write).await.unwrap_err();
+    assert!(matches!(refused, Error::Rewound(_)), "{refused}");
+    assert!(matches!(
+        store.check_history().await,
+        Err(Error::Rewound(_))
+    ));
+    assert_eq!(
+        store
+            .get_many(Table::Records, vec![b"after".to_vec()])
+            .await
+            .unwrap(),
+        [None],
+        "written to a forked database"
+    );
+    let opened_after = PgStore::connect(&conninfo).await.unwrap();
+    opened_after.commit(event(b"fourth")).await.unwrap();
+    store.close().await;
+    opened_after.close().await;
+}
+
 /// A unit with more keys than PostgreSQL's lock table holds (the erasure
 /// of a subject with 10,000 tokens deletes about 40,000) commits: it takes
 /// the writers' lock exclusively, not a lock per key, so it waits for the
