@@ -27,14 +27,22 @@ use tokenvault::store::postgres::cluster::{server_bin, server_pids};
 /// stay below it.
 const TTL_SECONDS: u32 = 10;
 
-/// A free loopback port (released at once; the server started next binds
-/// it).
+/// A free loopback port for a server started later (PostgreSQL binds its
+/// port only after initdb or a base backup, seconds on). Drawn below the
+/// kernel's ephemeral range, so that no outgoing connection meanwhile
+/// (Patroni to etcd, to its peers) is given it.
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::sync::atomic::{AtomicU16, Ordering};
+    // Spread over runs by the process id; one range per process.
+    static NEXT: AtomicU16 = AtomicU16::new(0);
+    let start = (std::process::id() % 1_000) as u16 * 10;
+    loop {
+        // 20000 to 31999: below 32768, where the ephemeral range starts.
+        let port = 20_000 + (start + NEXT.fetch_add(1, Ordering::Relaxed)) % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return port;
+        }
+    }
 }
 
 /// The uid of the `postgres` user, which the members run as (PostgreSQL
@@ -130,7 +138,17 @@ impl Member {
 
 impl Drop for Member {
     fn drop(&mut self) {
-        let pids: Vec<String> = server_pids(&self.data).iter().map(u32::to_string).collect();
+        // A crashed member's pid file is stale: its pid may be another
+        // process's now.
+        let is_postgres = |pid: &u32| {
+            std::fs::read(format!("/proc/{pid}/cmdline"))
+                .is_ok_and(|cmdline| String::from_utf8_lossy(&cmdline).contains("postgres"))
+        };
+        let pids: Vec<String> = server_pids(&self.data)
+            .iter()
+            .filter(|pid| is_postgres(pid))
+            .map(u32::to_string)
+            .collect();
         if !pids.is_empty() {
             // Some may be gone already (a crashed member's stale pid file).
             let _ = Command::new("kill")
@@ -374,6 +392,8 @@ async fn patroni_fails_over_under_load_and_nothing_acknowledged_is_lost() {
     wa.wait_for(100).await;
     wb.wait_for(100).await;
 
+    // Still synchronous when the leader dies.
+    cluster.wait_until_synchronous().await;
     let leader = cluster.leader().await;
     let killed_at = Instant::now();
     leader.crash();
@@ -397,6 +417,12 @@ async fn patroni_fails_over_under_load_and_nothing_acknowledged_is_lost() {
          all read after it",
         resumed - killed_at,
         acked.len()
+    );
+    // The leader key's ttl, then an election and a promotion.
+    assert!(
+        resumed - killed_at < Duration::from_secs(u64::from(TTL_SECONDS) + 10),
+        "writes resumed {:?} after the kill",
+        resumed - killed_at
     );
     common::assert_all_detokenize(&a, &acked).await;
     common::assert_all_detokenize(&b, &acked).await;

@@ -18,10 +18,18 @@ use common::{TestVault, Writers, postgres_replica_config, start_replica_of, wait
 use tokenvault::{bench::db_proxy::DbProxy, store::postgres::cluster::ThrowawayCluster};
 
 /// How long another replica may go without an acknowledged write while
-/// one is stopped: README's bound (twice `idle_in_transaction_timeout_ms`, 2 s
-/// by default, plus the transactions queued behind it), with room for a
-/// loaded 2-core CI machine.
-const STALL_BOUND: Duration = Duration::from_secs(6);
+/// one is stopped: README's bound (twice `idle_in_transaction_timeout_ms`,
+/// 2 s by default), with room for a loaded 2-core CI machine, and below
+/// the stopped replica's own call deadline (5 s), so that its closing its
+/// connection cannot be what ends the stall.
+const STALL_BOUND: Duration = Duration::from_secs(4);
+
+/// The tests here measure stalls and time bounds: one at a time, so that
+/// two clusters and four vaults do not share the two cores.
+static ONE_AT_A_TIME: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// What PostgreSQL logs when it ends a silent replica's transaction.
+const IDLE_ENDED: &str = "idle-in-transaction timeout";
 
 /// How long each fault lasts: longer than every default bound, so a stall
 /// that is not bounded shows as one of about this length.
@@ -92,16 +100,17 @@ async fn stop_a_holding_what_b_needs(
     panic!("replica A was never caught holding a lock B waits for, in 50 tries");
 }
 
-/// Polls `vault`'s log until a line contains `needle`, for at most
-/// `within`; returns how long after `since` it appeared.
+/// Polls `vault`'s log until more than `seen` lines contain `needle`, for
+/// at most `within`; returns how long after `since` the next one appeared.
 async fn log_appears(
     vault: &TestVault,
     needle: &str,
+    seen: usize,
     since: Instant,
     within: Duration,
 ) -> Option<Duration> {
     while since.elapsed() < within {
-        if vault.count_log(needle) > 0 {
+        if vault.count_log(needle) > seen {
             return Some(since.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -145,6 +154,7 @@ async fn loaded_replicas(
 /// acknowledged write of either replica reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_replica_holds_up_the_others_no_longer_than_the_bound() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let cluster = cluster().await;
     let proxy = DbProxy::start(cluster.socket_dir()).await.unwrap();
     let admin = admin(&cluster).await;
@@ -158,19 +168,50 @@ async fn a_partitioned_replica_holds_up_the_others_no_longer_than_the_bound() {
     )
     .await;
 
+    let token = wa.acked()[0].0.clone();
+    let b_failed = wb.failed();
     let cut_at = stop_a_holding_what_b_needs(&admin, || proxy.cut(), || proxy.heal()).await;
+    // A read through the cut-off replica fails within its call deadline
+    // (5 s, plus a reconnect attempt) instead of hanging.
+    let read_at = Instant::now();
+    let mut read = tonic::Request::new(tokenvault::proto::v1::DetokenizeRequest {
+        tokens: vec![token],
+        purpose: "customer_support".into(),
+        masked: false,
+    });
+    read.set_timeout(Duration::from_secs(30));
+    let refused = a
+        .client("support")
+        .await
+        .detokenize(read)
+        .await
+        .unwrap_err();
+    let read_failed_after = read_at.elapsed();
     let not_serving = wait_for_health(&a, "NOT_SERVING", Duration::from_secs(10)).await;
     tokio::time::sleep_until((cut_at + FAULT).into()).await;
     let stall = wb.longest_stall_since(cut_at);
     eprintln!(
         "partition of {FAULT:?}: the other replica's longest stall {stall:?}; \
-         the partitioned one said NOT_SERVING after {not_serving:?}"
+         the partitioned one refused a read after {read_failed_after:?} and said NOT_SERVING \
+         {not_serving:?} after that"
     );
     assert!(
         stall < STALL_BOUND,
         "the other replica stalled {stall:?} behind a partitioned one:\n{}",
         b.logs()
     );
+    assert_eq!(
+        wb.failed(),
+        b_failed,
+        "the other replica's writers waited, not failed"
+    );
+    assert!(cluster.log().contains(IDLE_ENDED), "{}", cluster.log());
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        read_failed_after < Duration::from_secs(15),
+        "{read_failed_after:?}"
+    );
+    assert_eq!(common::health(&b), "SERVING");
     assert!(
         not_serving.is_ok(),
         "health of the partitioned replica: {not_serving:?}\n{}",
@@ -198,6 +239,7 @@ async fn a_partitioned_replica_holds_up_the_others_no_longer_than_the_bound() {
 /// gone, and serves again; every acknowledged write reads.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_replica_holds_up_the_others_no_longer_than_the_bound() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let cluster = cluster().await;
     let admin = admin(&cluster).await;
     let (a, b, wa, wb) = loaded_replicas(
@@ -209,23 +251,24 @@ async fn a_frozen_replica_holds_up_the_others_no_longer_than_the_bound() {
         "",
     )
     .await;
+    const TOOK: &str = "took the background-jobs lease";
+    const LOST: &str = "lost the background-jobs lease";
     // A started first, so it took the lease.
     assert!(
-        log_appears(
-            &a,
-            "took the background-jobs lease",
-            Instant::now(),
-            Duration::from_secs(10)
-        )
-        .await
-        .is_some()
+        log_appears(&a, TOOK, 0, Instant::now(), Duration::from_secs(10))
+            .await
+            .is_some()
     );
-    assert_eq!(b.count_log("took the background-jobs lease"), 0);
+    assert_eq!(b.count_log(TOOK), 0);
 
+    let b_failed = wb.failed();
     let frozen_at = stop_a_holding_what_b_needs(&admin, || a.freeze(), || a.thaw()).await;
-    let took_lease = log_appears(&b, "took the background-jobs lease", frozen_at, FAULT).await;
+    // Counted from the freeze that held: the tries before it were short.
+    let (took_before, lost_before) = (b.count_log(TOOK), a.count_log(LOST));
+    let took_lease = log_appears(&b, TOOK, took_before, frozen_at, FAULT).await;
     tokio::time::sleep_until((frozen_at + FAULT).into()).await;
     let stall = wb.longest_stall_since(frozen_at);
+    let b_failed_meanwhile = wb.failed() - b_failed;
     eprintln!(
         "replica frozen for {FAULT:?}: the other's longest stall {stall:?}; \
          it took the lease after {took_lease:?}"
@@ -236,6 +279,12 @@ async fn a_frozen_replica_holds_up_the_others_no_longer_than_the_bound() {
         "the other replica stalled {stall:?} behind a frozen one:\n{}",
         b.logs()
     );
+    assert_eq!(
+        b_failed_meanwhile, 0,
+        "the other replica's writers waited, not failed"
+    );
+    assert!(cluster.log().contains(IDLE_ENDED), "{}", cluster.log());
+    assert_eq!(common::health(&b), "SERVING");
     let took_lease = took_lease.expect("the other replica never took the lease");
     // The lease's span (5 s) and a renewal (1.25 s), with room for load.
     assert!(took_lease < Duration::from_secs(9), "{took_lease:?}");
@@ -244,7 +293,8 @@ async fn a_frozen_replica_holds_up_the_others_no_longer_than_the_bound() {
     wa.wait_for(before + 50).await;
     let lost = log_appears(
         &a,
-        "lost the background-jobs lease",
+        LOST,
+        lost_before,
         Instant::now(),
         Duration::from_secs(10),
     )
@@ -263,6 +313,7 @@ async fn a_frozen_replica_holds_up_the_others_no_longer_than_the_bound() {
 /// fault never held anything up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_without_the_bounds_a_partitioned_replica_stalls_the_others() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let cluster = cluster().await;
     let proxy = DbProxy::start(cluster.socket_dir()).await.unwrap();
     let admin = admin(&cluster).await;
@@ -330,6 +381,10 @@ async fn assert_chain_whole(cluster: &ThrowawayCluster, dbname: &str) -> u64 {
         )
         .await
         .unwrap();
+    assert!(
+        !checkpoints.is_empty(),
+        "no checkpoint to check (audit.checkpoint_interval_seconds = 1 makes some)"
+    );
     for row in &checkpoints {
         let seq = chain::seq_of(row.get(0)).unwrap();
         let checkpoint = tokenvault::audit::Checkpoint::decode(seq, row.get(1)).unwrap();
@@ -366,9 +421,14 @@ async fn revealed_values(vault: &TestVault, tokens: &[String]) -> Vec<String> {
 /// not hold.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_under_running_replicas_is_noticed_and_erasures_stay() {
-    let cluster = ThrowawayCluster::start();
-    cluster.create_database("vault").await;
-    let (mut a, mut b) = common::postgres_replicas(&cluster, "vault").await;
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let cluster = cluster().await;
+    let config = format!(
+        "{}[audit]\ncheckpoint_interval_seconds = 1\n",
+        postgres_replica_config(&cluster.conninfo("vault"), &cluster.conninfo("ledger"), "")
+    );
+    let mut a = TestVault::start_with(&config);
+    let mut b = start_replica_of(&a, &config);
     let mut tokens = Vec::new();
     for i in 0..4 {
         tokens.push(
@@ -405,7 +465,10 @@ async fn a_restore_under_running_replicas_is_noticed_and_erasures_stay() {
                 "a replica revealed an erased subject after the restore:\n{}",
                 vault.logs()
             );
-            *running = vault.wait_for_exit(Duration::from_millis(200)).is_none();
+            if let Some(status) = vault.wait_for_exit(Duration::from_millis(200)).await {
+                assert_eq!(status.code(), Some(1), "{}", vault.logs());
+                *running = false;
+            }
         }
     }
     assert!(
@@ -491,12 +554,33 @@ async fn pair(synchronous: bool) -> (ThrowawayCluster, ThrowawayCluster) {
 /// replicas, neither says the database went back, and the chain links up.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_synchronous_failover_loses_nothing_acknowledged() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let (primary, standby) = pair(true).await;
     let (a, b, wa, wb) = replicas_on_a_pair(&primary, &standby).await;
     standby.freeze();
-    // Commits wait for the stalled standby: nothing more is acknowledged.
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    // Commits wait for the stalled standby, and go on waiting past the
+    // vault's call deadline (5 s): a deadline that cancelled the wait on
+    // the server would have the commit acknowledged without the standby.
+    let admin = admin(&primary).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let waiting: i64 = admin
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event = 'SyncRep'",
+                &[],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if waiting > 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no commit waits for the standby");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(7)).await;
     let acked_before_crash = wa.acked().len() + wb.acked().len();
+    let failed_before_crash = wa.failed() + wb.failed();
     primary.crash();
     // While no host takes writes, health says so.
     wait_for_health(&a, "NOT_SERVING", Duration::from_secs(15))
@@ -524,7 +608,10 @@ async fn a_synchronous_failover_loses_nothing_acknowledged() {
          ({resumed} when the standby was promoted), all read after it",
         acked.len()
     );
-    assert!(acked_before_crash >= 200);
+    assert!(
+        failed_before_crash > 0,
+        "no call failed while the standby was stalled: its commits were not waited for"
+    );
     common::assert_all_detokenize(&a, &acked).await;
     common::assert_all_detokenize(&b, &acked).await;
     for vault in [&a, &b] {
@@ -546,6 +633,7 @@ async fn a_synchronous_failover_loses_nothing_acknowledged() {
 /// on silently: each says the database went back in time, and stops.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn control_an_asynchronous_failover_loses_writes_and_the_replicas_say_so() {
+    let _alone = ONE_AT_A_TIME.lock().await;
     let (primary, standby) = pair(false).await;
     let (mut a, mut b, wa, wb) = replicas_on_a_pair(&primary, &standby).await;
     standby.freeze();
@@ -556,8 +644,12 @@ async fn control_an_asynchronous_failover_loses_writes_and_the_replicas_say_so()
     standby.thaw();
     standby.promote();
     for vault in [&mut a, &mut b] {
-        assert!(
-            vault.wait_for_exit(Duration::from_secs(30)).is_some(),
+        assert_eq!(
+            vault
+                .wait_for_exit(Duration::from_secs(30))
+                .await
+                .and_then(|status| status.code()),
+            Some(1),
             "a replica goes on serving after a lossy failover:\n{}",
             vault.logs()
         );
@@ -576,7 +668,10 @@ async fn control_an_asynchronous_failover_loses_writes_and_the_replicas_say_so()
         let read = common::detokenize(&mut a.client("support").await, &tokens, "customer_support")
             .await
             .unwrap();
-        lost += common::revealed(read).iter().filter(|r| r.is_err()).count();
+        lost += common::revealed(read)
+            .iter()
+            .filter(|r| **r == Err(tokenvault::proto::v1::Code::NotFound))
+            .count();
     }
     eprintln!(
         "asynchronous failover: {lost} of {} acknowledged writes lost, and both replicas said so",
@@ -586,4 +681,70 @@ async fn control_an_asynchronous_failover_loses_writes_and_the_replicas_say_so()
         lost > 0,
         "the asynchronous standby lost nothing: the control cannot fail"
     );
+    drop(a);
+    // What the promoted standby holds is still one chain, with no
+    // checkpoint over a head it lacks.
+    assert_chain_whole(&standby, "vault").await;
+}
+
+/// The database loses an erasure without its audit head going back (its
+/// write rolled back alone, as a failed write after the ledger entry
+/// leaves it, or a partial restore): the chain gives no sign, so every
+/// replica compares the erasure ledger's newest entry with the database
+/// every second, and once the database lacks it on two checks running,
+/// refuses writes and reveals, says why and exits, so that its restart
+/// applies the erasure again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_erasure_the_database_lost_is_noticed_from_the_ledger() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let cluster = cluster().await;
+    let config =
+        postgres_replica_config(&cluster.conninfo("vault"), &cluster.conninfo("ledger"), "");
+    let mut a = TestVault::start_with(&config);
+    let token = common::tokenize_one_for(
+        &mut a.client("support").await,
+        "email",
+        "gone@example.com",
+        "cust-gone",
+    )
+    .await;
+    assert_eq!(common::erase_subject(&a, "cust-gone").await, 1);
+    // The database's record of erasure 1 goes; the ledger keeps it.
+    let (client, connection) =
+        tokio_postgres::connect(&cluster.conninfo("vault"), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let key = tokenvault::layout::erasure_ledger_entry_key(1);
+    let deleted = client
+        .execute(
+            "DELETE FROM tokenvault_kv WHERE tbl = 'meta' AND key = $1",
+            &[&key],
+        )
+        .await
+        .unwrap();
+    assert_eq!(deleted, 1);
+    assert_eq!(
+        a.wait_for_exit(Duration::from_secs(10))
+            .await
+            .and_then(|status| status.code()),
+        Some(1),
+        "the replica serves a database that lacks an erasure:\n{}",
+        a.logs()
+    );
+    assert!(a.logs().contains("lacks erasure 1"), "{}", a.logs());
+    a.spawn().unwrap();
+    assert!(revealed_values(&a, &[token]).await.is_empty());
+    // Applied again at the start: the database holds it once more.
+    let held: i64 = client
+        .query_one(
+            "SELECT count(*) FROM tokenvault_kv WHERE tbl = 'meta' AND key = $1",
+            &[&key],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(held, 1);
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(common::health(&a), "SERVING", "{}", a.logs());
 }

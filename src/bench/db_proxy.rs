@@ -162,7 +162,11 @@ async fn pipe(
                 return;
             }
         }
-        let _ = to.shutdown().await;
+        // A close passes only once the link is up: behind a dead link the
+        // other side never hears of it.
+        if cut.wait_for(|cut| !cut).await.is_ok() {
+            let _ = to.shutdown().await;
+        }
     };
     tokio::join!(reader, writer);
 }

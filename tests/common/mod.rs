@@ -378,11 +378,10 @@ level = "info"
 
     /// Waits up to `within` for the server to exit by itself; its status,
     /// or `None` if it still runs. The log is complete once it has.
-    pub fn wait_for_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+    pub async fn wait_for_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
         let deadline = std::time::Instant::now() + within;
-        let child = self.child.as_mut()?;
         loop {
-            if let Some(status) = child.try_wait().unwrap() {
+            if let Some(status) = self.child.as_mut()?.try_wait().unwrap() {
                 self.child = None;
                 self.join_reader();
                 return Some(status);
@@ -390,7 +389,7 @@ level = "info"
             if std::time::Instant::now() > deadline {
                 return None;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -599,8 +598,12 @@ pub fn start_replica_of(first: &TestVault, config: &str) -> TestVault {
 /// What `tokenvault health` says of `vault` now (SERVING, NOT_SERVING, or
 /// an error).
 pub fn health(vault: &TestVault) -> String {
-    let out = tokenvault_command()
+    // Bounded: a frozen server accepts the connection and never answers.
+    let out = Command::new("timeout")
+        .arg("10")
+        .arg(env!("CARGO_BIN_EXE_tokenvault"))
         .args(["health", "--addr", &vault.health_addr.to_string()])
+        .env_clear()
         .output()
         .unwrap();
     String::from_utf8_lossy(&out.stdout).trim().to_owned()
@@ -694,19 +697,24 @@ impl Writers {
                             subject_id: String::new(),
                             ttl_seconds: 0,
                         };
-                        let response =
-                            match client.tokenize(TokenizeRequest { items: vec![item] }).await {
-                                Ok(response) => response,
-                                Err(status) => match on_failure {
-                                    OnFailure::Panic => panic!("a request failed: {status:?}"),
-                                    OnFailure::Stop => break,
-                                    OnFailure::Retry => {
-                                        failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                                        tokio::time::sleep(Duration::from_millis(50)).await;
-                                        continue;
-                                    }
-                                },
-                            };
+                        // A call that hangs fails (and is retried), so a
+                        // regression to unbounded waits fails the test
+                        // instead of hanging it.
+                        let mut request =
+                            tonic::Request::new(TokenizeRequest { items: vec![item] });
+                        request.set_timeout(Duration::from_secs(30));
+                        let response = match client.tokenize(request).await {
+                            Ok(response) => response,
+                            Err(status) => match on_failure {
+                                OnFailure::Panic => panic!("a request failed: {status:?}"),
+                                OnFailure::Stop => break,
+                                OnFailure::Retry => {
+                                    failed.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                                    tokio::time::sleep(Duration::from_millis(50)).await;
+                                    continue;
+                                }
+                            },
+                        };
                         if let Some(tokenize_result::Result::Token(t)) =
                             response.into_inner().results.remove(0).result
                         {
@@ -757,12 +765,16 @@ impl Writers {
     pub fn resumed_after_longest_stall(&self, since: std::time::Instant) -> std::time::Instant {
         let at = self.acked_at.lock().unwrap();
         let mut last = since;
-        let (mut longest, mut resumed) = (Duration::ZERO, std::time::Instant::now());
+        let (mut longest, mut resumed) = (Duration::ZERO, since);
         for &t in at.iter().filter(|&&t| t >= since) {
             if t - last > longest {
                 (longest, resumed) = (t - last, t);
             }
             last = t;
+        }
+        let now = std::time::Instant::now();
+        if now - last > longest {
+            resumed = now;
         }
         resumed
     }
@@ -785,11 +797,15 @@ impl Writers {
         self.acked.lock().unwrap().clone()
     }
 
-    /// Stops the writers and returns every acknowledged write.
+    /// Stops the writers and returns every acknowledged write; fails the
+    /// test if a writer does not stop within a minute.
     pub async fn stop(self) -> Vec<(String, String)> {
         self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
         for handle in self.handles {
-            handle.await.unwrap();
+            tokio::time::timeout(Duration::from_secs(60), handle)
+                .await
+                .expect("a writer did not stop within a minute")
+                .unwrap();
         }
         Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
     }

@@ -238,6 +238,11 @@ impl ThrowawayCluster {
         );
     }
 
+    /// What the server has logged so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
+    }
+
     /// The directory of the cluster's unix socket (its `host`).
     pub fn socket_dir(&self) -> &std::path::Path {
         self.dir.path()
@@ -258,7 +263,30 @@ impl ThrowawayCluster {
     /// postmaster alone would leave its WAL senders shipping WAL for a
     /// while, so even an asynchronous standby would rarely lose anything.
     pub fn crash(&self) {
-        self.signal_all("-KILL");
+        // Stopped first, so it starts no process between the listing and
+        // the kill; a child that exits meanwhile only makes kill complain.
+        let Some(&postmaster) = self.server_pids().first() else {
+            panic!("the cluster is not running");
+        };
+        let _ = Command::new("kill")
+            .args(["-STOP", &postmaster.to_string()])
+            .status();
+        let pids: Vec<String> = self.server_pids().iter().map(u32::to_string).collect();
+        let _ = Command::new("kill")
+            .arg("-KILL")
+            .args(&pids)
+            .stderr(std::process::Stdio::null())
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::fs::read_to_string(format!("/proc/{postmaster}/stat"))
+            .is_ok_and(|stat| !stat.contains(") Z "))
+        {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the postmaster survived SIGKILL"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
     }
 
     /// Stops every process of the cluster with SIGSTOP (a standby stalled:
@@ -403,7 +431,7 @@ impl ThrowawayCluster {
         }
         self.run(
             Command::new(self.bin.join("pg_restore"))
-                .args(["--username=tokenvault", "--host"])
+                .args(["--single-transaction", "--username=tokenvault", "--host"])
                 .arg(self.dir.path())
                 .args(self.port_args())
                 .args(["--dbname", name])
@@ -427,6 +455,15 @@ impl ThrowawayCluster {
 
 impl Drop for ThrowawayCluster {
     fn drop(&mut self) {
+        // A cluster a test stalled (SIGSTOP) must run to be stopped.
+        let pids: Vec<String> = self.server_pids().iter().map(u32::to_string).collect();
+        if !pids.is_empty() {
+            let _ = Command::new("kill")
+                .arg("-CONT")
+                .args(&pids)
+                .stderr(std::process::Stdio::null())
+                .status();
+        }
         // A cluster a test killed is stopped already.
         let data = self.data();
         let _ = self.try_run(
