@@ -234,6 +234,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
     let mut report = Report {
         opens: Vec::new(),
         subject_index_ratios: Vec::new(),
+        db_round_trips: Vec::new(),
         warm_ups: Vec::new(),
         preload_peak_rss_mib: None,
         command: std::env::args().collect::<Vec<_>>().join(" "),
@@ -299,7 +300,7 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
                             (format!("vault_{replicas}"), format!("ledger_{replicas}"));
                         cluster.create_database(&vault_db).await;
                         cluster.create_database(&ledger_db).await;
-                        let (setup, _proxy) =
+                        let (setup, proxy) =
                             postgres_setup(cluster, &vault_db, &ledger_db, args.db_latency_ms)
                                 .await?;
                         let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
@@ -314,6 +315,17 @@ pub async fn run(args: BenchArgs) -> Result<Report, String> {
                         } else {
                             format!("postgres×{replicas}")
                         };
+                        if let Some(proxy) = &proxy {
+                            report.db_round_trips.push(report::DbRoundTrip {
+                                configuration: name.clone(),
+                                direct_ms: cluster
+                                    .median_round_trip(&cluster.conninfo(&vault_db), 200)
+                                    .await?,
+                                through_proxy_ms: cluster
+                                    .median_round_trip(&proxy.conninfo(&vault_db, "bench"), 200)
+                                    .await?,
+                            });
+                        }
                         run_configuration(
                             &args,
                             &scenarios,

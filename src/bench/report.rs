@@ -103,6 +103,23 @@ pub struct Report {
     /// over the same without it, per pair of adjacent rounds (in process).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub subject_index_ratios: Vec<f64>,
+    /// With `--db-latency-ms`: the round trip to the database measured
+    /// directly and through the latency proxy, per configuration.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub db_round_trips: Vec<DbRoundTrip>,
+}
+
+/// A query's round trip to the database, directly and through the
+/// latency proxy (the proxy's timer rounds each delay up to its tick, so
+/// what it adds is measured rather than taken from the setting).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DbRoundTrip {
+    /// The configuration, as in the rows.
+    pub configuration: String,
+    /// Median of sequential `SELECT 1`s over the unix socket, ms.
+    pub direct_ms: f64,
+    /// The same through the proxy, ms.
+    pub through_proxy_ms: f64,
 }
 
 /// The warm-up after a configuration's preload.
@@ -184,6 +201,12 @@ impl Report {
         if let Some(seconds) = self.settle_seconds {
             out.push_str(&format!(
                 "\nEvery scenario starts on a settled server (its CPU under 5 % for 2 s: the flushes and compactions left by the scenario before are done; `--settle-limit` caps each wait). After the preload that took {seconds:.0} s.\n"
+            ));
+        }
+        for trip in &self.db_round_trips {
+            out.push_str(&format!(
+                "\n{}: a `SELECT 1` round trip to the database took {:.3} ms through the latency proxy, {:.3} ms directly (medians of 200).\n",
+                trip.configuration, trip.through_proxy_ms, trip.direct_ms
             ));
         }
         for warm in &self.warm_ups {

@@ -238,6 +238,27 @@ impl ThrowawayCluster {
         );
     }
 
+    /// The median round trip, in ms, of `n` sequential `SELECT 1`s over a
+    /// connection made with `conninfo` (this cluster's, or a proxy's in
+    /// front of it).
+    ///
+    /// # Errors
+    /// If it cannot connect or a query fails.
+    pub async fn median_round_trip(&self, conninfo: &str, n: usize) -> Result<f64, String> {
+        let client = super::connect(conninfo).await.map_err(|e| e.to_string())?;
+        let mut trips = Vec::with_capacity(n);
+        for _ in 0..n {
+            let start = std::time::Instant::now();
+            client
+                .simple_query("SELECT 1")
+                .await
+                .map_err(|e| e.to_string())?;
+            trips.push(start.elapsed().as_secs_f64() * 1000.0);
+        }
+        trips.sort_by(f64::total_cmp);
+        Ok(trips.get(n / 2).copied().unwrap_or(f64::NAN))
+    }
+
     /// What the server has logged so far.
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("server.log")).unwrap_or_default()
