@@ -840,7 +840,7 @@ mod tests {
                 .merge(Toml::string(extra));
             Config::from_figment(&figment)
         };
-        const STORAGE: &str = "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"host=db1,db2 user=vault dbname=vault\"\n";
+        const STORAGE: &str = "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"host=db1,db2 user=vault dbname=vault target_session_attrs=read-write\"\n";
         let ok = parse(&format!(
             "{STORAGE}[subjects.erasure_ledger_database]\nconnection = \"host=ledger-db user=vault dbname=vault\"\npassword_file = \"/run/secrets/ledger\"\n"
         ))
@@ -925,6 +925,18 @@ mod tests {
         assert!(
             zero.contains("storage.postgres.lease_timeout_ms: must be at least 1"),
             "{zero}"
+        );
+        // Several hosts without asking for the one that takes writes.
+        let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::string(&without_ledger))
+            .merge(Toml::string(
+                "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"host=db1,db2 user=vault dbname=vault\"\n\
+                 [subjects.erasure_ledger_database]\nconnection = \"host=ledger user=vault dbname=ledger\"\n",
+            ));
+        let hosts = Config::from_figment(&figment).unwrap_err().to_string();
+        assert!(
+            hosts.contains("storage.postgres.connection: names several hosts; add target_session_attrs=read-write"),
+            "{hosts}"
         );
         let tangled = parse("lock_timeout_ms = 6000\n").unwrap_err().to_string();
         assert!(

@@ -258,9 +258,10 @@ impl PgStore {
 
 /// Checks a connection setting (`storage.postgres.connection`, or another
 /// table's `connection` key, named by `table`): it parses, names a host,
-/// holds no password (that goes in a file), and asks for TLS only if a CA
-/// to verify the server with is configured (`with_ca`). The message never
-/// quotes the setting.
+/// holds no password (that goes in a file), asks for TLS only if a CA to
+/// verify the server with is configured (`with_ca`), and with several
+/// hosts asks for the one that takes writes. The message never quotes the
+/// setting.
 ///
 /// # Errors
 /// What is wrong with it.
@@ -278,6 +279,17 @@ pub fn check_connection(table: &str, connection: &str, with_ca: bool) -> Result<
     }
     if config.get_hosts().is_empty() {
         return Err("names no host (host=... or postgres://host/...)".into());
+    }
+    // With several hosts, a connection may otherwise land on a standby:
+    // reads there lag (an erased value still readable), and the audit
+    // head behind this process's would stop it as a database gone back.
+    if config.get_hosts().len() > 1
+        && config.get_target_session_attrs()
+            != tokio_postgres::config::TargetSessionAttrs::ReadWrite
+    {
+        return Err(
+            "names several hosts; add target_session_attrs=read-write so that every connection goes to the one that takes writes".into(),
+        );
     }
     Ok(())
 }
