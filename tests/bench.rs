@@ -319,3 +319,46 @@ fn a_tiny_bench_run_compares_a_master_key_in_an_hsm_with_one_in_a_file() {
         assert!(targets.contains(&name.as_str()), "{targets:?}");
     }
 }
+
+/// `--db-latency-ms` runs the replicas through the latency proxy: the
+/// configuration says so, and the report holds the round trip it measured
+/// through the proxy, which is the requested latency each way more than
+/// the direct one (and not, say, a millisecond timer tick more).
+#[test]
+fn a_tiny_bench_run_through_the_latency_proxy_measures_its_round_trip() {
+    let (_dir, report) = run_bench(&[
+        "--engine",
+        "postgres",
+        "--replicas",
+        "1",
+        "--db-latency-ms",
+        "2",
+        "--scenarios",
+        "tokenize",
+        "--seconds",
+        "0.3",
+        "--pool",
+        "50",
+        "--preload",
+        "0",
+        "--in-flight",
+        "4",
+        "--connections",
+        "1",
+        "--settle-limit",
+        "0",
+        "--no-in-process",
+    ]);
+    let row = report["rows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["scenario"] == "tokenize" && r["durability"] == "postgres×1+2ms")
+        .unwrap_or_else(|| panic!("no postgres×1+2ms row: {report}"));
+    assert!(row["requests"].as_u64().unwrap() > 0, "{row}");
+    let trip = &report["db_round_trips"][0];
+    assert_eq!(trip["configuration"], "postgres×1+2ms", "{trip}");
+    let added = trip["through_proxy_ms"].as_f64().unwrap() - trip["direct_ms"].as_f64().unwrap();
+    // 2 ms each way; a loaded machine adds to it, but not another tick.
+    assert!((3.9..5.0).contains(&added), "{trip}");
+}
