@@ -226,10 +226,8 @@ async fn a_partitioned_replica_holds_up_the_others_no_longer_than_the_bound() {
         .unwrap();
     assert!(a.logs().contains("did not answer within"), "{}", a.logs());
 
-    let mut acked = wa.stop().await;
-    acked.extend(wb.stop().await);
-    common::assert_all_detokenize(&b, &acked).await;
-    common::assert_all_detokenize(&a, &acked).await;
+    let acked = common::stop_writers(wa, wb).await;
+    common::assert_all_kept(&[&a, &b], &acked).await;
 }
 
 /// Replica A, which holds the background-jobs lease, is frozen with
@@ -301,10 +299,8 @@ async fn a_frozen_replica_holds_up_the_others_no_longer_than_the_bound() {
     .await;
     assert!(lost.is_some(), "{}", a.logs());
 
-    let mut acked = wa.stop().await;
-    acked.extend(wb.stop().await);
-    common::assert_all_detokenize(&a, &acked).await;
-    common::assert_all_detokenize(&b, &acked).await;
+    let acked = common::stop_writers(wa, wb).await;
+    common::assert_all_kept(&[&a, &b], &acked).await;
 }
 
 /// The control run: the same partition with the bounds lifted past the
@@ -336,8 +332,7 @@ async fn control_without_the_bounds_a_partitioned_replica_stalls_the_others() {
         b.logs()
     );
     proxy.heal();
-    let mut acked = wa.stop().await;
-    acked.extend(wb.stop().await);
+    let acked = common::stop_writers(wa, wb).await;
     common::assert_all_detokenize(&b, &acked).await;
 }
 
@@ -601,8 +596,7 @@ async fn a_synchronous_failover_loses_nothing_acknowledged() {
             vault.logs()
         );
     }
-    let mut acked = wa.stop().await;
-    acked.extend(wb.stop().await);
+    let acked = common::stop_writers(wa, wb).await;
     eprintln!(
         "synchronous failover: {} writes acknowledged, {acked_before_crash} before the crash \
          ({resumed} when the standby was promoted), all read after it",
@@ -612,15 +606,7 @@ async fn a_synchronous_failover_loses_nothing_acknowledged() {
         failed_before_crash > 0,
         "no call failed while the standby was stalled: its commits were not waited for"
     );
-    common::assert_all_detokenize(&a, &acked).await;
-    common::assert_all_detokenize(&b, &acked).await;
-    for vault in [&a, &b] {
-        assert!(
-            !vault.logs().contains("went back in time"),
-            "{}",
-            vault.logs()
-        );
-    }
+    common::assert_all_kept(&[&a, &b], &acked).await;
     drop((a, b));
     assert!(assert_chain_whole(&standby, "vault").await >= acked.len() as u64);
 }
@@ -659,8 +645,7 @@ async fn control_an_asynchronous_failover_loses_writes_and_the_replicas_say_so()
             vault.logs()
         );
     }
-    let mut acked = wa.stop().await;
-    acked.extend(wb.stop().await);
+    let acked = common::stop_writers(wa, wb).await;
     a.spawn().unwrap();
     let mut lost = 0;
     for chunk in acked.chunks(500) {

@@ -845,6 +845,27 @@ pub async fn assert_all_detokenize(vault: &TestVault, pairs: &[(String, String)]
     }
 }
 
+/// Stops both sets of writers; every write either acknowledged.
+pub async fn stop_writers(first: Writers, second: Writers) -> Vec<(String, String)> {
+    let mut acked = first.stop().await;
+    acked.extend(second.stop().await);
+    acked
+}
+
+/// Asserts that every acknowledged write reads through each of `vaults`,
+/// and that none of them found its database gone back in time (nothing
+/// acknowledged was lost, so none may think so).
+pub async fn assert_all_kept(vaults: &[&TestVault], acked: &[(String, String)]) {
+    for vault in vaults {
+        assert_all_detokenize(vault, acked).await;
+        assert!(
+            !vault.logs().contains("went back in time"),
+            "{}",
+            vault.logs()
+        );
+    }
+}
+
 /// The Prometheus text of a vault's metrics port.
 pub async fn scrape(addr: SocketAddr) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
