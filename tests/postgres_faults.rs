@@ -676,15 +676,19 @@ async fn control_an_asynchronous_failover_loses_writes_and_the_replicas_say_so()
 /// write rolled back alone, as a failed write after the ledger entry
 /// leaves it, or a partial restore): the chain gives no sign, so every
 /// replica compares the erasure ledger's newest entry with the database
-/// every second, and once the database lacks it on two checks running,
-/// refuses writes and reveals, says why and exits, so that its restart
-/// applies the erasure again.
+/// every second, and once the database has lacked it for longer than an
+/// erasure's write can take (three call deadlines, 3 s here), refuses
+/// writes and reveals, says why and exits, so that its restart applies the
+/// erasure again.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_erasure_the_database_lost_is_noticed_from_the_ledger() {
     let _alone = ONE_AT_A_TIME.lock().await;
     let cluster = cluster().await;
-    let config =
-        postgres_replica_config(&cluster.conninfo("vault"), &cluster.conninfo("ledger"), "");
+    let config = postgres_replica_config(
+        &cluster.conninfo("vault"),
+        &cluster.conninfo("ledger"),
+        "call_timeout_ms = 1000\nlock_timeout_ms = 900\nidle_in_transaction_timeout_ms = 400\n",
+    );
     let mut a = TestVault::start_with(&config);
     let token = common::tokenize_one_for(
         &mut a.client("support").await,
@@ -709,13 +713,20 @@ async fn an_erasure_the_database_lost_is_noticed_from_the_ledger() {
         .await
         .unwrap();
     assert_eq!(deleted, 1);
+    let lost_at = Instant::now();
     assert_eq!(
-        a.wait_for_exit(Duration::from_secs(10))
+        a.wait_for_exit(Duration::from_secs(20))
             .await
             .and_then(|status| status.code()),
         Some(1),
         "the replica serves a database that lacks an erasure:\n{}",
         a.logs()
+    );
+    // Not before the grace: an erasure's write may still be on its way.
+    assert!(
+        lost_at.elapsed() > Duration::from_millis(2500),
+        "{:?}",
+        lost_at.elapsed()
     );
     assert!(a.logs().contains("lacks erasure 1"), "{}", a.logs());
     a.spawn().unwrap();

@@ -211,6 +211,7 @@ pub async fn run(
         health.clone(),
         stop_rx.clone(),
         fatal_tx,
+        erasure_grace(&config),
     );
 
     set_status(&health, ServingStatus::Serving).await;
@@ -370,6 +371,16 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore
     Ok(vault)
 }
 
+/// How long an erasure in the ledger may be missing from the database
+/// before its write is taken as lost: three call deadlines (its queue wait
+/// and its transaction, with room).
+fn erasure_grace(config: &Config) -> Duration {
+    match &config.engine {
+        EngineSetting::Postgres(database) => database.bounds.call * 3,
+        EngineSetting::RocksDb => Duration::ZERO,
+    }
+}
+
 /// Why the server stopped serving.
 enum Served {
     /// The gRPC server ended by itself.
@@ -384,22 +395,24 @@ enum Served {
 /// answers, and says NOT_SERVING on health while it does not (a load
 /// balancer then sends callers to a replica that can serve them), SERVING
 /// again once it does. The same check compares the database's audit head
-/// with the one this process saw: a database gone back in time (a restore,
-/// a lossy failover) is sent on `fatal`, and the server stops, so that a
-/// restart re-applies the erasure ledger to it. Nothing to watch for the
-/// embedded engine.
+/// with the one this process saw, and the erasure ledger's newest entry
+/// with the database: a database gone back in time (a restore, a lossy
+/// failover) is sent on `fatal`, and the server stops, so that a restart
+/// re-applies the erasure ledger to it. Nothing to watch for the embedded
+/// engine.
 fn watch_database(
     vault: Arc<Vault<AnyStore>>,
     health: HealthReporter,
     mut stop: watch::Receiver<bool>,
     fatal: mpsc::Sender<store::Error>,
+    erasure_grace: Duration,
 ) -> Option<JoinHandle<()>> {
     if !matches!(vault.store(), AnyStore::Postgres(_)) {
         return None;
     }
     Some(tokio::spawn(async move {
         let mut serving = true;
-        let mut erasures = ErasureWatch::default();
+        let mut erasures = ErasureWatch::new(erasure_grace);
         let mut ticker = tokio::time::interval(DATABASE_PROBE_EVERY);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -438,20 +451,29 @@ fn watch_database(
     }))
 }
 
-/// The newest erasure of the shared ledger that the database lacked at
-/// the last check. A replica that has written nothing since an erasure
-/// cannot see from the audit head that the database went back behind it;
-/// the ledger, which a rollback of the database does not touch, says so.
-/// One check finding an erasure missing may have come between its ledger
-/// entry and its write; two a second apart mean the write is not coming.
-#[derive(Default)]
+/// The newest erasure of the shared ledger that the database lacks, and
+/// since when. A replica that has written nothing since an erasure cannot
+/// see from the audit head that the database went back behind it; the
+/// ledger, which a rollback of the database does not touch, says so. An
+/// erasure is missing for a moment between its ledger entry and its write,
+/// which waits in the commit queue and then takes at most the call
+/// deadline; missing for longer than `grace`, its write is not coming.
 struct ErasureWatch {
-    missing: Option<u64>,
+    grace: Duration,
+    missing: Option<(u64, tokio::time::Instant)>,
 }
 
 impl ErasureWatch {
-    /// [`store::Error::Rewound`] once the same erasure was missing twice;
-    /// a failed read of the ledger is the database being unreachable.
+    fn new(grace: Duration) -> Self {
+        Self {
+            grace,
+            missing: None,
+        }
+    }
+
+    /// [`store::Error::Rewound`] once the same erasure has been missing for
+    /// longer than the grace; a failed read of the ledger is the database
+    /// being unreachable.
     async fn check(&mut self, vault: &Vault<AnyStore>) -> Result<(), store::Error> {
         let missing = match vault.erasure_missing().await {
             Ok(missing) => missing,
@@ -462,10 +484,17 @@ impl ErasureWatch {
                 ));
             }
         };
-        let again = missing.is_some() && missing == self.missing;
-        self.missing = missing;
+        let since = match (missing, self.missing) {
+            (Some(seq), Some((before, since))) if seq == before => since,
+            (Some(_), _) => tokio::time::Instant::now(),
+            (None, _) => {
+                self.missing = None;
+                return Ok(());
+            }
+        };
+        self.missing = missing.map(|seq| (seq, since));
         match missing {
-            Some(seq) if again => {
+            Some(seq) if since.elapsed() > self.grace => {
                 // Refused in the store first, so that nothing in flight
                 // during the drain reveals what the ledger erased.
                 let why = format!(
