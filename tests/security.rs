@@ -189,6 +189,94 @@ async fn a_flood_of_refusals_is_counted_not_written_one_by_one() {
     assert_eq!(refusals[0]["outcome"], "PERMISSION_DENIED");
 }
 
+/// Second round, item 1: a holder of any certificate the CA signed, here
+/// one refused for its identity (a foreign trust domain), sends 50,000
+/// requests to unique 8 KiB paths. Each is refused before it is read and
+/// counted under one key (no path is a method the server answers), so the
+/// server's memory grows by less than README's bound (32 MiB), and the
+/// flushes write a handful of events that count every refusal. Counted
+/// under the path as sent, the log held one 8 KiB key per request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_made_up_paths_costs_one_key_and_bounded_memory() {
+    const FLOOD: usize = 50_000;
+    const TASKS: usize = 16;
+    let vault = TestVault::start_with_config_and_tls(
+        "[audit]\nrefusal_interval_seconds = 1\n",
+        "trust_domains = [\"test.tokenvault.local\"]",
+    );
+    let foreign = vault.pki.client(
+        "foreign-domain",
+        &ClientSpec::spiffe("spiffe://evil.example/flood"),
+    );
+    let channel = vault.channel_with(&foreign).await.unwrap();
+    let send = |channel: Channel, path: String| async move {
+        let mut grpc = tonic::client::Grpc::new(channel);
+        grpc.ready().await.unwrap();
+        let refused = grpc
+            .unary::<_, tokenvault::proto::v1::TokenizeResponse, _>(
+                tonic::Request::new(TokenizeRequest::default()),
+                http::uri::PathAndQuery::try_from(path).unwrap(),
+                tonic_prost::ProstCodec::default(),
+            )
+            .await
+            .unwrap_err();
+        assert_eq!(refused.code(), tonic::Code::Unauthenticated, "{refused:?}");
+    };
+    // The connection and its buffers exist before the first reading.
+    send(channel.clone(), "/warm/up".into()).await;
+    let before = vault.rss_bytes();
+    let padding = "p".repeat(8 * 1024);
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|t| {
+            let (channel, padding) = (channel.clone(), padding.clone());
+            tokio::spawn(async move {
+                for i in 0..FLOOD / TASKS {
+                    // Unique to the last segment, where a method name is.
+                    send(channel.clone(), format!("/flood/{padding}.{t}.{i}")).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let grown = vault.rss_bytes().saturating_sub(before);
+    eprintln!(
+        "{FLOOD} refusals of made-up 8 KiB paths: the server's RSS grew {} KiB",
+        grown / 1024
+    );
+    assert!(grown < 32 << 20, "RSS grew {} MiB", grown >> 20);
+    // Every refusal counted, under the one key, in a handful of events.
+    let mut counted = 0;
+    let mut events = Vec::new();
+    for _ in 0..100 {
+        events = audit_events(&vault)
+            .await
+            .into_iter()
+            .filter(|e| e["identity"] == "-" && e["refusals"].is_object())
+            .collect::<Vec<_>>();
+        counted = events
+            .iter()
+            .map(|e| e["refusals"]["count"].as_u64().unwrap())
+            .sum::<u64>();
+        if counted == FLOOD as u64 + 1 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+    assert_eq!(counted, FLOOD as u64 + 1, "every refusal is counted");
+    assert!(events.len() <= 60, "{} refusal events", events.len());
+    let methods: std::collections::BTreeSet<String> = events
+        .iter()
+        .map(|e| e["method"].as_str().unwrap().chars().take(40).collect())
+        .collect();
+    assert_eq!(
+        methods.into_iter().collect::<Vec<_>>(),
+        ["(unknown)"],
+        "refusals counted under the paths as sent"
+    );
+}
+
 /// Item 5: a connection made with a certificate that a reloaded CRL revokes
 /// is closed; it does not live on with HTTP/2 keepalive.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,8 +142,50 @@ fn limited(refused: Limited) -> Status {
 /// The RPC method of a gRPC path (`/tokenvault.v1.TokenVault/Tokenize` →
 /// `Tokenize`); paths are not attacker-sized here (h2 bounds headers), and
 /// only known methods reach a handler.
+/// What refusals count a request's `:path` as: the method's name if the
+/// server answers that RPC, else [`UNKNOWN_METHOD`]. The path is the
+/// caller's to choose, before any routing: counted as written, each new
+/// path would be a new key in the refusal log and a new audit event.
 fn method_name(path: &str) -> &str {
-    path.rsplit('/').next().unwrap_or("-")
+    if known_methods().contains(path) {
+        path.rsplit('/').next().unwrap_or(UNKNOWN_METHOD)
+    } else {
+        UNKNOWN_METHOD
+    }
+}
+
+/// The method name refusals of paths the server does not answer count under.
+pub const UNKNOWN_METHOD: &str = "(unknown)";
+
+/// Every RPC this port answers, as `/package.Service/Method`: read once
+/// from the descriptor sets the server registers (its own services, health
+/// and reflection), so the list cannot drift from the services.
+fn known_methods() -> &'static std::collections::HashSet<String> {
+    static KNOWN: std::sync::OnceLock<std::collections::HashSet<String>> =
+        std::sync::OnceLock::new();
+    KNOWN.get_or_init(|| {
+        use prost::Message;
+        [
+            crate::proto::FILE_DESCRIPTOR_SET,
+            tonic_health::pb::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1::FILE_DESCRIPTOR_SET,
+            tonic_reflection::pb::v1alpha::FILE_DESCRIPTOR_SET,
+        ]
+        .into_iter()
+        .filter_map(|bytes| prost_types::FileDescriptorSet::decode(bytes).ok())
+        .flat_map(|set| set.file)
+        .flat_map(|file| {
+            let package = file.package().to_owned();
+            file.service.into_iter().flat_map(move |service| {
+                let prefix = format!("/{package}.{}/", service.name());
+                service
+                    .method
+                    .into_iter()
+                    .map(move |method| format!("{prefix}{}", method.name()))
+            })
+        })
+        .collect()
+    })
 }
 
 /// The tower layer that puts [`Admission`] in front of a service.
@@ -258,5 +300,37 @@ impl HttpBody for Budgeted {
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn refusals_name_served_methods_and_nothing_a_caller_makes_up() {
+        assert_eq!(
+            method_name("/tokenvault.v1.TokenVault/Tokenize"),
+            "Tokenize"
+        );
+        assert_eq!(
+            method_name("/tokenvault.v1.Subjects/EraseSubject"),
+            "EraseSubject"
+        );
+        assert_eq!(method_name("/grpc.health.v1.Health/Check"), "Check");
+        assert_eq!(
+            method_name("/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            "ServerReflectionInfo"
+        );
+        let long = format!("/x/{}", "a".repeat(8192));
+        for made_up in [
+            "/tokenvault.v1.TokenVault/Tokenize2",
+            "/x/Tokenize",
+            "/Tokenize",
+            "",
+            long.as_str(),
+        ] {
+            assert_eq!(method_name(made_up), UNKNOWN_METHOD, "{made_up:.40}");
+        }
     }
 }

@@ -17,12 +17,16 @@ use std::{
 use crate::audit::{AuditEvent, Outcome, RefusalTally, now_rfc3339};
 
 /// Distinct keys held between two flushes; past it, new keys are counted
-/// under the identity [`OVERFLOW_IDENTITY`], so memory stays bounded whatever
-/// a flood looks like.
+/// under one key per outcome ([`OVERFLOW_IDENTITY`], [`OVERFLOW_METHOD`]), so
+/// memory and the events of a flush stay bounded whatever a flood looks
+/// like.
 const MAX_KEYS: usize = 10_000;
 
 /// The identity that refusals are counted under once [`MAX_KEYS`] is reached.
 pub const OVERFLOW_IDENTITY: &str = "(other identities)";
+
+/// The method that refusals are counted under once [`MAX_KEYS`] is reached.
+pub const OVERFLOW_METHOD: &str = "(other)";
 
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 struct Key {
@@ -58,6 +62,7 @@ impl RefusalLog {
         };
         if counts.len() >= MAX_KEYS && !counts.contains_key(&key) {
             key.identity = OVERFLOW_IDENTITY.to_owned();
+            key.method = OVERFLOW_METHOD.to_owned();
             key.purpose = None;
         }
         let tally = counts.entry(key).or_insert_with(|| Tally {
@@ -179,12 +184,24 @@ mod tests {
                 None,
             );
         }
+        // Past the bound, a method of the caller's own making each time
+        // (the admission layer names unknown paths, but the log must hold
+        // whatever it is given) adds no key either.
+        for i in 0..5000 {
+            log.count(
+                &format!("cn:late-{i}"),
+                &format!("Made{i}"),
+                Outcome::PermissionDenied,
+                Some("marketing"),
+            );
+        }
         let events = log.take();
         assert_eq!(events.len(), MAX_KEYS + 1);
         let other = events
             .iter()
             .find(|e| e.identity == OVERFLOW_IDENTITY)
             .unwrap();
-        assert_eq!(other.refusals.as_ref().unwrap().count, 5000);
+        assert_eq!(other.method, OVERFLOW_METHOD);
+        assert_eq!(other.refusals.as_ref().unwrap().count, 10_000);
     }
 }

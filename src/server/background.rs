@@ -191,15 +191,23 @@ impl Background {
 /// Writes the refusals counted since the last flush as audit events; if
 /// they cannot be written, they are kept for the next flush.
 pub async fn flush_refusals<S: Store>(vault: &Vault<S>, refusals: &RefusalLog) {
-    let events = refusals.take();
-    if events.is_empty() {
-        return;
-    }
-    if let Err(e) = vault.record_all(&events).await {
-        tracing::error!(error = %e, "cannot write the counts of refused calls; kept for the next try");
-        refusals.restore(events);
+    let mut events = refusals.take();
+    while !events.is_empty() {
+        let rest = events.split_off(events.len().min(REFUSAL_FLUSH_CHUNK));
+        if let Err(e) = vault.record_all(&events).await {
+            tracing::error!(error = %e, "cannot write the counts of refused calls; kept for the next try");
+            events.extend(rest);
+            refusals.restore(events);
+            return;
+        }
+        events = rest;
     }
 }
+
+/// How many refusal events one write carries at most: a flush of the
+/// log's 10,000 keys is twenty writes of a bounded size, not one that is
+/// too large to commit and so kept in memory, growing, for ever.
+const REFUSAL_FLUSH_CHUNK: usize = 500;
 
 /// Runs `job` every `interval` (the first run at once) until `stop` changes.
 fn every<F, Fut>(interval: Duration, mut stop: watch::Receiver<bool>, job: F) -> JoinHandle<()>

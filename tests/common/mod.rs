@@ -172,6 +172,28 @@ impl TestVault {
         vault
     }
 
+    /// Starts a vault with extra TOML in its config and extra keys in its
+    /// `[tls]` table.
+    pub fn start_with_config_and_tls(extra_config: &str, extra_tls: &str) -> Self {
+        let mut vault = Self::prepare(extra_config);
+        vault.extra_tls = extra_tls.to_owned();
+        vault.write_config();
+        vault.spawn().expect("the test vault did not start");
+        vault
+    }
+
+    /// The server's resident memory now, in bytes (`VmRSS`).
+    pub fn rss_bytes(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|line| line.strip_prefix("VmRSS:"))
+            .and_then(|rest| rest.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap();
+        kib * 1024
+    }
+
     /// The server process id.
     pub fn pid(&self) -> u32 {
         self.child.as_ref().expect("the vault is running").id()
