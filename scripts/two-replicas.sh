@@ -11,8 +11,10 @@
 #   scripts/two-replicas.sh
 #
 # Environment (for tests/postgres.rs, which runs this script):
-#   TV_BIN      a tokenvault binary to use instead of building one
-#   TV_DEV_DIR  the dev directory (default tokenvault-dev)
+#   TV_BIN        a tokenvault binary to use instead of building one
+#   TV_DEV_DIR    the dev directory (default tokenvault-dev)
+#   TV_PORT_BASE  replica n serves gRPC on base+n, health on base+10+n and
+#                 metrics on base+20+n (default 50060: 50061, 50071, 50081)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +27,7 @@ else
     tokenvault="$CARGO_TARGET_DIR/debug/tokenvault"
 fi
 dev=${TV_DEV_DIR:-tokenvault-dev}
+base=${TV_PORT_BASE:-50060}
 
 # The dev directory (certificates, master key, policy), without serving.
 if [ ! -f "$dev/tokenvault.toml" ]; then
@@ -63,9 +66,9 @@ for n in 1 2; do
     cat >"$dev/replica-$n.toml" <<TOML
 # Written by scripts/two-replicas.sh: replica $n of the dev vault on PostgreSQL.
 [server]
-listen = "127.0.0.1:5006$n"
-health_listen = "127.0.0.1:5007$n"
-metrics_listen = "127.0.0.1:919$n"
+listen = "127.0.0.1:$((base + n))"
+health_listen = "127.0.0.1:$((base + 10 + n))"
+metrics_listen = "127.0.0.1:$((base + 20 + n))"
 [tls]
 cert = "tls/server.pem"
 key = "tls/server.key"
@@ -97,11 +100,11 @@ done
 
 cat <<TEXT
 two replicas of the dev vault on one PostgreSQL ($cluster):
-  replica 1: localhost:50061 (health 50071)   log: $dev/replica-1.log
-  replica 2: localhost:50062 (health 50072)   log: $dev/replica-2.log
+  replica 1: localhost:$((base + 1)) (health $((base + 11)))   log: $dev/replica-1.log
+  replica 2: localhost:$((base + 2)) (health $((base + 12)))   log: $dev/replica-2.log
 try:
-  $tokenvault client --dev-dir $dev --as checkout --addr localhost:50061 tokenize email ada@example.com
-  $tokenvault client --dev-dir $dev --addr localhost:50062 detokenize --purpose customer_support TOKEN
+  $tokenvault client --dev-dir $dev --as checkout --addr localhost:$((base + 1)) tokenize email ada@example.com
+  $tokenvault client --dev-dir $dev --addr localhost:$((base + 2)) detokenize --purpose customer_support TOKEN
 Ctrl-C stops them.
 TEXT
 wait "${pids[@]}"
