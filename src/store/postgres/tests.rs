@@ -47,17 +47,19 @@ impl Engine for Postgres {
 conformance_tests!(Postgres::start());
 
 /// The committers count what they commit, for the metrics: every batch
-/// of the conformance suite's concurrent run, in at most as many
-/// transactions (fewer when concurrent batches shared one).
+/// of the conformance suite's concurrent run, and the transactions they
+/// shared.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_committers_count_batches_and_their_transactions() {
     let engine = Postgres::start();
     let store = crate::store::conformance::concurrent_commits_all_land(&engine).await;
     let commits = store.stats().commits;
     assert_eq!(commits.batches, 200);
+    // Shared: fewer than half as many transactions as batches (in
+    // practice a handful; one transaction per batch fails it).
     assert!(
-        (1..=200).contains(&commits.groups),
-        "{} transactions",
+        (1..100).contains(&commits.groups),
+        "{} transactions for 200 batches",
         commits.groups
     );
 }

@@ -199,7 +199,9 @@ async fn reads_and_block_cache_lookups_are_counted() {
 }
 
 /// The committer counts every caller's batch, and concurrent batches
-/// share physical writes (never more writes than batches).
+/// share physical writes: 200 callers at once, queued while a write's sync
+/// runs, take fewer than half as many writes (in practice a handful; one
+/// write per batch fails it).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_committer_counts_batches_and_their_shared_writes() {
     let engine = Rocks::default();
@@ -207,7 +209,10 @@ async fn the_committer_counts_batches_and_their_shared_writes() {
     let stats = store.commit_stats();
     assert_eq!(stats.batches.load(Ordering::Relaxed), 200);
     let writes = stats.writes.load(Ordering::Relaxed);
-    assert!((1..=200).contains(&writes), "{writes} writes");
+    assert!(
+        (1..100).contains(&writes),
+        "{writes} writes for 200 batches"
+    );
     // The metrics read the same counts.
     let commits = store.stats().commits;
     assert_eq!((commits.batches, commits.groups), (200, writes));
