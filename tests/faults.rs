@@ -82,19 +82,33 @@ fn is_root() -> bool {
 }
 
 /// Runs the named test again as root of a new user and mount namespace;
-/// returns false if this process can mount already.
+/// returns false if this process can mount already. The run must have run
+/// exactly that one test: a renamed test would otherwise match nothing
+/// and pass.
 fn rerun_in_namespace(test: &str) -> bool {
     if is_root() || std::env::var_os(IN_NAMESPACE).is_some() {
         return false;
     }
-    let status = Command::new("unshare")
+    let out = Command::new("unshare")
         .args(["--user", "--map-root-user", "--mount"])
         .arg(std::env::current_exe().unwrap())
         .args(["--exact", test, "--nocapture", "--test-threads=1"])
         .env(IN_NAMESPACE, "1")
-        .status()
+        .output()
         .expect("unshare(1) is needed to mount a tmpfs without root");
-    assert!(status.success(), "{test} failed inside its mount namespace");
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        out.status.success(),
+        "{test} failed inside its mount namespace:\n{said}"
+    );
+    assert!(
+        said.contains("test result: ok. 1 passed"),
+        "{test} did not run exactly once inside its mount namespace:\n{said}"
+    );
     true
 }
 
