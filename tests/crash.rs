@@ -16,10 +16,35 @@ use std::{
 use common::{TestVault, Writers, item, tokens_of};
 use tokenvault::proto::v1::{TokenizeItem, TokenizeRequest};
 
-fn random_below(n: u64) -> u64 {
-    let mut bytes = [0u8; 8];
-    getrandom::fill(&mut bytes).unwrap();
-    u64::from_le_bytes(bytes) % n
+/// Where the kills fall: drawn from a seed that is printed, so that a
+/// failing run can be replayed (`TV_CRASH_SEED=<seed> cargo test --test
+/// crash`); a new seed each run otherwise.
+struct KillPoints {
+    state: u64,
+}
+
+impl KillPoints {
+    fn new(test: &str) -> Self {
+        let seed = std::env::var("TV_CRASH_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                let mut bytes = [0u8; 8];
+                getrandom::fill(&mut bytes).unwrap();
+                u64::from_le_bytes(bytes)
+            });
+        eprintln!("{test}: kill points from TV_CRASH_SEED={seed}");
+        Self { state: seed }
+    }
+
+    /// The next point below `n` (SplitMix64).
+    fn below(&mut self, n: u64) -> u64 {
+        self.state = self.state.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        (z ^ (z >> 31)) % n
+    }
 }
 
 /// Sixteen writers tokenize until the server dies under them; returns every
@@ -42,8 +67,9 @@ async fn load_until_killed(
 async fn acknowledged_writes_survive_sigkill() {
     let mut vault = TestVault::start();
     let mut all = Vec::new();
+    let mut points = KillPoints::new("acknowledged_writes_survive_sigkill");
     for round in 0..4 {
-        let kill_after = 100 + usize::try_from(random_below(400)).unwrap();
+        let kill_after = 100 + usize::try_from(points.below(400)).unwrap();
         all.extend(load_until_killed(&mut vault, round, kill_after).await);
         // The vault must open cleanly on the same directory every time.
         vault
@@ -295,6 +321,8 @@ async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
     const SUBJECTS: usize = 30;
     const PER_SUBJECT: usize = 4;
     const UPDATES: usize = 60;
+    let mut points =
+        KillPoints::new("erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing");
 
     let mut vault = TestVault::start();
     let (mut erased_checked, mut updates_checked, mut unacknowledged_applied) = (0, 0, 0);
@@ -361,9 +389,14 @@ async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
                 }
             }));
         }
-        let kill_after = 4 + usize::try_from(random_below(30)).unwrap();
+        let kill_after = 4 + usize::try_from(points.below(30)).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
         while erased.lock().unwrap().len() + updated.lock().unwrap().len() < kill_after {
-            tokio::task::yield_now().await;
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{kill_after} calls not answered within a minute"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
         }
         vault.kill();
         for task in tasks {
