@@ -266,8 +266,23 @@ async fn sigterm_drains_and_exits_cleanly() {
     let mut vault = TestVault::start();
     let mut client = vault.client("checkout").await;
     client.tokenize(request()).await.unwrap();
+    // Eight writers keep requests in flight when SIGTERM comes: those the
+    // drain lets finish are acknowledged, and every acknowledged write is
+    // there after the restart.
+    let writers = common::Writers::start(&client, 8, "term", false);
+    writers.wait_for(50).await;
+    let term_at = std::time::Instant::now();
     vault.stop();
+    let after_term = writers.acked_since(term_at);
+    let acked = writers.stop().await;
+    eprintln!(
+        "SIGTERM under load: {} writes acknowledged, {after_term} of them after the signal was sent",
+        acked.len()
+    );
+    assert!(after_term > 0, "no request was in flight at the signal");
     let logs = vault.logs();
+    vault.spawn().unwrap();
+    common::assert_all_detokenize(&vault, &acked).await;
     assert!(logs.contains("draining"), "{logs}");
     // The idle client answered the server's GOAWAY, so the drain did not
     // have to wait for its deadline.

@@ -782,6 +782,16 @@ impl Writers {
         }
     }
 
+    /// How many writes were acknowledged after `since`.
+    pub fn acked_since(&self, since: std::time::Instant) -> usize {
+        self.acked_at
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|&&t| t > since)
+            .count()
+    }
+
     /// When writes resumed after the longest stall since `since`: the
     /// acknowledgement that ended it (a stall still going on ends now).
     pub fn resumed_after_longest_stall(&self, since: std::time::Instant) -> std::time::Instant {
