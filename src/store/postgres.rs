@@ -220,9 +220,7 @@ impl PgStore {
             .query(Read::HeadAndEntry, &[&Table::Audit.name(), &&key[..]])
             .await?;
         let row = rows.first().ok_or_else(|| corrupt("no audit head row"))?;
-        let entry: Option<Vec<u8>> = row.get(2);
-        let found = head_of(row)?;
-        self.history.check(seen, found, entry.as_deref())?;
+        let found = check_head_and_entry(&self.history, seen, row)?;
         // In step: the head found is the new mark (other replicas moved it).
         self.history.advance(found);
         Ok(())
@@ -606,6 +604,19 @@ async fn read_head(client: &impl GenericClient) -> Result<Head, Error> {
         .await
         .map_err(classify)?;
     head_of(&row)
+}
+
+/// Checks a row of [`reads::HEAD_AND_ENTRY`], read for the head `seen`,
+/// against `history`; the head the database holds.
+fn check_head_and_entry(
+    history: &History,
+    seen: Head,
+    row: &tokio_postgres::Row,
+) -> Result<Head, Error> {
+    let entry: Option<Vec<u8>> = row.get(2);
+    let found = head_of(row)?;
+    history.check(seen, found, entry.as_deref())?;
+    Ok(found)
 }
 
 fn head_of(row: &tokio_postgres::Row) -> Result<Head, Error> {

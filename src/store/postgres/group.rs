@@ -45,7 +45,7 @@ use std::collections::{HashMap, HashSet};
 
 use tokio_postgres::{Client, Statement, Transaction, types::ToSql};
 
-use super::{classify, corrupt, head_of, history::History};
+use super::{check_head_and_entry, classify, corrupt, head_of, history::History};
 use crate::store::{
     Conflict, Error, FailedGuard, Op, Table, Unit, UnitOutcomes,
     chain::{self, Head},
@@ -250,9 +250,7 @@ pub(super) async fn write_group<'a>(
     );
     writers.and(keys).map_err(classify)?;
     let found = found.map_err(classify)?;
-    let checked = checked.map_err(classify)?;
-    let entry: Option<Vec<u8>> = checked.get(2);
-    history.check(seen, head_of(&checked)?, entry.as_deref())?;
+    check_head_and_entry(history, seen, &checked.map_err(classify)?)?;
     let mut group = Group {
         read,
         ..Group::default()
