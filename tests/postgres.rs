@@ -102,6 +102,13 @@ async fn two_replicas_on_one_database_serve_the_same_vault() {
         "{refused:?}"
     );
     assert!(refused.message().contains("pg_basebackup"), "{refused:?}");
+    // Refused before anything is recorded: the trail shows no backup made.
+    let backups: Vec<_> = audit_events(&a)
+        .await
+        .into_iter()
+        .filter(|e| e["method"] == "CreateBackup")
+        .collect();
+    assert!(backups.iter().all(|e| e["outcome"] != "OK"), "{backups:?}");
 
     a.stop();
     b.stop();
@@ -191,6 +198,137 @@ async fn a_key_rotation_through_one_replica_is_seen_by_the_other() {
         "{}",
         b.logs()
     );
+}
+
+/// The offline tools read a PostgreSQL vault from its config, running or
+/// stopped, as they read a RocksDB directory: `audit verify` checks the
+/// chain both replicas wrote (and fails on an edited event), `audit
+/// export`, `report processing` and `keys list` read the database, and a
+/// database that holds no vault is named as such in one line.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_offline_tools_read_a_postgres_vault() {
+    let cluster = ThrowawayCluster::start();
+    cluster.create_database("vault").await;
+    let (mut a, mut b) = replicas(&cluster, "vault").await;
+    let mut through_a = a.client("support").await;
+    let mut through_b = b.client("support").await;
+    let mut tokens = Vec::new();
+    for i in 0..5 {
+        let client = if i % 2 == 0 {
+            &mut through_a
+        } else {
+            &mut through_b
+        };
+        tokens.push(
+            common::tokenize_one_for(client, "email", &format!("p{i}@example.com"), "cust-off")
+                .await,
+        );
+    }
+    detokenize(&mut through_b, &tokens, "customer_support")
+        .await
+        .unwrap();
+    erase(&a, "cust-off").await;
+    let config = a.config_path();
+    let config = config.to_str().unwrap();
+
+    // On the running vault: one snapshot, whatever the replicas do meanwhile.
+    let (ok, out) = tokio::task::spawn_blocking({
+        let config = config.to_owned();
+        move || common::run_cli(&["audit", "verify", "--config", &config])
+    })
+    .await
+    .unwrap();
+    assert!(ok, "{out}");
+
+    a.stop();
+    b.stop();
+    let (ok, out) = common::run_cli(&["audit", "public-key", "--config", config]);
+    assert!(ok, "{out}");
+    let public_key = out.lines().next().unwrap().to_owned();
+    assert_eq!(public_key.len(), 64, "{out}");
+    let (ok, out) = common::run_cli(&[
+        "audit",
+        "verify",
+        "--config",
+        config,
+        "--public-key",
+        &public_key,
+    ]);
+    assert!(ok, "{out}");
+    let events: u64 = out
+        .split_once(" events)")
+        .and_then(|(before, _)| before.rsplit_once('(')?.1.parse().ok())
+        .unwrap_or_else(|| panic!("no event count in {out}"));
+
+    let (ok, out) = common::run_cli(&["audit", "export", "--config", config]);
+    assert!(ok, "{out}");
+    let exported: Vec<serde_json::Value> = out
+        .lines()
+        .filter_map(|line| serde_json::from_str(line).ok())
+        .collect();
+    assert_eq!(exported.len() as u64, events, "{out}");
+    let seqs: Vec<u64> = exported
+        .iter()
+        .map(|e| e["seq"].as_u64().unwrap())
+        .collect();
+    assert_eq!(seqs, (1..=events).collect::<Vec<_>>());
+    let count = |method: &str| exported.iter().filter(|e| e["method"] == method).count();
+    assert_eq!(count("Tokenize"), 5, "{out}");
+    assert_eq!(count("EraseSubject"), 1, "{out}");
+
+    let (ok, out) = common::run_cli(&[
+        "report",
+        "processing",
+        "--config",
+        config,
+        "--format",
+        "json",
+    ]);
+    assert!(ok, "{out}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["audit"]["events"].as_u64(), Some(events), "{out}");
+    assert_eq!(report["rights"]["erasures"], 1, "{out}");
+    let revealed: u64 = report["reveals"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|row| row["calls"].as_u64().unwrap())
+        .sum();
+    assert_eq!(revealed, 1, "{out}");
+
+    let (ok, out) = common::run_cli(&["keys", "list", "--config", config]);
+    assert!(ok, "{out}");
+    assert!(out.contains("(active)"), "{out}");
+
+    // An event edited in the database: the chain no longer verifies there.
+    let db = common::pg_session(&cluster, "vault").await;
+    let edited = db
+        .execute(
+            "UPDATE tokenvault_kv SET value = value || '\\x00'::bytea \
+             WHERE tbl = 'audit' AND key = $1",
+            &[&&3u64.to_be_bytes()[..]],
+        )
+        .await
+        .unwrap();
+    assert_eq!(edited, 1);
+    let (ok, out) = common::run_cli(&["audit", "verify", "--config", config]);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("FAILED: audit chain broken at sequence 3"),
+        "{out}"
+    );
+
+    // A database without a vault in it is named, not read as an empty one.
+    cluster.create_database("empty").await;
+    let empty = a.root.path().join("empty.toml");
+    std::fs::write(
+        &empty,
+        common::postgres_replica_config(&cluster.conninfo("empty"), &cluster.conninfo("empty"), ""),
+    )
+    .unwrap();
+    let (ok, out) = common::run_cli(&["audit", "verify", "--config", empty.to_str().unwrap()]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("holds no tokenvault vault"), "{out}");
 }
 
 /// What detokenizing each of `tokens` through `vault` gives.

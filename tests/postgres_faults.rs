@@ -14,7 +14,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{TestVault, Writers, postgres_replica_config, start_replica_of, wait_for_health};
+use common::{
+    TestVault, Writers, pg_session, postgres_replica_config, start_replica_of, wait_for_health,
+};
 use tokenvault::{bench::db_proxy::DbProxy, store::postgres::cluster::ThrowawayCluster};
 
 /// How long another replica may go without an acknowledged write while
@@ -69,18 +71,7 @@ async fn a_blocks_b(admin: &tokio_postgres::Client) -> bool {
 
 /// A client session for the test's own questions to the cluster.
 async fn admin(cluster: &ThrowawayCluster) -> tokio_postgres::Client {
-    session(cluster, "postgres").await
-}
-
-/// A client session on database `dbname` of `cluster`, for the test's own
-/// reads and edits.
-async fn session(cluster: &ThrowawayCluster, dbname: &str) -> tokio_postgres::Client {
-    let (client, connection) =
-        tokio_postgres::connect(&cluster.conninfo(dbname), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(connection);
-    client
+    pg_session(cluster, "postgres").await
 }
 
 /// Stops replica A with `stop` (and starts it again with `resume`) until
@@ -349,7 +340,7 @@ async fn control_without_the_bounds_a_partitioned_replica_stalls_the_others() {
 /// hold is a fork). Returns the chain's length.
 async fn assert_chain_whole(cluster: &ThrowawayCluster, dbname: &str) -> u64 {
     use tokenvault::store::chain;
-    let client = session(cluster, dbname).await;
+    let client = pg_session(cluster, dbname).await;
     let rows = client
         .query(
             "SELECT key, value FROM tokenvault_kv WHERE tbl = 'audit' ORDER BY key",
@@ -701,7 +692,7 @@ async fn an_erasure_the_database_lost_is_noticed_from_the_ledger() {
     .await;
     assert_eq!(common::erase_subject(&a, "cust-gone").await, 1);
     // The database's record of erasure 1 goes; the ledger keeps it.
-    let client = session(&cluster, "vault").await;
+    let client = pg_session(&cluster, "vault").await;
     let key = tokenvault::layout::erasure_ledger_entry_key(1);
     let deleted = client
         .execute(

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use super::{AuditEvent, checkpoint_message, prune_message};
 use crate::{
     crypto::verify_signature,
-    store::{ReadOnlyStore, Table, chain},
+    store::{Snapshot, Table, chain},
 };
 
 const CHECKPOINT_FORMAT_V1: u8 = 1;
@@ -148,7 +148,7 @@ fn fail(seq: u64, reason: impl Into<String>) -> VerifyFailure {
 /// one, a checkpoint that does not match or whose signature fails, or a
 /// tail truncated below a signed checkpoint.
 pub fn verify(
-    store: &ReadOnlyStore,
+    store: &impl Snapshot,
     public_key: &[u8; 32],
     from: u64,
 ) -> Result<VerifyReport, VerifyFailure> {
@@ -325,7 +325,7 @@ pub fn verify(
 /// # Errors
 /// Storage or output failures, as text.
 pub fn export(
-    store: &ReadOnlyStore,
+    store: &impl Snapshot,
     from: u64,
     mut keep: impl FnMut(&AuditEvent) -> bool,
     out: &mut impl std::io::Write,

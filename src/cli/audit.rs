@@ -5,7 +5,10 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Args, Subcommand};
 
-use crate::config::Config;
+use crate::{
+    config::{Config, EngineSetting},
+    store::AnySnapshot,
+};
 
 #[derive(Debug, Subcommand)]
 pub(super) enum AuditCommand {
@@ -47,7 +50,8 @@ pub(super) enum AuditCommand {
 /// Where the vault's data is.
 #[derive(Debug, Args)]
 pub(super) struct AuditSource {
-    /// The vault's config file (its data_dir is used).
+    /// The vault's config file: its storage (data_dir, or the PostgreSQL
+    /// database of storage.postgres) is read.
     #[arg(long, short, conflicts_with = "data_dir")]
     config: Option<PathBuf>,
     /// The vault's data directory.
@@ -59,16 +63,14 @@ pub(super) fn run(command: AuditCommand) -> Result<ExitCode, String> {
     use crate::{
         audit,
         layout::AUDIT_PUBLIC_KEY,
-        store::{RocksStore, Table},
+        store::{Snapshot, Table},
     };
     let source = match &command {
         AuditCommand::Verify { source, .. }
         | AuditCommand::Export { source, .. }
         | AuditCommand::PublicKey { source } => source,
     };
-    let data_dir = data_dir_of(source)?;
-    let store = RocksStore::open_read_only(&data_dir)
-        .map_err(|e| format!("cannot open {}: {e}", data_dir.display()))?;
+    let store = open(source)?;
     let stored_key = || -> Result<[u8; 32], String> {
         store
             .get(Table::Keys, AUDIT_PUBLIC_KEY)
@@ -146,15 +148,15 @@ pub(super) fn parse_public_key(hex: &str) -> Result<[u8; 32], String> {
         .ok_or_else(|| "--public-key must be 64 hex digits".to_owned())
 }
 
-pub(super) fn data_dir_of(source: &AuditSource) -> Result<PathBuf, String> {
+/// The snapshot `source` names: a data directory, or the storage of a
+/// config file, on whichever engine it says.
+pub(super) fn open(source: &AuditSource) -> Result<AnySnapshot, String> {
     match (&source.data_dir, &source.config) {
-        (Some(dir), _) => Ok(dir.clone()),
+        (Some(dir), _) => super::open_snapshot(dir, &EngineSetting::RocksDb),
         (None, config) => {
-            let raw: crate::config::RawConfig = Config::figment(config.as_deref())
-                .map_err(|e| e.to_string())?
-                .extract()
-                .map_err(|e| e.to_string())?;
-            Ok(raw.data_dir.relative())
+            let (data_dir, engine) =
+                Config::storage_of(config.as_deref()).map_err(|e| e.to_string())?;
+            super::open_snapshot(&data_dir, &engine)
         }
     }
 }

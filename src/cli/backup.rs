@@ -41,7 +41,7 @@ pub(super) async fn run(command: BackupCommand) -> Result<ExitCode, String> {
     use crate::{
         layout::AUDIT_PUBLIC_KEY,
         proto::v1::{CreateBackupRequest, admin_client::AdminClient},
-        store::{RocksStore, Table},
+        store::{RocksStore, Snapshot, Table},
         vault::Record,
     };
     match command {

@@ -7,10 +7,7 @@ use std::{io::IsTerminal, process::ExitCode, time::Duration};
 use clap::{Args, Subcommand};
 use tonic::transport::Channel;
 
-use super::{
-    Connection,
-    audit::{AuditSource, data_dir_of},
-};
+use super::{Connection, audit::AuditSource};
 use crate::{
     client,
     layout::{self, KeyVersion, MasterWrapped},
@@ -18,7 +15,7 @@ use crate::{
         self as pb, ListJobsRequest, Pkcs11Key, RotateIndexKeyRequest, RotateKeysRequest,
         RotateMasterKeyRequest, SetJobPausedRequest, admin_client::AdminClient,
     },
-    store::{RocksStore, Table},
+    store::{Snapshot, Table},
     vault::{Job, Record},
 };
 
@@ -276,65 +273,70 @@ pub(super) async fn run(command: KeysCommand) -> Result<ExitCode, String> {
         }
         KeysCommand::Pause { conn, job } => set_paused(&conn, job, true).await,
         KeysCommand::Resume { conn, job } => set_paused(&conn, job, false).await,
-        KeysCommand::List { source } => {
-            let data_dir = data_dir_of(&source)?;
-            let store = RocksStore::open_read_only(&data_dir)
-                .map_err(|e| format!("cannot open {}: {e}", data_dir.display()))?;
-            let mut versions: std::collections::BTreeMap<u32, (u64, u64)> =
-                std::collections::BTreeMap::new();
-            let family = MasterWrapped::DataKey;
-            store
-                .scan(Table::Keys, family.prefix().as_bytes(), |label, wrapped| {
-                    let Some(version) = family.version_of(label) else {
-                        return false;
-                    };
-                    versions.insert(version, (layout::wrapped_created_ms(wrapped), 0));
-                    true
-                })
-                .map_err(|e| e.to_string())?;
-            let mut subject_keyed = 0u64;
-            store
-                .scan(Table::Records, &[], |_, bytes| {
-                    if let Ok(record) = Record::decode(bytes) {
-                        match record.key_version {
-                            KeyVersion::Vault(version) => {
-                                if let Some((_, count)) = versions.get_mut(&version) {
-                                    *count += 1;
-                                }
-                            }
-                            KeyVersion::Subject => subject_keyed += 1,
+        // A snapshot blocks: off the runtime's threads.
+        KeysCommand::List { source } => tokio::task::spawn_blocking(move || list(&source))
+            .await
+            .map_err(|e| e.to_string())?,
+    }
+}
+
+/// `keys list`: the key versions of a vault's snapshot and how many
+/// records each encrypts.
+fn list(source: &AuditSource) -> Result<ExitCode, String> {
+    let store = super::audit::open(source)?;
+    let mut versions: std::collections::BTreeMap<u32, (u64, u64)> =
+        std::collections::BTreeMap::new();
+    let family = MasterWrapped::DataKey;
+    store
+        .scan(Table::Keys, family.prefix().as_bytes(), |label, wrapped| {
+            let Some(version) = family.version_of(label) else {
+                return false;
+            };
+            versions.insert(version, (layout::wrapped_created_ms(wrapped), 0));
+            true
+        })
+        .map_err(|e| e.to_string())?;
+    let mut subject_keyed = 0u64;
+    store
+        .scan(Table::Records, &[], |_, bytes| {
+            if let Ok(record) = Record::decode(bytes) {
+                match record.key_version {
+                    KeyVersion::Vault(version) => {
+                        if let Some((_, count)) = versions.get_mut(&version) {
+                            *count += 1;
                         }
                     }
-                    true
-                })
-                .map_err(|e| e.to_string())?;
-            let active = versions.keys().next_back().copied().unwrap_or(0);
-            println!("version  created (UTC)                  records");
-            for (version, (created_ms, count)) in &versions {
-                let created = created_at(*created_ms);
-                let marker = if *version == active { "  (active)" } else { "" };
-                println!("{version:>7}  {created:<30} {count}{marker}");
+                    KeyVersion::Subject => subject_keyed += 1,
+                }
             }
-            println!("records under their data subject's own key: {subject_keyed}");
-            let mut index_versions = Vec::new();
-            store
-                .scan(Table::Keys, b"index-hash/", |label, wrapped| {
-                    if let Some(version) = label
-                        .strip_prefix(b"index-hash/")
-                        .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
-                    {
-                        index_versions.push(format!("{version} (created {})", created(wrapped)));
-                    }
-                    true
-                })
-                .map_err(|e| e.to_string())?;
-            println!(
-                "blind-index key versions (more than one while re-indexing): {}",
-                index_versions.join(", ")
-            );
-            Ok(ExitCode::SUCCESS)
-        }
+            true
+        })
+        .map_err(|e| e.to_string())?;
+    let active = versions.keys().next_back().copied().unwrap_or(0);
+    println!("version  created (UTC)                  records");
+    for (version, (created_ms, count)) in &versions {
+        let created = created_at(*created_ms);
+        let marker = if *version == active { "  (active)" } else { "" };
+        println!("{version:>7}  {created:<30} {count}{marker}");
     }
+    println!("records under their data subject's own key: {subject_keyed}");
+    let mut index_versions = Vec::new();
+    store
+        .scan(Table::Keys, b"index-hash/", |label, wrapped| {
+            if let Some(version) = label
+                .strip_prefix(b"index-hash/")
+                .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
+            {
+                index_versions.push(format!("{version} (created {})", created(wrapped)));
+            }
+            true
+        })
+        .map_err(|e| e.to_string())?;
+    println!(
+        "blind-index key versions (more than one while re-indexing): {}",
+        index_versions.join(", ")
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// The creation time stored in a wrapped key (after its format byte).

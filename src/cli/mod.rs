@@ -260,6 +260,35 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// The snapshot of a vault's storage on `engine` (RocksDB in `data_dir`,
+/// or the PostgreSQL database of the setting) for the offline tools.
+fn open_snapshot(
+    data_dir: &std::path::Path,
+    engine: &crate::config::EngineSetting,
+) -> Result<crate::store::AnySnapshot, String> {
+    use crate::{
+        config::EngineSetting,
+        store::{AnySnapshot, PgSnapshot, RocksStore},
+    };
+    match engine {
+        EngineSetting::RocksDb => RocksStore::open_read_only(data_dir)
+            .map(AnySnapshot::RocksDb)
+            .map_err(|e| format!("cannot open {}: {e}", data_dir.display())),
+        EngineSetting::Postgres(database) => {
+            let key = "storage.postgres";
+            let secrets = database.read_secrets(key)?;
+            PgSnapshot::open(
+                &database.connection,
+                secrets.password(),
+                secrets.ca.as_deref(),
+                database.bounds,
+            )
+            .map(|snapshot| AnySnapshot::Postgres(Box::new(snapshot)))
+            .map_err(|e| format!("cannot read the vault's database ({key}): {e}"))
+        }
+    }
+}
+
 fn runtime() -> Result<tokio::runtime::Runtime, String> {
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -7,7 +7,7 @@ use std::{path::PathBuf, process::ExitCode};
 use clap::{Args, Subcommand};
 
 use crate::{
-    config::Config,
+    config::{Config, EngineSetting},
     report::{self, Format, Period},
 };
 
@@ -23,7 +23,8 @@ pub(super) enum ReportCommand {
 #[derive(Debug, Args)]
 pub(super) struct ProcessingArgs {
     /// The vault's config file: its field types, policy and purposes, and
-    /// its data_dir unless --data-dir names another.
+    /// its storage (data_dir, or the PostgreSQL database of
+    /// storage.postgres) unless --data-dir names a RocksDB directory.
     #[arg(long, short)]
     config: PathBuf,
     /// A data directory to read instead of the config's (a copy, a backup).
@@ -54,13 +55,16 @@ fn bound(name: &'static str, text: Option<String>) -> Result<Option<String>, Str
 pub(super) fn run(command: ReportCommand) -> Result<ExitCode, String> {
     let ReportCommand::Processing(args) = command;
     let config = Config::load(Some(&args.config)).map_err(|e| e.to_string())?;
-    let data_dir = args.data_dir.unwrap_or_else(|| config.data_dir.clone());
     let period = Period {
         since: bound("--since", args.since)?,
         until: bound("--until", args.until)?,
     };
-    let store = crate::store::RocksStore::open_read_only(&data_dir)
-        .map_err(|e| format!("cannot open {}: {e}", data_dir.display()))?;
+    // A directory named on the command line is a RocksDB copy or backup,
+    // whatever engine the config's vault runs on.
+    let store = match &args.data_dir {
+        Some(dir) => super::open_snapshot(dir, &EngineSetting::RocksDb)?,
+        None => super::open_snapshot(&config.data_dir, &config.engine)?,
+    };
     let report = report::offline(
         &config.field_types,
         &config.policy,

@@ -159,7 +159,56 @@ pub struct DatabaseSetting {
     pub bounds: crate::store::postgres::Bounds,
 }
 
+/// What a [`DatabaseSetting`]'s files hold.
+pub struct DatabaseSecrets {
+    /// The password, if the setting names a file for one.
+    password: Option<zeroize::Zeroizing<String>>,
+    /// The CA certificates (PEM) for TLS, if the setting names them.
+    pub ca: Option<Vec<u8>>,
+}
+
+impl DatabaseSecrets {
+    /// The password, if there is one.
+    pub fn password(&self) -> Option<&str> {
+        self.password.as_ref().map(|p| p.as_str())
+    }
+}
+
 impl DatabaseSetting {
+    /// Reads the password and the CA certificates this setting (the table
+    /// at `key`) points to, each from its file.
+    ///
+    /// # Errors
+    /// A file that cannot be read, or an empty password file, named with
+    /// its key (never with what it holds).
+    pub fn read_secrets(&self, key: &str) -> Result<DatabaseSecrets, String> {
+        let bad = |setting: &str, path: &Path, message: String| {
+            format!("{key}.{setting} {}: {message}", path.display())
+        };
+        let password = match &self.password_file {
+            Some(path) => {
+                let text = zeroize::Zeroizing::new(
+                    std::fs::read_to_string(path)
+                        .map_err(|e| bad("password_file", path, e.to_string()))?,
+                );
+                let password =
+                    zeroize::Zeroizing::new(text.lines().next().unwrap_or_default().to_owned());
+                if password.is_empty() {
+                    return Err(bad("password_file", path, "is empty".into()));
+                }
+                Some(password)
+            }
+            None => None,
+        };
+        let ca = match &self.ca_file {
+            Some(path) => {
+                Some(std::fs::read(path).map_err(|e| bad("ca_file", path, e.to_string()))?)
+            }
+            None => None,
+        };
+        Ok(DatabaseSecrets { password, ca })
+    }
+
     /// Checks `raw` (the table at `key`): see
     /// [`crate::store::postgres::check_connection`] and
     /// [`crate::store::postgres::Bounds::check`].
@@ -375,6 +424,18 @@ impl Config {
             figment = figment.merge(Toml::file_exact(file));
         }
         Ok(figment.merge(Env::prefixed("TOKENVAULT_").split("__")))
+    }
+
+    /// Where the vault of `file` (and the environment) is stored: its
+    /// `data_dir` and its engine, read without checking the rest of the
+    /// configuration, which a tool reading a stopped vault's data does
+    /// not need.
+    ///
+    /// # Errors
+    /// See [`ConfigError`].
+    pub fn storage_of(file: Option<&Path>) -> Result<(PathBuf, EngineSetting), ConfigError> {
+        let raw: RawConfig = Self::figment(file)?.extract().map_err(Box::new)?;
+        Ok((raw.data_dir.relative(), engine_setting(&raw.storage)?))
     }
 
     /// Loads and validates the standard layers.

@@ -534,7 +534,7 @@ fn tally_of(period: &Period) -> Tally {
 pub fn offline(
     fields: &FieldRegistry,
     policy: &Policy,
-    store: &crate::store::ReadOnlyStore,
+    store: &impl crate::store::Snapshot,
     period: Period,
     now_ms: u64,
 ) -> Result<ProcessingReport, String> {

@@ -29,7 +29,7 @@ pub use tls::{Connections, TlsConn, TlsError, TlsState, tls_state};
 use crate::{
     api::{Admission, AdmissionLayer, ApiSettings, Limiter, RefusalLog, TokenVaultService},
     authz::SharedPolicy,
-    config::{Config, DatabaseSetting, EngineSetting, LedgerSetting},
+    config::{Config, DatabaseSecrets, DatabaseSetting, EngineSetting, LedgerSetting},
     crypto::{MasterKey, MasterKeyError, MasterKeySetting},
     metrics::{BlockLookups, Gauges, Metrics},
     proto,
@@ -627,49 +627,10 @@ fn local_addr(
     })
 }
 
-/// The database password from `path`: its first line, kept out of the
-/// configuration text and zeroized once the connection is made.
-/// What a database setting's files hold.
-struct DatabaseSecrets {
-    /// The password, if the setting names a file for one.
-    password: Option<zeroize::Zeroizing<String>>,
-    /// The CA certificates (PEM) for TLS, if the setting names them.
-    ca: Option<Vec<u8>>,
-}
-
-impl DatabaseSecrets {
-    fn password(&self) -> Option<&str> {
-        self.password.as_ref().map(|p| p.as_str())
-    }
-}
-
 /// The password and the CA certificates a database setting (the table at
 /// `key`) points to, each read from its file.
 fn database_secrets(key: &str, database: &DatabaseSetting) -> Result<DatabaseSecrets, ServeError> {
-    let bad = |setting: &str, path: &std::path::Path, message: String| {
-        ServeError::Store(store::Error::Backend(format!(
-            "{key}.{setting} {}: {message}",
-            path.display()
-        )))
-    };
-    let password = match &database.password_file {
-        Some(path) => {
-            let text = zeroize::Zeroizing::new(
-                std::fs::read_to_string(path)
-                    .map_err(|e| bad("password_file", path, e.to_string()))?,
-            );
-            let password =
-                zeroize::Zeroizing::new(text.lines().next().unwrap_or_default().to_owned());
-            if password.is_empty() {
-                return Err(bad("password_file", path, "is empty".into()));
-            }
-            Some(password)
-        }
-        None => None,
-    };
-    let ca = match &database.ca_file {
-        Some(path) => Some(std::fs::read(path).map_err(|e| bad("ca_file", path, e.to_string()))?),
-        None => None,
-    };
-    Ok(DatabaseSecrets { password, ca })
+    database
+        .read_secrets(key)
+        .map_err(|message| ServeError::Store(store::Error::Backend(message)))
 }

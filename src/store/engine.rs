@@ -2,9 +2,38 @@
 //! (`storage.engine`): one type the layers above can hold whichever it is.
 
 use super::{
-    Batch, Error, KeyValues, PgStore, RocksStore, Store, StoreStats, Table, UnitOutcomes,
-    chain::Head,
+    Batch, Error, KeyValues, PgSnapshot, PgStore, ReadOnlyStore, RocksStore, Snapshot, Store,
+    StoreStats, Table, UnitOutcomes, chain::Head,
 };
+
+/// A snapshot on either engine, for the offline tools.
+pub enum AnySnapshot {
+    /// A RocksDB directory, opened read-only.
+    RocksDb(ReadOnlyStore),
+    /// A PostgreSQL database, in one read-only transaction.
+    Postgres(Box<PgSnapshot>),
+}
+
+impl Snapshot for AnySnapshot {
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), Error> {
+        match self {
+            AnySnapshot::RocksDb(snapshot) => snapshot.scan(table, from, f),
+            AnySnapshot::Postgres(snapshot) => snapshot.scan(table, from, f),
+        }
+    }
+
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+        match self {
+            AnySnapshot::RocksDb(snapshot) => snapshot.get(table, key),
+            AnySnapshot::Postgres(snapshot) => snapshot.get(table, key),
+        }
+    }
+}
 
 /// A store on either engine.
 pub enum AnyStore {
@@ -98,8 +127,13 @@ impl Store for AnyStore {
         on_engine!(self, store => store.scan_from(table, from, limit).await)
     }
 
-    async fn checkpoint(&self, path: std::path::PathBuf) -> Result<(), Error> {
-        on_engine!(self, store => store.checkpoint(path).await)
+    fn checkpoints(&self) -> Result<&impl super::Checkpoints, Error> {
+        match self {
+            AnyStore::RocksDb(store) => Ok(store),
+            AnyStore::Postgres(_) => {
+                Err(Error::Unsupported(super::postgres::BACKED_UP_BY_POSTGRES))
+            }
+        }
     }
 
     fn estimated_len(&self, table: Table) -> u64 {

@@ -14,9 +14,9 @@ mod rocks;
 
 use std::future::Future;
 
-pub use engine::AnyStore;
+pub use engine::{AnySnapshot, AnyStore};
 pub use postgres::{
-    PgStore,
+    PgSnapshot, PgStore,
     ledger::{Appended, LedgerTable},
 };
 pub use rocks::{ReadOnlyStore, RocksStore, StoreOptions};
@@ -406,6 +406,51 @@ impl Error {
 /// Key-value pairs in key order, as a scan returns them.
 pub type KeyValues = Vec<(Vec<u8>, Vec<u8>)>;
 
+/// One point in time of a vault's tables, read-only: what the offline
+/// tools (`audit verify`, `audit export`, `report processing`, `backup
+/// verify`) read, from a RocksDB directory ([`ReadOnlyStore`]) or a
+/// PostgreSQL database ([`PgSnapshot`]), stopped or running. Blocking:
+/// for tools, not for a server's runtime.
+pub trait Snapshot {
+    /// Calls `f` with each key and value of `table` from `from` on, in key
+    /// order, until it returns false.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn scan(
+        &self,
+        table: Table,
+        from: &[u8],
+        f: impl FnMut(&[u8], &[u8]) -> bool,
+    ) -> Result<(), Error>;
+
+    /// Reads one key.
+    ///
+    /// # Errors
+    /// Engine failures.
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error>;
+}
+
+/// An engine that copies itself to a directory while it serves
+/// ([`Store::checkpoints`]).
+pub trait Checkpoints: Send + Sync {
+    /// Writes a consistent point-in-time copy of the whole store to `path`
+    /// (which must not exist), while writes continue.
+    fn checkpoint(
+        &self,
+        path: std::path::PathBuf,
+    ) -> impl Future<Output = Result<(), Error>> + Send;
+}
+
+/// The checkpoints of an engine that makes none: no value of it exists.
+pub enum NoCheckpoints {}
+
+impl Checkpoints for NoCheckpoints {
+    async fn checkpoint(&self, _path: std::path::PathBuf) -> Result<(), Error> {
+        match *self {}
+    }
+}
+
 /// Ordered tables with atomic, durable batches.
 ///
 /// Every method is async and never blocks the caller's runtime thread: an
@@ -444,12 +489,14 @@ pub trait Store: Send + Sync + 'static {
         limit: usize,
     ) -> impl Future<Output = Result<KeyValues, Error>> + Send;
 
-    /// Writes a consistent point-in-time copy of the whole store to `path`
-    /// (which must not exist), while writes continue.
-    fn checkpoint(
-        &self,
-        path: std::path::PathBuf,
-    ) -> impl Future<Output = Result<(), Error>> + Send;
+    /// The engine's own backups, where it makes them (RocksDB); the reason
+    /// where the database is backed up by its own tools (PostgreSQL). A
+    /// caller holds this before it records a backup, so that nothing is
+    /// recorded for one the engine cannot make.
+    ///
+    /// # Errors
+    /// [`Error::Unsupported`], saying how this engine is backed up.
+    fn checkpoints(&self) -> Result<&impl Checkpoints, Error>;
 
     /// About how many keys `table` holds (cheap; for progress and metrics).
     fn estimated_len(&self, table: Table) -> u64;

@@ -36,7 +36,10 @@ use std::{
 use tokio::sync::{mpsc, oneshot};
 use tokio_postgres::{Client, GenericClient, NoTls};
 
-pub use self::bounds::{Bounds, BoundsError};
+pub use self::{
+    bounds::{Bounds, BoundsError},
+    snapshot::PgSnapshot,
+};
 use self::{
     history::History,
     reads::{Read, Reads},
@@ -99,6 +102,9 @@ CREATE TABLE IF NOT EXISTS tokenvault_audit_head (
     hash bytea NOT NULL
 );
 ";
+
+/// Why a vault on PostgreSQL makes no backups of its own.
+pub const BACKED_UP_BY_POSTGRES: &str = "a vault on PostgreSQL is backed up with PostgreSQL's own tools (pg_basebackup, point-in-time recovery), not by the vault";
 
 /// How long one attempt to reach the database may take, unless the
 /// connection setting says otherwise: a request waits at most this long
@@ -844,10 +850,8 @@ impl Store for PgStore {
         Ok(key_values(rows))
     }
 
-    async fn checkpoint(&self, _path: std::path::PathBuf) -> Result<(), Error> {
-        Err(Error::Unsupported(
-            "a vault on PostgreSQL is backed up with PostgreSQL's own tools (pg_basebackup, point-in-time recovery), not by the vault",
-        ))
+    fn checkpoints(&self) -> Result<&impl super::Checkpoints, Error> {
+        Err::<&super::NoCheckpoints, _>(Error::Unsupported(BACKED_UP_BY_POSTGRES))
     }
 
     fn estimated_len(&self, _table: Table) -> u64 {
@@ -873,5 +877,6 @@ mod history;
 mod lease;
 pub mod ledger;
 mod reads;
+mod snapshot;
 #[cfg(test)]
 mod tests;

@@ -4,7 +4,7 @@ use super::{Error, SubjectId, Vault};
 use crate::{
     audit::{AuditEvent, Checkpoint, Outcome, checkpoint_message},
     layout::{self, SubjectHash},
-    store::{Batch, KeyValues, Store, Table, Unit, chain},
+    store::{Batch, Checkpoints, KeyValues, Store, Table, Unit, chain},
     token::Token,
 };
 
@@ -183,9 +183,12 @@ impl<S: Store> Vault<S> {
         audit: &crate::audit::AuditContext,
     ) -> Result<Backup, Error> {
         let path = path.into_item();
+        // An engine that makes no backups refuses before anything is
+        // recorded: the trail never shows a backup that was not made.
+        let engine = self.store.checkpoints()?;
         self.record(&audit.event(Outcome::Ok)).await?;
         let audit_seq = self.store.audit_head().seq;
-        self.store.checkpoint(path.clone()).await?;
+        engine.checkpoint(path.clone()).await?;
         let bytes = dir_size(&path);
         Ok(Backup {
             path,

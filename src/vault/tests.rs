@@ -425,8 +425,8 @@ impl Store for FailingStore {
         self.inner.scan_from(table, from, limit).await
     }
 
-    async fn checkpoint(&self, path: std::path::PathBuf) -> Result<(), store::Error> {
-        self.inner.checkpoint(path).await
+    fn checkpoints(&self) -> Result<&impl store::Checkpoints, store::Error> {
+        self.inner.checkpoints()
     }
 
     fn estimated_len(&self, table: store::Table) -> u64 {

@@ -589,6 +589,20 @@ pub async fn postgres_replicas(
     postgres_replicas_on(&cluster.conninfo(name), &cluster.conninfo(&ledger))
 }
 
+/// A client session on database `dbname` of `cluster`, for the test's own
+/// reads and edits.
+pub async fn pg_session(
+    cluster: &tokenvault::store::postgres::cluster::ThrowawayCluster,
+    dbname: &str,
+) -> tokio_postgres::Client {
+    let (client, connection) =
+        tokio_postgres::connect(&cluster.conninfo(dbname), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
 /// The config of a replica on the database `connection` names, with the
 /// erasure ledger in database `ledger`, and `bounds` (keys of
 /// `[storage.postgres]`, one per line) added.

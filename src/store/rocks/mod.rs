@@ -493,14 +493,8 @@ impl Store for RocksStore {
         .await
     }
 
-    async fn checkpoint(&self, path: PathBuf) -> Result<(), Error> {
-        let db = Arc::clone(&self.db);
-        blocking(move || {
-            rocksdb::checkpoint::Checkpoint::new(&db)
-                .and_then(|c| c.create_checkpoint(&path))
-                .map_err(classify)
-        })
-        .await
+    fn checkpoints(&self) -> Result<&impl super::Checkpoints, Error> {
+        Ok(self)
     }
 
     fn audit_head(&self) -> Head {
@@ -548,18 +542,26 @@ fn read_head(db: &DB) -> Result<Head, Error> {
     }
 }
 
-/// A read-only view of a vault's database for offline tools.
+impl super::Checkpoints for RocksStore {
+    async fn checkpoint(&self, path: PathBuf) -> Result<(), Error> {
+        let db = Arc::clone(&self.db);
+        blocking(move || {
+            rocksdb::checkpoint::Checkpoint::new(&db)
+                .and_then(|c| c.create_checkpoint(&path))
+                .map_err(classify)
+        })
+        .await
+    }
+}
+
+/// A read-only view of a vault's database for offline tools: the state
+/// at the moment it was opened.
 pub struct ReadOnlyStore {
     db: DB,
 }
 
-impl ReadOnlyStore {
-    /// Calls `f` with each key and value of `table` from `from` on, in key
-    /// order, until it returns false.
-    ///
-    /// # Errors
-    /// Engine failures.
-    pub fn scan(
+impl super::Snapshot for ReadOnlyStore {
+    fn scan(
         &self,
         table: Table,
         from: &[u8],
@@ -580,11 +582,7 @@ impl ReadOnlyStore {
         Ok(())
     }
 
-    /// Reads one key.
-    ///
-    /// # Errors
-    /// Engine failures.
-    pub fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
+    fn get(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         match self.db.cf_handle(table.name()) {
             Some(handle) => self.db.get_cf(handle, key).map_err(classify),
             None => Ok(None),

@@ -1,6 +1,7 @@
 //! The RocksDB engine's own tests; the conformance suite runs here too.
 
 use super::*;
+use crate::store::Snapshot;
 
 pub(super) fn open(dir: &Path) -> RocksStore {
     RocksStore::open(dir, &StoreOptions::default()).unwrap()
