@@ -331,6 +331,94 @@ async fn the_offline_tools_read_a_postgres_vault() {
     assert!(out.contains("holds no tokenvault vault"), "{out}");
 }
 
+/// A master-key rotation through one replica: the other still holds the
+/// retired master key, so it must wrap nothing more under it (a data key
+/// it made would unwrap on no replica once the configuration names the new
+/// one). Its RotateKeys is refused, naming the cause; with both on the new
+/// key file every token reads and a rotation through either works.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_a_master_key_rotation_through_one_replica_the_other_wraps_nothing_under_the_old_key()
+{
+    use tokenvault::proto::v1::{RotateKeysRequest, admin_client::AdminClient};
+    let cluster = ThrowawayCluster::start();
+    cluster.create_database("vault").await;
+    let (mut a, mut b) = replicas(&cluster, "vault").await;
+    let before = tokenize_one(&mut a.client("support").await, "email", "kek@example.com").await;
+    let out = common::rotate_master_to_new_file(&a, "master-2.key").await;
+    assert!(out.contains("re-wrapped"), "{out}");
+
+    async fn admin(vault: &TestVault) -> AdminClient<tonic::transport::Channel> {
+        AdminClient::new(vault.channel_with(&vault.pki.tls("privacy")).await.unwrap())
+    }
+    let refused = admin(&b)
+        .await
+        .rotate_keys(RotateKeysRequest {})
+        .await
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::FailedPrecondition,
+        "{refused:?}"
+    );
+    assert!(
+        refused
+            .message()
+            .contains("rotated through another replica"),
+        "{refused:?}"
+    );
+    assert!(
+        b.wait_for_log("rotated through another replica"),
+        "{}",
+        b.logs()
+    );
+
+    // Both switched to the new key file, as the operator does next.
+    a.stop();
+    b.stop();
+    std::fs::copy(
+        a.root.path().join("master-2.key"),
+        b.root.path().join("master-2.key"),
+    )
+    .unwrap();
+    for vault in [&mut a, &mut b] {
+        let config = std::fs::read_to_string(vault.config_path()).unwrap();
+        assert!(config.contains("master_key_file = \"master.key\""));
+        std::fs::write(
+            vault.config_path(),
+            config.replace(
+                "master_key_file = \"master.key\"",
+                "master_key_file = \"master-2.key\"",
+            ),
+        )
+        .unwrap();
+        vault.spawn().unwrap();
+    }
+    let rotated = admin(&b)
+        .await
+        .rotate_keys(RotateKeysRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rotated.version, 2);
+    let after = tokenize_one(&mut b.client("support").await, "email", "new@example.com").await;
+    for vault in [&a, &b] {
+        let read = detokenize(
+            &mut vault.client("support").await,
+            &[before.clone(), after.clone()],
+            "customer_support",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            revealed(read),
+            [
+                Ok("kek@example.com".to_owned()),
+                Ok("new@example.com".to_owned())
+            ]
+        );
+    }
+}
+
 /// What detokenizing each of `tokens` through `vault` gives.
 async fn read_all(
     vault: &TestVault,

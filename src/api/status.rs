@@ -101,7 +101,9 @@ fn vault_status(err: vault::Error) -> Status {
             Status::data_loss(err.to_string())
         }
         // Paths, modes and token labels, for the admin who asked: no secret.
-        err @ vault::Error::NewMasterKey(_) => Status::failed_precondition(err.to_string()),
+        err @ (vault::Error::NewMasterKey(_) | vault::Error::MasterKeyMoved) => {
+            Status::failed_precondition(err.to_string())
+        }
         vault::Error::Crypto(crypto::Error::Hsm(detail)) => {
             tracing::error!(error = %detail, "the HSM holding the master key failed");
             Status::unavailable(

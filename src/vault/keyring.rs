@@ -33,6 +33,43 @@ pub struct Keyring {
     /// Wraps each subject's own data key (itself wrapped by the master key),
     /// so the master key need not stay in memory to create subject keys.
     subject_kek: DataKey,
+    /// The master key's mark in the store: see [`MasterMark`].
+    mark: std::sync::RwLock<MasterMark>,
+}
+
+/// Which master key wraps the stored keys, as this process knows it: the
+/// label and stored bytes of one key every vault has (the subject-id hash
+/// key), which every master-key rotation re-wraps and so changes.
+///
+/// Replicas share the keys table but each holds the master key its own
+/// configuration names. Every write that wraps a key under the master key
+/// guards that the mark is still the one this process saw: once a
+/// rotation through another replica moved the keys to a new master key,
+/// this process wraps nothing under the retired one (its new data key
+/// would unwrap nowhere after the switch), and hears
+/// [`Error::MasterKeyMoved`] instead.
+#[derive(Debug, Clone)]
+struct MasterMark {
+    label: Vec<u8>,
+    wrapped: Vec<u8>,
+}
+
+impl MasterMark {
+    /// Reads the mark, and checks that `master` unwraps it.
+    async fn read<S: Store>(store: &S, master: &MasterKey) -> Result<Self, Error> {
+        // It has one version, made with the vault.
+        let label = MasterWrapped::SubjectIdHashKey.label(1);
+        let wrapped = store
+            .get_many(Table::Keys, vec![label.clone()])
+            .await?
+            .pop()
+            .flatten()
+            .ok_or_else(|| Error::CorruptKey("the subject-id hash key is missing".into()))?;
+        master
+            .unwrap_hash_key(&decode_wrapped(&label, &wrapped)?, &label)
+            .map_err(|_| wrong_master(&label))?;
+        Ok(Self { label, wrapped })
+    }
 }
 
 impl Keyring {
@@ -90,6 +127,9 @@ impl Keyring {
             batch.put(Table::Keys, layout::AUDIT_PUBLIC_KEY.to_vec(), public);
             store.commit(batch).await?;
         }
+        // Read last: a rotation through another replica since the keys
+        // above were read shows here, as a master key that does not unwrap.
+        let mark = MasterMark::read(store, master).await?;
         Ok(Self {
             data_keys: std::sync::RwLock::new(data_keys),
             master: std::sync::RwLock::new(master.duplicate()),
@@ -99,7 +139,36 @@ impl Keyring {
             audit_signer,
             ledger_key,
             subject_kek,
+            mark: std::sync::RwLock::new(mark),
         })
+    }
+
+    /// Adds to `unit` the guard that the keys are still wrapped under the
+    /// master key this process holds (see [`MasterMark`]).
+    pub fn guard_master(&self, unit: &mut crate::store::Unit) {
+        let mark = self.mark();
+        unit.guard_unchanged(Table::Keys, mark.label, mark.wrapped);
+    }
+
+    fn mark(&self) -> MasterMark {
+        self.mark
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Checks that no other process moved the keys to another master key
+    /// since this one last looked.
+    ///
+    /// # Errors
+    /// [`Error::MasterKeyMoved`]; storage failures.
+    async fn check_master<S: Store>(&self, store: &S) -> Result<(), Error> {
+        let mark = self.mark();
+        let stored = store.get_many(Table::Keys, vec![mark.label]).await?;
+        match stored.into_iter().next().flatten() {
+            Some(wrapped) if wrapped == mark.wrapped => Ok(()),
+            _ => Err(Error::MasterKeyMoved),
+        }
     }
 
     /// Loads the data-key and blind-index-key versions that another process
@@ -109,6 +178,7 @@ impl Keyring {
     /// # Errors
     /// Storage failures, or a new key that does not unwrap.
     pub async fn refresh<S: Store>(&self, store: &S) -> Result<usize, Error> {
+        self.check_master(store).await?;
         let data = load_versions(store, MasterWrapped::DataKey, |sealed, label| {
             self.master().unwrap_data_key(sealed, label)
         })
@@ -159,8 +229,11 @@ impl Keyring {
     /// one. Returns how many keys were re-wrapped.
     ///
     /// # Errors
-    /// If a key does not unwrap under the current master key, or storage fails.
+    /// [`Error::MasterKeyMoved`] if another process rotated it first; if a
+    /// key does not unwrap under the current master key, or storage fails.
     pub async fn rotate_master<S: Store>(&self, store: &S, new: MasterKey) -> Result<usize, Error> {
+        // Said plainly, before any key fails to unwrap under the old one.
+        self.check_master(store).await?;
         let mut wrapped_keys = Vec::new();
         for family in MasterWrapped::ALL {
             wrapped_keys.extend(
@@ -171,6 +244,12 @@ impl Keyring {
         }
         let count = wrapped_keys.len();
         let mut batch = Batch::new();
+        let unit = batch.unit();
+        // Two rotations through two replicas at once: one wins, and the
+        // other re-wraps nothing (its keys would be under a master key no
+        // configuration names).
+        self.guard_master(unit);
+        let mut mark = self.mark();
         {
             let old = self
                 .master
@@ -183,14 +262,28 @@ impl Keyring {
                     .unwrap_data_key(&sealed, &label)
                     .map_err(|_| wrong_master(&label))?;
                 let rewrapped = encode_wrapped(&new.wrap_data_key(&key, &label)?);
-                batch.put(Table::Keys, label, rewrapped);
+                if label == mark.label {
+                    mark.wrapped.clone_from(&rewrapped);
+                }
+                unit.put(Table::Keys, label, rewrapped);
             }
         }
-        store.commit(batch).await?;
+        if store
+            .commit(batch)
+            .await?
+            .first()
+            .is_some_and(Result::is_err)
+        {
+            return Err(Error::MasterKeyMoved);
+        }
         *self
             .master
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = new;
+        *self
+            .mark
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = mark;
         tracing::info!(
             keys = count,
             "re-wrapped every key under the new master key; update keys.master_key_file before the next restart"

@@ -182,6 +182,12 @@ pub enum Error {
     /// file, token, PIN or key); the message says why and holds no secret.
     #[error("the new master key cannot be used: {0}")]
     NewMasterKey(String),
+    /// Another replica moved the stored keys to a new master key since this
+    /// process started: it wraps nothing more under the one it holds.
+    #[error(
+        "the master key was rotated through another replica since this process started: nothing was changed; restart it with the new keys.master_key_file (or keys.pkcs11 key)"
+    )]
+    MasterKeyMoved,
     /// The audit event could not be written, so the request was refused.
     #[error("the audit log cannot be written: {0}")]
     AuditUnavailable(store::Error),

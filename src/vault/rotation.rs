@@ -9,7 +9,7 @@ use crate::{
     audit::{AuditContext, Outcome},
     authz::Permit,
     layout::KeyVersion,
-    store::{Batch, KeyValues, Store, Table},
+    store::{Batch, FailedGuard, KeyValues, Store, Table},
     token::Token,
 };
 
@@ -65,6 +65,7 @@ impl<S: Store> Vault<S> {
         let mut batch = Batch::new();
         let unit = batch.unit();
         new.store(unit);
+        self.keyring.guard_master(unit);
         self.start_job(unit, job);
         unit.append_audit(audit.event(Outcome::Ok).encode());
         let outcomes = self
@@ -72,13 +73,18 @@ impl<S: Store> Vault<S> {
             .commit(batch)
             .await
             .map_err(Error::AuditUnavailable)?;
-        if outcomes.first().is_some_and(Result::is_err) {
-            self.record(&audit.event(Outcome::Aborted)).await?;
-            return Err(Error::Conflict(
-                "another rotation of this key ran at the same time; nothing was changed",
-            ));
+        match outcomes.into_iter().next() {
+            Some(Err(conflict)) => {
+                self.record(&audit.event(Outcome::Aborted)).await?;
+                Err(match conflict.guard {
+                    FailedGuard::Unchanged(_) => Error::MasterKeyMoved,
+                    FailedGuard::Absent(_) => Error::Conflict(
+                        "another rotation of this key ran at the same time; nothing was changed",
+                    ),
+                })
+            }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Re-wraps every key under the master key that the permitted setting
