@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Two vault replicas on one local PostgreSQL: the PostgreSQL engine, tried on
-# one machine. Starts a throwaway PostgreSQL cluster (in a temporary
-# directory, unix socket only) with two databases, the vault's and the
-# erasure ledger's, then two `tokenvault serve` processes on them with the
+# one machine. Starts two throwaway PostgreSQL clusters (in a temporary
+# directory, unix sockets only), one for the vault's database and one for
+# the erasure ledger's (a cluster of its own, as in production: a restore
+# of the vault's cluster must not roll the ledger back with it; see
+# deploy/README.md), then two `tokenvault serve` processes on them with the
 # dev vault's certificates and master key (tokenvault-dev/, made here if
 # `make dev` has not made it yet), on localhost:50061 and localhost:50062.
 # A token minted through one reads through the other. Ctrl-C stops all
@@ -46,17 +48,24 @@ pids=()
 stop() {
     for pid in "${pids[@]}"; do kill -TERM "$pid" 2>/dev/null || true; done
     wait "${pids[@]}" 2>/dev/null || true
-    "${as_owner[@]}" "$pgbin/pg_ctl" -s -D "$cluster/data" -m fast stop || true
+    for data in vault ledger; do
+        "${as_owner[@]}" "$pgbin/pg_ctl" -s -D "$cluster/$data" -m fast stop || true
+    done
     rm -rf "$cluster"
 }
 trap stop EXIT
 trap 'exit 130' INT TERM
 
-"${as_owner[@]}" "$pgbin/initdb" -D "$cluster/data" -U tokenvault --auth=trust -E UTF8 >/dev/null
-"${as_owner[@]}" "$pgbin/pg_ctl" -s -D "$cluster/data" -l "$cluster/log" -w \
-    -o "-k $cluster -c listen_addresses=''" start
-for db in tokenvault tokenvault_ledger; do
-    "${as_owner[@]}" "$pgbin/psql" -q -h "$cluster" -U tokenvault -d postgres -c "CREATE DATABASE $db"
+# The vault's cluster on socket port 5432, the ledger's on 5433 (both
+# sockets in the temporary directory: no TCP port is taken).
+port=5432
+for data in vault ledger; do
+    "${as_owner[@]}" "$pgbin/initdb" -D "$cluster/$data" -U tokenvault --auth=trust -E UTF8 >/dev/null
+    "${as_owner[@]}" "$pgbin/pg_ctl" -s -D "$cluster/$data" -l "$cluster/$data.log" -w \
+        -o "-k $cluster -p $port -c listen_addresses=''" start
+    "${as_owner[@]}" "$pgbin/psql" -q -h "$cluster" -p "$port" -U tokenvault -d postgres \
+        -c "CREATE DATABASE tokenvault_$data"
+    port=$((port + 1))
 done
 
 # One config per replica: the dev vault's files and policy, the two
@@ -78,9 +87,9 @@ master_key_file = "master.key"
 [storage]
 engine = "postgres"
 [storage.postgres]
-connection = "host=$cluster user=tokenvault dbname=tokenvault"
+connection = "host=$cluster port=5432 user=tokenvault dbname=tokenvault_vault"
 [subjects.erasure_ledger_database]
-connection = "host=$cluster user=tokenvault dbname=tokenvault_ledger"
+connection = "host=$cluster port=5433 user=tokenvault dbname=tokenvault_ledger"
 $policy
 TOML
     "$tokenvault" serve --config "$dev/replica-$n.toml" 2>"$dev/replica-$n.log" &
@@ -99,7 +108,7 @@ for n in 1 2; do
 done
 
 cat <<TEXT
-two replicas of the dev vault on one PostgreSQL ($cluster):
+two replicas of the dev vault on PostgreSQL (vault and ledger clusters in $cluster):
   replica 1: localhost:$((base + 1)) (health $((base + 11)))   log: $dev/replica-1.log
   replica 2: localhost:$((base + 2)) (health $((base + 12)))   log: $dev/replica-2.log
 try:

@@ -286,6 +286,14 @@ pub const AUDIT_LAST_CHECKPOINT: &[u8] = b"audit/last-checkpoint";
 /// index them, and a subject's access history says it starts there.
 pub const AUDIT_SUBJECTS_INDEXED_FROM: &[u8] = b"audit/subjects-indexed-from";
 
+/// This vault's id (16 random bytes), made when it was first opened with a
+/// ledger table: what that ledger is bound to.
+pub const VAULT_ID: &[u8] = b"vault-id";
+
+/// The id of the erasure ledger table this vault is bound to (16 bytes, as
+/// the ledger's `tokenvault_ledger_schema.ledger_id`).
+pub const ERASURE_LEDGER_ID: &[u8] = b"erasure-ledger-id";
+
 /// The prefix of the erasure ledger's entries as the vault recorded them.
 pub const ERASURE_LEDGER_ENTRY_PREFIX: &[u8] = b"erasure-ledger/entry/";
 
@@ -365,6 +373,8 @@ mod tests {
         assert_eq!(AUDIT_PRUNE_MARKER, b"audit/pruned-through");
         assert_eq!(AUDIT_LAST_CHECKPOINT, b"audit/last-checkpoint");
         assert_eq!(AUDIT_SUBJECTS_INDEXED_FROM, b"audit/subjects-indexed-from");
+        assert_eq!(VAULT_ID, b"vault-id");
+        assert_eq!(ERASURE_LEDGER_ID, b"erasure-ledger-id");
         assert_eq!(
             audit_subject_prefix(&SUBJECT),
             [b"s".as_slice(), &[0xab; 32]].concat()

@@ -419,6 +419,93 @@ async fn after_a_master_key_rotation_through_one_replica_the_other_wraps_nothing
     }
 }
 
+/// A replica of `first` on the vault database `vault` with its erasure
+/// ledger at `ledger`, started with `args`: the lines it logged if it
+/// refused to start.
+fn start_on_ledger(
+    first: &TestVault,
+    vault: &str,
+    ledger: &str,
+    args: &[&str],
+) -> Result<TestVault, String> {
+    let mut replica = TestVault::prepare(&common::postgres_replica_config(vault, ledger, ""));
+    std::fs::copy(
+        first.root.path().join("master.key"),
+        replica.root.path().join("master.key"),
+    )
+    .unwrap();
+    replica.serve_args = args.iter().map(|a| (*a).to_owned()).collect();
+    replica.write_config();
+    replica.spawn().map(|()| replica)
+}
+
+/// A replica never starts on an erasure ledger that is not its vault's: on
+/// a new, empty one (a wrong dbname) it would serve erased subjects and
+/// its next erasure would stop every correctly configured replica. Each
+/// case is refused in one line: a ledger other than the one the vault is
+/// bound to, another vault's ledger, a ledger in the vault's own database
+/// (named another way than the vault's setting). A ledger lost for good
+/// is adopted only on purpose, with --accept-restored-ledger.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replica_refuses_an_erasure_ledger_that_is_not_its_vaults() {
+    let cluster = ThrowawayCluster::start();
+    cluster.create_database("vault").await;
+    let (a, mut b) = replicas(&cluster, "vault").await;
+    b.stop();
+    let vault = cluster.conninfo("vault");
+
+    cluster.create_database("new_ledger").await;
+    let refused = start_on_ledger(&a, &vault, &cluster.conninfo("new_ledger"), &[])
+        .err()
+        .expect("a replica started on a new, empty ledger");
+    assert!(refused.contains("is not this vault's ledger"), "{refused}");
+    assert!(refused.contains("--accept-restored-ledger"), "{refused}");
+
+    // Another vault (its own database and master key) on this vault's ledger.
+    cluster.create_database("other_vault").await;
+    let mut other = TestVault::prepare(&common::postgres_replica_config(
+        &cluster.conninfo("other_vault"),
+        &cluster.conninfo("vault_ledger"),
+        "",
+    ));
+    other.write_config();
+    let refused = other
+        .spawn()
+        .expect_err("another vault started on this vault's ledger");
+    assert!(refused.contains("belongs to another vault"), "{refused}");
+
+    // The vault's own database, named so that the settings differ.
+    // (a link to the socket directory: another host to the setting's eyes).
+    let link = a.root.path().join("socket-link");
+    std::os::unix::fs::symlink(cluster.socket_dir(), &link).unwrap();
+    let dir = cluster.socket_dir().display().to_string();
+    let same = vault.replacen(&dir, &link.display().to_string(), 1);
+    assert_ne!(same, vault);
+    let refused = start_on_ledger(&a, &vault, &same, &[])
+        .err()
+        .expect("a replica started with its ledger in the vault's database");
+    assert!(refused.contains("also holds a vault's tables"), "{refused}");
+
+    // Adopted on purpose: the vault is bound to the new ledger from now on.
+    let mut adopted = start_on_ledger(
+        &a,
+        &vault,
+        &cluster.conninfo("new_ledger"),
+        &["--accept-restored-ledger"],
+    )
+    .expect("an adopted ledger");
+    assert!(
+        adopted.wait_for_log("adopted another erasure ledger"),
+        "{}",
+        adopted.logs()
+    );
+    adopted.stop();
+    let refused = b
+        .spawn()
+        .expect_err("the old ledger is no longer this vault's");
+    assert!(refused.contains("is not this vault's ledger"), "{refused}");
+}
+
 /// What detokenizing each of `tokens` through `vault` gives.
 async fn read_all(
     vault: &TestVault,
@@ -572,8 +659,9 @@ fn free_port_base() -> u16 {
         .expect("no free ports for the two replicas")
 }
 
-/// The README's two-replica trial: `scripts/two-replicas.sh` starts a
-/// PostgreSQL cluster and two replicas of the dev vault on it; a token
+/// The README's two-replica trial: `scripts/two-replicas.sh` starts two
+/// PostgreSQL clusters (the vault's, the ledger's) and two replicas of the
+/// dev vault on them; a token
 /// tokenized through one is read through the other with the CLI client;
 /// stopping the script stops everything and deletes the cluster.
 #[test]
@@ -598,7 +686,9 @@ fn the_two_replica_script_serves_one_vault_on_two_ports() {
     let mut cluster = None;
     for line in lines.by_ref() {
         let line = line.unwrap();
-        if let Some(rest) = line.strip_prefix("two replicas of the dev vault on one PostgreSQL (") {
+        if let Some(rest) = line.strip_prefix(
+            "two replicas of the dev vault on PostgreSQL (vault and ledger clusters in ",
+        ) {
             cluster = Some(std::path::PathBuf::from(rest.trim_end_matches("):")));
         }
         if line.contains("Ctrl-C stops them") {
@@ -606,6 +696,21 @@ fn the_two_replica_script_serves_one_vault_on_two_ports() {
         }
     }
     let cluster = cluster.expect("the script said where its cluster is");
+    // The ledger in a cluster of its own (restored apart from the vault's).
+    let config = std::fs::read_to_string(dev_dir.join("replica-1.toml")).unwrap();
+    let port_of = |table: &str| {
+        let section = config.split(table).nth(1).unwrap();
+        let connection = section
+            .lines()
+            .find(|l| l.starts_with("connection"))
+            .unwrap();
+        connection.split_once("port=").unwrap().1[..4].to_owned()
+    };
+    assert_ne!(
+        port_of("[storage.postgres]"),
+        port_of("[subjects.erasure_ledger_database]"),
+        "{config}"
+    );
     let client = |args: &[&str]| {
         let out = common::tokenvault_command()
             .arg("client")

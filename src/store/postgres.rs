@@ -861,8 +861,10 @@ impl Store for PgStore {
     }
 
     async fn purge(&self, _keys: Vec<(Table, Vec<u8>)>) -> Result<(), Error> {
-        // A deleted row leaves the heap at the next vacuum and the WAL at
-        // the database's next checkpoint: the database's own schedule.
+        // A deleted row leaves the table at the next vacuum, on the
+        // database's own schedule; PostgreSQL never overwrites its bytes
+        // (free space in a page, WAL, archives, backups keep them until
+        // reused): SECURITY.md, "Shredding on PostgreSQL".
         Ok(())
     }
     async fn leads_background_jobs(&self) -> bool {

@@ -81,6 +81,7 @@ impl<S: Store> Vault<S> {
         rollback: LedgerRollback,
     ) -> Result<(Self, u64), Error> {
         let (sink, content) = LedgerSink::open(location).await?;
+        self.bind_ledger(&sink, rollback).await?;
         let recorded = self.recorded_ledger().await?;
         let key = self.keyring.ledger_key();
         let place = sink.place();

@@ -12,6 +12,7 @@ mod history;
 mod jobs;
 mod keyring;
 mod ledger;
+mod ledger_binding;
 mod ledger_sink;
 mod record;
 mod records;

@@ -20,7 +20,11 @@ use super::{Bounds, Session, Target, classify};
 use crate::store::Error;
 
 /// The version of this table's schema; a newer one is refused.
-const LEDGER_SCHEMA_VERSION: i32 = 1;
+///
+/// Version 2 adds the ledger's own id and the id of the vault it belongs
+/// to ([`LedgerIdentity`]): a release that knows only version 1 would
+/// append to a ledger without checking whose it is.
+const LEDGER_SCHEMA_VERSION: i32 = 2;
 
 /// Taken while the table is created, so replicas starting together do it
 /// once. Any constant; never change it.
@@ -35,7 +39,20 @@ CREATE TABLE IF NOT EXISTS tokenvault_erasure_ledger (
     seq bigint PRIMARY KEY CHECK (seq > 0),
     entry bytea NOT NULL
 );
+ALTER TABLE tokenvault_ledger_schema
+    ADD COLUMN IF NOT EXISTS ledger_id bytea,
+    ADD COLUMN IF NOT EXISTS vault_id bytea;
 ";
+
+/// Whose a ledger table is: its own id, made with it, and the id of the
+/// vault that first bound it (`None` until one did).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LedgerIdentity {
+    /// Made at random when the table was created (or first upgraded).
+    pub ledger_id: Vec<u8>,
+    /// The vault it belongs to.
+    pub vault_id: Option<Vec<u8>>,
+}
 
 /// What [`LedgerTable::append`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +94,77 @@ impl LedgerTable {
             client: Mutex::new(Some(client)),
             place,
         })
+    }
+
+    /// Whose the ledger is.
+    ///
+    /// # Errors
+    /// If the database cannot be read.
+    pub async fn identity(&self) -> Result<LedgerIdentity, Error> {
+        self.call(async |client| {
+            let row = client
+                .query_one(
+                    "SELECT ledger_id, vault_id FROM tokenvault_ledger_schema",
+                    &[],
+                )
+                .await?;
+            Ok(LedgerIdentity {
+                ledger_id: row.get(0),
+                vault_id: row.get(1),
+            })
+        })
+        .await
+    }
+
+    /// Binds the ledger to `vault_id` if no vault is bound yet, and says
+    /// whose it is now (another vault's, if one bound it first).
+    ///
+    /// # Errors
+    /// If the database cannot be written.
+    pub async fn bind(&self, vault_id: &[u8]) -> Result<LedgerIdentity, Error> {
+        let vault_id = vault_id.to_vec();
+        self.call(async |client| {
+            client
+                .execute(
+                    "UPDATE tokenvault_ledger_schema SET vault_id = $1 WHERE vault_id IS NULL",
+                    &[&vault_id],
+                )
+                .await?;
+            Ok(())
+        })
+        .await?;
+        self.identity().await
+    }
+
+    /// Whether the ledger's database also holds a vault's tables: a restore
+    /// of that database would roll the ledger back with the data, which
+    /// is what the ledger is there to undo.
+    ///
+    /// # Errors
+    /// If the database cannot be read.
+    pub async fn beside_a_vault(&self) -> Result<bool, Error> {
+        self.call(async |client| {
+            let row = client
+                .query_one("SELECT to_regclass('tokenvault_kv') IS NOT NULL", &[])
+                .await?;
+            Ok(row.get(0))
+        })
+        .await
+    }
+
+    /// Runs `query` on the connection within the call deadline.
+    async fn call<T>(
+        &self,
+        query: impl AsyncFnOnce(&Client) -> Result<T, tokio_postgres::Error>,
+    ) -> Result<T, Error> {
+        let mut slot = self.connected().await?;
+        let Some(client) = slot.as_mut() else {
+            return Err(Error::Closed);
+        };
+        match tokio::time::timeout(self.target.bounds.call, query(client)).await {
+            Err(_) => Err(self.forget(&mut slot)),
+            Ok(answer) => answer.map_err(|e| forget_if_closed(&mut slot, e)),
+        }
     }
 
     /// The database it is in (host and name), for messages.
@@ -247,8 +335,25 @@ async fn migrate(client: &mut Client) -> Result<(), Error> {
                 "the erasure ledger's schema is version {version}, newer than this tokenvault's ({LEDGER_SCHEMA_VERSION}); run a release that knows it"
             )));
         }
-        Some(_) => {}
+        Some(_) => {
+            tx.execute(
+                "UPDATE tokenvault_ledger_schema SET version = $1",
+                &[&LEDGER_SCHEMA_VERSION],
+            )
+            .await
+            .map_err(classify)?;
+        }
     }
+    // Made once, with the table (or at the upgrade to version 2).
+    let mut ledger_id = [0u8; 16];
+    getrandom::fill(&mut ledger_id)
+        .map_err(|e| Error::Backend(format!("cannot draw the ledger's id: {e}")))?;
+    tx.execute(
+        "UPDATE tokenvault_ledger_schema SET ledger_id = $1 WHERE ledger_id IS NULL",
+        &[&&ledger_id[..]],
+    )
+    .await
+    .map_err(classify)?;
     tx.commit().await.map_err(classify)
 }
 
