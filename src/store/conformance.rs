@@ -36,6 +36,7 @@ macro_rules! conformance_tests {
             a_unit_applies_whole_or_not_at_all,
             absent_guards_let_exactly_one_concurrent_writer_win,
             unchanged_guards_are_a_compare_and_set,
+            a_unit_sees_the_store_as_the_units_before_it_left_it,
             the_audit_head_covers_every_acknowledged_event,
             audit_entries_are_indexed_in_their_own_write,
             a_key_asked_for_twice_is_answered_twice,
@@ -335,6 +336,75 @@ pub(crate) async fn unchanged_guards_are_a_compare_and_set<E: Engine>(engine: &E
         })]
     );
     assert_eq!(get(&store, Table::Records, &[b"r"]).await, vec![None]);
+}
+
+/// The units of one group are decided as if applied one at a time, in
+/// order: each guard sees every earlier unit's writes (guarded or not), and
+/// nothing else of theirs. Units of one batch always share a group, so
+/// each case is one batch of two units.
+pub(crate) async fn a_unit_sees_the_store_as_the_units_before_it_left_it<E: Engine>(
+    engine: &E,
+) {
+    let store = engine.open().await;
+    let k = || b"k".to_vec();
+
+    // (a) Unit 1 deletes K, which held v; unit 2 then finds K absent.
+    let mut batch = Batch::new();
+    batch.put(Table::Records, k(), b"v".to_vec());
+    commit(&store, batch).await;
+    let mut batch = Batch::new();
+    batch
+        .unit()
+        .guard_unchanged(Table::Records, k(), b"v".to_vec())
+        .delete(Table::Records, k());
+    batch
+        .unit()
+        .guard_absent(Table::Records, k())
+        .put(Table::Records, k(), b"w".to_vec());
+    assert_eq!(commit(&store, batch).await, vec![Ok(()), Ok(())], "(a)");
+    assert_eq!(
+        get(&store, Table::Records, &[b"k"]).await,
+        vec![Some(b"w".to_vec())],
+        "(a)"
+    );
+
+    // (b) Unit 1 writes K without guarding it; unit 2's absent guard sees it.
+    let mut batch = Batch::new();
+    batch.unit().put(Table::Index, k(), b"first".to_vec());
+    batch
+        .unit()
+        .guard_absent(Table::Index, k())
+        .put(Table::Index, k(), b"second".to_vec());
+    assert_eq!(
+        commit(&store, batch).await,
+        vec![
+            Ok(()),
+            Err(Conflict {
+                guard: FailedGuard::Absent(0),
+                existing: b"first".to_vec()
+            })
+        ],
+        "(b)"
+    );
+    assert_eq!(
+        get(&store, Table::Index, &[b"k"]).await,
+        vec![Some(b"first".to_vec())],
+        "(b)"
+    );
+
+    // (c) Unit 1 only checks that K is absent; unit 2 finds it absent too.
+    let mut batch = Batch::new();
+    batch.unit().guard_absent(Table::Meta, k());
+    batch
+        .unit()
+        .guard_absent(Table::Meta, k())
+        .put(Table::Meta, k(), b"mine".to_vec());
+    assert_eq!(commit(&store, batch).await, vec![Ok(()), Ok(())], "(c)");
+    assert_eq!(
+        get(&store, Table::Meta, &[b"k"]).await,
+        vec![Some(b"mine".to_vec())],
+        "(c)"
+    );
 }
 
 /// Checkpoints sign the head the store reports: it has moved past an event

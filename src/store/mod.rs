@@ -8,6 +8,7 @@
 pub mod chain;
 #[cfg(test)]
 pub(crate) mod conformance;
+mod decide;
 mod engine;
 pub mod postgres;
 mod rocks;

@@ -41,14 +41,15 @@
 //! hear the first cause (a full disk is `RESOURCE_EXHAUSTED`, a duplicate
 //! audit entry names itself), not that.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use tokio_postgres::{Client, Statement, Transaction, types::ToSql};
 
 use super::{check_head_and_entry, classify, corrupt, head_of, history::History};
 use crate::store::{
-    Conflict, Error, FailedGuard, Op, Table, Unit, UnitOutcomes,
+    Error, Op, Table, Unit, UnitOutcomes,
     chain::{self, Head},
+    decide::{Decision, guarded},
 };
 
 /// The class of the key locks: the first key of PostgreSQL's two-key
@@ -155,16 +156,6 @@ pub(super) fn lock_id(table: Table, key: &[u8]) -> i32 {
     i32::from_be_bytes([a ^ e, b ^ f, c ^ g, d ^ h])
 }
 
-/// The keys `unit` guards (absent or unchanged): what the group reads.
-fn guarded(unit: &Unit) -> impl Iterator<Item = (Table, &[u8])> {
-    let absent = unit.guards().iter().map(|(table, key)| (*table, &key[..]));
-    let unchanged = unit
-        .unchanged()
-        .iter()
-        .map(|(table, key, _)| (*table, &key[..]));
-    absent.chain(unchanged)
-}
-
 /// The keys `unit` guards or writes: what the group locks. Audit entries
 /// are not among them: they are written under the head's lock.
 fn touched(unit: &Unit) -> impl Iterator<Item = (Table, &[u8])> {
@@ -251,16 +242,21 @@ pub(super) async fn write_group<'a>(
     writers.and(keys).map_err(classify)?;
     let found = found.map_err(classify)?;
     check_head_and_entry(history, seen, &checked.map_err(classify)?)?;
+    let stored = found
+        .iter()
+        .map(|row| Ok(((table_named(row.get(0))?, row.get(1)), row.get(2))))
+        .collect::<Result<Vec<_>, Error>>()?;
     let mut group = Group {
         read,
-        ..Group::default()
+        decision: Decision::new(stored),
     };
-    for row in &found {
-        let table = table_named(row.get(0))?;
-        group.stored.insert((table, row.get(1)), row.get(2));
-    }
     let outcomes = batches
-        .map(|units| units.iter().map(|unit| group.apply(unit)).collect())
+        .map(|units| {
+            units
+                .iter()
+                .map(|unit| group.decision.apply(unit))
+                .collect()
+        })
         .collect();
     let head = group.write(&tx, statements).await?;
     tx.commit().await.map_err(classify)?;
@@ -317,79 +313,20 @@ impl<'a> Rows<'a> {
     }
 }
 
-/// An audit event a decided unit appends: its payload and index prefixes.
-struct Event<'u> {
-    payload: &'u [u8],
-    index: &'u [Vec<u8>],
-}
-
-/// What one transaction knows and has decided so far, borrowing the
-/// units' keys and values and the rows read (no copy per key).
-#[derive(Default)]
+/// What one transaction read and decided, borrowing the units' keys and
+/// values and the rows read (no copy per key).
 struct Group<'u> {
     /// The keys the transaction read (every key a unit guards).
     read: HashSet<(Table, &'u [u8])>,
-    /// The guarded keys' values as the transaction found them.
-    stored: HashMap<(Table, &'u [u8]), &'u [u8]>,
-    /// The final state of every key the group writes (`None`: deleted).
-    written: HashMap<(Table, &'u [u8]), Option<&'u [u8]>>,
-    /// The audit events of the units that apply, in order.
-    events: Vec<Event<'u>>,
+    /// The units decided on what it read (`store::decide`).
+    decision: Decision<'u>,
 }
 
-impl<'u> Group<'u> {
-    /// Decides `unit`: its changes if every guard holds, else which failed.
-    fn apply(&mut self, unit: &'u Unit) -> Result<(), Conflict> {
-        if let Some(conflict) = self.failed_guard(unit) {
-            return Err(conflict);
-        }
-        for op in unit.ops() {
-            match op {
-                Op::Put { table, key, value } => {
-                    self.written.insert((*table, key), Some(value));
-                }
-                Op::Delete { table, key } => {
-                    self.written.insert((*table, key), None);
-                }
-                Op::AppendAudit { payload, index } => self.events.push(Event { payload, index }),
-            }
-        }
-        Ok(())
-    }
-
+impl Group<'_> {
     /// Whether `key` was read and not found: locked since, it is still
     /// absent, and a plain insert writes it.
     fn known_absent(&self, table: Table, key: &[u8]) -> bool {
-        self.read.contains(&(table, key)) && !self.stored.contains_key(&(table, key))
-    }
-
-    /// The value under `key` as the unit being decided sees it.
-    fn current(&self, table: Table, key: &[u8]) -> Option<&'u [u8]> {
-        match self.written.get(&(table, key)) {
-            Some(decided) => *decided,
-            None => self.stored.get(&(table, key)).copied(),
-        }
-    }
-
-    fn failed_guard(&self, unit: &Unit) -> Option<Conflict> {
-        for (index, (table, key)) in unit.guards().iter().enumerate() {
-            if let Some(existing) = self.current(*table, key) {
-                return Some(Conflict {
-                    guard: FailedGuard::Absent(index),
-                    existing: existing.to_vec(),
-                });
-            }
-        }
-        for (index, (table, key, expected)) in unit.unchanged().iter().enumerate() {
-            let current = self.current(*table, key);
-            if current != Some(expected.as_slice()) {
-                return Some(Conflict {
-                    guard: FailedGuard::Unchanged(index),
-                    existing: current.map(<[u8]>::to_vec).unwrap_or_default(),
-                });
-            }
-        }
-        None
+        self.read.contains(&(table, key)) && !self.decision.was_stored(table, key)
     }
 
     /// Writes the decided state, then, if the group has events, locks the
@@ -403,7 +340,7 @@ impl<'u> Group<'u> {
         let mut inserts = Rows::default();
         let mut upserts = Rows::default();
         let mut deletes = Keys::default();
-        for (&(table, key), value) in &self.written {
+        for (table, key, value) in self.decision.written() {
             match value {
                 Some(value) if self.known_absent(table, key) => inserts.push(table, key, value),
                 Some(value) => upserts.push(table, key, value),
@@ -418,7 +355,8 @@ impl<'u> Group<'u> {
                 .await
                 .map(drop)
         };
-        if self.events.is_empty() {
+        let events = self.decision.events();
+        if events.is_empty() {
             let (inserted, upserted, deleted) = tokio::join!(
                 inserts.write(tx, &statements.insert),
                 upserts.write(tx, &statements.upsert),
@@ -437,9 +375,9 @@ impl<'u> Group<'u> {
         );
         inserted.and(upserted).and(deleted).map_err(classify)?;
         let mut head = head_of(&locked.map_err(classify)?)?;
-        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(self.events.len());
+        let mut entries: Vec<(Vec<u8>, Vec<u8>)> = Vec::with_capacity(events.len());
         let mut index_keys: Vec<Vec<u8>> = Vec::new();
-        for event in &self.events {
+        for event in events {
             let seq = head.seq + 1;
             let value = chain::encode(seq, &head.hash, event.payload);
             head = Head {

@@ -1,19 +1,18 @@
 //! The committer thread: the single writer. It drains every batch waiting
-//! in its queue into one `WriteBatch` and one write, checking each unit's
-//! guards against the store and against the units before it in the group.
+//! in its queue into one `WriteBatch` and one write, each unit decided on
+//! the store as the units before it in the group left it
+//! (`store::decide`).
 
-use std::{
-    collections::HashMap,
-    sync::{Mutex, atomic::Ordering},
-};
+use std::sync::{Mutex, atomic::Ordering};
 
 use rocksdb::{DB, WriteBatch, WriteOptions};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{CommitStats, cf, classify};
 use crate::store::{
-    Batch, Conflict, Error, FailedGuard, Op, Table, Unit, UnitOutcomes,
+    Batch, Error, Table, UnitOutcomes,
     chain::{self, Head},
+    decide::{Decision, guarded},
 };
 
 /// How many queued batches one physical write may carry at most. Bounds the
@@ -98,122 +97,64 @@ pub(super) fn run_committer(
 }
 
 /// Builds one `WriteBatch` from every unit of every queued batch whose guards
-/// pass, and writes it.
+/// pass (decided by `store::decide` on the guarded keys read here: the
+/// committer is the only writer, so nothing changes them meanwhile), and
+/// writes it.
 fn write_group(
     db: &DB,
     group: &[Commit],
     opts: &WriteOptions,
     head: &mut Head,
 ) -> Result<Vec<UnitOutcomes>, Error> {
-    let mut wb = WriteBatch::default();
-    // Guarded keys written by earlier units of this group: the committer is
-    // the only writer, so the store plus this map is the whole truth.
-    let mut claimed: HashMap<(Table, Vec<u8>), Vec<u8>> = HashMap::new();
-    // Compare-and-set guards must see every earlier write of the group, not
-    // only guarded ones; tracked only when some unit needs it.
-    let track_all = group
+    let units = || group.iter().flat_map(|commit| commit.batch.units());
+    let keys: Vec<(Table, &[u8])> = units()
+        .flat_map(guarded)
+        .collect::<std::collections::HashSet<_>>()
+        .into_iter()
+        .collect();
+    let mut values = Vec::with_capacity(keys.len());
+    for &(table, key) in &keys {
+        values.push(db.get_cf(cf(db, table)?, key).map_err(classify)?);
+    }
+    let mut decision = Decision::new(
+        keys.iter()
+            .zip(&values)
+            .filter_map(|(&key, value)| Some((key, value.as_deref()?))),
+    );
+    let outcomes: Vec<UnitOutcomes> = group
         .iter()
-        .flat_map(|c| c.batch.units())
-        .any(|u| !u.unchanged().is_empty());
-    let mut written: HashMap<(Table, Vec<u8>), Option<Vec<u8>>> = HashMap::new();
-    let mut outcomes = Vec::with_capacity(group.len());
-    for commit in group {
-        let mut batch_outcomes = Vec::with_capacity(commit.batch.units().len());
-        for unit in commit.batch.units() {
-            if let Some(conflict) = find_conflict(db, unit.guards(), &claimed)? {
-                batch_outcomes.push(Err(conflict));
-                continue;
-            }
-            if let Some(conflict) = find_changed(db, unit, &written)? {
-                batch_outcomes.push(Err(conflict));
-                continue;
-            }
-            for op in unit.ops() {
-                match op {
-                    Op::Put { table, key, value } => {
-                        if unit.guards().iter().any(|(t, k)| t == table && k == key) {
-                            claimed.insert((*table, key.clone()), value.clone());
-                        }
-                        if track_all {
-                            written.insert((*table, key.clone()), Some(value.clone()));
-                        }
-                        wb.put_cf(cf(db, *table)?, key, value);
-                    }
-                    Op::Delete { table, key } => {
-                        if track_all {
-                            written.insert((*table, key.clone()), None);
-                        }
-                        wb.delete_cf(cf(db, *table)?, key);
-                    }
-                    Op::AppendAudit { payload, index } => {
-                        let seq = head.seq + 1;
-                        let value = chain::encode(seq, &head.hash, payload);
-                        *head = Head {
-                            seq,
-                            hash: chain::hash(seq, &value),
-                        };
-                        wb.put_cf(cf(db, Table::Audit)?, chain::key(seq), value);
-                        for prefix in index {
-                            wb.put_cf(
-                                cf(db, Table::AuditIndex)?,
-                                chain::index_key(prefix, seq),
-                                [],
-                            );
-                        }
-                    }
-                }
-            }
-            for (table, key) in unit.guards() {
-                claimed.entry((*table, key.clone())).or_default();
-            }
-            batch_outcomes.push(Ok(()));
+        .map(|commit| {
+            commit
+                .batch
+                .units()
+                .iter()
+                .map(|unit| decision.apply(unit))
+                .collect()
+        })
+        .collect();
+    let mut wb = WriteBatch::default();
+    for (table, key, value) in decision.written() {
+        match value {
+            Some(value) => wb.put_cf(cf(db, table)?, key, value),
+            None => wb.delete_cf(cf(db, table)?, key),
         }
-        outcomes.push(batch_outcomes);
+    }
+    for event in decision.events() {
+        let seq = head.seq + 1;
+        let value = chain::encode(seq, &head.hash, event.payload);
+        *head = Head {
+            seq,
+            hash: chain::hash(seq, &value),
+        };
+        wb.put_cf(cf(db, Table::Audit)?, chain::key(seq), value);
+        for prefix in event.index {
+            wb.put_cf(
+                cf(db, Table::AuditIndex)?,
+                chain::index_key(prefix, seq),
+                [],
+            );
+        }
     }
     db.write_opt(wb, opts).map_err(classify)?;
     Ok(outcomes)
-}
-
-/// The first compare-and-set guard of `unit` whose key no longer holds the
-/// expected value (counting this group's earlier writes).
-fn find_changed(
-    db: &DB,
-    unit: &Unit,
-    written: &HashMap<(Table, Vec<u8>), Option<Vec<u8>>>,
-) -> Result<Option<Conflict>, Error> {
-    for (index, (table, key, expected)) in unit.unchanged().iter().enumerate() {
-        let current = match written.get(&(*table, key.clone())) {
-            Some(value) => value.clone(),
-            None => db.get_cf(cf(db, *table)?, key).map_err(classify)?,
-        };
-        if current.as_ref() != Some(expected) {
-            return Ok(Some(Conflict {
-                guard: FailedGuard::Unchanged(index),
-                existing: current.unwrap_or_default(),
-            }));
-        }
-    }
-    Ok(None)
-}
-
-fn find_conflict(
-    db: &DB,
-    guards: &[(Table, Vec<u8>)],
-    claimed: &HashMap<(Table, Vec<u8>), Vec<u8>>,
-) -> Result<Option<Conflict>, Error> {
-    for (index, (table, key)) in guards.iter().enumerate() {
-        if let Some(existing) = claimed.get(&(*table, key.clone())) {
-            return Ok(Some(Conflict {
-                guard: FailedGuard::Absent(index),
-                existing: existing.clone(),
-            }));
-        }
-        if let Some(existing) = db.get_cf(cf(db, *table)?, key).map_err(classify)? {
-            return Ok(Some(Conflict {
-                guard: FailedGuard::Absent(index),
-                existing,
-            }));
-        }
-    }
-    Ok(None)
 }
