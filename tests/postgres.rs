@@ -506,6 +506,78 @@ async fn a_replica_refuses_an_erasure_ledger_that_is_not_its_vaults() {
     assert!(refused.contains("is not this vault's ledger"), "{refused}");
 }
 
+/// A blind-index key rotation through one replica, while the other has not
+/// loaded the new key yet (it loads keys every 5 s): a new deterministic
+/// value tokenized through the rotated replica, then through the other,
+/// gets one token, and so do 64 concurrent requests for another value
+/// through both. Without the guard on the next index key, the second
+/// replica looked under the old key only, found nothing and minted a
+/// second token.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_index_key_rotation_through_one_replica_never_gives_a_value_two_tokens() {
+    use tokenvault::proto::v1::{RotateIndexKeyRequest, admin_client::AdminClient};
+    let cluster = ThrowawayCluster::start();
+    cluster.create_database("vault").await;
+    let (a, b) = replicas(&cluster, "vault").await;
+    let mut through_a = a.client("support").await;
+    let mut through_b = b.client("support").await;
+    let one = |client: &mut tokenvault::client::TokenVaultClient<tonic::transport::Channel>,
+               value: &'static str| {
+        let mut client = client.clone();
+        async move {
+            tokens_of(
+                client
+                    .tokenize(TokenizeRequest {
+                        items: vec![item("customer_email", value)],
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            )
+            .remove(0)
+        }
+    };
+    // Indexed under version 1 before the rotation.
+    let before = one(&mut through_a, "before@example.com").await;
+
+    let admin = b.channel_with(&b.pki.tls("privacy")).await.unwrap();
+    let rotated = AdminClient::new(admin)
+        .rotate_index_key(RotateIndexKeyRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(rotated.version, 2);
+    let mut pairs = Vec::new();
+    for value in ["n1@example.com", "n2@example.com", "n3@example.com"] {
+        let first = one(&mut through_b, value).await;
+        let second = one(&mut through_a, value).await;
+        pairs.push((value, first, second));
+    }
+    for (value, first, second) in &pairs {
+        assert_eq!(first, second, "{value} got two tokens");
+    }
+    let tasks: Vec<_> = (0..64)
+        .map(|i| {
+            let client = if i % 2 == 0 {
+                &mut through_a
+            } else {
+                &mut through_b
+            };
+            tokio::spawn(one(client, "concurrent@example.com"))
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    for task in tasks {
+        tokens.push(task.await.unwrap());
+    }
+    tokens.sort();
+    tokens.dedup();
+    assert_eq!(tokens.len(), 1, "{tokens:?}");
+    // A value indexed before the rotation keeps its token through both.
+    assert_eq!(one(&mut through_b, "before@example.com").await, before);
+    assert_eq!(one(&mut through_a, "before@example.com").await, before);
+}
+
 /// What detokenizing each of `tokens` through `vault` gives.
 async fn read_all(
     vault: &TestVault,

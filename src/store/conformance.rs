@@ -342,9 +342,7 @@ pub(crate) async fn unchanged_guards_are_a_compare_and_set<E: Engine>(engine: &E
 /// order: each guard sees every earlier unit's writes (guarded or not), and
 /// nothing else of theirs. Units of one batch always share a group, so
 /// each case is one batch of two units.
-pub(crate) async fn a_unit_sees_the_store_as_the_units_before_it_left_it<E: Engine>(
-    engine: &E,
-) {
+pub(crate) async fn a_unit_sees_the_store_as_the_units_before_it_left_it<E: Engine>(engine: &E) {
     let store = engine.open().await;
     let k = || b"k".to_vec();
 

@@ -338,7 +338,11 @@ impl<S: Store> Vault<S> {
         subject: Option<&[u8; 32]>,
         normalized: &SecretValue,
     ) -> Blind {
-        let keyring::IndexKeys { active, older, .. } = self.keyring.index_keys();
+        let keyring::IndexKeys {
+            version,
+            active,
+            older,
+        } = self.keyring.index_keys();
         let mut data = Vec::with_capacity(field_type.as_str().len() + 34 + normalized.len());
         data.extend_from_slice(field_type.as_str().as_bytes());
         data.push(0);
@@ -351,6 +355,7 @@ impl<S: Store> Vault<S> {
         }
         data.extend_from_slice(normalized.expose().as_bytes());
         let blind = Blind {
+            version,
             active: active.hash(BLIND_INDEX_DOMAIN, &data),
             older: older
                 .iter()
@@ -369,6 +374,8 @@ const BLIND_INDEX_DOMAIN: &[u8] = b"blind-index/v1";
 /// keys still being re-indexed (usually none).
 #[derive(Debug, Clone, PartialEq, Eq)]
 struct Blind {
+    /// The version of the index key [`Blind::active`] is hashed under.
+    version: u32,
     /// Where the value is indexed from now on.
     active: [u8; 32],
     /// Where it may still be indexed, newest first.

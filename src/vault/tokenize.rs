@@ -17,7 +17,7 @@ use crate::{
     crypto::{self, DataKey, SecretValue},
     fields::FieldSpec,
     layout::{self, KeyVersion},
-    store::{Batch, Store, Table},
+    store::{Batch, Conflict, FailedGuard, Store, Table},
     token::{FieldType, Token},
 };
 
@@ -48,6 +48,18 @@ struct Pending<'a> {
 }
 
 type ItemResult = Result<Token, ItemError>;
+
+/// The index key versions the deterministic values of `drawn` are hashed
+/// under, distinct (one, unless a key was loaded while they were hashed).
+fn index_versions(drawn: &[(Pending<'_>, Token)]) -> Vec<u32> {
+    let mut versions: Vec<u32> = drawn
+        .iter()
+        .filter_map(|(p, _)| p.blind.as_ref().map(|b| b.version))
+        .collect();
+    versions.sort_unstable();
+    versions.dedup();
+    versions
+}
 
 impl<S: Store> Vault<S> {
     /// Validates, normalises and encrypts every value, and stores them in one
@@ -130,8 +142,9 @@ impl<S: Store> Vault<S> {
                 u32::try_from(results.iter().flatten().filter(|r| r.is_err()).count())
                     .unwrap_or(u32::MAX);
             let mut batch = Batch::new();
+            let index_versions = index_versions(&drawn);
             self.append_event(
-                self.store_unit(batch.unit(), &drawn, &subject_keys)?,
+                self.store_unit(batch.unit(), &drawn, &subject_keys, &index_versions)?,
                 &round_event,
             );
             let outcome = self
@@ -139,6 +152,23 @@ impl<S: Store> Vault<S> {
                 .commit(batch)
                 .await
                 .map_err(super::Error::AuditUnavailable)?;
+            if let Some(Err(Conflict {
+                guard: FailedGuard::Absent(guard),
+                ..
+            })) = outcome.first()
+                && *guard < index_versions.len()
+            {
+                // Another replica rotated the blind-index key: load it and
+                // hash the values again.
+                self.refresh_keys().await;
+                pending = drawn.into_iter().map(|(p, _)| p).collect();
+                for p in &mut pending {
+                    if let Some(blind) = &mut p.blind {
+                        *blind = self.blind_index(&p.spec.name, p.subject_hash.as_ref(), &p.value);
+                    }
+                }
+                continue;
+            }
             if outcome.first().is_none_or(Result::is_ok) {
                 for (p, token) in drawn {
                     results[p.index] = Some(Ok(token));
@@ -366,7 +396,18 @@ impl<S: Store> Vault<S> {
         unit: &'u mut crate::store::Unit,
         drawn: &[(Pending<'_>, Token)],
         subject_keys: &HashMap<[u8; 32], DataKey>,
+        index_versions: &[u32],
     ) -> Result<&'u mut crate::store::Unit, super::Error> {
+        // First, so that a failure of one of them is told apart: a value
+        // indexed here under an index key another replica has already
+        // replaced would get a second token through that replica (which
+        // looks under the new key first). No newer index key may exist.
+        for version in index_versions {
+            unit.guard_absent(
+                Table::Keys,
+                layout::MasterWrapped::BlindIndexKey.label(version + 1),
+            );
+        }
         let (vault_key_version, vault_key) = self.keyring.active();
         let created_ms = self.now();
         for (p, token) in drawn {

@@ -98,10 +98,13 @@ impl GroupStatements {
         ) = tokio::try_join!(
             client.prepare("SELECT pg_advisory_xact_lock_shared($1::int4, 0)"),
             client.prepare("SELECT pg_advisory_xact_lock($1::int4, 0)"),
-            // A function scan yields the array in order, so the locks are
-            // taken in the (ascending) order they are given.
+            // A function scan yields the arrays in order, so the locks are
+            // taken in the (ascending) order they are given, each
+            // exclusive or shared as its flag says.
             client.prepare(
-                "SELECT pg_advisory_xact_lock($1::int4, id) FROM unnest($2::int4[]) AS id"
+                "SELECT CASE WHEN exclusive THEN pg_advisory_xact_lock($1::int4, id) \
+                 ELSE pg_advisory_xact_lock_shared($1::int4, id) END \
+                 FROM unnest($2::int4[], $3::bool[]) AS wanted(id, exclusive)"
             ),
             client.prepare(
                 "SELECT kv.tbl, kv.key, kv.value FROM tokenvault_kv kv \
@@ -156,25 +159,34 @@ pub(super) fn lock_id(table: Table, key: &[u8]) -> i32 {
     i32::from_be_bytes([a ^ e, b ^ f, c ^ g, d ^ h])
 }
 
-/// The keys `unit` guards or writes: what the group locks. Audit entries
-/// are not among them: they are written under the head's lock.
-fn touched(unit: &Unit) -> impl Iterator<Item = (Table, &[u8])> {
+/// The keys `unit` guards or writes: what the group locks, each with
+/// whether it is written. Audit entries are not among them: they are
+/// written under the head's lock.
+fn touched(unit: &Unit) -> impl Iterator<Item = (Table, &[u8], bool)> {
     let written = unit.ops().iter().filter_map(|op| match op {
-        Op::Put { table, key, .. } | Op::Delete { table, key } => Some((*table, &key[..])),
+        Op::Put { table, key, .. } | Op::Delete { table, key } => Some((*table, &key[..], true)),
         Op::AppendAudit { .. } => None,
     });
-    guarded(unit).chain(written)
+    guarded(unit)
+        .map(|(table, key)| (table, key, false))
+        .chain(written)
 }
 
 /// The locks a group takes: one per key its units touch, sorted and
-/// distinct.
-fn lock_ids<'a>(units: impl Iterator<Item = &'a Unit>) -> Vec<i32> {
-    let mut ids: Vec<i32> = units
+/// distinct, each exclusive if a unit writes its key and shared if units
+/// only guard it. A guard needs its key to stay as read until the commit,
+/// which a shared lock gives (a writer of the key waits for it, and it for
+/// the writer) while letting every transaction that only reads the key
+/// (a guard on the next index key's absence, in every deterministic
+/// tokenize) run at once.
+fn lock_ids<'a>(units: impl Iterator<Item = &'a Unit>) -> Vec<(i32, bool)> {
+    let mut ids: Vec<(i32, bool)> = units
         .flat_map(touched)
-        .map(|(table, key)| lock_id(table, key))
+        .map(|(table, key, written)| (lock_id(table, key), written))
         .collect();
-    ids.sort_unstable();
-    ids.dedup();
+    // Exclusive first among equal ids, so that dedup keeps it.
+    ids.sort_unstable_by_key(|&(id, exclusive)| (id, !exclusive));
+    ids.dedup_by_key(|&mut (id, _)| id);
     ids
 }
 
@@ -206,7 +218,8 @@ pub(super) async fn write_group<'a>(
     // saw last are read too (no lock: any committed head is at least the
     // one seen), so that nothing is written to a database that went back.
     let alone = locks.len() > MAX_KEY_LOCKS;
-    let lock_params: [&(dyn ToSql + Sync); 2] = [&KEY_LOCK_CLASS, &locks];
+    let (lock_ids, exclusive): (Vec<i32>, Vec<bool>) = locks.iter().copied().unzip();
+    let lock_params: [&(dyn ToSql + Sync); 3] = [&KEY_LOCK_CLASS, &lock_ids, &exclusive];
     let read_params: [&(dyn ToSql + Sync); 2] = [&wanted.tables, &wanted.keys];
     let seen = history.seen();
     let seen_key = chain::key(seen.seq);
@@ -437,14 +450,23 @@ mod tests {
             .put(Table::Records, b"t".to_vec(), b"r".to_vec())
             .append_audit(b"event".to_vec());
         batch.unit().delete(Table::Expiry, b"x".to_vec());
+        // Only guarded: shared. Guarded here, written by another unit:
+        // exclusive.
+        batch.unit().guard_absent(Table::Keys, b"next".to_vec());
+        batch
+            .unit()
+            .guard_unchanged(Table::Meta, b"m".to_vec(), b"1".to_vec());
+        batch.unit().put(Table::Meta, b"m".to_vec(), b"2".to_vec());
         let ids = lock_ids(batch.units().iter());
         let mut expected = vec![
-            lock_id(Table::Index, b"a"),
-            lock_id(Table::Records, b"t"),
-            lock_id(Table::Expiry, b"x"),
+            (lock_id(Table::Index, b"a"), true),
+            (lock_id(Table::Records, b"t"), true),
+            (lock_id(Table::Expiry, b"x"), true),
+            (lock_id(Table::Keys, b"next"), false),
+            (lock_id(Table::Meta, b"m"), true),
         ];
         expected.sort_unstable();
         assert_eq!(ids, expected);
-        assert_eq!(locks_asked(batch.units()), 4, "before duplicates go");
+        assert_eq!(locks_asked(batch.units()), 7, "before duplicates go");
     }
 }
