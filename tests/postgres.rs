@@ -485,6 +485,57 @@ async fn a_replica_refuses_an_erasure_ledger_that_is_not_its_vaults() {
         .err()
         .expect("a replica started with its ledger in the vault's database");
     assert!(refused.contains("also holds a vault's tables"), "{refused}");
+    let db = common::pg_session(&cluster, "vault").await;
+    let untouched: bool = db
+        .query_one(
+            "SELECT to_regclass('tokenvault_erasure_ledger') IS NULL",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(
+        untouched,
+        "ledger tables were created in the vault's database"
+    );
+
+    // Data from before vault ids (a restored backup of an earlier
+    // release): the ledger's entries must prove whose it is.
+    let forget_id = || async {
+        db.execute(
+            "DELETE FROM tokenvault_kv WHERE tbl = 'meta' AND key = $1",
+            &[&&b"vault-id"[..]],
+        )
+        .await
+        .unwrap()
+    };
+    assert_eq!(forget_id().await, 1);
+    let refused = b
+        .spawn()
+        .expect_err("a vault without an id started on a bound, empty ledger");
+    assert!(refused.contains("has no id yet"), "{refused}");
+    let mut through_a = a.client("support").await;
+    common::tokenize_one_for(&mut through_a, "email", "gone@example.com", "cust-gone").await;
+    erase(&a, "cust-gone").await;
+    assert_eq!(forget_id().await, 0, "the refused start wrote nothing");
+    b.spawn()
+        .expect("the ledger's erasure proves it is this vault's");
+    b.stop();
+    let ledger_db = common::pg_session(&cluster, "vault_ledger").await;
+    let bound: Vec<u8> = ledger_db
+        .query_one("SELECT vault_id FROM tokenvault_ledger_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let recorded: Vec<u8> = db
+        .query_one(
+            "SELECT value FROM tokenvault_kv WHERE tbl = 'meta' AND key = $1",
+            &[&&b"vault-id"[..]],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(recorded, bound, "the vault took back the ledger's id");
 
     // Adopted on purpose: the vault is bound to the new ledger from now on.
     let mut adopted = start_on_ledger(
@@ -495,7 +546,7 @@ async fn a_replica_refuses_an_erasure_ledger_that_is_not_its_vaults() {
     )
     .expect("an adopted ledger");
     assert!(
-        adopted.wait_for_log("adopted another erasure ledger"),
+        adopted.wait_for_log("adopting another erasure ledger"),
         "{}",
         adopted.logs()
     );

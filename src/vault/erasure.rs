@@ -81,7 +81,12 @@ impl<S: Store> Vault<S> {
         rollback: LedgerRollback,
     ) -> Result<(Self, u64), Error> {
         let (sink, content) = LedgerSink::open(location).await?;
-        self.bind_ledger(&sink, rollback).await?;
+        let binding = match &content {
+            LedgerFile::Chained(entries) => {
+                self.check_ledger_binding(&sink, entries, rollback).await?
+            }
+            _ => self.check_ledger_binding(&sink, &[], rollback).await?,
+        };
         let recorded = self.recorded_ledger().await?;
         let key = self.keyring.ledger_key();
         let place = sink.place();
@@ -174,6 +179,9 @@ impl<S: Store> Vault<S> {
             }
             found.last().copied()
         };
+        if let Some(binding) = binding {
+            self.record_ledger_binding(&sink, binding).await?;
+        }
         self.ledger = Some(LedgerState {
             sink,
             tail: tokio::sync::Mutex::new(tail),

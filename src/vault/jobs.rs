@@ -7,7 +7,7 @@ use super::{Error, Vault};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::Permit,
-    layout::{self, JobEntry},
+    layout::{self, JobEntry, MasterWrapped},
     store::{Batch, KeyValues, Store, Table, Unit},
 };
 
@@ -231,6 +231,17 @@ impl<S: Store> Vault<S> {
         // Rotations and steps take turns, so a step never works for a key
         // that a rotation has just replaced.
         let _turn = self.jobs.lock().await;
+        // A rotation through another replica sharing the store does not
+        // take this process's turn: load the key it may have added, and
+        // let the step's end fail if a newer one appears meanwhile (so the
+        // job never finishes with records under a key it did not know).
+        self.refresh_keys().await;
+        let newer_key = match job {
+            Job::Reencrypt => MasterWrapped::DataKey.label(self.keyring.active().0 + 1),
+            Job::Reindex => {
+                MasterWrapped::BlindIndexKey.label(self.keyring.index_keys().version + 1)
+            }
+        };
         let (Some(cursor), mut progress, paused) = self.job_meta(job).await? else {
             return Ok(JobStep {
                 finished: true,
@@ -259,7 +270,8 @@ impl<S: Store> Vault<S> {
 
         let mut batch = Batch::new();
         let unit = batch.unit();
-        unit.guard_unchanged(Table::Meta, job.cursor_key(), cursor);
+        unit.guard_unchanged(Table::Meta, job.cursor_key(), cursor)
+            .guard_absent(Table::Keys, newer_key);
         let restart = finished && progress.raced > 0;
         match next {
             _ if restart => {
@@ -285,9 +297,9 @@ impl<S: Store> Vault<S> {
             }
         }
         let outcomes = self.store.commit(batch).await?;
-        // The cursor changed under the step (a rotation restarting the job;
-        // ruled out by the turn-taking above, kept as a second line of
-        // defence): the new pass stands.
+        // The cursor changed under the step, or a newer key appeared (a
+        // rotation through another replica, restarting the job): the new
+        // pass stands, and the next step loads the key.
         let restarted = outcomes.first().is_some_and(Result::is_err);
         let finished = finished && !restart && !restarted;
         if finished && job == Job::Reindex {

@@ -6,7 +6,7 @@ use std::{collections::BTreeMap, sync::Arc};
 use crate::{
     crypto::{AuditSigningKey, DataKey, HashKey, MasterKey, Sealed},
     layout::{self, MasterWrapped},
-    store::{Batch, Store, Table},
+    store::{Batch, FailedGuard, Store, Table},
 };
 
 use super::{Error, now_ms};
@@ -247,8 +247,22 @@ impl Keyring {
         let unit = batch.unit();
         // Two rotations through two replicas at once: one wins, and the
         // other re-wraps nothing (its keys would be under a master key no
-        // configuration names).
+        // configuration names). First, so that its failure is told apart.
         self.guard_master(unit);
+        // Nor may another replica add, replace or retire a key between the
+        // scan and this write: a data key it added meanwhile would stay
+        // under the old master key, one it retired would come back.
+        for (label, wrapped) in &wrapped_keys {
+            unit.guard_unchanged(Table::Keys, label.clone(), wrapped.clone());
+        }
+        for family in [MasterWrapped::DataKey, MasterWrapped::BlindIndexKey] {
+            let newest = wrapped_keys
+                .iter()
+                .filter_map(|(label, _)| family.version_of(label))
+                .max()
+                .unwrap_or(0);
+            unit.guard_absent(Table::Keys, family.label(newest + 1));
+        }
         let mut mark = self.mark();
         {
             let old = self
@@ -268,13 +282,13 @@ impl Keyring {
                 unit.put(Table::Keys, label, rewrapped);
             }
         }
-        if store
-            .commit(batch)
-            .await?
-            .first()
-            .is_some_and(Result::is_err)
-        {
-            return Err(Error::MasterKeyMoved);
+        if let Some(Err(conflict)) = store.commit(batch).await?.pop() {
+            return Err(match conflict.guard {
+                FailedGuard::Unchanged(0) => Error::MasterKeyMoved,
+                _ => Error::Conflict(
+                    "a key was added, rotated or retired through another replica meanwhile; nothing was changed, retry",
+                ),
+            });
         }
         *self
             .master

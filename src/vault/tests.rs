@@ -343,6 +343,9 @@ struct FailingStore {
     /// Scans of the keys table find nothing, as for a process that looked
     /// just before another stored its keys.
     keys_look_empty: std::sync::atomic::AtomicBool,
+    /// Committed just before the next commit, as another process's write
+    /// that lands between this one's reads and its write.
+    slip_in: std::sync::Mutex<Option<store::Batch>>,
 }
 
 impl FailingStore {
@@ -354,6 +357,7 @@ impl FailingStore {
             records_all_taken: std::sync::atomic::AtomicBool::new(false),
             taken_reads: std::sync::atomic::AtomicUsize::new(0),
             keys_look_empty: std::sync::atomic::AtomicBool::new(false),
+            slip_in: std::sync::Mutex::new(None),
         }
     }
 }
@@ -392,6 +396,10 @@ impl Store for FailingStore {
     }
 
     async fn commit(&self, batch: store::Batch) -> Result<store::UnitOutcomes, store::Error> {
+        let slipped = self.slip_in.lock().unwrap().take();
+        if let Some(other) = slipped {
+            assert_eq!(self.inner.commit(other).await?, vec![Ok(())]);
+        }
         if self.fail.load(std::sync::atomic::Ordering::SeqCst) {
             return Err(store::Error::Backend("injected write failure".into()));
         }
@@ -1061,4 +1069,124 @@ async fn a_keyring_that_lost_the_race_to_create_its_keys_uses_the_winners() {
             other.audit_signer().public_key()
         );
     }
+}
+
+/// A data-key rotation through another process that lands between a
+/// master-key rotation's read of the keys and its write (its new key
+/// wrapped under the old master key, which the re-wrap did not see): the
+/// master-key rotation changes nothing, and once retried it re-wraps that
+/// key too, so the vault opens under the new master key with every data
+/// key.
+#[tokio::test]
+async fn a_key_added_while_the_master_key_rotates_is_not_left_under_the_old_one() {
+    let dir = tempfile::tempdir().unwrap();
+    let old_file = dir.path().join("master.key");
+    let new_file = dir.path().join("master-2.key");
+    MasterKey::create_file(&old_file).unwrap();
+    MasterKey::create_file(&new_file).unwrap();
+    let old = MasterKey::load(&old_file).unwrap();
+    let store = FailingStore::new(
+        RocksStore::open(&dir.path().join("data"), &StoreOptions::default()).unwrap(),
+    );
+    let here = super::Keyring::open(&store, &old).await.unwrap();
+    let there = super::Keyring::open(&store, &old).await.unwrap();
+    // What a RotateKeys through the other process commits (store_rotation).
+    let (new_key, _) = there.new_data_key().unwrap();
+    assert_eq!(new_key.version, 2);
+    let mut rotation = store::Batch::new();
+    let unit = rotation.unit();
+    new_key.store(unit);
+    there.guard_master(unit);
+    *store.slip_in.lock().unwrap() = Some(rotation);
+
+    let raced = here
+        .rotate_master(&store, MasterKey::load(&new_file).unwrap())
+        .await;
+    assert!(matches!(raced, Err(Error::Conflict(_))), "{raced:?}");
+    // Nothing changed: the old master key still opens every key.
+    let reopened = super::Keyring::open(&store.inner, &old).await.unwrap();
+    assert_eq!(reopened.versions(), [1, 2]);
+
+    let count = here
+        .rotate_master(&store, MasterKey::load(&new_file).unwrap())
+        .await
+        .unwrap();
+    assert!(count > 0);
+    let under_new = super::Keyring::open(&store.inner, &MasterKey::load(&new_file).unwrap())
+        .await
+        .expect("every key unwraps under the new master key");
+    assert_eq!(under_new.versions(), [1, 2]);
+}
+
+/// A data-key rotation through another process sharing the store lands
+/// while this process's re-encryption job runs (here: between the job's
+/// read of its cursor and its step's write, the cursor at the start, so
+/// the cursor alone looks unchanged): the job does not finish on the key
+/// it knew, but loads the new one and ends with every record under it.
+#[tokio::test]
+async fn a_key_rotated_through_another_process_during_a_job_is_where_the_job_ends() {
+    let (dir, vault) = failing_vault().await;
+    let policy = Policy::new(vec![Rule::new(
+        IdentityPattern::new("spiffe://*").unwrap(),
+        vec!["tokenize:*".parse().unwrap(), "admin:keys".parse().unwrap()],
+        PurposeSet::Any,
+    )]);
+    let client = ClientId::Spiffe("spiffe://test/x".into());
+    let grants = policy.grants(&client);
+    let permits = (0..5)
+        .map(|i| {
+            grants
+                .permit_tokenize(NewValue {
+                    field_type: "email".parse().unwrap(),
+                    value: SecretValue::new(format!("job{i}@example.com")),
+                    subject: None,
+                    ttl_seconds: None,
+                })
+                .unwrap()
+        })
+        .collect();
+    vault
+        .tokenize(
+            permits,
+            |ft| grants.permit_field(Action::Lookup, ft),
+            &ctx("Tokenize", 5),
+        )
+        .await
+        .unwrap();
+    let rotated = vault
+        .rotate_data_key(
+            grants.permit_global(Action::AdminKeys, ()).unwrap(),
+            &ctx("RotateKeys", 1),
+        )
+        .await
+        .unwrap();
+    assert_eq!(rotated, 2);
+
+    // The other process's RotateKeys, as store_rotation writes it.
+    let master = MasterKey::load(&dir.path().join("master.key")).unwrap();
+    let there = super::Keyring::open(vault.store(), &master).await.unwrap();
+    let (newer, _) = there.new_data_key().unwrap();
+    assert_eq!(newer.version, 3);
+    let mut rotation = store::Batch::new();
+    let unit = rotation.unit();
+    newer.store(unit);
+    there.guard_master(unit);
+    vault.start_job(unit, Job::Reencrypt);
+    *vault.store().slip_in.lock().unwrap() = Some(rotation);
+
+    let mut steps = 0;
+    while !vault.job_step(Job::Reencrypt, 100).await.unwrap().finished {
+        steps += 1;
+        assert!(steps < 10, "the job never finished");
+    }
+    let mut versions = Vec::new();
+    for (_, bytes) in vault
+        .store()
+        .scan_from(store::Table::Records, Vec::new(), 100)
+        .await
+        .unwrap()
+    {
+        versions.push(Record::decode(&bytes).unwrap().key_version);
+    }
+    assert_eq!(versions, vec![crate::layout::KeyVersion::Vault(3); 5]);
 }

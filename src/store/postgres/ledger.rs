@@ -44,6 +44,10 @@ ALTER TABLE tokenvault_ledger_schema
     ADD COLUMN IF NOT EXISTS vault_id bytea;
 ";
 
+/// Whether the database holds a vault's main table, in any schema.
+const HOLDS_A_VAULT: &str = "SELECT EXISTS (SELECT 1 FROM pg_catalog.pg_class \
+     WHERE relname = 'tokenvault_kv' AND relkind IN ('r', 'p'))";
+
 /// Whose a ledger table is: its own id, made with it, and the id of the
 /// vault that first bound it (`None` until one did).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +74,10 @@ pub struct LedgerTable {
     client: Mutex<Option<Session>>,
     /// Where it is, for messages: host(s) and database, never a password.
     place: String,
+    /// The ledger id the vault is bound to, once checked: every append
+    /// checks it, so that a connection made again to another database (a
+    /// host name moved, a failover to another cluster) appends nothing.
+    expected: std::sync::OnceLock<Vec<u8>>,
 }
 
 impl LedgerTable {
@@ -88,11 +96,22 @@ impl LedgerTable {
         let target = Target::new(connection, password, ca, bounds)?;
         let place = describe(&target.config);
         let mut client = target.connect().await?;
+        // Before anything is created in it.
+        if target
+            .bounded(client.query_one(HOLDS_A_VAULT, &[]))
+            .await?
+            .get(0)
+        {
+            return Err(Error::Backend(format!(
+                "{place} also holds a vault's tables (tokenvault_kv): a restore of that database would roll the erasure ledger back with the data it must erase again; give the ledger a database of its own, in a cluster backed up and restored separately"
+            )));
+        }
         target.bounded_store(migrate(&mut client)).await?;
         Ok(Self {
             target,
             client: Mutex::new(Some(client)),
             place,
+            expected: std::sync::OnceLock::new(),
         })
     }
 
@@ -108,12 +127,24 @@ impl LedgerTable {
                     &[],
                 )
                 .await?;
-            Ok(LedgerIdentity {
-                ledger_id: row.get(0),
-                vault_id: row.get(1),
-            })
+            Ok((row.try_get(0), row.try_get(1)))
         })
         .await
+        .and_then(|(ledger_id, vault_id)| {
+            Ok(LedgerIdentity {
+                ledger_id: ledger_id
+                    .ok()
+                    .flatten()
+                    .ok_or_else(|| Error::Corruption("the ledger has no ledger_id".into()))?,
+                vault_id: vault_id.map_err(classify)?,
+            })
+        })
+    }
+
+    /// Makes every later append check that the ledger is still the one
+    /// with id `ledger_id` (see [`LedgerTable::identity`]).
+    pub fn expect(&self, ledger_id: Vec<u8>) {
+        let _ = self.expected.set(ledger_id);
     }
 
     /// Binds the ledger to `vault_id` if no vault is bound yet, and says
@@ -134,22 +165,6 @@ impl LedgerTable {
         })
         .await?;
         self.identity().await
-    }
-
-    /// Whether the ledger's database also holds a vault's tables: a restore
-    /// of that database would roll the ledger back with the data, which
-    /// is what the ledger is there to undo.
-    ///
-    /// # Errors
-    /// If the database cannot be read.
-    pub async fn beside_a_vault(&self) -> Result<bool, Error> {
-        self.call(async |client| {
-            let row = client
-                .query_one("SELECT to_regclass('tokenvault_kv') IS NOT NULL", &[])
-                .await?;
-            Ok(row.get(0))
-        })
-        .await
     }
 
     /// Runs `query` on the connection within the call deadline.
@@ -230,10 +245,12 @@ impl LedgerTable {
     }
 
     /// Writes `entries` in one transaction, committed synchronously, if
-    /// none of their numbers is taken.
+    /// none of their numbers is taken and the ledger is still the one
+    /// [`LedgerTable::expect`] named.
     ///
     /// # Errors
-    /// If the database cannot be written (then nothing was).
+    /// If the database cannot be written, or is another ledger now (then
+    /// nothing was written).
     pub async fn append(&self, entries: &[(u64, Vec<u8>)]) -> Result<Appended, Error> {
         let seqs: Vec<i64> = entries
             .iter()
@@ -244,16 +261,22 @@ impl LedgerTable {
         let Some(client) = slot.as_mut() else {
             return Err(Error::Closed);
         };
-        let written =
-            tokio::time::timeout(self.target.bounds.call, insert_all(client, &seqs, &bodies))
-                .await
-                .map_err(|_| self.forget(&mut slot))?
-                .map_err(|e| forget_if_closed(&mut slot, e))?;
-        Ok(if written {
-            Appended::Written
-        } else {
-            Appended::Taken
-        })
+        let expected = self.expected.get().map(Vec::as_slice);
+        let inserted = tokio::time::timeout(
+            self.target.bounds.call,
+            insert_all(client, expected, &seqs, &bodies),
+        )
+        .await
+        .map_err(|_| self.forget(&mut slot))?
+        .map_err(|e| forget_if_closed(&mut slot, e))?;
+        match inserted {
+            Inserted::All => Ok(Appended::Written),
+            Inserted::Taken => Ok(Appended::Taken),
+            Inserted::AnotherLedger => Err(Error::Backend(format!(
+                "{} is no longer the erasure ledger this vault is bound to (its id changed since start: the host name now leads to another database?); nothing was written",
+                self.place
+            ))),
+        }
     }
 
     /// A call past the deadline: its connection is dropped (the answer may
@@ -274,15 +297,37 @@ impl LedgerTable {
     }
 }
 
-/// Inserts every row or none: false if a number was taken.
+/// What [`insert_all`] did.
+enum Inserted {
+    All,
+    /// A number was taken; nothing was written.
+    Taken,
+    /// The ledger's id is not the one expected; nothing was written.
+    AnotherLedger,
+}
+
+/// Inserts every row or none, into the ledger with id `expected` if given.
 async fn insert_all(
     client: &mut Client,
+    expected: Option<&[u8]>,
     seqs: &[i64],
     bodies: &[&[u8]],
-) -> Result<bool, tokio_postgres::Error> {
+) -> Result<Inserted, tokio_postgres::Error> {
     let tx = client.transaction().await?;
     tx.batch_execute("SET LOCAL synchronous_commit TO on")
         .await?;
+    if let Some(expected) = expected {
+        let row = tx
+            .query_one(
+                "SELECT ledger_id FROM tokenvault_ledger_schema FOR SHARE",
+                &[],
+            )
+            .await?;
+        if row.try_get::<_, Option<&[u8]>>(0)? != Some(expected) {
+            tx.rollback().await?;
+            return Ok(Inserted::AnotherLedger);
+        }
+    }
     let written = tx
         .execute(
             "INSERT INTO tokenvault_erasure_ledger (seq, entry) \
@@ -293,10 +338,10 @@ async fn insert_all(
         .await?;
     if written == seqs.len() as u64 {
         tx.commit().await?;
-        Ok(true)
+        Ok(Inserted::All)
     } else {
         tx.rollback().await?;
-        Ok(false)
+        Ok(Inserted::Taken)
     }
 }
 
