@@ -7,7 +7,10 @@ use std::sync::{
 };
 
 use super::{cluster::ThrowawayCluster as Cluster, *};
-use crate::store::conformance::{Engine, conformance_tests};
+use crate::store::{
+    Snapshot,
+    conformance::{Engine, conformance_tests},
+};
 
 /// A fresh database of its own cluster for each store the suite opens.
 struct Postgres {
@@ -630,4 +633,115 @@ async fn store_on_a_new_database(name: &str) -> (Cluster, String, PgStore) {
     let conninfo = cluster.conninfo(name);
     let store = PgStore::connect(&conninfo).await.unwrap();
     (cluster, conninfo, store)
+}
+
+/// The offline tools' snapshot is one point in time however many pages it
+/// reads: events appended and rows deleted by a running store after the
+/// first page are not seen, and no key is read twice or skipped at a page
+/// boundary. A database with a newer schema, or none, is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_snapshot_reads_one_point_in_time_across_pages() {
+    let engine = Postgres::start();
+    let store = engine.open().await;
+    let name = format!("vault{}", engine.databases.load(Ordering::SeqCst) - 1);
+    let conninfo = engine.cluster.conninfo(&name);
+    // 2,500 records (three pages) and as many audit events.
+    for chunk in 0..5u32 {
+        let mut batch = Batch::new();
+        for i in chunk * 500..(chunk + 1) * 500 {
+            batch
+                .unit()
+                .put(Table::Records, i.to_be_bytes().to_vec(), b"v".to_vec())
+                .append_audit(format!("event {i}").into_bytes());
+        }
+        store.commit(batch).await.unwrap();
+    }
+    let open = |conninfo: String| {
+        tokio::task::spawn_blocking(move || {
+            PgSnapshot::open(&conninfo, None, None, Bounds::default())
+        })
+    };
+    let snapshot = open(conninfo.clone()).await.unwrap().unwrap();
+    let snapshot = Arc::new(snapshot);
+    // A first read, then the store changes, then a whole scan.
+    let first_page = {
+        let snapshot = Arc::clone(&snapshot);
+        tokio::task::spawn_blocking(move || {
+            let mut first = Vec::new();
+            snapshot
+                .scan(Table::Records, &[], |key, _| {
+                    first.push(key.to_vec());
+                    first.len() < 1000
+                })
+                .unwrap();
+            first
+        })
+        .await
+        .unwrap()
+    };
+    assert_eq!(first_page.len(), 1000);
+    let mut batch = Batch::new();
+    batch.delete(Table::Records, 0u32.to_be_bytes().to_vec());
+    batch.put(
+        Table::Records,
+        9_999u32.to_be_bytes().to_vec(),
+        b"v".to_vec(),
+    );
+    store.commit(batch).await.unwrap();
+    let (records, events) = tokio::task::spawn_blocking(move || {
+        let mut records = Vec::new();
+        snapshot
+            .scan(Table::Records, &[], |key, _| {
+                records.push(u32::from_be_bytes(key.try_into().unwrap()));
+                true
+            })
+            .unwrap();
+        let mut events = 0;
+        snapshot
+            .scan(Table::Audit, &[], |_, _| {
+                events += 1;
+                true
+            })
+            .unwrap();
+        (records, events)
+    })
+    .await
+    .unwrap();
+    // Every key of the first moment once, in order: 0 still there, 9,999
+    // not yet, none twice at a page boundary.
+    assert_eq!(
+        (records.len(), records.first(), records.last()),
+        (2500, Some(&0), Some(&2499))
+    );
+    assert!(records.windows(2).all(|w| w[0] + 1 == w[1]));
+    assert_eq!(events, 2500);
+
+    // A newer schema, and a database without the vault's tables.
+    let admin = connect(&conninfo).await.unwrap();
+    admin
+        .batch_execute("UPDATE tokenvault_schema SET version = version + 1")
+        .await
+        .unwrap();
+    let refused = open(conninfo).await.unwrap().err().unwrap();
+    assert!(
+        refused.to_string().contains("newer than this binary"),
+        "{refused}"
+    );
+    engine.cluster.create_database("empty").await;
+    let refused = open(engine.cluster.conninfo("empty"))
+        .await
+        .unwrap()
+        .err()
+        .unwrap();
+    assert!(
+        refused.to_string().contains("holds no tokenvault vault"),
+        "{refused}"
+    );
+    let empty = connect(&engine.cluster.conninfo("empty")).await.unwrap();
+    let untouched: bool = empty
+        .query_one("SELECT to_regclass('tokenvault_kv') IS NULL", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert!(untouched, "the snapshot created tables");
 }
