@@ -284,7 +284,7 @@ postgresql:
     fn conninfo(&self, dbname: &str) -> String {
         let ports: Vec<String> = self.members.iter().map(|m| m.port.to_string()).collect();
         format!(
-            "host={} port={} user=tokenvault dbname={dbname} target_session_attrs=read-write",
+            "host={} port={} user=tokenvault dbname={dbname} target_session_attrs=read-write sslmode=disable",
             vec!["127.0.0.1"; self.members.len()].join(","),
             ports.join(",")
         )

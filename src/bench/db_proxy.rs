@@ -124,10 +124,10 @@ impl DbProxy {
 
     /// A libpq connection string to database `dbname` through the proxy,
     /// naming the session `application_name` (so the test can find its
-    /// backends in `pg_stat_activity`).
+    /// backends in `pg_stat_activity`); in the clear, on loopback.
     pub fn conninfo(&self, dbname: &str, application_name: &str) -> String {
         format!(
-            "host=127.0.0.1 port={} user=tokenvault dbname={dbname} application_name={application_name}",
+            "host=127.0.0.1 port={} user=tokenvault dbname={dbname} application_name={application_name} sslmode=disable",
             self.port
         )
     }

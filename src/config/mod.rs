@@ -187,9 +187,14 @@ impl DatabaseSetting {
         };
         let password = match &self.password_file {
             Some(path) => {
+                // Read as the key and PIN files are: refused if group or
+                // others may read it.
+                let bytes = crate::crypto::read_protected(path, "the database password file")
+                    .map_err(|e| format!("{key}.password_file: {e}"))?;
                 let text = zeroize::Zeroizing::new(
-                    std::fs::read_to_string(path)
-                        .map_err(|e| bad("password_file", path, e.to_string()))?,
+                    std::str::from_utf8(&bytes)
+                        .map_err(|_| bad("password_file", path, "is not UTF-8".into()))?
+                        .to_owned(),
                 );
                 let password =
                     zeroize::Zeroizing::new(text.lines().next().unwrap_or_default().to_owned());
@@ -901,9 +906,9 @@ mod tests {
                 .merge(Toml::string(extra));
             Config::from_figment(&figment)
         };
-        const STORAGE: &str = "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"host=db1,db2 user=vault dbname=vault target_session_attrs=read-write\"\n";
+        const STORAGE: &str = "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"host=db1,db2 user=vault dbname=vault target_session_attrs=read-write sslmode=disable\"\n";
         let ok = parse(&format!(
-            "{STORAGE}[subjects.erasure_ledger_database]\nconnection = \"host=ledger-db user=vault dbname=vault\"\npassword_file = \"/run/secrets/ledger\"\n"
+            "{STORAGE}[subjects.erasure_ledger_database]\nconnection = \"host=ledger-db user=vault dbname=vault sslmode=disable\"\npassword_file = \"/run/secrets/ledger\"\n"
         ))
         .unwrap();
         assert!(matches!(
@@ -919,7 +924,7 @@ mod tests {
         );
         // The same database under another spelling of its hosts.
         let same = parse(&format!(
-            "{STORAGE}[subjects.erasure_ledger_database]\nconnection = \"postgres://vault@db2:5432/vault\"\n"
+            "{STORAGE}[subjects.erasure_ledger_database]\nconnection = \"postgres://vault@db2:5432/vault?sslmode=disable\"\n"
         ))
         .unwrap_err();
         assert!(
@@ -946,6 +951,34 @@ mod tests {
 
     /// The PostgreSQL bounds: README's defaults, each settable, zero
     /// refused, and bounds that do not nest refused with the key named.
+    /// The database password file is read as the key and PIN files are:
+    /// refused while group or others may read it, its first line used.
+    #[test]
+    fn a_database_password_file_others_may_read_is_refused() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("password");
+        std::fs::write(&path, "s3cret-pw\nignored\n").unwrap();
+        let setting = DatabaseSetting {
+            connection: "host=/run/postgresql dbname=vault".into(),
+            password_file: Some(path.clone()),
+            ca_file: None,
+            bounds: crate::store::postgres::Bounds::default(),
+        };
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let Err(refused) = setting.read_secrets("storage.postgres") else {
+            panic!("a 0644 password file was read");
+        };
+        assert!(
+            refused.contains("storage.postgres.password_file") && refused.contains("chmod 600"),
+            "{refused}"
+        );
+        assert!(!refused.contains("s3cret-pw"), "{refused}");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).unwrap();
+        let read = setting.read_secrets("storage.postgres").unwrap();
+        assert_eq!(read.password(), Some("s3cret-pw"));
+    }
+
     #[test]
     fn database_bounds_default_nest_and_are_checked() {
         let without_ledger = MINIMAL.replace(
@@ -956,8 +989,8 @@ mod tests {
             let figment = Figment::from(Serialized::defaults(RawConfig::default()))
                 .merge(Toml::string(&without_ledger))
                 .merge(Toml::string(&format!(
-                    "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"host=db user=vault dbname=vault\"\n{bounds}\
-                     [subjects.erasure_ledger_database]\nconnection = \"host=ledger user=vault dbname=ledger\"\n"
+                    "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"host=db user=vault dbname=vault sslmode=disable\"\n{bounds}\
+                     [subjects.erasure_ledger_database]\nconnection = \"host=ledger user=vault dbname=ledger sslmode=disable\"\n"
                 )));
             Config::from_figment(&figment)
         };
@@ -991,8 +1024,8 @@ mod tests {
         let figment = Figment::from(Serialized::defaults(RawConfig::default()))
             .merge(Toml::string(&without_ledger))
             .merge(Toml::string(
-                "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"host=db1,db2 user=vault dbname=vault\"\n\
-                 [subjects.erasure_ledger_database]\nconnection = \"host=ledger user=vault dbname=ledger\"\n",
+                "[storage]\nengine = \"postgres\"\n[storage.postgres]\nconnection = \"host=db1,db2 user=vault dbname=vault sslmode=disable\"\n\
+                 [subjects.erasure_ledger_database]\nconnection = \"host=ledger user=vault dbname=ledger sslmode=disable\"\n",
             ));
         let hosts = Config::from_figment(&figment).unwrap_err().to_string();
         assert!(

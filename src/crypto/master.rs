@@ -248,7 +248,7 @@ impl std::fmt::Debug for MasterKey {
 /// group is the vault process's own effective group. Kubernetes makes every
 /// mounted Secret file group-readable (0440) for the pod's `fsGroup`, which
 /// exists for exactly this process; a warning says so.
-pub(super) fn read_protected(
+pub(crate) fn read_protected(
     path: &Path,
     what: &'static str,
 ) -> Result<Zeroizing<Vec<u8>>, MasterKeyError> {

@@ -77,6 +77,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use zeroize::Zeroizing;
 
+pub(crate) use master::read_protected;
 pub use master::{MasterKey, MasterKeyError};
 pub use pkcs11::{Pkcs11Setting, create_key as create_hsm_key};
 pub use sealed::{EXPORT_KEY_LEN, ExportOpener, ExportSealer, export_keypair};

@@ -336,6 +336,7 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore
             AnyStore::RocksDb(store)
         }
         EngineSetting::Postgres(database) => {
+            warn_if_in_the_clear("storage.postgres", &database.connection);
             let secrets = database_secrets("storage.postgres", database)?;
             let store = PgStore::connect_with(
                 &database.connection,
@@ -351,6 +352,7 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore
         LedgerSetting::File(path) => LedgerLocation::File(path.clone()),
         LedgerSetting::Database(database) => {
             let key = "subjects.erasure_ledger_database";
+            warn_if_in_the_clear(key, &database.connection);
             let secrets = database_secrets(key, database)?;
             let table = LedgerTable::connect_with(
                 &database.connection,
@@ -625,6 +627,17 @@ fn local_addr(
         addr,
         source,
     })
+}
+
+/// Says loudly that the database at `key` is reached over TCP without TLS
+/// (`sslmode=disable`, which the configuration accepts only when written).
+fn warn_if_in_the_clear(key: &str, connection: &str) {
+    if store::postgres::in_the_clear(connection) {
+        tracing::warn!(
+            setting = key,
+            "the database is reached over TCP without TLS (sslmode=disable): the database, or anyone on the path, can change what the vault reads and its audit trail; set ca_file for production"
+        );
+    }
 }
 
 /// The password and the CA certificates a database setting (the table at

@@ -34,7 +34,7 @@ use std::{
 };
 
 use tokio::sync::{mpsc, oneshot};
-use tokio_postgres::{Client, GenericClient, NoTls};
+use tokio_postgres::{Client, GenericClient, NoTls, config::SslMode};
 
 pub use self::{
     bounds::{Bounds, BoundsError},
@@ -271,7 +271,7 @@ impl PgStore {
 /// What is wrong with it.
 pub fn check_connection(table: &str, connection: &str, with_ca: bool) -> Result<(), String> {
     let config = parse(connection)?;
-    if config.get_ssl_mode() == tokio_postgres::config::SslMode::Require && !with_ca {
+    if config.get_ssl_mode() == SslMode::Require && !with_ca {
         return Err(format!(
             "asks for sslmode=require; set {table}.ca_file to the CA the database server's certificate chains to"
         ));
@@ -283,6 +283,14 @@ pub fn check_connection(table: &str, connection: &str, with_ca: bool) -> Result<
     }
     if config.get_hosts().is_empty() {
         return Err("names no host (host=... or postgres://host/...)".into());
+    }
+    // Over TCP without TLS, the database or anyone on the path could change
+    // what guards read, the audit head and the ledger's entries: only on an
+    // explicit sslmode=disable (logged at start: `in_the_clear`).
+    if !with_ca && over_tcp(&config) && config.get_ssl_mode() != SslMode::Disable {
+        return Err(format!(
+            "reaches the database over TCP without TLS; set {table}.ca_file to the CA the database server's certificate chains to, or add sslmode=disable to run in the clear (only where nothing else is on the path: the database, or anyone between, could change what the vault reads and its audit trail)"
+        ));
     }
     // With several hosts, a connection may otherwise land on a standby:
     // reads there lag (an erased value still readable), and the audit
@@ -296,6 +304,21 @@ pub fn check_connection(table: &str, connection: &str, with_ca: bool) -> Result<
         );
     }
     Ok(())
+}
+
+/// Whether `connection` (checked by [`check_connection`]) reaches a
+/// database over TCP with TLS turned off on purpose (`sslmode=disable`):
+/// what the server warns about at start.
+pub fn in_the_clear(connection: &str) -> bool {
+    parse(connection)
+        .is_ok_and(|config| over_tcp(&config) && config.get_ssl_mode() == SslMode::Disable)
+}
+
+fn over_tcp(config: &tokio_postgres::Config) -> bool {
+    config
+        .get_hosts()
+        .iter()
+        .any(|host| matches!(host, tokio_postgres::config::Host::Tcp(_)))
 }
 
 /// Whether two connection settings name the same database: a host and
@@ -417,7 +440,7 @@ impl Target {
             .tcp_user_timeout(bounds.call);
         let tls = match ca {
             Some(pem) => {
-                config.ssl_mode(tokio_postgres::config::SslMode::Require);
+                config.ssl_mode(SslMode::Require);
                 Some(rustls_connector(pem)?)
             }
             None => None,

@@ -78,9 +78,31 @@ fn a_connection_setting_without_a_password_is_accepted() {
     check_connection(
         "storage.postgres",
         "postgres://vault@db.internal:5432/vault",
-        false,
+        true,
     )
     .unwrap();
+    // Over TCP, TLS (a CA to check the server with) or, said plainly, none.
+    for tcp in [
+        "postgres://vault@db.internal:5432/vault",
+        "host=db user=vault",
+    ] {
+        let err = check_connection("storage.postgres", tcp, false).unwrap_err();
+        assert!(
+            err.contains("ca_file") && err.contains("sslmode=disable"),
+            "{err}"
+        );
+        assert!(!in_the_clear(tcp));
+        let clear = if tcp.contains("://") {
+            format!("{tcp}?sslmode=disable")
+        } else {
+            format!("{tcp} sslmode=disable")
+        };
+        check_connection("storage.postgres", &clear, false).unwrap();
+        assert!(in_the_clear(&clear), "{clear}");
+    }
+    assert!(!in_the_clear(
+        "host=/run/postgresql user=vault sslmode=disable"
+    ));
     for with_password in [
         "host=db user=vault password=hunter2",
         "postgres://vault:hunter2@db.internal/vault",
