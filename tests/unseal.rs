@@ -15,8 +15,9 @@ use std::{
 
 use common::{TestVault, tokenvault_command};
 
-/// Splits the key file at `key` 2-of-3 into `out`; the share files.
-fn split(key: &Path, out: &Path) -> Vec<PathBuf> {
+/// Splits the key file at `key` 2-of-3 into `out`; the share files, and
+/// the `commitments = [...]` line it printed for the config.
+fn split(key: &Path, out: &Path) -> (Vec<PathBuf>, String) {
     let result = tokenvault_command()
         .args(["keys", "split-master", "--threshold", "2", "--shares", "3"])
         .arg("--key-file")
@@ -37,7 +38,22 @@ fn split(key: &Path, out: &Path) -> Vec<PathBuf> {
         let mode = std::fs::metadata(share).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600, "{}", share.display());
     }
-    shares
+    let commitments = stdout
+        .lines()
+        .find(|line| line.starts_with("commitments = ["))
+        .unwrap_or_else(|| panic!("no commitments in {stdout}"))
+        .to_owned();
+    // Each holder can say which commitment is theirs, sending nothing.
+    for (share, listed) in shares.iter().zip(commitments.split('"').skip(1).step_by(2)) {
+        let out = tokenvault_command()
+            .args(["unseal", "--print-commitment", "--share-file"])
+            .arg(share)
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), listed);
+    }
+    (shares, commitments)
 }
 
 /// `tokenvault unseal --socket … --share-file …`: (succeeded, what it said).
@@ -71,15 +87,17 @@ fn wait_for_socket(socket: &Path) {
     }
 }
 
-/// A vault whose master key comes in shares over `socket`; not started.
-fn sealed_vault(socket: &Path) -> TestVault {
+/// A vault whose master key comes in shares over `socket`, split 2-of-3
+/// into `out`; not started. The share files.
+fn sealed_vault(socket: &Path, out: &Path) -> (TestVault, Vec<PathBuf>) {
     let mut vault = TestVault::prepare("");
+    let (shares, commitments) = split(&vault.root.path().join("master.key"), out);
     vault.keys = format!(
-        "[keys.shares]\nthreshold = 2\nsocket = \"{}\"\n",
+        "[keys.shares]\nthreshold = 2\nsocket = \"{}\"\n{commitments}\n",
         socket.display()
     );
     vault.write_config();
-    vault
+    (vault, shares)
 }
 
 /// Starts `vault` while `holders` runs beside it (the vault reports
@@ -98,9 +116,8 @@ fn start_while<T: Send>(vault: &mut TestVault, holders: impl FnOnce() -> T + Sen
 async fn a_vault_split_two_of_three_opens_with_any_two_shares() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("unseal.sock");
-    let mut vault = sealed_vault(&socket);
+    let (mut vault, shares) = sealed_vault(&socket, &dir.path().join("shares"));
     let key = vault.root.path().join("master.key");
-    let shares = split(&key, &dir.path().join("shares"));
     // The holders have the shares; nobody keeps the key.
     std::fs::remove_file(&key).unwrap();
 
@@ -158,35 +175,40 @@ async fn a_vault_split_two_of_three_opens_with_any_two_shares() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn one_share_does_not_open_it_and_another_keys_share_does_not_block_it() {
+async fn one_share_does_not_open_it_and_another_keys_shares_are_refused() {
     let dir = tempfile::tempdir().unwrap();
     let socket = dir.path().join("unseal.sock");
-    let mut vault = sealed_vault(&socket);
-    let shares = split(
-        &vault.root.path().join("master.key"),
-        &dir.path().join("shares"),
-    );
+    let (mut vault, shares) = sealed_vault(&socket, &dir.path().join("shares"));
+    // Whoever reaches the socket, with a whole split of a key of their own.
     let other_key = dir.path().join("other.key");
     tokenvault::crypto::MasterKey::create_file(&other_key).unwrap();
-    let other = split(&other_key, &dir.path().join("other-shares"));
+    let (other, _) = split(&other_key, &dir.path().join("other-shares"));
 
     let said = start_while(&mut vault, || {
         wait_for_socket(&socket);
-        let first = [unseal(&socket, &other[0]), unseal(&socket, &shares[1])];
-        // Two shares of two keys: still sealed, nothing listens for gRPC.
+        let first = [
+            unseal(&socket, &other[0]),
+            unseal(&socket, &shares[1]),
+            unseal(&socket, &other[1]),
+        ];
+        // One share of its key, two of another: still sealed.
         std::thread::sleep(Duration::from_millis(300));
         let still_sealed = socket.exists();
         let last = unseal(&socket, &shares[0]);
         (first, still_sealed, last)
     });
     let (first, still_sealed, last) = said;
-    assert!(first.iter().all(|(ok, _)| *ok), "{first:?}");
-    assert_ne!(
-        first[0].1.split_whitespace().last(),
-        first[1].1.split_whitespace().last(),
-        "the answers should name two different keys: {first:?}"
+    for refused in [&first[0], &first[2]] {
+        assert!(
+            !refused.0 && refused.1.contains("not one of this vault's"),
+            "{first:?}"
+        );
+    }
+    assert!(
+        first[1].0 && first[1].1.contains("accepted: 1 of 2"),
+        "{first:?}"
     );
-    assert!(still_sealed, "the vault opened with one share of its key");
+    assert!(still_sealed, "the vault opened with shares of another key");
     assert!(last.0 && last.1.contains("unsealed"), "{last:?}");
     common::tokenize_one(&mut vault.client("support").await, "email", "x@example.com").await;
 }

@@ -253,10 +253,18 @@ pub(super) async fn run(command: KeysCommand) -> Result<ExitCode, String> {
                 let path = out_dir.join(format!("share-{}", n + 1));
                 super::write_new_file(&path, &format!("{}\n", line.as_str()), 0o600)?;
             }
+            let commitments = lines
+                .iter()
+                .map(|line| crate::crypto::share_commitment(line).map(|c| format!("\"{c}\"")))
+                .collect::<Result<Vec<_>, _>>()?;
             println!(
                 "wrote {shares} shares to {}: any {threshold} make the master key. Give each to one holder, then destroy {} and these copies.",
                 out_dir.display(),
                 key_file.display()
+            );
+            println!(
+                "the vault's config (the commitments name these shares; they reveal nothing of the key):\n\n[keys.shares]\nthreshold = {threshold}\nsocket = \"/run/tokenvault/unseal.sock\"\ncommitments = [{}]",
+                commitments.join(", ")
             );
             Ok(ExitCode::SUCCESS)
         }

@@ -82,8 +82,12 @@ enum Command {
 #[derive(Debug, Args)]
 struct UnsealArgs {
     /// The vault's unseal socket (keys.shares.socket).
+    #[arg(long, required_unless_present = "print_commitment")]
+    socket: Option<PathBuf>,
+    /// Print the share's commitment (for keys.shares.commitments) instead
+    /// of sending it anywhere.
     #[arg(long)]
-    socket: PathBuf,
+    print_commitment: bool,
     /// Read the share from this file instead of the terminal (where it is
     /// not echoed) or standard input.
     #[arg(long)]
@@ -375,7 +379,14 @@ fn unseal(args: &UnsealArgs) -> Result<ExitCode, String> {
         ),
         None => terminal::read_secret_line("master-key share: ")?,
     };
-    let answer = crate::crypto::send_share(&args.socket, &share)?;
+    if args.print_commitment {
+        println!("{}", crate::crypto::share_commitment(&share)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    let Some(socket) = &args.socket else {
+        return Err("--socket is required".to_owned());
+    };
+    let answer = crate::crypto::send_share(socket, &share)?;
     println!("{answer}");
     Ok(ExitCode::SUCCESS)
 }

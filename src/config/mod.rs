@@ -377,9 +377,31 @@ fn master_key_setting(keys: &raw::RawKeys) -> Result<crate::crypto::MasterKeySet
                 "must be at least 2 (one share would be the key itself)",
             ));
         }
+        let commitments = shares
+            .commitments
+            .iter()
+            .map(|hex| {
+                data_encoding::HEXLOWER_PERMISSIVE
+                    .decode(hex.trim().as_bytes())
+                    .ok()
+                    .and_then(|bytes| <[u8; 32]>::try_from(bytes).ok())
+            })
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| invalid("keys.shares.commitments", "each must be 64 hex digits"))?;
+        if commitments.len() < usize::from(shares.threshold) {
+            return Err(invalid(
+                "keys.shares.commitments",
+                format!(
+                    "must list the commitment of every share ({} given, the threshold is {}): `tokenvault keys split-master` prints them; for shares split before this release, each holder runs `tokenvault unseal --print-commitment` (nothing is sent)",
+                    commitments.len(),
+                    shares.threshold
+                ),
+            ));
+        }
         return Ok(MasterKeySetting::Shares(SharesSetting {
             threshold: shares.threshold,
             socket: shares.socket.relative(),
+            commitments,
         }));
     }
     if let Some(pkcs11) = &keys.pkcs11 {
@@ -1143,7 +1165,27 @@ mod tests {
 
         // Shares: a threshold of one would be the key itself.
         let shares = MINIMAL.replace("master_key_file = \"/etc/tv/master.key\"", "")
-            + "[keys.shares]\nthreshold = 2\nsocket = \"unseal.sock\"\n";
+            + "[keys.shares]\nthreshold = 2\nsocket = \"unseal.sock\"\ncommitments = [\"aa\"]\n";
+        // Commitments: 64 hex digits each, at least one per share needed.
+        std::fs::write(&file, &shares).unwrap();
+        let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::file_exact(&file));
+        let err = Config::from_figment(&figment).unwrap_err().to_string();
+        assert!(
+            err.contains("keys.shares.commitments") && err.contains("64 hex"),
+            "{err}"
+        );
+        let one = "ab".repeat(32);
+        let shares = shares.replace("[\"aa\"]", &format!("[\"{one}\"]"));
+        std::fs::write(&file, &shares).unwrap();
+        let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::file_exact(&file));
+        let err = Config::from_figment(&figment).unwrap_err().to_string();
+        assert!(err.contains("--print-commitment"), "{err}");
+        let shares = shares.replace(
+            &format!("[\"{one}\"]"),
+            &format!("[\"{one}\", \"{}\"]", "cd".repeat(32)),
+        );
         std::fs::write(&file, &shares).unwrap();
         let figment = Figment::from(Serialized::defaults(RawConfig::default()))
             .merge(Toml::file_exact(&file));
@@ -1153,6 +1195,7 @@ mod tests {
             crate::crypto::MasterKeySetting::Shares(crate::crypto::SharesSetting {
                 threshold: 2,
                 socket: dir.path().join("unseal.sock"),
+                commitments: vec![[0xab; 32], [0xcd; 32]],
             })
         );
         std::fs::write(&file, shares.replace("threshold = 2", "threshold = 1")).unwrap();

@@ -124,6 +124,10 @@ pub struct RawShares {
     pub threshold: u8,
     /// The unix socket the shares arrive on while the vault is sealed.
     pub socket: RelativePathBuf,
+    /// The commitment of every share of the split (64 hex digits each), as
+    /// `tokenvault keys split-master` prints them: no other share is taken.
+    #[serde(default)]
+    pub commitments: Vec<String>,
 }
 
 /// `[keys.pkcs11]`.

@@ -82,7 +82,9 @@ pub use master::{MasterKey, MasterKeyError};
 pub use pkcs11::{Pkcs11Setting, create_key as create_hsm_key};
 pub use sealed::{EXPORT_KEY_LEN, ExportOpener, ExportSealer, export_keypair};
 pub use secret::SecretValue;
-pub use shares::{SharesSetting, send_share, split as split_master_key};
+pub use shares::{
+    SharesSetting, commitment as share_commitment, send_share, split as split_master_key,
+};
 pub use sign::{AuditSigningKey, verify_signature};
 pub use source::{
     EnvSource, FileSource, MasterKeySetting, MasterKeySource, Pkcs11Source, SharesSource,

@@ -11,6 +11,12 @@
 //! split, so that shares of different keys are refused before they are
 //! combined, and a combination is checked) and `share` is the share's bytes,
 //! all in lowercase hex.
+//!
+//! The configuration names every share of the split by its commitment
+//! (`keys.shares.commitments`: SHA-256 over a domain string and the share's
+//! bytes, printed by `keys split-master`), and only those shares are
+//! taken: whoever reaches the socket cannot unseal a vault with a key of
+//! their own, nor make the holders' shares be thrown away with a junk one.
 
 use std::{
     io::{BufRead, BufReader, Read, Write},
@@ -44,6 +50,9 @@ pub struct SharesSetting {
     /// The unix socket `tokenvault unseal` sends shares to. Created with
     /// mode 0600 while the vault is sealed, removed once it is not.
     pub socket: PathBuf,
+    /// The commitment of every share of the split ([`commitment`]): no
+    /// other share is taken.
+    pub commitments: Vec<[u8; 32]>,
 }
 
 impl SharesSetting {
@@ -110,7 +119,7 @@ pub fn unseal(setting: &SharesSetting) -> Result<MasterKey, MasterKeyError> {
         "sealed: waiting for master-key shares; each holder runs `tokenvault unseal --socket {}`",
         setting.socket.display()
     );
-    let mut collected = Collected::new(setting.threshold);
+    let mut collected = Collected::new(setting.threshold, setting.commitments.clone());
     for stream in listener.incoming() {
         let Ok(mut stream) = stream else { continue };
         let _ = stream.set_read_timeout(Some(CLIENT_TIMEOUT));
@@ -189,6 +198,8 @@ pub fn send_share(socket: &Path, share: &str) -> Result<String, String> {
 /// instead of blocking the others.
 struct Collected {
     threshold: u8,
+    /// The shares this vault takes, by commitment.
+    commitments: Vec<[u8; 32]>,
     groups: Vec<([u8; 8], Vec<Share>)>,
 }
 
@@ -201,9 +212,10 @@ enum Added {
 }
 
 impl Collected {
-    fn new(threshold: u8) -> Self {
+    fn new(threshold: u8, commitments: Vec<[u8; 32]>) -> Self {
         Self {
             threshold,
+            commitments,
             groups: Vec::new(),
         }
     }
@@ -216,6 +228,12 @@ impl Collected {
                 "this share is from a split needing {threshold} shares; this vault is configured for {}",
                 self.threshold
             ));
+        }
+        if !self.commitments.contains(&commit(&share)) {
+            return Err(
+                "this share is not one of this vault's (keys.shares.commitments names each of them); nothing was kept"
+                    .to_owned(),
+            );
         }
         let index = match self.groups.iter().position(|(c, _)| *c == check) {
             Some(index) => index,
@@ -283,6 +301,27 @@ fn parse(line: &str) -> Result<(u8, [u8; 8], Share), String> {
     Ok((threshold, check, share))
 }
 
+/// The commitment to a share's line, as `keys.shares.commitments` lists
+/// it: lowercase hex.
+///
+/// # Errors
+/// The line is not a share.
+pub fn commitment(line: &str) -> Result<String, String> {
+    let (_, _, share) = parse(line)?;
+    Ok(data_encoding::HEXLOWER.encode(&commit(&share)))
+}
+
+/// SHA-256 over a domain string and the share's bytes (its x and y): it
+/// names one share and says nothing of the key.
+fn commit(share: &Share) -> [u8; 32] {
+    let bytes = Zeroizing::new(Vec::from(share));
+    Sha256::new()
+        .chain_update(b"tokenvault master key share commitment v1")
+        .chain_update(bytes.as_slice())
+        .finalize()
+        .into()
+}
+
 /// The check value of a well-formed share's line, which names its key to
 /// the holders (shares of one key show the same).
 fn key_id(line: &str) -> &str {
@@ -322,7 +361,13 @@ fn bind(path: &Path) -> Result<UnixListener, MasterKeyError> {
         }
         std::fs::remove_file(path).map_err(|e| fail("cannot remove the stale", e))?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| fail("cannot create the", e))?;
+    // Created 0600, not restricted afterwards: no moment in which another
+    // user could connect. (The umask is the process's; nothing else runs
+    // while the vault is sealed: it starts no thread before the key.)
+    let before = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
+    let bound = UnixListener::bind(path);
+    rustix::process::umask(before);
+    let listener = bound.map_err(|e| fail("cannot create the", e))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .map_err(|e| fail("cannot restrict the", e))?;
     Ok(listener)
@@ -346,8 +391,26 @@ mod tests {
         path
     }
 
-    fn collect(threshold: u8, lines: &[&str]) -> Vec<Result<Added, String>> {
-        let mut collected = Collected::new(threshold);
+    /// The commitments of `shares`, as the configuration lists them.
+    fn commitments(shares: &[Zeroizing<String>]) -> Vec<[u8; 32]> {
+        shares
+            .iter()
+            .map(|line| {
+                data_encoding::HEXLOWER
+                    .decode(commitment(line).unwrap().as_bytes())
+                    .unwrap()
+                    .try_into()
+                    .unwrap()
+            })
+            .collect()
+    }
+
+    fn collect(
+        shares: &[Zeroizing<String>],
+        threshold: u8,
+        lines: &[&str],
+    ) -> Vec<Result<Added, String>> {
+        let mut collected = Collected::new(threshold, commitments(shares));
         lines.iter().map(|line| collected.add(line)).collect()
     }
 
@@ -359,7 +422,7 @@ mod tests {
         let shares = split(&path, 2, 3).unwrap();
         assert_eq!(shares.len(), 3);
         for (a, b) in [(0, 1), (0, 2), (2, 1)] {
-            let results = collect(2, &[&shares[a], &shares[b]]);
+            let results = collect(&shares, 2, &[&shares[a], &shares[b]]);
             assert!(matches!(results[0], Ok(Added::Kept(1))));
             let Ok(Added::Key(key)) = &results[1] else {
                 panic!("{a} and {b} did not unseal");
@@ -377,22 +440,24 @@ mod tests {
         let three_dir = tempfile::tempdir().unwrap();
         let three_of_five = split(&key_file(three_dir.path()), 3, 5).unwrap();
 
-        let mut collected = Collected::new(2);
+        let mut collected = Collected::new(2, commitments(&one));
         let refused = |r: Result<Added, String>| r.err().unwrap();
-        // Another key's share first does not block this key's shares.
-        assert!(matches!(collected.add(&other[1]), Ok(Added::Kept(1))));
+        // Another key's share (a key of someone's choosing, or a holder's
+        // mistake) is refused and keeps nothing.
+        assert!(refused(collected.add(&other[1])).contains("not one of this vault's"));
         assert!(matches!(collected.add(&one[0]), Ok(Added::Kept(1))));
         assert!(refused(collected.add(&one[0])).contains("already given"));
         assert!(refused(collected.add(&three_of_five[0])).contains("needing 3 shares"));
         assert!(refused(collected.add("tvshare1-2-00")).contains("not a share"));
         assert!(refused(collected.add("hello")).contains("not a share"));
-        // A damaged share of the right shape: the combination is checked,
-        // and that key's shares are to be entered again.
+        // A damaged share of the right shape, or a junk one carrying the
+        // visible check value: refused one by one, the honest share kept.
         let mut damaged = one[1].to_string();
         let last = damaged.pop().unwrap();
         damaged.push(if last == '0' { '1' } else { '0' });
-        assert!(refused(collected.add(&damaged)).contains("enter them again"));
-        assert!(matches!(collected.add(&one[2]), Ok(Added::Kept(1))));
+        assert!(refused(collected.add(&damaged)).contains("not one of this vault's"));
+        let junk = format!("{}-{}", one[1].rsplit_once('-').unwrap().0, "11".repeat(33));
+        assert!(refused(collected.add(&junk)).contains("not one of this vault's"));
         assert!(matches!(collected.add(&one[1]), Ok(Added::Key(_))));
     }
 
