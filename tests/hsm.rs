@@ -94,6 +94,9 @@ fn an_unusable_hsm_key_is_refused_with_one_clear_line() {
     // A key imported with softhsm2-util is not extractable, but it is the
     // wrong size when given 64 bytes.
     hsm.import_key("vault", "imported", &[7u8; 64]);
+    // The right size, but imported: a copy may exist outside the token.
+    hsm.import_key("vault", "copied", &[7u8; 32]);
+    in_helper(&hsm, "once-extractable", "vault", "locked-later");
     let wrong_pin = hsm.pin_file("wrong.pin", "0000");
     let open_pin = hsm.pin_file("open.pin", common::softhsm::PIN);
     std::fs::set_permissions(
@@ -119,6 +122,14 @@ fn an_unusable_hsm_key_is_refused_with_one_clear_line() {
             "key 'imported' on token 'vault' is not an AES-256 key (AES, 64 bytes)",
         ),
         (
+            hsm.keys_toml("vault", "copied", &pin),
+            "key 'copied' on token 'vault' may have copies outside the token",
+        ),
+        (
+            hsm.keys_toml("vault", "locked-later", &pin),
+            "key 'locked-later' on token 'vault' may have copies outside the token",
+        ),
+        (
             hsm.keys_toml("elsewhere", "kek", &pin),
             "has no token labelled 'elsewhere' (its tokens: vault)",
         ),
@@ -133,12 +144,14 @@ fn an_unusable_hsm_key_is_refused_with_one_clear_line() {
         let mut vault = TestVault::prepare("");
         vault.keys = keys;
         vault.write_config();
-        let out = tokenvault_command()
+        let mut serve = tokenvault_command();
+        serve
             .args(["serve", "--config"])
             .arg(vault.config_path())
-            .env(hsm.env().0, hsm.env().1)
-            .output()
-            .unwrap();
+            .env(hsm.env().0, hsm.env().1);
+        // A vault that starts serves until stopped: a failure, not a hang.
+        let out = exit_within(serve, std::time::Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("{expected}: the vault started"));
         assert!(!out.status.success(), "{expected}: the vault started");
         let stderr = String::from_utf8_lossy(&out.stderr);
         let lines: Vec<&str> = stderr.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -223,6 +236,29 @@ fn the_hsm_session_is_opened_again_after_a_failure() {
     in_helper(&hsm, "reopen", "vault", "kek");
 }
 
+/// Runs `command` and its output once it exits, or kills it and says
+/// `None` if it is still running after `within`.
+fn exit_within(
+    mut command: std::process::Command,
+    within: std::time::Duration,
+) -> Option<std::process::Output> {
+    let mut child = command
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + within;
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Some(child.wait_with_output().unwrap())
+}
+
 /// Runs `helper` (below) in a child process of this test binary, with
 /// SoftHSM's configuration in its environment from the start: a PKCS#11
 /// module reads it once, when it is initialised, and a test must not change
@@ -256,7 +292,8 @@ fn helper() {
         panic!("TV_HSM_HELPER: {spec}")
     };
     match what {
-        "extractable" => make_extractable_key(module, token, key),
+        "extractable" => make_extractable_key(module, token, key, false),
+        "once-extractable" => make_extractable_key(module, token, key, true),
         "reopen" => wrap_across_a_logout(module, token, key),
         other => panic!("no helper {other}"),
     }
@@ -264,8 +301,9 @@ fn helper() {
 }
 
 /// An AES-256 key that may leave the token, as a careless key ceremony
-/// would make it.
-fn make_extractable_key(module: &str, token: &str, key: &str) {
+/// would make it; with `lock_after`, made not extractable afterwards
+/// (CKA_EXTRACTABLE false now, CKA_NEVER_EXTRACTABLE false for good).
+fn make_extractable_key(module: &str, token: &str, key: &str, lock_after: bool) {
     let context = Pkcs11::new(module).unwrap();
     context
         .initialize(CInitializeArgs::new(CInitializeFlags::OS_LOCKING_OK))
@@ -291,6 +329,14 @@ fn make_extractable_key(module: &str, token: &str, key: &str) {
             ],
         )
         .unwrap();
+    if lock_after {
+        let handle = session
+            .find_objects(&[Attribute::Label(key.as_bytes().to_vec())])
+            .unwrap()[0];
+        session
+            .update_attributes(handle, &[Attribute::Extractable(false)])
+            .unwrap();
+    }
 }
 
 fn wrap_across_a_logout(module: &str, token: &str, key: &str) {

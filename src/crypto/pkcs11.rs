@@ -229,7 +229,7 @@ fn login(session: &Session, pin: &AuthPin, setting: &Pkcs11Setting) -> Result<()
 }
 
 /// Refuses a key that is not AES-256, cannot both encrypt and decrypt, or
-/// could leave the token.
+/// could leave the token or have left it (imported, or once extractable).
 fn check_key(
     session: &Session,
     key: ObjectHandle,
@@ -244,6 +244,8 @@ fn check_key(
                 AttributeType::ValueLen,
                 AttributeType::Extractable,
                 AttributeType::Sensitive,
+                AttributeType::NeverExtractable,
+                AttributeType::AlwaysSensitive,
                 AttributeType::Encrypt,
                 AttributeType::Decrypt,
             ],
@@ -261,12 +263,16 @@ fn check_key(
     };
     let (mut aes, mut len, mut extractable, mut sensitive, mut encrypt, mut decrypt) =
         (false, 0u64, true, false, false, false);
+    // Absent (a token that does not say): taken as the worst.
+    let (mut never_extractable, mut always_sensitive) = (false, false);
     for attribute in attributes {
         match attribute {
             Attribute::KeyType(kind) => aes = kind == KeyType::AES,
             Attribute::ValueLen(value) => len = value.into(),
             Attribute::Extractable(value) => extractable = value,
             Attribute::Sensitive(value) => sensitive = value,
+            Attribute::NeverExtractable(value) => never_extractable = value,
+            Attribute::AlwaysSensitive(value) => always_sensitive = value,
             Attribute::Encrypt(value) => encrypt = value,
             Attribute::Decrypt(value) => decrypt = value,
             _ => {}
@@ -284,6 +290,14 @@ fn check_key(
             "is not an AES-256 key ({}, {len} bytes)",
             if aes { "AES" } else { "not AES" }
         ));
+    }
+    // Not extractable now is not enough: a key that once was (made
+    // extractable and then locked) or was imported may have copies
+    // outside the token.
+    if !never_extractable || !always_sensitive {
+        return refuse(
+            "may have copies outside the token: it was imported, or once extractable or not sensitive (CKA_NEVER_EXTRACTABLE or CKA_ALWAYS_SENSITIVE false); create a new one inside the token with `tokenvault keys create-hsm-key`",
+        );
     }
     if !encrypt || !decrypt {
         return refuse("may not both encrypt and decrypt (CKA_ENCRYPT, CKA_DECRYPT)");
