@@ -629,6 +629,53 @@ async fn an_index_key_rotation_through_one_replica_never_gives_a_value_two_token
     assert_eq!(one(&mut through_a, "before@example.com").await, before);
 }
 
+/// A Tokenize whose one write would lock more keys than a transaction
+/// takes without locking out every other writer of every replica (1,000
+/// deterministic values: three keys each) is refused with
+/// RESOURCE_EXHAUSTED, saying to send fewer items; 500 go through.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokenize_too_large_to_share_the_database_is_refused() {
+    let cluster = ThrowawayCluster::start();
+    cluster.create_database("vault").await;
+    let (a, _b) = replicas(&cluster, "vault").await;
+    let mut client = a.client("support").await;
+    let items = |n: usize, tag: &str| -> Vec<_> {
+        (0..n)
+            .map(|i| item("customer_email", &format!("{tag}{i}@example.com")))
+            .collect()
+    };
+    let refused = match client
+        .tokenize(TokenizeRequest {
+            items: items(1000, "big"),
+        })
+        .await
+    {
+        Ok(taken) => panic!(
+            "a 1,000-item tokenize was taken ({} results)",
+            taken.into_inner().results.len()
+        ),
+        Err(status) => status,
+    };
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("send fewer items per request"),
+        "{refused:?}"
+    );
+    assert!(!refused.message().contains("big0@example.com"));
+    let stored = client
+        .tokenize(TokenizeRequest {
+            items: items(500, "fits"),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(tokens_of(stored).len(), 500);
+}
+
 /// What detokenizing each of `tokens` through `vault` gives.
 async fn read_all(
     vault: &TestVault,

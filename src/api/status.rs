@@ -96,6 +96,7 @@ fn vault_status(err: vault::Error) -> Status {
             )
         }
         vault::Error::Conflict(message) => Status::aborted(message),
+        err @ vault::Error::RequestTooLarge { .. } => Status::resource_exhausted(err.to_string()),
         err @ vault::Error::AuditDamaged(_) => {
             tracing::error!(error = %err, "audit trail damaged");
             Status::data_loss(err.to_string())

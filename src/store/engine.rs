@@ -144,6 +144,10 @@ impl Store for AnyStore {
         on_engine!(self, store => store.purge(keys).await)
     }
 
+    fn max_keys_per_request(&self) -> Option<usize> {
+        on_engine!(self, store => store.max_keys_per_request())
+    }
+
     async fn leads_background_jobs(&self) -> bool {
         on_engine!(self, store => store.leads_background_jobs().await)
     }

@@ -153,6 +153,17 @@ pub struct Unit {
 }
 
 impl Unit {
+    /// How many keys the unit guards or writes, with repeats: what an
+    /// engine that locks keys locks for it.
+    pub fn keys_touched(&self) -> usize {
+        let written = self
+            .ops
+            .iter()
+            .filter(|op| !matches!(op, Op::AppendAudit { .. }))
+            .count();
+        self.guards.len() + self.unchanged.len() + written
+    }
+
     /// Adds a put.
     pub fn put(&mut self, table: Table, key: impl Into<Vec<u8>>, value: Vec<u8>) -> &mut Self {
         self.ops.push(Op::Put {
@@ -506,6 +517,15 @@ pub trait Store: Send + Sync + 'static {
     /// write-ahead log holding the old values is retired) and compacts the
     /// ranges holding `keys`.
     fn purge(&self, keys: Vec<(Table, Vec<u8>)>) -> impl Future<Output = Result<(), Error>> + Send;
+
+    /// The most keys one unit of a request may touch ([`Unit::keys_touched`])
+    /// without holding up every other writer: `None` where no unit does
+    /// (one process, one committer). PostgreSQL's writers lock the keys
+    /// they touch, and a group past its bound locks out every other writer
+    /// of every replica instead.
+    fn max_keys_per_request(&self) -> Option<usize> {
+        None
+    }
 
     /// Whether this process should run the background jobs that one process
     /// at a time runs (key-rotation jobs, retention sweeps, audit

@@ -890,6 +890,10 @@ impl Store for PgStore {
         // reused): SECURITY.md, "Shredding on PostgreSQL".
         Ok(())
     }
+    fn max_keys_per_request(&self) -> Option<usize> {
+        Some(group::MAX_KEY_LOCKS)
+    }
+
     async fn leads_background_jobs(&self) -> bool {
         self.lease.held().await
     }

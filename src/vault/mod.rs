@@ -195,6 +195,17 @@ pub enum Error {
     /// The erasure ledger cannot be read or written.
     #[error(transparent)]
     Ledger(#[from] LedgerError),
+    /// The request's one write would touch more keys than the engine takes
+    /// in one unit without holding up every other writer.
+    #[error(
+        "this request would touch {keys} storage keys; this engine takes at most {max} in one request without holding up every other writer: send fewer items per request"
+    )]
+    RequestTooLarge {
+        /// The keys it would touch.
+        keys: usize,
+        /// The engine's bound.
+        max: usize,
+    },
     /// A concurrent change won; nothing was changed and the caller may retry.
     #[error("{0}")]
     Conflict(&'static str),

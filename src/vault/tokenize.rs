@@ -147,6 +147,15 @@ impl<S: Store> Vault<S> {
                 self.store_unit(batch.unit(), &drawn, &subject_keys, &index_versions)?,
                 &round_event,
             );
+            if let (Some(max), Some(unit)) =
+                (self.store.max_keys_per_request(), batch.units().first())
+                && unit.keys_touched() > max
+            {
+                return Err(super::Error::RequestTooLarge {
+                    keys: unit.keys_touched(),
+                    max,
+                });
+            }
             let outcome = self
                 .store
                 .commit(batch)
