@@ -82,6 +82,25 @@ async fn acknowledged_writes_survive_sigkill() {
         all.len()
     );
     assert!(all.len() >= 400);
+    // The audit trail of four killed runs is one chain that verifies: every
+    // acknowledged write has its event, and no kill left a torn entry.
+    vault.stop();
+    let (ok, out) = common::run_cli(&[
+        "audit",
+        "verify",
+        "--config",
+        vault.config_path().to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("ok: events 1.."), "{out}");
+    let events: usize = out
+        .split_once(" events)")
+        .and_then(|(before, _)| before.rsplit_once('(')?.1.parse().ok())
+        .unwrap_or_else(|| panic!("no event count in {out}"));
+    assert!(
+        events >= all.len(),
+        "{events} events for {} writes",
+        all.len()
+    );
 }
 
 /// Starts the vault under strace (every fsync and fdatasync of every

@@ -155,6 +155,14 @@ async fn a_replica_killed_mid_load_loses_nothing_it_acknowledged() {
     let acked = writers.stop().await;
     assert!(acked.len() >= 300);
     common::assert_all_detokenize(&b, &acked).await;
+    // The chain both wrote, one killed mid-transaction, verifies.
+    let config = b.config_path();
+    let (ok, out) = tokio::task::spawn_blocking(move || {
+        common::run_cli(&["audit", "verify", "--config", config.to_str().unwrap()])
+    })
+    .await
+    .unwrap();
+    assert!(ok && out.contains("ok: events 1.."), "{out}");
     eprintln!(
         "replica killed: {} acknowledged writes, all read through the other",
         acked.len()
