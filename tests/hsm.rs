@@ -242,21 +242,34 @@ fn exit_within(
     mut command: std::process::Command,
     within: std::time::Duration,
 ) -> Option<std::process::Output> {
+    // Its stderr goes to a file: a pipe nobody reads while waiting could
+    // fill and stop a chatty child.
+    let log = tempfile::tempfile().unwrap();
     let mut child = command
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .stderr(log.try_clone().unwrap())
         .spawn()
         .unwrap();
     let deadline = std::time::Instant::now() + within;
-    while child.try_wait().unwrap().is_none() {
+    let status = loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            break status;
+        }
         if std::time::Instant::now() > deadline {
             let _ = child.kill();
             let _ = child.wait();
             return None;
         }
         std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    Some(child.wait_with_output().unwrap())
+    };
+    let mut stderr = Vec::new();
+    std::io::Seek::rewind(&mut &log).unwrap();
+    std::io::Read::read_to_end(&mut &log, &mut stderr).unwrap();
+    Some(std::process::Output {
+        status,
+        stdout: Vec::new(),
+        stderr,
+    })
 }
 
 /// Runs `helper` (below) in a child process of this test binary, with

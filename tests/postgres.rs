@@ -639,8 +639,10 @@ async fn an_index_key_rotation_through_one_replica_never_gives_a_value_two_token
 
 /// A Tokenize whose one write would lock more keys than a transaction
 /// takes without locking out every other writer of every replica (1,000
-/// deterministic values: three keys each) is refused with
-/// RESOURCE_EXHAUSTED, saying to send fewer items; 500 go through.
+/// deterministic values of one subject: three keys each) is refused with
+/// RESOURCE_EXHAUSTED, saying to send fewer items, before anything is
+/// written (not even the subject's key); 500 go through. So is a
+/// DeleteTokens of as many.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tokenize_too_large_to_share_the_database_is_refused() {
     let cluster = ThrowawayCluster::start();
@@ -649,9 +651,26 @@ async fn a_tokenize_too_large_to_share_the_database_is_refused() {
     let mut client = a.client("support").await;
     let items = |n: usize, tag: &str| -> Vec<_> {
         (0..n)
-            .map(|i| item("customer_email", &format!("{tag}{i}@example.com")))
+            .map(|i| {
+                subject_item(
+                    "customer_email",
+                    &format!("{tag}{i}@example.com"),
+                    "cust-big",
+                )
+            })
             .collect()
     };
+    let db = common::pg_session(&cluster, "vault").await;
+    let rows = || async {
+        db.query_one(
+            "SELECT count(*) FROM tokenvault_kv WHERE tbl <> 'audit' AND tbl <> 'audit_index'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get::<_, i64>(0)
+    };
+    let before = rows().await;
     let refused = match client
         .tokenize(TokenizeRequest {
             items: items(1000, "big"),
@@ -674,14 +693,44 @@ async fn a_tokenize_too_large_to_share_the_database_is_refused() {
         "{refused:?}"
     );
     assert!(!refused.message().contains("big0@example.com"));
-    let stored = client
-        .tokenize(TokenizeRequest {
-            items: items(500, "fits"),
+    assert_eq!(rows().await, before, "the refused request wrote something");
+    let stored = tokens_of(
+        client
+            .tokenize(TokenizeRequest {
+                items: items(500, "fits"),
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    assert_eq!(stored.len(), 500);
+
+    // Deleting as many at once (a record, a subject-index and an index
+    // entry each): refused, nothing deleted.
+    let more = tokens_of(
+        client
+            .tokenize(TokenizeRequest {
+                items: items(500, "more"),
+            })
+            .await
+            .unwrap()
+            .into_inner(),
+    );
+    let channel = a.channel_with(&a.pki.tls("privacy")).await.unwrap();
+    let mut subjects = tokenvault::proto::v1::subjects_client::SubjectsClient::new(channel);
+    let before = rows().await;
+    let refused = subjects
+        .delete_tokens(tokenvault::proto::v1::DeleteTokensRequest {
+            tokens: stored.iter().chain(&more).cloned().collect(),
         })
         .await
-        .unwrap()
-        .into_inner();
-    assert_eq!(tokens_of(stored).len(), 500);
+        .unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert_eq!(rows().await, before, "the refused delete changed something");
 }
 
 /// What detokenizing each of `tokens` through `vault` gives.

@@ -388,6 +388,13 @@ fn master_key_setting(keys: &raw::RawKeys) -> Result<crate::crypto::MasterKeySet
             })
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| invalid("keys.shares.commitments", "each must be 64 hex digits"))?;
+        let distinct: std::collections::HashSet<_> = commitments.iter().collect();
+        if distinct.len() != commitments.len() {
+            return Err(invalid(
+                "keys.shares.commitments",
+                "lists a share twice (each names one share)",
+            ));
+        }
         if commitments.len() < usize::from(shares.threshold) {
             return Err(invalid(
                 "keys.shares.commitments",
@@ -1182,6 +1189,15 @@ mod tests {
             .merge(Toml::file_exact(&file));
         let err = Config::from_figment(&figment).unwrap_err().to_string();
         assert!(err.contains("--print-commitment"), "{err}");
+        std::fs::write(
+            &file,
+            shares.replace(&format!("[\"{one}\"]"), &format!("[\"{one}\", \"{one}\"]")),
+        )
+        .unwrap();
+        let figment = Figment::from(Serialized::defaults(RawConfig::default()))
+            .merge(Toml::file_exact(&file));
+        let err = Config::from_figment(&figment).unwrap_err().to_string();
+        assert!(err.contains("lists a share twice"), "{err}");
         let shares = shares.replace(
             &format!("[\"{one}\"]"),
             &format!("[\"{one}\", \"{}\"]", "cd".repeat(32)),

@@ -362,8 +362,9 @@ fn bind(path: &Path) -> Result<UnixListener, MasterKeyError> {
         std::fs::remove_file(path).map_err(|e| fail("cannot remove the stale", e))?;
     }
     // Created 0600, not restricted afterwards: no moment in which another
-    // user could connect. (The umask is the process's; nothing else runs
-    // while the vault is sealed: it starts no thread before the key.)
+    // user could connect. (The umask is the process's; while the vault is
+    // sealed the only other thread writes the log to stderr and creates
+    // no file.)
     let before = rustix::process::umask(rustix::fs::Mode::from_raw_mode(0o177));
     let bound = UnixListener::bind(path);
     rustix::process::umask(before);

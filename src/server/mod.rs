@@ -336,7 +336,7 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore
             AnyStore::RocksDb(store)
         }
         EngineSetting::Postgres(database) => {
-            warn_if_in_the_clear("storage.postgres", &database.connection);
+            warn_if_in_the_clear("storage.postgres", database);
             let secrets = database_secrets("storage.postgres", database)?;
             let store = PgStore::connect_with(
                 &database.connection,
@@ -352,7 +352,7 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore
         LedgerSetting::File(path) => LedgerLocation::File(path.clone()),
         LedgerSetting::Database(database) => {
             let key = "subjects.erasure_ledger_database";
-            warn_if_in_the_clear(key, &database.connection);
+            warn_if_in_the_clear(key, database);
             let secrets = database_secrets(key, database)?;
             let table = LedgerTable::connect_with(
                 &database.connection,
@@ -631,8 +631,8 @@ fn local_addr(
 
 /// Says loudly that the database at `key` is reached over TCP without TLS
 /// (`sslmode=disable`, which the configuration accepts only when written).
-fn warn_if_in_the_clear(key: &str, connection: &str) {
-    if store::postgres::in_the_clear(connection) {
+fn warn_if_in_the_clear(key: &str, database: &DatabaseSetting) {
+    if store::postgres::in_the_clear(&database.connection, database.ca_file.is_some()) {
         tracing::warn!(
             setting = key,
             "the database is reached over TCP without TLS (sslmode=disable): the database, or anyone on the path, can change what the vault reads and its audit trail; set ca_file for production"

@@ -153,15 +153,26 @@ pub struct Unit {
 }
 
 impl Unit {
-    /// How many keys the unit guards or writes, with repeats: what an
-    /// engine that locks keys locks for it.
+    /// How many distinct keys the unit guards or writes: what an engine
+    /// that locks keys locks for it.
     pub fn keys_touched(&self) -> usize {
-        let written = self
-            .ops
+        let written = self.ops.iter().filter_map(|op| match op {
+            Op::Put { table, key, .. } | Op::Delete { table, key } => Some((*table, &key[..])),
+            Op::AppendAudit { .. } => None,
+        });
+        let guarded = self
+            .guards
             .iter()
-            .filter(|op| !matches!(op, Op::AppendAudit { .. }))
-            .count();
-        self.guards.len() + self.unchanged.len() + written
+            .map(|(table, key)| (*table, &key[..]))
+            .chain(
+                self.unchanged
+                    .iter()
+                    .map(|(table, key, _)| (*table, &key[..])),
+            );
+        written
+            .chain(guarded)
+            .collect::<std::collections::HashSet<_>>()
+            .len()
     }
 
     /// Adds a put.

@@ -184,7 +184,7 @@ impl PgStore {
         let lease = Arc::new(lease::Lease::new(target.clone()));
         let renewal = lease::Renewal::start(Arc::clone(&lease), target.bounds.lease_renewal());
         let (queue, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
-        let rx = Arc::new(tokio::sync::Mutex::new(rx));
+        let rx = Arc::new(tokio::sync::Mutex::new(Queue { rx, carried: None }));
         let committed = Arc::new(Committed::default());
         let committers = committers
             .into_iter()
@@ -309,16 +309,21 @@ pub fn check_connection(table: &str, connection: &str, with_ca: bool) -> Result<
 /// Whether `connection` (checked by [`check_connection`]) reaches a
 /// database over TCP with TLS turned off on purpose (`sslmode=disable`):
 /// what the server warns about at start.
-pub fn in_the_clear(connection: &str) -> bool {
-    parse(connection)
-        .is_ok_and(|config| over_tcp(&config) && config.get_ssl_mode() == SslMode::Disable)
+pub fn in_the_clear(connection: &str, with_ca: bool) -> bool {
+    // A CA configured makes every connection TLS, whatever sslmode says.
+    !with_ca
+        && parse(connection)
+            .is_ok_and(|config| over_tcp(&config) && config.get_ssl_mode() == SslMode::Disable)
 }
 
+/// Whether any connection would go over TCP: a host that is not a socket
+/// directory, or any `hostaddr` (which the client uses before the host).
 fn over_tcp(config: &tokio_postgres::Config) -> bool {
-    config
-        .get_hosts()
-        .iter()
-        .any(|host| matches!(host, tokio_postgres::config::Host::Tcp(_)))
+    !config.get_hostaddrs().is_empty()
+        || config
+            .get_hosts()
+            .iter()
+            .any(|host| matches!(host, tokio_postgres::config::Host::Tcp(_)))
 }
 
 /// Whether two connection settings name the same database: a host and
@@ -766,7 +771,7 @@ async fn run_committer(committer: Committer, target: Target, shared: Shared) {
 /// What a process's committers share.
 struct Shared {
     /// The batches waiting, taken by one committer at a time.
-    queue: Arc<tokio::sync::Mutex<mpsc::Receiver<Commit>>>,
+    queue: Arc<tokio::sync::Mutex<Queue>>,
     /// The newest head seen, and whether the database fell behind it.
     history: Arc<History>,
     committed: Arc<Committed>,
@@ -776,13 +781,23 @@ struct Shared {
 /// to [`MAX_GROUP_BATCHES`] batches or [`MAX_GROUP_LOCKS`] key locks;
 /// `None` once the store is closed and the queue drained. One committer
 /// waits on the queue at a time, so the others are writing meanwhile.
-async fn next_group(queue: &tokio::sync::Mutex<mpsc::Receiver<Commit>>) -> Option<Vec<Commit>> {
+async fn next_group(queue: &tokio::sync::Mutex<Queue>) -> Option<Vec<Commit>> {
     let mut queue = queue.lock().await;
-    let first = queue.recv().await?;
+    let first = match queue.carried.take() {
+        Some(carried) => carried,
+        None => queue.rx.recv().await?,
+    };
     let mut locks = group::locks_asked(first.batch.units());
     let mut group = vec![first];
     while group.len() < MAX_GROUP_BATCHES && locks < MAX_GROUP_LOCKS {
-        match queue.try_recv() {
+        match queue.rx.try_recv() {
+            // A batch that would take the group past the key locks a
+            // transaction holds beside others waits for the next group:
+            // two batches that each fit never make one that runs alone.
+            Ok(next) if locks + group::locks_asked(next.batch.units()) > group::MAX_KEY_LOCKS => {
+                queue.carried = Some(next);
+                break;
+            }
             Ok(next) => {
                 locks += group::locks_asked(next.batch.units());
                 group.push(next);
@@ -791,6 +806,13 @@ async fn next_group(queue: &tokio::sync::Mutex<mpsc::Receiver<Commit>>) -> Optio
         }
     }
     Some(group)
+}
+
+/// The batches waiting for the committers, and one a group left for the
+/// next (it would have taken that group past its key locks).
+struct Queue {
+    rx: mpsc::Receiver<Commit>,
+    carried: Option<Commit>,
 }
 
 /// The smallest key greater than every key that starts with `prefix`, if

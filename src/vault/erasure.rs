@@ -81,7 +81,7 @@ impl<S: Store> Vault<S> {
         rollback: LedgerRollback,
     ) -> Result<(Self, u64), Error> {
         let (sink, content) = LedgerSink::open(location).await?;
-        let binding = match &content {
+        let mut binding = match &content {
             LedgerFile::Chained(entries) => {
                 self.check_ledger_binding(&sink, entries, rollback).await?
             }
@@ -158,6 +158,11 @@ impl<S: Store> Vault<S> {
                 return Err(refuse(
                     "is older than this vault's record of it, and that record has gaps (an erasure was only in the ledger): restore the ledger from a backup".to_owned(),
                 ));
+            }
+            // Bound first: the entries go into a ledger this vault holds,
+            // checked on append.
+            if let Some(binding) = binding.take() {
+                self.record_ledger_binding(&sink, binding).await?;
             }
             sink.append(&missing).await?;
             tracing::warn!(

@@ -231,22 +231,26 @@ impl<S: Store> Vault<S> {
         // Rotations and steps take turns, so a step never works for a key
         // that a rotation has just replaced.
         let _turn = self.jobs.lock().await;
-        // A rotation through another replica sharing the store does not
-        // take this process's turn: load the key it may have added, and
-        // let the step's end fail if a newer one appears meanwhile (so the
-        // job never finishes with records under a key it did not know).
-        self.refresh_keys().await;
-        let newer_key = match job {
-            Job::Reencrypt => MasterWrapped::DataKey.label(self.keyring.active().0 + 1),
-            Job::Reindex => {
-                MasterWrapped::BlindIndexKey.label(self.keyring.index_keys().version + 1)
-            }
-        };
         let (Some(cursor), mut progress, paused) = self.job_meta(job).await? else {
             return Ok(JobStep {
                 finished: true,
                 ..JobStep::default()
             });
+        };
+        // A rotation through another replica sharing the store does not
+        // take this process's turn: load the key it may have added (a
+        // failure fails the step: it would redo its page forever), and let
+        // the step's end fail if a newer one appears meanwhile, so the job
+        // never finishes with records under a key it did not know.
+        let loaded = self.keyring.refresh(&self.store).await?;
+        if loaded > 0 {
+            tracing::info!(keys = loaded, "loaded keys another replica added");
+        }
+        let newer_key = match job {
+            Job::Reencrypt => MasterWrapped::DataKey.label(self.keyring.active().0 + 1),
+            Job::Reindex => {
+                MasterWrapped::BlindIndexKey.label(self.keyring.index_keys().version + 1)
+            }
         };
         if paused {
             return Ok(JobStep {

@@ -11,7 +11,7 @@ use crate::{
     authz::{Denial, Permit},
     crypto::SecretValue,
     layout::{self, KeyVersion},
-    store::{Batch, Conflict, FailedGuard, Store, Table},
+    store::{Batch, Conflict, FailedGuard, Store, Table, Unit},
     token::{FieldType, Token},
 };
 
@@ -263,6 +263,14 @@ impl<S: Store> Vault<S> {
                 .unit()
                 .guard_unchanged(Table::Index, blind.to_vec(), token.storage_key().to_vec())
                 .delete(Table::Index, blind.to_vec());
+        }
+        // Too large for the engine to run beside other writers: refused,
+        // nothing deleted.
+        if let Some(max) = self.store.max_keys_per_request() {
+            let keys = batch.units().iter().map(Unit::keys_touched).sum();
+            if keys > max {
+                return Err(Error::RequestTooLarge { keys, max });
+            }
         }
         self.store
             .commit(batch)

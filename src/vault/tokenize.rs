@@ -49,6 +49,26 @@ struct Pending<'a> {
 
 type ItemResult = Result<Token, ItemError>;
 
+/// The distinct keys the write of `pending` will touch, as
+/// `Vault::store_unit` builds it: each record, its index entries (every
+/// index key in use), its subject-index and expiry entries, and the guard
+/// on the next index key of each version hashed under.
+fn keys_needed(pending: &[Pending<'_>]) -> usize {
+    let mut versions = HashSet::new();
+    let per_item: usize = pending
+        .iter()
+        .map(|p| {
+            if let Some(blind) = &p.blind {
+                versions.insert(blind.version);
+            }
+            1 + p.blind.as_ref().map_or(0, Blind::len)
+                + usize::from(p.subject_hash.is_some())
+                + usize::from(p.expires_ms.is_some())
+        })
+        .sum();
+    per_item + versions.len()
+}
+
 /// The index key versions the deterministic values of `drawn` are hashed
 /// under, distinct (one, unless a key was loaded while they were hashed).
 fn index_versions(drawn: &[(Pending<'_>, Token)]) -> Vec<u32> {
@@ -118,6 +138,14 @@ impl<S: Store> Vault<S> {
         event.subjects.dedup();
 
         // Each subject's values are encrypted under the subject's own key.
+        // Too large for the engine: refused before anything is written (not
+        // even the subjects' new keys).
+        if let Some(max) = self.store.max_keys_per_request() {
+            let keys = keys_needed(&pending);
+            if keys > max {
+                return Err(super::Error::RequestTooLarge { keys, max });
+            }
+        }
         let mut subjects: Vec<[u8; 32]> = pending.iter().filter_map(|p| p.subject_hash).collect();
         subjects.sort_unstable();
         subjects.dedup();
@@ -147,6 +175,7 @@ impl<S: Store> Vault<S> {
                 self.store_unit(batch.unit(), &drawn, &subject_keys, &index_versions)?,
                 &round_event,
             );
+            // A backstop for the estimate above (nothing written this round).
             if let (Some(max), Some(unit)) =
                 (self.store.max_keys_per_request(), batch.units().first())
                 && unit.keys_touched() > max

@@ -468,5 +468,9 @@ mod tests {
         expected.sort_unstable();
         assert_eq!(ids, expected);
         assert_eq!(locks_asked(batch.units()), 7, "before duplicates go");
+        // What the vault bounds a request by counts every lock taken.
+        let touched: usize = batch.units().iter().map(Unit::keys_touched).sum();
+        assert_eq!(touched, 6, "distinct per unit: a, t, x, next, m (twice)");
+        assert!(ids.len() <= touched);
     }
 }

@@ -91,18 +91,28 @@ fn a_connection_setting_without_a_password_is_accepted() {
             err.contains("ca_file") && err.contains("sslmode=disable"),
             "{err}"
         );
-        assert!(!in_the_clear(tcp));
+        assert!(!in_the_clear(tcp, false));
         let clear = if tcp.contains("://") {
             format!("{tcp}?sslmode=disable")
         } else {
             format!("{tcp} sslmode=disable")
         };
         check_connection("storage.postgres", &clear, false).unwrap();
-        assert!(in_the_clear(&clear), "{clear}");
+        assert!(in_the_clear(&clear, false), "{clear}");
+        assert!(!in_the_clear(&clear, true), "a CA forces TLS: {clear}");
     }
     assert!(!in_the_clear(
-        "host=/run/postgresql user=vault sslmode=disable"
+        "host=/run/postgresql user=vault sslmode=disable",
+        false
     ));
+    // A socket directory with a hostaddr connects over TCP to the address.
+    let err = check_connection(
+        "storage.postgres",
+        "host=/run/postgresql hostaddr=203.0.113.5 user=vault",
+        false,
+    )
+    .unwrap_err();
+    assert!(err.contains("over TCP without TLS"), "{err}");
     for with_password in [
         "host=db user=vault password=hunter2",
         "postgres://vault:hunter2@db.internal/vault",
@@ -766,4 +776,52 @@ async fn a_snapshot_reads_one_point_in_time_across_pages() {
         .unwrap()
         .get(0);
     assert!(untouched, "the snapshot created tables");
+}
+
+/// Two queued batches that each fit beside other writers never make one
+/// group that must run alone: the second waits for the next group.
+#[tokio::test]
+async fn a_group_never_grows_past_the_key_locks_by_taking_one_more_batch() {
+    let batch_of = |n: u32, tag: u8| {
+        let mut batch = Batch::new();
+        let unit = batch.unit();
+        for i in 0..n {
+            unit.put(
+                Table::Records,
+                [&[tag][..], &i.to_be_bytes()].concat(),
+                Vec::new(),
+            );
+        }
+        batch
+    };
+    let (tx, rx) = mpsc::channel(8);
+    let queue = tokio::sync::Mutex::new(Queue { rx, carried: None });
+    let mut answers = Vec::new();
+    for (n, tag) in [(1_000, 1), (1_500, 2), (10, 3)] {
+        let (done, answer) = oneshot::channel();
+        answers.push(answer);
+        tx.send(Commit {
+            batch: batch_of(n, tag),
+            done,
+        })
+        .await
+        .unwrap();
+    }
+    drop(tx);
+    let mut sizes = Vec::new();
+    while let Some(group) = next_group(&queue).await {
+        sizes.push(group.len());
+        assert!(
+            group.len() == 1
+                || group
+                    .iter()
+                    .map(|c| group::locks_asked(c.batch.units()))
+                    .sum::<usize>()
+                    <= group::MAX_KEY_LOCKS
+        );
+    }
+    // 1,000 alone (1,500 more would pass 2,048: before, they went
+    // together and locked out every other writer), then 1,500 (past the
+    // 1,024 a group gathers), then the 10.
+    assert_eq!(sizes, [1, 1, 1]);
 }
