@@ -389,16 +389,7 @@ async fn after_a_master_key_rotation_through_one_replica_the_other_wraps_nothing
     )
     .unwrap();
     for vault in [&mut a, &mut b] {
-        let config = std::fs::read_to_string(vault.config_path()).unwrap();
-        assert!(config.contains("master_key_file = \"master.key\""));
-        std::fs::write(
-            vault.config_path(),
-            config.replace(
-                "master_key_file = \"master.key\"",
-                "master_key_file = \"master-2.key\"",
-            ),
-        )
-        .unwrap();
+        common::switch_master_key_file(vault, "master-2.key");
         vault.spawn().unwrap();
     }
     let rotated = admin(&b)

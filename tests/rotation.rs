@@ -92,15 +92,7 @@ async fn the_master_key_rotates_without_touching_records() {
         "{}",
         String::from_utf8_lossy(&old_refused.stderr)
     );
-    let config = std::fs::read_to_string(vault.config_path()).unwrap();
-    std::fs::write(
-        vault.config_path(),
-        config.replace(
-            "master_key_file = \"master.key\"",
-            "master_key_file = \"master-2.key\"",
-        ),
-    )
-    .unwrap();
+    common::switch_master_key_file(&vault, "master-2.key");
     vault.spawn().unwrap();
     let mut support = vault.client("support").await;
     let response = support

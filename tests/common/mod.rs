@@ -552,6 +552,19 @@ pub async fn rotate_master_to_new_file(vault: &TestVault, name: &str) -> String 
     out
 }
 
+/// Points `vault`'s config at the master key file `file` (in its root)
+/// instead of `master.key`, as an operator does after `keys rotate-master`.
+pub fn switch_master_key_file(vault: &TestVault, file: &str) {
+    let config = std::fs::read_to_string(vault.config_path()).unwrap();
+    let old = "master_key_file = \"master.key\"";
+    assert!(config.contains(old), "{config}");
+    std::fs::write(
+        vault.config_path(),
+        config.replace(old, &format!("master_key_file = \"{file}\"")),
+    )
+    .unwrap();
+}
+
 pub fn tokenvault_command() -> Command {
     let mut command = Command::new(env!("CARGO_BIN_EXE_tokenvault"));
     command.env_clear();
