@@ -141,6 +141,18 @@ impl LedgerTable {
         })
     }
 
+    /// Refuses an answer from a ledger whose id (`found`) is not the one
+    /// [`LedgerTable::expect`] named, once it named one.
+    fn still_expected(&self, found: Option<Vec<u8>>) -> Result<(), Error> {
+        match self.expected.get() {
+            Some(expected) if found.as_ref() != Some(expected) => Err(Error::Backend(format!(
+                "{} is no longer the erasure ledger this vault is bound to (its id changed since start: the host name now leads to another database?)",
+                self.place
+            ))),
+            _ => Ok(()),
+        }
+    }
+
     /// Makes every later append check that the ledger is still the one
     /// with id `ledger_id` (see [`LedgerTable::identity`]).
     pub fn expect(&self, ledger_id: Vec<u8>) {
@@ -199,21 +211,31 @@ impl LedgerTable {
         };
         let rows = tokio::time::timeout(
             self.target.bounds.call,
+            // The schema row joined in: the ledger's id comes with the
+            // entries (one row with NULLs when there are none).
             client.query(
-                "SELECT seq, entry FROM tokenvault_erasure_ledger WHERE seq > $1 ORDER BY seq",
+                "SELECT s.ledger_id, e.seq, e.entry FROM tokenvault_ledger_schema s \
+                 LEFT JOIN tokenvault_erasure_ledger e ON e.seq > $1 ORDER BY e.seq",
                 &[&after],
             ),
         )
         .await
         .map_err(|_| self.forget(&mut slot))?
         .map_err(|e| forget_if_closed(&mut slot, e))?;
+        if let Some(first) = rows.first() {
+            self.still_expected(first.try_get(0).ok().flatten())?;
+        }
         rows.iter()
-            .map(|row| {
-                let seq: i64 = row.get(0);
+            .filter_map(|row| {
+                let seq: Option<i64> = row.get(1);
+                let entry: Option<Vec<u8>> = row.get(2);
+                Some((seq?, entry?))
+            })
+            .map(|(seq, entry)| {
                 let seq = u64::try_from(seq).map_err(|_| {
                     Error::Corruption("the erasure ledger holds a negative number".into())
                 })?;
-                Ok((seq, row.get(1)))
+                Ok((seq, entry))
             })
             .collect()
     }
@@ -227,13 +249,20 @@ impl LedgerTable {
         let Some(client) = slot.as_mut() else {
             return Err(Error::Closed);
         };
+        // With the ledger's id, in one snapshot: a reconnect that landed
+        // on another database must not answer for this vault's ledger.
         let row = tokio::time::timeout(
             self.target.bounds.call,
-            client.query_one("SELECT max(seq) FROM tokenvault_erasure_ledger", &[]),
+            client.query_one(
+                "SELECT (SELECT max(seq) FROM tokenvault_erasure_ledger), \
+                 (SELECT ledger_id FROM tokenvault_ledger_schema)",
+                &[],
+            ),
         )
         .await
         .map_err(|_| self.forget(&mut slot))?
         .map_err(|e| forget_if_closed(&mut slot, e))?;
+        self.still_expected(row.try_get(1).ok().flatten())?;
         let newest: Option<i64> = row.get(0);
         newest
             .map(|seq| {

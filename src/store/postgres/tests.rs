@@ -360,6 +360,70 @@ async fn a_ledger_number_is_taken_once() {
     assert!(one.place().contains("database ledger"), "{}", one.place());
 }
 
+/// A ledger whose id changes under a running vault (what a reconnect that
+/// lands on another database sees) answers for nothing: appends write
+/// nothing, and reads and the newest number are refused. A ledger of
+/// schema version 1 (no ids) gets its id when it is opened, and keeps its
+/// entries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ledger_is_checked_to_be_the_one_bound_and_an_old_one_gets_an_id() {
+    use super::ledger::{Appended, LedgerTable};
+    let cluster = Cluster::start();
+    cluster.create_database("ledger").await;
+    let admin = connect(&cluster.conninfo("ledger")).await.unwrap();
+    // Version 1, as an earlier release left it: entries, no ids.
+    admin
+        .batch_execute(
+            "CREATE TABLE tokenvault_ledger_schema (singleton boolean PRIMARY KEY DEFAULT true CHECK (singleton), version integer NOT NULL);
+             INSERT INTO tokenvault_ledger_schema (version) VALUES (1);
+             CREATE TABLE tokenvault_erasure_ledger (seq bigint PRIMARY KEY CHECK (seq > 0), entry bytea NOT NULL);
+             INSERT INTO tokenvault_erasure_ledger VALUES (1, '\\x61');",
+        )
+        .await
+        .unwrap();
+    let ledger =
+        LedgerTable::connect_with(&cluster.conninfo("ledger"), None, None, Bounds::default())
+            .await
+            .unwrap();
+    let identity = ledger.identity().await.unwrap();
+    assert_eq!(identity.ledger_id.len(), 16);
+    assert_eq!(identity.vault_id, None);
+    let version: i32 = admin
+        .query_one("SELECT version FROM tokenvault_ledger_schema", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(version, 2);
+    assert_eq!(ledger.entries_after(0).await.unwrap(), [(1, b"a".to_vec())]);
+
+    ledger.expect(identity.ledger_id.clone());
+    assert_eq!(
+        ledger.append(&[(2, b"b".to_vec())]).await.unwrap(),
+        Appended::Written
+    );
+    assert_eq!(ledger.newest().await.unwrap(), Some(2));
+    admin
+        .execute(
+            "UPDATE tokenvault_ledger_schema SET ledger_id = $1",
+            &[&&[0u8; 16][..]],
+        )
+        .await
+        .unwrap();
+    let refused = ledger.append(&[(3, b"c".to_vec())]).await.unwrap_err();
+    assert!(
+        refused.to_string().contains("no longer the erasure ledger"),
+        "{refused}"
+    );
+    assert!(ledger.newest().await.is_err());
+    assert!(ledger.entries_after(0).await.is_err());
+    let rows: i64 = admin
+        .query_one("SELECT count(*) FROM tokenvault_erasure_ledger", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 2, "the refused append wrote something");
+}
+
 /// A database of schema version 1 (the same tables; its writers did not
 /// take key locks) is moved to this binary's version when a replica opens
 /// it, so a release that knows only version 1 refuses it from then on.
