@@ -572,17 +572,29 @@ async fn a_sealed_export_opens_only_with_the_recipients_key() {
     let saved = keys.path().join("export.json");
     std::fs::write(&saved, as_grpcurl_json(&messages)).unwrap();
     let key = dir.join("export.key");
-    let open = |key: &Path, file: &Path| {
-        subjects_cli(&[
+    let vault_key = common::vault_public_key(&vault);
+    let open_checking = |key: &Path, file: &Path, checks: &[&str]| {
+        let mut args = vec![
             "open-export",
             "--key",
             key.to_str().unwrap(),
+            "--vault-key",
+            &vault_key,
             "--in",
             file.to_str().unwrap(),
-        ])
+        ];
+        args.extend_from_slice(checks);
+        subjects_cli(&args)
     };
+    let open = |key: &Path, file: &Path| open_checking(key, file, &[]);
     let (ok, out, err) = open(&key, &saved);
     assert!(ok, "{err}");
+    // The vault signed it: its request id and time, said on stderr.
+    let request_id = err
+        .split_once("signed by the vault: request ")
+        .and_then(|(_, rest)| rest.split(',').next())
+        .unwrap_or_else(|| panic!("no signature line in {err}"))
+        .to_owned();
     let mut opened: Vec<(String, String)> = out
         .lines()
         .map(|line| {
@@ -620,6 +632,72 @@ async fn a_sealed_export_opens_only_with_the_recipients_key() {
     std::fs::write(&reordered, as_grpcurl_json(&swapped)).unwrap();
     let (ok, _, err) = open(&key, &reordered);
     assert!(!ok && err.contains("changed or is out of order"), "{err}");
+
+    // Checked against what the data subject expects: their subject id and
+    // the request they made. Another subject's export, or an older one
+    // replayed, is refused.
+    let (ok, _, err) = open_checking(
+        &key,
+        &saved,
+        &["--subject", "cust-sealed", "--request-id", &request_id],
+    );
+    assert!(ok, "{err}");
+    assert!(err.contains("subject checked"), "{err}");
+    let (ok, _, err) = open_checking(&key, &saved, &["--subject", "cust-other"]);
+    assert!(!ok && err.contains("another subject"), "{err}");
+    let (ok, _, err) = open_checking(&key, &saved, &["--request-id", "an-older-request"]);
+    assert!(!ok && err.contains("replayed"), "{err}");
+
+    // Whoever relays the export, holding the recipient's public key only:
+    // a substituted empty export, or fabricated values, sealed to the
+    // recipient and ended with a signature of their own.
+    for fabricated in [0usize, 1] {
+        use prost::Message;
+        let (encapsulated, mut sealer) = tokenvault::crypto::ExportSealer::new(&public).unwrap();
+        let mut records = Vec::new();
+        for index in 0..fabricated {
+            let mut field = tokenvault::proto::v1::SubjectField::default();
+            field.field_type = "email".into();
+            field.value = "someone.else@example.com".into();
+            let record = tokenvault::proto::v1::SealedRecord {
+                field: Some(field),
+                index: index as u64,
+                ..Default::default()
+            };
+            records.push(sealer.seal(&record.encode_to_vec()).unwrap());
+        }
+        let end = tokenvault::proto::v1::SealedRecord {
+            index: fabricated as u64,
+            total: fabricated as u64,
+            end: true,
+            signature: vec![7; 64],
+            request_id: request_id.clone(),
+            exported_ms: 1,
+            subject_digest: tokenvault::crypto::subject_digest("cust-sealed").to_vec(),
+            ..Default::default()
+        };
+        records.push(sealer.seal(&end.encode_to_vec()).unwrap());
+        let forged: Vec<_> = records
+            .into_iter()
+            .enumerate()
+            .map(|(n, sealed)| {
+                let mut message = tokenvault::proto::v1::SubjectField::default();
+                message.sealed = sealed;
+                if n == 0 {
+                    message.encapsulated_key.clone_from(&encapsulated);
+                }
+                message
+            })
+            .collect();
+        let file = keys.path().join(format!("forged-{fabricated}.json"));
+        std::fs::write(&file, as_grpcurl_json(&forged)).unwrap();
+        let (ok, out, err) = open(&key, &file);
+        assert!(
+            !ok && err.contains("not signed with the vault's key"),
+            "{fabricated} fabricated: {err}"
+        );
+        assert!(out.is_empty(), "a forged export printed values: {out}");
+    }
 
     // A key of the wrong length is refused before anything is exported.
     let status = privacy

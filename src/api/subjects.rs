@@ -37,38 +37,60 @@ fn token(text: &str) -> Result<Token, Error> {
         .map_err(|e: crate::token::TokenError| Error::InvalidArgument(e.to_string()))
 }
 
+/// Who asked for a sealed export, for its signed end record.
+struct ExportOf<'a> {
+    subject_id: &'a str,
+    request_id: &'a str,
+}
+
 /// An export's fields as records sealed to its recipient, followed by the
-/// end record that says how many there were; the first message carries the
-/// encapsulated key. Nothing in clear but the message boundaries.
+/// end record that says how many there were and carries the vault's
+/// signature over the whole export (`sign`: the audit key); the first
+/// message carries the encapsulated key. Nothing in clear but the message
+/// boundaries.
 fn seal_export(
     fields: Vec<pb::SubjectField>,
     encapsulated: &[u8],
     mut sealer: crate::crypto::ExportSealer,
+    of: &ExportOf<'_>,
+    sign: impl FnOnce(&crate::crypto::ExportStatement<'_>) -> [u8; 64],
 ) -> Result<Vec<Result<pb::SubjectField, Status>>, Error> {
     use prost::Message;
+    let crypto = |e| Error::Vault(crate::vault::Error::Crypto(e));
     let total = fields.len() as u64;
-    let records = fields
-        .into_iter()
-        .enumerate()
-        .map(|(index, field)| pb::SealedRecord {
+    let mut sealed_records = Vec::with_capacity(fields.len() + 1);
+    for (index, field) in fields.into_iter().enumerate() {
+        let record = pb::SealedRecord {
             field: Some(field),
             index: index as u64,
-            total: 0,
-            end: false,
-        })
-        .chain(std::iter::once(pb::SealedRecord {
-            field: None,
-            index: total,
-            total,
-            end: true,
-        }));
-    let mut out = Vec::new();
-    for (n, record) in records.enumerate() {
+            ..pb::SealedRecord::default()
+        };
         let plain = zeroize::Zeroizing::new(record.encode_to_vec());
         drop(record);
-        let sealed = sealer
-            .seal(&plain)
-            .map_err(|e| Error::Vault(crate::vault::Error::Crypto(e)))?;
+        sealed_records.push(sealer.seal(&plain).map_err(crypto)?);
+    }
+    let subject_digest = crate::crypto::subject_digest(of.subject_id);
+    let exported_ms = crate::vault::now_ms();
+    let signature = sign(&crate::crypto::ExportStatement {
+        encapsulated,
+        records: &sealed_records,
+        subject_digest: &subject_digest,
+        request_id: of.request_id,
+        exported_ms,
+    });
+    let end = pb::SealedRecord {
+        field: None,
+        index: total,
+        total,
+        end: true,
+        signature: signature.to_vec(),
+        request_id: of.request_id.to_owned(),
+        exported_ms,
+        subject_digest: subject_digest.to_vec(),
+    };
+    sealed_records.push(sealer.seal(&end.encode_to_vec()).map_err(crypto)?);
+    let mut out = Vec::new();
+    for (n, sealed) in sealed_records.into_iter().enumerate() {
         out.push(Ok(pb::SubjectField {
             token: String::new(),
             field_type: String::new(),
@@ -148,7 +170,16 @@ impl<S: Store> TokenVaultService<S> {
             .collect();
         let items = match sealer {
             None => plain.into_iter().map(Ok).collect(),
-            Some((encapsulated, sealer)) => seal_export(plain, &encapsulated, sealer)?,
+            Some((encapsulated, sealer)) => seal_export(
+                plain,
+                &encapsulated,
+                sealer,
+                &ExportOf {
+                    subject_id: &request.subject_id,
+                    request_id: &call.request_id,
+                },
+                |statement| self.vault.sign_export(statement),
+            )?,
         };
         Ok(Box::pin(tokio_stream::iter(items)))
     }

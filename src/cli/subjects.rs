@@ -36,6 +36,18 @@ pub(super) enum SubjectsCommand {
         /// The private key (export.key from `keygen`).
         #[arg(long)]
         key: PathBuf,
+        /// The vault's audit public key (hex, `tokenvault audit public-key`,
+        /// obtained from the vault's operator, not from whoever relays the
+        /// export): the export must be signed with it.
+        #[arg(long)]
+        vault_key: String,
+        /// The subject id the export must be of.
+        #[arg(long)]
+        subject: Option<String>,
+        /// The request id the export must come from (as the vault's answer
+        /// or log named it): an older export replayed has another.
+        #[arg(long)]
+        request_id: Option<String>,
         /// The saved export; standard input if absent.
         #[arg(long = "in")]
         input: Option<PathBuf>,
@@ -63,8 +75,20 @@ pub(super) fn run(command: SubjectsCommand) -> Result<ExitCode, String> {
             );
             Ok(ExitCode::SUCCESS)
         }
-        SubjectsCommand::OpenExport { key, input } => {
+        SubjectsCommand::OpenExport {
+            key,
+            vault_key,
+            subject,
+            request_id,
+            input,
+        } => {
             let private = read_private_key(&key)?;
+            let expected = Expected {
+                vault_key: super::audit::parse_public_key(&vault_key)
+                    .map_err(|e| e.replace("--public-key", "--vault-key"))?,
+                subject,
+                request_id,
+            };
             let mut text = Zeroizing::new(Vec::new());
             match &input {
                 Some(path) => {
@@ -77,7 +101,25 @@ pub(super) fn run(command: SubjectsCommand) -> Result<ExitCode, String> {
                         .map_err(|e| format!("cannot read standard input: {e}"))?;
                 }
             }
-            let fields = open_export(&private, &text)?;
+            let (fields, signed) = open_export(&private, &text, &expected)?;
+            let when = time::OffsetDateTime::from_unix_timestamp_nanos(
+                i128::from(signed.exported_ms) * 1_000_000,
+            )
+            .ok()
+            .and_then(|t| {
+                t.format(&time::format_description::well_known::Rfc3339)
+                    .ok()
+            })
+            .unwrap_or_default();
+            eprintln!(
+                "signed by the vault: request {}, made {when}, subject {}",
+                signed.request_id,
+                if expected.subject.is_some() {
+                    "checked"
+                } else {
+                    "not checked (pass --subject to check it)"
+                }
+            );
             let mut out = std::io::stdout().lock();
             for field in &fields {
                 let line = Zeroizing::new(
@@ -104,19 +146,38 @@ pub(super) fn run(command: SubjectsCommand) -> Result<ExitCode, String> {
     }
 }
 
+/// What an opened export must be: signed with the vault's key, and of the
+/// subject and request given.
+pub(crate) struct Expected {
+    pub(crate) vault_key: [u8; 32],
+    pub(crate) subject: Option<String>,
+    pub(crate) request_id: Option<String>,
+}
+
+/// What the vault's signature says of an opened export.
+pub(crate) struct Signed {
+    pub(crate) request_id: String,
+    pub(crate) exported_ms: u64,
+}
+
 /// The fields of a sealed export given as grpcurl's stream of JSON messages
-/// (`sealed` and, in the first, `encapsulatedKey`, both base64).
+/// (`sealed` and, in the first, `encapsulatedKey`, both base64), once the
+/// vault's signature over it verifies and it is of what `expected` names.
 ///
 /// # Errors
-/// A wrong key, a changed, reordered, missing or extra record, or input that
-/// is not such a stream; the message says which.
+/// A wrong key, a changed, reordered, missing or extra record, a signature
+/// that is not the vault's (a substituted or fabricated export), another
+/// subject or request than expected, or input that is not such a stream;
+/// the message says which.
 pub(crate) fn open_export(
     private: &[u8; EXPORT_KEY_LEN],
     text: &[u8],
-) -> Result<Vec<pb::SubjectField>, String> {
-    let mut opener: Option<ExportOpener> = None;
+    expected: &Expected,
+) -> Result<(Vec<pb::SubjectField>, Signed), String> {
+    let mut opener: Option<(ExportOpener, Vec<u8>)> = None;
     let mut fields = Vec::new();
-    let mut ended = false;
+    let mut ciphertexts = Vec::new();
+    let mut signed = None;
     for message in serde_json::Deserializer::from_slice(text).into_iter::<serde_json::Value>() {
         let message = message.map_err(|e| format!("not a stream of JSON messages: {e}"))?;
         let bytes = |names: [&str; 2]| -> Result<Option<Vec<u8>>, String> {
@@ -130,19 +191,18 @@ pub(crate) fn open_export(
                 })
                 .transpose()
         };
-        if ended {
+        if signed.is_some() {
             return Err("there is more after the export's end record".into());
         }
         if opener.is_none() {
             let encapsulated = bytes(["encapsulatedKey", "encapsulated_key"])?.ok_or(
                 "the first message has no encapsulatedKey: is this a sealed export (asked with recipient_public_key)?",
             )?;
-            opener = Some(
-                ExportOpener::new(private, &encapsulated)
-                    .map_err(|_| "the export does not open with this key".to_owned())?,
-            );
+            let opened = ExportOpener::new(private, &encapsulated)
+                .map_err(|_| "the export does not open with this key".to_owned())?;
+            opener = Some((opened, encapsulated));
         }
-        let Some(opener) = opener.as_mut() else {
+        let Some((opener, encapsulated)) = opener.as_mut() else {
             unreachable!("set above")
         };
         let sealed = bytes(["sealed", "sealed"])?.ok_or("a message has no sealed record")?;
@@ -163,7 +223,7 @@ pub(crate) fn open_export(
                     fields.len()
                 ));
             }
-            ended = true;
+            signed = Some(check_end(&record, encapsulated, &ciphertexts, expected)?);
             continue;
         }
         if record.index != fields.len() as u64 {
@@ -175,14 +235,58 @@ pub(crate) fn open_export(
         }
         let mut record = record;
         fields.push(record.field.take().ok_or("a record holds no value")?);
+        ciphertexts.push(sealed);
     }
-    if !ended {
+    let Some(signed) = signed else {
         return Err(format!(
             "the export is cut off: {} values and no end record",
             fields.len()
         ));
+    };
+    Ok((fields, signed))
+}
+
+/// Checks the end record's signature over the export, then that it is of
+/// the subject and request expected.
+fn check_end(
+    end: &pb::SealedRecord,
+    encapsulated: &[u8],
+    ciphertexts: &[Vec<u8>],
+    expected: &Expected,
+) -> Result<Signed, String> {
+    let statement = crate::crypto::ExportStatement {
+        encapsulated,
+        records: ciphertexts,
+        subject_digest: &end.subject_digest,
+        request_id: &end.request_id,
+        exported_ms: end.exported_ms,
+    };
+    let verified = <[u8; 64]>::try_from(end.signature.as_slice()).is_ok_and(|signature| {
+        crate::crypto::verify_signature(&expected.vault_key, &statement.message(), &signature)
+    });
+    if !verified {
+        return Err(
+            "the export is not signed with the vault's key: it was substituted or made by someone else (or --vault-key is another vault's)"
+                .to_owned(),
+        );
     }
-    Ok(fields)
+    if let Some(subject) = &expected.subject
+        && crate::crypto::subject_digest(subject).as_slice() != end.subject_digest.as_slice()
+    {
+        return Err("the export is of another subject than --subject".to_owned());
+    }
+    if let Some(request_id) = &expected.request_id
+        && *request_id != end.request_id
+    {
+        return Err(format!(
+            "the export comes from request {}, not {request_id} (an older export replayed?)",
+            end.request_id
+        ));
+    }
+    Ok(Signed {
+        request_id: end.request_id.clone(),
+        exported_ms: end.exported_ms,
+    })
 }
 
 fn read_private_key(path: &Path) -> Result<Zeroizing<[u8; EXPORT_KEY_LEN]>, String> {

@@ -80,7 +80,9 @@ use zeroize::Zeroizing;
 pub(crate) use master::read_protected;
 pub use master::{MasterKey, MasterKeyError};
 pub use pkcs11::{Pkcs11Setting, create_key as create_hsm_key};
-pub use sealed::{EXPORT_KEY_LEN, ExportOpener, ExportSealer, export_keypair};
+pub use sealed::{
+    EXPORT_KEY_LEN, ExportOpener, ExportSealer, ExportStatement, export_keypair, subject_digest,
+};
 pub use secret::SecretValue;
 pub use shares::{
     SharesSetting, commitment as share_commitment, send_share, split as split_master_key,

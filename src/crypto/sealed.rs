@@ -84,6 +84,59 @@ impl ExportOpener {
     }
 }
 
+/// What the vault signs at the end of a sealed export, with its audit key:
+/// everything that makes the export this one, so that whoever relays it
+/// can neither substitute, fabricate, shorten or replay one unnoticed, nor
+/// pass one subject's off as another's.
+pub struct ExportStatement<'a> {
+    /// The HPKE encapsulated key the export opens with.
+    pub encapsulated: &'a [u8],
+    /// Every field record's ciphertext, in order (not the end record).
+    pub records: &'a [Vec<u8>],
+    /// SHA-256 of the subject id ([`subject_digest`]).
+    pub subject_digest: &'a [u8],
+    /// The export call's request id.
+    pub request_id: &'a str,
+    /// When the vault made it, ms since the epoch.
+    pub exported_ms: u64,
+}
+
+impl ExportStatement<'_> {
+    /// The signed message: a domain string of its own (no checkpoint
+    /// message starts with it), then each part, length-prefixed.
+    pub fn message(&self) -> Vec<u8> {
+        use sha2::{Digest, Sha256};
+        let mut records = Sha256::new();
+        for record in self.records {
+            records.update((record.len() as u64).to_be_bytes());
+            records.update(record);
+        }
+        let mut message = b"tokenvault-sealed-export/v2\0".to_vec();
+        for part in [
+            Sha256::digest(self.encapsulated).as_slice(),
+            records.finalize().as_slice(),
+            &(self.records.len() as u64).to_be_bytes(),
+            self.subject_digest,
+            self.request_id.as_bytes(),
+            &self.exported_ms.to_be_bytes(),
+        ] {
+            message.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            message.extend_from_slice(part);
+        }
+        message
+    }
+}
+
+/// SHA-256 of a subject id, as a sealed export's end record names it.
+pub fn subject_digest(subject_id: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    Sha256::new()
+        .chain_update(b"tokenvault export subject v1\0")
+        .chain_update(subject_id.as_bytes())
+        .finalize()
+        .into()
+}
+
 /// A new key pair for receiving sealed exports: (private, public).
 ///
 /// # Errors

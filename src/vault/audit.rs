@@ -79,6 +79,12 @@ impl<S: Store> Vault<S> {
         self.keyring.audit_signer().public_key()
     }
 
+    /// Signs a sealed export's statement with the audit key (its message
+    /// has a domain of its own: it can never pass for a checkpoint).
+    pub fn sign_export(&self, statement: &crate::crypto::ExportStatement<'_>) -> [u8; 64] {
+        self.keyring.audit_signer().sign(&statement.message())
+    }
+
     /// Appends `event` to the audit chain in a durable write of its own.
     ///
     /// # Errors

@@ -552,6 +552,20 @@ pub async fn rotate_master_to_new_file(vault: &TestVault, name: &str) -> String 
     out
 }
 
+/// The vault's audit public key (hex), as `tokenvault audit public-key`
+/// reads it from the running vault's data: what an auditor or a data
+/// subject checks signatures with.
+pub fn vault_public_key(vault: &TestVault) -> String {
+    let (ok, out) = run_cli(&[
+        "audit",
+        "public-key",
+        "--config",
+        vault.config_path().to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    out.lines().next().unwrap().trim().to_owned()
+}
+
 /// Points `vault`'s config at the master key file `file` (in its root)
 /// instead of `master.key`, as an operator does after `keys rotate-master`.
 pub fn switch_master_key_file(vault: &TestVault, file: &str) {
