@@ -74,7 +74,7 @@ pub enum MasterWrapped {
     BlindIndexKey,
     /// Hashes tokens and subject ids in audit events.
     AuditHashKey,
-    /// The seed of the Ed25519 key that signs audit checkpoints.
+    /// The seed of the Ed25519 key that signs audit checkpoints and sealed exports.
     AuditSigningKey,
     /// Wraps each subject's own data key ([`subject_data_key_label`]).
     SubjectKek,

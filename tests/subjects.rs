@@ -573,20 +573,22 @@ async fn a_sealed_export_opens_only_with_the_recipients_key() {
     std::fs::write(&saved, as_grpcurl_json(&messages)).unwrap();
     let key = dir.join("export.key");
     let vault_key = common::vault_public_key(&vault);
-    let open_checking = |key: &Path, file: &Path, checks: &[&str]| {
+    let open_checking = |key: &Path, file: &Path, subject: &str, checks: &[&str]| {
         let mut args = vec![
             "open-export",
             "--key",
             key.to_str().unwrap(),
             "--vault-key",
             &vault_key,
+            "--subject",
+            subject,
             "--in",
             file.to_str().unwrap(),
         ];
         args.extend_from_slice(checks);
         subjects_cli(&args)
     };
-    let open = |key: &Path, file: &Path| open_checking(key, file, &[]);
+    let open = |key: &Path, file: &Path| open_checking(key, file, "cust-sealed", &[]);
     let (ok, out, err) = open(&key, &saved);
     assert!(ok, "{err}");
     // The vault signed it: its request id and time, said on stderr.
@@ -639,13 +641,31 @@ async fn a_sealed_export_opens_only_with_the_recipients_key() {
     let (ok, _, err) = open_checking(
         &key,
         &saved,
-        &["--subject", "cust-sealed", "--request-id", &request_id],
+        "cust-sealed",
+        &[
+            "--request-id",
+            &request_id,
+            "--not-before",
+            "2020-01-01T00:00:00Z",
+        ],
     );
     assert!(ok, "{err}");
     assert!(err.contains("subject checked"), "{err}");
-    let (ok, _, err) = open_checking(&key, &saved, &["--subject", "cust-other"]);
+    let (ok, _, err) = open_checking(&key, &saved, "cust-other", &[]);
     assert!(!ok && err.contains("another subject"), "{err}");
-    let (ok, _, err) = open_checking(&key, &saved, &["--request-id", "an-older-request"]);
+    let (ok, _, err) = open_checking(
+        &key,
+        &saved,
+        "cust-sealed",
+        &["--request-id", "an-older-request"],
+    );
+    assert!(!ok && err.contains("replayed"), "{err}");
+    let (ok, _, err) = open_checking(
+        &key,
+        &saved,
+        "cust-sealed",
+        &["--not-before", "2999-01-01T00:00:00Z"],
+    );
     assert!(!ok && err.contains("replayed"), "{err}");
 
     // Whoever relays the export, holding the recipient's public key only:
@@ -666,11 +686,22 @@ async fn a_sealed_export_opens_only_with_the_recipients_key() {
             };
             records.push(sealer.seal(&record.encode_to_vec()).unwrap());
         }
+        // Signed as the vault would, but with a key of the forger's.
+        let subject_digest = tokenvault::crypto::subject_digest("cust-sealed");
+        let statement = tokenvault::crypto::ExportStatement {
+            encapsulated: &encapsulated,
+            records: &records,
+            subject_digest: &subject_digest,
+            request_id: &request_id,
+            exported_ms: 1,
+        };
+        let forger = ed25519_dalek::SigningKey::from_bytes(&[9; 32]);
+        let signature = ed25519_dalek::Signer::sign(&forger, &statement.message());
         let end = tokenvault::proto::v1::SealedRecord {
             index: fabricated as u64,
             total: fabricated as u64,
             end: true,
-            signature: vec![7; 64],
+            signature: signature.to_bytes().to_vec(),
             request_id: request_id.clone(),
             exported_ms: 1,
             subject_digest: tokenvault::crypto::subject_digest("cust-sealed").to_vec(),

@@ -41,13 +41,19 @@ pub(super) enum SubjectsCommand {
         /// export): the export must be signed with it.
         #[arg(long)]
         vault_key: String,
-        /// The subject id the export must be of.
+        /// The subject id the export must be of (yours, or the one you act
+        /// for): an export of another subject is refused.
         #[arg(long)]
-        subject: Option<String>,
-        /// The request id the export must come from (as the vault's answer
-        /// or log named it): an older export replayed has another.
+        subject: String,
+        /// The request id the export must come from, if known: an older
+        /// export replayed has another.
         #[arg(long)]
         request_id: Option<String>,
+        /// The export must have been made at or after this time (RFC 3339,
+        /// e.g. when you asked): an older one replayed is refused. A new key
+        /// pair per request (`keygen`) also keeps old exports from opening.
+        #[arg(long)]
+        not_before: Option<String>,
         /// The saved export; standard input if absent.
         #[arg(long = "in")]
         input: Option<PathBuf>,
@@ -80,14 +86,26 @@ pub(super) fn run(command: SubjectsCommand) -> Result<ExitCode, String> {
             vault_key,
             subject,
             request_id,
+            not_before,
             input,
         } => {
             let private = read_private_key(&key)?;
+            let not_before_ms = not_before
+                .map(|text| {
+                    time::OffsetDateTime::parse(
+                        &text,
+                        &time::format_description::well_known::Rfc3339,
+                    )
+                    .map(|t| u64::try_from(t.unix_timestamp_nanos() / 1_000_000).unwrap_or(0))
+                    .map_err(|e| format!("--not-before: {e}"))
+                })
+                .transpose()?;
             let expected = Expected {
                 vault_key: super::audit::parse_public_key(&vault_key)
                     .map_err(|e| e.replace("--public-key", "--vault-key"))?,
                 subject,
                 request_id,
+                not_before_ms,
             };
             let mut text = Zeroizing::new(Vec::new());
             match &input {
@@ -112,13 +130,8 @@ pub(super) fn run(command: SubjectsCommand) -> Result<ExitCode, String> {
             })
             .unwrap_or_default();
             eprintln!(
-                "signed by the vault: request {}, made {when}, subject {}",
-                signed.request_id,
-                if expected.subject.is_some() {
-                    "checked"
-                } else {
-                    "not checked (pass --subject to check it)"
-                }
+                "signed by the vault: request {}, made {when}, subject checked",
+                signed.request_id
             );
             let mut out = std::io::stdout().lock();
             for field in &fields {
@@ -150,8 +163,10 @@ pub(super) fn run(command: SubjectsCommand) -> Result<ExitCode, String> {
 /// subject and request given.
 pub(crate) struct Expected {
     pub(crate) vault_key: [u8; 32],
-    pub(crate) subject: Option<String>,
+    pub(crate) subject: String,
     pub(crate) request_id: Option<String>,
+    /// The earliest time it may have been made, ms since the epoch.
+    pub(crate) not_before_ms: Option<u64>,
 }
 
 /// What the vault's signature says of an opened export.
@@ -270,10 +285,16 @@ fn check_end(
                 .to_owned(),
         );
     }
-    if let Some(subject) = &expected.subject
-        && crate::crypto::subject_digest(subject).as_slice() != end.subject_digest.as_slice()
+    if crate::crypto::subject_digest(&expected.subject).as_slice() != end.subject_digest.as_slice()
     {
         return Err("the export is of another subject than --subject".to_owned());
+    }
+    if let Some(not_before) = expected.not_before_ms
+        && end.exported_ms < not_before
+    {
+        return Err(
+            "the export was made before --not-before (an older export replayed?)".to_owned(),
+        );
     }
     if let Some(request_id) = &expected.request_id
         && *request_id != end.request_id

@@ -1,12 +1,14 @@
-//! Ed25519 signatures for audit checkpoints. The signing key is its own key,
-//! apart from the data keys, so an auditor holding only the public key can
-//! check checkpoints without any of the vault's secrets.
+//! Ed25519 signatures by the vault's audit key: audit checkpoints and prune
+//! markers, and sealed exports' statements (each message with a domain of
+//! its own). The signing key is its own key, apart from the data keys, so
+//! an auditor or a data subject holding only the public key can check them
+//! without any of the vault's secrets.
 
-use ed25519_dalek::{Signature, Signer, SigningKey, Verifier, VerifyingKey};
+use ed25519_dalek::{Signature, Signer, SigningKey, VerifyingKey};
 
 use super::HashKey;
 
-/// The private key that signs audit checkpoints. Zeroized on drop (by
+/// The private key that signs audit checkpoints and sealed exports. Zeroized on drop (by
 /// `ed25519-dalek`'s `zeroize` feature); `Debug` prints no bytes.
 pub struct AuditSigningKey {
     key: SigningKey,
@@ -40,9 +42,13 @@ impl std::fmt::Debug for AuditSigningKey {
 
 /// Whether `signature` is `public_key`'s signature of `message`.
 pub fn verify_signature(public_key: &[u8; 32], message: &[u8], signature: &[u8; 64]) -> bool {
+    // Strict: no small-order key or non-canonical signature passes (a
+    // bogus public key handed to a verifier must not accept everything).
     VerifyingKey::from_bytes(public_key).is_ok_and(|key| {
-        key.verify(message, &Signature::from_bytes(signature))
-            .is_ok()
+        !key.is_weak()
+            && key
+                .verify_strict(message, &Signature::from_bytes(signature))
+                .is_ok()
     })
 }
 

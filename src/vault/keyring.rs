@@ -429,7 +429,7 @@ impl Keyring {
         &self.audit_key
     }
 
-    /// The key that signs audit checkpoints.
+    /// The key that signs audit checkpoints and sealed exports.
     pub fn audit_signer(&self) -> &AuditSigningKey {
         &self.audit_signer
     }
