@@ -35,8 +35,10 @@ enum Kek {
 #[derive(Debug, thiserror::Error)]
 pub enum MasterKeyError {
     /// The file does not exist or cannot be read.
-    #[error("cannot read master key file {path}: {source}")]
+    #[error("cannot read {what} {path}: {source}")]
     Read {
+        /// Which file it is (the master key file, a PIN file).
+        what: &'static str,
         /// The configured path.
         path: PathBuf,
         /// The I/O error.
@@ -252,11 +254,27 @@ pub(crate) fn read_protected(
     path: &Path,
     what: &'static str,
 ) -> Result<Zeroizing<Vec<u8>>, MasterKeyError> {
+    use std::{io::Read as _, os::unix::fs::OpenOptionsExt};
     let read_err = |source| MasterKeyError::Read {
+        what,
         path: path.to_owned(),
         source,
     };
-    let meta = fs::metadata(path).map_err(read_err)?;
+    // One handle for the checks and the read (no swap in between), opened
+    // without blocking (a FIFO put in its place must not hang the start).
+    // Symbolic links are followed: Kubernetes mounts Secrets through them.
+    let mut file = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(rustix::fs::OFlags::NONBLOCK.bits() as i32)
+        .open(path)
+        .map_err(read_err)?;
+    let meta = file.metadata().map_err(read_err)?;
+    if !meta.is_file() {
+        return Err(read_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "not a regular file",
+        )));
+    }
     let mode = meta.permissions().mode() & 0o777;
     let own_group = meta.gid() == rustix::process::getegid().as_raw();
     if !permissions_acceptable(mode, own_group) {
@@ -269,8 +287,23 @@ pub(crate) fn read_protected(
     if mode & 0o040 != 0 {
         tracing::warn!(path = %path.display(), mode = format!("{mode:04o}"), "{what} is readable by the vault's own group (Kubernetes fsGroup); nobody else may read it");
     }
-    Ok(Zeroizing::new(fs::read(path).map_err(read_err)?))
+    // A key, a PIN or a password: a few bytes. More is not such a file.
+    let mut bytes = Zeroizing::new(Vec::new());
+    std::io::Read::by_ref(&mut file)
+        .take(MAX_SECRET_FILE + 1)
+        .read_to_end(&mut bytes)
+        .map_err(read_err)?;
+    if bytes.len() as u64 > MAX_SECRET_FILE {
+        return Err(read_err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("longer than {MAX_SECRET_FILE} bytes"),
+        )));
+    }
+    Ok(bytes)
 }
+
+/// The longest secret file read (a key, a PIN, a password).
+const MAX_SECRET_FILE: u64 = 64 * 1024;
 
 /// Others: nothing. Group: nothing, or read only when it is the process's own
 /// group. Owner: anything.
@@ -369,6 +402,55 @@ mod tests {
         let err = MasterKey::load(&path).unwrap_err();
         assert!(matches!(err, MasterKeyError::WrongLength { len: 16, .. }));
         assert!(!err.to_string().contains("deadbeef"));
+    }
+
+    /// A FIFO, a directory or a huge file in a secret file's place is
+    /// refused at once, named by what it was to be: never read forever, never
+    /// waited on.
+    #[test]
+    fn only_a_small_regular_file_is_read_as_a_secret() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        let made = std::process::Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap();
+        assert!(made.success());
+        fs::set_permissions(&fifo, fs::Permissions::from_mode(0o600)).unwrap();
+        // In a thread of its own: a read that waits on the FIFO fails the
+        // test instead of hanging it.
+        let (tx, rx) = std::sync::mpsc::channel();
+        let path = fifo.clone();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_protected(&path, "PIN file").map(|_| ()));
+        });
+        let err = rx
+            .recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the read waited on a FIFO")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("PIN file") && err.contains("not a regular file"),
+            "{err}"
+        );
+        let sub = dir.path().join("dir");
+        fs::create_dir(&sub).unwrap();
+        fs::set_permissions(&sub, fs::Permissions::from_mode(0o700)).unwrap();
+        let err = read_protected(&sub, "master key file")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not a regular file"), "{err}");
+        let big = dir.path().join("big");
+        fs::write(&big, vec![b'a'; 70_000]).unwrap();
+        fs::set_permissions(&big, fs::Permissions::from_mode(0o600)).unwrap();
+        let err = read_protected(&big, "the database password file")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the database password file") && err.contains("longer than"),
+            "{err}"
+        );
     }
 
     #[test]
