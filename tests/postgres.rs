@@ -556,6 +556,57 @@ async fn a_replica_refuses_an_erasure_ledger_that_is_not_its_vaults() {
     assert!(refused.contains("is not this vault's ledger"), "{refused}");
 }
 
+/// Two replicas of a new vault started at the same moment on a new
+/// database and a new ledger agree on the vault's id and bind the ledger
+/// to it (neither refuses the other's binding), three times over.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_of_a_new_vault_starting_at_once_bind_one_ledger() {
+    let cluster = ThrowawayCluster::start();
+    for round in 0..3 {
+        let (vault_db, ledger_db) = (format!("vault{round}"), format!("ledger{round}"));
+        cluster.create_database(&vault_db).await;
+        cluster.create_database(&ledger_db).await;
+        let config = common::postgres_replica_config(
+            &cluster.conninfo(&vault_db),
+            &cluster.conninfo(&ledger_db),
+            "",
+        );
+        let mut a = TestVault::prepare(&config);
+        let mut b = TestVault::prepare(&config);
+        std::fs::copy(
+            a.root.path().join("master.key"),
+            b.root.path().join("master.key"),
+        )
+        .unwrap();
+        a.write_config();
+        b.write_config();
+        std::thread::scope(|scope| {
+            let first = scope.spawn(|| a.spawn());
+            let second = scope.spawn(|| b.spawn());
+            first.join().unwrap().expect("replica a did not start");
+            second.join().unwrap().expect("replica b did not start");
+        });
+        let vault = common::pg_session(&cluster, &vault_db).await;
+        let recorded: Vec<u8> = vault
+            .query_one(
+                "SELECT value FROM tokenvault_kv WHERE tbl = 'meta' AND key = $1",
+                &[&&b"vault-id"[..]],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        let ledger = common::pg_session(&cluster, &ledger_db).await;
+        let bound: Vec<u8> = ledger
+            .query_one("SELECT vault_id FROM tokenvault_ledger_schema", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(recorded, bound, "round {round}");
+        a.stop();
+        b.stop();
+    }
+}
+
 /// A blind-index key rotation through one replica, while the other has not
 /// loaded the new key yet (it loads keys every 5 s): a new deterministic
 /// value tokenized through the rotated replica, then through the other,

@@ -164,6 +164,15 @@ async fn a_partitioned_replica_holds_up_the_others_no_longer_than_the_bound() {
         "",
     )
     .await;
+    // A's database is reached over TCP in the clear (the proxy, on
+    // loopback): said at start, for each setting; B's (a socket) is not.
+    assert_eq!(
+        a.count_log("without TLS (sslmode=disable)"),
+        2,
+        "{}",
+        a.logs()
+    );
+    assert_eq!(b.count_log("without TLS"), 0, "{}", b.logs());
 
     let token = wa.acked()[0].0.clone();
     let b_failed = wb.failed();
