@@ -242,10 +242,7 @@ impl<S: Store> Vault<S> {
         // failure fails the step: it would redo its page forever), and let
         // the step's end fail if a newer one appears meanwhile, so the job
         // never finishes with records under a key it did not know.
-        let loaded = self.keyring.refresh(&self.store).await?;
-        if loaded > 0 {
-            tracing::info!(keys = loaded, "loaded keys another replica added");
-        }
+        self.load_new_keys().await?;
         let newer_key = match job {
             Job::Reencrypt => MasterWrapped::DataKey.label(self.keyring.active().0 + 1),
             Job::Reindex => {

@@ -88,7 +88,7 @@ impl Keyring {
             let dek = DataKey::generate()?;
             let dek_label = MasterWrapped::DataKey.label(1);
             let wrapped = encode_wrapped(&master.wrap_data_key(&dek, &dek_label)?);
-            let dek = match create_once(store, &dek_label, wrapped).await? {
+            let dek = match create_once(store, Table::Keys, &dek_label, wrapped).await? {
                 None => {
                     tracing::info!("created the first data key");
                     dek
@@ -575,7 +575,7 @@ async fn hash_key<S: Store>(
     let key = HashKey::generate()?;
     let key_label = family.label(1);
     let wrapped = encode_wrapped(&master.wrap_hash_key(&key, &key_label)?);
-    match create_once(store, &key_label, wrapped).await? {
+    match create_once(store, Table::Keys, &key_label, wrapped).await? {
         None => {
             tracing::info!(
                 key = family.prefix().trim_end_matches('/'),
@@ -589,20 +589,20 @@ async fn hash_key<S: Store>(
     }
 }
 
-/// Stores a new key's wrapped form under `label` unless another process
-/// sharing the store (a replica starting at the same moment) stored one
-/// there first: then returns theirs, which everyone must use.
-async fn create_once<S: Store>(
+/// Stores `value` under `key` of `table` unless another process sharing
+/// the store (a replica starting at the same moment) stored one there
+/// first: then returns theirs, which everyone must use.
+pub(super) async fn create_once<S: Store>(
     store: &S,
-    label: &[u8],
-    wrapped: Vec<u8>,
+    table: Table,
+    key: &[u8],
+    value: Vec<u8>,
 ) -> Result<Option<Vec<u8>>, Error> {
     let mut batch = Batch::new();
-    batch.unit().guard_absent(Table::Keys, label.to_vec()).put(
-        Table::Keys,
-        label.to_vec(),
-        wrapped,
-    );
+    batch
+        .unit()
+        .guard_absent(table, key.to_vec())
+        .put(table, key.to_vec(), value);
     Ok(match store.commit(batch).await?.pop() {
         Some(Err(conflict)) => Some(conflict.existing),
         _ => None,

@@ -30,6 +30,7 @@
 use super::{
     Error, Vault,
     erasure::LedgerRollback,
+    keyring::create_once,
     ledger::{LedgerEntry, LedgerError, verify_chain},
     ledger_sink::LedgerSink,
 };
@@ -151,7 +152,14 @@ impl<S: Store> Vault<S> {
         // Replicas of one new vault starting at once agree on its id
         // through the vault's database first (the first stored wins).
         let vault_id = if binding.record_vault_id {
-            self.create_once(layout::VAULT_ID, binding.vault_id).await?
+            create_once(
+                &self.store,
+                Table::Meta,
+                layout::VAULT_ID,
+                binding.vault_id.clone(),
+            )
+            .await?
+            .unwrap_or(binding.vault_id)
         } else {
             binding.vault_id
         };
@@ -178,20 +186,6 @@ impl<S: Store> Vault<S> {
         }
         table.expect(binding.ledger_id);
         Ok(())
-    }
-
-    /// The value under `key` of the meta table, stored as `value` if there
-    /// was none (replicas starting at once agree on the first stored).
-    async fn create_once(&self, key: &[u8], value: Vec<u8>) -> Result<Vec<u8>, Error> {
-        let mut batch = Batch::new();
-        batch
-            .unit()
-            .guard_absent(Table::Meta, key)
-            .put(Table::Meta, key, value.clone());
-        Ok(match self.store.commit(batch).await?.pop() {
-            Some(Err(conflict)) => conflict.existing,
-            _ => value,
-        })
     }
 
     /// The values under `keys` of the meta table.

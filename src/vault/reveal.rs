@@ -207,10 +207,21 @@ impl<S: Store> Vault<S> {
     /// Loads keys other processes sharing the store have added; a failure
     /// is logged (the records that need them then answer DATA_LOSS).
     pub async fn refresh_keys(&self) {
-        match self.keyring.refresh(&self.store).await {
-            Ok(0) => {}
-            Ok(n) => tracing::info!(keys = n, "loaded keys another replica added"),
-            Err(e) => tracing::error!(error = %e, "cannot load the keys another replica added"),
+        if let Err(e) = self.load_new_keys().await {
+            tracing::error!(error = %e, "cannot load the keys another replica added");
         }
+    }
+
+    /// Loads keys other processes sharing the store have added, saying so.
+    ///
+    /// # Errors
+    /// Storage failures, a new key that does not unwrap, or a master key
+    /// rotated elsewhere ([`super::Error::MasterKeyMoved`]).
+    pub(super) async fn load_new_keys(&self) -> Result<(), super::Error> {
+        let loaded = self.keyring.refresh(&self.store).await?;
+        if loaded > 0 {
+            tracing::info!(keys = loaded, "loaded keys another replica added");
+        }
+        Ok(())
     }
 }

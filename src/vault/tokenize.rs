@@ -178,12 +178,11 @@ impl<S: Store> Vault<S> {
             // A backstop for the estimate above (nothing written this round).
             if let (Some(max), Some(unit)) =
                 (self.store.max_keys_per_request(), batch.units().first())
-                && unit.keys_touched() > max
             {
-                return Err(super::Error::RequestTooLarge {
-                    keys: unit.keys_touched(),
-                    max,
-                });
+                let keys = unit.keys_touched();
+                if keys > max {
+                    return Err(super::Error::RequestTooLarge { keys, max });
+                }
             }
             let outcome = self
                 .store

@@ -205,23 +205,19 @@ impl LedgerTable {
     /// If the database cannot be read.
     pub async fn entries_after(&self, after: u64) -> Result<Vec<(u64, Vec<u8>)>, Error> {
         let after = i64::try_from(after).unwrap_or(i64::MAX);
-        let mut slot = self.connected().await?;
-        let Some(client) = slot.as_mut() else {
-            return Err(Error::Closed);
-        };
-        let rows = tokio::time::timeout(
-            self.target.bounds.call,
-            // The schema row joined in: the ledger's id comes with the
-            // entries (one row with NULLs when there are none).
-            client.query(
-                "SELECT s.ledger_id, e.seq, e.entry FROM tokenvault_ledger_schema s \
-                 LEFT JOIN tokenvault_erasure_ledger e ON e.seq > $1 ORDER BY e.seq",
-                &[&after],
-            ),
-        )
-        .await
-        .map_err(|_| self.forget(&mut slot))?
-        .map_err(|e| forget_if_closed(&mut slot, e))?;
+        // The schema row joined in: the ledger's id comes with the entries
+        // (one row with NULLs when there are none).
+        let rows = self
+            .call(async |client| {
+                client
+                    .query(
+                        "SELECT s.ledger_id, e.seq, e.entry FROM tokenvault_ledger_schema s \
+                         LEFT JOIN tokenvault_erasure_ledger e ON e.seq > $1 ORDER BY e.seq",
+                        &[&after],
+                    )
+                    .await
+            })
+            .await?;
         if let Some(first) = rows.first() {
             self.still_expected(first.try_get(0).ok().flatten())?;
         }
@@ -231,12 +227,7 @@ impl LedgerTable {
                 let entry: Option<Vec<u8>> = row.get(2);
                 Some((seq?, entry?))
             })
-            .map(|(seq, entry)| {
-                let seq = u64::try_from(seq).map_err(|_| {
-                    Error::Corruption("the erasure ledger holds a negative number".into())
-                })?;
-                Ok((seq, entry))
-            })
+            .map(|(seq, entry)| Ok((seq_of(seq)?, entry)))
             .collect()
     }
 
@@ -245,32 +236,21 @@ impl LedgerTable {
     /// # Errors
     /// If the database cannot be read.
     pub async fn newest(&self) -> Result<Option<u64>, Error> {
-        let mut slot = self.connected().await?;
-        let Some(client) = slot.as_mut() else {
-            return Err(Error::Closed);
-        };
         // With the ledger's id, in one snapshot: a reconnect that landed
         // on another database must not answer for this vault's ledger.
-        let row = tokio::time::timeout(
-            self.target.bounds.call,
-            client.query_one(
-                "SELECT (SELECT max(seq) FROM tokenvault_erasure_ledger), \
-                 (SELECT ledger_id FROM tokenvault_ledger_schema)",
-                &[],
-            ),
-        )
-        .await
-        .map_err(|_| self.forget(&mut slot))?
-        .map_err(|e| forget_if_closed(&mut slot, e))?;
-        self.still_expected(row.try_get(1).ok().flatten())?;
-        let newest: Option<i64> = row.get(0);
-        newest
-            .map(|seq| {
-                u64::try_from(seq).map_err(|_| {
-                    Error::Corruption("the erasure ledger holds a negative number".into())
-                })
+        let row = self
+            .call(async |client| {
+                client
+                    .query_one(
+                        "SELECT (SELECT max(seq) FROM tokenvault_erasure_ledger), \
+                         (SELECT ledger_id FROM tokenvault_ledger_schema)",
+                        &[],
+                    )
+                    .await
             })
-            .transpose()
+            .await?;
+        self.still_expected(row.try_get(1).ok().flatten())?;
+        row.get::<_, Option<i64>>(0).map(seq_of).transpose()
     }
 
     /// Writes `entries` in one transaction, committed synchronously, if
@@ -372,6 +352,12 @@ async fn insert_all(
         tx.rollback().await?;
         Ok(Inserted::Taken)
     }
+}
+
+/// An entry's stored number.
+fn seq_of(seq: i64) -> Result<u64, Error> {
+    u64::try_from(seq)
+        .map_err(|_| Error::Corruption("the erasure ledger holds a negative number".into()))
 }
 
 /// A failed call's error; a connection it found closed is dropped, so the
