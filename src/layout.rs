@@ -281,6 +281,12 @@ pub const AUDIT_PRUNE_MARKER: &[u8] = b"audit/pruned-through";
 /// checkpoint, so that a reader needs one get, not a scan, to find it.
 pub const AUDIT_LAST_CHECKPOINT: &[u8] = b"audit/last-checkpoint";
 
+/// The number (big-endian) of the newest signed head that this chain was
+/// found to have lost, once its `ChainRolledBack` event is recorded: the
+/// next open does not record the same loss again. A further restore
+/// takes it away with the event, and the loss is recorded again.
+pub const AUDIT_ROLLBACK_RECORDED: &[u8] = b"audit/rollback-recorded";
+
 /// The first audit sequence number whose events are indexed by subject
 /// (big-endian): events before it were written by a release that did not
 /// index them, and a subject's access history says it starts there.
@@ -375,6 +381,7 @@ mod tests {
         assert_eq!(AUDIT_SUBJECTS_INDEXED_FROM, b"audit/subjects-indexed-from");
         assert_eq!(VAULT_ID, b"vault-id");
         assert_eq!(ERASURE_LEDGER_ID, b"erasure-ledger-id");
+        assert_eq!(AUDIT_ROLLBACK_RECORDED, b"audit/rollback-recorded");
         assert_eq!(
             audit_subject_prefix(&SUBJECT),
             [b"s".as_slice(), &[0xab; 32]].concat()

@@ -148,3 +148,135 @@ async fn a_backup_of_a_live_vault_restores_every_acknowledged_write() {
     vault.spawn().unwrap();
     common::assert_all_detokenize(&vault, &before).await;
 }
+
+/// The signed checkpoints of the stopped vault's data directory `dir`, by
+/// sequence number, and the methods of its audit events in order.
+fn signed_and_events(
+    dir: &std::path::Path,
+) -> (std::collections::BTreeMap<u64, [u8; 32]>, Vec<String>) {
+    use tokenvault::store::{RocksStore, Snapshot, Table, chain};
+    let store = RocksStore::open_read_only(dir).unwrap();
+    let mut signed = std::collections::BTreeMap::new();
+    store
+        .scan(Table::AuditCheckpoints, &[], |key, value| {
+            let seq = chain::seq_of(key).unwrap();
+            let checkpoint = tokenvault::audit::Checkpoint::decode(seq, value).unwrap();
+            signed.insert(seq, checkpoint.head);
+            true
+        })
+        .unwrap();
+    let mut methods = Vec::new();
+    store
+        .scan(Table::Audit, &[], |_, value| {
+            let payload = chain::decode(value).unwrap().payload;
+            let event = tokenvault::audit::AuditEvent::decode(payload).unwrap();
+            methods.push(event.method);
+            true
+        })
+        .unwrap();
+    (signed, methods)
+}
+
+/// A backup restored after the vault signed heads past it: the restored
+/// chain hands those numbers out again, to other events, and the vault
+/// never signs a second head for any of them (it resumes signing above
+/// the highest number it signed). The loss is logged and recorded in the
+/// trail once, as a `ChainRolledBack` event. Without the witness beside
+/// the ledger, the checkpoint signed a second after the restart is over a
+/// number already signed before it, and this test fails.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restored_backup_never_gets_a_second_signed_head_for_a_number() {
+    let mut vault = TestVault::start_with("[audit]\ncheckpoint_interval_seconds = 1\n");
+    let mut client = vault.client("checkout").await;
+    for i in 0..3 {
+        common::tokenize_one(&mut client, "email", &format!("early{i}@example.com")).await;
+    }
+    let backup = vault.root.path().join("backup");
+    let mut admin = tokenvault::proto::v1::admin_client::AdminClient::new(
+        vault.channel_with(&vault.pki.tls("privacy")).await.unwrap(),
+    );
+    let backed_up = admin
+        .create_backup(tokenvault::proto::v1::CreateBackupRequest {
+            path: backup.display().to_string(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .audit_seq;
+    for i in 0..20 {
+        common::tokenize_one(&mut client, "email", &format!("lost{i}@example.com")).await;
+    }
+    // Checkpoints are signed every second: one covers the writes above.
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    vault.stop();
+    let (before, _) = signed_and_events(&vault.data_dir());
+    let lost = *before.keys().max().unwrap();
+    assert!(
+        lost >= backed_up + 20,
+        "no checkpoint over the writes after the backup: {before:?}"
+    );
+
+    std::fs::remove_dir_all(vault.data_dir()).unwrap();
+    let (ok, out) = run_cli(&[
+        "backup",
+        "restore",
+        backup.to_str().unwrap(),
+        "--to",
+        vault.data_dir().to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    vault.spawn().unwrap();
+    assert!(
+        vault.wait_for_log("the audit chain lost events"),
+        "{}",
+        vault.logs()
+    );
+    // A few writes, fewer than were lost: the head stays below the
+    // numbers already signed while checkpoints come due.
+    let mut client = vault.client("checkout").await;
+    for i in 0..3 {
+        common::tokenize_one(&mut client, "email", &format!("after{i}@example.com")).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    // Then past them: signing resumes.
+    for i in 0..30 {
+        common::tokenize_one(&mut client, "email", &format!("later{i}@example.com")).await;
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(2500)).await;
+    vault.stop();
+    // Once more, so that a second open does not record the same loss again.
+    vault.spawn().unwrap();
+    vault.stop();
+
+    let (after, methods) = signed_and_events(&vault.data_dir());
+    for (seq, head) in &after {
+        if let Some(first) = before.get(seq) {
+            assert_eq!(first, head, "two different heads signed for event {seq}");
+        }
+    }
+    let resigned: Vec<u64> = after
+        .keys()
+        .copied()
+        .filter(|seq| (backed_up + 1..=lost).contains(seq))
+        .collect();
+    assert!(
+        resigned.is_empty(),
+        "heads signed again for numbers signed before the restore: {resigned:?} (signed up to {lost})"
+    );
+    assert!(
+        after.keys().any(|seq| *seq > lost),
+        "signing did not resume past {lost}: {after:?}"
+    );
+    assert_eq!(
+        methods.iter().filter(|m| *m == "ChainRolledBack").count(),
+        1,
+        "{methods:?}"
+    );
+    let (ok, out) = run_cli(&[
+        "audit",
+        "verify",
+        "--data-dir",
+        vault.data_dir().to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+}

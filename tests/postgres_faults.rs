@@ -371,27 +371,61 @@ async fn assert_chain_whole(cluster: &ThrowawayCluster, dbname: &str) -> u64 {
         prev = chain::hash(seq, value);
         hashes.insert(seq, prev);
     }
-    let checkpoints = client
+    let checkpoints = signed_heads(cluster, dbname).await;
+    assert!(
+        !checkpoints.is_empty(),
+        "no checkpoint to check (audit.checkpoint_interval_seconds = 1 makes some)"
+    );
+    for (seq, head) in &checkpoints {
+        assert_eq!(
+            hashes.get(seq),
+            Some(head),
+            "the checkpoint at event {seq} signs a head the chain does not hold"
+        );
+    }
+    rows.len() as u64
+}
+
+/// The heads signed in database `dbname`, by sequence number.
+async fn signed_heads(
+    cluster: &ThrowawayCluster,
+    dbname: &str,
+) -> std::collections::BTreeMap<u64, [u8; 32]> {
+    use tokenvault::store::chain;
+    let client = pg_session(cluster, dbname).await;
+    let rows = client
         .query(
             "SELECT key, value FROM tokenvault_kv WHERE tbl = 'audit_checkpoints'",
             &[],
         )
         .await
         .unwrap();
-    assert!(
-        !checkpoints.is_empty(),
-        "no checkpoint to check (audit.checkpoint_interval_seconds = 1 makes some)"
-    );
-    for row in &checkpoints {
-        let seq = chain::seq_of(row.get(0)).unwrap();
-        let checkpoint = tokenvault::audit::Checkpoint::decode(seq, row.get(1)).unwrap();
-        assert_eq!(
-            hashes.get(&seq),
-            Some(&checkpoint.head),
-            "the checkpoint at event {seq} signs a head the chain does not hold"
-        );
-    }
-    rows.len() as u64
+    rows.iter()
+        .map(|row| {
+            let seq = chain::seq_of(row.get(0)).unwrap();
+            let checkpoint = tokenvault::audit::Checkpoint::decode(seq, row.get(1)).unwrap();
+            (seq, checkpoint.head)
+        })
+        .collect()
+}
+
+/// How many events of `method` the chain in database `dbname` holds.
+async fn events_of(cluster: &ThrowawayCluster, dbname: &str, method: &str) -> usize {
+    let client = pg_session(cluster, dbname).await;
+    let rows = client
+        .query("SELECT value FROM tokenvault_kv WHERE tbl = 'audit'", &[])
+        .await
+        .unwrap();
+    rows.iter()
+        .filter(|row| {
+            let value: &[u8] = row.get(0);
+            let payload = tokenvault::store::chain::decode(value).unwrap().payload;
+            tokenvault::audit::AuditEvent::decode(payload)
+                .unwrap()
+                .method
+                == method
+        })
+        .count()
 }
 
 /// What detokenizing `tokens` through `vault` gives: the values revealed,
@@ -415,7 +449,10 @@ async fn revealed_values(vault: &TestVault, tokens: &[String]) -> Vec<String> {
 /// Started again (as Kubernetes would), the first re-applies the erasure
 /// ledger: the erased subjects stay erased, the others read, and the
 /// chain in the database links up, with no checkpoint over a head it does
-/// not hold.
+/// not hold. No head is signed again for a number that had a signed head
+/// before the restore (the witness in the ledger database; without it,
+/// the replicas sign the restored chain's numbers again a second after
+/// they start), and the loss is recorded as a `ChainRolledBack` event.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_restore_under_running_replicas_is_noticed_and_erasures_stay() {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -439,11 +476,25 @@ async fn a_restore_under_running_replicas_is_noticed_and_erasures_stay() {
         );
     }
     let backup = cluster.dump_database("vault");
+    let dumped = signed_heads(&cluster, "vault").await;
     common::erase_subject(&a, "cust-0").await;
     common::erase_subject(&b, "cust-1").await;
     assert_eq!(
         revealed_values(&b, &tokens).await,
         ["person2@example.com", "person3@example.com"]
+    );
+    // Writes the restore will lose, and a checkpoint over them.
+    let mut client = a.client("checkout").await;
+    for i in 0..12 {
+        common::tokenize_one(&mut client, "email", &format!("lost{i}@example.com")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = signed_heads(&cluster, "vault").await;
+    let lost = *before.keys().max().unwrap();
+    let dumped_max = dumped.keys().max().copied().unwrap_or(0);
+    assert!(
+        lost > dumped_max + 12,
+        "no checkpoint over the writes: {before:?}"
     );
 
     cluster.restore_database("vault", &backup).await;
@@ -495,6 +546,38 @@ async fn a_restore_under_running_replicas_is_noticed_and_erasures_stay() {
             ["person2@example.com", "person3@example.com"]
         );
     }
+    // Checkpoints come due while the restored chain is still below the
+    // numbers signed before: none may be signed for them.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let after = signed_heads(&cluster, "vault").await;
+    let resigned: Vec<u64> = after
+        .keys()
+        .copied()
+        .filter(|seq| *seq > dumped_max && *seq <= lost)
+        .collect();
+    assert!(
+        resigned.is_empty(),
+        "heads signed again for numbers signed before the restore: {resigned:?} (signed up to {lost})"
+    );
+    assert!(
+        a.logs().contains("the audit chain lost events")
+            || b.logs().contains("the audit chain lost events"),
+        "{}\n{}",
+        a.logs(),
+        b.logs()
+    );
+    assert!(events_of(&cluster, "vault", "ChainRolledBack").await >= 1);
+    // Past them, signing resumes.
+    let mut client = a.client("checkout").await;
+    for i in 0..20 {
+        common::tokenize_one(&mut client, "email", &format!("later{i}@example.com")).await;
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let resumed = signed_heads(&cluster, "vault").await;
+    assert!(
+        resumed.keys().any(|seq| *seq > lost),
+        "signing did not resume past {lost}: {resumed:?}"
+    );
     a.stop();
     b.stop();
     assert!(assert_chain_whole(&cluster, "vault").await > 0);

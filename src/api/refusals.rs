@@ -102,6 +102,7 @@ impl RefusalLog {
                     last: tally.last,
                 }),
                 policy_hash: None,
+                lost_signed_head: None,
             })
             .collect();
         events.sort_by(|a, b| {

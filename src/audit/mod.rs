@@ -63,11 +63,22 @@ pub struct AuditEvent {
     /// in force (`authz::Policy::hash`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub policy_hash: Option<String>,
+    /// For [`CHAIN_ROLLBACK_METHOD`] events: the newest head that had been
+    /// signed, which the chain no longer holds, as `<seq>:<hash hex>`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lost_signed_head: Option<String>,
 }
 
 /// The method of the event a vault records when it puts a policy in force
 /// (at start and at each reload that changes it).
 pub const POLICY_LOAD_METHOD: &str = "LoadPolicy";
+
+/// The method of the event a vault records when it opens a chain that no
+/// longer holds the newest head it signed: the database was restored, or
+/// failed over to a standby that lacked the last commits. The events after
+/// the chain's head up to that signed head are lost; no head is signed
+/// again for their numbers.
+pub const CHAIN_ROLLBACK_METHOD: &str = "ChainRolledBack";
 
 /// How a call ended, as the audit trail records it. Stored as the gRPC
 /// status code name; never rename a released value.
@@ -171,6 +182,7 @@ impl AuditContext {
             consent: None,
             refusals: None,
             policy_hash: None,
+            lost_signed_head: None,
         }
     }
 }

@@ -130,21 +130,29 @@ impl<S: Store> Vault<S> {
         self.record(&event).await
     }
 
-    /// Signs the chain's head if it moved since the last checkpoint.
-    /// Returns the sequence number signed.
+    /// Signs the chain's head if it moved since the last checkpoint, and if
+    /// no head numbered as high was ever signed (`vault/signed_head.rs`):
+    /// it is recorded beside the erasure ledger first. Returns the sequence
+    /// number signed.
     ///
     /// # Errors
-    /// Storage failures.
+    /// Storage or ledger failures.
     pub async fn checkpoint_audit(&self) -> Result<Option<u64>, Error> {
         let head = self.store.audit_head();
-        {
-            let last = self
-                .last_checkpoint
+        let last = || {
+            self.last_checkpoint
                 .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            if head.seq == 0 || head.seq <= *last {
-                return Ok(None);
-            }
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if head.seq == 0 || head.seq <= *last() {
+            return Ok(None);
+        }
+        if !self.witness_signing(head).await? {
+            // Signed before (by another replica, or before a restore took
+            // the chain back behind it): never a second head for a number.
+            let mut last = last();
+            *last = (*last).max(head.seq);
+            return Ok(None);
         }
         let time_ms = self.now();
         let checkpoint = Checkpoint {
@@ -168,10 +176,7 @@ impl<S: Store> Vault<S> {
             [chain::key(head.seq).as_slice(), &checkpoint.encode()].concat(),
         );
         self.store.commit(batch).await?;
-        *self
-            .last_checkpoint
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = head.seq;
+        *last() = head.seq;
         Ok(Some(head.seq))
     }
 }

@@ -50,7 +50,7 @@ pub enum LedgerRollback {
 /// The ledger and its newest entry this process knows, which the next
 /// erasure chains to.
 pub(super) struct LedgerState {
-    sink: LedgerSink,
+    pub(super) sink: LedgerSink,
     tail: tokio::sync::Mutex<Option<LedgerEntry>>,
 }
 
@@ -191,6 +191,7 @@ impl<S: Store> Vault<S> {
             sink,
             tail: tokio::sync::Mutex::new(tail),
         });
+        self.check_signed_head().await?;
         Ok((self, reapplied))
     }
 

@@ -11,10 +11,13 @@
 
 use std::path::PathBuf;
 
-use super::ledger::{ErasureLedger, LedgerEntry, LedgerError, LedgerFile};
+use super::{
+    ledger::{ErasureLedger, LedgerEntry, LedgerError, LedgerFile},
+    signed_head::HeadWitness,
+};
 use crate::{
     crypto::HashKey,
-    store::{Appended, LedgerTable},
+    store::{Appended, LedgerTable, chain::Head},
 };
 
 /// Where the erasure ledger is, as configured.
@@ -30,9 +33,10 @@ pub enum LedgerLocation {
 /// before it gives up (and the caller hears that it may retry).
 const MAX_RACES: usize = 64;
 
-/// The open ledger.
+/// The open ledger, with the witness of the newest audit head signed
+/// (`vault/signed_head.rs`).
 pub(super) enum LedgerSink {
-    File(ErasureLedger),
+    File(ErasureLedger, HeadWitness),
     Table(Box<LedgerTable>),
 }
 
@@ -45,7 +49,8 @@ impl LedgerSink {
         match location {
             LedgerLocation::File(path) => {
                 let (file, content) = ErasureLedger::open(&path)?;
-                Ok((Self::File(file), content))
+                let witness = HeadWitness::open(&path)?;
+                Ok((Self::File(file, witness), content))
             }
             LedgerLocation::Table(table) => {
                 let rows = table
@@ -61,7 +66,7 @@ impl LedgerSink {
     /// Where it is, for messages.
     pub(super) fn place(&self) -> String {
         match self {
-            Self::File(file) => file.path().display().to_string(),
+            Self::File(file, _) => file.path().display().to_string(),
             Self::Table(table) => table.place().to_owned(),
         }
     }
@@ -69,7 +74,7 @@ impl LedgerSink {
     /// What an operator does to start over from the vault's own record.
     pub(super) fn set_aside(&self) -> &'static str {
         match self {
-            Self::File(_) => "move it away",
+            Self::File(..) => "move it away",
             Self::Table(_) => "empty its table (tokenvault_erasure_ledger)",
         }
     }
@@ -137,7 +142,7 @@ impl LedgerSink {
 
     async fn try_append(&self, entries: &[LedgerEntry]) -> Result<Appended, LedgerError> {
         match self {
-            Self::File(file) => file.append(entries).map(|()| Appended::Written),
+            Self::File(file, _) => file.append(entries).map(|()| Appended::Written),
             Self::Table(table) => {
                 let rows: Vec<(u64, Vec<u8>)> =
                     entries.iter().map(|e| (e.seq, e.encode())).collect();
@@ -156,15 +161,53 @@ impl LedgerSink {
     /// If the table cannot be read.
     pub(super) async fn newest_shared(&self) -> Result<Option<u64>, LedgerError> {
         match self {
-            Self::File(_) => Ok(None),
+            Self::File(..) => Ok(None),
             Self::Table(table) => table.newest().await.map_err(|e| self.error(e.to_string())),
+        }
+    }
+
+    /// The newest audit head recorded as signed.
+    ///
+    /// # Errors
+    /// If the table cannot be read, or holds a malformed head.
+    pub(super) async fn signed_head(&self) -> Result<Option<Head>, LedgerError> {
+        match self {
+            Self::File(_, witness) => Ok(witness.recorded()),
+            Self::Table(table) => {
+                let Some((seq, hash)) = table
+                    .signed_head()
+                    .await
+                    .map_err(|e| self.error(e.to_string()))?
+                else {
+                    return Ok(None);
+                };
+                let hash = hash
+                    .try_into()
+                    .map_err(|_| self.error("its signed head is malformed".to_owned()))?;
+                Ok(Some(Head { seq, hash }))
+            }
+        }
+    }
+
+    /// Records `head`, durably, if no head numbered as high was recorded;
+    /// returns whether it was (only then may it be signed).
+    ///
+    /// # Errors
+    /// If the witness cannot be written.
+    pub(super) async fn witness(&self, head: Head) -> Result<bool, LedgerError> {
+        match self {
+            Self::File(_, witness) => witness.witness(head),
+            Self::Table(table) => table
+                .witness(head.seq, &head.hash)
+                .await
+                .map_err(|e| self.error(e.to_string())),
         }
     }
 
     /// Replaces a file ledger of an earlier release with `entries`.
     pub(super) fn rewrite(&self, entries: &[LedgerEntry]) -> Result<(), LedgerError> {
         match self {
-            Self::File(file) => file.rewrite(entries),
+            Self::File(file, _) => file.rewrite(entries),
             Self::Table(_) => Err(self.error("a table is never rewritten".to_owned())),
         }
     }

@@ -19,6 +19,7 @@ mod records;
 mod retention;
 mod reveal;
 mod rotation;
+mod signed_head;
 mod subjects;
 mod tokenize;
 

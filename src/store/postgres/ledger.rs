@@ -23,8 +23,11 @@ use crate::store::Error;
 ///
 /// Version 2 adds the ledger's own id and the id of the vault it belongs
 /// to ([`LedgerIdentity`]): a release that knows only version 1 would
-/// append to a ledger without checking whose it is.
-const LEDGER_SCHEMA_VERSION: i32 = 2;
+/// append to a ledger without checking whose it is. Version 3 adds the
+/// newest audit head signed ([`LedgerTable::witness`]): a release that
+/// knows only version 2 would sign without recording it, and could sign a
+/// second head for a number after a restore.
+const LEDGER_SCHEMA_VERSION: i32 = 3;
 
 /// Taken while the table is created, so replicas starting together do it
 /// once. Any constant; never change it.
@@ -42,6 +45,9 @@ CREATE TABLE IF NOT EXISTS tokenvault_erasure_ledger (
 ALTER TABLE tokenvault_ledger_schema
     ADD COLUMN IF NOT EXISTS ledger_id bytea,
     ADD COLUMN IF NOT EXISTS vault_id bytea;
+ALTER TABLE tokenvault_ledger_schema
+    ADD COLUMN IF NOT EXISTS signed_seq bigint,
+    ADD COLUMN IF NOT EXISTS signed_head bytea;
 ";
 
 /// Whether the database holds a vault's main table, in any schema.
@@ -177,6 +183,64 @@ impl LedgerTable {
         })
         .await?;
         self.identity().await
+    }
+
+    /// The newest audit head any replica of the vault recorded before it
+    /// signed it (see [`LedgerTable::witness`]): its number and hash.
+    ///
+    /// # Errors
+    /// If the database cannot be read, or is another ledger now.
+    pub async fn signed_head(&self) -> Result<Option<(u64, Vec<u8>)>, Error> {
+        let row = self
+            .call(async |client| {
+                client
+                    .query_one(
+                        "SELECT ledger_id, signed_seq, signed_head FROM tokenvault_ledger_schema",
+                        &[],
+                    )
+                    .await
+            })
+            .await?;
+        self.still_expected(row.try_get(0).ok().flatten())?;
+        match (
+            row.get::<_, Option<i64>>(1),
+            row.get::<_, Option<Vec<u8>>>(2),
+        ) {
+            (Some(seq), Some(head)) => Ok(Some((seq_of(seq)?, head))),
+            _ => Ok(None),
+        }
+    }
+
+    /// Records, committed synchronously, that the audit head numbered `seq`
+    /// and hashing to `head` is about to be signed, if no head numbered
+    /// `seq` or later was recorded. Returns whether it was: only then may
+    /// the caller sign it. The record lives here, outside the database a
+    /// restore rolls back, so that no head is ever signed for a number that
+    /// already had one, whatever the vault's database went back to.
+    ///
+    /// # Errors
+    /// If the database cannot be written, or is another ledger now (then
+    /// nothing was recorded).
+    pub async fn witness(&self, seq: u64, head: &[u8]) -> Result<bool, Error> {
+        let seq = i64::try_from(seq)
+            .map_err(|_| Error::Corruption("an audit sequence number is too large".into()))?;
+        let head = head.to_vec();
+        let expected = self.expected.get().cloned();
+        let row = self
+            .call(async |client| {
+                client
+                    .batch_execute("SET synchronous_commit TO on")
+                    .await?;
+                client
+                    .query_one(
+                        "WITH recorded AS (UPDATE tokenvault_ledger_schema                          SET signed_seq = $1, signed_head = $2                          WHERE coalesce(signed_seq, 0) < $1                          AND ($3::bytea IS NULL OR ledger_id = $3) RETURNING 1)                          SELECT ledger_id, EXISTS (SELECT 1 FROM recorded)                          FROM tokenvault_ledger_schema",
+                        &[&seq, &head, &expected],
+                    )
+                    .await
+            })
+            .await?;
+        self.still_expected(row.try_get(0).ok().flatten())?;
+        Ok(row.get(1))
     }
 
     /// Runs `query` on the connection within the call deadline.
