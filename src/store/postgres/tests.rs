@@ -393,10 +393,18 @@ async fn a_ledger_is_checked_to_be_the_one_bound_and_an_old_one_gets_an_id() {
         .await
         .unwrap()
         .get(0);
-    assert_eq!(version, 2);
+    assert_eq!(version, 3);
     assert_eq!(ledger.entries_after(0).await.unwrap(), [(1, b"a".to_vec())]);
 
     ledger.expect(identity.ledger_id.clone());
+    // The signed-head witness takes only a higher number: never a second
+    // head for one number, whichever replica asks.
+    assert_eq!(ledger.signed_head().await.unwrap(), None);
+    assert!(ledger.witness(5, &[1; 32]).await.unwrap());
+    assert!(!ledger.witness(5, &[2; 32]).await.unwrap());
+    assert!(!ledger.witness(4, &[3; 32]).await.unwrap());
+    assert!(ledger.witness(6, &[4; 32]).await.unwrap());
+    assert_eq!(ledger.signed_head().await.unwrap(), Some((6, vec![4; 32])));
     assert_eq!(
         ledger.append(&[(2, b"b".to_vec())]).await.unwrap(),
         Appended::Written
@@ -416,6 +424,8 @@ async fn a_ledger_is_checked_to_be_the_one_bound_and_an_old_one_gets_an_id() {
     );
     assert!(ledger.newest().await.is_err());
     assert!(ledger.entries_after(0).await.is_err());
+    assert!(ledger.signed_head().await.is_err());
+    assert!(ledger.witness(7, &[5; 32]).await.is_err());
     let rows: i64 = admin
         .query_one("SELECT count(*) FROM tokenvault_erasure_ledger", &[])
         .await
