@@ -145,6 +145,10 @@ pub const AUDIT_PUBLIC_KEY: &[u8] = b"audit-public-key";
 
 const WRAPPED_FORMAT_V1: u8 = 1;
 
+/// Format 1 with, after the creation time, the number of the subject's
+/// newest erasure the vault held when the key was made: subject keys.
+const WRAPPED_FORMAT_V2: u8 = 2;
+
 /// The value of a wrapped key: format 1, created ms (big-endian), nonce,
 /// ciphertext and tag.
 pub fn encode_wrapped(sealed: &Sealed, created_ms: u64) -> Vec<u8> {
@@ -156,15 +160,55 @@ pub fn encode_wrapped(sealed: &Sealed, created_ms: u64) -> Vec<u8> {
     out
 }
 
+/// The value of a wrapped subject key: format 2, created ms, then
+/// `erased_through`, the number of the subject's newest erasure when it was
+/// made (0 for none; see [`subject_erased_key`]), both big-endian, then as
+/// format 1. An erasure applied again after a restore deletes the key only
+/// if it was made before that erasure, decided by these numbers and not by
+/// the clocks of the replicas that wrote them.
+pub fn encode_wrapped_subject(sealed: &Sealed, created_ms: u64, erased_through: u64) -> Vec<u8> {
+    let mut out = Vec::with_capacity(1 + 16 + NONCE_LEN + sealed.ciphertext.len());
+    out.push(WRAPPED_FORMAT_V2);
+    out.extend_from_slice(&created_ms.to_be_bytes());
+    out.extend_from_slice(&erased_through.to_be_bytes());
+    out.extend_from_slice(&sealed.nonce);
+    out.extend_from_slice(&sealed.ciphertext);
+    out
+}
+
+/// Where the nonce starts in a wrapped-key value of the format `bytes`
+/// names.
+fn wrapped_nonce_at(bytes: &[u8]) -> Option<usize> {
+    match *bytes.first()? {
+        WRAPPED_FORMAT_V1 => Some(1 + 8),
+        WRAPPED_FORMAT_V2 => Some(1 + 16),
+        _ => None,
+    }
+}
+
 /// The sealed key in a wrapped-key value, if it is well formed.
 pub fn decode_wrapped(bytes: &[u8]) -> Option<Sealed> {
-    if bytes.len() < 1 + 8 + NONCE_LEN + 16 || bytes[0] != WRAPPED_FORMAT_V1 {
+    let at = wrapped_nonce_at(bytes)?;
+    if bytes.len() < at + NONCE_LEN + 16 {
         return None;
     }
     Some(Sealed {
-        nonce: bytes[9..9 + NONCE_LEN].try_into().ok()?,
-        ciphertext: bytes[9 + NONCE_LEN..].to_vec(),
+        nonce: bytes[at..at + NONCE_LEN].try_into().ok()?,
+        ciphertext: bytes[at + NONCE_LEN..].to_vec(),
     })
+}
+
+/// The number of the subject's newest erasure when a wrapped subject key
+/// was made; `None` for a key of an earlier release (format 1), which only
+/// its creation time places.
+pub fn wrapped_erased_through(bytes: &[u8]) -> Option<u64> {
+    if bytes.first() != Some(&WRAPPED_FORMAT_V2) {
+        return None;
+    }
+    bytes
+        .get(9..17)
+        .and_then(|b| b.try_into().ok())
+        .map(u64::from_be_bytes)
 }
 
 /// When a wrapped key was created (0 if the value is malformed).
@@ -213,27 +257,41 @@ pub struct ConsentState {
     pub granted: bool,
     /// When it was last set (0: never).
     pub updated_ms: u64,
+    /// The number of the subject's newest erasure when it was set (0 for
+    /// none); `None` for a decision of an earlier release, which only its
+    /// time places. See [`encode_wrapped_subject`].
+    pub erased_through: Option<u64>,
 }
 
 impl ConsentState {
-    /// The stored value: 1 (granted) or 0, then the time, big-endian.
+    /// "Not granted", never set.
+    pub const NEVER: Self = Self {
+        granted: false,
+        updated_ms: 0,
+        erased_through: None,
+    };
+
+    /// The stored value: 1 (granted) or 0, then the time and the erasure
+    /// number, big-endian (a decision of an earlier release has no number).
     pub fn encode(self) -> Vec<u8> {
         let mut value = vec![u8::from(self.granted)];
         value.extend_from_slice(&self.updated_ms.to_be_bytes());
+        if let Some(erased_through) = self.erased_through {
+            value.extend_from_slice(&erased_through.to_be_bytes());
+        }
         value
     }
 
     /// A stored decision; none, or a damaged one, is "not granted".
     pub fn decode(value: Option<&[u8]>) -> Self {
+        let number = |bytes: &[u8]| bytes.try_into().map_or(0, u64::from_be_bytes);
         match value {
-            Some([flag, rest @ ..]) if rest.len() == 8 => ConsentState {
+            Some([flag, rest @ ..]) if rest.len() == 8 || rest.len() == 16 => ConsentState {
                 granted: *flag == 1,
-                updated_ms: rest.try_into().map_or(0, u64::from_be_bytes),
+                updated_ms: number(&rest[..8]),
+                erased_through: (rest.len() == 16).then(|| number(&rest[8..])),
             },
-            _ => ConsentState {
-                granted: false,
-                updated_ms: 0,
-            },
+            _ => Self::NEVER,
         }
     }
 }
@@ -286,6 +344,18 @@ pub const AUDIT_LAST_CHECKPOINT: &[u8] = b"audit/last-checkpoint";
 /// next open does not record the same loss again. A further restore
 /// takes it away with the event, and the loss is recorded again.
 pub const AUDIT_ROLLBACK_RECORDED: &[u8] = b"audit/rollback-recorded";
+
+/// The prefix of the subjects' erasure marks.
+pub const SUBJECT_ERASED_PREFIX: &[u8] = b"subject-erased/";
+
+/// The key of a subject's erasure mark: the number (big-endian) of the
+/// newest erasure ledger entry applied to the subject, written with it.
+/// A subject key or a consent made later records the number it found
+/// (guarded unchanged), so an erasure applied again after a restore tells
+/// what came after it by number, not by clock.
+pub fn subject_erased_key(subject: &SubjectHash) -> Vec<u8> {
+    [SUBJECT_ERASED_PREFIX, subject.as_slice()].concat()
+}
 
 /// The first audit sequence number whose events are indexed by subject
 /// (big-endian): events before it were written by a release that did not
@@ -409,10 +479,15 @@ mod tests {
         assert_eq!(
             ConsentState {
                 granted: true,
-                updated_ms: 9
+                updated_ms: 9,
+                erased_through: None,
             }
             .encode(),
             [1, 0, 0, 0, 0, 0, 0, 0, 9]
+        );
+        assert_eq!(
+            subject_erased_key(&[3; 32]),
+            [b"subject-erased/".as_slice(), &[3; 32]].concat()
         );
     }
 
@@ -455,15 +530,30 @@ mod tests {
         let wrapped = encode_wrapped(&sealed, 1234);
         let back = decode_wrapped(&wrapped).unwrap();
         assert_eq!(
+            (back.nonce, &back.ciphertext),
+            (sealed.nonce, &sealed.ciphertext)
+        );
+        assert_eq!(wrapped_created_ms(&wrapped), 1234);
+        assert_eq!(wrapped_erased_through(&wrapped), None);
+        assert!(decode_wrapped(&wrapped[..20]).is_none());
+        let subject = encode_wrapped_subject(&sealed, 1234, 7);
+        let back = decode_wrapped(&subject).unwrap();
+        assert_eq!(
             (back.nonce, back.ciphertext),
             (sealed.nonce, sealed.ciphertext)
         );
-        assert_eq!(wrapped_created_ms(&wrapped), 1234);
-        assert!(decode_wrapped(&wrapped[..20]).is_none());
-        for state in [(true, 5), (false, u64::MAX)] {
+        assert_eq!(wrapped_created_ms(&subject), 1234);
+        assert_eq!(wrapped_erased_through(&subject), Some(7));
+        assert!(decode_wrapped(&subject[..28]).is_none());
+        for state in [
+            (true, 5, None),
+            (false, u64::MAX, Some(0)),
+            (true, 1, Some(9)),
+        ] {
             let state = ConsentState {
                 granted: state.0,
                 updated_ms: state.1,
+                erased_through: state.2,
             };
             assert_eq!(ConsentState::decode(Some(&state.encode())), state);
         }

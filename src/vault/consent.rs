@@ -1,7 +1,7 @@
 //! Consent: a data subject's decision per purpose, which detokenization
 //! for a consent purpose of the value's field type checks.
 
-use super::{Error, SubjectId, Vault};
+use super::{Error, SubjectId, Vault, erasure::ERASED_MEANWHILE};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::{Permit, Purpose},
@@ -21,9 +21,13 @@ impl<S: Store> Vault<S> {
     ) -> Result<ConsentState, Error> {
         let (subject, purpose, granted) = permit.into_item();
         let hash = self.subject_hash(&subject);
+        // Recorded with the subject's erasure number, so that an erasure
+        // applied again after a restore keeps it by number (it came after).
+        let mark = self.erasure_marks(&[hash]).await?.remove(0);
         let state = ConsentState {
             granted,
             updated_ms: self.now(),
+            erased_through: Some(mark.number()),
         };
         let mut event = audit.event(Outcome::Ok);
         event.subjects.push(self.audit_subject(&subject));
@@ -39,11 +43,16 @@ impl<S: Store> Vault<S> {
             layout::consent_key(&hash, purpose.as_str()),
             state.encode(),
         );
+        mark.guard(unit);
         self.append_event(unit, &event);
-        self.store
+        let outcome = self
+            .store
             .commit(batch)
             .await
             .map_err(Error::AuditUnavailable)?;
+        if outcome.first().is_some_and(Result::is_err) {
+            return Err(Error::Conflict(ERASED_MEANWHILE));
+        }
         Ok(state)
     }
 
@@ -62,10 +71,7 @@ impl<S: Store> Vault<S> {
             .consents(&[(hash, purpose.as_str().to_owned())])
             .await?
             .pop()
-            .unwrap_or(ConsentState {
-                granted: false,
-                updated_ms: 0,
-            });
+            .unwrap_or(ConsentState::NEVER);
         let mut event = audit.event(Outcome::Ok);
         event.subjects.push(self.audit_subject(&subject));
         self.record(&event).await?;

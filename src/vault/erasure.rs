@@ -32,7 +32,7 @@ use super::{
 use crate::{
     audit::{AuditContext, AuditEvent, Outcome},
     authz::Permit,
-    layout::{self, ConsentState},
+    layout::{self, ConsentState, KeyVersion},
     store::{Batch, Store, Table, Unit},
 };
 
@@ -53,6 +53,68 @@ pub(super) struct LedgerState {
     pub(super) sink: LedgerSink,
     tail: tokio::sync::Mutex<Option<LedgerEntry>>,
 }
+
+/// What a write for a subject hears when the subject was erased while it
+/// was being made (its erasure mark moved).
+pub(super) const ERASED_MEANWHILE: &str =
+    "the subject was erased meanwhile; nothing was written, retry";
+
+/// A subject's erasure mark as read (`layout::subject_erased_key`): a
+/// subject key or consent made now records its number, and its write
+/// guards it unchanged, so that no erasure comes in between unnoticed.
+pub(super) struct ErasureMark {
+    key: Vec<u8>,
+    stored: Option<Vec<u8>>,
+}
+
+impl ErasureMark {
+    /// The number of the subject's newest erasure (0 for none).
+    pub(super) fn number(&self) -> u64 {
+        self.stored
+            .as_deref()
+            .and_then(|b| b.try_into().ok())
+            .map_or(0, u64::from_be_bytes)
+    }
+
+    /// Adds to `unit` the guard that the mark is still as read.
+    pub(super) fn guard(&self, unit: &mut Unit) {
+        match &self.stored {
+            Some(value) => unit.guard_unchanged(Table::Meta, self.key.clone(), value.clone()),
+            None => unit.guard_absent(Table::Meta, self.key.clone()),
+        };
+    }
+}
+
+/// Which of a subject's things an erasure deletes.
+#[derive(Debug, Clone, Copy)]
+enum Cutoff {
+    /// Everything: the erasure as it is made.
+    All,
+    /// What came before ledger entry `seq` (made at `erased_ms`): the
+    /// erasure applied again after a restore, which keeps what the subject
+    /// gave since (a key made later, and so its values; a consent).
+    Before { seq: u64, erased_ms: u64 },
+}
+
+impl Cutoff {
+    /// Whether a thing that recorded the erasure number `erased_through`
+    /// when it was made (or, made by an earlier release, only its time
+    /// `made_ms`) came before the erasure.
+    fn covers(self, erased_through: Option<u64>, made_ms: u64) -> bool {
+        match self {
+            Cutoff::All => true,
+            Cutoff::Before { seq, erased_ms } => match erased_through {
+                Some(number) => number < seq,
+                // The writer's clock: the one ordering older data has.
+                None => made_ms <= erased_ms,
+            },
+        }
+    }
+}
+
+/// How many times an erasure reads the subject again when its key changed
+/// under it before it gives up.
+const MAX_RACES: usize = 8;
 
 /// Where the entry numbered `seq` (from 1) is in a chain read in order.
 fn position(seq: u64) -> usize {
@@ -236,24 +298,15 @@ impl<S: Store> Vault<S> {
     }
 
     /// Applies a ledger entry the data does not have yet: deletes what the
-    /// subject had when it was erased (values and consents given later stay,
-    /// and so does a key made later), and records the entry.
+    /// subject had when it was erased (a key made later stays, and so do
+    /// its values, and consents given later), and records the entry.
     async fn reapply(&self, entry: &LedgerEntry) -> Result<u64, Error> {
-        let mut batch = Batch::new();
-        let unit = batch.unit();
-        let shredding = self
-            .shred(entry.erasure.subject_hash, entry.erasure.erased_ms, unit)
-            .await?;
-        unit.put(
-            Table::Meta,
-            layout::erasure_ledger_entry_key(entry.seq),
-            entry.encode(),
-        );
-        self.store.commit(batch).await?;
-        if !shredding.purge.is_empty() {
-            self.store.purge(shredding.purge).await?;
-        }
-        Ok(shredding.erased)
+        let cutoff = Cutoff::Before {
+            seq: entry.seq,
+            erased_ms: entry.erasure.erased_ms,
+        };
+        self.apply_erasure(entry.erasure.subject_hash, cutoff, Some(entry), None)
+            .await
     }
 
     /// Erases a subject: records the erasure in the ledger, then deletes its
@@ -309,38 +362,64 @@ impl<S: Store> Vault<S> {
     async fn erase_now(
         &self,
         hash: [u8; 32],
-        mut event: AuditEvent,
+        event: AuditEvent,
         entry: Option<LedgerEntry>,
     ) -> Result<u64, Error> {
-        let mut batch = Batch::new();
-        let unit = batch.unit();
-        let shredding = self.shred(hash, u64::MAX, unit).await?;
-        if let Some(entry) = entry {
-            unit.put(
-                Table::Meta,
-                layout::erasure_ledger_entry_key(entry.seq),
-                entry.encode(),
-            );
-        }
-        event.items = u32::try_from(shredding.erased).unwrap_or(u32::MAX);
-        self.append_event(unit, &event);
-        self.store
-            .commit(batch)
+        self.apply_erasure(hash, Cutoff::All, entry.as_ref(), Some(event))
             .await
-            .map_err(Error::AuditUnavailable)?;
-        if !shredding.purge.is_empty() {
-            self.store.purge(shredding.purge).await?;
-        }
-        Ok(shredding.erased)
     }
 
-    /// Adds to `unit` the deletion of a subject's values created at or
-    /// before `before_ms`, of its key if made by then, and of the consents
-    /// it gave by then.
+    /// Deletes what `cutoff` covers of the subject in one write, with the
+    /// ledger `entry` and `event` if given, then purges it from the files.
+    /// The write guards the subject's key as read: a key made meanwhile (a
+    /// first value of the subject, through any replica) is read again and
+    /// erased too.
+    async fn apply_erasure(
+        &self,
+        hash: [u8; 32],
+        cutoff: Cutoff,
+        entry: Option<&LedgerEntry>,
+        mut event: Option<AuditEvent>,
+    ) -> Result<u64, Error> {
+        for _ in 0..MAX_RACES {
+            let mut batch = Batch::new();
+            let unit = batch.unit();
+            let shredding = self.shred(hash, cutoff, entry, unit).await?;
+            if let Some(event) = &mut event {
+                event.items = u32::try_from(shredding.erased).unwrap_or(u32::MAX);
+                self.append_event(unit, event);
+            }
+            let outcome = match event {
+                Some(_) => self
+                    .store
+                    .commit(batch)
+                    .await
+                    .map_err(Error::AuditUnavailable)?,
+                None => self.store.commit(batch).await?,
+            };
+            if outcome.first().is_some_and(Result::is_err) {
+                continue;
+            }
+            if !shredding.purge.is_empty() {
+                self.store.purge(shredding.purge).await?;
+            }
+            return Ok(shredding.erased);
+        }
+        Err(Error::Conflict(
+            "the subject's key changed under the erasure again and again; it is recorded and is applied again at the next start, retry",
+        ))
+    }
+
+    /// Adds to `unit` the deletion of what `cutoff` covers of a subject:
+    /// its key, and with it every value under it (a value under a key
+    /// that is gone is unreadable, whenever it was made); values of an
+    /// earlier release under the vault's keys; consents. With the ledger
+    /// `entry`, also the vault's copy of it and the subject's erasure mark.
     async fn shred(
         &self,
         hash: [u8; 32],
-        before_ms: u64,
+        cutoff: Cutoff,
+        entry: Option<&LedgerEntry>,
         unit: &mut Unit,
     ) -> Result<Shredding, Error> {
         let (tokens, records) = self.subject_records(&hash).await?;
@@ -355,11 +434,31 @@ impl<S: Store> Vault<S> {
             .store
             .scan_prefix(Table::Consent, hash.to_vec())
             .await?;
+        match &wrapped {
+            Some(w) => unit.guard_unchanged(Table::Keys, label.clone(), w.clone()),
+            None => unit.guard_absent(Table::Keys, label.clone()),
+        };
         let mut purge = Vec::new();
+        let key_goes = wrapped.as_deref().is_none_or(|w| {
+            cutoff.covers(
+                layout::wrapped_erased_through(w),
+                layout::wrapped_created_ms(w),
+            )
+        });
+        if key_goes && wrapped.is_some() {
+            unit.delete(Table::Keys, label.clone());
+            purge.push((Table::Keys, label));
+        }
         let mut erased = 0;
         for (token, bytes) in tokens.iter().zip(records) {
             let record = bytes.as_deref().and_then(|b| Record::decode(b).ok());
-            if record.as_ref().is_some_and(|r| r.created_ms > before_ms) {
+            let goes = match &record {
+                Some(r) if r.key_version == KeyVersion::Subject => key_goes,
+                Some(r) => cutoff.covers(None, r.created_ms),
+                // Undecodable: nothing to keep.
+                None => true,
+            };
+            if !goes {
                 continue;
             }
             if let Some(blind) = record.as_ref().and_then(|r| r.blind) {
@@ -380,22 +479,42 @@ impl<S: Store> Vault<S> {
             purge.push((Table::Records, token.storage_key().to_vec()));
             purge.push((Table::SubjectIndex, index_key));
         }
-        if wrapped
-            .as_deref()
-            .is_some_and(|w| layout::wrapped_created_ms(w) <= before_ms)
-        {
-            unit.delete(Table::Keys, label.clone());
-            purge.push((Table::Keys, label));
-        }
         for (key, value) in consents {
             // A consent given after the erasure is the subject's new wish.
-            if ConsentState::decode(Some(&value)).updated_ms > before_ms {
+            let state = ConsentState::decode(Some(&value));
+            if !cutoff.covers(state.erased_through, state.updated_ms) {
                 continue;
             }
             unit.delete(Table::Consent, key.clone());
             purge.push((Table::Consent, key));
         }
+        if let Some(entry) = entry {
+            unit.put(
+                Table::Meta,
+                layout::erasure_ledger_entry_key(entry.seq),
+                entry.encode(),
+            );
+            // Never back: an entry applied again after a later one.
+            let mark = self.erasure_marks(&[hash]).await?.remove(0);
+            if entry.seq > mark.number() {
+                unit.put(Table::Meta, mark.key, entry.seq.to_be_bytes().to_vec());
+            }
+        }
         Ok(Shredding { erased, purge })
+    }
+
+    /// The erasure marks of `subjects`, in order.
+    pub(super) async fn erasure_marks(
+        &self,
+        subjects: &[[u8; 32]],
+    ) -> Result<Vec<ErasureMark>, Error> {
+        let keys: Vec<Vec<u8>> = subjects.iter().map(layout::subject_erased_key).collect();
+        let stored = self.store.get_many(Table::Meta, keys.clone()).await?;
+        Ok(keys
+            .into_iter()
+            .zip(stored)
+            .map(|(key, stored)| ErasureMark { key, stored })
+            .collect())
     }
 }
 
@@ -403,10 +522,118 @@ impl<S: Store> Vault<S> {
 mod tests {
     use super::super::{ItemError, ledger::Erasure, tests::fixture_with_clock};
     use super::*;
+    use crate::authz::{Action, IdentityPattern, Policy, PurposeSet, Rule};
 
-    /// Re-applying an erasure (after a restore) deletes what the subject
-    /// had when it was erased, and keeps a consent given after it: the
-    /// subject's newer wish.
+    /// Erasure 1 of `hash`, made at `erased_ms` by the clock of the
+    /// replica that made it.
+    fn first_erasure(
+        f: &super::super::tests::Fixture,
+        hash: [u8; 32],
+        erased_ms: u64,
+    ) -> LedgerEntry {
+        LedgerEntry::next(
+            f.vault.keyring.ledger_key(),
+            None,
+            Erasure {
+                subject_hash: hash,
+                erased_ms,
+            },
+        )
+    }
+
+    /// Sets consent to `purpose` through the vault, as SetConsent does.
+    async fn set_consent(f: &super::super::tests::Fixture, subject: &str, purpose: &str) {
+        let policy = Policy::new(vec![Rule::new(
+            IdentityPattern::new("spiffe://*").unwrap(),
+            vec!["consent:write".parse().unwrap()],
+            PurposeSet::Any,
+        )]);
+        let permit = policy
+            .grants(&f.client)
+            .permit_global(
+                Action::ConsentWrite,
+                (subject.parse().unwrap(), purpose.parse().unwrap(), true),
+            )
+            .unwrap();
+        f.vault
+            .set_consent(permit, &super::super::tests::ctx("SetConsent", 1))
+            .await
+            .unwrap();
+    }
+
+    async fn consents_kept(f: &super::super::tests::Fixture, hash: [u8; 32]) -> Vec<String> {
+        f.vault
+            .store
+            .scan_prefix(Table::Consent, hash.to_vec())
+            .await
+            .unwrap()
+            .iter()
+            .filter_map(|(k, _)| layout::purpose_of_consent_key(k).map(str::to_owned))
+            .collect()
+    }
+
+    /// Made before the erasure by a replica whose clock runs a minute
+    /// ahead of the erasing one's: applied again, the erasure still takes
+    /// the key, the value and the consent, by the erasure number they
+    /// recorded (none), not by their times (later than the erasure's). By
+    /// the clock, as before, all three stayed.
+    #[tokio::test]
+    async fn an_erasure_applied_again_takes_what_came_before_it_whatever_the_clocks() {
+        let (f, time) = fixture_with_clock().await;
+        let t0 = time.load(std::sync::atomic::Ordering::SeqCst);
+        time.store(t0 + 60_000, std::sync::atomic::Ordering::SeqCst);
+        let token = f
+            .tokenize_for("cust-a", &[("email", "a@example.com", None)])
+            .await
+            .remove(0);
+        set_consent(&f, "cust-a", "marketing").await;
+        let hash = f.vault.subject_hash(&"cust-a".parse().unwrap());
+
+        let entry = first_erasure(&f, hash, t0);
+        assert_eq!(f.vault.reapply(&entry).await.unwrap(), 1);
+        assert!(consents_kept(&f, hash).await.is_empty());
+        assert!(matches!(
+            f.reveal(std::slice::from_ref(&token), false).await[0],
+            Err(ItemError::NotFound)
+        ));
+        let mark = f.vault.erasure_marks(&[hash]).await.unwrap().remove(0);
+        assert_eq!(mark.number(), 1);
+    }
+
+    /// Given after the erasure, through a replica whose clock runs a
+    /// minute behind the erasing one's: applied again (the ledger entry's
+    /// copy in the data lost, as a restore of a later backup that lacked
+    /// it), the erasure keeps the new key, its value and the consent, which
+    /// recorded the erasure's number. By the clock, all three went.
+    #[tokio::test]
+    async fn an_erasure_applied_again_keeps_what_came_after_it_whatever_the_clocks() {
+        let (f, time) = fixture_with_clock().await;
+        let t0 = time.load(std::sync::atomic::Ordering::SeqCst);
+        let hash = f.vault.subject_hash(&"cust-b".parse().unwrap());
+        let entry = first_erasure(&f, hash, t0);
+        f.tokenize_for("cust-b", &[("email", "old@example.com", None)])
+            .await;
+        f.vault.reapply(&entry).await.unwrap();
+        let mut batch = Batch::new();
+        batch.delete(Table::Meta, layout::erasure_ledger_entry_key(entry.seq));
+        f.vault.store.commit(batch).await.unwrap();
+
+        time.store(t0 - 60_000, std::sync::atomic::Ordering::SeqCst);
+        let token = f
+            .tokenize_for("cust-b", &[("email", "new@example.com", None)])
+            .await
+            .remove(0);
+        set_consent(&f, "cust-b", "newsletter").await;
+
+        assert_eq!(f.vault.reapply(&entry).await.unwrap(), 0);
+        assert_eq!(consents_kept(&f, hash).await, ["newsletter"]);
+        assert!(f.reveal(std::slice::from_ref(&token), false).await[0].is_ok());
+    }
+
+    /// Consents of an earlier release recorded no erasure number: their
+    /// time still places them. Re-applying an erasure deletes what the
+    /// subject had when it was erased, and keeps a consent given after it:
+    /// the subject's newer wish.
     #[tokio::test]
     async fn reapplying_an_erasure_keeps_a_consent_given_after_it() {
         let (f, time) = fixture_with_clock().await;
@@ -420,6 +647,7 @@ mod tests {
             ConsentState {
                 granted,
                 updated_ms,
+                erased_through: None,
             }
             .encode()
         };

@@ -439,14 +439,24 @@ impl Keyring {
         &self.ledger_key
     }
 
-    /// A new subject data key in its stored form (wrapped for `label`),
-    /// and the key: the same order as [`Keyring::new_data_key`].
+    /// A new subject data key in its stored form (wrapped for `label`,
+    /// recording `erased_through`, the number of the subject's newest
+    /// erasure: `layout::encode_wrapped_subject`), and the key: the same
+    /// order as [`Keyring::new_data_key`].
     ///
     /// # Errors
     /// If the random source fails.
-    pub fn new_subject_key(&self, label: &[u8]) -> Result<(Vec<u8>, DataKey), Error> {
+    pub fn new_subject_key(
+        &self,
+        label: &[u8],
+        erased_through: u64,
+    ) -> Result<(Vec<u8>, DataKey), Error> {
         let key = DataKey::generate()?;
-        let wrapped = encode_wrapped(&self.subject_kek.wrap_key(&key, label)?);
+        let wrapped = layout::encode_wrapped_subject(
+            &self.subject_kek.wrap_key(&key, label)?,
+            now_ms(),
+            erased_through,
+        );
         Ok((wrapped, key))
     }
 

@@ -4,13 +4,13 @@
 
 use std::collections::HashMap;
 
-use super::{Error, Record, SubjectId, Vault};
+use super::{Error, Record, SubjectId, Vault, erasure::ERASED_MEANWHILE};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::Permit,
     crypto::{DataKey, SecretValue},
     layout,
-    store::{Batch, Store, Table},
+    store::{Batch, FailedGuard, Store, Table},
     token::{FieldType, Token},
 };
 
@@ -60,15 +60,17 @@ impl<S: Store> Vault<S> {
         if missing.is_empty() {
             return Ok(keys);
         }
+        let subjects: Vec<[u8; 32]> = missing.iter().map(|(subject, _)| *subject).collect();
+        let marks = self.erasure_marks(&subjects).await?;
         let mut batch = Batch::new();
         let mut created = Vec::new();
-        for (subject, label) in &missing {
-            let (wrapped, key) = self.keyring.new_subject_key(label)?;
-            batch.unit().guard_absent(Table::Keys, label.clone()).put(
-                Table::Keys,
-                label.clone(),
-                wrapped,
-            );
+        for ((subject, label), mark) in missing.iter().zip(&marks) {
+            let (wrapped, key) = self.keyring.new_subject_key(label, mark.number())?;
+            let unit = batch.unit();
+            // First, so that its failure is `Absent(0)`.
+            unit.guard_absent(Table::Keys, label.clone())
+                .put(Table::Keys, label.clone(), wrapped);
+            mark.guard(unit);
             created.push((*subject, label, key));
         }
         let outcomes = self.store.commit(batch).await?;
@@ -76,7 +78,11 @@ impl<S: Store> Vault<S> {
             let key = match outcome {
                 Ok(()) => key,
                 // Another request created it first: use theirs.
-                Err(conflict) => self.keyring.open_subject_key(label, &conflict.existing)?,
+                Err(conflict) if conflict.guard == FailedGuard::Absent(0) => {
+                    self.keyring.open_subject_key(label, &conflict.existing)?
+                }
+                // The subject's erasure mark moved: it was erased meanwhile.
+                Err(_) => return Err(Error::Conflict(ERASED_MEANWHILE)),
             };
             keys.insert(subject, key);
         }
