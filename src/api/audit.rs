@@ -38,10 +38,22 @@ impl<S: Store> TokenVaultService<S> {
         let records: Vec<Result<pb::AuditRecord, Status>> = events
             .into_iter()
             .map(|e| {
+                let hex = |bytes: &[u8]| data_encoding::HEXLOWER.encode(bytes);
                 Ok(pb::AuditRecord {
                     seq: e.seq,
-                    hash: e.hash,
+                    hash: hex(&e.hash),
                     event_json: e.json,
+                    prev: hex(&e.prev),
+                    checkpoint: e.checkpoint.map(|cp| pb::AuditCheckpoint {
+                        time_ms: cp.time_ms,
+                        signature: hex(&cp.signature),
+                    }),
+                    pruned: e.pruned.map(|marker| pb::AuditPruned {
+                        seq: marker.seq,
+                        head: hex(&marker.head),
+                        time_ms: marker.time_ms,
+                        signature: hex(&marker.signature),
+                    }),
                 })
             })
             .collect();

@@ -12,7 +12,10 @@ mod verify;
 
 use serde::{Deserialize, Serialize};
 
-pub use verify::{Checkpoint, PruneMarker, VerifyFailure, VerifyReport, export, verify};
+pub use verify::{
+    Checkpoint, PruneMarker, StreamVerifier, StreamedEvent, VerifyFailure, VerifyReport, export,
+    verify,
+};
 
 /// One audited RPC.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

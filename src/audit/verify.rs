@@ -140,6 +140,204 @@ fn fail(seq: u64, reason: impl Into<String>) -> VerifyFailure {
     }
 }
 
+/// Where a check of the chain is, event by event in order: the next event
+/// expected and the hash it must link to. Offline over a snapshot and
+/// over the network alike.
+struct Cursor {
+    first: u64,
+    expected: u64,
+    prev: [u8; 32],
+    checkpoints: u64,
+    last_signed: Option<u64>,
+}
+
+impl Cursor {
+    /// A check that starts at event `first`, which must link to `prev`.
+    fn new(first: u64, prev: [u8; 32]) -> Self {
+        Self {
+            first,
+            expected: first,
+            prev,
+            checkpoints: 0,
+            last_signed: None,
+        }
+    }
+
+    /// Checks that event `seq` is the next one.
+    fn expect(&self, seq: u64) -> Result<(), VerifyFailure> {
+        let expected = self.expected;
+        if seq == expected {
+            Ok(())
+        } else {
+            Err(fail(
+                expected,
+                format!("event {expected} is missing (next stored is {seq})"),
+            ))
+        }
+    }
+
+    /// Checks that event `seq`, the next one, links to `link_prev`: the
+    /// one before as it was.
+    fn link(&self, seq: u64, link_prev: &[u8; 32]) -> Result<(), VerifyFailure> {
+        if *link_prev != self.prev {
+            // This entry is intact, so the one before it was rewritten
+            // (its digest recomputed) after this one linked to it.
+            let culprit = seq.saturating_sub(1).max(self.first);
+            return Err(fail(
+                culprit,
+                format!(
+                    "event {seq} does not link to event {} as written: {} was rewritten",
+                    seq - 1,
+                    seq - 1
+                ),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Moves past the event just linked, whose hash is `hash`, and which
+    /// the checkpoint `signed` signs if there is one (`Some(false)`: it
+    /// signs another hash).
+    fn advance(&mut self, hash: [u8; 32], signed: Option<bool>) -> Result<(), VerifyFailure> {
+        let seq = self.expected;
+        match signed {
+            Some(false) => return Err(fail(seq, "event does not match its signed checkpoint")),
+            Some(true) => {
+                self.checkpoints += 1;
+                self.last_signed = Some(seq);
+            }
+            None => {}
+        }
+        self.prev = hash;
+        self.expected += 1;
+        Ok(())
+    }
+
+    fn report(&self) -> VerifyReport {
+        let last = self.expected - 1;
+        VerifyReport {
+            first_seq: self.first,
+            last_seq: last,
+            events: self.expected - self.first,
+            checkpoints: self.checkpoints,
+            unsigned_tail: last.saturating_sub(self.last_signed.unwrap_or(self.first - 1)),
+        }
+    }
+}
+
+/// Checks the chain as the Audit service streams it (`tokenvault audit
+/// verify --addr`): each event's stored entry is rebuilt from its link and
+/// its JSON, so its hash is computed here, never taken from the server;
+/// each checkpoint's signature is checked over that hash with the
+/// auditor's copy of the public key; a trail that starts after event 1
+/// needs a prune marker that verifies and links to it.
+pub struct StreamVerifier {
+    public_key: [u8; 32],
+    from: u64,
+    cursor: Option<Cursor>,
+}
+
+/// One event as streamed, for [`StreamVerifier::event`].
+pub struct StreamedEvent<'a> {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The hash of the event it links to.
+    pub prev: [u8; 32],
+    /// The event JSON as chained.
+    pub payload: &'a [u8],
+    /// The hash the server says it has.
+    pub hash: [u8; 32],
+    /// The checkpoint over it, if any: when signed, and the signature.
+    pub checkpoint: Option<(u64, [u8; 64])>,
+    /// The prune marker sent with the first event of a page, if any.
+    pub pruned: Option<PruneMarker>,
+}
+
+impl StreamVerifier {
+    /// A check of the events from `from` on (1: the whole trail), with the
+    /// auditor's copy of the public key. From a later event, the first
+    /// event's link is taken as given.
+    pub fn new(public_key: [u8; 32], from: u64) -> Self {
+        Self {
+            public_key,
+            from: from.max(1),
+            cursor: None,
+        }
+    }
+
+    /// Checks the next event.
+    ///
+    /// # Errors
+    /// The first bad sequence number, as [`verify`] names it.
+    pub fn event(&mut self, event: StreamedEvent<'_>) -> Result<(), VerifyFailure> {
+        let seq = event.seq;
+        let cursor = match &mut self.cursor {
+            Some(cursor) => cursor,
+            None => {
+                let start = match event.pruned {
+                    _ if seq == self.from && self.from > 1 => event.prev,
+                    _ if seq == 1 => chain::GENESIS,
+                    Some(marker)
+                        if marker.seq + 1 == seq
+                            && marker.seq + 1 >= self.from
+                            && marker.verifies(&self.public_key) =>
+                    {
+                        marker.head
+                    }
+                    Some(_) => {
+                        return Err(fail(
+                            self.from,
+                            "the prune marker does not verify with this public key, or does not lead to the first event kept",
+                        ));
+                    }
+                    None => {
+                        return Err(fail(
+                            self.from,
+                            format!(
+                                "events {} to {} are missing and no signed prune marker covers them: they were deleted",
+                                self.from,
+                                seq - 1
+                            ),
+                        ));
+                    }
+                };
+                self.cursor.insert(Cursor::new(seq, start))
+            }
+        };
+        cursor.expect(seq)?;
+        cursor.link(seq, &event.prev)?;
+        let entry = chain::encode(seq, &event.prev, event.payload);
+        let hash = chain::hash(seq, &entry);
+        if hash != event.hash {
+            return Err(fail(
+                seq,
+                "the hash the server sent is not the event's: it was changed on the way",
+            ));
+        }
+        let signed = event.checkpoint.map(|(time_ms, signature)| {
+            Checkpoint {
+                seq,
+                head: hash,
+                time_ms,
+                signature,
+            }
+            .verifies(&self.public_key)
+        });
+        if signed == Some(false) {
+            return Err(fail(
+                seq,
+                "checkpoint signature does not verify with this public key over this event",
+            ));
+        }
+        cursor.advance(hash, signed)
+    }
+
+    /// What was checked; `None` if no event was.
+    pub fn report(&self) -> Option<VerifyReport> {
+        self.cursor.as_ref().map(Cursor::report)
+    }
+}
+
 /// Checks the chain from `from` (1 for all) and every checkpoint, with the
 /// auditor's copy of the public key.
 ///
@@ -232,7 +430,7 @@ pub fn verify(
     };
     let from = pruned_through.map_or(from, |seq| seq + 1);
     // The link into the first checked entry.
-    let mut prev = if let Some(seq) = pruned_through {
+    let prev = if let Some(seq) = pruned_through {
         checkpoints.get(&seq).map_or(chain::GENESIS, |cp| cp.head)
     } else if from == 1 {
         chain::GENESIS
@@ -243,80 +441,57 @@ pub fn verify(
             .ok_or_else(|| fail(from - 1, "the event before --from is missing"))?;
         chain::hash(from - 1, &value)
     };
-    let mut expected = from;
+    let mut cursor = Cursor::new(from, prev);
     let mut failure = None;
-    let mut checked_checkpoints = 0;
     store
-        .scan(Table::Audit, &chain::key(from), |key, value| {
-            let Some(seq) = chain::seq_of(key) else {
-                failure = Some(fail(expected, "an audit key is not a sequence number"));
-                return false;
-            };
-            if seq != expected {
-                failure = Some(fail(
-                    expected,
-                    format!("event {expected} is missing (next stored is {seq})"),
-                ));
-                return false;
-            }
-            let Some(link) = chain::decode(value) else {
-                failure = Some(fail(seq, "event is not in the chain format"));
-                return false;
-            };
-            if !link.is_intact(seq) {
-                failure = Some(fail(
-                    seq,
-                    "event was changed or moved from another position",
-                ));
-                return false;
-            }
-            if link.prev != prev {
-                // This entry is intact, so the one before it was rewritten
-                // (its digest recomputed) after this one linked to it.
-                let culprit = seq.saturating_sub(1).max(from);
-                failure = Some(fail(
-                    culprit,
-                    format!(
-                        "event {seq} does not link to event {} as written: {} was rewritten",
-                        seq - 1,
-                        seq - 1
-                    ),
-                ));
-                return false;
-            }
-            let hash = chain::hash(seq, value);
-            if let Some(cp) = checkpoints.get(&seq) {
-                if cp.head != hash {
-                    failure = Some(fail(seq, "event does not match its signed checkpoint"));
-                    return false;
+        .scan(
+            Table::Audit,
+            &chain::key(from),
+            |key, value| match check_stored(&mut cursor, &checkpoints, key, value) {
+                Ok(()) => true,
+                Err(e) => {
+                    failure = Some(e);
+                    false
                 }
-                checked_checkpoints += 1;
-            }
-            prev = hash;
-            expected += 1;
-            true
-        })
+            },
+        )
         .map_err(storage)?;
     if let Some(failure) = failure {
         return Err(failure);
     }
-    let last = expected - 1;
+    let expected = cursor.expected;
     if let Some((&signed, _)) = checkpoints.range(expected..).next() {
         return Err(fail(
             expected,
             format!(
-                "the log ends at {last} but a checkpoint signs event {signed}: the tail was truncated"
+                "the log ends at {} but a checkpoint signs event {signed}: the tail was truncated",
+                expected - 1
             ),
         ));
     }
-    let last_signed = checkpoints.keys().next_back().copied().unwrap_or(from - 1);
-    Ok(VerifyReport {
-        first_seq: from,
-        last_seq: last,
-        events: expected - from,
-        checkpoints: checked_checkpoints,
-        unsigned_tail: last.saturating_sub(last_signed.max(from - 1)),
-    })
+    Ok(cursor.report())
+}
+
+/// Checks the stored entry `value` under `key` as the next event.
+fn check_stored(
+    cursor: &mut Cursor,
+    checkpoints: &BTreeMap<u64, Checkpoint>,
+    key: &[u8],
+    value: &[u8],
+) -> Result<(), VerifyFailure> {
+    let seq = chain::seq_of(key)
+        .ok_or_else(|| fail(cursor.expected, "an audit key is not a sequence number"))?;
+    cursor.expect(seq)?;
+    let link = chain::decode(value).ok_or_else(|| fail(seq, "event is not in the chain format"))?;
+    if !link.is_intact(seq) {
+        return Err(fail(
+            seq,
+            "event was changed or moved from another position",
+        ));
+    }
+    cursor.link(seq, &link.prev)?;
+    let hash = chain::hash(seq, value);
+    cursor.advance(hash, checkpoints.get(&seq).map(|cp| cp.head == hash))
 }
 
 /// Writes every event from `from` as one JSON object per line (with its

@@ -1,5 +1,6 @@
 //! `tokenvault audit`: verify, export and inspect the audit trail of a
-//! stopped vault, a copy or a running one, offline.
+//! stopped vault, a copy or a running one, offline; verify a running one's
+//! over the network too, as its Audit service streams it.
 
 use std::{path::PathBuf, process::ExitCode};
 
@@ -13,10 +14,14 @@ use crate::{
 #[derive(Debug, Subcommand)]
 pub(super) enum AuditCommand {
     /// Verify the hash chain and the signed checkpoints; print the first bad
-    /// sequence number if any. Works on a stopped vault, a copy or a running one.
+    /// sequence number if any. Works on a stopped vault, a copy or a running
+    /// one; with --addr, over the network, as the vault's Audit service
+    /// streams the trail (needs scope audit:read and --public-key).
     Verify {
         #[command(flatten)]
         source: AuditSource,
+        #[command(flatten)]
+        remote: Remote,
         /// Start at this sequence number.
         #[arg(long, default_value_t = 1)]
         from: u64,
@@ -47,6 +52,29 @@ pub(super) enum AuditCommand {
     },
 }
 
+/// A running vault whose trail `verify` reads over mTLS.
+#[derive(Debug, Args)]
+pub(super) struct Remote {
+    /// A running vault's mTLS address: check its trail as its Audit service
+    /// streams it. Every hash is computed here from the events, and every
+    /// checkpoint checked with --public-key, so the vault is not trusted.
+    #[arg(long, conflicts_with_all = ["config", "data_dir"], requires_all = ["public_key", "ca", "cert", "key"])]
+    addr: Option<String>,
+    /// With --addr: the CA bundle that signed the server certificate.
+    #[arg(long, requires = "addr")]
+    ca: Option<PathBuf>,
+    /// With --addr: the client certificate (PEM), of an identity with
+    /// audit:read.
+    #[arg(long, requires = "addr")]
+    cert: Option<PathBuf>,
+    /// With --addr: the client private key (PEM).
+    #[arg(long, requires = "addr")]
+    key: Option<PathBuf>,
+    /// With --addr: the name the server certificate must carry.
+    #[arg(long, default_value = "localhost")]
+    server_name: String,
+}
+
 /// Where the vault's data is.
 #[derive(Debug, Args)]
 pub(super) struct AuditSource {
@@ -65,6 +93,29 @@ pub(super) fn run(command: AuditCommand) -> Result<ExitCode, String> {
         layout::AUDIT_PUBLIC_KEY,
         store::{Snapshot, Table},
     };
+    if let AuditCommand::Verify {
+        remote:
+            Remote {
+                addr: Some(addr),
+                ca: Some(ca),
+                cert: Some(cert),
+                key: Some(key),
+                server_name,
+            },
+        from,
+        public_key: Some(public_key),
+        ..
+    } = &command
+    {
+        let tls = crate::client::ClientTls {
+            ca: ca.clone(),
+            cert: cert.clone(),
+            key: key.clone(),
+            server_name: server_name.clone(),
+        };
+        let public_key = parse_public_key(public_key)?;
+        return super::runtime()?.block_on(verify_remote(addr, &tls, public_key, *from));
+    }
     let source = match &command {
         AuditCommand::Verify { source, .. }
         | AuditCommand::Export { source, .. }
@@ -137,6 +188,103 @@ pub(super) fn run(command: AuditCommand) -> Result<ExitCode, String> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Checks a running vault's trail page by page as its Audit service
+/// streams it (`audit::StreamVerifier`), and says so as the offline check
+/// does.
+async fn verify_remote(
+    addr: &str,
+    tls: &crate::client::ClientTls,
+    public_key: [u8; 32],
+    from: u64,
+) -> Result<ExitCode, String> {
+    use crate::{
+        audit::{PruneMarker, StreamVerifier, StreamedEvent},
+        proto::v1::{StreamEventsRequest, audit_client::AuditClient},
+    };
+    /// Events per page: the service's most.
+    const PAGE: u32 = 10_000;
+    let channel = crate::client::channel(addr, tls)
+        .await
+        .map_err(|e| e.to_string())?;
+    let mut client = AuditClient::new(channel);
+    let mut verifier = StreamVerifier::new(public_key, from);
+    let mut next = from.max(1);
+    let hex32 = |text: &str, what: &str| -> Result<[u8; 32], String> {
+        data_encoding::HEXLOWER_PERMISSIVE
+            .decode(text.as_bytes())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| format!("the vault sent a malformed {what}"))
+    };
+    let hex64 = |text: &str| -> Result<[u8; 64], String> {
+        data_encoding::HEXLOWER_PERMISSIVE
+            .decode(text.as_bytes())
+            .ok()
+            .and_then(|b| b.try_into().ok())
+            .ok_or_else(|| "the vault sent a malformed signature".to_owned())
+    };
+    loop {
+        let mut stream = client
+            .stream_events(StreamEventsRequest {
+                from_seq: next,
+                identity: String::new(),
+                limit: PAGE,
+            })
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        let mut received = 0;
+        while let Some(record) = stream
+            .message()
+            .await
+            .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?
+        {
+            received += 1;
+            let checkpoint = record
+                .checkpoint
+                .map(|cp| Ok::<_, String>((cp.time_ms, hex64(&cp.signature)?)))
+                .transpose()?;
+            let pruned = record
+                .pruned
+                .map(|marker| {
+                    Ok::<_, String>(PruneMarker {
+                        seq: marker.seq,
+                        head: hex32(&marker.head, "prune marker")?,
+                        time_ms: marker.time_ms,
+                        signature: hex64(&marker.signature)?,
+                    })
+                })
+                .transpose()?;
+            let checked = verifier.event(StreamedEvent {
+                seq: record.seq,
+                prev: hex32(&record.prev, "link")?,
+                payload: record.event_json.as_bytes(),
+                hash: hex32(&record.hash, "hash")?,
+                checkpoint,
+                pruned,
+            });
+            if let Err(failure) = checked {
+                println!("FAILED: {failure}");
+                return Ok(ExitCode::FAILURE);
+            }
+            next = record.seq + 1;
+        }
+        // A short page is the end (each page's own read is audited, so the
+        // trail always has one more event).
+        if received < PAGE {
+            break;
+        }
+    }
+    let Some(report) = verifier.report() else {
+        return Err(format!("the vault sent no event from {from} on"));
+    };
+    println!(
+        "ok: events {}..{} ({} events), {} signed checkpoints verified, {} events after the last checkpoint",
+        report.first_seq, report.last_seq, report.events, report.checkpoints, report.unsigned_tail
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 /// An auditor's copy of the audit public key, as `--public-key` gives it.

@@ -237,12 +237,19 @@ fn dir_size(dir: &std::path::Path) -> u64 {
 pub struct StoredEvent {
     /// Sequence number.
     pub seq: u64,
-    /// Chain hash, hex.
-    pub hash: String,
-    /// The event JSON.
+    /// Chain hash.
+    pub hash: [u8; 32],
+    /// The chain hash of the event before it, which it links to.
+    pub prev: [u8; 32],
+    /// The event JSON, as chained.
     pub json: String,
     /// The caller identity recorded in it.
     pub identity: String,
+    /// The signed checkpoint over it, if any.
+    pub checkpoint: Option<Checkpoint>,
+    /// On the first event of a page that starts at or before the first
+    /// event kept: the signed prune marker, if events were pruned.
+    pub pruned: Option<crate::audit::PruneMarker>,
 }
 
 impl<S: Store> Vault<S> {
@@ -257,10 +264,33 @@ impl<S: Store> Vault<S> {
         audit: &crate::audit::AuditContext,
     ) -> Result<Vec<StoredEvent>, Error> {
         let (from, identity, limit) = permit.into_item();
+        let from = from.max(1);
         let page = self
             .store
-            .scan_from(Table::Audit, chain::key(from.max(1)).to_vec(), limit)
+            .scan_from(Table::Audit, chain::key(from).to_vec(), limit)
             .await?;
+        let last = page
+            .last()
+            .and_then(|(key, _)| chain::seq_of(key))
+            .unwrap_or(from);
+        // Checkpoints are sparse: at most one per event of the page.
+        let mut checkpoints: std::collections::HashMap<u64, Checkpoint> = self
+            .store
+            .scan_from(Table::AuditCheckpoints, chain::key(from).to_vec(), limit)
+            .await?
+            .into_iter()
+            .filter_map(|(key, value)| Checkpoint::decode(chain::seq_of(&key)?, &value))
+            .filter(|cp| cp.seq <= last)
+            .map(|cp| (cp.seq, cp))
+            .collect();
+        let mut pruned = self
+            .store
+            .get_many(Table::Meta, vec![layout::AUDIT_PRUNE_MARKER.to_vec()])
+            .await?
+            .pop()
+            .flatten()
+            .and_then(|value| crate::audit::PruneMarker::decode(&value))
+            .filter(|marker| from <= marker.seq + 1);
         let events = page
             .into_iter()
             .filter_map(|(key, value)| {
@@ -269,9 +299,12 @@ impl<S: Store> Vault<S> {
                 let event = AuditEvent::decode(link.payload)?;
                 Some(StoredEvent {
                     seq,
-                    hash: data_encoding::HEXLOWER.encode(&chain::hash(seq, &value)),
+                    hash: chain::hash(seq, &value),
+                    prev: link.prev,
                     json: String::from_utf8_lossy(link.payload).into_owned(),
                     identity: event.identity,
+                    checkpoint: checkpoints.remove(&seq),
+                    pruned: pruned.take(),
                 })
             })
             .filter(|e| identity.as_ref().is_none_or(|id| &e.identity == id))

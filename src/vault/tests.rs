@@ -864,6 +864,87 @@ async fn pruned_audit_trails_stay_verifiable_from_the_kept_checkpoint() {
     );
 }
 
+/// The events of `f`'s trail from 1 as the Audit service streams them,
+/// checked as `audit verify --addr` checks them.
+async fn verify_streamed(f: &Fixture) -> Result<crate::audit::VerifyReport, String> {
+    let policy = Policy::new(vec![Rule::new(
+        IdentityPattern::new("spiffe://*").unwrap(),
+        vec!["audit:read".parse().unwrap()],
+        PurposeSet::Any,
+    )]);
+    let permit = policy
+        .grants(&f.client)
+        .permit_global(Action::AuditRead, (1, None, 100))
+        .unwrap();
+    let events = f
+        .vault
+        .audit_events(permit, &ctx("StreamEvents", 1))
+        .await
+        .unwrap();
+    let mut verifier = crate::audit::StreamVerifier::new(f.vault.audit_public_key(), 1);
+    for event in &events {
+        verifier
+            .event(crate::audit::StreamedEvent {
+                seq: event.seq,
+                prev: event.prev,
+                payload: event.json.as_bytes(),
+                hash: event.hash,
+                checkpoint: event
+                    .checkpoint
+                    .as_ref()
+                    .map(|cp| (cp.time_ms, cp.signature)),
+                pruned: event.pruned.clone(),
+            })
+            .map_err(|e| e.to_string())?;
+    }
+    verifier.report().ok_or_else(|| "no event".to_owned())
+}
+
+/// A pruned trail streamed from event 1 starts after the prune marker,
+/// which comes with the first event and links to it; without the marker,
+/// the missing events are a deletion, as offline.
+#[tokio::test]
+async fn a_pruned_trail_verifies_as_streamed_only_with_its_marker() {
+    let (f, time) = fixture_with_clock().await;
+    for _ in 0..3 {
+        f.tokenize(&[("email", "old@example.com")]).await;
+    }
+    assert_eq!(f.vault.checkpoint_audit().await.unwrap(), Some(3));
+    time.fetch_add(10 * 86_400_000, std::sync::atomic::Ordering::SeqCst);
+    for _ in 0..2 {
+        f.tokenize(&[("email", "new@example.com")]).await;
+    }
+    assert_eq!(f.vault.checkpoint_audit().await.unwrap(), Some(5));
+    let report = verify_streamed(&f).await.unwrap();
+    assert_eq!(
+        (report.first_seq, report.last_seq, report.checkpoints),
+        (1, 5, 2)
+    );
+    f.vault
+        .prune_audit(std::time::Duration::from_secs(7 * 86_400))
+        .await
+        .unwrap();
+    // The read above is event 6.
+    let report = verify_streamed(&f).await.unwrap();
+    assert_eq!(
+        (
+            report.first_seq,
+            report.last_seq,
+            report.checkpoints,
+            report.unsigned_tail
+        ),
+        (4, 6, 1, 1)
+    );
+    let mut batch = store::Batch::new();
+    batch.unit().delete(
+        store::Table::Meta,
+        crate::layout::AUDIT_PRUNE_MARKER.to_vec(),
+    );
+    f.vault.store().commit(batch).await.unwrap();
+    let refused = verify_streamed(&f).await.unwrap_err();
+    assert!(refused.contains("no signed prune marker"), "{refused}");
+}
+
 #[tokio::test]
 async fn a_callers_ttl_never_outlives_the_field_types_retention() {
     let (f, time) = fixture_with_clock().await;
