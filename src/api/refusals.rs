@@ -103,6 +103,7 @@ impl RefusalLog {
                 }),
                 policy_hash: None,
                 lost_signed_head: None,
+                parts: Vec::new(),
             })
             .collect();
         events.sort_by(|a, b| {

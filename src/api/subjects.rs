@@ -437,6 +437,7 @@ impl<S: Store> TokenVaultService<S> {
                 consent: event.consent.unwrap_or_default(),
                 checkpointed: entry.checkpointed,
                 request_id: event.request_id,
+                hash: data_encoding::HEXLOWER.encode(&entry.hash),
             }))
         }));
         if let Some(before) = page.next_before {

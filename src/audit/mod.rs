@@ -70,6 +70,50 @@ pub struct AuditEvent {
     /// signed, which the chain no longer holds, as `<seq>:<hash hex>`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lost_signed_head: Option<String>,
+    /// Each subject's own part of the call, in the order of `subjects`,
+    /// when the call was not one subject's alone (several subjects'
+    /// values, or values of no subject beside one's): a subject's access
+    /// history shows its part, not the whole call. Empty otherwise, and in
+    /// events of earlier releases.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parts: Vec<SubjectPart>,
+}
+
+/// One subject's part of a call ([`AuditEvent::parts`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SubjectPart {
+    /// The field types of the subject's items, sorted and distinct.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub field_types: Vec<String>,
+    /// The forms the subject's values were revealed in.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub forms: Vec<String>,
+    /// The subject's items.
+    pub items: u32,
+    /// Those that failed.
+    #[serde(default)]
+    pub failed_items: u32,
+}
+
+impl AuditEvent {
+    /// What the event says of the subject whose audit form is `subject`:
+    /// its own part if the event has parts, else the whole call.
+    pub fn part_of(&self, subject: &str) -> SubjectPart {
+        let own = self
+            .subjects
+            .iter()
+            .position(|s| s == subject)
+            .and_then(|at| self.parts.get(at));
+        match own {
+            Some(part) => part.clone(),
+            None => SubjectPart {
+                field_types: self.field_types.clone(),
+                forms: self.forms.clone(),
+                items: self.items,
+                failed_items: self.failed_items,
+            },
+        }
+    }
 }
 
 /// The method of the event a vault records when it puts a policy in force
@@ -186,6 +230,7 @@ impl AuditContext {
             refusals: None,
             policy_hash: None,
             lost_signed_head: None,
+            parts: Vec::new(),
         }
     }
 }

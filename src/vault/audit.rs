@@ -51,19 +51,6 @@ impl<S: Store> Vault<S> {
         self.audit_subject_hash(&self.subject_hash(subject))
     }
 
-    /// The audit forms of `subjects` (subject hashes, repeats allowed), as
-    /// an event holds them: one HMAC per distinct subject, sorted.
-    pub(super) fn audit_subjects(&self, mut subjects: Vec<SubjectHash>) -> Vec<String> {
-        subjects.sort_unstable();
-        subjects.dedup();
-        let mut forms: Vec<String> = subjects
-            .iter()
-            .map(|subject| self.audit_subject_hash(subject))
-            .collect();
-        forms.sort();
-        forms
-    }
-
     /// The audit form of a subject, from the subject hash its records hold:
     /// so that a call that reads records (detokenize, update, delete) names
     /// their subjects as the calls that know the id do, and one subject's
@@ -230,6 +217,61 @@ fn dir_size(dir: &std::path::Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+/// Each subject's part of a call, gathered item by item
+/// ([`AuditEvent::parts`]).
+#[derive(Debug, Default)]
+pub(super) struct Parts(std::collections::BTreeMap<SubjectHash, crate::audit::SubjectPart>);
+
+impl Parts {
+    /// Counts an item of `subject` (none: no part) of `field_type`,
+    /// revealed in `form` if it was, failed or not.
+    pub(super) fn item(
+        &mut self,
+        subject: Option<SubjectHash>,
+        field_type: &str,
+        form: Option<&str>,
+        failed: bool,
+    ) {
+        let Some(subject) = subject else { return };
+        let part = self.0.entry(subject).or_default();
+        part.items += 1;
+        part.failed_items += u32::from(failed);
+        part.field_types.push(field_type.to_owned());
+        part.forms.extend(form.map(str::to_owned));
+    }
+
+    /// Names the subjects gathered in `event` and, unless the call was one
+    /// subject's alone, gives it their parts in the same order. Call it
+    /// once the event's totals are final.
+    pub(super) fn finish<S: Store>(self, vault: &Vault<S>, event: &mut AuditEvent) {
+        let mut parts: Vec<(String, crate::audit::SubjectPart)> = self
+            .0
+            .into_iter()
+            .map(|(subject, mut part)| {
+                part.field_types.sort();
+                part.field_types.dedup();
+                part.forms.sort();
+                part.forms.dedup();
+                (vault.audit_subject_hash(&subject), part)
+            })
+            .collect();
+        parts.sort_by(|a, b| a.0.cmp(&b.0));
+        let whole = |part: &crate::audit::SubjectPart| {
+            part.items == event.items
+                && part.failed_items == event.failed_items
+                && part.field_types == event.field_types
+                && part.forms == event.forms
+        };
+        let alone = matches!(parts.as_slice(), [(_, part)] if whole(part));
+        event.subjects = parts.iter().map(|(form, _)| form.clone()).collect();
+        event.parts = if alone {
+            Vec::new()
+        } else {
+            parts.into_iter().map(|(_, part)| part).collect()
+        };
+    }
 }
 
 /// One stored audit event, as the Audit service streams it.

@@ -45,6 +45,9 @@ pub struct HistoryEntry {
     pub event: AuditEvent,
     /// Whether a signed checkpoint covers it (see [`Coverage`]).
     pub checkpointed: bool,
+    /// Its chain hash: what `audit verify --addr` computes for the event
+    /// numbered `seq`, so an auditor can match the one with the other.
+    pub hash: [u8; 32],
 }
 
 /// What a history answer is covered by.
@@ -182,6 +185,7 @@ impl<S: Store> Vault<S> {
                     seq,
                     checkpointed: coverage.checkpoint.is_some_and(|(cp, _)| seq <= cp),
                     event,
+                    hash: chain::hash(seq, &value),
                 });
             }
         }
@@ -263,9 +267,21 @@ fn indexed_event(seq: u64, value: &[u8], form: &str) -> Result<AuditEvent, Error
     if !link.is_intact(seq) {
         return Err(damaged());
     }
-    let event = AuditEvent::decode(link.payload).ok_or_else(damaged)?;
+    let mut event = AuditEvent::decode(link.payload).ok_or_else(damaged)?;
     if !event.subjects.iter().any(|s| s == form) {
         return Err(damaged());
     }
+    // The subject's own part of the call, nothing of the other subjects'
+    // (their number, field types, forms, tokens).
+    let part = event.part_of(form);
+    event.field_types = part.field_types;
+    event.forms = part.forms;
+    event.items = part.items;
+    event.failed_items = part.failed_items;
+    if event.subjects.len() > 1 || !event.parts.is_empty() {
+        event.tokens.clear();
+    }
+    event.subjects = vec![form.to_owned()];
+    event.parts.clear();
     Ok(event)
 }

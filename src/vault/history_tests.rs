@@ -107,6 +107,39 @@ async fn a_subjects_history_lists_every_call_that_touched_their_values_newest_fi
     let bobs = f.history("cust-bob", None, 100).await;
     assert_eq!(methods(&bobs.entries), ["Detokenize", "Tokenize"]);
     assert_eq!(bobs.entries[0].seq, page.entries[1].seq);
+    // Each sees only its own part of the shared call: one item each, its
+    // own field type; nothing of the other's.
+    let part = |entry: &HistoryEntry| {
+        (
+            entry.event.items,
+            entry.event.field_types.clone(),
+            entry.event.forms.clone(),
+            entry.event.subjects.len(),
+            entry.event.tokens.len(),
+        )
+    };
+    assert_eq!(
+        part(&bobs.entries[0]),
+        (1, vec!["email".to_owned()], vec!["masked".to_owned()], 1, 0)
+    );
+    assert_eq!(
+        part(&page.entries[1]),
+        (
+            1,
+            vec!["customer_email".to_owned()],
+            vec!["masked".to_owned()],
+            1,
+            0
+        )
+    );
+    // A call of one subject alone is shown whole.
+    assert_eq!(
+        (
+            page.entries[3].event.items,
+            page.entries[3].event.field_types.len()
+        ),
+        (2, 2)
+    );
     let again = f.history("cust-ada", None, 100).await;
     assert_eq!(
         methods(&again.entries)[..2],

@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 
-use super::{Blind, Error, ItemError, Record, Vault, record::Binding};
+use super::{Blind, Error, ItemError, Record, Vault, audit::Parts, record::Binding};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::{Denial, Permit},
@@ -221,13 +221,15 @@ impl<S: Store> Vault<S> {
         // Blind-index entries to delete if they still name the token: a
         // tokenize may have replaced an expired one meanwhile.
         let mut index_entries = Vec::new();
-        let mut touched = Vec::new();
+        let mut parts = Parts::default();
         let mut results = Vec::with_capacity(tokens.len());
         for (token, bytes) in tokens.iter().zip(records) {
             event.tokens.push(self.audit_token(token));
+            let mut read = None;
             let result = (|| {
                 let record = Record::decode(&bytes.ok_or(ItemError::NotFound)?)
                     .map_err(|_| ItemError::DataLoss)?;
+                read = Some((record.subject_hash, record.field_type.to_string()));
                 authorize(&record.field_type).map_err(ItemError::Denied)?;
                 event.field_types.push(record.field_type.to_string());
                 unit.delete(Table::Records, token.storage_key().to_vec());
@@ -236,7 +238,6 @@ impl<S: Store> Vault<S> {
                     index_entries.push((blind, token));
                 }
                 if let Some(subject) = record.subject_hash {
-                    touched.push(subject);
                     unit.delete(
                         Table::SubjectIndex,
                         layout::subject_index_key(&subject, token.storage_key()),
@@ -250,13 +251,16 @@ impl<S: Store> Vault<S> {
                 }
                 Ok(())
             })();
+            if let Some((subject, field_type)) = read {
+                parts.item(subject, &field_type, None, result.is_err());
+            }
             results.push(result);
         }
         event.field_types.sort();
         event.field_types.dedup();
-        event.subjects = self.audit_subjects(touched);
         event.failed_items +=
             u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
+        parts.finish(self, &mut event);
         self.append_event(unit, &event);
         for (blind, token) in index_entries {
             batch

@@ -3,12 +3,12 @@
 
 use std::collections::HashMap;
 
-use super::{ItemError, Record, Vault};
+use super::{ItemError, Record, Vault, audit::Parts};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::{Denial, Permit, Purpose, RevealForm},
     crypto::{DataKey, SecretValue},
-    layout::KeyVersion,
+    layout::{KeyVersion, SubjectHash},
     store::Store,
     token::{FieldType, Token},
 };
@@ -101,14 +101,16 @@ impl<S: Store> Vault<S> {
 
         let mut event = audit.event(Outcome::Ok);
         let mut consent_missing = false;
-        let mut touched = Vec::new();
+        // Per token, the subject and field type of the record read.
+        let mut read: Vec<Option<(Option<SubjectHash>, String)>> = vec![None; tokens.len()];
         let results: Vec<_> = tokens
             .iter()
             .zip(records)
-            .map(|(token, record)| {
+            .zip(&mut read)
+            .map(|((token, record), read)| {
                 let record = record?;
                 event.field_types.push(record.field_type.to_string());
-                touched.extend(record.subject_hash);
+                *read = Some((record.subject_hash, record.field_type.to_string()));
                 let form = authorize(&record.field_type).map_err(ItemError::Denied)?;
                 let consented = record
                     .subject_hash
@@ -140,12 +142,19 @@ impl<S: Store> Vault<S> {
             .collect();
         event.field_types.sort();
         event.field_types.dedup();
-        event.subjects = self.audit_subjects(touched);
         event.forms.sort();
         event.forms.dedup();
         event.tokens = tokens.iter().map(|t| self.audit_token(t)).collect();
         event.failed_items +=
             u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
+        let mut parts = Parts::default();
+        for (result, read) in results.iter().zip(read) {
+            if let Some((subject, field_type)) = read {
+                let form = result.as_ref().ok().map(|r| r.form.name());
+                parts.item(subject, &field_type, form, result.is_err());
+            }
+        }
+        parts.finish(self, &mut event);
         if !wanted.is_empty() {
             event.consent = Some(if consent_missing {
                 "missing".into()

@@ -10,7 +10,9 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::{Blind, ItemError, LookupValue, NewValue, Record, Vault, record::Binding};
+use super::{
+    Blind, ItemError, LookupValue, NewValue, Record, Vault, audit::Parts, record::Binding,
+};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::{Denial, Permit},
@@ -112,12 +114,15 @@ impl<S: Store> Vault<S> {
         let mut first_of: HashMap<[u8; 32], usize> = HashMap::new();
         let mut repeats: Vec<(usize, usize)> = Vec::new();
         let now = self.now();
+        // Per item, its subject and field type: each subject's part.
+        let mut of_item = Vec::with_capacity(items.len());
         for (index, permit) in items.into_iter().enumerate() {
             let item = permit.into_item();
             event.field_types.push(item.field_type.to_string());
-            if let Some(subject) = &item.subject {
-                event.subjects.push(self.audit_subject(subject));
-            }
+            of_item.push((
+                item.subject.as_ref().map(|s| self.subject_hash(s)),
+                item.field_type.to_string(),
+            ));
             match self.prepare(index, item, now) {
                 Ok(p) => {
                     if let Some(blind) = &p.blind {
@@ -134,8 +139,6 @@ impl<S: Store> Vault<S> {
         }
         event.field_types.sort();
         event.field_types.dedup();
-        event.subjects.sort();
-        event.subjects.dedup();
 
         // Each subject's values are encrypted under the subject's own key.
         // Too large for the engine: refused before anything is written (not
@@ -169,6 +172,11 @@ impl<S: Store> Vault<S> {
             round_event.failed_items +=
                 u32::try_from(results.iter().flatten().filter(|r| r.is_err()).count())
                     .unwrap_or(u32::MAX);
+            let mut parts = Parts::default();
+            for ((subject, field_type), result) in of_item.iter().zip(&results) {
+                parts.item(*subject, field_type, None, matches!(result, Some(Err(_))));
+            }
+            parts.finish(self, &mut round_event);
             let mut batch = Batch::new();
             let index_versions = index_versions(&drawn);
             self.append_event(
@@ -523,9 +531,11 @@ impl<S: Store> Vault<S> {
         let mut results: Vec<ItemResult> = Vec::with_capacity(items.len());
         let mut wanted = Vec::new();
         let mut subjects = Vec::with_capacity(items.len());
+        let mut field_types = Vec::with_capacity(items.len());
         for (index, permit) in items.into_iter().enumerate() {
             let item = permit.into_item();
             event.field_types.push(item.field_type.to_string());
+            field_types.push(item.field_type.to_string());
             let subject = item.subject.as_ref().map(|s| self.subject_hash(s));
             subjects.push(subject);
             let blind = self.spec(&item.field_type).and_then(|spec| {
@@ -554,14 +564,12 @@ impl<S: Store> Vault<S> {
         event.field_types.dedup();
         // The subjects whose tokens the lookup found: it told the caller
         // that the vault holds this value of theirs.
-        event.subjects = self.audit_subjects(
-            results
-                .iter()
-                .zip(subjects)
-                .filter(|(result, _)| result.is_ok())
-                .filter_map(|(_, subject)| subject)
-                .collect(),
-        );
+        let mut parts = Parts::default();
+        for ((result, subject), field_type) in results.iter().zip(subjects).zip(&field_types) {
+            if result.is_ok() {
+                parts.item(subject, field_type, None, false);
+            }
+        }
         event.failed_items +=
             u32::try_from(results.iter().filter(|r| r.is_err()).count()).unwrap_or(u32::MAX);
         event.tokens = results
@@ -569,6 +577,7 @@ impl<S: Store> Vault<S> {
             .flatten()
             .map(|t| self.audit_token(t))
             .collect();
+        parts.finish(self, &mut event);
         self.record(&event).await?;
         Ok(results)
     }
