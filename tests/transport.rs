@@ -911,3 +911,37 @@ async fn config_and_certificates_reload_through_a_kubernetes_volume_swap() {
     );
     call_with(&vault, &trusting_new).await.unwrap();
 }
+
+/// Narrowing `tls.trust_domains` on reload ends the open connections of
+/// identities it no longer accepts, as a new handshake would refuse them:
+/// the identity is checked again, not only the chain. Before, such a
+/// connection kept working until `max_connection_age`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn narrowing_the_trust_domains_ends_the_connections_they_no_longer_accept() {
+    let vault = TestVault::start_with_tls("trust_domains = [\"test.tokenvault.local\"]");
+    let mut client = vault.client("checkout").await;
+    let request = || TokenizeRequest {
+        items: vec![common::item("email", "narrowed@example.com")],
+    };
+    client.tokenize(request()).await.unwrap();
+
+    let config = std::fs::read_to_string(vault.config_path()).unwrap();
+    assert!(config.contains("\"test.tokenvault.local\""));
+    std::fs::write(
+        vault.config_path(),
+        config.replace("\"test.tokenvault.local\"", "\"other.example\""),
+    )
+    .unwrap();
+    vault.reload_and_wait("closed connections whose client certificate is no longer accepted");
+    // The same channel: its connection is gone, and a new one is refused.
+    let status = client.tokenize(request()).await.unwrap_err();
+    assert!(
+        matches!(
+            status.code(),
+            tonic::Code::Unauthenticated | tonic::Code::Unavailable
+        ),
+        "{status:?}"
+    );
+    let status = client.tokenize(request()).await.unwrap_err();
+    assert_eq!(status.code(), tonic::Code::Unauthenticated, "{status:?}");
+}

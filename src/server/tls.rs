@@ -388,9 +388,10 @@ impl Connections {
         self.len() == 0
     }
 
-    /// Closes every open connection whose client chain `tls` would refuse
-    /// now (revoked by a CRL, expired, or no longer from a trusted CA).
-    /// Returns how many were closed.
+    /// Closes every open connection whose client `tls` would refuse now:
+    /// its chain (revoked by a CRL, expired, or no longer from a trusted
+    /// CA), or its identity (a trust domain `tls.trust_domains` no longer
+    /// accepts). Returns how many were closed.
     pub fn close_refused(&self, tls: &TlsState) -> usize {
         let open: Vec<Arc<ConnEntry>> = self
             .open
@@ -404,7 +405,13 @@ impl Connections {
             if entry.is_closed() {
                 continue;
             }
-            if let Err(e) = tls.still_valid(&entry.chain) {
+            let refused = match tls.still_valid(&entry.chain) {
+                Err(e) => Some(e.to_string()),
+                Ok(()) => identity_of(&entry.chain, &tls.trust_domains)
+                    .err()
+                    .map(|e| e.to_string()),
+            };
+            if let Some(e) = refused {
                 tracing::warn!(remote.addr = %entry.remote, error = %e, "closing a connection whose client certificate is no longer accepted");
                 entry.close();
                 closed += 1;
@@ -523,14 +530,21 @@ fn peer_of(
     remote: SocketAddr,
     trust_domains: &[String],
 ) -> Peer {
-    let identity = chain
+    Peer {
+        identity: Arc::new(identity_of(chain, trust_domains)),
+        remote_addr: Some(remote),
+    }
+}
+
+/// The identity a client chain gives, if `trust_domains` accepts it.
+fn identity_of(
+    chain: &[CertificateDer<'static>],
+    trust_domains: &[String],
+) -> Result<ClientId, IdentityError> {
+    chain
         .first()
         .map_or(Err(IdentityError::NoCertificate), |leaf| {
             ClientId::from_certificate(leaf)
         })
-        .and_then(|id| id.check_trust_domain(trust_domains));
-    Peer {
-        identity: Arc::new(identity),
-        remote_addr: Some(remote),
-    }
+        .and_then(|id| id.check_trust_domain(trust_domains))
 }
