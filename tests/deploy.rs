@@ -21,11 +21,12 @@ fn root() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
 
-const KUSTOMIZATIONS: [&str; 5] = [
+const KUSTOMIZATIONS: [&str; 6] = [
     "deploy/base",
     "deploy/overlays/hsm",
     "deploy/overlays/sidecar",
     "deploy/overlays/ha",
+    "deploy/overlays/ha/migrate",
     "deploy/overlays/sidecar-shared",
 ];
 
@@ -379,7 +380,90 @@ fn the_replicated_layout_scales_and_names_its_databases() {
             "{cluster}"
         );
         assert!(setting.connection.contains("sslmode=require"));
+        // Least privilege: the replicas connect as a role of their own,
+        // never as the owner, and the cluster makes that role.
+        let user = |connection: &str| {
+            connection
+                .split_whitespace()
+                .find_map(|kv| kv.strip_prefix("user="))
+                .unwrap()
+                .to_owned()
+        };
+        let owner = defined["spec"]["bootstrap"]["initdb"]["owner"]
+            .as_str()
+            .unwrap();
+        let runtime = user(&setting.connection);
+        assert_ne!(
+            runtime, owner,
+            "{cluster}: the replicas connect as the owner"
+        );
+        assert!(
+            defined["spec"]["managed"]["roles"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|r| r["name"] == runtime.as_str() && r["login"] == true),
+            "{cluster}: no managed role {runtime}"
+        );
     }
+    // The lock table fits the HPA's most replicas: two committers each,
+    // up to 2,048 key locks each (deploy/README.md, "Locks"), in
+    // max_locks_per_transaction x max_connections (100 by default).
+    let max_replicas = hpa[0]["spec"]["maxReplicas"].as_u64().unwrap();
+    let vault_db = clusters
+        .iter()
+        .find(|c| c["metadata"]["name"] == "tokenvault-db")
+        .unwrap();
+    let max_locks: u64 = vault_db["spec"]["postgresql"]["parameters"]["max_locks_per_transaction"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        max_locks * 100 >= max_replicas * 2 * 2048,
+        "max_locks_per_transaction {max_locks} is too small for {max_replicas} replicas"
+    );
+    // Only the vault and the migrate Job reach the databases' pods.
+    let policies = of_kind(&databases, "NetworkPolicy");
+    assert_eq!(policies.len(), 1);
+    assert_eq!(
+        policies[0]["spec"]["policyTypes"],
+        serde_json::json!(["Ingress"])
+    );
+
+    // The migrate Job connects as the owner and grants the replicas' role.
+    let migrate = render("deploy/overlays/ha/migrate");
+    let job = of_kind(&migrate, "Job");
+    let args = &job[0]["spec"]["template"]["spec"]["containers"][0]["args"];
+    let (EngineSetting::Postgres(owner_db), LedgerSetting::Database(owner_ledger)) =
+        Config::databases_of(&root().join("deploy/overlays/ha/migrate/tokenvault.toml")).unwrap()
+    else {
+        panic!("the migrate config is not on PostgreSQL");
+    };
+    for (owner, runtime) in [(&owner_db, db), (&owner_ledger, ledger)] {
+        let host = |c: &str| {
+            c.split_whitespace()
+                .find(|kv| kv.starts_with("host="))
+                .unwrap()
+                .to_owned()
+        };
+        assert_eq!(host(&owner.connection), host(&runtime.connection));
+        assert!(
+            owner.connection.contains("user=tokenvault "),
+            "{}",
+            owner.connection
+        );
+    }
+    assert_eq!(
+        args,
+        &serde_json::json!([
+            "migrate",
+            "--config",
+            "/etc/tokenvault/config/tokenvault.toml",
+            "--grant-to",
+            "tokenvault_runtime"
+        ])
+    );
 }
 
 /// The NetworkPolicy admits clients by their own label only: common labels

@@ -1015,3 +1015,113 @@ fn the_two_replica_script_serves_one_vault_on_two_ports() {
     assert!(script.wait().unwrap().code().is_some());
     assert!(!cluster.exists(), "the cluster was left behind");
 }
+
+/// The least-privilege layout (deploy/README.md, "Database roles"): the
+/// schemas made by `tokenvault migrate` as the owner, which grants the app
+/// role its part; a vault running as that role tokenizes, reveals and
+/// erases, and the role can neither delete, rewrite nor empty the erasure
+/// ledger, nor change or drop the vault's tables. Before, a vault started
+/// as such a role failed at its first `CREATE TABLE IF NOT EXISTS`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_vault_runs_as_an_app_role_that_cannot_empty_the_ledger() {
+    let cluster = ThrowawayCluster::start();
+    cluster.create_database("vault").await;
+    cluster.create_database("ledger").await;
+    let owner = common::pg_session(&cluster, "vault").await;
+    owner
+        .batch_execute("CREATE ROLE tv_app LOGIN")
+        .await
+        .unwrap();
+    let as_owner = common::postgres_replica_config(
+        &cluster.conninfo("vault"),
+        &cluster.conninfo("ledger"),
+        "",
+    );
+    let app = |conninfo: String| conninfo.replace("user=tokenvault", "user=tv_app");
+    let as_app = common::postgres_replica_config(
+        &app(cluster.conninfo("vault")),
+        &app(cluster.conninfo("ledger")),
+        "",
+    );
+
+    // Migrated by the owner, then the vault as the app role.
+    let migrating = TestVault::prepare(&as_owner);
+    migrating.write_config();
+    let (ok, out) = common::run_cli(&[
+        "migrate",
+        "--config",
+        migrating.config_path().to_str().unwrap(),
+        "--grant-to",
+        "tv_app",
+    ]);
+    assert!(ok, "{out}");
+    assert!(out.contains("granted tv_app"), "{out}");
+    let (ok, out) = common::run_cli(&[
+        "migrate",
+        "--config",
+        migrating.config_path().to_str().unwrap(),
+        "--grant-to",
+        "tv_app; DROP TABLE tokenvault_kv",
+    ]);
+    assert!(!ok && out.contains("not a plain role name"), "{out}");
+    let vault = common::start_replica_of(&migrating, &as_app);
+    let mut client = vault.client("support").await;
+    let token = common::tokenize_one_for(&mut client, "email", "app@example.com", "cust-app").await;
+    let response = detokenize(
+        &mut client,
+        std::slice::from_ref(&token),
+        "customer_support",
+    )
+    .await
+    .unwrap();
+    assert_eq!(revealed(response), [Ok("app@example.com".to_owned())]);
+    assert_eq!(erase(&vault, "cust-app").await, 1);
+
+    // What the app role cannot do.
+    let session = |db: &str| {
+        let conninfo = app(cluster.conninfo(db));
+        async move {
+            let (client, connection) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+                .await
+                .unwrap();
+            tokio::spawn(connection);
+            client
+        }
+    };
+    let ledger = session("ledger").await;
+    for refused in [
+        "DELETE FROM tokenvault_erasure_ledger",
+        "TRUNCATE tokenvault_erasure_ledger",
+        "UPDATE tokenvault_erasure_ledger SET entry = ''",
+        "UPDATE tokenvault_ledger_schema SET ledger_id = NULL",
+        "DROP TABLE tokenvault_erasure_ledger",
+    ] {
+        let e = ledger.batch_execute(refused).await.unwrap_err();
+        assert!(
+            e.as_db_error()
+                .is_some_and(|db| db.code().code() == "42501" || db.code().code() == "42P01"),
+            "{refused}: {e:?}"
+        );
+    }
+    let data = session("vault").await;
+    for refused in [
+        "DROP TABLE tokenvault_kv",
+        "ALTER TABLE tokenvault_kv ADD COLUMN x int",
+        "TRUNCATE tokenvault_kv",
+        "UPDATE tokenvault_schema SET version = 1",
+        "CREATE TABLE tokenvault_other (a int)",
+    ] {
+        let e = data.batch_execute(refused).await.unwrap_err();
+        assert!(
+            e.as_db_error()
+                .is_some_and(|db| db.code().code() == "42501"),
+            "{refused}: {e:?}"
+        );
+    }
+    let rows: i64 = ledger
+        .query_one("SELECT count(*) FROM tokenvault_erasure_ledger", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 1, "the erasure is in the ledger");
+}

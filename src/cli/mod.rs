@@ -77,6 +77,74 @@ enum Command {
     /// Give one master-key share to a vault that started sealed
     /// ([keys.shares]); each holder runs it once.
     Unseal(UnsealArgs),
+    /// Create or upgrade the PostgreSQL schemas (the vault's database and
+    /// the erasure ledger's) as their owner, and grant the app role what a
+    /// running vault needs. The vault then runs as that role, with no right
+    /// to change the schema or to empty the ledger.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+struct MigrateArgs {
+    /// A config whose [storage.postgres] and
+    /// [subjects.erasure_ledger_database] connections name the owner role
+    /// (nothing else of the config is read).
+    #[arg(long, short)]
+    config: PathBuf,
+    /// The role the vault's replicas connect as: granted reads and writes
+    /// of the vault's tables, and reads and appends of the ledger.
+    #[arg(long)]
+    grant_to: Option<String>,
+}
+
+/// Migrates both databases of `args.config` (see [`Command::Migrate`]).
+async fn migrate(args: MigrateArgs) -> Result<ExitCode, String> {
+    use crate::config::{EngineSetting, LedgerSetting};
+    let (engine, ledger) = Config::databases_of(&args.config).map_err(|e| e.to_string())?;
+    let EngineSetting::Postgres(database) = &engine else {
+        return Err(
+            "storage.engine is not \"postgres\": an embedded RocksDB vault has no schema to migrate"
+                .to_owned(),
+        );
+    };
+    let grant_to = args.grant_to.as_deref();
+    let secrets = database.read_secrets("storage.postgres")?;
+    crate::store::postgres::migrate_database(
+        &database.connection,
+        secrets.password(),
+        secrets.ca.as_deref(),
+        database.bounds,
+        grant_to,
+    )
+    .await
+    .map_err(|e| format!("storage.postgres: {e}"))?;
+    println!(
+        "storage.postgres: schema at version {}",
+        crate::store::postgres::SCHEMA_VERSION
+    );
+    if let LedgerSetting::Database(ledger) = &ledger {
+        let key = "subjects.erasure_ledger_database";
+        let secrets = ledger.read_secrets(key)?;
+        let table = crate::store::LedgerTable::connect_with(
+            &ledger.connection,
+            secrets.password(),
+            secrets.ca.as_deref(),
+            ledger.bounds,
+        )
+        .await
+        .map_err(|e| format!("{key}: {e}"))?;
+        if let Some(role) = grant_to {
+            table
+                .grant_app_role(role)
+                .await
+                .map_err(|e| format!("{key}: {e}"))?;
+        }
+        println!("{key}: schema current");
+    }
+    if let Some(role) = grant_to {
+        println!("granted {role} what a running vault needs");
+    }
+    Ok(ExitCode::SUCCESS)
 }
 
 #[derive(Debug, Args)]
@@ -245,6 +313,7 @@ pub fn main() -> ExitCode {
                 .map(|_| ExitCode::SUCCESS),
             Command::Backup(command) => runtime.block_on(backup::run(command)),
             Command::Keys(command) => runtime.block_on(keys::run(command)),
+            Command::Migrate(args) => runtime.block_on(migrate(args)),
             Command::Serve(_)
             | Command::Config(_)
             | Command::Audit(_)

@@ -472,6 +472,19 @@ impl Config {
         Ok((raw.data_dir.relative(), engine_setting(&raw.storage)?))
     }
 
+    /// The vault's engine and its erasure ledger's place, as
+    /// [`Config::storage_of`] reads them: all `tokenvault migrate` needs
+    /// (its config names the databases and the owner, nothing else).
+    ///
+    /// # Errors
+    /// See [`ConfigError`].
+    pub fn databases_of(file: &Path) -> Result<(EngineSetting, LedgerSetting), ConfigError> {
+        let raw: RawConfig = Self::figment(Some(file))?.extract().map_err(Box::new)?;
+        let engine = engine_setting(&raw.storage)?;
+        let ledger = ledger_setting(&raw.subjects, &raw.data_dir.relative(), &engine)?;
+        Ok((engine, ledger))
+    }
+
     /// Loads and validates the standard layers.
     ///
     /// # Errors

@@ -585,7 +585,25 @@ async fn migrate(client: &mut Client) -> Result<(), Error> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&SCHEMA_LOCK])
         .await
         .map_err(classify)?;
-    tx.batch_execute(SCHEMA).await.map_err(classify)?;
+    // At this binary's version already: nothing is created or altered, so
+    // a role with no right to (the least-privilege app role) runs the vault.
+    let exists: bool = tx
+        .query_one("SELECT to_regclass('tokenvault_schema') IS NOT NULL", &[])
+        .await
+        .map_err(classify)?
+        .get(0);
+    let current: Option<i32> = if exists {
+        tx.query_opt("SELECT version FROM tokenvault_schema", &[])
+            .await
+            .map_err(classify)?
+            .map(|row| row.get(0))
+    } else {
+        None
+    };
+    if current == Some(SCHEMA_VERSION) {
+        return tx.commit().await.map_err(classify);
+    }
+    tx.batch_execute(SCHEMA).await.map_err(unprivileged)?;
     let stored: Option<i32> = tx
         .query_opt("SELECT version FROM tokenvault_schema", &[])
         .await
@@ -670,6 +688,77 @@ fn corrupt(what: &str) -> Error {
 
 /// A PostgreSQL error as a storage error: its SQLSTATE and message, never
 /// its detail (which can quote a row).
+/// A schema change refused for want of privileges says what to do.
+pub(super) fn unprivileged(e: tokio_postgres::Error) -> Error {
+    match e.as_db_error() {
+        Some(db) if db.code() == &tokio_postgres::error::SqlState::INSUFFICIENT_PRIVILEGE => {
+            Error::Backend(format!(
+                "PostgreSQL refused to create or upgrade the schema as this role ({}): run `tokenvault migrate --config <a config whose connections name the owner role> --grant-to <this role>` once, then start the vault",
+                db.message()
+            ))
+        }
+        _ => classify(e),
+    }
+}
+
+/// Gives `role` what a running vault needs of its database and nothing
+/// more: reads and writes of the key-value table and the audit head, and
+/// reads of the schema row. No DDL, and nothing of what the owner keeps.
+///
+/// # Errors
+/// If `role` is not a plain role name, or the grants are refused.
+async fn grant_app_role(client: &Client, role: &str) -> Result<(), Error> {
+    let role = quoted_role(role)?;
+    client
+        .batch_execute(&format!(
+            "GRANT SELECT ON tokenvault_schema TO {role};
+             GRANT SELECT, INSERT, UPDATE, DELETE ON tokenvault_kv TO {role};
+             GRANT SELECT, UPDATE ON tokenvault_audit_head TO {role};"
+        ))
+        .await
+        .map_err(classify)
+}
+
+/// `role` as an SQL identifier, if it is a plain role name (lower-case
+/// letters, digits and underscores, not starting with a digit).
+pub(super) fn quoted_role(role: &str) -> Result<String, Error> {
+    let plain = role.len() <= 63
+        && role.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
+        && role
+            .chars()
+            .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
+    if plain {
+        Ok(format!("\"{role}\""))
+    } else {
+        Err(Error::Backend(format!(
+            "{role:?} is not a plain role name (lower-case letters, digits and underscores)"
+        )))
+    }
+}
+
+/// Creates or upgrades the vault's schema in the database `config` names
+/// (connected as its owner), without starting a store, and, if `grant_to`
+/// names a role, gives that role what a running vault needs
+/// ([`grant_app_role`]). `tokenvault migrate` runs it.
+///
+/// # Errors
+/// If the database cannot be reached, holds a newer schema, or refuses.
+pub async fn migrate_database(
+    config: &str,
+    password: Option<&str>,
+    ca: Option<&[u8]>,
+    bounds: Bounds,
+    grant_to: Option<&str>,
+) -> Result<(), Error> {
+    let target = Target::new(config, password, ca, bounds)?;
+    let mut client = target.connect().await?;
+    target.bounded_store(migrate(&mut client)).await?;
+    if let Some(role) = grant_to {
+        target.bounded_store(grant_app_role(&client, role)).await?;
+    }
+    Ok(())
+}
+
 fn classify(e: tokio_postgres::Error) -> Error {
     match e.as_db_error() {
         Some(db) if db.code() == &tokio_postgres::error::SqlState::DISK_FULL => {

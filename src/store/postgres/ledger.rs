@@ -121,6 +121,28 @@ impl LedgerTable {
         })
     }
 
+    /// Gives `role` what a running vault needs of the ledger and nothing
+    /// more: reading and appending entries (never changing or deleting
+    /// one, nor emptying the table), reading the schema row, and setting
+    /// the row's vault binding and signed head. `tokenvault migrate
+    /// --grant-to` runs it, connected as the owner.
+    ///
+    /// # Errors
+    /// If `role` is not a plain role name, or the grants are refused.
+    pub async fn grant_app_role(&self, role: &str) -> Result<(), Error> {
+        let role = super::quoted_role(role)?;
+        self.call(async |client| {
+            client
+                .batch_execute(&format!(
+                    "GRANT SELECT ON tokenvault_ledger_schema TO {role};
+                     GRANT UPDATE (vault_id, signed_seq, signed_head) ON tokenvault_ledger_schema TO {role};
+                     GRANT SELECT, INSERT ON tokenvault_erasure_ledger TO {role};"
+                ))
+                .await
+        })
+        .await
+    }
+
     /// Whose the ledger is.
     ///
     /// # Errors
@@ -439,7 +461,30 @@ async fn migrate(client: &mut Client) -> Result<(), Error> {
     tx.execute("SELECT pg_advisory_xact_lock($1)", &[&LEDGER_SCHEMA_LOCK])
         .await
         .map_err(classify)?;
-    tx.batch_execute(LEDGER_SCHEMA).await.map_err(classify)?;
+    // At this binary's version already (its id made): nothing is created
+    // or altered, so the least-privilege app role can open it.
+    let exists: bool = tx
+        .query_one(
+            "SELECT to_regclass('tokenvault_ledger_schema') IS NOT NULL",
+            &[],
+        )
+        .await
+        .map_err(classify)?
+        .get(0);
+    let current: Option<i32> = if exists {
+        tx.query_opt("SELECT version FROM tokenvault_ledger_schema", &[])
+            .await
+            .map_err(classify)?
+            .map(|row| row.get(0))
+    } else {
+        None
+    };
+    if current == Some(LEDGER_SCHEMA_VERSION) {
+        return tx.commit().await.map_err(classify);
+    }
+    tx.batch_execute(LEDGER_SCHEMA)
+        .await
+        .map_err(super::unprivileged)?;
     let stored: Option<i32> = tx
         .query_opt("SELECT version FROM tokenvault_ledger_schema", &[])
         .await
