@@ -99,7 +99,22 @@ async fn undecodable_and_non_utf8_requests_get_a_status_and_the_server_stays_up(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_concurrent_streams_is_bounded_per_identity() {
     let vault = TestVault::start_with("[limits]\nper_identity_concurrency = 32\n");
-    let client = vault.client("checkout").await;
+    let mut client = vault.client("checkout").await;
+    // One call first, so that the connection has the server's HTTP/2
+    // settings (its stream limit) before the flood: before them the client
+    // may open more streams than the server takes, and those it refuses
+    // (REFUSED_STREAM) before any limit of the vault's is reached.
+    client
+        .tokenize(TokenizeRequest {
+            items: vec![TokenizeItem {
+                field_type: "email".into(),
+                value: "first@example.com".into(),
+                subject_id: String::new(),
+                ttl_seconds: 0,
+            }],
+        })
+        .await
+        .unwrap();
     let calls: Vec<_> = (0..600)
         .map(|i| {
             let mut client = client.clone();
