@@ -693,9 +693,10 @@ fn verify_remote(vault: &TestVault, key: &str) -> (bool, String) {
 /// A client checks a running vault's chain itself, over the Audit
 /// service: every hash computed from the events it receives, every
 /// checkpoint checked with the auditor's key. The same trail with event 4
-/// rewritten (its own digest recomputed, so the vault serves it as any
-/// other) fails at 4, as the offline check does; a key of its own does
-/// not pass the checkpoints. Without the links and checkpoints in the
+/// rewritten into another valid event (its identity changed, its own
+/// digest recomputed, so the vault serves it as any other) fails at 4 on
+/// the link event 5 holds, as the offline check does; a key of its own
+/// does not pass the checkpoints. Without the links and checkpoints in the
 /// stream there was nothing to check but the server's word.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_verifies_a_running_vaults_chain_over_the_network() {
@@ -715,8 +716,10 @@ async fn a_client_verifies_a_running_vaults_chain_over_the_network() {
             .get_blocking(Table::Audit, &chain::key(4))
             .unwrap()
             .unwrap();
-        let prev = chain::decode(&value).unwrap().prev;
-        let forged = chain::encode(4, &prev, br#"{"forged":true}"#);
+        let link = chain::decode(&value).unwrap();
+        let mut event = tokenvault::audit::AuditEvent::decode(link.payload).unwrap();
+        event.identity = "spiffe://test.tokenvault.local/someone-else".into();
+        let forged = chain::encode(4, &link.prev, &event.encode());
         store
             .put_blocking(Table::Audit, &chain::key(4), &forged)
             .unwrap();
@@ -725,5 +728,8 @@ async fn a_client_verifies_a_running_vaults_chain_over_the_network() {
     vault.spawn().unwrap();
     let (ok, out) = verify_remote(&vault, &key);
     assert!(!ok, "{out}");
-    assert!(out.contains("broken at sequence 4"), "{out}");
+    assert!(
+        out.contains("broken at sequence 4") && out.contains("does not link"),
+        "{out}"
+    );
 }

@@ -409,23 +409,45 @@ async fn signed_heads(
         .collect()
 }
 
-/// How many events of `method` the chain in database `dbname` holds.
-async fn events_of(cluster: &ThrowawayCluster, dbname: &str, method: &str) -> usize {
+/// The events of `method` the chain in database `dbname` holds.
+async fn events_of(
+    cluster: &ThrowawayCluster,
+    dbname: &str,
+    method: &str,
+) -> Vec<tokenvault::audit::AuditEvent> {
     let client = pg_session(cluster, dbname).await;
     let rows = client
         .query("SELECT value FROM tokenvault_kv WHERE tbl = 'audit'", &[])
         .await
         .unwrap();
     rows.iter()
-        .filter(|row| {
+        .map(|row| {
             let value: &[u8] = row.get(0);
             let payload = tokenvault::store::chain::decode(value).unwrap().payload;
-            tokenvault::audit::AuditEvent::decode(payload)
-                .unwrap()
-                .method
-                == method
+            tokenvault::audit::AuditEvent::decode(payload).unwrap()
         })
-        .count()
+        .filter(|event| event.method == method)
+        .collect()
+}
+
+/// The heads signed in database `vault` once one is numbered above
+/// `past` (checkpoints come every second); fails after 20 s.
+async fn signed_past(
+    cluster: &ThrowawayCluster,
+    past: u64,
+) -> std::collections::BTreeMap<u64, [u8; 32]> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let signed = signed_heads(cluster, "vault").await;
+        if signed.keys().any(|seq| *seq > past) {
+            return signed;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no head above {past} signed within 20 s: {signed:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
 }
 
 /// What detokenizing `tokens` through `vault` gives: the values revealed,
@@ -488,10 +510,9 @@ async fn a_restore_under_running_replicas_is_noticed_and_erasures_stay() {
     for i in 0..12 {
         common::tokenize_one(&mut client, "email", &format!("lost{i}@example.com")).await;
     }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let before = signed_heads(&cluster, "vault").await;
-    let lost = *before.keys().max().unwrap();
     let dumped_max = dumped.keys().max().copied().unwrap_or(0);
+    let before = signed_past(&cluster, dumped_max + 12).await;
+    let lost = *before.keys().max().unwrap();
     assert!(
         lost > dumped_max + 12,
         "no checkpoint over the writes: {before:?}"
@@ -566,18 +587,20 @@ async fn a_restore_under_running_replicas_is_noticed_and_erasures_stay() {
         a.logs(),
         b.logs()
     );
-    assert!(events_of(&cluster, "vault", "ChainRolledBack").await >= 1);
+    // Recorded once (the second replica to open found it recorded), with
+    // the head lost.
+    let recorded = events_of(&cluster, "vault", "ChainRolledBack").await;
+    assert_eq!(recorded.len(), 1, "{recorded:?}");
+    assert_eq!(
+        recorded[0].lost_signed_head.as_deref(),
+        Some(format!("{lost}:{}", data_encoding::HEXLOWER.encode(&before[&lost])).as_str())
+    );
     // Past them, signing resumes.
     let mut client = a.client("checkout").await;
     for i in 0..20 {
         common::tokenize_one(&mut client, "email", &format!("later{i}@example.com")).await;
     }
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    let resumed = signed_heads(&cluster, "vault").await;
-    assert!(
-        resumed.keys().any(|seq| *seq > lost),
-        "signing did not resume past {lost}: {resumed:?}"
-    );
+    signed_past(&cluster, lost).await;
     a.stop();
     b.stop();
     assert!(assert_chain_whole(&cluster, "vault").await > 0);

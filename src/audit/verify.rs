@@ -332,9 +332,26 @@ impl StreamVerifier {
         cursor.advance(hash, signed)
     }
 
-    /// What was checked; `None` if no event was.
-    pub fn report(&self) -> Option<VerifyReport> {
-        self.cursor.as_ref().map(Cursor::report)
+    /// What was checked, once every event was: refused if no event was,
+    /// or if no checkpoint signed with the key covers any of them (the
+    /// server may have left every checkpoint out, and then nothing
+    /// streamed is more than its word).
+    ///
+    /// # Errors
+    /// As above.
+    pub fn finish(&self) -> Result<VerifyReport, VerifyFailure> {
+        let report = self
+            .cursor
+            .as_ref()
+            .map(Cursor::report)
+            .ok_or_else(|| fail(self.from, "the vault sent no event"))?;
+        if report.checkpoints == 0 {
+            return Err(fail(
+                report.first_seq,
+                "no checkpoint signed with this public key covers any event sent: the vault left them out, or has signed none yet (its checkpoints come every audit.checkpoint_interval_seconds); nothing here is more than its word",
+            ));
+        }
+        Ok(report)
     }
 }
 
@@ -535,5 +552,105 @@ pub fn export(
     match error {
         Some(e) => Err(e),
         None => Ok(written),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::crypto::{AuditSigningKey, HashKey};
+
+    /// A streamed event: seq, link, payload, hash, checkpoint.
+    type Streamed = (u64, [u8; 32], Vec<u8>, [u8; 32], Option<(u64, [u8; 64])>);
+
+    /// `n` events as the Audit service streams them, the last signed by
+    /// `signer`.
+    fn stream(signer: &AuditSigningKey, n: u64) -> Vec<Streamed> {
+        let mut prev = chain::GENESIS;
+        (1..=n)
+            .map(|seq| {
+                let payload = format!("{{\"event\":{seq}}}").into_bytes();
+                let hash = chain::hash(seq, &chain::encode(seq, &prev, &payload));
+                let checkpoint = (seq == n).then(|| {
+                    (
+                        77,
+                        signer.sign(&super::super::checkpoint_message(seq, &hash, 77)),
+                    )
+                });
+                let event = (seq, prev, payload, hash, checkpoint);
+                prev = hash;
+                event
+            })
+            .collect()
+    }
+
+    fn check(key: [u8; 32], events: &[Streamed]) -> Result<VerifyReport, VerifyFailure> {
+        let mut verifier = StreamVerifier::new(key, 1);
+        for (seq, prev, payload, hash, checkpoint) in events {
+            verifier.event(StreamedEvent {
+                seq: *seq,
+                prev: *prev,
+                payload,
+                hash: *hash,
+                checkpoint: *checkpoint,
+                pruned: None,
+            })?;
+        }
+        verifier.finish()
+    }
+
+    fn signer() -> AuditSigningKey {
+        AuditSigningKey::from_seed(&HashKey::generate().unwrap())
+    }
+
+    #[test]
+    fn a_streamed_chain_verifies_only_as_it_was_signed() {
+        let signer = signer();
+        let key = signer.public_key();
+        let events = stream(&signer, 5);
+        let report = check(key, &events).unwrap();
+        assert_eq!(
+            (report.first_seq, report.last_seq, report.checkpoints),
+            (1, 5, 1)
+        );
+
+        // A payload changed on the way, the server's hash kept: the hash
+        // is computed here, not taken.
+        let mut changed = events.clone();
+        changed[2].2 = b"{\"event\":99}".to_vec();
+        let e = check(key, &changed).unwrap_err();
+        assert_eq!(e.seq, 3);
+        assert!(e.reason.contains("changed on the way"), "{e}");
+
+        // The last event rewritten with a hash to match: its checkpoint
+        // no longer verifies over it.
+        let mut rewritten = events.clone();
+        let (seq, prev, _, _, checkpoint) = rewritten[4].clone();
+        let payload = b"{\"event\":\"other\"}".to_vec();
+        let hash = chain::hash(seq, &chain::encode(seq, &prev, &payload));
+        rewritten[4] = (seq, prev, payload, hash, checkpoint);
+        let e = check(key, &rewritten).unwrap_err();
+        assert_eq!(e.seq, 5);
+        assert!(e.reason.contains("signature"), "{e}");
+
+        // An event left out.
+        let mut gap = events.clone();
+        gap.remove(1);
+        let e = check(key, &gap).unwrap_err();
+        assert_eq!(e.seq, 2);
+        assert!(e.reason.contains("missing"), "{e}");
+
+        // Every checkpoint left out: nothing is signed.
+        let unsigned: Vec<Streamed> = events
+            .iter()
+            .cloned()
+            .map(|(seq, prev, payload, hash, _)| (seq, prev, payload, hash, None))
+            .collect();
+        let e = check(key, &unsigned).unwrap_err();
+        assert!(e.reason.contains("no checkpoint"), "{e}");
+
+        // Another key.
+        let e = check(self::signer().public_key(), &events).unwrap_err();
+        assert!(e.reason.contains("signature"), "{e}");
     }
 }

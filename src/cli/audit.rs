@@ -277,8 +277,12 @@ async fn verify_remote(
             break;
         }
     }
-    let Some(report) = verifier.report() else {
-        return Err(format!("the vault sent no event from {from} on"));
+    let report = match verifier.finish() {
+        Ok(report) => report,
+        Err(failure) => {
+            println!("FAILED: {failure}");
+            return Ok(ExitCode::FAILURE);
+        }
     };
     println!(
         "ok: events {}..{} ({} events), {} signed checkpoints verified, {} events after the last checkpoint",

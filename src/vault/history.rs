@@ -272,7 +272,8 @@ fn indexed_event(seq: u64, value: &[u8], form: &str) -> Result<AuditEvent, Error
         return Err(damaged());
     }
     // The subject's own part of the call, nothing of the other subjects'
-    // (their number, field types, forms, tokens).
+    // (their number, field types, forms; and, the call-wide ones telling
+    // nothing apart, its tokens and its consent decision).
     let part = event.part_of(form);
     event.field_types = part.field_types;
     event.forms = part.forms;
@@ -280,6 +281,7 @@ fn indexed_event(seq: u64, value: &[u8], form: &str) -> Result<AuditEvent, Error
     event.failed_items = part.failed_items;
     if event.subjects.len() > 1 || !event.parts.is_empty() {
         event.tokens.clear();
+        event.consent = None;
     }
     event.subjects = vec![form.to_owned()];
     event.parts.clear();

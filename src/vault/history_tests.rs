@@ -132,6 +132,22 @@ async fn a_subjects_history_lists_every_call_that_touched_their_values_newest_fi
             0
         )
     );
+    // Each entry carries its event's chain hash.
+    for entry in &page.entries {
+        let stored = f
+            .vault
+            .store()
+            .get_many(
+                crate::store::Table::Audit,
+                vec![crate::store::chain::key(entry.seq).to_vec()],
+            )
+            .await
+            .unwrap()
+            .pop()
+            .flatten()
+            .unwrap();
+        assert_eq!(entry.hash, crate::store::chain::hash(entry.seq, &stored));
+    }
     // A call of one subject alone is shown whole.
     assert_eq!(
         (
@@ -333,4 +349,47 @@ async fn a_vault_made_before_the_index_says_where_its_history_starts() {
     f.vault.mark_subject_index_start().await.unwrap();
     let page = f.history("cust-early", None, 10).await;
     assert_eq!(page.coverage.indexed_from, head + 1);
+}
+
+/// One Tokenize over two subjects' values and a value of no subject, one
+/// of Bob's items failing: each history shows its subject's own items and
+/// failures only.
+#[tokio::test]
+async fn a_shared_tokenize_shows_each_subject_its_own_items() {
+    use crate::{authz::Action, crypto::SecretValue};
+    let f = fixture().await;
+    let grants = f.policy.grants(&f.client);
+    let item = |value: &str, subject: Option<&str>| {
+        grants
+            .permit_tokenize(NewValue {
+                field_type: "email".parse().unwrap(),
+                value: SecretValue::new(value.to_owned()),
+                subject: subject.map(|s| s.parse().unwrap()),
+                ttl_seconds: None,
+            })
+            .unwrap()
+    };
+    let results = f
+        .vault
+        .tokenize(
+            vec![
+                item("ada@example.com", Some("cust-ada")),
+                item("not an e-mail address", Some("cust-bob")),
+                item("bob@example.com", Some("cust-bob")),
+                item("nobody@example.com", None),
+            ],
+            |ft| grants.permit_field(Action::Lookup, ft),
+            &ctx("Tokenize", 4),
+        )
+        .await
+        .unwrap();
+    assert!(results[1].is_err() && results[0].is_ok() && results[2].is_ok());
+    let part = |entries: &[HistoryEntry]| {
+        let event = &entries[0].event;
+        (event.method.clone(), event.items, event.failed_items)
+    };
+    let ada = f.history("cust-ada", None, 10).await.entries;
+    let bob = f.history("cust-bob", None, 10).await.entries;
+    assert_eq!(part(&ada), ("Tokenize".to_owned(), 1, 0));
+    assert_eq!(part(&bob), ("Tokenize".to_owned(), 2, 1));
 }

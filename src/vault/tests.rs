@@ -897,7 +897,7 @@ async fn verify_streamed(f: &Fixture) -> Result<crate::audit::VerifyReport, Stri
             })
             .map_err(|e| e.to_string())?;
     }
-    verifier.report().ok_or_else(|| "no event".to_owned())
+    verifier.finish().map_err(|e| e.to_string())
 }
 
 /// A pruned trail streamed from event 1 starts after the prune marker,
