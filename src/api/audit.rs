@@ -43,7 +43,7 @@ impl<S: Store> TokenVaultService<S> {
                     seq: e.seq,
                     hash: hex(&e.hash),
                     event_json: e.json,
-                    prev: hex(&e.prev),
+                    prev: e.prev.map(|prev| hex(&prev)).unwrap_or_default(),
                     checkpoint: e.checkpoint.map(|cp| pb::AuditCheckpoint {
                         time_ms: cp.time_ms,
                         signature: hex(&cp.signature),
@@ -53,6 +53,12 @@ impl<S: Store> TokenVaultService<S> {
                         head: hex(&marker.head),
                         time_ms: marker.time_ms,
                         signature: hex(&marker.signature),
+                    }),
+                    newest_checkpoint: e.newest_checkpoint.map(|cp| pb::AuditNewestCheckpoint {
+                        seq: cp.seq,
+                        head: hex(&cp.head),
+                        time_ms: cp.time_ms,
+                        signature: hex(&cp.signature),
                     }),
                 })
             })

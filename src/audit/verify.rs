@@ -235,6 +235,11 @@ pub struct StreamVerifier {
     public_key: [u8; 32],
     from: u64,
     cursor: Option<Cursor>,
+    /// The numbers of the checkpoints verified over events sent.
+    signed: std::collections::BTreeSet<u64>,
+    /// The newest checkpoint the vault said it signed (its signature
+    /// checked): the trail sent must reach it.
+    newest: Option<u64>,
 }
 
 /// One event as streamed, for [`StreamVerifier::event`].
@@ -251,6 +256,8 @@ pub struct StreamedEvent<'a> {
     pub checkpoint: Option<(u64, [u8; 64])>,
     /// The prune marker sent with the first event of a page, if any.
     pub pruned: Option<PruneMarker>,
+    /// The newest checkpoint signed, sent with the last event of a page.
+    pub newest_checkpoint: Option<Checkpoint>,
 }
 
 impl StreamVerifier {
@@ -262,6 +269,8 @@ impl StreamVerifier {
             public_key,
             from: from.max(1),
             cursor: None,
+            signed: std::collections::BTreeSet::new(),
+            newest: None,
         }
     }
 
@@ -329,7 +338,20 @@ impl StreamVerifier {
                 "checkpoint signature does not verify with this public key over this event",
             ));
         }
-        cursor.advance(hash, signed)
+        cursor.advance(hash, signed)?;
+        if signed == Some(true) {
+            self.signed.insert(seq);
+        }
+        if let Some(newest) = event.newest_checkpoint {
+            if !newest.verifies(&self.public_key) {
+                return Err(fail(
+                    newest.seq,
+                    "the newest checkpoint the vault sent does not verify with this public key",
+                ));
+            }
+            self.newest = self.newest.max(Some(newest.seq));
+        }
+        Ok(())
     }
 
     /// What was checked, once every event was: refused if no event was,
@@ -345,6 +367,23 @@ impl StreamVerifier {
             .as_ref()
             .map(Cursor::report)
             .ok_or_else(|| fail(self.from, "the vault sent no event"))?;
+        if let Some(newest) = self.newest {
+            if newest > report.last_seq {
+                return Err(fail(
+                    report.last_seq + 1,
+                    format!(
+                        "the vault's newest checkpoint signs event {newest}, but the events sent end at {}: the tail was withheld or deleted",
+                        report.last_seq
+                    ),
+                ));
+            }
+            if newest >= report.first_seq && !self.signed.contains(&newest) {
+                return Err(fail(
+                    newest,
+                    "the vault's newest checkpoint was not sent with its event",
+                ));
+            }
+        }
         if report.checkpoints == 0 {
             return Err(fail(
                 report.first_seq,
@@ -585,8 +624,17 @@ mod tests {
     }
 
     fn check(key: [u8; 32], events: &[Streamed]) -> Result<VerifyReport, VerifyFailure> {
+        check_with_newest(key, events, None)
+    }
+
+    /// As [`check`], with `newest` sent on the last event.
+    fn check_with_newest(
+        key: [u8; 32],
+        events: &[Streamed],
+        newest: Option<Checkpoint>,
+    ) -> Result<VerifyReport, VerifyFailure> {
         let mut verifier = StreamVerifier::new(key, 1);
-        for (seq, prev, payload, hash, checkpoint) in events {
+        for (n, (seq, prev, payload, hash, checkpoint)) in events.iter().enumerate() {
             verifier.event(StreamedEvent {
                 seq: *seq,
                 prev: *prev,
@@ -594,6 +642,7 @@ mod tests {
                 hash: *hash,
                 checkpoint: *checkpoint,
                 pruned: None,
+                newest_checkpoint: newest.clone().filter(|_| n + 1 == events.len()),
             })?;
         }
         verifier.finish()
@@ -652,5 +701,25 @@ mod tests {
         // Another key.
         let e = check(self::signer().public_key(), &events).unwrap_err();
         assert!(e.reason.contains("signature"), "{e}");
+
+        // The tail withheld: the newest checkpoint, sent with the last
+        // page, signs an event past the end.
+        let (seq, _, _, head, checkpoint) = events[4].clone();
+        let (time_ms, signature) = checkpoint.unwrap();
+        let newest = Checkpoint {
+            seq,
+            head,
+            time_ms,
+            signature,
+        };
+        let mut signed_early = events[..3].to_vec();
+        signed_early[2].4 = Some((
+            1,
+            signer.sign(&super::super::checkpoint_message(3, &events[2].3, 1)),
+        ));
+        assert!(check(key, &signed_early).is_ok());
+        let e = check_with_newest(key, &signed_early, Some(newest.clone())).unwrap_err();
+        assert!(e.reason.contains("tail was withheld"), "{e}");
+        assert!(check_with_newest(key, &events, Some(newest)).is_ok());
     }
 }

@@ -200,7 +200,7 @@ async fn verify_remote(
     from: u64,
 ) -> Result<ExitCode, String> {
     use crate::{
-        audit::{PruneMarker, StreamVerifier, StreamedEvent},
+        audit::{Checkpoint, PruneMarker, StreamVerifier, StreamedEvent},
         proto::v1::{StreamEventsRequest, audit_client::AuditClient},
     };
     /// Events per page: the service's most.
@@ -257,14 +257,33 @@ async fn verify_remote(
                     })
                 })
                 .transpose()?;
-            let checked = verifier.event(StreamedEvent {
-                seq: record.seq,
-                prev: hex32(&record.prev, "link")?,
-                payload: record.event_json.as_bytes(),
-                hash: hex32(&record.hash, "hash")?,
-                checkpoint,
-                pruned,
-            });
+            let newest_checkpoint = record
+                .newest_checkpoint
+                .map(|cp| {
+                    Ok::<_, String>(Checkpoint {
+                        seq: cp.seq,
+                        head: hex32(&cp.head, "checkpoint")?,
+                        time_ms: cp.time_ms,
+                        signature: hex64(&cp.signature)?,
+                    })
+                })
+                .transpose()?;
+            // An entry not in the chain format comes without a link.
+            let checked = match hex32(&record.prev, "link") {
+                Ok(prev) => verifier.event(StreamedEvent {
+                    seq: record.seq,
+                    prev,
+                    payload: record.event_json.as_bytes(),
+                    hash: hex32(&record.hash, "hash")?,
+                    checkpoint,
+                    pruned,
+                    newest_checkpoint,
+                }),
+                Err(_) => Err(crate::audit::VerifyFailure {
+                    seq: record.seq,
+                    reason: "event is not in the chain format".to_owned(),
+                }),
+            };
             if let Err(failure) = checked {
                 println!("FAILED: {failure}");
                 return Ok(ExitCode::FAILURE);

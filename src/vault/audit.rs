@@ -281,8 +281,10 @@ pub struct StoredEvent {
     pub seq: u64,
     /// Chain hash.
     pub hash: [u8; 32],
-    /// The chain hash of the event before it, which it links to.
-    pub prev: [u8; 32],
+    /// The chain hash of the event before it, which it links to; `None`
+    /// for an entry that is not in the chain format (sent all the same, so
+    /// that a client checking the chain fails on it, not past it).
+    pub prev: Option<[u8; 32]>,
     /// The event JSON, as chained.
     pub json: String,
     /// The caller identity recorded in it.
@@ -292,6 +294,9 @@ pub struct StoredEvent {
     /// On the first event of a page that starts at or before the first
     /// event kept: the signed prune marker, if events were pruned.
     pub pruned: Option<crate::audit::PruneMarker>,
+    /// On the last event of a page: the newest checkpoint signed, so that
+    /// a client can tell a trail that ends before it (its tail withheld).
+    pub newest_checkpoint: Option<Checkpoint>,
 }
 
 impl<S: Store> Vault<S> {
@@ -306,7 +311,30 @@ impl<S: Store> Vault<S> {
         audit: &crate::audit::AuditContext,
     ) -> Result<Vec<StoredEvent>, Error> {
         let (from, identity, limit) = permit.into_item();
-        let from = from.max(1);
+        let marker = self
+            .store
+            .get_many(Table::Meta, vec![layout::AUDIT_PRUNE_MARKER.to_vec()])
+            .await?
+            .pop()
+            .flatten()
+            .and_then(|value| crate::audit::PruneMarker::decode(&value));
+        // A page that starts at or before the first event kept starts just
+        // after the marker, with it: events under it may still be there
+        // while a pruning is under way, or after one was cut short.
+        let (from, mut pruned) = match marker {
+            Some(marker) if from.max(1) <= marker.seq + 1 => (marker.seq + 1, Some(marker)),
+            _ => (from.max(1), None),
+        };
+        let newest_checkpoint = self
+            .store
+            .get_many(Table::Meta, vec![layout::AUDIT_LAST_CHECKPOINT.to_vec()])
+            .await?
+            .pop()
+            .flatten()
+            .and_then(|value| {
+                let (key, checkpoint) = value.split_at_checked(8)?;
+                Checkpoint::decode(chain::seq_of(key)?, checkpoint)
+            });
         let page = self
             .store
             .scan_from(Table::Audit, chain::key(from).to_vec(), limit)
@@ -325,32 +353,32 @@ impl<S: Store> Vault<S> {
             .filter(|cp| cp.seq <= last)
             .map(|cp| (cp.seq, cp))
             .collect();
-        let mut pruned = self
-            .store
-            .get_many(Table::Meta, vec![layout::AUDIT_PRUNE_MARKER.to_vec()])
-            .await?
-            .pop()
-            .flatten()
-            .and_then(|value| crate::audit::PruneMarker::decode(&value))
-            .filter(|marker| from <= marker.seq + 1);
-        let events = page
+        // Every entry goes out, one that does not decode too: dropped, it
+        // would make a page short, which a client takes for the end.
+        let mut events: Vec<StoredEvent> = page
             .into_iter()
             .filter_map(|(key, value)| {
                 let seq = chain::seq_of(&key)?;
-                let link = chain::decode(&value)?;
-                let event = AuditEvent::decode(link.payload)?;
+                let link = chain::decode(&value);
+                let payload = link.map_or(value.as_slice(), |l| l.payload);
                 Some(StoredEvent {
                     seq,
                     hash: chain::hash(seq, &value),
-                    prev: link.prev,
-                    json: String::from_utf8_lossy(link.payload).into_owned(),
-                    identity: event.identity,
+                    prev: link.map(|l| l.prev),
+                    json: String::from_utf8_lossy(payload).into_owned(),
+                    identity: AuditEvent::decode(payload)
+                        .map(|e| e.identity)
+                        .unwrap_or_default(),
                     checkpoint: checkpoints.remove(&seq),
                     pruned: pruned.take(),
+                    newest_checkpoint: None,
                 })
             })
             .filter(|e| identity.as_ref().is_none_or(|id| &e.identity == id))
             .collect();
+        if let Some(last) = events.last_mut() {
+            last.newest_checkpoint = newest_checkpoint;
+        }
         self.record(&audit.event(Outcome::Ok)).await?;
         Ok(events)
     }

@@ -886,7 +886,7 @@ async fn verify_streamed(f: &Fixture) -> Result<crate::audit::VerifyReport, Stri
         verifier
             .event(crate::audit::StreamedEvent {
                 seq: event.seq,
-                prev: event.prev,
+                prev: event.prev.unwrap(),
                 payload: event.json.as_bytes(),
                 hash: event.hash,
                 checkpoint: event
@@ -894,6 +894,7 @@ async fn verify_streamed(f: &Fixture) -> Result<crate::audit::VerifyReport, Stri
                     .as_ref()
                     .map(|cp| (cp.time_ms, cp.signature)),
                 pruned: event.pruned.clone(),
+                newest_checkpoint: event.newest_checkpoint.clone(),
             })
             .map_err(|e| e.to_string())?;
     }
