@@ -35,8 +35,8 @@ fn every_example_config_parses() {
     for file in files {
         // A `tokenvault migrate` config names the databases only.
         if file.parent().is_some_and(|dir| dir.ends_with("migrate")) {
-            let (engine, _) = Config::databases_of(&file)
-                .unwrap_or_else(|e| panic!("{}: {e}", file.display()));
+            let (engine, _) =
+                Config::databases_of(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display()));
             assert!(
                 matches!(engine, tokenvault::config::EngineSetting::Postgres(_)),
                 "{}",

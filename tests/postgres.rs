@@ -1074,6 +1074,19 @@ async fn the_vault_runs_as_an_app_role_that_cannot_empty_the_ledger() {
         "tv_app; DROP TABLE tokenvault_kv",
     ]);
     assert!(!ok && out.contains("not a plain role name"), "{out}");
+    for every in ["public", "pg_monitor"] {
+        let (ok, out) = common::run_cli(&[
+            "migrate",
+            "--config",
+            migrating.config_path().to_str().unwrap(),
+            "--grant-to",
+            every,
+        ]);
+        assert!(
+            !ok && out.contains("not a role of the vault's own"),
+            "{out}"
+        );
+    }
     let vault = common::start_replica_of(&migrating, &as_app);
     let mut client = vault.client("support").await;
     let token = common::tokenize_one_for(&mut client, "email", "app@example.com", "cust-app").await;

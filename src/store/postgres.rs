@@ -686,8 +686,6 @@ fn corrupt(what: &str) -> Error {
     Error::Corruption(format!("the database holds {what}"))
 }
 
-/// A PostgreSQL error as a storage error: its SQLSTATE and message, never
-/// its detail (which can quote a row).
 /// A schema change refused for want of privileges says what to do.
 pub(super) fn unprivileged(e: tokio_postgres::Error) -> Error {
     match e.as_db_error() {
@@ -720,20 +718,30 @@ async fn grant_app_role(client: &Client, role: &str) -> Result<(), Error> {
 }
 
 /// `role` as an SQL identifier, if it is a plain role name (lower-case
-/// letters, digits and underscores, not starting with a digit).
+/// letters, digits and underscores, not starting with a digit), and not
+/// one that stands for more than one role: `public` (every role, quoted or
+/// not), `none`, or PostgreSQL's own `pg_*` roles.
 pub(super) fn quoted_role(role: &str) -> Result<String, Error> {
     let plain = role.len() <= 63
         && role.starts_with(|c: char| c.is_ascii_lowercase() || c == '_')
         && role
             .chars()
             .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_');
-    if plain {
-        Ok(format!("\"{role}\""))
-    } else {
-        Err(Error::Backend(format!(
+    if !plain {
+        return Err(Error::Backend(format!(
             "{role:?} is not a plain role name (lower-case letters, digits and underscores)"
-        )))
+        )));
     }
+    if matches!(
+        role,
+        "public" | "none" | "current_user" | "session_user" | "current_role"
+    ) || role.starts_with("pg_")
+    {
+        return Err(Error::Backend(format!(
+            "{role:?} is not a role of the vault's own: name the role its replicas connect as"
+        )));
+    }
+    Ok(format!("\"{role}\""))
 }
 
 /// Creates or upgrades the vault's schema in the database `config` names
@@ -759,6 +767,8 @@ pub async fn migrate_database(
     Ok(())
 }
 
+/// A PostgreSQL error as a storage error: its SQLSTATE and message, never
+/// its detail (which can quote a row).
 fn classify(e: tokio_postgres::Error) -> Error {
     match e.as_db_error() {
         Some(db) if db.code() == &tokio_postgres::error::SqlState::DISK_FULL => {

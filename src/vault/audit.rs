@@ -137,6 +137,12 @@ impl<S: Store> Vault<S> {
         if !self.witness_signing(head).await? {
             // Signed before (by another replica, or before a restore took
             // the chain back behind it): never a second head for a number.
+            // Said at every checkpoint it holds up: until the chain passes
+            // the number signed, its events are chained but not signed.
+            tracing::warn!(
+                seq = head.seq,
+                "not signing the audit head: a head with this number or a higher one was signed before (by another replica, or before the database was restored); signing resumes once the chain passes it"
+            );
             let mut last = last();
             *last = (*last).max(head.seq);
             return Ok(None);

@@ -400,8 +400,15 @@ impl<S: Store> Vault<S> {
             if outcome.first().is_some_and(Result::is_err) {
                 continue;
             }
+            if let Some(entry) = entry {
+                self.sweep_consents(hash, entry).await?;
+            }
+            let orphans = self.sweep_orphans(hash).await?;
             if !shredding.purge.is_empty() {
                 self.store.purge(shredding.purge).await?;
+            }
+            if !orphans.is_empty() {
+                self.store.purge(orphans).await?;
             }
             return Ok(shredding.erased);
         }
@@ -494,13 +501,112 @@ impl<S: Store> Vault<S> {
                 layout::erasure_ledger_entry_key(entry.seq),
                 entry.encode(),
             );
-            // Never back: an entry applied again after a later one.
+            // Never back: an entry applied again after a later one; and
+            // guarded, so that two erasures at once cannot set it back.
             let mark = self.erasure_marks(&[hash]).await?.remove(0);
+            mark.guard(unit);
             if entry.seq > mark.number() {
                 unit.put(Table::Meta, mark.key, entry.seq.to_be_bytes().to_vec());
             }
         }
         Ok(Shredding { erased, purge })
+    }
+
+    /// Deletes the subject's values that its key no longer opens, with
+    /// their index entries: values a tokenize wrote between the erasure's
+    /// read and its write, under the key the erasure destroyed. (One that
+    /// read the subject's erasure mark before the erasure and writes after
+    /// it fails on that mark instead.) A value under a key made since
+    /// opens, and stays. Returns what to purge.
+    async fn sweep_orphans(&self, hash: [u8; 32]) -> Result<Vec<(Table, Vec<u8>)>, Error> {
+        let (tokens, records) = self.subject_records(&hash).await?;
+        let key = self.subject_keys(&[hash]).await?.remove(&hash);
+        let mut batch = Batch::new();
+        let unit = batch.unit();
+        let mut purge = Vec::new();
+        for (token, bytes) in tokens.iter().zip(records) {
+            let Some(bytes) = bytes else { continue };
+            let Ok(record) = Record::decode(&bytes) else {
+                continue;
+            };
+            if record.key_version != KeyVersion::Subject
+                || self.decrypt(token, &record, key.as_ref()).is_ok()
+            {
+                continue;
+            }
+            // As read: a value written again meanwhile is not this one.
+            unit.guard_unchanged(Table::Records, token.storage_key().to_vec(), bytes);
+            if let Some(blind) = record.blind {
+                unit.delete(Table::Index, blind.to_vec());
+                purge.push((Table::Index, blind.to_vec()));
+            }
+            if let Some(expires_ms) = record.expires_ms {
+                let key = layout::expiry_key(expires_ms, token.storage_key());
+                unit.delete(Table::Expiry, key.clone());
+                purge.push((Table::Expiry, key));
+            }
+            let index_key = layout::subject_index_key(&hash, token.storage_key());
+            unit.delete(Table::Records, token.storage_key().to_vec());
+            unit.delete(Table::SubjectIndex, index_key.clone());
+            purge.push((Table::Records, token.storage_key().to_vec()));
+            purge.push((Table::SubjectIndex, index_key));
+        }
+        if purge.is_empty() {
+            return Ok(purge);
+        }
+        match self.store.commit(batch).await?.pop() {
+            Some(Err(_)) => Ok(Vec::new()),
+            _ => Ok(purge),
+        }
+    }
+
+    /// Deletes the subject's consents given before erasure `entry` that
+    /// are still there: a consent written between the erasure's read and
+    /// its write (it read the mark before the erasure moved it, and so
+    /// recorded an earlier number). One given after the erasure recorded
+    /// its number, and stays.
+    async fn sweep_consents(&self, hash: [u8; 32], entry: &LedgerEntry) -> Result<(), Error> {
+        let cutoff = Cutoff::Before {
+            seq: entry.seq,
+            erased_ms: entry.erasure.erased_ms,
+        };
+        let consents = self
+            .store
+            .scan_prefix(Table::Consent, hash.to_vec())
+            .await?;
+        let mut batch = Batch::new();
+        let unit = batch.unit();
+        let mut purge = Vec::new();
+        for (key, value) in consents {
+            let state = ConsentState::decode(Some(&value));
+            if cutoff.covers(state.erased_through, state.updated_ms) {
+                unit.guard_unchanged(Table::Consent, key.clone(), value);
+                unit.delete(Table::Consent, key.clone());
+                purge.push((Table::Consent, key));
+            }
+        }
+        if purge.is_empty() {
+            return Ok(());
+        }
+        // A conflict: the consent was set again meanwhile, after the
+        // erasure (with its number): it stays.
+        self.store.commit(batch).await?;
+        self.store.purge(purge).await?;
+        Ok(())
+    }
+
+    /// Whether any of the erasure `marks` of `subjects` (read earlier, in
+    /// the same order) has moved since: one of them was erased meanwhile.
+    pub(super) async fn marks_moved(
+        &self,
+        marks: &[ErasureMark],
+        subjects: &[[u8; 32]],
+    ) -> Result<bool, Error> {
+        let now = self.erasure_marks(subjects).await?;
+        Ok(marks
+            .iter()
+            .zip(&now)
+            .any(|(then, now)| then.stored != now.stored))
     }
 
     /// The erasure marks of `subjects`, in order.
@@ -690,5 +796,96 @@ mod tests {
             f.reveal(std::slice::from_ref(&token), false).await[0],
             Err(ItemError::NotFound)
         ));
+    }
+}
+
+#[cfg(test)]
+mod race_tests {
+    use std::sync::Arc;
+
+    use super::super::{
+        ItemError, LedgerLocation, NewValue, SubjectId,
+        tests::{Fixture, ctx, fixture, placeholder_vault},
+    };
+    use super::*;
+    use crate::{
+        authz::{Action, IdentityPattern, Policy, PurposeSet, Rule},
+        crypto::SecretValue,
+    };
+
+    /// Tokenizes of one subject racing its erasures: once all are done,
+    /// every value the subject's index names reads back. Before the write
+    /// guarded the subject's erasure mark, a tokenize that loaded the
+    /// subject's key before an erasure and wrote after it left values
+    /// under the destroyed key behind (and their index entries), which
+    /// then read as not found.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_tokenize_racing_an_erasure_leaves_nothing_unreadable_behind() {
+        let mut f: Fixture = fixture().await;
+        let ledger = tempfile::tempdir().unwrap();
+        let vault = std::mem::replace(&mut f.vault, placeholder_vault().await);
+        let (vault, _) = vault
+            .with_ledger(
+                LedgerLocation::File(ledger.path().join("erasures")),
+                LedgerRollback::Refuse,
+            )
+            .await
+            .unwrap();
+        f.vault = vault;
+        let f = Arc::new(f);
+        let erasing = Policy::new(vec![Rule::new(
+            IdentityPattern::new("spiffe://*").unwrap(),
+            vec!["subject:erase".parse().unwrap()],
+            PurposeSet::Any,
+        )]);
+        let mut tasks = Vec::new();
+        for round in 0..200 {
+            let shared = Arc::clone(&f);
+            tasks.push(tokio::spawn(async move {
+                let f = shared;
+                let grants = f.policy.grants(&f.client);
+                let permit = grants
+                    .permit_tokenize(NewValue {
+                        field_type: "email".parse().unwrap(),
+                        value: SecretValue::new(format!("r{round}@example.com")),
+                        subject: Some("cust-race".parse().unwrap()),
+                        ttl_seconds: None,
+                    })
+                    .unwrap();
+                // Stored, or refused as erased meanwhile: both are fine.
+                let _ = f
+                    .vault
+                    .tokenize(
+                        vec![permit],
+                        |ft| grants.permit_field(Action::Lookup, ft),
+                        &ctx("Tokenize", 1),
+                    )
+                    .await;
+            }));
+            if round % 10 == 0 {
+                let permit = erasing
+                    .grants(&f.client)
+                    .permit_global(
+                        Action::SubjectErase,
+                        "cust-race".parse::<SubjectId>().unwrap(),
+                    )
+                    .unwrap();
+                f.vault
+                    .erase_subject(permit, &ctx("EraseSubject", 1))
+                    .await
+                    .unwrap();
+            }
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+        let hash = f.vault.subject_hash(&"cust-race".parse().unwrap());
+        let (tokens, _) = f.vault.subject_records(&hash).await.unwrap();
+        let revealed = f.reveal(&tokens, false).await;
+        let unreadable = revealed
+            .iter()
+            .filter(|r| matches!(r, Err(ItemError::NotFound | ItemError::DataLoss)))
+            .count();
+        assert_eq!(unreadable, 0, "of {} values left", tokens.len());
     }
 }

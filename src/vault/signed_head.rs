@@ -201,6 +201,14 @@ impl<S: Store> Vault<S> {
         ));
         let mut batch = Batch::new();
         let unit = batch.unit();
+        // Guarded as read: replicas opening together record it once (the
+        // one that loses finds it recorded).
+        match recorded {
+            Some(value) => {
+                unit.guard_unchanged(Table::Meta, layout::AUDIT_ROLLBACK_RECORDED.to_vec(), value)
+            }
+            None => unit.guard_absent(Table::Meta, layout::AUDIT_ROLLBACK_RECORDED.to_vec()),
+        };
         unit.put(
             Table::Meta,
             layout::AUDIT_ROLLBACK_RECORDED.to_vec(),

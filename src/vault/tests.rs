@@ -617,7 +617,7 @@ pub(super) async fn fixture_with_clock() -> (Fixture, std::sync::Arc<std::sync::
     (f, time)
 }
 
-async fn placeholder_vault() -> Vault<RocksStore> {
+pub(super) async fn placeholder_vault() -> Vault<RocksStore> {
     let dir = tempfile::tempdir().unwrap();
     let key = dir.path().join("master.key");
     MasterKey::create_file(&key).unwrap();

@@ -11,7 +11,8 @@
 use std::collections::{HashMap, HashSet};
 
 use super::{
-    Blind, ItemError, LookupValue, NewValue, Record, Vault, audit::Parts, record::Binding,
+    Blind, ItemError, LookupValue, NewValue, Record, Vault, audit::Parts,
+    erasure::ERASED_MEANWHILE, record::Binding,
 };
 use crate::{
     audit::{AuditContext, Outcome},
@@ -154,6 +155,11 @@ impl<S: Store> Vault<S> {
         subjects.dedup();
         self.refuse_full_subjects(&subjects, &mut pending, &mut results)
             .await?;
+        // Read before the keys, and guarded unchanged by the write: an
+        // erasure of one of the subjects in between (which deletes the key
+        // loaded here) makes the write fail instead of leaving values under
+        // a destroyed key, and their index entries, behind.
+        let marks = self.erasure_marks(&subjects).await?;
         let subject_keys = self.subject_keys_or_create(&subjects).await?;
 
         let mut stored = false;
@@ -179,10 +185,11 @@ impl<S: Store> Vault<S> {
             parts.finish(self, &mut round_event);
             let mut batch = Batch::new();
             let index_versions = index_versions(&drawn);
-            self.append_event(
-                self.store_unit(batch.unit(), &drawn, &subject_keys, &index_versions)?,
-                &round_event,
-            );
+            let unit = self.store_unit(batch.unit(), &drawn, &subject_keys, &index_versions)?;
+            for mark in &marks {
+                mark.guard(unit);
+            }
+            self.append_event(unit, &round_event);
             // A backstop for the estimate above (nothing written this round).
             if let (Some(max), Some(unit)) =
                 (self.store.max_keys_per_request(), batch.units().first())
@@ -221,6 +228,11 @@ impl<S: Store> Vault<S> {
                 pending = Vec::new();
                 stored = true;
                 break;
+            }
+            // A subject erased meanwhile: nothing was written, and the key
+            // loaded is gone.
+            if self.marks_moved(&marks, &subjects).await? {
+                return Err(super::Error::Conflict(ERASED_MEANWHILE));
             }
             // A concurrent request took a key this one needed; nothing was
             // written. Resolve again from what is stored now.
