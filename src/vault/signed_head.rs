@@ -153,6 +153,28 @@ impl<S: Store> Vault<S> {
         let Some(ledger) = &self.ledger else {
             return Ok(None);
         };
+        // A witness behind the vault's own newest checkpoint (the first
+        // start of this release, or a witness file moved away) catches up
+        // with it first; after a restore the witness is the one ahead.
+        let newest = self
+            .store
+            .get_many(Table::Meta, vec![layout::AUDIT_LAST_CHECKPOINT.to_vec()])
+            .await?
+            .pop()
+            .flatten()
+            .and_then(|value| {
+                let (key, checkpoint) = value.split_at_checked(8)?;
+                crate::audit::Checkpoint::decode(chain::seq_of(key)?, checkpoint)
+            });
+        if let Some(newest) = newest {
+            ledger
+                .sink
+                .witness(Head {
+                    seq: newest.seq,
+                    hash: newest.head,
+                })
+                .await?;
+        }
         let Some(signed) = ledger.sink.signed_head().await? else {
             return Ok(None);
         };
@@ -248,6 +270,31 @@ mod tests {
         assert_eq!(reopened.recorded(), Some(head(6, 4)));
         assert!(!reopened.witness(head(6, 5)).unwrap());
         assert!(dir.path().join("erasures.signed-head").exists());
+    }
+
+    /// A vault that signed checkpoints before it had a witness (an
+    /// earlier release, or the file moved away) seeds it from its newest
+    /// checkpoint at open: a restore after that still finds what was
+    /// signed.
+    #[tokio::test]
+    async fn a_missing_witness_catches_up_with_the_newest_checkpoint() {
+        use super::super::{LedgerLocation, erasure::LedgerRollback, tests};
+        let mut f = tests::fixture().await;
+        f.tokenize_for("cust-w", &[("email", "w@example.com", None)])
+            .await;
+        let signed = f.vault.checkpoint_audit().await.unwrap().unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let ledger = dir.path().join("erasures");
+        let vault = std::mem::replace(&mut f.vault, tests::placeholder_vault().await);
+        let (vault, _) = vault
+            .with_ledger(LedgerLocation::File(ledger.clone()), LedgerRollback::Refuse)
+            .await
+            .unwrap();
+        f.vault = vault;
+        let recorded = HeadWitness::open(&ledger).unwrap().recorded().unwrap();
+        assert_eq!(recorded.seq, signed);
+        // Nothing was lost: no ChainRolledBack.
+        assert_eq!(f.vault.check_signed_head().await.unwrap(), None);
     }
 
     #[test]
