@@ -11,9 +11,12 @@ export CARGO_TARGET_DIR
 # config key and refuses unknown ones.
 TV_TOOLS_VENV ?= $(HOME)/.cache/tokenvault-venv
 export TV_TOOLS_VENV
-export PATH := $(TV_TOOLS_VENV)/bin:$(PATH)
+# The dependency audit's cargo tools (cargo-deny, cargo-cyclonedx).
+TV_CARGO_TOOLS ?= $(HOME)/.cache/tokenvault-cargo-tools
+export TV_CARGO_TOOLS
+export PATH := $(TV_TOOLS_VENV)/bin:$(TV_CARGO_TOOLS)/bin:$(PATH)
 
-.PHONY: dev test lint deps test-deps
+.PHONY: dev test lint deps test-deps deny sbom advisories audit-deps
 
 dev: deps
 	cargo run --bin tokenvault -- serve --dev
@@ -25,6 +28,24 @@ test: test-deps
 lint: deps
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+
+# The dependency graph against deny.toml, offline: licences, sources
+# (crates.io only), banned crates and one version of each TLS and key
+# crate.
+deny: audit-deps
+	cargo deny --offline check --hide-inclusion-graph licenses bans sources
+
+# The CycloneDX SBOM of the binary, RocksDB's C++ and the other native
+# libraries included, checked against cargo's graph.
+sbom: audit-deps
+	scripts/sbom.py $(CARGO_TARGET_DIR)/sbom
+
+# Known vulnerabilities (RustSec): needs the network to fetch the database.
+advisories: audit-deps
+	cargo deny check advisories
+
+audit-deps:
+	@scripts/install-deps.sh --audit
 
 deps:
 	@scripts/install-deps.sh

@@ -11,6 +11,10 @@
 #                                    SoftHSM2 (a PKCS#11 module), Chromium
 #                                    (renders the HTML report headless),
 #                                    Patroni and etcd (the HA failover test)
+#   scripts/install-deps.sh --audit  the dependency audit's tools: cargo-deny
+#                                    and cargo-cyclonedx, built from crates.io
+#                                    with `cargo install --locked` into
+#                                    $TV_CARGO_TOOLS (`make deny sbom`)
 #   scripts/install-deps.sh --probe NAME
 #                                    only detect NAME (libclang, kustomize,
 #                                    python-tools, postgres, softhsm,
@@ -24,11 +28,19 @@
 #   TV_TOOLS_VENV        the test clients' virtual environment
 #                          (default ~/.cache/tokenvault-venv; `make test` puts
 #                          its bin/ first on PATH, and the tests look there too)
+#   TV_CARGO_TOOLS       where --audit installs its cargo tools (default
+#                          ~/.cache/tokenvault-cargo-tools; the Makefile puts
+#                          its bin/ on PATH)
 #   TOKENVAULT_PROBE_ROOT  a directory the file probes treat as / (tests only)
 set -euo pipefail
 
 root=${TOKENVAULT_PROBE_ROOT:-}
 venv=${TV_TOOLS_VENV:-$HOME/.cache/tokenvault-venv}
+cargo_tools=${TV_CARGO_TOOLS:-$HOME/.cache/tokenvault-cargo-tools}
+
+# The audit tools, pinned: `--locked` builds them with their own lockfiles.
+cargo_deny_version=0.20.2
+cargo_cyclonedx_version=0.5.9
 
 # The oldest kustomize that knows the `labels:` field deploy/ uses. Debian 12's
 # own kubernetes-client (1.20) embeds kustomize 2.0, which does not.
@@ -212,6 +224,27 @@ install_test_deps() {
     install_python_tools
 }
 
+# Builds one cargo tool at its pinned version into $cargo_tools, unless that
+# version is there already. The rest of the arguments ask the tool for its
+# version (as cargo would run it: `cargo-x x -V` for some).
+install_cargo_tool() {
+    local crate=$1 version=$2
+    shift 2
+    local asks=("$cargo_tools/bin/$1" "${@:2}")
+    if "${asks[@]}" 2>/dev/null | grep -qF "$version"; then
+        return 0
+    fi
+    echo "install-deps: building $crate $version from crates.io into $cargo_tools (a few minutes, once)"
+    cargo install --quiet --locked --root "$cargo_tools" --version "=$version" "$crate" ||
+        die "cargo install $crate $version failed"
+    "${asks[@]}" 2>/dev/null | grep -qF "$version" || die "$crate was installed but does not run: ${asks[*]}"
+}
+
+install_audit_tools() {
+    install_cargo_tool cargo-deny "$cargo_deny_version" cargo-deny --version
+    install_cargo_tool cargo-cyclonedx "$cargo_cyclonedx_version" cargo-cyclonedx cyclonedx -V
+}
+
 case ${1:-} in
 --probe)
     [ $# -eq 2 ] || die "usage: install-deps.sh --probe NAME"
@@ -221,10 +254,13 @@ case ${1:-} in
     install_build_deps
     install_test_deps
     ;;
+--audit)
+    install_audit_tools
+    ;;
 "")
     install_build_deps
     ;;
 *)
-    die "usage: install-deps.sh [--test | --probe NAME]"
+    die "usage: install-deps.sh [--test | --audit | --probe NAME]"
     ;;
 esac

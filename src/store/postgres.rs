@@ -587,20 +587,7 @@ async fn migrate(client: &mut Client) -> Result<(), Error> {
         .map_err(classify)?;
     // At this binary's version already: nothing is created or altered, so
     // a role with no right to (the least-privilege app role) runs the vault.
-    let exists: bool = tx
-        .query_one("SELECT to_regclass('tokenvault_schema') IS NOT NULL", &[])
-        .await
-        .map_err(classify)?
-        .get(0);
-    let current: Option<i32> = if exists {
-        tx.query_opt("SELECT version FROM tokenvault_schema", &[])
-            .await
-            .map_err(classify)?
-            .map(|row| row.get(0))
-    } else {
-        None
-    };
-    if current == Some(SCHEMA_VERSION) {
+    if schema_version(&tx, "tokenvault_schema").await? == Some(SCHEMA_VERSION) {
         return tx.commit().await.map_err(classify);
     }
     tx.batch_execute(SCHEMA).await.map_err(unprivileged)?;
@@ -684,6 +671,27 @@ fn head_of(row: &tokio_postgres::Row) -> Result<Head, Error> {
 
 fn corrupt(what: &str) -> Error {
     Error::Corruption(format!("the database holds {what}"))
+}
+
+/// The version the schema row of `table` holds, if the table exists: read
+/// without creating anything, so a role without DDL rights can ask.
+pub(super) async fn schema_version(
+    client: &impl GenericClient,
+    table: &str,
+) -> Result<Option<i32>, Error> {
+    let exists: bool = client
+        .query_one("SELECT to_regclass($1) IS NOT NULL", &[&table])
+        .await
+        .map_err(classify)?
+        .get(0);
+    if !exists {
+        return Ok(None);
+    }
+    Ok(client
+        .query_opt(&format!("SELECT version FROM {table}"), &[])
+        .await
+        .map_err(classify)?
+        .map(|row| row.get(0)))
 }
 
 /// A schema change refused for want of privileges says what to do.

@@ -280,6 +280,27 @@ impl Parts {
     }
 }
 
+/// The newest signed checkpoint, as `meta` keeps it
+/// (`layout::AUDIT_LAST_CHECKPOINT`: its number, then the checkpoint).
+pub(super) fn decode_last_checkpoint(bytes: &[u8]) -> Option<Checkpoint> {
+    let (key, checkpoint) = bytes.split_at_checked(8)?;
+    Checkpoint::decode(chain::seq_of(key)?, checkpoint)
+}
+
+impl<S: Store> Vault<S> {
+    /// The newest signed checkpoint, if one was signed (its signature not
+    /// checked here).
+    pub(super) async fn newest_checkpoint(&self) -> Result<Option<Checkpoint>, Error> {
+        Ok(self
+            .store
+            .get_many(Table::Meta, vec![layout::AUDIT_LAST_CHECKPOINT.to_vec()])
+            .await?
+            .pop()
+            .flatten()
+            .and_then(|bytes| decode_last_checkpoint(&bytes)))
+    }
+}
+
 /// One stored audit event, as the Audit service streams it.
 #[derive(Debug, Clone)]
 pub struct StoredEvent {
@@ -331,16 +352,7 @@ impl<S: Store> Vault<S> {
             Some(marker) if from.max(1) <= marker.seq + 1 => (marker.seq + 1, Some(marker)),
             _ => (from.max(1), None),
         };
-        let newest_checkpoint = self
-            .store
-            .get_many(Table::Meta, vec![layout::AUDIT_LAST_CHECKPOINT.to_vec()])
-            .await?
-            .pop()
-            .flatten()
-            .and_then(|value| {
-                let (key, checkpoint) = value.split_at_checked(8)?;
-                Checkpoint::decode(chain::seq_of(key)?, checkpoint)
-            });
+        let newest_checkpoint = self.newest_checkpoint().await?;
         let page = self
             .store
             .scan_from(Table::Audit, chain::key(from).to_vec(), limit)

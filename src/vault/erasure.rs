@@ -112,6 +112,32 @@ impl Cutoff {
     }
 }
 
+/// Adds to `unit` the deletion of the subject `hash`'s value under `token`
+/// (`record`, if it decodes), with its index, expiry and subject-index
+/// entries, and notes them in `purge`.
+fn delete_value(
+    unit: &mut Unit,
+    purge: &mut Vec<(Table, Vec<u8>)>,
+    hash: &[u8; 32],
+    token: &crate::token::Token,
+    record: Option<&Record>,
+) {
+    if let Some(blind) = record.and_then(|r| r.blind) {
+        unit.delete(Table::Index, blind.to_vec());
+        purge.push((Table::Index, blind.to_vec()));
+    }
+    if let Some(expires_ms) = record.and_then(|r| r.expires_ms) {
+        let key = layout::expiry_key(expires_ms, token.storage_key());
+        unit.delete(Table::Expiry, key.clone());
+        purge.push((Table::Expiry, key));
+    }
+    let index_key = layout::subject_index_key(hash, token.storage_key());
+    unit.delete(Table::Records, token.storage_key().to_vec());
+    unit.delete(Table::SubjectIndex, index_key.clone());
+    purge.push((Table::Records, token.storage_key().to_vec()));
+    purge.push((Table::SubjectIndex, index_key));
+}
+
 /// How many times an erasure reads the subject again when its key changed
 /// under it before it gives up.
 const MAX_RACES: usize = 8;
@@ -468,23 +494,10 @@ impl<S: Store> Vault<S> {
             if !goes {
                 continue;
             }
-            if let Some(blind) = record.as_ref().and_then(|r| r.blind) {
-                unit.delete(Table::Index, blind.to_vec());
-                purge.push((Table::Index, blind.to_vec()));
-            }
             if record.is_some() {
                 erased += 1;
             }
-            if let Some(expires_ms) = record.as_ref().and_then(|r| r.expires_ms) {
-                let key = layout::expiry_key(expires_ms, token.storage_key());
-                unit.delete(Table::Expiry, key.clone());
-                purge.push((Table::Expiry, key));
-            }
-            let index_key = layout::subject_index_key(&hash, token.storage_key());
-            unit.delete(Table::Records, token.storage_key().to_vec());
-            unit.delete(Table::SubjectIndex, index_key.clone());
-            purge.push((Table::Records, token.storage_key().to_vec()));
-            purge.push((Table::SubjectIndex, index_key));
+            delete_value(unit, &mut purge, &hash, token, record.as_ref());
         }
         for (key, value) in consents {
             // A consent given after the erasure is the subject's new wish.
@@ -536,20 +549,7 @@ impl<S: Store> Vault<S> {
             }
             // As read: a value written again meanwhile is not this one.
             unit.guard_unchanged(Table::Records, token.storage_key().to_vec(), bytes);
-            if let Some(blind) = record.blind {
-                unit.delete(Table::Index, blind.to_vec());
-                purge.push((Table::Index, blind.to_vec()));
-            }
-            if let Some(expires_ms) = record.expires_ms {
-                let key = layout::expiry_key(expires_ms, token.storage_key());
-                unit.delete(Table::Expiry, key.clone());
-                purge.push((Table::Expiry, key));
-            }
-            let index_key = layout::subject_index_key(&hash, token.storage_key());
-            unit.delete(Table::Records, token.storage_key().to_vec());
-            unit.delete(Table::SubjectIndex, index_key.clone());
-            purge.push((Table::Records, token.storage_key().to_vec()));
-            purge.push((Table::SubjectIndex, index_key));
+            delete_value(unit, &mut purge, &hash, token, Some(&record));
         }
         if purge.is_empty() {
             return Ok(purge);

@@ -6,7 +6,7 @@
 
 use super::{Error, SubjectId, Vault};
 use crate::{
-    audit::{AuditContext, AuditEvent, Checkpoint, Outcome},
+    audit::{AuditContext, AuditEvent, Outcome},
     authz::Permit,
     layout,
     store::{Batch, Store, Table, chain},
@@ -220,10 +220,10 @@ impl<S: Store> Vault<S> {
             )
             .await?
             .into_iter();
-        let checkpoint = meta.next().flatten().and_then(|bytes| {
-            let seq = chain::seq_of(bytes.get(..8)?)?;
-            Checkpoint::decode(seq, bytes.get(8..)?)
-        });
+        let checkpoint = meta
+            .next()
+            .flatten()
+            .and_then(|bytes| super::audit::decode_last_checkpoint(&bytes));
         let indexed_from = meta
             .next()
             .flatten()

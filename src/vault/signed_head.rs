@@ -156,17 +156,7 @@ impl<S: Store> Vault<S> {
         // A witness behind the vault's own newest checkpoint (the first
         // start of this release, or a witness file moved away) catches up
         // with it first; after a restore the witness is the one ahead.
-        let newest = self
-            .store
-            .get_many(Table::Meta, vec![layout::AUDIT_LAST_CHECKPOINT.to_vec()])
-            .await?
-            .pop()
-            .flatten()
-            .and_then(|value| {
-                let (key, checkpoint) = value.split_at_checked(8)?;
-                crate::audit::Checkpoint::decode(chain::seq_of(key)?, checkpoint)
-            });
-        if let Some(newest) = newest {
+        if let Some(newest) = self.newest_checkpoint().await? {
             ledger
                 .sink
                 .witness(Head {

@@ -463,23 +463,8 @@ async fn migrate(client: &mut Client) -> Result<(), Error> {
         .map_err(classify)?;
     // At this binary's version already (its id made): nothing is created
     // or altered, so the least-privilege app role can open it.
-    let exists: bool = tx
-        .query_one(
-            "SELECT to_regclass('tokenvault_ledger_schema') IS NOT NULL",
-            &[],
-        )
-        .await
-        .map_err(classify)?
-        .get(0);
-    let current: Option<i32> = if exists {
-        tx.query_opt("SELECT version FROM tokenvault_ledger_schema", &[])
-            .await
-            .map_err(classify)?
-            .map(|row| row.get(0))
-    } else {
-        None
-    };
-    if current == Some(LEDGER_SCHEMA_VERSION) {
+    if super::schema_version(&tx, "tokenvault_ledger_schema").await? == Some(LEDGER_SCHEMA_VERSION)
+    {
         return tx.commit().await.map_err(classify);
     }
     tx.batch_execute(LEDGER_SCHEMA)
