@@ -104,7 +104,8 @@ async fn acknowledged_writes_survive_sigkill() {
 }
 
 /// Starts the vault under strace (every fsync and fdatasync of every
-/// thread written to `trace` with its wall-clock time and duration) and
+/// thread written to `trace` with its wall-clock time, its duration and
+/// the path of the file synced) and
 /// waits for its "serving" line: the process and its gRPC address, or
 /// everything it printed if it ended first.
 fn start_under_strace(
@@ -124,6 +125,7 @@ fn start_under_strace(
             "-qq",
             "-ttt",
             "-T",
+            "-y",
             "-e",
             "trace=fsync,fdatasync",
             "-o",
@@ -171,19 +173,32 @@ fn wall_clock() -> f64 {
         .as_secs_f64()
 }
 
-/// When each fsync or fdatasync in an `strace -f -ttt -T` trace returned
-/// successfully. A call another thread interrupted is printed twice
-/// (`<unfinished ...>`, then `<... fdatasync resumed>` at its return).
-fn sync_completions(trace: &str) -> Vec<f64> {
+/// When each fsync or fdatasync of a file whose path contains `of`, in an
+/// `strace -f -ttt -T -y` trace, returned successfully. A call another
+/// thread interrupted is printed twice (`<unfinished ...>` with the file,
+/// then `<... fdatasync resumed>` at its return, without it).
+fn sync_completions(trace: &str, of: &str) -> Vec<f64> {
+    let mut unfinished: std::collections::HashMap<&str, bool> = std::collections::HashMap::new();
     trace
         .lines()
-        .filter(|l| l.contains("sync") && l.contains("= 0"))
+        .filter(|l| l.contains("sync"))
         .filter_map(|line| {
             let mut fields = line.split_whitespace();
-            let _pid = fields.next()?;
+            let pid = fields.next()?;
             let at: f64 = fields.next()?.parse().ok()?;
+            if line.contains("<unfinished ...>") {
+                unfinished.insert(pid, line.contains(of));
+                return None;
+            }
+            if !line.contains("= 0") {
+                unfinished.remove(pid);
+                return None;
+            }
             if line.contains("resumed>") {
-                return Some(at);
+                return unfinished.remove(pid)?.then_some(at);
+            }
+            if !line.contains(of) {
+                return None;
             }
             let took: f64 = line
                 .rsplit_once('<')?
@@ -197,13 +212,16 @@ fn sync_completions(trace: &str) -> Vec<f64> {
 }
 
 #[test]
-fn strace_lines_are_read_with_their_return_time() {
-    let trace = "101 1000.500000 fdatasync(12) = 0 <0.250000>\n\
-                 102 1001.000000 fsync(13 <unfinished ...>\n\
+fn strace_lines_are_read_with_their_return_time_and_file() {
+    let trace = "101 1000.500000 fdatasync(12</d/data/000004.log>) = 0 <0.250000>\n\
+                 102 1001.000000 fsync(13</d/data/000004.log> <unfinished ...>\n\
                  101 1001.100000 write(2, \"x\", 1) = 1 <0.000010>\n\
                  102 1001.400000 <... fsync resumed>) = 0 <0.400000>\n\
-                 103 1002.000000 fdatasync(14) = -1 EIO (Input/output error) <0.1>\n";
-    assert_eq!(sync_completions(trace), [1000.75, 1001.4]);
+                 104 1001.500000 fsync(15</d/ledger/erasures>) = 0 <0.100000>\n\
+                 105 1001.600000 fsync(16</d/ledger/erasures> <unfinished ...>\n\
+                 105 1001.900000 <... fsync resumed>) = 0 <0.300000>\n\
+                 103 1002.000000 fdatasync(14</d/data/000004.log>) = -1 EIO (Input/output error) <0.1>\n";
+    assert_eq!(sync_completions(trace, "/d/data/"), [1000.75, 1001.4]);
 }
 
 /// What a run of sequential writes under strace showed.
@@ -215,26 +233,53 @@ struct SyncTrace {
     unsynced_acks: usize,
 }
 
-/// Runs the vault under strace, makes `writes` sequential tokenize calls
-/// (each sent only after the previous answer), stops it, and matches the
-/// syncs' return times against each call's window.
-async fn syncs_for(vault: &mut TestVault, writes: usize) -> SyncTrace {
+/// The calls a sync trace makes, one at a time.
+enum Calls {
+    /// Tokenizes of new values.
+    Tokenize,
+    /// Detokenizes of these tokens, one each: each reveal's audit event is
+    /// the write that must be synced before its value leaves.
+    Detokenize(Vec<String>),
+}
+
+/// Runs the vault under strace, makes `writes` sequential `calls` (each
+/// sent only after the previous answer), stops it, and matches the return
+/// times of the syncs of files in its data directory (RocksDB's WAL)
+/// against each call's window.
+async fn syncs_for(vault: &mut TestVault, writes: usize, calls: &Calls) -> SyncTrace {
+    use tokenvault::proto::v1::DetokenizeRequest;
     vault.stop();
     let trace_file = vault.root.path().join("strace.txt");
     let (mut strace, addr) = start_under_strace(vault, &trace_file)
         .unwrap_or_else(|output| panic!("no serving line under strace; its output:\n{output}"));
-    let mut client = tokenvault::client::connect(&addr, &vault.pki.tls("checkout"))
+    let mut client = tokenvault::client::connect(&addr, &vault.pki.tls("support"))
         .await
         .unwrap();
     let mut windows = Vec::with_capacity(writes);
     for i in 0..writes {
         let sent = wall_clock();
-        client
-            .tokenize(TokenizeRequest {
-                items: vec![item("email", &format!("sync{i}@example.com"))],
-            })
-            .await
-            .unwrap();
+        match calls {
+            Calls::Tokenize => {
+                client
+                    .tokenize(TokenizeRequest {
+                        items: vec![item("email", &format!("sync{i}@example.com"))],
+                    })
+                    .await
+                    .unwrap();
+            }
+            Calls::Detokenize(tokens) => {
+                let response = client
+                    .detokenize(DetokenizeRequest {
+                        tokens: vec![tokens[i % tokens.len()].clone()],
+                        purpose: "customer_support".into(),
+                        masked: false,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert_eq!(common::revealed(response).len(), 1);
+            }
+        }
         windows.push((sent, wall_clock()));
     }
     let server = Command::new("pgrep")
@@ -250,7 +295,8 @@ async fn syncs_for(vault: &mut TestVault, writes: usize) -> SyncTrace {
             .success()
     );
     assert!(strace.wait().unwrap().success());
-    let completions = sync_completions(&std::fs::read_to_string(&trace_file).unwrap());
+    let data_dir = format!("{}/", vault.data_dir().display());
+    let completions = sync_completions(&std::fs::read_to_string(&trace_file).unwrap(), &data_dir);
     let unsynced_acks = windows
         .iter()
         .filter(|(sent, acked)| !completions.iter().any(|c| sent < c && c < acked))
@@ -267,7 +313,7 @@ async fn an_acknowledgement_waits_for_a_synced_write() {
     // One request at a time, so no two can share a group commit: with
     // durability = sync each acknowledgement needs its own sync.
     let mut synced = TestVault::start();
-    let sync = syncs_for(&mut synced, WRITES).await;
+    let sync = syncs_for(&mut synced, WRITES, &Calls::Tokenize).await;
     assert_eq!(
         sync.unsynced_acks, 0,
         "acknowledged before any sync completed ({} syncs in all)",
@@ -282,7 +328,7 @@ async fn an_acknowledgement_waits_for_a_synced_write() {
     // sync. This shows that the windows above are filled by the writes'
     // own syncs, not by the engine's background ones.
     let mut buffered = TestVault::start_with("durability = \"buffered\"");
-    let unsynced = syncs_for(&mut buffered, WRITES).await;
+    let unsynced = syncs_for(&mut buffered, WRITES, &Calls::Tokenize).await;
     assert!(
         unsynced.unsynced_acks > WRITES / 2,
         "{} of {WRITES} buffered writes had a sync in their window",
@@ -292,6 +338,40 @@ async fn an_acknowledgement_waits_for_a_synced_write() {
         "durability: {} syncs, every ack after one (sync) vs {} syncs, {} acks without (buffered), {WRITES} sequential writes",
         sync.syncs, unsynced.syncs, unsynced.unsynced_acks
     );
+}
+
+/// A reveal's audit event is synced before its value leaves: every one of
+/// 30 sequential single-token detokenizes is answered only after a sync
+/// of the WAL completed within its window. The control, with durability =
+/// buffered, answers without one: the windows are filled by the reveals'
+/// own syncs, not by the engine's background ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reveal_waits_for_its_audit_event_to_be_synced() {
+    const READS: usize = 30;
+    for (config, synced) in [("", true), ("durability = \"buffered\"", false)] {
+        let mut vault = TestVault::start_with(config);
+        let mut client = vault.client("checkout").await;
+        let mut tokens = Vec::new();
+        for i in 0..3 {
+            tokens.push(
+                common::tokenize_one(&mut client, "email", &format!("r{i}@example.com")).await,
+            );
+        }
+        let trace = syncs_for(&mut vault, READS, &Calls::Detokenize(tokens)).await;
+        if synced {
+            assert_eq!(
+                trace.unsynced_acks, 0,
+                "a value left before its audit event was synced ({} syncs in all)",
+                trace.syncs
+            );
+        } else {
+            assert!(
+                trace.unsynced_acks > READS / 2,
+                "{} of {READS} buffered reveals had a sync in their window",
+                READS - trace.unsynced_acks
+            );
+        }
+    }
 }
 
 /// What a token reads as after a crash.
