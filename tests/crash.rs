@@ -540,3 +540,168 @@ async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
         "crash during erase/update: {erased_checked} subjects and {updates_checked} updated values checked after 3 SIGKILLs ({unacknowledged_applied} calls in flight at the kill were applied whole)"
     );
 }
+
+/// Groups of ten values, sent by eight writers until the server dies:
+/// each group as one Tokenize of ten items (`batched`), or as ten
+/// Tokenizes of one item in a row. Returns each group's values and
+/// whether all of it was acknowledged.
+async fn groups_until_killed(
+    vault: &mut TestVault,
+    batched: bool,
+    kill_after: usize,
+) -> Vec<(Vec<String>, bool)> {
+    use std::sync::{Arc, Mutex};
+    let client = vault.client("support").await;
+    let groups: Arc<Mutex<Vec<(Vec<String>, bool)>>> = Arc::default();
+    let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tag = if batched { "b" } else { "s" };
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (mut client, groups, acked) =
+                (client.clone(), Arc::clone(&groups), Arc::clone(&acked));
+            tokio::spawn(async move {
+                for g in 0.. {
+                    let values: Vec<String> = (0..10)
+                        .map(|i| format!("{tag}{w}-{g}-{i}@example.com"))
+                        .collect();
+                    let at = {
+                        let mut groups = groups.lock().unwrap();
+                        groups.push((values.clone(), false));
+                        groups.len() - 1
+                    };
+                    let item = |value: &String| item("customer_email", value);
+                    let stored = if batched {
+                        client
+                            .tokenize(TokenizeRequest {
+                                items: values.iter().map(item).collect(),
+                            })
+                            .await
+                            .is_ok()
+                    } else {
+                        let mut all = true;
+                        for value in &values {
+                            let request = TokenizeRequest {
+                                items: vec![item(value)],
+                            };
+                            if client.tokenize(request).await.is_err() {
+                                all = false;
+                                break;
+                            }
+                        }
+                        all
+                    };
+                    if !stored {
+                        return;
+                    }
+                    groups.lock().unwrap()[at].1 = true;
+                    acked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                }
+            })
+        })
+        .collect();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while acked.load(std::sync::atomic::Ordering::SeqCst) < kill_after {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "fewer than {kill_after} groups stored in 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    vault.kill();
+    for writer in writers {
+        tokio::time::timeout(Duration::from_secs(30), writer)
+            .await
+            .expect("a writer still runs after the kill")
+            .unwrap();
+    }
+    Arc::try_unwrap(groups).unwrap().into_inner().unwrap()
+}
+
+/// How many of each group's values a lookup finds.
+async fn found_per_group(vault: &TestVault, groups: &[(Vec<String>, bool)]) -> Vec<usize> {
+    use tokenvault::proto::v1::{LookupItem, LookupTokensRequest, lookup_result};
+    let mut client = vault.client("support").await;
+    let mut found = Vec::with_capacity(groups.len());
+    for (values, _) in groups {
+        let response = client
+            .lookup_tokens(LookupTokensRequest {
+                items: values
+                    .iter()
+                    .map(|value| LookupItem {
+                        field_type: "customer_email".into(),
+                        value: value.clone(),
+                        subject_id: String::new(),
+                    })
+                    .collect(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        found.push(
+            response
+                .results
+                .iter()
+                .filter(|r| matches!(r.result, Some(lookup_result::Result::Token(_))))
+                .count(),
+        );
+    }
+    found
+}
+
+/// A multi-item Tokenize in flight at SIGKILL is stored whole or not at
+/// all (README: a batch is one atomic write): after the kill, a lookup of
+/// every value sent finds, for each ten-item request, all ten or none, and
+/// all ten for each acknowledged one. The control sends the same groups as
+/// ten one-item requests in a row: a kill between them leaves groups partly
+/// stored, and the same check reports them, so it can catch a torn batch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_multi_item_tokenize_in_flight_at_sigkill_is_all_or_nothing() {
+    const DETERMINISTIC: &str =
+        "[field_types.customer_email]\nkind = \"email\"\ndeterministic = true\n";
+    let mut points =
+        KillPoints::new("a_multi_item_tokenize_in_flight_at_sigkill_is_all_or_nothing");
+    for batched in [true, false] {
+        let mut vault = TestVault::start_with(DETERMINISTIC);
+        let kill_after = 20 + usize::try_from(points.below(40)).unwrap();
+        let groups = groups_until_killed(&mut vault, batched, kill_after).await;
+        vault
+            .spawn()
+            .expect("the vault did not reopen after SIGKILL");
+        let found = found_per_group(&vault, &groups).await;
+        let torn: Vec<usize> = found
+            .iter()
+            .copied()
+            .filter(|n| *n != 0 && *n != 10)
+            .collect();
+        let lost = groups
+            .iter()
+            .zip(&found)
+            .filter(|((_, acked), n)| *acked && **n != 10)
+            .count();
+        assert_eq!(lost, 0, "acknowledged groups not wholly stored");
+        if batched {
+            assert!(
+                torn.is_empty(),
+                "ten-item requests stored in part after SIGKILL: {torn:?} of {} groups",
+                groups.len()
+            );
+        } else {
+            assert!(
+                !torn.is_empty(),
+                "the control tore no group ({} groups): the check could not have caught a torn batch",
+                groups.len()
+            );
+        }
+        eprintln!(
+            "atomicity ({}): {} groups, {} in flight at the kill, {} torn",
+            if batched {
+                "one request each"
+            } else {
+                "control, ten requests each"
+            },
+            groups.len(),
+            groups.iter().filter(|(_, acked)| !acked).count(),
+            torn.len()
+        );
+    }
+}
