@@ -541,6 +541,9 @@ async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
     );
 }
 
+/// A group's values, and whether all of it was acknowledged.
+type Group = (Vec<String>, bool);
+
 /// Groups of ten values, sent by eight writers until the server dies:
 /// each group as one Tokenize of ten items (`batched`), or as ten
 /// Tokenizes of one item in a row. Returns each group's values and
@@ -549,10 +552,10 @@ async fn groups_until_killed(
     vault: &mut TestVault,
     batched: bool,
     kill_after: usize,
-) -> Vec<(Vec<String>, bool)> {
+) -> Vec<Group> {
     use std::sync::{Arc, Mutex};
     let client = vault.client("support").await;
-    let groups: Arc<Mutex<Vec<(Vec<String>, bool)>>> = Arc::default();
+    let groups: Arc<Mutex<Vec<Group>>> = Arc::default();
     let acked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let tag = if batched { "b" } else { "s" };
     let writers: Vec<_> = (0..8)
@@ -618,7 +621,7 @@ async fn groups_until_killed(
 }
 
 /// How many of each group's values a lookup finds.
-async fn found_per_group(vault: &TestVault, groups: &[(Vec<String>, bool)]) -> Vec<usize> {
+async fn found_per_group(vault: &TestVault, groups: &[Group]) -> Vec<usize> {
     use tokenvault::proto::v1::{LookupItem, LookupTokensRequest, lookup_result};
     let mut client = vault.client("support").await;
     let mut found = Vec::with_capacity(groups.len());
