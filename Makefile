@@ -33,6 +33,7 @@ lint: deps
 # (crates.io only), banned crates and one version of each TLS and key
 # crate.
 deny: audit-deps
+	cargo fetch --locked
 	cargo deny --offline check --hide-inclusion-graph licenses bans sources
 
 # The CycloneDX SBOM of the binary, RocksDB's C++ and the other native

@@ -235,8 +235,12 @@ install_cargo_tool() {
         return 0
     fi
     echo "install-deps: building $crate $version from crates.io into $cargo_tools (a few minutes, once)"
-    cargo install --quiet --locked --root "$cargo_tools" --version "=$version" "$crate" ||
-        die "cargo install $crate $version failed"
+    # A build directory of its own: not the project's shared one.
+    local build
+    build=$(mktemp -d)
+    cargo install --quiet --locked --root "$cargo_tools" --target-dir "$build" --version "=$version" "$crate" ||
+        { rm -rf "$build"; die "cargo install $crate $version failed"; }
+    rm -rf "$build"
     "${asks[@]}" 2>/dev/null | grep -qF "$version" || die "$crate was installed but does not run: ${asks[*]}"
 }
 

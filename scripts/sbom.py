@@ -9,7 +9,12 @@ names: each crate with a `links` key contributes one component, its
 version from the crate's build metadata (`librocksdb-sys 0.19.0+11.8.1`
 bundles RocksDB 11.8.1) where the crate gives one.
 
-    scripts/sbom.py OUT_DIR     writes OUT_DIR/tokenvault.cdx.json
+    scripts/sbom.py OUT_DIR [TARGET]
+        writes OUT_DIR/tokenvault.cdx.json for TARGET (default
+        x86_64-unknown-linux-gnu)
+
+The native libraries' licences are not stated: a crate's licence is not
+the library's (RocksDB is GPL-2.0 OR Apache-2.0, its crate MIT/Apache-2.0).
 """
 
 import json
@@ -23,14 +28,17 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def run(*args):
-    return subprocess.run(args, cwd=ROOT, check=True, capture_output=True, text=True).stdout
+    done = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+    if done.returncode != 0:
+        sys.exit(f"sbom: {' '.join(args)} failed:\n{done.stderr}")
+    return done.stdout
 
 
-def linked_packages():
+def linked_packages(target):
     """Every package the binary links: normal dependencies of the root
-    package, transitively, for TARGET."""
+    package, transitively, for `target`."""
     meta = json.loads(
-        run("cargo", "metadata", "--format-version", "1", "--locked", "--filter-platform", TARGET)
+        run("cargo", "metadata", "--format-version", "1", "--locked", "--filter-platform", target)
     )
     packages = {p["id"]: p for p in meta["packages"]}
     nodes = {n["id"]: n for n in meta["resolve"]["nodes"]}
@@ -60,33 +68,35 @@ def native_component(package):
         "version": bundled or "unknown",
         "description": f"native library the crate {package['name']} {version} builds or links into the binary",
         "purl": f"pkg:generic/{name}@{bundled}" if bundled else f"pkg:generic/{name}",
-        "licenses": [{"expression": package["license"].replace("/", " OR ")}]
-        if package.get("license")
-        else [],
     }
 
 
 def main():
-    if len(sys.argv) != 2:
+    if len(sys.argv) not in (2, 3):
         sys.exit(__doc__)
     out_dir = Path(sys.argv[1])
+    target = sys.argv[2] if len(sys.argv) == 3 else TARGET
     out_dir.mkdir(parents=True, exist_ok=True)
     generated = ROOT / "tokenvault_bin.cdx.json"
     generated.unlink(missing_ok=True)
-    run(
-        "cargo", "cyclonedx", "--format", "json", "--spec-version", "1.5",
-        "--describe", "binaries", "--target", TARGET, "--no-build-deps", "--quiet",
-    )
-    bom = json.loads(generated.read_text())
-    generated.unlink()
+    try:
+        run(
+            "cargo", "cyclonedx", "--format", "json", "--spec-version", "1.5",
+            "--describe", "binaries", "--target", target, "--no-build-deps", "--quiet",
+        )
+        bom = json.loads(generated.read_text())
+    finally:
+        generated.unlink(missing_ok=True)
     listed = {(c["name"], c["version"]) for c in bom.get("components", [])}
-    linked = linked_packages()
+    linked = linked_packages(target)
     missing = sorted(
         f"{p['name']} {p['version']}" for p in linked if (p["name"], p["version"]) not in listed
     )
     if missing:
         sys.exit(f"sbom: the SBOM lacks crates the binary links: {', '.join(missing)}")
-    natives = [native_component(p) for p in linked if p.get("links")]
+    natives = sorted(
+        (native_component(p) for p in linked if p.get("links")), key=lambda n: n["name"]
+    )
     if not any(n["name"] == "rocksdb" and n["version"] != "unknown" for n in natives):
         sys.exit("sbom: no RocksDB among the native libraries (librocksdb-sys's version names it)")
     bom["components"].extend(natives)

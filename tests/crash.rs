@@ -173,7 +173,8 @@ fn wall_clock() -> f64 {
         .as_secs_f64()
 }
 
-/// When each fsync or fdatasync of a file whose path contains `of`, in an
+/// When each fsync or fdatasync of a write-ahead log file (`*.log`) whose
+/// path contains `of`, in an
 /// `strace -f -ttt -T -y` trace, returned successfully. A call another
 /// thread interrupted is printed twice (`<unfinished ...>` with the file,
 /// then `<... fdatasync resumed>` at its return, without it).
@@ -186,8 +187,9 @@ fn sync_completions(trace: &str, of: &str) -> Vec<f64> {
             let mut fields = line.split_whitespace();
             let pid = fields.next()?;
             let at: f64 = fields.next()?.parse().ok()?;
+            let of_wal = |line: &str| line.contains(of) && line.contains(".log>");
             if line.contains("<unfinished ...>") {
-                unfinished.insert(pid, line.contains(of));
+                unfinished.insert(pid, of_wal(line));
                 return None;
             }
             if !line.contains("= 0") {
@@ -197,7 +199,7 @@ fn sync_completions(trace: &str, of: &str) -> Vec<f64> {
             if line.contains("resumed>") {
                 return unfinished.remove(pid)?.then_some(at);
             }
-            if !line.contains(of) {
+            if !of_wal(line) {
                 return None;
             }
             let took: f64 = line
@@ -218,6 +220,7 @@ fn strace_lines_are_read_with_their_return_time_and_file() {
                  101 1001.100000 write(2, \"x\", 1) = 1 <0.000010>\n\
                  102 1001.400000 <... fsync resumed>) = 0 <0.400000>\n\
                  104 1001.500000 fsync(15</d/ledger/erasures>) = 0 <0.100000>\n\
+                 106 1001.550000 fsync(17</d/data/MANIFEST-000005>) = 0 <0.100000>\n\
                  105 1001.600000 fsync(16</d/ledger/erasures> <unfinished ...>\n\
                  105 1001.900000 <... fsync resumed>) = 0 <0.300000>\n\
                  103 1002.000000 fdatasync(14</d/data/000004.log>) = -1 EIO (Input/output error) <0.1>\n";
@@ -295,7 +298,8 @@ async fn syncs_for(vault: &mut TestVault, writes: usize, calls: &Calls) -> SyncT
             .success()
     );
     assert!(strace.wait().unwrap().success());
-    let data_dir = format!("{}/", vault.data_dir().display());
+    // As strace prints it: resolved.
+    let data_dir = format!("{}/", vault.data_dir().canonicalize().unwrap().display());
     let completions = sync_completions(&std::fs::read_to_string(&trace_file).unwrap(), &data_dir);
     let unsynced_acks = windows
         .iter()

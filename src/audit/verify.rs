@@ -283,7 +283,7 @@ impl StreamVerifier {
         let cursor = match &mut self.cursor {
             Some(cursor) => cursor,
             None => {
-                let start = match event.pruned {
+                let start = match &event.pruned {
                     _ if seq == self.from && self.from > 1 => event.prev,
                     _ if seq == 1 => chain::GENESIS,
                     Some(marker)
@@ -313,6 +313,20 @@ impl StreamVerifier {
                 self.cursor.insert(Cursor::new(seq, start))
             }
         };
+        // A pruning between two pages: the next page starts after its
+        // marker, which must verify and link on from what was checked.
+        if let Some(marker) = event.pruned.as_ref().filter(|m| {
+            seq > cursor.expected && m.seq + 1 == seq && m.seq >= cursor.expected.saturating_sub(1)
+        }) {
+            if !marker.verifies(&self.public_key) {
+                return Err(fail(
+                    marker.seq,
+                    "the prune marker does not verify with this public key",
+                ));
+            }
+            cursor.expected = seq;
+            cursor.prev = marker.head;
+        }
         cursor.expect(seq)?;
         cursor.link(seq, &event.prev)?;
         let entry = chain::encode(seq, &event.prev, event.payload);
@@ -367,27 +381,31 @@ impl StreamVerifier {
             .as_ref()
             .map(Cursor::report)
             .ok_or_else(|| fail(self.from, "the vault sent no event"))?;
-        if let Some(newest) = self.newest {
-            if newest > report.last_seq {
-                return Err(fail(
-                    report.last_seq + 1,
-                    format!(
-                        "the vault's newest checkpoint signs event {newest}, but the events sent end at {}: the tail was withheld or deleted",
-                        report.last_seq
-                    ),
-                ));
-            }
-            if newest >= report.first_seq && !self.signed.contains(&newest) {
-                return Err(fail(
-                    newest,
-                    "the vault's newest checkpoint was not sent with its event",
-                ));
-            }
-        }
         if report.checkpoints == 0 {
             return Err(fail(
                 report.first_seq,
                 "no checkpoint signed with this public key covers any event sent: the vault left them out, or has signed none yet (its checkpoints come every audit.checkpoint_interval_seconds); nothing here is more than its word",
+            ));
+        }
+        let Some(newest) = self.newest else {
+            return Err(fail(
+                report.last_seq + 1,
+                "the vault sent no newest checkpoint with its last page, so a withheld tail cannot be told: a vault of an earlier release, or its record of the newest checkpoint was removed",
+            ));
+        };
+        if newest > report.last_seq {
+            return Err(fail(
+                report.last_seq + 1,
+                format!(
+                    "the vault's newest checkpoint signs event {newest}, but the events sent end at {}: the tail was withheld or deleted",
+                    report.last_seq
+                ),
+            ));
+        }
+        if newest >= report.first_seq && !self.signed.contains(&newest) {
+            return Err(fail(
+                newest,
+                "the vault's newest checkpoint was not sent with its event",
             ));
         }
         Ok(report)
@@ -623,8 +641,21 @@ mod tests {
             .collect()
     }
 
+    /// As the vault streams them: the newest checkpoint among `events`
+    /// sent with the last one.
     fn check(key: [u8; 32], events: &[Streamed]) -> Result<VerifyReport, VerifyFailure> {
-        check_with_newest(key, events, None)
+        let newest = events
+            .iter()
+            .rev()
+            .find_map(|(seq, _, _, hash, checkpoint)| {
+                checkpoint.map(|(time_ms, signature)| Checkpoint {
+                    seq: *seq,
+                    head: *hash,
+                    time_ms,
+                    signature,
+                })
+            });
+        check_with_newest(key, events, newest)
     }
 
     /// As [`check`], with `newest` sent on the last event.
@@ -721,5 +752,8 @@ mod tests {
         let e = check_with_newest(key, &signed_early, Some(newest.clone())).unwrap_err();
         assert!(e.reason.contains("tail was withheld"), "{e}");
         assert!(check_with_newest(key, &events, Some(newest)).is_ok());
+        // No newest checkpoint sent at all (its record removed).
+        let e = check_with_newest(key, &events, None).unwrap_err();
+        assert!(e.reason.contains("no newest checkpoint"), "{e}");
     }
 }

@@ -426,15 +426,17 @@ impl<S: Store> Vault<S> {
             if outcome.first().is_some_and(Result::is_err) {
                 continue;
             }
-            if let Some(entry) = entry {
-                self.sweep_consents(hash, entry).await?;
+            // The erasure is written: what follows cannot undo it, and a
+            // failure of it is logged, not returned.
+            let mut purge = shredding.purge;
+            match self.sweep(hash, entry).await {
+                Ok(swept) => purge.extend(swept),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the sweep after an erasure failed; what a racing write left is swept at the subject's next erasure");
+                }
             }
-            let orphans = self.sweep_orphans(hash).await?;
-            if !shredding.purge.is_empty() {
-                self.store.purge(shredding.purge).await?;
-            }
-            if !orphans.is_empty() {
-                self.store.purge(orphans).await?;
+            if !purge.is_empty() {
+                self.store.purge(purge).await?;
             }
             return Ok(shredding.erased);
         }
@@ -525,74 +527,69 @@ impl<S: Store> Vault<S> {
         Ok(Shredding { erased, purge })
     }
 
-    /// Deletes the subject's values that its key no longer opens, with
-    /// their index entries: values a tokenize wrote between the erasure's
-    /// read and its write, under the key the erasure destroyed. (One that
-    /// read the subject's erasure mark before the erasure and writes after
-    /// it fails on that mark instead.) A value under a key made since
-    /// opens, and stays. Returns what to purge.
-    async fn sweep_orphans(&self, hash: [u8; 32]) -> Result<Vec<(Table, Vec<u8>)>, Error> {
-        let (tokens, records) = self.subject_records(&hash).await?;
-        let key = self.subject_keys(&[hash]).await?.remove(&hash);
+    /// What a write racing the erasure left behind, deleted once the
+    /// erasure is written: consents that recorded an erasure number before
+    /// `entry`'s (written between the erasure's read and its write), and,
+    /// while the subject has no key, its values under a subject key (a
+    /// tokenize that loaded the key the erasure destroyed and wrote in
+    /// between; one that writes later fails on the erasure mark instead).
+    /// Each in a unit of its own, guarded as read: one changed meanwhile
+    /// stays, the others go. Returns what to purge.
+    async fn sweep(
+        &self,
+        hash: [u8; 32],
+        entry: Option<&LedgerEntry>,
+    ) -> Result<Vec<(Table, Vec<u8>)>, Error> {
         let mut batch = Batch::new();
-        let unit = batch.unit();
-        let mut purge = Vec::new();
-        for (token, bytes) in tokens.iter().zip(records) {
-            let Some(bytes) = bytes else { continue };
-            let Ok(record) = Record::decode(&bytes) else {
-                continue;
+        let mut planned = Vec::new();
+        if let Some(entry) = entry {
+            let cutoff = Cutoff::Before {
+                seq: entry.seq,
+                erased_ms: entry.erasure.erased_ms,
             };
-            if record.key_version != KeyVersion::Subject
-                || self.decrypt(token, &record, key.as_ref()).is_ok()
+            for (key, value) in self
+                .store
+                .scan_prefix(Table::Consent, hash.to_vec())
+                .await?
             {
-                continue;
-            }
-            // As read: a value written again meanwhile is not this one.
-            unit.guard_unchanged(Table::Records, token.storage_key().to_vec(), bytes);
-            delete_value(unit, &mut purge, &hash, token, Some(&record));
-        }
-        if purge.is_empty() {
-            return Ok(purge);
-        }
-        match self.store.commit(batch).await?.pop() {
-            Some(Err(_)) => Ok(Vec::new()),
-            _ => Ok(purge),
-        }
-    }
-
-    /// Deletes the subject's consents given before erasure `entry` that
-    /// are still there: a consent written between the erasure's read and
-    /// its write (it read the mark before the erasure moved it, and so
-    /// recorded an earlier number). One given after the erasure recorded
-    /// its number, and stays.
-    async fn sweep_consents(&self, hash: [u8; 32], entry: &LedgerEntry) -> Result<(), Error> {
-        let cutoff = Cutoff::Before {
-            seq: entry.seq,
-            erased_ms: entry.erasure.erased_ms,
-        };
-        let consents = self
-            .store
-            .scan_prefix(Table::Consent, hash.to_vec())
-            .await?;
-        let mut batch = Batch::new();
-        let unit = batch.unit();
-        let mut purge = Vec::new();
-        for (key, value) in consents {
-            let state = ConsentState::decode(Some(&value));
-            if cutoff.covers(state.erased_through, state.updated_ms) {
-                unit.guard_unchanged(Table::Consent, key.clone(), value);
-                unit.delete(Table::Consent, key.clone());
-                purge.push((Table::Consent, key));
+                let state = ConsentState::decode(Some(&value));
+                if cutoff.covers(state.erased_through, state.updated_ms) {
+                    let unit = batch.unit();
+                    unit.guard_unchanged(Table::Consent, key.clone(), value);
+                    unit.delete(Table::Consent, key.clone());
+                    planned.push(vec![(Table::Consent, key)]);
+                }
             }
         }
-        if purge.is_empty() {
-            return Ok(());
+        // With a key, a value it does not open may be damaged, not left
+        // behind: only values no key can open are swept.
+        if self.subject_keys(&[hash]).await?.is_empty() {
+            let (tokens, records) = self.subject_records(&hash).await?;
+            for (token, bytes) in tokens.iter().zip(records) {
+                let Some(bytes) = bytes else { continue };
+                let Ok(record) = Record::decode(&bytes) else {
+                    continue;
+                };
+                if record.key_version != KeyVersion::Subject || record.subject_hash != Some(hash) {
+                    continue;
+                }
+                let unit = batch.unit();
+                unit.guard_unchanged(Table::Records, token.storage_key().to_vec(), bytes);
+                let mut purge = Vec::new();
+                delete_value(unit, &mut purge, &hash, token, Some(&record));
+                planned.push(purge);
+            }
         }
-        // A conflict: the consent was set again meanwhile, after the
-        // erasure (with its number): it stays.
-        self.store.commit(batch).await?;
-        self.store.purge(purge).await?;
-        Ok(())
+        if planned.is_empty() {
+            return Ok(Vec::new());
+        }
+        let outcomes = self.store.commit(batch).await?;
+        Ok(planned
+            .into_iter()
+            .zip(outcomes)
+            .filter(|(_, outcome)| outcome.is_ok())
+            .flat_map(|(purge, _)| purge)
+            .collect())
     }
 
     /// Whether any of the erasure `marks` of `subjects` (read earlier, in

@@ -156,7 +156,23 @@ impl<S: Store> Vault<S> {
         // A witness behind the vault's own newest checkpoint (the first
         // start of this release, or a witness file moved away) catches up
         // with it first; after a restore the witness is the one ahead.
-        if let Some(newest) = self.newest_checkpoint().await? {
+        // Only a checkpoint this vault signed over a head its chain holds:
+        // the row is in the data a writer of the data directory could edit.
+        let head = self.store.audit_head();
+        let checked = match self.newest_checkpoint().await? {
+            Some(cp) if cp.seq <= head.seq && cp.verifies(&self.audit_public_key()) => {
+                let held = self
+                    .store
+                    .get_many(Table::Audit, vec![chain::key(cp.seq).to_vec()])
+                    .await?
+                    .pop()
+                    .flatten();
+                held.is_some_and(|value| chain::hash(cp.seq, &value) == cp.head)
+                    .then_some(cp)
+            }
+            _ => None,
+        };
+        if let Some(newest) = checked {
             ledger
                 .sink
                 .witness(Head {
