@@ -673,21 +673,10 @@ async fn every_rpc_of_every_service_leaves_its_event() {
 
 /// `audit verify --addr` with the auditor's identity and copy of the key.
 fn verify_remote(vault: &TestVault, key: &str) -> (bool, String) {
-    let tls = vault.pki.tls("auditor");
-    common::run_cli(&[
-        "audit",
-        "verify",
-        "--addr",
-        &vault.grpc_addr.to_string(),
-        "--ca",
-        tls.ca.to_str().unwrap(),
-        "--cert",
-        tls.cert.to_str().unwrap(),
-        "--key",
-        tls.key.to_str().unwrap(),
-        "--public-key",
-        key,
-    ])
+    let mut args: Vec<String> = vec!["audit".into(), "verify".into()];
+    args.extend(common::connection_args(vault, "auditor"));
+    args.extend(["--public-key".into(), key.to_owned()]);
+    common::run_cli(&args)
 }
 
 /// A client checks a running vault's chain itself, over the Audit

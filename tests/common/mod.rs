@@ -1178,22 +1178,17 @@ pub fn tokens_of(response: tokenvault::proto::v1::TokenizeResponse) -> Vec<Strin
 
 /// `tokenvault keys ARGS` against `vault` as the `privacy` identity (scope
 /// admin:keys): whether it succeeded, its stdout and its stderr.
+///
+/// (See [`connection_args`] for the flags.)
 pub async fn keys_cli<S: AsRef<std::ffi::OsStr>>(
     vault: &TestVault,
     args: &[S],
 ) -> (bool, String, String) {
-    let tls = vault.pki.tls("privacy");
     let mut command = tokenvault_command();
-    command.arg("keys").args(args).args([
-        "--addr",
-        &vault.grpc_addr.to_string(),
-        "--ca",
-        tls.ca.to_str().unwrap(),
-        "--cert",
-        tls.cert.to_str().unwrap(),
-        "--key",
-        tls.key.to_str().unwrap(),
-    ]);
+    command
+        .arg("keys")
+        .args(args)
+        .args(connection_args(vault, "privacy"));
     let out = tokio::task::spawn_blocking(move || command.output().unwrap())
         .await
         .unwrap();
@@ -1202,4 +1197,21 @@ pub async fn keys_cli<S: AsRef<std::ffi::OsStr>>(
         String::from_utf8_lossy(&out.stdout).into_owned(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
+}
+
+/// The flags that point a CLI command at `vault` over mTLS as the test
+/// client `identity`: `--addr`, `--ca`, `--cert`, `--key`.
+pub fn connection_args(vault: &TestVault, identity: &str) -> Vec<String> {
+    let tls = vault.pki.tls(identity);
+    let path = |p: &Path| p.to_str().unwrap().to_owned();
+    vec![
+        "--addr".into(),
+        vault.grpc_addr.to_string(),
+        "--ca".into(),
+        path(&tls.ca),
+        "--cert".into(),
+        path(&tls.cert),
+        "--key".into(),
+        path(&tls.key),
+    ]
 }
