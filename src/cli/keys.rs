@@ -417,6 +417,13 @@ fn describe(job: &pb::JobStatus) -> String {
     let state = match (job.pending, job.paused) {
         (false, false) => "idle".to_owned(),
         (false, true) => "idle, held (a job started later waits until resumed)".to_owned(),
+        // An engine that cannot count its records cheaply (PostgreSQL)
+        // says 0: the count of those visited is all there is to show.
+        (true, paused) if job.total == 0 => format!(
+            "{} {} records (the total is not known on this engine)",
+            if paused { "held at" } else { "running:" },
+            job.visited,
+        ),
         (true, paused) => format!(
             "{} {}/{} records ({}%)",
             if paused { "held at" } else { "running:" },
@@ -465,6 +472,10 @@ async fn follow(admin: &mut AdminClient<Channel>) -> Result<(), String> {
 }
 
 fn bar(job: &pb::JobStatus) -> String {
+    if job.total == 0 {
+        // No total to fill a bar against (PostgreSQL): the count alone.
+        return format!("{} {} records visited", job_name(job), job.visited);
+    }
     super::progress::bar(job_name(job), job.visited, job.total)
 }
 
@@ -488,6 +499,7 @@ mod tests {
             bar(&job(50, 100, true, false)),
             "reindex [############............]  50% 50/100"
         );
+        assert_eq!(bar(&job(50, 0, true, false)), "reindex 50 records visited");
     }
 
     #[test]
@@ -500,6 +512,11 @@ mod tests {
         assert_eq!(
             describe(&job(10, 40, true, false)),
             "reindex    running: 10/40 records (25%)"
+        );
+        // No total (PostgreSQL): no 10/0, no percentage.
+        assert_eq!(
+            describe(&job(10, 0, true, false)),
+            "reindex    running: 10 records (the total is not known on this engine)"
         );
     }
 }
