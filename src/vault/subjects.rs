@@ -4,7 +4,10 @@
 
 use std::collections::HashMap;
 
-use super::{Error, Record, SubjectId, Vault, erasure::ERASED_MEANWHILE};
+use super::{
+    Error, Record, SubjectId, Vault,
+    erasure::{ERASED_MEANWHILE, ErasureMark},
+};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::Permit,
@@ -51,20 +54,23 @@ impl<S: Store> Vault<S> {
     }
 
     /// The data keys of `subjects`, making the missing ones (under a guard,
-    /// so concurrent first writes agree on one key).
+    /// so concurrent first writes agree on one key). `marks` are the
+    /// subjects' erasure marks, in the same order, read before their keys:
+    /// a new key records its subject's and guards it unchanged.
     pub(super) async fn subject_keys_or_create(
         &self,
         subjects: &[[u8; 32]],
+        marks: &[ErasureMark],
     ) -> Result<HashMap<[u8; 32], DataKey>, Error> {
         let (mut keys, missing) = self.load_subject_keys(subjects).await?;
         if missing.is_empty() {
             return Ok(keys);
         }
-        let subjects: Vec<[u8; 32]> = missing.iter().map(|(subject, _)| *subject).collect();
-        let marks = self.erasure_marks(&subjects).await?;
+        let mark_of: HashMap<&[u8; 32], &ErasureMark> = subjects.iter().zip(marks).collect();
         let mut batch = Batch::new();
         let mut created = Vec::new();
-        for ((subject, label), mark) in missing.iter().zip(&marks) {
+        for (subject, label) in &missing {
+            let mark = mark_of[subject];
             let (wrapped, key) = self.keyring.new_subject_key(label, mark.number())?;
             let unit = batch.unit();
             // First, so that its failure is `Absent(0)`.

@@ -160,7 +160,7 @@ impl<S: Store> Vault<S> {
         // loaded here) makes the write fail instead of leaving values under
         // a destroyed key, and their index entries, behind.
         let marks = self.erasure_marks(&subjects).await?;
-        let subject_keys = self.subject_keys_or_create(&subjects).await?;
+        let subject_keys = self.subject_keys_or_create(&subjects, &marks).await?;
 
         let mut stored = false;
         for _ in 0..MAX_ROUNDS {
