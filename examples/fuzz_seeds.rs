@@ -131,6 +131,7 @@ fn requests() {
                 item("card_number", "4111 1111 1111 1111", "cust-1"),
                 item("date", "1990-02-28", ""),
             ],
+            request_id: "seed-request-1".into(),
         },
     );
     let token = Token::generate(&"email".parse().unwrap()).unwrap();
@@ -160,6 +161,7 @@ fn requests() {
         &pb::UpdateValueRequest {
             token: token.as_str().into(),
             value: "new@example.com".into(),
+            request_id: "seed-request-2".into(),
         },
     );
     request(
@@ -191,6 +193,7 @@ fn requests() {
         "EraseSubject",
         &pb::EraseSubjectRequest {
             subject_id: "cust-1".into(),
+            request_id: "seed-request-3".into(),
         },
     );
 }

@@ -277,6 +277,7 @@ impl RequestTarget {
                 subject_id: String::new(),
                 ttl_seconds: 0,
             }],
+            ..Default::default()
         };
         let response = self
             .runtime

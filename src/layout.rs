@@ -357,6 +357,36 @@ pub fn subject_erased_key(subject: &SubjectHash) -> Vec<u8> {
     [SUBJECT_ERASED_PREFIX, subject.as_slice()].concat()
 }
 
+/// The prefix of remembered requests (`vault::requests`).
+pub const REQUEST_PREFIX: &[u8] = b"request/";
+
+/// The key of a remembered request: the prefix, then the keyed hash of
+/// the caller's identity, the method and the caller's request id.
+pub fn request_key(key: &[u8; 32]) -> Vec<u8> {
+    [REQUEST_PREFIX, key.as_slice()].concat()
+}
+
+/// The prefix of the remembered requests' expiry entries, in time order.
+pub const REQUEST_EXPIRY_PREFIX: &[u8] = b"request-expiry/";
+
+/// The expiry entry of a remembered request: the prefix, when it expires
+/// (ms since the epoch, big-endian), then its key's hash.
+pub fn request_expiry_key(expires_ms: u64, key: &[u8; 32]) -> Vec<u8> {
+    [
+        REQUEST_EXPIRY_PREFIX,
+        expires_ms.to_be_bytes().as_slice(),
+        key.as_slice(),
+    ]
+    .concat()
+}
+
+/// The inverse of [`request_expiry_key`].
+pub fn split_request_expiry_key(key: &[u8]) -> Option<(u64, [u8; 32])> {
+    let rest = key.strip_prefix(REQUEST_EXPIRY_PREFIX)?;
+    let (time, hash) = rest.split_first_chunk::<8>()?;
+    Some((u64::from_be_bytes(*time), hash.try_into().ok()?))
+}
+
 /// The first audit sequence number whose events are indexed by subject
 /// (big-endian): events before it were written by a release that did not
 /// index them, and a subject's access history says it starts there.

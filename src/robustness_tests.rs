@@ -100,7 +100,7 @@ fn the_request_path_answers_arbitrary_requests() {
     };
     let config = ProptestConfig::with_cases(300);
     proptest!(config, |(items in proptest::collection::vec(item, 0..60), tokens in proptest::collection::vec(text, 0..60), purpose in text, masked in any::<bool>())| {
-        target.run(&framed("Tokenize", pb::TokenizeRequest { items }.encode_to_vec()));
+        target.run(&framed("Tokenize", pb::TokenizeRequest { items, ..Default::default() }.encode_to_vec()));
         let detokenize = pb::DetokenizeRequest { tokens, purpose, masked };
         target.run(&framed("Detokenize", detokenize.encode_to_vec()));
     });

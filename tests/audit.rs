@@ -43,6 +43,7 @@ async fn audited_vault() -> (TestVault, String) {
                 item("email", "audit.me@example.com"),
                 item("phone", "+44 20 7946 0958"),
             ],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -74,6 +75,7 @@ async fn audited_vault() -> (TestVault, String) {
     stranger
         .tokenize(TokenizeRequest {
             items: vec![item("email", "x@example.com")],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -86,6 +88,7 @@ async fn audited_vault() -> (TestVault, String) {
     support
         .tokenize(TokenizeRequest {
             items: vec![item("name", "Ada Lovelace")],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -286,6 +289,7 @@ async fn the_audit_service_streams_events_to_auditors_only() {
     checkout
         .tokenize(TokenizeRequest {
             items: vec![item("email", "stream@example.com")],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -389,6 +393,7 @@ async fn every_rpc_of_every_service_leaves_its_event() {
         };
         let tokenize = TokenizeRequest {
             items: vec![item("email", "audit.all@example.com")],
+            ..Default::default()
         };
         check("Tokenize", vault.tokenize(tokenize).await.map(drop));
         check(
@@ -457,6 +462,7 @@ async fn every_rpc_of_every_service_leaves_its_event() {
                 .update_value(UpdateValueRequest {
                     token: token.to_owned(),
                     value: "audit.updated@example.com".into(),
+                    request_id: String::new(),
                 })
                 .await
                 .map(drop),
@@ -475,6 +481,7 @@ async fn every_rpc_of_every_service_leaves_its_event() {
             subjects
                 .erase_subject(EraseSubjectRequest {
                     subject_id: subject,
+                    ..Default::default()
                 })
                 .await
                 .map(drop),
@@ -609,6 +616,7 @@ async fn every_rpc_of_every_service_leaves_its_event() {
         .await
         .tokenize(TokenizeRequest {
             items: vec![item("email", "nobody@example.com")],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -619,6 +627,7 @@ async fn every_rpc_of_every_service_leaves_its_event() {
     for i in 0..60 {
         let call = flooder.tokenize(TokenizeRequest {
             items: vec![item("email", &format!("flood{i}@example.com"))],
+            ..Default::default()
         });
         if call
             .await

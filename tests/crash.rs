@@ -266,6 +266,7 @@ async fn syncs_for(vault: &mut TestVault, writes: usize, calls: &Calls) -> SyncT
                 client
                     .tokenize(TokenizeRequest {
                         items: vec![item("email", &format!("sync{i}@example.com"))],
+                        ..Default::default()
                     })
                     .await
                     .unwrap();
@@ -434,7 +435,10 @@ async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
         let mut tokenize = async |items: Vec<TokenizeItem>| -> Vec<String> {
             tokens_of(
                 checkout
-                    .tokenize(TokenizeRequest { items })
+                    .tokenize(TokenizeRequest {
+                        items,
+                        ..Default::default()
+                    })
                     .await
                     .unwrap()
                     .into_inner(),
@@ -469,6 +473,7 @@ async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
                 for s in (worker..SUBJECTS).step_by(2) {
                     let request = EraseSubjectRequest {
                         subject_id: format!("r{round}-cust-{s}"),
+                        ..Default::default()
                     };
                     if client.erase_subject(request).await.is_err() {
                         break;
@@ -484,6 +489,7 @@ async fn erasures_and_updates_in_flight_at_sigkill_are_all_or_nothing() {
                     let request = UpdateValueRequest {
                         token: tokens[i].clone(),
                         value: new_value(i),
+                        request_id: String::new(),
                     };
                     if client.update_value(request).await.is_err() {
                         break;
@@ -581,6 +587,7 @@ async fn groups_until_killed(
                         client
                             .tokenize(TokenizeRequest {
                                 items: values.iter().map(item).collect(),
+                                ..Default::default()
                             })
                             .await
                             .is_ok()
@@ -589,6 +596,7 @@ async fn groups_until_killed(
                         for value in &values {
                             let request = TokenizeRequest {
                                 items: vec![item(value)],
+                                ..Default::default()
                             };
                             if client.tokenize(request).await.is_err() {
                                 all = false;

@@ -112,6 +112,7 @@ async fn a_flood_of_concurrent_streams_is_bounded_per_identity() {
                 subject_id: String::new(),
                 ttl_seconds: 0,
             }],
+            ..Default::default()
         })
         .await
         .unwrap();
@@ -126,7 +127,10 @@ async fn a_flood_of_concurrent_streams_is_bounded_per_identity() {
                     ttl_seconds: 0,
                 };
                 client
-                    .tokenize(TokenizeRequest { items: vec![item] })
+                    .tokenize(TokenizeRequest {
+                        items: vec![item],
+                        ..Default::default()
+                    })
                     .await
                     .map(|_| ())
             })
@@ -172,6 +176,7 @@ async fn a_flood_of_concurrent_streams_is_bounded_per_identity() {
                 subject_id: String::new(),
                 ttl_seconds: 0,
             }],
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -83,6 +83,7 @@ async fn when_nothing_can_be_synced_every_call_fails_closed() {
                     item("email", "closed@example.com"),
                     subject_item("email", "subject.closed@example.com", "cust-closed"),
                 ],
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -115,6 +116,7 @@ async fn when_nothing_can_be_synced_every_call_fails_closed() {
         support
             .tokenize(TokenizeRequest {
                 items: vec![item("email", "never.stored@example.com")],
+                ..Default::default()
             })
             .await
             .map(drop),
@@ -172,6 +174,7 @@ async fn when_nothing_can_be_synced_every_call_fails_closed() {
         .update_value(UpdateValueRequest {
             token: tokens[0].clone(),
             value: "changed@example.com".into(),
+            request_id: String::new(),
         })
         .await;
     answers.push(("UpdateValue", updated.map(drop)));
@@ -199,6 +202,7 @@ async fn when_nothing_can_be_synced_every_call_fails_closed() {
     let erased = subjects
         .erase_subject(EraseSubjectRequest {
             subject_id: "cust-closed".into(),
+            ..Default::default()
         })
         .await;
     answers.push(("EraseSubject", erased.map(drop)));

@@ -133,7 +133,12 @@ async fn a_full_disk_refuses_writes_clearly_and_they_resume_when_space_returns()
                           items: Vec<TokenizeItem>|
            -> Result<Vec<(String, String)>, tonic::Status> {
         let values: Vec<String> = items.iter().map(|i| i.value.clone()).collect();
-        let response = client.tokenize(TokenizeRequest { items }).await?;
+        let response = client
+            .tokenize(TokenizeRequest {
+                items,
+                ..Default::default()
+            })
+            .await?;
         Ok(response
             .into_inner()
             .results

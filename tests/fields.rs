@@ -53,6 +53,7 @@ async fn sixty_four_concurrent_tokenizes_of_one_new_value_get_one_token() {
             tokio::spawn(async move {
                 let request = TokenizeRequest {
                     items: vec![item("customer_email", "race@example.com")],
+                    ..Default::default()
                 };
                 one_token(client.tokenize(request).await.unwrap().into_inner())
             })
@@ -132,6 +133,7 @@ async fn token_formats_over_grpc() {
         support
             .tokenize(TokenizeRequest {
                 items: vec![item("card_fpt", "4111 1111 1111 1111")],
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -146,6 +148,7 @@ async fn token_formats_over_grpc() {
         support
             .tokenize(TokenizeRequest {
                 items: vec![item("login_email", "ada@example.com")],
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -192,6 +195,7 @@ async fn a_masked_only_client_never_sees_plaintext() {
                 item("email", "ada.lovelace@example.com"),
                 item("phone", "+44 20 7946 0958"),
             ],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -284,6 +288,7 @@ async fn every_kind_rejects_bad_values_without_echoing_them() {
     let response = support
         .tokenize(TokenizeRequest {
             items: bad.iter().map(|(f, v, _)| item(f, v)).collect(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -22,7 +22,10 @@ type Client = tokenvault::client::TokenVaultClient<Channel>;
 /// Tokenizes items that must all succeed; returns the tokens in order.
 async fn tokenize_ok(client: &mut Client, items: Vec<TokenizeItem>) -> Vec<String> {
     let response = client
-        .tokenize(TokenizeRequest { items })
+        .tokenize(TokenizeRequest {
+            items,
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -205,6 +208,7 @@ async fn scopes_and_purposes_are_enforced() {
     let response = reader
         .tokenize(TokenizeRequest {
             items: vec![item("email", "a@b.example"), item("name", "Ada")],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -223,6 +227,7 @@ async fn scopes_and_purposes_are_enforced() {
     let status = stranger
         .tokenize(TokenizeRequest {
             items: vec![item("email", "x@example.com")],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -271,6 +276,7 @@ async fn bad_input_gets_the_right_code_and_spares_the_other_items() {
                 item("Email", "v2@example.com"),
                 item("email", "fine@example.com"),
             ],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -339,7 +345,10 @@ async fn bad_input_gets_the_right_code_and_spares_the_other_items() {
         .map(|i| item("email", &format!("n{i}@example.com")))
         .collect();
     let status = support
-        .tokenize(TokenizeRequest { items: too_many })
+        .tokenize(TokenizeRequest {
+            items: too_many,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
@@ -349,7 +358,10 @@ async fn bad_input_gets_the_right_code_and_spares_the_other_items() {
         status.message()
     );
     let status = support
-        .tokenize(TokenizeRequest { items: vec![] })
+        .tokenize(TokenizeRequest {
+            items: vec![],
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
@@ -382,6 +394,7 @@ async fn bad_input_gets_the_right_code_and_spares_the_other_items() {
     let response = support
         .tokenize(TokenizeRequest {
             items: vec![with_subject, item("email", "other@example.com")],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -413,7 +426,10 @@ async fn an_oversized_message_is_refused_by_the_transport() {
     let mut support = vault.client("support").await;
     let items = (0..30).map(|_| item("text", &"y".repeat(4000))).collect();
     let status = support
-        .tokenize(TokenizeRequest { items })
+        .tokenize(TokenizeRequest {
+            items,
+            ..Default::default()
+        })
         .await
         .unwrap_err();
     // tonic answers a message over max_decoding_message_size with

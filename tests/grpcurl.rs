@@ -341,6 +341,7 @@ async fn a_sealed_export_saved_from_grpcurl_opens_with_the_private_key() {
     let response = client
         .tokenize(tokenvault::proto::v1::TokenizeRequest {
             items: vec![common::subject_item("email", value, "cust-grpcurl")],
+            ..Default::default()
         })
         .await
         .unwrap()

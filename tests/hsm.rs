@@ -44,6 +44,7 @@ async fn tokenize_two(vault: &TestVault) -> Vec<(String, String)> {
                 .iter()
                 .map(|(value, subject)| subject_item("email", value, subject))
                 .collect(),
+            ..Default::default()
         })
         .await
         .unwrap()

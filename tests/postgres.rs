@@ -41,6 +41,7 @@ async fn two_replicas_on_one_database_serve_the_same_vault() {
                     client
                         .tokenize(TokenizeRequest {
                             items: vec![item("customer_email", "once@example.com")],
+                            ..Default::default()
                         })
                         .await
                         .unwrap()
@@ -66,6 +67,7 @@ async fn two_replicas_on_one_database_serve_the_same_vault() {
                     subject_item("email", "ada@example.com", "cust-ada"),
                     subject_item("phone", "+44 20 7946 0958", "cust-ada"),
                 ],
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -621,6 +623,7 @@ async fn an_index_key_rotation_through_one_replica_never_gives_a_value_two_token
                 client
                     .tokenize(TokenizeRequest {
                         items: vec![item("customer_email", value)],
+                        ..Default::default()
                     })
                     .await
                     .unwrap()
@@ -707,6 +710,7 @@ async fn a_tokenize_too_large_to_share_the_database_is_refused() {
     let refused = match client
         .tokenize(TokenizeRequest {
             items: items(1000, "big"),
+            ..Default::default()
         })
         .await
     {
@@ -731,6 +735,7 @@ async fn a_tokenize_too_large_to_share_the_database_is_refused() {
         client
             .tokenize(TokenizeRequest {
                 items: items(500, "fits"),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -744,6 +749,7 @@ async fn a_tokenize_too_large_to_share_the_database_is_refused() {
         client
             .tokenize(TokenizeRequest {
                 items: items(500, "more"),
+                ..Default::default()
             })
             .await
             .unwrap()
@@ -803,6 +809,7 @@ async fn erasures_through_replicas_survive_a_restore_of_the_database() {
                     &format!("person{i}@example.com"),
                     &format!("cust-{i}"),
                 )],
+                ..Default::default()
             })
             .await
             .unwrap()

@@ -81,6 +81,7 @@ async fn the_processing_report_counts_what_the_trail_holds_online_and_offline() 
                 subject_item("email", "report.subject@example.com", "cust-report"),
                 subject_item("phone", "+442079460958", "cust-report"),
             ],
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -67,7 +67,10 @@ async fn the_master_key_rotates_without_touching_records() {
         ttl_seconds: 0,
     };
     let response = support
-        .tokenize(TokenizeRequest { items: vec![item] })
+        .tokenize(TokenizeRequest {
+            items: vec![item],
+            ..Default::default()
+        })
         .await
         .unwrap()
         .into_inner();
@@ -143,6 +146,7 @@ async fn index_rotation_held_and_released_over_the_cli_while_lookups_go_on() {
     let response = support
         .tokenize(TokenizeRequest {
             items: values.iter().map(|v| customer_item(v)).collect(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -223,6 +227,7 @@ async fn index_rotation_held_and_released_over_the_cli_while_lookups_go_on() {
     let again = support
         .tokenize(TokenizeRequest {
             items: vec![customer_item(&values[42])],
+            ..Default::default()
         })
         .await
         .unwrap()

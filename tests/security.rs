@@ -87,6 +87,7 @@ async fn tokenize_is_not_an_equality_oracle_without_lookup() {
                 item("customer_email", "known@example.com"),
                 item("customer_email", "new@example.com"),
             ],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -316,6 +317,7 @@ async fn revoking_a_certificate_closes_its_open_connections() {
         if client
             .tokenize(TokenizeRequest {
                 items: vec![item("email", "after@example.com")],
+                ..Default::default()
             })
             .await
             .is_err()
@@ -386,6 +388,7 @@ async fn two_hundred_maximum_size_requests_stay_within_the_stated_memory() {
         items: (0..1000)
             .map(|i| item("text", &format!("{i:04}{}", "x".repeat(3996))))
             .collect(),
+        ..Default::default()
     };
     let tasks: Vec<_> = (0..REQUESTS)
         .map(|_| {
@@ -474,6 +477,7 @@ async fn no_file_holds_a_value_in_any_encoding() {
                     ttl_seconds: 0,
                 })
                 .collect(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -486,6 +490,7 @@ async fn no_file_holds_a_value_in_any_encoding() {
         .update_value(UpdateValueRequest {
             token: tokens[0].clone(),
             value: updated.into(),
+            request_id: String::new(),
         })
         .await
         .unwrap();
@@ -494,6 +499,7 @@ async fn no_file_holds_a_value_in_any_encoding() {
     privacy
         .erase_subject(EraseSubjectRequest {
             subject_id: "cust-marker".into(),
+            ..Default::default()
         })
         .await
         .unwrap();

@@ -13,7 +13,7 @@ use tokenvault::{
     proto::v1::{
         Code, DeleteTokensRequest, DetokenizeRequest, EraseSubjectRequest, ExportSubjectRequest,
         GetConsentRequest, SetConsentRequest, TokenizeItem, TokenizeRequest, UpdateValueRequest,
-        detokenize_result, subjects_client::SubjectsClient,
+        detokenize_result, subjects_client::SubjectsClient, tokenize_result,
     },
     store::{RocksStore, Store, StoreOptions, Table},
 };
@@ -23,7 +23,10 @@ async fn tokenize(vault: &TestVault, items: Vec<TokenizeItem>) -> Vec<String> {
     let mut client = vault.client("support").await;
     tokens_of(
         client
-            .tokenize(TokenizeRequest { items })
+            .tokenize(TokenizeRequest {
+                items,
+                ..Default::default()
+            })
             .await
             .unwrap()
             .into_inner(),
@@ -111,6 +114,7 @@ async fn export_update_and_delete() {
         .update_value(UpdateValueRequest {
             token: ada[0].clone(),
             value: " Ada@Example.org".into(),
+            request_id: String::new(),
         })
         .await
         .unwrap();
@@ -122,6 +126,7 @@ async fn export_update_and_delete() {
         .update_value(UpdateValueRequest {
             token: ada[0].clone(),
             value: "not an address".into(),
+            request_id: String::new(),
         })
         .await
         .unwrap_err();
@@ -216,6 +221,7 @@ async fn erasure_shreds_the_subject_for_good() {
     let receipt = privacy
         .erase_subject(EraseSubjectRequest {
             subject_id: "cust-ada".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -225,6 +231,7 @@ async fn erasure_shreds_the_subject_for_good() {
     let again = privacy
         .erase_subject(EraseSubjectRequest {
             subject_id: "cust-ada".into(),
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -743,4 +750,137 @@ async fn a_sealed_export_opens_only_with_the_recipients_key() {
     );
 
     vault.assert_log_free_of(&values);
+}
+
+/// A call sent again with its `request_id` (a retry after a lost answer)
+/// gets the first answer and changes nothing: no second token, no update
+/// over a later one, no second erasure. Each check fails if the retry is
+/// carried out again (the control: the same calls without the id).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn calls_sent_again_with_their_request_id_get_the_first_answer_and_change_nothing() {
+    let mut vault = TestVault::start();
+    let mut support = vault.client("support").await;
+    let mut privacy = privacy(&vault).await;
+    let tokenize_request = |request_id: &str| TokenizeRequest {
+        items: vec![
+            subject_item("email", "ada@example.com", "cust-ada"),
+            subject_item("email", "not an address", "cust-ada"),
+        ],
+        request_id: request_id.into(),
+    };
+
+    // Tokenize: the same answer, item errors included; one token stored.
+    let first = support
+        .tokenize(tokenize_request("7d1c9a52-tokenize"))
+        .await
+        .unwrap()
+        .into_inner();
+    let again = support
+        .tokenize(tokenize_request("7d1c9a52-tokenize"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(again, first);
+    assert_eq!(export_subject(&vault, "cust-ada").await.len(), 1);
+    // Control: without the id, the same request is a new call.
+    support.tokenize(tokenize_request("")).await.unwrap();
+    assert_eq!(export_subject(&vault, "cust-ada").await.len(), 2);
+    let Some(tokenize_result::Result::Token(token)) = first.results[0].result.clone() else {
+        panic!("{first:?}");
+    };
+    assert!(matches!(
+        first.results[1].result,
+        Some(tokenize_result::Result::Error(_))
+    ));
+
+    // The id with another request is refused, without echoing the value.
+    let status = support
+        .tokenize(TokenizeRequest {
+            items: vec![subject_item("email", "eve@example.com", "cust-ada")],
+            request_id: "7d1c9a52-tokenize".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    assert!(status.message().contains("request_id"), "{status:?}");
+    assert!(!status.message().contains("eve@"), "{status:?}");
+    // An id is the caller's own: another identity's same id is its own call.
+    let mut checkout = vault.client("checkout").await;
+    let theirs = checkout
+        .tokenize(tokenize_request("7d1c9a52-tokenize"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_ne!(
+        theirs.results[0].result,
+        Some(tokenize_result::Result::Token(token.clone()))
+    );
+    let status = support
+        .tokenize(tokenize_request("has a space"))
+        .await
+        .unwrap_err();
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+
+    // UpdateValue: a retry of an update does not undo a later update.
+    let update = |value: &str, request_id: &str| UpdateValueRequest {
+        token: token.clone(),
+        value: value.into(),
+        request_id: request_id.into(),
+    };
+    privacy
+        .update_value(update("ada@example.org", "7d1c9a52-update-1"))
+        .await
+        .unwrap();
+    privacy
+        .update_value(update("ada@example.net", "7d1c9a52-update-2"))
+        .await
+        .unwrap();
+    let replayed = privacy
+        .update_value(update("ada@example.org", "7d1c9a52-update-1"))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(replayed.field_type, "email");
+    assert_eq!(
+        reveal(&vault, std::slice::from_ref(&token), "customer_support").await,
+        vec![Ok("ada@example.net".to_owned())]
+    );
+
+    // EraseSubject: the first receipt; a value made since is not erased.
+    let erase = || EraseSubjectRequest {
+        subject_id: "cust-ada".into(),
+        request_id: "7d1c9a52-erase".into(),
+    };
+    let receipt = privacy.erase_subject(erase()).await.unwrap().into_inner();
+    // The first call's, the control's and the other identity's.
+    assert_eq!(receipt.tokens_erased, 3);
+    let later = tokenize(
+        &vault,
+        vec![subject_item("email", "ada@example.com", "cust-ada")],
+    )
+    .await;
+    let again = privacy.erase_subject(erase()).await.unwrap().into_inner();
+    assert_eq!(again, receipt);
+    assert_eq!(
+        reveal(&vault, &later, "customer_support").await,
+        vec![Ok("ada@example.com".to_owned())]
+    );
+
+    // Each replay is audited, naming the call whose answer it gave.
+    let events = common::audit_events(&vault).await;
+    for method in ["Tokenize", "UpdateValue", "EraseSubject"] {
+        let replays: Vec<_> = events
+            .iter()
+            .filter(|e| e["method"] == method && e.get("replay_of").is_some())
+            .collect();
+        assert_eq!(replays.len(), 1, "{method}: {replays:?}");
+        let first_call = &replays[0]["replay_of"];
+        assert!(
+            events.iter().any(|e| e["method"] == method
+                && &e["request_id"] == first_call
+                && e.get("replay_of").is_none()),
+            "{method}: no event for {first_call}"
+        );
+    }
+    vault.assert_log_free_of(&["ada@example.com", "ada@example.org", "eve@example.com"]);
 }

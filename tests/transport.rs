@@ -23,6 +23,7 @@ fn request() -> TokenizeRequest {
             subject_id: String::new(),
             ttl_seconds: 0,
         }],
+        ..Default::default()
     }
 }
 
@@ -922,6 +923,7 @@ async fn narrowing_the_trust_domains_ends_the_connections_they_no_longer_accept(
     let mut client = vault.client("checkout").await;
     let request = || TokenizeRequest {
         items: vec![common::item("email", "narrowed@example.com")],
+        ..Default::default()
     };
     client.tokenize(request()).await.unwrap();
 

@@ -23,6 +23,7 @@ use std::{
     time::Instant,
 };
 
+use prost::Message;
 use tonic::{Code, Request, Response, Status};
 
 use split::Split;
@@ -36,9 +37,12 @@ use crate::{
     identity::{ClientId, IdentityError, Peer},
     metrics::Metrics,
     proto::v1::{self as pb, token_vault_server::TokenVault},
-    store::Store,
+    store::{self, Store},
     token::{FieldType, Token},
-    vault::{LookupValue, NewValue, SubjectId, Vault},
+    vault::{
+        self, FirstAnswer, LookupValue, NewValue, Prior, Remember, RequestId, RequestKey,
+        SubjectId, Vault,
+    },
 };
 
 /// What the API layer enforces besides the policy.
@@ -223,6 +227,55 @@ impl<S: Store> TokenVaultService<S> {
         Ok(field_type)
     }
 
+    /// The key of the caller's request id, if the request has one; `parts`
+    /// are the fields that decide what the call does.
+    fn request_key<'a>(
+        &self,
+        call: &Call,
+        request_id: &str,
+        parts: impl IntoIterator<Item = &'a [u8]>,
+    ) -> Result<Option<RequestKey>, Error> {
+        let Some(id) =
+            RequestId::parse(request_id).map_err(|e| Error::InvalidArgument(e.to_string()))?
+        else {
+            return Ok(None);
+        };
+        Ok(Some(self.vault.request_key(
+            &id,
+            &call.client.to_string(),
+            call.method,
+            parts,
+        )))
+    }
+
+    /// What the vault holds for the caller's request id, if any.
+    async fn prior(&self, key: Option<RequestKey>) -> Result<Option<Prior>, Error> {
+        let Some(key) = key else {
+            return Ok(None);
+        };
+        match self.vault.prior(key).await {
+            Ok(prior) => Ok(Some(prior)),
+            Err(e @ vault::Error::RequestIdReused) => Err(Error::InvalidArgument(e.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// The first answer to the caller's request id, decoded; the replay is
+    /// audited.
+    async fn replay<M: Message + Default>(
+        &self,
+        audit: &AuditContext,
+        first: &FirstAnswer,
+    ) -> Result<M, Error> {
+        let answer = M::decode(first.answer.as_slice()).map_err(|_| {
+            vault::Error::Storage(store::Error::Corruption(
+                "a remembered request's answer does not decode".into(),
+            ))
+        })?;
+        self.vault.record_replay(audit, first).await?;
+        Ok(answer)
+    }
+
     async fn tokenize_inner(
         &self,
         call: &Call,
@@ -232,6 +285,23 @@ impl<S: Store> TokenVaultService<S> {
         let grants = policy.grants(&call.client);
         grants.require_action(Action::Tokenize).map_err(denied)?;
         check_count(request.items.len(), &self.settings.limits, "items")?;
+        let ttls: Vec<[u8; 8]> = request
+            .items
+            .iter()
+            .map(|item| item.ttl_seconds.to_be_bytes())
+            .collect();
+        let request_key = self.request_key(
+            call,
+            &request.request_id,
+            request.items.iter().zip(&ttls).flat_map(|(item, ttl)| {
+                [
+                    item.field_type.as_bytes(),
+                    item.value.as_bytes(),
+                    item.subject_id.as_bytes(),
+                    ttl.as_slice(),
+                ]
+            }),
+        )?;
 
         let mut split = Split::with_capacity(request.items.len());
         for mut item in request.items {
@@ -258,9 +328,32 @@ impl<S: Store> TokenVaultService<S> {
                 .permit_field(Action::Lookup, field_type)
                 .inspect_err(log_denial)
         };
+        let audit = call.audit(items, refused);
+        let new_request = match self.prior(request_key).await? {
+            Some(Prior::Answered(first)) => {
+                return self.replay(&audit, &first).await;
+            }
+            Some(Prior::New(request)) => Some(request),
+            None => None,
+        };
+        let passed = split.take_passed();
+        let answer = |results: &[Result<Token, vault::ItemError>]| {
+            pb::TokenizeResponse {
+                results: split.merge_ref(
+                    results,
+                    |token| tokenize_result(pb::tokenize_result::Result::Token(token.to_string())),
+                    |e| tokenize_result(pb::tokenize_result::Result::Error(e)),
+                ),
+            }
+            .encode_to_vec()
+        };
+        let remember = new_request.as_ref().map(|request| Remember {
+            request,
+            answer: &answer,
+        });
         let stored = self
             .vault
-            .tokenize(split.take_passed(), existing, &call.audit(items, refused))
+            .tokenize(passed, existing, &audit, remember)
             .await?;
         let results = split.merge(
             stored,

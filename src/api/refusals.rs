@@ -104,6 +104,7 @@ impl RefusalLog {
                 policy_hash: None,
                 lost_signed_head: None,
                 parts: Vec::new(),
+                replay_of: None,
             })
             .collect();
         events.sort_by(|a, b| {

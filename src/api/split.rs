@@ -54,18 +54,41 @@ impl<P> Split<P> {
         ok: impl Fn(T) -> R,
         err: impl Fn(pb::ItemError) -> R,
     ) -> Vec<R> {
-        let mut later = later.into_iter();
-        self.early
-            .into_iter()
-            .map(|early| match early {
-                Some(e) => err(e),
-                None => match later.next() {
-                    Some(Ok(t)) => ok(t),
-                    Some(Err(e)) => err(vault_item_error(&e)),
-                    // The vault answers once per item it was given.
-                    None => err(item_error(Code::Internal, "internal error")),
-                },
-            })
-            .collect()
+        interleave(self.early.into_iter(), later.into_iter(), ok, err)
     }
+
+    /// [`Split::merge`] of results the caller keeps: the answer a call
+    /// will give, encoded before it is given.
+    pub(super) fn merge_ref<'a, T, R>(
+        &self,
+        later: &'a [Result<T, ItemError>],
+        ok: impl Fn(&'a T) -> R,
+        err: impl Fn(pb::ItemError) -> R,
+    ) -> Vec<R> {
+        interleave(
+            self.early.iter().cloned(),
+            later.iter().map(Result::as_ref),
+            ok,
+            err,
+        )
+    }
+}
+
+fn interleave<T, E: std::borrow::Borrow<ItemError>, R>(
+    early: impl Iterator<Item = Option<pb::ItemError>>,
+    mut later: impl Iterator<Item = Result<T, E>>,
+    ok: impl Fn(T) -> R,
+    err: impl Fn(pb::ItemError) -> R,
+) -> Vec<R> {
+    early
+        .map(|early| match early {
+            Some(e) => err(e),
+            None => match later.next() {
+                Some(Ok(t)) => ok(t),
+                Some(Err(e)) => err(vault_item_error(e.borrow())),
+                // The vault answers once per item it was given.
+                None => err(item_error(Code::Internal, "internal error")),
+            },
+        })
+        .collect()
 }

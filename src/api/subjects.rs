@@ -5,6 +5,8 @@ use std::pin::Pin;
 use tokio_stream::Stream;
 use tonic::{Code, Request, Response, Status};
 
+use prost::Message;
+
 use super::{
     Call, Error, TokenVaultService, check_count, denied, split::Split, status::item_error,
     status::vault_item_error,
@@ -14,8 +16,8 @@ use crate::{
     crypto::SecretValue,
     proto::v1::{self as pb, subjects_server::Subjects},
     store::Store,
-    token::Token,
-    vault::{ItemError, SubjectId},
+    token::{FieldType, Token},
+    vault::{ErasureReceipt, ItemError, Prior, Remember, SubjectId},
 };
 
 /// The one purpose an export is made for: answering the data subject's own
@@ -25,6 +27,14 @@ pub const EXPORT_PURPOSE: &str = "subject_access_request";
 fn subject(id: &str) -> Result<SubjectId, Error> {
     id.parse()
         .map_err(|e: crate::vault::SubjectIdError| Error::InvalidArgument(e.to_string()))
+}
+
+fn receipt_message(receipt: &ErasureReceipt) -> pb::ErasureReceipt {
+    pb::ErasureReceipt {
+        subject_hash: receipt.subject_hash.clone(),
+        tokens_erased: receipt.tokens_erased,
+        erased_ms: receipt.erased_ms,
+    }
 }
 
 fn purpose(text: &str) -> Result<Purpose, Error> {
@@ -231,13 +241,22 @@ impl<S: Store> TokenVaultService<S> {
         let permit = grants
             .permit_global(Action::SubjectErase, subject(&request.subject_id)?)
             .map_err(denied)?;
-        let receipt = self.vault.erase_subject(permit, &call.audit(1, 0)).await?;
+        let request_key =
+            self.request_key(call, &request.request_id, [request.subject_id.as_bytes()])?;
+        let audit = call.audit(1, 0);
+        let new_request = match self.prior(request_key).await? {
+            Some(Prior::Answered(first)) => return self.replay(&audit, &first).await,
+            Some(Prior::New(request)) => Some(request),
+            None => None,
+        };
+        let answer = |receipt: &ErasureReceipt| receipt_message(receipt).encode_to_vec();
+        let remember = new_request.as_ref().map(|request| Remember {
+            request,
+            answer: &answer,
+        });
+        let receipt = self.vault.erase_subject(permit, &audit, remember).await?;
         tracing::info!(subject.hash = %receipt.subject_hash, tokens = receipt.tokens_erased, "erased a data subject");
-        Ok(pb::ErasureReceipt {
-            subject_hash: receipt.subject_hash,
-            tokens_erased: receipt.tokens_erased,
-            erased_ms: receipt.erased_ms,
-        })
+        Ok(receipt_message(&receipt))
     }
 
     async fn update_inner(
@@ -245,11 +264,32 @@ impl<S: Store> TokenVaultService<S> {
         call: &Call,
         mut request: pb::UpdateValueRequest,
     ) -> Result<pb::UpdateValueResponse, Error> {
-        let value = SecretValue::new(std::mem::take(&mut request.value));
         let policy = self.settings.policy.current();
         let grants = policy.grants(&call.client);
         grants.require_action(Action::Update).map_err(denied)?;
+        let request_key = self.request_key(
+            call,
+            &request.request_id,
+            [request.token.as_bytes(), request.value.as_bytes()],
+        )?;
+        let value = SecretValue::new(std::mem::take(&mut request.value));
         let token = token(&request.token)?;
+        let audit = call.audit(1, 0);
+        let new_request = match self.prior(request_key).await? {
+            Some(Prior::Answered(first)) => return self.replay(&audit, &first).await,
+            Some(Prior::New(request)) => Some(request),
+            None => None,
+        };
+        let answer = |field_type: &FieldType| {
+            pb::UpdateValueResponse {
+                field_type: field_type.to_string(),
+            }
+            .encode_to_vec()
+        };
+        let remember = new_request.as_ref().map(|request| Remember {
+            request,
+            answer: &answer,
+        });
         let authorize = |ft: &crate::token::FieldType| {
             grants
                 .permit_field(Action::Update, ft)
@@ -257,7 +297,7 @@ impl<S: Store> TokenVaultService<S> {
         };
         match self
             .vault
-            .update_value(&token, value, authorize, &call.audit(1, 0))
+            .update_value(&token, value, authorize, &audit, remember)
             .await?
         {
             Ok(field_type) => Ok(pb::UpdateValueResponse {

@@ -77,6 +77,11 @@ pub struct AuditEvent {
     /// events of earlier releases.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub parts: Vec<SubjectPart>,
+    /// For a call answered from a first call with the same caller request
+    /// id (nothing was done again): the first call's `request_id`, whose
+    /// event says what was done.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replay_of: Option<String>,
 }
 
 /// One subject's part of a call ([`AuditEvent::parts`]).
@@ -231,6 +236,7 @@ impl AuditContext {
             policy_hash: None,
             lost_signed_head: None,
             parts: Vec::new(),
+            replay_of: None,
         }
     }
 }

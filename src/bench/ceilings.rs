@@ -100,7 +100,11 @@ pub(super) async fn in_process_ceiling(
                         let existing = |ft: &crate::token::FieldType| {
                             grants.permit_field(crate::authz::Action::Lookup, ft)
                         };
-                        if vault.tokenize(permits, existing, &audit).await.is_err() {
+                        if vault
+                            .tokenize(permits, existing, &audit, None)
+                            .await
+                            .is_err()
+                        {
                             break;
                         }
                         latency.push(t0.elapsed());

@@ -307,7 +307,10 @@ async fn tokenize(
         })
         .collect();
     let response = client
-        .tokenize(TokenizeRequest { items })
+        .tokenize(TokenizeRequest {
+            items,
+            ..Default::default()
+        })
         .await
         .map_err(|s| report_error(s.code(), s.message()))?;
     let results = response.into_inner().results;
@@ -454,7 +457,10 @@ pub async fn fill(
                         })
                         .collect();
                     let response = client
-                        .tokenize(TokenizeRequest { items })
+                        .tokenize(TokenizeRequest {
+                            items,
+                            ..Default::default()
+                        })
                         .await
                         .map_err(|s| format!("preload failed: {:?} {}", s.code(), s.message()))?;
                     let mut minted_now = Vec::with_capacity(1000);

@@ -126,7 +126,7 @@ async fn open(index: bool, policy: &Policy, client: &ClientId) -> Result<Side, S
         let existing =
             |ft: &crate::token::FieldType| grants.permit_field(crate::authz::Action::Lookup, ft);
         for result in vault
-            .tokenize(permits, existing, &audit)
+            .tokenize(permits, existing, &audit, None)
             .await
             .map_err(|e| e.to_string())?
         {

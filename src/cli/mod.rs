@@ -541,7 +541,10 @@ async fn client(args: ClientArgs) -> Result<ExitCode, String> {
                 })
                 .collect();
             let response = client
-                .tokenize(TokenizeRequest { items })
+                .tokenize(TokenizeRequest {
+                    items,
+                    ..Default::default()
+                })
                 .await
                 .map_err(|s| format!("{:?}: {}", s.code(), s.message()))?;
             for result in response.into_inner().results {

@@ -32,6 +32,9 @@ use crate::{
     store::Durability,
 };
 
+/// The longest `limits.request_id_hours`: 30 days.
+const MAX_REQUEST_ID_HOURS: u64 = 720;
+
 /// The validated configuration. Holding one means every field is usable.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -85,6 +88,8 @@ pub struct Config {
     pub retention_sweep_interval: Duration,
     /// The most tokens one data subject may have.
     pub max_tokens_per_subject: usize,
+    /// How long a caller's request id is remembered.
+    pub request_id_window: Duration,
     /// Lock memory at start.
     pub lock_memory: bool,
     /// SPIFFE trust domains whose identities are accepted; empty for any.
@@ -582,6 +587,12 @@ impl Config {
                 return Err(invalid(key, "must be at least 1"));
             }
         }
+        if !(1..=MAX_REQUEST_ID_HOURS).contains(&raw.limits.request_id_hours) {
+            return Err(invalid(
+                "limits.request_id_hours",
+                format!("must be from 1 to {MAX_REQUEST_ID_HOURS} (30 days)"),
+            ));
+        }
         if limits.max_request_buffer_bytes < raw.limits.max_message_bytes {
             return Err(invalid(
                 "limits.max_request_buffer_mib",
@@ -676,6 +687,7 @@ impl Config {
                 raw.subjects.retention_sweep_interval_seconds,
             )?,
             max_tokens_per_subject: raw.subjects.max_tokens_per_subject,
+            request_id_window: Duration::from_secs(raw.limits.request_id_hours * 3600),
             lock_memory: raw.security.lock_memory,
             trust_domains: raw.tls.trust_domains.clone(),
             field_types,
@@ -902,6 +914,12 @@ mod tests {
             err.to_string().contains("limits.max_items_per_request"),
             "{err}"
         );
+        for hours in [0, 721] {
+            let err = parse(&format!("[limits]\nrequest_id_hours = {hours}")).unwrap_err();
+            assert!(err.to_string().contains("limits.request_id_hours"), "{err}");
+        }
+        let config = parse("[limits]\nrequest_id_hours = 720").unwrap();
+        assert_eq!(config.request_id_window.as_secs(), 720 * 3600);
         let err = parse("[field_types.email]\nmax_value_bytes = 99999").unwrap_err();
         assert!(
             err.to_string()

@@ -166,6 +166,9 @@ pub struct RawLimits {
     /// MiB; a request that would go over is refused. At least
     /// `max_message_bytes`.
     pub max_request_buffer_mib: usize,
+    /// How long, in hours, a caller's `request_id` is remembered: the same
+    /// request sent again within it gets the first answer. 1 to 720.
+    pub request_id_hours: u64,
 }
 
 /// `[storage]`.
@@ -377,6 +380,7 @@ impl Default for RawConfig {
                 per_identity_burst: None,
                 max_concurrent_requests: 512,
                 max_request_buffer_mib: 128,
+                request_id_hours: 24,
             },
             storage: RawStorage {
                 engine: EngineName::RocksDb,

@@ -232,6 +232,31 @@ impl DataKey {
     }
 }
 
+/// [`HashKey::hasher`]'s state.
+pub struct PartsHasher {
+    mac: Hmac<Sha256>,
+}
+
+impl PartsHasher {
+    /// Adds one part.
+    pub fn part(&mut self, part: &[u8]) -> &mut Self {
+        self.mac.update(&(part.len() as u64).to_be_bytes());
+        self.mac.update(part);
+        self
+    }
+
+    /// The hash of the parts added.
+    pub fn finish(self) -> [u8; 32] {
+        self.mac.finalize().into_bytes().into()
+    }
+}
+
+impl std::fmt::Debug for PartsHasher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("PartsHasher(<redacted>)")
+    }
+}
+
 impl std::fmt::Debug for DataKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str("DataKey(<redacted>)")
@@ -264,6 +289,16 @@ impl HashKey {
         mac.update(domain);
         mac.update(data);
         mac.finalize().into_bytes().into()
+    }
+
+    /// A keyed hash of `domain` and of parts fed one by one, each with its
+    /// length: `["ab", "c"]` and `["a", "bc"]` hash apart.
+    pub fn hasher(&self, domain: &[u8]) -> PartsHasher {
+        let mut mac = <Hmac<Sha256> as Mac>::new_from_slice(self.bytes.as_ref())
+            .unwrap_or_else(|_| unreachable!("HMAC takes keys of any length"));
+        mac.update(&(domain.len() as u64).to_be_bytes());
+        mac.update(domain);
+        PartsHasher { mac }
     }
 
     /// A key of these bytes, for tests that need the same key twice.

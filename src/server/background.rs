@@ -174,6 +174,14 @@ impl Background {
                         }
                         Err(e) => tracing::error!(error = %e, "retention sweep failed"),
                     }
+                    match vault.sweep_requests().await {
+                        Ok(0) => {}
+                        Ok(n) => tracing::info!(
+                            forgotten = n,
+                            "forgot request ids past limits.request_id_hours"
+                        ),
+                        Err(e) => tracing::error!(error = %e, "sweep of request ids failed"),
+                    }
                 }
             },
         ));

@@ -368,6 +368,7 @@ async fn open_vault(config: &Config, master: MasterKey) -> Result<Vault<AnyStore
     let (vault, _) = Vault::open(store, &master, config.field_types.clone())
         .await?
         .with_subject_limit(config.max_tokens_per_subject)
+        .with_request_window(config.request_id_window)
         .with_ledger(ledger, config.ledger_rollback)
         .await?;
     Ok(vault)

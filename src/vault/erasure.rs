@@ -28,6 +28,7 @@ use super::{
     Erasure, ErasureReceipt, Error, Record, SubjectId, Vault,
     ledger::{LedgerEntry, LedgerError, LedgerFile, verify_chain},
     ledger_sink::{LedgerLocation, LedgerSink},
+    requests::{REQUEST_ID_IN_FLIGHT, Remember},
 };
 use crate::{
     audit::{AuditContext, AuditEvent, Outcome},
@@ -35,6 +36,14 @@ use crate::{
     layout::{self, ConsentState, KeyVersion},
     store::{Batch, Store, Table, Unit},
 };
+
+/// An erasure call to remember under the caller's request id: the receipt
+/// it answers with, given how many tokens it erased.
+struct RememberErasure<'a> {
+    remember: Remember<'a, ErasureReceipt>,
+    audit: &'a AuditContext,
+    receipt: &'a (dyn Fn(u64) -> ErasureReceipt + Send + Sync),
+}
 
 /// What to do when the ledger holds fewer erasures than the vault recorded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -331,21 +340,25 @@ impl<S: Store> Vault<S> {
             seq: entry.seq,
             erased_ms: entry.erasure.erased_ms,
         };
-        self.apply_erasure(entry.erasure.subject_hash, cutoff, Some(entry), None)
+        self.apply_erasure(entry.erasure.subject_hash, cutoff, Some(entry), None, None)
             .await
     }
 
     /// Erases a subject: records the erasure in the ledger, then deletes its
     /// key, records, index and consent entries in one write (with the audit
     /// event and the vault's copy of the ledger entry); then purges the
-    /// bytes from the data files. Idempotent.
+    /// bytes from the data files. Idempotent. With `remember`, the receipt
+    /// is recorded with the write, under the caller's request id
+    /// (`requests`).
     ///
     /// # Errors
-    /// Ledger, storage or audit failures.
+    /// Ledger, storage or audit failures; a conflict if another call with
+    /// the request id was written first.
     pub async fn erase_subject(
         &self,
         subject: Permit<SubjectId>,
         audit: &AuditContext,
+        remember: Option<Remember<'_, ErasureReceipt>>,
     ) -> Result<ErasureReceipt, Error> {
         let subject_id = subject.into_item();
         let hash = self.subject_hash(&subject_id);
@@ -374,25 +387,27 @@ impl<S: Store> Vault<S> {
             ),
             _ => None,
         };
-        let erased = self.erase_now(hash, event, entry).await?;
-        drop(tail);
-        Ok(ErasureReceipt {
+        let receipt = |tokens_erased| ErasureReceipt {
             subject_hash: data_encoding::HEXLOWER.encode(&hash),
-            tokens_erased: erased,
+            tokens_erased,
             erased_ms,
-        })
-    }
-
-    /// Deletes everything of the subject in one write with `event` and the
-    /// ledger `entry`, then purges it from the files.
-    async fn erase_now(
-        &self,
-        hash: [u8; 32],
-        event: AuditEvent,
-        entry: Option<LedgerEntry>,
-    ) -> Result<u64, Error> {
-        self.apply_erasure(hash, Cutoff::All, entry.as_ref(), Some(event))
-            .await
+        };
+        let remember = remember.map(|r| RememberErasure {
+            remember: r,
+            audit,
+            receipt: &receipt,
+        });
+        let erased = self
+            .apply_erasure(
+                hash,
+                Cutoff::All,
+                entry.as_ref(),
+                Some(event),
+                remember.as_ref(),
+            )
+            .await?;
+        drop(tail);
+        Ok(receipt(erased))
     }
 
     /// Deletes what `cutoff` covers of the subject in one write, with the
@@ -406,6 +421,7 @@ impl<S: Store> Vault<S> {
         cutoff: Cutoff,
         entry: Option<&LedgerEntry>,
         mut event: Option<AuditEvent>,
+        remember: Option<&RememberErasure<'_>>,
     ) -> Result<u64, Error> {
         for _ in 0..MAX_RACES {
             let mut batch = Batch::new();
@@ -415,6 +431,10 @@ impl<S: Store> Vault<S> {
                 event.items = u32::try_from(shredding.erased).unwrap_or(u32::MAX);
                 self.append_event(unit, event);
             }
+            let remembered = remember.map(|r| {
+                let answer = (r.remember.answer)(&(r.receipt)(shredding.erased));
+                self.remember(unit, r.remember.request, r.audit, answer)
+            });
             let outcome = match event {
                 Some(_) => self
                     .store
@@ -423,6 +443,11 @@ impl<S: Store> Vault<S> {
                     .map_err(Error::AuditUnavailable)?,
                 None => self.store.commit(batch).await?,
             };
+            if let (Some(Err(conflict)), Some(at)) = (outcome.first(), remembered)
+                && at.lost_to(conflict)
+            {
+                return Err(Error::Conflict(REQUEST_ID_IN_FLIGHT));
+            }
             if outcome.first().is_some_and(Result::is_err) {
                 continue;
             }
@@ -856,6 +881,7 @@ mod race_tests {
                         vec![permit],
                         |ft| grants.permit_field(Action::Lookup, ft),
                         &ctx("Tokenize", 1),
+                        None,
                     )
                     .await;
             }));
@@ -868,7 +894,7 @@ mod race_tests {
                     )
                     .unwrap();
                 f.vault
-                    .erase_subject(permit, &ctx("EraseSubject", 1))
+                    .erase_subject(permit, &ctx("EraseSubject", 1), None)
                     .await
                     .unwrap();
             }

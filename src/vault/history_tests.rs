@@ -242,7 +242,7 @@ async fn after_erasure_the_history_still_answers_with_the_erasure() {
         )
         .unwrap();
     f.vault
-        .erase_subject(permit, &ctx("EraseSubject", 1))
+        .erase_subject(permit, &ctx("EraseSubject", 1), None)
         .await
         .unwrap();
     // A read of the erased token finds no record, so names no subject.
@@ -380,6 +380,7 @@ async fn a_shared_tokenize_shows_each_subject_its_own_items() {
             ],
             |ft| grants.permit_field(Action::Lookup, ft),
             &ctx("Tokenize", 4),
+            None,
         )
         .await
         .unwrap();

@@ -16,6 +16,7 @@ mod ledger_binding;
 mod ledger_sink;
 mod record;
 mod records;
+mod requests;
 mod retention;
 mod reveal;
 mod rotation;
@@ -36,6 +37,10 @@ pub use keyring::Keyring;
 pub use ledger::{Erasure, ErasureLedger, LedgerEntry, LedgerError};
 pub use ledger_sink::LedgerLocation;
 pub use record::{DecodeError, Record};
+pub use requests::{
+    FirstAnswer, MAX_REQUEST_ID_LEN, NewRequest, Prior, Remember, RequestId, RequestIdError,
+    RequestKey,
+};
 pub use reveal::Revealed;
 pub use subjects::{ErasureReceipt, SubjectField};
 
@@ -210,6 +215,12 @@ pub enum Error {
     /// A concurrent change won; nothing was changed and the caller may retry.
     #[error("{0}")]
     Conflict(&'static str),
+    /// The caller's request id was used with another request within the
+    /// window (`limits.request_id_hours`).
+    #[error(
+        "this request_id was already used with a different request (within limits.request_id_hours); send a new request with a new request_id"
+    )]
+    RequestIdReused,
     /// The audit trail or its index was changed behind the vault's back;
     /// the message names the event (by sequence number only).
     #[error("the audit trail is damaged: {0}")]
@@ -236,6 +247,8 @@ pub struct Vault<S> {
     fpt_crowded_logged: std::sync::atomic::AtomicU64,
     /// The most tokens one subject may have.
     max_tokens_per_subject: usize,
+    /// How long a call's request id is remembered, in ms.
+    request_window_ms: u64,
     /// Whether audit events are indexed by subject (always, but for the
     /// benchmark's baseline).
     index_subjects: bool,
@@ -243,6 +256,9 @@ pub struct Vault<S> {
 
 /// [`Vault::with_subject_limit`]'s default (`subjects.max_tokens_per_subject`).
 pub const DEFAULT_MAX_TOKENS_PER_SUBJECT: usize = 10_000;
+
+/// [`Vault::with_request_window`]'s default (`limits.request_id_hours`).
+pub const DEFAULT_REQUEST_WINDOW: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// A source of the current time in milliseconds since the Unix epoch.
 pub type Clock = std::sync::Arc<dyn Fn() -> u64 + Send + Sync>;
@@ -267,6 +283,7 @@ impl<S: Store> Vault<S> {
             fpt_crowded: std::sync::atomic::AtomicU64::new(0),
             fpt_crowded_logged: std::sync::atomic::AtomicU64::new(0),
             max_tokens_per_subject: DEFAULT_MAX_TOKENS_PER_SUBJECT,
+            request_window_ms: DEFAULT_REQUEST_WINDOW.as_millis() as u64,
             index_subjects: true,
         };
         // A re-index that finished just before a stop may not have retired
@@ -299,6 +316,14 @@ impl<S: Store> Vault<S> {
     #[must_use]
     pub fn with_subject_limit(mut self, max: usize) -> Self {
         self.max_tokens_per_subject = max.max(1);
+        self
+    }
+
+    /// Remembers a call's request id, and answers the same request sent
+    /// again with the first answer, for `window`.
+    #[must_use]
+    pub fn with_request_window(mut self, window: std::time::Duration) -> Self {
+        self.request_window_ms = u64::try_from(window.as_millis()).unwrap_or(u64::MAX);
         self
     }
 
@@ -415,6 +440,8 @@ pub(crate) fn now_ms() -> u64 {
 
 #[cfg(test)]
 mod history_tests;
+#[cfg(test)]
+mod requests_tests;
 #[cfg(test)]
 mod retention_tests;
 #[cfg(test)]

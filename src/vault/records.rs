@@ -5,7 +5,12 @@
 
 use std::collections::HashMap;
 
-use super::{Blind, Error, ItemError, Record, Vault, audit::Parts, record::Binding};
+use super::{
+    Blind, Error, ItemError, Record, Vault,
+    audit::Parts,
+    record::Binding,
+    requests::{REQUEST_ID_IN_FLIGHT, Remember},
+};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::{Denial, Permit},
@@ -36,14 +41,19 @@ impl<S: Store> Vault<S> {
     /// Replaces the value behind `token` (rectification). `authorize` is asked
     /// with the token's stored field type.
     ///
+    /// With `remember`, a successful update is recorded with its write,
+    /// under the caller's request id (`requests`).
+    ///
     /// # Errors
-    /// Item errors inside; storage or audit failures outside.
+    /// Item errors inside; storage or audit failures outside; a conflict if
+    /// another call with the request id was written first.
     pub async fn update_value(
         &self,
         token: &Token,
         value: SecretValue,
         authorize: impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
         audit: &AuditContext,
+        remember: Option<Remember<'_, FieldType>>,
     ) -> Result<Result<FieldType, ItemError>, Error> {
         let mut event = audit.event(Outcome::Ok);
         event.tokens.push(self.audit_token(token));
@@ -101,11 +111,19 @@ impl<S: Store> Vault<S> {
                 update.record.encode(),
             );
             self.append_event(unit, &event);
+            let remembered = remember
+                .as_ref()
+                .map(|r| self.remember(unit, r.request, audit, (r.answer)(&field_type)));
             let outcomes = self
                 .store
                 .commit(batch)
                 .await
                 .map_err(Error::AuditUnavailable)?;
+            if let (Some(Err(conflict)), Some(at)) = (outcomes.first(), remembered)
+                && at.lost_to(conflict)
+            {
+                return Err(Error::Conflict(REQUEST_ID_IN_FLIGHT));
+            }
             match outcomes.first() {
                 // Only the index entries are guarded absent: the new value
                 // is another token's.

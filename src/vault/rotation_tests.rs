@@ -106,6 +106,7 @@ async fn tokenize_customers(
             permits,
             |ft| rig.grants().permit_field(Action::Lookup, ft),
             &ctx("Tokenize", values.len()),
+            None,
         )
         .await
         .unwrap()
@@ -202,6 +203,7 @@ async fn index_rotation_keeps_lookups_working_and_retires_the_old_key() {
             SecretValue::new(corrected[0].0.clone()),
             |ft| rig.grants().permit_field(Action::Update, ft),
             &ctx("UpdateValue", 1),
+            None,
         )
         .await
         .unwrap();
@@ -407,6 +409,7 @@ async fn reencryption_never_reverts_a_concurrent_update() {
                     SecretValue::new(format!("r{round}.{i}@example.com")),
                     |ft| grants.permit_field(Action::Update, ft),
                     &ctx("UpdateValue", 1),
+                    None,
                 )
                 .await
                 .unwrap();

@@ -98,6 +98,7 @@ impl Fixture {
                 permits,
                 |ft| grants.permit_field(Action::Lookup, ft),
                 &ctx("Tokenize", items.len()),
+                None,
             )
             .await
             .unwrap()
@@ -494,6 +495,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
             vec![new_value("kept@example.com")],
             |ft| grants.permit_field(Action::Lookup, ft),
             &ctx("Tokenize", 1),
+            None,
         )
         .await
         .unwrap()
@@ -521,6 +523,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
             SecretValue::new("new@example.com".into()),
             |ft| updater.permit_field(Action::Update, ft),
             &ctx("UpdateValue", 1),
+            None,
         )
         .await;
     assert!(matches!(gave_up, Err(Error::Conflict(_))), "{gave_up:?}");
@@ -567,6 +570,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
             vec![new_value("lost@example.com")],
             |ft| grants.permit_field(Action::Lookup, ft),
             &ctx("Tokenize", 1),
+            None,
         )
         .await;
     assert!(
@@ -668,6 +672,7 @@ impl Fixture {
                 permits,
                 |ft| grants.permit_field(Action::Lookup, ft),
                 &ctx("Tokenize", items.len()),
+                None,
             )
             .await
             .unwrap()
@@ -767,7 +772,7 @@ async fn erasing_a_subject_leaves_others_and_is_idempotent() {
     };
     let receipt = f
         .vault
-        .erase_subject(permit(), &ctx("EraseSubject", 1))
+        .erase_subject(permit(), &ctx("EraseSubject", 1), None)
         .await
         .unwrap();
     assert_eq!(receipt.tokens_erased, 2);
@@ -787,7 +792,7 @@ async fn erasing_a_subject_leaves_others_and_is_idempotent() {
     assert!(f.reveal(&bob, false).await.iter().all(Result::is_ok));
     let again = f
         .vault
-        .erase_subject(permit(), &ctx("EraseSubject", 1))
+        .erase_subject(permit(), &ctx("EraseSubject", 1), None)
         .await
         .unwrap();
     assert_eq!(
@@ -993,6 +998,7 @@ pub(super) async fn tokenize_all<S: store::Store>(
             permits,
             |ft| grants.permit_field(Action::Lookup, ft),
             &ctx("Tokenize", values.len()),
+            None,
         )
         .await
         .unwrap()
@@ -1087,6 +1093,7 @@ async fn a_full_format_preserving_space_gives_up_after_eight_draws() {
             vec![card],
             |ft| grants.permit_field(Action::Lookup, ft),
             &ctx("Tokenize", 1),
+            None,
         )
         .await
         .unwrap()

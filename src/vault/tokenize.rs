@@ -11,8 +11,11 @@
 use std::collections::{HashMap, HashSet};
 
 use super::{
-    Blind, ItemError, LookupValue, NewValue, Record, Vault, audit::Parts,
-    erasure::ERASED_MEANWHILE, record::Binding,
+    Blind, ItemError, LookupValue, NewValue, Record, Vault,
+    audit::Parts,
+    erasure::ERASED_MEANWHILE,
+    record::Binding,
+    requests::{REMEMBER_KEYS, REQUEST_ID_IN_FLIGHT, Remember},
 };
 use crate::{
     audit::{AuditContext, Outcome},
@@ -84,6 +87,27 @@ fn index_versions(drawn: &[(Pending<'_>, Token)]) -> Vec<u32> {
     versions
 }
 
+/// One result per item of the request, in order, as the call answers if
+/// the write of `drawn` applies: `results` so far, the tokens drawn, and
+/// each repeat of a deterministic value with its first occurrence's.
+fn answer(
+    results: &[Option<ItemResult>],
+    drawn: &[(Pending<'_>, Token)],
+    repeats: &[(usize, usize)],
+) -> Vec<ItemResult> {
+    let mut answer = results.to_vec();
+    for (p, token) in drawn {
+        answer[p.index] = Some(Ok(token.clone()));
+    }
+    for &(index, first) in repeats {
+        answer[index] = answer[first].clone();
+    }
+    answer
+        .into_iter()
+        .map(|r| r.unwrap_or(Err(ItemError::DataLoss)))
+        .collect()
+}
+
 impl<S: Store> Vault<S> {
     /// Validates, normalises and encrypts every value, and stores them in one
     /// write. One result per item, in order.
@@ -98,14 +122,19 @@ impl<S: Store> Vault<S> {
     /// `ttl_seconds` longer than the field type's retention is cut to the
     /// retention.
     ///
+    /// With `remember`, the answer is recorded with the write, under the
+    /// caller's request id (`requests`).
+    ///
     /// # Errors
     /// If the write fails, no item is stored. [`super::Error::Conflict`] if
-    /// concurrent requests kept taking the keys this one needed.
+    /// concurrent requests kept taking the keys this one needed, or another
+    /// call with the request id was written first.
     pub async fn tokenize(
         &self,
         items: Vec<Permit<NewValue>>,
         existing: impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
         audit: &AuditContext,
+        remember: Option<Remember<'_, [ItemResult]>>,
     ) -> Result<Vec<ItemResult>, super::Error> {
         let mut event = audit.event(Outcome::Ok);
         let mut results: Vec<Option<ItemResult>> = (0..items.len()).map(|_| None).collect();
@@ -145,7 +174,7 @@ impl<S: Store> Vault<S> {
         // Too large for the engine: refused before anything is written (not
         // even the subjects' new keys).
         if let Some(max) = self.store.max_keys_per_request() {
-            let keys = keys_needed(&pending);
+            let keys = keys_needed(&pending) + remember.as_ref().map_or(0, |_| REMEMBER_KEYS);
             if keys > max {
                 return Err(super::Error::RequestTooLarge { keys, max });
             }
@@ -162,7 +191,6 @@ impl<S: Store> Vault<S> {
         let marks = self.erasure_marks(&subjects).await?;
         let subject_keys = self.subject_keys_or_create(&subjects, &marks).await?;
 
-        let mut stored = false;
         for _ in 0..MAX_ROUNDS {
             self.resolve_existing(&mut pending, &mut results, &existing)
                 .await?;
@@ -190,6 +218,10 @@ impl<S: Store> Vault<S> {
                 mark.guard(unit);
             }
             self.append_event(unit, &round_event);
+            let remembered = remember.as_ref().map(|r| {
+                let answer = (r.answer)(&answer(&results, &drawn, &repeats));
+                self.remember(unit, r.request, audit, answer)
+            });
             // A backstop for the estimate above (nothing written this round).
             if let (Some(max), Some(unit)) =
                 (self.store.max_keys_per_request(), batch.units().first())
@@ -204,6 +236,11 @@ impl<S: Store> Vault<S> {
                 .commit(batch)
                 .await
                 .map_err(super::Error::AuditUnavailable)?;
+            if let (Some(Err(conflict)), Some(at)) = (outcome.first(), remembered)
+                && at.lost_to(conflict)
+            {
+                return Err(super::Error::Conflict(REQUEST_ID_IN_FLIGHT));
+            }
             if let Some(Err(Conflict {
                 guard: FailedGuard::Absent(guard),
                 ..
@@ -222,12 +259,7 @@ impl<S: Store> Vault<S> {
                 continue;
             }
             if outcome.first().is_none_or(Result::is_ok) {
-                for (p, token) in drawn {
-                    results[p.index] = Some(Ok(token));
-                }
-                pending = Vec::new();
-                stored = true;
-                break;
+                return Ok(answer(&results, &drawn, &repeats));
             }
             // A subject erased meanwhile: nothing was written, and the key
             // loaded is gone.
@@ -238,19 +270,9 @@ impl<S: Store> Vault<S> {
             // written. Resolve again from what is stored now.
             pending = drawn.into_iter().map(|(p, _)| p).collect();
         }
-        if !stored {
-            return Err(super::Error::Conflict(
-                "concurrent requests kept taking the tokens this request needed; nothing was stored, retry",
-            ));
-        }
-        debug_assert!(pending.is_empty());
-        for (index, first) in repeats {
-            results[index] = results[first].clone();
-        }
-        Ok(results
-            .into_iter()
-            .map(|r| r.unwrap_or(Err(ItemError::DataLoss)))
-            .collect())
+        Err(super::Error::Conflict(
+            "concurrent requests kept taking the tokens this request needed; nothing was stored, retry",
+        ))
     }
 
     /// Fails the items of every subject that would have more than

@@ -763,8 +763,10 @@ impl Writers {
                         // A call that hangs fails (and is retried), so a
                         // regression to unbounded waits fails the test
                         // instead of hanging it.
-                        let mut request =
-                            tonic::Request::new(TokenizeRequest { items: vec![item] });
+                        let mut request = tonic::Request::new(TokenizeRequest {
+                            items: vec![item],
+                            ..Default::default()
+                        });
                         request.set_timeout(Duration::from_secs(30));
                         let response = match client.tokenize(request).await {
                             Ok(response) => response,
@@ -1120,6 +1122,7 @@ pub async fn tokenize_one(
     let response = client
         .tokenize(TokenizeRequest {
             items: vec![item(field_type, value)],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1141,6 +1144,7 @@ pub async fn tokenize_one_for(
     let response = client
         .tokenize(TokenizeRequest {
             items: vec![subject_item(field_type, value, subject)],
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -1156,6 +1160,7 @@ pub async fn erase_subject(vault: &TestVault, subject: &str) -> u64 {
     SubjectsClient::new(channel)
         .erase_subject(EraseSubjectRequest {
             subject_id: subject.into(),
+            ..Default::default()
         })
         .await
         .unwrap()

@@ -1,0 +1,426 @@
+//! Retries that are safe: a caller's request id, remembered with the write
+//! its call made, so that the call sent again gets the first answer.
+//!
+//! A call's answer can be lost after its write was made (on PostgreSQL, the
+//! connection drops after COMMIT was sent; on any engine, the client's
+//! deadline passes). Sent again, a Tokenize would mint a second token and
+//! leave the first an orphan; an UpdateValue would overwrite a later
+//! update; an EraseSubject would report nothing erased.
+//!
+//! A call that carries a request id writes, in the same unit as its effect,
+//! a record under a key derived from the caller's identity, the method and
+//! the id: a keyed hash of the request (the fingerprint), the vault's id of
+//! the first call (which its audit event carries), when the record
+//! expires, and the answer, encoded by the API. The unit guards the key, so
+//! of two calls with one id, at most one takes effect. The same id with
+//! another request is refused: the fingerprint differs. Records expire
+//! after the configured window and are swept with the expired values.
+//!
+//! A record holds no value: the fingerprint is a keyed hash, and answers
+//! hold tokens, field type names and erasure receipts.
+
+use super::{Error, Vault};
+use crate::{
+    audit::{AuditContext, Outcome},
+    layout,
+    store::{Batch, Conflict, FailedGuard, Store, Table, Unit},
+};
+
+/// The longest request id, in bytes.
+pub const MAX_REQUEST_ID_LEN: usize = 255;
+
+/// How many expired records one sweep deletes per write.
+const SWEEP_PAGE: usize = 1000;
+
+/// The current layout of a remembered request.
+const RECORD_VERSION: u8 = 1;
+
+/// A caller's request id, checked: 1 to [`MAX_REQUEST_ID_LEN`] printable
+/// ASCII characters, no spaces.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RequestId(String);
+
+/// Why a request id was refused. The message never repeats the id.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RequestIdError {
+    /// Longer than [`MAX_REQUEST_ID_LEN`].
+    #[error("request_id is {0} bytes; the most is 255")]
+    TooLong(usize),
+    /// A character outside printable ASCII, or a space.
+    #[error(
+        "request_id may hold printable ASCII characters only, no spaces (a UUID is a good choice)"
+    )]
+    Characters,
+}
+
+impl RequestId {
+    /// The id in `text`; `None` for an empty one (the call is not
+    /// remembered).
+    ///
+    /// # Errors
+    /// If it is too long or holds other characters.
+    pub fn parse(text: &str) -> Result<Option<Self>, RequestIdError> {
+        if text.is_empty() {
+            return Ok(None);
+        }
+        if text.len() > MAX_REQUEST_ID_LEN {
+            return Err(RequestIdError::TooLong(text.len()));
+        }
+        if !text.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(RequestIdError::Characters);
+        }
+        Ok(Some(Self(text.to_owned())))
+    }
+}
+
+/// A call with a request id, before the vault has looked it up.
+#[derive(Debug)]
+pub struct RequestKey {
+    key: [u8; 32],
+    fingerprint: [u8; 32],
+}
+
+/// What the vault holds for a request id.
+#[derive(Debug)]
+pub enum Prior {
+    /// Nothing (or a record that has expired): the call is new, and is
+    /// remembered with its write.
+    New(NewRequest),
+    /// The answer of the first call with this id and this request.
+    Answered(FirstAnswer),
+}
+
+/// A call to remember with its write ([`Vault::remember`]).
+#[derive(Debug)]
+pub struct NewRequest {
+    key: [u8; 32],
+    fingerprint: [u8; 32],
+    /// An expired record still under the key, replaced by the write.
+    stale: Option<(Vec<u8>, u64)>,
+}
+
+/// The first answer to a request id.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FirstAnswer {
+    /// The vault's id of the first call (its audit event's `request_id`).
+    pub first_call: String,
+    /// The answer, as the API encoded it.
+    pub answer: Vec<u8>,
+}
+
+/// A call to remember with its write, and how its answer (a `T`) is
+/// encoded for the record.
+pub struct Remember<'a, T: ?Sized> {
+    /// The call, as [`Vault::prior`] found it new.
+    pub request: &'a NewRequest,
+    /// Encodes the answer the call gives if its write applies.
+    pub answer: &'a (dyn Fn(&T) -> Vec<u8> + Send + Sync),
+}
+
+impl<T: ?Sized> std::fmt::Debug for Remember<'_, T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Remember")
+            .field("request", &self.request)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The keys a remembered call adds to its unit: the record, its expiry
+/// entry, and an expired record's entry.
+pub(super) const REMEMBER_KEYS: usize = 3;
+
+/// Where a remembered call's guard sits in its unit, to tell its conflict
+/// from the others'.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RememberedAt(FailedGuard);
+
+impl RememberedAt {
+    /// Whether `conflict` is another call with the same request id, written
+    /// first.
+    pub fn lost_to(self, conflict: &Conflict) -> bool {
+        conflict.guard == self.0
+    }
+}
+
+/// The message of a call that lost to another call with its request id.
+pub const REQUEST_ID_IN_FLIGHT: &str = "another call with this request_id was written first; send the request again to get that call's answer";
+
+/// A remembered request, as stored.
+struct Stored {
+    expires_ms: u64,
+    fingerprint: [u8; 32],
+    first_call: String,
+    answer: Vec<u8>,
+}
+
+impl Stored {
+    fn encode(&self) -> Vec<u8> {
+        let id = self.first_call.as_bytes();
+        let id_len = u8::try_from(id.len()).unwrap_or(u8::MAX);
+        let id = &id[..usize::from(id_len)];
+        let mut out = Vec::with_capacity(1 + 8 + 32 + 1 + id.len() + self.answer.len());
+        out.push(RECORD_VERSION);
+        out.extend_from_slice(&self.expires_ms.to_be_bytes());
+        out.extend_from_slice(&self.fingerprint);
+        out.push(id_len);
+        out.extend_from_slice(id);
+        out.extend_from_slice(&self.answer);
+        out
+    }
+
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let (&version, rest) = bytes.split_first()?;
+        if version != RECORD_VERSION {
+            return None;
+        }
+        let (expires, rest) = rest.split_first_chunk::<8>()?;
+        let (fingerprint, rest) = rest.split_first_chunk::<32>()?;
+        let (&id_len, rest) = rest.split_first()?;
+        let (id, answer) = rest.split_at_checked(usize::from(id_len))?;
+        Some(Self {
+            expires_ms: u64::from_be_bytes(*expires),
+            fingerprint: *fingerprint,
+            first_call: String::from_utf8(id.to_vec()).ok()?,
+            answer: answer.to_vec(),
+        })
+    }
+}
+
+impl<S: Store> Vault<S> {
+    /// The key of `id` sent by `identity` to `method`, for a request whose
+    /// parts (every field that decides what the call does, in order) are
+    /// `parts`: the vault's keyed hash of them, never the parts themselves.
+    pub fn request_key<'a>(
+        &self,
+        id: &RequestId,
+        identity: &str,
+        method: &str,
+        parts: impl IntoIterator<Item = &'a [u8]>,
+    ) -> RequestKey {
+        let key_hash = self.keyring.subject_key();
+        let mut key = key_hash.hasher(b"request/key");
+        key.part(identity.as_bytes())
+            .part(method.as_bytes())
+            .part(id.0.as_bytes());
+        let mut fingerprint = key_hash.hasher(b"request/fingerprint");
+        fingerprint.part(method.as_bytes());
+        for part in parts {
+            fingerprint.part(part);
+        }
+        RequestKey {
+            key: key.finish(),
+            fingerprint: fingerprint.finish(),
+        }
+    }
+
+    /// What the vault holds for `request`.
+    ///
+    /// # Errors
+    /// [`Error::RequestIdReused`] if the id was used with another request
+    /// within the window; storage failures.
+    pub async fn prior(&self, request: RequestKey) -> Result<Prior, Error> {
+        let stored = self
+            .store
+            .get_many(Table::Meta, vec![layout::request_key(&request.key)])
+            .await?
+            .pop()
+            .flatten();
+        let Some(bytes) = stored else {
+            return Ok(Prior::New(NewRequest {
+                key: request.key,
+                fingerprint: request.fingerprint,
+                stale: None,
+            }));
+        };
+        // A record that does not decode (only damage makes one) is treated
+        // as expired: replaced, never answered from.
+        let decoded = Stored::decode(&bytes);
+        match decoded {
+            Some(stored) if stored.expires_ms > self.now() => {
+                if stored.fingerprint != request.fingerprint {
+                    return Err(Error::RequestIdReused);
+                }
+                Ok(Prior::Answered(FirstAnswer {
+                    first_call: stored.first_call,
+                    answer: stored.answer,
+                }))
+            }
+            stored => Ok(Prior::New(NewRequest {
+                key: request.key,
+                fingerprint: request.fingerprint,
+                stale: Some((bytes, stored.map_or(0, |s| s.expires_ms))),
+            })),
+        }
+    }
+
+    /// Adds to `unit` the record of `request`, answered by `answer`, made by
+    /// the call `audit` describes; guarded, so that the unit applies only if
+    /// no other call with the id was written meanwhile. Returns where the
+    /// guard sits: a conflict on it means the id was taken.
+    pub(super) fn remember(
+        &self,
+        unit: &mut Unit,
+        request: &NewRequest,
+        audit: &AuditContext,
+        answer: Vec<u8>,
+    ) -> RememberedAt {
+        let expires_ms = self.now().saturating_add(self.request_window_ms);
+        let key = layout::request_key(&request.key);
+        let at = match &request.stale {
+            Some((bytes, stale_expiry)) => {
+                let at = RememberedAt(FailedGuard::Unchanged(unit.unchanged().len()));
+                unit.guard_unchanged(Table::Meta, key.clone(), bytes.clone());
+                unit.delete(
+                    Table::Meta,
+                    layout::request_expiry_key(*stale_expiry, &request.key),
+                );
+                at
+            }
+            None => {
+                let at = RememberedAt(FailedGuard::Absent(unit.guards().len()));
+                unit.guard_absent(Table::Meta, key.clone());
+                at
+            }
+        };
+        let stored = Stored {
+            expires_ms,
+            fingerprint: request.fingerprint,
+            first_call: audit.request_id.clone(),
+            answer,
+        };
+        unit.put(Table::Meta, key, stored.encode());
+        unit.put(
+            Table::Meta,
+            layout::request_expiry_key(expires_ms, &request.key),
+            Vec::new(),
+        );
+        at
+    }
+
+    /// Records that the call `audit` describes was answered with the first
+    /// answer of the call `first`: nothing was changed, and the trail says
+    /// which call's answer was given.
+    ///
+    /// # Errors
+    /// If the audit event cannot be written (the answer is then withheld).
+    pub async fn record_replay(
+        &self,
+        audit: &AuditContext,
+        first: &FirstAnswer,
+    ) -> Result<(), Error> {
+        let mut event = audit.event(Outcome::Ok);
+        event.replay_of = Some(first.first_call.clone());
+        self.record(&event).await
+    }
+
+    /// Deletes the remembered requests whose window has passed. Returns
+    /// how many.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub async fn sweep_requests(&self) -> Result<u64, Error> {
+        let now = self.now();
+        let mut swept = 0;
+        loop {
+            let page = self
+                .store
+                .scan_from(
+                    Table::Meta,
+                    layout::REQUEST_EXPIRY_PREFIX.to_vec(),
+                    SWEEP_PAGE,
+                )
+                .await?;
+            let due: Vec<_> = page
+                .iter()
+                .map(|(key, _)| key)
+                .take_while(|key| key.starts_with(layout::REQUEST_EXPIRY_PREFIX))
+                .map(|key| (key, layout::split_request_expiry_key(key)))
+                .take_while(|(_, parsed)| parsed.is_none_or(|(time, _)| time <= now))
+                .collect();
+            if due.is_empty() {
+                return Ok(swept);
+            }
+            let records = self
+                .store
+                .get_many(
+                    Table::Meta,
+                    due.iter()
+                        .map(|(_, parsed)| {
+                            parsed.map_or_else(Vec::new, |(_, hash)| layout::request_key(&hash))
+                        })
+                        .collect(),
+                )
+                .await?;
+            let mut batch = Batch::new();
+            let mut record_units = Vec::new();
+            for ((entry, parsed), record) in due.iter().zip(records) {
+                batch.unit().delete(Table::Meta, (*entry).clone());
+                let Some((time, hash)) = parsed else { continue };
+                // The record goes only if it is the one this entry is for
+                // (not one written again since), and stays as read: a
+                // record replaced meanwhile stays, for its own entry.
+                if let Some(bytes) = record
+                    && Stored::decode(&bytes).is_none_or(|s| s.expires_ms == *time)
+                {
+                    let key = layout::request_key(hash);
+                    record_units.push(batch.units().len());
+                    batch
+                        .unit()
+                        .guard_unchanged(Table::Meta, key.clone(), bytes)
+                        .delete(Table::Meta, key);
+                }
+            }
+            let outcomes = self.store.commit(batch).await?;
+            swept += record_units
+                .iter()
+                .filter(|&&unit| outcomes.get(unit).is_some_and(Result::is_ok))
+                .count() as u64;
+            if due.len() < SWEEP_PAGE {
+                return Ok(swept);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_ids_are_checked_and_never_repeated_in_the_error() {
+        assert_eq!(RequestId::parse("").unwrap(), None);
+        assert!(
+            RequestId::parse("0b6f1a5e-8c1f-4c1e-9d8e-0f1b2c3d4e5f")
+                .unwrap()
+                .is_some()
+        );
+        let long = "x".repeat(256);
+        assert_eq!(
+            RequestId::parse(&long).unwrap_err(),
+            RequestIdError::TooLong(256)
+        );
+        assert!(RequestId::parse(&"x".repeat(255)).unwrap().is_some());
+        for bad in ["a b", "a\nb", "né", "a\u{0}b"] {
+            let err = RequestId::parse(bad).unwrap_err();
+            assert_eq!(err, RequestIdError::Characters);
+            assert!(!err.to_string().contains(bad));
+        }
+    }
+
+    #[test]
+    fn a_stored_request_decodes_as_written() {
+        let stored = Stored {
+            expires_ms: 42,
+            fingerprint: [7; 32],
+            first_call: "00ff00ff00ff00ff".into(),
+            answer: b"answer".to_vec(),
+        };
+        let decoded = Stored::decode(&stored.encode()).unwrap();
+        assert_eq!(decoded.expires_ms, 42);
+        assert_eq!(decoded.fingerprint, [7; 32]);
+        assert_eq!(decoded.first_call, "00ff00ff00ff00ff");
+        assert_eq!(decoded.answer, b"answer");
+        assert!(Stored::decode(&[2]).is_none());
+        assert!(Stored::decode(&stored.encode()[..20]).is_none());
+    }
+}

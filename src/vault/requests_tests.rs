@@ -1,0 +1,210 @@
+//! Request ids over a real RocksDB: a call sent again gets the first answer
+//! and changes nothing; two calls with one id take effect once.
+
+use std::sync::atomic::Ordering;
+
+use super::{
+    tests::{Fixture, ctx, fixture, fixture_with_clock},
+    *,
+};
+use crate::{authz::Action, store::Table, token::Token};
+
+const WINDOW_MS: u64 = DEFAULT_REQUEST_WINDOW.as_millis() as u64;
+
+fn id(text: &str) -> RequestId {
+    RequestId::parse(text).unwrap().unwrap()
+}
+
+fn encode(results: &[Result<Token, ItemError>]) -> Vec<u8> {
+    let tokens: Vec<String> = results
+        .iter()
+        .map(|r| {
+            r.as_ref()
+                .map_or_else(|e| e.to_string(), ToString::to_string)
+        })
+        .collect();
+    tokens.join(",").into_bytes()
+}
+
+impl Fixture {
+    /// What the vault holds for `request_id` of `identity` with `value`.
+    async fn prior_of(
+        &self,
+        identity: &str,
+        request_id: &str,
+        value: &str,
+    ) -> Result<Prior, Error> {
+        let key = self
+            .vault
+            .request_key(&id(request_id), identity, "Tokenize", [value.as_bytes()]);
+        self.vault.prior(key).await
+    }
+
+    /// Tokenizes `value` as the call `request` (found new).
+    async fn tokenize_as(&self, request: &NewRequest, value: &str) -> Result<String, Error> {
+        let grants = self.policy.grants(&self.client);
+        let permit = grants
+            .permit_tokenize(NewValue {
+                field_type: "email".parse().unwrap(),
+                value: SecretValue::new(value.to_owned()),
+                subject: None,
+                ttl_seconds: None,
+            })
+            .unwrap();
+        let results = self
+            .vault
+            .tokenize(
+                vec![permit],
+                |ft| grants.permit_field(Action::Lookup, ft),
+                &ctx("Tokenize", 1),
+                Some(Remember {
+                    request,
+                    answer: &encode,
+                }),
+            )
+            .await?;
+        Ok(String::from_utf8(encode(&results)).unwrap())
+    }
+
+    /// A call with a request id, as the API makes it: the first answer if
+    /// there is one (and `true`), else a new token.
+    async fn tokenize_once(
+        &self,
+        identity: &str,
+        request_id: &str,
+        value: &str,
+    ) -> Result<(String, bool), Error> {
+        match self.prior_of(identity, request_id, value).await? {
+            Prior::Answered(first) => Ok((String::from_utf8(first.answer).unwrap(), true)),
+            Prior::New(request) => Ok((self.tokenize_as(&request, value).await?, false)),
+        }
+    }
+
+    async fn count(&self, table: Table, prefix: &[u8]) -> usize {
+        self.vault
+            .store()
+            .scan_prefix(table, prefix.to_vec())
+            .await
+            .unwrap()
+            .len()
+    }
+}
+
+#[tokio::test]
+async fn a_request_sent_again_gets_the_first_answer_and_stores_nothing_more() {
+    let f = fixture().await;
+    let (first, replayed) = f
+        .tokenize_once("spiffe://a", "r-1", "ada@example.com")
+        .await
+        .unwrap();
+    assert!(!replayed && first.starts_with("tok_email_"), "{first}");
+    let (again, replayed) = f
+        .tokenize_once("spiffe://a", "r-1", "ada@example.com")
+        .await
+        .unwrap();
+    assert!(replayed);
+    assert_eq!(again, first);
+    assert_eq!(f.count(Table::Records, b"").await, 1);
+
+    // The id is the caller's own: another identity's same id is a new call.
+    let (other, replayed) = f
+        .tokenize_once("spiffe://b", "r-1", "ada@example.com")
+        .await
+        .unwrap();
+    assert!(!replayed);
+    assert_ne!(other, first);
+    assert_eq!(f.count(Table::Records, b"").await, 2);
+
+    // The same id with another request is refused, and stores nothing.
+    let reused = f
+        .tokenize_once("spiffe://a", "r-1", "bob@example.com")
+        .await;
+    assert!(matches!(reused, Err(Error::RequestIdReused)), "{reused:?}");
+    assert!(!Error::RequestIdReused.to_string().contains("bob"));
+    assert_eq!(f.count(Table::Records, b"").await, 2);
+}
+
+#[tokio::test]
+async fn two_calls_with_one_request_id_take_effect_once() {
+    let f = fixture().await;
+    // Both looked the id up before either wrote: both are new.
+    let Prior::New(a) = f
+        .prior_of("spiffe://a", "r-2", "ada@example.com")
+        .await
+        .unwrap()
+    else {
+        panic!("new");
+    };
+    let Prior::New(b) = f
+        .prior_of("spiffe://a", "r-2", "ada@example.com")
+        .await
+        .unwrap()
+    else {
+        panic!("new");
+    };
+    let first = f.tokenize_as(&a, "ada@example.com").await.unwrap();
+    let second = f.tokenize_as(&b, "ada@example.com").await;
+    assert!(
+        matches!(second, Err(Error::Conflict(m)) if m == requests::REQUEST_ID_IN_FLIGHT),
+        "{second:?}"
+    );
+    assert_eq!(f.count(Table::Records, b"").await, 1);
+    // Sent again, the loser gets the winner's answer.
+    let (again, replayed) = f
+        .tokenize_once("spiffe://a", "r-2", "ada@example.com")
+        .await
+        .unwrap();
+    assert!(replayed);
+    assert_eq!(again, first);
+}
+
+#[tokio::test]
+async fn a_request_id_is_forgotten_after_its_window_and_swept() {
+    let (f, time) = fixture_with_clock().await;
+    let (first, _) = f
+        .tokenize_once("spiffe://a", "r-3", "ada@example.com")
+        .await
+        .unwrap();
+    time.fetch_add(WINDOW_MS - 1, Ordering::SeqCst);
+    assert_eq!(f.vault.sweep_requests().await.unwrap(), 0);
+    let (again, replayed) = f
+        .tokenize_once("spiffe://a", "r-3", "ada@example.com")
+        .await
+        .unwrap();
+    assert!(replayed && again == first);
+
+    // Past the window the id is free again, even for another request; the
+    // expired record is replaced in the write, not first swept.
+    time.fetch_add(2, Ordering::SeqCst);
+    let (reused, replayed) = f
+        .tokenize_once("spiffe://a", "r-3", "bob@example.com")
+        .await
+        .unwrap();
+    assert!(!replayed);
+    assert_ne!(reused, first);
+    assert_eq!(f.count(Table::Meta, crate::layout::REQUEST_PREFIX).await, 1);
+    assert_eq!(
+        f.count(Table::Meta, crate::layout::REQUEST_EXPIRY_PREFIX)
+            .await,
+        1
+    );
+
+    // The sweep deletes what is due, and only that.
+    time.fetch_add(10, Ordering::SeqCst);
+    f.tokenize_once("spiffe://a", "r-4", "eve@example.com")
+        .await
+        .unwrap();
+    time.fetch_add(WINDOW_MS - 5, Ordering::SeqCst);
+    assert_eq!(f.vault.sweep_requests().await.unwrap(), 1);
+    assert_eq!(f.count(Table::Meta, crate::layout::REQUEST_PREFIX).await, 1);
+    time.fetch_add(WINDOW_MS, Ordering::SeqCst);
+    assert_eq!(f.vault.sweep_requests().await.unwrap(), 1);
+    assert_eq!(f.count(Table::Meta, crate::layout::REQUEST_PREFIX).await, 0);
+    assert_eq!(
+        f.count(Table::Meta, crate::layout::REQUEST_EXPIRY_PREFIX)
+            .await,
+        0
+    );
+    // The tokens stay: only the memory of the calls goes.
+    assert_eq!(f.count(Table::Records, b"").await, 3);
+}
