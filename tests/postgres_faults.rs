@@ -848,3 +848,111 @@ async fn an_erasure_the_database_lost_is_noticed_from_the_ledger() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(common::health(&a), "SERVING", "{}", a.logs());
 }
+
+/// How many records the vault's database holds.
+async fn records(db: &tokio_postgres::Client) -> i64 {
+    db.query_one(
+        "SELECT count(*) FROM tokenvault_kv WHERE tbl = 'records'",
+        &[],
+    )
+    .await
+    .unwrap()
+    .get(0)
+}
+
+/// Tokenizes `value` for `subject` with `request_id` through `vault`,
+/// sending it again until it is answered (a replica reconnecting answers
+/// UNAVAILABLE meanwhile): its token, and how many sends failed.
+async fn tokenize_until_answered(
+    vault: &TestVault,
+    value: &str,
+    subject: &str,
+    request_id: &str,
+) -> (String, usize) {
+    let mut client = vault.client("support").await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut failed = 0;
+    loop {
+        let mut request = tonic::Request::new(tokenvault::proto::v1::TokenizeRequest {
+            items: vec![common::subject_item("email", value, subject)],
+            request_id: request_id.into(),
+        });
+        request.set_timeout(Duration::from_secs(30));
+        match client.tokenize(request).await {
+            Ok(response) => return (common::tokens_of(response.into_inner()).remove(0), failed),
+            Err(status) => {
+                assert!(Instant::now() < deadline, "never answered: {status:?}");
+                failed += 1;
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+}
+
+/// The answer to a COMMIT is lost on its way back (the proxy drops the
+/// connection's replies from the COMMIT on; the database applies it): the
+/// caller hears an error for a write that was made. Sent again with its
+/// `request_id`, the Tokenize gets the first call's token, and the subject
+/// has one value. The control, the same call without an id, leaves an
+/// orphan: two values, so the fault does make an ambiguous commit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_with_its_request_id_after_a_lost_commit_answer_leaves_no_orphan() {
+    let _alone = ONE_AT_A_TIME.lock().await;
+    let cluster = cluster().await;
+    let proxy = DbProxy::start(cluster.socket_dir()).await.unwrap();
+    // No checkpoint is signed (committed) while the loss is armed.
+    let config = format!(
+        "{}[audit]\ncheckpoint_interval_seconds = 3600\n",
+        postgres_replica_config(
+            &proxy.conninfo("vault", "replica"),
+            &direct(&cluster, "ledger", "ledger"),
+            "",
+        )
+    );
+    let mut vault = TestVault::start_with(&config);
+    let db = pg_session(&cluster, "vault").await;
+    // Connections made, keys and schema in place, and each subject's key
+    // made: the lost answer is the value's write's, not the key's.
+    for subject in ["cust-retried", "cust-control"] {
+        tokenize_until_answered(&vault, "warm@example.com", subject, "").await;
+    }
+
+    let mut outcomes = Vec::new();
+    for (subject, request_id) in [("cust-retried", "0d9e-lost-commit"), ("cust-control", "")] {
+        let lost_before = proxy.replies_lost();
+        let records_before = records(&db).await;
+        // The simple-query message `COMMIT` (tokio-postgres commits so).
+        proxy.lose_reply_to(b"Q\0\0\0\x0bCOMMIT\0");
+        let value = format!("{subject}@example.com");
+        let (token, failed) = tokenize_until_answered(&vault, &value, subject, request_id).await;
+        assert_eq!(proxy.replies_lost(), lost_before + 1, "no COMMIT was sent");
+        assert!(failed >= 1, "the lost answer was not an error");
+        let written = records(&db).await - records_before;
+        let revealed = common::detokenize(
+            &mut vault.client("support").await,
+            std::slice::from_ref(&token),
+            "customer_support",
+        )
+        .await
+        .unwrap();
+        assert_eq!(
+            common::revealed(revealed),
+            vec![Ok(value.clone())],
+            "{subject}"
+        );
+        outcomes.push((subject, written));
+    }
+    assert_eq!(
+        outcomes,
+        [("cust-retried", 1), ("cust-control", 2)],
+        "records written by a call whose COMMIT answer was lost, and its retry"
+    );
+    // The retry was answered from the first call's record, and says so.
+    let replays = common::audit_events(&vault)
+        .await
+        .into_iter()
+        .filter(|e| e["method"] == "Tokenize" && e.get("replay_of").is_some())
+        .count();
+    assert_eq!(replays, 1);
+    vault.assert_log_free_of(&["cust-retried@example.com", "cust-control@example.com"]);
+}

@@ -3,15 +3,16 @@
 //! network between the vault and its database does (`tokenvault bench
 //! --db-latency-ms`), and can cut the link like a partition (every
 //! connection kept open and nothing passed either way, new connections
-//! accepted and then ignored, as a peer behind a dead link is), for the
-//! fault tests. The kernels this runs on may have no netem, and a proxy
+//! accepted and then ignored, as a peer behind a dead link is), or lose
+//! the answer to one message (a COMMIT that the server applies and whose
+//! reply never arrives), for the fault tests. The kernels this runs on may have no netem, and a proxy
 //! needs no privileges.
 
 use std::{
     path::{Path, PathBuf},
     sync::{
-        Arc,
-        atomic::{AtomicU64, Ordering},
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -82,7 +83,36 @@ pub struct DbProxy {
     cut: watch::Sender<bool>,
     /// Added each way, in microseconds.
     latency_us: Arc<AtomicU64>,
+    reply_loss: ReplyLoss,
     task: tokio::task::JoinHandle<()>,
+}
+
+/// The answer to lose: the next message towards the server that holds
+/// `armed`, on whichever connection sends it first.
+#[derive(Clone, Default)]
+struct ReplyLoss {
+    armed: Arc<Mutex<Option<Vec<u8>>>>,
+    /// How many answers were lost so far.
+    lost: Arc<AtomicU64>,
+}
+
+impl ReplyLoss {
+    /// Whether `bytes`, sent towards the server, fire the armed loss: if so,
+    /// the loss is disarmed and counted.
+    fn fires(&self, bytes: &[u8]) -> bool {
+        let mut armed = self
+            .armed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let hit = armed
+            .as_ref()
+            .is_some_and(|needle| bytes.windows(needle.len()).any(|w| w == needle.as_slice()));
+        if hit {
+            *armed = None;
+            self.lost.fetch_add(1, Ordering::SeqCst);
+        }
+        hit
+    }
 }
 
 impl DbProxy {
@@ -98,6 +128,8 @@ impl DbProxy {
         let (cut, cut_rx) = watch::channel(false);
         let latency_us = Arc::new(AtomicU64::new(0));
         let latency = Arc::clone(&latency_us);
+        let reply_loss = ReplyLoss::default();
+        let loss = reply_loss.clone();
         let timer = Timer::start();
         let task = tokio::spawn(async move {
             loop {
@@ -110,6 +142,7 @@ impl DbProxy {
                     upstream.clone(),
                     cut_rx.clone(),
                     Arc::clone(&latency),
+                    loss.clone(),
                     timer.clone(),
                 ));
             }
@@ -118,6 +151,7 @@ impl DbProxy {
             port,
             cut,
             latency_us,
+            reply_loss,
             task,
         })
     }
@@ -142,6 +176,23 @@ impl DbProxy {
         self.cut.send_replace(false);
     }
 
+    /// Loses the answer to the next message towards the server that holds
+    /// `needle` (e.g. `COMMIT`): the server gets the message and acts on
+    /// it, and from then on nothing more of that connection reaches the
+    /// client. Its client cannot tell that from a failed call.
+    pub fn lose_reply_to(&self, needle: &[u8]) {
+        *self
+            .reply_loss
+            .armed
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(needle.to_vec());
+    }
+
+    /// How many answers [`DbProxy::lose_reply_to`] lost so far.
+    pub fn replies_lost(&self) -> u64 {
+        self.reply_loss.lost.load(Ordering::SeqCst)
+    }
+
     /// Adds `latency` to every byte each way, from now on.
     pub fn set_latency(&self, latency: Duration) {
         self.latency_us.store(
@@ -164,6 +215,7 @@ async fn forward(
     upstream: PathBuf,
     cut: watch::Receiver<bool>,
     latency_us: Arc<AtomicU64>,
+    reply_loss: ReplyLoss,
     timer: Timer,
 ) {
     // While cut, a new connection is accepted and then ignored.
@@ -176,16 +228,38 @@ async fn forward(
     };
     let (down_read, down_write) = downstream.into_split();
     let (up_read, up_write) = upstream.into_split();
+    // Set once this connection's answer is lost: its replies are dropped.
+    let deaf = Arc::new(AtomicBool::new(false));
+    let (to_server, to_client) = (
+        Direction::ToServer {
+            reply_loss,
+            deaf: Arc::clone(&deaf),
+        },
+        Direction::ToClient { deaf },
+    );
     tokio::join!(
         pipe(
             down_read,
             up_write,
             cut.clone(),
             Arc::clone(&latency_us),
-            timer.clone()
+            timer.clone(),
+            to_server,
         ),
-        pipe(up_read, down_write, cut, latency_us, timer),
+        pipe(up_read, down_write, cut, latency_us, timer, to_client),
     );
+}
+
+/// Which way a pipe carries bytes, and what it does for a lost answer.
+#[derive(Clone)]
+enum Direction {
+    /// Watches for the message whose answer is to be lost.
+    ToServer {
+        reply_loss: ReplyLoss,
+        deaf: Arc<AtomicBool>,
+    },
+    /// Drops everything once the connection's answer is lost.
+    ToClient { deaf: Arc<AtomicBool> },
 }
 
 /// One direction: a reader that timestamps chunks and a writer that sends
@@ -198,14 +272,21 @@ async fn pipe(
     mut cut: watch::Receiver<bool>,
     latency_us: Arc<AtomicU64>,
     timer: Timer,
+    direction: Direction,
 ) {
     let (tx, mut rx) = mpsc::channel::<(Instant, Vec<u8>)>(16);
+    let direction_out = direction.clone();
     let reader = async move {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
             match from.read(&mut buf).await {
                 Ok(0) | Err(_) => return,
                 Ok(n) => {
+                    if let Direction::ToServer { reply_loss, deaf } = &direction
+                        && reply_loss.fires(&buf[..n])
+                    {
+                        deaf.store(true, Ordering::SeqCst);
+                    }
                     let due =
                         Instant::now() + Duration::from_micros(latency_us.load(Ordering::Relaxed));
                     if tx.send((due, buf[..n].to_vec())).await.is_err() {
@@ -220,6 +301,11 @@ async fn pipe(
             timer.until(due).await;
             if cut.wait_for(|cut| !cut).await.is_err() {
                 return;
+            }
+            if let Direction::ToClient { deaf } = &direction_out
+                && deaf.load(Ordering::SeqCst)
+            {
+                continue;
             }
             if to.write_all(&bytes).await.is_err() {
                 return;
