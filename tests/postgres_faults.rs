@@ -862,16 +862,16 @@ async fn records(db: &tokio_postgres::Client) -> i64 {
 
 /// Tokenizes `value` for `subject` with `request_id` through `vault`,
 /// sending it again until it is answered (a replica reconnecting answers
-/// UNAVAILABLE meanwhile): its token, and how many sends failed.
+/// UNAVAILABLE meanwhile): its token, and the failures' statuses.
 async fn tokenize_until_answered(
     vault: &TestVault,
     value: &str,
     subject: &str,
     request_id: &str,
-) -> (String, usize) {
+) -> (String, Vec<tonic::Status>) {
     let mut client = vault.client("support").await;
     let deadline = Instant::now() + Duration::from_secs(60);
-    let mut failed = 0;
+    let mut failed = Vec::new();
     loop {
         let mut request = tonic::Request::new(tokenvault::proto::v1::TokenizeRequest {
             items: vec![common::subject_item("email", value, subject)],
@@ -882,7 +882,7 @@ async fn tokenize_until_answered(
             Ok(response) => return (common::tokens_of(response.into_inner()).remove(0), failed),
             Err(status) => {
                 assert!(Instant::now() < deadline, "never answered: {status:?}");
-                failed += 1;
+                failed.push(status);
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
@@ -891,10 +891,10 @@ async fn tokenize_until_answered(
 
 /// The answer to a COMMIT is lost on its way back (the proxy drops the
 /// connection's replies from the COMMIT on; the database applies it): the
-/// caller hears an error for a write that was made. Sent again with its
-/// `request_id`, the Tokenize gets the first call's token, and the subject
-/// has one value. The control, the same call without an id, leaves an
-/// orphan: two values, so the fault does make an ambiguous commit.
+/// caller hears `UNAVAILABLE` saying the write may have been applied. Sent
+/// again with its `request_id`, the Tokenize gets the first call's token,
+/// and one record is written. The control, the same call without an id,
+/// writes two (an orphan), so the fault does make an ambiguous commit.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_retry_with_its_request_id_after_a_lost_commit_answer_leaves_no_orphan() {
     let _alone = ONE_AT_A_TIME.lock().await;
@@ -926,7 +926,14 @@ async fn a_retry_with_its_request_id_after_a_lost_commit_answer_leaves_no_orphan
         let value = format!("{subject}@example.com");
         let (token, failed) = tokenize_until_answered(&vault, &value, subject, request_id).await;
         assert_eq!(proxy.replies_lost(), lost_before + 1, "no COMMIT was sent");
-        assert!(failed >= 1, "the lost answer was not an error");
+        // The caller is told the write may have been made, and what to do.
+        let first = failed.first().expect("the lost answer was not an error");
+        assert_eq!(first.code(), tonic::Code::Unavailable, "{first:?}");
+        assert!(
+            first.message().contains("may have been applied")
+                && first.message().contains("request_id"),
+            "{first:?}"
+        );
         let written = records(&db).await - records_before;
         let revealed = common::detokenize(
             &mut vault.client("support").await,

@@ -83,6 +83,13 @@ fn vault_status(err: vault::Error) -> Status {
                 "the vault's database went back in time (a restore or a lossy failover), so nothing was revealed or changed; this replica restarts to re-apply the erasure ledger; retry",
             )
         }
+        vault::Error::Storage(store::Error::Indeterminate(detail))
+        | vault::Error::AuditUnavailable(store::Error::Indeterminate(detail)) => {
+            tracing::error!(error = %detail, "the answer to a commit was lost; the write may have been applied");
+            Status::unavailable(
+                "the storage did not confirm the write, which may have been applied: send the call again with the same request_id to get its answer (without one, a retried Tokenize may make a second token)",
+            )
+        }
         vault::Error::AuditUnavailable(store::Error::NoSpace(detail)) => {
             tracing::error!(error = %detail, "audit log cannot be written: storage is full");
             Status::resource_exhausted(

@@ -409,6 +409,11 @@ pub enum Error {
     /// erasure ledger.
     #[error("the database went back in time: {0}")]
     Rewound(String),
+    /// The commit was sent and its answer never came (the connection
+    /// dropped, or the call's deadline passed): the write may have been
+    /// applied or not.
+    #[error("the commit's answer was lost, the write may have been applied: {0}")]
+    Indeterminate(String),
 }
 
 impl Error {
@@ -422,6 +427,7 @@ impl Error {
             Error::Closed => Error::Closed,
             Error::Unsupported(what) => Error::Unsupported(what),
             Error::Rewound(m) => Error::Rewound(m.clone()),
+            Error::Indeterminate(m) => Error::Indeterminate(m.clone()),
         }
     }
 }

@@ -28,7 +28,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicU64, Ordering},
+        atomic::{AtomicBool, AtomicU64, Ordering},
     },
     time::Duration,
 };
@@ -828,6 +828,7 @@ async fn run_committer(committer: Committer, target: Target, shared: Shared) {
             },
         };
         let batches = group.iter().map(|commit| commit.batch.units());
+        let commit_sent = AtomicBool::new(false);
         let written = tokio::time::timeout(
             target.bounds.call,
             group::write_group(
@@ -835,6 +836,7 @@ async fn run_committer(committer: Committer, target: Target, shared: Shared) {
                 &committer.statements,
                 &history,
                 batches,
+                &commit_sent,
             ),
         )
         .await;
@@ -844,6 +846,14 @@ async fn run_committer(committer: Committer, target: Target, shared: Shared) {
         let (written, reusable) = match written {
             Ok(written) => (written, !committer.client.is_closed()),
             Err(_) => (Err(target.no_answer()), false),
+        };
+        // Lost after its COMMIT went out, the outcome is unknown; callers
+        // are told so (a request id then gives a retry the first answer).
+        let written = match written {
+            Err(Error::Backend(detail)) if !reusable && commit_sent.load(Ordering::SeqCst) => {
+                Err(Error::Indeterminate(detail))
+            }
+            other => other,
         };
         match written {
             Ok((outcomes, new_head)) => {

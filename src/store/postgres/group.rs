@@ -200,11 +200,15 @@ pub(super) fn locks_asked(units: &[Unit]) -> usize {
 /// transaction, and returns each batch's outcomes and, if the group
 /// appended audit events, the chain's new head. Nothing is written to a
 /// database that went back behind the head `history` has seen.
+///
+/// `commit_sent` is set when the COMMIT goes out: from then on, a lost
+/// answer leaves the outcome unknown.
 pub(super) async fn write_group<'a>(
     client: &mut Client,
     statements: &GroupStatements,
     history: &History,
     batches: impl Iterator<Item = &'a [Unit]> + Clone,
+    commit_sent: &std::sync::atomic::AtomicBool,
 ) -> Result<(Vec<UnitOutcomes>, Option<Head>), Error> {
     let tx = client.transaction().await.map_err(classify)?;
     let locks = lock_ids(batches.clone().flatten());
@@ -272,6 +276,7 @@ pub(super) async fn write_group<'a>(
         })
         .collect();
     let head = group.write(&tx, statements).await?;
+    commit_sent.store(true, std::sync::atomic::Ordering::SeqCst);
     tx.commit().await.map_err(classify)?;
     Ok((outcomes, head))
 }
