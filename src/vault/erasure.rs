@@ -317,7 +317,7 @@ impl<S: Store> Vault<S> {
     }
 
     /// The vault's own copy of the ledger, in order.
-    async fn recorded_ledger(&self) -> Result<Vec<LedgerEntry>, Error> {
+    pub(super) async fn recorded_ledger(&self) -> Result<Vec<LedgerEntry>, Error> {
         let stored = self
             .store
             .scan_prefix(Table::Meta, layout::ERASURE_LEDGER_ENTRY_PREFIX.to_vec())
@@ -375,6 +375,13 @@ impl<S: Store> Vault<S> {
             Some(ledger) => Some(ledger.tail.lock().await),
             None => None,
         };
+        // A call with the same id that erased while this one waited for
+        // its turn: nothing more goes into the ledger for this one.
+        if let Some(r) = &remember
+            && !self.still_new(r.request).await?
+        {
+            return Err(Error::Conflict(REQUEST_ID_IN_FLIGHT));
+        }
         let entry = match (&self.ledger, tail.as_deref_mut()) {
             // In the ledger once recorded, whatever becomes of the write
             // below: the next erasure chains to it (and the next open
@@ -421,8 +428,12 @@ impl<S: Store> Vault<S> {
         cutoff: Cutoff,
         entry: Option<&LedgerEntry>,
         mut event: Option<AuditEvent>,
-        remember: Option<&RememberErasure<'_>>,
+        mut remember: Option<&RememberErasure<'_>>,
     ) -> Result<u64, Error> {
+        // Whether a call with the same id was written first: this erasure
+        // is then applied without the record (its ledger entry is written,
+        // and must not be left unapplied), and the caller told so.
+        let mut lost_to_same_id = false;
         for _ in 0..MAX_RACES {
             let mut batch = Batch::new();
             let unit = batch.unit();
@@ -446,7 +457,9 @@ impl<S: Store> Vault<S> {
             if let (Some(Err(conflict)), Some(at)) = (outcome.first(), remembered)
                 && at.lost_to(conflict)
             {
-                return Err(Error::Conflict(REQUEST_ID_IN_FLIGHT));
+                lost_to_same_id = true;
+                remember = None;
+                continue;
             }
             if outcome.first().is_some_and(Result::is_err) {
                 continue;
@@ -462,6 +475,9 @@ impl<S: Store> Vault<S> {
             }
             if !purge.is_empty() {
                 self.store.purge(purge).await?;
+            }
+            if lost_to_same_id {
+                return Err(Error::Conflict(REQUEST_ID_IN_FLIGHT));
             }
             return Ok(shredding.erased);
         }

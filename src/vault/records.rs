@@ -124,6 +124,13 @@ impl<S: Store> Vault<S> {
             {
                 return Err(Error::Conflict(REQUEST_ID_IN_FLIGHT));
             }
+            // Another guard may fail first for a call with the same id
+            // (its write indexed the new value): tell the truth.
+            if let (Some(Err(_)), Some(r)) = (outcomes.first(), &remember)
+                && !self.still_new(r.request).await?
+            {
+                return Err(Error::Conflict(REQUEST_ID_IN_FLIGHT));
+            }
             match outcomes.first() {
                 // Only the index entries are guarded absent: the new value
                 // is another token's.

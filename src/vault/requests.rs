@@ -17,7 +17,9 @@
 //! after the configured window and are swept with the expired values.
 //!
 //! A record holds no value: the fingerprint is a keyed hash, and answers
-//! hold tokens, field type names and erasure receipts.
+//! hold tokens, item errors, field type names and erasure receipts. An
+//! erasure does not find the records of its subject's calls (they are
+//! keyed by caller and id); they go when their window ends (SECURITY.md).
 
 use super::{Error, Vault};
 use crate::{
@@ -295,6 +297,22 @@ impl<S: Store> Vault<S> {
             Vec::new(),
         );
         at
+    }
+
+    /// Whether `request` is still new: no other call with its id was
+    /// written since [`Vault::prior`] found it. Asked when a write that
+    /// carried it failed on another guard, to tell the caller the truth.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub(super) async fn still_new(&self, request: &NewRequest) -> Result<bool, Error> {
+        let stored = self
+            .store
+            .get_many(Table::Meta, vec![layout::request_key(&request.key)])
+            .await?
+            .pop()
+            .flatten();
+        Ok(stored.as_ref() == request.stale.as_ref().map(|(bytes, _)| bytes))
     }
 
     /// Records that the call `audit` describes was answered with the first

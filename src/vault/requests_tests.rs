@@ -15,6 +15,15 @@ fn id(text: &str) -> RequestId {
     RequestId::parse(text).unwrap().unwrap()
 }
 
+/// A policy that grants every identity `scope`.
+fn granting(scope: &str) -> crate::authz::Policy {
+    crate::authz::Policy::new(vec![crate::authz::Rule::new(
+        crate::authz::IdentityPattern::new("spiffe://*").unwrap(),
+        vec![scope.parse().unwrap()],
+        crate::authz::PurposeSet::Any,
+    )])
+}
+
 fn encode(results: &[Result<Token, ItemError>]) -> Vec<u8> {
     let tokens: Vec<String> = results
         .iter()
@@ -207,4 +216,124 @@ async fn a_request_id_is_forgotten_after_its_window_and_swept() {
     );
     // The tokens stay: only the memory of the calls goes.
     assert_eq!(f.count(Table::Records, b"").await, 3);
+}
+
+/// Two UpdateValue calls with one id, both prepared before either wrote,
+/// on a deterministic field type: the loser's write fails on the index
+/// entry the winner made first, and must still be told that its id was
+/// taken (`ABORTED`), not that the value belongs to another token.
+#[tokio::test]
+async fn an_update_that_lost_to_its_own_id_is_told_so() {
+    let f = fixture().await;
+    let policy = granting("update:*");
+    let grants = policy.grants(&f.client);
+    for round in 0..8 {
+        let token = f
+            .tokenize(&[("customer_email", &format!("old{round}@example.com"))])
+            .await
+            .remove(0)
+            .unwrap();
+        let new = format!("new{round}@example.com");
+        let key = || {
+            f.vault.request_key(
+                &id(&format!("u-{round}")),
+                "spiffe://a",
+                "UpdateValue",
+                [token.as_str().as_bytes(), new.as_bytes()],
+            )
+        };
+        let (Prior::New(a), Prior::New(b)) = (
+            f.vault.prior(key()).await.unwrap(),
+            f.vault.prior(key()).await.unwrap(),
+        ) else {
+            panic!("new");
+        };
+        let answer = |ft: &crate::token::FieldType| ft.to_string().into_bytes();
+        let audit = ctx("UpdateValue", 1);
+        let update = |request| {
+            f.vault.update_value(
+                &token,
+                SecretValue::new(new.clone()),
+                |ft| grants.permit_field(Action::Update, ft),
+                &audit,
+                Some(Remember {
+                    request,
+                    answer: &answer,
+                }),
+            )
+        };
+        let (first, second) = tokio::join!(update(&a), update(&b));
+        let outcomes = [first, second];
+        let won = outcomes.iter().filter(|o| matches!(o, Ok(Ok(_)))).count();
+        let told = outcomes
+            .iter()
+            .filter(
+                |o| matches!(o, Err(Error::Conflict(m)) if *m == requests::REQUEST_ID_IN_FLIGHT),
+            )
+            .count();
+        assert_eq!((won, told), (1, 1), "round {round}: {outcomes:?}");
+    }
+}
+
+/// An erasure whose id another call took first, while it waited for its
+/// turn at the ledger, writes no ledger entry of its own: none is left
+/// that the vault never applied (which would stop every replica's writes
+/// on a shared ledger).
+#[tokio::test]
+async fn an_erasure_that_lost_to_its_own_id_leaves_nothing_unapplied() {
+    use super::{LedgerLocation, LedgerRollback, ledger::LedgerFile, ledger_sink::LedgerSink};
+    let mut f = fixture().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("erasures");
+    let vault = std::mem::replace(&mut f.vault, super::tests::placeholder_vault().await);
+    f.vault = vault
+        .with_ledger(LedgerLocation::File(path.clone()), LedgerRollback::Refuse)
+        .await
+        .unwrap()
+        .0;
+    let policy = granting("subject:erase");
+    let grants = policy.grants(&f.client);
+    f.tokenize_for("cust-1", &[("email", "ada@example.com", None)])
+        .await;
+    let key = || {
+        f.vault.request_key(
+            &id("e-1"),
+            "spiffe://a",
+            "EraseSubject",
+            [b"cust-1".as_slice()],
+        )
+    };
+    let (Prior::New(a), Prior::New(b)) = (
+        f.vault.prior(key()).await.unwrap(),
+        f.vault.prior(key()).await.unwrap(),
+    ) else {
+        panic!("new");
+    };
+    let answer = |r: &ErasureReceipt| r.tokens_erased.to_be_bytes().to_vec();
+    let audit = ctx("EraseSubject", 1);
+    let erase = |request| {
+        let permit = grants
+            .permit_global(Action::SubjectErase, "cust-1".parse().unwrap())
+            .unwrap();
+        f.vault.erase_subject(
+            permit,
+            &audit,
+            Some(Remember {
+                request,
+                answer: &answer,
+            }),
+        )
+    };
+    assert_eq!(erase(&a).await.unwrap().tokens_erased, 1);
+    let lost = erase(&b).await;
+    assert!(
+        matches!(lost, Err(Error::Conflict(m)) if m == requests::REQUEST_ID_IN_FLIGHT),
+        "{lost:?}"
+    );
+    let (_, content) = LedgerSink::open(LedgerLocation::File(path)).await.unwrap();
+    let LedgerFile::Chained(entries) = content else {
+        panic!("a chained ledger");
+    };
+    assert_eq!(entries.len(), 1);
+    assert_eq!(f.vault.recorded_ledger().await.unwrap().len(), 1);
 }

@@ -78,7 +78,7 @@ pub(super) async fn fixture() -> Fixture {
 }
 
 impl Fixture {
-    async fn tokenize(&self, items: &[(&str, &str)]) -> Vec<Result<Token, ItemError>> {
+    pub(super) async fn tokenize(&self, items: &[(&str, &str)]) -> Vec<Result<Token, ItemError>> {
         let grants = self.policy.grants(&self.client);
         let permits = items
             .iter()
