@@ -804,6 +804,20 @@ async fn calls_sent_again_with_their_request_id_get_the_first_answer_and_change_
     assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
     assert!(status.message().contains("request_id"), "{status:?}");
     assert!(!status.message().contains("eve@"), "{status:?}");
+    // Any field changed is another request: the TTL, the subject, the field
+    // type. None of them is written.
+    for change in [
+        |item: &mut TokenizeItem| item.ttl_seconds = 60,
+        |item: &mut TokenizeItem| item.subject_id = "cust-bob".into(),
+        |item: &mut TokenizeItem| item.field_type = "text".into(),
+    ] {
+        let mut changed = tokenize_request("7d1c9a52-tokenize");
+        change(&mut changed.items[0]);
+        let status = support.tokenize(changed).await.unwrap_err();
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status:?}");
+    }
+    assert!(export_subject(&vault, "cust-bob").await.is_empty());
+    assert_eq!(export_subject(&vault, "cust-ada").await.len(), 2);
     // An id is the caller's own: another identity's same id is its own call.
     let mut checkout = vault.client("checkout").await;
     let theirs = checkout
@@ -827,8 +841,9 @@ async fn calls_sent_again_with_their_request_id_get_the_first_answer_and_change_
         value: value.into(),
         request_id: request_id.into(),
     };
+    // The id of the Tokenize above, for another method: its own request.
     privacy
-        .update_value(update("ada@example.org", "7d1c9a52-update-1"))
+        .update_value(update("ada@example.org", "7d1c9a52-tokenize"))
         .await
         .unwrap();
     privacy
@@ -836,7 +851,7 @@ async fn calls_sent_again_with_their_request_id_get_the_first_answer_and_change_
         .await
         .unwrap();
     let replayed = privacy
-        .update_value(update("ada@example.org", "7d1c9a52-update-1"))
+        .update_value(update("ada@example.org", "7d1c9a52-tokenize"))
         .await
         .unwrap()
         .into_inner();
