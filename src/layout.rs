@@ -366,6 +366,29 @@ pub fn request_key(key: &[u8; 32]) -> Vec<u8> {
     [REQUEST_PREFIX, key.as_slice()].concat()
 }
 
+/// The prefix of the remembered requests' subject entries.
+pub const REQUEST_SUBJECT_PREFIX: &[u8] = b"request-subject/";
+
+/// The entry that ties a remembered request to a subject its call named:
+/// the prefix, the subject's hash, then the request key's hash. What an
+/// erasure finds the subject's requests by.
+pub fn request_subject_key(subject: &SubjectHash, key: &[u8; 32]) -> Vec<u8> {
+    [REQUEST_SUBJECT_PREFIX, subject.as_slice(), key.as_slice()].concat()
+}
+
+/// The prefix of a subject's [`request_subject_key`] entries.
+pub fn request_subject_prefix(subject: &SubjectHash) -> Vec<u8> {
+    [REQUEST_SUBJECT_PREFIX, subject.as_slice()].concat()
+}
+
+/// The request key's hash in a [`request_subject_key`].
+pub fn request_of_subject_key(key: &[u8]) -> Option<[u8; 32]> {
+    key.strip_prefix(REQUEST_SUBJECT_PREFIX)?
+        .get(32..)?
+        .try_into()
+        .ok()
+}
+
 /// The prefix of the remembered requests' expiry entries, in time order.
 pub const REQUEST_EXPIRY_PREFIX: &[u8] = b"request-expiry/";
 

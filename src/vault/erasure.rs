@@ -444,7 +444,7 @@ impl<S: Store> Vault<S> {
             }
             let remembered = remember.map(|r| {
                 let answer = (r.remember.answer)(&(r.receipt)(shredding.erased));
-                self.remember(unit, r.remember.request, r.audit, answer)
+                self.remember(unit, r.remember.request, r.audit, answer, &[hash])
             });
             let outcome = match event {
                 Some(_) => self
@@ -551,6 +551,9 @@ impl<S: Store> Vault<S> {
             unit.delete(Table::Consent, key.clone());
             purge.push((Table::Consent, key));
         }
+        // Calls' request ids that named the subject are forgotten (a retry
+        // of one runs again): their records hold keyed hashes of values.
+        purge.extend(self.forget_requests_of(&hash, unit).await?);
         if let Some(entry) = entry {
             unit.put(
                 Table::Meta,

@@ -111,9 +111,10 @@ impl<S: Store> Vault<S> {
                 update.record.encode(),
             );
             self.append_event(unit, &event);
-            let remembered = remember
-                .as_ref()
-                .map(|r| self.remember(unit, r.request, audit, (r.answer)(&field_type)));
+            let remembered = remember.as_ref().map(|r| {
+                let subjects: Vec<_> = update.record.subject_hash.into_iter().collect();
+                self.remember(unit, r.request, audit, (r.answer)(&field_type), &subjects)
+            });
             let outcomes = self
                 .store
                 .commit(batch)

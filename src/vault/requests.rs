@@ -17,14 +17,14 @@
 //! after the configured window and are swept with the expired values.
 //!
 //! A record holds no value: the fingerprint is a keyed hash, and answers
-//! hold tokens, item errors, field type names and erasure receipts. An
-//! erasure does not find the records of its subject's calls (they are
-//! keyed by caller and id); they go when their window ends (SECURITY.md).
+//! hold tokens, item errors, field type names and erasure receipts. Each
+//! record has an entry per subject its call named, by which an erasure
+//! finds and deletes it.
 
 use super::{Error, Vault};
 use crate::{
     audit::{AuditContext, Outcome},
-    layout,
+    layout::{self, SubjectHash},
     store::{Batch, Conflict, FailedGuard, Store, Table, Unit},
 };
 
@@ -151,6 +151,9 @@ pub const REQUEST_ID_IN_FLIGHT: &str = "another call with this request_id was wr
 struct Stored {
     expires_ms: u64,
     fingerprint: [u8; 32],
+    /// The subjects the call named (their hashes), each with an entry that
+    /// an erasure finds the record by.
+    subjects: Vec<SubjectHash>,
     first_call: String,
     answer: Vec<u8>,
 }
@@ -160,10 +163,20 @@ impl Stored {
         let id = self.first_call.as_bytes();
         let id_len = u8::try_from(id.len()).unwrap_or(u8::MAX);
         let id = &id[..usize::from(id_len)];
-        let mut out = Vec::with_capacity(1 + 8 + 32 + 1 + id.len() + self.answer.len());
+        // A request names at most `limits.max_items_per_request` subjects,
+        // far below the bound of the count.
+        let count = u16::try_from(self.subjects.len()).unwrap_or(u16::MAX);
+        let subjects = &self.subjects[..usize::from(count)];
+        let mut out = Vec::with_capacity(
+            1 + 8 + 32 + 2 + 32 * subjects.len() + 1 + id.len() + self.answer.len(),
+        );
         out.push(RECORD_VERSION);
         out.extend_from_slice(&self.expires_ms.to_be_bytes());
         out.extend_from_slice(&self.fingerprint);
+        out.extend_from_slice(&count.to_be_bytes());
+        for subject in subjects {
+            out.extend_from_slice(subject);
+        }
         out.push(id_len);
         out.extend_from_slice(id);
         out.extend_from_slice(&self.answer);
@@ -177,11 +190,19 @@ impl Stored {
         }
         let (expires, rest) = rest.split_first_chunk::<8>()?;
         let (fingerprint, rest) = rest.split_first_chunk::<32>()?;
+        let (count, mut rest) = rest.split_first_chunk::<2>()?;
+        let mut subjects = Vec::with_capacity(usize::from(u16::from_be_bytes(*count)));
+        for _ in 0..u16::from_be_bytes(*count) {
+            let (subject, after) = rest.split_first_chunk::<32>()?;
+            subjects.push(*subject);
+            rest = after;
+        }
         let (&id_len, rest) = rest.split_first()?;
         let (id, answer) = rest.split_at_checked(usize::from(id_len))?;
         Some(Self {
             expires_ms: u64::from_be_bytes(*expires),
             fingerprint: *fingerprint,
+            subjects,
             first_call: String::from_utf8(id.to_vec()).ok()?,
             answer: answer.to_vec(),
         })
@@ -256,15 +277,17 @@ impl<S: Store> Vault<S> {
     }
 
     /// Adds to `unit` the record of `request`, answered by `answer`, made by
-    /// the call `audit` describes; guarded, so that the unit applies only if
-    /// no other call with the id was written meanwhile. Returns where the
-    /// guard sits: a conflict on it means the id was taken.
+    /// the call `audit` describes, which named `subjects`; guarded, so that
+    /// the unit applies only if no other call with the id was written
+    /// meanwhile. Returns where the guard sits: a conflict on it means the
+    /// id was taken.
     pub(super) fn remember(
         &self,
         unit: &mut Unit,
         request: &NewRequest,
         audit: &AuditContext,
         answer: Vec<u8>,
+        subjects: &[SubjectHash],
     ) -> RememberedAt {
         let expires_ms = self.now().saturating_add(self.request_window_ms);
         let key = layout::request_key(&request.key);
@@ -276,6 +299,7 @@ impl<S: Store> Vault<S> {
                     Table::Meta,
                     layout::request_expiry_key(*stale_expiry, &request.key),
                 );
+                forget_subjects(unit, bytes, &request.key);
                 at
             }
             None => {
@@ -284,9 +308,20 @@ impl<S: Store> Vault<S> {
                 at
             }
         };
+        let mut subjects = subjects.to_vec();
+        subjects.sort_unstable();
+        subjects.dedup();
+        for subject in &subjects {
+            unit.put(
+                Table::Meta,
+                layout::request_subject_key(subject, &request.key),
+                Vec::new(),
+            );
+        }
         let stored = Stored {
             expires_ms,
             fingerprint: request.fingerprint,
+            subjects,
             first_call: audit.request_id.clone(),
             answer,
         };
@@ -382,9 +417,9 @@ impl<S: Store> Vault<S> {
                 {
                     let key = layout::request_key(hash);
                     record_units.push(batch.units().len());
-                    batch
-                        .unit()
-                        .guard_unchanged(Table::Meta, key.clone(), bytes)
+                    let unit = batch.unit();
+                    forget_subjects(unit, &bytes, hash);
+                    unit.guard_unchanged(Table::Meta, key.clone(), bytes)
                         .delete(Table::Meta, key);
                 }
             }
@@ -397,6 +432,64 @@ impl<S: Store> Vault<S> {
                 return Ok(swept);
             }
         }
+    }
+}
+
+/// Adds to `unit` the deletion of the subject entries of the record
+/// `bytes` under `key`.
+fn forget_subjects(unit: &mut Unit, bytes: &[u8], key: &[u8; 32]) {
+    for subject in Stored::decode(bytes)
+        .map(|s| s.subjects)
+        .unwrap_or_default()
+    {
+        unit.delete(Table::Meta, layout::request_subject_key(&subject, key));
+    }
+}
+
+impl<S: Store> Vault<S> {
+    /// Adds to `unit` the deletion of every remembered request whose call
+    /// named the subject `hash`, with their entries; returns the keys to
+    /// purge from the files. An erasure forgets them: a record holds a
+    /// keyed hash of the call's values and its tokens.
+    ///
+    /// # Errors
+    /// Storage failures.
+    pub(super) async fn forget_requests_of(
+        &self,
+        hash: &SubjectHash,
+        unit: &mut Unit,
+    ) -> Result<Vec<(Table, Vec<u8>)>, Error> {
+        let entries = self
+            .store
+            .scan_prefix(Table::Meta, layout::request_subject_prefix(hash))
+            .await?;
+        let keys: Vec<[u8; 32]> = entries
+            .iter()
+            .filter_map(|(entry, _)| layout::request_of_subject_key(entry))
+            .collect();
+        let records = self
+            .store
+            .get_many(Table::Meta, keys.iter().map(layout::request_key).collect())
+            .await?;
+        let mut purge = Vec::new();
+        for (entry, _) in entries {
+            unit.delete(Table::Meta, entry.clone());
+            purge.push((Table::Meta, entry));
+        }
+        for (key, record) in keys.iter().zip(records) {
+            let Some(bytes) = record else { continue };
+            forget_subjects(unit, &bytes, key);
+            if let Some(stored) = Stored::decode(&bytes) {
+                unit.delete(
+                    Table::Meta,
+                    layout::request_expiry_key(stored.expires_ms, key),
+                );
+            }
+            let record_key = layout::request_key(key);
+            unit.delete(Table::Meta, record_key.clone());
+            purge.push((Table::Meta, record_key));
+        }
+        Ok(purge)
     }
 }
 
@@ -430,12 +523,14 @@ mod tests {
         let stored = Stored {
             expires_ms: 42,
             fingerprint: [7; 32],
+            subjects: vec![[1; 32], [2; 32]],
             first_call: "00ff00ff00ff00ff".into(),
             answer: b"answer".to_vec(),
         };
         let decoded = Stored::decode(&stored.encode()).unwrap();
         assert_eq!(decoded.expires_ms, 42);
         assert_eq!(decoded.fingerprint, [7; 32]);
+        assert_eq!(decoded.subjects, [[1; 32], [2; 32]]);
         assert_eq!(decoded.first_call, "00ff00ff00ff00ff");
         assert_eq!(decoded.answer, b"answer");
         assert!(Stored::decode(&[2]).is_none());

@@ -337,3 +337,104 @@ async fn an_erasure_that_lost_to_its_own_id_leaves_nothing_unapplied() {
     assert_eq!(entries.len(), 1);
     assert_eq!(f.vault.recorded_ledger().await.unwrap().len(), 1);
 }
+
+/// An erasure forgets the request ids of the calls that named the subject
+/// (their records hold keyed hashes of its values, and its tokens): the
+/// records, their subject and expiry entries go; a call that named another
+/// subject stays; a retry of a forgotten call runs again.
+#[tokio::test]
+async fn an_erasure_forgets_the_request_ids_of_the_subjects_calls() {
+    let (f, time) = fixture_with_clock().await;
+    let grants = f.policy.grants(&f.client);
+    let tokenize = |request_id: &'static str, subjects: &'static [&'static str]| {
+        let grants = &grants;
+        let f = &f;
+        async move {
+            let key = f.vault.request_key(
+                &id(request_id),
+                "spiffe://a",
+                "Tokenize",
+                subjects.iter().map(|s| s.as_bytes()),
+            );
+            let Prior::New(request) = f.vault.prior(key).await.unwrap() else {
+                return None;
+            };
+            let permits = subjects
+                .iter()
+                .map(|s| {
+                    grants
+                        .permit_tokenize(NewValue {
+                            field_type: "email".parse().unwrap(),
+                            value: SecretValue::new(format!("{s}@example.com")),
+                            subject: Some(s.parse().unwrap()),
+                            ttl_seconds: None,
+                        })
+                        .unwrap()
+                })
+                .collect();
+            let results = f
+                .vault
+                .tokenize(
+                    permits,
+                    |ft| grants.permit_field(Action::Lookup, ft),
+                    &ctx("Tokenize", subjects.len()),
+                    Some(Remember {
+                        request: &request,
+                        answer: &encode,
+                    }),
+                )
+                .await
+                .unwrap();
+            Some(results)
+        }
+    };
+    tokenize("both", &["cust-ada", "cust-bob"]).await.unwrap();
+    tokenize("bob", &["cust-bob"]).await.unwrap();
+    assert!(tokenize("bob", &["cust-bob"]).await.is_none(), "remembered");
+    assert_eq!(
+        f.count(Table::Meta, crate::layout::REQUEST_SUBJECT_PREFIX)
+            .await,
+        3
+    );
+
+    let policy = granting("subject:erase");
+    let permit = policy
+        .grants(&f.client)
+        .permit_global(Action::SubjectErase, "cust-ada".parse().unwrap())
+        .unwrap();
+    f.vault
+        .erase_subject(permit, &ctx("EraseSubject", 1), None)
+        .await
+        .unwrap();
+    // The call that named Ada is forgotten with both its entries.
+    assert_eq!(f.count(Table::Meta, crate::layout::REQUEST_PREFIX).await, 1);
+    assert_eq!(
+        f.count(Table::Meta, crate::layout::REQUEST_SUBJECT_PREFIX)
+            .await,
+        1
+    );
+    assert_eq!(
+        f.count(Table::Meta, crate::layout::REQUEST_EXPIRY_PREFIX)
+            .await,
+        1
+    );
+    assert!(
+        tokenize("bob", &["cust-bob"]).await.is_none(),
+        "Bob's own call stays"
+    );
+    assert!(
+        tokenize("both", &["cust-ada", "cust-bob"]).await.is_some(),
+        "runs again"
+    );
+
+    // The sweep takes a record's subject entries with it.
+    time.fetch_add(WINDOW_MS + 1, Ordering::SeqCst);
+    assert_eq!(f.vault.sweep_requests().await.unwrap(), 2);
+    for prefix in [
+        crate::layout::REQUEST_PREFIX,
+        crate::layout::REQUEST_SUBJECT_PREFIX,
+        crate::layout::REQUEST_EXPIRY_PREFIX,
+    ] {
+        assert_eq!(f.count(Table::Meta, prefix).await, 0);
+    }
+}

@@ -220,7 +220,10 @@ impl<S: Store> Vault<S> {
             self.append_event(unit, &round_event);
             let remembered = remember.as_ref().map(|r| {
                 let answer = (r.answer)(&answer(&results, &drawn, &repeats));
-                self.remember(unit, r.request, audit, answer)
+                // Every subject the request names, stored or not: the
+                // record holds a keyed hash of its values.
+                let named: Vec<_> = of_item.iter().filter_map(|(s, _)| *s).collect();
+                self.remember(unit, r.request, audit, answer, &named)
             });
             // A backstop for the estimate above (nothing written this round).
             if let (Some(max), Some(unit)) =
