@@ -1,6 +1,7 @@
 //! The `tokenvault.v1.Admin` service: online backups, key rotation and the
 //! jobs that follow it.
 
+use crate::authz::act;
 use std::path::PathBuf;
 
 use tonic::{Request, Response, Status};
@@ -29,7 +30,7 @@ impl<S: Store> TokenVaultService<S> {
         // Authorised before the path is looked at: a caller without
         // admin:backup learns nothing about the server's files.
         let permit = grants
-            .permit_global(Action::AdminBackup, path)
+            .permit_global(act::AdminBackup, path)
             .map_err(denied)?;
         if permit.item().exists() {
             return Err(Error::InvalidArgument(
@@ -70,7 +71,13 @@ impl<S: Store> TokenVaultService<S> {
             until: bound("until", request.until)?,
         };
         let permit = grants
-            .permit_global(Action::AuditRead, (period, std::sync::Arc::clone(&policy)))
+            .permit_global(
+                act::AuditRead,
+                vault::ReportQuery {
+                    period,
+                    policy: std::sync::Arc::clone(&policy),
+                },
+            )
             .map_err(denied)?;
         let report = self
             .vault
@@ -112,7 +119,7 @@ impl<S: Store> TokenVaultService<S> {
         grants.require_action(Action::AdminKeys).map_err(denied)?;
         let setting = self.new_master_key(request)?;
         let permit = grants
-            .permit_global(Action::AdminKeys, setting)
+            .permit_global(act::AdminKeys, setting)
             .map_err(denied)?;
         let count = self
             .vault
@@ -213,17 +220,27 @@ impl<S: Store> TokenVaultService<S> {
                 ));
             }
         };
-        let permit = self.keys_permit(call, (job, request.paused))?;
+        let permit = self.keys_permit(
+            call,
+            vault::JobHold {
+                job,
+                paused: request.paused,
+            },
+        )?;
         let status = self.vault.set_job_paused(permit, &call.audit(1, 0)).await?;
         Ok(job_status(&status))
     }
 
-    fn keys_permit<T>(&self, call: &Call, item: T) -> Result<crate::authz::Permit<T>, Error> {
+    fn keys_permit<T>(
+        &self,
+        call: &Call,
+        item: T,
+    ) -> Result<crate::authz::Permit<act::AdminKeys, T>, Error> {
         self.settings
             .policy
             .current()
             .grants(&call.client)
-            .permit_global(Action::AdminKeys, item)
+            .permit_global(act::AdminKeys, item)
             .map_err(denied)
     }
 }

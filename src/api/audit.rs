@@ -1,5 +1,6 @@
 //! The `tokenvault.v1.Audit` service: the audit trail, streamed.
 
+use crate::authz::act;
 use std::pin::Pin;
 
 use tokio_stream::Stream;
@@ -7,7 +8,6 @@ use tonic::{Request, Response, Status};
 
 use super::{Call, Error, TokenVaultService, denied};
 use crate::{
-    authz::Action,
     proto::v1::{self as pb, audit_server::Audit},
     store::Store,
 };
@@ -32,7 +32,14 @@ impl<S: Store> TokenVaultService<S> {
         };
         let identity = (!request.identity.is_empty()).then_some(request.identity);
         let permit = grants
-            .permit_global(Action::AuditRead, (request.from_seq, identity, limit))
+            .permit_global(
+                act::AuditRead,
+                crate::vault::EventsQuery {
+                    from_seq: request.from_seq,
+                    identity,
+                    limit,
+                },
+            )
             .map_err(denied)?;
         let events = self.vault.audit_events(permit, &call.audit(1, 0)).await?;
         let records: Vec<Result<pb::AuditRecord, Status>> = events

@@ -18,6 +18,7 @@ pub use admission::{Admission, AdmissionLayer};
 pub use limits::{IdentityLimits, Limited, Limiter, Limits};
 pub use refusals::RefusalLog;
 
+use crate::authz::act;
 use std::{
     sync::{Arc, Mutex},
     time::Instant,
@@ -325,7 +326,7 @@ impl<S: Store> TokenVaultService<S> {
         // token the value has: that is what lookup: grants.
         let existing = |field_type: &FieldType| {
             grants
-                .permit_field(Action::Lookup, field_type)
+                .permit_field(act::Lookup, field_type)
                 .inspect_err(log_denial)
         };
         let audit = call.audit(items, refused);

@@ -1,5 +1,6 @@
 //! The `tokenvault.v1.Subjects` service: data subjects' rights and consent.
 
+use crate::authz::act;
 use std::pin::Pin;
 
 use tokio_stream::Stream;
@@ -17,7 +18,7 @@ use crate::{
     proto::v1::{self as pb, subjects_server::Subjects},
     store::Store,
     token::{FieldType, Token},
-    vault::{ErasureReceipt, ItemError, Prior, Remember, SubjectId},
+    vault::{ConsentDecision, ConsentQuery, ErasureReceipt, ItemError, Prior, Remember, SubjectId},
 };
 
 /// The one purpose an export is made for: answering the data subject's own
@@ -142,11 +143,7 @@ impl<S: Store> TokenVaultService<S> {
         }
         let stated = grants.allow_purpose(stated).map_err(denied)?;
         let permit = grants
-            .permit_global_for(
-                Action::SubjectExport,
-                &stated,
-                subject(&request.subject_id)?,
-            )
+            .permit_global_for(act::SubjectExport, &stated, subject(&request.subject_id)?)
             .map_err(denied)?;
         // A sealed export's key is checked before anything is exported.
         let sealer = match request.recipient_public_key.len() {
@@ -239,7 +236,7 @@ impl<S: Store> TokenVaultService<S> {
         let policy = self.settings.policy.current();
         let grants = policy.grants(&call.client);
         let permit = grants
-            .permit_global(Action::SubjectErase, subject(&request.subject_id)?)
+            .permit_global(act::SubjectErase, subject(&request.subject_id)?)
             .map_err(denied)?;
         let request_key =
             self.request_key(call, &request.request_id, [request.subject_id.as_bytes()])?;
@@ -292,7 +289,7 @@ impl<S: Store> TokenVaultService<S> {
         });
         let authorize = |ft: &crate::token::FieldType| {
             grants
-                .permit_field(Action::Update, ft)
+                .permit_field(act::Update, ft)
                 .inspect_err(super::log_denial)
         };
         match self
@@ -325,7 +322,7 @@ impl<S: Store> TokenVaultService<S> {
         }
         let authorize = |ft: &crate::token::FieldType| {
             grants
-                .permit_field(Action::Delete, ft)
+                .permit_field(act::Delete, ft)
                 .inspect_err(super::log_denial)
         };
         let (items, refused) = split.counts();
@@ -348,12 +345,12 @@ impl<S: Store> TokenVaultService<S> {
         let stated = purpose(&request.purpose)?;
         let permit = grants
             .permit_global(
-                Action::ConsentWrite,
-                (
-                    subject(&request.subject_id)?,
-                    stated.clone(),
-                    request.granted,
-                ),
+                act::ConsentWrite,
+                ConsentDecision {
+                    subject: subject(&request.subject_id)?,
+                    purpose: stated.clone(),
+                    granted: request.granted,
+                },
             )
             .map_err(denied)?;
         let state = self.vault.set_consent(permit, &call.audit(1, 0)).await?;
@@ -374,8 +371,11 @@ impl<S: Store> TokenVaultService<S> {
         let stated = purpose(&request.purpose)?;
         let permit = grants
             .permit_global(
-                Action::ConsentRead,
-                (subject(&request.subject_id)?, stated.clone()),
+                act::ConsentRead,
+                ConsentQuery {
+                    subject: subject(&request.subject_id)?,
+                    purpose: stated.clone(),
+                },
             )
             .map_err(denied)?;
         let state = self.vault.get_consent(permit, &call.audit(1, 0)).await?;
@@ -432,7 +432,7 @@ impl<S: Store> TokenVaultService<S> {
         };
         let permit = grants
             .permit_global(
-                Action::SubjectHistory,
+                act::SubjectHistory,
                 crate::vault::HistoryQuery {
                     subject: subject(&request.subject_id)?,
                     since_ms,

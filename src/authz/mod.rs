@@ -13,6 +13,7 @@ use std::{collections::BTreeSet, fmt};
 
 use crate::{identity::ClientId, token::FieldType};
 
+pub mod act;
 mod pattern;
 mod purpose;
 mod scope;
@@ -273,18 +274,21 @@ impl Grants<'_> {
     ///
     /// # Errors
     /// A [`Denial`] naming the missing scope.
-    pub fn permit_tokenize<T: Tokenizable>(&self, item: T) -> Result<Permit<T>, Denial> {
+    pub fn permit_tokenize<T: Tokenizable>(
+        &self,
+        item: T,
+    ) -> Result<Permit<act::Tokenize, T>, Denial> {
         self.check(Action::Tokenize, item.field_type())?;
-        Ok(Permit { item })
+        Ok(Permit::new(item))
     }
 
     /// Permits looking up the token of `item` if a scope covers its field type.
     ///
     /// # Errors
     /// A [`Denial`] naming the missing scope.
-    pub fn permit_lookup<T: Lookupable>(&self, item: T) -> Result<Permit<T>, Denial> {
+    pub fn permit_lookup<T: Lookupable>(&self, item: T) -> Result<Permit<act::Lookup, T>, Denial> {
         self.check(Action::Lookup, item.field_type())?;
-        Ok(Permit { item })
+        Ok(Permit::new(item))
     }
 
     /// Permits revealing a value of `field_type` for the granted purpose, and
@@ -299,7 +303,7 @@ impl Grants<'_> {
         purpose: &PurposeGrant,
         field_type: &FieldType,
         want_masked: bool,
-    ) -> Result<Permit<RevealForm>, Denial> {
+    ) -> Result<Permit<act::Reveal, RevealForm>, Denial> {
         // The scope and the purpose must come from the same rule: one rule's
         // `purposes = ["*"]` never widens another rule's reveal scope.
         let covered_for_purpose = |action| {
@@ -314,12 +318,10 @@ impl Grants<'_> {
             } else {
                 RevealForm::Plain
             };
-            return Ok(Permit { item: form });
+            return Ok(Permit::new(form));
         }
         if covered_for_purpose(Action::RevealMasked) {
-            return Ok(Permit {
-                item: RevealForm::Masked,
-            });
+            return Ok(Permit::new(RevealForm::Masked));
         }
         let needed = Scope::needed(Action::Detokenize, field_type);
         if self.covered(Action::Detokenize, field_type)
@@ -335,19 +337,20 @@ impl Grants<'_> {
     ///
     /// # Errors
     /// A [`Denial`] naming the scope, or the purpose it is not granted for.
-    pub fn permit_global_for<T>(
+    pub fn permit_global_for<A: act::GlobalAct, T>(
         &self,
-        action: Action,
+        _action: A,
         purpose: &PurposeGrant,
         item: T,
-    ) -> Result<Permit<T>, Denial> {
+    ) -> Result<Permit<A, T>, Denial> {
+        let action = A::ACTION;
         let granted = |r: &Rule| r.scopes.iter().any(|s| s.action() == action);
         if self
             .rules
             .iter()
             .any(|r| granted(r) && r.purposes.allows(&purpose.0))
         {
-            return Ok(Permit { item });
+            return Ok(Permit::new(item));
         }
         if self.rules.iter().any(|r| granted(r)) {
             let scope = Scope::any_field(action);
@@ -361,14 +364,19 @@ impl Grants<'_> {
     ///
     /// # Errors
     /// A [`Denial`] naming the scope.
-    pub fn permit_global<T>(&self, action: Action, item: T) -> Result<Permit<T>, Denial> {
+    pub fn permit_global<A: act::GlobalAct, T>(
+        &self,
+        _action: A,
+        item: T,
+    ) -> Result<Permit<A, T>, Denial> {
+        let action = A::ACTION;
         let granted = self
             .rules
             .iter()
             .flat_map(|r| &r.scopes)
             .any(|s| s.action() == action);
         if granted {
-            Ok(Permit { item })
+            Ok(Permit::new(item))
         } else {
             Err(self.deny(DenialReason::NoScopeFor(action)))
         }
@@ -378,15 +386,13 @@ impl Grants<'_> {
     ///
     /// # Errors
     /// A [`Denial`] naming the missing scope.
-    pub fn permit_field(
+    pub fn permit_field<A: act::FieldAct>(
         &self,
-        action: Action,
+        _action: A,
         field_type: &FieldType,
-    ) -> Result<Permit<FieldType>, Denial> {
-        self.check(action, field_type)?;
-        Ok(Permit {
-            item: field_type.clone(),
-        })
+    ) -> Result<Permit<A, FieldType>, Denial> {
+        self.check(A::ACTION, field_type)?;
+        Ok(Permit::new(field_type.clone()))
     }
 
     fn covered(&self, action: Action, field_type: &FieldType) -> bool {
@@ -426,14 +432,22 @@ pub trait Tokenizable: Guarded {}
 /// An item that `lookup:` scopes permit (a value to find the token of).
 pub trait Lookupable: Guarded {}
 
-/// Proof that the policy allowed an operation on `T`. Only this module
-/// creates permits; vault operations require them.
+/// Proof that the policy allowed the action `A` on `T`. Only this module
+/// creates permits; each vault operation requires one for its own action.
 #[derive(Debug)]
-pub struct Permit<T> {
+pub struct Permit<A: act::Act, T> {
     item: T,
+    action: std::marker::PhantomData<A>,
 }
 
-impl<T> Permit<T> {
+impl<A: act::Act, T> Permit<A, T> {
+    fn new(item: T) -> Self {
+        Self {
+            item,
+            action: std::marker::PhantomData,
+        }
+    }
+
     /// The permitted item.
     pub fn item(&self) -> &T {
         &self.item
@@ -680,7 +694,7 @@ mod tests {
         assert!(grants.permit_reveal(&fraud, &card, false).is_ok());
         assert!(
             grants
-                .permit_global_for(Action::SubjectExport, &marketing, ())
+                .permit_global_for(act::SubjectExport, &marketing, ())
                 .is_err()
         );
         let sar = grants
@@ -688,7 +702,7 @@ mod tests {
             .unwrap();
         assert!(
             grants
-                .permit_global_for(Action::SubjectExport, &sar, ())
+                .permit_global_for(act::SubjectExport, &sar, ())
                 .is_ok()
         );
     }

@@ -2,6 +2,7 @@
 //! own tokenize/detokenize path in process (no gRPC, no TLS), the bare
 //! store's group commit, and the device's synced-write rate.
 
+use crate::authz::act;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -97,9 +98,8 @@ pub(super) async fn in_process_ceiling(
                             items: u32::try_from(batch).unwrap_or(u32::MAX),
                             failed_items: 0,
                         };
-                        let existing = |ft: &crate::token::FieldType| {
-                            grants.permit_field(crate::authz::Action::Lookup, ft)
-                        };
+                        let existing =
+                            |ft: &crate::token::FieldType| grants.permit_field(act::Lookup, ft);
                         if vault
                             .tokenize(permits, existing, &audit, None)
                             .await

@@ -7,6 +7,7 @@
 //! share of a detokenize is larger than over the network: the ratio is an
 //! upper bound on what a caller sees.
 
+use crate::authz::act;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -123,8 +124,7 @@ async fn open(index: bool, policy: &Policy, client: &ClientId) -> Result<Side, S
             })
             .collect::<Result<Vec<_>, String>>()?;
         let audit = context("Tokenize", permits.len());
-        let existing =
-            |ft: &crate::token::FieldType| grants.permit_field(crate::authz::Action::Lookup, ft);
+        let existing = |ft: &crate::token::FieldType| grants.permit_field(act::Lookup, ft);
         for result in vault
             .tokenize(permits, existing, &audit, None)
             .await

@@ -1,6 +1,7 @@
 //! Recording audit events and signing checkpoints.
 
 use super::{Error, SubjectId, Vault};
+use crate::authz::act;
 use crate::{
     audit::{AuditEvent, Checkpoint, Outcome, checkpoint_message},
     layout::{self, SubjectHash},
@@ -183,7 +184,7 @@ impl<S: Store> Vault<S> {
     /// Storage or audit failures.
     pub async fn backup(
         &self,
-        path: crate::authz::Permit<std::path::PathBuf>,
+        path: crate::authz::Permit<act::AdminBackup, std::path::PathBuf>,
         audit: &crate::audit::AuditContext,
     ) -> Result<Backup, Error> {
         let path = path.into_item();
@@ -326,6 +327,28 @@ pub struct StoredEvent {
     pub newest_checkpoint: Option<Checkpoint>,
 }
 
+/// Which audit events to read: up to `limit` from `from_seq` on, those of
+/// `identity` only if given.
+#[derive(Debug, Clone)]
+pub struct EventsQuery {
+    /// The first sequence number.
+    pub from_seq: u64,
+    /// Only this identity's events, if given.
+    pub identity: Option<String>,
+    /// The most events.
+    pub limit: usize,
+}
+
+/// A processing report to make: the period, and the policy it reports
+/// (the one in force).
+#[derive(Debug, Clone)]
+pub struct ReportQuery {
+    /// The period.
+    pub period: crate::report::Period,
+    /// The policy.
+    pub policy: std::sync::Arc<crate::authz::Policy>,
+}
+
 impl<S: Store> Vault<S> {
     /// Up to `limit` audit events from `from` on (those of `identity` only,
     /// if given). Reading the trail is audited too.
@@ -334,10 +357,14 @@ impl<S: Store> Vault<S> {
     /// Storage or audit failures.
     pub async fn audit_events(
         &self,
-        permit: crate::authz::Permit<(u64, Option<String>, usize)>,
+        permit: crate::authz::Permit<act::AuditRead, EventsQuery>,
         audit: &crate::audit::AuditContext,
     ) -> Result<Vec<StoredEvent>, Error> {
-        let (from, identity, limit) = permit.into_item();
+        let EventsQuery {
+            from_seq: from,
+            identity,
+            limit,
+        } = permit.into_item();
         let marker = self
             .store
             .get_many(Table::Meta, vec![layout::AUDIT_PRUNE_MARKER.to_vec()])
@@ -498,10 +525,10 @@ impl<S: Store> Vault<S> {
     /// entry does not decode.
     pub async fn processing_report(
         &self,
-        permit: crate::authz::Permit<(crate::report::Period, std::sync::Arc<crate::authz::Policy>)>,
+        permit: crate::authz::Permit<act::AuditRead, ReportQuery>,
         audit: &crate::audit::AuditContext,
     ) -> Result<crate::report::ProcessingReport, Error> {
-        let (period, policy) = permit.into_item();
+        let ReportQuery { period, policy } = permit.into_item();
         let report = crate::report::online(&self.fields, &policy, &self.store, period, self.now())
             .await
             .map_err(Error::AuditDamaged)?;

@@ -2,12 +2,33 @@
 //! for a consent purpose of the value's field type checks.
 
 use super::{Error, SubjectId, Vault, erasure::ERASED_MEANWHILE};
+use crate::authz::act;
 use crate::{
     audit::{AuditContext, Outcome},
     authz::{Permit, Purpose},
     layout::{self, ConsentState},
     store::{Batch, Store, Table},
 };
+
+/// A subject's consent decision for a purpose, to record.
+#[derive(Debug)]
+pub struct ConsentDecision {
+    /// The data subject.
+    pub subject: SubjectId,
+    /// The purpose consented to or withdrawn.
+    pub purpose: Purpose,
+    /// Granted (true) or withdrawn.
+    pub granted: bool,
+}
+
+/// Which consent decision to read: a subject's, for a purpose.
+#[derive(Debug)]
+pub struct ConsentQuery {
+    /// The data subject.
+    pub subject: SubjectId,
+    /// The purpose.
+    pub purpose: Purpose,
+}
 
 impl<S: Store> Vault<S> {
     /// Records a subject's consent decision for a purpose.
@@ -16,10 +37,14 @@ impl<S: Store> Vault<S> {
     /// Storage or audit failures.
     pub async fn set_consent(
         &self,
-        permit: Permit<(SubjectId, Purpose, bool)>,
+        permit: Permit<act::ConsentWrite, ConsentDecision>,
         audit: &AuditContext,
     ) -> Result<ConsentState, Error> {
-        let (subject, purpose, granted) = permit.into_item();
+        let ConsentDecision {
+            subject,
+            purpose,
+            granted,
+        } = permit.into_item();
         let hash = self.subject_hash(&subject);
         // Recorded with the subject's erasure number, so that an erasure
         // applied again after a restore keeps it by number (it came after).
@@ -62,10 +87,10 @@ impl<S: Store> Vault<S> {
     /// Storage or audit failures.
     pub async fn get_consent(
         &self,
-        permit: Permit<(SubjectId, Purpose)>,
+        permit: Permit<act::ConsentRead, ConsentQuery>,
         audit: &AuditContext,
     ) -> Result<ConsentState, Error> {
-        let (subject, purpose) = permit.into_item();
+        let ConsentQuery { subject, purpose } = permit.into_item();
         let hash = self.subject_hash(&subject);
         let state = self
             .consents(&[(hash, purpose.as_str().to_owned())])

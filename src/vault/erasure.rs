@@ -30,6 +30,7 @@ use super::{
     ledger_sink::{LedgerLocation, LedgerSink},
     requests::{REQUEST_ID_IN_FLIGHT, Remember},
 };
+use crate::authz::act;
 use crate::{
     audit::{AuditContext, AuditEvent, Outcome},
     authz::Permit,
@@ -356,7 +357,7 @@ impl<S: Store> Vault<S> {
     /// the request id was written first.
     pub async fn erase_subject(
         &self,
-        subject: Permit<SubjectId>,
+        subject: Permit<act::SubjectErase, SubjectId>,
         audit: &AuditContext,
         remember: Option<Remember<'_, ErasureReceipt>>,
     ) -> Result<ErasureReceipt, Error> {
@@ -669,7 +670,7 @@ impl<S: Store> Vault<S> {
 mod tests {
     use super::super::{ItemError, ledger::Erasure, tests::fixture_with_clock};
     use super::*;
-    use crate::authz::{Action, IdentityPattern, Policy, PurposeSet, Rule};
+    use crate::authz::{IdentityPattern, Policy, PurposeSet, Rule};
 
     /// Erasure 1 of `hash`, made at `erased_ms` by the clock of the
     /// replica that made it.
@@ -698,8 +699,12 @@ mod tests {
         let permit = policy
             .grants(&f.client)
             .permit_global(
-                Action::ConsentWrite,
-                (subject.parse().unwrap(), purpose.parse().unwrap(), true),
+                act::ConsentWrite,
+                super::super::ConsentDecision {
+                    subject: subject.parse().unwrap(),
+                    purpose: purpose.parse().unwrap(),
+                    granted: true,
+                },
             )
             .unwrap();
         f.vault
@@ -850,7 +855,7 @@ mod race_tests {
     };
     use super::*;
     use crate::{
-        authz::{Action, IdentityPattern, Policy, PurposeSet, Rule},
+        authz::{IdentityPattern, Policy, PurposeSet, Rule},
         crypto::SecretValue,
     };
 
@@ -898,7 +903,7 @@ mod race_tests {
                     .vault
                     .tokenize(
                         vec![permit],
-                        |ft| grants.permit_field(Action::Lookup, ft),
+                        |ft| grants.permit_field(act::Lookup, ft),
                         &ctx("Tokenize", 1),
                         None,
                     )
@@ -907,10 +912,7 @@ mod race_tests {
             if round % 10 == 0 {
                 let permit = erasing
                     .grants(&f.client)
-                    .permit_global(
-                        Action::SubjectErase,
-                        "cust-race".parse::<SubjectId>().unwrap(),
-                    )
+                    .permit_global(act::SubjectErase, "cust-race".parse::<SubjectId>().unwrap())
                     .unwrap();
                 f.vault
                     .erase_subject(permit, &ctx("EraseSubject", 1), None)

@@ -5,6 +5,7 @@
 //! whole trail.
 
 use super::{Error, SubjectId, Vault};
+use crate::authz::act;
 use crate::{
     audit::{AuditContext, AuditEvent, Outcome},
     authz::Permit,
@@ -116,7 +117,7 @@ impl<S: Store> Vault<S> {
     /// tampered with).
     pub async fn access_history(
         &self,
-        permit: Permit<HistoryQuery>,
+        permit: Permit<act::SubjectHistory, HistoryQuery>,
         audit: &AuditContext,
     ) -> Result<HistoryPage, Error> {
         let query = permit.into_item();

@@ -1,6 +1,7 @@
 //! A subject's access history, against a real RocksDB.
 
 use super::{tests::*, *};
+use crate::authz::act;
 use crate::{
     authz::{IdentityPattern, Policy, PurposeSet, Rule},
     store::{self, Table, chain},
@@ -32,7 +33,7 @@ impl Fixture {
         let policy = history_grants();
         let permit = policy
             .grants(&self.client)
-            .permit_global(crate::authz::Action::SubjectHistory, query)
+            .permit_global(act::SubjectHistory, query)
             .unwrap();
         self.vault
             .access_history(permit, &ctx("AccessHistory", 1))
@@ -236,10 +237,7 @@ async fn after_erasure_the_history_still_answers_with_the_erasure() {
     )]);
     let permit = policy
         .grants(&f.client)
-        .permit_global(
-            crate::authz::Action::SubjectErase,
-            "cust-gone".parse::<SubjectId>().unwrap(),
-        )
+        .permit_global(act::SubjectErase, "cust-gone".parse::<SubjectId>().unwrap())
         .unwrap();
     f.vault
         .erase_subject(permit, &ctx("EraseSubject", 1), None)
@@ -356,7 +354,7 @@ async fn a_vault_made_before_the_index_says_where_its_history_starts() {
 /// failures only.
 #[tokio::test]
 async fn a_shared_tokenize_shows_each_subject_its_own_items() {
-    use crate::{authz::Action, crypto::SecretValue};
+    use crate::crypto::SecretValue;
     let f = fixture().await;
     let grants = f.policy.grants(&f.client);
     let item = |value: &str, subject: Option<&str>| {
@@ -378,7 +376,7 @@ async fn a_shared_tokenize_shows_each_subject_its_own_items() {
                 item("bob@example.com", Some("cust-bob")),
                 item("nobody@example.com", None),
             ],
-            |ft| grants.permit_field(Action::Lookup, ft),
+            |ft| grants.permit_field(act::Lookup, ft),
             &ctx("Tokenize", 4),
             None,
         )

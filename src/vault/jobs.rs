@@ -4,6 +4,7 @@
 //! with their progress kept in the store.
 
 use super::{Error, Vault};
+use crate::authz::act;
 use crate::{
     audit::{AuditContext, Outcome},
     authz::Permit,
@@ -66,6 +67,15 @@ impl std::str::FromStr for Job {
             .find(|j| j.name() == s)
             .ok_or_else(|| format!("unknown job {s:?}: expected reencrypt or reindex"))
     }
+}
+
+/// A job to hold or release.
+#[derive(Debug, Clone, Copy)]
+pub struct JobHold {
+    /// The job.
+    pub job: Job,
+    /// Hold (true) or release.
+    pub paused: bool,
 }
 
 /// Where a job stands.
@@ -171,7 +181,7 @@ impl<S: Store> Vault<S> {
     /// Storage or audit failures.
     pub async fn jobs(
         &self,
-        permit: Permit<()>,
+        permit: Permit<act::AdminKeys, ()>,
         audit: &AuditContext,
     ) -> Result<Vec<JobStatus>, Error> {
         permit.into_item();
@@ -190,10 +200,10 @@ impl<S: Store> Vault<S> {
     /// Storage or audit failures.
     pub async fn set_job_paused(
         &self,
-        permit: Permit<(Job, bool)>,
+        permit: Permit<act::AdminKeys, JobHold>,
         audit: &AuditContext,
     ) -> Result<JobStatus, Error> {
-        let (job, paused) = permit.into_item();
+        let JobHold { job, paused } = permit.into_item();
         let mut batch = Batch::new();
         let unit = batch.unit();
         if paused {

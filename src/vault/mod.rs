@@ -29,10 +29,11 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
-pub use audit::{Backup, StoredEvent};
+pub use audit::{Backup, EventsQuery, ReportQuery, StoredEvent};
+pub use consent::{ConsentDecision, ConsentQuery};
 pub use erasure::LedgerRollback;
 pub use history::{Coverage, HistoryEntry, HistoryPage, HistoryQuery};
-pub use jobs::{Job, JobStatus, JobStep};
+pub use jobs::{Job, JobHold, JobStatus, JobStep};
 pub use keyring::Keyring;
 pub use ledger::{Erasure, ErasureLedger, LedgerEntry, LedgerError};
 pub use ledger_sink::LedgerLocation;

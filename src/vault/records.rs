@@ -3,6 +3,7 @@
 //! keeps the blind index right); a delete removes records and their
 //! entries, then purges the bytes.
 
+use crate::authz::act;
 use std::collections::HashMap;
 
 use super::{
@@ -51,7 +52,7 @@ impl<S: Store> Vault<S> {
         &self,
         token: &Token,
         value: SecretValue,
-        authorize: impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
+        authorize: impl Fn(&FieldType) -> Result<Permit<act::Update, FieldType>, Denial>,
         audit: &AuditContext,
         remember: Option<Remember<'_, FieldType>>,
     ) -> Result<Result<FieldType, ItemError>, Error> {
@@ -161,7 +162,7 @@ impl<S: Store> Vault<S> {
         &self,
         token: &Token,
         value: &SecretValue,
-        authorize: &impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
+        authorize: &impl Fn(&FieldType) -> Result<Permit<act::Update, FieldType>, Denial>,
     ) -> Result<Result<PreparedUpdate, ItemError>, Error> {
         let Some(bytes) = self
             .store
@@ -236,7 +237,7 @@ impl<S: Store> Vault<S> {
     pub async fn delete_tokens(
         &self,
         tokens: &[Token],
-        authorize: impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
+        authorize: impl Fn(&FieldType) -> Result<Permit<act::Delete, FieldType>, Denial>,
         audit: &AuditContext,
     ) -> Result<Vec<Result<(), ItemError>>, Error> {
         let records = self.stored_records(tokens).await?;

@@ -1,13 +1,14 @@
 //! Request ids over a real RocksDB: a call sent again gets the first answer
 //! and changes nothing; two calls with one id take effect once.
 
+use crate::authz::act;
 use std::sync::atomic::Ordering;
 
 use super::{
     tests::{Fixture, ctx, fixture, fixture_with_clock},
     *,
 };
-use crate::{authz::Action, store::Table, token::Token};
+use crate::{store::Table, token::Token};
 
 const WINDOW_MS: u64 = DEFAULT_REQUEST_WINDOW.as_millis() as u64;
 
@@ -64,7 +65,7 @@ impl Fixture {
             .vault
             .tokenize(
                 vec![permit],
-                |ft| grants.permit_field(Action::Lookup, ft),
+                |ft| grants.permit_field(act::Lookup, ft),
                 &ctx("Tokenize", 1),
                 Some(Remember {
                     request,
@@ -254,7 +255,7 @@ async fn an_update_that_lost_to_its_own_id_is_told_so() {
             f.vault.update_value(
                 &token,
                 SecretValue::new(new.clone()),
-                |ft| grants.permit_field(Action::Update, ft),
+                |ft| grants.permit_field(act::Update, ft),
                 &audit,
                 Some(Remember {
                     request,
@@ -313,7 +314,7 @@ async fn an_erasure_that_lost_to_its_own_id_leaves_nothing_unapplied() {
     let audit = ctx("EraseSubject", 1);
     let erase = |request| {
         let permit = grants
-            .permit_global(Action::SubjectErase, "cust-1".parse().unwrap())
+            .permit_global(act::SubjectErase, "cust-1".parse().unwrap())
             .unwrap();
         f.vault.erase_subject(
             permit,
@@ -376,7 +377,7 @@ async fn an_erasure_forgets_the_request_ids_of_the_subjects_calls() {
                 .vault
                 .tokenize(
                     permits,
-                    |ft| grants.permit_field(Action::Lookup, ft),
+                    |ft| grants.permit_field(act::Lookup, ft),
                     &ctx("Tokenize", subjects.len()),
                     Some(Remember {
                         request: &request,
@@ -400,7 +401,7 @@ async fn an_erasure_forgets_the_request_ids_of_the_subjects_calls() {
     let policy = granting("subject:erase");
     let permit = policy
         .grants(&f.client)
-        .permit_global(Action::SubjectErase, "cust-ada".parse().unwrap())
+        .permit_global(act::SubjectErase, "cust-ada".parse().unwrap())
         .unwrap();
     f.vault
         .erase_subject(permit, &ctx("EraseSubject", 1), None)

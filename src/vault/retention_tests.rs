@@ -1,12 +1,13 @@
 //! Expiry seen from every side: reveal, tokenize, lookup and the sweeper,
 //! against a real RocksDB with a clock the test moves.
 
+use crate::authz::act;
 use std::sync::{Arc, atomic::Ordering};
 
 use super::tests::{Fixture, ctx, fixture_with_clock};
 use super::*;
 use crate::{
-    authz::{Action, IdentityPattern, Policy, PurposeSet, Rule},
+    authz::{IdentityPattern, Policy, PurposeSet, Rule},
     store::{Batch, Table},
     token::Token,
 };
@@ -40,7 +41,7 @@ impl Fixture {
             .vault
             .delete_tokens(
                 std::slice::from_ref(token),
-                |ft| grants.permit_field(Action::Delete, ft),
+                |ft| grants.permit_field(act::Delete, ft),
                 &ctx("DeleteTokens", 1),
             )
             .await

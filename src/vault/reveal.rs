@@ -1,6 +1,7 @@
 //! Detokenize: read, authorise by the record's field type, check consent,
 //! decrypt, mask.
 
+use crate::authz::act;
 use std::collections::HashMap;
 
 use super::{ItemError, Record, Vault, audit::Parts};
@@ -44,7 +45,7 @@ impl<S: Store> Vault<S> {
         &self,
         tokens: &[Token],
         purpose: &Purpose,
-        authorize: impl Fn(&FieldType) -> Result<Permit<RevealForm>, Denial>,
+        authorize: impl Fn(&FieldType) -> Result<Permit<act::Reveal, RevealForm>, Denial>,
         audit: &AuditContext,
     ) -> Result<Vec<Result<Revealed, ItemError>>, super::Error> {
         let stored = self.stored_records(tokens).await?;

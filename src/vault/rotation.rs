@@ -2,6 +2,7 @@
 //! blind-index keys (entries move by re-indexing), and the master key
 //! (re-wraps keys only).
 
+use crate::authz::act;
 use std::collections::HashMap;
 
 use super::{Error, Record, Vault, jobs::Job, record::Binding};
@@ -22,7 +23,7 @@ impl<S: Store> Vault<S> {
     /// stored the same version first.
     pub async fn rotate_data_key(
         &self,
-        permit: Permit<()>,
+        permit: Permit<act::AdminKeys, ()>,
         audit: &AuditContext,
     ) -> Result<u32, Error> {
         permit.into_item();
@@ -42,7 +43,7 @@ impl<S: Store> Vault<S> {
     /// As [`Vault::rotate_data_key`].
     pub async fn rotate_index_key(
         &self,
-        permit: Permit<()>,
+        permit: Permit<act::AdminKeys, ()>,
         audit: &AuditContext,
     ) -> Result<u32, Error> {
         permit.into_item();
@@ -95,7 +96,7 @@ impl<S: Store> Vault<S> {
     /// An unusable new key, storage or audit failures.
     pub async fn rotate_master_key(
         &self,
-        permit: Permit<crate::crypto::MasterKeySetting>,
+        permit: Permit<act::AdminKeys, crate::crypto::MasterKeySetting>,
         audit: &AuditContext,
     ) -> Result<usize, Error> {
         let setting = permit.into_item();

@@ -1,13 +1,14 @@
 //! Key rotation and its background jobs, against a real RocksDB that is
 //! closed and reopened in the middle.
 
+use crate::authz::act;
 use std::path::PathBuf;
 
 use super::tests::{FIELDS, ctx, tokenize_all};
 use super::*;
 use crate::layout::KeyVersion;
 use crate::{
-    authz::{Action, Grants, IdentityPattern, Policy, PurposeSet, Rule},
+    authz::{Grants, IdentityPattern, Policy, PurposeSet, Rule},
     fields::RawFieldType,
     identity::ClientId,
     store::{RocksStore, StoreOptions, Table},
@@ -65,10 +66,8 @@ impl Rig {
         self.policy.grants(&self.client)
     }
 
-    fn keys_permit<T>(&self, item: T) -> crate::authz::Permit<T> {
-        self.grants()
-            .permit_global(Action::AdminKeys, item)
-            .unwrap()
+    fn keys_permit<T>(&self, item: T) -> crate::authz::Permit<act::AdminKeys, T> {
+        self.grants().permit_global(act::AdminKeys, item).unwrap()
     }
 }
 
@@ -104,7 +103,7 @@ async fn tokenize_customers(
     vault
         .tokenize(
             permits,
-            |ft| rig.grants().permit_field(Action::Lookup, ft),
+            |ft| rig.grants().permit_field(act::Lookup, ft),
             &ctx("Tokenize", values.len()),
             None,
         )
@@ -201,7 +200,7 @@ async fn index_rotation_keeps_lookups_working_and_retires_the_old_key() {
         .update_value(
             &tokens[1],
             SecretValue::new(corrected[0].0.clone()),
-            |ft| rig.grants().permit_field(Action::Update, ft),
+            |ft| rig.grants().permit_field(act::Update, ft),
             &ctx("UpdateValue", 1),
             None,
         )
@@ -255,7 +254,10 @@ async fn a_held_job_keeps_its_place_across_restarts_until_released() {
     // Held before the rotation: the job it starts waits.
     let status = vault
         .set_job_paused(
-            rig.keys_permit((Job::Reencrypt, true)),
+            rig.keys_permit(JobHold {
+                job: Job::Reencrypt,
+                paused: true,
+            }),
             &ctx("SetJobPaused", 1),
         )
         .await
@@ -282,7 +284,10 @@ async fn a_held_job_keeps_its_place_across_restarts_until_released() {
     );
     vault
         .set_job_paused(
-            rig.keys_permit((Job::Reencrypt, false)),
+            rig.keys_permit(JobHold {
+                job: Job::Reencrypt,
+                paused: false,
+            }),
             &ctx("SetJobPaused", 1),
         )
         .await
@@ -407,7 +412,7 @@ async fn reencryption_never_reverts_a_concurrent_update() {
                 .update_value(
                     token,
                     SecretValue::new(format!("r{round}.{i}@example.com")),
-                    |ft| grants.permit_field(Action::Update, ft),
+                    |ft| grants.permit_field(act::Update, ft),
                     &ctx("UpdateValue", 1),
                     None,
                 )

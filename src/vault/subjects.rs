@@ -2,6 +2,7 @@
 //! is in `consent.rs`, rectification and deletion of tokens in `records.rs`,
 //! erasure in `erasure.rs`.
 
+use crate::authz::act;
 use std::collections::HashMap;
 
 use super::{
@@ -129,7 +130,7 @@ impl<S: Store> Vault<S> {
     /// written (nothing is returned then).
     pub async fn export_subject(
         &self,
-        subject: Permit<SubjectId>,
+        subject: Permit<act::SubjectExport, SubjectId>,
         audit: &AuditContext,
     ) -> Result<Vec<SubjectField>, Error> {
         let subject_id = subject.into_item();

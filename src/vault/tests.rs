@@ -1,11 +1,12 @@
 //! The vault core against a real RocksDB in a temporary directory.
 
+use crate::authz::act;
 use std::sync::Arc;
 
 use super::*;
 use crate::{
     audit::AuditContext,
-    authz::{Action, IdentityPattern, Policy, PurposeSet, RevealForm, Rule},
+    authz::{IdentityPattern, Policy, PurposeSet, RevealForm, Rule},
     fields::RawFieldType,
     identity::ClientId,
     store::{RocksStore, StoreOptions},
@@ -96,7 +97,7 @@ impl Fixture {
         self.vault
             .tokenize(
                 permits,
-                |ft| grants.permit_field(Action::Lookup, ft),
+                |ft| grants.permit_field(act::Lookup, ft),
                 &ctx("Tokenize", items.len()),
                 None,
             )
@@ -493,7 +494,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
     let token = vault
         .tokenize(
             vec![new_value("kept@example.com")],
-            |ft| grants.permit_field(Action::Lookup, ft),
+            |ft| grants.permit_field(act::Lookup, ft),
             &ctx("Tokenize", 1),
             None,
         )
@@ -521,7 +522,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
         .update_value(
             &token,
             SecretValue::new("new@example.com".into()),
-            |ft| updater.permit_field(Action::Update, ft),
+            |ft| updater.permit_field(act::Update, ft),
             &ctx("UpdateValue", 1),
             None,
         )
@@ -568,7 +569,7 @@ async fn when_the_audit_log_cannot_be_written_nothing_is_revealed_or_stored() {
     let stored = vault
         .tokenize(
             vec![new_value("lost@example.com")],
-            |ft| grants.permit_field(Action::Lookup, ft),
+            |ft| grants.permit_field(act::Lookup, ft),
             &ctx("Tokenize", 1),
             None,
         )
@@ -670,7 +671,7 @@ impl Fixture {
         self.vault
             .tokenize(
                 permits,
-                |ft| grants.permit_field(Action::Lookup, ft),
+                |ft| grants.permit_field(act::Lookup, ft),
                 &ctx("Tokenize", items.len()),
                 None,
             )
@@ -748,12 +749,8 @@ async fn erasing_a_subject_leaves_others_and_is_idempotent() {
     // Deterministic tokens are per subject.
     assert_ne!(ada[1], bob[1]);
     let grants = f.policy.grants(&f.client);
-    let erase = |id: &str| {
-        grants.permit_global(
-            crate::authz::Action::SubjectErase,
-            id.parse::<SubjectId>().unwrap(),
-        )
-    };
+    let erase =
+        |id: &str| grants.permit_global(act::SubjectErase, id.parse::<SubjectId>().unwrap());
     // The fixture policy lacks subject:erase: permits are refused.
     assert!(erase("cust-ada").is_err());
     let policy = Policy::new(vec![Rule::new(
@@ -764,10 +761,7 @@ async fn erasing_a_subject_leaves_others_and_is_idempotent() {
     let grants = policy.grants(&f.client);
     let permit = || {
         grants
-            .permit_global(
-                crate::authz::Action::SubjectErase,
-                "cust-ada".parse::<SubjectId>().unwrap(),
-            )
+            .permit_global(act::SubjectErase, "cust-ada".parse::<SubjectId>().unwrap())
             .unwrap()
     };
     let receipt = f
@@ -879,7 +873,14 @@ async fn verify_streamed(f: &Fixture) -> Result<crate::audit::VerifyReport, Stri
     )]);
     let permit = policy
         .grants(&f.client)
-        .permit_global(Action::AuditRead, (1, None, 100))
+        .permit_global(
+            act::AuditRead,
+            EventsQuery {
+                from_seq: 1,
+                identity: None,
+                limit: 100,
+            },
+        )
         .unwrap();
     let events = f
         .vault
@@ -996,7 +997,7 @@ pub(super) async fn tokenize_all<S: store::Store>(
     vault
         .tokenize(
             permits,
-            |ft| grants.permit_field(Action::Lookup, ft),
+            |ft| grants.permit_field(act::Lookup, ft),
             &ctx("Tokenize", values.len()),
             None,
         )
@@ -1091,7 +1092,7 @@ async fn a_full_format_preserving_space_gives_up_after_eight_draws() {
     let result = vault
         .tokenize(
             vec![card],
-            |ft| grants.permit_field(Action::Lookup, ft),
+            |ft| grants.permit_field(act::Lookup, ft),
             &ctx("Tokenize", 1),
             None,
         )
@@ -1226,7 +1227,7 @@ async fn a_key_rotated_through_another_process_during_a_job_is_where_the_job_end
     tokenize_all(&vault, &grants, &values).await;
     let rotated = vault
         .rotate_data_key(
-            grants.permit_global(Action::AdminKeys, ()).unwrap(),
+            grants.permit_global(act::AdminKeys, ()).unwrap(),
             &ctx("RotateKeys", 1),
         )
         .await

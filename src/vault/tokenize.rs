@@ -8,6 +8,7 @@
 //! from what is stored now (its deterministic values then have their token;
 //! its format-preserving tokens are drawn again) and written again.
 
+use crate::authz::act;
 use std::collections::{HashMap, HashSet};
 
 use super::{
@@ -131,8 +132,8 @@ impl<S: Store> Vault<S> {
     /// call with the request id was written first.
     pub async fn tokenize(
         &self,
-        items: Vec<Permit<NewValue>>,
-        existing: impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
+        items: Vec<Permit<act::Tokenize, NewValue>>,
+        existing: impl Fn(&FieldType) -> Result<Permit<act::Lookup, FieldType>, Denial>,
         audit: &AuditContext,
         remember: Option<Remember<'_, [ItemResult]>>,
     ) -> Result<Vec<ItemResult>, super::Error> {
@@ -361,7 +362,7 @@ impl<S: Store> Vault<S> {
         &self,
         pending: &mut Vec<Pending<'_>>,
         results: &mut [Option<ItemResult>],
-        existing: &impl Fn(&FieldType) -> Result<Permit<FieldType>, Denial>,
+        existing: &impl Fn(&FieldType) -> Result<Permit<act::Lookup, FieldType>, Denial>,
     ) -> Result<(), super::Error> {
         let wanted: Vec<(usize, &Blind)> = pending
             .iter()
@@ -561,7 +562,7 @@ impl<S: Store> Vault<S> {
     /// Storage failures.
     pub async fn lookup(
         &self,
-        items: Vec<Permit<LookupValue>>,
+        items: Vec<Permit<act::Lookup, LookupValue>>,
         audit: &AuditContext,
     ) -> Result<Vec<ItemResult>, super::Error> {
         let mut event = audit.event(Outcome::Ok);

@@ -1,0 +1,92 @@
+//! The actions a permit proves, as types. A vault operation names the one
+//! it needs (`Permit<act::Update, FieldType>`), so a permit the policy gave
+//! for another action, on the same kind of item, does not type-check in
+//! its place: "no vault operation without a permit for it" is checked by
+//! the compiler, not by reviewers.
+//!
+//! An update takes an update permit:
+//!
+//! ```
+//! use tokenvault::{authz::{Permit, act}, token::FieldType};
+//!
+//! fn update(_: Permit<act::Update, FieldType>) {}
+//! fn granted() -> Permit<act::Update, FieldType> {
+//!     unimplemented!()
+//! }
+//! let _ = || update(granted());
+//! ```
+//!
+//! and not the lookup permit for the same field type:
+//!
+//! ```compile_fail,E0308
+//! use tokenvault::{authz::{Permit, act}, token::FieldType};
+//!
+//! fn update(_: Permit<act::Update, FieldType>) {}
+//! fn granted() -> Permit<act::Lookup, FieldType> {
+//!     unimplemented!()
+//! }
+//! let _ = || update(granted());
+//! ```
+
+use super::Action;
+
+/// An action a permit can prove. Sealed: only this module names them.
+pub trait Act: sealed::Sealed {}
+
+/// An action on values of one field type, granted by `action:<field_type>`
+/// scopes ([`super::Grants::permit_field`]).
+pub trait FieldAct: Act {
+    /// The action the policy checks.
+    const ACTION: Action;
+}
+
+/// A whole-vault action, granted by a scope without a field type
+/// ([`super::Grants::permit_global`]).
+pub trait GlobalAct: Act {
+    /// The action the policy checks.
+    const ACTION: Action;
+}
+
+mod sealed {
+    pub trait Sealed {}
+}
+
+macro_rules! acts {
+    ($kind:ident: $($name:ident),* $(,)?) => {
+        $(
+            #[doc = concat!("[`Action::", stringify!($name), "`], as a type.")]
+            #[derive(Debug, Clone, Copy)]
+            pub struct $name;
+
+            impl sealed::Sealed for $name {}
+
+            impl Act for $name {}
+
+            impl $kind for $name {
+                const ACTION: Action = Action::$name;
+            }
+        )*
+    };
+}
+
+acts!(FieldAct: Tokenize, Lookup, Update, Delete);
+acts!(GlobalAct:
+    SubjectExport,
+    SubjectErase,
+    SubjectHistory,
+    ConsentRead,
+    ConsentWrite,
+    AdminBackup,
+    AuditRead,
+    AdminKeys,
+);
+
+/// Revealing a value: with `detokenize:` (plain or masked) or
+/// `reveal_masked:` ([`super::Grants::permit_reveal`], which decides the
+/// form).
+#[derive(Debug, Clone, Copy)]
+pub struct Reveal;
+
+impl sealed::Sealed for Reveal {}
+
+impl Act for Reveal {}
