@@ -27,6 +27,51 @@
 //! }
 //! let _ = || update(granted());
 //! ```
+//!
+//! A key rotation needs `admin:keys`; a whole-vault permit for another
+//! action, on the same `()`, is refused:
+//!
+//! ```compile_fail,E0308
+//! use tokenvault::authz::{Permit, act};
+//!
+//! fn rotate(_: Permit<act::AdminKeys, ()>) {}
+//! fn granted() -> Permit<act::SubjectExport, ()> {
+//!     unimplemented!()
+//! }
+//! let _ = || rotate(granted());
+//! ```
+//!
+//! A deletion permit does not pass for an update (both on a field type):
+//!
+//! ```compile_fail,E0308
+//! use tokenvault::{authz::{Permit, act}, token::FieldType};
+//!
+//! fn update(_: Permit<act::Update, FieldType>) {}
+//! fn granted() -> Permit<act::Delete, FieldType> {
+//!     unimplemented!()
+//! }
+//! let _ = || update(granted());
+//! ```
+//!
+//! And a field action cannot be asked for as a whole-vault one (no scope
+//! without a field type makes an update permit), though a whole-vault
+//! action can:
+//!
+//! ```
+//! use tokenvault::authz::{Grants, act};
+//!
+//! fn ask(grants: &Grants) {
+//!     let _ = grants.permit_global(act::AdminKeys, ());
+//! }
+//! ```
+//!
+//! ```compile_fail,E0277
+//! use tokenvault::authz::{Grants, act};
+//!
+//! fn ask(grants: &Grants) {
+//!     let _ = grants.permit_global(act::Update, ());
+//! }
+//! ```
 
 use super::Action;
 
