@@ -183,3 +183,43 @@ fn only_the_store_names_the_storage_engine() {
     }
     assert!(violations.is_empty(), "{violations:#?}");
 }
+
+/// Whether `line` (code, comments stripped) makes a `tonic::Status` itself:
+/// `Status::new(…)`, `Status::unavailable(…)` and the like; a conversion
+/// (`Status::from`) goes through `api/status.rs`.
+fn makes_a_status(line: &str) -> bool {
+    let code = line.split("//").next().unwrap();
+    code.match_indices("Status::").any(|(at, _)| {
+        let rest = &code[at + "Status::".len()..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_lowercase() || *c == '_')
+            .collect();
+        !name.is_empty() && name != "from" && rest[name.len()..].starts_with('(')
+    })
+}
+
+#[test]
+fn only_api_status_makes_a_grpc_status() {
+    assert!(makes_a_status("    Err(Status::unauthenticated(e.to_string()))"));
+    assert!(!makes_a_status("    .map_err(Status::from)"));
+    assert!(!makes_a_status("    // Status::internal(\"x\")"));
+    let src = src();
+    let mut found = Vec::new();
+    for file in rust_files(&src) {
+        if file.ends_with("api/status.rs") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (n, line) in text.lines().enumerate() {
+            if makes_a_status(line) {
+                found.push(format!("{}:{}: {}", file.display(), n + 1, line.trim()));
+            }
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "only src/api/status.rs makes a tonic::Status:\n{}",
+        found.join("\n")
+    );
+}

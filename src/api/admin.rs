@@ -1,14 +1,13 @@
 //! The `tokenvault.v1.Admin` service: online backups, key rotation and the
 //! jobs that follow it.
 
-use crate::authz::act;
 use std::path::PathBuf;
 
 use tonic::{Request, Response, Status};
 
 use super::{Call, Error, TokenVaultService, denied};
 use crate::{
-    authz::Action,
+    authz::{Action, act},
     crypto::{MasterKeySetting, Pkcs11Setting},
     proto::v1::{self as pb, admin_server::Admin},
     store::Store,

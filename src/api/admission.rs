@@ -81,13 +81,11 @@ impl Admission {
             Some(Ok(identity)) => identity.clone(),
             Some(Err(e)) => {
                 self.refuse("-", method, Outcome::Unauthenticated, "identity");
-                return Err(Status::unauthenticated(e.to_string()));
+                return Err(super::status::unauthenticated(Some(e)));
             }
             None => {
                 self.refuse("-", method, Outcome::Unauthenticated, "identity");
-                return Err(Status::unauthenticated(
-                    "no client certificate was presented",
-                ));
+                return Err(super::status::unauthenticated(None));
             }
         };
         let Ok(server_slot) = Arc::clone(&self.concurrent).try_acquire_owned() else {
@@ -281,10 +279,9 @@ impl HttpBody for Budgeted {
                 .ok()
                 .and_then(|n| Arc::clone(&self.buffer).try_acquire_many_owned(n).ok());
             let Some(permit) = permit else {
-                return Poll::Ready(Some(Err(Status::resource_exhausted(format!(
-                    "the server is receiving {} MiB of requests (limits.max_request_buffer_mib); retry shortly",
-                    (self.buffer_units * BUDGET_UNIT) >> 20
-                )))));
+                return Poll::Ready(Some(Err(super::status::buffer_full(
+                    (self.buffer_units * BUDGET_UNIT) >> 20,
+                ))));
             };
             match &mut self.held {
                 Some(held) => held.merge(permit),

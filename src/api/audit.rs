@@ -1,6 +1,5 @@
 //! The `tokenvault.v1.Audit` service: the audit trail, streamed.
 
-use crate::authz::act;
 use std::pin::Pin;
 
 use tokio_stream::Stream;
@@ -8,6 +7,7 @@ use tonic::{Request, Response, Status};
 
 use super::{Call, Error, TokenVaultService, denied};
 use crate::{
+    authz::act,
     proto::v1::{self as pb, audit_server::Audit},
     store::Store,
 };

@@ -18,9 +18,8 @@ pub use admission::{Admission, AdmissionLayer};
 pub use limits::{IdentityLimits, Limited, Limiter, Limits};
 pub use refusals::RefusalLog;
 
-use crate::authz::act;
 use std::{
-    sync::{Arc, Mutex},
+    sync::{Arc, OnceLock},
     time::Instant,
 };
 
@@ -33,7 +32,7 @@ use status::item_error;
 
 use crate::{
     audit::AuditContext,
-    authz::{Action, Denial, DenialReason, Purpose, RevealForm, SharedPolicy},
+    authz::{Action, Denial, DenialReason, Purpose, RevealForm, SharedPolicy, act},
     crypto::SecretValue,
     identity::{ClientId, IdentityError, Peer},
     metrics::Metrics,
@@ -151,23 +150,21 @@ struct Call {
     client: ClientId,
     request_id: String,
     method: &'static str,
-    /// The purpose stated, once parsed, for the audit event.
-    purpose: Mutex<Option<String>>,
+    /// The purpose stated, once parsed, for the audit event (also of a
+    /// call refused after it was parsed).
+    purpose: OnceLock<Purpose>,
 }
 
 impl Call {
     fn purpose(&self) -> Option<String> {
-        self.purpose
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone()
+        self.purpose.get().map(|p| p.as_str().to_owned())
     }
 
-    fn set_purpose(&self, purpose: &str) {
-        *self
-            .purpose
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(purpose.to_owned());
+    /// Notes the call's purpose, once it parsed: only a well-formed purpose
+    /// reaches the audit trail.
+    fn set_purpose(&self, purpose: &Purpose) {
+        // A call states one purpose; it is set once.
+        let _ = self.purpose.set(purpose.clone());
     }
 
     fn audit(&self, items: usize, failed_items: usize) -> AuditContext {
@@ -376,7 +373,7 @@ impl<S: Store> TokenVaultService<S> {
             .parse()
             .map_err(|e| Error::InvalidArgument(format!("{e}")))?;
         // Only a well-formed purpose reaches the audit log.
-        call.set_purpose(purpose.as_str());
+        call.set_purpose(&purpose);
         grants
             .require_any(&[Action::Detokenize, Action::RevealMasked])
             .map_err(denied)?;
@@ -525,7 +522,7 @@ impl<S: Store> TokenVaultService<S> {
                     client,
                     request_id: request_id.clone(),
                     method,
-                    purpose: Mutex::new(None),
+                    purpose: OnceLock::new(),
                 };
                 (handler(&call, request.into_inner()).await, Some(call))
             }

@@ -54,6 +54,23 @@ pub fn limited_status(limited: super::Limited) -> Status {
     status
 }
 
+/// The answer to a request with no usable client identity: `error` says
+/// why, or no certificate was presented at all.
+pub fn unauthenticated(error: Option<&IdentityError>) -> Status {
+    match error {
+        Some(e) => Status::unauthenticated(e.to_string()),
+        None => Status::unauthenticated("no client certificate was presented"),
+    }
+}
+
+/// The answer to a request whose body would take the server's request
+/// buffer past its bound (`mib`).
+pub fn buffer_full(mib: usize) -> Status {
+    Status::resource_exhausted(format!(
+        "the server is receiving {mib} MiB of requests (limits.max_request_buffer_mib); retry shortly"
+    ))
+}
+
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         match err {

@@ -1,6 +1,5 @@
 //! The `tokenvault.v1.Subjects` service: data subjects' rights and consent.
 
-use crate::authz::act;
 use std::pin::Pin;
 
 use tokio_stream::Stream;
@@ -13,7 +12,7 @@ use super::{
     status::vault_item_error,
 };
 use crate::{
-    authz::{Action, Purpose},
+    authz::{Action, Purpose, act},
     crypto::SecretValue,
     proto::v1::{self as pb, subjects_server::Subjects},
     store::Store,
@@ -132,7 +131,7 @@ impl<S: Store> TokenVaultService<S> {
         let policy = self.settings.policy.current();
         let grants = policy.grants(&call.client);
         let stated = purpose(&request.purpose)?;
-        call.set_purpose(stated.as_str());
+        call.set_purpose(&stated);
         // An export goes to the data subject: it has one purpose, which the
         // rule granting subject:export must allow. Consent to other
         // purposes does not apply, and neither do per-field scopes.
@@ -474,7 +473,10 @@ impl<S: Store> TokenVaultService<S> {
                 outcome: event.outcome.as_str().to_owned(),
                 items: event.items,
                 failed_items: event.failed_items,
-                consent: event.consent.unwrap_or_default(),
+                consent: event
+                    .consent
+                    .map(|c| c.as_str().to_owned())
+                    .unwrap_or_default(),
                 checkpointed: entry.checkpointed,
                 request_id: event.request_id,
                 hash: data_encoding::HEXLOWER.encode(&entry.hash),

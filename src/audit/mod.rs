@@ -56,7 +56,7 @@ pub struct AuditEvent {
     pub failed_items: u32,
     /// The consent decision, where one was made.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub consent: Option<String>,
+    pub consent: Option<ConsentNote>,
     /// For refused calls, which are audited in aggregate: how many calls of
     /// this identity, method, outcome and purpose were refused, and when the
     /// first and last were.
@@ -82,6 +82,30 @@ pub struct AuditEvent {
     /// event says what was done.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replay_of: Option<String>,
+}
+
+/// What an audit event says of consent ([`AuditEvent::consent`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ConsentNote {
+    /// A reveal for a purpose that needs consent found none (or a
+    /// withdrawal) for some subject: those values were refused.
+    Missing,
+    /// Consent was found for every subject (a reveal), or given (SetConsent).
+    Granted,
+    /// Consent was withdrawn (SetConsent).
+    Withdrawn,
+}
+
+impl ConsentNote {
+    /// As the event's JSON spells it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConsentNote::Missing => "missing",
+            ConsentNote::Granted => "granted",
+            ConsentNote::Withdrawn => "withdrawn",
+        }
+    }
 }
 
 /// One subject's part of a call ([`AuditEvent::parts`]).
@@ -287,4 +311,26 @@ pub fn checkpoint_message(seq: u64, head: &[u8; 32], time_ms: u64) -> Vec<u8> {
     message.extend_from_slice(head);
     message.extend_from_slice(&time_ms.to_be_bytes());
     message
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Events written before the consent note was a type spelled it as
+    /// these strings; they still read, and new events spell it the same.
+    #[test]
+    fn consent_notes_keep_their_spelling() {
+        for (note, text) in [
+            (ConsentNote::Missing, "missing"),
+            (ConsentNote::Granted, "granted"),
+            (ConsentNote::Withdrawn, "withdrawn"),
+        ] {
+            let json = format!(r#""{text}""#);
+            assert_eq!(serde_json::from_str::<ConsentNote>(&json).unwrap(), note);
+            assert_eq!(serde_json::to_string(&note).unwrap(), json);
+            assert_eq!(note.as_str(), text);
+        }
+        assert!(serde_json::from_str::<ConsentNote>(r#""maybe""#).is_err());
+    }
 }

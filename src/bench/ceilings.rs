@@ -2,7 +2,6 @@
 //! own tokenize/detokenize path in process (no gRPC, no TLS), the bare
 //! store's group commit, and the device's synced-write rate.
 
-use crate::authz::act;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -14,7 +13,7 @@ use super::{
     progress, row, server,
 };
 use crate::{
-    authz::{IdentityPattern, Policy, PurposeSet, Rule},
+    authz::{IdentityPattern, Policy, PurposeSet, Rule, act},
     crypto::{MasterKey, SecretValue},
     identity::ClientId,
     store::{RocksStore, StoreOptions},

@@ -7,7 +7,6 @@
 //! share of a detokenize is larger than over the network: the ratio is an
 //! upper bound on what a caller sees.
 
-use crate::authz::act;
 use std::{
     sync::Arc,
     time::{Duration, Instant},
@@ -16,7 +15,7 @@ use std::{
 use super::{BenchArgs, Measured, Report, load, progress, row, server};
 use crate::{
     audit::AuditContext,
-    authz::{IdentityPattern, Policy, PurposeSet, Rule},
+    authz::{IdentityPattern, Policy, PurposeSet, Rule, act},
     crypto::SecretValue,
     identity::ClientId,
     store::RocksStore,

@@ -16,7 +16,7 @@ use std::collections::BTreeMap;
 use serde::Serialize;
 
 use crate::{
-    audit::{AuditEvent, Outcome},
+    audit::{AuditEvent, ConsentNote, Outcome},
     authz::Policy,
     fields::FieldRegistry,
 };
@@ -293,10 +293,10 @@ impl Tally {
             "AccessHistory" => self.rights.access_histories += 1,
             "SetConsent" => {
                 let entry = self.consent.entry(purpose).or_default();
-                match event.consent.as_deref() {
-                    Some("granted") => entry.0 += 1,
-                    Some("withdrawn") => entry.1 += 1,
-                    _ => {}
+                match event.consent {
+                    Some(ConsentNote::Granted) => entry.0 += 1,
+                    Some(ConsentNote::Withdrawn) => entry.1 += 1,
+                    Some(ConsentNote::Missing) | None => {}
                 }
             }
             _ if ROTATIONS.contains(&method) => self.rotations.push(EventRef {

@@ -58,7 +58,7 @@ fn sample() -> Vec<AuditEvent> {
         Outcome::Ok,
     );
     consent.purpose = Some("marketing".into());
-    consent.consent = Some("withdrawn".into());
+    consent.consent = Some(crate::audit::ConsentNote::Withdrawn);
     let mut policy = event(
         "2026-12-01T08:00:00Z",
         "-",

@@ -1,9 +1,9 @@
 //! Recording audit events and signing checkpoints.
 
 use super::{Error, SubjectId, Vault};
-use crate::authz::act;
 use crate::{
     audit::{AuditEvent, Checkpoint, Outcome, checkpoint_message},
+    authz::act,
     layout::{self, SubjectHash},
     store::{Batch, Checkpoints, KeyValues, Store, Table, Unit, chain},
     token::Token,

@@ -2,10 +2,9 @@
 //! for a consent purpose of the value's field type checks.
 
 use super::{Error, SubjectId, Vault, erasure::ERASED_MEANWHILE};
-use crate::authz::act;
 use crate::{
-    audit::{AuditContext, Outcome},
-    authz::{Permit, Purpose},
+    audit::{AuditContext, ConsentNote, Outcome},
+    authz::{Permit, Purpose, act},
     layout::{self, ConsentState},
     store::{Batch, Store, Table},
 };
@@ -57,9 +56,9 @@ impl<S: Store> Vault<S> {
         let mut event = audit.event(Outcome::Ok);
         event.subjects.push(self.audit_subject(&subject));
         event.consent = Some(if granted {
-            "granted".into()
+            ConsentNote::Granted
         } else {
-            "withdrawn".into()
+            ConsentNote::Withdrawn
         });
         let mut batch = Batch::new();
         let unit = batch.unit();

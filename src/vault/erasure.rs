@@ -30,10 +30,9 @@ use super::{
     ledger_sink::{LedgerLocation, LedgerSink},
     requests::{REQUEST_ID_IN_FLIGHT, Remember},
 };
-use crate::authz::act;
 use crate::{
     audit::{AuditContext, AuditEvent, Outcome},
-    authz::Permit,
+    authz::{Permit, act},
     layout::{self, ConsentState, KeyVersion},
     store::{Batch, Store, Table, Unit},
 };

@@ -5,10 +5,9 @@
 //! whole trail.
 
 use super::{Error, SubjectId, Vault};
-use crate::authz::act;
 use crate::{
     audit::{AuditContext, AuditEvent, Outcome},
-    authz::Permit,
+    authz::{Permit, act},
     layout,
     store::{Batch, Store, Table, chain},
 };

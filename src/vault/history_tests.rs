@@ -1,9 +1,8 @@
 //! A subject's access history, against a real RocksDB.
 
 use super::{tests::*, *};
-use crate::authz::act;
 use crate::{
-    authz::{IdentityPattern, Policy, PurposeSet, Rule},
+    authz::{IdentityPattern, Policy, PurposeSet, Rule, act},
     store::{self, Table, chain},
 };
 

@@ -4,10 +4,9 @@
 //! with their progress kept in the store.
 
 use super::{Error, Vault};
-use crate::authz::act;
 use crate::{
     audit::{AuditContext, Outcome},
-    authz::Permit,
+    authz::{Permit, act},
     layout::{self, JobEntry, MasterWrapped},
     store::{Batch, KeyValues, Store, Table, Unit},
 };

@@ -3,7 +3,6 @@
 //! keeps the blind index right); a delete removes records and their
 //! entries, then purges the bytes.
 
-use crate::authz::act;
 use std::collections::HashMap;
 
 use super::{
@@ -14,7 +13,7 @@ use super::{
 };
 use crate::{
     audit::{AuditContext, Outcome},
-    authz::{Denial, Permit},
+    authz::{Denial, Permit, act},
     crypto::SecretValue,
     layout::{self, KeyVersion},
     store::{Batch, Conflict, FailedGuard, Store, Table, Unit},

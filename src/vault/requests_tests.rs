@@ -1,14 +1,13 @@
 //! Request ids over a real RocksDB: a call sent again gets the first answer
 //! and changes nothing; two calls with one id take effect once.
 
-use crate::authz::act;
 use std::sync::atomic::Ordering;
 
 use super::{
     tests::{Fixture, ctx, fixture, fixture_with_clock},
     *,
 };
-use crate::{store::Table, token::Token};
+use crate::{authz::act, store::Table, token::Token};
 
 const WINDOW_MS: u64 = DEFAULT_REQUEST_WINDOW.as_millis() as u64;
 

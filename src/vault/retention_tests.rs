@@ -1,13 +1,12 @@
 //! Expiry seen from every side: reveal, tokenize, lookup and the sweeper,
 //! against a real RocksDB with a clock the test moves.
 
-use crate::authz::act;
 use std::sync::{Arc, atomic::Ordering};
 
 use super::tests::{Fixture, ctx, fixture_with_clock};
 use super::*;
 use crate::{
-    authz::{IdentityPattern, Policy, PurposeSet, Rule},
+    authz::{IdentityPattern, Policy, PurposeSet, Rule, act},
     store::{Batch, Table},
     token::Token,
 };

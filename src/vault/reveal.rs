@@ -1,13 +1,12 @@
 //! Detokenize: read, authorise by the record's field type, check consent,
 //! decrypt, mask.
 
-use crate::authz::act;
 use std::collections::HashMap;
 
 use super::{ItemError, Record, Vault, audit::Parts};
 use crate::{
-    audit::{AuditContext, Outcome},
-    authz::{Denial, Permit, Purpose, RevealForm},
+    audit::{AuditContext, ConsentNote, Outcome},
+    authz::{Denial, Permit, Purpose, RevealForm, act},
     crypto::{DataKey, SecretValue},
     layout::{KeyVersion, SubjectHash},
     store::Store,
@@ -158,9 +157,9 @@ impl<S: Store> Vault<S> {
         parts.finish(self, &mut event);
         if !wanted.is_empty() {
             event.consent = Some(if consent_missing {
-                "missing".into()
+                ConsentNote::Missing
             } else {
-                "granted".into()
+                ConsentNote::Granted
             });
         }
         self.record(&event).await?;

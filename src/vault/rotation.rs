@@ -2,13 +2,12 @@
 //! blind-index keys (entries move by re-indexing), and the master key
 //! (re-wraps keys only).
 
-use crate::authz::act;
 use std::collections::HashMap;
 
 use super::{Error, Record, Vault, jobs::Job, record::Binding};
 use crate::{
     audit::{AuditContext, Outcome},
-    authz::Permit,
+    authz::{Permit, act},
     layout::KeyVersion,
     store::{Batch, FailedGuard, KeyValues, Store, Table},
     token::Token,

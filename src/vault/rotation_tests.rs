@@ -1,14 +1,13 @@
 //! Key rotation and its background jobs, against a real RocksDB that is
 //! closed and reopened in the middle.
 
-use crate::authz::act;
 use std::path::PathBuf;
 
 use super::tests::{FIELDS, ctx, tokenize_all};
 use super::*;
 use crate::layout::KeyVersion;
 use crate::{
-    authz::{Grants, IdentityPattern, Policy, PurposeSet, Rule},
+    authz::{Grants, IdentityPattern, Policy, PurposeSet, Rule, act},
     fields::RawFieldType,
     identity::ClientId,
     store::{RocksStore, StoreOptions, Table},

@@ -2,7 +2,6 @@
 //! is in `consent.rs`, rectification and deletion of tokens in `records.rs`,
 //! erasure in `erasure.rs`.
 
-use crate::authz::act;
 use std::collections::HashMap;
 
 use super::{
@@ -11,7 +10,7 @@ use super::{
 };
 use crate::{
     audit::{AuditContext, Outcome},
-    authz::Permit,
+    authz::{Permit, act},
     crypto::{DataKey, SecretValue},
     layout,
     store::{Batch, FailedGuard, Store, Table},

@@ -1,12 +1,11 @@
 //! The vault core against a real RocksDB in a temporary directory.
 
-use crate::authz::act;
 use std::sync::Arc;
 
 use super::*;
 use crate::{
     audit::AuditContext,
-    authz::{IdentityPattern, Policy, PurposeSet, RevealForm, Rule},
+    authz::{IdentityPattern, Policy, PurposeSet, RevealForm, Rule, act},
     fields::RawFieldType,
     identity::ClientId,
     store::{RocksStore, StoreOptions},

@@ -8,7 +8,6 @@
 //! from what is stored now (its deterministic values then have their token;
 //! its format-preserving tokens are drawn again) and written again.
 
-use crate::authz::act;
 use std::collections::{HashMap, HashSet};
 
 use super::{
@@ -20,7 +19,7 @@ use super::{
 };
 use crate::{
     audit::{AuditContext, Outcome},
-    authz::{Denial, Permit},
+    authz::{Denial, Permit, act},
     crypto::{self, DataKey, SecretValue},
     fields::FieldSpec,
     layout::{self, KeyVersion},
