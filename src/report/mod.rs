@@ -483,7 +483,7 @@ struct Holdings {
 
 impl Holdings {
     fn record(&mut self, value: &[u8]) {
-        if let Ok(record) = crate::vault::Record::decode(value) {
+        if let Ok(record) = crate::layout::Record::decode(value) {
             *self
                 .values_held
                 .entry(record.field_type.to_string())

@@ -14,8 +14,7 @@ mod keyring;
 mod ledger;
 mod ledger_binding;
 mod ledger_sink;
-mod record;
-mod records;
+mod rectify;
 mod requests;
 mod retention;
 mod reveal;
@@ -29,6 +28,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+pub use crate::layout::{DecodeError, Record};
 pub use audit::{Backup, EventsQuery, ReportQuery, StoredEvent};
 pub use consent::{ConsentDecision, ConsentQuery};
 pub use erasure::LedgerRollback;
@@ -37,7 +37,6 @@ pub use jobs::{Job, JobHold, JobStatus, JobStep};
 pub use keyring::Keyring;
 pub use ledger::{Erasure, ErasureLedger, LedgerEntry, LedgerError};
 pub use ledger_sink::LedgerLocation;
-pub use record::{DecodeError, Record};
 pub use requests::{
     FirstAnswer, MAX_REQUEST_ID_LEN, NewRequest, Prior, Remember, RequestId, RequestIdError,
     RequestKey,

@@ -4,11 +4,11 @@
 
 use std::collections::HashMap;
 
-use super::{Error, Record, Vault, jobs::Job, record::Binding};
+use super::{Error, Record, Vault, jobs::Job};
 use crate::{
     audit::{AuditContext, Outcome},
     authz::{Permit, act},
-    layout::KeyVersion,
+    layout::{Binding, KeyVersion},
     store::{Batch, FailedGuard, KeyValues, Store, Table},
     token::Token,
 };

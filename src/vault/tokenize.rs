@@ -14,7 +14,6 @@ use super::{
     Blind, ItemError, LookupValue, NewValue, Record, Vault,
     audit::Parts,
     erasure::ERASED_MEANWHILE,
-    record::Binding,
     requests::{REMEMBER_KEYS, REQUEST_ID_IN_FLIGHT, Remember},
 };
 use crate::{
@@ -22,7 +21,7 @@ use crate::{
     authz::{Denial, Permit, act},
     crypto::{self, DataKey, SecretValue},
     fields::FieldSpec,
-    layout::{self, KeyVersion},
+    layout::{self, Binding, KeyVersion},
     store::{Batch, Conflict, FailedGuard, Store, Table},
     token::{FieldType, Token},
 };

@@ -19,8 +19,12 @@ pub type SubjectHash = [u8; 32];
 
 // --- records -------------------------------------------------------------
 //
-// Keyed by the token's storage key (`Token::storage_key`); the value is
-// `vault::Record`.
+// Keyed by the token's storage key (`Token::storage_key`); the value is a
+// [`Record`] (`record.rs`).
+
+mod record;
+
+pub use record::{Binding, DecodeError, Record};
 
 /// Which key encrypted a record: stored as a `u32` in the record and bound
 /// into its associated data, `0` for the subject's own key.

@@ -8,14 +8,13 @@ use std::collections::HashMap;
 use super::{
     Blind, Error, ItemError, Record, Vault,
     audit::Parts,
-    record::Binding,
     requests::{REQUEST_ID_IN_FLIGHT, Remember},
 };
 use crate::{
     audit::{AuditContext, Outcome},
     authz::{Denial, Permit, act},
     crypto::SecretValue,
-    layout::{self, KeyVersion},
+    layout::{self, Binding, KeyVersion},
     store::{Batch, Conflict, FailedGuard, Store, Table, Unit},
     token::{FieldType, Token},
 };
