@@ -42,7 +42,6 @@ pub(super) async fn run(command: BackupCommand) -> Result<ExitCode, String> {
         layout::AUDIT_PUBLIC_KEY,
         proto::v1::{CreateBackupRequest, admin_client::AdminClient},
         store::{RocksStore, Snapshot, Table},
-        vault::Record,
     };
     match command {
         BackupCommand::Create { conn, dir } => {
@@ -65,16 +64,8 @@ pub(super) async fn run(command: BackupCommand) -> Result<ExitCode, String> {
         BackupCommand::Verify { dir, public_key } => {
             let store = RocksStore::open_read_only(&dir)
                 .map_err(|e| format!("cannot open {}: {e}", dir.display()))?;
-            let (mut records, mut bad) = (0u64, 0u64);
-            store
-                .scan(Table::Records, &[], |_, value| {
-                    records += 1;
-                    if Record::decode(value).is_err() {
-                        bad += 1;
-                    }
-                    true
-                })
-                .map_err(|e| e.to_string())?;
+            let (records, bad) =
+                crate::report::records_decode(&store).map_err(|e| e.to_string())?;
             let key = match public_key {
                 Some(hex) => super::audit::parse_public_key(&hex)?,
                 None => store

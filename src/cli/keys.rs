@@ -10,13 +10,11 @@ use tonic::transport::Channel;
 use super::{Connection, audit::AuditSource};
 use crate::{
     client,
-    layout::{self, KeyVersion, MasterWrapped},
     proto::v1::{
         self as pb, ListJobsRequest, Pkcs11Key, RotateIndexKeyRequest, RotateKeysRequest,
         RotateMasterKeyRequest, SetJobPausedRequest, admin_client::AdminClient,
     },
-    store::{Snapshot, Table},
-    vault::{Job, Record},
+    vault::Job,
 };
 
 /// A key in a PKCS#11 token, as `[keys.pkcs11]` names it.
@@ -292,54 +290,23 @@ pub(super) async fn run(command: KeysCommand) -> Result<ExitCode, String> {
 /// records each encrypts.
 fn list(source: &AuditSource) -> Result<ExitCode, String> {
     let store = super::audit::open(source)?;
-    let mut versions: std::collections::BTreeMap<u32, (u64, u64)> =
-        std::collections::BTreeMap::new();
-    let family = MasterWrapped::DataKey;
-    store
-        .scan(Table::Keys, family.prefix().as_bytes(), |label, wrapped| {
-            let Some(version) = family.version_of(label) else {
-                return false;
-            };
-            versions.insert(version, (layout::wrapped_created_ms(wrapped), 0));
-            true
-        })
-        .map_err(|e| e.to_string())?;
-    let mut subject_keyed = 0u64;
-    store
-        .scan(Table::Records, &[], |_, bytes| {
-            if let Ok(record) = Record::decode(bytes) {
-                match record.key_version {
-                    KeyVersion::Vault(version) => {
-                        if let Some((_, count)) = versions.get_mut(&version) {
-                            *count += 1;
-                        }
-                    }
-                    KeyVersion::Subject => subject_keyed += 1,
-                }
-            }
-            true
-        })
-        .map_err(|e| e.to_string())?;
-    let active = versions.keys().next_back().copied().unwrap_or(0);
+    let usage = crate::report::data_key_usage(&store).map_err(|e| e.to_string())?;
+    let active = usage.active();
     println!("version  created (UTC)                  records");
-    for (version, (created_ms, count)) in &versions {
+    for (version, (created_ms, count)) in &usage.versions {
         let created = created_at(*created_ms);
         let marker = if *version == active { "  (active)" } else { "" };
         println!("{version:>7}  {created:<30} {count}{marker}");
     }
-    println!("records under their data subject's own key: {subject_keyed}");
-    let mut index_versions = Vec::new();
-    store
-        .scan(Table::Keys, b"index-hash/", |label, wrapped| {
-            if let Some(version) = label
-                .strip_prefix(b"index-hash/")
-                .and_then(|v| std::str::from_utf8(v).ok()?.parse::<u32>().ok())
-            {
-                index_versions.push(format!("{version} (created {})", created(wrapped)));
-            }
-            true
-        })
-        .map_err(|e| e.to_string())?;
+    println!(
+        "records under their data subject's own key: {}",
+        usage.subject_keyed
+    );
+    let index_versions: Vec<String> = usage
+        .index_versions
+        .iter()
+        .map(|(version, created_ms)| format!("{version} (created {})", created_at(*created_ms)))
+        .collect();
     println!(
         "blind-index key versions (more than one while re-indexing): {}",
         index_versions.join(", ")
@@ -348,15 +315,6 @@ fn list(source: &AuditSource) -> Result<ExitCode, String> {
 }
 
 /// The creation time stored in a wrapped key (after its format byte).
-fn created(wrapped: &[u8]) -> String {
-    created_at(
-        wrapped
-            .get(1..9)
-            .and_then(|b| b.try_into().ok())
-            .map_or(0, u64::from_be_bytes),
-    )
-}
-
 fn created_at(ms: u64) -> String {
     time::OffsetDateTime::from_unix_timestamp_nanos(i128::from(ms) * 1_000_000)
         .ok()

@@ -10,6 +10,7 @@
 //! value: events hold none.
 
 mod render;
+mod stored;
 
 use std::collections::BTreeMap;
 
@@ -22,6 +23,7 @@ use crate::{
 };
 
 pub use render::{html, markdown};
+pub use stored::{DataKeyUsage, data_key_usage, records_decode};
 
 /// The whole report. Its JSON form is the reference the other forms are
 /// made from.
