@@ -871,7 +871,9 @@ async fn erasures_through_replicas_survive_a_restore_of_the_database() {
 /// takes them over and finishes a re-encryption the first would have run.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_replicas_background_jobs_are_taken_over() {
-    use tokenvault::proto::v1::{ListJobsRequest, RotateKeysRequest, admin_client::AdminClient};
+    use tokenvault::proto::v1::{
+        Job, ListJobsRequest, RotateKeysRequest, SetJobPausedRequest, admin_client::AdminClient,
+    };
     let cluster = ThrowawayCluster::start();
     cluster.create_database("vault").await;
     let (mut a, b) = replicas(&cluster, "vault").await;
@@ -888,7 +890,27 @@ async fn a_killed_replicas_background_jobs_are_taken_over() {
     }
     a.kill();
     let mut admin = AdminClient::new(b.channel_with(&b.pki.tls("privacy")).await.unwrap());
+    // Held while the rotation starts it: the pass's total is the records
+    // the database holds, counted on this engine too.
+    let hold = |paused| SetJobPausedRequest {
+        job: Job::Reencrypt.into(),
+        paused,
+    };
+    admin.set_job_paused(hold(true)).await.unwrap();
     admin.rotate_keys(RotateKeysRequest {}).await.unwrap();
+    let jobs = admin
+        .list_jobs(ListJobsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    let held = jobs
+        .jobs
+        .iter()
+        .find(|j| j.job() == Job::Reencrypt)
+        .unwrap();
+    assert!(held.pending && held.paused, "{held:?}");
+    assert_eq!(held.total, 50, "{held:?}");
+    admin.set_job_paused(hold(false)).await.unwrap();
     assert!(b.wait_for_log(LEASE), "{}", b.logs());
     assert!(
         b.wait_for_log("re-encryption finished"),
@@ -903,7 +925,7 @@ async fn a_killed_replicas_background_jobs_are_taken_over() {
     let reencrypt = jobs
         .jobs
         .iter()
-        .find(|j| j.job() == tokenvault::proto::v1::Job::Reencrypt)
+        .find(|j| j.job() == Job::Reencrypt)
         .expect("a re-encryption job");
     assert!(!reencrypt.pending, "{reencrypt:?}");
     let read = read_all(&b, &tokens).await;

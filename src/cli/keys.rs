@@ -375,10 +375,10 @@ fn describe(job: &pb::JobStatus) -> String {
     let state = match (job.pending, job.paused) {
         (false, false) => "idle".to_owned(),
         (false, true) => "idle, held (a job started later waits until resumed)".to_owned(),
-        // An engine that cannot count its records cheaply (PostgreSQL)
-        // says 0: the count of those visited is all there is to show.
+        // No total (the count failed when the pass started, or the vault
+        // was empty then): the count of those visited is all there is.
         (true, paused) if job.total == 0 => format!(
-            "{} {} records (the total is not known on this engine)",
+            "{} {} records (the total was not counted)",
             if paused { "held at" } else { "running:" },
             job.visited,
         ),
@@ -471,10 +471,10 @@ mod tests {
             describe(&job(10, 40, true, false)),
             "reindex    running: 10/40 records (25%)"
         );
-        // No total (PostgreSQL): no 10/0, no percentage.
+        // No total: no 10/0, no percentage.
         assert_eq!(
             describe(&job(10, 0, true, false)),
-            "reindex    running: 10 records (the total is not known on this engine)"
+            "reindex    running: 10 records (the total was not counted)"
         );
     }
 }

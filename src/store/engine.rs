@@ -136,8 +136,8 @@ impl Store for AnyStore {
         }
     }
 
-    fn estimated_len(&self, table: Table) -> u64 {
-        on_engine!(self, store => store.estimated_len(table))
+    async fn estimated_len(&self, table: Table) -> u64 {
+        on_engine!(self, store => store.estimated_len(table).await)
     }
 
     async fn purge(&self, keys: Vec<(Table, Vec<u8>)>) -> Result<(), Error> {

@@ -527,8 +527,9 @@ pub trait Store: Send + Sync + 'static {
     /// [`Error::Unsupported`], saying how this engine is backed up.
     fn checkpoints(&self) -> Result<&impl Checkpoints, Error>;
 
-    /// About how many keys `table` holds (cheap; for progress and metrics).
-    fn estimated_len(&self, table: Table) -> u64;
+    /// About how many keys `table` holds, for a job's progress; 0 if the
+    /// engine cannot tell now.
+    fn estimated_len(&self, table: Table) -> impl Future<Output = u64> + Send;
 
     /// Makes deleted keys leave the data files: flushes memtables (so the
     /// write-ahead log holding the old values is retired) and compacts the

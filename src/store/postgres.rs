@@ -1016,10 +1016,20 @@ impl Store for PgStore {
         Err::<&super::NoCheckpoints, _>(Error::Unsupported(BACKED_UP_BY_POSTGRES))
     }
 
-    fn estimated_len(&self, _table: Table) -> u64 {
-        // Progress totals only; a count would scan. Unknown until a
-        // statistics refresh is added.
-        0
+    async fn estimated_len(&self, table: Table) -> u64 {
+        // A count over the primary key's index: asked when a job starts
+        // (a rotation), bounded by the call deadline like every read.
+        match self.reads.query(Read::Count, &[&table.name()]).await {
+            Ok(rows) => rows
+                .first()
+                .and_then(|row| row.try_get::<_, i64>(0).ok())
+                .and_then(|n| u64::try_from(n).ok())
+                .unwrap_or(0),
+            Err(e) => {
+                tracing::warn!(error = %e, table = table.name(), "could not count a table for a job's progress; its total shows as unknown");
+                0
+            }
+        }
     }
 
     async fn purge(&self, _keys: Vec<(Table, Vec<u8>)>) -> Result<(), Error> {

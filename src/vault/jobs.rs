@@ -142,9 +142,9 @@ impl<S: Store> Vault<S> {
     /// Adds to `unit` what (re)starts `job` from the first record: a
     /// rotation writes it in the same write as the new key, so a key is
     /// never stored without its job.
-    pub(super) fn start_job(&self, unit: &mut Unit, job: Job) {
+    pub(super) fn start_job(&self, unit: &mut Unit, job: Job, total: u64) {
         let progress = Progress {
-            total: self.store.estimated_len(Table::Records),
+            total,
             ..Progress::default()
         };
         unit.put(Table::Meta, job.cursor_key(), Vec::new()).put(
@@ -278,11 +278,17 @@ impl<S: Store> Vault<S> {
         let (moved, raced) = self.rewrite_page(job, records).await?;
         progress.raced += raced;
 
+        let restart = finished && progress.raced > 0;
+        // Another pass counts its records afresh.
+        let total = if restart {
+            self.store.estimated_len(Table::Records).await
+        } else {
+            0
+        };
         let mut batch = Batch::new();
         let unit = batch.unit();
         unit.guard_unchanged(Table::Meta, job.cursor_key(), cursor)
             .guard_absent(Table::Keys, newer_key);
-        let restart = finished && progress.raced > 0;
         match next {
             _ if restart => {
                 // Some records kept changing: visit everything once more so
@@ -292,7 +298,7 @@ impl<S: Store> Vault<S> {
                     raced = progress.raced,
                     "records changed while the job ran; starting another pass"
                 );
-                self.start_job(unit, job);
+                self.start_job(unit, job, total);
             }
             Some(next) if !finished => {
                 unit.put(Table::Meta, job.cursor_key(), next).put(

@@ -62,11 +62,12 @@ impl<S: Store> Vault<S> {
         job: Job,
         audit: &AuditContext,
     ) -> Result<(), Error> {
+        let total = self.store.estimated_len(Table::Records).await;
         let mut batch = Batch::new();
         let unit = batch.unit();
         new.store(unit);
         self.keyring.guard_master(unit);
-        self.start_job(unit, job);
+        self.start_job(unit, job, total);
         unit.append_audit(audit.event(Outcome::Ok).encode());
         let outcomes = self
             .store

@@ -438,8 +438,8 @@ impl Store for FailingStore {
         self.inner.checkpoints()
     }
 
-    fn estimated_len(&self, table: store::Table) -> u64 {
-        self.inner.estimated_len(table)
+    async fn estimated_len(&self, table: store::Table) -> u64 {
+        self.inner.estimated_len(table).await
     }
 
     async fn purge(&self, keys: Vec<(store::Table, Vec<u8>)>) -> Result<(), store::Error> {
@@ -1114,7 +1114,7 @@ async fn a_full_format_preserving_space_gives_up_after_eight_draws() {
         .store()
         .records_all_taken
         .store(false, std::sync::atomic::Ordering::SeqCst);
-    assert_eq!(vault.store().estimated_len(store::Table::Records), 0);
+    assert_eq!(vault.store().estimated_len(store::Table::Records).await, 0);
     assert_eq!(vault.store().audit_head().seq, 1, "the call is audited");
 }
 
@@ -1242,7 +1242,7 @@ async fn a_key_rotated_through_another_process_during_a_job_is_where_the_job_end
     let unit = rotation.unit();
     newer.store(unit);
     there.guard_master(unit);
-    vault.start_job(unit, Job::Reencrypt);
+    vault.start_job(unit, Job::Reencrypt, 0);
     *vault.store().slip_in.lock().unwrap() = Some(rotation);
 
     let mut steps = 0;

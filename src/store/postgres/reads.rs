@@ -37,15 +37,18 @@ pub(super) enum Read {
     /// value under `key` of `tbl` (the audit event numbered as the head
     /// the process saw) or NULL, in one snapshot.
     HeadAndEntry,
+    /// `(tbl)` → how many keys it holds.
+    Count,
 }
 
 impl Read {
-    const ALL: [Read; 5] = [
+    const ALL: [Read; 6] = [
         Read::GetMany,
         Read::ScanRange,
         Read::ScanOpen,
         Read::ScanFrom,
         Read::HeadAndEntry,
+        Read::Count,
     ];
 
     fn sql(self) -> &'static str {
@@ -65,6 +68,7 @@ impl Read {
                  WHERE tbl = $1 AND key >= $2 ORDER BY key LIMIT $3"
             }
             Read::HeadAndEntry => HEAD_AND_ENTRY,
+            Read::Count => "SELECT count(*) FROM tokenvault_kv WHERE tbl = $1",
         }
     }
 }
