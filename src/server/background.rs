@@ -64,43 +64,14 @@ impl Background {
         let (v, p) = (Arc::clone(vault), Arc::clone(policy));
         let recorded = Arc::new(std::sync::Mutex::new(Some(policy.current().hash())));
         tasks.push(every(POLICY_CHECK_EVERY, stop.clone(), move || {
-            let (vault, policy, recorded) = (Arc::clone(&v), Arc::clone(&p), Arc::clone(&recorded));
-            async move {
-                let hash = policy.current().hash();
-                let last = *recorded
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
-                if last == Some(hash) {
-                    return;
-                }
-                match vault.record_policy_load(&hash).await {
-                    Ok(()) => {
-                        *recorded
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(hash);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot record the policy in force; retrying")
-                    }
-                }
-            }
+            record_policy(Arc::clone(&v), Arc::clone(&p), Arc::clone(&recorded))
         }));
         // Signs the audit chain's head now and then.
         let v = Arc::clone(vault);
         tasks.push(every(
             config.audit_checkpoint_interval,
             stop.clone(),
-            move || {
-                let vault = Arc::clone(&v);
-                async move {
-                    if !vault.store().leads_background_jobs().await {
-                        return;
-                    }
-                    if let Err(e) = vault.checkpoint_audit().await {
-                        tracing::error!(error = %e, "cannot sign an audit checkpoint");
-                    }
-                }
-            },
+            move || sign_checkpoint(Arc::clone(&v)),
         ));
         // Loads keys another replica added.
         let v = Arc::clone(vault);
@@ -123,67 +94,21 @@ impl Background {
         if let Some(retention) = config.audit_retention {
             let v = Arc::clone(vault);
             tasks.push(every(AUDIT_PRUNE_EVERY, stop.clone(), move || {
-                let vault = Arc::clone(&v);
-                async move {
-                    if !vault.store().leads_background_jobs().await {
-                        return;
-                    }
-                    match vault.prune_audit(retention).await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(
-                            events = n,
-                            "pruned audit events past audit.retention_days"
-                        ),
-                        Err(e) => {
-                            tracing::error!(error = %e, "audit pruning failed; retrying later")
-                        }
-                    }
-                }
+                prune_audit(Arc::clone(&v), retention)
             }));
         }
         // Runs the key-rotation jobs (re-encryption, re-indexing) a page at a
         // time, from where they stopped (also across restarts), unless held.
         let (v, m) = (Arc::clone(vault), Arc::clone(metrics));
         tasks.push(every(JOB_TICK, stop.clone(), move || {
-            let (vault, metrics) = (Arc::clone(&v), Arc::clone(&m));
-            async move {
-                if !vault.store().leads_background_jobs().await {
-                    return;
-                }
-                for job in vault::Job::ALL {
-                    run_job(&vault, &metrics, job).await;
-                }
-            }
+            run_jobs(Arc::clone(&v), Arc::clone(&m))
         }));
-        // Purges expired values now and then (they are NOT_FOUND already).
+        // Purges expired values, and forgets request ids past their window.
         let (v, m) = (Arc::clone(vault), Arc::clone(metrics));
         tasks.push(every(
             config.retention_sweep_interval,
             stop.clone(),
-            move || {
-                let (vault, metrics) = (Arc::clone(&v), Arc::clone(&m));
-                async move {
-                    if !vault.store().leads_background_jobs().await {
-                        return;
-                    }
-                    match vault.sweep_expired().await {
-                        Ok(0) => {}
-                        Ok(n) => {
-                            metrics.purged(n);
-                            tracing::info!(purged = n, "purged expired values");
-                        }
-                        Err(e) => tracing::error!(error = %e, "retention sweep failed"),
-                    }
-                    match vault.sweep_requests().await {
-                        Ok(0) => {}
-                        Ok(n) => tracing::info!(
-                            forgotten = n,
-                            "forgot request ids past limits.request_id_hours"
-                        ),
-                        Err(e) => tracing::error!(error = %e, "sweep of request ids failed"),
-                    }
-                }
-            },
+            move || sweep(Arc::clone(&v), Arc::clone(&m)),
         ));
         Self { tasks }
     }
@@ -193,6 +118,85 @@ impl Background {
         for task in self.tasks {
             let _ = task.await;
         }
+    }
+}
+
+/// Records the policy in force if a reload changed it since `recorded`.
+async fn record_policy<S: Store>(
+    vault: Arc<Vault<S>>,
+    policy: Arc<SharedPolicy>,
+    recorded: Arc<std::sync::Mutex<Option<[u8; 32]>>>,
+) {
+    let hash = policy.current().hash();
+    let last = *recorded
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    if last == Some(hash) {
+        return;
+    }
+    match vault.record_policy_load(&hash).await {
+        Ok(()) => {
+            *recorded
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(hash);
+        }
+        Err(e) => tracing::error!(error = %e, "cannot record the policy in force; retrying"),
+    }
+}
+
+/// Signs the audit chain's head, on the replica that leads.
+async fn sign_checkpoint<S: Store>(vault: Arc<Vault<S>>) {
+    if !vault.store().leads_background_jobs().await {
+        return;
+    }
+    if let Err(e) = vault.checkpoint_audit().await {
+        tracing::error!(error = %e, "cannot sign an audit checkpoint");
+    }
+}
+
+/// Prunes audit events older than `retention`, on the replica that leads.
+async fn prune_audit<S: Store>(vault: Arc<Vault<S>>, retention: Duration) {
+    if !vault.store().leads_background_jobs().await {
+        return;
+    }
+    match vault.prune_audit(retention).await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(events = n, "pruned audit events past audit.retention_days"),
+        Err(e) => tracing::error!(error = %e, "audit pruning failed; retrying later"),
+    }
+}
+
+/// Runs a page of each key-rotation job, on the replica that leads.
+async fn run_jobs<S: Store>(vault: Arc<Vault<S>>, metrics: Arc<Metrics>) {
+    if !vault.store().leads_background_jobs().await {
+        return;
+    }
+    for job in vault::Job::ALL {
+        run_job(&vault, &metrics, job).await;
+    }
+}
+
+/// Purges expired values (they are NOT_FOUND already) and forgets request
+/// ids past their window, on the replica that leads.
+async fn sweep<S: Store>(vault: Arc<Vault<S>>, metrics: Arc<Metrics>) {
+    if !vault.store().leads_background_jobs().await {
+        return;
+    }
+    match vault.sweep_expired().await {
+        Ok(0) => {}
+        Ok(n) => {
+            metrics.purged(n);
+            tracing::info!(purged = n, "purged expired values");
+        }
+        Err(e) => tracing::error!(error = %e, "retention sweep failed"),
+    }
+    match vault.sweep_requests().await {
+        Ok(0) => {}
+        Ok(n) => tracing::info!(
+            forgotten = n,
+            "forgot request ids past limits.request_id_hours"
+        ),
+        Err(e) => tracing::error!(error = %e, "sweep of request ids failed"),
     }
 }
 

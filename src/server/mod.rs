@@ -102,196 +102,376 @@ pub async fn run(
     // Check everything that can be wrong with the configuration before
     // touching the database or binding ports.
     let tls = tls_state(&config.tls, &config.trust_domains)?;
-
-    let (health, health_service) = tonic_health::server::health_reporter();
-    health
-        .set_service_status("", ServingStatus::NotServing)
-        .await;
-    health
-        .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
-        .await;
-
     // The plaintext health port comes up first so Kubernetes probes see
-    // NOT_SERVING (not a refused connection) while RocksDB recovers.
-    let health_listener = bind("server.health_listen", config.health_listen).await?;
-    let health_addr = local_addr(
-        &health_listener,
-        "server.health_listen",
-        config.health_listen,
-    )?;
-    let (stop_tx, stop_rx) = watch::channel(false);
-    // The health port outlives the drain, so probes read NOT_SERVING (not a
-    // refused connection) while in-flight requests finish.
-    let (health_stop_tx, health_stop_rx) = watch::channel(false);
-    let health_task = serve_health(health_listener, health_service.clone(), health_stop_rx)?;
+    // NOT_SERVING (not a refused connection) while the database opens.
+    let (health, health_service) = tonic_health::server::health_reporter();
+    let health_port = HealthPort::start(&config, &health, health_service.clone()).await?;
 
     let vault = Arc::new(open_vault(&config, master).await?);
+    let app = App::build(config, vault, tls).await?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let running = app.spawn(&health, &stop_rx);
 
-    let policy = Arc::new(SharedPolicy::new(config.policy.clone()));
-    // The policy this process starts with goes into the trail before any
-    // call it allows (reloads are recorded by a background loop).
-    vault.record_policy_load(&policy.current().hash()).await?;
-    let refusals = Arc::new(RefusalLog::default());
-    let settings = ApiSettings {
-        limits: config.limits,
-        policy: Arc::clone(&policy),
-        refusals: Arc::clone(&refusals),
-        pkcs11_modules: config.pkcs11_modules.clone(),
-    };
-    let metrics = Arc::new(Metrics::default());
-    let api = TokenVaultService::new(Arc::clone(&vault), settings, Arc::clone(&metrics));
-    let limiter = Arc::new(Shared::new(Limiter::new(config.identity_limits)));
-    let admission = AdmissionLayer(Arc::new(Admission::new(
-        Arc::clone(&limiter),
-        config.limits.max_concurrent_requests,
-        config.limits.max_request_buffer_bytes,
-        Arc::clone(&refusals),
-        Arc::clone(&metrics),
-    )));
-    let metrics_listener = bind("server.metrics_listen", config.metrics_listen).await?;
-    let metrics_addr = local_addr(
-        &metrics_listener,
-        "server.metrics_listen",
-        config.metrics_listen,
-    )?;
-    let connections = Arc::new(Connections::default());
-    let metrics_task = serve_metrics(
-        metrics_listener,
-        Arc::clone(&vault),
-        Arc::clone(&metrics),
-        Arc::clone(&connections),
-        stop_rx.clone(),
+    set_status(&health, ServingStatus::Serving).await;
+    tracing::info!(
+        grpc.addr = %running.grpc_addr,
+        health.addr = %health_port.addr,
+        metrics.addr = %running.metrics_addr,
+        data_dir = %running.config.data_dir.display(),
+        durability = ?running.config.durability,
+        master_key = %running.config.master_key_source().describe(),
+        "serving"
     );
-    let admin = proto::v1::admin_server::AdminServer::new(api.clone());
-    let audit = proto::v1::audit_server::AuditServer::new(api.clone());
-    let subjects = proto::v1::subjects_server::SubjectsServer::new(api.clone())
-        .max_decoding_message_size(config.limits.max_message_bytes);
-    let service = proto::v1::token_vault_server::TokenVaultServer::new(api)
-        .max_decoding_message_size(config.limits.max_message_bytes);
+    on_ready(running.grpc_addr, health_port.addr);
+    running
+        .serve(health_service, &health, shutdown, &stop_tx, health_port)
+        .await
+}
 
+/// The gRPC server over `services` (and health and reflection) on the
+/// connections `conns` brings, until `drain` fires.
+fn grpc_server(
+    config: &Config,
+    services: Services,
+    health_service: HealthServer<impl Health>,
+    conns: mpsc::Receiver<io::Result<TlsConn>>,
+    drain: tokio::sync::oneshot::Receiver<()>,
+) -> Result<impl Future<Output = Result<(), tonic::transport::Error>>, ServeError> {
     let (reflection_v1, reflection_v1alpha) = reflection(&[
         proto::FILE_DESCRIPTOR_SET,
         tonic_health::pb::FILE_DESCRIPTOR_SET,
     ])?;
+    Ok(Server::builder()
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .max_concurrent_streams(config.connections.max_concurrent_streams)
+        .timeout(config.connections.request_timeout)
+        .max_connection_age(config.connections.max_connection_age)
+        .max_connection_age_grace(config.shutdown_grace)
+        .layer(services.admission)
+        .add_service(services.tokenvault)
+        .add_service(services.subjects)
+        .add_service(services.admin)
+        .add_service(services.audit)
+        .add_service(health_service)
+        .add_service(reflection_v1)
+        .add_service(reflection_v1alpha)
+        .serve_with_incoming_shutdown(ReceiverStream::new(conns), async move {
+            let _ = drain.await;
+        }))
+}
 
-    let listener = bind("server.listen", config.listen).await?;
-    let grpc_addr = local_addr(&listener, "server.listen", config.listen)?;
-    let (conn_tx, conn_rx) = mpsc::channel(128);
-    let shared_tls = Arc::new(Shared::new(tls));
-    let reloader = tokio::spawn(reload::watch_and_reload(
-        config.clone(),
-        reload::Reloadable {
-            tls: Arc::clone(&shared_tls),
-            policy: Arc::clone(&policy),
-            limiter,
-            connections: Arc::clone(&connections),
-        },
-        config.reload_poll,
-        reload::listen_for_hangup(),
-        stop_rx.clone(),
-    ));
-    let accept_task = tokio::spawn(tls::accept_loop(
-        listener,
-        tls::AcceptSettings {
-            tls: shared_tls,
-            connections,
-            handshake_timeout: config.handshake_timeout,
-            max_connections: config.connections.max_connections,
-        },
-        conn_tx,
-        stop_rx.clone(),
-    ));
-    let background =
-        background::Background::start(&vault, &metrics, &refusals, &policy, &config, &stop_rx);
-    // A database found to have gone back in time stops the server (see
-    // `watch_database`).
-    let (fatal_tx, mut fatal_rx) = mpsc::channel::<store::Error>(1);
-    let database_watch = watch_database(
-        Arc::clone(&vault),
-        health.clone(),
-        stop_rx.clone(),
-        fatal_tx,
-        erasure_grace(&config),
-    );
+/// The plaintext health port, and what stops it: it outlives the drain,
+/// so probes read NOT_SERVING (not a refused connection) while in-flight
+/// requests finish.
+struct HealthPort {
+    addr: SocketAddr,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
 
-    set_status(&health, ServingStatus::Serving).await;
-    tracing::info!(
-        grpc.addr = %grpc_addr,
-        health.addr = %health_addr,
-        metrics.addr = %metrics_addr,
-        data_dir = %config.data_dir.display(),
-        durability = ?config.durability,
-        master_key = %config.master_key_source().describe(),
-        "serving"
-    );
-    on_ready(grpc_addr, health_addr);
-
-    let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
-    // Boxed rather than pinned on the stack so it can be dropped (and with
-    // it the services' handles on the vault) before the store closes.
-    let mut grpc = Box::pin(
-        Server::builder()
-            .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
-            .max_concurrent_streams(config.connections.max_concurrent_streams)
-            .timeout(config.connections.request_timeout)
-            .max_connection_age(config.connections.max_connection_age)
-            .max_connection_age_grace(config.shutdown_grace)
-            .layer(admission)
-            .add_service(service)
-            .add_service(subjects)
-            .add_service(admin)
-            .add_service(audit)
-            .add_service(health_service)
-            .add_service(reflection_v1)
-            .add_service(reflection_v1alpha)
-            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
-                let _ = drain_rx.await;
-            }),
-    );
-
-    let served = tokio::select! {
-        result = &mut grpc => Served::Ended(result),
-        () = shutdown => Served::Asked,
-        Some(fatal) = fatal_rx.recv() => Served::Fatal(fatal),
-    };
-    let result = match served {
-        Served::Ended(result) => result.map_err(ServeError::from),
-        Served::Asked | Served::Fatal(_) => {
-            if let Served::Fatal(e) = &served {
-                tracing::error!(error = %e, "stopping: draining in-flight requests (each is refused)");
-            } else {
-                tracing::info!("shutdown requested: draining in-flight requests");
-            }
-            set_status(&health, ServingStatus::NotServing).await;
-            let _ = stop_tx.send(true);
-            let _ = drain_tx.send(());
-            let drained = match tokio::time::timeout(config.shutdown_grace, &mut grpc).await {
-                Ok(result) => result.map_err(ServeError::from),
-                Err(_) => {
-                    tracing::warn!(grace = ?config.shutdown_grace, "drain deadline passed; closing remaining connections");
-                    Ok(())
-                }
-            };
-            match served {
-                Served::Fatal(e) => drained.and(Err(ServeError::Store(e))),
-                _ => drained,
-            }
-        }
-    };
-    let _ = stop_tx.send(true);
-    accept_task.abort();
-    let _ = health_stop_tx.send(true);
-    let _ = health_task.await;
-    background.stop().await;
-    if let Some(task) = database_watch {
-        let _ = task.await;
+impl HealthPort {
+    /// Reports NOT_SERVING and serves `service` on `server.health_listen`.
+    async fn start(
+        config: &Config,
+        health: &HealthReporter,
+        service: HealthServer<impl Health>,
+    ) -> Result<Self, ServeError> {
+        health
+            .set_service_status("", ServingStatus::NotServing)
+            .await;
+        health
+            .set_service_status(SERVICE_NAME, ServingStatus::NotServing)
+            .await;
+        let listener = bind("server.health_listen", config.health_listen).await?;
+        let addr = local_addr(&listener, "server.health_listen", config.health_listen)?;
+        let (stop, stop_rx) = watch::channel(false);
+        let task = serve_health(listener, service, stop_rx)?;
+        Ok(Self { addr, stop, task })
     }
-    let _ = metrics_task.await;
-    let _ = reloader.await;
-    drop(grpc);
-    close(vault, &refusals).await;
-    tracing::info!("stopped");
-    result
+
+    async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = self.task.await;
+    }
+}
+
+/// The gRPC services over one vault, and the layer that admits requests.
+struct Services {
+    tokenvault: proto::v1::token_vault_server::TokenVaultServer<TokenVaultService<AnyStore>>,
+    subjects: proto::v1::subjects_server::SubjectsServer<TokenVaultService<AnyStore>>,
+    admin: proto::v1::admin_server::AdminServer<TokenVaultService<AnyStore>>,
+    audit: proto::v1::audit_server::AuditServer<TokenVaultService<AnyStore>>,
+    admission: AdmissionLayer,
+}
+
+/// Everything built from the configuration, nothing spawned yet: the
+/// vault, its services, and the bound listeners.
+struct App {
+    config: Config,
+    vault: Arc<Vault<AnyStore>>,
+    policy: Arc<SharedPolicy>,
+    refusals: Arc<RefusalLog>,
+    metrics: Arc<Metrics>,
+    limiter: Arc<Shared<Limiter>>,
+    services: Services,
+    tls: TlsState,
+    listener: TcpListener,
+    grpc_addr: SocketAddr,
+    metrics_listener: TcpListener,
+    metrics_addr: SocketAddr,
+}
+
+impl App {
+    /// Records the policy in force, builds the services and binds the
+    /// gRPC and metrics ports.
+    async fn build(
+        config: Config,
+        vault: Arc<Vault<AnyStore>>,
+        tls: TlsState,
+    ) -> Result<Self, ServeError> {
+        let policy = Arc::new(SharedPolicy::new(config.policy.clone()));
+        // The policy this process starts with goes into the trail before
+        // any call it allows (reloads are recorded by a background loop).
+        vault.record_policy_load(&policy.current().hash()).await?;
+        let refusals = Arc::new(RefusalLog::default());
+        let metrics = Arc::new(Metrics::default());
+        let limiter = Arc::new(Shared::new(Limiter::new(config.identity_limits)));
+        let services = Self::services(&config, &vault, &policy, &refusals, &metrics, &limiter);
+        let metrics_listener = bind("server.metrics_listen", config.metrics_listen).await?;
+        let metrics_addr = local_addr(
+            &metrics_listener,
+            "server.metrics_listen",
+            config.metrics_listen,
+        )?;
+        let listener = bind("server.listen", config.listen).await?;
+        let grpc_addr = local_addr(&listener, "server.listen", config.listen)?;
+        Ok(Self {
+            config,
+            vault,
+            policy,
+            refusals,
+            metrics,
+            limiter,
+            services,
+            tls,
+            listener,
+            grpc_addr,
+            metrics_listener,
+            metrics_addr,
+        })
+    }
+
+    fn services(
+        config: &Config,
+        vault: &Arc<Vault<AnyStore>>,
+        policy: &Arc<SharedPolicy>,
+        refusals: &Arc<RefusalLog>,
+        metrics: &Arc<Metrics>,
+        limiter: &Arc<Shared<Limiter>>,
+    ) -> Services {
+        let settings = ApiSettings {
+            limits: config.limits,
+            policy: Arc::clone(policy),
+            refusals: Arc::clone(refusals),
+            pkcs11_modules: config.pkcs11_modules.clone(),
+        };
+        let api = TokenVaultService::new(Arc::clone(vault), settings, Arc::clone(metrics));
+        let admission = AdmissionLayer(Arc::new(Admission::new(
+            Arc::clone(limiter),
+            config.limits.max_concurrent_requests,
+            config.limits.max_request_buffer_bytes,
+            Arc::clone(refusals),
+            Arc::clone(metrics),
+        )));
+        Services {
+            admin: proto::v1::admin_server::AdminServer::new(api.clone()),
+            audit: proto::v1::audit_server::AuditServer::new(api.clone()),
+            subjects: proto::v1::subjects_server::SubjectsServer::new(api.clone())
+                .max_decoding_message_size(config.limits.max_message_bytes),
+            tokenvault: proto::v1::token_vault_server::TokenVaultServer::new(api)
+                .max_decoding_message_size(config.limits.max_message_bytes),
+            admission,
+        }
+    }
+
+    /// Starts every loop: metrics, reloads, the TLS accept loop, the
+    /// background jobs and (on a shared database) its watch.
+    fn spawn(self, health: &HealthReporter, stop: &watch::Receiver<bool>) -> Running {
+        let App {
+            config,
+            vault,
+            policy,
+            refusals,
+            metrics,
+            limiter,
+            services,
+            tls,
+            listener,
+            grpc_addr,
+            metrics_listener,
+            metrics_addr,
+        } = self;
+        let connections = Arc::new(Connections::default());
+        let metrics_task = serve_metrics(
+            metrics_listener,
+            Arc::clone(&vault),
+            Arc::clone(&metrics),
+            Arc::clone(&connections),
+            stop.clone(),
+        );
+        let (conn_tx, conn_rx) = mpsc::channel(128);
+        let shared_tls = Arc::new(Shared::new(tls));
+        let reloader = tokio::spawn(reload::watch_and_reload(
+            config.clone(),
+            reload::Reloadable {
+                tls: Arc::clone(&shared_tls),
+                policy: Arc::clone(&policy),
+                limiter,
+                connections: Arc::clone(&connections),
+            },
+            config.reload_poll,
+            reload::listen_for_hangup(),
+            stop.clone(),
+        ));
+        let accept_task = tokio::spawn(tls::accept_loop(
+            listener,
+            tls::AcceptSettings {
+                tls: shared_tls,
+                connections,
+                handshake_timeout: config.handshake_timeout,
+                max_connections: config.connections.max_connections,
+            },
+            conn_tx,
+            stop.clone(),
+        ));
+        let background =
+            background::Background::start(&vault, &metrics, &refusals, &policy, &config, stop);
+        // A database found to have gone back in time stops the server (see
+        // `watch_database`).
+        let (fatal_tx, fatal_rx) = mpsc::channel::<store::Error>(1);
+        let database_watch = watch_database(
+            Arc::clone(&vault),
+            health.clone(),
+            stop.clone(),
+            fatal_tx,
+            erasure_grace(&config),
+        );
+        Running {
+            grpc_addr,
+            metrics_addr,
+            config,
+            vault,
+            refusals,
+            services,
+            conn_rx,
+            fatal_rx,
+            tasks: vec![metrics_task, reloader],
+            accept_task,
+            background,
+            database_watch,
+        }
+    }
+}
+
+/// A vault whose loops run, ready to serve gRPC on the accepted
+/// connections.
+struct Running {
+    grpc_addr: SocketAddr,
+    metrics_addr: SocketAddr,
+    config: Config,
+    vault: Arc<Vault<AnyStore>>,
+    refusals: Arc<RefusalLog>,
+    services: Services,
+    conn_rx: mpsc::Receiver<io::Result<TlsConn>>,
+    fatal_rx: mpsc::Receiver<store::Error>,
+    /// Loops that end when `stop` changes.
+    tasks: Vec<JoinHandle<()>>,
+    accept_task: JoinHandle<()>,
+    background: background::Background,
+    database_watch: Option<JoinHandle<()>>,
+}
+
+impl Running {
+    /// Serves gRPC until `shutdown` resolves, the server ends, or the
+    /// database goes back in time; then drains in-flight requests (up to
+    /// `server.shutdown_grace_seconds`), stops every loop and closes the
+    /// database.
+    async fn serve(
+        self,
+        health_service: HealthServer<impl Health>,
+        health: &HealthReporter,
+        shutdown: impl Future<Output = ()> + Send,
+        stop: &watch::Sender<bool>,
+        health_port: HealthPort,
+    ) -> Result<(), ServeError> {
+        let Running {
+            config,
+            vault,
+            refusals,
+            services,
+            conn_rx,
+            mut fatal_rx,
+            tasks,
+            accept_task,
+            background,
+            database_watch,
+            ..
+        } = self;
+        let (drain_tx, drain_rx) = tokio::sync::oneshot::channel::<()>();
+        // Boxed rather than pinned on the stack so it can be dropped (and
+        // with it the services' handles on the vault) before the store
+        // closes.
+        let mut grpc = Box::pin(grpc_server(
+            &config,
+            services,
+            health_service,
+            conn_rx,
+            drain_rx,
+        )?);
+        let served = tokio::select! {
+            result = &mut grpc => Served::Ended(result),
+            () = shutdown => Served::Asked,
+            Some(fatal) = fatal_rx.recv() => Served::Fatal(fatal),
+        };
+        let result = match served {
+            Served::Ended(result) => result.map_err(ServeError::from),
+            Served::Asked | Served::Fatal(_) => {
+                if let Served::Fatal(e) = &served {
+                    tracing::error!(error = %e, "stopping: draining in-flight requests (each is refused)");
+                } else {
+                    tracing::info!("shutdown requested: draining in-flight requests");
+                }
+                set_status(health, ServingStatus::NotServing).await;
+                let _ = stop.send(true);
+                let _ = drain_tx.send(());
+                let drained = match tokio::time::timeout(config.shutdown_grace, &mut grpc).await {
+                    Ok(result) => result.map_err(ServeError::from),
+                    Err(_) => {
+                        tracing::warn!(grace = ?config.shutdown_grace, "drain deadline passed; closing remaining connections");
+                        Ok(())
+                    }
+                };
+                match served {
+                    Served::Fatal(e) => drained.and(Err(ServeError::Store(e))),
+                    _ => drained,
+                }
+            }
+        };
+        let _ = stop.send(true);
+        accept_task.abort();
+        health_port.stop().await;
+        background.stop().await;
+        if let Some(task) = database_watch {
+            let _ = task.await;
+        }
+        for task in tasks {
+            let _ = task.await;
+        }
+        drop(grpc);
+        close(vault, &refusals).await;
+        tracing::info!("stopped");
+        result
+    }
 }
 
 /// Serves the health service (and a reflection of it only, so that grpcurl
