@@ -434,6 +434,9 @@ impl<S: Store> Vault<S> {
         // is then applied without the record (its ledger entry is written,
         // and must not be left unapplied), and the caller told so.
         let mut lost_to_same_id = false;
+        // The erasure's own request id, which it keeps (or the call with
+        // the same id that won keeps).
+        let own = remember.map(|r| r.remember.request);
         for _ in 0..MAX_RACES {
             let mut batch = Batch::new();
             let unit = batch.unit();
@@ -471,6 +474,15 @@ impl<S: Store> Vault<S> {
                 Ok(swept) => purge.extend(swept),
                 Err(e) => {
                     tracing::warn!(error = %e, "the sweep after an erasure failed; what a racing write left is swept at the subject's next erasure");
+                }
+            }
+            // The request ids of calls that named the subject are forgotten
+            // (a retry of one runs again): their records hold keyed hashes
+            // of values, and tokens. This erasure's own is kept.
+            match self.forget_requests_of(&hash, own).await {
+                Ok(forgotten) => purge.extend(forgotten),
+                Err(e) => {
+                    tracing::warn!(error = %e, "forgetting the request ids of an erased subject's calls failed; they go at the end of limits.request_id_hours");
                 }
             }
             if !purge.is_empty() {
@@ -551,9 +563,6 @@ impl<S: Store> Vault<S> {
             unit.delete(Table::Consent, key.clone());
             purge.push((Table::Consent, key));
         }
-        // Calls' request ids that named the subject are forgotten (a retry
-        // of one runs again): their records hold keyed hashes of values.
-        purge.extend(self.forget_requests_of(&hash, unit).await?);
         if let Some(entry) = entry {
             unit.put(
                 Table::Meta,

@@ -307,6 +307,7 @@ impl<S: Store> Vault<S> {
     /// benchmark's baseline for what the index costs. Access histories are
     /// then refused; the server never does this.
     #[must_use]
+    #[cfg(feature = "testkit")]
     pub fn without_subject_index(mut self) -> Self {
         self.index_subjects = false;
         self

@@ -31,8 +31,9 @@ use crate::{
 /// The longest request id, in bytes.
 pub const MAX_REQUEST_ID_LEN: usize = 255;
 
-/// How many expired records one sweep deletes per write.
-const SWEEP_PAGE: usize = 1000;
+/// How many records a sweep, or an erasure's forgetting, reads and deletes
+/// per write (a handful in unit tests, so that they cross pages).
+const SWEEP_PAGE: usize = if cfg!(test) { 4 } else { 1000 };
 
 /// The current layout of a remembered request.
 const RECORD_VERSION: u8 = 1;
@@ -447,49 +448,75 @@ fn forget_subjects(unit: &mut Unit, bytes: &[u8], key: &[u8; 32]) {
 }
 
 impl<S: Store> Vault<S> {
-    /// Adds to `unit` the deletion of every remembered request whose call
-    /// named the subject `hash`, with their entries; returns the keys to
-    /// purge from the files. An erasure forgets them: a record holds a
-    /// keyed hash of the call's values and its tokens.
+    /// Deletes every remembered request whose call named the subject
+    /// `hash` (but the call `except`, the erasure's own), with their
+    /// entries; returns the keys to purge from the files. An erasure does
+    /// this once its own write is made, a page at a time, each record in a
+    /// unit of its own guarded as read: how many calls named a subject
+    /// never makes the erasure's write large. A record that changed
+    /// meanwhile stays (its window ends it).
     ///
     /// # Errors
     /// Storage failures.
     pub(super) async fn forget_requests_of(
         &self,
         hash: &SubjectHash,
-        unit: &mut Unit,
+        except: Option<&NewRequest>,
     ) -> Result<Vec<(Table, Vec<u8>)>, Error> {
-        let entries = self
-            .store
-            .scan_prefix(Table::Meta, layout::request_subject_prefix(hash))
-            .await?;
-        let keys: Vec<[u8; 32]> = entries
-            .iter()
-            .filter_map(|(entry, _)| layout::request_of_subject_key(entry))
-            .collect();
-        let records = self
-            .store
-            .get_many(Table::Meta, keys.iter().map(layout::request_key).collect())
-            .await?;
-        let mut purge = Vec::new();
-        for (entry, _) in entries {
-            unit.delete(Table::Meta, entry.clone());
-            purge.push((Table::Meta, entry));
-        }
-        for (key, record) in keys.iter().zip(records) {
-            let Some(bytes) = record else { continue };
-            forget_subjects(unit, &bytes, key);
-            if let Some(stored) = Stored::decode(&bytes) {
-                unit.delete(
-                    Table::Meta,
-                    layout::request_expiry_key(stored.expires_ms, key),
-                );
+        let prefix = layout::request_subject_prefix(hash);
+        let (mut from, mut purge) = (prefix.clone(), Vec::new());
+        loop {
+            let page: Vec<_> = self
+                .store
+                .scan_from(Table::Meta, from.clone(), SWEEP_PAGE)
+                .await?
+                .into_iter()
+                .take_while(|(entry, _)| entry.starts_with(&prefix))
+                .collect();
+            let Some((last, _)) = page.last() else {
+                return Ok(purge);
+            };
+            from = [last.as_slice(), &[0]].concat();
+            let keys: Vec<[u8; 32]> = page
+                .iter()
+                .filter_map(|(entry, _)| layout::request_of_subject_key(entry))
+                .filter(|key| except.is_none_or(|own| own.key != *key))
+                .collect();
+            let records = self
+                .store
+                .get_many(Table::Meta, keys.iter().map(layout::request_key).collect())
+                .await?;
+            let mut batch = Batch::new();
+            let mut planned = Vec::new();
+            for (key, record) in keys.iter().zip(records) {
+                let unit = batch.unit();
+                let record_key = layout::request_key(key);
+                let mut keys = vec![(Table::Meta, layout::request_subject_key(hash, key))];
+                unit.delete(Table::Meta, layout::request_subject_key(hash, key));
+                if let Some(bytes) = record {
+                    forget_subjects(unit, &bytes, key);
+                    if let Some(stored) = Stored::decode(&bytes) {
+                        unit.delete(
+                            Table::Meta,
+                            layout::request_expiry_key(stored.expires_ms, key),
+                        );
+                    }
+                    unit.guard_unchanged(Table::Meta, record_key.clone(), bytes)
+                        .delete(Table::Meta, record_key.clone());
+                    keys.push((Table::Meta, record_key));
+                }
+                planned.push(keys);
             }
-            let record_key = layout::request_key(key);
-            unit.delete(Table::Meta, record_key.clone());
-            purge.push((Table::Meta, record_key));
+            let outcomes = self.store.commit(batch).await?;
+            for (outcome, keys) in outcomes.iter().zip(planned) {
+                if outcome.is_ok() {
+                    purge.extend(keys);
+                }
+            }
+            if page.len() < SWEEP_PAGE {
+                return Ok(purge);
+            }
         }
-        Ok(purge)
     }
 }
 

@@ -391,33 +391,62 @@ async fn an_erasure_forgets_the_request_ids_of_the_subjects_calls() {
     tokenize("both", &["cust-ada", "cust-bob"]).await.unwrap();
     tokenize("bob", &["cust-bob"]).await.unwrap();
     assert!(tokenize("bob", &["cust-bob"]).await.is_none(), "remembered");
+    // More of Ada's calls than a page holds.
+    for request_id in ["ada-1", "ada-2", "ada-3", "ada-4", "ada-5"] {
+        tokenize(request_id, &["cust-ada"]).await.unwrap();
+    }
     assert_eq!(
         f.count(Table::Meta, crate::layout::REQUEST_SUBJECT_PREFIX)
             .await,
-        3
+        8
     );
 
+    // The erasure, itself with a request id, which it keeps.
     let policy = granting("subject:erase");
     let permit = policy
         .grants(&f.client)
         .permit_global(act::SubjectErase, "cust-ada".parse().unwrap())
         .unwrap();
+    let erase_key = || {
+        f.vault.request_key(
+            &id("erase-ada"),
+            "spiffe://a",
+            "EraseSubject",
+            [b"cust-ada".as_slice()],
+        )
+    };
+    let Prior::New(erasing) = f.vault.prior(erase_key()).await.unwrap() else {
+        panic!("new");
+    };
+    let receipt = |r: &ErasureReceipt| r.tokens_erased.to_be_bytes().to_vec();
     f.vault
-        .erase_subject(permit, &ctx("EraseSubject", 1), None)
+        .erase_subject(
+            permit,
+            &ctx("EraseSubject", 1),
+            Some(Remember {
+                request: &erasing,
+                answer: &receipt,
+            }),
+        )
         .await
         .unwrap();
-    // The call that named Ada is forgotten with both its entries.
-    assert_eq!(f.count(Table::Meta, crate::layout::REQUEST_PREFIX).await, 1);
+    // Every call that named Ada is forgotten with all its entries; Bob's
+    // own call and the erasure's stay.
+    assert_eq!(f.count(Table::Meta, crate::layout::REQUEST_PREFIX).await, 2);
     assert_eq!(
         f.count(Table::Meta, crate::layout::REQUEST_SUBJECT_PREFIX)
             .await,
-        1
+        2
     );
     assert_eq!(
         f.count(Table::Meta, crate::layout::REQUEST_EXPIRY_PREFIX)
             .await,
-        1
+        2
     );
+    assert!(matches!(
+        f.vault.prior(erase_key()).await.unwrap(),
+        Prior::Answered(_)
+    ));
     assert!(
         tokenize("bob", &["cust-bob"]).await.is_none(),
         "Bob's own call stays"
@@ -429,7 +458,7 @@ async fn an_erasure_forgets_the_request_ids_of_the_subjects_calls() {
 
     // The sweep takes a record's subject entries with it.
     time.fetch_add(WINDOW_MS + 1, Ordering::SeqCst);
-    assert_eq!(f.vault.sweep_requests().await.unwrap(), 2);
+    assert_eq!(f.vault.sweep_requests().await.unwrap(), 3);
     for prefix in [
         crate::layout::REQUEST_PREFIX,
         crate::layout::REQUEST_SUBJECT_PREFIX,

@@ -168,12 +168,19 @@ impl<S: Store> Vault<S> {
         }
         event.field_types.sort();
         event.field_types.dedup();
+        // Every subject the request names, stored or not: a remembered
+        // call's record holds a keyed hash of its values, and an erasure
+        // finds it by them.
+        let mut named: Vec<[u8; 32]> = of_item.iter().filter_map(|(s, _)| *s).collect();
+        named.sort_unstable();
+        named.dedup();
 
         // Each subject's values are encrypted under the subject's own key.
         // Too large for the engine: refused before anything is written (not
         // even the subjects' new keys).
         if let Some(max) = self.store.max_keys_per_request() {
-            let keys = keys_needed(&pending) + remember.as_ref().map_or(0, |_| REMEMBER_KEYS);
+            let keys = keys_needed(&pending)
+                + remember.as_ref().map_or(0, |_| REMEMBER_KEYS + named.len());
             if keys > max {
                 return Err(super::Error::RequestTooLarge { keys, max });
             }
@@ -219,9 +226,6 @@ impl<S: Store> Vault<S> {
             self.append_event(unit, &round_event);
             let remembered = remember.as_ref().map(|r| {
                 let answer = (r.answer)(&answer(&results, &drawn, &repeats));
-                // Every subject the request names, stored or not: the
-                // record holds a keyed hash of its values.
-                let named: Vec<_> = of_item.iter().filter_map(|(s, _)| *s).collect();
                 self.remember(unit, r.request, audit, answer, &named)
             });
             // A backstop for the estimate above (nothing written this round).
