@@ -24,10 +24,12 @@ dev: deps
 test: test-deps
 	cargo test --all-targets
 	cargo test --doc
+	scripts/check-product.sh
 
 lint: deps
 	cargo fmt --all -- --check
 	cargo clippy --all-targets -- -D warnings
+	cargo clippy --bin tokenvault -- -D warnings
 
 # The dependency graph against deny.toml, offline: licences, sources
 # (crates.io only), banned crates and one version of each TLS and key

@@ -46,6 +46,7 @@ pub const BUILD_COMMIT: &str = env!("TV_BUILD_COMMIT");
 pub mod api;
 pub mod audit;
 pub mod authz;
+#[cfg(feature = "testkit")]
 pub mod bench;
 pub mod cli;
 pub mod client;
@@ -53,6 +54,7 @@ pub mod config;
 pub mod crypto;
 pub mod dev;
 pub mod fields;
+#[cfg(feature = "testkit")]
 pub mod fuzzing;
 pub mod hardening;
 pub mod identity;
@@ -68,4 +70,5 @@ pub mod token;
 pub mod vault;
 
 #[cfg(test)]
+#[cfg(feature = "testkit")]
 mod robustness_tests;

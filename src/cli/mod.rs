@@ -55,7 +55,9 @@ enum Command {
     Client(ClientArgs),
     /// Ask a vault's plaintext health port whether it serves (for exec probes).
     Health(HealthArgs),
-    /// Measure throughput and latency over real mTLS gRPC (see BENCHMARKS.md).
+    /// Measure throughput and latency over real mTLS gRPC (see BENCHMARKS.md;
+    /// built with the `testkit` feature only).
+    #[cfg(feature = "testkit")]
     Bench(crate::bench::BenchArgs),
     /// Check, export and inspect the audit trail, offline.
     #[command(subcommand)]
@@ -308,6 +310,7 @@ pub fn main() -> ExitCode {
         command => runtime().and_then(|runtime| match command {
             Command::Client(args) => runtime.block_on(client(args)),
             Command::Health(args) => runtime.block_on(health(args)),
+            #[cfg(feature = "testkit")]
             Command::Bench(args) => runtime
                 .block_on(crate::bench::run(args))
                 .map(|_| ExitCode::SUCCESS),

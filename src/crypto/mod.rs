@@ -66,6 +66,7 @@ mod sealed;
 mod secret;
 mod shares;
 mod sign;
+#[cfg(any(test, feature = "testkit"))]
 pub mod softhsm;
 mod source;
 

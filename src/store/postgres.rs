@@ -402,6 +402,8 @@ impl Committer {
     }
 }
 
+/// A session with default bounds, for the throwaway cluster's own setup.
+#[cfg(any(test, feature = "testkit"))]
 async fn connect(connection: &str) -> Result<Session, Error> {
     Target::new(connection, None, None, Bounds::default())?
         .connect()
@@ -1049,6 +1051,7 @@ impl Store for PgStore {
 }
 
 mod bounds;
+#[cfg(any(test, feature = "testkit"))]
 pub mod cluster;
 mod group;
 mod history;

@@ -298,6 +298,7 @@ impl<S: Store> Vault<S> {
 
     /// Uses `clock` for expiry decisions (tests move time without waiting).
     #[must_use]
+    #[cfg(any(test, feature = "testkit"))]
     pub fn with_clock(mut self, clock: Clock) -> Self {
         self.clock = clock;
         self

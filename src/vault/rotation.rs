@@ -259,7 +259,8 @@ impl<S: Store> Vault<S> {
     ///
     /// # Errors
     /// Storage failures.
-    pub async fn key_usage(&self) -> Result<Vec<(KeyVersion, u64)>, Error> {
+    #[cfg(test)]
+    pub(super) async fn key_usage(&self) -> Result<Vec<(KeyVersion, u64)>, Error> {
         let mut counts: std::collections::BTreeMap<KeyVersion, u64> = self
             .keyring
             .versions()

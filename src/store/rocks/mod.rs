@@ -29,7 +29,7 @@ pub use readers::ReaderStats;
 use readers::Readers;
 use rocksdb::{
     BlockBasedOptions, Cache, ColumnFamilyDescriptor, DB, DBCompressionType, Direction, ErrorKind,
-    IteratorMode, Options, ReadOptions, ReadTier, WriteOptions,
+    IteratorMode, Options, ReadOptions, ReadTier,
     statistics::{StatsLevel, Ticker},
 };
 use tokio::sync::{mpsc, oneshot};
@@ -324,6 +324,7 @@ impl RocksStore {
     ///
     /// # Errors
     /// Engine failures.
+    #[cfg(any(test, feature = "testkit"))]
     pub fn get_blocking(&self, table: Table, key: &[u8]) -> Result<Option<Vec<u8>>, Error> {
         let cf = cf(&self.db, table)?;
         self.db.get_cf(cf, key).map_err(classify)
@@ -334,9 +335,10 @@ impl RocksStore {
     ///
     /// # Errors
     /// Engine failures.
+    #[cfg(any(test, feature = "testkit"))]
     pub fn put_blocking(&self, table: Table, key: &[u8], value: &[u8]) -> Result<(), Error> {
         let cf = cf(&self.db, table)?;
-        let mut opts = WriteOptions::default();
+        let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
         self.db.put_cf_opt(cf, key, value, &opts).map_err(classify)
     }
@@ -348,9 +350,10 @@ impl RocksStore {
     ///
     /// # Errors
     /// Engine failures.
+    #[cfg(any(test, feature = "testkit"))]
     pub fn delete_blocking(&self, table: Table, key: &[u8]) -> Result<(), Error> {
         let cf = cf(&self.db, table)?;
-        let mut opts = WriteOptions::default();
+        let mut opts = rocksdb::WriteOptions::default();
         opts.set_sync(true);
         self.db.delete_cf_opt(cf, key, &opts).map_err(classify)
     }
