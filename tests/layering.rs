@@ -201,7 +201,8 @@ fn makes_a_status(line: &str) -> bool {
             .chars()
             .take_while(|c| c.is_ascii_lowercase() || *c == '_')
             .collect();
-        !name.is_empty() && name != "from" && rest[name.len()..].starts_with('(')
+        // Called, or passed as a function (`.map_err(Status::internal)`).
+        !name.is_empty() && name != "from" && rest[name.len()..].starts_with(['(', ')', ','])
     })
 }
 
@@ -211,6 +212,7 @@ fn only_api_status_makes_a_grpc_status() {
         "    Err(Status::unauthenticated(e.to_string()))"
     ));
     assert!(!makes_a_status("    .map_err(Status::from)"));
+    assert!(makes_a_status("    .map_err(Status::internal)"));
     assert!(!makes_a_status("    // Status::internal(\"x\")"));
     let src = src();
     let mut found = Vec::new();

@@ -95,6 +95,10 @@ pub enum ConsentNote {
     Granted,
     /// Consent was withdrawn (SetConsent).
     Withdrawn,
+    /// A note this release does not know (written by a later one): read,
+    /// never written.
+    #[serde(other)]
+    Unknown,
 }
 
 impl ConsentNote {
@@ -104,6 +108,7 @@ impl ConsentNote {
             ConsentNote::Missing => "missing",
             ConsentNote::Granted => "granted",
             ConsentNote::Withdrawn => "withdrawn",
+            ConsentNote::Unknown => "unknown",
         }
     }
 }
@@ -331,6 +336,11 @@ mod tests {
             assert_eq!(serde_json::to_string(&note).unwrap(), json);
             assert_eq!(note.as_str(), text);
         }
-        assert!(serde_json::from_str::<ConsentNote>(r#""maybe""#).is_err());
+        // A later release's note reads, so its events still verify and
+        // report here.
+        assert_eq!(
+            serde_json::from_str::<ConsentNote>(r#""maybe""#).unwrap(),
+            ConsentNote::Unknown
+        );
     }
 }

@@ -28,6 +28,45 @@
 //! let _ = || update(granted());
 //! ```
 //!
+//! The vault's operations take them so: an erasure takes a `subject:erase`
+//! permit,
+//!
+//! ```
+//! use tokenvault::{
+//!     audit::AuditContext,
+//!     authz::{Permit, act},
+//!     store::AnyStore,
+//!     vault::{SubjectId, Vault},
+//! };
+//!
+//! async fn erase(
+//!     vault: &Vault<AnyStore>,
+//!     permit: Permit<act::SubjectErase, SubjectId>,
+//!     audit: &AuditContext,
+//! ) {
+//!     let _ = vault.erase_subject(permit, audit, None).await;
+//! }
+//! ```
+//!
+//! and not the export permit for the same subject:
+//!
+//! ```compile_fail,E0308
+//! use tokenvault::{
+//!     audit::AuditContext,
+//!     authz::{Permit, act},
+//!     store::AnyStore,
+//!     vault::{SubjectId, Vault},
+//! };
+//!
+//! async fn erase(
+//!     vault: &Vault<AnyStore>,
+//!     permit: Permit<act::SubjectExport, SubjectId>,
+//!     audit: &AuditContext,
+//! ) {
+//!     let _ = vault.erase_subject(permit, audit, None).await;
+//! }
+//! ```
+//!
 //! A key rotation needs `admin:keys`; a whole-vault permit for another
 //! action, on the same `()`, is refused:
 //!

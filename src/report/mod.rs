@@ -298,7 +298,7 @@ impl Tally {
                 match event.consent {
                     Some(ConsentNote::Granted) => entry.0 += 1,
                     Some(ConsentNote::Withdrawn) => entry.1 += 1,
-                    Some(ConsentNote::Missing) | None => {}
+                    Some(ConsentNote::Missing | ConsentNote::Unknown) | None => {}
                 }
             }
             _ if ROTATIONS.contains(&method) => self.rotations.push(EventRef {

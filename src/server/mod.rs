@@ -45,6 +45,13 @@ const SERVICE_NAME: &str = "tokenvault.v1.TokenVault";
 /// health says NOT_SERVING while it cannot.
 const DATABASE_PROBE_EVERY: Duration = Duration::from_secs(1);
 
+/// What the gRPC port's reflection describes: the vault's services and
+/// health.
+const GRPC_DESCRIPTORS: [&[u8]; 2] = [
+    proto::FILE_DESCRIPTOR_SET,
+    tonic_health::pb::FILE_DESCRIPTOR_SET,
+];
+
 /// How often an idle HTTP/2 connection is pinged, so a dead peer is noticed.
 const KEEPALIVE_INTERVAL: Duration = Duration::from_secs(30);
 
@@ -137,10 +144,7 @@ fn grpc_server(
     conns: mpsc::Receiver<io::Result<TlsConn>>,
     drain: tokio::sync::oneshot::Receiver<()>,
 ) -> Result<impl Future<Output = Result<(), tonic::transport::Error>>, ServeError> {
-    let (reflection_v1, reflection_v1alpha) = reflection(&[
-        proto::FILE_DESCRIPTOR_SET,
-        tonic_health::pb::FILE_DESCRIPTOR_SET,
-    ])?;
+    let (reflection_v1, reflection_v1alpha) = reflection(&GRPC_DESCRIPTORS)?;
     Ok(Server::builder()
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .max_concurrent_streams(config.connections.max_concurrent_streams)
@@ -237,6 +241,10 @@ impl App {
         let metrics = Arc::new(Metrics::default());
         let limiter = Arc::new(Shared::new(Limiter::new(config.identity_limits)));
         let services = Self::services(&config, &vault, &policy, &refusals, &metrics, &limiter);
+        // Reflection is built again when the server is (its services'
+        // types cannot be named to keep them): checked here, before
+        // anything runs or is reported as serving.
+        reflection(&GRPC_DESCRIPTORS)?;
         let metrics_listener = bind("server.metrics_listen", config.metrics_listen).await?;
         let metrics_addr = local_addr(
             &metrics_listener,

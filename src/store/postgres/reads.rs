@@ -37,18 +37,15 @@ pub(super) enum Read {
     /// value under `key` of `tbl` (the audit event numbered as the head
     /// the process saw) or NULL, in one snapshot.
     HeadAndEntry,
-    /// `(tbl)` → how many keys it holds.
-    Count,
 }
 
 impl Read {
-    const ALL: [Read; 6] = [
+    const ALL: [Read; 5] = [
         Read::GetMany,
         Read::ScanRange,
         Read::ScanOpen,
         Read::ScanFrom,
         Read::HeadAndEntry,
-        Read::Count,
     ];
 
     fn sql(self) -> &'static str {
@@ -68,7 +65,6 @@ impl Read {
                  WHERE tbl = $1 AND key >= $2 ORDER BY key LIMIT $3"
             }
             Read::HeadAndEntry => HEAD_AND_ENTRY,
-            Read::Count => "SELECT count(*) FROM tokenvault_kv WHERE tbl = $1",
         }
     }
 }
@@ -153,6 +149,22 @@ impl Reads {
     /// database is slow or cut off); its connection is made again by the
     /// next read on it. If the database cannot be reached, the caller hears
     /// UNAVAILABLE.
+    /// How many keys `table` holds: a count over the primary key's index,
+    /// on a session of its own (opened and closed here, within the call
+    /// deadline each), so that a long count never holds up the reads that
+    /// share the pool's connections.
+    pub(super) async fn count(&self, table: &str) -> Result<u64, Error> {
+        let session = self.target.connect().await?;
+        let row = self
+            .target
+            .bounded(session.query_one(
+                "SELECT count(*) FROM tokenvault_kv WHERE tbl = $1",
+                &[&table],
+            ))
+            .await?;
+        Ok(u64::try_from(row.get::<_, i64>(0)).unwrap_or(0))
+    }
+
     pub(super) async fn query(
         &self,
         read: Read,
