@@ -243,13 +243,7 @@ impl<S: Store> Vault<S> {
     /// [`Error::RequestIdReused`] if the id was used with another request
     /// within the window; storage failures.
     pub async fn prior(&self, request: RequestKey) -> Result<Prior, Error> {
-        let stored = self
-            .store
-            .get_many(Table::Meta, vec![layout::request_key(&request.key)])
-            .await?
-            .pop()
-            .flatten();
-        let Some(bytes) = stored else {
+        let Some(bytes) = self.stored_request(&request.key).await? else {
             return Ok(Prior::New(NewRequest {
                 key: request.key,
                 fingerprint: request.fingerprint,
@@ -342,13 +336,18 @@ impl<S: Store> Vault<S> {
     /// # Errors
     /// Storage failures.
     pub(super) async fn still_new(&self, request: &NewRequest) -> Result<bool, Error> {
-        let stored = self
+        let stored = self.stored_request(&request.key).await?;
+        Ok(stored.as_ref() == request.stale.as_ref().map(|(bytes, _)| bytes))
+    }
+
+    /// The record stored under a request key, if any.
+    async fn stored_request(&self, key: &[u8; 32]) -> Result<Option<Vec<u8>>, Error> {
+        Ok(self
             .store
-            .get_many(Table::Meta, vec![layout::request_key(&request.key)])
+            .get_many(Table::Meta, vec![layout::request_key(key)])
             .await?
             .pop()
-            .flatten();
-        Ok(stored.as_ref() == request.stale.as_ref().map(|(bytes, _)| bytes))
+            .flatten())
     }
 
     /// Records that the call `audit` describes was answered with the first
