@@ -366,3 +366,140 @@ fn a_tiny_bench_run_through_the_latency_proxy_measures_its_round_trip() {
     // 2 ms each way; a loaded machine adds to it, but not another tick.
     assert!((3.9..5.0).contains(&added), "{trip}");
 }
+
+/// The `bench/results/…` paths `line` names, brace lists kept whole
+/// (`…-{a,b}-{1,2}.json`).
+fn result_refs(line: &str) -> Vec<String> {
+    let mut refs = Vec::new();
+    let mut rest = line;
+    while let Some(at) = rest.find("bench/results/") {
+        let tail = &rest[at..];
+        let mut depth = 0;
+        let end = tail
+            .char_indices()
+            .find(|&(_, c)| {
+                match c {
+                    '{' => depth += 1,
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+                depth == 0 && matches!(c, '`' | ')' | ' ' | ',' | ';')
+            })
+            .map_or(tail.len(), |(i, _)| i);
+        refs.push(tail[..end].trim_end_matches('.').to_owned());
+        rest = &tail[end..];
+    }
+    refs
+}
+
+/// `path` with its first brace list expanded, recursively.
+fn expand(path: &str) -> Vec<String> {
+    let (Some(open), Some(close)) = (path.find('{'), path.find('}')) else {
+        return vec![path.to_owned()];
+    };
+    path[open + 1..close]
+        .split(',')
+        .flat_map(|alt| expand(&format!("{}{alt}{}", &path[..open], &path[close + 1..])))
+        .collect()
+}
+
+/// BENCHMARKS.md quotes only runs whose JSON is committed:
+/// - every `bench/results/…` path it names exists (brace lists expanded);
+/// - every table `bench --render` prints (a `Command:` line, then
+///   `Machine:`) is what it renders of a JSON the same section names, from
+///   a clean tree (not `-dirty`), unless the section's heading says the run
+///   kept no JSON.
+#[test]
+fn benchmarks_md_quotes_only_committed_runs() {
+    assert_eq!(
+        expand("bench/results/x-{a,b}-{1,2}.json"),
+        [
+            "bench/results/x-a-1.json",
+            "bench/results/x-a-2.json",
+            "bench/results/x-b-1.json",
+            "bench/results/x-b-2.json"
+        ]
+    );
+    assert_eq!(
+        result_refs("(JSON: `bench/results/a-{b,c}.json`), and bench/results/d.json."),
+        ["bench/results/a-{b,c}.json", "bench/results/d.json"]
+    );
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("BENCHMARKS.md")).unwrap();
+    let lines: Vec<&str> = doc.lines().collect();
+    let mut missing = Vec::new();
+    for (n, line) in lines.iter().enumerate() {
+        // A glob (`bench/results/*.json`) names the directory, not a run.
+        for path in result_refs(line)
+            .iter()
+            .filter(|r| !r.contains('*'))
+            .flat_map(|r| expand(r))
+        {
+            if !root.join(&path).is_file() {
+                missing.push(format!("line {}: {path}", n + 1));
+            }
+        }
+    }
+    assert!(
+        missing.is_empty(),
+        "BENCHMARKS.md names JSON that is not committed:\n{}",
+        missing.join("\n")
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let mut checked = 0;
+    let mut unmatched = Vec::new();
+    for (n, line) in lines.iter().enumerate() {
+        let rendered_block = line.starts_with("Command: `")
+            && lines[n + 1..]
+                .iter()
+                .find(|l| !l.trim().is_empty())
+                .is_some_and(|l| l.starts_with("Machine: "));
+        if !rendered_block {
+            continue;
+        }
+        let start = lines[..n]
+            .iter()
+            .rposition(|l| l.starts_with("## "))
+            .unwrap();
+        if lines[start].contains("no JSON kept") {
+            continue;
+        }
+        let table: Vec<&str> = lines[n + 1..]
+            .iter()
+            .skip_while(|l| !l.starts_with('|'))
+            .take_while(|l| l.starts_with('|'))
+            .copied()
+            .collect();
+        let sources: Vec<String> = lines[start..n]
+            .iter()
+            .flat_map(|l| result_refs(l))
+            .flat_map(|r| expand(&r))
+            .filter(|path| !path.contains("-dirty"))
+            .collect();
+        let matched = sources.iter().any(|path| {
+            let out = dir.path().join("rendered.md");
+            let rendered = common::tokenvault_command()
+                .args(["bench", "--render"])
+                .arg(root.join(path))
+                .arg("--markdown")
+                .arg(&out)
+                .output()
+                .unwrap();
+            rendered.status.success()
+                && std::fs::read_to_string(&out)
+                    .is_ok_and(|text| table.iter().all(|row| text.lines().any(|l| l == *row)))
+        });
+        if matched {
+            checked += 1;
+        } else {
+            unmatched.push(format!("line {}: {}", n + 1, lines[start]));
+        }
+    }
+    assert!(
+        unmatched.is_empty(),
+        "tables in BENCHMARKS.md that no committed JSON of their section renders (name the JSON, or say \"no JSON kept\" in the heading):\n{}",
+        unmatched.join("\n")
+    );
+    assert!(checked >= 2, "only {checked} rendered tables were found");
+}
