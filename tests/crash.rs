@@ -720,3 +720,360 @@ async fn a_multi_item_tokenize_in_flight_at_sigkill_is_all_or_nothing() {
         );
     }
 }
+
+/// An `LD_PRELOAD` library that keeps, for every file under
+/// `TV_LOSE_UNSYNCED_DIR`, an undo log (in `TV_LOSE_UNSYNCED_LOG`) of what
+/// each write since the file's last `fsync`/`fdatasync` overwrote. Applied
+/// after a kill ([`lose_unsynced`]), the logs take the files back to what
+/// their syncs made durable: the machine's view after a power loss, which
+/// a process kill alone (the page cache survives it) never shows.
+const LOSE_UNSYNCED: &str = r#"#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <sys/types.h>
+#include <sys/uio.h>
+#include <unistd.h>
+
+/* Keeps, for every file under TV_LOSE_UNSYNCED_DIR, an undo log in
+   TV_LOSE_UNSYNCED_LOG of what each write since the file's last fsync or
+   fdatasync overwrote: offset, size before, the old bytes. Applied in
+   reverse after a kill, the logs take the files back to what their last
+   sync made durable, as a machine that loses its page cache would. */
+
+#define MAX_FD 65536
+static pthread_mutex_t lock = PTHREAD_MUTEX_INITIALIZER;
+static int undo_of[MAX_FD]; /* undo log fd + 1, 0 if untracked */
+
+static ssize_t raw_write(int fd, const void *buf, size_t n) {
+    return syscall(SYS_write, fd, buf, n);
+}
+
+static void track(int fd) {
+    const char *dir = getenv("TV_LOSE_UNSYNCED_DIR");
+    const char *logs = getenv("TV_LOSE_UNSYNCED_LOG");
+    if (fd < 0 || fd >= MAX_FD || dir == NULL || logs == NULL) return;
+    char link[64], path[4096];
+    snprintf(link, sizeof link, "/proc/self/fd/%d", fd);
+    ssize_t len = readlink(link, path, sizeof path - 1);
+    if (len <= 0) return;
+    path[len] = 0;
+    if (strncmp(path, dir, strlen(dir)) != 0) return;
+    char name[4200];
+    snprintf(name, sizeof name, "%s/", logs);
+    size_t at = strlen(name);
+    for (ssize_t i = 0; i < len && at < sizeof name - 8; i++)
+        name[at++] = path[i] == '/' ? '%' : path[i];
+    strcpy(name + at, ".undo");
+    int log = (int)syscall(SYS_openat, AT_FDCWD, name, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+    if (log < 0) return;
+    pthread_mutex_lock(&lock);
+    if (undo_of[fd]) syscall(SYS_close, undo_of[fd] - 1);
+    undo_of[fd] = log + 1;
+    pthread_mutex_unlock(&lock);
+}
+
+/* Records what [offset, offset + n) of fd holds now, before a write. */
+static void save(int fd, off_t offset, size_t n) {
+    if (fd < 0 || fd >= MAX_FD) return;
+    pthread_mutex_lock(&lock);
+    int log = undo_of[fd] - 1;
+    if (log >= 0) {
+        struct stat st;
+        if (fstat(fd, &st) == 0) {
+            uint64_t head[3] = {(uint64_t)offset, (uint64_t)st.st_size, 0};
+            char *old = NULL;
+            if ((off_t)offset < st.st_size && n > 0) {
+                size_t avail = (size_t)(st.st_size - offset);
+                if (avail > n) avail = n;
+                old = malloc(avail);
+                ssize_t got = old ? pread(fd, old, avail, offset) : -1;
+                head[2] = got > 0 ? (uint64_t)got : 0;
+            }
+            raw_write(log, head, sizeof head);
+            if (head[2] > 0) raw_write(log, old, head[2]);
+            free(old);
+        }
+    }
+    pthread_mutex_unlock(&lock);
+}
+
+static void synced(int fd) {
+    if (fd < 0 || fd >= MAX_FD) return;
+    pthread_mutex_lock(&lock);
+    if (undo_of[fd]) syscall(SYS_ftruncate, undo_of[fd] - 1, 0);
+    pthread_mutex_unlock(&lock);
+}
+
+#define REAL(name) static __typeof__(&name) real_##name; if (!real_##name) real_##name = (__typeof__(&name))dlsym(RTLD_NEXT, #name)
+
+int open(const char *path, int flags, ...) {
+    REAL(open);
+    mode_t mode = 0;
+    if (flags & (O_CREAT | O_TMPFILE)) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }
+    int fd = real_open(path, flags, mode);
+    if (fd >= 0 && (flags & O_ACCMODE) != O_RDONLY) track(fd);
+    return fd;
+}
+int open64(const char *path, int flags, ...) {
+    REAL(open64);
+    mode_t mode = 0;
+    if (flags & (O_CREAT | O_TMPFILE)) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }
+    int fd = real_open64(path, flags, mode);
+    if (fd >= 0 && (flags & O_ACCMODE) != O_RDONLY) track(fd);
+    return fd;
+}
+int openat(int dirfd, const char *path, int flags, ...) {
+    REAL(openat);
+    mode_t mode = 0;
+    if (flags & (O_CREAT | O_TMPFILE)) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }
+    int fd = real_openat(dirfd, path, flags, mode);
+    if (fd >= 0 && (flags & O_ACCMODE) != O_RDONLY) track(fd);
+    return fd;
+}
+int openat64(int dirfd, const char *path, int flags, ...) {
+    REAL(openat64);
+    mode_t mode = 0;
+    if (flags & (O_CREAT | O_TMPFILE)) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }
+    int fd = real_openat64(dirfd, path, flags, mode);
+    if (fd >= 0 && (flags & O_ACCMODE) != O_RDONLY) track(fd);
+    return fd;
+}
+ssize_t write(int fd, const void *buf, size_t n) {
+    REAL(write);
+    if (fd >= 0 && fd < MAX_FD && undo_of[fd]) {
+        off_t at = lseek(fd, 0, SEEK_CUR);
+        if (fcntl(fd, F_GETFL) & O_APPEND) { struct stat st; if (fstat(fd, &st) == 0) at = st.st_size; }
+        save(fd, at, n);
+    }
+    return real_write(fd, buf, n);
+}
+ssize_t pwrite(int fd, const void *buf, size_t n, off_t offset) {
+    REAL(pwrite);
+    save(fd, offset, n);
+    return real_pwrite(fd, buf, n, offset);
+}
+ssize_t pwrite64(int fd, const void *buf, size_t n, off_t offset) {
+    REAL(pwrite64);
+    save(fd, offset, n);
+    return real_pwrite64(fd, buf, n, offset);
+}
+ssize_t writev(int fd, const struct iovec *iov, int count) {
+    REAL(writev);
+    if (fd >= 0 && fd < MAX_FD && undo_of[fd]) {
+        size_t n = 0;
+        for (int i = 0; i < count; i++) n += iov[i].iov_len;
+        save(fd, lseek(fd, 0, SEEK_CUR), n);
+    }
+    return real_writev(fd, iov, count);
+}
+int ftruncate(int fd, off_t length) {
+    REAL(ftruncate);
+    save(fd, length, 0);
+    return real_ftruncate(fd, length);
+}
+int ftruncate64(int fd, off_t length) {
+    REAL(ftruncate64);
+    save(fd, length, 0);
+    return real_ftruncate64(fd, length);
+}
+int fsync(int fd) {
+    REAL(fsync);
+    int r = real_fsync(fd);
+    if (r == 0) synced(fd);
+    return r;
+}
+int fdatasync(int fd) {
+    REAL(fdatasync);
+    int r = real_fdatasync(fd);
+    if (r == 0) synced(fd);
+    return r;
+}
+int close(int fd) {
+    REAL(close);
+    if (fd >= 0 && fd < MAX_FD) {
+        pthread_mutex_lock(&lock);
+        if (undo_of[fd]) { syscall(SYS_close, undo_of[fd] - 1); undo_of[fd] = 0; }
+        pthread_mutex_unlock(&lock);
+    }
+    return real_close(fd);
+}
+"#;
+
+/// Compiles the shim into `dir` with the C compiler that built RocksDB.
+fn build_loss_shim(dir: &std::path::Path) -> std::path::PathBuf {
+    let source = dir.join("loseunsynced.c");
+    let library = dir.join("libloseunsynced.so");
+    std::fs::write(&source, LOSE_UNSYNCED).unwrap();
+    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = std::process::Command::new(&compiler)
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&library)
+        .arg(&source)
+        .arg("-ldl")
+        .status()
+        .unwrap_or_else(|e| panic!("cannot run the C compiler {compiler:?}: {e}"));
+    assert!(status.success(), "the page-cache shim did not compile");
+    library
+}
+
+/// Rolls every file the shim logged back to its last sync, as losing the
+/// page cache would; returns how many unsynced writes it undid.
+fn lose_unsynced(undo_dir: &std::path::Path) -> usize {
+    use std::os::unix::fs::FileExt;
+    let mut undone = 0;
+    for entry in std::fs::read_dir(undo_dir).unwrap() {
+        let entry = entry.unwrap();
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(path) = name.strip_suffix(".undo").map(|p| p.replace('%', "/")) else {
+            continue;
+        };
+        let log = std::fs::read(entry.path()).unwrap();
+        // (offset, size before, the bytes it held), in write order.
+        let mut writes = Vec::new();
+        let mut rest = &log[..];
+        while rest.len() >= 24 {
+            let word = |i: usize| u64::from_ne_bytes(rest[i * 8..i * 8 + 8].try_into().unwrap());
+            let (offset, size, len) = (word(0), word(1), usize::try_from(word(2)).unwrap());
+            let Some(old) = rest.get(24..24 + len) else {
+                break;
+            };
+            writes.push((offset, size, old.to_vec()));
+            rest = &rest[24 + len..];
+        }
+        let Ok(file) = std::fs::OpenOptions::new().write(true).open(&path) else {
+            continue;
+        };
+        let Some((_, synced_size, _)) = writes.first() else {
+            continue;
+        };
+        for (offset, _, old) in writes.iter().rev() {
+            file.write_all_at(old, *offset).unwrap();
+        }
+        file.set_len(*synced_size).unwrap();
+        undone += writes.len();
+    }
+    undone
+}
+
+/// A crash of the machine, not only of the process: the vault writes 100
+/// values one at a time through the page-cache shim, is killed, and every
+/// file of its data directory is taken back to what its syncs made
+/// durable. With `durability = "sync"` every acknowledged value reads after
+/// the restart, every reveal that answered has its audit event, and the
+/// trail verifies. The control, `"buffered"`, loses acknowledged values and
+/// reveals' events (a kill alone would not: the page cache keeps them), so
+/// the check can fail.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn acknowledged_writes_survive_losing_the_page_cache() {
+    let mut lost_per_mode = Vec::new();
+    for durability in ["sync", "buffered"] {
+        // No checkpoint (a synced write) while the values go in.
+        let mut vault = TestVault::prepare(&format!(
+            "durability = \"{durability}\"\n[audit]\ncheckpoint_interval_seconds = 3600\n"
+        ));
+        vault.write_config();
+        let root = std::fs::canonicalize(vault.root.path()).unwrap();
+        let undo = root.join("undo");
+        std::fs::create_dir(&undo).unwrap();
+        let shim = build_loss_shim(&root);
+        vault.env = vec![
+            ("LD_PRELOAD".into(), shim.display().to_string()),
+            (
+                "TV_LOSE_UNSYNCED_DIR".into(),
+                root.join("data").display().to_string(),
+            ),
+            ("TV_LOSE_UNSYNCED_LOG".into(), undo.display().to_string()),
+        ];
+        vault.spawn().unwrap();
+        let mut client = vault.client("checkout").await;
+        let mut acked = Vec::new();
+        for i in 0..100 {
+            let value = format!("power-{durability}-{i}@example.com");
+            let response = client
+                .tokenize(TokenizeRequest {
+                    items: vec![item("email", &value)],
+                    ..Default::default()
+                })
+                .await
+                .unwrap();
+            acked.push((tokens_of(response.into_inner()).remove(0), value));
+        }
+        // Ten reveals that answered: each one's audit event was written
+        // before its value left.
+        let mut support = vault.client("support").await;
+        for (token, _) in &acked[..10] {
+            common::detokenize(
+                &mut support,
+                std::slice::from_ref(token),
+                "customer_support",
+            )
+            .await
+            .unwrap();
+        }
+        vault.kill();
+        let undone = lose_unsynced(&undo);
+        vault.env.clear();
+        vault
+            .spawn()
+            .expect("the vault did not reopen after losing its page cache");
+        let reveals = common::audit_events(&vault)
+            .await
+            .iter()
+            .filter(|e| e["method"] == "Detokenize" && e["outcome"] == "OK")
+            .count();
+        let mut support = vault.client("support").await;
+        let mut lost = 0;
+        for (token, value) in &acked {
+            let read = common::detokenize(
+                &mut support,
+                std::slice::from_ref(token),
+                "customer_support",
+            )
+            .await
+            .map(common::revealed);
+            if !matches!(read.as_deref(), Ok([Ok(v)]) if v == value) {
+                lost += 1;
+            }
+        }
+        eprintln!(
+            "durability {durability}: {undone} unsynced writes undone, {lost} of 100 acknowledged values and {} of 10 reveals' events lost",
+            10 - reveals.min(10)
+        );
+        if durability == "sync" {
+            vault.stop();
+            let (ok, out) = common::run_cli(&[
+                "audit",
+                "verify",
+                "--config",
+                vault.config_path().to_str().unwrap(),
+            ]);
+            assert!(ok && out.contains("ok: events 1.."), "{out}");
+        }
+        lost_per_mode.push((durability, lost, reveals, undone > 0));
+    }
+    let [
+        (_, sync_lost, sync_reveals, _),
+        (_, buffered_lost, buffered_reveals, buffered_undone),
+    ] = lost_per_mode[..]
+    else {
+        unreachable!()
+    };
+    assert_eq!(
+        (sync_lost, sync_reveals),
+        (0, 10),
+        "sync durability lost acknowledged values or reveals' events: {lost_per_mode:?}"
+    );
+    assert!(
+        buffered_undone && buffered_lost > 0 && buffered_reveals < 10,
+        "the control lost nothing, so the shim did not take the page cache away: {lost_per_mode:?}"
+    );
+}
