@@ -79,9 +79,15 @@ impl<S: Store> Vault<S> {
                 self.record(&audit.event(Outcome::Aborted)).await?;
                 Err(match conflict.guard {
                     FailedGuard::Unchanged(_) => Error::MasterKeyMoved,
-                    FailedGuard::Absent(_) => Error::Conflict(
-                        "another rotation of this key ran at the same time; nothing was changed",
-                    ),
+                    FailedGuard::Absent(_) => {
+                        // Another replica stored this version: load what
+                        // it stored now (not at the next periodic
+                        // refresh), so that a retry makes the next one.
+                        self.refresh_keys().await;
+                        Error::Conflict(
+                            "another rotation of this key ran at the same time (through another replica); nothing was changed, retry",
+                        )
+                    }
                 })
             }
             _ => Ok(()),
