@@ -6,6 +6,7 @@
 //! encrypted, keys already wrapped.
 
 pub mod chain;
+mod commit;
 #[cfg(test)]
 pub(crate) mod conformance;
 mod decide;

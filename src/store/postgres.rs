@@ -28,7 +28,7 @@ use std::{
     collections::HashMap,
     sync::{
         Arc,
-        atomic::{AtomicBool, AtomicU64, Ordering},
+        atomic::{AtomicBool, Ordering},
     },
     time::Duration,
 };
@@ -45,8 +45,9 @@ use self::{
     reads::{Read, Reads},
 };
 use super::{
-    Batch, CommitGroups, Error, KeyValues, Store, StoreStats, Table, UnitOutcomes,
+    Batch, Error, KeyValues, Store, StoreStats, Table, UnitOutcomes,
     chain::{self, Head},
+    commit::{COMMIT_QUEUE_DEPTH, Commit, Committed, MAX_GROUP_BATCHES},
 };
 
 /// The schema version this binary creates and understands.
@@ -66,9 +67,6 @@ pub const SCHEMA_VERSION: i32 = 2;
 /// (smaller groups, more transactions, on cores already full).
 pub const COMMITTERS: usize = 2;
 
-/// How many queued batches one transaction may carry at most.
-const MAX_GROUP_BATCHES: usize = 256;
-
 /// How many key locks a committer gathers into one transaction before it
 /// stops taking queued batches (one batch larger than this still goes,
 /// alone, and past `group::MAX_KEY_LOCKS` it locks out the other writers
@@ -77,9 +75,6 @@ const MAX_GROUP_BATCHES: usize = 256;
 /// about 12,000 in practice), shared by every session: each replica holds
 /// at most [`COMMITTERS`] groups' worth at a time.
 const MAX_GROUP_LOCKS: usize = 1024;
-
-/// How many batches may wait for the committer before callers wait to enqueue.
-const COMMIT_QUEUE_DEPTH: usize = 4096;
 
 /// Taken (transaction-scoped) while the schema is created or migrated, so
 /// replicas starting together do it once. Any constant; never change it.
@@ -125,20 +120,6 @@ pub struct PgStore {
     lease: Arc<lease::Lease>,
     /// Renews the lease, or tries to take it, until the store is dropped.
     _renewal: lease::Renewal,
-}
-
-/// Batches committed and the transactions they went in, counted by every
-/// committer of the process.
-#[derive(Debug, Default)]
-struct Committed {
-    batches: AtomicU64,
-    transactions: AtomicU64,
-}
-
-/// One caller's batch waiting for the committer.
-struct Commit {
-    batch: Batch,
-    done: oneshot::Sender<Result<UnitOutcomes, Error>>,
 }
 
 impl PgStore {
@@ -243,10 +224,7 @@ impl PgStore {
     /// own monitoring has the rest).
     pub fn stats(&self) -> StoreStats {
         StoreStats {
-            commits: CommitGroups {
-                batches: self.committed.batches.load(Ordering::Relaxed),
-                groups: self.committed.transactions.load(Ordering::Relaxed),
-            },
+            commits: self.committed.counts(),
             ..StoreStats::default()
         }
     }
@@ -864,10 +842,7 @@ async fn run_committer(committer: Committer, target: Target, shared: Shared) {
                 if let Some(new_head) = new_head {
                     history.advance(new_head);
                 }
-                committed
-                    .batches
-                    .fetch_add(group.len() as u64, Ordering::Relaxed);
-                committed.transactions.fetch_add(1, Ordering::Relaxed);
+                committed.group(group.len());
                 for (commit, outcome) in group.into_iter().zip(outcomes) {
                     let _ = commit.done.send(Ok(outcome));
                 }

@@ -3,34 +3,25 @@
 //! the store as the units before it in the group left it
 //! (`store::decide`).
 
-use std::sync::{Mutex, atomic::Ordering};
+use std::sync::Mutex;
 
 use rocksdb::{DB, WriteBatch, WriteOptions};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
-use super::{CommitStats, cf, classify};
+use super::{cf, classify};
 use crate::store::{
-    Batch, Error, Table, UnitOutcomes,
+    Error, Table, UnitOutcomes,
     chain::{self, Head},
+    commit::{Commit, Committed, MAX_GROUP_BATCHES},
     decide::{Decision, guarded},
 };
-
-/// How many queued batches one physical write may carry at most. Bounds the
-/// latency a batch can add to the others in its group.
-const MAX_GROUP_BATCHES: usize = 256;
-
-/// One caller's batch waiting for the committer.
-pub(super) struct Commit {
-    pub(super) batch: Batch,
-    pub(super) done: oneshot::Sender<Result<UnitOutcomes, Error>>,
-}
 
 /// The committer thread: one physical write per group of queued batches.
 pub(super) fn run_committer(
     db: &DB,
     mut queue: mpsc::Receiver<Commit>,
     sync: bool,
-    stats: &CommitStats,
+    committed: &Committed,
     shared_head: &Mutex<Head>,
 ) {
     let mut head = *shared_head
@@ -51,6 +42,7 @@ pub(super) fn run_committer(
         }
         let result = write_group(db, &group, &write_opts, &mut head);
         if result.is_ok() {
+            committed.group(group.len());
             *shared_head
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = head;
@@ -60,10 +52,6 @@ pub(super) fn run_committer(
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
         }
-        stats.writes.fetch_add(1, Ordering::Relaxed);
-        stats
-            .batches
-            .fetch_add(group.len() as u64, Ordering::Relaxed);
         match (&result, failing_since) {
             (Ok(_), Some(since)) => {
                 tracing::warn!(

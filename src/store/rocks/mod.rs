@@ -24,7 +24,7 @@ use std::{
     thread,
 };
 
-use committer::{Commit, run_committer};
+use committer::run_committer;
 pub use readers::ReaderStats;
 use readers::Readers;
 use rocksdb::{
@@ -35,13 +35,11 @@ use rocksdb::{
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    Batch, BlockCacheLookups, CommitGroups, Durability, Error, HitsMisses, KeyValues, ReadTiers,
-    Store, StoreStats, Table, UnitOutcomes,
+    Batch, BlockCacheLookups, Durability, Error, HitsMisses, KeyValues, ReadTiers, Store,
+    StoreStats, Table, UnitOutcomes,
     chain::{self, Head},
+    commit::{COMMIT_QUEUE_DEPTH, Commit, Committed},
 };
-
-/// How many batches may wait for the committer before callers wait to enqueue.
-const COMMIT_QUEUE_DEPTH: usize = 4096;
 
 /// Memory all memtables may use together.
 const MEMTABLE_BUDGET_BYTES: usize = 64 << 20;
@@ -70,7 +68,7 @@ pub struct RocksStore {
     /// `None` once [`RocksStore::close`] has begun.
     commits: Option<mpsc::Sender<Commit>>,
     committer: Option<thread::JoinHandle<()>>,
-    stats: Arc<CommitStats>,
+    committed: Arc<Committed>,
     /// The audit chain's head; the committer updates it after each write.
     head: Arc<Mutex<Head>>,
     path: PathBuf,
@@ -90,15 +88,6 @@ struct ReadCounters {
     /// Point reads answered from memory, and sent to the reader threads.
     from_memory: AtomicU64,
     from_files: AtomicU64,
-}
-
-/// Counters of the committer thread, for tests, benchmarks and metrics.
-#[derive(Debug, Default)]
-pub struct CommitStats {
-    /// Batches committed (one per caller).
-    pub batches: AtomicU64,
-    /// Physical writes made (one per group).
-    pub writes: AtomicU64,
 }
 
 impl RocksStore {
@@ -191,16 +180,16 @@ impl RocksStore {
             .map_err(|e| classify_open_error(e, path))?;
         let db = Arc::new(db);
         let head = Arc::new(Mutex::new(read_head(&db)?));
-        let stats = Arc::new(CommitStats::default());
+        let committed = Arc::new(Committed::default());
         let (tx, rx) = mpsc::channel(COMMIT_QUEUE_DEPTH);
         let committer = {
             let db = Arc::clone(&db);
-            let stats = Arc::clone(&stats);
+            let committed = Arc::clone(&committed);
             let head = Arc::clone(&head);
             let sync = options.durability == Durability::Sync;
             thread::Builder::new()
                 .name("tokenvault-commit".into())
-                .spawn(move || run_committer(&db, rx, sync, &stats, &head))
+                .spawn(move || run_committer(&db, rx, sync, &committed, &head))
                 .map_err(|e| Error::Backend(format!("cannot start the commit thread: {e}")))?
         };
         let mut memory_only = ReadOptions::default();
@@ -217,7 +206,7 @@ impl RocksStore {
             }),
             commits: Some(tx),
             committer: Some(committer),
-            stats,
+            committed,
             head,
             path: path.to_owned(),
         })
@@ -281,21 +270,13 @@ impl RocksStore {
                 index: lookups(Ticker::BlockCacheIndexHit, Ticker::BlockCacheIndexMiss),
                 filter: lookups(Ticker::BlockCacheFilterHit, Ticker::BlockCacheFilterMiss),
             },
-            commits: CommitGroups {
-                batches: self.commit_stats().batches.load(Ordering::Relaxed),
-                groups: self.commit_stats().writes.load(Ordering::Relaxed),
-            },
+            commits: self.committed.counts(),
         }
     }
 
     /// Counters of the reader threads.
     pub fn reader_stats(&self) -> ReaderStats {
         self.readers.stats()
-    }
-
-    /// Counters of the group committer.
-    pub fn commit_stats(&self) -> &CommitStats {
-        &self.stats
     }
 
     /// The directory the database lives in.
