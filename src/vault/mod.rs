@@ -6,6 +6,7 @@
 //! [`SecretValue`].
 
 mod audit;
+mod backup;
 mod consent;
 mod erasure;
 mod history;
@@ -22,6 +23,7 @@ mod rotation;
 mod signed_head;
 mod subjects;
 mod tokenize;
+mod trail;
 
 use std::{
     fmt,
@@ -29,7 +31,7 @@ use std::{
 };
 
 pub use crate::layout::{DecodeError, Record};
-pub use audit::{Backup, EventsQuery, ReportQuery, StoredEvent};
+pub use backup::Backup;
 pub use consent::{ConsentDecision, ConsentQuery};
 pub use erasure::LedgerRollback;
 pub use history::{Coverage, HistoryEntry, HistoryPage, HistoryQuery};
@@ -43,6 +45,7 @@ pub use requests::{
 };
 pub use reveal::Revealed;
 pub use subjects::{ErasureReceipt, SubjectField};
+pub use trail::{EventsQuery, ReportQuery, StoredEvent};
 
 use crate::{
     authz::{Denial, Guarded, Lookupable, Tokenizable},
