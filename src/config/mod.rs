@@ -225,12 +225,7 @@ impl DatabaseSetting {
     fn parse(key: &str, raw: &RawPostgres) -> Result<Self, ConfigError> {
         crate::store::postgres::check_connection(key, &raw.connection, raw.ca_file.is_some())
             .map_err(|message| invalid(format!("{key}.connection"), message))?;
-        let ms = |name: &str, value: u64| {
-            if value == 0 {
-                return Err(invalid(format!("{key}.{name}"), "must be at least 1"));
-            }
-            Ok(Duration::from_millis(value))
-        };
+        let ms = |name: &str, value: u64| millis(&format!("{key}.{name}"), value);
         let bounds = crate::store::postgres::Bounds {
             call: ms("call_timeout_ms", raw.call_timeout_ms)?,
             lock: ms("lock_timeout_ms", raw.lock_timeout_ms)?,
@@ -340,13 +335,90 @@ fn ledger_setting(
     }
 }
 
-/// A number of seconds that must not be zero: one rule for every duration
-/// setting (a zero is an error, never silently made 1).
-fn seconds(key: &str, value: u64) -> Result<Duration, ConfigError> {
-    if value == 0 {
-        return Err(invalid(key, "must be at least 1"));
+/// One rule for every count, size and duration setting: a value below its
+/// least is an error naming the key, never silently raised.
+fn at_least<T: PartialOrd + std::fmt::Display>(
+    key: &str,
+    value: T,
+    least: T,
+) -> Result<T, ConfigError> {
+    if value < least {
+        return Err(invalid(key, format!("must be at least {least}")));
     }
-    Ok(Duration::from_secs(value))
+    Ok(value)
+}
+
+/// A number of seconds, at least 1.
+fn seconds(key: &str, value: u64) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_secs(at_least(key, value, 1)?))
+}
+
+/// A number of milliseconds, at least 1.
+fn millis(key: &str, value: u64) -> Result<Duration, ConfigError> {
+    Ok(Duration::from_millis(at_least(key, value, 1)?))
+}
+
+/// `[limits]`, checked: each at least its least, the request buffer able
+/// to hold one message.
+fn request_limits(raw: &RawLimits) -> Result<Limits, ConfigError> {
+    let limits = Limits {
+        max_items_per_request: at_least(
+            "limits.max_items_per_request",
+            raw.max_items_per_request,
+            1,
+        )?,
+        max_value_bytes: at_least("limits.max_value_bytes", raw.max_value_bytes, 1)?,
+        max_message_bytes: at_least("limits.max_message_bytes", raw.max_message_bytes, 1024)?,
+        max_concurrent_requests: at_least(
+            "limits.max_concurrent_requests",
+            raw.max_concurrent_requests,
+            1,
+        )?,
+        max_request_buffer_bytes: at_least(
+            "limits.max_request_buffer_mib",
+            raw.max_request_buffer_mib,
+            1,
+        )?
+        .saturating_mul(1 << 20),
+    };
+    if limits.max_request_buffer_bytes < limits.max_message_bytes {
+        return Err(invalid(
+            "limits.max_request_buffer_mib",
+            "must hold at least one message of limits.max_message_bytes",
+        ));
+    }
+    Ok(limits)
+}
+
+/// `limits.request_id_hours`, 1 to 720.
+fn request_id_window(hours: u64) -> Result<Duration, ConfigError> {
+    if !(1..=MAX_REQUEST_ID_HOURS).contains(&hours) {
+        return Err(invalid(
+            "limits.request_id_hours",
+            format!("must be from 1 to {MAX_REQUEST_ID_HOURS} (30 days)"),
+        ));
+    }
+    Ok(Duration::from_secs(hours * 3600))
+}
+
+/// The connection limits of `[server]`, checked.
+fn connection_limits(raw: &RawServer) -> Result<ConnectionLimits, ConfigError> {
+    Ok(ConnectionLimits {
+        max_connections: at_least("server.max_connections", raw.max_connections, 1)?,
+        max_concurrent_streams: at_least(
+            "server.max_concurrent_streams",
+            raw.max_concurrent_streams,
+            1,
+        )?,
+        request_timeout: seconds(
+            "server.request_timeout_seconds",
+            raw.request_timeout_seconds,
+        )?,
+        max_connection_age: seconds(
+            "server.max_connection_age_seconds",
+            raw.max_connection_age_seconds,
+        )?,
+    })
 }
 
 fn invalid(key: impl Into<String>, message: impl Into<String>) -> ConfigError {
@@ -561,68 +633,8 @@ impl Config {
             pkcs11_modules.push(setting.module.clone());
         }
 
-        let limits = Limits {
-            max_items_per_request: raw.limits.max_items_per_request,
-            max_value_bytes: raw.limits.max_value_bytes,
-            max_message_bytes: raw.limits.max_message_bytes,
-            max_concurrent_requests: raw.limits.max_concurrent_requests,
-            max_request_buffer_bytes: raw.limits.max_request_buffer_mib.saturating_mul(1 << 20),
-        };
-        for (key, value) in [
-            (
-                "limits.max_concurrent_requests",
-                raw.limits.max_concurrent_requests,
-            ),
-            (
-                "limits.max_request_buffer_mib",
-                raw.limits.max_request_buffer_mib,
-            ),
-            ("server.max_connections", raw.server.max_connections),
-            (
-                "server.max_concurrent_streams",
-                raw.server.max_concurrent_streams as usize,
-            ),
-        ] {
-            if value == 0 {
-                return Err(invalid(key, "must be at least 1"));
-            }
-        }
-        if !(1..=MAX_REQUEST_ID_HOURS).contains(&raw.limits.request_id_hours) {
-            return Err(invalid(
-                "limits.request_id_hours",
-                format!("must be from 1 to {MAX_REQUEST_ID_HOURS} (30 days)"),
-            ));
-        }
-        if limits.max_request_buffer_bytes < raw.limits.max_message_bytes {
-            return Err(invalid(
-                "limits.max_request_buffer_mib",
-                "must hold at least one message of limits.max_message_bytes",
-            ));
-        }
-        let connections = ConnectionLimits {
-            max_connections: raw.server.max_connections,
-            max_concurrent_streams: raw.server.max_concurrent_streams,
-            request_timeout: seconds(
-                "server.request_timeout_seconds",
-                raw.server.request_timeout_seconds,
-            )?,
-            max_connection_age: seconds(
-                "server.max_connection_age_seconds",
-                raw.server.max_connection_age_seconds,
-            )?,
-        };
-        if limits.max_items_per_request == 0 {
-            return Err(invalid(
-                "limits.max_items_per_request",
-                "must be at least 1",
-            ));
-        }
-        if limits.max_value_bytes == 0 {
-            return Err(invalid("limits.max_value_bytes", "must be at least 1"));
-        }
-        if limits.max_message_bytes < 1024 {
-            return Err(invalid("limits.max_message_bytes", "must be at least 1024"));
-        }
+        let limits = request_limits(&raw.limits)?;
+        let connections = connection_limits(&raw.server)?;
 
         let field_types = FieldRegistry::from_raw(&raw.field_types, limits.max_value_bytes)
             .map_err(|e| invalid(e.key, e.message))?;
@@ -640,15 +652,6 @@ impl Config {
                 ));
             }
         }
-        if raw.subjects.max_tokens_per_subject == 0 {
-            return Err(invalid(
-                "subjects.max_tokens_per_subject",
-                "must be at least 1",
-            ));
-        }
-        if raw.server.handshake_timeout_ms == 0 {
-            return Err(invalid("server.handshake_timeout_ms", "must be at least 1"));
-        }
         Ok(Self {
             data_dir,
             durability: raw.durability,
@@ -661,7 +664,10 @@ impl Config {
                 "server.shutdown_grace_seconds",
                 raw.server.shutdown_grace_seconds,
             )?,
-            handshake_timeout: Duration::from_millis(raw.server.handshake_timeout_ms),
+            handshake_timeout: millis(
+                "server.handshake_timeout_ms",
+                raw.server.handshake_timeout_ms,
+            )?,
             tls,
             master_key,
             pkcs11_modules,
@@ -686,8 +692,12 @@ impl Config {
                 "subjects.retention_sweep_interval_seconds",
                 raw.subjects.retention_sweep_interval_seconds,
             )?,
-            max_tokens_per_subject: raw.subjects.max_tokens_per_subject,
-            request_id_window: Duration::from_secs(raw.limits.request_id_hours * 3600),
+            max_tokens_per_subject: at_least(
+                "subjects.max_tokens_per_subject",
+                raw.subjects.max_tokens_per_subject,
+                1,
+            )?,
+            request_id_window: request_id_window(raw.limits.request_id_hours)?,
             lock_memory: raw.security.lock_memory,
             trust_domains: raw.tls.trust_domains.clone(),
             field_types,
@@ -903,6 +913,38 @@ mod tests {
         let figment = Figment::from(Serialized::defaults(RawConfig::default()));
         let err = Config::from_figment(&figment).unwrap_err();
         assert_eq!(err.to_string(), "invalid config: tls.cert: is required");
+    }
+
+    /// One rule for every count, size and duration: zero (or below the
+    /// least) is an error naming the key, never silently raised.
+    #[test]
+    fn every_setting_below_its_least_is_named() {
+        for (section, key, least) in [
+            ("limits", "max_items_per_request", 1),
+            ("limits", "max_value_bytes", 1),
+            ("limits", "max_message_bytes", 1024),
+            ("limits", "max_concurrent_requests", 1),
+            ("limits", "max_request_buffer_mib", 1),
+            ("server", "max_connections", 1),
+            ("server", "max_concurrent_streams", 1),
+            ("server", "request_timeout_seconds", 1),
+            ("server", "max_connection_age_seconds", 1),
+            ("server", "shutdown_grace_seconds", 1),
+            ("server", "reload_poll_seconds", 1),
+            ("server", "handshake_timeout_ms", 1),
+            ("audit", "checkpoint_interval_seconds", 1),
+            ("audit", "refusal_interval_seconds", 1),
+            ("subjects", "retention_sweep_interval_seconds", 1),
+            ("subjects", "max_tokens_per_subject", 1),
+        ] {
+            let below = if least == 1 { 0 } else { least - 1 };
+            let err = parse(&format!("[{section}]\n{key} = {below}")).unwrap_err();
+            assert!(
+                err.to_string()
+                    .contains(&format!("{section}.{key}: must be at least {least}")),
+                "{section}.{key}: {err}"
+            );
+        }
     }
 
     #[test]
