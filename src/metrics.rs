@@ -90,6 +90,8 @@ pub struct Gauges {
     pub committed_batches: u64,
     /// The writes (RocksDB) or transactions (PostgreSQL) they shared.
     pub commit_groups: u64,
+    /// Groups that failed (nothing of them written).
+    pub failed_commit_groups: u64,
 }
 
 /// One kind of block's lookups in RocksDB's block cache.
@@ -340,6 +342,13 @@ impl Metrics {
         );
         gauge(
             &mut out,
+            "tokenvault_store_failed_commit_groups_total",
+            "Groups of batches whose write or transaction failed (nothing of them was written): a storage outage shows here.",
+            "counter",
+            gauges.failed_commit_groups,
+        );
+        gauge(
+            &mut out,
             "tokenvault_open_connections",
             "Client connections open on the mTLS port.",
             "gauge",
@@ -401,6 +410,7 @@ mod tests {
             }],
             committed_batches: 12,
             commit_groups: 3,
+            failed_commit_groups: 2,
             ..Gauges::default()
         });
         assert!(
@@ -424,6 +434,7 @@ mod tests {
         assert!(text.contains("tokenvault_store_reads_total{tier=\"files\"} 2"));
         assert!(text.contains("# TYPE tokenvault_store_commit_groups_total counter"));
         assert!(text.contains("tokenvault_store_committed_batches_total 12"));
+        assert!(text.contains("tokenvault_store_failed_commit_groups_total 2"));
         assert!(text.contains("tokenvault_store_commit_groups_total 3"));
         assert!(
             text.contains("rocksdb_block_cache_lookups_total{block=\"data\",result=\"miss\"} 4"),

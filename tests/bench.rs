@@ -406,9 +406,10 @@ fn expand(path: &str) -> Vec<String> {
 /// BENCHMARKS.md quotes only runs whose JSON is committed:
 /// - every `bench/results/…` path it names exists (brace lists expanded);
 /// - every table `bench --render` prints (a `Command:` line, then
-///   `Machine:`) is what it renders of a JSON the same section names, from
-///   a clean tree (not `-dirty`), unless the section's heading says the run
-///   kept no JSON.
+///   `Machine:`) is, whole and in order, what it renders of a JSON the same
+///   section names whose run was of a clean tree (the commit it records
+///   is not `-dirty`), unless the section's heading says the run kept no
+///   JSON.
 #[test]
 fn benchmarks_md_quotes_only_committed_runs() {
     assert_eq!(
@@ -471,12 +472,26 @@ fn benchmarks_md_quotes_only_committed_runs() {
             .take_while(|l| l.starts_with('|'))
             .copied()
             .collect();
+        assert!(
+            table.len() > 2,
+            "line {}: a run's table without rows",
+            n + 1
+        );
+        // Runs of a clean tree only: the commit each JSON records.
+        let clean = |path: &String| {
+            let json: serde_json::Value =
+                serde_json::from_slice(&std::fs::read(root.join(path)).unwrap()).unwrap();
+            json["machine"]["commit"]
+                .as_str()
+                .is_some_and(|commit| !commit.ends_with("-dirty"))
+        };
         let sources: Vec<String> = lines[start..n]
             .iter()
             .flat_map(|l| result_refs(l))
             .flat_map(|r| expand(&r))
-            .filter(|path| !path.contains("-dirty"))
+            .filter(clean)
             .collect();
+        // The whole table, in order, as the renderer printed it.
         let matched = sources.iter().any(|path| {
             let out = dir.path().join("rendered.md");
             let rendered = common::tokenvault_command()
@@ -487,8 +502,10 @@ fn benchmarks_md_quotes_only_committed_runs() {
                 .output()
                 .unwrap();
             rendered.status.success()
-                && std::fs::read_to_string(&out)
-                    .is_ok_and(|text| table.iter().all(|row| text.lines().any(|l| l == *row)))
+                && std::fs::read_to_string(&out).is_ok_and(|text| {
+                    let printed: Vec<&str> = text.lines().collect();
+                    printed.windows(table.len()).any(|window| window == table)
+                })
         });
         if matched {
             checked += 1;

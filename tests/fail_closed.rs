@@ -231,6 +231,13 @@ async fn when_nothing_can_be_synced_every_call_fails_closed() {
         }
     }
     assert!(!backup.exists(), "a backup was written without its event");
+    // The outage shows in the metrics: groups that failed, nothing of
+    // them written.
+    let metrics = common::scrape(vault.metrics_addr).await;
+    assert!(
+        common::metric(&metrics, "tokenvault_store_failed_commit_groups_total") >= 1.0,
+        "{metrics}"
+    );
 
     // Nothing changed: with syncs working again and the vault reopened,
     // every value reads as before and the erasure never happened.

@@ -732,6 +732,7 @@ fn serve_metrics(
             .to_vec(),
             committed_batches: stats.commits.batches,
             commit_groups: stats.commits.groups,
+            failed_commit_groups: stats.commits.failed_groups,
         })
     });
     tokio::spawn(metrics_http::serve(listener, render, stop))

@@ -24,11 +24,13 @@ pub(super) struct Commit {
     pub(super) done: oneshot::Sender<Result<UnitOutcomes, Error>>,
 }
 
-/// What the committers committed since the engine opened.
+/// What the committers committed since the engine opened, and the groups
+/// that failed (nothing of them was written).
 #[derive(Debug, Default)]
 pub struct Committed {
     batches: AtomicU64,
     groups: AtomicU64,
+    failed: AtomicU64,
 }
 
 impl Committed {
@@ -41,11 +43,17 @@ impl Committed {
         self.groups.fetch_add(1, Ordering::Relaxed);
     }
 
+    /// Counts one group that failed.
+    pub(super) fn failed(&self) {
+        self.failed.fetch_add(1, Ordering::Relaxed);
+    }
+
     /// The counts now.
     pub fn counts(&self) -> CommitGroups {
         CommitGroups {
             batches: self.batches.load(Ordering::Relaxed),
             groups: self.groups.load(Ordering::Relaxed),
+            failed_groups: self.failed.load(Ordering::Relaxed),
         }
     }
 }

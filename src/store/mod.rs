@@ -335,6 +335,9 @@ pub struct CommitGroups {
     pub batches: u64,
     /// Groups (writes or transactions) they were committed in.
     pub groups: u64,
+    /// Groups that failed: nothing of them was written (a write outage
+    /// shows here).
+    pub failed_groups: u64,
 }
 
 /// Point reads (one call of [`Store::get_many`], whatever its number of

@@ -848,6 +848,7 @@ async fn run_committer(committer: Committer, target: Target, shared: Shared) {
                 }
             }
             Err(e) => {
+                committed.failed();
                 tracing::error!(error = %e, batches = group.len(), "PostgreSQL transaction failed");
                 if reusable {
                     connected = Some(committer);

@@ -82,8 +82,9 @@ impl<S: Store> Vault<S> {
                     FailedGuard::Absent(_) => {
                         // Another replica stored this version: load what
                         // it stored now (not at the next periodic
-                        // refresh), so that a retry makes the next one.
-                        self.refresh_keys().await;
+                        // refresh), so that a retry makes the next one;
+                        // if that load fails, say why instead.
+                        self.load_new_keys().await?;
                         Error::Conflict(
                             "another rotation of this key ran at the same time (through another replica); nothing was changed, retry",
                         )

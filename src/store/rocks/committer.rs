@@ -47,6 +47,7 @@ pub(super) fn run_committer(
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = head;
         } else {
+            committed.failed();
             // Nothing was written: the chain continues from the stored head.
             head = *shared_head
                 .lock()
