@@ -851,42 +851,21 @@ static void after_open(int fd, int flags, struct cut cut) {
     free(cut.bytes);
 }
 
-int open(const char *path, int flags, ...) {
-    REAL(open);
-    mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }
-    struct cut cut = before_open(AT_FDCWD, path, flags);
-    int fd = real_open(path, flags, mode);
-    after_open(fd, flags, cut);
-    return fd;
+/* The four opens differ only in their parameters. */
+#define WRAP_OPEN(name, params, dir, args) \
+int name params { \
+    REAL(name); \
+    mode_t mode = 0; \
+    if (flags & (O_CREAT | O_TMPFILE)) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); } \
+    struct cut cut = before_open(dir, path, flags); \
+    int fd = real_##name args; \
+    after_open(fd, flags, cut); \
+    return fd; \
 }
-int open64(const char *path, int flags, ...) {
-    REAL(open64);
-    mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }
-    struct cut cut = before_open(AT_FDCWD, path, flags);
-    int fd = real_open64(path, flags, mode);
-    after_open(fd, flags, cut);
-    return fd;
-}
-int openat(int dirfd, const char *path, int flags, ...) {
-    REAL(openat);
-    mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }
-    struct cut cut = before_open(dirfd, path, flags);
-    int fd = real_openat(dirfd, path, flags, mode);
-    after_open(fd, flags, cut);
-    return fd;
-}
-int openat64(int dirfd, const char *path, int flags, ...) {
-    REAL(openat64);
-    mode_t mode = 0;
-    if (flags & (O_CREAT | O_TMPFILE)) { va_list ap; va_start(ap, flags); mode = va_arg(ap, mode_t); va_end(ap); }
-    struct cut cut = before_open(dirfd, path, flags);
-    int fd = real_openat64(dirfd, path, flags, mode);
-    after_open(fd, flags, cut);
-    return fd;
-}
+WRAP_OPEN(open, (const char *path, int flags, ...), AT_FDCWD, (path, flags, mode))
+WRAP_OPEN(open64, (const char *path, int flags, ...), AT_FDCWD, (path, flags, mode))
+WRAP_OPEN(openat, (int dirfd, const char *path, int flags, ...), dirfd, (dirfd, path, flags, mode))
+WRAP_OPEN(openat64, (int dirfd, const char *path, int flags, ...), dirfd, (dirfd, path, flags, mode))
 ssize_t write(int fd, const void *buf, size_t n) {
     REAL(write);
     if (fd >= 0 && fd < MAX_FD && undo_of[fd]) {
@@ -953,23 +932,6 @@ int close(int fd) {
 }
 "#;
 
-/// Compiles the shim into `dir` with the C compiler that built RocksDB.
-fn build_loss_shim(dir: &std::path::Path) -> std::path::PathBuf {
-    let source = dir.join("loseunsynced.c");
-    let library = dir.join("libloseunsynced.so");
-    std::fs::write(&source, LOSE_UNSYNCED).unwrap();
-    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let status = std::process::Command::new(&compiler)
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&library)
-        .arg(&source)
-        .arg("-ldl")
-        .status()
-        .unwrap_or_else(|e| panic!("cannot run the C compiler {compiler:?}: {e}"));
-    assert!(status.success(), "the page-cache shim did not compile");
-    library
-}
-
 /// Rolls every file the shim logged back to its last sync, as losing the
 /// page cache would; returns how many unsynced writes it undid.
 fn lose_unsynced(undo_dir: &std::path::Path) -> usize {
@@ -1030,7 +992,7 @@ async fn acknowledged_writes_survive_losing_the_page_cache() {
         let root = std::fs::canonicalize(vault.root.path()).unwrap();
         let undo = root.join("undo");
         std::fs::create_dir(&undo).unwrap();
-        let shim = build_loss_shim(&root);
+        let shim = common::build_preload(&root, "loseunsynced", LOSE_UNSYNCED);
         vault.env = vec![
             ("LD_PRELOAD".into(), shim.display().to_string()),
             (

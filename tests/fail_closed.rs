@@ -11,8 +11,6 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
 use common::{TestVault, detokenize, item, subject_item, tokens_of};
 use tokenvault::proto::v1::{
     AccessHistoryRequest, CreateBackupRequest, DeleteTokensRequest, DetokenizeRequest,
@@ -51,27 +49,6 @@ int fdatasync(int fd) {
 }
 "#;
 
-/// Compiles the shim into `dir` with the C compiler that built RocksDB.
-fn build_shim(dir: &Path) -> PathBuf {
-    let source = dir.join("failsync.c");
-    let library = dir.join("libfailsync.so");
-    std::fs::write(&source, SHIM).unwrap();
-    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    let status = std::process::Command::new(&compiler)
-        .args(["-shared", "-fPIC", "-O1", "-o"])
-        .arg(&library)
-        .arg(&source)
-        .arg("-ldl")
-        .status()
-        .unwrap_or_else(|e| {
-            panic!(
-                "cannot run the C compiler {compiler:?} ({e}); scripts/install-deps.sh installs one"
-            )
-        });
-    assert!(status.success(), "the sync-failing shim did not compile");
-    library
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn when_nothing_can_be_synced_every_call_fails_closed() {
     let mut vault = TestVault::start();
@@ -92,7 +69,7 @@ async fn when_nothing_can_be_synced_every_call_fails_closed() {
 
     // Restart the same vault with the shim loaded, its trigger not yet set.
     vault.stop();
-    let shim = build_shim(vault.root.path());
+    let shim = common::build_preload(vault.root.path(), "failsync", SHIM);
     let trigger = vault.root.path().join("fail-syncs-now");
     vault.env = vec![
         ("LD_PRELOAD".into(), shim.display().to_string()),

@@ -1098,6 +1098,29 @@ pub async fn export_subject(
     fields
 }
 
+/// Compiles the C `source` of an `LD_PRELOAD` library (a fault the test
+/// injects into the server) into `dir` as `lib<name>.so`, with the C
+/// compiler that built RocksDB.
+pub fn build_preload(dir: &Path, name: &str, source: &str) -> PathBuf {
+    let source_file = dir.join(format!("{name}.c"));
+    let library = dir.join(format!("lib{name}.so"));
+    std::fs::write(&source_file, source).unwrap();
+    let compiler = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    let status = Command::new(&compiler)
+        .args(["-shared", "-fPIC", "-O1", "-o"])
+        .arg(&library)
+        .arg(&source_file)
+        .arg("-ldl")
+        .status()
+        .unwrap_or_else(|e| {
+            panic!(
+                "cannot run the C compiler {compiler:?} ({e}); scripts/install-deps.sh installs one"
+            )
+        });
+    assert!(status.success(), "the {name} library did not compile");
+    library
+}
+
 /// Runs the `tokenvault` binary with `args`: whether it succeeded, and its
 /// stdout then stderr.
 pub fn run_cli<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
