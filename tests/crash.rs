@@ -63,6 +63,21 @@ async fn load_until_killed(
     writers.stop().await
 }
 
+/// Runs `audit verify` on the stopped `vault`: the trail must verify as one
+/// chain from its first event; returns how many events it holds.
+fn verified_events(vault: &TestVault) -> usize {
+    let (ok, out) = common::run_cli(&[
+        "audit",
+        "verify",
+        "--config",
+        vault.config_path().to_str().unwrap(),
+    ]);
+    assert!(ok && out.contains("ok: events 1.."), "{out}");
+    out.split_once(" events)")
+        .and_then(|(before, _)| before.rsplit_once('(')?.1.parse().ok())
+        .unwrap_or_else(|| panic!("no event count in {out}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn acknowledged_writes_survive_sigkill() {
     let mut vault = TestVault::start();
@@ -85,17 +100,7 @@ async fn acknowledged_writes_survive_sigkill() {
     // The audit trail of four killed runs is one chain that verifies: every
     // acknowledged write has its event, and no kill left a torn entry.
     vault.stop();
-    let (ok, out) = common::run_cli(&[
-        "audit",
-        "verify",
-        "--config",
-        vault.config_path().to_str().unwrap(),
-    ]);
-    assert!(ok && out.contains("ok: events 1.."), "{out}");
-    let events: usize = out
-        .split_once(" events)")
-        .and_then(|(before, _)| before.rsplit_once('(')?.1.parse().ok())
-        .unwrap_or_else(|| panic!("no event count in {out}"));
+    let events = verified_events(&vault);
     assert!(
         events >= all.len(),
         "{events} events for {} writes",
@@ -1064,13 +1069,7 @@ async fn acknowledged_writes_survive_losing_the_page_cache() {
         );
         if durability == "sync" {
             vault.stop();
-            let (ok, out) = common::run_cli(&[
-                "audit",
-                "verify",
-                "--config",
-                vault.config_path().to_str().unwrap(),
-            ]);
-            assert!(ok && out.contains("ok: events 1.."), "{out}");
+            verified_events(&vault);
         }
         lost_per_mode.push((durability, lost, reveals, undone > 0));
     }

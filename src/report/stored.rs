@@ -35,27 +35,14 @@ impl DataKeyUsage {
 /// # Errors
 /// Engine failures.
 pub fn data_key_usage(snapshot: &impl Snapshot) -> Result<DataKeyUsage, Error> {
-    let mut usage = DataKeyUsage::default();
-    let family = MasterWrapped::DataKey;
-    snapshot.scan(Table::Keys, family.prefix().as_bytes(), |label, wrapped| {
-        let Some(version) = family.version_of(label) else {
-            return false;
-        };
-        usage
-            .versions
-            .insert(version, (layout::wrapped_created_ms(wrapped), 0));
-        true
-    })?;
-    let index = MasterWrapped::BlindIndexKey;
-    snapshot.scan(Table::Keys, index.prefix().as_bytes(), |label, wrapped| {
-        let Some(version) = index.version_of(label) else {
-            return false;
-        };
-        usage
-            .index_versions
-            .push((version, layout::wrapped_created_ms(wrapped)));
-        true
-    })?;
+    let mut usage = DataKeyUsage {
+        versions: versions(snapshot, MasterWrapped::DataKey)?
+            .into_iter()
+            .map(|(version, created_ms)| (version, (created_ms, 0)))
+            .collect(),
+        subject_keyed: 0,
+        index_versions: versions(snapshot, MasterWrapped::BlindIndexKey)?,
+    };
     snapshot.scan(Table::Records, &[], |_, bytes| {
         if let Ok(record) = Record::decode(bytes) {
             match record.key_version {
@@ -70,6 +57,20 @@ pub fn data_key_usage(snapshot: &impl Snapshot) -> Result<DataKeyUsage, Error> {
         true
     })?;
     Ok(usage)
+}
+
+/// The versions of one family of keys the master key wraps, in order, and
+/// when each was made (ms since the epoch).
+fn versions(snapshot: &impl Snapshot, family: MasterWrapped) -> Result<Vec<(u32, u64)>, Error> {
+    let mut found = Vec::new();
+    snapshot.scan(Table::Keys, family.prefix().as_bytes(), |label, wrapped| {
+        let Some(version) = family.version_of(label) else {
+            return false;
+        };
+        found.push((version, layout::wrapped_created_ms(wrapped)));
+        true
+    })?;
+    Ok(found)
 }
 
 /// How many records `snapshot` holds, and how many of them do not decode.

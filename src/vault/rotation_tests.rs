@@ -70,6 +70,25 @@ impl Rig {
     }
 }
 
+/// Each of `tokens` revealed in plain through `vault`, for the purpose
+/// `test`.
+async fn reveal_all<S: crate::store::Store>(
+    vault: &Vault<S>,
+    grants: &Grants<'_>,
+    tokens: &[Token],
+) -> Vec<Result<Revealed, ItemError>> {
+    let purpose = grants.allow_purpose("test".parse().unwrap()).unwrap();
+    vault
+        .detokenize(
+            tokens,
+            purpose.purpose(),
+            |ft| grants.permit_reveal(&purpose, ft, false),
+            &ctx("Detokenize", tokens.len()),
+        )
+        .await
+        .unwrap()
+}
+
 /// Deterministic values, half of them for a data subject (so under the
 /// subject's own key).
 fn customer_values(n: usize) -> Vec<(String, Option<&'static str>)> {
@@ -360,18 +379,9 @@ async fn rotation_reencrypts_in_the_background_and_resumes_after_a_restart() {
         vault.key_usage().await.unwrap(),
         vec![(KeyVersion::Vault(1), 0), (KeyVersion::Vault(2), 31)]
     );
-    let purpose = grants.allow_purpose("test".parse().unwrap()).unwrap();
     let all: Vec<Token> = tokens.into_iter().chain(fresh).collect();
-    let revealed = vault
-        .detokenize(
-            &all,
-            purpose.purpose(),
-            |ft| grants.permit_reveal(&purpose, ft, false),
-            &ctx("Detokenize", all.len()),
-        )
+    let got: Vec<String> = reveal_all(&vault, &grants, &all)
         .await
-        .unwrap();
-    let got: Vec<String> = revealed
         .into_iter()
         .map(|r| r.unwrap().value.expose().to_owned())
         .collect();
@@ -506,17 +516,7 @@ async fn a_rotation_through_one_replica_during_the_others_reencryption_leaves_no
     assert_eq!(under(KeyVersion::Vault(first)), 0, "{usage:?}");
     // Every value still reads, through either replica.
     for vault in [&a, &b] {
-        let grants = rig.grants();
-        let purpose = grants.allow_purpose("test".parse().unwrap()).unwrap();
-        let read = vault
-            .detokenize(
-                &tokens,
-                purpose.purpose(),
-                |ft| grants.permit_reveal(&purpose, ft, false),
-                &ctx("Detokenize", tokens.len()),
-            )
-            .await
-            .unwrap();
+        let read = reveal_all(vault, &rig.grants(), &tokens).await;
         assert!(read.iter().all(Result::is_ok), "{read:?}");
     }
 }
